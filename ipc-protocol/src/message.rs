@@ -1,0 +1,337 @@
+//! The messages of the protocol, one struct per message, and the two enums that are put on the
+//! wire: [`ToPlugin`] (front → plugin) and [`FromPlugin`] (plugin → front).
+//!
+//! Every per-stream event carries the stream id the front gave the ext_proc stream (`u64`, never
+//! reused while the front runs), its sequence number within that stream (`u32`, 0-based, one per
+//! event in arrival order: request start, response headers, each chunk, final or abort) and the
+//! `CLOCK_MONOTONIC` nanosecond stamp of its arrival at the front (see [`crate::stamp`]).
+//!
+//! The order of variants and fields is part of the wire format (see `docs/protocol.md`): add new
+//! variants at the end, never reorder, and bump [`crate::PROTOCOL_VERSION`] for anything else.
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+use crate::value::{Metadata, Value};
+
+/// A header as it travels on the wire: lowercase name, value (not necessarily UTF-8 in HTTP, but
+/// Envoy hands them to ext_proc as strings or raw bytes; the front converts lossily).
+pub type Header = (String, String);
+
+/// The id of one ext_proc stream (one HTTP request through Envoy).
+pub type StreamId = u64;
+
+/// Everything the front sends to a plugin.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum ToPlugin {
+    /// Handshake accepted; carries the plugin's config.
+    Welcome(Welcome),
+    /// Handshake refused; the plugin should exit.
+    Refuse(Refuse),
+    /// A request started (its headers reached the front).
+    RequestStart(RequestStart),
+    /// The upstream's response headers arrived.
+    ResponseHeaders(ResponseHeaders),
+    /// A response body chunk arrived.
+    Chunk(Chunk),
+    /// The response ended; the plugin must answer with [`FromPlugin::FinalReply`].
+    Final(Final),
+    /// The stream ended without a response end (client gone, upstream error, ...).
+    Abort(Abort),
+    /// Liveness probe; the plugin answers with [`FromPlugin::Pong`].
+    Ping(Ping),
+    /// The front is stopping; finish in-flight work within the grace period and exit.
+    Shutdown(Shutdown),
+}
+
+/// Everything a plugin sends to the front.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum FromPlugin {
+    /// First message on a connection: who the plugin is and what it wants to receive.
+    Hello(Hello),
+    /// The answer to a [`Final`].
+    FinalReply(FinalReply),
+    /// The answer to a [`Ping`].
+    Pong(Pong),
+    /// Acknowledges an event sent with `ack = true` (inline dispatch) after it has run.
+    Ack(Ack),
+}
+
+/// Which events a plugin wants. `Final` is always sent; the rest are opt-in so that a plugin that
+/// only needs the request start does not pay for every chunk on the socket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Subscriptions {
+    /// Receive [`RequestStart`].
+    pub request_start: bool,
+    /// Receive [`ResponseHeaders`].
+    pub response_headers: bool,
+    /// Receive a [`Chunk`] per response body message.
+    pub chunks: bool,
+    /// Chunks (and the final) carry the body bytes; without it they carry only their length.
+    pub body_bytes: bool,
+    /// Receive [`Abort`] when a stream ends without a response end.
+    pub abort: bool,
+}
+
+impl Subscriptions {
+    /// Every event, with body bytes.
+    pub const ALL: Subscriptions = Subscriptions {
+        request_start: true,
+        response_headers: true,
+        chunks: true,
+        body_bytes: true,
+        abort: true,
+    };
+}
+
+/// Plugin → front, first frame on a connection.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Hello {
+    /// The protocol version the plugin speaks ([`crate::PROTOCOL_VERSION`]).
+    pub protocol_version: u32,
+    /// The configured plugin name this process serves (e.g. `usage`).
+    pub plugin: String,
+    /// The plugin's process id as it sees it (checked against `SO_PEERCRED`).
+    pub pid: u32,
+    /// What the plugin wants to receive.
+    pub subscriptions: Subscriptions,
+}
+
+/// Front → plugin: the handshake is accepted.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Welcome {
+    /// The protocol version both sides will speak.
+    pub protocol_version: u32,
+    /// The plugin's `config` table from the front's configuration, as a [`Value::Map`].
+    pub config: Value,
+}
+
+/// Why the front refused a handshake.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RefuseCode {
+    /// The plugin's protocol version is not supported.
+    UnsupportedVersion,
+    /// No plugin of that name is configured on this socket.
+    UnknownPlugin,
+    /// Another process already serves this plugin.
+    AlreadyConnected,
+    /// The plugin's config is invalid (refused by the plugin's own validation).
+    BadConfig,
+    /// The peer is not allowed (wrong uid, or not the process the front spawned).
+    NotAllowed,
+    /// The handshake itself was malformed (first frame not a `Hello`, ...).
+    BadHandshake,
+}
+
+/// Front → plugin: the handshake is refused. The connection is closed after it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Refuse {
+    /// The machine-readable reason.
+    pub code: RefuseCode,
+    /// The human-readable reason, naming what to change.
+    pub reason: String,
+}
+
+/// A request's headers reached the front: the first event of every stream.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RequestStart {
+    /// The stream this event belongs to.
+    pub stream_id: StreamId,
+    /// Sequence number within the stream (0 for a stream's first event).
+    pub seq: u32,
+    /// Arrival at the front, `CLOCK_MONOTONIC` nanoseconds.
+    pub stamp_ns: u64,
+    /// The `x-request-id` header, if any. An attribute, never a key: it may repeat across streams.
+    pub request_id: Option<String>,
+    /// Selected request headers (pseudo-headers such as `:path` included).
+    pub headers: Vec<Header>,
+}
+
+/// The response headers arrived from the upstream.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ResponseHeaders {
+    /// The stream this event belongs to.
+    pub stream_id: StreamId,
+    /// Sequence number within the stream.
+    pub seq: u32,
+    /// Arrival at the front, `CLOCK_MONOTONIC` nanoseconds.
+    pub stamp_ns: u64,
+    /// HTTP status code (0 if Envoy sent none).
+    pub status: u16,
+    /// Selected response headers.
+    pub headers: Vec<Header>,
+}
+
+/// A response body chunk (one ext_proc body message; not necessarily one token or SSE event).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Chunk {
+    /// The stream this event belongs to.
+    pub stream_id: StreamId,
+    /// Sequence number within the stream.
+    pub seq: u32,
+    /// Arrival at the front, `CLOCK_MONOTONIC` nanoseconds.
+    pub stamp_ns: u64,
+    /// Length of the chunk as it passed through Envoy, whether or not `bytes` carries it.
+    pub len: u32,
+    /// The chunk's bytes, empty unless the plugin subscribed to body bytes.
+    pub bytes: Bytes,
+    /// Whether Envoy marked this chunk as the end of the body.
+    pub end_of_stream: bool,
+    /// Inline dispatch: the front waits for an [`Ack`] before it answers Envoy.
+    pub ack: bool,
+}
+
+/// The response ended: answer with a [`FinalReply`] carrying the same `call_id`, after every
+/// earlier event of the stream has run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Final {
+    /// The stream this event belongs to.
+    pub stream_id: StreamId,
+    /// Sequence number within the stream.
+    pub seq: u32,
+    /// Arrival at the front, `CLOCK_MONOTONIC` nanoseconds.
+    pub stamp_ns: u64,
+    /// Identifies this call; echoed in the reply.
+    pub call_id: u64,
+    /// Length of the last body message (often 0: HTTP/1.1 upstreams end with an empty message).
+    pub len: u32,
+    /// The last body bytes, empty unless the plugin subscribed to body bytes.
+    pub bytes: Bytes,
+    /// Response trailers, when the end came as trailers.
+    pub trailers: Vec<Header>,
+}
+
+/// Why a stream ended without a response end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AbortCause {
+    /// The client (or Envoy on its behalf) reset the stream.
+    ClientDisconnect,
+    /// The upstream failed (reset, connect error, ...).
+    UpstreamError,
+    /// The stream outlived a deadline.
+    Timeout,
+    /// The front is shutting down.
+    Shutdown,
+}
+
+/// The stream ended without a response end; free its state and report what is known.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Abort {
+    /// The stream this event belongs to.
+    pub stream_id: StreamId,
+    /// Sequence number within the stream.
+    pub seq: u32,
+    /// When the front noticed the end, `CLOCK_MONOTONIC` nanoseconds.
+    pub stamp_ns: u64,
+    /// The cause.
+    pub cause: AbortCause,
+    /// Free-form detail (the gRPC status, ...), for logs.
+    pub detail: String,
+}
+
+/// Liveness probe.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ping {
+    /// Echoed in the [`Pong`].
+    pub nonce: u64,
+}
+
+/// Stop: finish in-flight streams for up to `grace_ms`, then exit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Shutdown {
+    /// How long the plugin may take to finish in-flight streams, in milliseconds.
+    pub grace_ms: u64,
+}
+
+/// The result of a final call.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum FinalOutcome {
+    /// The plugin's metadata for the stream.
+    Metadata(Metadata),
+    /// The plugin failed on this stream (a panic in a hook, ...); the message says why.
+    Error(String),
+}
+
+/// Plugin → front: the answer to a [`Final`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FinalReply {
+    /// The `call_id` of the [`Final`] this answers.
+    pub call_id: u64,
+    /// The stream the call was about.
+    pub stream_id: StreamId,
+    /// Metadata or an error.
+    pub outcome: FinalOutcome,
+}
+
+/// A stream whose lane has been running one event for longer than the plugin's stuck limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StuckLane {
+    /// The stream.
+    pub stream_id: StreamId,
+    /// How long its current event has been running, in milliseconds.
+    pub running_ms: u64,
+}
+
+/// Plugin → front: the answer to a [`Ping`], sent by the plugin's reader (not by a lane), so a
+/// busy plugin still answers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Pong {
+    /// The nonce of the [`Ping`].
+    pub nonce: u64,
+    /// Streams the plugin currently holds state for.
+    pub active_streams: u32,
+    /// Lanes stuck in one event for longer than the plugin's limit.
+    pub stuck: Vec<StuckLane>,
+}
+
+/// Plugin → front: an event sent with `ack = true` has run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ack {
+    /// The stream of the acknowledged event.
+    pub stream_id: StreamId,
+    /// Its sequence number.
+    pub seq: u32,
+}
+
+impl ToPlugin {
+    /// The stream id and sequence number of a per-stream event, `None` for connection messages.
+    pub fn stream_seq(&self) -> Option<(StreamId, u32)> {
+        match self {
+            ToPlugin::RequestStart(e) => Some((e.stream_id, e.seq)),
+            ToPlugin::ResponseHeaders(e) => Some((e.stream_id, e.seq)),
+            ToPlugin::Chunk(e) => Some((e.stream_id, e.seq)),
+            ToPlugin::Final(e) => Some((e.stream_id, e.seq)),
+            ToPlugin::Abort(e) => Some((e.stream_id, e.seq)),
+            ToPlugin::Welcome(_) | ToPlugin::Refuse(_) | ToPlugin::Ping(_) | ToPlugin::Shutdown(_) => {
+                None
+            }
+        }
+    }
+
+    /// The message's name as the docs and logs use it.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ToPlugin::Welcome(_) => "Welcome",
+            ToPlugin::Refuse(_) => "Refuse",
+            ToPlugin::RequestStart(_) => "RequestStart",
+            ToPlugin::ResponseHeaders(_) => "ResponseHeaders",
+            ToPlugin::Chunk(_) => "Chunk",
+            ToPlugin::Final(_) => "Final",
+            ToPlugin::Abort(_) => "Abort",
+            ToPlugin::Ping(_) => "Ping",
+            ToPlugin::Shutdown(_) => "Shutdown",
+        }
+    }
+}
+
+impl FromPlugin {
+    /// The message's name as the docs and logs use it.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            FromPlugin::Hello(_) => "Hello",
+            FromPlugin::FinalReply(_) => "FinalReply",
+            FromPlugin::Pong(_) => "Pong",
+            FromPlugin::Ack(_) => "Ack",
+        }
+    }
+}
