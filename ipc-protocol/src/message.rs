@@ -302,9 +302,10 @@ impl ToPlugin {
             ToPlugin::Chunk(e) => Some((e.stream_id, e.seq)),
             ToPlugin::Final(e) => Some((e.stream_id, e.seq)),
             ToPlugin::Abort(e) => Some((e.stream_id, e.seq)),
-            ToPlugin::Welcome(_) | ToPlugin::Refuse(_) | ToPlugin::Ping(_) | ToPlugin::Shutdown(_) => {
-                None
-            }
+            ToPlugin::Welcome(_)
+            | ToPlugin::Refuse(_)
+            | ToPlugin::Ping(_)
+            | ToPlugin::Shutdown(_) => None,
         }
     }
 

@@ -250,7 +250,10 @@ mod tests {
     #[test]
     fn non_finite_floats_become_json_null() {
         assert_eq!(serde_json::Value::from(Value::Float(f64::NAN)), json!(null));
-        assert_eq!(serde_json::Value::from(Value::Float(f64::INFINITY)), json!(null));
+        assert_eq!(
+            serde_json::Value::from(Value::Float(f64::INFINITY)),
+            json!(null)
+        );
     }
 
     #[test]

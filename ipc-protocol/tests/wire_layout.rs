@@ -1,0 +1,150 @@
+//! Pins the byte layout that docs/protocol.md documents, so the document cannot drift from the
+//! code: if one of these fails, the wire format changed and the doc (and PROTOCOL_VERSION) must too.
+
+use bytes::Bytes;
+use ipc_protocol::*;
+
+fn frame(msg: &impl serde::Serialize) -> Vec<u8> {
+    let mut w = FrameWriter::new(Vec::new());
+    w.feed(msg).unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    rt.block_on(w.flush()).unwrap();
+    w.get_ref().clone()
+}
+
+#[test]
+fn hello_bytes_match_the_documented_dump() {
+    let hello = FromPlugin::Hello(Hello {
+        protocol_version: 1,
+        plugin: "usage".into(),
+        pid: 4242,
+        subscriptions: Subscriptions::ALL,
+    });
+    let expected: &[u8] = &[
+        0x10, 0x00, 0x00, 0x00, // frame length 16, u32 little endian
+        0x00, // FromPlugin variant 0 = Hello
+        0x01, // protocol_version 1
+        0x05, b'u', b's', b'a', b'g', b'e', // plugin: length 5, "usage"
+        0xfb, 0x92, 0x10, // pid 4242: 251 marker, then u16 LE 0x1092
+        0x01, 0x01, 0x01, 0x01, 0x01, // subscriptions, five bools
+    ];
+    assert_eq!(frame(&hello), expected);
+}
+
+#[test]
+fn chunk_bytes_match_the_documented_dump() {
+    let chunk = ToPlugin::Chunk(Chunk {
+        stream_id: 7,
+        seq: 2,
+        stamp_ns: 1_234_567_890_123,
+        len: 19,
+        bytes: Bytes::from_static(b"data: {\"id\":\"c1\"}\n\n"),
+        end_of_stream: false,
+        ack: false,
+    });
+    let mut expected: Vec<u8> = vec![
+        0x23, 0x00, 0x00, 0x00, // frame length 35
+        0x04, // ToPlugin variant 4 = Chunk
+        0x07, // stream_id 7
+        0x02, // seq 2
+        0xfd, 0xcb, 0x04, 0xfb, 0x71, 0x1f, 0x01, 0x00, 0x00, // stamp_ns: 253 marker, u64 LE
+        0x13, // len 19
+        0x13, // bytes: length 19, then the bytes
+    ];
+    expected.extend_from_slice(b"data: {\"id\":\"c1\"}\n\n");
+    expected.extend_from_slice(&[0x00, 0x00]); // end_of_stream false, ack false
+    assert_eq!(frame(&chunk), expected);
+}
+
+#[test]
+fn variant_indices_match_the_documented_tables() {
+    use ipc_protocol::codec::encode;
+    let first_byte = |m: &ToPlugin| encode(m).unwrap()[0];
+    let to: Vec<(u8, &str)> = vec![
+        (0, "Welcome"),
+        (1, "Refuse"),
+        (2, "RequestStart"),
+        (3, "ResponseHeaders"),
+        (4, "Chunk"),
+        (5, "Final"),
+        (6, "Abort"),
+        (7, "Ping"),
+        (8, "Shutdown"),
+    ];
+    let samples = [
+        ToPlugin::Welcome(Welcome {
+            protocol_version: 1,
+            config: Value::Null,
+        }),
+        ToPlugin::Refuse(Refuse {
+            code: RefuseCode::BadConfig,
+            reason: String::new(),
+        }),
+        ToPlugin::RequestStart(RequestStart {
+            stream_id: 0,
+            seq: 0,
+            stamp_ns: 0,
+            request_id: None,
+            headers: vec![],
+        }),
+        ToPlugin::ResponseHeaders(ResponseHeaders {
+            stream_id: 0,
+            seq: 0,
+            stamp_ns: 0,
+            status: 200,
+            headers: vec![],
+        }),
+        ToPlugin::Chunk(Chunk {
+            stream_id: 0,
+            seq: 0,
+            stamp_ns: 0,
+            len: 0,
+            bytes: Bytes::new(),
+            end_of_stream: false,
+            ack: false,
+        }),
+        ToPlugin::Final(Final {
+            stream_id: 0,
+            seq: 0,
+            stamp_ns: 0,
+            call_id: 0,
+            len: 0,
+            bytes: Bytes::new(),
+            trailers: vec![],
+        }),
+        ToPlugin::Abort(Abort {
+            stream_id: 0,
+            seq: 0,
+            stamp_ns: 0,
+            cause: AbortCause::Shutdown,
+            detail: String::new(),
+        }),
+        ToPlugin::Ping(Ping { nonce: 0 }),
+        ToPlugin::Shutdown(Shutdown { grace_ms: 0 }),
+    ];
+    for ((index, name), msg) in to.iter().zip(samples.iter()) {
+        assert_eq!(first_byte(msg), *index, "{name}");
+        assert_eq!(msg.kind(), *name);
+    }
+    // Value tags: Null 0, Bool 1, Int 2, Float 3, String 4, List 5, Map 6.
+    let tags = [
+        Value::Null,
+        Value::Bool(true),
+        Value::Int(-1),
+        Value::Float(0.5),
+        Value::from("s"),
+        Value::List(vec![]),
+        Value::Map(Default::default()),
+    ];
+    for (i, v) in tags.iter().enumerate() {
+        assert_eq!(encode(v).unwrap()[0], i as u8);
+    }
+    // Int is zigzag: -1 → 1; Float is 8 bytes little endian.
+    assert_eq!(encode(&Value::Int(-1)).unwrap(), vec![2, 1]);
+    assert_eq!(
+        encode(&Value::Float(0.5)).unwrap()[1..],
+        0.5f64.to_le_bytes()
+    );
+}
