@@ -1,0 +1,396 @@
+//! The TOML configuration: its schema, the embedded default, validation with errors that name the
+//! key and line, and the derived values (runtime directory, plugin socket paths, commands).
+//!
+//! Plugins are a table keyed by name; their order in the file is the order in which their metadata
+//! is merged, so the table is read order-preserving.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ipc_protocol::Value;
+use serde::Deserialize;
+
+/// The configuration compiled into the binary, used when `plugvisor` runs without `--config`.
+pub const DEFAULT_CONFIG: &str = include_str!("default.toml");
+
+/// A configuration that failed to load or validate.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The TOML is malformed or a key has the wrong type or is unknown.
+    #[error("{origin}: {message}")]
+    Parse {
+        /// File name or `<default>`.
+        origin: String,
+        /// toml's message, naming the key and line, flattened to one line.
+        message: String,
+    },
+    /// A value is well-typed but not acceptable.
+    #[error("{origin}: line {line}: key `{key}`: {message}")]
+    Invalid {
+        /// File name or `<default>`.
+        origin: String,
+        /// 1-based line of the offending value (0 if unknown).
+        line: usize,
+        /// Dotted key path.
+        key: String,
+        /// What is wrong and what to do.
+        message: String,
+    },
+}
+
+/// Where the ext_proc gRPC server listens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Listen {
+    /// A TCP address, e.g. `127.0.0.1:9002`.
+    Tcp(SocketAddr),
+    /// A Unix socket path, written `unix:/path`.
+    Unix(PathBuf),
+}
+
+impl std::fmt::Display for Listen {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Listen::Tcp(a) => write!(f, "{a}"),
+            Listen::Unix(p) => write!(f, "unix:{}", p.display()),
+        }
+    }
+}
+
+/// How the front hands a plugin its chunks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Dispatch {
+    /// Queue the event and answer Envoy at once (the default).
+    #[default]
+    Async,
+    /// Wait for the plugin to acknowledge each chunk before answering Envoy.
+    Inline,
+}
+
+/// The body mode assumed when Envoy's first message carries no `protocol_config`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum BodyMode {
+    /// One `BodyResponse` per chunk.
+    Streamed,
+    /// Echo each chunk as `streamed_response`.
+    #[default]
+    FullDuplexStreamed,
+}
+
+/// One configured plugin, after validation.
+#[derive(Debug, Clone)]
+pub struct PluginConfig {
+    /// The name (`[plugins.<name>]`), also the socket's file name.
+    pub name: String,
+    /// Whether the front starts the process (false: someone else does and it just connects).
+    pub spawn: bool,
+    /// The program; `None` means `plugvisor-plugin` next to the running executable.
+    pub command: Option<PathBuf>,
+    /// Arguments; `None` means `<name> --connect <socket>`.
+    pub args: Option<Vec<String>>,
+    /// Extra environment for the process.
+    pub env: BTreeMap<String, String>,
+    /// Async (default) or inline.
+    pub dispatch: Dispatch,
+    /// How long the final RPC may take.
+    pub final_timeout: Duration,
+    /// How long an inline chunk may wait for its acknowledgement.
+    pub inline_timeout: Duration,
+    /// Queue bound in events.
+    pub queue_events: usize,
+    /// Queue bound in body bytes.
+    pub queue_bytes: usize,
+    /// A uid allowed to connect besides the front's own.
+    pub uid: Option<u32>,
+    /// A group given read/write access to the socket (mode 0660 instead of 0600).
+    pub group: Option<String>,
+    /// The `[plugins.<name>.config]` table, sent in `Welcome`.
+    pub config: Value,
+}
+
+/// The whole configuration, after validation.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The ext_proc listener.
+    pub listen: Listen,
+    /// The loopback address serving `/metrics`; `None` disables it.
+    pub admin_listen: Option<SocketAddr>,
+    /// Where `plugins/<name>.sock` live.
+    pub runtime_dir: PathBuf,
+    /// Body mode when Envoy sends no `protocol_config`.
+    pub default_response_body_mode: BodyMode,
+    /// How long plugins get to connect at start before the front serves anyway.
+    pub connect_timeout: Duration,
+    /// How long shutdown waits for in-flight streams and plugins.
+    pub shutdown_grace: Duration,
+    /// Interval between pings to each plugin.
+    pub ping_interval: Duration,
+    /// The plugins, in file order.
+    pub plugins: Vec<PluginConfig>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    listen: Option<toml::Spanned<String>>,
+    admin_listen: Option<toml::Spanned<String>>,
+    runtime_dir: Option<PathBuf>,
+    default_response_body_mode: Option<BodyMode>,
+    connect_timeout_ms: Option<u64>,
+    shutdown_grace_ms: Option<u64>,
+    ping_interval_ms: Option<u64>,
+    #[serde(default)]
+    plugins: toml::Table,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPlugin {
+    #[serde(default = "yes")]
+    spawn: bool,
+    command: Option<PathBuf>,
+    args: Option<Vec<String>>,
+    #[serde(default)]
+    env: BTreeMap<String, String>,
+    #[serde(default)]
+    dispatch: Dispatch,
+    final_timeout_ms: Option<u64>,
+    inline_timeout_ms: Option<u64>,
+    queue_events: Option<usize>,
+    queue_bytes: Option<usize>,
+    uid: Option<u32>,
+    group: Option<String>,
+    config: Option<toml::Table>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl Config {
+    /// The embedded default.
+    pub fn default_config() -> Result<Config, ConfigError> {
+        Config::parse(DEFAULT_CONFIG, "<default>")
+    }
+
+    /// Reads and validates a file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Config::parse(&text, &path.display().to_string())
+    }
+
+    /// Parses and validates TOML text; `origin` names it in errors.
+    pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
+        let parse_err = |e: toml::de::Error| ConfigError::Parse {
+            origin: origin.to_owned(),
+            message: one_line(&e, text),
+        };
+        let raw: RawConfig = toml::from_str(text).map_err(parse_err)?;
+        let invalid = |span: Option<std::ops::Range<usize>>, key: &str, message: String| {
+            ConfigError::Invalid {
+                origin: origin.to_owned(),
+                line: span.map_or(0, |s| line_of(text, s.start)),
+                key: key.to_owned(),
+                message,
+            }
+        };
+
+        let listen = match &raw.listen {
+            None => Listen::Tcp(([127, 0, 0, 1], 9002).into()),
+            Some(s) => {
+                parse_listen(s.get_ref()).map_err(|m| invalid(Some(s.span()), "listen", m))?
+            }
+        };
+        let admin_listen = match &raw.admin_listen {
+            None => None,
+            Some(s) if s.get_ref().is_empty() => None,
+            Some(s) => {
+                let addr: SocketAddr = s.get_ref().parse().map_err(|_| {
+                    invalid(
+                        Some(s.span()),
+                        "admin_listen",
+                        format!("`{}` is not an ip:port address", s.get_ref()),
+                    )
+                })?;
+                if !addr.ip().is_loopback() {
+                    return Err(invalid(
+                        Some(s.span()),
+                        "admin_listen",
+                        format!(
+                            "{addr} is not a loopback address; /metrics is served on loopback only"
+                        ),
+                    ));
+                }
+                Some(addr)
+            }
+        };
+
+        let mut plugins = Vec::new();
+        for (name, value) in &raw.plugins {
+            let key = format!("plugins.{name}");
+            let line = find_table_line(text, name);
+            let bad = |message: String| ConfigError::Invalid {
+                origin: origin.to_owned(),
+                line,
+                key: key.clone(),
+                message,
+            };
+            if name.is_empty()
+                || !name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+            {
+                return Err(bad(
+                    "plugin names use letters, digits, `-` and `_` only (they name socket files)"
+                        .into(),
+                ));
+            }
+            let raw_plugin: RawPlugin = value
+                .clone()
+                .try_into()
+                .map_err(|e: toml::de::Error| bad(e.message().trim().replace('\n', " ")))?;
+            let final_timeout = Duration::from_millis(raw_plugin.final_timeout_ms.unwrap_or(200));
+            if final_timeout.is_zero() {
+                return Err(bad("final_timeout_ms must be at least 1".into()));
+            }
+            let queue_events = raw_plugin.queue_events.unwrap_or(4096);
+            if queue_events == 0 {
+                return Err(bad("queue_events must be at least 1".into()));
+            }
+            if !raw_plugin.spawn && (raw_plugin.command.is_some() || raw_plugin.args.is_some()) {
+                return Err(bad(
+                    "command/args are meaningless with spawn = false; remove them".into(),
+                ));
+            }
+            plugins.push(PluginConfig {
+                name: name.clone(),
+                spawn: raw_plugin.spawn,
+                command: raw_plugin.command,
+                args: raw_plugin.args,
+                env: raw_plugin.env,
+                dispatch: raw_plugin.dispatch,
+                final_timeout,
+                inline_timeout: Duration::from_millis(raw_plugin.inline_timeout_ms.unwrap_or(1000)),
+                queue_events,
+                queue_bytes: raw_plugin.queue_bytes.unwrap_or(16 * 1024 * 1024),
+                uid: raw_plugin.uid,
+                group: raw_plugin.group,
+                config: toml_to_value(&toml::Value::Table(raw_plugin.config.unwrap_or_default())),
+            });
+        }
+
+        Ok(Config {
+            listen,
+            admin_listen,
+            runtime_dir: raw.runtime_dir.unwrap_or_else(default_runtime_dir),
+            default_response_body_mode: raw.default_response_body_mode.unwrap_or_default(),
+            connect_timeout: Duration::from_millis(raw.connect_timeout_ms.unwrap_or(5000)),
+            shutdown_grace: Duration::from_millis(raw.shutdown_grace_ms.unwrap_or(5000)),
+            ping_interval: Duration::from_millis(raw.ping_interval_ms.unwrap_or(1000).max(10)),
+            plugins,
+        })
+    }
+
+    /// The directory holding the plugin sockets.
+    pub fn plugins_dir(&self) -> PathBuf {
+        self.runtime_dir.join("plugins")
+    }
+
+    /// The socket a plugin connects to.
+    pub fn plugin_socket(&self, name: &str) -> PathBuf {
+        self.plugins_dir().join(format!("{name}.sock"))
+    }
+}
+
+fn parse_listen(s: &str) -> Result<Listen, String> {
+    if let Some(path) = s.strip_prefix("unix:") {
+        if path.is_empty() {
+            return Err("`unix:` needs a path, e.g. unix:/run/plugvisor/ext_proc.sock".into());
+        }
+        return Ok(Listen::Unix(PathBuf::from(path)));
+    }
+    s.parse()
+        .map(Listen::Tcp)
+        .map_err(|_| format!("`{s}` is neither ip:port nor unix:/path"))
+}
+
+/// `$RUNTIME_DIRECTORY`, else `$XDG_RUNTIME_DIR/plugvisor`, else `/run/plugvisor` for root, else a
+/// private directory under /tmp named after the uid.
+pub fn default_runtime_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("RUNTIME_DIRECTORY").filter(|d| !d.is_empty()) {
+        // systemd may list several directories separated by ':'; the first is ours.
+        let dir = dir
+            .to_string_lossy()
+            .split(':')
+            .next()
+            .unwrap_or("")
+            .to_owned();
+        return PathBuf::from(dir);
+    }
+    if let Some(dir) = std::env::var_os("XDG_RUNTIME_DIR").filter(|d| !d.is_empty()) {
+        return PathBuf::from(dir).join("plugvisor");
+    }
+    let uid = nix::unistd::getuid();
+    if uid.is_root() {
+        PathBuf::from("/run/plugvisor")
+    } else {
+        std::env::temp_dir().join(format!("plugvisor-{uid}"))
+    }
+}
+
+fn line_of(text: &str, offset: usize) -> usize {
+    text[..offset.min(text.len())].matches('\n').count() + 1
+}
+
+fn find_table_line(text: &str, name: &str) -> usize {
+    let needle = format!("plugins.{name}");
+    text.lines()
+        .position(|l| {
+            let l = l.trim_start();
+            l.starts_with('[') && l.contains(&needle)
+        })
+        .map_or(0, |i| i + 1)
+}
+
+fn one_line(e: &toml::de::Error, text: &str) -> String {
+    let msg = e.message().trim().replace('\n', " ");
+    match e.span() {
+        Some(span) => format!("line {}: {msg}", line_of(text, span.start)),
+        None => msg,
+    }
+}
+
+/// Converts a TOML value into the protocol's JSON-like value (datetimes become strings).
+pub fn toml_to_value(v: &toml::Value) -> Value {
+    match v {
+        toml::Value::String(s) => Value::String(s.clone()),
+        toml::Value::Integer(i) => Value::Int(*i),
+        toml::Value::Float(f) => Value::Float(*f),
+        toml::Value::Boolean(b) => Value::Bool(*b),
+        toml::Value::Datetime(d) => Value::String(d.to_string()),
+        toml::Value::Array(a) => Value::List(a.iter().map(toml_to_value).collect()),
+        toml::Value::Table(t) => Value::Map(
+            t.iter()
+                .map(|(k, v)| (k.clone(), toml_to_value(v)))
+                .collect(),
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,64 @@
+use super::*;
+
+#[test]
+fn embedded_default_serves_usage_and_latency_on_loopback() {
+    let c = Config::default_config().unwrap();
+    assert_eq!(c.listen, Listen::Tcp("127.0.0.1:9002".parse().unwrap()));
+    let names: Vec<_> = c.plugins.iter().map(|p| p.name.as_str()).collect();
+    assert_eq!(names, ["usage", "latency"]);
+    assert!(c.plugins.iter().all(|p| p.spawn && p.command.is_none()));
+}
+
+#[test]
+fn plugins_keep_file_order_and_their_config_table() {
+    let c = Config::parse(
+        r#"
+listen = "unix:/tmp/x.sock"
+[plugins.zeta]
+dispatch = "inline"
+[plugins.alpha]
+final_timeout_ms = 50
+[plugins.alpha.config]
+spin_us = 5
+attributes = [{ namespace = "envoy.lb", name = "cost", expression = "1" }]
+"#,
+        "t.toml",
+    )
+    .unwrap();
+    assert_eq!(c.listen, Listen::Unix("/tmp/x.sock".into()));
+    assert_eq!(c.plugins[0].name, "zeta");
+    assert_eq!(c.plugins[0].dispatch, Dispatch::Inline);
+    assert_eq!(c.plugins[1].name, "alpha");
+    assert_eq!(c.plugins[1].final_timeout, Duration::from_millis(50));
+    assert_eq!(c.plugins[1].config.get("spin_us"), Some(&Value::Int(5)));
+    assert!(matches!(c.plugins[1].config.get("attributes"), Some(Value::List(l)) if l.len() == 1));
+}
+
+#[test]
+fn errors_name_the_key_and_line() {
+    let cases = [
+        ("listen = \"nowhere\"\n", "line 1", "listen"),
+        ("\n\nadmin_listen = \"0.0.0.0:9\"\n", "line 3", "loopback"),
+        ("bogus = 1\n", "line 1", "bogus"),
+        (
+            "[plugins.a]\ndispatch = \"sometimes\"\n",
+            "line 1",
+            "plugins.a",
+        ),
+        ("[plugins.\"a b\"]\n", "line 0", "plugins.a b"),
+        (
+            "[plugins.a]\nspawn = false\ncommand = \"/bin/x\"\n",
+            "line 1",
+            "spawn = false",
+        ),
+    ];
+    for (text, line, word) in cases {
+        let err = Config::parse(text, "t.toml").unwrap_err().to_string();
+        assert!(err.starts_with("t.toml: "), "{err}");
+        assert!(!err.contains('\n'), "{err}");
+        assert!(err.contains(word), "{text:?} -> {err}");
+        if line != "line 0" {
+            assert!(err.contains(line), "{text:?} -> {err}");
+        }
+    }
+}

@@ -1,0 +1,590 @@
+//! The Envoy `ext_proc` service: one task per ext_proc stream (one HTTP request through Envoy).
+//!
+//! Every header and non-final body message is answered at once; the event goes to each subscribed
+//! plugin's bounded queue without waiting (inline plugins excepted: the front waits for their
+//! acknowledgement, bounded by `inline_timeout`). The end of the response (a body message with
+//! `end_of_stream`, the response trailers, or headers that end the stream) is the final RPC to
+//! every plugin, concurrently, each bounded by its `final_timeout`; the merged metadata rides on
+//! the reply to that message as `dynamic_metadata`. A stream that ends before that sends `Abort`.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use envoy_types::pb::envoy::config::core::v3::HeaderMap;
+use envoy_types::pb::envoy::extensions::filters::http::ext_proc::v3::processing_mode::BodySendMode;
+use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_server::ExternalProcessor;
+use envoy_types::pb::envoy::service::ext_proc::v3::processing_request::Request;
+use envoy_types::pb::envoy::service::ext_proc::v3::processing_response::Response;
+use envoy_types::pb::envoy::service::ext_proc::v3::{
+    body_mutation, BodyMutation, BodyResponse, CommonResponse, HeadersResponse, HttpBody,
+    ProcessingRequest, ProcessingResponse, StreamedBodyResponse, TrailersResponse,
+};
+use envoy_types::pb::google::protobuf::Struct;
+use ipc_protocol::stamp::monotonic_now_ns;
+use ipc_protocol::{
+    Abort, AbortCause, Chunk, Final, Header, RequestStart, ResponseHeaders, StreamId, ToPlugin,
+};
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request as GrpcRequest, Response as GrpcResponse, Status, Streaming};
+
+use crate::config::{BodyMode, Dispatch};
+use crate::link::PluginLink;
+use crate::metadata::Merge;
+use crate::metrics::{MessageLabel, Metrics};
+
+/// How long an abort may wait for room in a full queue.
+const ABORT_PATIENCE: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// The ext_proc service shared by every stream.
+#[derive(Clone)]
+pub struct Front {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    links: Vec<Arc<PluginLink>>,
+    metrics: Arc<Metrics>,
+    next_stream: AtomicU64,
+    default_mode: BodyMode,
+    stop: watch::Receiver<bool>,
+}
+
+impl Front {
+    /// A service over `links` (in config order). Streams still open when `stop` turns true send
+    /// `Abort { cause: Shutdown }` and end.
+    pub fn new(
+        links: Vec<Arc<PluginLink>>,
+        metrics: Arc<Metrics>,
+        default_mode: BodyMode,
+        stop: watch::Receiver<bool>,
+    ) -> Front {
+        Front {
+            inner: Arc::new(Inner {
+                links,
+                metrics,
+                next_stream: AtomicU64::new(1),
+                default_mode,
+                stop,
+            }),
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl ExternalProcessor for Front {
+    type ProcessStream = ReceiverStream<Result<ProcessingResponse, Status>>;
+
+    async fn process(
+        &self,
+        request: GrpcRequest<Streaming<ProcessingRequest>>,
+    ) -> Result<GrpcResponse<Self::ProcessStream>, Status> {
+        let inbound = request.into_inner();
+        let (tx, rx) = mpsc::channel(16);
+        let id = self.inner.next_stream.fetch_add(1, Ordering::Relaxed);
+        let stream = StreamTask {
+            inner: self.inner.clone(),
+            id,
+            seqs: vec![0; self.inner.links.len()],
+            modes: None,
+            ended: false,
+        };
+        tokio::spawn(stream.run(inbound, tx));
+        Ok(GrpcResponse::new(ReceiverStream::new(rx)))
+    }
+}
+
+#[derive(Clone, Copy)]
+struct Modes {
+    request_body: BodySendMode,
+    response_body: BodySendMode,
+}
+
+struct StreamTask {
+    inner: Arc<Inner>,
+    id: StreamId,
+    /// Per plugin, the next sequence number: each plugin sees 0, 1, 2 … over the events it
+    /// subscribed to, so a skipped number always means a dropped event.
+    seqs: Vec<u32>,
+    modes: Option<Modes>,
+    /// The final RPC ran (or an abort was sent): no more events for the plugins.
+    ended: bool,
+}
+
+enum Ending {
+    Abort(AbortCause, String),
+}
+
+impl StreamTask {
+    async fn run(
+        mut self,
+        mut inbound: Streaming<ProcessingRequest>,
+        tx: mpsc::Sender<Result<ProcessingResponse, Status>>,
+    ) {
+        let metrics = self.inner.metrics.clone();
+        metrics.streams_active.inc();
+        metrics.streams_total.inc();
+        let mut stop = self.inner.stop.clone();
+        let ending = loop {
+            let next = tokio::select! {
+                m = inbound.message() => m,
+                _ = stop.wait_for(|s| *s) => break Ending::Abort(AbortCause::Shutdown, "front is stopping".into()),
+            };
+            let req = match next {
+                Ok(Some(req)) => req,
+                Ok(None) => {
+                    break Ending::Abort(
+                        AbortCause::ClientDisconnect,
+                        "ext_proc stream closed before the end of the response".into(),
+                    )
+                }
+                Err(status) => {
+                    // Envoy resets the stream right after the last reply: normal once ended.
+                    break Ending::Abort(
+                        AbortCause::ClientDisconnect,
+                        format!("ext_proc stream reset: {}", status.message()),
+                    );
+                }
+            };
+            let arrival = Instant::now();
+            let stamp = monotonic_now_ns();
+            let observe = req.observability_mode;
+            if self.modes.is_none() {
+                self.modes = Some(self.modes_from(&req));
+            }
+            let (label, reply) = self.handle(req, stamp, arrival).await;
+            match reply {
+                Ok(resp) => {
+                    if !observe && tx.send(Ok(resp)).await.is_err() {
+                        break Ending::Abort(
+                            AbortCause::ClientDisconnect,
+                            "Envoy went away".into(),
+                        );
+                    }
+                    metrics
+                        .response_overhead
+                        .get_or_create(&MessageLabel {
+                            message: label.to_owned(),
+                        })
+                        .observe(arrival.elapsed().as_secs_f64());
+                }
+                Err(status) => {
+                    tracing::warn!(stream = self.id, error = %status.message(), "ext_proc stream refused");
+                    metrics.stream_errors.inc();
+                    let _ = tx.send(Err(status.clone())).await;
+                    break Ending::Abort(AbortCause::UpstreamError, status.message().to_owned());
+                }
+            }
+        };
+        let Ending::Abort(cause, detail) = ending;
+        if self.ended {
+            tracing::trace!(stream = self.id, %detail, "stream closed after its end");
+        } else {
+            tracing::debug!(stream = self.id, ?cause, %detail, "stream ended without end of response");
+            self.abort(cause, detail);
+        }
+        metrics.streams_active.dec();
+    }
+
+    fn modes_from(&self, req: &ProcessingRequest) -> Modes {
+        match &req.protocol_config {
+            Some(pc) => Modes {
+                request_body: BodySendMode::try_from(pc.request_body_mode)
+                    .unwrap_or(BodySendMode::None),
+                response_body: BodySendMode::try_from(pc.response_body_mode)
+                    .unwrap_or(BodySendMode::None),
+            },
+            None => Modes {
+                request_body: BodySendMode::None,
+                response_body: match self.inner.default_mode {
+                    BodyMode::Streamed => BodySendMode::Streamed,
+                    BodyMode::FullDuplexStreamed => BodySendMode::FullDuplexStreamed,
+                },
+            },
+        }
+    }
+
+    async fn handle(
+        &mut self,
+        req: ProcessingRequest,
+        stamp: u64,
+        arrival: Instant,
+    ) -> (&'static str, Result<ProcessingResponse, Status>) {
+        let modes = self.modes.expect("set on the first message");
+        let Some(request) = req.request else {
+            return (
+                "empty",
+                Err(Status::invalid_argument(
+                    "ProcessingRequest without a request",
+                )),
+            );
+        };
+        match request {
+            Request::RequestHeaders(h) => {
+                let headers = headers(h.headers.as_ref());
+                let request_id = headers
+                    .iter()
+                    .find(|(k, _)| k == "x-request-id")
+                    .map(|(_, v)| v.clone());
+                self.dispatch(
+                    |seq, _| {
+                        Some(ToPlugin::RequestStart(RequestStart {
+                            stream_id: 0,
+                            seq,
+                            stamp_ns: stamp,
+                            request_id: request_id.clone(),
+                            headers: headers.clone(),
+                        }))
+                    },
+                    |s| s.request_start,
+                );
+                (
+                    "headers",
+                    Ok(reply(
+                        Response::RequestHeaders(HeadersResponse::default()),
+                        None,
+                    )),
+                )
+            }
+            Request::ResponseHeaders(h) => {
+                let headers = headers(h.headers.as_ref());
+                let status = headers
+                    .iter()
+                    .find(|(k, _)| k == ":status")
+                    .and_then(|(_, v)| v.parse().ok())
+                    .unwrap_or(0);
+                self.dispatch(
+                    |seq, _| {
+                        Some(ToPlugin::ResponseHeaders(ResponseHeaders {
+                            stream_id: 0,
+                            seq,
+                            stamp_ns: stamp,
+                            status,
+                            headers: headers.clone(),
+                        }))
+                    },
+                    |s| s.response_headers,
+                );
+                let metadata = if h.end_of_stream {
+                    Some(
+                        self.final_rpc(stamp, arrival, Bytes::new(), Vec::new())
+                            .await,
+                    )
+                } else {
+                    None
+                };
+                (
+                    "headers",
+                    Ok(reply(
+                        Response::ResponseHeaders(HeadersResponse::default()),
+                        metadata,
+                    )),
+                )
+            }
+            Request::ResponseBody(body) => {
+                let full_duplex = match modes.response_body {
+                    BodySendMode::FullDuplexStreamed => true,
+                    BodySendMode::Streamed | BodySendMode::Buffered => false,
+                    other => {
+                        return (
+                            "chunk",
+                            Err(Status::failed_precondition(format!(
+                                "response body message received in body mode {}; plugvisor \
+                                 serves STREAMED and FULL_DUPLEX_STREAMED (set \
+                                 processing_mode.response_body_mode)",
+                                other.as_str_name()
+                            ))),
+                        )
+                    }
+                };
+                let eos = body.end_of_stream;
+                let bytes = Bytes::from(body.body);
+                let (label, metadata) = if eos && !self.ended {
+                    (
+                        "final",
+                        Some(
+                            self.final_rpc(stamp, arrival, bytes.clone(), Vec::new())
+                                .await,
+                        ),
+                    )
+                } else {
+                    if !self.ended {
+                        self.chunk(stamp, bytes.clone(), eos).await;
+                    }
+                    ("chunk", None)
+                };
+                (
+                    label,
+                    Ok(reply(
+                        Response::ResponseBody(body_reply(full_duplex, bytes, eos)),
+                        metadata,
+                    )),
+                )
+            }
+            Request::ResponseTrailers(t) => {
+                let trailers = headers(t.trailers.as_ref());
+                let metadata = if self.ended {
+                    None
+                } else {
+                    Some(self.final_rpc(stamp, arrival, Bytes::new(), trailers).await)
+                };
+                (
+                    "final",
+                    Ok(reply(
+                        Response::ResponseTrailers(TrailersResponse::default()),
+                        metadata,
+                    )),
+                )
+            }
+            Request::RequestBody(HttpBody {
+                body,
+                end_of_stream,
+                ..
+            }) => {
+                let full_duplex = match modes.request_body {
+                    BodySendMode::FullDuplexStreamed => true,
+                    BodySendMode::Streamed | BodySendMode::Buffered => false,
+                    other => {
+                        return (
+                            "chunk",
+                            Err(Status::failed_precondition(format!(
+                                "request body message received in body mode {}; plugvisor \
+                                 serves NONE, STREAMED and FULL_DUPLEX_STREAMED for request bodies",
+                                other.as_str_name()
+                            ))),
+                        )
+                    }
+                };
+                (
+                    "chunk",
+                    Ok(reply(
+                        Response::RequestBody(body_reply(
+                            full_duplex,
+                            Bytes::from(body),
+                            end_of_stream,
+                        )),
+                        None,
+                    )),
+                )
+            }
+            Request::RequestTrailers(_) => (
+                "headers",
+                Ok(reply(
+                    Response::RequestTrailers(TrailersResponse::default()),
+                    None,
+                )),
+            ),
+        }
+    }
+
+    /// Queues one event per subscribed plugin; `make` builds it for a sequence number.
+    fn dispatch(
+        &mut self,
+        make: impl Fn(u32, bool) -> Option<ToPlugin>,
+        wants: impl Fn(&ipc_protocol::Subscriptions) -> bool,
+    ) {
+        if self.ended {
+            return;
+        }
+        for (i, link) in self.inner.links.iter().enumerate() {
+            let conn = link.connection();
+            if let Some(c) = &conn {
+                if !wants(&c.subscriptions()) {
+                    continue;
+                }
+            }
+            let seq = self.seqs[i];
+            self.seqs[i] += 1;
+            let Some(mut msg) = make(
+                seq,
+                conn.as_ref().is_some_and(|c| c.subscriptions().body_bytes),
+            ) else {
+                continue;
+            };
+            set_stream(&mut msg, self.id);
+            link.send_event(conn.as_deref(), msg, 0);
+        }
+    }
+
+    /// A non-final body chunk: queued for async plugins, acknowledged by inline ones.
+    async fn chunk(&mut self, stamp: u64, bytes: Bytes, eos: bool) {
+        let len = bytes.len() as u32;
+        let mut waits = Vec::new();
+        for (i, link) in self.inner.links.iter().enumerate() {
+            let conn = link.connection();
+            if let Some(c) = &conn {
+                if !c.subscriptions().chunks {
+                    continue;
+                }
+            }
+            let seq = self.seqs[i];
+            self.seqs[i] += 1;
+            let with_bytes = conn.as_ref().is_some_and(|c| c.subscriptions().body_bytes);
+            let inline = link.config().dispatch == Dispatch::Inline;
+            let payload = if with_bytes {
+                bytes.clone()
+            } else {
+                Bytes::new()
+            };
+            let size = payload.len();
+            let msg = ToPlugin::Chunk(Chunk {
+                stream_id: self.id,
+                seq,
+                stamp_ns: stamp,
+                len,
+                bytes: payload,
+                end_of_stream: eos,
+                ack: inline,
+            });
+            match (&conn, inline) {
+                (Some(c), true) => {
+                    let deadline = tokio::time::Instant::now() + link.config().inline_timeout;
+                    if let Some(rx) = link.send_inline(c, self.id, seq, msg, size, deadline).await {
+                        waits.push((link.clone(), c.clone(), seq, deadline, rx));
+                    }
+                }
+                _ => {
+                    link.send_event(conn.as_deref(), msg, size);
+                }
+            }
+        }
+        for (link, conn, seq, deadline, rx) in waits {
+            if tokio::time::timeout_at(deadline, rx).await.is_err() {
+                link.forget_ack(&conn, self.id, seq);
+                tracing::warn!(plugin = %link.name(), stream = self.id, seq, "inline chunk not acknowledged in time");
+            }
+        }
+    }
+
+    /// The final RPC to every plugin, concurrently; returns the merged `dynamic_metadata`.
+    async fn final_rpc(
+        &mut self,
+        stamp: u64,
+        arrival: Instant,
+        bytes: Bytes,
+        trailers: Vec<Header>,
+    ) -> Struct {
+        self.ended = true;
+        let len = bytes.len() as u32;
+        let mut calls = Vec::with_capacity(self.inner.links.len());
+        for (i, link) in self.inner.links.iter().enumerate() {
+            let conn = link.connection();
+            let seq = self.seqs[i];
+            self.seqs[i] += 1;
+            let with_bytes = conn.as_ref().is_some_and(|c| c.subscriptions().body_bytes);
+            let payload = if with_bytes {
+                bytes.clone()
+            } else {
+                Bytes::new()
+            };
+            let size = payload.len();
+            let call_id = link.next_call_id();
+            let msg = ToPlugin::Final(Final {
+                stream_id: self.id,
+                seq,
+                stamp_ns: stamp,
+                call_id,
+                len,
+                bytes: payload,
+                trailers: trailers.clone(),
+            });
+            let link = link.clone();
+            calls.push(tokio::spawn(async move {
+                link.final_call(conn, call_id, msg, size, arrival).await
+            }));
+        }
+        let mut merge = Merge::default();
+        for (link, call) in self.inner.links.iter().zip(calls) {
+            match call.await {
+                Ok(Ok(metadata)) => merge.add(metadata),
+                Ok(Err(_)) | Err(_) => merge.missing(link.name()),
+            }
+        }
+        if !merge.missing_names().is_empty() {
+            tracing::debug!(stream = self.id, missing = ?merge.missing_names(), "final metadata incomplete");
+        }
+        merge.into_struct(self.id)
+    }
+
+    fn abort(&mut self, cause: AbortCause, detail: String) {
+        self.ended = true;
+        let stamp = monotonic_now_ns();
+        for (i, link) in self.inner.links.iter().enumerate() {
+            let Some(conn) = link.connection() else {
+                continue;
+            };
+            if !conn.subscriptions().abort {
+                continue;
+            }
+            let seq = self.seqs[i];
+            self.seqs[i] += 1;
+            let msg = ToPlugin::Abort(Abort {
+                stream_id: self.id,
+                seq,
+                stamp_ns: stamp,
+                cause,
+                detail: detail.clone(),
+            });
+            link.send_event_patiently(conn, msg, ABORT_PATIENCE);
+        }
+    }
+}
+
+fn set_stream(msg: &mut ToPlugin, id: StreamId) {
+    match msg {
+        ToPlugin::RequestStart(e) => e.stream_id = id,
+        ToPlugin::ResponseHeaders(e) => e.stream_id = id,
+        ToPlugin::Chunk(e) => e.stream_id = id,
+        ToPlugin::Final(e) => e.stream_id = id,
+        ToPlugin::Abort(e) => e.stream_id = id,
+        _ => {}
+    }
+}
+
+fn reply(response: Response, metadata: Option<Struct>) -> ProcessingResponse {
+    ProcessingResponse {
+        response: Some(response),
+        dynamic_metadata: metadata,
+        ..Default::default()
+    }
+}
+
+fn body_reply(full_duplex: bool, bytes: Bytes, eos: bool) -> BodyResponse {
+    if !full_duplex {
+        return BodyResponse::default();
+    }
+    BodyResponse {
+        response: Some(CommonResponse {
+            body_mutation: Some(BodyMutation {
+                mutation: Some(body_mutation::Mutation::StreamedResponse(
+                    StreamedBodyResponse {
+                        body: bytes.to_vec(),
+                        end_of_stream: eos,
+                        ..Default::default()
+                    },
+                )),
+            }),
+            ..Default::default()
+        }),
+    }
+}
+
+/// Envoy's header map as `(name, value)` pairs; `raw_value` is decoded lossily.
+fn headers(map: Option<&HeaderMap>) -> Vec<Header> {
+    map.map(|m| {
+        m.headers
+            .iter()
+            .map(|h| {
+                let value = if h.raw_value.is_empty() {
+                    h.value.clone()
+                } else {
+                    String::from_utf8_lossy(&h.raw_value).into_owned()
+                };
+                (h.key.to_ascii_lowercase(), value)
+            })
+            .collect()
+    })
+    .unwrap_or_default()
+}

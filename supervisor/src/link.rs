@@ -1,0 +1,556 @@
+//! A [`PluginLink`]: everything the front keeps about one configured plugin, independent of the
+//! process currently serving it.
+//!
+//! A link outlives connections: a plugin that reconnects (after a restart, or a developer attaching
+//! one in gdb) gets a new [`Conn`] on the same link, and streams in progress carry on with their
+//! sequence numbers, so the plugin sees the gap. Each connection has a bounded queue (events and
+//! body bytes) drained by a writer task that batches frames into few syscalls, and a reader task
+//! that routes `FinalReply` to the waiting final call, `Ack` to the waiting inline chunk and `Pong`
+//! to the liveness record.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use ipc_protocol::frame::BATCH_BYTES;
+use ipc_protocol::{
+    Ack, FinalOutcome, FinalReply, FrameReader, FrameWriter, FromPlugin, Metadata, Ping, StreamId,
+    Subscriptions, ToPlugin,
+};
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::config::PluginConfig;
+use crate::metrics::{Metrics, PluginLabel};
+
+/// Why a plugin contributed nothing to a stream's final metadata.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Missing {
+    /// No live connection.
+    Down,
+    /// No answer within `final_timeout`.
+    Timeout,
+    /// The plugin answered with an error.
+    Failed,
+}
+
+impl Missing {
+    /// The metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Missing::Down => "down",
+            Missing::Timeout => "timeout",
+            Missing::Failed => "failed",
+        }
+    }
+}
+
+/// Why an event did not reach a plugin's queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dropped {
+    /// No live connection.
+    Down,
+    /// The queue is full (events or bytes).
+    QueueFull,
+}
+
+impl Dropped {
+    fn as_str(self) -> &'static str {
+        match self {
+            Dropped::Down => "down",
+            Dropped::QueueFull => "queue_full",
+        }
+    }
+}
+
+struct Queued {
+    msg: ToPlugin,
+    bytes: usize,
+}
+
+/// One live connection of a plugin.
+pub struct Conn {
+    generation: u64,
+    pid: u32,
+    subscriptions: Subscriptions,
+    tx: mpsc::Sender<Queued>,
+    queued_bytes: Arc<AtomicUsize>,
+    finals: Mutex<HashMap<u64, oneshot::Sender<FinalOutcome>>>,
+    acks: Mutex<HashMap<(StreamId, u32), oneshot::Sender<()>>>,
+    closed: watch::Sender<bool>,
+}
+
+impl Conn {
+    /// What the plugin asked to receive in its `Hello`.
+    pub fn subscriptions(&self) -> Subscriptions {
+        self.subscriptions
+    }
+
+    /// The pid the peer credentials reported.
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+}
+
+/// The front's side of one configured plugin.
+pub struct PluginLink {
+    config: PluginConfig,
+    metrics: Arc<Metrics>,
+    label: PluginLabel,
+    conn: Mutex<Option<Arc<Conn>>>,
+    generation: AtomicU64,
+    connected: watch::Sender<bool>,
+    spawned_pid: Mutex<Option<u32>>,
+    last_pong: Mutex<Option<Instant>>,
+    next_call: AtomicU64,
+}
+
+impl PluginLink {
+    /// A link without a connection.
+    pub fn new(config: PluginConfig, metrics: Arc<Metrics>) -> PluginLink {
+        let label = Metrics::plugin(&config.name);
+        metrics.plugin_connected.get_or_create(&label).set(0);
+        PluginLink {
+            config,
+            metrics,
+            label,
+            conn: Mutex::new(None),
+            generation: AtomicU64::new(0),
+            connected: watch::channel(false).0,
+            spawned_pid: Mutex::new(None),
+            last_pong: Mutex::new(None),
+            next_call: AtomicU64::new(1),
+        }
+    }
+
+    /// The plugin's name.
+    pub fn name(&self) -> &str {
+        &self.config.name
+    }
+
+    /// The plugin's configuration.
+    pub fn config(&self) -> &PluginConfig {
+        &self.config
+    }
+
+    /// The live connection, if any.
+    pub fn connection(&self) -> Option<Arc<Conn>> {
+        self.conn.lock().expect("link lock").clone()
+    }
+
+    /// Whether a connection is live.
+    pub fn is_connected(&self) -> bool {
+        *self.connected.borrow()
+    }
+
+    /// Waits until a connection is live.
+    pub async fn wait_connected(&self) {
+        let mut rx = self.connected.subscribe();
+        let _ = rx.wait_for(|c| *c).await;
+    }
+
+    /// When the plugin last answered a ping.
+    pub fn last_pong(&self) -> Option<Instant> {
+        *self.last_pong.lock().expect("pong lock")
+    }
+
+    /// Records the pid the front spawned for this plugin: only that process may connect.
+    pub fn set_spawned_pid(&self, pid: Option<u32>) {
+        *self.spawned_pid.lock().expect("pid lock") = pid;
+    }
+
+    /// The pid the front spawned, if it spawned one.
+    pub fn spawned_pid(&self) -> Option<u32> {
+        *self.spawned_pid.lock().expect("pid lock")
+    }
+
+    /// Installs an accepted, welcomed connection and starts its writer and reader tasks.
+    pub(crate) fn attach(
+        self: &Arc<Self>,
+        pid: u32,
+        subscriptions: Subscriptions,
+        reader: FrameReader<OwnedReadHalf>,
+        writer: FrameWriter<OwnedWriteHalf>,
+    ) -> Option<Arc<Conn>> {
+        let mut slot = self.conn.lock().expect("link lock");
+        if slot.is_some() {
+            return None;
+        }
+        let generation = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
+        let (tx, rx) = mpsc::channel(self.config.queue_events);
+        let conn = Arc::new(Conn {
+            generation,
+            pid,
+            subscriptions,
+            tx,
+            queued_bytes: Arc::new(AtomicUsize::new(0)),
+            finals: Mutex::new(HashMap::new()),
+            acks: Mutex::new(HashMap::new()),
+            closed: watch::channel(false).0,
+        });
+        *slot = Some(conn.clone());
+        drop(slot);
+        self.connected.send_replace(true);
+        self.metrics
+            .plugin_connected
+            .get_or_create(&self.label)
+            .set(1);
+        tracing::info!(plugin = %self.config.name, pid, "plugin connected");
+        tokio::spawn(self.clone().write_loop(conn.clone(), rx, writer));
+        tokio::spawn(self.clone().read_loop(conn.clone(), reader));
+        Some(conn)
+    }
+
+    fn detach(&self, conn: &Conn, why: &str) {
+        let mut slot = self.conn.lock().expect("link lock");
+        if slot
+            .as_ref()
+            .is_some_and(|c| c.generation == conn.generation)
+        {
+            *slot = None;
+            self.connected.send_replace(false);
+            self.metrics
+                .plugin_connected
+                .get_or_create(&self.label)
+                .set(0);
+            tracing::warn!(plugin = %self.config.name, pid = conn.pid, reason = why, "plugin disconnected");
+        }
+        drop(slot);
+        conn.closed.send_replace(true);
+        // Dropping the senders wakes every waiter with "down".
+        conn.finals.lock().expect("finals lock").clear();
+        conn.acks.lock().expect("acks lock").clear();
+    }
+
+    /// Closes the live connection (shutdown, or a restart by the supervisor).
+    pub fn disconnect(&self, why: &str) {
+        if let Some(conn) = self.connection() {
+            self.detach(&conn, why);
+        }
+    }
+
+    async fn write_loop(
+        self: Arc<Self>,
+        conn: Arc<Conn>,
+        mut rx: mpsc::Receiver<Queued>,
+        mut writer: FrameWriter<OwnedWriteHalf>,
+    ) {
+        let mut closed = conn.closed.subscribe();
+        let depth = self.metrics.queue_depth.get_or_create(&self.label).clone();
+        let bytes_gauge = self.metrics.queue_bytes.get_or_create(&self.label).clone();
+        let result: Result<(), String> = async {
+            loop {
+                let first = tokio::select! {
+                    m = rx.recv() => m,
+                    _ = closed.wait_for(|c| *c) => None,
+                };
+                let Some(first) = first else { return Ok(()) };
+                let mut next = Some(first);
+                while let Some(q) = next.take() {
+                    conn.queued_bytes.fetch_sub(q.bytes, Ordering::Relaxed);
+                    depth.dec();
+                    bytes_gauge.dec_by(q.bytes as i64);
+                    writer.feed(&q.msg).map_err(|e| e.to_string())?;
+                    if writer.pending_bytes() < BATCH_BYTES {
+                        next = rx.try_recv().ok();
+                    }
+                }
+                writer.flush().await.map_err(|e| e.to_string())?;
+            }
+        }
+        .await;
+        if let Err(e) = result {
+            self.detach(&conn, &format!("write failed: {e}"));
+        }
+        // Whatever is still queued will never be written: take it off the gauges.
+        rx.close();
+        while let Ok(q) = rx.try_recv() {
+            depth.dec();
+            bytes_gauge.dec_by(q.bytes as i64);
+        }
+        let _ = writer.get_mut().shutdown().await;
+    }
+
+    async fn read_loop(self: Arc<Self>, conn: Arc<Conn>, mut reader: FrameReader<OwnedReadHalf>) {
+        let mut closed = conn.closed.subscribe();
+        let why = loop {
+            let msg = tokio::select! {
+                m = reader.read::<FromPlugin>() => m,
+                _ = closed.wait_for(|c| *c) => return,
+            };
+            match msg {
+                Ok(Some(FromPlugin::FinalReply(FinalReply {
+                    call_id, outcome, ..
+                }))) => {
+                    let waiter = conn.finals.lock().expect("finals lock").remove(&call_id);
+                    match waiter {
+                        Some(w) => {
+                            let _ = w.send(outcome);
+                        }
+                        None => {
+                            tracing::debug!(plugin = %self.config.name, call_id, "late final reply ignored")
+                        }
+                    }
+                }
+                Ok(Some(FromPlugin::Ack(Ack { stream_id, seq }))) => {
+                    if let Some(w) = conn
+                        .acks
+                        .lock()
+                        .expect("acks lock")
+                        .remove(&(stream_id, seq))
+                    {
+                        let _ = w.send(());
+                    }
+                }
+                Ok(Some(FromPlugin::Pong(_))) => {
+                    *self.last_pong.lock().expect("pong lock") = Some(Instant::now());
+                }
+                Ok(Some(FromPlugin::Hello(_))) => break "protocol error: second Hello".to_owned(),
+                Ok(None) => break "connection closed".to_owned(),
+                Err(e) => break format!("protocol error: {e}"),
+            }
+        };
+        self.detach(&conn, &why);
+    }
+
+    fn enqueue(&self, conn: &Conn, msg: ToPlugin, bytes: usize) -> Result<(), Dropped> {
+        let before = conn.queued_bytes.fetch_add(bytes, Ordering::Relaxed);
+        if before > 0 && before + bytes > self.config.queue_bytes {
+            conn.queued_bytes.fetch_sub(bytes, Ordering::Relaxed);
+            return Err(Dropped::QueueFull);
+        }
+        match conn.tx.try_send(Queued { msg, bytes }) {
+            Ok(()) => {
+                self.account_sent(bytes);
+                Ok(())
+            }
+            Err(_) => {
+                conn.queued_bytes.fetch_sub(bytes, Ordering::Relaxed);
+                Err(Dropped::QueueFull)
+            }
+        }
+    }
+
+    fn account_sent(&self, bytes: usize) {
+        self.metrics.events_sent.get_or_create(&self.label).inc();
+        self.metrics.queue_depth.get_or_create(&self.label).inc();
+        self.metrics
+            .queue_bytes
+            .get_or_create(&self.label)
+            .inc_by(bytes as i64);
+    }
+
+    /// Queues a fire-and-forget event without waiting; a full queue or a missing connection drops
+    /// it and counts the drop.
+    pub fn send_event(&self, conn: Option<&Conn>, msg: ToPlugin, bytes: usize) -> bool {
+        let result = match conn {
+            Some(conn) => self.enqueue(conn, msg, bytes),
+            None => Err(Dropped::Down),
+        };
+        match result {
+            Ok(()) => true,
+            Err(reason) => {
+                self.metrics
+                    .events_dropped
+                    .get_or_create(&Metrics::reason(&self.config.name, reason.as_str()))
+                    .inc();
+                false
+            }
+        }
+    }
+
+    /// Queues an event, waiting for room until `deadline` (used for the final and for aborts,
+    /// which must not be lost to a momentarily full queue).
+    async fn send_waiting(
+        &self,
+        conn: &Conn,
+        msg: ToPlugin,
+        bytes: usize,
+        deadline: tokio::time::Instant,
+    ) -> Result<(), Dropped> {
+        conn.queued_bytes.fetch_add(bytes, Ordering::Relaxed);
+        match tokio::time::timeout_at(deadline, conn.tx.send(Queued { msg, bytes })).await {
+            Ok(Ok(())) => {
+                self.account_sent(bytes);
+                Ok(())
+            }
+            Ok(Err(_)) => {
+                conn.queued_bytes.fetch_sub(bytes, Ordering::Relaxed);
+                Err(Dropped::Down)
+            }
+            Err(_) => {
+                conn.queued_bytes.fetch_sub(bytes, Ordering::Relaxed);
+                Err(Dropped::QueueFull)
+            }
+        }
+    }
+
+    /// Queues an event that must not be dropped for a full queue (an abort): waits up to `patience`
+    /// in a task of its own, so the caller never waits.
+    pub fn send_event_patiently(
+        self: &Arc<Self>,
+        conn: Arc<Conn>,
+        msg: ToPlugin,
+        patience: Duration,
+    ) {
+        if self.enqueue(&conn, msg.clone(), 0).is_ok() {
+            return;
+        }
+        let link = self.clone();
+        tokio::spawn(async move {
+            let deadline = tokio::time::Instant::now() + patience;
+            if let Err(reason) = link.send_waiting(&conn, msg, 0, deadline).await {
+                link.metrics
+                    .events_dropped
+                    .get_or_create(&Metrics::reason(&link.config.name, reason.as_str()))
+                    .inc();
+            }
+        });
+    }
+
+    /// Sends an inline chunk (built by `make` with `ack = true`) and returns a receiver that
+    /// resolves when the plugin acknowledges it, or `None` when it could not be queued.
+    pub async fn send_inline(
+        &self,
+        conn: &Conn,
+        stream_id: StreamId,
+        seq: u32,
+        msg: ToPlugin,
+        bytes: usize,
+        deadline: tokio::time::Instant,
+    ) -> Option<oneshot::Receiver<()>> {
+        let (tx, rx) = oneshot::channel();
+        conn.acks
+            .lock()
+            .expect("acks lock")
+            .insert((stream_id, seq), tx);
+        match self.send_waiting(conn, msg, bytes, deadline).await {
+            Ok(()) => Some(rx),
+            Err(reason) => {
+                conn.acks
+                    .lock()
+                    .expect("acks lock")
+                    .remove(&(stream_id, seq));
+                self.metrics
+                    .events_dropped
+                    .get_or_create(&Metrics::reason(&self.config.name, reason.as_str()))
+                    .inc();
+                None
+            }
+        }
+    }
+
+    /// Forgets an inline chunk whose acknowledgement came too late.
+    pub fn forget_ack(&self, conn: &Conn, stream_id: StreamId, seq: u32) {
+        conn.acks
+            .lock()
+            .expect("acks lock")
+            .remove(&(stream_id, seq));
+    }
+
+    /// A fresh final call id.
+    pub fn next_call_id(&self) -> u64 {
+        self.next_call.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// The final RPC: queues `msg` (a `Final` with `call_id`) and waits for the reply until
+    /// `final_timeout` has passed since `started`.
+    pub async fn final_call(
+        &self,
+        conn: Option<Arc<Conn>>,
+        call_id: u64,
+        msg: ToPlugin,
+        bytes: usize,
+        started: Instant,
+    ) -> Result<Metadata, Missing> {
+        let result = self
+            .final_call_inner(conn, call_id, msg, bytes, started)
+            .await;
+        match &result {
+            Ok(_) => self
+                .metrics
+                .final_duration
+                .get_or_create(&self.label)
+                .observe(started.elapsed().as_secs_f64()),
+            Err(reason) => {
+                self.metrics
+                    .finals_missing
+                    .get_or_create(&Metrics::reason(&self.config.name, reason.as_str()))
+                    .inc();
+            }
+        }
+        result
+    }
+
+    async fn final_call_inner(
+        &self,
+        conn: Option<Arc<Conn>>,
+        call_id: u64,
+        msg: ToPlugin,
+        bytes: usize,
+        started: Instant,
+    ) -> Result<Metadata, Missing> {
+        let conn = conn.ok_or(Missing::Down)?;
+        let deadline = tokio::time::Instant::from_std(started + self.config.final_timeout);
+        let (tx, rx) = oneshot::channel();
+        conn.finals.lock().expect("finals lock").insert(call_id, tx);
+        let forget = || {
+            conn.finals.lock().expect("finals lock").remove(&call_id);
+        };
+        if let Err(reason) = self.send_waiting(&conn, msg, bytes, deadline).await {
+            forget();
+            return Err(match reason {
+                Dropped::Down => Missing::Down,
+                Dropped::QueueFull => Missing::Timeout,
+            });
+        }
+        match tokio::time::timeout_at(deadline, rx).await {
+            Ok(Ok(FinalOutcome::Metadata(md))) => Ok(md),
+            Ok(Ok(FinalOutcome::Error(e))) => {
+                tracing::warn!(plugin = %self.config.name, call_id, error = %e, "plugin failed the final call");
+                Err(Missing::Failed)
+            }
+            Ok(Err(_)) => Err(Missing::Down),
+            Err(_) => {
+                forget();
+                tracing::warn!(plugin = %self.config.name, call_id, "final call timed out");
+                Err(Missing::Timeout)
+            }
+        }
+    }
+
+    /// Sends a ping (not counted as an event).
+    pub fn ping(&self, nonce: u64) {
+        if let Some(conn) = self.connection() {
+            let ping = Queued {
+                msg: ToPlugin::Ping(Ping { nonce }),
+                bytes: 0,
+            };
+            // A ping is not an event, but the writer takes it off the depth gauge like one.
+            if conn.tx.try_send(ping).is_ok() {
+                self.metrics.queue_depth.get_or_create(&self.label).inc();
+            }
+        }
+    }
+
+    /// Sends `Shutdown` to the live connection, if any.
+    pub fn send_shutdown(&self, grace: Duration) {
+        if let Some(conn) = self.connection() {
+            if conn
+                .tx
+                .try_send(Queued {
+                    msg: ToPlugin::Shutdown(ipc_protocol::Shutdown {
+                        grace_ms: grace.as_millis() as u64,
+                    }),
+                    bytes: 0,
+                })
+                .is_ok()
+            {
+                self.metrics.queue_depth.get_or_create(&self.label).inc();
+            }
+        }
+    }
+}
+
+use tokio::io::AsyncWriteExt as _;

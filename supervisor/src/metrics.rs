@@ -1,0 +1,268 @@
+//! Prometheus metrics and the loopback admin HTTP server that serves them at `/metrics`.
+//!
+//! Names follow the Prometheus conventions: counters end in `_total` (added by the encoder),
+//! durations are histograms in `_seconds`. Every per-plugin series carries a `plugin` label.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use http_body_util::Full;
+use hyper::body::Bytes;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+
+/// `plugin` label.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PluginLabel {
+    /// The plugin's name.
+    pub plugin: String,
+}
+
+/// `plugin` and `reason` labels.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PluginReason {
+    /// The plugin's name.
+    pub plugin: String,
+    /// Why (`queue_full`, `down`, `timeout`, `failed`, ...).
+    pub reason: String,
+}
+
+/// `message` label for the response-path overhead.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MessageLabel {
+    /// `headers`, `chunk`, `trailers` or `final`.
+    pub message: String,
+}
+
+fn final_histogram() -> Histogram {
+    // 100 µs .. ~26 s
+    Histogram::new(exponential_buckets(0.0001, 2.0, 18))
+}
+
+fn overhead_histogram() -> Histogram {
+    // 5 µs .. ~5 s
+    Histogram::new(exponential_buckets(0.000005, 2.0, 20))
+}
+
+/// Every metric the front exports.
+pub struct Metrics {
+    registry: Registry,
+    /// Events put on a plugin's queue.
+    pub events_sent: Family<PluginLabel, Counter>,
+    /// Events not delivered to a plugin, by reason.
+    pub events_dropped: Family<PluginReason, Counter>,
+    /// Events waiting in a plugin's queue.
+    pub queue_depth: Family<PluginLabel, Gauge>,
+    /// Body bytes waiting in a plugin's queue.
+    pub queue_bytes: Family<PluginLabel, Gauge>,
+    /// Final RPC latency per plugin (answered calls only).
+    pub final_duration: Family<PluginLabel, Histogram, fn() -> Histogram>,
+    /// Final RPCs without metadata, by reason.
+    pub finals_missing: Family<PluginReason, Counter>,
+    /// 1 while a plugin is connected.
+    pub plugin_connected: Family<PluginLabel, Gauge>,
+    /// Handshakes refused, by plugin name as announced and reason.
+    pub handshakes_refused: Family<PluginReason, Counter>,
+    /// ext_proc streams in progress.
+    pub streams_active: Gauge,
+    /// ext_proc streams started.
+    pub streams_total: Counter,
+    /// Streams that ended with an error the front reported to Envoy.
+    pub stream_errors: Counter,
+    /// Time from a message's arrival to its reply.
+    pub response_overhead: Family<MessageLabel, Histogram, fn() -> Histogram>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+impl Metrics {
+    /// A fresh registry with every metric registered.
+    pub fn new() -> Metrics {
+        let mut registry = Registry::default();
+        let events_sent = Family::default();
+        let events_dropped = Family::default();
+        let queue_depth = Family::default();
+        let queue_bytes = Family::default();
+        let final_duration =
+            Family::<PluginLabel, Histogram, fn() -> Histogram>::new_with_constructor(
+                final_histogram,
+            );
+        let finals_missing = Family::default();
+        let plugin_connected = Family::default();
+        let handshakes_refused = Family::default();
+        let streams_active = Gauge::default();
+        let streams_total = Counter::default();
+        let stream_errors = Counter::default();
+        let response_overhead =
+            Family::<MessageLabel, Histogram, fn() -> Histogram>::new_with_constructor(
+                overhead_histogram,
+            );
+        registry.register(
+            "plugvisor_plugin_events_sent",
+            "Events put on a plugin's queue",
+            events_sent.clone(),
+        );
+        registry.register(
+            "plugvisor_plugin_events_dropped",
+            "Events not delivered to a plugin (queue_full: its queue was full; down: no connection)",
+            events_dropped.clone(),
+        );
+        registry.register(
+            "plugvisor_plugin_queue_depth",
+            "Events waiting in a plugin's queue",
+            queue_depth.clone(),
+        );
+        registry.register(
+            "plugvisor_plugin_queue_bytes",
+            "Body bytes waiting in a plugin's queue",
+            queue_bytes.clone(),
+        );
+        registry.register(
+            "plugvisor_plugin_final_duration_seconds",
+            "Final RPC latency of answered calls",
+            final_duration.clone(),
+        );
+        registry.register(
+            "plugvisor_plugin_finals_missing",
+            "Final RPCs that brought no metadata (down, timeout, failed)",
+            finals_missing.clone(),
+        );
+        registry.register(
+            "plugvisor_plugin_connected",
+            "1 while the plugin has a live connection",
+            plugin_connected.clone(),
+        );
+        registry.register(
+            "plugvisor_plugin_handshakes_refused",
+            "Plugin handshakes refused, by reason",
+            handshakes_refused.clone(),
+        );
+        registry.register(
+            "plugvisor_streams_active",
+            "ext_proc streams in progress",
+            streams_active.clone(),
+        );
+        registry.register(
+            "plugvisor_streams",
+            "ext_proc streams started",
+            streams_total.clone(),
+        );
+        registry.register(
+            "plugvisor_stream_errors",
+            "ext_proc streams ended with an error sent to Envoy",
+            stream_errors.clone(),
+        );
+        registry.register(
+            "plugvisor_response_overhead_seconds",
+            "Time from a message's arrival from Envoy to the front's reply",
+            response_overhead.clone(),
+        );
+        Metrics {
+            registry,
+            events_sent,
+            events_dropped,
+            queue_depth,
+            queue_bytes,
+            final_duration,
+            finals_missing,
+            plugin_connected,
+            handshakes_refused,
+            streams_active,
+            streams_total,
+            stream_errors,
+            response_overhead,
+        }
+    }
+
+    /// The text exposition of every metric.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+
+    /// Labels for a plugin.
+    pub fn plugin(name: &str) -> PluginLabel {
+        PluginLabel {
+            plugin: name.to_owned(),
+        }
+    }
+
+    /// Labels for a plugin and a reason.
+    pub fn reason(name: &str, reason: &str) -> PluginReason {
+        PluginReason {
+            plugin: name.to_owned(),
+            reason: reason.to_owned(),
+        }
+    }
+}
+
+/// Serves `GET /metrics` (and `GET /healthz`) on `listener` until `shutdown` resolves.
+pub async fn serve_admin(
+    listener: TcpListener,
+    metrics: Arc<Metrics>,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, _) = tokio::select! {
+            _ = &mut shutdown => return,
+            r = listener.accept() => match r {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "admin accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let metrics = metrics.clone();
+        tokio::spawn(async move {
+            let service =
+                hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                    let metrics = metrics.clone();
+                    async move { Ok::<_, Infallible>(admin_response(req.uri().path(), &metrics)) }
+                });
+            let io = hyper_util::rt::TokioIo::new(stream);
+            if let Err(e) = hyper::server::conn::http1::Builder::new()
+                .serve_connection(io, service)
+                .await
+            {
+                tracing::debug!(error = %e, "admin connection ended");
+            }
+        });
+    }
+}
+
+fn admin_response(path: &str, metrics: &Metrics) -> hyper::Response<Full<Bytes>> {
+    let (status, ctype, body) = match path {
+        "/metrics" => (
+            200,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            metrics.encode(),
+        ),
+        "/healthz" => (200, "text/plain", "ok\n".to_owned()),
+        _ => (404, "text/plain", "not found; try /metrics\n".to_owned()),
+    };
+    hyper::Response::builder()
+        .status(status)
+        .header("content-type", ctype)
+        .body(Full::new(Bytes::from(body)))
+        .expect("static response parts are valid")
+}
+
+/// Binds the admin listener; the address must be loopback (checked by the config).
+pub async fn bind_admin(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    TcpListener::bind(addr).await
+}
