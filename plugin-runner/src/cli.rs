@@ -1,0 +1,144 @@
+//! The command line shared by `plugvisor-plugin` and every binary built on [`crate::run`]:
+//! `<binary> [<plugin-name>] --connect <socket path> [tuning flags]`, parsed with `clap`.
+//! Bad usage prints one clear message and exits 64 (`EX_USAGE`).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+
+use crate::host::{Exit, HostOptions};
+
+/// Command-line arguments of a plugin process.
+#[derive(Debug, Clone, Parser)]
+#[command(
+    name = "plugvisor-plugin",
+    version,
+    about = "Runs one plugvisor plugin, fed by the front over a Unix socket.",
+    after_help = "Exit codes: 0 clean exit (Shutdown or the front closed the socket), \
+                  78 refused by the front or invalid config, 64 bad usage, 1 other errors."
+)]
+pub struct Args {
+    /// The plugin to run (its name in the front's config).
+    pub plugin: Option<String>,
+
+    /// The front's socket for this plugin (e.g. /run/plugvisor/plugins/usage.sock).
+    #[arg(long, value_name = "PATH", env = "PLUGVISOR_CONNECT")]
+    pub connect: Option<PathBuf>,
+
+    /// List the plugins this binary can run, one line each, and exit.
+    #[arg(long)]
+    pub list: bool,
+
+    /// Worker threads running hooks (default: number of CPUs).
+    #[arg(long, value_name = "N")]
+    pub workers: Option<usize>,
+
+    /// Drop the state of a stream that saw no event for this long and never got Final/Abort
+    /// (e.g. `300s`, `5m`, `1500ms`).
+    #[arg(long, value_name = "DURATION", default_value = "5m", value_parser = parse_duration)]
+    pub idle_timeout: Duration,
+
+    /// Report a lane as stuck in Pong once one event has run for this long.
+    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_duration)]
+    pub stuck_after: Duration,
+
+    /// Most events queued per stream; further droppable events are dropped (and show as gaps).
+    #[arg(long, value_name = "N", default_value_t = 4096)]
+    pub lane_queue_events: usize,
+
+    /// Most body bytes queued per stream.
+    #[arg(long, value_name = "BYTES", default_value_t = 16 * 1024 * 1024)]
+    pub lane_queue_bytes: usize,
+}
+
+/// Parses `250ms`, `30s`, `5m`, `1h`, or a bare number of seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("`{s}` is not a duration like 250ms, 30s, 5m"))?;
+    match unit {
+        "ms" => Ok(Duration::from_millis(n)),
+        "" | "s" => Ok(Duration::from_secs(n)),
+        "m" => Ok(Duration::from_secs(n * 60)),
+        "h" => Ok(Duration::from_secs(n * 3600)),
+        _ => Err(format!("`{s}`: unknown unit `{unit}` (use ms, s, m or h)")),
+    }
+}
+
+impl Args {
+    /// Parses the process's arguments; `--help`/`--version` print and exit 0, errors print and
+    /// exit 64.
+    pub fn parse_or_exit() -> Args {
+        match Args::try_parse() {
+            Ok(args) => args,
+            Err(e) => {
+                let code = if e.use_stderr() {
+                    Exit::Usage
+                } else {
+                    Exit::Clean
+                };
+                let _ = e.print();
+                std::process::exit(code.code())
+            }
+        }
+    }
+
+    /// The host options for running `plugin`, or a usage message if `--connect` is missing.
+    pub fn host_options(&self, plugin: &str) -> Result<HostOptions, String> {
+        let connect = self.connect.clone().ok_or_else(|| {
+            format!("missing --connect <socket path> (the front's socket for plugin `{plugin}`)")
+        })?;
+        let workers = self
+            .workers
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+        if workers == 0 {
+            return Err("--workers must be at least 1".into());
+        }
+        Ok(HostOptions {
+            plugin: plugin.to_owned(),
+            connect,
+            workers,
+            idle_timeout: self.idle_timeout,
+            stuck_after: self.stuck_after,
+            lane_queue_events: self.lane_queue_events.max(1),
+            lane_queue_bytes: self.lane_queue_bytes,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_take_the_usual_units() {
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("30"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
+        assert!(parse_duration("5 weeks").is_err());
+        assert!(parse_duration("fast").is_err());
+    }
+
+    #[test]
+    fn the_front_s_command_line_parses() {
+        let args = Args::try_parse_from([
+            "plugvisor-plugin",
+            "usage",
+            "--connect",
+            "/run/p/usage.sock",
+        ])
+        .unwrap();
+        let opts = args.host_options("usage").unwrap();
+        assert_eq!(opts.connect, PathBuf::from("/run/p/usage.sock"));
+        assert!(opts.workers >= 1);
+        let args = Args::try_parse_from(["plugvisor-plugin", "usage"]).unwrap();
+        assert!(args
+            .host_options("usage")
+            .unwrap_err()
+            .contains("--connect"));
+    }
+}

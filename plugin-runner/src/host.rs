@@ -1,0 +1,319 @@
+//! The host: one connection to the front, from handshake to exit.
+//!
+//! [`serve`] connects to the plugin's socket, says `Hello`, applies the config from `Welcome`
+//! (or exits 78 on `Refuse` or an invalid config), then reads frames: per-stream events go to
+//! their lanes ([`crate::lanes`]), `Ping` is answered right here from the reader with the lanes'
+//! counts (so a plugin busy in its hooks is never mistaken for a hung one), `Shutdown` drains the
+//! lanes for up to its grace period. Everything a lane or the reader answers goes through one
+//! writer task that batches frames into few writes. Socket EOF means the front is gone: exit 0.
+//!
+//! The transport is tokio's `UnixStream` on a filesystem path (see "Transport" in
+//! `docs/plugins.md` for why not `interprocess`).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ipc_protocol::frame::BATCH_BYTES;
+use ipc_protocol::{
+    FinalOutcome, FinalReply, FrameReader, FrameWriter, FromPlugin, Hello, Pong, ProtocolError,
+    ToPlugin, PROTOCOL_VERSION,
+};
+use tokio::net::unix::OwnedWriteHalf;
+use tokio::net::UnixStream;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::lanes::{LaneConfig, Lanes, Outbox};
+use crate::plugin::Plugin;
+
+/// How long the host waits for the front's answer to `Hello`.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How a plugin process ends; [`Exit::code`] is its exit status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exit {
+    /// `Shutdown` handled or the front closed the socket: 0.
+    Clean,
+    /// Bad command line or unknown plugin name: 64 (`EX_USAGE`).
+    Usage,
+    /// The front refused the handshake, or the plugin rejected its config: 78 (`EX_CONFIG`).
+    Config,
+    /// Anything else (cannot connect, protocol error, ...): 1.
+    Failed,
+}
+
+impl Exit {
+    /// The process exit status.
+    pub fn code(self) -> i32 {
+        match self {
+            Exit::Clean => 0,
+            Exit::Usage => 64,
+            Exit::Config => 78,
+            Exit::Failed => 1,
+        }
+    }
+}
+
+/// Everything [`serve`] needs besides the plugin.
+#[derive(Debug, Clone)]
+pub struct HostOptions {
+    /// The plugin's configured name, sent in `Hello`; its own namespace is `plugvisor.<name>`.
+    pub plugin: String,
+    /// The front's socket for this plugin.
+    pub connect: PathBuf,
+    /// Worker threads running hooks.
+    pub workers: usize,
+    /// Idle time after which a stream without `Final`/`Abort` is evicted.
+    pub idle_timeout: Duration,
+    /// Running time of one event after which its lane is reported stuck in `Pong`.
+    pub stuck_after: Duration,
+    /// Most events queued per stream.
+    pub lane_queue_events: usize,
+    /// Most body bytes queued per stream.
+    pub lane_queue_bytes: usize,
+}
+
+impl HostOptions {
+    /// Options with the defaults of the command line for `plugin` on socket `connect`.
+    pub fn new(plugin: impl Into<String>, connect: impl Into<PathBuf>) -> Self {
+        HostOptions {
+            plugin: plugin.into(),
+            connect: connect.into(),
+            workers: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            idle_timeout: Duration::from_secs(300),
+            stuck_after: Duration::from_secs(5),
+            lane_queue_events: 4096,
+            lane_queue_bytes: 16 * 1024 * 1024,
+        }
+    }
+}
+
+/// What can end a connection with an error (exit code 1).
+#[derive(Debug, thiserror::Error)]
+pub enum HostError {
+    /// The socket could not be reached.
+    #[error("cannot connect to the front's socket {path}; is plugvisor running and is this the plugin's socket?")]
+    Connect {
+        /// The socket path.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The front did not answer `Hello` properly.
+    #[error("handshake failed: {0}")]
+    Handshake(String),
+    /// Reading or writing frames failed.
+    #[error("protocol error on the front's connection")]
+    Protocol(#[from] ProtocolError),
+    /// The worker threads could not be started.
+    #[error("cannot start worker threads")]
+    Workers(#[source] std::io::Error),
+}
+
+enum Out {
+    Msg(FromPlugin),
+    Flush(oneshot::Sender<()>),
+}
+
+/// Serves `plugin` on one connection until the front shuts it down or goes away; returns how
+/// the process should exit. Errors are logged here.
+pub async fn serve<P: Plugin>(plugin: P, opts: HostOptions) -> Exit {
+    match serve_inner(plugin, &opts).await {
+        Ok(exit) => exit,
+        Err(e) => {
+            tracing::error!(error = %e, cause = ?std::error::Error::source(&e).map(|s| s.to_string()), "plugin host failed");
+            Exit::Failed
+        }
+    }
+}
+
+async fn serve_inner<P: Plugin>(mut plugin: P, opts: &HostOptions) -> Result<Exit, HostError> {
+    let stream = UnixStream::connect(&opts.connect)
+        .await
+        .map_err(|source| HostError::Connect {
+            path: opts.connect.clone(),
+            source,
+        })?;
+    let (rd, wr) = stream.into_split();
+    let mut reader = FrameReader::new(rd);
+    let mut writer = FrameWriter::new(wr);
+
+    let subscriptions = plugin.subscriptions();
+    writer
+        .send(&FromPlugin::Hello(Hello {
+            protocol_version: PROTOCOL_VERSION,
+            plugin: opts.plugin.clone(),
+            pid: std::process::id(),
+            subscriptions,
+        }))
+        .await?;
+    let answer = tokio::time::timeout(HANDSHAKE_TIMEOUT, reader.read::<ToPlugin>())
+        .await
+        .map_err(|_| {
+            HostError::Handshake(format!("no answer to Hello within {HANDSHAKE_TIMEOUT:?}"))
+        })??;
+    match answer {
+        Some(ToPlugin::Welcome(welcome)) => {
+            if let Err(e) = plugin.configure(&welcome.config) {
+                tracing::error!("invalid config for plugin `{}`: {e}", opts.plugin);
+                return Ok(Exit::Config);
+            }
+            tracing::info!(
+                version = welcome.protocol_version,
+                ?subscriptions,
+                workers = opts.workers,
+                "connected to the front"
+            );
+        }
+        Some(ToPlugin::Refuse(refuse)) => {
+            tracing::error!(
+                code = ?refuse.code,
+                "the front refused plugin `{}`: {}",
+                opts.plugin,
+                refuse.reason
+            );
+            return Ok(Exit::Config);
+        }
+        Some(other) => {
+            return Err(HostError::Handshake(format!(
+                "expected Welcome or Refuse, got {}",
+                other.kind()
+            )))
+        }
+        None => {
+            return Err(HostError::Handshake(
+                "the front closed the connection before answering Hello".into(),
+            ))
+        }
+    }
+
+    let (tx, rx) = mpsc::unbounded_channel::<Out>();
+    let writer_task = tokio::spawn(write_loop(writer, rx));
+    let out: Outbox = {
+        let tx = tx.clone();
+        Arc::new(move |msg| {
+            let _ = tx.send(Out::Msg(msg));
+        })
+    };
+    let lanes = Lanes::start(
+        Arc::new(plugin),
+        LaneConfig {
+            workers: opts.workers,
+            queue_events: opts.lane_queue_events,
+            queue_bytes: opts.lane_queue_bytes,
+            plugin: opts.plugin.clone(),
+            namespace: format!("plugvisor.{}", opts.plugin),
+        },
+        out,
+    )
+    .map_err(HostError::Workers)?;
+
+    let sweep = (opts.idle_timeout / 4).clamp(Duration::from_millis(10), Duration::from_secs(10));
+    let mut sweeper = tokio::time::interval(sweep);
+    sweeper.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+
+    let exit = loop {
+        tokio::select! {
+            frame = reader.read::<ToPlugin>() => match frame {
+                Ok(Some(ToPlugin::Ping(ping))) => {
+                    let pong = Pong {
+                        nonce: ping.nonce,
+                        active_streams: lanes.active_streams(),
+                        stuck: lanes.stuck(opts.stuck_after),
+                    };
+                    if !pong.stuck.is_empty() {
+                        tracing::warn!(stuck = ?pong.stuck, "lanes stuck in one event");
+                    }
+                    let _ = tx.send(Out::Msg(FromPlugin::Pong(pong)));
+                }
+                Ok(Some(ToPlugin::Shutdown(shutdown))) => {
+                    let grace = Duration::from_millis(shutdown.grace_ms);
+                    tracing::info!(grace_ms = shutdown.grace_ms, "shutdown requested; draining lanes");
+                    drain(&lanes, grace).await;
+                    break Exit::Clean;
+                }
+                Ok(Some(msg @ (ToPlugin::Welcome(_) | ToPlugin::Refuse(_)))) => {
+                    tracing::warn!(kind = msg.kind(), "unexpected handshake message after Welcome; ignored");
+                }
+                Ok(Some(event)) => lanes.submit(event),
+                Ok(None) => {
+                    tracing::info!("the front closed the connection; exiting");
+                    break Exit::Clean;
+                }
+                Err(e) => return Err(HostError::Protocol(e)),
+            },
+            _ = sweeper.tick() => {
+                lanes.evict_idle(opts.idle_timeout);
+            }
+        }
+    };
+
+    let (done_tx, done_rx) = oneshot::channel();
+    let _ = tx.send(Out::Flush(done_tx));
+    let _ = tokio::time::timeout(Duration::from_secs(2), done_rx).await;
+    let stats = lanes.stats();
+    tracing::info!(
+        dropped = stats.dropped.load(std::sync::atomic::Ordering::Relaxed),
+        evicted = stats.evicted.load(std::sync::atomic::Ordering::Relaxed),
+        panics = stats.panics.load(std::sync::atomic::Ordering::Relaxed),
+        "plugin exiting"
+    );
+    writer_task.abort();
+    Ok(exit)
+}
+
+/// Waits until no event is queued or running, or `grace` has passed.
+async fn drain<P: Plugin>(lanes: &Lanes<P>, grace: Duration) {
+    let deadline = tokio::time::Instant::now() + grace;
+    while !lanes.is_idle() {
+        if tokio::time::Instant::now() >= deadline {
+            tracing::warn!(
+                active_streams = lanes.active_streams(),
+                "grace period over with events still queued or running; exiting anyway"
+            );
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+/// Writes everything queued, batching whatever is already waiting into one write.
+async fn write_loop(mut writer: FrameWriter<OwnedWriteHalf>, mut rx: mpsc::UnboundedReceiver<Out>) {
+    let mut waiters = Vec::new();
+    while let Some(first) = rx.recv().await {
+        let mut next = Some(first);
+        while let Some(out) = next.take() {
+            match out {
+                Out::Msg(msg) => feed(&mut writer, msg),
+                Out::Flush(done) => waiters.push(done),
+            }
+            if writer.pending_bytes() < BATCH_BYTES {
+                next = rx.try_recv().ok();
+            }
+        }
+        if let Err(e) = writer.flush().await {
+            tracing::warn!(error = %e, "cannot write to the front");
+            return;
+        }
+        for done in waiters.drain(..) {
+            let _ = done.send(());
+        }
+    }
+}
+
+/// Feeds one message; a final reply too large for a frame is replaced by an error reply so the
+/// front is not left waiting.
+fn feed(writer: &mut FrameWriter<OwnedWriteHalf>, msg: FromPlugin) {
+    if let Err(e) = writer.feed(&msg) {
+        tracing::error!(error = %e, kind = msg.kind(), "cannot encode a message for the front");
+        if let FromPlugin::FinalReply(reply) = msg {
+            let fallback = FromPlugin::FinalReply(FinalReply {
+                call_id: reply.call_id,
+                stream_id: reply.stream_id,
+                outcome: FinalOutcome::Error(format!("metadata not sendable: {e}")),
+            });
+            let _ = writer.feed(&fallback);
+        }
+    }
+}

@@ -1,0 +1,539 @@
+//! Ordered per-stream lanes on a bounded pool of worker threads.
+//!
+//! Each stream the front tells the plugin about gets a lane: a FIFO of that stream's events and
+//! the plugin's per-stream state. A lane is either idle, waiting in the ready queue, or running on
+//! exactly one worker, so its events run one after another in arrival (= sequence) order, while
+//! lanes of different streams run in parallel on `workers` threads. A worker runs one event and
+//! then puts the lane at the back of the ready queue, so a stream with a long backlog gets its
+//! share of the pool and no more.
+//!
+//! Bounds: a lane's queue holds at most `queue_events` events and `queue_bytes` body bytes; a
+//! droppable event (response headers, a chunk not sent for inline dispatch) arriving at a full
+//! lane is dropped and counted, and the next event that gets in carries the gap. Finals, aborts,
+//! request starts and inline chunks are never dropped: the front waits for their answers or the
+//! stream cannot start without them. Lanes of streams that never got `Final`/`Abort` are evicted
+//! after an idle time.
+//!
+//! A panic in a hook is caught here, per event: logged with plugin, stream id and message; the
+//! lane is marked failed, its later hooks are skipped, its final reply carries the error.
+
+use std::any::Any;
+use std::collections::{HashMap, VecDeque};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use ipc_protocol::{
+    Ack, FinalOutcome, FinalReply, FromPlugin, Metadata, StreamId, StuckLane, Subscriptions,
+    ToPlugin, Value,
+};
+
+use crate::plugin::{EventCtx, Plugin};
+use crate::sequence::{starts_partial, Kind, SeqState};
+
+/// Where a lane's answers (final replies, acks) go: the connection's writer.
+pub(crate) type Outbox = Arc<dyn Fn(FromPlugin) + Send + Sync>;
+
+/// Sizing of the lanes.
+#[derive(Debug, Clone)]
+pub(crate) struct LaneConfig {
+    /// Worker threads running hooks.
+    pub workers: usize,
+    /// Most events queued in one lane.
+    pub queue_events: usize,
+    /// Most body bytes queued in one lane.
+    pub queue_bytes: usize,
+    /// The configured plugin name, for logs and errors.
+    pub plugin: String,
+    /// The plugin's own metadata namespace, where the host adds `gaps` and `partial`.
+    pub namespace: String,
+}
+
+/// Counters of what the lanes had to do besides running hooks.
+#[derive(Debug, Default)]
+pub(crate) struct LaneStats {
+    pub dropped: AtomicU64,
+    pub evicted: AtomicU64,
+    pub panics: AtomicU64,
+    pub out_of_order: AtomicU64,
+}
+
+struct Job {
+    msg: ToPlugin,
+    ctx: EventCtx,
+    bytes: usize,
+}
+
+struct Lane<S> {
+    state: Option<S>,
+    queue: VecDeque<Job>,
+    queued_bytes: usize,
+    /// In the ready queue or running: a worker will look at this lane again.
+    scheduled: bool,
+    seq: SeqState,
+    gaps: u64,
+    partial: bool,
+    failed: Option<String>,
+    last_active: Instant,
+}
+
+struct Inner<S> {
+    lanes: HashMap<StreamId, Lane<S>>,
+    ready: VecDeque<StreamId>,
+    running: HashMap<StreamId, Instant>,
+    stop: bool,
+}
+
+struct Shared<P: Plugin> {
+    plugin: Arc<P>,
+    subs: Subscriptions,
+    cfg: LaneConfig,
+    inner: Mutex<Inner<P::Stream>>,
+    work: Condvar,
+    out: Outbox,
+    stats: LaneStats,
+}
+
+/// The lanes of one plugin connection and the worker threads that run them.
+pub(crate) struct Lanes<P: Plugin> {
+    shared: Arc<Shared<P>>,
+}
+
+impl<P: Plugin> Lanes<P> {
+    /// Starts `cfg.workers` worker threads running `plugin`'s hooks; answers go to `out`.
+    pub(crate) fn start(plugin: Arc<P>, cfg: LaneConfig, out: Outbox) -> std::io::Result<Self> {
+        let shared = Arc::new(Shared {
+            subs: plugin.subscriptions(),
+            plugin,
+            cfg,
+            inner: Mutex::new(Inner {
+                lanes: HashMap::new(),
+                ready: VecDeque::new(),
+                running: HashMap::new(),
+                stop: false,
+            }),
+            work: Condvar::new(),
+            out,
+            stats: LaneStats::default(),
+        });
+        for i in 0..shared.cfg.workers.max(1) {
+            let shared = Arc::clone(&shared);
+            std::thread::Builder::new()
+                .name(format!("pv-lane-{i}"))
+                .spawn(move || shared.worker())?;
+        }
+        Ok(Lanes { shared })
+    }
+
+    /// Queues a per-stream event on its stream's lane (creating the lane for a new stream).
+    /// Connection messages are ignored.
+    pub(crate) fn submit(&self, msg: ToPlugin) {
+        self.shared.submit(msg)
+    }
+
+    /// Streams the plugin holds state for.
+    pub(crate) fn active_streams(&self) -> u32 {
+        self.shared
+            .lock()
+            .lanes
+            .len()
+            .try_into()
+            .unwrap_or(u32::MAX)
+    }
+
+    /// Lanes that have been running one event for at least `limit`.
+    pub(crate) fn stuck(&self, limit: Duration) -> Vec<StuckLane> {
+        let now = Instant::now();
+        let inner = self.shared.lock();
+        let mut stuck: Vec<StuckLane> = inner
+            .running
+            .iter()
+            .filter_map(|(&stream_id, &since)| {
+                let running = now.saturating_duration_since(since);
+                (running >= limit).then(|| StuckLane {
+                    stream_id,
+                    running_ms: running.as_millis().try_into().unwrap_or(u64::MAX),
+                })
+            })
+            .collect();
+        stuck.sort_by_key(|s| s.stream_id);
+        stuck
+    }
+
+    /// Drops the lanes of streams with no queued or running work and no event for `idle`.
+    /// Returns how many were evicted.
+    pub(crate) fn evict_idle(&self, idle: Duration) -> usize {
+        let now = Instant::now();
+        let mut inner = self.shared.lock();
+        let victims: Vec<StreamId> = inner
+            .lanes
+            .iter()
+            .filter(|(_, l)| !l.scheduled && now.saturating_duration_since(l.last_active) >= idle)
+            .map(|(&id, _)| id)
+            .collect();
+        for id in &victims {
+            inner.lanes.remove(id);
+        }
+        drop(inner);
+        if !victims.is_empty() {
+            let total = self
+                .shared
+                .stats
+                .evicted
+                .fetch_add(victims.len() as u64, Ordering::Relaxed)
+                + victims.len() as u64;
+            tracing::warn!(
+                evicted = victims.len(),
+                evicted_total = total,
+                idle_s = idle.as_secs_f64(),
+                streams = ?victims,
+                "evicted state of streams that never ended (no Final or Abort)"
+            );
+        }
+        victims.len()
+    }
+
+    /// Whether no event is queued or running.
+    pub(crate) fn is_idle(&self) -> bool {
+        let inner = self.shared.lock();
+        inner.ready.is_empty() && inner.running.is_empty()
+    }
+
+    /// The lanes' counters.
+    pub(crate) fn stats(&self) -> &LaneStats {
+        &self.shared.stats
+    }
+}
+
+impl<P: Plugin> Drop for Lanes<P> {
+    fn drop(&mut self) {
+        self.shared.lock().stop = true;
+        self.shared.work.notify_all();
+    }
+}
+
+fn body_len(msg: &ToPlugin) -> usize {
+    match msg {
+        ToPlugin::Chunk(c) => c.bytes.len(),
+        ToPlugin::Final(f) => f.bytes.len(),
+        _ => 0,
+    }
+}
+
+fn droppable(msg: &ToPlugin) -> bool {
+    match msg {
+        ToPlugin::ResponseHeaders(_) => true,
+        ToPlugin::Chunk(c) => !c.ack,
+        _ => false,
+    }
+}
+
+fn stamp_of(msg: &ToPlugin) -> u64 {
+    match msg {
+        ToPlugin::RequestStart(e) => e.stamp_ns,
+        ToPlugin::ResponseHeaders(e) => e.stamp_ns,
+        ToPlugin::Chunk(e) => e.stamp_ns,
+        ToPlugin::Final(e) => e.stamp_ns,
+        ToPlugin::Abort(e) => e.stamp_ns,
+        _ => 0,
+    }
+}
+
+/// The message of a caught panic.
+pub(crate) fn panic_message(payload: &(dyn Any + Send)) -> String {
+    if let Some(s) = payload.downcast_ref::<&str>() {
+        (*s).to_owned()
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "non-string panic payload".to_owned()
+    }
+}
+
+/// Adds the host's own findings to the plugin's namespace map.
+fn annotate(meta: &mut Metadata, namespace: &str, gaps: u64, partial: bool) {
+    if gaps == 0 && !partial {
+        return;
+    }
+    let entry = meta
+        .entry(namespace.to_owned())
+        .or_insert_with(|| Value::Map(Default::default()));
+    if let Value::Map(map) = entry {
+        if gaps > 0 {
+            map.insert("gaps".into(), Value::from(gaps));
+        }
+        if partial {
+            map.insert("partial".into(), Value::Bool(true));
+        }
+    } else {
+        tracing::debug!(
+            namespace,
+            "plugin's own namespace is not a map; gaps not added"
+        );
+    }
+}
+
+enum Ran {
+    Done,
+    Ended(Option<FromPlugin>),
+}
+
+impl<P: Plugin> Shared<P> {
+    fn lock(&self) -> MutexGuard<'_, Inner<P::Stream>> {
+        // A hook never runs under this lock, so a poisoned lock means a bug in this module;
+        // the data is still consistent enough to keep answering.
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn submit(&self, msg: ToPlugin) {
+        let (Some(kind), Some((stream_id, seq))) = (Kind::of(&msg), msg.stream_seq()) else {
+            return;
+        };
+        let stamp_ns = stamp_of(&msg);
+        let bytes = body_len(&msg);
+        let now = Instant::now();
+        let mut guard = self.lock();
+        let inner = &mut *guard;
+        let (gap, partial) = match inner.lanes.get_mut(&stream_id) {
+            Some(lane) => {
+                if droppable(&msg)
+                    && (lane.queue.len() >= self.cfg.queue_events
+                        || lane.queued_bytes + bytes > self.cfg.queue_bytes)
+                {
+                    let dropped = self.stats.dropped.fetch_add(1, Ordering::Relaxed) + 1;
+                    tracing::debug!(stream_id, seq, dropped, "lane queue full; event dropped");
+                    if dropped.is_power_of_two() {
+                        tracing::warn!(
+                            dropped_total = dropped,
+                            "lane queues overflowing; events dropped (the streams report gaps)"
+                        );
+                    }
+                    return;
+                }
+                let verdict = lane.seq.next(&self.subs, seq, kind);
+                if verdict.out_of_order {
+                    self.stats.out_of_order.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(stream_id, seq, "event arrived out of sequence order");
+                }
+                lane.gaps += u64::from(verdict.gap);
+                (verdict.gap, lane.partial)
+            }
+            None => {
+                let partial = starts_partial(&self.subs, seq, kind);
+                if partial {
+                    tracing::debug!(
+                        stream_id,
+                        seq,
+                        "first event of an unknown stream; lane is partial"
+                    );
+                }
+                inner.lanes.insert(
+                    stream_id,
+                    Lane {
+                        state: None,
+                        queue: VecDeque::new(),
+                        queued_bytes: 0,
+                        scheduled: false,
+                        seq: SeqState::first(seq, kind),
+                        gaps: 0,
+                        partial,
+                        failed: None,
+                        last_active: now,
+                    },
+                );
+                (0, partial)
+            }
+        };
+        let lane = inner
+            .lanes
+            .get_mut(&stream_id)
+            .expect("lane was just found or made");
+        lane.queue.push_back(Job {
+            msg,
+            ctx: EventCtx {
+                stream_id,
+                seq,
+                stamp_ns,
+                gap,
+                partial,
+            },
+            bytes,
+        });
+        lane.queued_bytes += bytes;
+        lane.last_active = now;
+        if !lane.scheduled {
+            lane.scheduled = true;
+            inner.ready.push_back(stream_id);
+            drop(guard);
+            self.work.notify_one();
+        }
+    }
+
+    fn worker(&self) {
+        loop {
+            let mut inner = self.lock();
+            let stream_id = loop {
+                if inner.stop {
+                    return;
+                }
+                if let Some(id) = inner.ready.pop_front() {
+                    break id;
+                }
+                inner = self.work.wait(inner).unwrap_or_else(|e| e.into_inner());
+            };
+            let Some(lane) = inner.lanes.get_mut(&stream_id) else {
+                continue;
+            };
+            let Some(job) = lane.queue.pop_front() else {
+                lane.scheduled = false;
+                continue;
+            };
+            lane.queued_bytes -= job.bytes;
+            let mut state = lane.state.take().unwrap_or_default();
+            let failed = lane.failed.clone();
+            let (gaps, partial) = (lane.gaps, lane.partial);
+            inner.running.insert(stream_id, Instant::now());
+            drop(inner);
+
+            let (ran, panicked) = self.run(&mut state, &job, failed, gaps, partial);
+
+            let mut inner = self.lock();
+            inner.running.remove(&stream_id);
+            let mut leftover = Vec::new();
+            let reply = match ran {
+                Ran::Ended(reply) => {
+                    if let Some(lane) = inner.lanes.remove(&stream_id) {
+                        leftover.extend(lane.queue);
+                    }
+                    reply
+                }
+                Ran::Done => {
+                    if let Some(lane) = inner.lanes.get_mut(&stream_id) {
+                        lane.state = Some(state);
+                        lane.last_active = Instant::now();
+                        if panicked.is_some() {
+                            lane.failed = panicked;
+                        }
+                        if lane.queue.is_empty() {
+                            lane.scheduled = false;
+                        } else {
+                            inner.ready.push_back(stream_id);
+                        }
+                    }
+                    None
+                }
+            };
+            drop(inner);
+            if let Some(reply) = reply {
+                (self.out)(reply);
+            }
+            for job in leftover {
+                self.answer_after_end(job);
+            }
+        }
+    }
+
+    /// Events queued behind a stream's end: still answer what the front waits for.
+    fn answer_after_end(&self, job: Job) {
+        tracing::warn!(
+            stream_id = job.ctx.stream_id,
+            seq = job.ctx.seq,
+            "event after the stream's Final or Abort; not run"
+        );
+        match job.msg {
+            ToPlugin::Chunk(c) if c.ack => (self.out)(FromPlugin::Ack(Ack {
+                stream_id: c.stream_id,
+                seq: c.seq,
+            })),
+            ToPlugin::Final(f) => (self.out)(FromPlugin::FinalReply(FinalReply {
+                call_id: f.call_id,
+                stream_id: f.stream_id,
+                outcome: FinalOutcome::Error("stream had already ended".into()),
+            })),
+            _ => {}
+        }
+    }
+
+    /// Runs one event's hook with the panic caught. Returns what to do with the lane and, if the
+    /// hook panicked, the message the stream's final reply will carry.
+    fn run(
+        &self,
+        state: &mut P::Stream,
+        job: &Job,
+        failed: Option<String>,
+        gaps: u64,
+        partial: bool,
+    ) -> (Ran, Option<String>) {
+        let plugin = &*self.plugin;
+        let ctx = &job.ctx;
+        let guarded = |hook: &'static str, f: &mut dyn FnMut()| -> Option<String> {
+            if failed.is_some() {
+                return None;
+            }
+            catch_unwind(AssertUnwindSafe(f)).err().map(|payload| {
+                let msg = panic_message(&*payload);
+                let total = self.stats.panics.fetch_add(1, Ordering::Relaxed) + 1;
+                tracing::error!(
+                    plugin = %self.cfg.plugin,
+                    stream_id = ctx.stream_id,
+                    seq = ctx.seq,
+                    hook,
+                    panic = %msg,
+                    panics_total = total,
+                    "plugin panicked; this stream's final reply carries the error, other streams go on"
+                );
+                format!("plugin `{}` panicked in {hook} (seq {}): {msg}", self.cfg.plugin, ctx.seq)
+            })
+        };
+        match &job.msg {
+            ToPlugin::RequestStart(e) => {
+                let p = guarded("on_request_start", &mut || {
+                    plugin.on_request_start(state, ctx, e)
+                });
+                (Ran::Done, p)
+            }
+            ToPlugin::ResponseHeaders(e) => {
+                let p = guarded("on_response_headers", &mut || {
+                    plugin.on_response_headers(state, ctx, e)
+                });
+                (Ran::Done, p)
+            }
+            ToPlugin::Chunk(c) => {
+                let p = guarded("on_chunk", &mut || plugin.on_chunk(state, ctx, c));
+                if c.ack {
+                    (self.out)(FromPlugin::Ack(Ack {
+                        stream_id: c.stream_id,
+                        seq: c.seq,
+                    }));
+                }
+                (Ran::Done, p)
+            }
+            ToPlugin::Final(f) => {
+                let mut meta = None;
+                let p = guarded("on_final", &mut || {
+                    meta = Some(plugin.on_final(state, ctx, f))
+                });
+                let outcome = match (failed, p, meta) {
+                    (Some(err), _, _) | (None, Some(err), _) => FinalOutcome::Error(err),
+                    (None, None, Some(mut meta)) => {
+                        annotate(&mut meta, &self.cfg.namespace, gaps, partial);
+                        FinalOutcome::Metadata(meta)
+                    }
+                    (None, None, None) => FinalOutcome::Error("final hook returned nothing".into()),
+                };
+                let reply = FromPlugin::FinalReply(FinalReply {
+                    call_id: f.call_id,
+                    stream_id: f.stream_id,
+                    outcome,
+                });
+                (Ran::Ended(Some(reply)), None)
+            }
+            ToPlugin::Abort(a) => {
+                let p = guarded("on_abort", &mut || plugin.on_abort(state, ctx, a));
+                (Ran::Ended(None), p)
+            }
+            _ => (Ran::Done, None),
+        }
+    }
+}
