@@ -537,3 +537,281 @@ impl<P: Plugin> Shared<P> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+    use ipc_protocol::{Abort, AbortCause, Chunk, Final, RequestStart};
+    use std::sync::mpsc;
+
+    /// Records the sequence numbers its hooks see; panics on a chunk saying "panic"; blocks on
+    /// a chunk saying "block" until `release` is dropped or sent to.
+    #[derive(Default)]
+    struct Recorder {
+        release: Mutex<Option<mpsc::Receiver<()>>>,
+    }
+
+    #[derive(Default)]
+    struct Seen(Vec<u32>);
+
+    impl Plugin for Recorder {
+        type Stream = Seen;
+        fn name(&self) -> &str {
+            "rec"
+        }
+        fn on_request_start(&self, s: &mut Seen, ctx: &EventCtx, _: &RequestStart) {
+            s.0.push(ctx.seq);
+        }
+        fn on_chunk(&self, s: &mut Seen, ctx: &EventCtx, c: &Chunk) {
+            if &c.bytes[..] == b"panic" {
+                panic!("asked to panic");
+            }
+            if &c.bytes[..] == b"block" {
+                if let Some(rx) = self.release.lock().unwrap().take() {
+                    let _ = rx.recv();
+                }
+            }
+            if ctx.stream_id.is_multiple_of(3) {
+                std::thread::yield_now();
+            }
+            s.0.push(ctx.seq);
+        }
+        fn on_final(&self, s: &mut Seen, ctx: &EventCtx, _: &Final) -> Metadata {
+            s.0.push(ctx.seq);
+            let seqs = s.0.iter().map(|&q| Value::from(q)).collect::<Vec<_>>();
+            Metadata::from([(
+                "plugvisor.rec".to_owned(),
+                Value::map([
+                    ("seqs", Value::List(seqs)),
+                    ("gap_here", Value::from(ctx.gap)),
+                ]),
+            )])
+        }
+    }
+
+    fn lanes(
+        plugin: Recorder,
+        workers: usize,
+        queue_events: usize,
+    ) -> (Lanes<Recorder>, mpsc::Receiver<FromPlugin>) {
+        let (tx, rx) = mpsc::channel();
+        let tx = Mutex::new(tx);
+        let out: Outbox = Arc::new(move |m| {
+            let _ = tx.lock().unwrap().send(m);
+        });
+        let cfg = LaneConfig {
+            workers,
+            queue_events,
+            queue_bytes: 1 << 20,
+            plugin: "rec".into(),
+            namespace: "plugvisor.rec".into(),
+        };
+        (Lanes::start(Arc::new(plugin), cfg, out).unwrap(), rx)
+    }
+
+    fn start(id: u64) -> ToPlugin {
+        ToPlugin::RequestStart(RequestStart {
+            stream_id: id,
+            seq: 0,
+            stamp_ns: 1,
+            request_id: None,
+            headers: vec![],
+        })
+    }
+
+    fn chunk(id: u64, seq: u32, body: &'static str, ack: bool) -> ToPlugin {
+        ToPlugin::Chunk(Chunk {
+            stream_id: id,
+            seq,
+            stamp_ns: 2,
+            len: body.len() as u32,
+            bytes: Bytes::from_static(body.as_bytes()),
+            end_of_stream: false,
+            ack,
+        })
+    }
+
+    fn fin(id: u64, seq: u32) -> ToPlugin {
+        ToPlugin::Final(Final {
+            stream_id: id,
+            seq,
+            stamp_ns: 3,
+            call_id: id * 10,
+            len: 0,
+            bytes: Bytes::new(),
+            trailers: vec![],
+        })
+    }
+
+    fn replies(rx: &mpsc::Receiver<FromPlugin>, n: usize) -> HashMap<StreamId, FinalOutcome> {
+        let mut got = HashMap::new();
+        while got.len() < n {
+            let msg = rx
+                .recv_timeout(Duration::from_secs(10))
+                .expect("reply within 10 s");
+            if let FromPlugin::FinalReply(r) = msg {
+                assert_eq!(r.call_id, r.stream_id * 10);
+                got.insert(r.stream_id, r.outcome);
+            }
+        }
+        got
+    }
+
+    fn seqs(outcome: &FinalOutcome) -> Vec<i64> {
+        let FinalOutcome::Metadata(m) = outcome else {
+            panic!("expected metadata, got {outcome:?}")
+        };
+        match m["plugvisor.rec"].get("seqs") {
+            Some(Value::List(l)) => l.iter().map(|v| v.as_i64().unwrap()).collect(),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn interleaved_streams_each_run_in_sequence_order() {
+        let (lanes, rx) = lanes(Recorder::default(), 4, 10_000);
+        let streams = 200u64;
+        lanes.submit(start(0));
+        for id in 1..streams {
+            lanes.submit(start(id));
+        }
+        for seq in 1..=20 {
+            for id in 0..streams {
+                lanes.submit(chunk(id, seq, "x", false));
+            }
+        }
+        for id in 0..streams {
+            lanes.submit(fin(id, 21));
+        }
+        let got = replies(&rx, streams as usize);
+        let want: Vec<i64> = (0..=21).collect();
+        for id in 0..streams {
+            assert_eq!(seqs(&got[&id]), want, "stream {id}");
+        }
+        assert_eq!(lanes.active_streams(), 0);
+    }
+
+    #[test]
+    fn a_panicking_stream_gets_an_error_reply_and_the_others_are_untouched() {
+        let (lanes, rx) = lanes(Recorder::default(), 2, 100);
+        for id in 1..=10 {
+            lanes.submit(start(id));
+            lanes.submit(chunk(id, 1, if id == 5 { "panic" } else { "ok" }, false));
+            lanes.submit(chunk(id, 2, "ok", true));
+            lanes.submit(fin(id, 3));
+        }
+        let got = replies(&rx, 10);
+        match &got[&5] {
+            FinalOutcome::Error(e) => assert!(
+                e.contains("asked to panic") && e.contains("on_chunk"),
+                "{e}"
+            ),
+            other => panic!("{other:?}"),
+        }
+        for id in (1..=10).filter(|&i| i != 5) {
+            assert_eq!(seqs(&got[&id]), vec![0, 1, 2, 3]);
+        }
+        assert_eq!(lanes.stats().panics.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn gaps_and_partial_streams_are_added_to_the_plugin_s_namespace() {
+        let (lanes, rx) = lanes(Recorder::default(), 1, 100);
+        lanes.submit(start(1));
+        lanes.submit(chunk(1, 3, "x", false));
+        lanes.submit(fin(1, 4));
+        lanes.submit(chunk(2, 5, "x", false));
+        lanes.submit(fin(2, 6));
+        let got = replies(&rx, 2);
+        let FinalOutcome::Metadata(m1) = &got[&1] else {
+            panic!()
+        };
+        assert_eq!(m1["plugvisor.rec"].get("gaps"), Some(&Value::Int(2)));
+        assert_eq!(m1["plugvisor.rec"].get("partial"), None);
+        let FinalOutcome::Metadata(m2) = &got[&2] else {
+            panic!()
+        };
+        assert_eq!(m2["plugvisor.rec"].get("partial"), Some(&Value::Bool(true)));
+        assert_eq!(m2["plugvisor.rec"].get("gaps"), None);
+    }
+
+    #[test]
+    fn a_full_lane_drops_chunks_which_then_show_as_gaps_but_never_drops_acked_or_final() {
+        let (release_tx, release_rx) = mpsc::channel();
+        let plugin = Recorder {
+            release: Mutex::new(Some(release_rx)),
+        };
+        let (lanes, rx) = lanes(plugin, 1, 3);
+        lanes.submit(start(1));
+        lanes.submit(chunk(1, 1, "block", false));
+        // Wait until the worker is inside the blocking hook, so the queue is empty.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while lanes.stuck(Duration::ZERO).is_empty() {
+            assert!(Instant::now() < deadline);
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        for seq in 2..=7 {
+            lanes.submit(chunk(1, seq, "x", false));
+        }
+        lanes.submit(chunk(1, 8, "x", true));
+        lanes.submit(fin(1, 9));
+        assert_eq!(lanes.stats().dropped.load(Ordering::Relaxed), 3);
+        release_tx.send(()).unwrap();
+        let got = replies(&rx, 1);
+        assert_eq!(seqs(&got[&1]), vec![0, 1, 2, 3, 4, 8, 9]);
+        let FinalOutcome::Metadata(m) = &got[&1] else {
+            panic!()
+        };
+        assert_eq!(m["plugvisor.rec"].get("gaps"), Some(&Value::Int(3)));
+    }
+
+    #[test]
+    fn a_long_running_event_is_reported_stuck_and_others_keep_running() {
+        let (release_tx, release_rx) = mpsc::channel();
+        let plugin = Recorder {
+            release: Mutex::new(Some(release_rx)),
+        };
+        let (lanes, rx) = lanes(plugin, 2, 100);
+        lanes.submit(start(1));
+        lanes.submit(chunk(1, 1, "block", false));
+        lanes.submit(fin(1, 2));
+        std::thread::sleep(Duration::from_millis(60));
+        lanes.submit(start(2));
+        lanes.submit(fin(2, 1));
+        let got = replies(&rx, 1);
+        assert!(got.contains_key(&2));
+        let stuck = lanes.stuck(Duration::from_millis(50));
+        assert_eq!(stuck.len(), 1);
+        assert_eq!(stuck[0].stream_id, 1);
+        assert!(stuck[0].running_ms >= 50);
+        release_tx.send(()).unwrap();
+        assert!(replies(&rx, 1).contains_key(&1));
+        assert!(lanes.stuck(Duration::ZERO).is_empty());
+    }
+
+    #[test]
+    fn streams_that_never_end_are_evicted_when_idle_and_aborts_free_their_lane() {
+        let (lanes, _rx) = lanes(Recorder::default(), 1, 100);
+        lanes.submit(start(1));
+        lanes.submit(start(2));
+        lanes.submit(ToPlugin::Abort(Abort {
+            stream_id: 2,
+            seq: 1,
+            stamp_ns: 5,
+            cause: AbortCause::ClientDisconnect,
+            detail: String::new(),
+        }));
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !lanes.is_idle() {
+            assert!(Instant::now() < deadline);
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert_eq!(lanes.active_streams(), 1);
+        assert_eq!(lanes.evict_idle(Duration::from_secs(60)), 0);
+        std::thread::sleep(Duration::from_millis(20));
+        assert_eq!(lanes.evict_idle(Duration::from_millis(10)), 1);
+        assert_eq!(lanes.active_streams(), 0);
+        assert_eq!(lanes.stats().evicted.load(Ordering::Relaxed), 1);
+    }
+}

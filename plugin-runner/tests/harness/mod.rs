@@ -1,0 +1,156 @@
+//! A fake front for integration tests: listens on a real Unix socket, spawns the real
+//! `plugvisor-plugin` binary against it, and speaks the protocol with it. Every child is killed
+//! by pid when its `Front` is dropped (tokio's `kill_on_drop`), and every wait is bounded.
+
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::process::{ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use ipc_protocol::{FrameReader, FrameWriter, FromPlugin, Hello, ToPlugin, Value, Welcome};
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::UnixListener;
+use tokio::process::{Child, Command};
+use tokio::sync::mpsc;
+
+/// The longest any single wait in these tests may take.
+pub const WAIT: Duration = Duration::from_secs(20);
+
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+/// A unique directory for one test's socket, removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new() -> TempDir {
+        let dir = std::env::temp_dir().join(format!(
+            "pvr-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        TempDir(dir)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The front's end of one plugin connection.
+pub struct Front {
+    pub child: Child,
+    pub hello: Hello,
+    reader: Option<FrameReader<OwnedReadHalf>>,
+    writer: FrameWriter<OwnedWriteHalf>,
+    incoming: Option<mpsc::UnboundedReceiver<FromPlugin>>,
+    _dir: TempDir,
+}
+
+/// Spawns `plugvisor-plugin <plugin> --connect <sock> <extra...>` and accepts its connection.
+pub async fn spawn(plugin: &str, extra: &[&str], stderr: Stdio) -> Front {
+    let dir = TempDir::new();
+    let sock = dir.0.join("plugin.sock");
+    let listener = UnixListener::bind(&sock).unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_plugvisor-plugin"))
+        .arg(plugin)
+        .arg("--connect")
+        .arg(&sock)
+        .args(extra)
+        .stdin(Stdio::null())
+        .stderr(stderr)
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let (stream, _) = tokio::time::timeout(WAIT, listener.accept())
+        .await
+        .expect("plugin connects")
+        .unwrap();
+    let (rd, wr) = stream.into_split();
+    let mut reader = FrameReader::new(rd);
+    let hello = match tokio::time::timeout(WAIT, reader.read::<FromPlugin>())
+        .await
+        .unwrap()
+        .unwrap()
+    {
+        Some(FromPlugin::Hello(h)) => h,
+        other => panic!("expected Hello, got {other:?}"),
+    };
+    Front {
+        child,
+        hello,
+        reader: Some(reader),
+        writer: FrameWriter::new(wr),
+        incoming: None,
+        _dir: dir,
+    }
+}
+
+impl Front {
+    /// Sends `Welcome` with `config`, and starts collecting what the plugin sends.
+    pub async fn welcome(&mut self, config: Value) {
+        self.send_now(ToPlugin::Welcome(Welcome {
+            protocol_version: ipc_protocol::PROTOCOL_VERSION,
+            config,
+        }))
+        .await;
+        let mut reader = self.reader.take().unwrap();
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Ok(Some(msg)) = reader.read::<FromPlugin>().await {
+                if tx.send(msg).is_err() {
+                    return;
+                }
+            }
+        });
+        self.incoming = Some(rx);
+    }
+
+    /// Queues a message; written at the next [`Front::flush`].
+    pub fn feed(&mut self, msg: ToPlugin) {
+        self.writer.feed(&msg).unwrap();
+    }
+
+    /// Writes everything fed.
+    pub async fn flush(&mut self) {
+        self.writer.flush().await.unwrap();
+    }
+
+    /// Feeds and flushes one message.
+    pub async fn send_now(&mut self, msg: ToPlugin) {
+        self.feed(msg);
+        self.flush().await;
+    }
+
+    /// The next message from the plugin, within [`WAIT`].
+    pub async fn recv(&mut self) -> FromPlugin {
+        let rx = self.incoming.as_mut().expect("welcome first");
+        tokio::time::timeout(WAIT, rx.recv())
+            .await
+            .expect("plugin answers in time")
+            .expect("plugin connection open")
+    }
+
+    /// The next message, or `None` if nothing arrives within `wait`.
+    pub async fn try_recv(&mut self, wait: Duration) -> Option<FromPlugin> {
+        let rx = self.incoming.as_mut().expect("welcome first");
+        tokio::time::timeout(wait, rx.recv()).await.ok().flatten()
+    }
+
+    /// Closes the front's end of the socket (the plugin reads EOF).
+    pub async fn close(&mut self) {
+        let _ = tokio::io::AsyncWriteExt::shutdown(self.writer.get_mut()).await;
+    }
+
+    /// Waits for the plugin process to exit, within [`WAIT`].
+    pub async fn exit_status(&mut self) -> ExitStatus {
+        tokio::time::timeout(WAIT, self.child.wait())
+            .await
+            .expect("plugin exits in time")
+            .unwrap()
+    }
+}
