@@ -54,6 +54,8 @@ mod plugin;
 pub mod proctitle;
 mod sequence;
 
+/// The `bytes` crate, whose `Bytes` carries chunk bodies.
+pub use bytes;
 pub use config::{ConfigError, ConfigMap};
 pub use host::{serve, Exit, HostOptions};
 /// The wire protocol crate, re-exported so a plugin needs no second dependency.

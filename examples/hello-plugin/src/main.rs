@@ -1,1 +1,142 @@
-fn main(){}
+//! `hello-plugin`: an example plugvisor plugin built on the `plugin-runner` SDK.
+//!
+//! For every request it reports a configurable greeting, the request's `x-request-id`, the
+//! response status, and how many body chunks and bytes went by, under `plugvisor.hello`. It needs
+//! no body bytes (only their lengths), so it subscribes without them. Run it as
+//! `hello-plugin --connect /run/plugvisor/plugins/hello.sock`, or let the supervisor spawn it
+//! with `command = "/usr/local/bin/hello-plugin"`.
+#![forbid(unsafe_code)]
+
+use plugin_runner::{
+    Chunk, ConfigError, ConfigMap, EventCtx, Final, Metadata, Plugin, RequestStart,
+    ResponseHeaders, Subscriptions, Value,
+};
+
+/// The plugin: one greeting for all streams.
+struct Hello {
+    greeting: String,
+}
+
+/// What the plugin remembers about one request.
+#[derive(Default)]
+struct Stream {
+    request_id: Option<String>,
+    status: u16,
+    chunks: u64,
+    bytes: u64,
+}
+
+impl Plugin for Hello {
+    type Stream = Stream;
+
+    fn name(&self) -> &str {
+        "hello"
+    }
+
+    fn subscriptions(&self) -> Subscriptions {
+        Subscriptions {
+            body_bytes: false,
+            ..Subscriptions::ALL
+        }
+    }
+
+    fn configure(&mut self, config: &Value) -> Result<(), ConfigError> {
+        let config = ConfigMap::new(config)?;
+        config.deny_unknown(&["greeting"])?;
+        if let Some(greeting) = config.str("greeting")? {
+            self.greeting = greeting.to_owned();
+        }
+        Ok(())
+    }
+
+    fn on_request_start(&self, s: &mut Stream, _: &EventCtx, e: &RequestStart) {
+        s.request_id = e.request_id.clone();
+    }
+
+    fn on_response_headers(&self, s: &mut Stream, _: &EventCtx, e: &ResponseHeaders) {
+        s.status = e.status;
+    }
+
+    fn on_chunk(&self, s: &mut Stream, _: &EventCtx, c: &Chunk) {
+        s.chunks += 1;
+        s.bytes += u64::from(c.len);
+    }
+
+    fn on_final(&self, s: &mut Stream, _: &EventCtx, f: &Final) -> Metadata {
+        let map = Value::map([
+            ("greeting", Value::from(self.greeting.as_str())),
+            ("request_id", Value::from(s.request_id.clone())),
+            ("status", Value::from(u32::from(s.status))),
+            ("chunks", Value::from(s.chunks)),
+            ("bytes", Value::from(s.bytes + u64::from(f.len))),
+        ]);
+        Metadata::from([("plugvisor.hello".to_owned(), map)])
+    }
+}
+
+fn main() {
+    plugin_runner::run(Hello {
+        greeting: "hello".into(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use plugin_runner::bytes::Bytes;
+
+    #[test]
+    fn counts_chunks_and_bytes_and_greets() {
+        let mut plugin = Hello {
+            greeting: "hello".into(),
+        };
+        plugin
+            .configure(&Value::map([("greeting", Value::from("bonjour"))]))
+            .unwrap();
+        let ctx = EventCtx {
+            stream_id: 1,
+            seq: 0,
+            stamp_ns: 0,
+            gap: 0,
+            partial: false,
+        };
+        let mut s = Stream::default();
+        for len in [10, 20] {
+            let chunk = Chunk {
+                stream_id: 1,
+                seq: 1,
+                stamp_ns: 0,
+                len,
+                bytes: Bytes::new(),
+                end_of_stream: false,
+                ack: false,
+            };
+            plugin.on_chunk(&mut s, &ctx, &chunk);
+        }
+        let last = Final {
+            stream_id: 1,
+            seq: 3,
+            stamp_ns: 0,
+            call_id: 1,
+            len: 5,
+            bytes: Bytes::new(),
+            trailers: vec![],
+        };
+        let meta = plugin.on_final(&mut s, &ctx, &last);
+        let own = &meta["plugvisor.hello"];
+        assert_eq!(own.get("greeting"), Some(&Value::from("bonjour")));
+        assert_eq!(own.get("chunks"), Some(&Value::Int(2)));
+        assert_eq!(own.get("bytes"), Some(&Value::Int(35)));
+    }
+
+    #[test]
+    fn unknown_config_keys_are_refused() {
+        let mut plugin = Hello {
+            greeting: "hello".into(),
+        };
+        let err = plugin
+            .configure(&Value::map([("greting", Value::from("typo"))]))
+            .unwrap_err();
+        assert!(err.to_string().contains("unknown key `greting`"));
+    }
+}
