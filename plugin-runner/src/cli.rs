@@ -50,6 +50,10 @@ pub struct Args {
     /// Most body bytes queued per stream.
     #[arg(long, value_name = "BYTES", default_value_t = 16 * 1024 * 1024)]
     pub lane_queue_bytes: usize,
+
+    /// On SIGTERM or SIGINT, let queued events finish for this long, then exit 0.
+    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_duration)]
+    pub term_grace: Duration,
 }
 
 /// Parses `250ms`, `30s`, `5m`, `1h`, or a bare number of seconds.
@@ -106,6 +110,7 @@ impl Args {
             stuck_after: self.stuck_after,
             lane_queue_events: self.lane_queue_events.max(1),
             lane_queue_bytes: self.lane_queue_bytes,
+            term_grace: self.term_grace,
         })
     }
 }

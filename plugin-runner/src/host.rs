@@ -21,6 +21,7 @@ use ipc_protocol::{
 };
 use tokio::net::unix::OwnedWriteHalf;
 use tokio::net::UnixStream;
+use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::lanes::{LaneConfig, Lanes, Outbox};
@@ -71,6 +72,8 @@ pub struct HostOptions {
     pub lane_queue_events: usize,
     /// Most body bytes queued per stream.
     pub lane_queue_bytes: usize,
+    /// How long SIGTERM/SIGINT let queued events finish before the process exits.
+    pub term_grace: Duration,
 }
 
 impl HostOptions {
@@ -84,6 +87,7 @@ impl HostOptions {
             stuck_after: Duration::from_secs(5),
             lane_queue_events: 4096,
             lane_queue_bytes: 16 * 1024 * 1024,
+            term_grace: Duration::from_secs(5),
         }
     }
 }
@@ -109,6 +113,9 @@ pub enum HostError {
     /// The worker threads could not be started.
     #[error("cannot start worker threads")]
     Workers(#[source] std::io::Error),
+    /// The signal handlers could not be installed.
+    #[error("cannot install signal handlers")]
+    Signals(#[source] std::io::Error),
 }
 
 enum Out {
@@ -213,8 +220,22 @@ async fn serve_inner<P: Plugin>(mut plugin: P, opts: &HostOptions) -> Result<Exi
     let mut sweeper = tokio::time::interval(sweep);
     sweeper.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
+    // SIGTERM/SIGINT (systemd stopping a plugin unit, a developer's Ctrl-C) drain like Shutdown.
+    let mut sigterm = signal(SignalKind::terminate()).map_err(HostError::Signals)?;
+    let mut sigint = signal(SignalKind::interrupt()).map_err(HostError::Signals)?;
+
     let exit = loop {
         tokio::select! {
+            _ = sigterm.recv() => {
+                tracing::info!(grace_ms = opts.term_grace.as_millis() as u64, "SIGTERM; draining lanes");
+                drain(&lanes, opts.term_grace).await;
+                break Exit::Clean;
+            }
+            _ = sigint.recv() => {
+                tracing::info!(grace_ms = opts.term_grace.as_millis() as u64, "SIGINT; draining lanes");
+                drain(&lanes, opts.term_grace).await;
+                break Exit::Clean;
+            }
             frame = reader.read::<ToPlugin>() => match frame {
                 Ok(Some(ToPlugin::Ping(ping))) => {
                     let pong = Pong {

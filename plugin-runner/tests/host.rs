@@ -541,3 +541,16 @@ fn an_unreachable_socket_exits_1() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot connect"));
     let _ = WAIT;
 }
+
+#[tokio::test]
+async fn sigterm_drains_and_exits_0() {
+    let mut front = spawn("latency", &[], Stdio::inherit()).await;
+    front.welcome(Value::Null).await;
+    front.send_now(start(1, 1)).await;
+    let pid = nix::unistd::Pid::from_raw(front.child.id().unwrap() as i32);
+    // Let the host reach its read loop, where the handler is installed.
+    front.send_now(ToPlugin::Ping(Ping { nonce: 2 })).await;
+    assert!(matches!(front.recv().await, FromPlugin::Pong(_)));
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    assert_eq!(front.exit_status().await.code(), Some(0));
+}
