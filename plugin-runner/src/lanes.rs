@@ -311,7 +311,7 @@ impl<P: Plugin> Shared<P> {
                     }
                     return;
                 }
-                let verdict = lane.seq.next(&self.subs, seq, kind);
+                let verdict = lane.seq.next(seq);
                 if verdict.out_of_order {
                     self.stats.out_of_order.fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(stream_id, seq, "event arrived out of sequence order");
@@ -335,7 +335,7 @@ impl<P: Plugin> Shared<P> {
                         queue: VecDeque::new(),
                         queued_bytes: 0,
                         scheduled: false,
-                        seq: SeqState::first(seq, kind),
+                        seq: SeqState::first(seq),
                         gaps: 0,
                         partial,
                         failed: None,
