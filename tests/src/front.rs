@@ -1,0 +1,116 @@
+//! The front run as the real `plugvisor` process with a generated config, for end-to-end tests
+//! with the real plugin host; stopped (SIGTERM, then SIGKILL) by pid when dropped.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::envoy::http_get;
+use crate::{bins, free_port};
+
+/// A running `plugvisor` process.
+pub struct FrontProcess {
+    child: Child,
+    /// `unix:/path` the ext_proc server listens on.
+    pub ext_proc: String,
+    /// The admin port serving `/metrics`.
+    pub admin_port: u16,
+    log_file: PathBuf,
+}
+
+impl FrontProcess {
+    /// Writes `plugins_toml` (the `[plugins.*]` tables) under a generated header into `dir`,
+    /// starts `plugvisor --config`, and waits until every plugin in `expect` is connected.
+    pub fn start(dir: &Path, plugins_toml: &str, expect: &[&str]) -> FrontProcess {
+        let sock = dir.join("ext_proc.sock");
+        let admin_port = free_port();
+        let config = format!(
+            "listen = \"unix:{}\"\nadmin_listen = \"127.0.0.1:{admin_port}\"\nruntime_dir = \"{}\"\n\n{plugins_toml}",
+            sock.display(),
+            dir.join("run").display()
+        );
+        let path = dir.join("plugvisor.toml");
+        std::fs::write(&path, config).expect("write plugvisor.toml");
+        let log_file = dir.join("plugvisor.log");
+        let log = std::fs::File::create(&log_file).expect("log file");
+        // Make sure the plugin host is there before blaming the front for a missing plugin.
+        bins::plugvisor_plugin();
+        let child = Command::new(bins::plugvisor())
+            .arg("--config")
+            .arg(&path)
+            .env("PLUGVISOR_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("dup"))
+            .stderr(log)
+            .spawn()
+            .expect("start plugvisor");
+        let mut front = FrontProcess {
+            child,
+            ext_proc: format!("unix:{}", sock.display()),
+            admin_port,
+            log_file,
+        };
+        front.wait_ready(expect, Duration::from_secs(15));
+        front
+    }
+
+    fn wait_ready(&mut self, expect: &[&str], limit: Duration) {
+        let start = Instant::now();
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("plugvisor exited with {status}:\n{}", self.log());
+            }
+            if let Ok(metrics) = http_get(self.admin_port, "/metrics") {
+                if expect.iter().all(|p| {
+                    metrics.contains(&format!("plugvisor_plugin_connected{{plugin=\"{p}\"}} 1"))
+                }) {
+                    return;
+                }
+            }
+            if start.elapsed() > limit {
+                panic!("plugins {expect:?} not connected after {limit:?}:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The front's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_file).unwrap_or_default()
+    }
+
+    /// `/metrics` right now.
+    pub fn metrics(&self) -> String {
+        http_get(self.admin_port, "/metrics").unwrap_or_default()
+    }
+
+    /// The pid.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for FrontProcess {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(8) {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A metric's value from a text exposition (`name{labels}` exactly as printed), 0 if absent.
+pub fn metric(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series).and_then(|rest| rest.trim().split(' ').next()?.parse().ok()))
+        .unwrap_or(0.0)
+}

@@ -1,0 +1,242 @@
+//! A streaming upstream that speaks like an OpenAI-compatible server, written over raw HTTP/1.1 so
+//! that every SSE event is exactly one chunk on the wire, paced as asked, with optional trailers.
+//!
+//! A request chooses its response with headers (see [`Params::headers`]): number of chunks, their
+//! size and pacing, streaming or a plain JSON body, trailers, and a marker text placed in one
+//! chunk. The same [`Params`] compute the expected body, so tests compare byte for byte.
+
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// What the upstream sends for one request.
+#[derive(Debug, Clone)]
+pub struct Params {
+    /// Content chunks (each is one token and one SSE event); the usage event and `[DONE]` follow.
+    pub chunks: usize,
+    /// Padding so each content event carries about this many bytes of text.
+    pub size: usize,
+    /// Pause before each chunk.
+    pub delay: Duration,
+    /// SSE stream (true) or one JSON body (false).
+    pub stream: bool,
+    /// End the chunked body with trailers.
+    pub trailers: bool,
+    /// Text put into the content of chunk `marker_at`.
+    pub marker: Option<(usize, String)>,
+    /// Reported prompt tokens.
+    pub prompt_tokens: u64,
+}
+
+impl Default for Params {
+    fn default() -> Self {
+        Params {
+            chunks: 5,
+            size: 16,
+            delay: Duration::ZERO,
+            stream: true,
+            trailers: false,
+            marker: None,
+            prompt_tokens: 7,
+        }
+    }
+}
+
+impl Params {
+    /// The request headers that ask the upstream for this response.
+    pub fn headers(&self) -> Vec<(String, String)> {
+        let mut h = vec![
+            ("x-test-chunks".into(), self.chunks.to_string()),
+            ("x-test-size".into(), self.size.to_string()),
+            ("x-test-delay-ms".into(), self.delay.as_millis().to_string()),
+            ("x-test-stream".into(), (self.stream as u8).to_string()),
+            ("x-test-trailers".into(), (self.trailers as u8).to_string()),
+            ("x-test-prompt-tokens".into(), self.prompt_tokens.to_string()),
+        ];
+        if let Some((at, m)) = &self.marker {
+            h.push(("x-test-marker-at".into(), at.to_string()));
+            h.push(("x-test-marker".into(), m.clone()));
+        }
+        h
+    }
+
+    fn from_headers(headers: &[(String, String)]) -> Params {
+        let get = |k: &str| headers.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
+        let num = |k: &str, d: u64| get(k).and_then(|v| v.parse().ok()).unwrap_or(d);
+        Params {
+            chunks: num("x-test-chunks", 5) as usize,
+            size: num("x-test-size", 16) as usize,
+            delay: Duration::from_millis(num("x-test-delay-ms", 0)),
+            stream: num("x-test-stream", 1) == 1,
+            trailers: num("x-test-trailers", 0) == 1,
+            marker: get("x-test-marker").map(|m| (num("x-test-marker-at", 0) as usize, m.to_owned())),
+            prompt_tokens: num("x-test-prompt-tokens", 7),
+        }
+    }
+
+    fn content(&self, i: usize) -> String {
+        let mut text = format!("tok{i} ");
+        if let Some((at, m)) = &self.marker {
+            if *at == i {
+                text.push_str(m);
+            }
+        }
+        while text.len() < self.size {
+            text.push('x');
+        }
+        text
+    }
+
+    fn usage(&self) -> String {
+        let c = self.chunks as u64;
+        format!(
+            r#"{{"prompt_tokens":{},"completion_tokens":{},"total_tokens":{}}}"#,
+            self.prompt_tokens,
+            c,
+            self.prompt_tokens + c
+        )
+    }
+
+    /// The body as the upstream writes it, one element per wire chunk.
+    pub fn body_chunks(&self) -> Vec<Vec<u8>> {
+        if !self.stream {
+            let text: String = (0..self.chunks).map(|i| self.content(i)).collect();
+            return vec![format!(
+                r#"{{"id":"cmpl-1","object":"chat.completion","model":"test-model","choices":[{{"index":0,"message":{{"role":"assistant","content":{}}},"finish_reason":"stop"}}],"usage":{}}}"#,
+                serde_json::Value::String(text),
+                self.usage()
+            )
+            .into_bytes()];
+        }
+        let mut out: Vec<Vec<u8>> = (0..self.chunks)
+            .map(|i| {
+                format!(
+                    "data: {{\"id\":\"cmpl-1\",\"object\":\"chat.completion.chunk\",\"model\":\"test-model\",\"choices\":[{{\"index\":0,\"delta\":{{\"content\":{}}}}}]}}\n\n",
+                    serde_json::Value::String(self.content(i))
+                )
+                .into_bytes()
+            })
+            .collect();
+        out.push(
+            format!(
+                "data: {{\"id\":\"cmpl-1\",\"object\":\"chat.completion.chunk\",\"model\":\"test-model\",\"choices\":[],\"usage\":{}}}\n\n",
+                self.usage()
+            )
+            .into_bytes(),
+        );
+        out.push(b"data: [DONE]\n\n".to_vec());
+        out
+    }
+
+    /// The whole body.
+    pub fn body(&self) -> Vec<u8> {
+        self.body_chunks().concat()
+    }
+
+    /// The streamed text (what a chat client would print).
+    pub fn text(&self) -> String {
+        (0..self.chunks).map(|i| self.content(i)).collect()
+    }
+}
+
+/// A running upstream; stops when dropped.
+pub struct Upstream {
+    /// Its port on 127.0.0.1.
+    pub port: u16,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Upstream {
+    /// Binds a free loopback port and serves.
+    pub async fn start() -> Upstream {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind upstream");
+        let port = listener.local_addr().expect("addr").port();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((s, _)) = listener.accept().await else { continue };
+                tokio::spawn(async move {
+                    let _ = serve_conn(s).await;
+                });
+            }
+        });
+        Upstream { port, task }
+    }
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn serve_conn(mut s: TcpStream) -> std::io::Result<()> {
+    s.set_nodelay(true)?;
+    let mut buf = Vec::new();
+    loop {
+        // Read one request head.
+        let head_end = loop {
+            if let Some(p) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break p + 4;
+            }
+            let mut tmp = [0u8; 4096];
+            let n = s.read(&mut tmp).await?;
+            if n == 0 {
+                return Ok(());
+            }
+            buf.extend_from_slice(&tmp[..n]);
+        };
+        let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
+        let headers: Vec<(String, String)> = head
+            .lines()
+            .skip(1)
+            .filter_map(|l| l.split_once(':'))
+            .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
+            .collect();
+        let content_length: usize = headers
+            .iter()
+            .find(|(k, _)| k == "content-length")
+            .and_then(|(_, v)| v.parse().ok())
+            .unwrap_or(0);
+        while buf.len() < head_end + content_length {
+            let mut tmp = [0u8; 4096];
+            let n = s.read(&mut tmp).await?;
+            if n == 0 {
+                return Ok(());
+            }
+            buf.extend_from_slice(&tmp[..n]);
+        }
+        buf.drain(..head_end + content_length);
+        let p = Params::from_headers(&headers);
+        if !p.stream {
+            let body = p.body();
+            let head = format!(
+                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+                body.len()
+            );
+            s.write_all(head.as_bytes()).await?;
+            s.write_all(&body).await?;
+            continue;
+        }
+        let mut head = "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n".to_owned();
+        if p.trailers {
+            head.push_str("trailer: x-upstream-done\r\n");
+        }
+        head.push_str("\r\n");
+        s.write_all(head.as_bytes()).await?;
+        for chunk in p.body_chunks() {
+            if !p.delay.is_zero() {
+                tokio::time::sleep(p.delay).await;
+            }
+            let mut frame = format!("{:x}\r\n", chunk.len()).into_bytes();
+            frame.extend_from_slice(&chunk);
+            frame.extend_from_slice(b"\r\n");
+            s.write_all(&frame).await?;
+        }
+        if p.trailers {
+            s.write_all(b"0\r\nx-upstream-done: 1\r\n\r\n").await?;
+        } else {
+            s.write_all(b"0\r\n\r\n").await?;
+        }
+    }
+}
