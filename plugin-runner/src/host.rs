@@ -2,7 +2,7 @@
 //!
 //! [`serve`] connects to the plugin's socket, says `Hello`, applies the config from `Welcome`
 //! (or exits 78 on `Refuse` or an invalid config), then reads frames: per-stream events go to
-//! their lanes ([`crate::lanes`]), `Ping` is answered right here from the reader with the lanes'
+//! their lanes (`lanes.rs`), `Ping` is answered right here from the reader with the lanes'
 //! counts (so a plugin busy in its hooks is never mistaken for a hung one), `Shutdown` drains the
 //! lanes for up to its grace period. Everything a lane or the reader answers goes through one
 //! writer task that batches frames into few writes. Socket EOF means the front is gone: exit 0.
