@@ -105,6 +105,8 @@ async fn thousand_interleaved_streams_arrive_in_order_with_the_right_digest() {
     assert_eq!(front.hello.pid, front.child.id().unwrap());
     assert!(front.hello.subscriptions.body_bytes);
     front.welcome(Value::Null).await;
+    let comm = std::fs::read_to_string(format!("/proc/{}/comm", front.hello.pid)).unwrap();
+    assert_eq!(comm.trim_end(), "pv:test-order");
 
     const STREAMS: u64 = 1000;
     const CHUNKS: u32 = 10;
