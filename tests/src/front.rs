@@ -25,7 +25,7 @@ impl FrontProcess {
         let sock = dir.join("ext_proc.sock");
         let admin_port = free_port();
         let config = format!(
-            "listen = \"unix:{}\"\nadmin_listen = \"127.0.0.1:{admin_port}\"\nruntime_dir = \"{}\"\n\n{plugins_toml}",
+            "listen = \"unix:{}\"\nadmin_listen = \"127.0.0.1:{admin_port}\"\nruntime_dir = \"{}\"\nping_interval_ms = 100\n\n{plugins_toml}",
             sock.display(),
             dir.join("run").display()
         );

