@@ -177,3 +177,55 @@ fn install_script_puts_units_in_place_under_real_systemd() {
     assert!(status.success(), "container exited with {status}");
     assert!(took < nspawn::POWEROFF_TIMEOUT, "poweroff took {took:?}");
 }
+
+#[test]
+fn only_envoys_group_reaches_the_activated_socket_while_plugvisor_runs() {
+    let repo = repo();
+    let bin_dir = nspawn::built_binaries_dir().unwrap();
+    let config = repo.join("tests/systemd/spawned.toml");
+    let c = Container::builder("socket-access")
+        .boot_installed(&repo, &bin_dir, &config)
+        .unwrap();
+    c.systemctl_ok(&["start", "plugvisor.socket"]).unwrap();
+    c.systemctl_ok(&["start", "--no-block", "plugvisor.service"])
+        .unwrap();
+    // Once plugvisor has created its plugin sockets it has also set up the runtime directory.
+    let up = nspawn::poll(Duration::from_secs(30), || {
+        Ok(
+            c.exec(&["test", "-S", "/run/plugvisor/plugins/usage.sock"])?
+                .status
+                .success()
+                .then_some(()),
+        )
+    })
+    .unwrap();
+    assert!(up.is_some(), "{}", c.describe_unit("plugvisor.service"));
+
+    let envoy_gid = c.exec_ok(&["getent", "group", "envoy"]).unwrap();
+    let envoy_gid = envoy_gid.split(':').nth(2).unwrap().trim().to_owned();
+    // connect(2) as an unprivileged uid with only the given group: exit 0 when it connects.
+    let connect_as = |gid: &str| {
+        c.exec(&[
+            "setpriv",
+            "--reuid=65534",
+            &format!("--regid={gid}"),
+            "--clear-groups",
+            "python3",
+            "-c",
+            "import socket; socket.socket(socket.AF_UNIX).connect('/run/plugvisor/extproc.sock')",
+        ])
+        .unwrap()
+    };
+    let as_envoy = connect_as(&envoy_gid);
+    assert!(
+        as_envoy.status.success(),
+        "a member of group envoy cannot connect (is /run/plugvisor still traversable?): {}\n{}",
+        String::from_utf8_lossy(&as_envoy.stderr),
+        c.exec_ok(&["ls", "-la", "/run/plugvisor"]).unwrap()
+    );
+    let as_other = connect_as("65534");
+    assert!(
+        !as_other.status.success(),
+        "a uid outside group envoy connected to the ext_proc socket"
+    );
+}
