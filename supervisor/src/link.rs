@@ -558,3 +558,6 @@ impl PluginLink {
 }
 
 use tokio::io::AsyncWriteExt as _;
+
+#[cfg(test)]
+mod tests;

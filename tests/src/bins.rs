@@ -9,7 +9,10 @@ use std::path::PathBuf;
 pub fn bin_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("current_exe");
     // target/debug/deps/<test> -> target/debug
-    let mut dir = exe.parent().expect("test binary has a directory").to_path_buf();
+    let mut dir = exe
+        .parent()
+        .expect("test binary has a directory")
+        .to_path_buf();
     if dir.ends_with("deps") {
         dir.pop();
     }

@@ -23,7 +23,10 @@ pub struct Received {
 impl Received {
     /// The whole body.
     pub fn body(&self) -> Vec<u8> {
-        self.chunks.iter().flat_map(|(_, b)| b.iter().copied()).collect()
+        self.chunks
+            .iter()
+            .flat_map(|(_, b)| b.iter().copied())
+            .collect()
     }
 }
 

@@ -15,8 +15,7 @@ use crate::free_port;
 /// The example config shipped in the repository.
 pub fn example_config() -> String {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/envoy.yaml");
-    std::fs::read_to_string(&path)
-        .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()))
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()))
 }
 
 /// Finds the Envoy binary, or panics with how to install it.
@@ -87,8 +86,14 @@ impl Envoy {
         };
         swap("port_value: 9901", &format!("port_value: {admin_port}"));
         swap("port_value: 10000", &format!("port_value: {port}"));
-        swap("port_value: 8000", &format!("port_value: {}", opts.upstream_port));
-        swap("/tmp/plugvisor-access.log", &access_log.display().to_string());
+        swap(
+            "port_value: 8000",
+            &format!("port_value: {}", opts.upstream_port),
+        );
+        swap(
+            "/tmp/plugvisor-access.log",
+            &access_log.display().to_string(),
+        );
         swap(
             "response_body_mode: FULL_DUPLEX_STREAMED",
             &format!("response_body_mode: {}", opts.body_mode),
@@ -231,13 +236,19 @@ pub fn http_get(port: u16, path: &str) -> std::io::Result<String> {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
     s.set_read_timeout(Some(Duration::from_secs(2)))?;
-    write!(s, "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )?;
     let mut out = String::new();
     s.read_to_string(&mut out)?;
     let Some((head, body)) = out.split_once("\r\n\r\n") else {
         return Ok(String::new());
     };
-    if !head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+    if !head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
         return Ok(body.to_owned());
     }
     // De-chunk.

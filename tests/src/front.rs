@@ -68,7 +68,10 @@ impl FrontProcess {
                 }
             }
             if start.elapsed() > limit {
-                panic!("plugins {expect:?} not connected after {limit:?}:\n{}", self.log());
+                panic!(
+                    "plugins {expect:?} not connected after {limit:?}:\n{}",
+                    self.log()
+                );
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -111,6 +114,9 @@ impl Drop for FrontProcess {
 /// A metric's value from a text exposition (`name{labels}` exactly as printed), 0 if absent.
 pub fn metric(text: &str, series: &str) -> f64 {
     text.lines()
-        .find_map(|l| l.strip_prefix(series).and_then(|rest| rest.trim().split(' ').next()?.parse().ok()))
+        .find_map(|l| {
+            l.strip_prefix(series)
+                .and_then(|rest| rest.trim().split(' ').next()?.parse().ok())
+        })
         .unwrap_or(0.0)
 }

@@ -52,7 +52,10 @@ impl Params {
             ("x-test-delay-ms".into(), self.delay.as_millis().to_string()),
             ("x-test-stream".into(), (self.stream as u8).to_string()),
             ("x-test-trailers".into(), (self.trailers as u8).to_string()),
-            ("x-test-prompt-tokens".into(), self.prompt_tokens.to_string()),
+            (
+                "x-test-prompt-tokens".into(),
+                self.prompt_tokens.to_string(),
+            ),
         ];
         if let Some((at, m)) = &self.marker {
             h.push(("x-test-marker-at".into(), at.to_string()));
@@ -62,7 +65,12 @@ impl Params {
     }
 
     fn from_headers(headers: &[(String, String)]) -> Params {
-        let get = |k: &str| headers.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
+        let get = |k: &str| {
+            headers
+                .iter()
+                .find(|(n, _)| n == k)
+                .map(|(_, v)| v.as_str())
+        };
         let num = |k: &str, d: u64| get(k).and_then(|v| v.parse().ok()).unwrap_or(d);
         Params {
             chunks: num("x-test-chunks", 5) as usize,
@@ -70,7 +78,8 @@ impl Params {
             delay: Duration::from_millis(num("x-test-delay-ms", 0)),
             stream: num("x-test-stream", 1) == 1,
             trailers: num("x-test-trailers", 0) == 1,
-            marker: get("x-test-marker").map(|m| (num("x-test-marker-at", 0) as usize, m.to_owned())),
+            marker: get("x-test-marker")
+                .map(|m| (num("x-test-marker-at", 0) as usize, m.to_owned())),
             prompt_tokens: num("x-test-prompt-tokens", 7),
         }
     }
@@ -150,11 +159,15 @@ pub struct Upstream {
 impl Upstream {
     /// Binds a free loopback port and serves.
     pub async fn start() -> Upstream {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind upstream");
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind upstream");
         let port = listener.local_addr().expect("addr").port();
         let task = tokio::spawn(async move {
             loop {
-                let Ok((s, _)) = listener.accept().await else { continue };
+                let Ok((s, _)) = listener.accept().await else {
+                    continue;
+                };
                 tokio::spawn(async move {
                     let _ = serve_conn(s).await;
                 });
@@ -218,7 +231,9 @@ async fn serve_conn(mut s: TcpStream) -> std::io::Result<()> {
             s.write_all(&body).await?;
             continue;
         }
-        let mut head = "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n".to_owned();
+        let mut head =
+            "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n"
+                .to_owned();
         if p.trailers {
             head.push_str("trailer: x-upstream-done\r\n");
         }

@@ -32,7 +32,9 @@ impl Setup {
             toml.push_str(&format!("[plugins.{name}]\nspawn = false\n{extra}\n"));
         }
         let config = Config::parse(&toml, "test").expect("test config");
-        let front = supervisor::start(config.clone()).await.expect("front starts");
+        let front = supervisor::start(config.clone())
+            .await
+            .expect("front starts");
         let mut fakes = Vec::new();
         for (name, _, behaviour) in plugins {
             fakes.push(
@@ -94,10 +96,17 @@ async fn streams_every_chunk_byte_identical(mode: &'static str) {
     assert_eq!(got.body(), params.body(), "body differs");
     let line = setup.log_for("r-1");
     assert_in_order(&line, &params.body());
-    assert_eq!(line["plugvisor"]["missing"], serde_json::json!([]), "{line}");
+    assert_eq!(
+        line["plugvisor"]["missing"],
+        serde_json::json!([]),
+        "{line}"
+    );
     let metrics = setup.front.metrics().encode();
     assert!(metrics.contains("plugvisor_streams_total 1"), "{metrics}");
-    assert!(metrics.contains("plugvisor_plugin_events_sent_total{plugin=\"order\"}"), "{metrics}");
+    assert!(
+        metrics.contains("plugvisor_plugin_events_sent_total{plugin=\"order\"}"),
+        "{metrics}"
+    );
     setup.stop().await;
 }
 
@@ -113,7 +122,11 @@ async fn streamed_mode_chunks_arrive_byte_identical_and_in_order() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_trailers_end_the_stream_and_carry_the_metadata() {
-    let setup = Setup::new("FULL_DUPLEX_STREAMED", &[("order", "", Behaviour::default())]).await;
+    let setup = Setup::new(
+        "FULL_DUPLEX_STREAMED",
+        &[("order", "", Behaviour::default())],
+    )
+    .await;
     let params = Params {
         chunks: 6,
         trailers: true,
@@ -148,11 +161,22 @@ async fn the_stream_does_not_wait_for_a_slow_plugin() {
     // Every chunk but the end reached the client long before the plugin could have run them
     // (inline, 10 chunks × 500 ms would take 5 s).
     let last_data = got.chunks.last().unwrap().0;
-    assert!(last_data < Duration::from_secs(2), "chunks took {last_data:?}");
+    assert!(
+        last_data < Duration::from_secs(2),
+        "chunks took {last_data:?}"
+    );
     // The end waited for the final RPC, at most its 1.5 s deadline (plus Envoy and slack).
-    assert!(got.total < Duration::from_millis(3500), "end took {:?}", got.total);
+    assert!(
+        got.total < Duration::from_millis(3500),
+        "end took {:?}",
+        got.total
+    );
     let line = setup.log_for("r-slow");
-    assert_eq!(line["plugvisor"]["missing"], serde_json::json!(["slow"]), "{line}");
+    assert_eq!(
+        line["plugvisor"]["missing"],
+        serde_json::json!(["slow"]),
+        "{line}"
+    );
     setup.stop().await;
 }
 
@@ -177,10 +201,16 @@ async fn a_hanging_plugin_costs_only_its_own_metadata() {
     assert!(got.total < Duration::from_secs(2), "{:?}", got.total);
     let line = setup.log_for("r-hang");
     assert_in_order(&line, &params.body());
-    assert_eq!(line["plugvisor"]["missing"], serde_json::json!(["hang"]), "{line}");
+    assert_eq!(
+        line["plugvisor"]["missing"],
+        serde_json::json!(["hang"]),
+        "{line}"
+    );
     let metrics = setup.front.metrics().encode();
     assert!(
-        metrics.contains("plugvisor_plugin_finals_missing_total{plugin=\"hang\",reason=\"timeout\"} 1"),
+        metrics.contains(
+            "plugvisor_plugin_finals_missing_total{plugin=\"hang\",reason=\"timeout\"} 1"
+        ),
         "{metrics}"
     );
     setup.stop().await;
@@ -188,7 +218,11 @@ async fn a_hanging_plugin_costs_only_its_own_metadata() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_gone_mid_stream_sends_abort_and_frees_the_lane() {
-    let setup = Setup::new("FULL_DUPLEX_STREAMED", &[("order", "", Behaviour::default())]).await;
+    let setup = Setup::new(
+        "FULL_DUPLEX_STREAMED",
+        &[("order", "", Behaviour::default())],
+    )
+    .await;
     let params = Params {
         chunks: 100,
         delay: Duration::from_millis(20),
@@ -206,7 +240,11 @@ async fn a_client_gone_mid_stream_sends_abort_and_frees_the_lane() {
                 break;
             }
         }
-        assert!(std::time::Instant::now() < deadline, "no abort: {:?}", record.lock().unwrap());
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no abort: {:?}",
+            record.lock().unwrap()
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert_eq!(setup.front.metrics().streams_active.get(), 0);
@@ -215,7 +253,11 @@ async fn a_client_gone_mid_stream_sends_abort_and_frees_the_lane() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hundred_concurrent_streams_keep_their_order_and_bytes() {
-    let setup = Setup::new("FULL_DUPLEX_STREAMED", &[("order", "", Behaviour::default())]).await;
+    let setup = Setup::new(
+        "FULL_DUPLEX_STREAMED",
+        &[("order", "", Behaviour::default())],
+    )
+    .await;
     let port = setup.envoy.port;
     let mut tasks = Vec::new();
     for i in 0..100usize {
@@ -250,7 +292,11 @@ async fn inline_dispatch_waits_for_each_acknowledgement() {
         chunk_delay: Duration::from_millis(100),
         ..Behaviour::default()
     };
-    let setup = Setup::new("FULL_DUPLEX_STREAMED", &[("inline", "dispatch = \"inline\"", slowish)]).await;
+    let setup = Setup::new(
+        "FULL_DUPLEX_STREAMED",
+        &[("inline", "dispatch = \"inline\"", slowish)],
+    )
+    .await;
     let params = Params {
         chunks: 5,
         delay: Duration::from_millis(20),
@@ -260,7 +306,11 @@ async fn inline_dispatch_waits_for_each_acknowledgement() {
     assert_eq!(got.body(), params.body());
     let acked = setup.plugins[0].record.lock().unwrap().acked;
     assert!(acked >= 5, "acked {acked}");
-    assert!(got.total >= Duration::from_millis(100 * acked as u64), "{:?}", got.total);
+    assert!(
+        got.total >= Duration::from_millis(100 * acked as u64),
+        "{:?}",
+        got.total
+    );
     setup.stop().await;
 }
 
@@ -284,7 +334,10 @@ async fn a_second_connection_and_a_wrong_name_are_refused_with_reasons() {
     let first = FakePlugin::welcome(&socket, "one", Behaviour::default()).await;
     assert_eq!(
         first.record.lock().unwrap().config,
-        Some(ipc_protocol::Value::map([("answer", ipc_protocol::Value::Int(42))]))
+        Some(ipc_protocol::Value::map([(
+            "answer",
+            ipc_protocol::Value::Int(42)
+        )]))
     );
     match FakePlugin::connect(&socket, "one", Behaviour::default()).await {
         Handshake::Refused(code, reason) => {

@@ -82,7 +82,11 @@ fn check_usage(line: &serde_json::Value, params: &Params) {
     assert_eq!(order["out_of_order"], 0.0, "{line}");
     assert_eq!(order["gaps"], 0.0, "{line}");
     assert_eq!(order["sha256"], sha(&params.body()), "{line}");
-    assert_eq!(line["plugvisor"]["missing"], serde_json::json!([]), "{line}");
+    assert_eq!(
+        line["plugvisor"]["missing"],
+        serde_json::json!([]),
+        "{line}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -97,7 +101,10 @@ async fn usage_latency_and_a_cel_attribute_reach_the_access_log() {
     assert_eq!(got.body(), streaming.body());
     let line = setup.log_for("stream-1");
     check_usage(&line, &streaming);
-    assert!(line["latency"]["ttft_ms"].as_f64().unwrap() >= 0.0, "{line}");
+    assert!(
+        line["latency"]["ttft_ms"].as_f64().unwrap() >= 0.0,
+        "{line}"
+    );
 
     let plain = Params {
         chunks: 12,
@@ -110,9 +117,15 @@ async fn usage_latency_and_a_cel_attribute_reach_the_access_log() {
     check_usage(&setup.log_for("plain-1"), &plain);
 
     let metrics = setup.front.metrics();
-    assert!(metric(&metrics, "plugvisor_streams_total") >= 2.0, "{metrics}");
     assert!(
-        metric(&metrics, "plugvisor_plugin_final_duration_seconds_count{plugin=\"usage\"}") >= 2.0,
+        metric(&metrics, "plugvisor_streams_total") >= 2.0,
+        "{metrics}"
+    );
+    assert!(
+        metric(
+            &metrics,
+            "plugvisor_plugin_final_duration_seconds_count{plugin=\"usage\"}"
+        ) >= 2.0,
         "{metrics}"
     );
 }
@@ -164,10 +177,21 @@ async fn a_plugin_taking_500ms_per_event_does_not_hold_the_stream() {
     let got = chat(setup.envoy.port, &params, "spin-1").await;
     assert_eq!(got.body(), params.body());
     let last_chunk = got.chunks.last().unwrap().0;
-    assert!(last_chunk < Duration::from_secs(2), "chunks took {last_chunk:?}");
-    assert!(got.total < Duration::from_millis(3500), "end took {:?}", got.total);
+    assert!(
+        last_chunk < Duration::from_secs(2),
+        "chunks took {last_chunk:?}"
+    );
+    assert!(
+        got.total < Duration::from_millis(3500),
+        "end took {:?}",
+        got.total
+    );
     let line = setup.log_for("spin-1");
-    assert_eq!(line["plugvisor"]["missing"], serde_json::json!(["test-spin"]), "{line}");
+    assert_eq!(
+        line["plugvisor"]["missing"],
+        serde_json::json!(["test-spin"]),
+        "{line}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -187,11 +211,18 @@ async fn a_plugin_that_never_answers_the_final_costs_only_its_own_metadata() {
     assert!(got.total >= Duration::from_millis(300), "{:?}", got.total);
     assert!(got.total < Duration::from_secs(2), "{:?}", got.total);
     let line = setup.log_for("hang-1");
-    assert_eq!(line["plugvisor"]["missing"], serde_json::json!(["test-hang"]), "{line}");
+    assert_eq!(
+        line["plugvisor"]["missing"],
+        serde_json::json!(["test-hang"]),
+        "{line}"
+    );
     assert_eq!(line["test_order"]["sha256"], sha(&params.body()), "{line}");
     let metrics = setup.front.metrics();
     assert_eq!(
-        metric(&metrics, "plugvisor_plugin_finals_missing_total{plugin=\"test-hang\",reason=\"timeout\"}"),
+        metric(
+            &metrics,
+            "plugvisor_plugin_finals_missing_total{plugin=\"test-hang\",reason=\"timeout\"}"
+        ),
         1.0,
         "{metrics}"
     );
@@ -211,7 +242,12 @@ async fn a_client_gone_mid_stream_leaves_no_lane_in_the_plugins() {
         let m = setup.front.metrics();
         let lanes: f64 = ["usage", "latency", "test-order"]
             .iter()
-            .map(|p| metric(&m, &format!("plugvisor_plugin_active_streams{{plugin=\"{p}\"}}")))
+            .map(|p| {
+                metric(
+                    &m,
+                    &format!("plugvisor_plugin_active_streams{{plugin=\"{p}\"}}"),
+                )
+            })
             .sum();
         if metric(&m, "plugvisor_streams_active") == 0.0
             && metric(&m, "plugvisor_streams_total") == 1.0
