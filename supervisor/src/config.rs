@@ -152,7 +152,34 @@ struct RawConfig {
     shutdown_grace_ms: Option<u64>,
     ping_interval_ms: Option<u64>,
     #[serde(default)]
-    plugins: toml::Table,
+    plugins: OrderedPlugins,
+}
+
+/// `[plugins.*]` in file order (a plain map would sort them, and the order is the merge order).
+#[derive(Default)]
+struct OrderedPlugins(Vec<(String, RawPlugin)>);
+
+impl<'de> Deserialize<'de> for OrderedPlugins {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = OrderedPlugins;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a table of plugins")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<Self::Value, A::Error> {
+                let mut out = Vec::new();
+                while let Some((k, v)) = map.next_entry::<String, RawPlugin>()? {
+                    out.push((k, v));
+                }
+                Ok(OrderedPlugins(out))
+            }
+        }
+        d.deserialize_map(Visit)
+    }
 }
 
 #[derive(Deserialize)]
@@ -241,9 +268,9 @@ impl Config {
         };
 
         let mut plugins = Vec::new();
-        for (name, value) in &raw.plugins {
+        for (name, raw_plugin) in raw.plugins.0 {
             let key = format!("plugins.{name}");
-            let line = find_table_line(text, name);
+            let line = find_table_line(text, &name);
             let bad = |message: String| ConfigError::Invalid {
                 origin: origin.to_owned(),
                 line,
@@ -260,10 +287,6 @@ impl Config {
                         .into(),
                 ));
             }
-            let raw_plugin: RawPlugin = value
-                .clone()
-                .try_into()
-                .map_err(|e: toml::de::Error| bad(e.message().trim().replace('\n', " ")))?;
             let final_timeout = Duration::from_millis(raw_plugin.final_timeout_ms.unwrap_or(200));
             if final_timeout.is_zero() {
                 return Err(bad("final_timeout_ms must be at least 1".into()));
@@ -370,7 +393,11 @@ fn find_table_line(text: &str, name: &str) -> usize {
 fn one_line(e: &toml::de::Error, text: &str) -> String {
     let msg = e.message().trim().replace('\n', " ");
     match e.span() {
-        Some(span) => format!("line {}: {msg}", line_of(text, span.start)),
+        Some(span) => {
+            let line = line_of(text, span.start);
+            let source = text.lines().nth(line - 1).unwrap_or("").trim();
+            format!("line {line} (`{source}`): {msg}")
+        }
         None => msg,
     }
 }

@@ -88,7 +88,9 @@ pub struct Running {
 pub async fn start(config: Config) -> Result<Running, RunError> {
     let metrics = Arc::new(Metrics::new());
     let plugins_dir = config.plugins_dir();
-    accept::prepare_dir(&config.runtime_dir)
+    // The runtime directory keeps the mode it has (systemd's RuntimeDirectoryMode, or the
+    // operator's); only plugins/ is ours to restrict.
+    std::fs::create_dir_all(&config.runtime_dir)
         .and_then(|()| accept::prepare_dir(&plugins_dir))
         .map_err(|source| RunError::RuntimeDir {
             path: plugins_dir.clone(),

@@ -111,7 +111,7 @@ impl Envoy {
             "                  - plugvisor.test-order\n",
             &format!("                  - plugvisor.test-order\n{extra}"),
         );
-        let pipe = "pipe: { path: /run/plugvisor/ext_proc.sock }";
+        let pipe = "pipe: { path: /run/plugvisor/extproc.sock }";
         if let Some(path) = opts.ext_proc.strip_prefix("unix:") {
             swap(pipe, &format!("pipe: {{ path: {path} }}"));
         } else {

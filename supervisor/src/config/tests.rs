@@ -42,8 +42,18 @@ fn errors_name_the_key_and_line() {
         ("bogus = 1\n", "line 1", "bogus"),
         (
             "[plugins.a]\ndispatch = \"sometimes\"\n",
-            "line 1",
-            "plugins.a",
+            "line 2",
+            "dispatch",
+        ),
+        (
+            "[plugins.a]\nfinal_timeout_ms = \"x\"\n",
+            "line 2",
+            "final_timeout_ms",
+        ),
+        (
+            "[plugins.a]\nfinal_timout_ms = 5\n",
+            "line 2",
+            "final_timout_ms",
         ),
         ("[plugins.\"a b\"]\n", "line 0", "plugins.a b"),
         (

@@ -1,0 +1,119 @@
+//! The `plugvisor` command line: `check-config`, the exit code for a bad config, and serving the
+//! embedded default with no arguments at all.
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tests::bins;
+use tests::envoy::http_get;
+
+fn repo_file(path: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join(path)
+}
+
+#[test]
+fn check_config_accepts_the_sample_config() {
+    let out = Command::new(bins::plugvisor())
+        .arg("check-config")
+        .arg(repo_file("systemd/plugvisor.toml"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("ok (2 plugins: usage, latency)"),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn a_bad_config_is_one_clear_line_and_exit_64() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.toml");
+    std::fs::write(
+        &path,
+        "listen = \"127.0.0.1:9002\"\n[plugins.usage]\nfinal_timeout_ms = \"soon\"\n",
+    )
+    .unwrap();
+    for args in [
+        vec!["check-config".into(), path.clone()],
+        vec!["--config".into(), path.clone()],
+    ] {
+        let out = Command::new(bins::plugvisor())
+            .args(&args)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(64), "{out:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+        assert!(
+            stderr.contains("line 3") && stderr.contains("final_timeout_ms"),
+            "{stderr}"
+        );
+    }
+}
+
+#[test]
+fn no_arguments_serves_the_embedded_default_with_usage_and_latency() {
+    bins::plugvisor_plugin();
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = Command::new(bins::plugvisor())
+        .env("RUNTIME_DIRECTORY", dir.path())
+        .env_remove("PLUGVISOR_CONFIG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    let start = Instant::now();
+    let result = loop {
+        let metrics = http_get(9003, "/metrics").unwrap_or_default();
+        if metrics.contains("plugvisor_plugin_connected{plugin=\"usage\"} 1")
+            && metrics.contains("plugvisor_plugin_connected{plugin=\"latency\"} 1")
+        {
+            break Ok(());
+        }
+        if start.elapsed() > Duration::from_secs(10) {
+            break Err(metrics);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    // The plugins show up in ps under readable titles.
+    let titles: Vec<String> = std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| {
+            let pid: u32 = e.ok()?.file_name().to_str()?.parse().ok()?;
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            let ppid: u32 = stat
+                .rsplit(')')
+                .next()?
+                .split_whitespace()
+                .nth(1)?
+                .parse()
+                .ok()?;
+            if ppid != child.id() {
+                return None;
+            }
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+            Some(String::from_utf8_lossy(cmdline.split(|b| *b == 0).next()?).into_owned())
+        })
+        .collect();
+    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+    let status = child.wait().unwrap();
+    if let Err(metrics) = result {
+        panic!("default plugins never connected:\n{metrics}");
+    }
+    assert!(
+        titles.contains(&"plugvisor-plugin: usage".to_owned()),
+        "{titles:?}"
+    );
+    assert!(
+        titles.contains(&"plugvisor-plugin: latency".to_owned()),
+        "{titles:?}"
+    );
+    assert!(status.success(), "{status}");
+    assert!(!dir.path().join("plugins/usage.sock").exists());
+}
