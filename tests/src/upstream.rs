@@ -64,7 +64,7 @@ impl Params {
         h
     }
 
-    fn from_headers(headers: &[(String, String)]) -> Params {
+    fn from_headers(headers: &[(String, String)], d: &Params) -> Params {
         let get = |k: &str| {
             headers
                 .iter()
@@ -73,14 +73,14 @@ impl Params {
         };
         let num = |k: &str, d: u64| get(k).and_then(|v| v.parse().ok()).unwrap_or(d);
         Params {
-            chunks: num("x-test-chunks", 5) as usize,
-            size: num("x-test-size", 16) as usize,
-            delay: Duration::from_millis(num("x-test-delay-ms", 0)),
-            stream: num("x-test-stream", 1) == 1,
-            trailers: num("x-test-trailers", 0) == 1,
+            chunks: num("x-test-chunks", d.chunks as u64) as usize,
+            size: num("x-test-size", d.size as u64) as usize,
+            delay: Duration::from_millis(num("x-test-delay-ms", d.delay.as_millis() as u64)),
+            stream: num("x-test-stream", u64::from(d.stream)) == 1,
+            trailers: num("x-test-trailers", u64::from(d.trailers)) == 1,
             marker: get("x-test-marker")
                 .map(|m| (num("x-test-marker-at", 0) as usize, m.to_owned())),
-            prompt_tokens: num("x-test-prompt-tokens", 7),
+            prompt_tokens: num("x-test-prompt-tokens", d.prompt_tokens),
         }
     }
 
@@ -159,7 +159,12 @@ pub struct Upstream {
 impl Upstream {
     /// Binds a free loopback port and serves.
     pub async fn start() -> Upstream {
-        let listener = TcpListener::bind("127.0.0.1:0")
+        Upstream::start_on(0, Params::default()).await
+    }
+
+    /// Binds `port` on loopback (0: any) and serves, with `defaults` for what requests leave out.
+    pub async fn start_on(port: u16, defaults: Params) -> Upstream {
+        let listener = TcpListener::bind(("127.0.0.1", port))
             .await
             .expect("bind upstream");
         let port = listener.local_addr().expect("addr").port();
@@ -168,8 +173,9 @@ impl Upstream {
                 let Ok((s, _)) = listener.accept().await else {
                     continue;
                 };
+                let defaults = defaults.clone();
                 tokio::spawn(async move {
-                    let _ = serve_conn(s).await;
+                    let _ = serve_conn(s, defaults).await;
                 });
             }
         });
@@ -183,7 +189,7 @@ impl Drop for Upstream {
     }
 }
 
-async fn serve_conn(mut s: TcpStream) -> std::io::Result<()> {
+async fn serve_conn(mut s: TcpStream, defaults: Params) -> std::io::Result<()> {
     s.set_nodelay(true)?;
     let mut buf = Vec::new();
     loop {
@@ -220,7 +226,7 @@ async fn serve_conn(mut s: TcpStream) -> std::io::Result<()> {
             buf.extend_from_slice(&tmp[..n]);
         }
         buf.drain(..head_end + content_length);
-        let p = Params::from_headers(&headers);
+        let p = Params::from_headers(&headers, &defaults);
         if !p.stream {
             let body = p.body();
             let head = format!(

@@ -117,3 +117,28 @@ fn no_arguments_serves_the_embedded_default_with_usage_and_latency() {
     assert!(status.success(), "{status}");
     assert!(!dir.path().join("plugins/usage.sock").exists());
 }
+
+#[test]
+fn the_demo_streams_text_and_prints_the_plugins_metadata() {
+    bins::plugvisor();
+    bins::plugvisor_plugin();
+    bins::require("demo-upstream");
+    let target = bins::bin_dir().parent().unwrap().to_path_buf();
+    let out = Command::new("bash")
+        .arg(repo_file("examples/demo"))
+        .env("CARGO_TARGET_DIR", &target)
+        .env("ENVOY_BIN", tests::envoy::envoy_bin())
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(stdout.contains("tok0 tok1 tok2"), "{stdout}");
+    assert!(stdout.contains("\"completion_tokens\": 12"), "{stdout}");
+    assert!(
+        stdout.contains("\"x-gateway-inference-request-cost\": 31"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("\"ttft_ms\""), "{stdout}");
+}
