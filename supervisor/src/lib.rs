@@ -69,6 +69,13 @@ pub enum RunError {
     Serve(#[source] tonic::transport::Error),
 }
 
+/// A plugin process the front started, watched by a task that logs its exit.
+struct SpawnedPlugin {
+    name: String,
+    pid: Option<u32>,
+    exited: JoinHandle<()>,
+}
+
 /// A started front.
 pub struct Running {
     config: Config,
@@ -76,7 +83,7 @@ pub struct Running {
     admin: Option<SocketAddr>,
     metrics: Arc<Metrics>,
     links: Vec<Arc<PluginLink>>,
-    children: Vec<(String, tokio::process::Child)>,
+    children: Vec<SpawnedPlugin>,
     stop_streams: watch::Sender<bool>,
     stop_server: Option<tokio::sync::oneshot::Sender<()>>,
     server: JoinHandle<Result<(), tonic::transport::Error>>,
@@ -217,10 +224,33 @@ pub async fn start(config: Config) -> Result<Running, RunError> {
                 return Err(e.into());
             }
         };
+        let pid = child.id();
         if let Some(link) = running.links.iter().find(|l| l.name() == plugin.name) {
-            link.set_spawned_pid(child.id());
+            link.set_spawned_pid(pid);
         }
-        running.children.push((plugin.name.clone(), child));
+        let name = plugin.name.clone();
+        let stopping = running.stop_streams.subscribe();
+        // The task owns the child (killed if the task is dropped) and reaps it.
+        let exited = tokio::spawn(async move {
+            let mut child = child;
+            match child.wait().await {
+                Ok(status) if *stopping.borrow() => {
+                    tracing::info!(plugin = %name, pid, %status, "plugin exited")
+                }
+                Ok(status) => tracing::error!(
+                    plugin = %name, pid, %status,
+                    "plugin exited while serving; its metadata is missing until it reconnects"
+                ),
+                Err(e) => {
+                    tracing::error!(plugin = %name, pid, error = %e, "cannot wait for plugin")
+                }
+            }
+        });
+        running.children.push(SpawnedPlugin {
+            name: plugin.name.clone(),
+            pid,
+            exited,
+        });
     }
     if !running.wait_connected(config.connect_timeout).await {
         let missing: Vec<_> = running
@@ -293,7 +323,7 @@ impl Running {
     pub fn plugin_pids(&self) -> Vec<(String, u32)> {
         self.children
             .iter()
-            .filter_map(|(n, c)| c.id().map(|p| (n.clone(), p)))
+            .filter_map(|c| c.pid.map(|p| (c.name.clone(), p)))
             .collect()
     }
 
@@ -330,18 +360,17 @@ impl Running {
         for link in self.links.iter().rev() {
             link.send_shutdown(grace);
         }
-        for (name, child) in self.children.iter_mut().rev() {
-            match tokio::time::timeout_at(
-                deadline.max(tokio::time::Instant::now() + Duration::from_millis(500)),
-                child.wait(),
-            )
-            .await
+        let plugin_deadline =
+            deadline.max(tokio::time::Instant::now() + Duration::from_millis(500));
+        for child in self.children.iter_mut().rev() {
+            if tokio::time::timeout_at(plugin_deadline, &mut child.exited)
+                .await
+                .is_err()
             {
-                Ok(Ok(status)) => tracing::info!(plugin = %name, %status, "plugin exited"),
-                _ => {
-                    tracing::warn!(plugin = %name, "plugin did not exit in time; killing it");
-                    let _ = child.kill().await;
-                }
+                tracing::warn!(plugin = %child.name, pid = ?child.pid, "plugin did not exit in time; killing it");
+                // Aborting the task drops the child, which kills it (kill_on_drop).
+                child.exited.abort();
+                let _ = (&mut child.exited).await;
             }
         }
         for link in &self.links {

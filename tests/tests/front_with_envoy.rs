@@ -352,3 +352,32 @@ async fn a_second_connection_and_a_wrong_name_are_refused_with_reasons() {
     }
     front.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_mode_plugvisor_does_not_serve_fails_only_that_stream() {
+    let setup = Setup::new("BUFFERED_PARTIAL", &[("order", "", Behaviour::default())]).await;
+    let got = chat(setup.envoy.port, &Params::default(), "r-mode").await;
+    assert_ne!(
+        got.body(),
+        Params::default().body(),
+        "status {}",
+        got.status
+    );
+    let metrics = setup.front.metrics();
+    let deadline = std::time::Instant::now() + Duration::from_secs(3);
+    while metrics.stream_errors.get() < 1 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no stream error counted"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The plugin learns that the stream is over, and stays connected.
+    let record = setup.plugins[0].record.clone();
+    while record.lock().unwrap().aborted.is_empty() {
+        assert!(std::time::Instant::now() < deadline, "no abort");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(setup.front.links()[0].is_connected());
+    setup.stop().await;
+}
