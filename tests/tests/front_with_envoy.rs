@@ -381,3 +381,48 @@ async fn a_body_mode_plugvisor_does_not_serve_fails_only_that_stream() {
     assert!(setup.front.links()[0].is_connected());
     setup.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugin_that_reconnects_is_welcomed_on_the_same_link() {
+    let mut setup = Setup::new(
+        "FULL_DUPLEX_STREAMED",
+        &[("order", "", Behaviour::default())],
+    )
+    .await;
+    let socket = setup.dir.path().join("run/plugins/order.sock");
+    // The process goes away (crash, restart, a developer stopping it) ...
+    drop(setup.plugins.remove(0));
+    let link = setup.front.links()[0].clone();
+    let deadline = std::time::Instant::now() + Duration::from_secs(3);
+    while link.is_connected() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "disconnect not noticed"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // ... a stream meanwhile lists it as missing ...
+    let params = Params::default();
+    let got = chat(setup.envoy.port, &params, "r-down").await;
+    assert_eq!(got.body(), params.body());
+    let line = setup.log_for("r-down");
+    assert_eq!(
+        line["plugvisor"]["missing"],
+        serde_json::json!(["order"]),
+        "{line}"
+    );
+    // ... and a new process connects to the same socket and serves the next streams.
+    setup
+        .plugins
+        .push(FakePlugin::welcome(&socket, "order", Behaviour::default()).await);
+    let got = chat(setup.envoy.port, &params, "r-back").await;
+    assert_eq!(got.body(), params.body());
+    assert_in_order(&setup.log_for("r-back"), &params.body());
+    let metrics = setup.front.metrics().encode();
+    assert!(
+        metrics
+            .contains("plugvisor_plugin_finals_missing_total{plugin=\"order\",reason=\"down\"} 1"),
+        "{metrics}"
+    );
+    setup.stop().await;
+}

@@ -31,6 +31,10 @@ expression = "usage.prompt_tokens + 2 * usage.completion_tokens"
 
 impl Setup {
     async fn new(plugins_toml: &str, expect: &[&str]) -> Setup {
+        Setup::with_mode("FULL_DUPLEX_STREAMED", plugins_toml, expect).await
+    }
+
+    async fn with_mode(body_mode: &'static str, plugins_toml: &str, expect: &[&str]) -> Setup {
         tests::init_tracing();
         let dir = tempfile::tempdir().expect("tempdir");
         let upstream = Upstream::start().await;
@@ -41,7 +45,7 @@ impl Setup {
                 &EnvoyOptions {
                     ext_proc: front.ext_proc.clone(),
                     upstream_port: upstream.port,
-                    body_mode: "FULL_DUPLEX_STREAMED",
+                    body_mode,
                     extra_namespaces: vec![],
                     failure_mode_allow: false,
                 },
@@ -128,6 +132,23 @@ async fn usage_latency_and_a_cel_attribute_reach_the_access_log() {
         ) >= 2.0,
         "{metrics}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streamed_mode_and_the_trailers_path_carry_the_same_metadata() {
+    let setup = Setup::with_mode("STREAMED", REPORTERS, &["usage", "latency", "test-order"]).await;
+    for (rid, trailers) in [("streamed-eos", false), ("streamed-trailers", true)] {
+        let params = Params {
+            chunks: 6,
+            delay: Duration::from_millis(5),
+            trailers,
+            ..Params::default()
+        };
+        let got = chat(setup.envoy.port, &params, rid).await;
+        assert_eq!(got.body(), params.body(), "{rid}");
+        assert!(got.chunks.len() > 1, "{rid}: the body arrived in one piece");
+        check_usage(&setup.log_for(rid), &params);
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -236,7 +257,23 @@ async fn a_client_gone_mid_stream_leaves_no_lane_in_the_plugins() {
         delay: Duration::from_millis(20),
         ..Params::default()
     };
-    chat_and_disconnect(setup.envoy.port, &params, "gone-1", 3).await;
+    let port = setup.envoy.port;
+    let client = tokio::spawn(async move {
+        chat_and_disconnect(port, &params, "gone-1", 15).await;
+    });
+    // While the stream runs, the plugins hold a lane for it (reported in their pongs) ...
+    let lane = "plugvisor_plugin_active_streams{plugin=\"test-order\"}";
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while metric(&setup.front.metrics(), lane) != 1.0 {
+        assert!(
+            Instant::now() < deadline,
+            "no lane seen:\n{}",
+            setup.front.metrics()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    client.await.unwrap();
+    // ... and once the client is gone, the abort frees it.
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
         let m = setup.front.metrics();
