@@ -18,6 +18,7 @@ use ipc_protocol::{
     Ack, FinalOutcome, FinalReply, FrameReader, FrameWriter, FromPlugin, Metadata, Ping, StreamId,
     Subscriptions, ToPlugin,
 };
+use tokio::io::AsyncWriteExt as _;
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::{mpsc, oneshot, watch};
 
@@ -556,8 +557,6 @@ impl PluginLink {
         }
     }
 }
-
-use tokio::io::AsyncWriteExt as _;
 
 #[cfg(test)]
 mod tests;

@@ -24,7 +24,7 @@ impl Setup {
         let dir = tempfile::tempdir().expect("tempdir");
         let sock = dir.path().join("ext_proc.sock");
         let mut toml = format!(
-            "listen = \"unix:{}\"\nadmin_listen = \"127.0.0.1:0\"\nruntime_dir = \"{}\"\nconnect_timeout_ms = 1\n",
+            "listen = \"unix:{}\"\nadmin_listen = \"127.0.0.1:0\"\nruntime_dir = \"{}\"\nconnect_timeout_ms = 1\nshutdown_grace_ms = 300\n",
             sock.display(),
             dir.path().join("run").display()
         );
@@ -425,4 +425,45 @@ async fn a_plugin_that_reconnects_is_welcomed_on_the_same_link() {
         "{metrics}"
     );
     setup.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stopping_the_front_aborts_streams_still_running_after_the_grace_period() {
+    let mut setup = Setup::new(
+        "FULL_DUPLEX_STREAMED",
+        &[("order", "", Behaviour::default())],
+    )
+    .await;
+    let port = setup.envoy.port;
+    let client = tokio::spawn(async move {
+        let params = Params {
+            chunks: 200,
+            delay: Duration::from_millis(20),
+            ..Params::default()
+        };
+        chat(port, &params, "r-stop").await
+    });
+    while setup.front.metrics().streams_active.get() == 0 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let started = std::time::Instant::now();
+    setup.front.stop().await;
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    let record = setup.plugins[0].record.clone();
+    let deadline = std::time::Instant::now() + Duration::from_secs(2);
+    while record.lock().unwrap().aborted.is_empty() {
+        assert!(std::time::Instant::now() < deadline, "no abort");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        record.lock().unwrap().aborted[0].1,
+        ipc_protocol::AbortCause::Shutdown
+    );
+    drop(setup.envoy);
+    let _ = client.await;
 }
