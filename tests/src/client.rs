@@ -34,6 +34,7 @@ async fn send(
     port: u16,
     params: &Params,
     request_id: &str,
+    x_request_id: &str,
 ) -> (Instant, hyper::Response<hyper::body::Incoming>) {
     let stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
         .await
@@ -49,10 +50,12 @@ async fn send(
         r#"{{"model":"test-model","stream":{},"messages":[{{"role":"user","content":"hello"}}]}}"#,
         params.stream
     );
-    let mut req = hyper::Request::post("/v1/chat/completions")
+    // The test's own id rides in the path too, so the access log line can be found even when
+    // many requests share one x-request-id.
+    let mut req = hyper::Request::post(format!("/v1/chat/completions?test-id={request_id}"))
         .header("host", "gateway")
         .header("content-type", "application/json")
-        .header("x-request-id", request_id);
+        .header("x-request-id", x_request_id);
     for (k, v) in params.headers() {
         req = req.header(k, v);
     }
@@ -66,7 +69,13 @@ async fn send(
 
 /// Posts a chat completion and reads the whole response.
 pub async fn chat(port: u16, params: &Params, request_id: &str) -> Received {
-    let (start, resp) = send(port, params, request_id).await;
+    chat_as(port, params, request_id, request_id).await
+}
+
+/// [`chat`] with an `x-request-id` header other than the test's id (the id goes in the path, as
+/// `?test-id=`).
+pub async fn chat_as(port: u16, params: &Params, test_id: &str, x_request_id: &str) -> Received {
+    let (start, resp) = send(port, params, test_id, x_request_id).await;
     let status = resp.status().as_u16();
     let mut body = resp.into_body();
     let mut chunks = Vec::new();
@@ -88,7 +97,7 @@ pub async fn chat(port: u16, params: &Params, request_id: &str) -> Received {
 /// Posts a chat completion, reads `n` body frames, then drops the connection (a client gone
 /// mid-stream).
 pub async fn chat_and_disconnect(port: u16, params: &Params, request_id: &str, n: usize) {
-    let (_, resp) = send(port, params, request_id).await;
+    let (_, resp) = send(port, params, request_id, request_id).await;
     let mut body = resp.into_body();
     let mut seen = 0;
     while seen < n {

@@ -185,15 +185,16 @@ impl Envoy {
             .collect()
     }
 
-    /// Waits until the access log holds a line whose `request_id` is `rid`.
+    /// Waits until the access log holds the line of the request whose test id (`?test-id=` in
+    /// the path, see [`crate::client`]) is `rid`.
     pub fn access_log_for(&self, rid: &str, limit: Duration) -> serde_json::Value {
         let start = Instant::now();
         loop {
-            if let Some(line) = self
-                .access_log_lines()
-                .into_iter()
-                .find(|l| l["request_id"] == rid)
-            {
+            if let Some(line) = self.access_log_lines().into_iter().find(|l| {
+                l["path"]
+                    .as_str()
+                    .is_some_and(|p| p.ends_with(&format!("?test-id={rid}")))
+            }) {
                 return line;
             }
             if start.elapsed() > limit {

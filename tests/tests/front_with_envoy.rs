@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 use supervisor::{Config, Running};
-use tests::client::{chat, chat_and_disconnect};
+use tests::client::{chat, chat_and_disconnect, chat_as};
 use tests::envoy::{Envoy, EnvoyOptions};
 use tests::fake_plugin::{Behaviour, FakePlugin, Handshake};
 use tests::upstream::{Params, Upstream};
@@ -268,9 +268,9 @@ async fn hundred_concurrent_streams_keep_their_order_and_bytes() {
             ..Params::default()
         };
         tasks.push(tokio::spawn(async move {
-            let rid = "same-request-id-for-all".to_owned() + &(i % 2).to_string();
-            let got = chat(port, &params, &format!("{rid}-{i}")).await;
-            (format!("{rid}-{i}"), params, got)
+            let rid = format!("r{i}");
+            let got = chat_as(port, &params, &rid, "the-same-x-request-id").await;
+            (rid, params, got)
         }));
     }
     let mut results = Vec::new();

@@ -5,7 +5,7 @@
 use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
-use tests::client::{chat, chat_and_disconnect};
+use tests::client::{chat, chat_and_disconnect, chat_as};
 use tests::envoy::{Envoy, EnvoyOptions};
 use tests::front::{metric, FrontProcess};
 use tests::upstream::{Params, Upstream};
@@ -164,23 +164,27 @@ async fn hundred_concurrent_streams_show_no_reordering_in_test_order() {
                 ..Params::default()
             };
             tokio::spawn(async move {
-                // Every request carries the same x-request-id prefix pattern; the stream id, not
-                // the header, keys the plugin's state.
+                // Every request carries the same x-request-id: the stream id, not the header,
+                // keys the plugins' state.
                 let rid = format!("dup-{i}");
-                let got = chat(port, &params, &rid).await;
+                let got = chat_as(port, &params, &rid, "the-same-x-request-id").await;
                 (rid, params, got)
             })
         })
         .collect();
+    let mut stream_ids = std::collections::HashSet::new();
     for t in tasks {
         let (rid, params, got) = t.await.unwrap();
         assert_eq!(got.body(), params.body(), "{rid}");
         let line = setup.log_for(&rid);
+        assert_eq!(line["request_id"], "the-same-x-request-id", "{line}");
         let order = &line["test_order"];
         assert_eq!(order["out_of_order"], 0.0, "{line}");
         assert_eq!(order["gaps"], 0.0, "{line}");
         assert_eq!(order["sha256"], sha(&params.body()), "{line}");
+        stream_ids.insert(line["plugvisor"]["stream_id"].as_f64().unwrap() as u64);
     }
+    assert_eq!(stream_ids.len(), 100, "stream ids must be distinct");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
