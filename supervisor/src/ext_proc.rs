@@ -113,10 +113,6 @@ struct StreamTask {
     ended: bool,
 }
 
-enum Ending {
-    Abort(AbortCause, String),
-}
-
 impl StreamTask {
     async fn run(
         mut self,
@@ -130,19 +126,19 @@ impl StreamTask {
         let ending = loop {
             let next = tokio::select! {
                 m = inbound.message() => m,
-                _ = stop.wait_for(|s| *s) => break Ending::Abort(AbortCause::Shutdown, "front is stopping".into()),
+                _ = stop.wait_for(|s| *s) => break (AbortCause::Shutdown, "front is stopping".into()),
             };
             let req = match next {
                 Ok(Some(req)) => req,
                 Ok(None) => {
-                    break Ending::Abort(
+                    break (
                         AbortCause::ClientDisconnect,
                         "ext_proc stream closed before the end of the response".into(),
                     )
                 }
                 Err(status) => {
                     // Envoy resets the stream right after the last reply: normal once ended.
-                    break Ending::Abort(
+                    break (
                         AbortCause::ClientDisconnect,
                         format!("ext_proc stream reset: {}", status.message()),
                     );
@@ -158,10 +154,7 @@ impl StreamTask {
             match reply {
                 Ok(resp) => {
                     if !observe && tx.send(Ok(resp)).await.is_err() {
-                        break Ending::Abort(
-                            AbortCause::ClientDisconnect,
-                            "Envoy went away".into(),
-                        );
+                        break (AbortCause::ClientDisconnect, "Envoy went away".into());
                     }
                     metrics
                         .response_overhead
@@ -174,11 +167,11 @@ impl StreamTask {
                     tracing::warn!(stream = self.id, error = %status.message(), "ext_proc stream refused");
                     metrics.stream_errors.inc();
                     let _ = tx.send(Err(status.clone())).await;
-                    break Ending::Abort(AbortCause::UpstreamError, status.message().to_owned());
+                    break (AbortCause::UpstreamError, status.message().to_owned());
                 }
             }
         };
-        let Ending::Abort(cause, detail) = ending;
+        let (cause, detail): (AbortCause, String) = ending;
         if self.ended {
             tracing::trace!(stream = self.id, %detail, "stream closed after its end");
         } else {
