@@ -2,7 +2,8 @@
 //! ([`envoy`]), an OpenAI-like streaming upstream ([`upstream`]), an HTTP client that timestamps
 //! every chunk ([`client`]), a protocol-speaking fake plugin for tests that need a plugin to
 //! misbehave on cue ([`fake_plugin`]), the workspace binaries ([`bins`]) and the front run as a
-//! process ([`front`]).
+//! process ([`front`]), and a real systemd booted with `systemd-nspawn` for the unit-file tests
+//! ([`nspawn`]).
 //!
 //! Everything listens on loopback or in a temporary directory, and every process a test starts is
 //! stopped by its pid when the handle drops.
@@ -13,6 +14,7 @@ pub mod client;
 pub mod envoy;
 pub mod fake_plugin;
 pub mod front;
+pub mod nspawn;
 pub mod upstream;
 
 /// A free loopback TCP port (bound then released; good enough for tests on one machine).
