@@ -86,7 +86,8 @@ pub struct Running {
     children: Vec<SpawnedPlugin>,
     stop_streams: watch::Sender<bool>,
     stop_server: Option<tokio::sync::oneshot::Sender<()>>,
-    server: JoinHandle<Result<(), tonic::transport::Error>>,
+    /// `None` once awaited to completion (a finished `JoinHandle` must not be polled again).
+    server: Option<JoinHandle<Result<(), tonic::transport::Error>>>,
     background: Vec<JoinHandle<()>>,
 }
 
@@ -212,7 +213,7 @@ pub async fn start(config: Config) -> Result<Running, RunError> {
         children: Vec::new(),
         stop_streams,
         stop_server: Some(stop_server),
-        server,
+        server: Some(server),
         background,
     };
     for plugin in config.plugins.iter().filter(|p| p.spawn) {
@@ -270,7 +271,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let mut running = start(config).await?;
     tokio::select! {
         _ = shutdown => {}
-        r = &mut running.server => {
+        r = running.server.as_mut().expect("server task present until stop") => {
+            running.server = None;
             let result = match r {
                 Ok(Ok(())) => Ok(()),
                 Ok(Err(e)) => Err(RunError::Serve(e)),
@@ -355,8 +357,15 @@ impl Running {
         self.stop_streams.send_replace(true);
         // Give aborts a moment to reach the queues before the plugins are told to stop.
         tokio::time::sleep(Duration::from_millis(20)).await;
-        let _ = tokio::time::timeout(Duration::from_millis(200), &mut self.server).await;
-        self.server.abort();
+        if let Some(mut server) = self.server.take() {
+            // tonic drains gracefully, but Envoy keeps its HTTP/2 connection open: bound it.
+            if tokio::time::timeout(Duration::from_millis(200), &mut server)
+                .await
+                .is_err()
+            {
+                server.abort();
+            }
+        }
         for link in self.links.iter().rev() {
             link.send_shutdown(grace);
         }

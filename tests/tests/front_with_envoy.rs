@@ -467,3 +467,34 @@ async fn stopping_the_front_aborts_streams_still_running_after_the_grace_period(
     drop(setup.envoy);
     let _ = client.await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_serves_until_its_shutdown_future_resolves() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("x.sock");
+    let config = Config::parse(
+        &format!(
+            "listen = \"unix:{}\"\nruntime_dir = \"{}\"\nconnect_timeout_ms = 1\n[plugins.p]\nspawn = false\n",
+            sock.display(),
+            dir.path().display()
+        ),
+        "test",
+    )
+    .unwrap();
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(supervisor::run(config, async move {
+        let _ = rx.await;
+    }));
+    let deadline = std::time::Instant::now() + Duration::from_secs(3);
+    while !sock.exists() {
+        assert!(std::time::Instant::now() < deadline, "never listened");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    tx.send(()).unwrap();
+    let result = tokio::time::timeout(Duration::from_secs(3), task)
+        .await
+        .expect("run returned");
+    result.unwrap().unwrap();
+    assert!(!sock.exists(), "the ext_proc socket is removed on stop");
+    assert!(!dir.path().join("plugins/p.sock").exists());
+}
