@@ -12,6 +12,8 @@ use std::time::Duration;
 use ipc_protocol::Value;
 use serde::Deserialize;
 
+use crate::restart::{Policy, RestartType};
+
 /// The configuration compiled into the binary, used when `plugvisor` runs without `--config`.
 pub const DEFAULT_CONFIG: &str = include_str!("default.toml");
 
@@ -116,8 +118,16 @@ pub struct PluginConfig {
     pub uid: Option<u32>,
     /// A group given read/write access to the socket (mode 0660 instead of 0600).
     pub group: Option<String>,
+    /// Whether `READY=1` waits for this plugin to connect (up to `ready_timeout_ms`).
+    pub required: bool,
     /// The `[plugins.<name>.config]` table, sent in `Welcome`.
     pub config: Value,
+    /// When and how fast a spawned plugin is restarted.
+    pub restart: Policy,
+    /// How long a spawned process has to finish its handshake before it is killed.
+    pub start_timeout: Duration,
+    /// How long a plugin may go without answering pings before it is killed and restarted.
+    pub hang_timeout: Duration,
 }
 
 /// The whole configuration, after validation.
@@ -137,6 +147,8 @@ pub struct Config {
     pub shutdown_grace: Duration,
     /// Interval between pings to each plugin.
     pub ping_interval: Duration,
+    /// How long `READY=1` waits for the `required` plugins.
+    pub ready_timeout: Duration,
     /// The plugins, in file order.
     pub plugins: Vec<PluginConfig>,
 }
@@ -151,6 +163,7 @@ struct RawConfig {
     connect_timeout_ms: Option<u64>,
     shutdown_grace_ms: Option<u64>,
     ping_interval_ms: Option<u64>,
+    ready_timeout_ms: Option<u64>,
     #[serde(default)]
     plugins: OrderedPlugins,
 }
@@ -199,7 +212,16 @@ struct RawPlugin {
     queue_bytes: Option<usize>,
     uid: Option<u32>,
     group: Option<String>,
+    #[serde(default)]
+    required: bool,
     config: Option<toml::Table>,
+    restart: Option<RestartType>,
+    backoff_min_ms: Option<u64>,
+    backoff_max_ms: Option<u64>,
+    max_restarts: Option<u32>,
+    restart_period_ms: Option<u64>,
+    start_timeout_ms: Option<u64>,
+    hang_timeout_ms: Option<u64>,
 }
 
 fn yes() -> bool {
@@ -300,6 +322,32 @@ impl Config {
                     "command/args are meaningless with spawn = false; remove them".into(),
                 ));
             }
+            let defaults = Policy::default();
+            let ms = |v: Option<u64>, default: Duration| v.map_or(default, Duration::from_millis);
+            let restart = Policy {
+                restart: raw_plugin.restart.unwrap_or_default(),
+                backoff_min: ms(raw_plugin.backoff_min_ms, defaults.backoff_min),
+                backoff_max: ms(raw_plugin.backoff_max_ms, defaults.backoff_max),
+                max_restarts: raw_plugin.max_restarts.unwrap_or(defaults.max_restarts),
+                period: ms(raw_plugin.restart_period_ms, defaults.period),
+            };
+            if restart.backoff_min > restart.backoff_max {
+                return Err(bad(format!(
+                    "backoff_min_ms ({}) is larger than backoff_max_ms ({})",
+                    restart.backoff_min.as_millis(),
+                    restart.backoff_max.as_millis()
+                )));
+            }
+            if restart.period.is_zero() {
+                return Err(bad("restart_period_ms must be at least 1".into()));
+            }
+            let start_timeout = ms(raw_plugin.start_timeout_ms, Duration::from_secs(10));
+            let hang_timeout = ms(raw_plugin.hang_timeout_ms, Duration::from_secs(5));
+            if start_timeout.is_zero() || hang_timeout.is_zero() {
+                return Err(bad(
+                    "start_timeout_ms and hang_timeout_ms must be at least 1".into(),
+                ));
+            }
             plugins.push(PluginConfig {
                 name: name.clone(),
                 spawn: raw_plugin.spawn,
@@ -313,7 +361,11 @@ impl Config {
                 queue_bytes: raw_plugin.queue_bytes.unwrap_or(16 * 1024 * 1024),
                 uid: raw_plugin.uid,
                 group: raw_plugin.group,
+                required: raw_plugin.required,
                 config: toml_to_value(&toml::Value::Table(raw_plugin.config.unwrap_or_default())),
+                restart,
+                start_timeout,
+                hang_timeout,
             });
         }
 
@@ -325,6 +377,7 @@ impl Config {
             connect_timeout: Duration::from_millis(raw.connect_timeout_ms.unwrap_or(5000)),
             shutdown_grace: Duration::from_millis(raw.shutdown_grace_ms.unwrap_or(5000)),
             ping_interval: Duration::from_millis(raw.ping_interval_ms.unwrap_or(1000).max(10)),
+            ready_timeout: Duration::from_millis(raw.ready_timeout_ms.unwrap_or(10_000)),
             plugins,
         })
     }
@@ -337,6 +390,11 @@ impl Config {
     /// The socket a plugin connects to.
     pub fn plugin_socket(&self, name: &str) -> PathBuf {
         self.plugins_dir().join(format!("{name}.sock"))
+    }
+
+    /// The control socket `plugvisor status|restart|stop|start` talk to.
+    pub fn control_socket(&self) -> PathBuf {
+        self.runtime_dir.join("control.sock")
     }
 }
 

@@ -6,17 +6,30 @@
 //! metrics); [`run`] is `start`, wait for `shutdown`, stop. The modules: [`config`] (TOML, the
 //! embedded default), [`ext_proc`] (the gRPC service, one task per stream), [`link`] (a plugin's
 //! connection, queue, writer and reader), [`accept`] (plugin sockets and the handshake),
-//! [`spawn`] (starting a plugin process), [`metadata`] (merging into `dynamic_metadata`) and
-//! [`metrics`] (Prometheus and the admin server).
-#![forbid(unsafe_code)]
+//! [`spawn`] (starting a plugin process), [`supervise`] (watching and restarting it, driving the
+//! pure policy in [`restart`]), [`control`] (the control socket behind `plugvisor status`),
+//! [`metadata`] (merging into `dynamic_metadata`) and [`metrics`] (Prometheus and the admin
+//! server).
+//!
+//! Unsafe code is denied everywhere but in [`spawn`], which sets the parent-death signal between
+//! fork and exec.
+#![deny(unsafe_code)]
 
 pub mod accept;
 pub mod config;
+pub mod control;
 pub mod ext_proc;
 pub mod link;
+pub mod logging;
 pub mod metadata;
 pub mod metrics;
+pub mod service;
+pub mod restart;
 pub mod spawn;
+pub mod supervise;
+// The crate's one `unsafe`: adopting the listening socket systemd passed (`adopt_listen_fd`).
+#[allow(unsafe_code)]
+pub mod systemd;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -31,6 +44,7 @@ use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
 pub use config::{Config, ConfigError, Listen};
 use link::PluginLink;
 use metrics::Metrics;
+use supervise::{Command, PluginStatus, Supervised};
 
 /// Why the front could not start or serve.
 #[derive(Debug, thiserror::Error)]
@@ -61,19 +75,81 @@ pub enum RunError {
         #[source]
         source: std::io::Error,
     },
-    /// A plugin process could not be started.
-    #[error(transparent)]
-    Spawn(#[from] spawn::SpawnError),
+    /// The spawner thread or the control socket could not be set up.
+    #[error("cannot set up {what}")]
+    Setup {
+        /// What.
+        what: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
     /// The gRPC server failed.
     #[error("ext_proc server failed")]
     Serve(#[source] tonic::transport::Error),
 }
 
-/// A plugin process the front started, watched by a task that logs its exit.
-struct SpawnedPlugin {
-    name: String,
-    pid: Option<u32>,
-    exited: JoinHandle<()>,
+/// A message and its causes on one line: `a: b: c`.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        s.push_str(": ");
+        s.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    s
+}
+
+/// One configured plugin: its link and, when the front spawns it, its supervisor.
+#[derive(Clone)]
+pub struct PluginEntry {
+    /// The front's side of the plugin (socket, queue, final calls).
+    pub link: Arc<PluginLink>,
+    /// The supervising task, for `spawn = true` plugins.
+    pub supervised: Option<Arc<Supervised>>,
+}
+
+/// The configured plugins, in config order.
+pub struct Plugins {
+    entries: std::sync::RwLock<Vec<PluginEntry>>,
+    metrics: Arc<Metrics>,
+}
+
+impl Plugins {
+    /// The entries, in config order.
+    pub fn entries(&self) -> Vec<PluginEntry> {
+        self.entries.read().expect("plugins lock").clone()
+    }
+
+    /// Every plugin's status, in config order.
+    pub fn status(&self) -> Vec<PluginStatus> {
+        self.entries()
+            .iter()
+            .map(|e| match &e.supervised {
+                Some(s) => s.status(),
+                None => supervise::link_status(&e.link, &self.metrics),
+            })
+            .collect()
+    }
+
+    /// Starts, stops or restarts a spawned plugin.
+    pub async fn command(&self, name: &str, command: Command) -> Result<String, String> {
+        let entries = self.entries();
+        let Some(entry) = entries.iter().find(|e| e.link.name() == name) else {
+            let known: Vec<&str> = entries.iter().map(|e| e.link.name()).collect();
+            return Err(format!(
+                "no plugin `{name}` is configured (configured: {})",
+                known.join(", ")
+            ));
+        };
+        match &entry.supervised {
+            Some(s) => s.command(command).await,
+            None => Err(format!(
+                "plugin `{name}` has spawn = false: plugvisor does not run its process;                  manage it where it was started (e.g. `systemctl restart plugvisor-plugin@{name}`)"
+            )),
+        }
+    }
 }
 
 /// A started front.
@@ -83,7 +159,11 @@ pub struct Running {
     admin: Option<SocketAddr>,
     metrics: Arc<Metrics>,
     links: Vec<Arc<PluginLink>>,
-    children: Vec<SpawnedPlugin>,
+    plugins: Arc<Plugins>,
+    /// Loops the watchdog checks before it pings systemd.
+    probes: Vec<systemd::Probe>,
+    /// The ext_proc socket came from systemd: its file is systemd's, never removed here.
+    activated: bool,
     stop_streams: watch::Sender<bool>,
     stop_server: Option<tokio::sync::oneshot::Sender<()>>,
     /// `None` once awaited to completion (a finished `JoinHandle` must not be polled again).
@@ -137,45 +217,28 @@ pub async fn start(config: Config) -> Result<Running, RunError> {
     let shutdown_signal = async move {
         let _ = stop_server_rx.await;
     };
-    let (listen, server) = match &config.listen {
-        Listen::Tcp(addr) => {
-            let listener = tokio::net::TcpListener::bind(addr)
-                .await
-                .map_err(|source| RunError::Listen {
-                    addr: addr.to_string(),
-                    source,
-                })?;
-            let bound = listener.local_addr().map_err(|source| RunError::Listen {
-                addr: addr.to_string(),
-                source,
-            })?;
-            let incoming = TcpListenerStream::new(listener);
-            let server = tokio::spawn(
-                tonic::transport::Server::builder()
-                    .tcp_nodelay(true)
-                    .add_service(service)
-                    .serve_with_incoming_shutdown(incoming, shutdown_signal),
-            );
-            (Listen::Tcp(bound), server)
-        }
-        Listen::Unix(path) => {
-            let _ = std::fs::remove_file(path);
-            if let Some(parent) = path.parent() {
-                let _ = std::fs::create_dir_all(parent);
-            }
-            let listener =
-                tokio::net::UnixListener::bind(path).map_err(|source| RunError::Listen {
-                    addr: format!("unix:{}", path.display()),
-                    source,
-                })?;
-            let incoming = UnixListenerStream::new(listener);
-            let server = tokio::spawn(
-                tonic::transport::Server::builder()
-                    .add_service(service)
-                    .serve_with_incoming_shutdown(incoming, shutdown_signal),
-            );
-            (Listen::Unix(path.clone()), server)
-        }
+    // Socket activation's `extproc` fd when systemd passed one, else `listen` bound here. The
+    // accept stream answers the watchdog's probe whenever the server polls it.
+    let (listen, listener, activated) = systemd::bind_ext_proc(&config.listen).await?;
+    let (accept_probe, accept_answerer) = systemd::probe("ext_proc accept loop");
+    let server = match listener {
+        systemd::ExtProcListener::Tcp(listener) => tokio::spawn(
+            tonic::transport::Server::builder()
+                .tcp_nodelay(true)
+                .add_service(service)
+                .serve_with_incoming_shutdown(
+                    systemd::Watched::new(TcpListenerStream::new(listener), accept_answerer),
+                    shutdown_signal,
+                ),
+        ),
+        systemd::ExtProcListener::Unix(listener) => tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(service)
+                .serve_with_incoming_shutdown(
+                    systemd::Watched::new(UnixListenerStream::new(listener), accept_answerer),
+                    shutdown_signal,
+                ),
+        ),
     };
 
     let admin = match config.admin_listen {
@@ -204,55 +267,53 @@ pub async fn start(config: Config) -> Result<Running, RunError> {
         background.push(tokio::spawn(ping_loop(link.clone(), config.ping_interval)));
     }
 
-    let mut running = Running {
+    let setup = |what: &str| {
+        let what = what.to_owned();
+        move |source| RunError::Setup { what, source }
+    };
+    let spawner = spawn::Spawner::start().map_err(setup("the plugin spawner thread"))?;
+    let mut entries = Vec::new();
+    for link in &links {
+        let plugin = link.config();
+        let supervised = plugin.spawn.then(|| {
+            Arc::new(Supervised::start(supervise::Context {
+                link: link.clone(),
+                socket: config.plugin_socket(&plugin.name),
+                spawner: spawner.clone(),
+                metrics: metrics.clone(),
+                stop_grace: config.shutdown_grace,
+            }))
+        });
+        entries.push(PluginEntry {
+            link: link.clone(),
+            supervised,
+        });
+    }
+    let plugins = Arc::new(Plugins {
+        entries: std::sync::RwLock::new(entries),
+        metrics: metrics.clone(),
+    });
+    let control_path = config.control_socket();
+    let control = control::bind(&control_path).map_err(setup(&format!(
+        "the control socket {}",
+        control_path.display()
+    )))?;
+    background.push(tokio::spawn(control::serve(control, plugins.clone())));
+
+    let running = Running {
         config: config.clone(),
         listen,
         admin,
         metrics,
         links,
-        children: Vec::new(),
+        plugins,
         stop_streams,
+        probes: vec![accept_probe],
+        activated,
         stop_server: Some(stop_server),
         server: Some(server),
         background,
     };
-    for plugin in config.plugins.iter().filter(|p| p.spawn) {
-        let socket = config.plugin_socket(&plugin.name);
-        let child = match spawn::spawn_plugin(plugin, &socket) {
-            Ok(child) => child,
-            Err(e) => {
-                running.stop().await;
-                return Err(e.into());
-            }
-        };
-        let pid = child.id();
-        if let Some(link) = running.links.iter().find(|l| l.name() == plugin.name) {
-            link.set_spawned_pid(pid);
-        }
-        let name = plugin.name.clone();
-        let stopping = running.stop_streams.subscribe();
-        // The task owns the child (killed if the task is dropped) and reaps it.
-        let exited = tokio::spawn(async move {
-            let mut child = child;
-            match child.wait().await {
-                Ok(status) if *stopping.borrow() => {
-                    tracing::info!(plugin = %name, pid, %status, "plugin exited")
-                }
-                Ok(status) => tracing::error!(
-                    plugin = %name, pid, %status,
-                    "plugin exited while serving; its metadata is missing until it reconnects"
-                ),
-                Err(e) => {
-                    tracing::error!(plugin = %name, pid, error = %e, "cannot wait for plugin")
-                }
-            }
-        });
-        running.children.push(SpawnedPlugin {
-            name: plugin.name.clone(),
-            pid,
-            exited,
-        });
-    }
     if !running.wait_connected(config.connect_timeout).await {
         let missing: Vec<_> = running
             .links
@@ -316,6 +377,11 @@ impl Running {
         &self.metrics
     }
 
+    /// The liveness probes of the loops the systemd watchdog vouches for.
+    pub fn probes(&self) -> &[systemd::Probe] {
+        &self.probes
+    }
+
     /// The plugin links, in config order.
     pub fn links(&self) -> &[Arc<PluginLink>] {
         &self.links
@@ -323,10 +389,24 @@ impl Running {
 
     /// The pids of the plugin processes the front started, by plugin name.
     pub fn plugin_pids(&self) -> Vec<(String, u32)> {
-        self.children
+        self.plugins
+            .entries()
             .iter()
-            .filter_map(|c| c.pid.map(|p| (c.name.clone(), p)))
+            .filter_map(|e| {
+                let pid = e.supervised.as_ref()?.pid()?;
+                Some((e.link.name().to_owned(), pid))
+            })
             .collect()
+    }
+
+    /// The plugins and their supervisors.
+    pub fn plugins(&self) -> &Arc<Plugins> {
+        &self.plugins
+    }
+
+    /// Where the control socket listens.
+    pub fn control_socket(&self) -> std::path::PathBuf {
+        self.config.control_socket()
     }
 
     /// Waits until every plugin is connected, up to `timeout`; true if they all are.
@@ -366,22 +446,31 @@ impl Running {
                 server.abort();
             }
         }
-        for link in self.links.iter().rev() {
-            link.send_shutdown(grace);
-        }
-        let plugin_deadline =
-            deadline.max(tokio::time::Instant::now() + Duration::from_millis(500));
-        for child in self.children.iter_mut().rev() {
-            if tokio::time::timeout_at(plugin_deadline, &mut child.exited)
-                .await
-                .is_err()
-            {
-                tracing::warn!(plugin = %child.name, pid = ?child.pid, "plugin did not exit in time; killing it");
-                // Aborting the task drops the child, which kills it (kill_on_drop).
-                child.exited.abort();
-                let _ = (&mut child.exited).await;
+        // Plugins stop in reverse config order: each gets `Shutdown`, SIGTERM after the grace
+        // period and SIGKILL after another; their supervisors end once they are reaped.
+        let entries = self.plugins.entries();
+        for entry in entries.iter().rev() {
+            match &entry.supervised {
+                Some(s) => s.begin_shutdown(grace),
+                None => entry.link.send_shutdown(grace),
             }
         }
+        let all_reaped = async {
+            for entry in entries.iter().rev() {
+                if let Some(s) = &entry.supervised {
+                    s.finished().await;
+                }
+            }
+        };
+        if tokio::time::timeout(grace * 2 + Duration::from_secs(1), all_reaped)
+            .await
+            .is_err()
+        {
+            tracing::warn!("plugins still running after the stop sequence; killing them");
+        }
+        // Dropping the supervisors aborts their tasks, which kills any child still there.
+        self.plugins.entries.write().expect("plugins lock").clear();
+        drop(entries);
         for link in &self.links {
             link.disconnect("front stopping");
         }
@@ -391,8 +480,9 @@ impl Running {
         for plugin in &self.config.plugins {
             let _ = std::fs::remove_file(self.config.plugin_socket(&plugin.name));
         }
-        if let Listen::Unix(path) = &self.listen {
+        if let (Listen::Unix(path), false) = (&self.listen, self.activated) {
             let _ = std::fs::remove_file(path);
         }
+        let _ = std::fs::remove_file(self.config.control_socket());
     }
 }

@@ -80,6 +80,7 @@ pub struct Conn {
     finals: Mutex<HashMap<u64, oneshot::Sender<FinalOutcome>>>,
     acks: Mutex<HashMap<(StreamId, u32), oneshot::Sender<()>>>,
     closed: watch::Sender<bool>,
+    since: Instant,
 }
 
 impl Conn {
@@ -145,6 +146,16 @@ impl PluginLink {
         *self.connected.borrow()
     }
 
+    /// A receiver that changes whenever a connection comes or goes.
+    pub fn subscribe_connected(&self) -> watch::Receiver<bool> {
+        self.connected.subscribe()
+    }
+
+    /// When the live connection was welcomed.
+    pub fn connected_since(&self) -> Option<Instant> {
+        self.connection().map(|c| c.since)
+    }
+
     /// Waits until a connection is live.
     pub async fn wait_connected(&self) {
         let mut rx = self.connected.subscribe();
@@ -189,6 +200,7 @@ impl PluginLink {
             finals: Mutex::new(HashMap::new()),
             acks: Mutex::new(HashMap::new()),
             closed: watch::channel(false).0,
+            since: Instant::now(),
         });
         *slot = Some(conn.clone());
         drop(slot);
@@ -264,11 +276,20 @@ impl PluginLink {
         if let Err(e) = result {
             self.detach(&conn, &format!("write failed: {e}"));
         }
-        // Whatever is still queued will never be written: take it off the gauges.
+        // Whatever is still queued will never be written: take it off the gauges and count the
+        // events as dropped (the plugin's replacement sees the gap).
         rx.close();
+        let dropped = self
+            .metrics
+            .events_dropped
+            .get_or_create(&Metrics::reason(&self.config.name, Dropped::Down.as_str()))
+            .clone();
         while let Ok(q) = rx.try_recv() {
             depth.dec();
             bytes_gauge.dec_by(q.bytes as i64);
+            if q.msg.stream_seq().is_some() {
+                dropped.inc();
+            }
         }
         let _ = writer.get_mut().shutdown().await;
     }

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use supervisor::Config;
+use supervisor::{error_chain, Config};
 
 /// Envoy ext_proc front that feeds plugin processes without making the stream wait.
 #[derive(Parser)]
@@ -14,6 +14,9 @@ struct Cli {
     /// Configuration file (TOML). Without it the embedded default is used.
     #[arg(long, short, env = "PLUGVISOR_CONFIG", global = true)]
     config: Option<PathBuf>,
+    /// Log to journald (`auto`: when JOURNAL_STREAM is set), else to stderr as text or JSON.
+    #[arg(long, value_enum, env = "PLUGVISOR_LOG_FORMAT", default_value = "auto", global = true)]
+    log_format: supervisor::logging::LogFormat,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -27,6 +30,115 @@ enum Command {
     },
     /// Print the embedded default configuration.
     DefaultConfig,
+    /// Show each plugin's state, pid, uptime, restarts, last exit, queue depth and drops.
+    Status {
+        /// Print the status as JSON.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        control: ControlArg,
+    },
+    /// Start a stopped or failed plugin.
+    Start {
+        /// The plugin's name in the config.
+        plugin: String,
+        #[command(flatten)]
+        control: ControlArg,
+    },
+    /// Stop a plugin and keep it stopped; its socket stays and accepts a hand-started instance.
+    Stop {
+        /// The plugin's name in the config.
+        plugin: String,
+        #[command(flatten)]
+        control: ControlArg,
+    },
+    /// Restart a plugin (stop its process gracefully, start a new one); revives a failed one.
+    Restart {
+        /// The plugin's name in the config.
+        plugin: String,
+        #[command(flatten)]
+        control: ControlArg,
+    },
+}
+
+/// Where the running front's control socket is.
+#[derive(clap::Args)]
+struct ControlArg {
+    /// The control socket (default: `control.sock` in the runtime directory of --config, or of
+    /// the embedded default).
+    #[arg(long, value_name = "PATH")]
+    control: Option<PathBuf>,
+}
+
+impl ControlArg {
+    fn socket(&self, config: Option<&PathBuf>) -> Result<PathBuf, String> {
+        if let Some(path) = &self.control {
+            return Ok(path.clone());
+        }
+        let config = match config {
+            Some(path) => Config::load(path),
+            None => Config::default_config(),
+        };
+        config
+            .map(|c| c.control_socket())
+            .map_err(|e| error_chain(&e))
+    }
+}
+
+/// Sends one request to the running front and prints its answer.
+fn control(
+    control: &ControlArg,
+    config: Option<&PathBuf>,
+    request: supervisor::control::Request,
+    json: bool,
+) -> ExitCode {
+    let socket = match control.socket(config) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("plugvisor: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("plugvisor: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(supervisor::control::request(&socket, &request)) {
+        Err(e) => {
+            eprintln!("plugvisor: {}", error_chain(&e));
+            ExitCode::FAILURE
+        }
+        Ok(answer) if json => {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&answer).unwrap_or_default()
+            );
+            if answer.ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+        Ok(answer) if !answer.ok => {
+            eprintln!("plugvisor: {}", answer.error.unwrap_or_default());
+            ExitCode::FAILURE
+        }
+        Ok(answer) => {
+            if let Some(plugins) = &answer.plugins {
+                print!("{}", supervisor::control::render_status(plugins));
+            }
+            if let Some(message) = &answer.message {
+                println!("{message}");
+            }
+            ExitCode::SUCCESS
+        }
+    }
 }
 
 /// EX_USAGE / EX_CONFIG family: a bad configuration.
@@ -61,15 +173,41 @@ fn main() -> ExitCode {
             print!("{}", supervisor::config::DEFAULT_CONFIG);
             return ExitCode::SUCCESS;
         }
+        Some(Command::Status { json, control: c }) => {
+            return control(
+                &c,
+                cli.config.as_ref(),
+                supervisor::control::Request::Status,
+                json,
+            );
+        }
+        Some(Command::Start { plugin, control: c }) => {
+            return control(
+                &c,
+                cli.config.as_ref(),
+                supervisor::control::Request::Start { plugin },
+                false,
+            );
+        }
+        Some(Command::Stop { plugin, control: c }) => {
+            return control(
+                &c,
+                cli.config.as_ref(),
+                supervisor::control::Request::Stop { plugin },
+                false,
+            );
+        }
+        Some(Command::Restart { plugin, control: c }) => {
+            return control(
+                &c,
+                cli.config.as_ref(),
+                supervisor::control::Request::Restart { plugin },
+                false,
+            );
+        }
         None => {}
     }
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("PLUGVISOR_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    supervisor::logging::init(cli.log_format);
     let config = match &cli.config {
         Some(path) => Config::load(path),
         None => Config::default_config(),
@@ -88,7 +226,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(supervisor::run(config, shutdown_signal())) {
+    match runtime.block_on(supervisor::service::run(config, shutdown_signal())) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{}", error_chain(&e));
@@ -114,13 +252,3 @@ async fn shutdown_signal() {
     tracing::info!("stopping");
 }
 
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        s.push_str(": ");
-        s.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    s
-}

@@ -79,6 +79,16 @@ pub struct Metrics {
     pub stream_errors: Counter,
     /// Time from a message's arrival to its reply.
     pub response_overhead: Family<MessageLabel, Histogram, fn() -> Histogram>,
+    /// 1 while a spawned plugin's current process has completed its handshake.
+    pub plugin_up: Family<PluginLabel, Gauge>,
+    /// Restarts of a spawned plugin.
+    pub restarts: Family<PluginLabel, Counter>,
+    /// Exit status of a spawned plugin's previous process (0 when a signal ended it).
+    pub last_exit_code: Family<PluginLabel, Gauge>,
+    /// Signal that ended a spawned plugin's previous process (0 when it exited).
+    pub last_exit_signal: Family<PluginLabel, Gauge>,
+    /// Time from spawning a plugin process to its completed handshake.
+    pub start_duration: Family<PluginLabel, Histogram, fn() -> Histogram>,
 }
 
 impl Default for Metrics {
@@ -175,8 +185,46 @@ impl Metrics {
             "Time from a message's arrival from Envoy to the front's reply",
             response_overhead.clone(),
         );
+        let plugin_up = Family::default();
+        let restarts = Family::default();
+        let last_exit_code = Family::default();
+        let last_exit_signal = Family::default();
+        let start_duration =
+            Family::<PluginLabel, Histogram, fn() -> Histogram>::new_with_constructor(
+                final_histogram,
+            );
+        registry.register(
+            "plugvisor_plugin_up",
+            "1 while the spawned plugin's process has completed its handshake",
+            plugin_up.clone(),
+        );
+        registry.register(
+            "plugvisor_plugin_restarts",
+            "Restarts of a spawned plugin",
+            restarts.clone(),
+        );
+        registry.register(
+            "plugvisor_plugin_last_exit_code",
+            "Exit status of the plugin's previous process (0 if a signal ended it)",
+            last_exit_code.clone(),
+        );
+        registry.register(
+            "plugvisor_plugin_last_exit_signal",
+            "Signal that ended the plugin's previous process (0 if it exited)",
+            last_exit_signal.clone(),
+        );
+        registry.register(
+            "plugvisor_plugin_start_duration_seconds",
+            "Time from spawning a plugin process to its completed handshake",
+            start_duration.clone(),
+        );
         Metrics {
             registry,
+            plugin_up,
+            restarts,
+            last_exit_code,
+            last_exit_signal,
+            start_duration,
             events_sent,
             events_dropped,
             queue_depth,

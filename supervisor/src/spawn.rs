@@ -1,13 +1,28 @@
-//! Starting a plugin process: command line, process title, and its output turned into log records.
+//! Starting a plugin process: command line, process title, process group, parent-death signal,
+//! and its output turned into log records. The one module of the supervisor that needs `unsafe`.
 //!
-//! Until supervision lands (restarts, backoff, parent-death signal) the front starts each plugin
-//! once; [`spawn_plugin`] is the one place that knows how, so the supervisor can call it again.
+//! Every plugin process is started
+//! - in its own process group, so a hung plugin and anything it forked die with one `killpg`;
+//! - with `PR_SET_PDEATHSIG = SIGKILL`, so it dies with the front even when the front is
+//!   SIGKILLed and the plugin never reads its socket's end-of-file;
+//! - with `argv[0]` set to `plugvisor-plugin: <name>`, so `ps` and `pgrep -f` show which plugin a
+//!   process serves;
+//! - with stdout and stderr piped and each line logged, tagged with the plugin and its pid.
+//!
+//! The kernel delivers the parent-death signal when the *thread* that forked the child exits, not
+//! the process. Tokio's worker and blocking threads come and go, so every fork happens on one
+//! dedicated [`Spawner`] thread that lives as long as the supervisor.
+#![allow(unsafe_code)]
 
+use std::io;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::mpsc as std_mpsc;
+use std::thread;
 
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
+use tokio::sync::oneshot;
 
 use crate::config::PluginConfig;
 
@@ -49,32 +64,96 @@ pub fn plugin_args(plugin: &PluginConfig, socket: &Path) -> Vec<String> {
     })
 }
 
-/// Starts the plugin's process with the title `plugvisor-plugin: <name>`, its stdout and stderr
-/// forwarded to the log tagged with plugin and pid. The child is killed if its handle is dropped.
-pub fn spawn_plugin(plugin: &PluginConfig, socket: &Path) -> Result<Child, SpawnError> {
-    let program = plugin_command(plugin);
-    let mut cmd = Command::new(&program);
-    cmd.arg0(format!("{PLUGIN_HOST}: {}", plugin.name))
-        .args(plugin_args(plugin, socket))
-        .envs(&plugin.env)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
-    let mut child = cmd.spawn().map_err(|source| SpawnError {
-        plugin: plugin.name.clone(),
-        command: program.display().to_string(),
-        source,
-    })?;
-    let pid = child.id().unwrap_or(0);
-    tracing::info!(plugin = %plugin.name, pid, command = %program.display(), "plugin started");
-    if let Some(out) = child.stdout.take() {
-        tokio::spawn(forward(out, plugin.name.clone(), pid, "stdout"));
+type Request = (Command, oneshot::Sender<io::Result<Child>>);
+
+/// Forks plugin processes from one long-lived thread (see the module docs for why).
+///
+/// Clones send to the same thread, which ends when the last clone is dropped.
+#[derive(Debug, Clone)]
+pub struct Spawner {
+    requests: std_mpsc::Sender<Request>,
+}
+
+impl Spawner {
+    /// Starts the spawner thread. Must be called inside a tokio runtime: children are registered
+    /// with it so they can be awaited and reaped asynchronously.
+    pub fn start() -> io::Result<Spawner> {
+        let runtime = tokio::runtime::Handle::current();
+        let (tx, rx) = std_mpsc::channel::<Request>();
+        thread::Builder::new()
+            .name("plugvisor-spawner".into())
+            .spawn(move || {
+                let _entered = runtime.enter();
+                while let Ok((mut cmd, reply)) = rx.recv() {
+                    let _ = reply.send(cmd.spawn());
+                }
+            })?;
+        Ok(Spawner { requests: tx })
     }
-    if let Some(err) = child.stderr.take() {
-        tokio::spawn(forward(err, plugin.name.clone(), pid, "stderr"));
+
+    /// Starts the plugin's process with the title `plugvisor-plugin: <name>` in its own process
+    /// group, its stdout and stderr forwarded to the log tagged with plugin and pid. The child is
+    /// killed if its handle is dropped.
+    pub async fn spawn_plugin(
+        &self,
+        plugin: &PluginConfig,
+        socket: &Path,
+    ) -> Result<Child, SpawnError> {
+        let program = plugin_command(plugin);
+        let error = |source| SpawnError {
+            plugin: plugin.name.clone(),
+            command: program.display().to_string(),
+            source,
+        };
+        let mut cmd = Command::new(&program);
+        cmd.arg0(format!("{PLUGIN_HOST}: {}", plugin.name))
+            .args(plugin_args(plugin, socket))
+            .envs(&plugin.env)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .process_group(0)
+            .kill_on_drop(true);
+        set_parent_death_signal(&mut cmd);
+        let (tx, rx) = oneshot::channel();
+        self.requests
+            .send((cmd, tx))
+            .map_err(|_| error(io::Error::other("the spawner thread is gone")))?;
+        let mut child = rx
+            .await
+            .map_err(|_| error(io::Error::other("the spawner thread dropped the request")))?
+            .map_err(error)?;
+        let pid = child.id().unwrap_or(0);
+        tracing::info!(plugin = %plugin.name, pid, command = %program.display(), "plugin started");
+        if let Some(out) = child.stdout.take() {
+            tokio::spawn(forward(out, plugin.name.clone(), pid, "stdout"));
+        }
+        if let Some(err) = child.stderr.take() {
+            tokio::spawn(forward(err, plugin.name.clone(), pid, "stderr"));
+        }
+        Ok(child)
     }
-    Ok(child)
+}
+
+/// Arranges for the child to get SIGKILL when the spawning thread (the [`Spawner`]'s, which lives
+/// as long as the supervisor) ends.
+fn set_parent_death_signal(cmd: &mut Command) {
+    let parent = nix::unistd::getpid();
+    // SAFETY: the closure runs in the child between fork and exec, where only async-signal-safe
+    // work is allowed (another thread of the front may have held the allocator's lock at fork).
+    // It makes two raw syscalls through nix (prctl, getppid) and builds its errors from plain
+    // errno values: nothing allocates, nothing takes a lock.
+    unsafe {
+        cmd.pre_exec(move || {
+            nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
+                .map_err(io::Error::from)?;
+            // The supervisor may have died between fork and prctl; then no signal would come.
+            if nix::unistd::getppid() != parent {
+                return Err(io::Error::from(nix::errno::Errno::ESRCH));
+            }
+            Ok(())
+        });
+    }
 }
 
 async fn forward(

@@ -21,7 +21,11 @@ fn plugin(queue_events: usize, queue_bytes: usize, final_ms: u64) -> PluginConfi
         queue_bytes,
         uid: None,
         group: None,
+        required: false,
         config: Value::Null,
+        restart: crate::restart::Policy::default(),
+        start_timeout: Duration::from_secs(10),
+        hang_timeout: Duration::from_secs(5),
     }
 }
 

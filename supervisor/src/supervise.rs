@@ -1,0 +1,566 @@
+//! Supervision of one plugin: a task that spawns its process, watches it, and drives the pure
+//! restart policy in [`crate::restart`] with what it sees.
+//!
+//! The task owns the child process. It turns the world into policy events (the process exited and
+//! how, the handshake completed, the start or hang deadline passed, the backoff is over, an
+//! operator asked for `start`/`stop`/`restart`) and carries out the policy's actions (spawn,
+//! SIGKILL the process group, terminate gracefully, wait). Everything it knows is published in a
+//! [`PluginStatus`] that `plugvisor status` and `/metrics` read.
+//!
+//! A plugin with `spawn = false` has no such task: the front only listens on its socket, and its
+//! status is read from the link.
+
+use std::os::unix::process::ExitStatusExt;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{killpg, Signal};
+use nix::unistd::Pid;
+use serde::{Deserialize, Serialize};
+use tokio::process::Child;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+
+use crate::link::PluginLink;
+use crate::metrics::Metrics;
+use crate::restart::{Action, Event, Exit, Restarter, State};
+use crate::spawn::Spawner;
+
+/// What `plugvisor status` shows for one plugin.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PluginStatus {
+    /// The configured name.
+    pub name: String,
+    /// `up`, `starting`, `backoff`, `failed`, `stopped`, or `external` (connected, but not a
+    /// process this front spawned: `spawn = false`, or a hand-started one after `stop`).
+    pub state: String,
+    /// Whether the front spawns this plugin (`spawn = true`).
+    pub spawned: bool,
+    /// Whether a plugin process is connected and welcomed.
+    pub connected: bool,
+    /// The pid serving the plugin (the spawned process, or the connected peer).
+    pub pid: Option<u32>,
+    /// Seconds since the current process completed its handshake.
+    pub uptime_secs: Option<f64>,
+    /// Restarts since the front started.
+    pub restarts: u64,
+    /// How the previous process ended: `exit status N` or `signal N (SIGNAME)`.
+    pub last_exit: Option<String>,
+    /// Events waiting in the plugin's queue.
+    pub queue_depth: i64,
+    /// Events dropped for this plugin (full queue or no connection).
+    pub dropped_events: u64,
+    /// In backoff: milliseconds until the next start.
+    pub retry_in_ms: Option<u64>,
+}
+
+/// An operator's or the front's request to a supervised plugin.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Command {
+    /// Start it if it is not running (also revives a `failed` plugin).
+    Start,
+    /// Stop it and keep it stopped; its socket stays for a hand-started instance.
+    Stop,
+    /// Stop the running process and start a new one (or start it if it is not running).
+    Restart,
+}
+
+type Request = (Command, oneshot::Sender<Result<String, String>>);
+
+/// What the task shares with the status readers.
+#[derive(Debug, Default)]
+struct Shared {
+    state: Option<State>,
+    pid: Option<u32>,
+    up_since: Option<Instant>,
+    restarts: u64,
+    last_exit: Option<String>,
+}
+
+/// The handle to one supervised plugin.
+pub struct Supervised {
+    link: Arc<PluginLink>,
+    metrics: Arc<Metrics>,
+    shared: Arc<Mutex<Shared>>,
+    requests: mpsc::Sender<Request>,
+    shutdown: Mutex<Option<oneshot::Sender<Duration>>>,
+    task: Mutex<Option<JoinHandle<()>>>,
+}
+
+/// What the supervising task needs.
+pub struct Context {
+    /// The plugin's link (its socket side in the front).
+    pub link: Arc<PluginLink>,
+    /// The socket the process is told to connect to.
+    pub socket: PathBuf,
+    /// Forks processes from the long-lived spawner thread.
+    pub spawner: Spawner,
+    /// The metrics registry.
+    pub metrics: Arc<Metrics>,
+    /// How long a process gets to exit after `Shutdown` (and again after SIGTERM) when it is
+    /// stopped.
+    pub stop_grace: Duration,
+}
+
+impl Supervised {
+    /// Starts supervising: the plugin is started at once.
+    pub fn start(ctx: Context) -> Supervised {
+        let (requests, rx) = mpsc::channel(16);
+        let (shutdown, shutdown_rx) = oneshot::channel();
+        let shared = Arc::new(Mutex::new(Shared::default()));
+        let link = ctx.link.clone();
+        let metrics = ctx.metrics.clone();
+        let task = tokio::spawn(
+            Task {
+                restarter: Restarter::new(ctx.link.config().restart.clone()),
+                ctx,
+                shared: shared.clone(),
+                child: None,
+                start_deadline: None,
+                backoff_until: None,
+                spawned_at: None,
+            }
+            .run(rx, shutdown_rx),
+        );
+        Supervised {
+            link,
+            metrics,
+            shared,
+            requests,
+            shutdown: Mutex::new(Some(shutdown)),
+            task: Mutex::new(Some(task)),
+        }
+    }
+
+    /// The plugin's name.
+    pub fn name(&self) -> &str {
+        self.link.name()
+    }
+
+    /// Asks the task to carry out `command`; the answer says what was done.
+    pub async fn command(&self, command: Command) -> Result<String, String> {
+        let (tx, rx) = oneshot::channel();
+        self.requests
+            .send((command, tx))
+            .await
+            .map_err(|_| "the plugin's supervisor has stopped".to_owned())?;
+        rx.await
+            .map_err(|_| "the plugin's supervisor has stopped".to_owned())?
+    }
+
+    /// The current status.
+    pub fn status(&self) -> PluginStatus {
+        let shared = self.shared.lock().expect("status lock");
+        let state = shared.state.unwrap_or(State::Stopped);
+        let mut status = link_status(&self.link, &self.metrics);
+        status.spawned = true;
+        status.restarts = shared.restarts;
+        status.last_exit = shared.last_exit.clone();
+        let ours = shared.pid.is_some() && status.pid == shared.pid;
+        status.state = if status.connected && !ours && state == State::Stopped {
+            "external".into()
+        } else {
+            state.name().into()
+        };
+        if status.state != "external" {
+            status.pid = shared.pid;
+        }
+        status.uptime_secs = match state {
+            State::Up => shared.up_since.map(|t| t.elapsed().as_secs_f64()),
+            _ => None,
+        };
+        status.retry_in_ms = match state {
+            State::Backoff { until } => Some(
+                until
+                    .saturating_duration_since(Instant::now())
+                    .as_millis() as u64,
+            ),
+            _ => None,
+        };
+        status
+    }
+
+    /// The pid of the process the front spawned, while one runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.shared.lock().expect("status lock").pid
+    }
+
+    /// Stops the plugin for good (front shutdown or removal from the config): `Shutdown`,
+    /// SIGTERM to its process group after `grace`, SIGKILL after another `grace`. The task ends
+    /// once the process is reaped; [`Supervised::finished`] waits for that.
+    pub fn begin_shutdown(&self, grace: Duration) {
+        if let Some(tx) = self.shutdown.lock().expect("shutdown lock").take() {
+            let _ = tx.send(grace);
+        }
+    }
+
+    /// Waits for the supervising task to end (after [`Supervised::begin_shutdown`]).
+    pub async fn finished(&self) {
+        let task = self.task.lock().expect("task lock").take();
+        if let Some(task) = task {
+            let _ = task.await;
+        }
+    }
+}
+
+impl Drop for Supervised {
+    fn drop(&mut self) {
+        // The task owns the child with kill_on_drop: aborting it kills the process.
+        if let Some(task) = self.task.lock().expect("task lock").take() {
+            task.abort();
+        }
+    }
+}
+
+/// The status of a plugin as far as its link knows (used alone for `spawn = false` plugins).
+pub fn link_status(link: &PluginLink, metrics: &Metrics) -> PluginStatus {
+    let conn = link.connection();
+    let label = Metrics::plugin(link.name());
+    let dropped = ["queue_full", "down"]
+        .iter()
+        .map(|r| {
+            metrics
+                .events_dropped
+                .get_or_create(&Metrics::reason(link.name(), r))
+                .get()
+        })
+        .sum();
+    PluginStatus {
+        name: link.name().to_owned(),
+        state: "external".into(),
+        spawned: false,
+        connected: conn.is_some(),
+        pid: conn.as_ref().map(|c| c.pid()),
+        uptime_secs: link.connected_since().map(|t| t.elapsed().as_secs_f64()),
+        restarts: 0,
+        last_exit: None,
+        queue_depth: metrics.queue_depth.get_or_create(&label).get(),
+        dropped_events: dropped,
+        retry_in_ms: None,
+    }
+}
+
+/// `exit status 3`, `signal 9 (SIGKILL)`.
+fn describe(exit: Exit) -> String {
+    match exit {
+        Exit::Code(c) => format!("exit status {c}"),
+        Exit::Signal(s) => match Signal::try_from(s) {
+            Ok(sig) => format!("signal {s} ({})", sig.as_str()),
+            Err(_) => format!("signal {s}"),
+        },
+        Exit::SpawnFailed => "could not be spawned".into(),
+    }
+}
+
+struct Task {
+    ctx: Context,
+    restarter: Restarter,
+    shared: Arc<Mutex<Shared>>,
+    child: Option<Child>,
+    start_deadline: Option<tokio::time::Instant>,
+    backoff_until: Option<tokio::time::Instant>,
+    spawned_at: Option<Instant>,
+}
+
+impl Task {
+    async fn run(
+        mut self,
+        mut requests: mpsc::Receiver<Request>,
+        mut shutdown: oneshot::Receiver<Duration>,
+    ) {
+        let mut connected = self.ctx.link.subscribe_connected();
+        let hang_check = (self.ctx.link.config().hang_timeout / 4).max(Duration::from_millis(20));
+        let mut hang_tick = tokio::time::interval(hang_check);
+        hang_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        self.feed(Event::Start).await;
+        loop {
+            let state = self.restarter.state();
+            tokio::select! {
+                grace = &mut shutdown => {
+                    let grace = grace.unwrap_or(Duration::ZERO);
+                    self.restarter.handle(Event::Stop, Instant::now(), 0.0);
+                    if let Some(exit) = self.terminate(grace).await {
+                        self.record_exit(exit);
+                    }
+                    self.publish();
+                    return;
+                }
+                Some((command, reply)) = requests.recv() => {
+                    let answer = self.on_command(command).await;
+                    let _ = reply.send(answer);
+                }
+                status = wait_child(&mut self.child) => {
+                    let exit = status.map_or(Exit::Code(-1), exit_of);
+                    self.child = None;
+                    self.record_exit(exit);
+                    self.feed(Event::Exited(exit)).await;
+                }
+                Ok(()) = connected.changed() => {
+                    if state == State::Starting && self.handshake_done() {
+                        self.feed(Event::HandshakeDone).await;
+                    }
+                }
+                _ = sleep_until(self.start_deadline), if state == State::Starting => {
+                    self.start_deadline = None;
+                    tracing::error!(
+                        plugin = %self.ctx.link.name(),
+                        timeout = ?self.ctx.link.config().start_timeout,
+                        "plugin did not complete its handshake in time; killing it"
+                    );
+                    self.feed(Event::StartTimedOut).await;
+                }
+                _ = sleep_until(self.backoff_until), if matches!(state, State::Backoff { .. }) => {
+                    self.backoff_until = None;
+                    self.feed(Event::BackoffElapsed).await;
+                }
+                _ = hang_tick.tick(), if state == State::Up => {
+                    if self.hung() {
+                        tracing::error!(
+                            plugin = %self.ctx.link.name(),
+                            pid = ?self.child.as_ref().and_then(|c| c.id()),
+                            timeout = ?self.ctx.link.config().hang_timeout,
+                            "plugin stopped answering pings; killing its process group"
+                        );
+                        self.feed(Event::Hung).await;
+                    }
+                }
+            }
+            self.publish();
+        }
+    }
+
+    fn handshake_done(&self) -> bool {
+        let pid = self.child.as_ref().and_then(|c| c.id());
+        pid.is_some() && self.ctx.link.connection().map(|c| c.pid()) == pid
+    }
+
+    fn hung(&self) -> bool {
+        let up_since = self.shared.lock().expect("status lock").up_since;
+        let last_sign_of_life = match (up_since, self.ctx.link.last_pong()) {
+            (Some(up), Some(pong)) => up.max(pong),
+            (Some(up), None) => up,
+            (None, _) => return false,
+        };
+        last_sign_of_life.elapsed() > self.ctx.link.config().hang_timeout
+    }
+
+    async fn on_command(&mut self, command: Command) -> Result<String, String> {
+        let name = self.ctx.link.name().to_owned();
+        let state = self.restarter.state();
+        match command {
+            Command::Start if matches!(state, State::Starting | State::Up) => {
+                Ok(format!("{name} is already {}", state.name()))
+            }
+            Command::Start | Command::Restart => {
+                if state == State::Stopped && self.ctx.link.is_connected() {
+                    // A hand-started instance holds the socket: make room for ours.
+                    self.ctx
+                        .link
+                        .disconnect("the operator started the supervised plugin");
+                }
+                self.feed(Event::Start).await;
+                Ok(format!("{name}: {}", self.restarter.state().name()))
+            }
+            Command::Stop if state == State::Stopped => Ok(format!("{name} is already stopped")),
+            Command::Stop => {
+                self.feed(Event::Stop).await;
+                Ok(format!(
+                    "{name}: stopped; its socket {} accepts a hand-started instance",
+                    self.ctx.socket.display()
+                ))
+            }
+        }
+    }
+
+    /// Logs and publishes how the process ended; the caller feeds the policy.
+    fn record_exit(&mut self, exit: Exit) {
+        let name = self.ctx.link.name().to_owned();
+        let pid = self.shared.lock().expect("status lock").pid.take();
+        let described = describe(exit);
+        let expected = self.restarter.state() == State::Stopped;
+        if expected {
+            tracing::info!(plugin = %name, pid, exit = %described, "plugin exited");
+        } else {
+            tracing::error!(plugin = %name, pid, exit = %described, "plugin exited unexpectedly");
+        }
+        {
+            let mut shared = self.shared.lock().expect("status lock");
+            shared.last_exit = Some(described);
+            shared.up_since = None;
+        }
+        let label = Metrics::plugin(&name);
+        match exit {
+            Exit::Code(c) => {
+                self.ctx.metrics.last_exit_code.get_or_create(&label).set(c.into());
+                self.ctx.metrics.last_exit_signal.get_or_create(&label).set(0);
+            }
+            Exit::Signal(s) => {
+                self.ctx.metrics.last_exit_signal.get_or_create(&label).set(s.into());
+            }
+            Exit::SpawnFailed => {}
+        }
+        self.ctx.metrics.plugin_up.get_or_create(&label).set(0);
+        if self.ctx.link.spawned_pid() == pid {
+            self.ctx.link.set_spawned_pid(None);
+        }
+    }
+
+    /// Feeds one event to the policy and carries out its actions (which may produce more events,
+    /// e.g. a failed spawn).
+    async fn feed(&mut self, event: Event) {
+        let mut pending = vec![event];
+        while let Some(event) = pending.pop() {
+            let actions = self
+                .restarter
+                .handle(event, Instant::now(), rand::random::<f64>());
+            if event == Event::HandshakeDone && self.restarter.state() == State::Up {
+                self.on_up();
+            }
+            for action in actions {
+                if let Some(next) = self.act(action).await {
+                    pending.push(next);
+                }
+            }
+        }
+        self.publish();
+    }
+
+    fn on_up(&mut self) {
+        self.start_deadline = None;
+        let name = self.ctx.link.name();
+        let label = Metrics::plugin(name);
+        if let Some(at) = self.spawned_at.take() {
+            self.ctx
+                .metrics
+                .start_duration
+                .get_or_create(&label)
+                .observe(at.elapsed().as_secs_f64());
+        }
+        self.ctx.metrics.plugin_up.get_or_create(&label).set(1);
+        self.shared.lock().expect("status lock").up_since = Some(Instant::now());
+        tracing::info!(plugin = %name, pid = ?self.child.as_ref().and_then(|c| c.id()), "plugin up");
+    }
+
+    async fn act(&mut self, action: Action) -> Option<Event> {
+        let name = self.ctx.link.name().to_owned();
+        match action {
+            Action::Spawn => {
+                let config = self.ctx.link.config().clone();
+                match self
+                    .ctx
+                    .spawner
+                    .spawn_plugin(&config, &self.ctx.socket)
+                    .await
+                {
+                    Ok(child) => {
+                        let pid = child.id();
+                        self.ctx.link.set_spawned_pid(pid);
+                        self.child = Some(child);
+                        self.start_deadline =
+                            Some(tokio::time::Instant::now() + config.start_timeout);
+                        self.spawned_at = Some(Instant::now());
+                        self.shared.lock().expect("status lock").pid = pid;
+                        None
+                    }
+                    Err(e) => {
+                        tracing::error!(plugin = %name, error = %crate::error_chain(&e), "cannot start plugin");
+                        self.shared.lock().expect("status lock").last_exit =
+                            Some(describe(Exit::SpawnFailed));
+                        Some(Event::Exited(Exit::SpawnFailed))
+                    }
+                }
+            }
+            Action::Kill => {
+                if let Some(pid) = self.child.as_ref().and_then(|c| c.id()) {
+                    let _ = killpg(Pid::from_raw(pid as i32), Signal::SIGKILL);
+                }
+                None
+            }
+            Action::Terminate => {
+                let exit = self.terminate(self.ctx.stop_grace).await?;
+                self.record_exit(exit);
+                Some(Event::Exited(exit))
+            }
+            Action::RetryAfter(delay) => {
+                tracing::warn!(plugin = %name, delay = ?delay, restarts = self.restarter.restarts_total(), "restarting plugin after backoff");
+                self.ctx
+                    .metrics
+                    .restarts
+                    .get_or_create(&Metrics::plugin(&name))
+                    .inc();
+                self.backoff_until = Some(tokio::time::Instant::now() + delay);
+                self.shared.lock().expect("status lock").restarts =
+                    self.restarter.restarts_total();
+                None
+            }
+            Action::GaveUp { restarts } => {
+                let policy = self.restarter.policy();
+                tracing::error!(
+                    plugin = %name,
+                    restarts,
+                    period = ?policy.period,
+                    "plugin failed: too many restarts; the others keep serving; `plugvisor restart {name}` brings it back"
+                );
+                None
+            }
+        }
+    }
+
+    /// Stops the running process: `Shutdown` over its socket, SIGTERM to its group after
+    /// `grace`, SIGKILL after another `grace`. Returns how it ended once it is reaped, or `None`
+    /// if no process was running.
+    async fn terminate(&mut self, grace: Duration) -> Option<Exit> {
+        let mut child = self.child.take()?;
+        let pid = child.id();
+        self.ctx.link.send_shutdown(grace);
+        let group = pid.map(|p| Pid::from_raw(p as i32));
+        let mut exit = tokio::time::timeout(grace, child.wait()).await;
+        if exit.is_err() {
+            tracing::warn!(plugin = %self.ctx.link.name(), pid, "plugin did not stop after Shutdown; sending SIGTERM");
+            if let Some(g) = group {
+                let _ = killpg(g, Signal::SIGTERM);
+            }
+            exit = tokio::time::timeout(grace, child.wait()).await;
+        }
+        let status = match exit {
+            Ok(status) => status.ok(),
+            Err(_) => {
+                tracing::warn!(plugin = %self.ctx.link.name(), pid, "plugin ignored SIGTERM; sending SIGKILL");
+                if let Some(g) = group {
+                    let _ = killpg(g, Signal::SIGKILL);
+                }
+                child.wait().await.ok()
+            }
+        };
+        Some(status.map_or(Exit::Code(-1), exit_of))
+    }
+
+    fn publish(&self) {
+        let mut shared = self.shared.lock().expect("status lock");
+        shared.state = Some(self.restarter.state());
+        shared.restarts = self.restarter.restarts_total();
+    }
+}
+
+fn exit_of(status: std::process::ExitStatus) -> Exit {
+    status
+        .code()
+        .map(Exit::Code)
+        .or(status.signal().map(Exit::Signal))
+        .unwrap_or(Exit::Code(-1))
+}
+
+async fn wait_child(child: &mut Option<Child>) -> std::io::Result<std::process::ExitStatus> {
+    match child {
+        Some(c) => c.wait().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn sleep_until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}

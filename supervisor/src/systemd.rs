@@ -1,0 +1,468 @@
+//! The service manager's side of plugvisor: the ext_proc listener handed over by socket
+//! activation (`LISTEN_FDS`, the fd named `extproc`), `sd_notify` messages (`READY=1`, `STATUS=`,
+//! `WATCHDOG=1`, `STOPPING=1`, `RELOADING=1`, `EXTEND_TIMEOUT_USEC=`), the STATUS line itself, and
+//! the liveness probes the watchdog sends through the loops it vouches for.
+//!
+//! Outside systemd (no `NOTIFY_SOCKET`, no `LISTEN_FDS`) every function here is a no-op, so the
+//! front behaves the same under a test harness, a shell or a container runtime.
+//!
+//! This is the one module of the crate allowed `unsafe`: taking ownership of an inherited file
+//! descriptor ([`adopt_listen_fd`]). `sd-notify` 0.4 hands out raw fds only.
+
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use nix::sys::socket::{
+    getsockname, getsockopt, sockopt, AddressFamily, SockaddrLike, SockaddrStorage,
+};
+use sd_notify::NotifyState;
+use tokio::sync::{mpsc, oneshot};
+use tokio_stream::Stream;
+
+use crate::{Listen, RunError};
+
+/// The `FileDescriptorName=` of the ext_proc socket in `plugvisor.socket`.
+pub const EXTPROC_FD_NAME: &str = "extproc";
+
+/// A listening socket inherited from the service manager.
+#[derive(Debug)]
+pub enum Activated {
+    /// `ListenStream=127.0.0.1:9002` and the like.
+    Tcp(std::net::TcpListener),
+    /// `ListenStream=/run/plugvisor/extproc.sock`.
+    Unix(std::os::unix::net::UnixListener),
+}
+
+/// The activated socket was unusable.
+#[derive(Debug, thiserror::Error)]
+pub enum ActivationError {
+    /// `LISTEN_FDS`/`LISTEN_FDNAMES` could not be read.
+    #[error("cannot read the sockets passed by systemd (LISTEN_FDS, LISTEN_FDNAMES)")]
+    Env(#[source] io::Error),
+    /// Sockets were passed but none is named `extproc`.
+    #[error(
+        "systemd passed {count} socket(s) named {names:?} but none named `extproc`; \
+         set FileDescriptorName=extproc in the socket unit"
+    )]
+    NotNamed {
+        /// How many fds came.
+        count: usize,
+        /// Their names.
+        names: Vec<String>,
+    },
+    /// The `extproc` fd is not a listening stream socket of a family we serve.
+    #[error(
+        "the socket named `extproc` (fd {fd}) {what}; use ListenStream= with a path or ip:port"
+    )]
+    NotListening {
+        /// The fd.
+        fd: RawFd,
+        /// What is wrong with it.
+        what: String,
+    },
+}
+
+/// Set once the `extproc` fd has been adopted, so it is never wrapped twice.
+static ADOPTED: AtomicBool = AtomicBool::new(false);
+
+/// The ext_proc listener passed by systemd, if this process was socket-activated. Returns
+/// `Ok(None)` without `LISTEN_FDS` for this pid, and on every call after the first that found it
+/// (the fd then belongs to the listener returned the first time).
+pub fn take_extproc_listener() -> Result<Option<Activated>, ActivationError> {
+    // Not unsetting the environment: other threads may be running, and plugins do not use these
+    // variables (LISTEN_PID names this process, so they would ignore them anyway).
+    let fds: Vec<(RawFd, String)> = sd_notify::listen_fds_with_names(false)
+        .map_err(ActivationError::Env)?
+        .collect();
+    if fds.is_empty() {
+        return Ok(None);
+    }
+    let Some(&(fd, _)) = fds.iter().find(|(_, name)| name == EXTPROC_FD_NAME) else {
+        return Err(ActivationError::NotNamed {
+            count: fds.len(),
+            names: fds.into_iter().map(|(_, n)| n).collect(),
+        });
+    };
+    if ADOPTED.swap(true, Ordering::SeqCst) {
+        return Ok(None);
+    }
+    let owned = adopt_listen_fd(fd);
+    let bad = |what: String| ActivationError::NotListening { fd, what };
+    match getsockopt(&owned, sockopt::AcceptConn) {
+        Ok(true) => {}
+        Ok(false) => return Err(bad("is not listening".into())),
+        Err(e) => return Err(bad(format!("is not a socket ({e})"))),
+    }
+    let family = getsockname::<SockaddrStorage>(owned.as_raw_fd())
+        .map_err(|e| bad(format!("has no address ({e})")))?
+        .family();
+    let listener = match family {
+        Some(AddressFamily::Unix) => Activated::Unix(std::os::unix::net::UnixListener::from(owned)),
+        Some(AddressFamily::Inet | AddressFamily::Inet6) => {
+            Activated::Tcp(std::net::TcpListener::from(owned))
+        }
+        other => return Err(bad(format!("has address family {other:?}"))),
+    };
+    let nonblocking = match &listener {
+        Activated::Tcp(l) => l.set_nonblocking(true),
+        Activated::Unix(l) => l.set_nonblocking(true),
+    };
+    nonblocking.map_err(|e| bad(format!("cannot be made non-blocking ({e})")))?;
+    Ok(Some(listener))
+}
+
+/// Takes ownership of an fd passed by the service manager.
+#[allow(unsafe_code)]
+fn adopt_listen_fd(fd: RawFd) -> OwnedFd {
+    // SAFETY: `fd` comes from `sd_notify::listen_fds_with_names`, which yields only the fds
+    // 3..3+LISTEN_FDS that systemd opened for this very process (LISTEN_PID is checked). Nothing
+    // else in plugvisor opens, closes or wraps them, and `ADOPTED` guarantees this runs at most
+    // once per process, so the returned `OwnedFd` is the fd's only owner and closes it once.
+    unsafe { OwnedFd::from_raw_fd(fd) }
+}
+
+/// The ext_proc listener, bound and ready for the gRPC server.
+#[derive(Debug)]
+pub enum ExtProcListener {
+    /// TCP.
+    Tcp(tokio::net::TcpListener),
+    /// A Unix socket.
+    Unix(tokio::net::UnixListener),
+}
+
+/// The ext_proc listener: the socket systemd passed as `extproc` when socket-activated (the
+/// config's `listen` is then not used), else `listen` bound here. Returns where it listens, the
+/// listener, and whether it came from systemd (whose socket file the front must never remove).
+pub async fn bind_ext_proc(listen: &Listen) -> Result<(Listen, ExtProcListener, bool), RunError> {
+    let activation_error = |source: io::Error| RunError::Listen {
+        addr: "the socket passed by systemd (LISTEN_FDS)".to_owned(),
+        source,
+    };
+    match take_extproc_listener().map_err(|e| activation_error(io::Error::other(e)))? {
+        Some(Activated::Tcp(l)) => {
+            let addr = l.local_addr().map_err(activation_error)?;
+            let l = tokio::net::TcpListener::from_std(l).map_err(activation_error)?;
+            tracing::info!(listen = %addr, "ext_proc listener passed by systemd");
+            return Ok((Listen::Tcp(addr), ExtProcListener::Tcp(l), true));
+        }
+        Some(Activated::Unix(l)) => {
+            let path = l
+                .local_addr()
+                .ok()
+                .and_then(|a| a.as_pathname().map(|p| p.to_owned()))
+                .unwrap_or_default();
+            let l = tokio::net::UnixListener::from_std(l).map_err(activation_error)?;
+            tracing::info!(listen = %format!("unix:{}", path.display()), "ext_proc listener passed by systemd");
+            return Ok((Listen::Unix(path), ExtProcListener::Unix(l), true));
+        }
+        None => {}
+    }
+    match listen {
+        Listen::Tcp(addr) => {
+            let failed = |source| RunError::Listen {
+                addr: addr.to_string(),
+                source,
+            };
+            let l = tokio::net::TcpListener::bind(addr).await.map_err(failed)?;
+            let bound = l.local_addr().map_err(failed)?;
+            Ok((Listen::Tcp(bound), ExtProcListener::Tcp(l), false))
+        }
+        Listen::Unix(path) => {
+            let _ = std::fs::remove_file(path);
+            if let Some(parent) = path.parent() {
+                let _ = std::fs::create_dir_all(parent);
+            }
+            let l = tokio::net::UnixListener::bind(path).map_err(|source| RunError::Listen {
+                addr: format!("unix:{}", path.display()),
+                source,
+            })?;
+            Ok((Listen::Unix(path.clone()), ExtProcListener::Unix(l), false))
+        }
+    }
+}
+
+/// Whether a service manager listens for notifications (`NOTIFY_SOCKET` is set).
+pub fn notify_enabled() -> bool {
+    std::env::var_os("NOTIFY_SOCKET").is_some_and(|s| !s.is_empty())
+}
+
+/// Sends `states` to the service manager; nothing without `NOTIFY_SOCKET`. A failed send is
+/// logged, never fatal: a front that cannot notify still serves.
+pub fn notify(states: &[NotifyState<'_>]) {
+    if let Err(e) = sd_notify::notify(false, states) {
+        tracing::warn!(error = %e, ?states, "cannot notify the service manager");
+    }
+}
+
+/// `READY=1` with a STATUS line.
+pub fn ready(status: &str) {
+    notify(&[NotifyState::Ready, NotifyState::Status(status)]);
+}
+
+/// `STATUS=<line>`.
+pub fn status(line: &str) {
+    notify(&[NotifyState::Status(line)]);
+}
+
+/// `RELOADING=1` (with `MONOTONIC_USEC`, which systemd 253+ requires) and a STATUS line.
+pub fn reloading(status: &str) {
+    let mut states = vec![NotifyState::Reloading, NotifyState::Status(status)];
+    if let Ok(now) = NotifyState::monotonic_usec_now() {
+        states.push(now);
+    }
+    notify(&states);
+}
+
+/// `STOPPING=1`, a STATUS line, and `EXTEND_TIMEOUT_USEC` so the stop timeout covers `drain`.
+pub fn stopping(status: &str, drain: Duration) {
+    notify(&[
+        NotifyState::Stopping,
+        NotifyState::Status(status),
+        NotifyState::ExtendTimeoutUsec(extend_usec(drain)),
+    ]);
+}
+
+/// `EXTEND_TIMEOUT_USEC` while draining: the time still needed plus a margin for the plugins.
+pub fn extend_timeout(remaining: Duration) {
+    notify(&[NotifyState::ExtendTimeoutUsec(extend_usec(remaining))]);
+}
+
+fn extend_usec(d: Duration) -> u32 {
+    let with_margin = d + Duration::from_secs(5);
+    u32::try_from(with_margin.as_micros()).unwrap_or(u32::MAX)
+}
+
+/// The watchdog interval to ping at (half of `WATCHDOG_USEC`), if systemd set one for this pid.
+pub fn watchdog_interval() -> Option<Duration> {
+    let mut usec = 0;
+    if sd_notify::watchdog_enabled(false, &mut usec) && usec > 0 {
+        Some(Duration::from_micros(usec) / 2)
+    } else {
+        None
+    }
+}
+
+/// `WATCHDOG=1`.
+pub fn watchdog_ping() {
+    notify(&[NotifyState::Watchdog]);
+}
+
+/// What the STATUS line says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StatusSnapshot {
+    /// `starting`, `serving`, `reloading`, `stopping`.
+    pub phase: &'static str,
+    /// Plugins, in config order, and whether each is connected.
+    pub plugins: Vec<(String, bool)>,
+    /// Plugin restarts done by plugvisor since it started.
+    pub restarts: u64,
+    /// A note appended at the end (e.g. what readiness gave up waiting for).
+    pub note: Option<String>,
+}
+
+impl StatusSnapshot {
+    /// `serving; plugins 2/3 up (down: latency); restarts 1`.
+    pub fn line(&self) -> String {
+        let up = self.plugins.iter().filter(|(_, up)| *up).count();
+        let mut s = format!("{}; plugins {up}/{} up", self.phase, self.plugins.len());
+        let down: Vec<&str> = self
+            .plugins
+            .iter()
+            .filter(|(_, up)| !up)
+            .map(|(n, _)| n.as_str())
+            .collect();
+        if !down.is_empty() {
+            s.push_str(&format!(" (down: {})", down.join(", ")));
+        }
+        s.push_str(&format!("; restarts {}", self.restarts));
+        if let Some(note) = &self.note {
+            s.push_str("; ");
+            s.push_str(note);
+        }
+        s
+    }
+}
+
+/// Asks a loop to prove it is still running: the loop answers a [`Probe`] by polling its
+/// [`ProbeAnswerer`]. The watchdog pings only when every probe was answered.
+#[derive(Debug, Clone)]
+pub struct Probe {
+    name: &'static str,
+    tx: mpsc::Sender<oneshot::Sender<()>>,
+}
+
+/// The loop's end of a [`Probe`].
+#[derive(Debug)]
+pub struct ProbeAnswerer {
+    rx: mpsc::Receiver<oneshot::Sender<()>>,
+}
+
+/// A probe for the loop named `name`.
+pub fn probe(name: &'static str) -> (Probe, ProbeAnswerer) {
+    let (tx, rx) = mpsc::channel(4);
+    (Probe { name, tx }, ProbeAnswerer { rx })
+}
+
+impl Probe {
+    /// The loop's name, for the log.
+    pub fn name(&self) -> &'static str {
+        self.name
+    }
+
+    /// True when the loop answered within `limit`.
+    pub async fn check(&self, limit: Duration) -> bool {
+        let (tx, rx) = oneshot::channel();
+        if self.tx.try_send(tx).is_err() {
+            // A full queue means earlier probes were never answered; a closed one, that the
+            // loop is gone.
+            return false;
+        }
+        matches!(tokio::time::timeout(limit, rx).await, Ok(Ok(())))
+    }
+}
+
+impl ProbeAnswerer {
+    /// Answers every pending probe and registers the waker for the next one (poll-based loops).
+    pub fn poll_answer(&mut self, cx: &mut Context<'_>) {
+        while let Poll::Ready(Some(reply)) = self.rx.poll_recv(cx) {
+            let _ = reply.send(());
+        }
+    }
+
+    /// Waits for the next probe and answers it (for `select!` loops); pending forever once every
+    /// [`Probe`] is dropped.
+    pub async fn answer(&mut self) {
+        match self.rx.recv().await {
+            Some(reply) => {
+                let _ = reply.send(());
+            }
+            None => std::future::pending().await,
+        }
+    }
+}
+
+/// An accept stream that answers probes whenever its server polls it: a server whose accept loop
+/// is wedged stops polling, stops answering, and the watchdog stops pinging.
+pub struct Watched<S> {
+    inner: S,
+    probes: ProbeAnswerer,
+}
+
+impl<S> Watched<S> {
+    /// Wraps `inner`.
+    pub fn new(inner: S, probes: ProbeAnswerer) -> Watched<S> {
+        Watched { inner, probes }
+    }
+}
+
+impl<S: Stream + Unpin> Stream for Watched<S> {
+    type Item = S::Item;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        self.probes.poll_answer(cx);
+        Pin::new(&mut self.inner).poll_next(cx)
+    }
+}
+
+/// Pings the watchdog every `interval` while every probe answers within a fraction of it; logs
+/// (once per change) when one does not. Runs until dropped.
+pub async fn watchdog_loop(interval: Duration, probes: Vec<Probe>) {
+    let limit = (interval / 2).min(Duration::from_secs(2));
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut healthy = true;
+    loop {
+        tick.tick().await;
+        let mut silent = Vec::new();
+        for probe in &probes {
+            if !probe.check(limit).await {
+                silent.push(probe.name());
+            }
+        }
+        if silent.is_empty() {
+            watchdog_ping();
+            if !healthy {
+                tracing::info!("every watched loop answers again; watchdog pings resumed");
+            }
+            healthy = true;
+        } else if healthy {
+            tracing::error!(
+                loops = ?silent,
+                "loop(s) did not answer the liveness probe; withholding WATCHDOG=1"
+            );
+            healthy = false;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_line_counts_plugins_and_names_the_missing() {
+        let mut s = StatusSnapshot {
+            phase: "serving",
+            plugins: vec![
+                ("usage".into(), true),
+                ("latency".into(), true),
+                ("metrics".into(), true),
+            ],
+            restarts: 0,
+            note: None,
+        };
+        assert_eq!(s.line(), "serving; plugins 3/3 up; restarts 0");
+        s.plugins[1].1 = false;
+        s.restarts = 2;
+        s.note = Some("required plugin(s) not up after 10s: latency".into());
+        assert_eq!(
+            s.line(),
+            "serving; plugins 2/3 up (down: latency); restarts 2; \
+             required plugin(s) not up after 10s: latency"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_probe_is_answered_only_while_its_loop_polls() {
+        let (probe, mut answerer) = probe("test");
+        let polling = tokio::spawn(async move {
+            loop {
+                answerer.answer().await;
+            }
+        });
+        assert!(probe.check(Duration::from_secs(1)).await);
+        polling.abort();
+        let _ = polling.await;
+        assert!(!probe.check(Duration::from_millis(50)).await);
+    }
+
+    #[tokio::test]
+    async fn a_watched_stream_answers_probes_when_polled() {
+        let (probe, answerer) = probe("accept");
+        let mut watched = Watched::new(tokio_stream::pending::<()>(), answerer);
+        let server = tokio::spawn(async move {
+            use tokio_stream::StreamExt;
+            watched.next().await
+        });
+        assert!(probe.check(Duration::from_secs(1)).await);
+        server.abort();
+        let _ = server.await;
+        assert!(!probe.check(Duration::from_millis(50)).await);
+    }
+
+    #[test]
+    fn without_listen_fds_nothing_is_activated() {
+        // The test process was not socket-activated (LISTEN_PID is not ours).
+        assert!(take_extproc_listener().unwrap().is_none());
+    }
+
+    #[test]
+    fn extend_timeout_adds_a_margin_and_saturates() {
+        assert_eq!(extend_usec(Duration::from_secs(5)), 10_000_000);
+        assert_eq!(extend_usec(Duration::from_secs(1 << 40)), u32::MAX);
+    }
+}
