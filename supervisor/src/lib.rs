@@ -23,8 +23,8 @@ pub mod link;
 pub mod logging;
 pub mod metadata;
 pub mod metrics;
-pub mod service;
 pub mod restart;
+pub mod service;
 pub mod spawn;
 pub mod supervise;
 // The crate's one `unsafe`: adopting the listening socket systemd passed (`adopt_listen_fd`).
@@ -146,7 +146,8 @@ impl Plugins {
         match &entry.supervised {
             Some(s) => s.command(command).await,
             None => Err(format!(
-                "plugin `{name}` has spawn = false: plugvisor does not run its process;                  manage it where it was started (e.g. `systemctl restart plugvisor-plugin@{name}`)"
+                "plugin `{name}` has spawn = false: plugvisor does not run its process; \
+                 manage it where it was started (e.g. `systemctl restart plugvisor-plugin@{name}`)"
             )),
         }
     }

@@ -45,9 +45,8 @@ pub const JOURNAL_FIELD_PREFIX: &str = "PLUGVISOR";
 /// Installs the global subscriber. Falls back to stderr, with a warning, when journald cannot be
 /// reached.
 pub fn init(format: LogFormat) {
-    let filter = || {
-        EnvFilter::try_from_env("PLUGVISOR_LOG").unwrap_or_else(|_| EnvFilter::new("info"))
-    };
+    let filter =
+        || EnvFilter::try_from_env("PLUGVISOR_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
     let journald = match format {
         LogFormat::Journald => true,
         LogFormat::Auto => under_journal(),

@@ -15,7 +15,13 @@ struct Cli {
     #[arg(long, short, env = "PLUGVISOR_CONFIG", global = true)]
     config: Option<PathBuf>,
     /// Log to journald (`auto`: when JOURNAL_STREAM is set), else to stderr as text or JSON.
-    #[arg(long, value_enum, env = "PLUGVISOR_LOG_FORMAT", default_value = "auto", global = true)]
+    #[arg(
+        long,
+        value_enum,
+        env = "PLUGVISOR_LOG_FORMAT",
+        default_value = "auto",
+        global = true
+    )]
     log_format: supervisor::logging::LogFormat,
     #[command(subcommand)]
     command: Option<Command>,

@@ -72,3 +72,18 @@ fn errors_name_the_key_and_line() {
         }
     }
 }
+
+#[test]
+fn required_plugins_and_the_readiness_wait() {
+    let c = Config::parse(
+        "ready_timeout_ms = 2500\n[plugins.a]\nrequired = true\n[plugins.b]\n",
+        "t",
+    )
+    .unwrap();
+    assert_eq!(c.ready_timeout, Duration::from_millis(2500));
+    assert!(c.plugins[0].required);
+    assert!(!c.plugins[1].required);
+    let default = Config::default_config().unwrap();
+    assert_eq!(default.ready_timeout, Duration::from_secs(10));
+    assert!(default.plugins.iter().all(|p| !p.required));
+}
