@@ -26,6 +26,17 @@ pub struct Args {
     #[arg(long, value_name = "PATH", env = "PLUGVISOR_CONNECT")]
     pub connect: Option<PathBuf>,
 
+    /// Log to journald (`auto`: when JOURNAL_STREAM is set, as under a front run by systemd),
+    /// else to stderr as text or JSON.
+    #[arg(
+        long,
+        value_enum,
+        value_name = "FORMAT",
+        env = "PLUGVISOR_LOG_FORMAT",
+        default_value = "auto"
+    )]
+    pub log_format: crate::logging::LogFormat,
+
     /// List the plugins this binary can run, one line each, and exit.
     #[arg(long)]
     pub list: bool,

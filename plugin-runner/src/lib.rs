@@ -92,7 +92,7 @@ pub(crate) fn launch<P: Plugin>(plugin: P, args: &cli::Args, name: &str) -> ! {
             std::process::exit(Exit::Usage.code());
         }
     };
-    logging::init(name);
+    logging::init_with(name, args.log_format);
     proctitle::set(name);
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()

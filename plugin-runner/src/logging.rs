@@ -1,19 +1,43 @@
-//! Logging: `tracing` records on stderr, human-readable, each line starting with the plugin name
-//! and pid so that a supervisor merging several plugins' stderr (or a developer running one by
-//! hand) always knows who spoke. Panics anywhere in the process become error records too.
+//! Logging. Under systemd (`JOURNAL_STREAM` set, also inherited from a front that runs as a
+//! service) a plugin writes its records to journald itself, through the native protocol, so they
+//! carry the plugin process's own `_PID` and the field `PLUGVISOR_PLUGIN=<name>`:
+//! `journalctl _PID=<pid>` and `journalctl PLUGVISOR_PLUGIN=usage` find them. Otherwise records
+//! are lines on stderr, each starting with `plugin=<name> pid=<pid>` so that a front merging
+//! several plugins' stderr (or a developer running one by hand) always knows who spoke, or JSON
+//! objects with `plugin` and `pid` keys (`--log-format json`). Panics anywhere in the process
+//! become error records too.
 
 use std::fmt;
 use std::sync::OnceLock;
 
 use tracing::{Event, Subscriber};
-use tracing_subscriber::fmt::format::{Format, Writer};
+use tracing_subscriber::fmt::format::{Format, Json, JsonFields, Writer};
 use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
+use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::registry::LookupSpan;
+use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::EnvFilter;
 
-static WHO: OnceLock<String> = OnceLock::new();
+/// The journal field naming the plugin on every record of a plugin process.
+pub const JOURNAL_PLUGIN_FIELD: &str = "PLUGVISOR_PLUGIN";
 
-/// Prefixes every record with `plugin=<name> pid=<pid>` and then formats it as usual.
+/// Where and how the log is written (`--log-format`, `PLUGVISOR_LOG_FORMAT`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum LogFormat {
+    /// journald when `JOURNAL_STREAM` is set, else human-readable on stderr.
+    #[default]
+    Auto,
+    /// journald's native protocol.
+    Journald,
+    /// Human-readable lines on stderr.
+    Human,
+    /// One JSON object per line on stderr.
+    Json,
+}
+
+static WHO: OnceLock<(String, u32)> = OnceLock::new();
+
+/// Prefixes every human-readable record with `plugin=<name> pid=<pid>`.
 struct Tagged(Format);
 
 impl<S, N> FormatEvent<S, N> for Tagged
@@ -27,25 +51,99 @@ where
         mut writer: Writer<'_>,
         event: &Event<'_>,
     ) -> fmt::Result {
-        if let Some(who) = WHO.get() {
-            write!(writer, "{who} ")?;
+        if let Some((name, pid)) = WHO.get() {
+            write!(writer, "plugin={name} pid={pid} ")?;
         }
         self.0.format_event(ctx, writer, event)
     }
 }
 
-/// Installs the stderr subscriber (filter from `RUST_LOG`, default `info`) and a panic hook that
-/// logs. Safe to call more than once: later calls only update the plugin name if unset.
+/// Puts `"plugin"` and `"pid"` first in every JSON record.
+struct TaggedJson(Format<Json>);
+
+impl<S> FormatEvent<S, JsonFields> for TaggedJson
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+{
+    fn format_event(
+        &self,
+        ctx: &FmtContext<'_, S, JsonFields>,
+        mut writer: Writer<'_>,
+        event: &Event<'_>,
+    ) -> fmt::Result {
+        let mut line = String::new();
+        self.0.format_event(ctx, Writer::new(&mut line), event)?;
+        match (WHO.get(), line.strip_prefix('{')) {
+            (Some((name, pid)), Some(rest)) => {
+                let name = serde_json::Value::String(name.clone());
+                write!(writer, "{{\"plugin\":{name},\"pid\":{pid},{rest}")
+            }
+            _ => writer.write_str(&line),
+        }
+    }
+}
+
+/// Whether the service manager connected this process (or the front that spawned it) to the
+/// journal.
+pub fn under_journal() -> bool {
+    std::env::var_os("JOURNAL_STREAM").is_some_and(|v| !v.is_empty())
+}
+
+/// [`init_with`] in the default format ([`LogFormat::Auto`]).
 pub fn init(plugin: &str) {
-    let _ = WHO.set(format!("plugin={plugin} pid={}", std::process::id()));
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let installed = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(false)
-        .event_format(Tagged(Format::default().with_thread_names(true)))
-        .try_init()
-        .is_ok();
+    init_with(plugin, LogFormat::Auto)
+}
+
+/// Installs the subscriber (filter from `RUST_LOG`, default `info`) for `plugin` in `format`,
+/// and a panic hook that logs. When journald cannot be reached the log goes to stderr, with a
+/// warning. Safe to call more than once: only the first call installs anything.
+pub fn init_with(plugin: &str, format: LogFormat) {
+    let _ = WHO.set((plugin.to_owned(), std::process::id()));
+    let filter = || EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let journald = match format {
+        LogFormat::Journald => true,
+        LogFormat::Auto => under_journal(),
+        LogFormat::Human | LogFormat::Json => false,
+    };
+    let mut journal_error = None;
+    let mut installed = false;
+    if journald {
+        match tracing_journald::layer() {
+            Ok(layer) => {
+                let layer = layer
+                    .with_field_prefix(Some("PLUGVISOR".to_owned()))
+                    .with_syslog_identifier("plugvisor-plugin".to_owned())
+                    .with_custom_fields([(JOURNAL_PLUGIN_FIELD, plugin)]);
+                installed = tracing_subscriber::registry()
+                    .with(filter())
+                    .with(layer)
+                    .try_init()
+                    .is_ok();
+            }
+            Err(e) => journal_error = Some(e),
+        }
+    }
+    if !journald || journal_error.is_some() {
+        let builder = tracing_subscriber::fmt()
+            .with_env_filter(filter())
+            .with_writer(std::io::stderr)
+            .with_ansi(false);
+        installed = if format == LogFormat::Json {
+            builder
+                .json()
+                .event_format(TaggedJson(Format::default().json().with_thread_names(true)))
+                .try_init()
+                .is_ok()
+        } else {
+            builder
+                .event_format(Tagged(Format::default().with_thread_names(true)))
+                .try_init()
+                .is_ok()
+        };
+    }
+    if let Some(e) = journal_error {
+        tracing::warn!(error = %e, "cannot reach journald; logging to stderr");
+    }
     if installed {
         std::panic::set_hook(Box::new(|info| {
             let location = info
