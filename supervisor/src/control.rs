@@ -201,7 +201,8 @@ pub async fn request(path: &Path, request: &Request) -> Result<Response, ClientE
     )
     .await
     .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no answer within 60 s"))??;
-    serde_json::from_str(answer.trim()).map_err(|e| ClientError::BadAnswer(format!("{e}: {answer}")))
+    serde_json::from_str(answer.trim())
+        .map_err(|e| ClientError::BadAnswer(format!("{e}: {answer}")))
 }
 
 /// The status table `plugvisor status` prints.

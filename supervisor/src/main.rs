@@ -257,4 +257,3 @@ async fn shutdown_signal() {
     }
     tracing::info!("stopping");
 }
-

@@ -346,11 +346,26 @@ mod tests {
             &[
                 (0, Start, &[Spawn], "starting"),
                 (10, HandshakeDone, &[], "up"),
-                (20, Exited(Exit::Code(0)), &[RetryAfter(100 * MS)], "backoff"),
+                (
+                    20,
+                    Exited(Exit::Code(0)),
+                    &[RetryAfter(100 * MS)],
+                    "backoff",
+                ),
                 (120, BackoffElapsed, &[Spawn], "starting"),
-                (130, Exited(Exit::Signal(9)), &[RetryAfter(200 * MS)], "backoff"),
+                (
+                    130,
+                    Exited(Exit::Signal(9)),
+                    &[RetryAfter(200 * MS)],
+                    "backoff",
+                ),
                 (330, BackoffElapsed, &[Spawn], "starting"),
-                (340, Exited(Exit::Code(1)), &[RetryAfter(400 * MS)], "backoff"),
+                (
+                    340,
+                    Exited(Exit::Code(1)),
+                    &[RetryAfter(400 * MS)],
+                    "backoff",
+                ),
             ],
         );
         assert_eq!(r.restarts_total(), 3);
@@ -363,7 +378,12 @@ mod tests {
             &[
                 (0, Start, &[Spawn], "starting"),
                 (10, HandshakeDone, &[], "up"),
-                (20, Exited(Exit::Code(3)), &[RetryAfter(100 * MS)], "backoff"),
+                (
+                    20,
+                    Exited(Exit::Code(3)),
+                    &[RetryAfter(100 * MS)],
+                    "backoff",
+                ),
                 (120, BackoffElapsed, &[Spawn], "starting"),
                 (130, HandshakeDone, &[], "up"),
                 (140, Exited(Exit::Code(0)), &[], "stopped"),
@@ -390,14 +410,34 @@ mod tests {
                 (0, Start, &[Spawn], "starting"),
                 (1, Exited(Exit::Code(1)), &[RetryAfter(100 * MS)], "backoff"),
                 (101, BackoffElapsed, &[Spawn], "starting"),
-                (102, Exited(Exit::Code(1)), &[RetryAfter(200 * MS)], "backoff"),
+                (
+                    102,
+                    Exited(Exit::Code(1)),
+                    &[RetryAfter(200 * MS)],
+                    "backoff",
+                ),
                 (302, BackoffElapsed, &[Spawn], "starting"),
-                (303, Exited(Exit::Code(1)), &[RetryAfter(400 * MS)], "backoff"),
+                (
+                    303,
+                    Exited(Exit::Code(1)),
+                    &[RetryAfter(400 * MS)],
+                    "backoff",
+                ),
                 (703, BackoffElapsed, &[Spawn], "starting"),
-                (704, Exited(Exit::Code(1)), &[GaveUp { restarts: 3 }], "failed"),
+                (
+                    704,
+                    Exited(Exit::Code(1)),
+                    &[GaveUp { restarts: 3 }],
+                    "failed",
+                ),
                 (5_000, BackoffElapsed, &[], "failed"),
                 (6_000, Start, &[Spawn], "starting"),
-                (6_001, Exited(Exit::Code(1)), &[RetryAfter(100 * MS)], "backoff"),
+                (
+                    6_001,
+                    Exited(Exit::Code(1)),
+                    &[RetryAfter(100 * MS)],
+                    "backoff",
+                ),
             ],
         );
     }
@@ -410,12 +450,27 @@ mod tests {
                 (0, Start, &[Spawn], "starting"),
                 (1, Exited(Exit::Code(1)), &[RetryAfter(100 * MS)], "backoff"),
                 (101, BackoffElapsed, &[Spawn], "starting"),
-                (102, Exited(Exit::Code(1)), &[RetryAfter(200 * MS)], "backoff"),
+                (
+                    102,
+                    Exited(Exit::Code(1)),
+                    &[RetryAfter(200 * MS)],
+                    "backoff",
+                ),
                 (302, BackoffElapsed, &[Spawn], "starting"),
-                (303, Exited(Exit::Code(1)), &[RetryAfter(400 * MS)], "backoff"),
+                (
+                    303,
+                    Exited(Exit::Code(1)),
+                    &[RetryAfter(400 * MS)],
+                    "backoff",
+                ),
                 (703, BackoffElapsed, &[Spawn], "starting"),
                 // 10.5 s later the first two restarts are out of the 10 s window.
-                (10_250, Exited(Exit::Code(1)), &[RetryAfter(800 * MS)], "backoff"),
+                (
+                    10_250,
+                    Exited(Exit::Code(1)),
+                    &[RetryAfter(800 * MS)],
+                    "backoff",
+                ),
             ],
         );
     }
@@ -428,10 +483,20 @@ mod tests {
                 (0, Start, &[Spawn], "starting"),
                 (1, Exited(Exit::Code(1)), &[RetryAfter(100 * MS)], "backoff"),
                 (101, BackoffElapsed, &[Spawn], "starting"),
-                (102, Exited(Exit::Code(1)), &[RetryAfter(200 * MS)], "backoff"),
+                (
+                    102,
+                    Exited(Exit::Code(1)),
+                    &[RetryAfter(200 * MS)],
+                    "backoff",
+                ),
                 (302, BackoffElapsed, &[Spawn], "starting"),
                 (303, HandshakeDone, &[], "up"),
-                (20_303, Exited(Exit::Signal(9)), &[RetryAfter(100 * MS)], "backoff"),
+                (
+                    20_303,
+                    Exited(Exit::Signal(9)),
+                    &[RetryAfter(100 * MS)],
+                    "backoff",
+                ),
             ],
         );
     }
@@ -444,11 +509,21 @@ mod tests {
                 (0, Start, &[Spawn], "starting"),
                 (10, StartTimedOut, &[Kill], "starting"),
                 // SIGKILL exit after our kill: abnormal even for a transient plugin.
-                (11, Exited(Exit::Code(0)), &[RetryAfter(100 * MS)], "backoff"),
+                (
+                    11,
+                    Exited(Exit::Code(0)),
+                    &[RetryAfter(100 * MS)],
+                    "backoff",
+                ),
                 (111, BackoffElapsed, &[Spawn], "starting"),
                 (112, HandshakeDone, &[], "up"),
                 (500, Hung, &[Kill], "up"),
-                (501, Exited(Exit::Signal(9)), &[RetryAfter(200 * MS)], "backoff"),
+                (
+                    501,
+                    Exited(Exit::Signal(9)),
+                    &[RetryAfter(200 * MS)],
+                    "backoff",
+                ),
             ],
         );
     }
@@ -489,10 +564,16 @@ mod tests {
         let mut r = Restarter::new(policy(RestartType::Permanent));
         r.handle(Start, t0, 0.0);
         // First restart: always the minimum, whatever the jitter.
-        assert_eq!(r.handle(Exited(Exit::Code(1)), t0, 0.99), vec![RetryAfter(100 * MS)]);
+        assert_eq!(
+            r.handle(Exited(Exit::Code(1)), t0, 0.99),
+            vec![RetryAfter(100 * MS)]
+        );
         r.handle(BackoffElapsed, t0, 0.0);
         // Second: between 100 ms and 200 ms.
-        assert_eq!(r.handle(Exited(Exit::Code(1)), t0, 0.5), vec![RetryAfter(150 * MS)]);
+        assert_eq!(
+            r.handle(Exited(Exit::Code(1)), t0, 0.5),
+            vec![RetryAfter(150 * MS)]
+        );
         let mut big = policy(RestartType::Permanent);
         big.max_restarts = 100;
         let mut r = Restarter::new(big);

@@ -127,9 +127,9 @@ async fn server_exited(running: &mut Running) -> Result<(), RunError> {
     }
 }
 
-/// Plugin restarts done by the front so far.
-fn restarts(_running: &Running) -> u64 {
-    0
+/// Plugin restarts done by the front so far, over every configured plugin.
+fn restarts(running: &Running) -> u64 {
+    running.plugins().status().iter().map(|s| s.restarts).sum()
 }
 
 /// Waits until every link in `required` is connected or `deadline` passes; returns the names

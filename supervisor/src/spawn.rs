@@ -167,3 +167,46 @@ async fn forward(
         tracing::info!(target: "plugvisor::plugin", plugin = %plugin, pid, fd, "{line}");
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_plugin_leads_its_own_process_group_under_its_title() {
+        let config = Config::parse(
+            "[plugins.p]\ncommand = \"/bin/sh\"\nargs = [\"-c\", \"sleep 5\"]\n",
+            "t",
+        )
+        .unwrap();
+        let spawner = Spawner::start().unwrap();
+        let mut child = spawner
+            .spawn_plugin(&config.plugins[0], Path::new("/nonexistent.sock"))
+            .await
+            .unwrap();
+        let pid = child.id().unwrap() as i32;
+        let pgid = nix::unistd::getpgid(Some(nix::unistd::Pid::from_raw(pid))).unwrap();
+        assert_eq!(pgid.as_raw(), pid);
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
+        assert!(
+            cmdline.starts_with(b"plugvisor-plugin: p\0"),
+            "{}",
+            String::from_utf8_lossy(&cmdline)
+        );
+        child.start_kill().unwrap();
+        child.wait().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_missing_program_is_a_spawn_error_naming_it() {
+        let config = Config::parse("[plugins.p]\ncommand = \"/nonexistent/bin\"\n", "t").unwrap();
+        let spawner = Spawner::start().unwrap();
+        let err = spawner
+            .spawn_plugin(&config.plugins[0], Path::new("/x.sock"))
+            .await
+            .unwrap_err();
+        assert_eq!(err.source.kind(), io::ErrorKind::NotFound);
+        assert!(err.to_string().contains("/nonexistent/bin"), "{err}");
+    }
+}

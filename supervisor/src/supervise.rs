@@ -168,14 +168,14 @@ impl Supervised {
         }
         status.uptime_secs = match state {
             State::Up => shared.up_since.map(|t| t.elapsed().as_secs_f64()),
+            // A hand-started instance: the link knows since when it is connected.
+            _ if status.state == "external" => status.uptime_secs,
             _ => None,
         };
         status.retry_in_ms = match state {
-            State::Backoff { until } => Some(
-                until
-                    .saturating_duration_since(Instant::now())
-                    .as_millis() as u64,
-            ),
+            State::Backoff { until } => {
+                Some(until.saturating_duration_since(Instant::now()).as_millis() as u64)
+            }
             _ => None,
         };
         status
@@ -392,11 +392,23 @@ impl Task {
         let label = Metrics::plugin(&name);
         match exit {
             Exit::Code(c) => {
-                self.ctx.metrics.last_exit_code.get_or_create(&label).set(c.into());
-                self.ctx.metrics.last_exit_signal.get_or_create(&label).set(0);
+                self.ctx
+                    .metrics
+                    .last_exit_code
+                    .get_or_create(&label)
+                    .set(c.into());
+                self.ctx
+                    .metrics
+                    .last_exit_signal
+                    .get_or_create(&label)
+                    .set(0);
             }
             Exit::Signal(s) => {
-                self.ctx.metrics.last_exit_signal.get_or_create(&label).set(s.into());
+                self.ctx
+                    .metrics
+                    .last_exit_signal
+                    .get_or_create(&label)
+                    .set(s.into());
             }
             Exit::SpawnFailed => {}
         }
@@ -490,8 +502,7 @@ impl Task {
                     .get_or_create(&Metrics::plugin(&name))
                     .inc();
                 self.backoff_until = Some(tokio::time::Instant::now() + delay);
-                self.shared.lock().expect("status lock").restarts =
-                    self.restarter.restarts_total();
+                self.shared.lock().expect("status lock").restarts = self.restarter.restarts_total();
                 None
             }
             Action::GaveUp { restarts } => {

@@ -15,6 +15,8 @@ pub struct FrontProcess {
     pub ext_proc: String,
     /// The admin port serving `/metrics`.
     pub admin_port: u16,
+    /// The runtime directory (plugin sockets and `control.sock`).
+    pub runtime_dir: PathBuf,
     log_file: PathBuf,
 }
 
@@ -48,6 +50,7 @@ impl FrontProcess {
             child,
             ext_proc: format!("unix:{}", sock.display()),
             admin_port,
+            runtime_dir: dir.join("run"),
             log_file,
         };
         front.wait_ready(expect, Duration::from_secs(15));
@@ -90,6 +93,23 @@ impl FrontProcess {
     /// The pid.
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// The control socket (`plugvisor status --control`).
+    pub fn control_socket(&self) -> PathBuf {
+        self.runtime_dir.join("control.sock")
+    }
+
+    /// Waits up to `limit` for the process to exit and reaps it.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let start = Instant::now();
+        while start.elapsed() < limit {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        None
     }
 }
 

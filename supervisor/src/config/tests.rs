@@ -87,3 +87,43 @@ fn required_plugins_and_the_readiness_wait() {
     assert_eq!(default.ready_timeout, Duration::from_secs(10));
     assert!(default.plugins.iter().all(|p| !p.required));
 }
+
+#[test]
+fn restart_policy_keys_and_their_defaults() {
+    use crate::restart::{Policy, RestartType};
+    let c = Config::parse(
+        "[plugins.a]\nrestart = \"transient\"\nbackoff_min_ms = 10\nbackoff_max_ms = 500\n\
+         max_restarts = 2\nrestart_period_ms = 1000\nstart_timeout_ms = 300\nhang_timeout_ms = 700\n\
+         [plugins.b]\n",
+        "t",
+    )
+    .unwrap();
+    let a = &c.plugins[0];
+    assert_eq!(
+        a.restart,
+        Policy {
+            restart: RestartType::Transient,
+            backoff_min: Duration::from_millis(10),
+            backoff_max: Duration::from_millis(500),
+            max_restarts: 2,
+            period: Duration::from_millis(1000),
+        }
+    );
+    assert_eq!(a.start_timeout, Duration::from_millis(300));
+    assert_eq!(a.hang_timeout, Duration::from_millis(700));
+    let b = &c.plugins[1];
+    assert_eq!(b.restart, Policy::default());
+    assert_eq!(b.hang_timeout, Duration::from_secs(5));
+
+    for (text, word) in [
+        ("[plugins.a]\nrestart = \"sometimes\"\n", "restart"),
+        (
+            "[plugins.a]\nbackoff_min_ms = 900\nbackoff_max_ms = 100\n",
+            "backoff_min_ms (900) is larger than backoff_max_ms (100)",
+        ),
+        ("[plugins.a]\nhang_timeout_ms = 0\n", "hang_timeout_ms"),
+    ] {
+        let err = Config::parse(text, "t.toml").unwrap_err().to_string();
+        assert!(err.contains(word), "{text:?} -> {err}");
+    }
+}
