@@ -4,9 +4,6 @@
 //! These run as root with systemd-container installed (scripts/test installs it) and need the
 //! binaries built (`cargo build --workspace --bins`, which scripts/test does first).
 
-// Wiring: this file uses `tests::nspawn`. Remove the next line once tests/src/lib.rs says `pub mod nspawn;`.
-#![cfg(any())]
-
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;

@@ -1,0 +1,333 @@
+//! plugvisor as a `Type=notify` service under a real systemd 252, booted with `systemd-nspawn`
+//! (see `tests::nspawn`) and installed with `scripts/install`: readiness and the STATUS line,
+//! socket activation serving a real Envoy, plugins restarted by plugvisor without systemd
+//! noticing, a plugin run as its own template unit, the watchdog, reload, and journald.
+//!
+//! Each test boots its own container with the container's `/run/plugvisor` bound to a host
+//! directory, so Envoy (on the host) reaches the socket systemd activated inside. The containers
+//! are powered off when the test ends, also when it fails. Needs root, systemd-container and the
+//! binaries built first (`cargo build --workspace --bins`; scripts/test does both).
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use tests::client::chat;
+use tests::envoy::{Envoy, EnvoyOptions};
+use tests::nspawn::{self, Container};
+use tests::upstream::{Params, Upstream};
+
+const SERVICE: &str = "plugvisor.service";
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ sits in the repository")
+        .to_owned()
+}
+
+/// A container with plugvisor installed with `config`, its `/run/plugvisor` visible on the host.
+struct Service {
+    c: Container,
+    /// The host side of the container's /run/plugvisor.
+    run_dir: tempfile::TempDir,
+}
+
+impl Service {
+    fn boot(name: &str, config: &str) -> Service {
+        let run_dir = tempfile::tempdir().expect("tempdir for /run/plugvisor");
+        let repo = repo();
+        // Containers share the host's network: each gets its own admin port.
+        let text = std::fs::read_to_string(repo.join(config)).unwrap().replace(
+            "admin_listen = \"127.0.0.1:9003\"",
+            &format!("admin_listen = \"127.0.0.1:{}\"", tests::free_port()),
+        );
+        let config = run_dir.path().join("plugvisor.toml");
+        std::fs::write(&config, text).unwrap();
+        let c = Container::builder(name)
+            .bind(run_dir.path(), "/run/plugvisor")
+            .boot_installed(
+                &repo,
+                &nspawn::built_binaries_dir().expect("built binaries"),
+                &config,
+            )
+            .expect("boot and install");
+        Service { c, run_dir }
+    }
+
+    /// `systemctl start plugvisor.socket plugvisor.service`, which returns once plugvisor sent
+    /// READY=1 (`Type=notify`).
+    fn start(&self) {
+        self.c
+            .systemctl_ok(&["start", "plugvisor.socket", SERVICE])
+            .unwrap_or_else(|e| panic!("{e}\n{}", self.c.describe_unit(SERVICE)));
+    }
+
+    fn prop(&self, prop: &str) -> String {
+        self.c.show_property(SERVICE, prop).unwrap()
+    }
+
+    /// Polls the StatusText until `pred` holds; returns it, or panics with the unit's state.
+    fn wait_status(&self, what: &str, timeout: Duration, pred: impl Fn(&str) -> bool) -> String {
+        let mut last = String::new();
+        let found = nspawn::poll(timeout, || {
+            last = self.prop("StatusText");
+            Ok(pred(&last).then(|| last.clone()))
+        })
+        .unwrap();
+        found.unwrap_or_else(|| {
+            panic!(
+                "StatusText never {what} within {timeout:?}; last {last:?}\n{}",
+                self.c.describe_unit(SERVICE)
+            )
+        })
+    }
+
+    /// The pid (inside the container) of the process serving `plugin`.
+    fn plugin_pid(&self, plugin: &str) -> Option<u32> {
+        let out = self
+            .c
+            .exec(&["pgrep", "-f", &format!("^plugvisor-plugin: {plugin}")])
+            .ok()?;
+        String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .next()
+            .and_then(|p| p.parse().ok())
+    }
+
+    fn wait_plugin_pid(&self, plugin: &str, not: Option<u32>) -> u32 {
+        let found = nspawn::poll(Duration::from_secs(15), || {
+            Ok(self.plugin_pid(plugin).filter(|p| Some(*p) != not))
+        })
+        .unwrap();
+        found.unwrap_or_else(|| {
+            panic!(
+                "no process for plugin {plugin} (other than {not:?})\n{}",
+                self.c.describe_unit(SERVICE)
+            )
+        })
+    }
+
+    /// The activated ext_proc socket as the host sees it.
+    fn ext_proc(&self) -> String {
+        format!(
+            "unix:{}",
+            self.run_dir.path().join("extproc.sock").display()
+        )
+    }
+
+    fn envoy(&self, dir: &Path, upstream: &Upstream) -> Envoy {
+        Envoy::start(
+            dir,
+            &EnvoyOptions {
+                ext_proc: self.ext_proc(),
+                upstream_port: upstream.port,
+                body_mode: "FULL_DUPLEX_STREAMED",
+                extra_namespaces: vec![],
+                failure_mode_allow: false,
+            },
+        )
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn notify_service_is_ready_serves_envoy_and_restarts_a_killed_plugin_itself() {
+    let s = tokio::task::block_in_place(|| {
+        let s = Service::boot("notify", "tests/systemd/spawned.toml");
+        s.start();
+        s
+    });
+    // `systemctl start` returned, so READY=1 arrived; `usage` is required, so it was up by then.
+    assert_eq!(s.prop("ActiveState"), "active");
+    assert_eq!(s.prop("SubState"), "running");
+    let status = s.prop("StatusText");
+    assert!(
+        status.starts_with("serving; plugins ") && !status.contains("down: usage"),
+        "{status}"
+    );
+    let status = s.wait_status("2/2 up", Duration::from_secs(10), |t| {
+        t == "serving; plugins 2/2 up; restarts 0"
+    });
+    let shown = s.c.systemctl_ok(&["status", "--lines=0", SERVICE]).unwrap();
+    assert!(shown.contains(&format!("Status: \"{status}\"")), "{shown}");
+    let main_pid = s.prop("MainPID");
+
+    // Envoy on the host, through the socket systemd holds; plugvisor ignored the config's
+    // `listen` (127.0.0.1:9002) in favour of it.
+    let dir = tempfile::tempdir().unwrap();
+    let upstream = Upstream::start().await;
+    let envoy = tokio::task::block_in_place(|| s.envoy(dir.path(), &upstream));
+    let params = Params::default();
+    let got = chat(envoy.port, &params, "activated-1").await;
+    assert_eq!(got.status, 200);
+    assert_eq!(got.body(), params.body());
+    let line =
+        tokio::task::block_in_place(|| envoy.access_log_for("activated-1", Duration::from_secs(5)));
+    assert_eq!(line["usage"]["completion_tokens"], 5.0, "{line}");
+    assert!(line["latency"]["ttft_ms"].as_f64().is_some(), "{line}");
+    assert_eq!(
+        line["plugvisor"]["missing"],
+        serde_json::json!([]),
+        "{line}"
+    );
+
+    tokio::task::block_in_place(|| {
+        // kill -9 a plugin: plugvisor restarts it, systemd sees nothing.
+        let old = s.wait_plugin_pid("usage", None);
+        s.c.exec_ok(&["kill", "-9", &old.to_string()]).unwrap();
+        let new = s.wait_plugin_pid("usage", Some(old));
+        assert_ne!(new, old);
+        s.wait_status("counts the restart", Duration::from_secs(15), |t| {
+            t == "serving; plugins 2/2 up; restarts 1"
+        });
+        assert_eq!(s.prop("ActiveState"), "active");
+        assert_eq!(s.prop("NRestarts"), "0");
+        assert_eq!(s.prop("MainPID"), main_pid);
+
+        // The new plugin's own records, under its own pid and its name.
+        let own =
+            s.c.journalctl(&[&format!("_PID={new}"), "-o", "verbose"])
+                .unwrap();
+        assert!(own.contains("PLUGVISOR_PLUGIN=usage"), "{own}");
+        assert!(own.contains("SYSLOG_IDENTIFIER=plugvisor-plugin"), "{own}");
+        let by_name = s.c.journalctl(&["PLUGVISOR_PLUGIN=latency"]).unwrap();
+        assert!(!by_name.trim().is_empty(), "no records for latency");
+        // The front's own records are in the journal natively too.
+        let front = s.c.journalctl(&[&format!("_PID={main_pid}")]).unwrap();
+        assert!(front.contains("ready"), "{front}");
+    });
+
+    let got = chat(envoy.port, &params, "after-restart").await;
+    assert_eq!(got.status, 200);
+    let line = tokio::task::block_in_place(|| {
+        envoy.access_log_for("after-restart", Duration::from_secs(5))
+    });
+    assert_eq!(line["usage"]["completion_tokens"], 5.0, "{line}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restarting_an_external_plugin_unit_restarts_only_that_plugin_while_streams_flow() {
+    let s = tokio::task::block_in_place(|| {
+        let s = Service::boot("external", "tests/systemd/external.toml");
+        s.start();
+        s.c.systemctl_ok(&["start", "plugvisor-plugin@latency.service"])
+            .unwrap();
+        s.wait_status("2/2 up", Duration::from_secs(15), |t| {
+            t == "serving; plugins 2/2 up; restarts 0"
+        });
+        s
+    });
+    let main_pid = s.prop("MainPID");
+    let usage = s.wait_plugin_pid("usage", None);
+    let latency_unit_pid =
+        s.c.show_property("plugvisor-plugin@latency.service", "MainPID")
+            .unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    let upstream = Upstream::start().await;
+    let envoy = tokio::task::block_in_place(|| s.envoy(dir.path(), &upstream));
+    let slow = Params {
+        chunks: 20,
+        delay: Duration::from_millis(25),
+        ..Params::default()
+    };
+    // Streams run before, during and after the restart; every one completes intact.
+    let port = envoy.port;
+    let traffic = tokio::spawn({
+        let slow = slow.clone();
+        async move {
+            let mut statuses = Vec::new();
+            let deadline = Instant::now() + Duration::from_secs(4);
+            let mut n = 0;
+            while Instant::now() < deadline {
+                let batch: Vec<_> = (0..3)
+                    .map(|i| {
+                        let slow = slow.clone();
+                        let id = format!("flow-{n}-{i}");
+                        tokio::spawn(async move { (chat(port, &slow, &id).await, slow.body()) })
+                    })
+                    .collect();
+                for b in batch {
+                    let (got, want) = b.await.unwrap();
+                    statuses.push((got.status, got.body() == want));
+                }
+                n += 1;
+            }
+            statuses
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    tokio::task::block_in_place(|| {
+        s.c.systemctl_ok(&["restart", "plugvisor-plugin@latency.service"])
+            .unwrap();
+    });
+    let statuses = traffic.await.unwrap();
+    assert!(statuses.len() >= 6, "{statuses:?}");
+    assert!(
+        statuses
+            .iter()
+            .all(|(code, intact)| *code == 200 && *intact),
+        "{statuses:?}"
+    );
+
+    tokio::task::block_in_place(|| {
+        let new_unit_pid =
+            s.c.show_property("plugvisor-plugin@latency.service", "MainPID")
+                .unwrap();
+        assert_ne!(new_unit_pid, latency_unit_pid);
+        s.wait_status("2/2 up again", Duration::from_secs(15), |t| {
+            t == "serving; plugins 2/2 up; restarts 0"
+        });
+        assert_eq!(s.prop("MainPID"), main_pid, "plugvisor itself restarted");
+        assert_eq!(s.prop("NRestarts"), "0");
+        assert_eq!(
+            s.plugin_pid("usage"),
+            Some(usage),
+            "usage was restarted too"
+        );
+        // The template unit's records carry its own pid and the plugin's name.
+        let own =
+            s.c.journalctl(&[&format!("_PID={new_unit_pid}"), "-o", "verbose"])
+                .unwrap();
+        assert!(own.contains("PLUGVISOR_PLUGIN=latency"), "{own}");
+    });
+    let got = chat(envoy.port, &Params::default(), "after-unit-restart").await;
+    assert_eq!(got.status, 200);
+    let line = tokio::task::block_in_place(|| {
+        envoy.access_log_for("after-unit-restart", Duration::from_secs(5))
+    });
+    assert!(line["latency"]["ttft_ms"].as_f64().is_some(), "{line}");
+}
+
+#[test]
+fn a_stopped_front_misses_the_watchdog_and_systemd_restarts_it() {
+    let s = Service::boot("watchdog", "tests/systemd/spawned.toml");
+    // A short watchdog keeps the test quick; no core file from the SIGABRT.
+    s.c.sh("mkdir -p /etc/systemd/system/plugvisor.service.d && \
+         printf '[Service]\\nWatchdogSec=2s\\nLimitCORE=0\\n' \
+           > /etc/systemd/system/plugvisor.service.d/watchdog.conf && \
+         systemctl daemon-reload")
+        .unwrap();
+    s.start();
+    let first = s.prop("MainPID");
+    // Pings keep a healthy front alive well past the watchdog interval.
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(s.prop("MainPID"), first);
+    assert_eq!(s.prop("NRestarts"), "0");
+
+    s.c.exec_ok(&["kill", "-STOP", &first]).unwrap();
+    let restarted = nspawn::poll(Duration::from_secs(20), || {
+        let pid = s.prop("MainPID");
+        Ok((s.prop("NRestarts") == "1"
+            && s.prop("ActiveState") == "active"
+            && pid != "0"
+            && pid != first)
+            .then_some(pid))
+    })
+    .unwrap();
+    assert!(restarted.is_some(), "{}", s.c.describe_unit(SERVICE));
+    let journal = s.c.journalctl(&["-u", SERVICE]).unwrap();
+    assert!(journal.contains("Watchdog timeout"), "{journal}");
+    s.wait_status("2/2 up after the restart", Duration::from_secs(15), |t| {
+        t == "serving; plugins 2/2 up; restarts 0"
+    });
+}
