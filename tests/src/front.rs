@@ -29,7 +29,7 @@ impl FrontProcess {
         let config = format!(
             "listen = \"unix:{}\"\nadmin_listen = \"127.0.0.1:{admin_port}\"\nruntime_dir = \"{}\"\nping_interval_ms = 100\n\n{plugins_toml}",
             sock.display(),
-            dir.join("run").display()
+            FrontProcess::runtime_dir_in(dir).display()
         );
         let path = dir.join("plugvisor.toml");
         std::fs::write(&path, config).expect("write plugvisor.toml");
@@ -50,7 +50,7 @@ impl FrontProcess {
             child,
             ext_proc: format!("unix:{}", sock.display()),
             admin_port,
-            runtime_dir: dir.join("run"),
+            runtime_dir: FrontProcess::runtime_dir_in(dir),
             log_file,
         };
         front.wait_ready(expect, Duration::from_secs(15));
@@ -93,6 +93,11 @@ impl FrontProcess {
     /// The pid.
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// The runtime directory [`FrontProcess::start`] gives a front started in `dir`.
+    pub fn runtime_dir_in(dir: &Path) -> PathBuf {
+        dir.join("run")
     }
 
     /// The control socket (`plugvisor status --control`).

@@ -6,16 +6,9 @@ use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 use tests::client::{chat, chat_and_disconnect, chat_as};
-use tests::envoy::{Envoy, EnvoyOptions};
-use tests::front::{metric, FrontProcess};
-use tests::upstream::{Params, Upstream};
-
-struct Setup {
-    envoy: Envoy,
-    front: FrontProcess,
-    _upstream: Upstream,
-    _dir: tempfile::TempDir,
-}
+use tests::front::metric;
+use tests::stack::Stack;
+use tests::upstream::Params;
 
 const REPORTERS: &str = r#"
 [plugins.usage]
@@ -28,42 +21,6 @@ expression = "usage.prompt_tokens + 2 * usage.completion_tokens"
 
 [plugins.test-order]
 "#;
-
-impl Setup {
-    async fn new(plugins_toml: &str, expect: &[&str]) -> Setup {
-        Setup::with_mode("FULL_DUPLEX_STREAMED", plugins_toml, expect).await
-    }
-
-    async fn with_mode(body_mode: &'static str, plugins_toml: &str, expect: &[&str]) -> Setup {
-        tests::init_tracing();
-        let dir = tempfile::tempdir().expect("tempdir");
-        let upstream = Upstream::start().await;
-        let (front, envoy) = tokio::task::block_in_place(|| {
-            let front = FrontProcess::start(dir.path(), plugins_toml, expect);
-            let envoy = Envoy::start(
-                dir.path(),
-                &EnvoyOptions {
-                    ext_proc: front.ext_proc.clone(),
-                    upstream_port: upstream.port,
-                    body_mode,
-                    extra_namespaces: vec![],
-                    failure_mode_allow: false,
-                },
-            );
-            (front, envoy)
-        });
-        Setup {
-            envoy,
-            front,
-            _upstream: upstream,
-            _dir: dir,
-        }
-    }
-
-    fn log_for(&self, rid: &str) -> serde_json::Value {
-        tokio::task::block_in_place(|| self.envoy.access_log_for(rid, Duration::from_secs(5)))
-    }
-}
 
 fn sha(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))
@@ -95,7 +52,7 @@ fn check_usage(line: &serde_json::Value, params: &Params) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn usage_latency_and_a_cel_attribute_reach_the_access_log() {
-    let setup = Setup::new(REPORTERS, &["usage", "latency", "test-order"]).await;
+    let setup = Stack::start(REPORTERS, &["usage", "latency", "test-order"]).await;
     let streaming = Params {
         chunks: 8,
         delay: Duration::from_millis(5),
@@ -136,7 +93,7 @@ async fn usage_latency_and_a_cel_attribute_reach_the_access_log() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn streamed_mode_and_the_trailers_path_carry_the_same_metadata() {
-    let setup = Setup::with_mode("STREAMED", REPORTERS, &["usage", "latency", "test-order"]).await;
+    let setup = Stack::with_mode("STREAMED", REPORTERS, &["usage", "latency", "test-order"]).await;
     for (rid, trailers) in [("streamed-eos", false), ("streamed-trailers", true)] {
         let params = Params {
             chunks: 6,
@@ -153,7 +110,7 @@ async fn streamed_mode_and_the_trailers_path_carry_the_same_metadata() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hundred_concurrent_streams_show_no_reordering_in_test_order() {
-    let setup = Setup::new("[plugins.test-order]\n", &["test-order"]).await;
+    let setup = Stack::start("[plugins.test-order]\n", &["test-order"]).await;
     let port = setup.envoy.port;
     let tasks: Vec<_> = (0..100usize)
         .map(|i| {
@@ -189,7 +146,7 @@ async fn hundred_concurrent_streams_show_no_reordering_in_test_order() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_plugin_taking_500ms_per_event_does_not_hold_the_stream() {
-    let setup = Setup::new(
+    let setup = Stack::start(
         "[plugins.test-spin]\nfinal_timeout_ms = 1500\n[plugins.test-spin.config]\nspin_us = 500000\n",
         &["test-spin"],
     )
@@ -221,7 +178,7 @@ async fn a_plugin_taking_500ms_per_event_does_not_hold_the_stream() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_plugin_that_never_answers_the_final_costs_only_its_own_metadata() {
-    let setup = Setup::new(
+    let setup = Stack::start(
         "[plugins.test-order]\n[plugins.test-hang]\nfinal_timeout_ms = 300\n[plugins.test-hang.config]\nmarker = \"HANG-HERE\"\nscope = \"lane\"\n",
         &["test-order", "test-hang"],
     )
@@ -255,7 +212,7 @@ async fn a_plugin_that_never_answers_the_final_costs_only_its_own_metadata() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_gone_mid_stream_leaves_no_lane_in_the_plugins() {
-    let setup = Setup::new(REPORTERS, &["usage", "latency", "test-order"]).await;
+    let setup = Stack::start(REPORTERS, &["usage", "latency", "test-order"]).await;
     let params = Params {
         chunks: 100,
         delay: Duration::from_millis(20),

@@ -3,7 +3,7 @@
 //! on purpose. Every process is found through `plugvisor status` and signalled by pid.
 
 use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -13,42 +13,28 @@ use sha2::{Digest, Sha256};
 use supervisor::control::{self, Request};
 use supervisor::supervise::PluginStatus;
 use tests::client::chat;
-use tests::envoy::{Envoy, EnvoyOptions};
-use tests::front::FrontProcess;
-use tests::upstream::{Params, Upstream};
+use tests::stack::Stack;
+use tests::upstream::Params;
 
-struct Setup {
-    envoy: Envoy,
-    front: FrontProcess,
-    _upstream: Upstream,
-    dir: tempfile::TempDir,
+/// The whole data path, plus the control socket's view of the plugins.
+struct Setup(Stack);
+
+impl std::ops::Deref for Setup {
+    type Target = Stack;
+    fn deref(&self) -> &Stack {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Setup {
+    fn deref_mut(&mut self) -> &mut Stack {
+        &mut self.0
+    }
 }
 
 impl Setup {
     async fn new(plugins_toml: &str, expect: &[&str]) -> Setup {
-        tests::init_tracing();
-        let dir = tempfile::tempdir().expect("tempdir");
-        let upstream = Upstream::start().await;
-        let (front, envoy) = tokio::task::block_in_place(|| {
-            let front = FrontProcess::start(dir.path(), plugins_toml, expect);
-            let envoy = Envoy::start(
-                dir.path(),
-                &EnvoyOptions {
-                    ext_proc: front.ext_proc.clone(),
-                    upstream_port: upstream.port,
-                    body_mode: "FULL_DUPLEX_STREAMED",
-                    extra_namespaces: vec![],
-                    failure_mode_allow: false,
-                },
-            );
-            (front, envoy)
-        });
-        Setup {
-            envoy,
-            front,
-            _upstream: upstream,
-            dir,
-        }
+        Setup(Stack::start(plugins_toml, expect).await)
     }
 
     async fn status(&self) -> Vec<PluginStatus> {
@@ -89,10 +75,6 @@ impl Setup {
             }
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
-    }
-
-    fn log_for(&self, rid: &str) -> serde_json::Value {
-        tokio::task::block_in_place(|| self.envoy.access_log_for(rid, Duration::from_secs(5)))
     }
 
     fn plugvisor(&self, args: &[&str]) -> std::process::Output {
@@ -282,9 +264,9 @@ restart_period_ms = 30000
 "#,
         broken = broken.display(),
         bin = tests::bins::plugvisor_plugin().display(),
-        sock = "__SOCK__",
+        sock = "__RUN__/plugins/test-order.sock",
     );
-    let setup = Setup::new_with_socket_placeholder(&plugins, &["usage"]).await;
+    let setup = Setup::new(&plugins, &["usage"]).await;
     let failed = setup
         .wait_for("test-order", Duration::from_secs(10), "failed", |p| {
             p.state == "failed"
@@ -571,38 +553,4 @@ fn wait_output(mut child: std::process::Child, limit: Duration) -> std::process:
     }
     let _ = child.kill();
     child.wait_with_output().expect("output")
-}
-
-impl Setup {
-    /// [`Setup::new`] for plugin tables that name their own socket as `__SOCK__` (replaced by
-    /// the real path under the front's runtime directory).
-    async fn new_with_socket_placeholder(plugins_toml: &str, expect: &[&str]) -> Setup {
-        // FrontProcess puts the runtime directory at `<dir>/run`; the temp dir is created here
-        // so the path is known before the config is written.
-        tests::init_tracing();
-        let dir = tempfile::tempdir().expect("tempdir");
-        let sock: PathBuf = dir.path().join("run/plugins/test-order.sock");
-        let toml = plugins_toml.replace("__SOCK__", &sock.display().to_string());
-        let upstream = Upstream::start().await;
-        let (front, envoy) = tokio::task::block_in_place(|| {
-            let front = FrontProcess::start(dir.path(), &toml, expect);
-            let envoy = Envoy::start(
-                dir.path(),
-                &EnvoyOptions {
-                    ext_proc: front.ext_proc.clone(),
-                    upstream_port: upstream.port,
-                    body_mode: "FULL_DUPLEX_STREAMED",
-                    extra_namespaces: vec![],
-                    failure_mode_allow: false,
-                },
-            );
-            (front, envoy)
-        });
-        Setup {
-            envoy,
-            front,
-            _upstream: upstream,
-            dir,
-        }
-    }
 }
