@@ -2,7 +2,7 @@
 //! ([`envoy`]), an OpenAI-like streaming upstream ([`upstream`]), an HTTP client that timestamps
 //! every chunk ([`client`]), a protocol-speaking fake plugin for tests that need a plugin to
 //! misbehave on cue ([`fake_plugin`]), the workspace binaries ([`bins`]) and the front run as a
-//! process ([`front`]), and a real systemd booted with `systemd-nspawn` for the unit-file tests
+//! process ([`front`]), the three together with Envoy ([`stack`]), and a real systemd booted with `systemd-nspawn` for the unit-file tests
 //! ([`nspawn`]).
 //!
 //! Everything listens on loopback or in a temporary directory, and every process a test starts is
@@ -15,6 +15,7 @@ pub mod envoy;
 pub mod fake_plugin;
 pub mod front;
 pub mod nspawn;
+pub mod stack;
 pub mod upstream;
 
 /// A free loopback TCP port (bound then released; good enough for tests on one machine).
