@@ -92,7 +92,7 @@ pub enum BodyMode {
 }
 
 /// One configured plugin, after validation.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct PluginConfig {
     /// The name (`[plugins.<name>]`), also the socket's file name.
     pub name: String,

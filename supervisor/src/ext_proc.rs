@@ -45,7 +45,8 @@ pub struct Front {
 }
 
 struct Inner {
-    links: Vec<Arc<PluginLink>>,
+    /// The plugins new streams use; a reload replaces the list, running streams keep theirs.
+    links: std::sync::RwLock<Arc<Vec<Arc<PluginLink>>>>,
     metrics: Arc<Metrics>,
     next_stream: AtomicU64,
     default_mode: BodyMode,
@@ -63,13 +64,21 @@ impl Front {
     ) -> Front {
         Front {
             inner: Arc::new(Inner {
-                links,
+                links: std::sync::RwLock::new(Arc::new(links)),
                 metrics,
                 next_stream: AtomicU64::new(1),
                 default_mode,
                 stop,
             }),
         }
+    }
+}
+
+impl Front {
+    /// Replaces the plugins (in config order) that streams starting from now on use; streams
+    /// already running keep the list they started with.
+    pub fn set_links(&self, links: Vec<Arc<PluginLink>>) {
+        *self.inner.links.write().expect("links lock") = Arc::new(links);
     }
 }
 
@@ -84,10 +93,12 @@ impl ExternalProcessor for Front {
         let inbound = request.into_inner();
         let (tx, rx) = mpsc::channel(16);
         let id = self.inner.next_stream.fetch_add(1, Ordering::Relaxed);
+        let links = self.inner.links.read().expect("links lock").clone();
         let stream = StreamTask {
             inner: self.inner.clone(),
             id,
-            seqs: vec![0; self.inner.links.len()],
+            seqs: vec![0; links.len()],
+            links,
             modes: None,
             ended: false,
         };
@@ -105,6 +116,8 @@ struct Modes {
 struct StreamTask {
     inner: Arc<Inner>,
     id: StreamId,
+    /// The plugins this stream feeds, fixed when it starts.
+    links: Arc<Vec<Arc<PluginLink>>>,
     /// Per plugin, the next sequence number: each plugin sees 0, 1, 2 … over the events it
     /// subscribed to, so a skipped number always means a dropped event.
     seqs: Vec<u32>,
@@ -381,7 +394,7 @@ impl StreamTask {
         if self.ended {
             return;
         }
-        for (i, link) in self.inner.links.iter().enumerate() {
+        for (i, link) in self.links.iter().enumerate() {
             let conn = link.connection();
             if let Some(c) = &conn {
                 if !wants(&c.subscriptions()) {
@@ -405,7 +418,7 @@ impl StreamTask {
     async fn chunk(&mut self, stamp: u64, bytes: Bytes, eos: bool) {
         let len = bytes.len() as u32;
         let mut waits = Vec::new();
-        for (i, link) in self.inner.links.iter().enumerate() {
+        for (i, link) in self.links.iter().enumerate() {
             let conn = link.connection();
             if let Some(c) = &conn {
                 if !c.subscriptions().chunks {
@@ -461,8 +474,8 @@ impl StreamTask {
     ) -> Struct {
         self.ended = true;
         let len = bytes.len() as u32;
-        let mut calls = Vec::with_capacity(self.inner.links.len());
-        for (i, link) in self.inner.links.iter().enumerate() {
+        let mut calls = Vec::with_capacity(self.links.len());
+        for (i, link) in self.links.iter().enumerate() {
             let conn = link.connection();
             let seq = self.seqs[i];
             self.seqs[i] += 1;
@@ -489,7 +502,7 @@ impl StreamTask {
             }));
         }
         let mut merge = Merge::default();
-        for (link, call) in self.inner.links.iter().zip(calls) {
+        for (link, call) in self.links.iter().zip(calls) {
             match call.await {
                 Ok(Ok(metadata)) => merge.add(metadata),
                 Ok(Err(_)) | Err(_) => merge.missing(link.name()),
@@ -504,7 +517,7 @@ impl StreamTask {
     fn abort(&mut self, cause: AbortCause, detail: String) {
         self.ended = true;
         let stamp = monotonic_now_ns();
-        for (i, link) in self.inner.links.iter().enumerate() {
+        for (i, link) in self.links.iter().enumerate() {
             let Some(conn) = link.connection() else {
                 continue;
             };

@@ -23,6 +23,7 @@ pub mod link;
 pub mod logging;
 pub mod metadata;
 pub mod metrics;
+pub mod reload;
 pub mod restart;
 pub mod service;
 pub mod spawn;
@@ -165,6 +166,12 @@ pub struct Running {
     probes: Vec<systemd::Probe>,
     /// The ext_proc socket came from systemd: its file is systemd's, never removed here.
     activated: bool,
+    /// The ext_proc service; a reload hands it the new plugin list.
+    front: ext_proc::Front,
+    /// Forks plugin processes, for plugins a reload adds.
+    spawner: spawn::Spawner,
+    /// Each plugin's accept and ping tasks, ended when a reload removes the plugin.
+    plugin_tasks: std::collections::HashMap<String, Vec<JoinHandle<()>>>,
     stop_streams: watch::Sender<bool>,
     stop_server: Option<tokio::sync::oneshot::Sender<()>>,
     /// `None` once awaited to completion (a finished `JoinHandle` must not be polled again).
@@ -187,6 +194,8 @@ pub async fn start(config: Config) -> Result<Running, RunError> {
         })?;
 
     let mut background = Vec::new();
+    let mut plugin_tasks: std::collections::HashMap<String, Vec<JoinHandle<()>>> =
+        std::collections::HashMap::new();
     let mut links = Vec::new();
     for plugin in &config.plugins {
         let path = config.plugin_socket(&plugin.name);
@@ -198,11 +207,14 @@ pub async fn start(config: Config) -> Result<Running, RunError> {
                 }
             })?;
         let link = Arc::new(PluginLink::new(plugin.clone(), metrics.clone()));
-        background.push(tokio::spawn(accept::accept_loop(
-            listener,
-            link.clone(),
-            metrics.clone(),
-        )));
+        plugin_tasks
+            .entry(plugin.name.clone())
+            .or_default()
+            .push(tokio::spawn(accept::accept_loop(
+                listener,
+                link.clone(),
+                metrics.clone(),
+            )));
         links.push(link);
     }
 
@@ -213,7 +225,7 @@ pub async fn start(config: Config) -> Result<Running, RunError> {
         config.default_response_body_mode,
         stop_rx,
     );
-    let service = ExternalProcessorServer::new(front);
+    let service = ExternalProcessorServer::new(front.clone());
     let (stop_server, stop_server_rx) = tokio::sync::oneshot::channel::<()>();
     let shutdown_signal = async move {
         let _ = stop_server_rx.await;
@@ -265,7 +277,10 @@ pub async fn start(config: Config) -> Result<Running, RunError> {
     };
 
     for link in &links {
-        background.push(tokio::spawn(ping_loop(link.clone(), config.ping_interval)));
+        plugin_tasks
+            .entry(link.name().to_owned())
+            .or_default()
+            .push(tokio::spawn(ping_loop(link.clone(), config.ping_interval)));
     }
 
     let setup = |what: &str| {
@@ -311,6 +326,9 @@ pub async fn start(config: Config) -> Result<Running, RunError> {
         stop_streams,
         probes: vec![accept_probe],
         activated,
+        front,
+        spawner,
+        plugin_tasks,
         stop_server: Some(stop_server),
         server: Some(server),
         background,
@@ -476,6 +494,9 @@ impl Running {
             link.disconnect("front stopping");
         }
         for task in self.background.drain(..) {
+            task.abort();
+        }
+        for task in self.plugin_tasks.drain().flat_map(|(_, tasks)| tasks) {
             task.abort();
         }
         for plugin in &self.config.plugins {

@@ -232,7 +232,11 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(supervisor::service::run(config, shutdown_signal())) {
+    match runtime.block_on(supervisor::service::run(
+        config,
+        cli.config.clone(),
+        shutdown_signal(),
+    )) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{}", error_chain(&e));
@@ -245,15 +249,10 @@ async fn shutdown_signal() {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
     let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
-    let mut hup = signal(SignalKind::hangup()).expect("SIGHUP handler");
-    loop {
-        tokio::select! {
-            _ = term.recv() => break,
-            _ = int.recv() => break,
-            _ = hup.recv() => {
-                tracing::warn!("SIGHUP: configuration reload is not supported yet; restart plugvisor to apply a new config");
-            }
-        }
+    // SIGHUP (reload) is handled by supervisor::service::run.
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
     }
     tracing::info!("stopping");
 }

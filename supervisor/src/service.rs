@@ -7,11 +7,15 @@
 //!   connected, or once `ready_timeout_ms` has passed (the STATUS line then names what is missing);
 //! - `STATUS=` whenever the line changes (`serving; plugins 3/3 up; restarts 0`);
 //! - `WATCHDOG=1` at half of `WATCHDOG_USEC`, only while the watched loops answer their probes;
-//! - `STOPPING=1` and `EXTEND_TIMEOUT_USEC=` while in-flight streams drain.
+//! - `STOPPING=1` and `EXTEND_TIMEOUT_USEC=` while in-flight streams drain;
+//! - on SIGHUP, `RELOADING=1`, the config file read again and applied ([`crate::reload`]), then
+//!   `READY=1`; a file that does not load is rejected with the error logged and in the STATUS
+//!   line, and the running configuration stays.
 //!
 //! Without systemd the messages go nowhere and [`run`] is `start`, wait, `stop`.
 
 use std::future::Future;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -25,9 +29,21 @@ use crate::{Config, RunError, Running};
 const STATUS_EVERY: Duration = Duration::from_millis(500);
 
 /// Starts the front, reports to the service manager, serves until `shutdown` resolves (or the
-/// ext_proc server fails), then stops gracefully.
-pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), RunError> {
+/// ext_proc server fails), then stops gracefully. SIGHUP reloads `config_path` (without one, the
+/// embedded default, i.e. nothing changes).
+pub async fn run(
+    config: Config,
+    config_path: Option<PathBuf>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), RunError> {
     let started = Instant::now();
+    // Installed first: SIGHUP's default action would end the process.
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).map_err(
+        |source| RunError::Setup {
+            what: "the SIGHUP handler".into(),
+            source,
+        },
+    )?;
     let ready_timeout = config.ready_timeout;
     systemd::status("starting");
     let mut running = crate::start(config).await?;
@@ -77,6 +93,10 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
                     systemd::status(&line);
                 }
             }
+            _ = hup.recv() => {
+                reload(&mut running, config_path.as_deref(), &mut report).await;
+                ready_sent = true;
+            }
             _ = &mut shutdown => break Ok(()),
             result = server_exited(&mut running) => break result,
         }
@@ -107,6 +127,33 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         task.abort();
     }
     result
+}
+
+/// `RELOADING=1`, read and apply the config file, `READY=1` with the new STATUS line.
+async fn reload(running: &mut Running, path: Option<&Path>, report: &mut Report) {
+    report.phase = "reloading";
+    systemd::reloading(&report.line(running));
+    let loaded = match path {
+        Some(path) => Config::load(path),
+        None => Config::default_config(),
+    };
+    report.reload_note = match loaded {
+        Err(e) => {
+            let why = crate::error_chain(&e);
+            tracing::error!(error = %why, "reload rejected; keeping the running configuration");
+            Some(format!("reload rejected: {}", clip(&why, 200)))
+        }
+        Ok(new) => match running.reload(new).await {
+            Ok(plan) => {
+                tracing::info!(%plan, "reload applied");
+                None
+            }
+            Err(e) => Some(format!("reload incomplete: {e}")),
+        },
+    };
+    report.phase = "serving";
+    let line = report.line(running);
+    systemd::ready(&line);
 }
 
 /// Resolves when the ext_proc server task ends on its own (it only should at shutdown): `Ok` for
@@ -148,11 +195,23 @@ async fn wait_required(required: Vec<Arc<PluginLink>>, deadline: Instant) -> Vec
         .collect()
 }
 
+/// At most `max` bytes of `s`, cut at a character boundary.
+fn clip(s: &str, max: usize) -> &str {
+    let mut end = s.len().min(max);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
 /// The STATUS line's state between updates.
 #[derive(Debug)]
 struct Report {
     phase: &'static str,
+    /// What readiness or stopping is waiting for; dropped once every plugin is up.
     note: Option<String>,
+    /// The outcome of the last reload when it was not clean; kept until the next reload.
+    reload_note: Option<String>,
     last: String,
 }
 
@@ -161,6 +220,7 @@ impl Default for Report {
         Report {
             phase: "starting",
             note: None,
+            reload_note: None,
             last: String::new(),
         }
     }
@@ -176,7 +236,10 @@ impl Report {
                 .map(|l| (l.name().to_owned(), l.is_connected()))
                 .collect(),
             restarts: restarts(running),
-            note: self.note.clone(),
+            note: match (&self.note, &self.reload_note) {
+                (Some(a), Some(b)) => Some(format!("{a}; {b}")),
+                (a, b) => a.clone().or_else(|| b.clone()),
+            },
         }
     }
 
