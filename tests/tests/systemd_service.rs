@@ -331,3 +331,105 @@ fn a_stopped_front_misses_the_watchdog_and_systemd_restarts_it() {
         t == "serving; plugins 2/2 up; restarts 0"
     });
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_starts_added_plugins_restarts_changed_ones_and_rejects_a_broken_config() {
+    let s = tokio::task::block_in_place(|| {
+        let s = Service::boot("reload", "tests/systemd/spawned.toml");
+        s.start();
+        s.wait_status("2/2 up", Duration::from_secs(10), |t| {
+            t == "serving; plugins 2/2 up; restarts 0"
+        });
+        s
+    });
+    let main_pid = s.prop("MainPID");
+    let usage = s.wait_plugin_pid("usage", None);
+    let latency = s.wait_plugin_pid("latency", None);
+    let config = "/etc/plugvisor/plugvisor.toml";
+    let original = s.c.exec_ok(&["cat", config]).unwrap();
+    let write = |text: &str| {
+        let staged = s.c.scratch().join("next.toml");
+        std::fs::write(&staged, text).unwrap();
+        s.c.exec_ok(&["cp", staged.to_str().unwrap(), config])
+            .unwrap();
+    };
+
+    // Added: test-order starts; the others keep their processes.
+    write(&format!("{original}\n[plugins.test-order]\n"));
+    tokio::task::block_in_place(|| {
+        s.c.systemctl_ok(&["reload", SERVICE]).unwrap();
+        s.wait_status("3/3 up", Duration::from_secs(15), |t| {
+            t == "serving; plugins 3/3 up; restarts 0"
+        });
+    });
+    let order = s.wait_plugin_pid("test-order", None);
+    assert_eq!(s.plugin_pid("usage"), Some(usage));
+    assert_eq!(s.plugin_pid("latency"), Some(latency));
+
+    // New streams carry the added plugin's metadata.
+    let dir = tempfile::tempdir().unwrap();
+    let upstream = Upstream::start().await;
+    let envoy = tokio::task::block_in_place(|| s.envoy(dir.path(), &upstream));
+    let params = Params::default();
+    let got = chat(envoy.port, &params, "after-reload").await;
+    assert_eq!(got.status, 200);
+    let line = tokio::task::block_in_place(|| {
+        envoy.access_log_for("after-reload", Duration::from_secs(5))
+    });
+    assert_eq!(line["test_order"]["out_of_order"], 0.0, "{line}");
+    assert_eq!(line["usage"]["completion_tokens"], 5.0, "{line}");
+
+    tokio::task::block_in_place(|| {
+        // A broken file: `systemctl reload` fails on check-config and plugvisor is not signalled.
+        write("listen = 5\n");
+        let failed = s.c.systemctl(&["reload", SERVICE]).unwrap();
+        assert!(
+            !failed.status.success(),
+            "reload of a broken config succeeded"
+        );
+        // Signalled anyway: plugvisor itself rejects it and keeps serving the old config.
+        s.c.systemctl_ok(&["kill", "--kill-who=main", "--signal=HUP", SERVICE])
+            .unwrap();
+        let status = s.wait_status("reports the rejection", Duration::from_secs(10), |t| {
+            t.contains("reload rejected")
+        });
+        assert!(status.starts_with("serving; plugins 3/3 up"), "{status}");
+        assert_eq!(s.prop("ActiveState"), "active");
+        let journal = s.c.journalctl(&["-u", SERVICE]).unwrap();
+        assert!(journal.contains("reload rejected"), "{journal}");
+
+        // Changed (usage) restarts, removed (latency) stops, unchanged (test-order) stays.
+        write(&format!(
+            "{}\n[plugins.test-order]\n",
+            original.replace("[plugins.latency]\n", "").replace(
+                "required = true\n",
+                "required = true\nfinal_timeout_ms = 300\n"
+            )
+        ));
+        s.c.systemctl_ok(&["reload", SERVICE]).unwrap();
+        s.wait_status("2/2 up without latency", Duration::from_secs(15), |t| {
+            t == "serving; plugins 2/2 up; restarts 0"
+        });
+        let new_usage = s.wait_plugin_pid("usage", Some(usage));
+        assert_ne!(new_usage, usage);
+        let gone = nspawn::poll(Duration::from_secs(10), || {
+            Ok(s.plugin_pid("latency").is_none().then_some(()))
+        })
+        .unwrap();
+        assert!(gone.is_some(), "latency still runs after its removal");
+        assert_eq!(s.plugin_pid("test-order"), Some(order));
+        assert_eq!(s.prop("MainPID"), main_pid);
+        assert_eq!(s.prop("NRestarts"), "0");
+    });
+    let got = chat(envoy.port, &params, "after-second-reload").await;
+    assert_eq!(got.status, 200);
+    let line = tokio::task::block_in_place(|| {
+        envoy.access_log_for("after-second-reload", Duration::from_secs(5))
+    });
+    assert_eq!(line["usage"]["completion_tokens"], 5.0, "{line}");
+    assert_eq!(
+        line["plugvisor"]["missing"],
+        serde_json::json!([]),
+        "{line}"
+    );
+}
