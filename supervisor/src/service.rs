@@ -50,7 +50,20 @@ pub async fn run(
 
     let watchdog = systemd::watchdog_interval().map(|interval| {
         tracing::info!(?interval, "systemd watchdog enabled");
-        tokio::spawn(systemd::watchdog_loop(interval, running.probes().to_vec()))
+        let fixed = running.probes().to_vec();
+        let plugins = running.plugins().clone();
+        // The ext_proc accept loop, and each plugin's supervisor as they are now (a reload
+        // changes them).
+        tokio::spawn(systemd::watchdog_loop(interval, move || {
+            let mut probes = fixed.clone();
+            probes.extend(
+                plugins
+                    .entries()
+                    .iter()
+                    .filter_map(|e| e.supervised.as_ref().map(|s| s.probe())),
+            );
+            probes
+        }))
     });
 
     let mut report = Report::default();

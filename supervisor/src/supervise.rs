@@ -86,6 +86,8 @@ pub struct Supervised {
     requests: mpsc::Sender<Request>,
     shutdown: Mutex<Option<oneshot::Sender<Duration>>>,
     task: Mutex<Option<JoinHandle<()>>>,
+    /// Answered by the task's loop; the systemd watchdog pings only while it is.
+    probe: crate::systemd::Probe,
 }
 
 /// What the supervising task needs.
@@ -111,6 +113,9 @@ impl Supervised {
         let shared = Arc::new(Mutex::new(Shared::default()));
         let link = ctx.link.clone();
         let metrics = ctx.metrics.clone();
+        // The loop may spend up to two stop grace periods in one step (stopping a plugin).
+        let (probe, answerer) = crate::systemd::probe(format!("supervisor of {}", ctx.link.name()));
+        let probe = probe.with_tolerance(ctx.stop_grace * 2 + Duration::from_secs(5));
         let task = tokio::spawn(
             Task {
                 restarter: Restarter::new(ctx.link.config().restart.clone()),
@@ -121,7 +126,7 @@ impl Supervised {
                 backoff_until: None,
                 spawned_at: None,
             }
-            .run(rx, shutdown_rx),
+            .run(rx, shutdown_rx, answerer),
         );
         Supervised {
             link,
@@ -129,8 +134,14 @@ impl Supervised {
             shared,
             requests,
             shutdown: Mutex::new(Some(shutdown)),
+            probe,
             task: Mutex::new(Some(task)),
         }
+    }
+
+    /// The liveness probe the supervising task's loop answers.
+    pub fn probe(&self) -> crate::systemd::Probe {
+        self.probe.clone()
     }
 
     /// The plugin's name.
@@ -268,6 +279,7 @@ impl Task {
         mut self,
         mut requests: mpsc::Receiver<Request>,
         mut shutdown: oneshot::Receiver<Duration>,
+        mut probes: crate::systemd::ProbeAnswerer,
     ) {
         let mut connected = self.ctx.link.subscribe_connected();
         let hang_check = (self.ctx.link.config().hang_timeout / 4).max(Duration::from_millis(20));
@@ -286,6 +298,7 @@ impl Task {
                     self.publish();
                     return;
                 }
+                () = probes.answer() => {}
                 Some((command, reply)) = requests.recv() => {
                     let answer = self.on_command(command).await;
                     let _ = reply.send(answer);

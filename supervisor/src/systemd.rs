@@ -288,10 +288,11 @@ impl StatusSnapshot {
 }
 
 /// Asks a loop to prove it is still running: the loop answers a [`Probe`] by polling its
-/// [`ProbeAnswerer`]. The watchdog pings only when every probe was answered.
+/// [`ProbeAnswerer`]. The watchdog pings only while every probe is answered in time.
 #[derive(Debug, Clone)]
 pub struct Probe {
-    name: &'static str,
+    name: String,
+    tolerance: Duration,
     tx: mpsc::Sender<oneshot::Sender<()>>,
 }
 
@@ -301,27 +302,57 @@ pub struct ProbeAnswerer {
     rx: mpsc::Receiver<oneshot::Sender<()>>,
 }
 
-/// A probe for the loop named `name`.
-pub fn probe(name: &'static str) -> (Probe, ProbeAnswerer) {
+/// A probe for the loop named `name`, which must answer within one watchdog round.
+pub fn probe(name: impl Into<String>) -> (Probe, ProbeAnswerer) {
     let (tx, rx) = mpsc::channel(4);
-    (Probe { name, tx }, ProbeAnswerer { rx })
+    (
+        Probe {
+            name: name.into(),
+            tolerance: Duration::ZERO,
+            tx,
+        },
+        ProbeAnswerer { rx },
+    )
+}
+
+/// What became of a probe sent to a loop.
+enum Sent {
+    /// Waiting for the answer.
+    Waiting(oneshot::Receiver<()>),
+    /// The loop is gone (ended on purpose, e.g. a plugin removed by a reload): not a failure.
+    Gone,
+    /// Earlier probes are still queued: the loop is not reading them.
+    Stuck,
 }
 
 impl Probe {
     /// The loop's name, for the log.
-    pub fn name(&self) -> &'static str {
-        self.name
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Lets the loop stay silent this long before it counts as wedged: for loops that may
+    /// legitimately spend a bounded while in one step (a supervisor waiting for a plugin to stop).
+    pub fn with_tolerance(mut self, tolerance: Duration) -> Probe {
+        self.tolerance = tolerance;
+        self
+    }
+
+    fn send(&self) -> Sent {
+        let (tx, rx) = oneshot::channel();
+        match self.tx.try_send(tx) {
+            Ok(()) => Sent::Waiting(rx),
+            Err(mpsc::error::TrySendError::Closed(_)) => Sent::Gone,
+            Err(mpsc::error::TrySendError::Full(_)) => Sent::Stuck,
+        }
     }
 
     /// True when the loop answered within `limit`.
     pub async fn check(&self, limit: Duration) -> bool {
-        let (tx, rx) = oneshot::channel();
-        if self.tx.try_send(tx).is_err() {
-            // A full queue means earlier probes were never answered; a closed one, that the
-            // loop is gone.
-            return false;
+        match self.send() {
+            Sent::Waiting(rx) => matches!(tokio::time::timeout(limit, rx).await, Ok(Ok(()))),
+            Sent::Gone | Sent::Stuck => false,
         }
-        matches!(tokio::time::timeout(limit, rx).await, Ok(Ok(())))
     }
 }
 
@@ -368,21 +399,68 @@ impl<S: Stream + Unpin> Stream for Watched<S> {
     }
 }
 
-/// Pings the watchdog every `interval` while every probe answers within a fraction of it; logs
-/// (once per change) when one does not. Runs until dropped.
-pub async fn watchdog_loop(interval: Duration, probes: Vec<Probe>) {
+/// One probe's standing in [`watchdog_loop`].
+struct Standing {
+    answered: tokio::time::Instant,
+    waiting: Option<oneshot::Receiver<()>>,
+}
+
+/// Pings the watchdog every `interval` while every probe from `probes` (asked again each round,
+/// so loops can come and go) was answered within its tolerance; logs (once per change) when one
+/// was not. Runs until dropped.
+pub async fn watchdog_loop(interval: Duration, probes: impl Fn() -> Vec<Probe> + Send + 'static) {
+    use std::collections::HashMap;
+    use tokio::time::Instant;
+
     let limit = (interval / 2).min(Duration::from_secs(2));
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut standing: HashMap<String, Standing> = HashMap::new();
     let mut healthy = true;
     loop {
         tick.tick().await;
-        let mut silent = Vec::new();
+        let round = Instant::now();
+        let probes = probes();
+        standing.retain(|name, _| probes.iter().any(|p| p.name() == name));
+        let mut stuck = Vec::new();
         for probe in &probes {
-            if !probe.check(limit).await {
-                silent.push(probe.name());
+            let st = standing.entry(probe.name().to_owned()).or_insert(Standing {
+                answered: round,
+                waiting: None,
+            });
+            if st.waiting.is_none() {
+                match probe.send() {
+                    Sent::Waiting(rx) => st.waiting = Some(rx),
+                    Sent::Gone => st.answered = round,
+                    Sent::Stuck => stuck.push(probe.name().to_owned()),
+                }
             }
         }
+        let deadline = round + limit;
+        for st in standing.values_mut() {
+            if let Some(rx) = st.waiting.as_mut() {
+                match tokio::time::timeout_at(deadline, rx).await {
+                    Ok(Ok(())) => {
+                        st.answered = Instant::now();
+                        st.waiting = None;
+                    }
+                    // Dropped unanswered: the loop ended; the next round asks again.
+                    Ok(Err(_)) => st.waiting = None,
+                    Err(_) => {}
+                }
+            }
+        }
+        // Silent: not answered in this round, and not within its tolerance before it either.
+        let silent: Vec<&str> = probes
+            .iter()
+            .filter(|p| {
+                stuck.iter().any(|s| s == p.name())
+                    || standing.get(p.name()).is_some_and(|st| {
+                        round.saturating_duration_since(st.answered) > p.tolerance
+                    })
+            })
+            .map(|p| p.name())
+            .collect();
         if silent.is_empty() {
             watchdog_ping();
             if !healthy {
@@ -452,6 +530,60 @@ mod tests {
         server.abort();
         let _ = server.await;
         assert!(!probe.check(Duration::from_millis(50)).await);
+    }
+
+    #[tokio::test]
+    async fn the_watchdog_pings_only_while_every_probe_is_answered() {
+        let dir = std::env::temp_dir().join(format!("plugvisor-notify-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("notify.sock");
+        let _ = std::fs::remove_file(&path);
+        let sink = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+        sink.set_nonblocking(true).unwrap();
+        // No other test of this crate notifies, so the socket hears only this watchdog.
+        std::env::set_var("NOTIFY_SOCKET", &path);
+        let pings = |sink: &std::os::unix::net::UnixDatagram| {
+            let mut n = 0;
+            let mut buf = [0u8; 256];
+            while let Ok(len) = sink.recv(&mut buf) {
+                assert_eq!(&buf[..len], b"WATCHDOG=1\n");
+                n += 1;
+            }
+            n
+        };
+
+        let (accept, mut answerer) = probe("accept");
+        let (patient, _never_answers) = probe("patient");
+        let patient = patient.with_tolerance(Duration::from_secs(3600));
+        let (wedge, mut wedged) = oneshot::channel::<()>();
+        let serving = tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    () = answerer.answer() => {}
+                    _ = &mut wedged => break,
+                }
+            }
+            // Wedged: alive, holding its end of the probe, never reading it again.
+            std::future::pending::<()>().await;
+            drop(answerer);
+        });
+        let watchdog = tokio::spawn(watchdog_loop(Duration::from_millis(40), move || {
+            vec![accept.clone(), patient.clone()]
+        }));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let healthy = pings(&sink);
+        assert!(healthy >= 3, "a healthy front pings ({healthy} pings)");
+
+        // The accept loop wedges: within a round or two the pings stop for good.
+        wedge.send(()).unwrap();
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        let _ = pings(&sink);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(pings(&sink), 0, "a wedged loop must cost the watchdog ping");
+        watchdog.abort();
+        serving.abort();
+        std::env::remove_var("NOTIFY_SOCKET");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
