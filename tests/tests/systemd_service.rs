@@ -34,10 +34,15 @@ struct Service {
 
 impl Service {
     fn boot(name: &str, config: &str) -> Service {
+        Service::boot_with(name, config, |t| t)
+    }
+
+    /// Like [`Service::boot`], with the config text passed through `edit` first.
+    fn boot_with(name: &str, config: &str, edit: impl FnOnce(String) -> String) -> Service {
         let run_dir = tempfile::tempdir().expect("tempdir for /run/plugvisor");
         let repo = repo();
         // Containers share the host's network: each gets its own admin port.
-        let text = std::fs::read_to_string(repo.join(config)).unwrap().replace(
+        let text = edit(std::fs::read_to_string(repo.join(config)).unwrap()).replace(
             "admin_listen = \"127.0.0.1:9003\"",
             &format!("admin_listen = \"127.0.0.1:{}\"", tests::free_port()),
         );
@@ -432,4 +437,41 @@ async fn reload_starts_added_plugins_restarts_changed_ones_and_rejects_a_broken_
         serde_json::json!([]),
         "{line}"
     );
+}
+
+#[test]
+fn ready_waits_for_a_required_plugin_then_names_it_when_the_wait_runs_out() {
+    // latency runs as its own unit, which is wrong to make required (it starts only after
+    // READY): plugvisor waits ready_timeout_ms for it, then reports ready and says why.
+    let s = Service::boot_with("readiness", "tests/systemd/external.toml", |t| {
+        t.replace("spawn = false\n", "spawn = false\nrequired = true\n")
+            .replace(
+                "[plugins.usage]\n",
+                "ready_timeout_ms = 3000\n\n[plugins.usage]\n",
+            )
+    });
+    let asked = Instant::now();
+    s.c.systemctl_ok(&["start", "--no-block", "plugvisor.socket", SERVICE])
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(s.prop("ActiveState"), "activating", "active before READY");
+    s.c.wait_for_property(SERVICE, "ActiveState", "active", Duration::from_secs(10))
+        .unwrap();
+    assert!(
+        asked.elapsed() >= Duration::from_millis(2500),
+        "READY came after {:?}, before ready_timeout_ms",
+        asked.elapsed()
+    );
+    let status = s.prop("StatusText");
+    assert_eq!(
+        status,
+        "serving; plugins 1/2 up (down: latency); restarts 0; \
+         required not up after 3000ms: latency"
+    );
+    // Once the plugin connects the line says so, and the note about readiness goes.
+    s.c.systemctl_ok(&["start", "plugvisor-plugin@latency.service"])
+        .unwrap();
+    s.wait_status("2/2 up", Duration::from_secs(10), |t| {
+        t == "serving; plugins 2/2 up; restarts 0"
+    });
 }
