@@ -475,3 +475,46 @@ fn ready_waits_for_a_required_plugin_then_names_it_when_the_wait_runs_out() {
         t == "serving; plugins 2/2 up; restarts 0"
     });
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tcp_socket_from_systemd_serves_envoy_too() {
+    let port = tests::free_port();
+    let s = tokio::task::block_in_place(|| {
+        let s = Service::boot("tcp", "tests/systemd/spawned.toml");
+        // The drop-in an operator writes with `systemctl edit plugvisor.socket`.
+        s.c.sh(&format!(
+            "mkdir -p /etc/systemd/system/plugvisor.socket.d && \
+             printf '[Socket]\\nListenStream=\\nListenStream=127.0.0.1:{port}\\n' \
+               > /etc/systemd/system/plugvisor.socket.d/tcp.conf && \
+             systemctl daemon-reload"
+        ))
+        .unwrap();
+        s.start();
+        s
+    });
+    let journal = s.c.journalctl(&["-u", SERVICE]).unwrap();
+    assert!(
+        journal.contains("ext_proc listener passed by systemd"),
+        "{journal}"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let upstream = Upstream::start().await;
+    let envoy = tokio::task::block_in_place(|| {
+        Envoy::start(
+            dir.path(),
+            &EnvoyOptions {
+                ext_proc: format!("127.0.0.1:{port}"),
+                upstream_port: upstream.port,
+                body_mode: "FULL_DUPLEX_STREAMED",
+                extra_namespaces: vec![],
+                failure_mode_allow: false,
+            },
+        )
+    });
+    let params = Params::default();
+    let got = chat(envoy.port, &params, "over-tcp").await;
+    assert_eq!(got.status, 200);
+    let line =
+        tokio::task::block_in_place(|| envoy.access_log_for("over-tcp", Duration::from_secs(5)));
+    assert_eq!(line["usage"]["completion_tokens"], 5.0, "{line}");
+}
