@@ -518,3 +518,43 @@ async fn a_tcp_socket_from_systemd_serves_envoy_too() {
         tokio::task::block_in_place(|| envoy.access_log_for("over-tcp", Duration::from_secs(5)));
     assert_eq!(line["usage"]["completion_tokens"], 5.0, "{line}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn systemctl_stop_drains_in_flight_streams_and_says_so() {
+    let s = tokio::task::block_in_place(|| {
+        let s = Service::boot("stop", "tests/systemd/spawned.toml");
+        s.start();
+        s
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let upstream = Upstream::start().await;
+    let envoy = tokio::task::block_in_place(|| s.envoy(dir.path(), &upstream));
+    // About 2 s of streaming, well inside shutdown_grace_ms (5 s).
+    let slow = Params {
+        chunks: 40,
+        delay: Duration::from_millis(50),
+        ..Params::default()
+    };
+    let port = envoy.port;
+    let stream = tokio::spawn({
+        let slow = slow.clone();
+        async move { chat(port, &slow, "draining").await }
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    tokio::task::block_in_place(|| {
+        s.c.systemctl_ok(&["stop", "--no-block", SERVICE]).unwrap();
+        let status = s.wait_status("stopping", Duration::from_secs(5), |t| {
+            t.starts_with("stopping;")
+        });
+        assert!(status.ends_with("draining 1 stream(s)"), "{status}");
+        assert_eq!(s.prop("ActiveState"), "deactivating");
+    });
+    let got = stream.await.unwrap();
+    assert_eq!(got.status, 200);
+    assert_eq!(got.body(), slow.body(), "the stream was cut by the stop");
+    tokio::task::block_in_place(|| {
+        s.c.wait_for_property(SERVICE, "ActiveState", "inactive", Duration::from_secs(15))
+            .unwrap();
+        assert_eq!(s.prop("Result"), "success");
+    });
+}
