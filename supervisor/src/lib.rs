@@ -180,7 +180,9 @@ pub struct Running {
 }
 
 /// Binds the plugin sockets, the ext_proc listener and the admin listener, starts the plugins the
-/// front spawns, waits up to `connect_timeout` for all plugins to connect, and serves.
+/// front spawns, waits up to `connect_timeout` for those to connect, and serves. Plugins with
+/// `spawn = false` are not waited for: they are started by someone else, often only once this
+/// front is ready (systemd template units are ordered after it).
 pub async fn start(config: Config) -> Result<Running, RunError> {
     let metrics = Arc::new(Metrics::new());
     let plugins_dir = config.plugins_dir();
@@ -333,14 +335,27 @@ pub async fn start(config: Config) -> Result<Running, RunError> {
         server: Some(server),
         background,
     };
-    if !running.wait_connected(config.connect_timeout).await {
-        let missing: Vec<_> = running
-            .links
+    let spawned: Vec<_> = running
+        .links
+        .iter()
+        .filter(|l| l.config().spawn)
+        .cloned()
+        .collect();
+    let all_spawned = async {
+        for link in &spawned {
+            link.wait_connected().await;
+        }
+    };
+    if tokio::time::timeout(config.connect_timeout, all_spawned)
+        .await
+        .is_err()
+    {
+        let missing: Vec<_> = spawned
             .iter()
             .filter(|l| !l.is_connected())
             .map(|l| l.name().to_owned())
             .collect();
-        tracing::warn!(?missing, "serving without every plugin connected");
+        tracing::warn!(?missing, "serving before every spawned plugin connected");
     }
     tracing::info!(listen = %running.listen, admin = ?running.admin, "plugvisor front serving");
     Ok(running)
