@@ -37,6 +37,12 @@ pub struct Args {
     )]
     pub log_format: crate::logging::LogFormat,
 
+    /// Run under this configured name instead of the plugin's own: the `Hello` carries it, and
+    /// the plugin's namespace `plugvisor.<plugin>` is reported as `plugvisor.<NAME>`. Lets one
+    /// built-in serve several configured plugins (`test-spin --as spin1`, `--as spin2`, ...).
+    #[arg(long = "as", value_name = "NAME")]
+    pub as_name: Option<String>,
+
     /// List the plugins this binary can run, one line each, and exit.
     #[arg(long)]
     pub list: bool,
@@ -102,10 +108,23 @@ impl Args {
         }
     }
 
-    /// The host options for running `plugin`, or a usage message if `--connect` is missing.
+    /// The host options for running `plugin` (under its `--as` name, if given), or a usage
+    /// message if `--connect` is missing or the `--as` name is not a plugin name.
     pub fn host_options(&self, plugin: &str) -> Result<HostOptions, String> {
+        let configured = self.as_name.as_deref().unwrap_or(plugin);
+        if configured.is_empty()
+            || !configured
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
+            return Err(format!(
+                "--as `{configured}`: a plugin name uses letters, digits, `-` and `_`"
+            ));
+        }
         let connect = self.connect.clone().ok_or_else(|| {
-            format!("missing --connect <socket path> (the front's socket for plugin `{plugin}`)")
+            format!(
+                "missing --connect <socket path> (the front's socket for plugin `{configured}`)"
+            )
         })?;
         let workers = self
             .workers
@@ -114,7 +133,8 @@ impl Args {
             return Err("--workers must be at least 1".into());
         }
         Ok(HostOptions {
-            plugin: plugin.to_owned(),
+            plugin: configured.to_owned(),
+            runs: (configured != plugin).then(|| plugin.to_owned()),
             connect,
             workers,
             idle_timeout: self.idle_timeout,
@@ -156,5 +176,27 @@ mod tests {
             .host_options("usage")
             .unwrap_err()
             .contains("--connect"));
+    }
+
+    #[test]
+    fn as_names_the_configured_plugin_and_keeps_the_built_in() {
+        let parse = |name: &str| {
+            Args::try_parse_from([
+                "plugvisor-plugin",
+                "test-spin",
+                "--as",
+                name,
+                "--connect",
+                "/run/p/spin1.sock",
+            ])
+            .unwrap()
+            .host_options("test-spin")
+        };
+        let opts = parse("spin1").unwrap();
+        assert_eq!(opts.plugin, "spin1");
+        assert_eq!(opts.runs.as_deref(), Some("test-spin"));
+        // Its own name renames nothing; a name that is not a plugin name is bad usage.
+        assert_eq!(parse("test-spin").unwrap().runs, None);
+        assert!(parse("../x").unwrap_err().contains("--as"));
     }
 }

@@ -16,8 +16,8 @@ use std::time::Duration;
 
 use ipc_protocol::frame::BATCH_BYTES;
 use ipc_protocol::{
-    FinalOutcome, FinalReply, FrameReader, FrameWriter, FromPlugin, Hello, Pong, ProtocolError,
-    ToPlugin, PROTOCOL_VERSION,
+    FinalOutcome, FinalReply, FrameReader, FrameWriter, FromPlugin, Hello, Metadata, Pong,
+    ProtocolError, ToPlugin, Value, PROTOCOL_VERSION,
 };
 use tokio::net::unix::OwnedWriteHalf;
 use tokio::net::UnixStream;
@@ -60,6 +60,10 @@ impl Exit {
 pub struct HostOptions {
     /// The plugin's configured name, sent in `Hello`; its own namespace is `plugvisor.<name>`.
     pub plugin: String,
+    /// The plugin's own name when it runs under another configured name (`--as`): the plugin
+    /// writes `plugvisor.<runs>`, which the host reports as `plugvisor.<plugin>`. `None` when the
+    /// two are the same.
+    pub runs: Option<String>,
     /// The front's socket for this plugin.
     pub connect: PathBuf,
     /// Worker threads running hooks.
@@ -81,6 +85,7 @@ impl HostOptions {
     pub fn new(plugin: impl Into<String>, connect: impl Into<PathBuf>) -> Self {
         HostOptions {
             plugin: plugin.into(),
+            runs: None,
             connect: connect.into(),
             workers: std::thread::available_parallelism().map_or(1, |n| n.get()),
             idle_timeout: Duration::from_secs(300),
@@ -197,9 +202,24 @@ async fn serve_inner<P: Plugin>(mut plugin: P, opts: &HostOptions) -> Result<Exi
 
     let (tx, rx) = mpsc::unbounded_channel::<Out>();
     let writer_task = tokio::spawn(write_loop(writer, rx));
+    // The host adds gaps/partial to the namespace the plugin itself writes; under `--as`, that
+    // namespace is renamed on the way out, so several instances of one built-in stay apart.
+    let own_namespace = format!(
+        "plugvisor.{}",
+        opts.runs.as_deref().unwrap_or(opts.plugin.as_str())
+    );
+    let rename = opts
+        .runs
+        .as_ref()
+        .map(|_| (own_namespace.clone(), format!("plugvisor.{}", opts.plugin)));
     let out: Outbox = {
         let tx = tx.clone();
-        Arc::new(move |msg| {
+        Arc::new(move |mut msg| {
+            if let (Some((from, to)), FromPlugin::FinalReply(reply)) = (&rename, &mut msg) {
+                if let FinalOutcome::Metadata(md) = &mut reply.outcome {
+                    rename_namespace(md, from, to);
+                }
+            }
             let _ = tx.send(Out::Msg(msg));
         })
     };
@@ -210,7 +230,7 @@ async fn serve_inner<P: Plugin>(mut plugin: P, opts: &HostOptions) -> Result<Exi
             queue_events: opts.lane_queue_events,
             queue_bytes: opts.lane_queue_bytes,
             plugin: opts.plugin.clone(),
-            namespace: format!("plugvisor.{}", opts.plugin),
+            namespace: own_namespace,
         },
         out,
     )
@@ -284,6 +304,19 @@ async fn serve_inner<P: Plugin>(mut plugin: P, opts: &HostOptions) -> Result<Exi
     Ok(exit)
 }
 
+/// Moves the namespace `from` to `to` (`--as`); if both exist and are maps, `from`'s keys win.
+fn rename_namespace(md: &mut Metadata, from: &str, to: &str) {
+    let Some(value) = md.remove(from) else {
+        return;
+    };
+    match (md.get_mut(to), value) {
+        (Some(Value::Map(existing)), Value::Map(moved)) => existing.extend(moved),
+        (_, value) => {
+            md.insert(to.to_owned(), value);
+        }
+    }
+}
+
 /// Waits until no event is queued or running, or `grace` has passed.
 async fn drain<P: Plugin>(lanes: &Lanes<P>, grace: Duration) {
     let deadline = tokio::time::Instant::now() + grace;
@@ -336,5 +369,51 @@ fn feed(writer: &mut FrameWriter<OwnedWriteHalf>, msg: FromPlugin) {
             });
             let _ = writer.feed(&fallback);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rename_moves_the_namespace_and_merges_into_an_existing_map() {
+        let mut md = Metadata::from([
+            (
+                "plugvisor.test-spin".to_owned(),
+                Value::map([("events", Value::from(3u64))]),
+            ),
+            (
+                "envoy.lb".to_owned(),
+                Value::map([("x", Value::from(1u64))]),
+            ),
+        ]);
+        rename_namespace(&mut md, "plugvisor.test-spin", "plugvisor.spin1");
+        assert!(!md.contains_key("plugvisor.test-spin"));
+        assert_eq!(
+            md["plugvisor.spin1"].get("events"),
+            Some(&Value::from(3u64))
+        );
+        assert!(md.contains_key("envoy.lb"));
+
+        let mut md = Metadata::from([
+            (
+                "plugvisor.a".to_owned(),
+                Value::map([("k", Value::from(1u64))]),
+            ),
+            (
+                "plugvisor.b".to_owned(),
+                Value::map([("j", Value::from(2u64))]),
+            ),
+        ]);
+        rename_namespace(&mut md, "plugvisor.a", "plugvisor.b");
+        assert_eq!(md.len(), 1);
+        assert_eq!(md["plugvisor.b"].get("k"), Some(&Value::from(1u64)));
+        assert_eq!(md["plugvisor.b"].get("j"), Some(&Value::from(2u64)));
+
+        // Nothing to rename: untouched.
+        let mut md = Metadata::new();
+        rename_namespace(&mut md, "plugvisor.a", "plugvisor.b");
+        assert!(md.is_empty());
     }
 }

@@ -92,8 +92,9 @@ pub(crate) fn launch<P: Plugin>(plugin: P, args: &cli::Args, name: &str) -> ! {
             std::process::exit(Exit::Usage.code());
         }
     };
-    logging::init_with(name, args.log_format);
-    proctitle::set(name);
+    // The configured name (`--as`), which is what the front and the operator know it by.
+    logging::init_with(&opts.plugin, args.log_format);
+    proctitle::set(&opts.plugin);
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
