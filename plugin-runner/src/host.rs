@@ -4,8 +4,10 @@
 //! (or exits 78 on `Refuse` or an invalid config), then reads frames: per-stream events go to
 //! their lanes (`lanes.rs`), `Ping` is answered right here from the reader with the lanes'
 //! counts (so a plugin busy in its hooks is never mistaken for a hung one), `Shutdown` drains the
-//! lanes for up to its grace period. Everything a lane or the reader answers goes through one
-//! writer task that batches frames into few writes. Socket EOF means the front is gone: exit 0.
+//! lanes for up to its grace period. Whoever answers (a lane worker's final reply or ack, the
+//! reader's pong) writes the frame to the socket itself, at once, from its own thread; only what
+//! the socket cannot take right now waits in a buffer that a task drains when it is writable
+//! again (see [`Replies`]). Socket EOF means the front is gone: exit 0.
 //!
 //! The transport is tokio's `UnixStream` on a filesystem path (see "Transport" in
 //! `docs/plugins.md` for why not `interprocess`).
@@ -14,7 +16,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use ipc_protocol::frame::BATCH_BYTES;
+use ipc_protocol::frame::{DEFAULT_MAX_FRAME, PREFIX_LEN};
 use ipc_protocol::{
     FinalOutcome, FinalReply, FrameReader, FrameWriter, FromPlugin, Hello, Metadata, Pong,
     ProtocolError, ToPlugin, Value, PROTOCOL_VERSION,
@@ -22,7 +24,7 @@ use ipc_protocol::{
 use tokio::net::unix::OwnedWriteHalf;
 use tokio::net::UnixStream;
 use tokio::signal::unix::{signal, SignalKind};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::Notify;
 
 use crate::lanes::{LaneConfig, Lanes, Outbox};
 use crate::plugin::Plugin;
@@ -123,11 +125,6 @@ pub enum HostError {
     Signals(#[source] std::io::Error),
 }
 
-enum Out {
-    Msg(FromPlugin),
-    Flush(oneshot::Sender<()>),
-}
-
 /// Serves `plugin` on one connection until the front shuts it down or goes away; returns how
 /// the process should exit. Errors are logged here.
 pub async fn serve<P: Plugin>(plugin: P, opts: HostOptions) -> Exit {
@@ -147,12 +144,11 @@ async fn serve_inner<P: Plugin>(mut plugin: P, opts: &HostOptions) -> Result<Exi
             path: opts.connect.clone(),
             source,
         })?;
-    let (rd, wr) = stream.into_split();
+    let (rd, mut wr) = stream.into_split();
     let mut reader = FrameReader::new(rd);
-    let mut writer = FrameWriter::new(wr);
 
     let subscriptions = plugin.subscriptions();
-    writer
+    FrameWriter::new(&mut wr)
         .send(&FromPlugin::Hello(Hello {
             protocol_version: PROTOCOL_VERSION,
             plugin: opts.plugin.clone(),
@@ -200,8 +196,12 @@ async fn serve_inner<P: Plugin>(mut plugin: P, opts: &HostOptions) -> Result<Exi
         }
     }
 
-    let (tx, rx) = mpsc::unbounded_channel::<Out>();
-    let writer_task = tokio::spawn(write_loop(writer, rx));
+    let replies = Arc::new(Replies {
+        half: wr,
+        pending: std::sync::Mutex::new(Pending::default()),
+        wake: Notify::new(),
+    });
+    let writer_task = tokio::spawn(replies.clone().drain_when_writable());
     // The host adds gaps/partial to the namespace the plugin itself writes; under `--as`, that
     // namespace is renamed on the way out, so several instances of one built-in stay apart.
     let own_namespace = format!(
@@ -213,14 +213,14 @@ async fn serve_inner<P: Plugin>(mut plugin: P, opts: &HostOptions) -> Result<Exi
         .as_ref()
         .map(|_| (own_namespace.clone(), format!("plugvisor.{}", opts.plugin)));
     let out: Outbox = {
-        let tx = tx.clone();
+        let replies = replies.clone();
         Arc::new(move |mut msg| {
             if let (Some((from, to)), FromPlugin::FinalReply(reply)) = (&rename, &mut msg) {
                 if let FinalOutcome::Metadata(md) = &mut reply.outcome {
                     rename_namespace(md, from, to);
                 }
             }
-            let _ = tx.send(Out::Msg(msg));
+            replies.send(msg);
         })
     };
     let lanes = Lanes::start(
@@ -266,7 +266,7 @@ async fn serve_inner<P: Plugin>(mut plugin: P, opts: &HostOptions) -> Result<Exi
                     if !pong.stuck.is_empty() {
                         tracing::warn!(stuck = ?pong.stuck, "lanes stuck in one event");
                     }
-                    let _ = tx.send(Out::Msg(FromPlugin::Pong(pong)));
+                    replies.send(FromPlugin::Pong(pong));
                 }
                 Ok(Some(ToPlugin::Shutdown(shutdown))) => {
                     let grace = Duration::from_millis(shutdown.grace_ms);
@@ -290,9 +290,7 @@ async fn serve_inner<P: Plugin>(mut plugin: P, opts: &HostOptions) -> Result<Exi
         }
     };
 
-    let (done_tx, done_rx) = oneshot::channel();
-    let _ = tx.send(Out::Flush(done_tx));
-    let _ = tokio::time::timeout(Duration::from_secs(2), done_rx).await;
+    replies.flushed(Duration::from_secs(2)).await;
     let stats = lanes.stats();
     tracing::info!(
         dropped = stats.dropped.load(std::sync::atomic::Ordering::Relaxed),
@@ -332,34 +330,108 @@ async fn drain<P: Plugin>(lanes: &Lanes<P>, grace: Duration) {
     }
 }
 
-/// Writes everything queued, batching whatever is already waiting into one write.
-async fn write_loop(mut writer: FrameWriter<OwnedWriteHalf>, mut rx: mpsc::UnboundedReceiver<Out>) {
-    let mut waiters = Vec::new();
-    while let Some(first) = rx.recv().await {
-        let mut next = Some(first);
-        while let Some(out) = next.take() {
-            match out {
-                Out::Msg(msg) => feed(&mut writer, msg),
-                Out::Flush(done) => waiters.push(done),
-            }
-            if writer.pending_bytes() < BATCH_BYTES {
-                next = rx.try_recv().ok();
-            }
-        }
-        if let Err(e) = writer.flush().await {
-            tracing::warn!(error = %e, "cannot write to the front");
+/// The write half of the connection, shared by every thread that answers the front.
+///
+/// A final reply used to cross to a writer task on the reader's thread before it was written:
+/// one more thread wake-up on every final RPC, which measured as most of its round trip beyond
+/// the raw socket's (see docs/benchmarks.md). Now the thread that has the answer writes it with
+/// one non-blocking `write` under a lock, which also keeps frames whole and in order. What the
+/// socket does not take (its buffer is full) is kept, and everything after it is appended, until
+/// [`Replies::drain_when_writable`] has written it.
+struct Replies {
+    half: OwnedWriteHalf,
+    pending: std::sync::Mutex<Pending>,
+    wake: Notify,
+}
+
+#[derive(Default)]
+struct Pending {
+    /// Encoded frames not yet written; non-empty means the drain task has been woken.
+    buf: Vec<u8>,
+    /// A write failed: the front is gone, drop everything.
+    failed: bool,
+}
+
+impl Replies {
+    /// Writes `msg` now, or queues it behind what the socket has not taken yet.
+    fn send(&self, msg: FromPlugin) {
+        let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        if pending.failed {
             return;
         }
-        for done in waiters.drain(..) {
-            let _ = done.send(());
+        let was_empty = pending.buf.is_empty();
+        encode(&msg, &mut pending.buf);
+        if was_empty {
+            self.write_some(&mut pending);
+            if !pending.buf.is_empty() {
+                self.wake.notify_one();
+            }
+        }
+    }
+
+    /// Writes as much of the buffer as the socket takes without blocking.
+    fn write_some(&self, pending: &mut Pending) {
+        while !pending.buf.is_empty() {
+            match self.half.try_write(&pending.buf) {
+                Ok(0) => {
+                    pending.failed = true;
+                    pending.buf.clear();
+                }
+                Ok(n) => {
+                    pending.buf.drain(..n);
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot write to the front");
+                    pending.failed = true;
+                    pending.buf.clear();
+                }
+            }
+        }
+    }
+
+    /// Writes what [`Replies::send`] could not, whenever the socket is writable again.
+    async fn drain_when_writable(self: Arc<Self>) {
+        loop {
+            self.wake.notified().await;
+            loop {
+                {
+                    let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+                    self.write_some(&mut pending);
+                    if pending.buf.is_empty() {
+                        break;
+                    }
+                }
+                if self.half.writable().await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Waits until everything sent is written (or the connection failed), at most `limit`.
+    async fn flushed(&self, limit: Duration) {
+        let deadline = tokio::time::Instant::now() + limit;
+        while tokio::time::Instant::now() < deadline {
+            if self
+                .pending
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .buf
+                .is_empty()
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
         }
     }
 }
 
-/// Feeds one message; a final reply too large for a frame is replaced by an error reply so the
-/// front is not left waiting.
-fn feed(writer: &mut FrameWriter<OwnedWriteHalf>, msg: FromPlugin) {
-    if let Err(e) = writer.feed(&msg) {
+/// Appends `msg` as one frame (the layout of `ipc_protocol::FrameWriter`); a final reply too large
+/// for a frame is replaced by an error reply so the front is not left waiting.
+fn encode(msg: &FromPlugin, buf: &mut Vec<u8>) {
+    if let Err(e) = try_encode(msg, buf) {
         tracing::error!(error = %e, kind = msg.kind(), "cannot encode a message for the front");
         if let FromPlugin::FinalReply(reply) = msg {
             let fallback = FromPlugin::FinalReply(FinalReply {
@@ -367,7 +439,28 @@ fn feed(writer: &mut FrameWriter<OwnedWriteHalf>, msg: FromPlugin) {
                 stream_id: reply.stream_id,
                 outcome: FinalOutcome::Error(format!("metadata not sendable: {e}")),
             });
-            let _ = writer.feed(&fallback);
+            let _ = try_encode(&fallback, buf);
+        }
+    }
+}
+
+fn try_encode(msg: &FromPlugin, buf: &mut Vec<u8>) -> Result<(), String> {
+    let start = buf.len();
+    buf.extend_from_slice(&[0; PREFIX_LEN]);
+    match ipc_protocol::codec::encode_into(msg, buf) {
+        Ok(len) if len <= DEFAULT_MAX_FRAME => {
+            buf[start..start + PREFIX_LEN].copy_from_slice(&(len as u32).to_le_bytes());
+            Ok(())
+        }
+        Ok(len) => {
+            buf.truncate(start);
+            Err(format!(
+                "frame of {len} bytes is over the {DEFAULT_MAX_FRAME}-byte limit"
+            ))
+        }
+        Err(e) => {
+            buf.truncate(start);
+            Err(e.to_string())
         }
     }
 }
