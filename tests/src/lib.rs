@@ -9,6 +9,7 @@
 //! stopped by its pid when the handle drops.
 #![forbid(unsafe_code)]
 
+pub mod bench;
 pub mod bins;
 pub mod client;
 pub mod envoy;

@@ -1,0 +1,17 @@
+//! The benchmark harness behind `cargo run --release -p tests --bin bench` (see
+//! `docs/benchmarks.md`): a stamped SSE upstream and client ([`sse`]), Envoy with or without the
+//! ext_proc filter ([`envoy`]), the reference echo ext_proc server ([`echo`]), the streaming
+//! comparison through Envoy ([`streaming`]), the IPC limits ([`ipc`]), memory under a frozen
+//! plugin ([`memory`]), restart latency ([`restart`]), /proc readings ([`procfs`]), statistics
+//! ([`stats`]) and the chart ([`plot`]).
+
+pub mod echo;
+pub mod envoy;
+pub mod ipc;
+pub mod memory;
+pub mod plot;
+pub mod procfs;
+pub mod restart;
+pub mod sse;
+pub mod stats;
+pub mod streaming;
