@@ -2,8 +2,9 @@
 //! ([`envoy`]), an OpenAI-like streaming upstream ([`upstream`]), an HTTP client that timestamps
 //! every chunk ([`client`]), a protocol-speaking fake plugin for tests that need a plugin to
 //! misbehave on cue ([`fake_plugin`]), the workspace binaries ([`bins`]) and the front run as a
-//! process ([`front`]), the three together with Envoy ([`stack`]), and a real systemd booted with `systemd-nspawn` for the unit-file tests
-//! ([`nspawn`]).
+//! process ([`front`]), the three together with Envoy ([`stack`]), a real systemd booted with
+//! `systemd-nspawn` for the unit-file and service tests ([`nspawn`]), and the benchmark harness
+//! behind `cargo run --release -p tests --bin bench` ([`bench`]).
 //!
 //! Everything listens on loopback or in a temporary directory, and every process a test starts is
 //! stopped by its pid when the handle drops.
