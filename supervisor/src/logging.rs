@@ -73,8 +73,10 @@ pub fn init(format: LogFormat) {
             Err(e) => journal_error = Some(e),
         }
     }
+    // Colours only for a person at a terminal, never into a log file or a pipe.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter())
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     let _ = if format == LogFormat::Json {
         builder.json().try_init()
