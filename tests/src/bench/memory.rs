@@ -19,8 +19,13 @@ use super::sse::{self, Ask, Ends};
 use crate::envoy::http_get;
 use crate::front::{metric, FrontProcess};
 
-/// The queue budget given to the plugin.
-pub const QUEUE_BYTES: u64 = 4 * 1024 * 1024;
+/// The queue budget given to the plugin (`BENCH_QUEUE_BYTES` overrides it, for experiments).
+pub fn queue_bytes() -> u64 {
+    std::env::var("BENCH_QUEUE_BYTES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(4 * 1024 * 1024)
+}
 /// The queue bound in events.
 pub const QUEUE_EVENTS: u64 = 4096;
 
@@ -67,7 +72,8 @@ pub async fn run(
     let front = FrontProcess::start(
         dir,
         &format!(
-            "[plugins.usage]\nqueue_events = {QUEUE_EVENTS}\nqueue_bytes = {QUEUE_BYTES}\nfinal_timeout_ms = 100\n"
+            "[plugins.usage]\nqueue_events = {QUEUE_EVENTS}\nqueue_bytes = {}\nfinal_timeout_ms = 100\n",
+            queue_bytes()
         ),
         &["usage"],
     );
