@@ -410,7 +410,8 @@ impl StreamTask {
                 continue;
             };
             set_stream(&mut msg, self.id);
-            link.send_event(conn.as_deref(), msg, 0);
+            let size = footprint(&msg);
+            link.send_event(conn.as_deref(), msg, size);
         }
     }
 
@@ -434,7 +435,6 @@ impl StreamTask {
             } else {
                 Bytes::new()
             };
-            let size = payload.len();
             let msg = ToPlugin::Chunk(Chunk {
                 stream_id: self.id,
                 seq,
@@ -444,6 +444,7 @@ impl StreamTask {
                 end_of_stream: eos,
                 ack: inline,
             });
+            let size = footprint(&msg);
             match (&conn, inline) {
                 (Some(c), true) => {
                     let deadline = tokio::time::Instant::now() + link.config().inline_timeout;
@@ -555,6 +556,28 @@ fn reply(response: Response, metadata: Option<Struct>) -> ProcessingResponse {
         dynamic_metadata: metadata,
         ..Default::default()
     }
+}
+
+/// What a queued event holds in memory, counted against the plugin's `queue_bytes`: its body and
+/// header bytes plus a fixed per-event overhead, so that header-only events (which carry no body)
+/// are bounded by bytes too and not only by `queue_events`.
+fn footprint(msg: &ToPlugin) -> usize {
+    /// A header's two strings' own allocation overhead, beside their bytes.
+    const PER_HEADER: usize = 2 * std::mem::size_of::<String>();
+    let headers = |h: &[ipc_protocol::Header]| -> usize {
+        h.iter().map(|(k, v)| k.len() + v.len() + PER_HEADER).sum()
+    };
+    std::mem::size_of::<ToPlugin>()
+        + match msg {
+            ToPlugin::RequestStart(e) => {
+                headers(&e.headers) + e.request_id.as_ref().map_or(0, String::len)
+            }
+            ToPlugin::ResponseHeaders(e) => headers(&e.headers),
+            ToPlugin::Chunk(e) => e.bytes.len(),
+            ToPlugin::Final(e) => e.bytes.len() + headers(&e.trailers),
+            ToPlugin::Abort(e) => e.detail.len(),
+            _ => 0,
+        }
 }
 
 fn body_reply(full_duplex: bool, bytes: Bytes, eos: bool) -> BodyResponse {
