@@ -18,6 +18,32 @@ pub fn example_config() -> String {
     std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()))
 }
 
+/// Writes `yaml` to `<dir>/envoy.yaml` and starts Envoy on it, logging to `<dir>/envoy.log`,
+/// with hot restart off (no shared-memory clashes between tests), two workers, and access logs
+/// flushed every `flush_ms` (Envoy's default of 10 s would make tests wait for their lines).
+pub fn spawn(dir: &Path, yaml: &str, flush_ms: u32) -> Child {
+    let config = dir.join("envoy.yaml");
+    std::fs::write(&config, yaml).expect("write envoy.yaml");
+    let log = std::fs::File::create(dir.join("envoy.log")).expect("envoy log file");
+    Command::new(envoy_bin())
+        .arg("-c")
+        .arg(&config)
+        .args([
+            "--disable-hot-restart",
+            "--concurrency",
+            "2",
+            "--log-level",
+            "warn",
+        ])
+        .arg("--file-flush-interval-msec")
+        .arg(flush_ms.to_string())
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().expect("dup log"))
+        .stderr(log)
+        .spawn()
+        .expect("start envoy")
+}
+
 /// Finds the Envoy binary, or panics with how to install it.
 pub fn envoy_bin() -> PathBuf {
     if let Some(p) = std::env::var_os("ENVOY_BIN").filter(|p| !p.is_empty()) {
@@ -121,27 +147,8 @@ impl Envoy {
                 &format!("socket_address: {{ address: {host}, port_value: {p} }}"),
             );
         }
-        let config = dir.join("envoy.yaml");
-        std::fs::write(&config, yaml).expect("write envoy.yaml");
         let log_file = dir.join("envoy.log");
-        let log = std::fs::File::create(&log_file).expect("envoy log file");
-        let child = Command::new(envoy_bin())
-            .arg("-c")
-            .arg(&config)
-            .args([
-                "--disable-hot-restart",
-                "--concurrency",
-                "2",
-                "--log-level",
-                "warn",
-                "--file-flush-interval-msec",
-                "50",
-            ])
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("dup log"))
-            .stderr(log)
-            .spawn()
-            .expect("start envoy");
+        let child = spawn(dir, &yaml, 50);
         let mut envoy = Envoy {
             child,
             port,

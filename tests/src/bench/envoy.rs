@@ -3,10 +3,10 @@
 //! at all. Same flags as the test suite (`--concurrency 2`, no hot restart); killed by pid on drop.
 
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::time::{Duration, Instant};
 
-use crate::envoy::{envoy_bin, example_config, http_get};
+use crate::envoy::{example_config, http_get};
 use crate::free_port;
 
 /// A running Envoy.
@@ -85,26 +85,8 @@ impl BenchEnvoy {
                 );
             }
         }
-        let config = dir.join("envoy.yaml");
-        std::fs::write(&config, yaml).expect("write envoy.yaml");
-        let log = std::fs::File::create(dir.join("envoy.log")).expect("envoy log");
-        let child = Command::new(envoy_bin())
-            .arg("-c")
-            .arg(&config)
-            .args([
-                "--disable-hot-restart",
-                "--concurrency",
-                "2",
-                "--log-level",
-                "warn",
-                "--file-flush-interval-msec",
-                "1000",
-            ])
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("dup"))
-            .stderr(log)
-            .spawn()
-            .expect("start envoy");
+        // Access logs are not read here: flush them rarely.
+        let child = crate::envoy::spawn(dir, &yaml, 1000);
         let mut envoy = BenchEnvoy { child, port };
         let start = Instant::now();
         loop {
