@@ -9,7 +9,15 @@ use supervisor::{error_chain, Config};
 
 /// Envoy ext_proc front that feeds plugin processes without making the stream wait.
 #[derive(Parser)]
-#[command(name = "plugvisor", version)]
+#[command(
+    name = "plugvisor",
+    version,
+    after_help = "Without a command, plugvisor serves: the ext_proc front on `listen` and its \
+                  plugins, from --config or the embedded default (`plugvisor default-config`). \
+                  SIGTERM/SIGINT drain and stop, SIGHUP reloads the config. The control \
+                  commands talk to a running plugvisor through <runtime_dir>/control.sock. \
+                  Exit codes: 0 ok, 1 failure, 64 bad configuration."
+)]
 struct Cli {
     /// Configuration file (TOML). Without it the embedded default is used.
     #[arg(long, short, env = "PLUGVISOR_CONFIG", global = true)]
