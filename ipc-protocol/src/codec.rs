@@ -62,10 +62,104 @@ pub fn decode<T: DeserializeOwned>(payload: &[u8]) -> Result<T, CodecError> {
     Ok(msg)
 }
 
+/// Bodies at least this large are not copied into the write buffer (see [`encode_spliced`]).
+pub const SPLICE_MIN: usize = 4 * 1024;
+
+/// Encodes a front → plugin event whose body is large without copying the body: appends to
+/// `out` the encoding of `msg` minus the body's bytes and returns where in `out` the body must be
+/// spliced back (with the body itself, a cheap clone of its `Bytes`). Writing `out[..at]`, the
+/// body, then `out[at..]` gives exactly [`encode`]'s bytes. Returns `None`, appending nothing,
+/// for messages without a body of at least [`SPLICE_MIN`] bytes.
+///
+/// This relies on the layout documented in `docs/protocol.md`: a struct is its fields one after
+/// another, and a byte buffer is a varint length followed by the bytes. The body is the only
+/// variable-size field of `Chunk` before its two trailing bools, and of `Final` before its
+/// trailers.
+pub fn encode_spliced(
+    msg: &crate::ToPlugin,
+    out: &mut Vec<u8>,
+) -> Result<Option<(usize, bytes::Bytes)>, CodecError> {
+    use crate::ToPlugin;
+    let (stub, body, tail_len) = match msg {
+        ToPlugin::Chunk(c) if c.bytes.len() >= SPLICE_MIN => {
+            let mut stub = c.clone();
+            stub.bytes = bytes::Bytes::new();
+            // end_of_stream and ack: one byte each.
+            (ToPlugin::Chunk(stub), c.bytes.clone(), 2)
+        }
+        ToPlugin::Final(f) if f.bytes.len() >= SPLICE_MIN => {
+            let mut stub = f.clone();
+            stub.bytes = bytes::Bytes::new();
+            let tail_len = encode(&f.trailers)?.len();
+            (ToPlugin::Final(stub), f.bytes.clone(), tail_len)
+        }
+        _ => return Ok(None),
+    };
+    let encoded = encode(&stub)?;
+    // The empty body's length, a one-byte varint 0, sits just before the tail.
+    let zero_at = encoded.len() - tail_len - 1;
+    debug_assert_eq!(encoded[zero_at], 0);
+    out.extend_from_slice(&encoded[..zero_at]);
+    encode_into(&(body.len() as u64), out)?;
+    let at = out.len();
+    out.extend_from_slice(&encoded[zero_at + 1..]);
+    Ok(Some((at, body)))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::message::{Ping, ToPlugin};
+
+    #[test]
+    fn spliced_encoding_is_the_plain_encoding() {
+        use crate::message::{Chunk, Final};
+        for len in [SPLICE_MIN - 1, SPLICE_MIN, SPLICE_MIN + 1, 65_536, 250_000] {
+            let body = bytes::Bytes::from((0..len).map(|i| i as u8).collect::<Vec<u8>>());
+            let msgs = [
+                ToPlugin::Chunk(Chunk {
+                    stream_id: u64::MAX,
+                    seq: 70_000,
+                    stamp_ns: 123_456_789,
+                    len: len as u32,
+                    bytes: body.clone(),
+                    end_of_stream: true,
+                    ack: false,
+                }),
+                ToPlugin::Final(Final {
+                    stream_id: 3,
+                    seq: 9,
+                    stamp_ns: 1,
+                    call_id: 77,
+                    len: len as u32,
+                    bytes: body.clone(),
+                    trailers: vec![("grpc-status".into(), "0".into()), ("x".into(), "y".into())],
+                }),
+            ];
+            for msg in msgs {
+                let plain = encode(&msg).unwrap();
+                let mut out = vec![0xAA]; // something already buffered
+                match encode_spliced(&msg, &mut out).unwrap() {
+                    None => {
+                        assert!(len < SPLICE_MIN);
+                        assert_eq!(out, vec![0xAA]);
+                    }
+                    Some((at, spliced)) => {
+                        let mut joined = out[1..at].to_vec();
+                        joined.extend_from_slice(&spliced);
+                        joined.extend_from_slice(&out[at..]);
+                        assert_eq!(joined, plain, "{} bytes", len);
+                        assert!(out.len() < 64, "the body was not copied");
+                    }
+                }
+            }
+        }
+        assert!(
+            encode_spliced(&ToPlugin::Ping(Ping { nonce: 1 }), &mut Vec::new())
+                .unwrap()
+                .is_none()
+        );
+    }
 
     #[test]
     fn trailing_bytes_are_refused() {

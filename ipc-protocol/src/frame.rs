@@ -7,17 +7,20 @@
 //! [`FrameReader`] reads as much as the socket has into one buffer and hands out frames from it,
 //! so many small frames cost one `read`. [`FrameWriter`] encodes frames into one buffer and
 //! writes them with one `write` when flushed, so a writer task that feeds every queued message
-//! before flushing batches them into few syscalls.
+//! before flushing batches them into few syscalls. [`FrameWriter::feed_event`] leaves large
+//! bodies where they are and writes them with the rest in one vectored write.
 //!
 //! As in mini-redis, a clean close between frames is `Ok(None)`; a close inside a frame is
 //! [`ProtocolError::Truncated`].
+
+use std::io::IoSlice;
 
 use bytes::{Buf, Bytes, BytesMut};
 use serde::{de::DeserializeOwned, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::codec::{self, MAX_FRAME_CEILING};
-use crate::ProtocolError;
+use crate::{ProtocolError, ToPlugin};
 
 /// The default maximum payload size of one frame: 16 MiB.
 pub const DEFAULT_MAX_FRAME: usize = 16 * 1024 * 1024;
@@ -136,6 +139,9 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
 pub struct FrameWriter<W> {
     inner: W,
     buf: Vec<u8>,
+    /// Bodies written from their own buffers: each goes at its offset in `buf`, in order.
+    spliced: Vec<(usize, Bytes)>,
+    spliced_bytes: usize,
     max_frame: usize,
 }
 
@@ -151,6 +157,8 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
         FrameWriter {
             inner,
             buf: Vec::with_capacity(READ_CHUNK),
+            spliced: Vec::new(),
+            spliced_bytes: 0,
             max_frame: clamp_max(max_frame),
         }
     }
@@ -179,19 +187,99 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
         Ok(())
     }
 
-    /// Bytes fed but not yet written.
-    pub fn pending_bytes(&self) -> usize {
-        self.buf.len()
+    /// Like [`FrameWriter::feed`] for a front → plugin message, but a body of at least
+    /// [`codec::SPLICE_MIN`] bytes is not copied: the flush writes it from its own buffer, in the
+    /// same vectored write as the frames around it. The bytes on the wire are the same.
+    pub fn feed_event(&mut self, msg: &ToPlugin) -> Result<(), ProtocolError> {
+        let start = self.buf.len();
+        self.buf.extend_from_slice(&[0; PREFIX_LEN]);
+        let (at, body) = match codec::encode_spliced(msg, &mut self.buf) {
+            Ok(Some(parts)) => parts,
+            Ok(None) => {
+                self.buf.truncate(start);
+                return self.feed(msg);
+            }
+            Err(e) => {
+                self.buf.truncate(start);
+                return Err(ProtocolError::Encode(e));
+            }
+        };
+        let len = self.buf.len() - start - PREFIX_LEN + body.len();
+        if len > self.max_frame {
+            self.buf.truncate(start);
+            return Err(ProtocolError::FrameTooLarge {
+                len: len as u64,
+                max: self.max_frame,
+            });
+        }
+        self.buf[start..start + PREFIX_LEN].copy_from_slice(&(len as u32).to_le_bytes());
+        self.spliced_bytes += body.len();
+        self.spliced.push((at, body));
+        Ok(())
     }
 
-    /// Writes every fed frame, normally with one `write` call, and flushes the stream.
+    /// Bytes fed but not yet written.
+    pub fn pending_bytes(&self) -> usize {
+        self.buf.len() + self.spliced_bytes
+    }
+
+    /// Writes every fed frame, normally with one `write` (or one vectored write when bodies
+    /// were spliced in), and flushes the stream.
     pub async fn flush(&mut self) -> Result<(), ProtocolError> {
-        if !self.buf.is_empty() {
-            let result = self.inner.write_all(&self.buf).await;
-            self.buf.clear();
-            result?;
-        }
+        let result = if self.spliced.is_empty() {
+            if self.buf.is_empty() {
+                Ok(())
+            } else {
+                self.inner.write_all(&self.buf).await
+            }
+        } else {
+            self.write_spliced().await
+        };
+        self.buf.clear();
+        self.spliced.clear();
+        self.spliced_bytes = 0;
+        result?;
         self.inner.flush().await?;
+        Ok(())
+    }
+
+    /// Writes `buf` with the spliced bodies in their places, as few vectored writes as the
+    /// stream takes.
+    async fn write_spliced(&mut self) -> std::io::Result<()> {
+        let mut pieces: Vec<&[u8]> = Vec::with_capacity(2 * self.spliced.len() + 1);
+        let mut from = 0;
+        for (at, body) in &self.spliced {
+            pieces.push(&self.buf[from..*at]);
+            pieces.push(body);
+            from = *at;
+        }
+        pieces.push(&self.buf[from..]);
+        pieces.retain(|p| !p.is_empty());
+        let (mut index, mut offset) = (0, 0);
+        while index < pieces.len() {
+            // IOV_MAX is 1024 on Linux; batches are far smaller, but stay within it.
+            let slices: Vec<IoSlice<'_>> = pieces[index..]
+                .iter()
+                .take(1024)
+                .enumerate()
+                .map(|(i, p)| IoSlice::new(if i == 0 { &p[offset..] } else { p }))
+                .collect();
+            let mut written = self.inner.write_vectored(&slices).await?;
+            if written == 0 {
+                return Err(std::io::ErrorKind::WriteZero.into());
+            }
+            while written > 0 {
+                let left = pieces[index].len() - offset;
+                if written >= left {
+                    written -= left;
+                    index += 1;
+                    offset = 0;
+                } else {
+                    offset += written;
+                    written = 0;
+                }
+            }
+        }
         Ok(())
     }
 

@@ -352,3 +352,143 @@ async fn frames_survive_a_real_socket_under_load() {
     assert_eq!(expected, n);
     writer_task.await.unwrap();
 }
+
+/// Takes at most `limit` bytes per call, vectored or not, and counts the calls.
+struct Trickle {
+    limit: usize,
+    calls: usize,
+    bytes: Vec<u8>,
+}
+
+impl AsyncWrite for Trickle {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.calls += 1;
+        let n = buf.len().min(self.limit);
+        self.bytes.extend_from_slice(&buf[..n]);
+        Poll::Ready(Ok(n))
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        self.calls += 1;
+        let mut left = self.limit;
+        let mut n = 0;
+        for b in bufs {
+            let take = b.len().min(left);
+            self.bytes.extend_from_slice(&b[..take]);
+            n += take;
+            left -= take;
+            if left == 0 {
+                break;
+            }
+        }
+        Poll::Ready(Ok(n))
+    }
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+}
+
+fn big_chunk(seq: u32, len: usize) -> ToPlugin {
+    ToPlugin::Chunk(Chunk {
+        stream_id: 5,
+        seq,
+        stamp_ns: 99,
+        len: len as u32,
+        bytes: (0..len).map(|i| (i * 7) as u8).collect::<Vec<u8>>().into(),
+        end_of_stream: false,
+        ack: false,
+    })
+}
+
+#[tokio::test]
+async fn large_bodies_are_written_in_place_and_arrive_byte_identical() {
+    let msgs = vec![
+        big_chunk(0, 65_536),
+        ToPlugin::Ping(Ping { nonce: 1 }),
+        big_chunk(1, 100),
+        big_chunk(2, 20_000),
+        ToPlugin::Final(Final {
+            stream_id: 5,
+            seq: 3,
+            stamp_ns: 100,
+            call_id: 8,
+            len: 70_000,
+            bytes: vec![3u8; 70_000].into(),
+            trailers: vec![("t".into(), "v".into())],
+        }),
+    ];
+    // The bytes `feed` would have written, frame after frame.
+    let mut plain = FrameWriter::new(Vec::new());
+    for m in &msgs {
+        plain.feed(m).unwrap();
+    }
+    let expected_len = plain.pending_bytes();
+    plain.flush().await.unwrap();
+    let expected = plain.get_ref().clone();
+
+    for limit in [usize::MAX, 7_000, 1] {
+        let mut writer = FrameWriter::new(Trickle {
+            limit,
+            calls: 0,
+            bytes: Vec::new(),
+        });
+        for m in &msgs {
+            writer.feed_event(m).unwrap();
+        }
+        assert_eq!(writer.pending_bytes(), expected_len);
+        writer.flush().await.unwrap();
+        assert_eq!(writer.pending_bytes(), 0);
+        assert!(writer.get_ref().bytes == expected, "limit {limit}");
+        if limit == usize::MAX {
+            assert_eq!(writer.get_ref().calls, 1, "one vectored write");
+        }
+    }
+
+    // And through a real socket into a reader.
+    let (a, b) = tokio::net::UnixStream::pair().unwrap();
+    let sent = msgs.clone();
+    let writer_task = tokio::spawn(async move {
+        let mut writer = FrameWriter::new(a);
+        for m in &sent {
+            writer.feed_event(m).unwrap();
+        }
+        writer.flush().await.unwrap();
+    });
+    let mut reader = FrameReader::new(b);
+    for m in &msgs {
+        assert_eq!(&reader.read::<ToPlugin>().await.unwrap().unwrap(), m);
+    }
+    writer_task.await.unwrap();
+}
+
+#[tokio::test]
+async fn a_spliced_body_over_the_limit_is_refused_and_leaves_the_writer_usable() {
+    let mut writer = FrameWriter::with_max_frame(Vec::new(), 20_000);
+    assert!(matches!(
+        writer.feed_event(&big_chunk(0, 30_000)),
+        Err(ProtocolError::FrameTooLarge { max: 20_000, .. })
+    ));
+    assert_eq!(writer.pending_bytes(), 0);
+    writer.feed_event(&big_chunk(1, 17_000)).unwrap();
+    writer.flush().await.unwrap();
+    let bytes = writer.get_ref().clone();
+    let mut reader = FrameReader::new(&bytes[..]);
+    assert_eq!(
+        reader.read::<ToPlugin>().await.unwrap(),
+        Some(big_chunk(1, 17_000))
+    );
+    assert!(reader.read::<ToPlugin>().await.unwrap().is_none());
+}

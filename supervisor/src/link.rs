@@ -264,7 +264,7 @@ impl PluginLink {
                     conn.queued_bytes.fetch_sub(q.bytes, Ordering::Relaxed);
                     depth.dec();
                     bytes_gauge.dec_by(q.bytes as i64);
-                    writer.feed(&q.msg).map_err(|e| e.to_string())?;
+                    writer.feed_event(&q.msg).map_err(|e| e.to_string())?;
                     if writer.pending_bytes() < BATCH_BYTES {
                         next = rx.try_recv().ok();
                     }
