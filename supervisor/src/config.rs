@@ -80,6 +80,20 @@ pub enum Dispatch {
     Inline,
 }
 
+/// The Linux scheduling policy a spawned plugin runs under.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum CpuScheduling {
+    /// `SCHED_OTHER`, like every other process (the default).
+    #[default]
+    Normal,
+    /// `SCHED_BATCH`: CPU-bound, never mistaken for interactive; wakes with less preference.
+    Batch,
+    /// `SCHED_IDLE`: runs only on CPU time nobody else wants, so Envoy and the front always
+    /// preempt it. For asynchronous plugins on a busy host: their work waits, the stream never.
+    Idle,
+}
+
 /// The body mode assumed when Envoy's first message carries no `protocol_config`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
@@ -128,6 +142,8 @@ pub struct PluginConfig {
     pub start_timeout: Duration,
     /// How long a plugin may go without answering pings before it is killed and restarted.
     pub hang_timeout: Duration,
+    /// The scheduling policy of a spawned plugin's process.
+    pub cpu_scheduling: CpuScheduling,
 }
 
 /// The whole configuration, after validation.
@@ -222,6 +238,8 @@ struct RawPlugin {
     restart_period_ms: Option<u64>,
     start_timeout_ms: Option<u64>,
     hang_timeout_ms: Option<u64>,
+    #[serde(default)]
+    cpu_scheduling: CpuScheduling,
 }
 
 fn yes() -> bool {
@@ -366,6 +384,7 @@ impl Config {
                 restart,
                 start_timeout,
                 hang_timeout,
+                cpu_scheduling: raw_plugin.cpu_scheduling,
             });
         }
 

@@ -24,7 +24,7 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 use tokio::sync::oneshot;
 
-use crate::config::PluginConfig;
+use crate::config::{CpuScheduling, PluginConfig};
 
 /// The name of the plugin host binary, looked up next to the running executable.
 pub const PLUGIN_HOST: &str = "plugvisor-plugin";
@@ -114,7 +114,7 @@ impl Spawner {
             .stderr(Stdio::piped())
             .process_group(0)
             .kill_on_drop(true);
-        set_parent_death_signal(&mut cmd);
+        set_parent_death_signal_and_policy(&mut cmd, plugin.cpu_scheduling);
         let (tx, rx) = oneshot::channel();
         self.requests
             .send((cmd, tx))
@@ -136,13 +136,19 @@ impl Spawner {
 }
 
 /// Arranges for the child to get SIGKILL when the spawning thread (the [`Spawner`]'s, which lives
-/// as long as the supervisor) ends.
-fn set_parent_death_signal(cmd: &mut Command) {
+/// as long as the supervisor) ends, and to run under its configured scheduling policy.
+fn set_parent_death_signal_and_policy(cmd: &mut Command, scheduling: CpuScheduling) {
     let parent = nix::unistd::getpid();
+    let policy = match scheduling {
+        CpuScheduling::Normal => None,
+        CpuScheduling::Batch => Some(libc::SCHED_BATCH),
+        CpuScheduling::Idle => Some(libc::SCHED_IDLE),
+    };
     // SAFETY: the closure runs in the child between fork and exec, where only async-signal-safe
     // work is allowed (another thread of the front may have held the allocator's lock at fork).
-    // It makes two raw syscalls through nix (prctl, getppid) and builds its errors from plain
-    // errno values: nothing allocates, nothing takes a lock.
+    // It makes raw syscalls (prctl and getppid through nix, sched_setscheduler through libc with
+    // a parameter on its own stack) and builds its errors from plain errno values: nothing
+    // allocates, nothing takes a lock.
     unsafe {
         cmd.pre_exec(move || {
             nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
@@ -150,6 +156,12 @@ fn set_parent_death_signal(cmd: &mut Command) {
             // The supervisor may have died between fork and prctl; then no signal would come.
             if nix::unistd::getppid() != parent {
                 return Err(io::Error::from(nix::errno::Errno::ESRCH));
+            }
+            if let Some(policy) = policy {
+                let param = libc::sched_param { sched_priority: 0 };
+                if libc::sched_setscheduler(0, policy, &param) != 0 {
+                    return Err(io::Error::last_os_error());
+                }
             }
             Ok(())
         });
@@ -194,6 +206,33 @@ mod tests {
             "{}",
             String::from_utf8_lossy(&cmdline)
         );
+        child.start_kill().unwrap();
+        child.wait().await.unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn cpu_scheduling_idle_puts_the_plugin_under_sched_idle() {
+        let config = Config::parse(
+            "[plugins.p]\ncommand = \"/bin/sh\"\nargs = [\"-c\", \"sleep 5\"]\ncpu_scheduling = \"idle\"\n",
+            "t",
+        )
+        .unwrap();
+        let spawner = Spawner::start().unwrap();
+        let mut child = spawner
+            .spawn_plugin(&config.plugins[0], Path::new("/nonexistent.sock"))
+            .await
+            .unwrap();
+        let pid = child.id().unwrap();
+        // Field 41 of /proc/<pid>/stat is the policy; fields after the command's ')' start at 3.
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+        let after = stat.rsplit(')').next().unwrap();
+        let policy: i32 = after
+            .split_whitespace()
+            .nth(41 - 3)
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert_eq!(policy, libc::SCHED_IDLE, "{stat}");
         child.start_kill().unwrap();
         child.wait().await.unwrap();
     }

@@ -127,3 +127,30 @@ fn restart_policy_keys_and_their_defaults() {
         assert!(err.contains(word), "{text:?} -> {err}");
     }
 }
+
+#[test]
+fn cpu_scheduling_defaults_to_normal_and_names_its_choices() {
+    use crate::config::CpuScheduling;
+    let c = Config::parse(
+        "[plugins.a]\ncpu_scheduling = \"idle\"\n[plugins.b]\ncpu_scheduling = \"batch\"\n[plugins.c]\n",
+        "t",
+    )
+    .unwrap();
+    let got: Vec<_> = c.plugins.iter().map(|p| p.cpu_scheduling).collect();
+    assert_eq!(
+        got,
+        [
+            CpuScheduling::Idle,
+            CpuScheduling::Batch,
+            CpuScheduling::Normal
+        ]
+    );
+    let err = Config::parse("[plugins.a]\ncpu_scheduling = \"realtime\"\n", "t.toml")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("cpu_scheduling") || err.contains("realtime"),
+        "{err}"
+    );
+    assert!(err.contains("idle"), "the error lists the choices: {err}");
+}

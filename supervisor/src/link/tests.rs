@@ -26,6 +26,7 @@ fn plugin(queue_events: usize, queue_bytes: usize, final_ms: u64) -> PluginConfi
         restart: crate::restart::Policy::default(),
         start_timeout: Duration::from_secs(10),
         hang_timeout: Duration::from_secs(5),
+        cpu_scheduling: crate::config::CpuScheduling::Normal,
     }
 }
 

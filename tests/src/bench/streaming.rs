@@ -74,12 +74,8 @@ fn spin_toml(dir: &Path, inline: bool, idle: bool) -> String {
                 sock.display()
             );
             let command = if idle {
-                // The same plugin under SCHED_IDLE, so it never preempts Envoy or the front:
-                // chrt(1) execs it in place, so the pid the front spawned is the one connecting.
-                format!(
-                    "command = \"/usr/bin/chrt\"\nargs = [\"--idle\", \"0\", \"{}\", {args}]\n",
-                    crate::bins::plugvisor_plugin().display()
-                )
+                // The same plugin under SCHED_IDLE, so it never preempts Envoy or the front.
+                format!("args = [{args}]\ncpu_scheduling = \"idle\"\n")
             } else {
                 format!("args = [{args}]\n")
             };
