@@ -160,7 +160,6 @@ pub struct Running {
     listen: Listen,
     admin: Option<SocketAddr>,
     metrics: Arc<Metrics>,
-    links: Vec<Arc<PluginLink>>,
     plugins: Arc<Plugins>,
     /// Loops the watchdog checks before it pings systemd.
     probes: Vec<systemd::Probe>,
@@ -323,7 +322,6 @@ pub async fn start(config: Config) -> Result<Running, RunError> {
         listen,
         admin,
         metrics,
-        links,
         plugins,
         stop_streams,
         probes: vec![accept_probe],
@@ -335,12 +333,7 @@ pub async fn start(config: Config) -> Result<Running, RunError> {
         server: Some(server),
         background,
     };
-    let spawned: Vec<_> = running
-        .links
-        .iter()
-        .filter(|l| l.config().spawn)
-        .cloned()
-        .collect();
+    let spawned: Vec<_> = links.iter().filter(|l| l.config().spawn).cloned().collect();
     let all_spawned = async {
         for link in &spawned {
             link.wait_connected().await;
@@ -416,9 +409,9 @@ impl Running {
         &self.probes
     }
 
-    /// The plugin links, in config order.
-    pub fn links(&self) -> &[Arc<PluginLink>] {
-        &self.links
+    /// The plugin links, in config order (a snapshot: a reload may change them).
+    pub fn links(&self) -> Vec<Arc<PluginLink>> {
+        self.plugins.entries().into_iter().map(|e| e.link).collect()
     }
 
     /// The pids of the plugin processes the front started, by plugin name.
@@ -446,7 +439,7 @@ impl Running {
     /// Waits until every plugin is connected, up to `timeout`; true if they all are.
     pub async fn wait_connected(&self, timeout: Duration) -> bool {
         let all = async {
-            for link in &self.links {
+            for link in &self.links() {
                 link.wait_connected().await;
             }
         };
@@ -504,8 +497,9 @@ impl Running {
         }
         // Dropping the supervisors aborts their tasks, which kills any child still there.
         self.plugins.entries.write().expect("plugins lock").clear();
+        let links: Vec<_> = entries.iter().map(|e| e.link.clone()).collect();
         drop(entries);
-        for link in &self.links {
+        for link in &links {
             link.disconnect("front stopping");
         }
         for task in self.background.drain(..) {

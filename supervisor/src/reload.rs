@@ -149,8 +149,7 @@ impl Running {
             }
         }
         let links: Vec<Arc<PluginLink>> = entries.iter().map(|e| e.link.clone()).collect();
-        self.front.set_links(links.clone());
-        self.links = links;
+        self.front.set_links(links);
         *self.plugins.entries.write().expect("plugins lock") = entries;
         self.config = new;
         tracing::info!(%plan, "configuration reloaded");

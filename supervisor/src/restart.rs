@@ -194,11 +194,6 @@ impl Restarter {
         &self.policy
     }
 
-    /// Whether a process is believed to be running (spawned and not yet reaped).
-    pub fn process_running(&self) -> bool {
-        matches!(self.state, State::Starting | State::Up) || self.restart_on_exit
-    }
-
     /// Feeds one event; `jitter` is a uniform sample from `[0, 1)` that spreads backoff delays.
     pub fn handle(&mut self, event: Event, now: Instant, jitter: f64) -> Vec<Action> {
         match (self.state, event) {
@@ -237,12 +232,6 @@ impl Restarter {
             (State::Backoff { .. } | State::Failed, Event::Stop) => {
                 self.state = State::Stopped;
                 vec![]
-            }
-            (State::Stopped, Event::Exited(_)) if self.restart_on_exit => {
-                // Unreachable in practice (a restart keeps the state Starting/Up), kept total.
-                self.restart_on_exit = false;
-                self.state = State::Starting;
-                vec![Action::Spawn]
             }
             // Late or duplicate events (a timer that fired after the process exited, an exit of
             // a process we were already stopping) change nothing.
@@ -464,7 +453,7 @@ mod tests {
                     "backoff",
                 ),
                 (703, BackoffElapsed, &[Spawn], "starting"),
-                // 10.5 s later the first two restarts are out of the 10 s window.
+                // At 10.25 s the restarts at 1 ms and 102 ms have left the 10 s window.
                 (
                     10_250,
                     Exited(Exit::Code(1)),

@@ -185,18 +185,23 @@ mod tests {
     use super::*;
     use crate::config::Config;
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_plugin_leads_its_own_process_group_under_its_title() {
+    /// Spawns plugin `p`, a `sleep 5` shell, with `extra` lines added to its config table.
+    async fn spawn_sleeper(extra: &str) -> Child {
         let config = Config::parse(
-            "[plugins.p]\ncommand = \"/bin/sh\"\nargs = [\"-c\", \"sleep 5\"]\n",
+            &format!("[plugins.p]\ncommand = \"/bin/sh\"\nargs = [\"-c\", \"sleep 5\"]\n{extra}"),
             "t",
         )
         .unwrap();
-        let spawner = Spawner::start().unwrap();
-        let mut child = spawner
+        Spawner::start()
+            .unwrap()
             .spawn_plugin(&config.plugins[0], Path::new("/nonexistent.sock"))
             .await
-            .unwrap();
+            .unwrap()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_plugin_leads_its_own_process_group_under_its_title() {
+        let mut child = spawn_sleeper("").await;
         let pid = child.id().unwrap() as i32;
         let pgid = nix::unistd::getpgid(Some(nix::unistd::Pid::from_raw(pid))).unwrap();
         assert_eq!(pgid.as_raw(), pid);
@@ -212,16 +217,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn cpu_scheduling_idle_puts_the_plugin_under_sched_idle() {
-        let config = Config::parse(
-            "[plugins.p]\ncommand = \"/bin/sh\"\nargs = [\"-c\", \"sleep 5\"]\ncpu_scheduling = \"idle\"\n",
-            "t",
-        )
-        .unwrap();
-        let spawner = Spawner::start().unwrap();
-        let mut child = spawner
-            .spawn_plugin(&config.plugins[0], Path::new("/nonexistent.sock"))
-            .await
-            .unwrap();
+        let mut child = spawn_sleeper("cpu_scheduling = \"idle\"\n").await;
         let pid = child.id().unwrap();
         // Field 41 of /proc/<pid>/stat is the policy; fields after the command's ')' start at 3.
         let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();

@@ -515,7 +515,6 @@ impl Task {
                     .get_or_create(&Metrics::plugin(&name))
                     .inc();
                 self.backoff_until = Some(tokio::time::Instant::now() + delay);
-                self.shared.lock().expect("status lock").restarts = self.restarter.restarts_total();
                 None
             }
             Action::GaveUp { restarts } => {
