@@ -293,6 +293,21 @@ pub struct Ack {
     pub seq: u32,
 }
 
+/// The value of the first header called `name` (compared ignoring ASCII case).
+pub fn find_header<'a>(headers: &'a [Header], name: &str) -> Option<&'a str> {
+    headers
+        .iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case(name))
+        .map(|(_, v)| v.as_str())
+}
+
+impl ResponseHeaders {
+    /// The value of the response header `name`, ignoring ASCII case.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        find_header(&self.headers, name)
+    }
+}
+
 impl ToPlugin {
     /// The stream id and sequence number of a per-stream event, `None` for connection messages.
     pub fn stream_seq(&self) -> Option<(StreamId, u32)> {
@@ -334,5 +349,27 @@ impl FromPlugin {
             FromPlugin::Pong(_) => "Pong",
             FromPlugin::Ack(_) => "Ack",
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn headers_are_found_ignoring_ascii_case() {
+        let e = ResponseHeaders {
+            stream_id: 1,
+            seq: 1,
+            stamp_ns: 0,
+            status: 200,
+            headers: vec![
+                ("Content-Type".into(), "text/event-stream".into()),
+                ("content-type".into(), "ignored: not the first".into()),
+            ],
+        };
+        assert_eq!(e.header("content-type"), Some("text/event-stream"));
+        assert_eq!(e.header("CONTENT-TYPE"), Some("text/event-stream"));
+        assert_eq!(e.header("x-missing"), None);
     }
 }

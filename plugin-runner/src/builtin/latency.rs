@@ -84,11 +84,7 @@ impl Plugin for LatencyPlugin {
 
     fn on_response_headers(&self, s: &mut LatencyStream, ctx: &EventCtx, e: &ResponseHeaders) {
         s.first_event_ns.get_or_insert(ctx.stamp_ns);
-        if let Some((_, ct)) = e
-            .headers
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case("content-type"))
-        {
+        if let Some(ct) = e.header("content-type") {
             s.body.set_content_type(ct);
         }
     }

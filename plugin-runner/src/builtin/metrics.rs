@@ -259,11 +259,7 @@ impl Plugin for MetricsPlugin {
 
     fn on_response_headers(&self, s: &mut MetricsStream, _: &EventCtx, e: &ResponseHeaders) {
         s.status = e.status;
-        if let Some((_, ct)) = e
-            .headers
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case("content-type"))
-        {
+        if let Some(ct) = e.header("content-type") {
             s.body.set_content_type(ct);
         }
     }
