@@ -15,7 +15,6 @@ use ipc_protocol::{
     ResponseHeaders, Shutdown, ToPlugin, Value,
 };
 use sha2::{Digest, Sha256};
-use tokio::io::AsyncReadExt;
 
 /// A tiny deterministic PRNG (xorshift64*), so failures replay.
 struct Rng(u64);
@@ -284,15 +283,7 @@ async fn a_panic_in_one_stream_leaves_the_other_99_replies_correct() {
         .send_now(ToPlugin::Shutdown(Shutdown { grace_ms: 500 }))
         .await;
     assert_eq!(front.exit_status().await.code(), Some(0));
-    let mut stderr = String::new();
-    front
-        .child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut stderr)
-        .await
-        .unwrap();
+    let stderr = front.stderr().await;
     assert!(stderr.contains("plugin=test-crash"), "{stderr}");
     assert!(stderr.contains("stream_id=42"), "{stderr}");
     assert!(stderr.contains("panicking on purpose"), "{stderr}");
@@ -408,15 +399,7 @@ async fn refuse_exits_78_with_the_reason_on_stderr() {
         }))
         .await;
     assert_eq!(front.exit_status().await.code(), Some(78));
-    let mut stderr = String::new();
-    front
-        .child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut stderr)
-        .await
-        .unwrap();
+    let stderr = front.stderr().await;
     assert!(stderr.contains("already connected (pid 1234)"), "{stderr}");
 }
 
@@ -432,15 +415,7 @@ async fn invalid_cel_in_the_config_exits_78_with_the_parser_message() {
         .welcome(Value::map([("attributes", Value::List(vec![attr]))]))
         .await;
     assert_eq!(front.exit_status().await.code(), Some(78));
-    let mut stderr = String::new();
-    front
-        .child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut stderr)
-        .await
-        .unwrap();
+    let stderr = front.stderr().await;
     assert!(
         stderr.contains("invalid config for plugin `usage`"),
         "{stderr}"

@@ -153,4 +153,16 @@ impl Front {
             .expect("plugin exits in time")
             .unwrap()
     }
+
+    /// Everything the plugin wrote to stderr (spawned with `Stdio::piped()`), once it exited.
+    pub async fn stderr(&mut self) -> String {
+        let mut stderr = String::new();
+        tokio::io::AsyncReadExt::read_to_string(
+            self.child.stderr.as_mut().expect("stderr was piped"),
+            &mut stderr,
+        )
+        .await
+        .unwrap();
+        stderr
+    }
 }
