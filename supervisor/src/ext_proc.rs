@@ -410,8 +410,7 @@ impl StreamTask {
                 continue;
             };
             set_stream(&mut msg, self.id);
-            let size = footprint(&msg);
-            link.send_event(conn.as_deref(), msg, size);
+            link.send_event(conn.as_deref(), msg);
         }
     }
 
@@ -444,16 +443,15 @@ impl StreamTask {
                 end_of_stream: eos,
                 ack: inline,
             });
-            let size = footprint(&msg);
             match (&conn, inline) {
                 (Some(c), true) => {
                     let deadline = tokio::time::Instant::now() + link.config().inline_timeout;
-                    if let Some(rx) = link.send_inline(c, self.id, seq, msg, size, deadline).await {
+                    if let Some(rx) = link.send_inline(c, self.id, seq, msg, deadline).await {
                         waits.push((link.clone(), c.clone(), seq, deadline, rx));
                     }
                 }
                 _ => {
-                    link.send_event(conn.as_deref(), msg, size);
+                    link.send_event(conn.as_deref(), msg);
                 }
             }
         }
@@ -486,7 +484,6 @@ impl StreamTask {
             } else {
                 Bytes::new()
             };
-            let size = payload.len();
             let call_id = link.next_call_id();
             let msg = ToPlugin::Final(Final {
                 stream_id: self.id,
@@ -499,7 +496,7 @@ impl StreamTask {
             });
             let link = link.clone();
             calls.push(tokio::spawn(async move {
-                link.final_call(conn, call_id, msg, size, arrival).await
+                link.final_call(conn, call_id, msg, arrival).await
             }));
         }
         let mut merge = Merge::default();
@@ -556,28 +553,6 @@ fn reply(response: Response, metadata: Option<Struct>) -> ProcessingResponse {
         dynamic_metadata: metadata,
         ..Default::default()
     }
-}
-
-/// What a queued event holds in memory, counted against the plugin's `queue_bytes`: its body and
-/// header bytes plus a fixed per-event overhead, so that header-only events (which carry no body)
-/// are bounded by bytes too and not only by `queue_events`.
-fn footprint(msg: &ToPlugin) -> usize {
-    /// A header's two strings' own allocation overhead, beside their bytes.
-    const PER_HEADER: usize = 2 * std::mem::size_of::<String>();
-    let headers = |h: &[ipc_protocol::Header]| -> usize {
-        h.iter().map(|(k, v)| k.len() + v.len() + PER_HEADER).sum()
-    };
-    std::mem::size_of::<ToPlugin>()
-        + match msg {
-            ToPlugin::RequestStart(e) => {
-                headers(&e.headers) + e.request_id.as_ref().map_or(0, String::len)
-            }
-            ToPlugin::ResponseHeaders(e) => headers(&e.headers),
-            ToPlugin::Chunk(e) => e.bytes.len(),
-            ToPlugin::Final(e) => e.bytes.len() + headers(&e.trailers),
-            ToPlugin::Abort(e) => e.detail.len(),
-            _ => 0,
-        }
 }
 
 fn body_reply(full_duplex: bool, bytes: Bytes, eos: bool) -> BodyResponse {

@@ -340,7 +340,8 @@ impl PluginLink {
         self.detach(&conn, &why);
     }
 
-    fn enqueue(&self, conn: &Conn, msg: ToPlugin, bytes: usize) -> Result<(), Dropped> {
+    fn enqueue(&self, conn: &Conn, msg: ToPlugin) -> Result<(), Dropped> {
+        let bytes = queued_size(&msg);
         let before = conn.queued_bytes.fetch_add(bytes, Ordering::Relaxed);
         if before > 0 && before + bytes > self.config.queue_bytes {
             conn.queued_bytes.fetch_sub(bytes, Ordering::Relaxed);
@@ -369,9 +370,9 @@ impl PluginLink {
 
     /// Queues a fire-and-forget event without waiting; a full queue or a missing connection drops
     /// it and counts the drop.
-    pub fn send_event(&self, conn: Option<&Conn>, msg: ToPlugin, bytes: usize) -> bool {
+    pub fn send_event(&self, conn: Option<&Conn>, msg: ToPlugin) -> bool {
         let result = match conn {
-            Some(conn) => self.enqueue(conn, msg, bytes),
+            Some(conn) => self.enqueue(conn, msg),
             None => Err(Dropped::Down),
         };
         match result {
@@ -392,9 +393,9 @@ impl PluginLink {
         &self,
         conn: &Conn,
         msg: ToPlugin,
-        bytes: usize,
         deadline: tokio::time::Instant,
     ) -> Result<(), Dropped> {
+        let bytes = queued_size(&msg);
         conn.queued_bytes.fetch_add(bytes, Ordering::Relaxed);
         match tokio::time::timeout_at(deadline, conn.tx.send(Queued { msg, bytes })).await {
             Ok(Ok(())) => {
@@ -420,13 +421,13 @@ impl PluginLink {
         msg: ToPlugin,
         patience: Duration,
     ) {
-        if self.enqueue(&conn, msg.clone(), 0).is_ok() {
+        if self.enqueue(&conn, msg.clone()).is_ok() {
             return;
         }
         let link = self.clone();
         tokio::spawn(async move {
             let deadline = tokio::time::Instant::now() + patience;
-            if let Err(reason) = link.send_waiting(&conn, msg, 0, deadline).await {
+            if let Err(reason) = link.send_waiting(&conn, msg, deadline).await {
                 link.metrics
                     .events_dropped
                     .get_or_create(&Metrics::reason(&link.config.name, reason.as_str()))
@@ -443,7 +444,6 @@ impl PluginLink {
         stream_id: StreamId,
         seq: u32,
         msg: ToPlugin,
-        bytes: usize,
         deadline: tokio::time::Instant,
     ) -> Option<oneshot::Receiver<()>> {
         let (tx, rx) = oneshot::channel();
@@ -451,7 +451,7 @@ impl PluginLink {
             .lock()
             .expect("acks lock")
             .insert((stream_id, seq), tx);
-        match self.send_waiting(conn, msg, bytes, deadline).await {
+        match self.send_waiting(conn, msg, deadline).await {
             Ok(()) => Some(rx),
             Err(reason) => {
                 conn.acks
@@ -487,12 +487,9 @@ impl PluginLink {
         conn: Option<Arc<Conn>>,
         call_id: u64,
         msg: ToPlugin,
-        bytes: usize,
         started: Instant,
     ) -> Result<Metadata, Missing> {
-        let result = self
-            .final_call_inner(conn, call_id, msg, bytes, started)
-            .await;
+        let result = self.final_call_inner(conn, call_id, msg, started).await;
         match &result {
             Ok(_) => self
                 .metrics
@@ -514,7 +511,6 @@ impl PluginLink {
         conn: Option<Arc<Conn>>,
         call_id: u64,
         msg: ToPlugin,
-        bytes: usize,
         started: Instant,
     ) -> Result<Metadata, Missing> {
         let conn = conn.ok_or(Missing::Down)?;
@@ -524,7 +520,7 @@ impl PluginLink {
         let forget = || {
             conn.finals.lock().expect("finals lock").remove(&call_id);
         };
-        if let Err(reason) = self.send_waiting(&conn, msg, bytes, deadline).await {
+        if let Err(reason) = self.send_waiting(&conn, msg, deadline).await {
             forget();
             return Err(match reason {
                 Dropped::Down => Missing::Down,
@@ -577,6 +573,29 @@ impl PluginLink {
             }
         }
     }
+}
+
+/// What a queued event holds in memory, counted against the plugin's `queue_bytes`: its body and
+/// header bytes plus a fixed per-event overhead, so that every event, header-only ones included,
+/// is bounded by bytes and not only by `queue_events`. (A body shared with other plugins' queues
+/// is counted in each: a conservative bound.)
+fn queued_size(msg: &ToPlugin) -> usize {
+    /// A header's two strings' own allocation overhead, beside their bytes.
+    const PER_HEADER: usize = 2 * std::mem::size_of::<String>();
+    let headers = |h: &[ipc_protocol::Header]| -> usize {
+        h.iter().map(|(k, v)| k.len() + v.len() + PER_HEADER).sum()
+    };
+    std::mem::size_of::<ToPlugin>()
+        + match msg {
+            ToPlugin::RequestStart(e) => {
+                headers(&e.headers) + e.request_id.as_ref().map_or(0, String::len)
+            }
+            ToPlugin::ResponseHeaders(e) => headers(&e.headers),
+            ToPlugin::Chunk(e) => e.bytes.len(),
+            ToPlugin::Final(e) => e.bytes.len() + headers(&e.trailers),
+            ToPlugin::Abort(e) => e.detail.len(),
+            _ => 0,
+        }
 }
 
 #[cfg(test)]

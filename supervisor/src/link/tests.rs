@@ -66,7 +66,7 @@ async fn a_full_queue_drops_and_counts_without_waiting() {
     let started = Instant::now();
     let mut delivered = 0;
     for seq in 0..200 {
-        if link.send_event(Some(&conn), chunk(seq, 64 * 1024), 64 * 1024) {
+        if link.send_event(Some(&conn), chunk(seq, 64 * 1024)) {
             delivered += 1;
         }
     }
@@ -86,7 +86,7 @@ async fn the_byte_bound_drops_before_the_event_bound() {
     // Fill the socket buffer first so the queue itself holds bytes.
     let mut drops = 0;
     for seq in 0..400 {
-        if !link.send_event(Some(&conn), chunk(seq, 50_000), 50_000) {
+        if !link.send_event(Some(&conn), chunk(seq, 50_000)) {
             drops += 1;
         }
     }
@@ -110,9 +110,7 @@ async fn a_final_without_answer_times_out_and_a_late_reply_is_ignored() {
         bytes: Bytes::new(),
         trailers: vec![],
     });
-    let result = link
-        .final_call(conn.clone(), 9, msg, 0, Instant::now())
-        .await;
+    let result = link.final_call(conn.clone(), 9, msg, Instant::now()).await;
     assert_eq!(result.unwrap_err(), Missing::Timeout);
     // The plugin answers late: nothing breaks, the connection stays.
     let _ = reader.read::<ToPlugin>().await.unwrap();
@@ -161,7 +159,7 @@ async fn a_final_is_answered_through_the_reader_and_a_close_means_down() {
         })
     };
     let md = link
-        .final_call(link.connection(), 1, final_msg(1), 0, Instant::now())
+        .final_call(link.connection(), 1, final_msg(1), Instant::now())
         .await
         .unwrap();
     assert_eq!(md["ns"].get("k"), Some(&Value::Int(1)));
@@ -169,7 +167,7 @@ async fn a_final_is_answered_through_the_reader_and_a_close_means_down() {
     drop((reader, writer));
     let started = Instant::now();
     let result = link
-        .final_call(link.connection(), 2, final_msg(2), 0, Instant::now())
+        .final_call(link.connection(), 2, final_msg(2), Instant::now())
         .await;
     assert_eq!(result.unwrap_err(), Missing::Down);
     assert!(started.elapsed() < Duration::from_millis(900));

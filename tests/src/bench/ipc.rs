@@ -135,7 +135,7 @@ async fn front_throughput(dir: &Path, size: usize, events: u64) -> (f64, u64) {
     let start = Instant::now();
     for seq in 0..events as u32 {
         let msg = chunk(seq, &payload);
-        while !link.send_event(Some(&conn), msg.clone(), size) {
+        while !link.send_event(Some(&conn), msg.clone()) {
             // The queue is full: give the writer the CPU (this machine has two) rather than spin.
             retries += 1;
             std::thread::sleep(std::time::Duration::from_micros(20));
@@ -305,7 +305,7 @@ async fn final_rounds(dir: &Path, iterations: usize) -> Summary {
                     bytes: Bytes::new(),
                     trailers: vec![],
                 });
-                tokio::spawn(async move { link.final_call(conn, call_id, msg, 0, started).await })
+                tokio::spawn(async move { link.final_call(conn, call_id, msg, started).await })
             })
             .collect();
         for c in calls {
