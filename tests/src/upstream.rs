@@ -189,43 +189,54 @@ impl Drop for Upstream {
     }
 }
 
+/// Reads the next request on a keep-alive connection, its head and its `content-length` body,
+/// consuming both from `buf` (which keeps whatever arrived of the next request). Returns the
+/// headers with lowercase names, or `None` when the client closed the connection.
+pub(crate) async fn read_request(
+    s: &mut TcpStream,
+    buf: &mut Vec<u8>,
+) -> std::io::Result<Option<Vec<(String, String)>>> {
+    async fn fill(s: &mut TcpStream, buf: &mut Vec<u8>) -> std::io::Result<bool> {
+        let mut tmp = [0u8; 4096];
+        let n = s.read(&mut tmp).await?;
+        buf.extend_from_slice(&tmp[..n]);
+        Ok(n > 0)
+    }
+    let head_end = loop {
+        if let Some(p) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break p + 4;
+        }
+        if !fill(s, buf).await? {
+            return Ok(None);
+        }
+    };
+    let headers: Vec<(String, String)> = String::from_utf8_lossy(&buf[..head_end])
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
+        .collect();
+    let content_length: usize = headers
+        .iter()
+        .find(|(k, _)| k == "content-length")
+        .and_then(|(_, v)| v.parse().ok())
+        .unwrap_or(0);
+    while buf.len() < head_end + content_length {
+        if !fill(s, buf).await? {
+            return Ok(None);
+        }
+    }
+    buf.drain(..head_end + content_length);
+    Ok(Some(headers))
+}
+
 async fn serve_conn(mut s: TcpStream, defaults: Params) -> std::io::Result<()> {
     s.set_nodelay(true)?;
     let mut buf = Vec::new();
     loop {
-        // Read one request head.
-        let head_end = loop {
-            if let Some(p) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                break p + 4;
-            }
-            let mut tmp = [0u8; 4096];
-            let n = s.read(&mut tmp).await?;
-            if n == 0 {
-                return Ok(());
-            }
-            buf.extend_from_slice(&tmp[..n]);
+        let Some(headers) = read_request(&mut s, &mut buf).await? else {
+            return Ok(());
         };
-        let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
-        let headers: Vec<(String, String)> = head
-            .lines()
-            .skip(1)
-            .filter_map(|l| l.split_once(':'))
-            .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
-            .collect();
-        let content_length: usize = headers
-            .iter()
-            .find(|(k, _)| k == "content-length")
-            .and_then(|(_, v)| v.parse().ok())
-            .unwrap_or(0);
-        while buf.len() < head_end + content_length {
-            let mut tmp = [0u8; 4096];
-            let n = s.read(&mut tmp).await?;
-            if n == 0 {
-                return Ok(());
-            }
-            buf.extend_from_slice(&tmp[..n]);
-        }
-        buf.drain(..head_end + content_length);
         let p = Params::from_headers(&headers, &defaults);
         if !p.stream {
             let body = p.body();

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 
 static EPOCH: OnceLock<Instant> = OnceLock::new();
@@ -72,41 +72,22 @@ async fn serve_conn(mut s: TcpStream, ends: Ends) -> std::io::Result<()> {
     s.set_nodelay(true)?;
     let mut buf = Vec::new();
     loop {
-        let head_end = loop {
-            if let Some(p) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                break p + 4;
-            }
-            let mut tmp = [0u8; 4096];
-            let n = s.read(&mut tmp).await?;
-            if n == 0 {
-                return Ok(());
-            }
-            buf.extend_from_slice(&tmp[..n]);
+        let Some(headers) = crate::upstream::read_request(&mut s, &mut buf).await? else {
+            return Ok(());
         };
-        let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
         let get = |k: &str| -> u64 {
-            head.lines()
-                .filter_map(|l| l.split_once(':'))
-                .find(|(n, _)| n.trim().eq_ignore_ascii_case(k))
-                .and_then(|(_, v)| v.trim().parse().ok())
+            headers
+                .iter()
+                .find(|(n, _)| n == k)
+                .and_then(|(_, v)| v.parse().ok())
                 .unwrap_or(0)
         };
-        let (events, size, delay, id, content_length) = (
+        let (events, size, delay, id) = (
             get("x-bench-events"),
             get("x-bench-size") as usize,
             Duration::from_micros(get("x-bench-delay-us")),
             get("x-bench-id"),
-            get("content-length") as usize,
         );
-        while buf.len() < head_end + content_length {
-            let mut tmp = [0u8; 4096];
-            let n = s.read(&mut tmp).await?;
-            if n == 0 {
-                return Ok(());
-            }
-            buf.extend_from_slice(&tmp[..n]);
-        }
-        buf.drain(..head_end + content_length);
         s.write_all(
             b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n",
         )
