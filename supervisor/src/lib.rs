@@ -199,23 +199,12 @@ pub async fn start(config: Config) -> Result<Running, RunError> {
         std::collections::HashMap::new();
     let mut links = Vec::new();
     for plugin in &config.plugins {
-        let path = config.plugin_socket(&plugin.name);
-        let listener =
-            accept::bind_plugin_socket(&path, plugin.group.as_deref()).map_err(|message| {
-                RunError::PluginSocket {
-                    plugin: plugin.name.clone(),
-                    message,
-                }
+        let (link, tasks) =
+            open_plugin(&config, plugin, &metrics).map_err(|message| RunError::PluginSocket {
+                plugin: plugin.name.clone(),
+                message,
             })?;
-        let link = Arc::new(PluginLink::new(plugin.clone(), metrics.clone()));
-        plugin_tasks
-            .entry(plugin.name.clone())
-            .or_default()
-            .push(tokio::spawn(accept::accept_loop(
-                listener,
-                link.clone(),
-                metrics.clone(),
-            )));
+        plugin_tasks.insert(plugin.name.clone(), tasks);
         links.push(link);
     }
 
@@ -277,35 +266,15 @@ pub async fn start(config: Config) -> Result<Running, RunError> {
         }
     };
 
-    for link in &links {
-        plugin_tasks
-            .entry(link.name().to_owned())
-            .or_default()
-            .push(tokio::spawn(ping_loop(link.clone(), config.ping_interval)));
-    }
-
     let setup = |what: &str| {
         let what = what.to_owned();
         move |source| RunError::Setup { what, source }
     };
     let spawner = spawn::Spawner::start().map_err(setup("the plugin spawner thread"))?;
-    let mut entries = Vec::new();
-    for link in &links {
-        let plugin = link.config();
-        let supervised = plugin.spawn.then(|| {
-            Arc::new(Supervised::start(supervise::Context {
-                link: link.clone(),
-                socket: config.plugin_socket(&plugin.name),
-                spawner: spawner.clone(),
-                metrics: metrics.clone(),
-                stop_grace: config.shutdown_grace,
-            }))
-        });
-        entries.push(PluginEntry {
-            link: link.clone(),
-            supervised,
-        });
-    }
+    let entries = links
+        .iter()
+        .map(|link| supervise_plugin(&config, link.clone(), &spawner, &metrics))
+        .collect();
     let plugins = Arc::new(Plugins {
         entries: std::sync::RwLock::new(entries),
         metrics: metrics.clone(),
@@ -352,6 +321,43 @@ pub async fn start(config: Config) -> Result<Running, RunError> {
     }
     tracing::info!(listen = %running.listen, admin = ?running.admin, "plugvisor front serving");
     Ok(running)
+}
+
+/// Opens one plugin's side of the front: binds its socket, creates its link, and starts the
+/// tasks that accept its connections and ping it. Used at start and by a reload.
+pub(crate) fn open_plugin(
+    config: &Config,
+    plugin: &config::PluginConfig,
+    metrics: &Arc<Metrics>,
+) -> Result<(Arc<PluginLink>, Vec<JoinHandle<()>>), String> {
+    let listener =
+        accept::bind_plugin_socket(&config.plugin_socket(&plugin.name), plugin.group.as_deref())?;
+    let link = Arc::new(PluginLink::new(plugin.clone(), metrics.clone()));
+    let tasks = vec![
+        tokio::spawn(accept::accept_loop(listener, link.clone(), metrics.clone())),
+        tokio::spawn(ping_loop(link.clone(), config.ping_interval)),
+    ];
+    Ok((link, tasks))
+}
+
+/// The registry entry of an opened plugin: with a supervisor that starts its process at once when
+/// the front spawns it (`spawn = true`).
+pub(crate) fn supervise_plugin(
+    config: &Config,
+    link: Arc<PluginLink>,
+    spawner: &spawn::Spawner,
+    metrics: &Arc<Metrics>,
+) -> PluginEntry {
+    let supervised = link.config().spawn.then(|| {
+        Arc::new(Supervised::start(supervise::Context {
+            link: link.clone(),
+            socket: config.plugin_socket(link.name()),
+            spawner: spawner.clone(),
+            metrics: metrics.clone(),
+            stop_grace: config.shutdown_grace,
+        }))
+    });
+    PluginEntry { link, supervised }
 }
 
 /// Starts the front, serves until `shutdown` resolves, then stops gracefully.

@@ -18,8 +18,7 @@ use std::time::Duration;
 
 use crate::config::{Config, PluginConfig};
 use crate::link::PluginLink;
-use crate::supervise::{self, Supervised};
-use crate::{accept, PluginEntry, Running};
+use crate::{PluginEntry, Running};
 
 /// What a reload changes.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -193,29 +192,11 @@ impl Running {
 
     /// Binds `plugin`'s socket and starts its link, tasks and (when spawned) supervisor.
     fn launch(&mut self, config: &Config, plugin: &PluginConfig) -> Result<PluginEntry, String> {
-        let socket = config.plugin_socket(&plugin.name);
-        let listener = accept::bind_plugin_socket(&socket, plugin.group.as_deref())?;
-        let link = Arc::new(PluginLink::new(plugin.clone(), self.metrics.clone()));
-        let tasks = vec![
-            tokio::spawn(accept::accept_loop(
-                listener,
-                link.clone(),
-                self.metrics.clone(),
-            )),
-            tokio::spawn(crate::ping_loop(link.clone(), config.ping_interval)),
-        ];
+        let (link, tasks) = crate::open_plugin(config, plugin, &self.metrics)?;
         self.plugin_tasks.insert(plugin.name.clone(), tasks);
-        let supervised = plugin.spawn.then(|| {
-            Arc::new(Supervised::start(supervise::Context {
-                link: link.clone(),
-                socket,
-                spawner: self.spawner.clone(),
-                metrics: self.metrics.clone(),
-                stop_grace: config.shutdown_grace,
-            }))
-        });
+        let entry = crate::supervise_plugin(config, link, &self.spawner, &self.metrics);
         tracing::info!(plugin = %plugin.name, spawned = plugin.spawn, "reload: plugin started");
-        Ok(PluginEntry { link, supervised })
+        Ok(entry)
     }
 }
 
