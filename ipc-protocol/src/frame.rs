@@ -176,6 +176,12 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
                 return Err(ProtocolError::Encode(e));
             }
         };
+        self.finish_frame(start, len)
+    }
+
+    /// Sets the length prefix of the frame that starts at `start` in the buffer to `len`, or, if
+    /// `len` is over the limit, removes the frame again and refuses it.
+    fn finish_frame(&mut self, start: usize, len: usize) -> Result<(), ProtocolError> {
         if len > self.max_frame {
             self.buf.truncate(start);
             return Err(ProtocolError::FrameTooLarge {
@@ -204,15 +210,7 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
                 return Err(ProtocolError::Encode(e));
             }
         };
-        let len = self.buf.len() - start - PREFIX_LEN + body.len();
-        if len > self.max_frame {
-            self.buf.truncate(start);
-            return Err(ProtocolError::FrameTooLarge {
-                len: len as u64,
-                max: self.max_frame,
-            });
-        }
-        self.buf[start..start + PREFIX_LEN].copy_from_slice(&(len as u32).to_le_bytes());
+        self.finish_frame(start, self.buf.len() - start - PREFIX_LEN + body.len())?;
         self.spliced_bytes += body.len();
         self.spliced.push((at, body));
         Ok(())
