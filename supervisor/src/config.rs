@@ -17,6 +17,26 @@ use crate::restart::{Policy, RestartType};
 /// The configuration compiled into the binary, used when `plugvisor` runs without `--config`.
 pub const DEFAULT_CONFIG: &str = include_str!("default.toml");
 
+/// Default `max_streams`.
+pub const DEFAULT_MAX_STREAMS: usize = 10_000;
+/// Default `max_message_bytes`: twice Envoy's default 1 MiB connection buffer, and more than
+/// tonic's 4 MiB default so a buffered body that Envoy may send is never refused by accident.
+pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 8 * 1024 * 1024;
+/// The smallest `max_message_bytes` accepted.
+pub const MIN_MESSAGE_BYTES: usize = 64 * 1024;
+/// Default `metadata_max_bytes` of a plugin.
+pub const DEFAULT_PLUGIN_METADATA_BYTES: usize = 16 * 1024;
+/// Default `stream_metadata_max_bytes`.
+pub const DEFAULT_STREAM_METADATA_BYTES: usize = 64 * 1024;
+/// The smallest metadata cap accepted (room for the front's own namespace).
+pub const MIN_METADATA_BYTES: usize = 1024;
+/// The largest metadata cap accepted.
+pub const MAX_METADATA_BYTES: usize = 1024 * 1024;
+/// Default `budget_bytes` of a plugin.
+pub const DEFAULT_BUDGET_BYTES: usize = 8 * 1024 * 1024;
+/// The smallest `budget_bytes` accepted.
+pub const MIN_BUDGET_BYTES: usize = 64 * 1024;
+
 /// A configuration that failed to load or validate.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -144,6 +164,12 @@ pub struct PluginConfig {
     pub hang_timeout: Duration,
     /// The scheduling policy of a spawned plugin's process.
     pub cpu_scheduling: CpuScheduling,
+    /// The most metadata one final answer may carry, as Envoy receives it (protobuf bytes).
+    /// Over it, the plugin's metadata is left out and the stream says why.
+    pub metadata_max_bytes: usize,
+    /// The most event bytes the plugin process may hold at once (received but not yet handled):
+    /// the flow-control window. Past it, events wait in the front's bounded queue.
+    pub budget_bytes: usize,
 }
 
 /// The whole configuration, after validation.
@@ -165,6 +191,14 @@ pub struct Config {
     pub ping_interval: Duration,
     /// How long `READY=1` waits for the `required` plugins.
     pub ready_timeout: Duration,
+    /// Concurrent ext_proc streams served with plugins; past it, streams are echoed without them.
+    pub max_streams: usize,
+    /// The largest ext_proc message accepted from Envoy (gRPC decode limit).
+    pub max_message_bytes: usize,
+    /// The most merged metadata one stream sends to Envoy (protobuf bytes, all plugins).
+    pub stream_metadata_max_bytes: usize,
+    /// An ext_proc stream without any message for this long is ended; `None`: never.
+    pub idle_stream_timeout: Option<Duration>,
     /// The plugins, in file order.
     pub plugins: Vec<PluginConfig>,
 }
@@ -180,6 +214,10 @@ struct RawConfig {
     shutdown_grace_ms: Option<u64>,
     ping_interval_ms: Option<u64>,
     ready_timeout_ms: Option<u64>,
+    max_streams: Option<usize>,
+    max_message_bytes: Option<usize>,
+    stream_metadata_max_bytes: Option<usize>,
+    idle_stream_timeout_ms: Option<u64>,
     #[serde(default)]
     plugins: OrderedPlugins,
 }
@@ -240,6 +278,8 @@ struct RawPlugin {
     hang_timeout_ms: Option<u64>,
     #[serde(default)]
     cpu_scheduling: CpuScheduling,
+    metadata_max_bytes: Option<usize>,
+    budget_bytes: Option<usize>,
 }
 
 fn yes() -> bool {
@@ -366,6 +406,21 @@ impl Config {
                     "start_timeout_ms and hang_timeout_ms must be at least 1".into(),
                 ));
             }
+            let metadata_max_bytes = raw_plugin
+                .metadata_max_bytes
+                .unwrap_or(DEFAULT_PLUGIN_METADATA_BYTES);
+            if !(MIN_METADATA_BYTES..=MAX_METADATA_BYTES).contains(&metadata_max_bytes) {
+                return Err(bad(format!(
+                    "metadata_max_bytes must be between {MIN_METADATA_BYTES} and \
+                     {MAX_METADATA_BYTES} (Envoy takes no more in one reply)"
+                )));
+            }
+            let budget_bytes = raw_plugin.budget_bytes.unwrap_or(DEFAULT_BUDGET_BYTES);
+            if budget_bytes < MIN_BUDGET_BYTES {
+                return Err(bad(format!(
+                    "budget_bytes must be at least {MIN_BUDGET_BYTES}"
+                )));
+            }
             plugins.push(PluginConfig {
                 name: name.clone(),
                 spawn: raw_plugin.spawn,
@@ -385,7 +440,39 @@ impl Config {
                 start_timeout,
                 hang_timeout,
                 cpu_scheduling: raw_plugin.cpu_scheduling,
+                metadata_max_bytes,
+                budget_bytes,
             });
+        }
+
+        let top = |key: &str, message: String| ConfigError::Invalid {
+            origin: origin.to_owned(),
+            line: find_key_line(text, key),
+            key: key.to_owned(),
+            message,
+        };
+        let max_streams = raw.max_streams.unwrap_or(DEFAULT_MAX_STREAMS);
+        if max_streams == 0 {
+            return Err(top("max_streams", "must be at least 1".into()));
+        }
+        let max_message_bytes = raw.max_message_bytes.unwrap_or(DEFAULT_MAX_MESSAGE_BYTES);
+        if max_message_bytes < MIN_MESSAGE_BYTES {
+            return Err(top(
+                "max_message_bytes",
+                format!("must be at least {MIN_MESSAGE_BYTES} (Envoy sends body chunks of 64 KiB and more)"),
+            ));
+        }
+        let stream_metadata_max_bytes = raw
+            .stream_metadata_max_bytes
+            .unwrap_or(DEFAULT_STREAM_METADATA_BYTES);
+        if !(MIN_METADATA_BYTES..=MAX_METADATA_BYTES).contains(&stream_metadata_max_bytes) {
+            return Err(top(
+                "stream_metadata_max_bytes",
+                format!(
+                    "must be between {MIN_METADATA_BYTES} and {MAX_METADATA_BYTES} (Envoy takes \
+                     no more in one reply)"
+                ),
+            ));
         }
 
         Ok(Config {
@@ -397,6 +484,13 @@ impl Config {
             shutdown_grace: Duration::from_millis(raw.shutdown_grace_ms.unwrap_or(5000)),
             ping_interval: Duration::from_millis(raw.ping_interval_ms.unwrap_or(1000).max(10)),
             ready_timeout: Duration::from_millis(raw.ready_timeout_ms.unwrap_or(10_000)),
+            max_streams,
+            max_message_bytes,
+            stream_metadata_max_bytes,
+            idle_stream_timeout: raw
+                .idle_stream_timeout_ms
+                .filter(|ms| *ms > 0)
+                .map(Duration::from_millis),
             plugins,
         })
     }
@@ -455,6 +549,17 @@ pub fn default_runtime_dir() -> PathBuf {
 
 fn line_of(text: &str, offset: usize) -> usize {
     text[..offset.min(text.len())].matches('\n').count() + 1
+}
+
+/// The line where a top-level `key = ...` is set (0 if not found).
+fn find_key_line(text: &str, key: &str) -> usize {
+    text.lines()
+        .position(|l| {
+            l.trim_start()
+                .strip_prefix(key)
+                .is_some_and(|rest| rest.trim_start().starts_with('='))
+        })
+        .map_or(0, |i| i + 1)
 }
 
 fn find_table_line(text: &str, name: &str) -> usize {

@@ -27,6 +27,8 @@ fn plugin(queue_events: usize, queue_bytes: usize, final_ms: u64) -> PluginConfi
         start_timeout: Duration::from_secs(10),
         hang_timeout: Duration::from_secs(5),
         cpu_scheduling: crate::config::CpuScheduling::Normal,
+        metadata_max_bytes: crate::config::DEFAULT_PLUGIN_METADATA_BYTES,
+        budget_bytes: crate::config::DEFAULT_BUDGET_BYTES,
     }
 }
 
