@@ -1,11 +1,24 @@
 //! The Envoy `ext_proc` service: one task per ext_proc stream (one HTTP request through Envoy).
 //!
-//! Every header and non-final body message is answered at once; the event goes to each subscribed
-//! plugin's bounded queue without waiting (inline plugins excepted: the front waits for their
+//! Every header and body message is answered at once; the event goes to each subscribed plugin's
+//! bounded queue without waiting (inline plugins excepted: the front waits for their
 //! acknowledgement, bounded by `inline_timeout`). The end of the response (a body message with
 //! `end_of_stream`, the response trailers, or headers that end the stream) is the final RPC to
-//! every plugin, concurrently, each bounded by its `final_timeout`; the merged metadata rides on
-//! the reply to that message as `dynamic_metadata`. A stream that ends before that sends `Abort`.
+//! every plugin, concurrently, each bounded by its `final_timeout`; the merged metadata goes to
+//! Envoy as `dynamic_metadata`, checked against Envoy's limits and the configured caps
+//! ([`crate::metadata`]).
+//!
+//! In `FULL_DUPLEX_STREAMED` the front carries the body, so the last chunk must not wait for the
+//! plugins either: its bytes are echoed at once (without `end_of_stream`), and the end of the body
+//! follows in a second, empty response that carries the metadata. Envoy passes the first on to the
+//! client immediately; only the end of the stream waits for the final RPC. In `STREAMED`,
+//! `BUFFERED` and `BUFFERED_PARTIAL` Envoy holds each body message until its reply, so there the
+//! last one waits for the final RPC (see docs/configuration.md).
+//!
+//! Past `max_streams` concurrent streams, new streams are echoed without plugins and say so in
+//! their metadata. A message larger than `max_message_bytes` fails its stream with a gRPC error,
+//! a warning and a count, never with an OK that would truncate the body. A stream that ends before
+//! its end of response sends `Abort`.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -26,13 +39,13 @@ use ipc_protocol::stamp::monotonic_now_ns;
 use ipc_protocol::{
     Abort, AbortCause, Chunk, Final, Header, RequestStart, ResponseHeaders, StreamId, ToPlugin,
 };
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request as GrpcRequest, Response as GrpcResponse, Status, Streaming};
 
 use crate::config::{BodyMode, Dispatch};
 use crate::link::PluginLink;
-use crate::metadata::Merge;
+use crate::metadata::{Excluded, Merge};
 use crate::metrics::{MessageLabel, Metrics};
 
 /// How long an abort may wait for room in a full queue.
@@ -49,8 +62,35 @@ struct Inner {
     links: std::sync::RwLock<Arc<Vec<Arc<PluginLink>>>>,
     metrics: Arc<Metrics>,
     next_stream: AtomicU64,
-    default_mode: BodyMode,
+    limits: StreamLimits,
+    /// One permit per stream served with plugins (`max_streams`).
+    permits: Arc<Semaphore>,
     stop: watch::Receiver<bool>,
+}
+
+/// What bounds each stream; from the top level of the config.
+#[derive(Debug, Clone)]
+pub struct StreamLimits {
+    /// Body mode when Envoy's first message carries no `protocol_config`.
+    pub default_mode: BodyMode,
+    /// Streams served with plugins at once; past it, streams are echoed without them.
+    pub max_streams: usize,
+    /// The most protobuf bytes of plugin metadata one stream sends to Envoy.
+    pub stream_metadata_max_bytes: usize,
+    /// A stream without a message for this long fails; `None`: never.
+    pub idle_timeout: Option<std::time::Duration>,
+}
+
+impl StreamLimits {
+    /// The limits a configuration sets.
+    pub fn from_config(config: &crate::Config) -> StreamLimits {
+        StreamLimits {
+            default_mode: config.default_response_body_mode,
+            max_streams: config.max_streams,
+            stream_metadata_max_bytes: config.stream_metadata_max_bytes,
+            idle_timeout: config.idle_stream_timeout,
+        }
+    }
 }
 
 impl Front {
@@ -59,7 +99,7 @@ impl Front {
     pub fn new(
         links: Vec<Arc<PluginLink>>,
         metrics: Arc<Metrics>,
-        default_mode: BodyMode,
+        limits: StreamLimits,
         stop: watch::Receiver<bool>,
     ) -> Front {
         Front {
@@ -67,7 +107,8 @@ impl Front {
                 links: std::sync::RwLock::new(Arc::new(links)),
                 metrics,
                 next_stream: AtomicU64::new(1),
-                default_mode,
+                permits: Arc::new(Semaphore::new(limits.max_streams)),
+                limits,
                 stop,
             }),
         }
@@ -91,14 +132,30 @@ impl ExternalProcessor for Front {
         request: GrpcRequest<Streaming<ProcessingRequest>>,
     ) -> Result<GrpcResponse<Self::ProcessStream>, Status> {
         let inbound = request.into_inner();
-        let (tx, rx) = mpsc::channel(16);
+        // Two replies per message at most (the last chunk's echo, then the end with metadata).
+        let (tx, rx) = mpsc::channel(4);
         let id = self.inner.next_stream.fetch_add(1, Ordering::Relaxed);
         let links = self.inner.links.read().expect("links lock").clone();
+        let (links, permit, shed) = match self.inner.permits.clone().try_acquire_owned() {
+            Ok(permit) => (links, Some(permit), Vec::new()),
+            Err(_) => {
+                self.inner.metrics.streams_shed.inc();
+                tracing::debug!(
+                    stream = id,
+                    max_streams = self.inner.limits.max_streams,
+                    "stream limit reached; echoing without plugins"
+                );
+                let names = links.iter().map(|l| l.name().to_owned()).collect();
+                (Arc::new(Vec::new()), None, names)
+            }
+        };
         let stream = StreamTask {
             inner: self.inner.clone(),
             id,
             seqs: vec![0; links.len()],
             links,
+            shed,
+            _permit: permit,
             modes: None,
             ended: false,
         };
@@ -118,12 +175,61 @@ struct StreamTask {
     id: StreamId,
     /// The plugins this stream feeds, fixed when it starts.
     links: Arc<Vec<Arc<PluginLink>>>,
+    /// The plugins this stream was not given because `max_streams` were active (else empty).
+    shed: Vec<String>,
+    /// Held while the stream runs with plugins.
+    _permit: Option<OwnedSemaphorePermit>,
     /// Per plugin, the next sequence number: each plugin sees 0, 1, 2 … over the events it
     /// subscribed to, so a skipped number always means a dropped event.
     seqs: Vec<u32>,
     modes: Option<Modes>,
     /// The final RPC ran (or an abort was sent): no more events for the plugins.
     ended: bool,
+}
+
+/// Why a message's handling ended the stream.
+enum Stop {
+    /// Envoy no longer reads the replies.
+    Gone,
+    /// The message cannot be served: the status goes to Envoy.
+    Refused(Status),
+}
+
+/// The reply side of one stream: sends responses (none in observability mode) and records the
+/// time from a message's arrival to its reply.
+struct Replies {
+    tx: mpsc::Sender<Result<ProcessingResponse, Status>>,
+    metrics: Arc<Metrics>,
+}
+
+impl Replies {
+    async fn send(
+        &self,
+        observe: bool,
+        label: &str,
+        arrival: Instant,
+        resp: ProcessingResponse,
+    ) -> Result<(), Stop> {
+        if !observe && self.tx.send(Ok(resp)).await.is_err() {
+            return Err(Stop::Gone);
+        }
+        self.metrics
+            .response_overhead
+            .get_or_create(&MessageLabel {
+                message: label.to_owned(),
+            })
+            .observe(arrival.elapsed().as_secs_f64());
+        Ok(())
+    }
+}
+
+/// The size tonic names in its "message length too large" status, if this is one.
+fn too_large(status: &Status) -> Option<&str> {
+    if status.code() != tonic::Code::OutOfRange {
+        return None;
+    }
+    let rest = status.message().split("found ").nth(1)?;
+    rest.split(' ').next()
 }
 
 impl StreamTask {
@@ -135,11 +241,40 @@ impl StreamTask {
         let metrics = self.inner.metrics.clone();
         metrics.streams_active.inc();
         metrics.streams_total.inc();
+        let replies = Replies {
+            tx,
+            metrics: metrics.clone(),
+        };
         let mut stop = self.inner.stop.clone();
+        let idle_timeout = self.inner.limits.idle_timeout;
         let ending = loop {
+            let idle = async {
+                match idle_timeout {
+                    Some(limit) => tokio::time::sleep(limit).await,
+                    None => std::future::pending().await,
+                }
+            };
             let next = tokio::select! {
-                m = inbound.message() => m,
+                m = inbound.message() => Some(m),
                 _ = stop.wait_for(|s| *s) => break (AbortCause::Shutdown, "front is stopping".into()),
+                _ = idle => None,
+            };
+            let Some(next) = next else {
+                let limit = idle_timeout.unwrap_or_default();
+                tracing::warn!(
+                    stream = self.id,
+                    idle_ms = limit.as_millis() as u64,
+                    "ext_proc stream idle past idle_stream_timeout_ms; failing it"
+                );
+                metrics.stream_errors.inc();
+                let _ = replies
+                    .tx
+                    .send(Err(Status::deadline_exceeded(format!(
+                        "plugvisor: no ext_proc message for {} ms (idle_stream_timeout_ms)",
+                        limit.as_millis()
+                    ))))
+                    .await;
+                break (AbortCause::Timeout, "idle_stream_timeout_ms passed".into());
             };
             let req = match next {
                 Ok(Some(req)) => req,
@@ -150,6 +285,24 @@ impl StreamTask {
                     )
                 }
                 Err(status) => {
+                    if let Some(size) = too_large(&status) {
+                        // Carrying on would lose this body: fail the stream where Envoy sees it.
+                        tracing::warn!(
+                            stream = self.id,
+                            size_bytes = size,
+                            "ext_proc message larger than max_message_bytes; failing the stream (raise max_message_bytes, or lower Envoy's buffer limits)"
+                        );
+                        metrics.messages_too_large.inc();
+                        metrics.stream_errors.inc();
+                        let _ = replies
+                            .tx
+                            .send(Err(Status::resource_exhausted(format!(
+                                "plugvisor: {}",
+                                status.message()
+                            ))))
+                            .await;
+                        break (AbortCause::UpstreamError, status.message().to_owned());
+                    }
                     // Envoy resets the stream right after the last reply: normal once ended.
                     break (
                         AbortCause::ClientDisconnect,
@@ -159,27 +312,24 @@ impl StreamTask {
             };
             let arrival = Instant::now();
             let stamp = monotonic_now_ns();
-            let observe = req.observability_mode;
             if self.modes.is_none() {
-                self.modes = Some(self.modes_from(&req));
-            }
-            let (label, reply) = self.handle(req, stamp, arrival).await;
-            match reply {
-                Ok(resp) => {
-                    if !observe && tx.send(Ok(resp)).await.is_err() {
-                        break (AbortCause::ClientDisconnect, "Envoy went away".into());
-                    }
-                    metrics
-                        .response_overhead
-                        .get_or_create(&MessageLabel {
-                            message: label.to_owned(),
-                        })
-                        .observe(arrival.elapsed().as_secs_f64());
+                let modes = self.modes_from(&req);
+                if modes.response_body == BodySendMode::None {
+                    tracing::debug!(
+                        stream = self.id,
+                        "response_body_mode NONE: headers only, no body events; the final RPC \
+                         runs only if the response ends in its headers or trailers"
+                    );
                 }
-                Err(status) => {
+                self.modes = Some(modes);
+            }
+            match self.handle(req, stamp, arrival, &replies).await {
+                Ok(()) => {}
+                Err(Stop::Gone) => break (AbortCause::ClientDisconnect, "Envoy went away".into()),
+                Err(Stop::Refused(status)) => {
                     tracing::warn!(stream = self.id, error = %status.message(), "ext_proc stream refused");
                     metrics.stream_errors.inc();
-                    let _ = tx.send(Err(status.clone())).await;
+                    let _ = replies.tx.send(Err(status.clone())).await;
                     break (AbortCause::UpstreamError, status.message().to_owned());
                 }
             }
@@ -204,7 +354,7 @@ impl StreamTask {
             },
             None => Modes {
                 request_body: BodySendMode::None,
-                response_body: match self.inner.default_mode {
+                response_body: match self.inner.limits.default_mode {
                     BodyMode::Streamed => BodySendMode::Streamed,
                     BodyMode::FullDuplexStreamed => BodySendMode::FullDuplexStreamed,
                 },
@@ -217,15 +367,14 @@ impl StreamTask {
         req: ProcessingRequest,
         stamp: u64,
         arrival: Instant,
-    ) -> (&'static str, Result<ProcessingResponse, Status>) {
+        replies: &Replies,
+    ) -> Result<(), Stop> {
         let modes = self.modes.expect("set on the first message");
+        let observe = req.observability_mode;
         let Some(request) = req.request else {
-            return (
-                "empty",
-                Err(Status::invalid_argument(
-                    "ProcessingRequest without a request",
-                )),
-            );
+            return Err(Stop::Refused(Status::invalid_argument(
+                "ProcessingRequest without a request",
+            )));
         };
         match request {
             Request::RequestHeaders(h) => {
@@ -246,13 +395,8 @@ impl StreamTask {
                     },
                     |s| s.request_start,
                 );
-                (
-                    "headers",
-                    Ok(reply(
-                        Response::RequestHeaders(HeadersResponse::default()),
-                        None,
-                    )),
-                )
+                let resp = reply(Response::RequestHeaders(HeadersResponse::default()), None);
+                replies.send(observe, "headers", arrival, resp).await
             }
             Request::ResponseHeaders(h) => {
                 let headers = headers(h.headers.as_ref());
@@ -273,61 +417,49 @@ impl StreamTask {
                     },
                     |s| s.response_headers,
                 );
-                let metadata = if h.end_of_stream {
-                    Some(
-                        self.final_rpc(stamp, arrival, Bytes::new(), Vec::new())
-                            .await,
-                    )
+                let (label, metadata) = if h.end_of_stream && !self.ended {
+                    let md = self
+                        .final_rpc(stamp, arrival, Bytes::new(), Vec::new())
+                        .await;
+                    ("final", Some(md))
                 } else {
-                    None
+                    ("headers", None)
                 };
-                (
-                    "headers",
-                    Ok(reply(
-                        Response::ResponseHeaders(HeadersResponse::default()),
-                        metadata,
-                    )),
-                )
+                let resp = reply(
+                    Response::ResponseHeaders(HeadersResponse::default()),
+                    metadata,
+                );
+                replies.send(observe, label, arrival, resp).await
             }
             Request::ResponseBody(body) => {
-                let full_duplex = match modes.response_body {
-                    BodySendMode::FullDuplexStreamed => true,
-                    BodySendMode::Streamed | BodySendMode::Buffered => false,
-                    other => {
-                        return (
-                            "chunk",
-                            Err(Status::failed_precondition(format!(
-                                "response body message received in body mode {}; plugvisor \
-                                 serves STREAMED and FULL_DUPLEX_STREAMED (set \
-                                 processing_mode.response_body_mode)",
-                                other.as_str_name()
-                            ))),
-                        )
-                    }
-                };
+                let full_duplex = modes.response_body == BodySendMode::FullDuplexStreamed;
                 let eos = body.end_of_stream;
                 let bytes = Bytes::from(body.body);
-                let (label, metadata) = if eos && !self.ended {
-                    (
-                        "final",
-                        Some(
-                            self.final_rpc(stamp, arrival, bytes.clone(), Vec::new())
-                                .await,
-                        ),
-                    )
-                } else {
+                if !eos || self.ended {
                     if !self.ended {
                         self.chunk(stamp, bytes.clone(), eos).await;
                     }
-                    ("chunk", None)
-                };
-                (
-                    label,
-                    Ok(reply(
+                    let resp = reply(
                         Response::ResponseBody(body_reply(full_duplex, bytes, eos)),
-                        metadata,
-                    )),
-                )
+                        None,
+                    );
+                    return replies.send(observe, "chunk", arrival, resp).await;
+                }
+                if full_duplex && !bytes.is_empty() {
+                    // The last tokens go to the client now; the end of the body follows with the
+                    // metadata.
+                    let echo = reply(
+                        Response::ResponseBody(body_reply(true, bytes.clone(), false)),
+                        None,
+                    );
+                    replies.send(observe, "chunk", arrival, echo).await?;
+                }
+                let metadata = self.final_rpc(stamp, arrival, bytes, Vec::new()).await;
+                let end = reply(
+                    Response::ResponseBody(body_reply(full_duplex, Bytes::new(), true)),
+                    Some(metadata),
+                );
+                replies.send(observe, "final", arrival, end).await
             }
             Request::ResponseTrailers(t) => {
                 let trailers = headers(t.trailers.as_ref());
@@ -336,52 +468,33 @@ impl StreamTask {
                 } else {
                     Some(self.final_rpc(stamp, arrival, Bytes::new(), trailers).await)
                 };
-                (
-                    "final",
-                    Ok(reply(
-                        Response::ResponseTrailers(TrailersResponse::default()),
-                        metadata,
-                    )),
-                )
+                let resp = reply(
+                    Response::ResponseTrailers(TrailersResponse::default()),
+                    metadata,
+                );
+                replies.send(observe, "final", arrival, resp).await
             }
             Request::RequestBody(HttpBody {
                 body,
                 end_of_stream,
                 ..
             }) => {
-                let full_duplex = match modes.request_body {
-                    BodySendMode::FullDuplexStreamed => true,
-                    BodySendMode::Streamed | BodySendMode::Buffered => false,
-                    other => {
-                        return (
-                            "chunk",
-                            Err(Status::failed_precondition(format!(
-                                "request body message received in body mode {}; plugvisor \
-                                 serves NONE, STREAMED and FULL_DUPLEX_STREAMED for request bodies",
-                                other.as_str_name()
-                            ))),
-                        )
-                    }
-                };
-                (
-                    "chunk",
-                    Ok(reply(
-                        Response::RequestBody(body_reply(
-                            full_duplex,
-                            Bytes::from(body),
-                            end_of_stream,
-                        )),
-                        None,
+                // Request bodies go to no plugin: echoed in full duplex, continued otherwise.
+                let full_duplex = modes.request_body == BodySendMode::FullDuplexStreamed;
+                let resp = reply(
+                    Response::RequestBody(body_reply(
+                        full_duplex,
+                        Bytes::from(body),
+                        end_of_stream,
                     )),
-                )
-            }
-            Request::RequestTrailers(_) => (
-                "headers",
-                Ok(reply(
-                    Response::RequestTrailers(TrailersResponse::default()),
                     None,
-                )),
-            ),
+                );
+                replies.send(observe, "chunk", arrival, resp).await
+            }
+            Request::RequestTrailers(_) => {
+                let resp = reply(Response::RequestTrailers(TrailersResponse::default()), None);
+                replies.send(observe, "headers", arrival, resp).await
+            }
         }
     }
 
@@ -499,11 +612,25 @@ impl StreamTask {
                 link.final_call(conn, call_id, msg, arrival).await
             }));
         }
-        let mut merge = Merge::default();
+        let mut merge = Merge::new(self.inner.limits.stream_metadata_max_bytes);
+        for name in &self.shed {
+            merge.missing(name, Excluded::Shed);
+        }
         for (link, call) in self.links.iter().zip(calls) {
             match call.await {
-                Ok(Ok(metadata)) => merge.add(metadata),
-                Ok(Err(_)) | Err(_) => merge.missing(link.name()),
+                Ok(Ok(metadata)) => {
+                    let cap = link.config().metadata_max_bytes;
+                    if let Err(why) = merge.add(link.name(), metadata, cap) {
+                        tracing::warn!(plugin = %link.name(), stream = self.id, reason = why.as_str(), metadata_max_bytes = cap, stream_metadata_max_bytes = self.inner.limits.stream_metadata_max_bytes, "plugin metadata left out of the stream's dynamic_metadata");
+                        self.inner
+                            .metrics
+                            .finals_missing
+                            .get_or_create(&Metrics::reason(link.name(), why.as_str()))
+                            .inc();
+                    }
+                }
+                Ok(Err(why)) => merge.missing(link.name(), why.into()),
+                Err(_) => merge.missing(link.name(), Excluded::Failed),
             }
         }
         if !merge.missing_names().is_empty() {

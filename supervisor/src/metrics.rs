@@ -77,6 +77,10 @@ pub struct Metrics {
     pub streams_total: Counter,
     /// Streams that ended with an error the front reported to Envoy.
     pub stream_errors: Counter,
+    /// Streams served without plugins because `max_streams` streams were already active.
+    pub streams_shed: Counter,
+    /// ext_proc messages refused for being larger than `max_message_bytes`.
+    pub messages_too_large: Counter,
     /// Time from a message's arrival to its reply.
     pub response_overhead: Family<MessageLabel, Histogram, fn() -> Histogram>,
     /// 1 while a spawned plugin's current process has completed its handshake.
@@ -116,6 +120,8 @@ impl Metrics {
         let streams_active = Gauge::default();
         let streams_total = Counter::default();
         let stream_errors = Counter::default();
+        let streams_shed = Counter::default();
+        let messages_too_large = Counter::default();
         let response_overhead =
             Family::<MessageLabel, Histogram, fn() -> Histogram>::new_with_constructor(
                 overhead_histogram,
@@ -147,7 +153,7 @@ impl Metrics {
         );
         registry.register(
             "plugvisor_plugin_finals_missing",
-            "Final RPCs that brought no metadata (down, timeout, failed)",
+            "Final RPCs whose metadata did not reach Envoy (down, timeout, failed, too_large, too_deep, stream_full)",
             finals_missing.clone(),
         );
         registry.register(
@@ -179,6 +185,16 @@ impl Metrics {
             "plugvisor_stream_errors",
             "ext_proc streams ended with an error sent to Envoy",
             stream_errors.clone(),
+        );
+        registry.register(
+            "plugvisor_streams_shed",
+            "ext_proc streams echoed without plugins because max_streams were already active",
+            streams_shed.clone(),
+        );
+        registry.register(
+            "plugvisor_messages_too_large",
+            "ext_proc messages from Envoy refused for exceeding max_message_bytes",
+            messages_too_large.clone(),
         );
         registry.register(
             "plugvisor_response_overhead_seconds",
@@ -237,6 +253,8 @@ impl Metrics {
             streams_active,
             streams_total,
             stream_errors,
+            streams_shed,
+            messages_too_large,
             response_overhead,
         }
     }
@@ -284,6 +302,8 @@ pub async fn serve_admin(
                 }
             },
         };
+        // A response is headers then body: without NODELAY the second write waits for an ACK.
+        let _ = stream.set_nodelay(true);
         let metrics = metrics.clone();
         tokio::spawn(async move {
             let service =

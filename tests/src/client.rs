@@ -18,6 +18,8 @@ pub struct Received {
     pub chunks: Vec<(Duration, Bytes)>,
     /// Time until the body ended.
     pub total: Duration,
+    /// Why the body ended early (a reset or a truncated transfer), if it did.
+    pub error: Option<String>,
 }
 
 impl Received {
@@ -79,8 +81,15 @@ pub async fn chat_as(port: u16, params: &Params, test_id: &str, x_request_id: &s
     let status = resp.status().as_u16();
     let mut body = resp.into_body();
     let mut chunks = Vec::new();
+    let mut error = None;
     while let Some(frame) = body.frame().await {
-        let frame = frame.expect("response body frame");
+        let frame = match frame {
+            Ok(frame) => frame,
+            Err(e) => {
+                error = Some(e.to_string());
+                break;
+            }
+        };
         if let Ok(data) = frame.into_data() {
             if !data.is_empty() {
                 chunks.push((start.elapsed(), data));
@@ -91,6 +100,7 @@ pub async fn chat_as(port: u16, params: &Params, test_id: &str, x_request_id: &s
         status,
         chunks,
         total: start.elapsed(),
+        error,
     }
 }
 

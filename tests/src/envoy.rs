@@ -85,6 +85,25 @@ pub struct EnvoyOptions {
     pub extra_namespaces: Vec<String>,
     /// Whether Envoy fails the request when ext_proc fails (the example allows it).
     pub failure_mode_allow: bool,
+    /// Speak HTTP/2 to the upstream (the example speaks HTTP/1.1).
+    pub upstream_h2: bool,
+    /// Envoy's per-connection buffer limit on the listener and the upstream cluster (default 1 MiB):
+    /// raised, Envoy sends larger body messages to ext_proc.
+    pub buffer_limit_bytes: Option<u32>,
+}
+
+impl Default for EnvoyOptions {
+    fn default() -> Self {
+        EnvoyOptions {
+            ext_proc: String::new(),
+            upstream_port: 0,
+            body_mode: "FULL_DUPLEX_STREAMED",
+            extra_namespaces: Vec::new(),
+            failure_mode_allow: false,
+            upstream_h2: false,
+            buffer_limit_bytes: None,
+        }
+    }
 }
 
 /// A running Envoy.
@@ -145,6 +164,24 @@ impl Envoy {
             swap(
                 pipe,
                 &format!("socket_address: {{ address: {host}, port_value: {p} }}"),
+            );
+        }
+        if opts.upstream_h2 {
+            swap(
+                "          http_protocol_options:\n            # Upstream trailers reach plugvisor as response_trailers (the end of the response).\n            enable_trailers: true\n",
+                "          http2_protocol_options: {}\n",
+            );
+        }
+        if let Some(limit) = opts.buffer_limit_bytes {
+            swap(
+                "\n  - name: gateway\n",
+                &format!("\n  - name: gateway\n    per_connection_buffer_limit_bytes: {limit}\n"),
+            );
+            swap(
+                "\n  - name: llm\n    type: STATIC\n",
+                &format!(
+                    "\n  - name: llm\n    type: STATIC\n    per_connection_buffer_limit_bytes: {limit}\n"
+                ),
             );
         }
         let log_file = dir.join("envoy.log");

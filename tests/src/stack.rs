@@ -49,6 +49,7 @@ impl Stack {
                     body_mode,
                     extra_namespaces: vec![],
                     failure_mode_allow: false,
+                    ..EnvoyOptions::default()
                 },
             );
             (front, envoy)

@@ -7,6 +7,8 @@
 
 use std::time::Duration;
 
+use std::future::Future as _;
+
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -186,6 +188,104 @@ impl Upstream {
 impl Drop for Upstream {
     fn drop(&mut self) {
         self.task.abort();
+    }
+}
+
+impl Upstream {
+    /// The same responses over HTTP/2 (prior knowledge, as Envoy's `http2_protocol_options`
+    /// speaks it). Each SSE event is one DATA frame, and the last event's frame carries
+    /// END_STREAM itself, as h2 LLM servers send it: the last tokens arrive with the end.
+    pub async fn start_h2() -> Upstream {
+        let listener = TcpListener::bind(("127.0.0.1", 0))
+            .await
+            .expect("bind h2 upstream");
+        let port = listener.local_addr().expect("addr").port();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((s, _)) = listener.accept().await else {
+                    continue;
+                };
+                let _ = s.set_nodelay(true);
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(
+                        |req: hyper::Request<hyper::body::Incoming>| async move {
+                            let headers: Vec<(String, String)> = req
+                                .headers()
+                                .iter()
+                                .map(|(k, v)| {
+                                    (k.as_str().to_owned(), v.to_str().unwrap_or("").to_owned())
+                                })
+                                .collect();
+                            let p = Params::from_headers(&headers, &Params::default());
+                            let content_type = if p.stream {
+                                "text/event-stream"
+                            } else {
+                                "application/json"
+                            };
+                            let body = Paced {
+                                chunks: p
+                                    .body_chunks()
+                                    .into_iter()
+                                    .map(bytes::Bytes::from)
+                                    .collect(),
+                                delay: p.delay,
+                                sleep: None,
+                            };
+                            Ok::<_, std::convert::Infallible>(
+                                hyper::Response::builder()
+                                    .header("content-type", content_type)
+                                    .body(body)
+                                    .expect("response"),
+                            )
+                        },
+                    );
+                    let _ = hyper::server::conn::http2::Builder::new(
+                        hyper_util::rt::TokioExecutor::new(),
+                    )
+                    .serve_connection(hyper_util::rt::TokioIo::new(s), service)
+                    .await;
+                });
+            }
+        });
+        Upstream { port, task }
+    }
+}
+
+/// A response body of paced chunks that reports its end as soon as the last chunk is taken, so
+/// hyper sends that chunk's DATA frame with END_STREAM.
+struct Paced {
+    chunks: std::collections::VecDeque<bytes::Bytes>,
+    delay: Duration,
+    sleep: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl hyper::body::Body for Paced {
+    type Data = bytes::Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<bytes::Bytes>, Self::Error>>> {
+        if self.chunks.is_empty() {
+            return std::task::Poll::Ready(None);
+        }
+        if !self.delay.is_zero() {
+            let delay = self.delay;
+            let sleep = self
+                .sleep
+                .get_or_insert_with(|| Box::pin(tokio::time::sleep(delay)));
+            if sleep.as_mut().poll(cx).is_pending() {
+                return std::task::Poll::Pending;
+            }
+            self.sleep = None;
+        }
+        let chunk = self.chunks.pop_front().expect("not empty");
+        std::task::Poll::Ready(Some(Ok(hyper::body::Frame::data(chunk))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.chunks.is_empty()
     }
 }
 

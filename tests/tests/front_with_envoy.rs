@@ -4,72 +4,11 @@
 use std::time::Duration;
 
 use sha2::{Digest, Sha256};
-use supervisor::{Config, Running};
+use supervisor::Config;
 use tests::client::{chat, chat_and_disconnect, chat_as};
-use tests::envoy::{Envoy, EnvoyOptions};
 use tests::fake_plugin::{Behaviour, FakePlugin, Handshake};
-use tests::upstream::{Params, Upstream};
-
-struct Setup {
-    envoy: Envoy,
-    front: Running,
-    plugins: Vec<FakePlugin>,
-    _upstream: Upstream,
-    dir: tempfile::TempDir,
-}
-
-impl Setup {
-    async fn new(body_mode: &'static str, plugins: &[(&str, &str, Behaviour)]) -> Setup {
-        tests::init_tracing();
-        let dir = tempfile::tempdir().expect("tempdir");
-        let sock = dir.path().join("ext_proc.sock");
-        let mut toml = format!(
-            "listen = \"unix:{}\"\nadmin_listen = \"127.0.0.1:0\"\nruntime_dir = \"{}\"\nconnect_timeout_ms = 1\nshutdown_grace_ms = 300\n",
-            sock.display(),
-            dir.path().join("run").display()
-        );
-        for (name, extra, _) in plugins {
-            toml.push_str(&format!("[plugins.{name}]\nspawn = false\n{extra}\n"));
-        }
-        let config = Config::parse(&toml, "test").expect("test config");
-        let front = supervisor::start(config.clone())
-            .await
-            .expect("front starts");
-        let mut fakes = Vec::new();
-        for (name, _, behaviour) in plugins {
-            fakes.push(
-                FakePlugin::welcome(&config.plugin_socket(name), name, behaviour.clone()).await,
-            );
-        }
-        assert!(front.wait_connected(Duration::from_secs(5)).await);
-        let upstream = Upstream::start().await;
-        let opts = EnvoyOptions {
-            ext_proc: format!("unix:{}", sock.display()),
-            upstream_port: upstream.port,
-            body_mode,
-            extra_namespaces: vec![],
-            failure_mode_allow: false,
-        };
-        let envoy = tokio::task::block_in_place(|| Envoy::start(dir.path(), &opts));
-        Setup {
-            envoy,
-            front,
-            plugins: fakes,
-            _upstream: upstream,
-            dir,
-        }
-    }
-
-    fn log_for(&self, rid: &str) -> serde_json::Value {
-        tokio::task::block_in_place(|| self.envoy.access_log_for(rid, Duration::from_secs(5)))
-    }
-
-    async fn stop(mut self) {
-        drop(self.envoy);
-        self.front.stop().await;
-        drop(self.dir);
-    }
-}
+use tests::inproc::InProc as Setup;
+use tests::upstream::Params;
 
 fn sha(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))
@@ -351,35 +290,6 @@ async fn a_second_connection_and_a_wrong_name_are_refused_with_reasons() {
         Handshake::Welcome(_) => panic!("wrong name welcomed"),
     }
     front.stop().await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_body_mode_plugvisor_does_not_serve_fails_only_that_stream() {
-    let setup = Setup::new("BUFFERED_PARTIAL", &[("order", "", Behaviour::default())]).await;
-    let got = chat(setup.envoy.port, &Params::default(), "r-mode").await;
-    assert_ne!(
-        got.body(),
-        Params::default().body(),
-        "status {}",
-        got.status
-    );
-    let metrics = setup.front.metrics();
-    let deadline = std::time::Instant::now() + Duration::from_secs(3);
-    while metrics.stream_errors.get() < 1 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no stream error counted"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    // The plugin learns that the stream is over, and stays connected.
-    let record = setup.plugins[0].record.clone();
-    while record.lock().unwrap().aborted.is_empty() {
-        assert!(std::time::Instant::now() < deadline, "no abort");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert!(setup.front.links()[0].is_connected());
-    setup.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -129,6 +129,7 @@ impl Service {
                 body_mode: "FULL_DUPLEX_STREAMED",
                 extra_namespaces: vec![],
                 failure_mode_allow: false,
+                ..EnvoyOptions::default()
             },
         )
     }
@@ -508,6 +509,7 @@ async fn a_tcp_socket_from_systemd_serves_envoy_too() {
                 body_mode: "FULL_DUPLEX_STREAMED",
                 extra_namespaces: vec![],
                 failure_mode_allow: false,
+                ..EnvoyOptions::default()
             },
         )
     });

@@ -17,9 +17,13 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::{ReceiverStream, UnixListenerStream};
 use tonic::{Request as GrpcRequest, Response as GrpcResponse, Status, Streaming};
 
-/// The echo service.
-#[derive(Clone, Copy, Default)]
-pub struct Echo;
+/// The echo service; with `end_metadata`, the reply to the end of the response body carries it as
+/// `dynamic_metadata` (the tests use that to find what Envoy itself accepts).
+#[derive(Clone, Default)]
+pub struct Echo {
+    /// Sent with the reply to the body message that ends the response.
+    pub end_metadata: Option<envoy_types::pb::google::protobuf::Struct>,
+}
 
 #[tonic::async_trait]
 impl ExternalProcessor for Echo {
@@ -31,9 +35,17 @@ impl ExternalProcessor for Echo {
     ) -> Result<GrpcResponse<Self::ProcessStream>, Status> {
         let mut inbound = request.into_inner();
         let (tx, rx) = mpsc::channel(16);
+        let end_metadata = self.end_metadata.clone();
         tokio::spawn(async move {
             while let Ok(Some(req)) = inbound.message().await {
-                let Some(resp) = answer(req) else { continue };
+                let ends =
+                    matches!(&req.request, Some(Request::ResponseBody(b)) if b.end_of_stream);
+                let Some(mut resp) = answer(req) else {
+                    continue;
+                };
+                if ends {
+                    resp.dynamic_metadata = end_metadata.clone();
+                }
                 if tx.send(Ok(resp)).await.is_err() {
                     return;
                 }
@@ -82,7 +94,7 @@ pub fn serve_forever(path: &std::path::Path) -> ! {
         let _ = std::fs::remove_file(path);
         let listener = tokio::net::UnixListener::bind(path).expect("bind echo socket");
         tonic::transport::Server::builder()
-            .add_service(ExternalProcessorServer::new(Echo))
+            .add_service(ExternalProcessorServer::new(Echo::default()))
             .serve_with_incoming(UnixListenerStream::new(listener))
             .await
             .expect("echo server");
