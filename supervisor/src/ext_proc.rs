@@ -125,7 +125,7 @@ impl Front {
 
 #[tonic::async_trait]
 impl ExternalProcessor for Front {
-    type ProcessStream = ReceiverStream<Result<ProcessingResponse, Status>>;
+    type ProcessStream = ReplyStream;
 
     async fn process(
         &self,
@@ -133,7 +133,7 @@ impl ExternalProcessor for Front {
     ) -> Result<GrpcResponse<Self::ProcessStream>, Status> {
         let inbound = request.into_inner();
         // Two replies per message at most (the last chunk's echo, then the end with metadata).
-        let (tx, rx) = mpsc::channel(4);
+        let (tx, rx) = mpsc::channel(2);
         let id = self.inner.next_stream.fetch_add(1, Ordering::Relaxed);
         let links = self.inner.links.read().expect("links lock").clone();
         let (links, permit, shed) = match self.inner.permits.clone().try_acquire_owned() {
@@ -160,7 +160,7 @@ impl ExternalProcessor for Front {
             ended: false,
         };
         tokio::spawn(stream.run(inbound, tx));
-        Ok(GrpcResponse::new(ReceiverStream::new(rx)))
+        Ok(GrpcResponse::new(ReplyStream(ReceiverStream::new(rx))))
     }
 }
 
@@ -187,6 +187,26 @@ struct StreamTask {
     ended: bool,
 }
 
+/// One reply to Envoy, boxed: tokio's channel allocates its slots 32 at a time whatever its bound,
+/// and an unboxed reply is about 300 bytes, which made the channel half an idle stream's memory.
+type Reply = Box<Result<ProcessingResponse, Status>>;
+
+/// The replies of one stream, as tonic sends them to Envoy.
+pub struct ReplyStream(ReceiverStream<Reply>);
+
+impl tokio_stream::Stream for ReplyStream {
+    type Item = Result<ProcessingResponse, Status>;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        std::pin::Pin::new(&mut self.0)
+            .poll_next(cx)
+            .map(|reply| reply.map(|r| *r))
+    }
+}
+
 /// Why a message's handling ended the stream.
 enum Stop {
     /// Envoy no longer reads the replies.
@@ -197,12 +217,12 @@ enum Stop {
 
 /// The reply side of one stream: sends responses (none in observability mode) and records the
 /// time from a message's arrival to its reply.
-struct Replies {
-    tx: mpsc::Sender<Result<ProcessingResponse, Status>>,
+struct Out {
+    tx: mpsc::Sender<Reply>,
     metrics: Arc<Metrics>,
 }
 
-impl Replies {
+impl Out {
     async fn send(
         &self,
         observe: bool,
@@ -210,7 +230,7 @@ impl Replies {
         arrival: Instant,
         resp: ProcessingResponse,
     ) -> Result<(), Stop> {
-        if !observe && self.tx.send(Ok(resp)).await.is_err() {
+        if !observe && self.tx.send(Box::new(Ok(resp))).await.is_err() {
             return Err(Stop::Gone);
         }
         self.metrics
@@ -236,12 +256,12 @@ impl StreamTask {
     async fn run(
         mut self,
         mut inbound: Streaming<ProcessingRequest>,
-        tx: mpsc::Sender<Result<ProcessingResponse, Status>>,
+        tx: mpsc::Sender<Reply>,
     ) {
         let metrics = self.inner.metrics.clone();
         metrics.streams_active.inc();
         metrics.streams_total.inc();
-        let replies = Replies {
+        let replies = Out {
             tx,
             metrics: metrics.clone(),
         };
@@ -269,10 +289,10 @@ impl StreamTask {
                 metrics.stream_errors.inc();
                 let _ = replies
                     .tx
-                    .send(Err(Status::deadline_exceeded(format!(
+                    .send(Box::new(Err(Status::deadline_exceeded(format!(
                         "plugvisor: no ext_proc message for {} ms (idle_stream_timeout_ms)",
                         limit.as_millis()
-                    ))))
+                    )))))
                     .await;
                 break (AbortCause::Timeout, "idle_stream_timeout_ms passed".into());
             };
@@ -296,10 +316,10 @@ impl StreamTask {
                         metrics.stream_errors.inc();
                         let _ = replies
                             .tx
-                            .send(Err(Status::resource_exhausted(format!(
+                            .send(Box::new(Err(Status::resource_exhausted(format!(
                                 "plugvisor: {}",
                                 status.message()
-                            ))))
+                            )))))
                             .await;
                         break (AbortCause::UpstreamError, status.message().to_owned());
                     }
@@ -323,13 +343,15 @@ impl StreamTask {
                 }
                 self.modes = Some(modes);
             }
-            match self.handle(req, stamp, arrival, &replies).await {
+            // Boxed: the handling future (final RPC, inline waits) is large, and keeping it inline
+            // made every idle stream's task carry it; allocated per message, it costs one malloc.
+            match Box::pin(self.handle(req, stamp, arrival, &replies)).await {
                 Ok(()) => {}
                 Err(Stop::Gone) => break (AbortCause::ClientDisconnect, "Envoy went away".into()),
                 Err(Stop::Refused(status)) => {
                     tracing::warn!(stream = self.id, error = %status.message(), "ext_proc stream refused");
                     metrics.stream_errors.inc();
-                    let _ = replies.tx.send(Err(status.clone())).await;
+                    let _ = replies.tx.send(Box::new(Err(status.clone()))).await;
                     break (AbortCause::UpstreamError, status.message().to_owned());
                 }
             }
@@ -367,7 +389,7 @@ impl StreamTask {
         req: ProcessingRequest,
         stamp: u64,
         arrival: Instant,
-        replies: &Replies,
+        replies: &Out,
     ) -> Result<(), Stop> {
         let modes = self.modes.expect("set on the first message");
         let observe = req.observability_mode;
