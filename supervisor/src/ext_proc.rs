@@ -253,11 +253,7 @@ fn too_large(status: &Status) -> Option<&str> {
 }
 
 impl StreamTask {
-    async fn run(
-        mut self,
-        mut inbound: Streaming<ProcessingRequest>,
-        tx: mpsc::Sender<Reply>,
-    ) {
+    async fn run(mut self, mut inbound: Streaming<ProcessingRequest>, tx: mpsc::Sender<Reply>) {
         let metrics = self.inner.metrics.clone();
         metrics.streams_active.inc();
         metrics.streams_total.inc();

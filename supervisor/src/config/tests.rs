@@ -154,3 +154,71 @@ fn cpu_scheduling_defaults_to_normal_and_names_its_choices() {
     );
     assert!(err.contains("idle"), "the error lists the choices: {err}");
 }
+
+#[test]
+fn data_path_limits_are_checked_at_and_past_their_bounds() {
+    let parse = |text: &str| Config::parse(text, "t.toml");
+    let c = parse("").unwrap();
+    assert_eq!(c.max_streams, DEFAULT_MAX_STREAMS);
+    assert_eq!(c.max_message_bytes, DEFAULT_MAX_MESSAGE_BYTES);
+    assert_eq!(c.stream_metadata_max_bytes, DEFAULT_STREAM_METADATA_BYTES);
+    assert_eq!(c.idle_stream_timeout, None);
+    assert_eq!(
+        parse("idle_stream_timeout_ms = 0")
+            .unwrap()
+            .idle_stream_timeout,
+        None
+    );
+    assert_eq!(
+        parse("idle_stream_timeout_ms = 250")
+            .unwrap()
+            .idle_stream_timeout,
+        Some(Duration::from_millis(250))
+    );
+    assert_eq!(parse("max_streams = 1").unwrap().max_streams, 1);
+    let bound = |key: &str, ok: usize, bad: usize| {
+        let line = format!("\n{key} = {ok}\n");
+        assert!(parse(&line).is_ok(), "{key} = {ok}");
+        let line = format!("\n{key} = {bad}\n");
+        let err = parse(&line).unwrap_err().to_string();
+        assert!(err.contains("line 2") && err.contains(key), "{err}");
+    };
+    bound("max_streams", 1, 0);
+    bound(
+        "max_message_bytes",
+        MIN_MESSAGE_BYTES,
+        MIN_MESSAGE_BYTES - 1,
+    );
+    bound(
+        "stream_metadata_max_bytes",
+        MIN_METADATA_BYTES,
+        MIN_METADATA_BYTES - 1,
+    );
+    bound(
+        "stream_metadata_max_bytes",
+        MAX_METADATA_BYTES,
+        MAX_METADATA_BYTES + 1,
+    );
+
+    let plugin = |key: &str, v: usize| parse(&format!("[plugins.p]\n{key} = {v}\n"));
+    for (key, ok, bad) in [
+        (
+            "metadata_max_bytes",
+            MIN_METADATA_BYTES,
+            MIN_METADATA_BYTES - 1,
+        ),
+        (
+            "metadata_max_bytes",
+            MAX_METADATA_BYTES,
+            MAX_METADATA_BYTES + 1,
+        ),
+        ("budget_bytes", MIN_BUDGET_BYTES, MIN_BUDGET_BYTES - 1),
+    ] {
+        assert!(plugin(key, ok).is_ok(), "{key} = {ok}");
+        let err = plugin(key, bad).unwrap_err().to_string();
+        assert!(err.contains("plugins.p") && err.contains(key), "{err}");
+    }
+    let p = &parse("[plugins.p]\n").unwrap().plugins[0];
+    assert_eq!(p.metadata_max_bytes, DEFAULT_PLUGIN_METADATA_BYTES);
+    assert_eq!(p.budget_bytes, DEFAULT_BUDGET_BYTES);
+}
