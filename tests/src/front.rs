@@ -24,11 +24,21 @@ impl FrontProcess {
     /// Writes `plugins_toml` (the `[plugins.*]` tables) under a generated header into `dir`,
     /// starts `plugvisor --config`, and waits until every plugin in `expect` is connected.
     pub fn start(dir: &Path, plugins_toml: &str, expect: &[&str]) -> FrontProcess {
-        let sock = dir.join("ext_proc.sock");
+        let listen = format!("unix:{}", dir.join("ext_proc.sock").display());
+        FrontProcess::start_listening(dir, &listen, plugins_toml, expect)
+    }
+
+    /// [`FrontProcess::start`] with the ext_proc server on `listen` (`unix:/path` or `ip:port`,
+    /// as the config's `listen`).
+    pub fn start_listening(
+        dir: &Path,
+        listen: &str,
+        plugins_toml: &str,
+        expect: &[&str],
+    ) -> FrontProcess {
         let admin_port = free_port();
         let config = format!(
-            "listen = \"unix:{}\"\nadmin_listen = \"127.0.0.1:{admin_port}\"\nruntime_dir = \"{}\"\nping_interval_ms = 100\n\n{plugins_toml}",
-            sock.display(),
+            "listen = \"{listen}\"\nadmin_listen = \"127.0.0.1:{admin_port}\"\nruntime_dir = \"{}\"\nping_interval_ms = 100\n\n{plugins_toml}",
             FrontProcess::runtime_dir_in(dir).display()
         );
         let path = dir.join("plugvisor.toml");
@@ -48,7 +58,7 @@ impl FrontProcess {
             .expect("start plugvisor");
         let mut front = FrontProcess {
             child,
-            ext_proc: format!("unix:{}", sock.display()),
+            ext_proc: listen.to_owned(),
             admin_port,
             runtime_dir: FrontProcess::runtime_dir_in(dir),
             log_file,

@@ -2,7 +2,7 @@
 //! ([`envoy`]), an OpenAI-like streaming upstream ([`upstream`]), an HTTP client that timestamps
 //! every chunk ([`client`]), a protocol-speaking fake plugin for tests that need a plugin to
 //! misbehave on cue ([`fake_plugin`]), the front started in-process between them and Envoy
-//! ([`inproc`]), the workspace binaries ([`bins`]) and the front run as a
+//! ([`inproc`]), idle ext_proc streams opened straight to a front ([`idle`]), the workspace binaries ([`bins`]) and the front run as a
 //! process ([`front`]), the three together with Envoy ([`stack`]), a real systemd booted with
 //! `systemd-nspawn` for the unit-file and service tests ([`nspawn`]), and the benchmark harness
 //! behind `cargo run --release -p tests --bin bench` ([`bench`]).
@@ -17,6 +17,7 @@ pub mod client;
 pub mod envoy;
 pub mod fake_plugin;
 pub mod front;
+pub mod idle;
 pub mod inproc;
 pub mod nspawn;
 pub mod stack;

@@ -18,11 +18,22 @@ pub struct BenchEnvoy {
 
 impl BenchEnvoy {
     /// Starts Envoy in `dir` in front of `upstream_port`; `ext_proc` is `Some(unix socket path)`
-    /// or `None` for Envoy without the ext_proc filter. `namespaces` are added to the accepted
+    /// or `None` for Envoy without the ext_proc filter (see [`BenchEnvoy::start_at`] for TCP). `namespaces` are added to the accepted
     /// metadata namespaces.
     pub fn start(
         dir: &Path,
         ext_proc: Option<&Path>,
+        upstream_port: u16,
+        namespaces: &[&str],
+    ) -> BenchEnvoy {
+        let ext_proc = ext_proc.map(|p| format!("unix:{}", p.display()));
+        BenchEnvoy::start_at(dir, ext_proc.as_deref(), upstream_port, namespaces)
+    }
+
+    /// [`BenchEnvoy::start`] with the ext_proc server at `unix:/path` or `ip:port`.
+    pub fn start_at(
+        dir: &Path,
+        ext_proc: Option<&str>,
         upstream_port: u16,
         namespaces: &[&str],
     ) -> BenchEnvoy {
@@ -64,11 +75,20 @@ impl BenchEnvoy {
             &format!("                  - plugvisor.test-order\n{extra}"),
         );
         match ext_proc {
-            Some(path) => swap(
-                &mut yaml,
-                "pipe: { path: /run/plugvisor/extproc.sock }",
-                &format!("pipe: {{ path: {} }}", path.display()),
-            ),
+            Some(at) => {
+                let address = match at.strip_prefix("unix:") {
+                    Some(path) => format!("pipe: {{ path: {path} }}"),
+                    None => {
+                        let (host, port) = at.rsplit_once(':').expect("unix:/path or host:port");
+                        format!("socket_address: {{ address: {host}, port_value: {port} }}")
+                    }
+                };
+                swap(
+                    &mut yaml,
+                    "pipe: { path: /run/plugvisor/extproc.sock }",
+                    &address,
+                )
+            }
             None => {
                 let from = yaml
                     .find("          - name: envoy.filters.http.ext_proc")

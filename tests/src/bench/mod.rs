@@ -2,9 +2,10 @@
 //! `docs/benchmarks.md`): a stamped SSE upstream and client ([`sse`]), Envoy with or without the
 //! ext_proc filter ([`envoy`]), the reference echo ext_proc server ([`echo`]), the streaming
 //! comparison through Envoy ([`streaming`]), the IPC limits ([`ipc`]), memory under a frozen
-//! plugin ([`memory`]), restart latency ([`restart`]), /proc readings ([`procfs`]), statistics
+//! plugin ([`memory`]), the data path's seams ([`data_path`]), restart latency ([`restart`]), /proc readings ([`procfs`]), statistics
 //! ([`stats`]) and the chart ([`plot`]).
 
+pub mod data_path;
 pub mod echo;
 pub mod envoy;
 pub mod ipc;

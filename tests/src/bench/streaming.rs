@@ -5,7 +5,7 @@
 //! interleaved: round r runs every configuration once, starting at a different one each round,
 //! so a burst of noise on this shared machine spreads over all of them instead of one.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -19,7 +19,7 @@ use crate::front::FrontProcess;
 
 /// One configuration under test.
 pub struct Target {
-    /// Short key: `a`, `ref`, `b`, `c`, `d`, `d-idle`, `e`.
+    /// Short key: `a`, `ref`, `b`, `c`, `c-tcp`, `d`, `d-idle`, `e`.
     pub key: &'static str,
     /// What it is.
     pub label: &'static str,
@@ -101,12 +101,24 @@ fn front_target(
     expect: &[&str],
     upstream: u16,
 ) -> Target {
+    let listen = format!("unix:{}", root.join(key).join("ext_proc.sock").display());
+    front_target_at(root, key, label, &listen, plugins, expect, upstream)
+}
+
+fn front_target_at(
+    root: &Path,
+    key: &'static str,
+    label: &'static str,
+    listen: &str,
+    plugins: &str,
+    expect: &[&str],
+    upstream: u16,
+) -> Target {
     let dir = root.join(key);
     std::fs::create_dir_all(&dir).expect("dir");
     let plugins = plugins.replace("<DIR>", &dir.display().to_string());
-    let front = FrontProcess::start(&dir, &plugins, expect);
-    let sock = PathBuf::from(front.ext_proc.strip_prefix("unix:").expect("unix listen"));
-    let envoy = BenchEnvoy::start(&dir.join("envoy"), Some(&sock), upstream, NAMESPACES);
+    let front = FrontProcess::start_listening(&dir, listen, &plugins, expect);
+    let envoy = BenchEnvoy::start_at(&dir.join("envoy"), Some(listen), upstream, NAMESPACES);
     let pid = front.pid();
     Target {
         key,
@@ -154,12 +166,23 @@ pub fn setup(root: &Path, upstream: u16) -> Vec<Target> {
         &[],
         upstream,
     ));
-    let metrics_port = crate::free_port();
+    let default_plugins = |metrics_port: u16| {
+        format!("[plugins.usage]\n[plugins.latency]\n[plugins.metrics.config]\nlisten = \"127.0.0.1:{metrics_port}\"\n")
+    };
     out.push(front_target(
         root,
         "c",
         "plugvisor + usage, latency, metrics",
-        &format!("[plugins.usage]\n[plugins.latency]\n[plugins.metrics.config]\nlisten = \"127.0.0.1:{metrics_port}\"\n"),
+        &default_plugins(crate::free_port()),
+        &["usage", "latency", "metrics"],
+        upstream,
+    ));
+    out.push(front_target_at(
+        root,
+        "c-tcp",
+        "(c) over TCP 127.0.0.1, the default config's listener",
+        &format!("127.0.0.1:{}", crate::free_port()),
+        &default_plugins(crate::free_port()),
         &["usage", "latency", "metrics"],
         upstream,
     ));
