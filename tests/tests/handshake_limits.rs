@@ -267,3 +267,73 @@ impl Drop for Killed {
         let _ = self.0.wait();
     }
 }
+
+/// Welcomes a hand-made `test-order` plugin on `socket`, sends one frame announcing `len` payload
+/// bytes (and sends them), and waits up to 5 s for the front to close the connection.
+async fn welcomed_then_send_frame(socket: &Path, len: usize) {
+    use ipc_protocol::{FrameWriter, FromPlugin, Hello, Subscriptions, PROTOCOL_VERSION};
+    use tokio::io::AsyncWriteExt;
+    let stream = tokio::net::UnixStream::connect(socket).await.unwrap();
+    let (r, w) = stream.into_split();
+    let mut reader = FrameReader::new(r);
+    let mut writer = FrameWriter::new(w);
+    writer
+        .send(&FromPlugin::Hello(Hello {
+            protocol_version: PROTOCOL_VERSION,
+            plugin: "test-order".to_owned(),
+            pid: std::process::id(),
+            subscriptions: Subscriptions::ALL,
+        }))
+        .await
+        .unwrap();
+    let answer = reader.read::<ToPlugin>().await.unwrap();
+    assert!(matches!(answer, Some(ToPlugin::Welcome(_))), "{answer:?}");
+    let mut frame = (len as u32).to_le_bytes().to_vec();
+    frame.resize(4 + len, 0xff);
+    let _ = writer.get_mut().write_all(&frame).await;
+    // Our write half stays open: the close must come from the front. Pings may arrive first.
+    let closed = tokio::time::timeout(Duration::from_secs(5), async {
+        while let Ok(Some(_)) = reader.read::<ToPlugin>().await {}
+    })
+    .await;
+    assert!(closed.is_ok(), "the front kept the connection open");
+    drop(writer);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_welcomed_plugin_may_send_frames_up_to_its_metadata_cap_plus_the_margin() {
+    let dir = tempfile::tempdir().unwrap();
+    let front = tokio::task::block_in_place(|| {
+        FrontProcess::start(
+            dir.path(),
+            "[plugins.test-order]\nspawn = false\nmetadata_max_bytes = 1024\n",
+            &[],
+        )
+    });
+    let socket = front.runtime_dir.join("plugins/test-order.sock");
+    // metadata_max_bytes + 64 KiB.
+    let limit = 1024 + 64 * 1024;
+    let wait_log = |needle: String| {
+        let start = Instant::now();
+        while !front.log().contains(&needle) {
+            assert!(
+                start.elapsed() < Duration::from_secs(5),
+                "no `{needle}` in the log:\n{}",
+                front.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+
+    // At the limit the frame is read (and, being garbage, fails to decode).
+    welcomed_then_send_frame(&socket, limit).await;
+    wait_log("protocol error: undecodable frame payload".to_owned());
+    // One byte more is refused from its length prefix, naming the size and the limit.
+    welcomed_then_send_frame(&socket, limit + 1).await;
+    wait_log(format!(
+        "protocol error: frame of {} bytes exceeds the maximum of {limit} bytes",
+        limit + 1
+    ));
+    // Only that connection was affected: the next plugin is welcomed.
+    welcomed_then_send_frame(&socket, 0).await;
+}
