@@ -61,6 +61,18 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         }
     }
 
+    /// Changes the largest payload accepted from now on (capped at
+    /// [`codec::MAX_FRAME_CEILING`]), e.g. from a handshake's small limit to the one the
+    /// connection serves with. Frames already buffered are checked against it too.
+    pub fn set_max_frame(&mut self, max_frame: usize) {
+        self.max_frame = clamp_max(max_frame);
+    }
+
+    /// The largest payload accepted.
+    pub fn max_frame(&self) -> usize {
+        self.max_frame
+    }
+
     /// The next frame's payload; `Ok(None)` when the peer closed cleanly between frames.
     pub async fn read_frame(&mut self) -> Result<Option<Bytes>, ProtocolError> {
         loop {
@@ -295,5 +307,48 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
     /// The wrapped stream, mutably (e.g. to shut it down).
     pub fn get_mut(&mut self) -> &mut W {
         &mut self.inner
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn framed(len: usize) -> Vec<u8> {
+        let mut v = (len as u32).to_le_bytes().to_vec();
+        v.resize(PREFIX_LEN + len, 7);
+        v
+    }
+
+    #[tokio::test]
+    async fn a_raised_limit_admits_frames_up_to_it_and_refuses_one_byte_more() {
+        let mut wire = framed(100);
+        wire.extend(framed(1000));
+        wire.extend(framed(1001));
+        let mut reader = FrameReader::with_max_frame(&wire[..], 100);
+        assert_eq!(reader.read_frame().await.unwrap().unwrap().len(), 100);
+        reader.set_max_frame(1000);
+        assert_eq!(reader.max_frame(), 1000);
+        assert_eq!(reader.read_frame().await.unwrap().unwrap().len(), 1000);
+        assert!(matches!(
+            reader.read_frame().await,
+            Err(ProtocolError::FrameTooLarge {
+                len: 1001,
+                max: 1000
+            })
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_lowered_limit_applies_to_a_frame_already_buffered() {
+        let mut wire = framed(10);
+        wire.extend(framed(500));
+        let mut reader = FrameReader::with_max_frame(&wire[..], 1000);
+        assert_eq!(reader.read_frame().await.unwrap().unwrap().len(), 10);
+        reader.set_max_frame(499);
+        assert!(matches!(
+            reader.read_frame().await,
+            Err(ProtocolError::FrameTooLarge { len: 500, max: 499 })
+        ));
     }
 }

@@ -1,11 +1,19 @@
 //! The plugin sockets: one listening Unix socket per configured plugin under
 //! `<runtime_dir>/plugins/<name>.sock`, and the handshake run on every connection.
 //!
-//! The checks come in this order: peer credentials (`SO_PEERCRED`: the front's uid or the
-//! plugin's configured `uid`; for a spawned plugin, the pid the front spawned), the first frame
-//! must be a `Hello` naming this socket's plugin, no other live connection, and finally the
-//! protocol version ([`ipc_protocol::handshake::answer_hello`]). A refusal is sent with its reason
-//! and the connection closed; nothing else is affected.
+//! The checks come in this order, and each one that fails sends a `Refuse` with its reason and
+//! closes the connection; nothing else is affected:
+//! 1. peer credentials (`SO_PEERCRED`), before a single byte is read: the front's uid or the
+//!    plugin's configured `uid`, and for a spawned plugin the pid the front spawned;
+//! 2. the first frame, read with a small limit ([`HELLO_MAX_FRAME`]) within [`HELLO_TIMEOUT`],
+//!    must be a `Hello` naming this socket's plugin;
+//! 3. no other live connection;
+//! 4. the protocol version ([`ipc_protocol::handshake::answer_hello`]).
+//!
+//! So a stranger costs one accepted socket and a `Refuse`, and a permitted peer announcing a
+//! huge frame costs at most [`HELLO_MAX_FRAME`] bytes of buffer. Once welcomed, the connection's
+//! reader accepts frames up to [`live_max_frame`]: the plugin's `metadata_max_bytes` plus room for
+//! the rest of a reply. A larger frame is a protocol error for that connection only.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
@@ -14,13 +22,35 @@ use std::time::Duration;
 
 use ipc_protocol::handshake::answer_hello;
 use ipc_protocol::{FrameReader, FrameWriter, FromPlugin, Hello, Refuse, RefuseCode, ToPlugin};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
 
+use crate::config::PluginConfig;
 use crate::link::PluginLink;
 use crate::metrics::Metrics;
 
 /// How long a connected peer has to send its `Hello`.
-const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
+pub const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long a connection refused on its credentials is kept open, reading into a small fixed
+/// buffer, so that the peer can finish writing its `Hello` and read the refusal.
+const REFUSED_LINGER: Duration = Duration::from_millis(500);
+
+/// The largest frame read before the peer is welcomed. A `Hello` is a few dozen bytes (a name,
+/// a pid, a version, subscriptions); this leaves room for a long plugin name and for growth of the
+/// message, while a forged length prefix can make the front hold no more than this per
+/// connection.
+pub const HELLO_MAX_FRAME: usize = 64 * 1024;
+
+/// Room in a welcomed plugin's frames for everything besides its metadata: the frame's other
+/// fields (call id, outcome, an error message) and the encoding's overhead.
+pub const REPLY_FRAME_MARGIN: usize = 64 * 1024;
+
+/// The largest frame a welcomed plugin may send: its largest useful answer (a final reply with
+/// `metadata_max_bytes` of metadata) plus [`REPLY_FRAME_MARGIN`].
+pub fn live_max_frame(plugin: &PluginConfig) -> usize {
+    plugin.metadata_max_bytes.saturating_add(REPLY_FRAME_MARGIN)
+}
 
 /// Creates `dir` (mode 0750) if needed.
 pub fn prepare_dir(dir: &Path) -> std::io::Result<()> {
@@ -83,8 +113,14 @@ async fn handshake(stream: UnixStream, link: Arc<PluginLink>, metrics: Arc<Metri
         }
     };
     let (read, write) = stream.into_split();
-    let mut reader = FrameReader::new(read);
     let mut writer = FrameWriter::new(write);
+    // Who is calling is known from the socket alone: a peer that may not connect is refused
+    // before anything it sent is read, so it cannot make the front buffer or wait for it.
+    if let Err(refuse) = check_peer(&link, cred.uid(), cred.pid()) {
+        refuse_peer(&link, &metrics, &mut writer, refuse).await;
+        return discard_until_closed(read, writer).await;
+    }
+    let mut reader = FrameReader::with_max_frame(read, HELLO_MAX_FRAME);
     let hello = match tokio::time::timeout(HELLO_TIMEOUT, reader.read::<FromPlugin>()).await {
         Ok(Ok(Some(FromPlugin::Hello(h)))) => Ok(h),
         Ok(Ok(Some(other))) => Err(format!("first frame was {}, not Hello", other.kind())),
@@ -97,7 +133,7 @@ async fn handshake(stream: UnixStream, link: Arc<PluginLink>, metrics: Arc<Metri
             code: RefuseCode::BadHandshake,
             reason,
         }),
-        Ok(hello) => check(&link, &hello, cred.uid(), cred.pid()).map(|w| (hello, w)),
+        Ok(hello) => check_hello(&link, &hello).map(|w| (hello, w)),
     };
     match verdict {
         Ok((hello, welcome)) => {
@@ -105,6 +141,7 @@ async fn handshake(stream: UnixStream, link: Arc<PluginLink>, metrics: Arc<Metri
                 tracing::warn!(plugin = %link.name(), error = %e, "cannot send Welcome");
                 return;
             }
+            reader.set_max_frame(live_max_frame(link.config()));
             let pid = cred.pid().map_or(hello.pid, |p| p as u32);
             // Checked again under the link's own lock: two plugins racing through the handshake
             // must not both attach.
@@ -115,23 +152,45 @@ async fn handshake(stream: UnixStream, link: Arc<PluginLink>, metrics: Arc<Metri
                 tracing::warn!(plugin = %link.name(), pid, "second connection lost the race; closed");
             }
         }
-        Err(refuse) => {
-            tracing::warn!(plugin = %link.name(), code = ?refuse.code, reason = %refuse.reason, "plugin handshake refused");
-            metrics
-                .handshakes_refused
-                .get_or_create(&Metrics::reason(link.name(), &format!("{:?}", refuse.code)))
-                .inc();
-            let _ = writer.send(&ToPlugin::Refuse(refuse)).await;
-        }
+        Err(refuse) => refuse_peer(&link, &metrics, &mut writer, refuse).await,
     }
 }
 
-fn check(
+/// Logs and counts a refusal, sends it, and (by dropping the connection afterwards) closes.
+async fn refuse_peer(
     link: &PluginLink,
-    hello: &Hello,
-    uid: u32,
-    pid: Option<i32>,
-) -> Result<ipc_protocol::Welcome, Refuse> {
+    metrics: &Metrics,
+    writer: &mut FrameWriter<tokio::net::unix::OwnedWriteHalf>,
+    refuse: Refuse,
+) {
+    tracing::warn!(plugin = %link.name(), code = ?refuse.code, reason = %refuse.reason, "plugin handshake refused");
+    metrics
+        .handshakes_refused
+        .get_or_create(&Metrics::reason(link.name(), &format!("{:?}", refuse.code)))
+        .inc();
+    // A Refuse is a few hundred bytes: it fits the socket's buffer even when the peer never
+    // reads, so this does not wait on the peer.
+    let _ = writer.send(&ToPlugin::Refuse(refuse)).await;
+}
+
+/// Ends a connection refused before its first frame was read: shuts our side (the peer reads the
+/// `Refuse`, then end-of-file) and throws away what the peer still sends, into a fixed buffer,
+/// until it closes or [`REFUSED_LINGER`] passes. Closing at once instead would make a plugin that
+/// has not yet written its `Hello` fail on that write (EPIPE) and never see why it was refused.
+async fn discard_until_closed(
+    mut read: tokio::net::unix::OwnedReadHalf,
+    mut writer: FrameWriter<tokio::net::unix::OwnedWriteHalf>,
+) {
+    let _ = writer.get_mut().shutdown().await;
+    let mut sink = [0u8; 4096];
+    let _ = tokio::time::timeout(REFUSED_LINGER, async {
+        while matches!(read.read(&mut sink).await, Ok(n) if n > 0) {}
+    })
+    .await;
+}
+
+/// The checks that need nothing but the peer's credentials.
+fn check_peer(link: &PluginLink, uid: u32, pid: Option<i32>) -> Result<(), Refuse> {
     let own_uid = nix::unistd::getuid().as_raw();
     if uid != own_uid && Some(uid) != link.config().uid {
         return Err(Refuse {
@@ -154,6 +213,11 @@ fn check(
             });
         }
     }
+    Ok(())
+}
+
+/// The checks on a `Hello` from a peer that passed [`check_peer`].
+fn check_hello(link: &PluginLink, hello: &Hello) -> Result<ipc_protocol::Welcome, Refuse> {
     if hello.plugin != link.name() {
         return Err(Refuse {
             code: RefuseCode::UnknownPlugin,

@@ -7,7 +7,9 @@
 //!   SIGKILLed and the plugin never reads its socket's end-of-file;
 //! - with `argv[0]` set to `plugvisor-plugin: <name>`, so `ps` and `pgrep -f` show which plugin a
 //!   process serves;
-//! - with stdout and stderr piped and each line logged, tagged with the plugin and its pid.
+//! - with stdout and stderr piped and each line logged, tagged with the plugin and its pid; the
+//!   pipes are read until end-of-file whatever comes through them ([`forward_lines`]), so odd
+//!   output can neither end the forwarding (and kill the plugin with SIGPIPE) nor grow memory.
 //!
 //! The kernel delivers the parent-death signal when the *thread* that forked the child exits, not
 //! the process. Tokio's worker and blocking threads come and go, so every fork happens on one
@@ -168,16 +170,94 @@ fn set_parent_death_signal_and_policy(cmd: &mut Command, scheduling: CpuScheduli
     }
 }
 
+/// The longest line of plugin output logged as it is; the rest of a longer line is discarded and
+/// counted.
+pub const MAX_OUTPUT_LINE: usize = 16 * 1024;
+
 async fn forward(
     stream: impl tokio::io::AsyncRead + Unpin,
     plugin: String,
     pid: u32,
     fd: &'static str,
 ) {
-    let mut lines = BufReader::new(stream).lines();
-    while let Ok(Some(line)) = lines.next_line().await {
+    let result = forward_lines(stream, MAX_OUTPUT_LINE, |line| {
         tracing::info!(target: "plugvisor::plugin", plugin = %plugin, pid, fd, "{line}");
+    })
+    .await;
+    if let Err(e) = result {
+        // Only the pipe itself failing ends the forwarding; the plugin's next write to it will
+        // fail too, and say so in its own way.
+        tracing::warn!(plugin = %plugin, pid, fd, error = %e, "cannot read plugin output");
     }
+}
+
+/// Reads `stream` until end-of-file and calls `emit` once per line, whatever the bytes are:
+/// - a line is what comes before `\n` (a trailing `\r` is dropped), or before end-of-file;
+/// - bytes that are not UTF-8 are shown as U+FFFD, so output in any encoding is logged and never
+///   ends the reading (which would close the pipe and kill the plugin with SIGPIPE later);
+/// - a line longer than `max` bytes is emitted as soon as `max` bytes have come, marked
+///   `[line continues]`; the rest of it is read and thrown away, and when it ends one more line
+///   says `[truncated N bytes]`. Memory stays at `max` plus the read buffer however long the line.
+///
+/// Returns early only if reading fails.
+pub async fn forward_lines(
+    stream: impl tokio::io::AsyncRead + Unpin,
+    max: usize,
+    mut emit: impl FnMut(&str),
+) -> io::Result<()> {
+    let mut reader = BufReader::with_capacity(8 * 1024, stream);
+    let mut line: Vec<u8> = Vec::new();
+    // Bytes of the current line thrown away past `max`; `Some` once the line went over.
+    let mut discarded: Option<u64> = None;
+    loop {
+        let buf = reader.fill_buf().await?;
+        if buf.is_empty() {
+            if !line.is_empty() || discarded.is_some() {
+                end_line(&mut line, &mut discarded, &mut emit);
+            }
+            return Ok(());
+        }
+        let (piece, ends_line) = match buf.iter().position(|&b| b == b'\n') {
+            Some(i) => (&buf[..i], true),
+            None => (buf, false),
+        };
+        let used = piece.len() + usize::from(ends_line);
+        match &mut discarded {
+            Some(n) => *n += piece.len() as u64,
+            None => {
+                let room = max - line.len();
+                if piece.len() <= room {
+                    line.extend_from_slice(piece);
+                } else {
+                    line.extend_from_slice(&piece[..room]);
+                    emit(&format!(
+                        "{} [line continues]",
+                        String::from_utf8_lossy(&line)
+                    ));
+                    line.clear();
+                    discarded = Some((piece.len() - room) as u64);
+                }
+            }
+        }
+        reader.consume(used);
+        if ends_line {
+            end_line(&mut line, &mut discarded, &mut emit);
+        }
+    }
+}
+
+/// Emits the line that just ended (or its truncation marker) and starts the next one.
+fn end_line(line: &mut Vec<u8>, discarded: &mut Option<u64>, emit: &mut impl FnMut(&str)) {
+    match discarded.take() {
+        Some(n) => emit(&format!("[truncated {n} bytes]")),
+        None => {
+            if line.last() == Some(&b'\r') {
+                line.pop();
+            }
+            emit(&String::from_utf8_lossy(line));
+        }
+    }
+    line.clear();
 }
 
 #[cfg(test)]
@@ -231,6 +311,60 @@ mod tests {
         assert_eq!(policy, libc::SCHED_IDLE, "{stat}");
         child.start_kill().unwrap();
         child.wait().await.unwrap();
+    }
+
+    async fn lines_of(input: &[u8], max: usize) -> Vec<String> {
+        let mut out = Vec::new();
+        forward_lines(input, max, |l| out.push(l.to_owned()))
+            .await
+            .unwrap();
+        out
+    }
+
+    #[tokio::test]
+    async fn output_that_is_not_utf8_is_logged_with_replacement_characters() {
+        let out = lines_of(b"ok\r\nbad \xff\xfe end\nlast without newline", 64).await;
+        assert_eq!(
+            out,
+            ["ok", "bad \u{fffd}\u{fffd} end", "last without newline"]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_line_at_the_cap_is_whole_and_one_byte_more_is_truncated() {
+        let mut input = vec![b'a'; 10];
+        input.push(b'\n');
+        input.extend([b'b'; 11]);
+        input.extend(b"\nnext\n");
+        let out = lines_of(&input, 10).await;
+        assert_eq!(
+            out,
+            [
+                "aaaaaaaaaa",
+                "bbbbbbbbbb [line continues]",
+                "[truncated 1 bytes]",
+                "next"
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_long_line_is_read_to_its_end_and_what_follows_is_kept() {
+        // Far longer than the reader's buffer: the discarding spans many reads.
+        let mut input = vec![b'x'; 1 << 20];
+        input.extend(b"\nafter\n");
+        input.extend([b'y'; 100]);
+        let out = lines_of(&input, 16).await;
+        assert_eq!(
+            out,
+            [
+                "xxxxxxxxxxxxxxxx [line continues]".to_owned(),
+                format!("[truncated {} bytes]", (1 << 20) - 16),
+                "after".to_owned(),
+                "yyyyyyyyyyyyyyyy [line continues]".to_owned(),
+                "[truncated 84 bytes]".to_owned(),
+            ]
+        );
     }
 
     #[tokio::test]
