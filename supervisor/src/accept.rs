@@ -87,14 +87,27 @@ pub fn bind_plugin_socket(path: &Path, group: Option<&str>) -> Result<UnixListen
     Ok(listener)
 }
 
-/// Accepts connections for `link` until the task is dropped.
+/// Handshakes in progress at once on one plugin socket. Each is bounded in memory and time
+/// ([`HELLO_MAX_FRAME`], [`HELLO_TIMEOUT`]); this bounds their number, so a flood of connections
+/// waits in the listen backlog instead of costing the front a task and a buffer each.
+pub const MAX_HANDSHAKES: usize = 16;
+
+/// Accepts connections for `link` until the task is dropped; at most [`MAX_HANDSHAKES`] at once.
 pub async fn accept_loop(listener: UnixListener, link: Arc<PluginLink>, metrics: Arc<Metrics>) {
+    let permits = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
     loop {
+        // Taken before accepting, so load is bounded by construction.
+        let Ok(permit) = permits.clone().acquire_owned().await else {
+            return;
+        };
         match listener.accept().await {
             Ok((stream, _)) => {
                 let link = link.clone();
                 let metrics = metrics.clone();
-                tokio::spawn(async move { handshake(stream, link, metrics).await });
+                tokio::spawn(async move {
+                    handshake(stream, link, metrics).await;
+                    drop(permit);
+                });
             }
             Err(e) => {
                 tracing::warn!(plugin = %link.name(), error = %e, "plugin socket accept failed");

@@ -334,3 +334,41 @@ async fn a_welcomed_plugin_may_send_frames_up_to_its_metadata_cap_plus_the_margi
     // Only that connection was affected: the next plugin is welcomed.
     welcomed_then_send_frame(&socket, 0).await;
 }
+
+/// At most `MAX_HANDSHAKES` handshakes run at once on a plugin socket: with that many silent peers
+/// connected, the next peer waits in the listen backlog (no answer), and is welcomed as soon as
+/// one of them goes away.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handshakes_past_the_limit_wait_in_the_backlog_until_one_ends() {
+    use ipc_protocol::{FrameWriter, FromPlugin, Hello, Subscriptions, PROTOCOL_VERSION};
+    let dir = tempfile::tempdir().unwrap();
+    let front = tokio::task::block_in_place(|| {
+        FrontProcess::start(dir.path(), "[plugins.test-order]\nspawn = false\n", &[])
+    });
+    let socket = front.runtime_dir.join("plugins/test-order.sock");
+    let mut silent = Vec::new();
+    for _ in 0..supervisor::accept::MAX_HANDSHAKES {
+        silent.push(tokio::net::UnixStream::connect(&socket).await.unwrap());
+    }
+    let stream = tokio::net::UnixStream::connect(&socket).await.unwrap();
+    let (r, w) = stream.into_split();
+    let mut reader = FrameReader::new(r);
+    let mut writer = FrameWriter::new(w);
+    writer
+        .send(&FromPlugin::Hello(Hello {
+            protocol_version: PROTOCOL_VERSION,
+            plugin: "test-order".to_owned(),
+            pid: std::process::id(),
+            subscriptions: Subscriptions::ALL,
+        }))
+        .await
+        .unwrap();
+    let early = tokio::time::timeout(Duration::from_millis(1000), reader.read::<ToPlugin>()).await;
+    assert!(early.is_err(), "answered past the limit: {early:?}");
+    drop(silent.pop());
+    let answer = tokio::time::timeout(Duration::from_secs(3), reader.read::<ToPlugin>())
+        .await
+        .expect("answered once a handshake slot was free")
+        .unwrap();
+    assert!(matches!(answer, Some(ToPlugin::Welcome(_))), "{answer:?}");
+}
