@@ -106,8 +106,6 @@ pub fn every_from_plugin() -> Vec<FromPlugin> {
             stream_id: 7,
             seq: 2,
         }),
-        FromPlugin::Credit(Credit {
-            consumed: 8 << 20,
-        }),
+        FromPlugin::Credit(Credit { consumed: 8 << 20 }),
     ]
 }
