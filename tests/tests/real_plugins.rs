@@ -344,7 +344,13 @@ async fn a_slow_plugin_under_hundreds_of_streams_stays_within_its_budget() {
     };
     for (i, t) in tasks.into_iter().enumerate() {
         let got = t.await.unwrap();
-        assert_eq!(got.status, 200, "bp-{i}");
+        assert_eq!(
+            got.status,
+            200,
+            "bp-{i}: {:?}; access log: {}",
+            String::from_utf8_lossy(&got.body()),
+            setup.log_for(&format!("bp-{i}"))
+        );
         assert_eq!(got.body(), params.body(), "bp-{i}: body incomplete");
     }
     stop.store(true, Ordering::Relaxed);
