@@ -31,6 +31,8 @@ pub struct Behaviour {
 pub struct Record {
     /// The config from `Welcome`.
     pub config: Option<Value>,
+    /// `budget_bytes` and `metadata_max_bytes` from `Welcome`.
+    pub limits: Option<(u64, u64)>,
     /// Streams that got an `Abort`, with the cause.
     pub aborted: Vec<(u64, ipc_protocol::AbortCause)>,
     /// Streams that got a `Final`.
@@ -101,7 +103,9 @@ impl FakePlugin {
         let record = Arc::new(Mutex::new(Record::default()));
         let budget = match reader.read::<ToPlugin>().await.expect("read welcome") {
             Some(ToPlugin::Welcome(w)) => {
-                record.lock().unwrap().config = Some(w.config);
+                let mut r = record.lock().unwrap();
+                r.config = Some(w.config);
+                r.limits = Some((w.budget_bytes, w.metadata_max_bytes));
                 w.budget_bytes
             }
             Some(ToPlugin::Refuse(r)) => return Handshake::Refused(r.code, r.reason),
