@@ -1,4 +1,5 @@
-//! Prints the exact frame bytes of one `Hello` and one `Chunk`, as quoted in docs/protocol.md.
+//! Prints the exact frame bytes of one `Hello`, `Welcome`, `Chunk` and `Credit`, as quoted in
+//! docs/protocol.md.
 //!
 //! `cargo run -p ipc-protocol --example hexdump`
 
@@ -26,7 +27,7 @@ fn frame(msg: &impl serde::Serialize) -> Vec<u8> {
 
 fn main() {
     let hello = FromPlugin::Hello(Hello {
-        protocol_version: 1,
+        protocol_version: 2,
         plugin: "usage".into(),
         pid: 4242,
         subscriptions: Subscriptions {
@@ -46,6 +47,17 @@ fn main() {
         end_of_stream: false,
         ack: false,
     });
+    let welcome = ToPlugin::Welcome(Welcome {
+        protocol_version: 2,
+        config: Value::Null,
+        budget_bytes: 8 * 1024 * 1024,
+        metadata_max_bytes: 16 * 1024,
+    });
+    let credit = FromPlugin::Credit(Credit {
+        consumed: 1_000_000,
+    });
     dump("Hello", &frame(&hello));
+    dump("Welcome", &frame(&welcome));
     dump("Chunk", &frame(&chunk));
+    dump("Credit", &frame(&credit));
 }

@@ -43,6 +43,15 @@ pub fn encode_into<T: Serialize>(msg: &T, buf: &mut Vec<u8>) -> Result<usize, Co
         .map_err(|e| CodecError::Invalid(Box::new(e)))
 }
 
+/// The length of `msg`'s encoding, computed without encoding it into memory (a body is counted,
+/// not copied). A frame of `msg` is this plus [`crate::frame::PREFIX_LEN`] bytes long.
+pub fn encoded_len<T: Serialize>(msg: &T) -> Result<usize, CodecError> {
+    let mut size = bincode::enc::write::SizeWriter::default();
+    bincode::serde::encode_into_writer(msg, &mut size, CONFIG)
+        .map_err(|e| CodecError::Invalid(Box::new(e)))?;
+    Ok(size.bytes_written)
+}
+
 /// The encoding of `msg` as a new buffer.
 pub fn encode<T: Serialize>(msg: &T) -> Result<Vec<u8>, CodecError> {
     let mut buf = Vec::new();
@@ -159,6 +168,23 @@ mod tests {
                 .unwrap()
                 .is_none()
         );
+    }
+
+    #[test]
+    fn encoded_len_is_the_length_of_the_encoding() {
+        use crate::message::Chunk;
+        for len in [0, 1, 300, SPLICE_MIN, 70_000] {
+            let msg = ToPlugin::Chunk(Chunk {
+                stream_id: 9,
+                seq: 1,
+                stamp_ns: u64::MAX,
+                len: len as u32,
+                bytes: bytes::Bytes::from(vec![7u8; len]),
+                end_of_stream: false,
+                ack: true,
+            });
+            assert_eq!(encoded_len(&msg).unwrap(), encode(&msg).unwrap().len());
+        }
     }
 
     #[test]

@@ -43,6 +43,7 @@ pub struct FrameReader<R> {
     inner: R,
     buf: BytesMut,
     max_frame: usize,
+    last_len: usize,
 }
 
 impl<R: AsyncRead + Unpin> FrameReader<R> {
@@ -58,6 +59,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             inner,
             buf: BytesMut::with_capacity(READ_CHUNK),
             max_frame: clamp_max(max_frame),
+            last_len: 0,
         }
     }
 
@@ -104,6 +106,13 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         }
     }
 
+    /// The whole length (prefix included) of the frame last returned by
+    /// [`FrameReader::read_frame`] or [`FrameReader::read`]: what that message counts against the
+    /// flow-control window (see [`crate::Credit`]). 0 before the first frame.
+    pub fn last_frame_len(&self) -> usize {
+        self.last_len
+    }
+
     /// Whether a complete frame is already buffered, so that [`FrameReader::read`] will not wait.
     pub fn has_buffered_frame(&self) -> bool {
         self.buf.len() >= PREFIX_LEN && self.buf.len() >= self.needed()
@@ -142,6 +151,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             return Ok(None);
         }
         self.buf.advance(PREFIX_LEN);
+        self.last_len = PREFIX_LEN + len as usize;
         Ok(Some(self.buf.split_to(len as usize).freeze()))
     }
 }

@@ -22,6 +22,6 @@ mod value;
 
 pub use error::ProtocolError;
 pub use frame::{FrameReader, FrameWriter, DEFAULT_MAX_FRAME};
-pub use handshake::{PROTOCOL_VERSION, SUPPORTED_VERSIONS};
+pub use handshake::{Limits, PROTOCOL_VERSION, SUPPORTED_VERSIONS};
 pub use message::*;
 pub use value::{Metadata, Value, MAX_VALUE_DEPTH};

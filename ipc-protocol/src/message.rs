@@ -55,6 +55,9 @@ pub enum FromPlugin {
     Pong(Pong),
     /// Acknowledges an event sent with `ack = true` (inline dispatch) after it has run.
     Ack(Ack),
+    /// Flow control: event bytes the plugin has finished with, so the front may send more
+    /// (protocol version 2).
+    Credit(Credit),
 }
 
 /// Which events a plugin wants. `Final` is always sent; the rest are opt-in so that a plugin that
@@ -104,6 +107,12 @@ pub struct Welcome {
     pub protocol_version: u32,
     /// The plugin's `config` table from the front's configuration, as a [`Value::Map`].
     pub config: Value,
+    /// The plugin's flow-control window: the front never has more than this many event bytes
+    /// sent and not yet credited back (one event is always allowed when none is in flight).
+    pub budget_bytes: u64,
+    /// The largest encoded metadata one final reply may carry; a larger one is replaced by an
+    /// error reply in the plugin.
+    pub metadata_max_bytes: u64,
 }
 
 /// Why the front refused a handshake.
@@ -293,6 +302,19 @@ pub struct Ack {
     pub seq: u32,
 }
 
+/// Plugin → front: flow-control credit.
+///
+/// `consumed` is the cumulative count, since the connection's `Welcome`, of the bytes of
+/// per-stream events (RequestStart, ResponseHeaders, Chunk, Final, Abort) the plugin has finished
+/// with: run, dropped, or thrown away with an evicted stream. An event's bytes are its whole
+/// frame, length prefix included ([`ToPlugin::flow_bytes`]). The front keeps
+/// `written - consumed` at or below the `Welcome`'s `budget_bytes`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Credit {
+    /// Event bytes finished with since the handshake (never decreases).
+    pub consumed: u64,
+}
+
 /// The value of the first header called `name` (compared ignoring ASCII case).
 pub fn find_header<'a>(headers: &'a [Header], name: &str) -> Option<&'a str> {
     headers
@@ -324,6 +346,22 @@ impl ToPlugin {
         }
     }
 
+    /// Whether this message counts against the flow-control window: the per-stream events do,
+    /// connection messages (Welcome, Refuse, Ping, Shutdown) never do.
+    pub fn counts_for_credit(&self) -> bool {
+        self.stream_seq().is_some()
+    }
+
+    /// The bytes this message counts against the window when its frame is `frame_len` bytes long
+    /// (prefix included): `frame_len` for per-stream events, 0 for connection messages.
+    pub fn flow_bytes(&self, frame_len: usize) -> u64 {
+        if self.counts_for_credit() {
+            frame_len as u64
+        } else {
+            0
+        }
+    }
+
     /// The message's name as the docs and logs use it.
     pub fn kind(&self) -> &'static str {
         match self {
@@ -348,6 +386,7 @@ impl FromPlugin {
             FromPlugin::FinalReply(_) => "FinalReply",
             FromPlugin::Pong(_) => "Pong",
             FromPlugin::Ack(_) => "Ack",
+            FromPlugin::Credit(_) => "Credit",
         }
     }
 }

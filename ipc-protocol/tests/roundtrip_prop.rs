@@ -30,10 +30,14 @@ fn headers() -> impl Strategy<Value = Vec<Header>> {
 
 fn to_plugin() -> impl Strategy<Value = ToPlugin> {
     prop_oneof![
-        (any::<u32>(), value()).prop_map(|(v, config)| ToPlugin::Welcome(Welcome {
-            protocol_version: v,
-            config
-        })),
+        (any::<u32>(), value(), any::<u64>(), any::<u64>()).prop_map(
+            |(v, config, budget_bytes, metadata_max_bytes)| ToPlugin::Welcome(Welcome {
+                protocol_version: v,
+                config,
+                budget_bytes,
+                metadata_max_bytes,
+            })
+        ),
         ".{0,40}".prop_map(|reason| ToPlugin::Refuse(Refuse {
             code: RefuseCode::BadConfig,
             reason
@@ -172,6 +176,7 @@ fn from_plugin() -> impl Strategy<Value = FromPlugin> {
             })),
         (any::<u64>(), any::<u32>())
             .prop_map(|(stream_id, seq)| FromPlugin::Ack(Ack { stream_id, seq })),
+        any::<u64>().prop_map(|consumed| FromPlugin::Credit(Credit { consumed })),
     ]
 }
 

@@ -17,7 +17,7 @@ fn frame(msg: &impl serde::Serialize) -> Vec<u8> {
 #[test]
 fn hello_bytes_match_the_documented_dump() {
     let hello = FromPlugin::Hello(Hello {
-        protocol_version: 1,
+        protocol_version: 2,
         plugin: "usage".into(),
         pid: 4242,
         subscriptions: Subscriptions::ALL,
@@ -25,12 +25,44 @@ fn hello_bytes_match_the_documented_dump() {
     let expected: &[u8] = &[
         0x10, 0x00, 0x00, 0x00, // frame length 16, u32 little endian
         0x00, // FromPlugin variant 0 = Hello
-        0x01, // protocol_version 1
+        0x02, // protocol_version 2
         0x05, b'u', b's', b'a', b'g', b'e', // plugin: length 5, "usage"
         0xfb, 0x92, 0x10, // pid 4242: 251 marker, then u16 LE 0x1092
         0x01, 0x01, 0x01, 0x01, 0x01, // subscriptions, five bools
     ];
     assert_eq!(frame(&hello), expected);
+}
+
+#[test]
+fn welcome_bytes_match_the_documented_dump() {
+    let welcome = ToPlugin::Welcome(Welcome {
+        protocol_version: 2,
+        config: Value::Null,
+        budget_bytes: 8 * 1024 * 1024,
+        metadata_max_bytes: 16 * 1024,
+    });
+    let expected: &[u8] = &[
+        0x0b, 0x00, 0x00, 0x00, // frame length 11
+        0x00, // ToPlugin variant 0 = Welcome
+        0x02, // protocol_version 2
+        0x00, // config: Value tag 0 = Null
+        0xfc, 0x00, 0x00, 0x80, 0x00, // budget_bytes 8 MiB: 252 marker, then u32 LE
+        0xfb, 0x00, 0x40, // metadata_max_bytes 16 KiB: 251 marker, then u16 LE
+    ];
+    assert_eq!(frame(&welcome), expected);
+}
+
+#[test]
+fn credit_bytes_match_the_documented_dump() {
+    let credit = FromPlugin::Credit(Credit {
+        consumed: 1_000_000,
+    });
+    let expected: &[u8] = &[
+        0x06, 0x00, 0x00, 0x00, // frame length 6
+        0x04, // FromPlugin variant 4 = Credit
+        0xfc, 0x40, 0x42, 0x0f, 0x00, // consumed 1,000,000: 252 marker, then u32 LE
+    ];
+    assert_eq!(frame(&credit), expected);
 }
 
 #[test]
@@ -75,8 +107,10 @@ fn variant_indices_match_the_documented_tables() {
     ];
     let samples = [
         ToPlugin::Welcome(Welcome {
-            protocol_version: 1,
+            protocol_version: 2,
             config: Value::Null,
+            budget_bytes: 0,
+            metadata_max_bytes: 0,
         }),
         ToPlugin::Refuse(Refuse {
             code: RefuseCode::BadConfig,
@@ -128,6 +162,50 @@ fn variant_indices_match_the_documented_tables() {
         assert_eq!(first_byte(msg), *index, "{name}");
         assert_eq!(msg.kind(), *name);
     }
+    let from = [
+        (0u8, "Hello"),
+        (1, "FinalReply"),
+        (2, "Pong"),
+        (3, "Ack"),
+        (4, "Credit"),
+    ];
+    let from_samples = [
+        FromPlugin::Hello(Hello {
+            protocol_version: 2,
+            plugin: String::new(),
+            pid: 0,
+            subscriptions: Subscriptions::ALL,
+        }),
+        FromPlugin::FinalReply(FinalReply {
+            call_id: 0,
+            stream_id: 0,
+            outcome: FinalOutcome::Error(String::new()),
+        }),
+        FromPlugin::Pong(Pong {
+            nonce: 0,
+            active_streams: 0,
+            stuck: vec![],
+        }),
+        FromPlugin::Ack(Ack {
+            stream_id: 0,
+            seq: 0,
+        }),
+        FromPlugin::Credit(Credit { consumed: 0 }),
+    ];
+    for ((index, name), msg) in from.iter().zip(from_samples.iter()) {
+        assert_eq!(encode(msg).unwrap()[0], *index, "{name}");
+        assert_eq!(msg.kind(), *name);
+    }
+    // Only per-stream events count against the flow-control window.
+    let counted: Vec<&str> = samples
+        .iter()
+        .filter(|m| m.counts_for_credit())
+        .map(|m| m.kind())
+        .collect();
+    assert_eq!(
+        counted,
+        ["RequestStart", "ResponseHeaders", "Chunk", "Final", "Abort"]
+    );
     // Value tags: Null 0, Bool 1, Int 2, Float 3, String 4, List 5, Map 6.
     let tags = [
         Value::Null,

@@ -4,7 +4,11 @@
 //! (or exits 78 on `Refuse` or an invalid config), then reads frames: per-stream events go to
 //! their lanes (`lanes.rs`), `Ping` is answered right here from the reader with the lanes'
 //! counts (so a plugin busy in its hooks is never mistaken for a hung one), `Shutdown` drains the
-//! lanes for up to its grace period. Whoever answers (a lane worker's final reply or ack, the
+//! lanes for up to its grace period. Every event's frame length is counted: once the lanes are
+//! done with it, the bytes go back to the front as `Credit` (see `credit.rs`), which is what lets
+//! the front keep at most `Welcome.budget_bytes` of events in this process. A final reply whose
+//! metadata encodes larger than `Welcome.metadata_max_bytes` becomes an error reply here, for
+//! every plugin. Whoever answers (a lane worker's final reply or ack, the
 //! reader's pong) writes the frame to the socket itself, at once, from its own thread; only what
 //! the socket cannot take right now waits in a buffer that a task drains when it is writable
 //! again (see [`Replies`]). Socket EOF means the front is gone: exit 0.
@@ -26,6 +30,7 @@ use tokio::net::UnixStream;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::Notify;
 
+use crate::credit::Credits;
 use crate::lanes::{LaneConfig, Lanes, Outbox};
 use crate::plugin::Plugin;
 
@@ -161,7 +166,7 @@ async fn serve_inner<P: Plugin>(mut plugin: P, opts: &HostOptions) -> Result<Exi
         .map_err(|_| {
             HostError::Handshake(format!("no answer to Hello within {HANDSHAKE_TIMEOUT:?}"))
         })??;
-    match answer {
+    let welcome = match answer {
         Some(ToPlugin::Welcome(welcome)) => {
             if let Err(e) = plugin.configure(&welcome.config) {
                 tracing::error!("invalid config for plugin `{}`: {e}", opts.plugin);
@@ -171,8 +176,11 @@ async fn serve_inner<P: Plugin>(mut plugin: P, opts: &HostOptions) -> Result<Exi
                 version = welcome.protocol_version,
                 ?subscriptions,
                 workers = opts.workers,
+                budget_bytes = welcome.budget_bytes,
+                metadata_max_bytes = welcome.metadata_max_bytes,
                 "connected to the front"
             );
+            welcome
         }
         Some(ToPlugin::Refuse(refuse)) => {
             tracing::error!(
@@ -194,7 +202,7 @@ async fn serve_inner<P: Plugin>(mut plugin: P, opts: &HostOptions) -> Result<Exi
                 "the front closed the connection before answering Hello".into(),
             ))
         }
-    }
+    };
 
     let replies = Arc::new(Replies {
         half: wr,
@@ -212,17 +220,24 @@ async fn serve_inner<P: Plugin>(mut plugin: P, opts: &HostOptions) -> Result<Exi
         .runs
         .as_ref()
         .map(|_| (own_namespace.clone(), format!("plugvisor.{}", opts.plugin)));
+    let metadata_max = welcome.metadata_max_bytes;
+    let plugin_name = opts.plugin.clone();
     let out: Outbox = {
         let replies = replies.clone();
         Arc::new(move |mut msg| {
-            if let (Some((from, to)), FromPlugin::FinalReply(reply)) = (&rename, &mut msg) {
-                if let FinalOutcome::Metadata(md) = &mut reply.outcome {
+            if let FromPlugin::FinalReply(reply) = &mut msg {
+                if let (Some((from, to)), FinalOutcome::Metadata(md)) =
+                    (&rename, &mut reply.outcome)
+                {
                     rename_namespace(md, from, to);
                 }
+                cap_metadata(reply, metadata_max, &plugin_name);
             }
             replies.send(msg);
         })
     };
+    let credits = Credits::new(welcome.budget_bytes, out.clone());
+    let consumed = credits.clone();
     let lanes = Lanes::start(
         Arc::new(plugin),
         LaneConfig {
@@ -233,6 +248,7 @@ async fn serve_inner<P: Plugin>(mut plugin: P, opts: &HostOptions) -> Result<Exi
             namespace: own_namespace,
         },
         out,
+        credits,
     )
     .map_err(HostError::Workers)?;
 
@@ -277,7 +293,7 @@ async fn serve_inner<P: Plugin>(mut plugin: P, opts: &HostOptions) -> Result<Exi
                 Ok(Some(msg @ (ToPlugin::Welcome(_) | ToPlugin::Refuse(_)))) => {
                     tracing::warn!(kind = msg.kind(), "unexpected handshake message after Welcome; ignored");
                 }
-                Ok(Some(event)) => lanes.submit(event),
+                Ok(Some(event)) => lanes.submit(event, reader.last_frame_len()),
                 Ok(None) => {
                     tracing::info!("the front closed the connection; exiting");
                     break Exit::Clean;
@@ -296,10 +312,41 @@ async fn serve_inner<P: Plugin>(mut plugin: P, opts: &HostOptions) -> Result<Exi
         dropped = stats.dropped.load(std::sync::atomic::Ordering::Relaxed),
         evicted = stats.evicted.load(std::sync::atomic::Ordering::Relaxed),
         panics = stats.panics.load(std::sync::atomic::Ordering::Relaxed),
+        consumed_bytes = consumed.consumed(),
         "plugin exiting"
     );
     writer_task.abort();
     Ok(exit)
+}
+
+/// Replaces metadata that encodes larger than `max` bytes by an error naming both sizes: the
+/// front would refuse it anyway, and a plugin must not make the front buffer unbounded replies.
+fn cap_metadata(reply: &mut FinalReply, max: u64, plugin: &str) {
+    let FinalOutcome::Metadata(md) = &reply.outcome else {
+        return;
+    };
+    let len = match ipc_protocol::codec::encoded_len(md) {
+        Ok(len) => len as u64,
+        Err(e) => {
+            reply.outcome = FinalOutcome::Error(format!("metadata not encodable: {e}"));
+            return;
+        }
+    };
+    if len <= max {
+        return;
+    }
+    let msg = format!(
+        "metadata of {len} bytes is over metadata_max_bytes ({max}); plugin `{plugin}` must \
+         return less, or raise metadata_max_bytes in the front's config"
+    );
+    tracing::warn!(
+        stream_id = reply.stream_id,
+        call_id = reply.call_id,
+        len,
+        max,
+        "final metadata over metadata_max_bytes; replying with an error instead"
+    );
+    reply.outcome = FinalOutcome::Error(msg);
 }
 
 /// Moves the namespace `from` to `to` (`--as`); if both exist and are maps, `from`'s keys win.
@@ -468,6 +515,42 @@ fn try_encode(msg: &FromPlugin, buf: &mut Vec<u8>) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn metadata_at_the_cap_passes_and_one_byte_over_becomes_an_error() {
+        let md = Metadata::from([(
+            "plugvisor.x".to_owned(),
+            Value::map([("k", Value::from("v".repeat(100)))]),
+        )]);
+        let len = ipc_protocol::codec::encoded_len(&md).unwrap() as u64;
+        let reply = |md: &Metadata| FinalReply {
+            call_id: 1,
+            stream_id: 2,
+            outcome: FinalOutcome::Metadata(md.clone()),
+        };
+        let mut at = reply(&md);
+        cap_metadata(&mut at, len, "x");
+        assert_eq!(at.outcome, FinalOutcome::Metadata(md.clone()));
+        let mut over = reply(&md);
+        cap_metadata(&mut over, len - 1, "x");
+        match over.outcome {
+            FinalOutcome::Error(e) => {
+                let want = format!(
+                    "metadata of {len} bytes is over metadata_max_bytes ({})",
+                    len - 1
+                );
+                assert!(e.starts_with(&want), "{e}");
+            }
+            other => panic!("{other:?}"),
+        }
+        let mut error = FinalReply {
+            call_id: 1,
+            stream_id: 2,
+            outcome: FinalOutcome::Error("boom".into()),
+        };
+        cap_metadata(&mut error, 0, "x");
+        assert_eq!(error.outcome, FinalOutcome::Error("boom".into()));
+    }
 
     #[test]
     fn rename_moves_the_namespace_and_merges_into_an_existing_map() {

@@ -7,7 +7,9 @@
 //! then puts the lane at the back of the ready queue, so a stream with a long backlog gets its
 //! share of the pool and no more.
 //!
-//! Bounds: a lane's queue holds at most `queue_events` events and `queue_bytes` body bytes; a
+//! Bounds: the front sends no more than the flow-control window (`budget_bytes`) of event bytes
+//! the host has not finished with (see `credit.rs`), so all lanes together hold at most about
+//! that much. Within it, a lane's queue holds at most `queue_events` events and `queue_bytes` body bytes; a
 //! droppable event (response headers, a chunk not sent for inline dispatch) arriving at a full
 //! lane is dropped and counted, and the next event that gets in carries the gap. Finals, aborts,
 //! request starts and inline chunks are never dropped: the front waits for their answers or the
@@ -29,6 +31,7 @@ use ipc_protocol::{
     ToPlugin, Value,
 };
 
+use crate::credit::{Credits, Owed};
 use crate::plugin::{EventCtx, Plugin};
 use crate::sequence::{starts_partial, Kind, SeqState};
 
@@ -63,6 +66,8 @@ struct Job {
     msg: ToPlugin,
     ctx: EventCtx,
     bytes: usize,
+    /// The event's counted frame bytes, consumed when the job is dropped (run or not).
+    _owed: Owed,
 }
 
 struct Lane<S> {
@@ -92,6 +97,7 @@ struct Shared<P: Plugin> {
     inner: Mutex<Inner<P::Stream>>,
     work: Condvar,
     out: Outbox,
+    credits: Arc<Credits>,
     stats: LaneStats,
 }
 
@@ -101,8 +107,14 @@ pub(crate) struct Lanes<P: Plugin> {
 }
 
 impl<P: Plugin> Lanes<P> {
-    /// Starts `cfg.workers` worker threads running `plugin`'s hooks; answers go to `out`.
-    pub(crate) fn start(plugin: Arc<P>, cfg: LaneConfig, out: Outbox) -> std::io::Result<Self> {
+    /// Starts `cfg.workers` worker threads running `plugin`'s hooks; answers go to `out`, and
+    /// every event's counted bytes are consumed in `credits` once the lanes are done with it.
+    pub(crate) fn start(
+        plugin: Arc<P>,
+        cfg: LaneConfig,
+        out: Outbox,
+        credits: Arc<Credits>,
+    ) -> std::io::Result<Self> {
         let shared = Arc::new(Shared {
             subs: plugin.subscriptions(),
             plugin,
@@ -115,6 +127,7 @@ impl<P: Plugin> Lanes<P> {
             }),
             work: Condvar::new(),
             out,
+            credits,
             stats: LaneStats::default(),
         });
         for i in 0..shared.cfg.workers.max(1) {
@@ -127,9 +140,10 @@ impl<P: Plugin> Lanes<P> {
     }
 
     /// Queues a per-stream event on its stream's lane (creating the lane for a new stream).
-    /// Connection messages are ignored.
-    pub(crate) fn submit(&self, msg: ToPlugin) {
-        self.shared.submit(msg)
+    /// `frame_len` is the event's whole frame length as read, what it counts against the
+    /// flow-control window. Connection messages are ignored.
+    pub(crate) fn submit(&self, msg: ToPlugin, frame_len: usize) {
+        self.shared.submit(msg, frame_len)
     }
 
     /// Streams the plugin holds state for.
@@ -172,10 +186,14 @@ impl<P: Plugin> Lanes<P> {
             .filter(|(_, l)| !l.scheduled && now.saturating_duration_since(l.last_active) >= idle)
             .map(|(&id, _)| id)
             .collect();
-        for id in &victims {
-            inner.lanes.remove(id);
-        }
+        let evicted: Vec<Lane<P::Stream>> = victims
+            .iter()
+            .filter_map(|id| inner.lanes.remove(id))
+            .collect();
         drop(inner);
+        // Their queues are empty (not scheduled), but return any credit before going on.
+        drop(evicted);
+        self.shared.flush_credit_if_idle();
         if !victims.is_empty() {
             let total = self
                 .shared
@@ -286,8 +304,23 @@ impl<P: Plugin> Shared<P> {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn submit(&self, msg: ToPlugin) {
+    /// Reports all consumed credit if no event is queued or running, so the front is never left
+    /// waiting for credit while the host sits idle.
+    fn flush_credit_if_idle(&self) {
+        let idle = {
+            let inner = self.lock();
+            inner.ready.is_empty() && inner.running.is_empty()
+        };
+        if idle {
+            self.credits.flush();
+        }
+    }
+
+    fn submit(&self, msg: ToPlugin, frame_len: usize) {
+        let owed = self.credits.owe(msg.flow_bytes(frame_len));
         let (Some(kind), Some((stream_id, seq))) = (Kind::of(&msg), msg.stream_seq()) else {
+            drop(owed);
+            self.flush_credit_if_idle();
             return;
         };
         let stamp_ns = stamp_of(&msg);
@@ -359,6 +392,7 @@ impl<P: Plugin> Shared<P> {
                 partial,
             },
             bytes,
+            _owed: owed,
         });
         lane.queued_bytes += bytes;
         lane.last_active = now;
@@ -397,6 +431,9 @@ impl<P: Plugin> Shared<P> {
             drop(inner);
 
             let (ran, panicked) = self.run(&mut state, &job, failed, gaps, partial);
+            // Consumed before the lane stops counting as running, so whichever worker finds the
+            // lanes idle reports these bytes too.
+            drop(job);
 
             let mut inner = self.lock();
             inner.running.remove(&stream_id);
@@ -431,6 +468,7 @@ impl<P: Plugin> Shared<P> {
             for job in leftover {
                 self.answer_after_end(job);
             }
+            self.flush_credit_if_idle();
         }
     }
 
@@ -607,7 +645,24 @@ mod tests {
             plugin: "rec".into(),
             namespace: "plugvisor.rec".into(),
         };
-        (Lanes::start(Arc::new(plugin), cfg, out).unwrap(), rx)
+        let credits = Credits::new(1 << 20, out.clone());
+        (
+            Lanes::start(Arc::new(plugin), cfg, out, credits).unwrap(),
+            rx,
+        )
+    }
+
+    impl Lanes<Recorder> {
+        /// Submits `msg` with its real frame length; returns that length.
+        fn submit_test(&self, msg: ToPlugin) -> u64 {
+            let len = ipc_protocol::codec::encoded_len(&msg).unwrap() + 4;
+            self.submit(msg, len);
+            len as u64
+        }
+
+        fn consumed(&self) -> u64 {
+            self.shared.credits.consumed()
+        }
     }
 
     fn start(id: u64) -> ToPlugin {
@@ -672,17 +727,17 @@ mod tests {
     fn interleaved_streams_each_run_in_sequence_order() {
         let (lanes, rx) = lanes(Recorder::default(), 4, 10_000);
         let streams = 200u64;
-        lanes.submit(start(0));
+        lanes.submit_test(start(0));
         for id in 1..streams {
-            lanes.submit(start(id));
+            lanes.submit_test(start(id));
         }
         for seq in 1..=20 {
             for id in 0..streams {
-                lanes.submit(chunk(id, seq, "x", false));
+                lanes.submit_test(chunk(id, seq, "x", false));
             }
         }
         for id in 0..streams {
-            lanes.submit(fin(id, 21));
+            lanes.submit_test(fin(id, 21));
         }
         let got = replies(&rx, streams as usize);
         let want: Vec<i64> = (0..=21).collect();
@@ -696,10 +751,10 @@ mod tests {
     fn a_panicking_stream_gets_an_error_reply_and_the_others_are_untouched() {
         let (lanes, rx) = lanes(Recorder::default(), 2, 100);
         for id in 1..=10 {
-            lanes.submit(start(id));
-            lanes.submit(chunk(id, 1, if id == 5 { "panic" } else { "ok" }, false));
-            lanes.submit(chunk(id, 2, "ok", true));
-            lanes.submit(fin(id, 3));
+            lanes.submit_test(start(id));
+            lanes.submit_test(chunk(id, 1, if id == 5 { "panic" } else { "ok" }, false));
+            lanes.submit_test(chunk(id, 2, "ok", true));
+            lanes.submit_test(fin(id, 3));
         }
         let got = replies(&rx, 10);
         match &got[&5] {
@@ -718,11 +773,11 @@ mod tests {
     #[test]
     fn gaps_and_partial_streams_are_added_to_the_plugin_s_namespace() {
         let (lanes, rx) = lanes(Recorder::default(), 1, 100);
-        lanes.submit(start(1));
-        lanes.submit(chunk(1, 3, "x", false));
-        lanes.submit(fin(1, 4));
-        lanes.submit(chunk(2, 5, "x", false));
-        lanes.submit(fin(2, 6));
+        lanes.submit_test(start(1));
+        lanes.submit_test(chunk(1, 3, "x", false));
+        lanes.submit_test(fin(1, 4));
+        lanes.submit_test(chunk(2, 5, "x", false));
+        lanes.submit_test(fin(2, 6));
         let got = replies(&rx, 2);
         let FinalOutcome::Metadata(m1) = &got[&1] else {
             panic!()
@@ -743,8 +798,8 @@ mod tests {
             release: Mutex::new(Some(release_rx)),
         };
         let (lanes, rx) = lanes(plugin, 1, 3);
-        lanes.submit(start(1));
-        lanes.submit(chunk(1, 1, "block", false));
+        lanes.submit_test(start(1));
+        lanes.submit_test(chunk(1, 1, "block", false));
         // Wait until the worker is inside the blocking hook, so the queue is empty.
         let deadline = Instant::now() + Duration::from_secs(5);
         while lanes.stuck(Duration::ZERO).is_empty() {
@@ -752,10 +807,10 @@ mod tests {
             std::thread::sleep(Duration::from_millis(1));
         }
         for seq in 2..=7 {
-            lanes.submit(chunk(1, seq, "x", false));
+            lanes.submit_test(chunk(1, seq, "x", false));
         }
-        lanes.submit(chunk(1, 8, "x", true));
-        lanes.submit(fin(1, 9));
+        lanes.submit_test(chunk(1, 8, "x", true));
+        lanes.submit_test(fin(1, 9));
         assert_eq!(lanes.stats().dropped.load(Ordering::Relaxed), 3);
         release_tx.send(()).unwrap();
         let got = replies(&rx, 1);
@@ -766,6 +821,64 @@ mod tests {
         assert_eq!(m["plugvisor.rec"].get("gaps"), Some(&Value::Int(3)));
     }
 
+    /// Waits until the lanes are idle and the last credit report (kept in `last`) is in.
+    fn credited(lanes: &Lanes<Recorder>, rx: &mpsc::Receiver<FromPlugin>, last: &mut u64) -> u64 {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            while let Ok(m) = rx.try_recv() {
+                if let FromPlugin::Credit(c) = m {
+                    assert!(c.consumed > *last, "credit went backwards");
+                    *last = c.consumed;
+                }
+            }
+            if lanes.is_idle() && *last == lanes.consumed() {
+                return *last;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "credit {last} of {}, idle {}",
+                lanes.consumed(),
+                lanes.is_idle()
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    #[test]
+    fn every_event_byte_is_credited_whether_run_dropped_or_left_behind_an_end() {
+        let (release_tx, release_rx) = mpsc::channel();
+        let plugin = Recorder {
+            release: Mutex::new(Some(release_rx)),
+        };
+        let (lanes, rx) = lanes(plugin, 1, 3);
+        let (mut sent, mut last) = (0, 0);
+        sent += lanes.submit_test(start(1));
+        sent += lanes.submit_test(chunk(1, 1, "block", false));
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while lanes.stuck(Duration::ZERO).is_empty() {
+            assert!(Instant::now() < deadline);
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        // Three fit in the lane, three are dropped at the full lane.
+        for seq in 2..=7 {
+            sent += lanes.submit_test(chunk(1, seq, "x", false));
+        }
+        assert_eq!(lanes.stats().dropped.load(Ordering::Relaxed), 3);
+        sent += lanes.submit_test(fin(1, 8));
+        // Behind the final (an inline chunk, never dropped): never run, still credited.
+        sent += lanes.submit_test(chunk(1, 9, "late", true));
+        // A connection message counts nothing.
+        lanes.submit(ToPlugin::Ping(ipc_protocol::Ping { nonce: 1 }), 13);
+        release_tx.send(()).unwrap();
+        assert_eq!(credited(&lanes, &rx, &mut last), sent);
+        // An evicted stream's events were all run: its credit is already in.
+        sent += lanes.submit_test(start(2));
+        assert_eq!(credited(&lanes, &rx, &mut last), sent);
+        std::thread::sleep(Duration::from_millis(5));
+        assert_eq!(lanes.evict_idle(Duration::ZERO), 1);
+        assert_eq!(credited(&lanes, &rx, &mut last), sent);
+    }
+
     #[test]
     fn a_long_running_event_is_reported_stuck_and_others_keep_running() {
         let (release_tx, release_rx) = mpsc::channel();
@@ -773,12 +886,12 @@ mod tests {
             release: Mutex::new(Some(release_rx)),
         };
         let (lanes, rx) = lanes(plugin, 2, 100);
-        lanes.submit(start(1));
-        lanes.submit(chunk(1, 1, "block", false));
-        lanes.submit(fin(1, 2));
+        lanes.submit_test(start(1));
+        lanes.submit_test(chunk(1, 1, "block", false));
+        lanes.submit_test(fin(1, 2));
         std::thread::sleep(Duration::from_millis(60));
-        lanes.submit(start(2));
-        lanes.submit(fin(2, 1));
+        lanes.submit_test(start(2));
+        lanes.submit_test(fin(2, 1));
         let got = replies(&rx, 1);
         assert!(got.contains_key(&2));
         let stuck = lanes.stuck(Duration::from_millis(50));
@@ -793,9 +906,9 @@ mod tests {
     #[test]
     fn streams_that_never_end_are_evicted_when_idle_and_aborts_free_their_lane() {
         let (lanes, _rx) = lanes(Recorder::default(), 1, 100);
-        lanes.submit(start(1));
-        lanes.submit(start(2));
-        lanes.submit(ToPlugin::Abort(Abort {
+        lanes.submit_test(start(1));
+        lanes.submit_test(start(2));
+        lanes.submit_test(ToPlugin::Abort(Abort {
             stream_id: 2,
             seq: 1,
             stamp_ns: 5,

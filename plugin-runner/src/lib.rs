@@ -46,6 +46,7 @@
 pub mod builtin;
 pub mod cli;
 pub mod config;
+mod credit;
 pub mod host;
 mod lanes;
 pub mod logging;

@@ -164,6 +164,10 @@ async fn thousand_interleaved_streams_arrive_in_order_with_the_right_digest() {
         assert_eq!(own.get("partial"), None);
     }
 
+    // Every event's frame came back as credit, byte for byte, once the plugin went idle.
+    front.wait_credited(front.written()).await;
+    assert_eq!(front.credited(), front.written());
+
     // Every stream ended, so the plugin holds no state.
     front.send_now(ToPlugin::Ping(Ping { nonce: 7 })).await;
     match front.recv().await {
@@ -530,4 +534,57 @@ async fn sigterm_drains_and_exits_0() {
     assert!(matches!(front.recv().await, FromPlugin::Pong(_)));
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
     assert_eq!(front.exit_status().await.code(), Some(0));
+}
+
+#[tokio::test]
+async fn a_small_window_is_credited_back_while_streams_run_and_in_full_when_idle() {
+    let mut front = spawn("test-order", &["--workers", "2"], Stdio::inherit()).await;
+    front.welcome_with(Value::Null, 4096, 16 << 10).await;
+    for id in 0..5u64 {
+        front.feed(start(id, 1));
+        for seq in 1..=20 {
+            front.feed(chunk(id, seq, 2, vec![b'a' + id as u8; 200], false));
+        }
+        front.feed(fin(id, 21, 3, vec![]));
+    }
+    front.flush().await;
+    let got = finals(&mut front, 5).await;
+    for id in 0..5u64 {
+        let own = &meta(&got[&id])["plugvisor.test-order"];
+        assert_eq!(own.get("gaps"), Some(&Value::Int(0)), "stream {id}");
+        assert_eq!(own.get("bytes"), Some(&Value::Int(20 * 200)), "stream {id}");
+    }
+    front.wait_credited(front.written()).await;
+    assert_eq!(front.credited(), front.written());
+    // A connection message counts nothing: no further credit.
+    front.send_now(ToPlugin::Ping(Ping { nonce: 3 })).await;
+    assert!(matches!(front.recv().await, FromPlugin::Pong(_)));
+    assert_eq!(front.credited(), front.written());
+}
+
+#[tokio::test]
+async fn metadata_over_metadata_max_bytes_becomes_an_error_reply() {
+    let mut front = spawn("test-order", &[], Stdio::piped()).await;
+    front.welcome_with(Value::Null, 8 << 20, 10).await;
+    front.feed(start(1, 1));
+    front.feed(fin(1, 1, 2, b"tail".to_vec()));
+    front.flush().await;
+    let got = finals(&mut front, 1).await;
+    match &got[&1] {
+        FinalOutcome::Error(e) => {
+            assert!(e.starts_with("metadata of "), "{e}");
+            assert!(e.contains("is over metadata_max_bytes (10)"), "{e}");
+        }
+        other => panic!("{other:?}"),
+    }
+    front
+        .send_now(ToPlugin::Shutdown(Shutdown { grace_ms: 500 }))
+        .await;
+    assert_eq!(front.exit_status().await.code(), Some(0));
+    let stderr = front.stderr().await;
+    assert_eq!(
+        stderr.matches("over metadata_max_bytes").count(),
+        1,
+        "one warning per occurrence: {stderr}"
+    );
 }

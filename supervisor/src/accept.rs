@@ -251,5 +251,12 @@ fn check_hello(link: &PluginLink, hello: &Hello) -> Result<ipc_protocol::Welcome
             ),
         });
     }
-    answer_hello(hello, link.config().config.clone())
+    answer_hello(
+        hello,
+        link.config().config.clone(),
+        ipc_protocol::Limits {
+            budget_bytes: link.config().budget_bytes as u64,
+            metadata_max_bytes: link.config().metadata_max_bytes as u64,
+        },
+    )
 }

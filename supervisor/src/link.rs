@@ -5,18 +5,25 @@
 //! one in gdb) gets a new [`Conn`] on the same link, and streams in progress carry on with their
 //! sequence numbers, so the plugin sees the gap. Each connection has a bounded queue (events and
 //! body bytes) drained by a writer task that batches frames into few syscalls, and a reader task
-//! that routes `FinalReply` to the waiting final call, `Ack` to the waiting inline chunk and `Pong`
-//! to the liveness record.
+//! that routes `FinalReply` to the waiting final call, `Ack` to the waiting inline chunk, `Pong`
+//! to the liveness record and `Credit` to the writer.
+//!
+//! Flow control (protocol version 2): the writer keeps the event bytes written and not yet
+//! credited back at or below the plugin's `budget_bytes` ([`window_allows`]); an event that does
+//! not fit waits for `Credit`, and meanwhile the backlog stays in the bounded queue, where
+//! overflow is dropped and counted. Pings and `Shutdown` go through a small priority channel the
+//! writer serves before any queued event and never hold to the window, so a plugin busy with a
+//! full window still answers pings, and a full queue never drops one.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use ipc_protocol::frame::BATCH_BYTES;
+use ipc_protocol::frame::{BATCH_BYTES, PREFIX_LEN};
 use ipc_protocol::{
-    Ack, FinalOutcome, FinalReply, FrameReader, FrameWriter, FromPlugin, Metadata, Ping, StreamId,
-    Subscriptions, ToPlugin,
+    Ack, Credit, FinalOutcome, FinalReply, FrameReader, FrameWriter, FromPlugin, Metadata, Ping,
+    StreamId, Subscriptions, ToPlugin,
 };
 use tokio::io::AsyncWriteExt as _;
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
@@ -70,13 +77,30 @@ struct Queued {
     bytes: usize,
 }
 
+/// Room for control messages waiting for the writer: a ping per heartbeat and a shutdown; more
+/// than this waiting means the socket itself is stuck, and the heartbeat notices.
+const PRIORITY_SLOTS: usize = 16;
+
+/// Whether an event whose frame is `frame_len` bytes may be written while `in_flight` event bytes
+/// are written and not yet credited, under a window of `budget` bytes. With nothing in flight any
+/// one event may go, so an event larger than the window cannot deadlock the connection.
+pub(crate) fn window_allows(in_flight: u64, frame_len: u64, budget: u64) -> bool {
+    in_flight == 0 || in_flight.saturating_add(frame_len) <= budget
+}
+
 /// One live connection of a plugin.
 pub struct Conn {
     generation: u64,
     pid: u32,
     subscriptions: Subscriptions,
     tx: mpsc::Sender<Queued>,
+    /// Pings and shutdown, written ahead of `tx`'s events and never held to the window.
+    priority: mpsc::Sender<ToPlugin>,
     queued_bytes: Arc<AtomicUsize>,
+    /// Counted event bytes written to the socket (or about to be, in the writer's buffer).
+    written: AtomicU64,
+    /// The largest `Credit.consumed` received.
+    consumed: watch::Sender<u64>,
     finals: Mutex<HashMap<u64, oneshot::Sender<FinalOutcome>>>,
     acks: Mutex<HashMap<(StreamId, u32), oneshot::Sender<()>>>,
     closed: watch::Sender<bool>,
@@ -92,6 +116,13 @@ impl Conn {
     /// The pid the peer credentials reported.
     pub fn pid(&self) -> u32 {
         self.pid
+    }
+
+    /// Event bytes written and not yet credited back by the plugin.
+    pub fn in_flight(&self) -> u64 {
+        self.written
+            .load(Ordering::Acquire)
+            .saturating_sub(*self.consumed.borrow())
     }
 }
 
@@ -191,12 +222,16 @@ impl PluginLink {
         }
         let generation = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
         let (tx, rx) = mpsc::channel(self.config.queue_events);
+        let (priority, priority_rx) = mpsc::channel(PRIORITY_SLOTS);
         let conn = Arc::new(Conn {
             generation,
             pid,
             subscriptions,
             tx,
+            priority,
             queued_bytes: Arc::new(AtomicUsize::new(0)),
+            written: AtomicU64::new(0),
+            consumed: watch::channel(0).0,
             finals: Mutex::new(HashMap::new()),
             acks: Mutex::new(HashMap::new()),
             closed: watch::channel(false).0,
@@ -210,7 +245,14 @@ impl PluginLink {
             .get_or_create(&self.label)
             .set(1);
         tracing::info!(plugin = %self.config.name, pid, "plugin connected");
-        tokio::spawn(self.clone().write_loop(conn.clone(), rx, writer));
+        self.metrics
+            .inflight_bytes
+            .get_or_create(&self.label)
+            .set(0);
+        tokio::spawn(
+            self.clone()
+                .write_loop(conn.clone(), rx, priority_rx, writer),
+        );
         tokio::spawn(self.clone().read_loop(conn.clone(), reader));
         Some(conn)
     }
@@ -247,29 +289,78 @@ impl PluginLink {
         self: Arc<Self>,
         conn: Arc<Conn>,
         mut rx: mpsc::Receiver<Queued>,
+        mut priority: mpsc::Receiver<ToPlugin>,
         mut writer: FrameWriter<OwnedWriteHalf>,
     ) {
         let mut closed = conn.closed.subscribe();
+        let mut credit = conn.consumed.subscribe();
+        let budget = self.config.budget_bytes as u64;
         let depth = self.metrics.queue_depth.get_or_create(&self.label).clone();
         let bytes_gauge = self.metrics.queue_bytes.get_or_create(&self.label).clone();
+        let inflight = self
+            .metrics
+            .inflight_bytes
+            .get_or_create(&self.label)
+            .clone();
+        // The next event, taken off the queue and waiting for room in the window, with its
+        // counted frame length.
+        let mut held: Option<(Queued, u64)> = None;
+        let take = |q: Queued| -> Result<(Queued, u64), String> {
+            conn.queued_bytes.fetch_sub(q.bytes, Ordering::Relaxed);
+            depth.dec();
+            bytes_gauge.dec_by(q.bytes as i64);
+            let len = ipc_protocol::codec::encoded_len(&q.msg).map_err(|e| e.to_string())?;
+            let counted = q.msg.flow_bytes(len + PREFIX_LEN);
+            Ok((q, counted))
+        };
         let result: Result<(), String> = async {
             loop {
-                let first = tokio::select! {
-                    m = rx.recv() => m,
-                    _ = closed.wait_for(|c| *c) => None,
-                };
-                let Some(first) = first else { return Ok(()) };
-                let mut next = Some(first);
-                while let Some(q) = next.take() {
-                    conn.queued_bytes.fetch_sub(q.bytes, Ordering::Relaxed);
-                    depth.dec();
-                    bytes_gauge.dec_by(q.bytes as i64);
-                    writer.feed_event(&q.msg).map_err(|e| e.to_string())?;
-                    if writer.pending_bytes() < BATCH_BYTES {
-                        next = rx.try_recv().ok();
-                    }
+                // Control first: whatever else is queued, a ping never waits behind events.
+                while let Ok(msg) = priority.try_recv() {
+                    writer.feed(&msg).map_err(|e| e.to_string())?;
                 }
-                writer.flush().await.map_err(|e| e.to_string())?;
+                // Then events, as far as the window and one batch go.
+                while writer.pending_bytes() < BATCH_BYTES {
+                    if held.is_none() {
+                        match rx.try_recv() {
+                            Ok(q) => held = Some(take(q)?),
+                            Err(_) => break,
+                        }
+                    }
+                    let Some((q, len)) = held.take() else { break };
+                    let written = conn.written.load(Ordering::Acquire);
+                    let in_flight = written.saturating_sub(*credit.borrow_and_update());
+                    if !window_allows(in_flight, len, budget) {
+                        held = Some((q, len));
+                        break;
+                    }
+                    writer.feed_event(&q.msg).map_err(|e| e.to_string())?;
+                    conn.written.fetch_add(len, Ordering::AcqRel);
+                }
+                if writer.pending_bytes() > 0 {
+                    inflight.set(conn.in_flight() as i64);
+                    writer.flush().await.map_err(|e| e.to_string())?;
+                    continue;
+                }
+                let waiting_for_credit = held.is_some();
+                tokio::select! {
+                    biased;
+                    _ = closed.wait_for(|c| *c) => return Ok(()),
+                    msg = priority.recv() => {
+                        if let Some(msg) = msg {
+                            writer.feed(&msg).map_err(|e| e.to_string())?;
+                        }
+                    }
+                    changed = credit.changed(), if waiting_for_credit => {
+                        if changed.is_err() {
+                            return Ok(());
+                        }
+                    }
+                    q = rx.recv(), if !waiting_for_credit => match q {
+                        Some(q) => held = Some(take(q)?),
+                        None => return Ok(()),
+                    },
+                }
             }
         }
         .await;
@@ -284,6 +375,11 @@ impl PluginLink {
             .events_dropped
             .get_or_create(&Metrics::reason(&self.config.name, Dropped::Down.as_str()))
             .clone();
+        if let Some((q, _)) = held.take() {
+            if q.msg.stream_seq().is_some() {
+                dropped.inc();
+            }
+        }
         while let Ok(q) = rx.try_recv() {
             depth.dec();
             bytes_gauge.dec_by(q.bytes as i64);
@@ -291,6 +387,7 @@ impl PluginLink {
                 dropped.inc();
             }
         }
+        inflight.set(0);
         let _ = writer.get_mut().shutdown().await;
     }
 
@@ -324,6 +421,25 @@ impl PluginLink {
                     {
                         let _ = w.send(());
                     }
+                }
+                Ok(Some(FromPlugin::Credit(Credit { consumed }))) => {
+                    let written = conn.written.load(Ordering::Acquire);
+                    if consumed > written {
+                        break format!(
+                            "protocol error: credit for {consumed} bytes, only {written} were sent"
+                        );
+                    }
+                    conn.consumed.send_if_modified(|c| {
+                        let more = consumed > *c;
+                        if more {
+                            *c = consumed;
+                        }
+                        more
+                    });
+                    self.metrics
+                        .inflight_bytes
+                        .get_or_create(&self.label)
+                        .set(conn.in_flight() as i64);
                 }
                 Ok(Some(FromPlugin::Pong(pong))) => {
                     *self.last_pong.lock().expect("pong lock") = Some(Instant::now());
@@ -542,35 +658,29 @@ impl PluginLink {
         }
     }
 
-    /// Sends a ping (not counted as an event).
+    /// Sends a ping (not an event): ahead of queued events and regardless of the window, so a
+    /// busy plugin is not taken for a hung one.
     pub fn ping(&self, nonce: u64) {
         if let Some(conn) = self.connection() {
-            let ping = Queued {
-                msg: ToPlugin::Ping(Ping { nonce }),
-                bytes: 0,
-            };
-            // A ping is not an event, but the writer takes it off the depth gauge like one.
-            if conn.tx.try_send(ping).is_ok() {
-                self.metrics.queue_depth.get_or_create(&self.label).inc();
+            if conn
+                .priority
+                .try_send(ToPlugin::Ping(Ping { nonce }))
+                .is_err()
+            {
+                tracing::debug!(plugin = %self.config.name, nonce, "ping not sent: the writer is stuck on the socket");
             }
         }
     }
 
-    /// Sends `Shutdown` to the live connection, if any.
+    /// Sends `Shutdown` to the live connection, if any, ahead of queued events and regardless of
+    /// the window.
     pub fn send_shutdown(&self, grace: Duration) {
         if let Some(conn) = self.connection() {
-            if conn
-                .tx
-                .try_send(Queued {
-                    msg: ToPlugin::Shutdown(ipc_protocol::Shutdown {
-                        grace_ms: grace.as_millis() as u64,
-                    }),
-                    bytes: 0,
-                })
-                .is_ok()
-            {
-                self.metrics.queue_depth.get_or_create(&self.label).inc();
-            }
+            let _ = conn
+                .priority
+                .try_send(ToPlugin::Shutdown(ipc_protocol::Shutdown {
+                    grace_ms: grace.as_millis() as u64,
+                }));
         }
     }
 }

@@ -61,6 +61,8 @@ pub struct Metrics {
     pub queue_depth: Family<PluginLabel, Gauge>,
     /// Body bytes waiting in a plugin's queue.
     pub queue_bytes: Family<PluginLabel, Gauge>,
+    /// Event bytes written to a plugin and not yet credited back (flow control).
+    pub inflight_bytes: Family<PluginLabel, Gauge>,
     /// Final RPC latency per plugin (answered calls only).
     pub final_duration: Family<PluginLabel, Histogram, fn() -> Histogram>,
     /// Final RPCs without metadata, by reason.
@@ -109,6 +111,7 @@ impl Metrics {
         let events_dropped = Family::default();
         let queue_depth = Family::default();
         let queue_bytes = Family::default();
+        let inflight_bytes = Family::default();
         let final_duration =
             Family::<PluginLabel, Histogram, fn() -> Histogram>::new_with_constructor(
                 final_histogram,
@@ -145,6 +148,11 @@ impl Metrics {
             "plugvisor_plugin_queue_bytes",
             "Body bytes waiting in a plugin's queue",
             queue_bytes.clone(),
+        );
+        registry.register(
+            "plugvisor_plugin_inflight_bytes",
+            "Event bytes written to a plugin and not yet credited back, at most its budget_bytes",
+            inflight_bytes.clone(),
         );
         registry.register(
             "plugvisor_plugin_final_duration_seconds",
@@ -245,6 +253,7 @@ impl Metrics {
             events_dropped,
             queue_depth,
             queue_bytes,
+            inflight_bytes,
             final_duration,
             finals_missing,
             plugin_connected,

@@ -1,7 +1,9 @@
 //! A protocol-speaking fake plugin that connects to the front's socket like an external plugin
 //! (`spawn = false`) and misbehaves on cue: slow chunks, a final that never answers, a refused
 //! second connection. It keeps `test-order` bookkeeping (events, out-of-order, gaps, body sha256)
-//! and returns it under `plugvisor.test-order`, and records aborts for assertions.
+//! and returns it under `plugvisor.test-order`, and records aborts for assertions. Like the SDK,
+//! it returns flow-control credit for every event it has handled, at a quarter of its window and
+//! whenever it has nothing more buffered.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -9,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ipc_protocol::{
-    Ack, FinalOutcome, FinalReply, FrameReader, FrameWriter, FromPlugin, Hello, Pong,
+    Ack, Credit, FinalOutcome, FinalReply, FrameReader, FrameWriter, FromPlugin, Hello, Pong,
     Subscriptions, ToPlugin, Value, PROTOCOL_VERSION,
 };
 use sha2::{Digest, Sha256};
@@ -31,6 +33,8 @@ pub struct Behaviour {
 pub struct Record {
     /// The config from `Welcome`.
     pub config: Option<Value>,
+    /// `budget_bytes` and `metadata_max_bytes` from `Welcome`.
+    pub limits: Option<(u64, u64)>,
     /// Streams that got an `Abort`, with the cause.
     pub aborted: Vec<(u64, ipc_protocol::AbortCause)>,
     /// Streams that got a `Final`.
@@ -99,14 +103,19 @@ impl FakePlugin {
             .await
             .expect("send hello");
         let record = Arc::new(Mutex::new(Record::default()));
-        match reader.read::<ToPlugin>().await.expect("read welcome") {
-            Some(ToPlugin::Welcome(w)) => record.lock().unwrap().config = Some(w.config),
+        let budget = match reader.read::<ToPlugin>().await.expect("read welcome") {
+            Some(ToPlugin::Welcome(w)) => {
+                let mut r = record.lock().unwrap();
+                r.config = Some(w.config);
+                r.limits = Some((w.budget_bytes, w.metadata_max_bytes));
+                w.budget_bytes
+            }
             Some(ToPlugin::Refuse(r)) => return Handshake::Refused(r.code, r.reason),
             other => panic!("unexpected handshake answer {other:?}"),
-        }
+        };
         let rec = record.clone();
         let task = tokio::spawn(async move {
-            let _ = serve(reader, writer, rec, behaviour).await;
+            let _ = serve(reader, writer, rec, behaviour, budget).await;
         });
         Handshake::Welcome(FakePlugin { record, task })
     }
@@ -125,9 +134,13 @@ async fn serve(
     mut writer: FrameWriter<tokio::net::unix::OwnedWriteHalf>,
     record: Arc<Mutex<Record>>,
     behaviour: Behaviour,
+    budget: u64,
 ) -> Result<(), ipc_protocol::ProtocolError> {
     let mut lanes: HashMap<u64, Lane> = HashMap::new();
+    let (mut consumed, mut reported) = (0u64, 0u64);
     while let Some(msg) = reader.read::<ToPlugin>().await? {
+        // Handled in this loop iteration, so consumed once it is done.
+        consumed += msg.flow_bytes(reader.last_frame_len());
         if let Some((stream, seq)) = msg.stream_seq() {
             let fresh = !lanes.contains_key(&stream);
             let lane = lanes.entry(stream).or_default();
@@ -210,6 +223,14 @@ async fn serve(
             }
             ToPlugin::Shutdown(_) => return Ok(()),
             _ => {}
+        }
+        if consumed > reported
+            && (consumed - reported >= budget / 4 || !reader.has_buffered_frame())
+        {
+            reported = consumed;
+            writer
+                .send(&FromPlugin::Credit(Credit { consumed }))
+                .await?;
         }
     }
     Ok(())

@@ -259,7 +259,7 @@ async fn a_second_connection_and_a_wrong_name_are_refused_with_reasons() {
     let dir = tempfile::tempdir().unwrap();
     let config = Config::parse(
         &format!(
-            "listen = \"127.0.0.1:0\"\nruntime_dir = \"{}\"\nconnect_timeout_ms = 1\n[plugins.one]\nspawn = false\n[plugins.one.config]\nanswer = 42\n",
+            "listen = \"127.0.0.1:0\"\nruntime_dir = \"{}\"\nconnect_timeout_ms = 1\n[plugins.one]\nspawn = false\nbudget_bytes = 131072\nmetadata_max_bytes = 2048\n[plugins.one.config]\nanswer = 42\n",
             dir.path().display()
         ),
         "test",
@@ -278,6 +278,8 @@ async fn a_second_connection_and_a_wrong_name_are_refused_with_reasons() {
             ipc_protocol::Value::Int(42)
         )]))
     );
+    // The plugin's flow-control window and metadata cap travel in the Welcome.
+    assert_eq!(first.record.lock().unwrap().limits, Some((131_072, 2048)));
     match FakePlugin::connect(&socket, "one", Behaviour::default()).await {
         Handshake::Refused(code, reason) => {
             assert_eq!(code, ipc_protocol::RefuseCode::AlreadyConnected);

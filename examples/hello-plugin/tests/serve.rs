@@ -48,6 +48,8 @@ async fn hello_plugin_greets_each_request_with_its_counts() {
         ToPlugin::Welcome(Welcome {
             protocol_version: PROTOCOL_VERSION,
             config,
+            budget_bytes: 8 << 20,
+            metadata_max_bytes: 16 << 10,
         }),
         ToPlugin::RequestStart(RequestStart {
             stream_id: 3,

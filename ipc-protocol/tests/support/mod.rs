@@ -14,6 +14,8 @@ pub fn every_to_plugin() -> Vec<ToPlugin> {
                     Value::List(vec![Value::map([("name", Value::from("x"))])]),
                 ),
             ]),
+            budget_bytes: 8 << 20,
+            metadata_max_bytes: 16 << 10,
         }),
         ToPlugin::Refuse(Refuse {
             code: RefuseCode::AlreadyConnected,
@@ -104,5 +106,6 @@ pub fn every_from_plugin() -> Vec<FromPlugin> {
             stream_id: 7,
             seq: 2,
         }),
+        FromPlugin::Credit(Credit { consumed: 8 << 20 }),
     ]
 }

@@ -33,7 +33,7 @@ pub const BUILTINS: &[(&str, &str)] = &[
     ),
     (
         "test-order",
-        "test plugin: checks sequence order, digests the body (sha256)",
+        "test plugin: checks sequence order, digests the body (sha256); sleep_ms per chunk",
     ),
     (
         "test-spin",
@@ -77,7 +77,7 @@ pub fn main() -> ! {
         "usage" => crate::launch(usage::UsagePlugin::default(), &args, &name),
         "latency" => crate::launch(latency::LatencyPlugin, &args, &name),
         "metrics" => crate::launch(metrics::MetricsPlugin::default(), &args, &name),
-        "test-order" => crate::launch(test_order::TestOrderPlugin, &args, &name),
+        "test-order" => crate::launch(test_order::TestOrderPlugin::default(), &args, &name),
         "test-spin" => crate::launch(test_spin::TestSpinPlugin::default(), &args, &name),
         "test-crash" => crate::launch(test_crash::TestCrashPlugin::default(), &args, &name),
         "test-hang" => crate::launch(test_hang::TestHangPlugin::default(), &args, &name),

@@ -2,6 +2,11 @@
 //! order, and fingerprints the body. Metadata
 //! `plugvisor.test-order: {events, out_of_order, gaps, bytes, sha256}` where `sha256` is the hex
 //! digest of every body byte (chunks, then the final's bytes) in the order the hooks saw them.
+//!
+//! Config `sleep_ms` (default 0) makes every chunk hook sleep that long: a slow plugin that does
+//! not burn CPU, for back-pressure tests (its backlog must stay in the front, not in the plugin).
+
+use std::time::Duration;
 
 use ipc_protocol::{Abort, Chunk, Final, Metadata, RequestStart, ResponseHeaders, Value};
 use sha2::{Digest, Sha256};
@@ -13,7 +18,9 @@ pub const NAMESPACE: &str = "plugvisor.test-order";
 
 /// The `test-order` plugin.
 #[derive(Debug, Default)]
-pub struct TestOrderPlugin;
+pub struct TestOrderPlugin {
+    sleep: Duration,
+}
 
 /// Per-stream state of [`TestOrderPlugin`].
 #[derive(Debug, Default)]
@@ -54,7 +61,12 @@ impl Plugin for TestOrderPlugin {
     }
 
     fn configure(&mut self, config: &Value) -> Result<(), crate::ConfigError> {
-        crate::ConfigMap::new(config)?.deny_unknown(&[])
+        let config = crate::ConfigMap::new(config)?;
+        config.deny_unknown(&["sleep_ms"])?;
+        if let Some(ms) = config.u64("sleep_ms")? {
+            self.sleep = Duration::from_millis(ms);
+        }
+        Ok(())
     }
 
     fn on_request_start(&self, s: &mut TestOrderStream, ctx: &EventCtx, _: &RequestStart) {
@@ -68,6 +80,9 @@ impl Plugin for TestOrderPlugin {
     fn on_chunk(&self, s: &mut TestOrderStream, ctx: &EventCtx, c: &Chunk) {
         s.see(ctx.seq);
         s.body(&c.bytes);
+        if !self.sleep.is_zero() {
+            std::thread::sleep(self.sleep);
+        }
     }
 
     fn on_final(&self, s: &mut TestOrderStream, ctx: &EventCtx, f: &Final) -> Metadata {
@@ -99,7 +114,13 @@ mod tests {
 
     #[test]
     fn in_order_stream_has_no_reordering_and_the_body_digest() {
-        let meta = play(&TestOrderPlugin, CHAT_STREAM, 100, "text/event-stream").meta;
+        let meta = play(
+            &TestOrderPlugin::default(),
+            CHAT_STREAM,
+            100,
+            "text/event-stream",
+        )
+        .meta;
         let own = &meta[NAMESPACE];
         assert_eq!(own.get("out_of_order"), Some(&Value::Int(0)));
         assert_eq!(own.get("gaps"), Some(&Value::Int(0)));
@@ -107,6 +128,19 @@ mod tests {
         assert_eq!(own.get("events"), Some(&Value::Int(3 + chunks)));
         let want = hex::encode(Sha256::digest(CHAT_STREAM.as_bytes()));
         assert_eq!(own.get("sha256"), Some(&Value::String(want)));
+    }
+
+    #[test]
+    fn sleep_ms_slows_every_chunk_and_other_keys_are_refused() {
+        let mut p = TestOrderPlugin::default();
+        p.configure(&Value::map([("sleep_ms", Value::Int(3))]))
+            .unwrap();
+        let start = std::time::Instant::now();
+        play(&p, "data: x\n\n", 100, "text/event-stream");
+        assert!(start.elapsed() >= Duration::from_millis(3));
+        assert!(p
+            .configure(&Value::map([("sleep", Value::Int(3))]))
+            .is_err());
     }
 
     #[test]

@@ -6,7 +6,8 @@
 
 use std::path::PathBuf;
 use std::process::{ExitStatus, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use ipc_protocol::{FrameReader, FrameWriter, FromPlugin, Hello, ToPlugin, Value, Welcome};
@@ -48,8 +49,15 @@ pub struct Front {
     reader: Option<FrameReader<OwnedReadHalf>>,
     writer: FrameWriter<OwnedWriteHalf>,
     incoming: Option<mpsc::UnboundedReceiver<FromPlugin>>,
+    /// The largest `Credit.consumed` received (credits are not handed to `recv`).
+    credited: Arc<AtomicU64>,
+    /// Counted bytes of the events written so far.
+    written: u64,
     _dir: TempDir,
 }
+
+/// The window a plain [`Front::welcome`] gives: the front's default.
+pub const BUDGET: u64 = 8 << 20;
 
 /// Spawns `plugvisor-plugin <plugin> --connect <sock> <extra...>` and accepts its connection.
 pub async fn spawn(plugin: &str, extra: &[&str], stderr: Stdio) -> Front {
@@ -86,22 +94,47 @@ pub async fn spawn(plugin: &str, extra: &[&str], stderr: Stdio) -> Front {
         reader: Some(reader),
         writer: FrameWriter::new(wr),
         incoming: None,
+        credited: Arc::new(AtomicU64::new(0)),
+        written: 0,
         _dir: dir,
     }
 }
 
 impl Front {
-    /// Sends `Welcome` with `config`, and starts collecting what the plugin sends.
+    /// Sends `Welcome` with `config` and the front's default limits, and starts collecting what
+    /// the plugin sends.
     pub async fn welcome(&mut self, config: Value) {
+        self.welcome_with(config, BUDGET, 16 << 10).await
+    }
+
+    /// [`Front::welcome`] with a window of `budget_bytes` and a metadata cap.
+    pub async fn welcome_with(
+        &mut self,
+        config: Value,
+        budget_bytes: u64,
+        metadata_max_bytes: u64,
+    ) {
         self.send_now(ToPlugin::Welcome(Welcome {
             protocol_version: ipc_protocol::PROTOCOL_VERSION,
             config,
+            budget_bytes,
+            metadata_max_bytes,
         }))
         .await;
         let mut reader = self.reader.take().unwrap();
         let (tx, rx) = mpsc::unbounded_channel();
+        let credited = self.credited.clone();
         tokio::spawn(async move {
             while let Ok(Some(msg)) = reader.read::<FromPlugin>().await {
+                if let FromPlugin::Credit(c) = msg {
+                    let before = credited.fetch_max(c.consumed, Ordering::SeqCst);
+                    assert!(
+                        c.consumed > before,
+                        "credit went backwards: {before} then {}",
+                        c.consumed
+                    );
+                    continue;
+                }
                 if tx.send(msg).is_err() {
                     return;
                 }
@@ -112,7 +145,32 @@ impl Front {
 
     /// Queues a message; written at the next [`Front::flush`].
     pub fn feed(&mut self, msg: ToPlugin) {
+        let len = ipc_protocol::codec::encoded_len(&msg).unwrap() + ipc_protocol::frame::PREFIX_LEN;
+        self.written += msg.flow_bytes(len);
         self.writer.feed(&msg).unwrap();
+    }
+
+    /// Counted bytes of the events sent so far.
+    pub fn written(&self) -> u64 {
+        self.written
+    }
+
+    /// The largest credit the plugin has returned.
+    pub fn credited(&self) -> u64 {
+        self.credited.load(Ordering::SeqCst)
+    }
+
+    /// Waits (within [`WAIT`]) until the plugin has credited `bytes`.
+    pub async fn wait_credited(&self, bytes: u64) {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while self.credited() < bytes {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "credited {} of {bytes}",
+                self.credited()
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
     }
 
     /// Writes everything fed.

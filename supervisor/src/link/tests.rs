@@ -1,7 +1,7 @@
 use std::collections::BTreeMap;
 
 use bytes::Bytes;
-use ipc_protocol::{Chunk, FinalOutcome, Value};
+use ipc_protocol::{Chunk, Credit, FinalOutcome, Value};
 use tokio::net::UnixStream;
 
 use super::*;
@@ -174,4 +174,182 @@ async fn a_final_is_answered_through_the_reader_and_a_close_means_down() {
     assert_eq!(result.unwrap_err(), Missing::Down);
     assert!(started.elapsed() < Duration::from_millis(900));
     assert!(!link.is_connected());
+}
+
+fn with_budget(mut config: PluginConfig, budget_bytes: usize) -> PluginConfig {
+    config.budget_bytes = budget_bytes;
+    config
+}
+
+/// The counted length of `msg`'s frame.
+fn frame_len(msg: &ToPlugin) -> u64 {
+    (ipc_protocol::codec::encoded_len(msg).unwrap() + ipc_protocol::frame::PREFIX_LEN) as u64
+}
+
+async fn next_frame(reader: &mut FrameReader<tokio::net::unix::OwnedReadHalf>) -> ToPlugin {
+    tokio::time::timeout(Duration::from_secs(10), reader.read::<ToPlugin>())
+        .await
+        .expect("a frame within 10 s")
+        .unwrap()
+        .expect("connection open")
+}
+
+#[test]
+fn the_window_admits_events_up_to_the_budget_and_always_one_when_empty() {
+    // (in flight, frame length, budget, allowed)
+    let table = [
+        (0, 10, 100, true),
+        (90, 10, 100, true),
+        (91, 10, 100, false),
+        (100, 1, 100, false),
+        // Nothing in flight: one event larger than the window still goes.
+        (0, 1_000, 100, true),
+        (1, 1_000, 100, false),
+        (u64::MAX - 1, 10, u64::MAX - 5, false),
+    ];
+    for (in_flight, len, budget, allowed) in table {
+        assert_eq!(
+            window_allows(in_flight, len, budget),
+            allowed,
+            "in flight {in_flight}, frame {len}, budget {budget}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn events_beyond_the_window_are_not_written_until_credit_arrives() {
+    let one = frame_len(&chunk(0, 1000));
+    // Room for exactly three events.
+    let (link, metrics, plugin) = linked(with_budget(plugin(64, 1 << 20, 100), 3 * one as usize));
+    let conn = link.connection().unwrap();
+    let (r, w) = plugin.into_split();
+    let mut reader = FrameReader::new(r);
+    let mut writer = FrameWriter::new(w);
+    for seq in 0..10 {
+        assert!(link.send_event(Some(&conn), chunk(seq, 1000)));
+    }
+    for seq in 0..3 {
+        assert_eq!(next_frame(&mut reader).await.stream_seq(), Some((1, seq)));
+    }
+    assert_eq!(conn.in_flight(), 3 * one);
+    // The window is full: nothing more arrives, the rest waits in the front's queue.
+    assert!(
+        tokio::time::timeout(Duration::from_millis(200), reader.read::<ToPlugin>())
+            .await
+            .is_err(),
+        "an event beyond the window was written"
+    );
+    let text = metrics.encode();
+    assert!(
+        text.contains(&format!(
+            "plugvisor_plugin_inflight_bytes{{plugin=\"p\"}} {}",
+            3 * one
+        )),
+        "{text}"
+    );
+    // Credit for two events lets exactly two more through.
+    writer
+        .send(&FromPlugin::Credit(Credit { consumed: 2 * one }))
+        .await
+        .unwrap();
+    for seq in 3..5 {
+        assert_eq!(next_frame(&mut reader).await.stream_seq(), Some((1, seq)));
+    }
+    assert!(
+        tokio::time::timeout(Duration::from_millis(200), reader.read::<ToPlugin>())
+            .await
+            .is_err(),
+        "credit for two events let more than two through"
+    );
+    // Everything credited: the rest follows.
+    writer
+        .send(&FromPlugin::Credit(Credit { consumed: 5 * one }))
+        .await
+        .unwrap();
+    for seq in 5..8 {
+        assert_eq!(next_frame(&mut reader).await.stream_seq(), Some((1, seq)));
+    }
+    assert_eq!(conn.in_flight(), 3 * one);
+    assert!(link.is_connected());
+}
+
+#[tokio::test]
+async fn one_event_larger_than_the_window_goes_when_nothing_is_in_flight() {
+    let (link, _metrics, plugin) = linked(with_budget(plugin(16, 1 << 20, 100), 1000));
+    let conn = link.connection().unwrap();
+    let (r, w) = plugin.into_split();
+    let mut reader = FrameReader::new(r);
+    let mut writer = FrameWriter::new(w);
+    let big = frame_len(&chunk(0, 5000));
+    assert!(link.send_event(Some(&conn), chunk(0, 5000)));
+    assert!(link.send_event(Some(&conn), chunk(1, 5000)));
+    assert_eq!(next_frame(&mut reader).await.stream_seq(), Some((1, 0)));
+    writer
+        .send(&FromPlugin::Credit(Credit { consumed: big }))
+        .await
+        .unwrap();
+    assert_eq!(next_frame(&mut reader).await.stream_seq(), Some((1, 1)));
+}
+
+#[tokio::test]
+async fn a_ping_is_written_while_the_window_is_exhausted_and_the_queue_is_full() {
+    let one = frame_len(&chunk(0, 1000));
+    let (link, metrics, plugin) = linked(with_budget(plugin(4, 1 << 20, 100), 2 * one as usize));
+    let conn = link.connection().unwrap();
+    let (r, _w) = plugin.into_split();
+    let mut reader = FrameReader::new(r);
+    let mut dropped = 0;
+    for seq in 0..50 {
+        if !link.send_event(Some(&conn), chunk(seq, 1000)) {
+            dropped += 1;
+        }
+    }
+    // Two in the window, one held by the writer, the queue full again: the next is dropped.
+    assert_eq!(next_frame(&mut reader).await.stream_seq(), Some((1, 0)));
+    assert_eq!(next_frame(&mut reader).await.stream_seq(), Some((1, 1)));
+    let mut refilled = 0;
+    while link.send_event(Some(&conn), chunk(100 + refilled, 1000)) {
+        refilled += 1;
+        assert!(refilled <= 4, "the queue holds at most 4 events");
+    }
+    assert!(dropped > 0);
+    link.ping(77);
+    match next_frame(&mut reader).await {
+        ToPlugin::Ping(p) => assert_eq!(p.nonce, 77),
+        other => panic!(
+            "expected the ping ahead of queued events, got {}",
+            other.kind()
+        ),
+    }
+    link.send_shutdown(Duration::from_millis(5));
+    assert!(matches!(
+        next_frame(&mut reader).await,
+        ToPlugin::Shutdown(_)
+    ));
+    let text = metrics.encode();
+    assert!(
+        text.contains("plugvisor_plugin_events_dropped_total{plugin=\"p\",reason=\"queue_full\"}"),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn credit_for_bytes_never_sent_is_a_protocol_error() {
+    let (link, _metrics, plugin) = linked(plugin(16, 1 << 20, 100));
+    let conn = link.connection().unwrap();
+    let (r, w) = plugin.into_split();
+    let mut reader = FrameReader::new(r);
+    let mut writer = FrameWriter::new(w);
+    assert!(link.send_event(Some(&conn), chunk(0, 10)));
+    let one = frame_len(&chunk(0, 10));
+    let _ = next_frame(&mut reader).await;
+    writer
+        .send(&FromPlugin::Credit(Credit { consumed: one + 1 }))
+        .await
+        .unwrap();
+    let mut connected = link.subscribe_connected();
+    tokio::time::timeout(Duration::from_secs(10), connected.wait_for(|c| !*c))
+        .await
+        .expect("disconnected")
+        .unwrap();
 }

@@ -101,16 +101,33 @@ fn sink(sock: PathBuf, events: u64) -> std::thread::JoinHandle<Instant> {
                 .await
                 .expect("hello");
             let mut got = 0u64;
+            // Flow control: return credit like the SDK, at a quarter of the window or when
+            // nothing more is buffered.
+            let (mut budget, mut consumed, mut reported) = (0u64, 0u64, 0u64);
             loop {
-                match reader.read::<ToPlugin>().await {
-                    Ok(Some(ToPlugin::Chunk(_))) => {
+                let msg = match reader.read::<ToPlugin>().await {
+                    Ok(Some(msg)) => msg,
+                    other => panic!("sink: connection ended early: {other:?}"),
+                };
+                consumed += msg.flow_bytes(reader.last_frame_len());
+                match msg {
+                    ToPlugin::Welcome(w) => budget = w.budget_bytes,
+                    ToPlugin::Chunk(_) => {
                         got += 1;
                         if got == events {
                             return Instant::now();
                         }
                     }
-                    Ok(Some(_)) => {}
-                    other => panic!("sink: connection ended early: {other:?}"),
+                    _ => {}
+                }
+                if consumed > reported
+                    && (consumed - reported >= budget / 4 || !reader.has_buffered_frame())
+                {
+                    reported = consumed;
+                    writer
+                        .send(&FromPlugin::Credit(ipc_protocol::Credit { consumed }))
+                        .await
+                        .expect("credit");
                 }
             }
         })
