@@ -285,7 +285,18 @@ mod tests {
         let pid = child.id().unwrap() as i32;
         let pgid = nix::unistd::getpgid(Some(nix::unistd::Pid::from_raw(pid))).unwrap();
         assert_eq!(pgid.as_raw(), pid);
-        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
+        // The spawn returns once forked; the title is the exec'd program's argv[0], so wait for
+        // the exec (bounded) before reading it.
+        let start = std::time::Instant::now();
+        let cmdline = loop {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
+            if cmdline.starts_with(b"plugvisor-plugin: p\0")
+                || start.elapsed() > Duration::from_secs(5)
+            {
+                break cmdline;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
         assert!(
             cmdline.starts_with(b"plugvisor-plugin: p\0"),
             "{}",

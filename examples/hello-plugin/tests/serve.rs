@@ -89,12 +89,16 @@ async fn hello_plugin_greets_each_request_with_its_counts() {
     }
     writer.flush().await.unwrap();
 
-    let reply = match tokio::time::timeout(WAIT, reader.read::<FromPlugin>())
-        .await
-        .unwrap()
-    {
-        Ok(Some(FromPlugin::FinalReply(r))) => r,
-        other => panic!("{other:?}"),
+    // Flow-control credit may come first: the host reports what it has handled.
+    let reply = loop {
+        match tokio::time::timeout(WAIT, reader.read::<FromPlugin>())
+            .await
+            .unwrap()
+        {
+            Ok(Some(FromPlugin::FinalReply(r))) => break r,
+            Ok(Some(FromPlugin::Credit(_))) => continue,
+            other => panic!("{other:?}"),
+        }
     };
     assert_eq!((reply.call_id, reply.stream_id), (77, 3));
     let FinalOutcome::Metadata(meta) = reply.outcome else {
