@@ -291,11 +291,11 @@ mod tests {
         let cmdline = loop {
             let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
             if cmdline.starts_with(b"plugvisor-plugin: p\0")
-                || start.elapsed() > Duration::from_secs(5)
+                || start.elapsed() > std::time::Duration::from_secs(5)
             {
                 break cmdline;
             }
-            std::thread::sleep(Duration::from_millis(10));
+            std::thread::sleep(std::time::Duration::from_millis(10));
         };
         assert!(
             cmdline.starts_with(b"plugvisor-plugin: p\0"),
