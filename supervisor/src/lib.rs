@@ -127,6 +127,9 @@ pub struct PluginEntry {
 /// The configured plugins, in config order.
 pub struct Plugins {
     entries: std::sync::RwLock<Vec<PluginEntry>>,
+    /// Plugins of the running config that a reload could not start: shown as `failed`, and
+    /// retried by the next reload.
+    unstarted: std::sync::RwLock<Vec<reload::Unstarted>>,
     metrics: Arc<Metrics>,
 }
 
@@ -138,18 +141,37 @@ impl Plugins {
 
     /// Every plugin's status, in config order.
     pub fn status(&self) -> Vec<PluginStatus> {
-        self.entries()
+        let mut status: Vec<PluginStatus> = self
+            .entries()
             .iter()
             .map(|e| match &e.supervised {
                 Some(s) => s.status(),
                 None => supervise::link_status(&e.link, &self.metrics),
             })
-            .collect()
+            .collect();
+        // Kept in config order, so inserting by position restores it.
+        for u in self.unstarted.read().expect("plugins lock").iter() {
+            status.insert(u.position.min(status.len()), u.status());
+        }
+        status
     }
 
     /// Starts, stops or restarts a spawned plugin.
     pub async fn command(&self, name: &str, command: Command) -> Result<String, String> {
         let entries = self.entries();
+        if let Some(u) = self
+            .unstarted
+            .read()
+            .expect("plugins lock")
+            .iter()
+            .find(|u| u.name == name)
+        {
+            return Err(format!(
+                "plugin `{name}` could not be started at the last reload ({}); fix that and \
+                 reload (`systemctl reload plugvisor` or SIGHUP)",
+                u.reason
+            ));
+        }
         let Some(entry) = entries.iter().find(|e| e.link.name() == name) else {
             let known: Vec<&str> = entries.iter().map(|e| e.link.name()).collect();
             return Err(format!(
@@ -294,6 +316,7 @@ pub async fn start(config: Config) -> Result<Running, RunError> {
         .collect();
     let plugins = Arc::new(Plugins {
         entries: std::sync::RwLock::new(entries),
+        unstarted: std::sync::RwLock::new(Vec::new()),
         metrics: metrics.clone(),
     });
     let control_path = config.control_socket();
