@@ -68,7 +68,7 @@ impl InstanceLock {
             .create(true)
             .truncate(false)
             .mode(0o644)
-            .custom_flags(libc::O_NOFOLLOW)
+            .custom_flags(nix::fcntl::OFlag::O_NOFOLLOW.bits())
             .open(&path)
             .map_err(|e| {
                 dir_error(std::io::Error::new(
@@ -135,6 +135,26 @@ pub fn prepare_socket_path(path: &Path) -> std::io::Result<()> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(e),
     }
+}
+
+/// Whether a process accepts connections on the Unix socket at `path`. The connect does not
+/// block: a full backlog (`EAGAIN`) means someone listens too.
+pub fn someone_listens(path: &Path) -> bool {
+    use std::os::fd::AsRawFd;
+
+    use nix::sys::socket::{connect, socket, AddressFamily, SockFlag, SockType, UnixAddr};
+    let Ok(addr) = UnixAddr::new(path) else {
+        return false;
+    };
+    let Ok(fd) = socket(
+        AddressFamily::Unix,
+        SockType::Stream,
+        SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
+        None,
+    ) else {
+        return false;
+    };
+    matches!(connect(fd.as_raw_fd(), &addr), Ok(()) | Err(Errno::EAGAIN))
 }
 
 /// Removes `path` if it is still a socket: a file put in its place since is not ours.
@@ -226,7 +246,9 @@ mod tests {
 
         let sock = dir.join("c.sock");
         let listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+        assert!(someone_listens(&sock));
         drop(listener);
+        assert!(!someone_listens(&sock), "a stale socket is nobody's");
         prepare_socket_path(&sock).unwrap();
         assert!(!sock.exists());
         prepare_socket_path(&sock).unwrap();

@@ -178,7 +178,7 @@ pub async fn bind_ext_proc(listen: &Listen) -> Result<(Listen, ExtProcListener, 
             };
             // The path may lie outside the runtime directory its lock guards: a socket someone
             // still accepts on is another server's, not a stale one.
-            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            if crate::instance::someone_listens(path) {
                 return Err(failed(io::Error::new(
                     io::ErrorKind::AddrInUse,
                     "another process is listening on it",
