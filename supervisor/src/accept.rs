@@ -58,29 +58,26 @@ pub fn prepare_dir(dir: &Path) -> std::io::Result<()> {
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o750))
 }
 
-/// Binds a plugin's socket: removes a stale file, binds, sets mode 0600 (0660 and the group's
-/// ownership when a group is configured).
+/// Binds a plugin's socket: replaces a stale socket (never another kind of file), binds, sets
+/// mode 0600 (0660 and the group's ownership when a group is configured). The group is looked up
+/// first, so a missing group leaves no socket behind.
 pub fn bind_plugin_socket(path: &Path, group: Option<&str>) -> Result<UnixListener, String> {
-    match std::fs::remove_file(path) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => {
-            return Err(format!(
-                "cannot remove stale socket {}: {e}",
-                path.display()
-            ))
-        }
-    }
+    let gid = match group {
+        None => None,
+        Some(group) => Some(
+            nix::unistd::Group::from_name(group)
+                .map_err(|e| format!("cannot look up group `{group}`: {e}"))?
+                .ok_or_else(|| format!("group `{group}` does not exist"))?
+                .gid,
+        ),
+    };
+    crate::instance::prepare_socket_path(path).map_err(|e| e.to_string())?;
     let listener =
         UnixListener::bind(path).map_err(|e| format!("cannot bind {}: {e}", path.display()))?;
     let mode = if group.is_some() { 0o660 } else { 0o600 };
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
         .map_err(|e| format!("cannot chmod {}: {e}", path.display()))?;
-    if let Some(group) = group {
-        let gid = nix::unistd::Group::from_name(group)
-            .map_err(|e| format!("cannot look up group `{group}`: {e}"))?
-            .ok_or_else(|| format!("group `{group}` does not exist"))?
-            .gid;
+    if let (Some(group), Some(gid)) = (group, gid) {
         nix::unistd::chown(path, None, Some(gid))
             .map_err(|e| format!("cannot give {} to group `{group}`: {e}", path.display()))?;
     }

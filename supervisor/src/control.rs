@@ -72,13 +72,9 @@ impl Response {
     }
 }
 
-/// Binds the control socket (a stale file is replaced), mode 0600.
+/// Binds the control socket (a stale socket is replaced, any other file refused), mode 0600.
 pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
-    match std::fs::remove_file(path) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e),
-    }
+    crate::instance::prepare_socket_path(path)?;
     let listener = UnixListener::bind(path)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
     Ok(listener)

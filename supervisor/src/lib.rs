@@ -8,8 +8,8 @@
 //! connection, queue, writer and reader), [`accept`] (plugin sockets and the handshake),
 //! [`spawn`] (starting a plugin process), [`supervise`] (watching and restarting it, driving the
 //! pure policy in [`restart`]), [`control`] (the control socket behind `plugvisor status`),
-//! [`metadata`] (merging into `dynamic_metadata`) and [`metrics`] (Prometheus and the admin
-//! server).
+//! [`metadata`] (merging into `dynamic_metadata`), [`metrics`] (Prometheus and the admin
+//! server) and [`instance`] (one front per runtime directory, and only sockets replaced).
 //!
 //! Unsafe code is denied everywhere but in [`spawn`], which sets the parent-death signal between
 //! fork and exec.
@@ -19,6 +19,7 @@ pub mod accept;
 pub mod config;
 pub mod control;
 pub mod ext_proc;
+pub mod instance;
 pub mod link;
 pub mod logging;
 pub mod metadata;
@@ -58,6 +59,18 @@ pub enum RunError {
         /// Why.
         #[source]
         source: std::io::Error,
+    },
+    /// Another front holds the runtime directory's lock ([`instance`]); nothing was touched.
+    #[error(
+        "another plugvisor ({}) is running with runtime directory {}; stop it or set runtime_dir",
+        .pid.map_or("pid unknown".to_owned(), |p| format!("pid {p}")),
+        .dir.display()
+    )]
+    AlreadyRunning {
+        /// The runtime directory.
+        dir: std::path::PathBuf,
+        /// The holder's pid, once it has written it into the lock file.
+        pid: Option<u32>,
     },
     /// A plugin socket could not be bound.
     #[error("plugin `{plugin}`: {message}")]
@@ -114,6 +127,9 @@ pub struct PluginEntry {
 /// The configured plugins, in config order.
 pub struct Plugins {
     entries: std::sync::RwLock<Vec<PluginEntry>>,
+    /// Plugins of the running config that a reload could not start: shown as `failed`, and
+    /// retried by the next reload.
+    unstarted: std::sync::RwLock<Vec<reload::Unstarted>>,
     metrics: Arc<Metrics>,
 }
 
@@ -125,18 +141,37 @@ impl Plugins {
 
     /// Every plugin's status, in config order.
     pub fn status(&self) -> Vec<PluginStatus> {
-        self.entries()
+        let mut status: Vec<PluginStatus> = self
+            .entries()
             .iter()
             .map(|e| match &e.supervised {
                 Some(s) => s.status(),
                 None => supervise::link_status(&e.link, &self.metrics),
             })
-            .collect()
+            .collect();
+        // Kept in config order, so inserting by position restores it.
+        for u in self.unstarted.read().expect("plugins lock").iter() {
+            status.insert(u.position.min(status.len()), u.status());
+        }
+        status
     }
 
     /// Starts, stops or restarts a spawned plugin.
     pub async fn command(&self, name: &str, command: Command) -> Result<String, String> {
         let entries = self.entries();
+        if let Some(u) = self
+            .unstarted
+            .read()
+            .expect("plugins lock")
+            .iter()
+            .find(|u| u.name == name)
+        {
+            return Err(format!(
+                "plugin `{name}` could not be started at the last reload ({}); fix that and \
+                 reload (`systemctl reload plugvisor` or SIGHUP)",
+                u.reason
+            ));
+        }
         let Some(entry) = entries.iter().find(|e| e.link.name() == name) else {
             let known: Vec<&str> = entries.iter().map(|e| e.link.name()).collect();
             return Err(format!(
@@ -156,6 +191,8 @@ impl Plugins {
 
 /// A started front.
 pub struct Running {
+    /// The runtime directory's lock, held until the front is dropped.
+    _instance: instance::InstanceLock,
     config: Config,
     listen: Listen,
     admin: Option<SocketAddr>,
@@ -183,16 +220,17 @@ pub struct Running {
 /// `spawn = false` are not waited for: they are started by someone else, often only once this
 /// front is ready (systemd template units are ordered after it).
 pub async fn start(config: Config) -> Result<Running, RunError> {
+    // First of all: a second front on this runtime directory must fail before it unlinks or
+    // binds anything of the running one's.
+    let instance = instance::InstanceLock::acquire(&config.runtime_dir)?;
     let metrics = Arc::new(Metrics::new());
     let plugins_dir = config.plugins_dir();
     // The runtime directory keeps the mode it has (systemd's RuntimeDirectoryMode, or the
     // operator's); only plugins/ is ours to restrict.
-    std::fs::create_dir_all(&config.runtime_dir)
-        .and_then(|()| accept::prepare_dir(&plugins_dir))
-        .map_err(|source| RunError::RuntimeDir {
-            path: plugins_dir.clone(),
-            source,
-        })?;
+    accept::prepare_dir(&plugins_dir).map_err(|source| RunError::RuntimeDir {
+        path: plugins_dir.clone(),
+        source,
+    })?;
 
     let mut background = Vec::new();
     let mut plugin_tasks: std::collections::HashMap<String, Vec<JoinHandle<()>>> =
@@ -278,6 +316,7 @@ pub async fn start(config: Config) -> Result<Running, RunError> {
         .collect();
     let plugins = Arc::new(Plugins {
         entries: std::sync::RwLock::new(entries),
+        unstarted: std::sync::RwLock::new(Vec::new()),
         metrics: metrics.clone(),
     });
     let control_path = config.control_socket();
@@ -288,6 +327,7 @@ pub async fn start(config: Config) -> Result<Running, RunError> {
     background.push(tokio::spawn(control::serve(control, plugins.clone())));
 
     let running = Running {
+        _instance: instance,
         config: config.clone(),
         listen,
         admin,
@@ -530,15 +570,17 @@ impl Running {
         for task in self.background.drain(..) {
             task.abort();
         }
-        for task in self.plugin_tasks.drain().flat_map(|(_, tasks)| tasks) {
-            task.abort();
-        }
-        for plugin in &self.config.plugins {
-            let _ = std::fs::remove_file(self.config.plugin_socket(&plugin.name));
+        // Only the sockets this front bound (a plugin whose socket failed to bind has no
+        // tasks), and only while they are still sockets.
+        for (name, tasks) in self.plugin_tasks.drain() {
+            for task in tasks {
+                task.abort();
+            }
+            instance::remove_socket(&self.config.plugin_socket(&name));
         }
         if let (Listen::Unix(path), false) = (&self.listen, self.activated) {
-            let _ = std::fs::remove_file(path);
+            instance::remove_socket(path);
         }
-        let _ = std::fs::remove_file(self.config.control_socket());
+        instance::remove_socket(&self.config.control_socket());
     }
 }

@@ -9,6 +9,11 @@
 //! when spawned, supervisor. Streams already running keep the plugin list they started with; new
 //! streams see the new one.
 //!
+//! A plugin that cannot be started (its socket cannot be bound: a `group` that does not exist, a
+//! file in the way) stays in the running configuration as [`Unstarted`]: `plugvisor status` shows
+//! it `failed` with the reason, and every later reload tries it again, changed or not, so fixing
+//! the cause and reloading brings it up. A removed plugin's metric series go with it.
+//!
 //! Top-level keys that shape listeners (`listen`, `admin_listen`, `runtime_dir`) cannot change
 //! in place: the plan names them and the running values stay until plugvisor restarts. The other
 //! top-level keys apply to what starts after the reload.
@@ -18,6 +23,8 @@ use std::time::Duration;
 
 use crate::config::{Config, PluginConfig};
 use crate::link::PluginLink;
+use crate::metrics::Metrics;
+use crate::supervise::PluginStatus;
 use crate::{PluginEntry, Running};
 
 /// What a reload changes.
@@ -29,6 +36,9 @@ pub struct Plan {
     pub removed: Vec<String>,
     /// Plugins in both whose table differs: stopped, then started with the new table.
     pub changed: Vec<String>,
+    /// Plugins unchanged in the configuration that an earlier reload could not start: tried
+    /// again.
+    pub retried: Vec<String>,
     /// Top-level keys that differ but only take effect when plugvisor restarts.
     pub needs_restart: Vec<&'static str>,
 }
@@ -36,7 +46,10 @@ pub struct Plan {
 impl Plan {
     /// True when the reload changes no plugin.
     pub fn is_empty(&self) -> bool {
-        self.added.is_empty() && self.removed.is_empty() && self.changed.is_empty()
+        self.added.is_empty()
+            && self.removed.is_empty()
+            && self.changed.is_empty()
+            && self.retried.is_empty()
     }
 }
 
@@ -55,7 +68,11 @@ impl std::fmt::Display for Plan {
             list(&self.added),
             list(&self.removed),
             list(&self.changed)
-        )
+        )?;
+        if !self.retried.is_empty() {
+            write!(f, "; retried {}", list(&self.retried))?;
+        }
+        Ok(())
     }
 }
 
@@ -99,11 +116,93 @@ pub struct ReloadError {
     pub message: String,
 }
 
+/// A configured plugin a reload could not start: no socket, no link, no process.
+#[derive(Debug, Clone)]
+pub struct Unstarted {
+    /// The plugin.
+    pub name: String,
+    /// Its position in the configuration, for listing it in config order.
+    pub position: usize,
+    /// Whether the front would spawn it.
+    pub spawned: bool,
+    /// Why it could not be started.
+    pub reason: String,
+}
+
+impl Unstarted {
+    /// What `plugvisor status` shows: `failed`, the reason where an exit would be.
+    pub fn status(&self) -> PluginStatus {
+        PluginStatus {
+            name: self.name.clone(),
+            state: "failed".into(),
+            spawned: self.spawned,
+            connected: false,
+            pid: None,
+            uptime_secs: None,
+            restarts: 0,
+            last_exit: Some(format!("not started: {}", self.reason)),
+            queue_depth: 0,
+            dropped_events: 0,
+            retry_in_ms: None,
+        }
+    }
+}
+
+/// Removes every series labelled with `name` (a plugin the reload removed), so `/metrics` stops
+/// reporting a plugin that no longer exists. A stream started before the reload may still count a
+/// drop for it and so bring one series back until the next removal; that is the stream's truth.
+pub fn forget_plugin_metrics(metrics: &Metrics, name: &str) {
+    let label = Metrics::plugin(name);
+    metrics.events_sent.remove(&label);
+    metrics.queue_depth.remove(&label);
+    metrics.queue_bytes.remove(&label);
+    metrics.inflight_bytes.remove(&label);
+    metrics.final_duration.remove(&label);
+    metrics.plugin_connected.remove(&label);
+    metrics.plugin_active_streams.remove(&label);
+    metrics.plugin_up.remove(&label);
+    metrics.restarts.remove(&label);
+    metrics.last_exit_code.remove(&label);
+    metrics.last_exit_signal.remove(&label);
+    metrics.start_duration.remove(&label);
+    // Reasons are open-ended (each part of the front adds its own): take them from what is
+    // exported rather than from a list that would drift.
+    let prefix = format!("{{plugin=\"{name}\",reason=\"");
+    let text = metrics.encode();
+    let reasons: std::collections::BTreeSet<&str> = text
+        .lines()
+        .filter_map(|line| {
+            let rest = &line[line.find(&prefix)? + prefix.len()..];
+            Some(&rest[..rest.find('"')?])
+        })
+        .collect();
+    for reason in reasons {
+        let label = Metrics::reason(name, reason);
+        metrics.events_dropped.remove(&label);
+        metrics.finals_missing.remove(&label);
+        metrics.handshakes_refused.remove(&label);
+    }
+}
+
 impl Running {
-    /// Applies `new` (see the module docs) and returns what changed. Plugins whose socket cannot
-    /// be bound are left out and reported; everything else is applied.
+    /// Applies `new` (see the module docs) and returns what changed. Plugins that cannot be
+    /// started stay configured as [`Unstarted`] and are reported; everything else is applied.
     pub async fn reload(&mut self, mut new: Config) -> Result<Plan, ReloadError> {
-        let plan = plan(&self.config, &new);
+        let mut plan = plan(&self.config, &new);
+        let unstarted: Vec<String> = self
+            .plugins
+            .unstarted
+            .read()
+            .expect("plugins lock")
+            .iter()
+            .map(|u| u.name.clone())
+            .collect();
+        plan.retried = new
+            .plugins
+            .iter()
+            .map(|p| p.name.clone())
+            .filter(|n| unstarted.contains(n) && !plan.changed.contains(n))
+            .collect();
         if !plan.needs_restart.is_empty() {
             tracing::warn!(
                 keys = ?plan.needs_restart,
@@ -128,8 +227,11 @@ impl Running {
 
         let mut failed = None;
         let mut entries = Vec::new();
-        for plugin in &new.plugins {
-            let fresh = plan.added.contains(&plugin.name) || plan.changed.contains(&plugin.name);
+        let mut still_unstarted = Vec::new();
+        for (position, plugin) in new.plugins.iter().enumerate() {
+            let fresh = plan.added.contains(&plugin.name)
+                || plan.changed.contains(&plugin.name)
+                || plan.retried.contains(&plugin.name);
             if !fresh {
                 if let Some(e) = old_entries.iter().find(|e| e.link.name() == plugin.name) {
                     entries.push(e.clone());
@@ -140,6 +242,12 @@ impl Running {
                 Ok(entry) => entries.push(entry),
                 Err(message) => {
                     tracing::error!(plugin = %plugin.name, %message, "reload: cannot start plugin");
+                    still_unstarted.push(Unstarted {
+                        name: plugin.name.clone(),
+                        position,
+                        spawned: plugin.spawn,
+                        reason: message.clone(),
+                    });
                     failed.get_or_insert(ReloadError {
                         plugin: plugin.name.clone(),
                         message,
@@ -150,6 +258,14 @@ impl Running {
         let links: Vec<Arc<PluginLink>> = entries.iter().map(|e| e.link.clone()).collect();
         self.front.set_links(links);
         *self.plugins.entries.write().expect("plugins lock") = entries;
+        *self.plugins.unstarted.write().expect("plugins lock") = still_unstarted;
+        // Their supervisors and links end here, so nothing of theirs updates a series after it
+        // is removed.
+        drop(going);
+        drop(old_entries);
+        for name in &plan.removed {
+            forget_plugin_metrics(&self.metrics, name);
+        }
         self.config = new;
         tracing::info!(%plan, "configuration reloaded");
         match failed {
@@ -185,7 +301,7 @@ impl Running {
             for task in self.plugin_tasks.remove(&name).unwrap_or_default() {
                 task.abort();
             }
-            let _ = std::fs::remove_file(self.config.plugin_socket(&name));
+            crate::instance::remove_socket(&self.config.plugin_socket(&name));
             tracing::info!(plugin = %name, "reload: plugin stopped");
         }
     }
@@ -225,6 +341,51 @@ mod tests {
             "added metrics; removed gone; restarted latency"
         );
         assert!(plan(&old, &old).is_empty());
+    }
+
+    #[test]
+    fn a_removed_plugin_takes_its_series_with_it() {
+        let metrics = Metrics::new();
+        for name in ["gone", "kept"] {
+            metrics
+                .plugin_connected
+                .get_or_create(&Metrics::plugin(name))
+                .set(1);
+            metrics.restarts.get_or_create(&Metrics::plugin(name)).inc();
+            for reason in ["queue_full", "some_future_reason"] {
+                metrics
+                    .events_dropped
+                    .get_or_create(&Metrics::reason(name, reason))
+                    .inc();
+            }
+            metrics
+                .finals_missing
+                .get_or_create(&Metrics::reason(name, "timeout"))
+                .inc();
+        }
+        forget_plugin_metrics(&metrics, "gone");
+        let text = metrics.encode();
+        assert!(!text.contains("plugin=\"gone\""), "{text}");
+        assert!(text.contains(
+            "plugvisor_plugin_events_dropped_total{plugin=\"kept\",reason=\"some_future_reason\"} 1"
+        ));
+        assert!(text.contains("plugvisor_plugin_connected{plugin=\"kept\"} 1"));
+    }
+
+    #[test]
+    fn an_unstarted_plugin_shows_as_failed_with_its_reason() {
+        let u = Unstarted {
+            name: "x".into(),
+            position: 0,
+            spawned: true,
+            reason: "group `g` does not exist".into(),
+        };
+        let s = u.status();
+        assert_eq!(s.state, "failed");
+        assert_eq!(
+            s.last_exit.as_deref(),
+            Some("not started: group `g` does not exist")
+        );
     }
 
     #[test]

@@ -172,14 +172,23 @@ pub async fn bind_ext_proc(listen: &Listen) -> Result<(Listen, ExtProcListener, 
             Ok((Listen::Tcp(bound), ExtProcListener::Tcp(l), false))
         }
         Listen::Unix(path) => {
-            let _ = std::fs::remove_file(path);
+            let failed = |source| RunError::Listen {
+                addr: format!("unix:{}", path.display()),
+                source,
+            };
+            // The path may lie outside the runtime directory its lock guards: a socket someone
+            // still accepts on is another server's, not a stale one.
+            if crate::instance::someone_listens(path) {
+                return Err(failed(io::Error::new(
+                    io::ErrorKind::AddrInUse,
+                    "another process is listening on it",
+                )));
+            }
+            crate::instance::prepare_socket_path(path).map_err(failed)?;
             if let Some(parent) = path.parent() {
                 let _ = std::fs::create_dir_all(parent);
             }
-            let l = tokio::net::UnixListener::bind(path).map_err(|source| RunError::Listen {
-                addr: format!("unix:{}", path.display()),
-                source,
-            })?;
+            let l = tokio::net::UnixListener::bind(path).map_err(failed)?;
             Ok((Listen::Unix(path.clone()), ExtProcListener::Unix(l), false))
         }
     }

@@ -1,0 +1,163 @@
+//! SIGHUP reloads of the real `plugvisor` that go wrong in part: a plugin whose launch fails
+//! stays configured and visible as failed, a later reload brings it up, and a removed plugin's
+//! metric series leave `/metrics` with it.
+
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use supervisor::control::{self, Request};
+use supervisor::supervise::PluginStatus;
+use tests::front::FrontProcess;
+
+/// Replaces the `[plugins.*]` tables of the front's config file and sends SIGHUP.
+fn reload(front: &FrontProcess, dir: &std::path::Path, plugins_toml: &str) {
+    let path = dir.join("plugvisor.toml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let (header, _) = text
+        .split_once("\n\n")
+        .expect("header, blank line, plugins");
+    std::fs::write(&path, format!("{header}\n\n{plugins_toml}")).unwrap();
+    kill(Pid::from_raw(front.pid() as i32), Signal::SIGHUP).unwrap();
+}
+
+async fn status(front: &FrontProcess) -> Vec<PluginStatus> {
+    let answer = control::request(&front.control_socket(), &Request::Status)
+        .await
+        .expect("control socket answers");
+    answer.plugins.expect("status lists plugins")
+}
+
+/// Polls the status until `pred` holds, up to 15 s.
+async fn wait_for(
+    front: &FrontProcess,
+    what: &str,
+    pred: impl Fn(&[PluginStatus]) -> bool,
+) -> Vec<PluginStatus> {
+    let start = Instant::now();
+    loop {
+        let s = status(front).await;
+        if pred(&s) {
+            return s;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(15),
+            "not {what}: {s:#?}\n{}",
+            front.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn find<'a>(s: &'a [PluginStatus], name: &str) -> Option<&'a PluginStatus> {
+    s.iter().find(|p| p.name == name)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugin_a_reload_could_not_start_stays_failed_until_a_reload_fixes_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let front = FrontProcess::start(
+        dir.path(),
+        "[plugins.usage]\n[plugins.latency]\n",
+        &["usage", "latency"],
+    );
+
+    reload(
+        &front,
+        dir.path(),
+        "[plugins.usage]\n[plugins.latency]\n[plugins.test-order]\ngroup = \"no-such-group-xyz\"\n",
+    );
+    let s = wait_for(&front, "test-order failed", |s| {
+        find(s, "test-order").is_some_and(|p| p.state == "failed")
+    })
+    .await;
+    let names: Vec<&str> = s.iter().map(|p| p.name.as_str()).collect();
+    assert_eq!(names, ["usage", "latency", "test-order"], "config order");
+    let failed = find(&s, "test-order").unwrap();
+    assert!(
+        failed
+            .last_exit
+            .as_deref()
+            .is_some_and(|e| e.contains("group `no-such-group-xyz` does not exist")),
+        "{failed:?}"
+    );
+    assert!(!failed.connected);
+    assert!(find(&s, "usage").unwrap().connected && find(&s, "latency").unwrap().connected);
+    // The group is looked up before binding: no socket is left for it.
+    assert!(!front.runtime_dir.join("plugins/test-order.sock").exists());
+    // The table view says so too.
+    let cli = std::process::Command::new(tests::bins::plugvisor())
+        .args(["status", "--control"])
+        .arg(front.control_socket())
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&cli.stdout);
+    assert!(
+        table
+            .lines()
+            .any(|l| l.starts_with("test-order") && l.contains("failed")),
+        "{table}"
+    );
+
+    // A reload that changes nothing else keeps it, failed, rather than forgetting it.
+    reload(
+        &front,
+        dir.path(),
+        "[plugins.usage]\n[plugins.latency]\n[plugins.test-order]\ngroup = \"no-such-group-xyz\"\n",
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let s = status(&front).await;
+    assert_eq!(
+        find(&s, "test-order").map(|p| p.state.as_str()),
+        Some("failed")
+    );
+
+    // Without the bad group it comes up.
+    reload(
+        &front,
+        dir.path(),
+        "[plugins.usage]\n[plugins.latency]\n[plugins.test-order]\n",
+    );
+    wait_for(&front, "test-order up", |s| {
+        find(s, "test-order").is_some_and(|p| p.state == "up" && p.connected)
+    })
+    .await;
+    assert!(front
+        .metrics()
+        .contains("plugvisor_plugin_connected{plugin=\"test-order\"} 1"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugin_removed_by_a_reload_takes_its_series_with_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let front = FrontProcess::start(
+        dir.path(),
+        "[plugins.usage]\n[plugins.latency]\n",
+        &["usage", "latency"],
+    );
+    assert!(front.metrics().contains("plugin=\"usage\""));
+
+    reload(&front, dir.path(), "[plugins.latency]\n");
+    wait_for(&front, "without usage", |s| find(s, "usage").is_none()).await;
+    // The series go once the reload is applied, which the status shows a moment before.
+    let start = Instant::now();
+    loop {
+        let m = front.metrics();
+        if !m.contains("plugin=\"usage\"") {
+            assert!(
+                m.contains("plugvisor_plugin_connected{plugin=\"latency\"} 1"),
+                "{m}"
+            );
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "usage series still exported:\n{}",
+            m.lines()
+                .filter(|l| l.contains("plugin=\"usage\""))
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
