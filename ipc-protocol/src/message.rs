@@ -42,6 +42,8 @@ pub enum ToPlugin {
     Ping(Ping),
     /// The front is stopping; finish in-flight work within the grace period and exit.
     Shutdown(Shutdown),
+    /// A per-stream event sent again, to a replacement process, from the front's journal.
+    Replayed(Box<ToPlugin>),
 }
 
 /// Everything a plugin sends to the front.
@@ -339,6 +341,7 @@ impl ToPlugin {
             ToPlugin::Chunk(e) => Some((e.stream_id, e.seq)),
             ToPlugin::Final(e) => Some((e.stream_id, e.seq)),
             ToPlugin::Abort(e) => Some((e.stream_id, e.seq)),
+            ToPlugin::Replayed(e) => e.stream_seq(),
             ToPlugin::Welcome(_)
             | ToPlugin::Refuse(_)
             | ToPlugin::Ping(_)
@@ -374,6 +377,7 @@ impl ToPlugin {
             ToPlugin::Abort(_) => "Abort",
             ToPlugin::Ping(_) => "Ping",
             ToPlugin::Shutdown(_) => "Shutdown",
+            ToPlugin::Replayed(_) => "Replayed",
         }
     }
 }

@@ -34,6 +34,9 @@ pub const MIN_METADATA_BYTES: usize = 1024;
 pub const MAX_METADATA_BYTES: usize = 1024 * 1024;
 /// Default `budget_bytes` of a plugin.
 pub const DEFAULT_BUDGET_BYTES: usize = 8 * 1024 * 1024;
+/// Default `replay_bytes` of a plugin: a few hundred in-flight streams of typical LLM responses
+/// (tens of KiB of SSE each); 0 turns replay off.
+pub const DEFAULT_REPLAY_BYTES: usize = 32 * 1024 * 1024;
 /// The smallest `budget_bytes` accepted.
 pub const MIN_BUDGET_BYTES: usize = 64 * 1024;
 
@@ -170,6 +173,9 @@ pub struct PluginConfig {
     /// The most event bytes the plugin process may hold at once (received but not yet handled):
     /// the flow-control window. Past it, events wait in the front's bounded queue.
     pub budget_bytes: usize,
+    /// The most bytes of in-flight streams' events the front keeps to replay to a replacement
+    /// process after a crash (all streams of this plugin together).
+    pub replay_bytes: usize,
 }
 
 /// The whole configuration, after validation.
@@ -280,6 +286,7 @@ struct RawPlugin {
     cpu_scheduling: CpuScheduling,
     metadata_max_bytes: Option<usize>,
     budget_bytes: Option<usize>,
+    replay_bytes: Option<usize>,
 }
 
 fn yes() -> bool {
@@ -442,6 +449,7 @@ impl Config {
                 cpu_scheduling: raw_plugin.cpu_scheduling,
                 metadata_max_bytes,
                 budget_bytes,
+                replay_bytes: raw_plugin.replay_bytes.unwrap_or(DEFAULT_REPLAY_BYTES),
             });
         }
 

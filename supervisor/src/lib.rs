@@ -24,6 +24,7 @@ pub mod link;
 pub mod logging;
 pub mod metadata;
 pub mod metrics;
+pub mod plugin_stream;
 pub mod reload;
 pub mod restart;
 pub mod service;

@@ -96,6 +96,10 @@ pub struct Conn {
     tx: mpsc::Sender<Queued>,
     /// Pings and shutdown, written ahead of `tx`'s events and never held to the window.
     priority: mpsc::Sender<ToPlugin>,
+    /// Replayed journals of streams that moved to this connection: written before any event of
+    /// `tx` (so a stream's replay always precedes its live events), held to the window like any
+    /// event. Unbounded here because what it holds is bounded by the link's `replay_bytes`.
+    replay: mpsc::UnboundedSender<Queued>,
     queued_bytes: Arc<AtomicUsize>,
     /// Counted event bytes written to the socket (or about to be, in the writer's buffer).
     written: AtomicU64,
@@ -108,6 +112,16 @@ pub struct Conn {
 }
 
 impl Conn {
+    /// Whether the connection has ended (the plugin went away or was disconnected).
+    pub fn is_closed(&self) -> bool {
+        *self.closed.borrow()
+    }
+
+    /// Which connection of its link this is (1, 2, ...).
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
     /// What the plugin asked to receive in its `Hello`.
     pub fn subscriptions(&self) -> Subscriptions {
         self.subscriptions
@@ -137,6 +151,10 @@ pub struct PluginLink {
     spawned_pid: Mutex<Option<u32>>,
     last_pong: Mutex<Option<Instant>>,
     next_call: AtomicU64,
+    /// Bytes of in-flight streams' journals (bounded by `replay_bytes`).
+    journal_used: AtomicUsize,
+    /// What the last connection subscribed to (what streams assume while the plugin is down).
+    last_subscriptions: Mutex<Subscriptions>,
 }
 
 impl PluginLink {
@@ -154,6 +172,8 @@ impl PluginLink {
             spawned_pid: Mutex::new(None),
             last_pong: Mutex::new(None),
             next_call: AtomicU64::new(1),
+            journal_used: AtomicUsize::new(0),
+            last_subscriptions: Mutex::new(Subscriptions::ALL),
         }
     }
 
@@ -170,6 +190,11 @@ impl PluginLink {
     /// The live connection, if any.
     pub fn connection(&self) -> Option<Arc<Conn>> {
         self.conn.lock().expect("link lock").clone()
+    }
+
+    /// What the plugin's last connection subscribed to (all events before the first).
+    pub fn last_subscriptions(&self) -> Subscriptions {
+        *self.last_subscriptions.lock().expect("subscriptions lock")
     }
 
     /// Whether a connection is live.
@@ -223,12 +248,14 @@ impl PluginLink {
         let generation = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
         let (tx, rx) = mpsc::channel(self.config.queue_events);
         let (priority, priority_rx) = mpsc::channel(PRIORITY_SLOTS);
+        let (replay, replay_rx) = mpsc::unbounded_channel();
         let conn = Arc::new(Conn {
             generation,
             pid,
             subscriptions,
             tx,
             priority,
+            replay,
             queued_bytes: Arc::new(AtomicUsize::new(0)),
             written: AtomicU64::new(0),
             consumed: watch::channel(0).0,
@@ -239,6 +266,7 @@ impl PluginLink {
         });
         *slot = Some(conn.clone());
         drop(slot);
+        *self.last_subscriptions.lock().expect("subscriptions lock") = subscriptions;
         self.connected.send_replace(true);
         self.metrics
             .plugin_connected
@@ -251,7 +279,7 @@ impl PluginLink {
             .set(0);
         tokio::spawn(
             self.clone()
-                .write_loop(conn.clone(), rx, priority_rx, writer),
+                .write_loop(conn.clone(), rx, priority_rx, replay_rx, writer),
         );
         tokio::spawn(self.clone().read_loop(conn.clone(), reader));
         Some(conn)
@@ -290,6 +318,7 @@ impl PluginLink {
         conn: Arc<Conn>,
         mut rx: mpsc::Receiver<Queued>,
         mut priority: mpsc::Receiver<ToPlugin>,
+        mut replay: mpsc::UnboundedReceiver<Queued>,
         mut writer: FrameWriter<OwnedWriteHalf>,
     ) {
         let mut closed = conn.closed.subscribe();
@@ -319,12 +348,18 @@ impl PluginLink {
                 while let Ok(msg) = priority.try_recv() {
                     writer.feed(&msg).map_err(|e| e.to_string())?;
                 }
-                // Then events, as far as the window and one batch go.
+                // Then events, as far as the window and one batch go: replayed journals first,
+                // and no live event while a replay waits, so a stream's replay precedes its
+                // live events.
                 while writer.pending_bytes() < BATCH_BYTES {
                     if held.is_none() {
-                        match rx.try_recv() {
-                            Ok(q) => held = Some(take(q)?),
-                            Err(_) => break,
+                        if let Ok(q) = replay.try_recv() {
+                            held = Some(take(q)?);
+                        } else {
+                            match rx.try_recv() {
+                                Ok(q) => held = Some(take(q)?),
+                                Err(_) => break,
+                            }
                         }
                     }
                     let Some((q, len)) = held.take() else { break };
@@ -356,6 +391,7 @@ impl PluginLink {
                             return Ok(());
                         }
                     }
+                    Some(q) = replay.recv(), if !waiting_for_credit => held = Some(take(q)?),
                     q = rx.recv(), if !waiting_for_credit => match q {
                         Some(q) => held = Some(take(q)?),
                         None => return Ok(()),
@@ -379,6 +415,11 @@ impl PluginLink {
             if q.msg.stream_seq().is_some() {
                 dropped.inc();
             }
+        }
+        replay.close();
+        while let Ok(q) = replay.try_recv() {
+            depth.dec();
+            bytes_gauge.dec_by(q.bytes as i64);
         }
         while let Ok(q) = rx.try_recv() {
             depth.dec();
@@ -527,6 +568,45 @@ impl PluginLink {
                 Err(Dropped::QueueFull)
             }
         }
+    }
+
+    /// Queues a stream's journal on `conn`, ahead of any live event the stream sends afterwards.
+    /// `events` are in sequence order; those already sent to an earlier connection are wrapped
+    /// as replayed by the caller. Not held to `queue_events`/`queue_bytes`: the journal they come
+    /// from is bounded by `replay_bytes`.
+    pub fn replay(&self, conn: &Conn, events: impl IntoIterator<Item = ToPlugin>) {
+        let replayed = self.metrics.events_replayed.get_or_create(&self.label);
+        for msg in events {
+            let bytes = queued_size(&msg);
+            conn.queued_bytes.fetch_add(bytes, Ordering::Relaxed);
+            if conn.replay.send(Queued { msg, bytes }).is_err() {
+                conn.queued_bytes.fetch_sub(bytes, Ordering::Relaxed);
+                return;
+            }
+            self.account_sent(bytes);
+            replayed.inc();
+        }
+    }
+
+    /// Takes `bytes` of the link's replay budget (`replay_bytes`) for a journaled event; false
+    /// when the budget is spent.
+    pub fn journal_take(&self, bytes: usize) -> bool {
+        let budget = self.config.replay_bytes;
+        self.journal_used
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
+                (used + bytes <= budget).then_some(used + bytes)
+            })
+            .is_ok()
+    }
+
+    /// Gives back journal bytes (the stream ended, or its journal was dropped).
+    pub fn journal_release(&self, bytes: usize) {
+        self.journal_used.fetch_sub(bytes, Ordering::AcqRel);
+    }
+
+    /// Journal bytes held by in-flight streams.
+    pub fn journal_used(&self) -> usize {
+        self.journal_used.load(Ordering::Acquire)
     }
 
     /// Queues an event that must not be dropped for a full queue (an abort): waits up to `patience`
@@ -689,7 +769,7 @@ impl PluginLink {
 /// header bytes plus a fixed per-event overhead, so that every event, header-only ones included,
 /// is bounded by bytes and not only by `queue_events`. (A body shared with other plugins' queues
 /// is counted in each: a conservative bound.)
-fn queued_size(msg: &ToPlugin) -> usize {
+pub(crate) fn queued_size(msg: &ToPlugin) -> usize {
     /// A header's two strings' own allocation overhead, beside their bytes.
     const PER_HEADER: usize = 2 * std::mem::size_of::<String>();
     let headers = |h: &[ipc_protocol::Header]| -> usize {

@@ -55,6 +55,8 @@ pub struct Metrics {
     registry: Registry,
     /// Events put on a plugin's queue.
     pub events_sent: Family<PluginLabel, Counter>,
+    /// Journaled events sent again to a replacement process (part of `events_sent`).
+    pub events_replayed: Family<PluginLabel, Counter>,
     /// Events not delivered to a plugin, by reason.
     pub events_dropped: Family<PluginReason, Counter>,
     /// Events waiting in a plugin's queue.
@@ -108,6 +110,7 @@ impl Metrics {
     pub fn new() -> Metrics {
         let mut registry = Registry::default();
         let events_sent = Family::default();
+        let events_replayed = Family::default();
         let events_dropped = Family::default();
         let queue_depth = Family::default();
         let queue_bytes = Family::default();
@@ -133,6 +136,11 @@ impl Metrics {
             "plugvisor_plugin_events_sent",
             "Events put on a plugin's queue",
             events_sent.clone(),
+        );
+        registry.register(
+            "plugvisor_plugin_events_replayed",
+            "Journaled events of in-flight streams sent again to a plugin's replacement process",
+            events_replayed.clone(),
         );
         registry.register(
             "plugvisor_plugin_events_dropped",
@@ -250,6 +258,7 @@ impl Metrics {
             last_exit_signal,
             start_duration,
             events_sent,
+            events_replayed,
             events_dropped,
             queue_depth,
             queue_bytes,

@@ -29,6 +29,7 @@ fn plugin(queue_events: usize, queue_bytes: usize, final_ms: u64) -> PluginConfi
         cpu_scheduling: crate::config::CpuScheduling::Normal,
         metadata_max_bytes: crate::config::DEFAULT_PLUGIN_METADATA_BYTES,
         budget_bytes: crate::config::DEFAULT_BUDGET_BYTES,
+        replay_bytes: crate::config::DEFAULT_REPLAY_BYTES,
     }
 }
 
