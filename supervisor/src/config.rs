@@ -176,6 +176,30 @@ pub struct PluginConfig {
     /// The most bytes of in-flight streams' events the front keeps to replay to a replacement
     /// process after a crash (all streams of this plugin together).
     pub replay_bytes: usize,
+    /// How long a replaced process (restart, reload) may keep serving the streams it has before
+    /// they move to its successor with their journals.
+    pub drain_grace: Duration,
+}
+
+impl PluginConfig {
+    /// Whether `other` differs from this configuration only in what the front does with the
+    /// plugin (deadlines, queues, dispatch, caps, supervision timings), so a reload can apply it
+    /// in place without restarting the plugin's process. Anything the process is started with or
+    /// told at its handshake (command, args, env, config table, limits in `Welcome`, uid, group,
+    /// scheduling, spawn) needs a new process.
+    pub fn same_process(&self, other: &PluginConfig) -> bool {
+        self.name == other.name
+            && self.spawn == other.spawn
+            && self.command == other.command
+            && self.args == other.args
+            && self.env == other.env
+            && self.config == other.config
+            && self.uid == other.uid
+            && self.group == other.group
+            && self.cpu_scheduling == other.cpu_scheduling
+            && self.metadata_max_bytes == other.metadata_max_bytes
+            && self.budget_bytes == other.budget_bytes
+    }
 }
 
 /// The whole configuration, after validation.
@@ -287,6 +311,7 @@ struct RawPlugin {
     metadata_max_bytes: Option<usize>,
     budget_bytes: Option<usize>,
     replay_bytes: Option<usize>,
+    drain_grace_ms: Option<u64>,
 }
 
 fn yes() -> bool {
@@ -450,6 +475,7 @@ impl Config {
                 metadata_max_bytes,
                 budget_bytes,
                 replay_bytes: raw_plugin.replay_bytes.unwrap_or(DEFAULT_REPLAY_BYTES),
+                drain_grace: ms(raw_plugin.drain_grace_ms, Duration::from_secs(30)),
             });
         }
 

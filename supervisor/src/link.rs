@@ -109,6 +109,10 @@ pub struct Conn {
     acks: Mutex<HashMap<(StreamId, u32), oneshot::Sender<()>>>,
     closed: watch::Sender<bool>,
     since: Instant,
+    /// Streams bound to this connection (they send it their events until they end).
+    bound_streams: AtomicUsize,
+    /// Being replaced: takes no new stream, gets `Shutdown` once its last stream ends.
+    draining: std::sync::atomic::AtomicBool,
 }
 
 impl Conn {
@@ -142,7 +146,10 @@ impl Conn {
 
 /// The front's side of one configured plugin.
 pub struct PluginLink {
-    config: PluginConfig,
+    /// The plugin's name (a reload never changes it).
+    name: String,
+    /// Replaced in place by a reload that changes only what the front does with the plugin.
+    config: std::sync::RwLock<Arc<PluginConfig>>,
     metrics: Arc<Metrics>,
     label: PluginLabel,
     conn: Mutex<Option<Arc<Conn>>>,
@@ -153,6 +160,8 @@ pub struct PluginLink {
     next_call: AtomicU64,
     /// Bytes of in-flight streams' journals (bounded by `replay_bytes`).
     journal_used: AtomicUsize,
+    /// Connections being replaced, finishing the streams they have.
+    draining: Mutex<Vec<Arc<Conn>>>,
     /// What the last connection subscribed to (what streams assume while the plugin is down).
     last_subscriptions: Mutex<Subscriptions>,
 }
@@ -163,7 +172,8 @@ impl PluginLink {
         let label = Metrics::plugin(&config.name);
         metrics.plugin_connected.get_or_create(&label).set(0);
         PluginLink {
-            config,
+            name: config.name.clone(),
+            config: std::sync::RwLock::new(Arc::new(config)),
             metrics,
             label,
             conn: Mutex::new(None),
@@ -173,18 +183,26 @@ impl PluginLink {
             last_pong: Mutex::new(None),
             next_call: AtomicU64::new(1),
             journal_used: AtomicUsize::new(0),
+            draining: Mutex::new(Vec::new()),
             last_subscriptions: Mutex::new(Subscriptions::ALL),
         }
     }
 
     /// The plugin's name.
     pub fn name(&self) -> &str {
-        &self.config.name
+        &self.name
     }
 
     /// The plugin's configuration.
-    pub fn config(&self) -> &PluginConfig {
-        &self.config
+    pub fn config(&self) -> Arc<PluginConfig> {
+        self.config.read().expect("config lock").clone()
+    }
+
+    /// Replaces the configuration (same name) for what comes next: new events, calls and
+    /// connections use it; a connection already open keeps its queue's capacity.
+    pub fn set_config(&self, config: PluginConfig) {
+        debug_assert_eq!(config.name, self.name);
+        *self.config.write().expect("config lock") = Arc::new(config);
     }
 
     /// The live connection, if any.
@@ -246,7 +264,7 @@ impl PluginLink {
             return None;
         }
         let generation = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
-        let (tx, rx) = mpsc::channel(self.config.queue_events);
+        let (tx, rx) = mpsc::channel(self.config().queue_events);
         let (priority, priority_rx) = mpsc::channel(PRIORITY_SLOTS);
         let (replay, replay_rx) = mpsc::unbounded_channel();
         let conn = Arc::new(Conn {
@@ -263,6 +281,8 @@ impl PluginLink {
             acks: Mutex::new(HashMap::new()),
             closed: watch::channel(false).0,
             since: Instant::now(),
+            bound_streams: AtomicUsize::new(0),
+            draining: std::sync::atomic::AtomicBool::new(false),
         });
         *slot = Some(conn.clone());
         drop(slot);
@@ -272,7 +292,7 @@ impl PluginLink {
             .plugin_connected
             .get_or_create(&self.label)
             .set(1);
-        tracing::info!(plugin = %self.config.name, pid, "plugin connected");
+        tracing::info!(plugin = %self.name, pid, "plugin connected");
         self.metrics
             .inflight_bytes
             .get_or_create(&self.label)
@@ -297,13 +317,86 @@ impl PluginLink {
                 .plugin_connected
                 .get_or_create(&self.label)
                 .set(0);
-            tracing::warn!(plugin = %self.config.name, pid = conn.pid, reason = why, "plugin disconnected");
+            tracing::warn!(plugin = %self.name, pid = conn.pid, reason = why, "plugin disconnected");
         }
         drop(slot);
+        self.draining
+            .lock()
+            .expect("draining lock")
+            .retain(|c| c.generation != conn.generation);
         conn.closed.send_replace(true);
         // Dropping the senders wakes every waiter with "down".
         conn.finals.lock().expect("finals lock").clear();
         conn.acks.lock().expect("acks lock").clear();
+    }
+
+    /// A stream starts sending its events to `conn`.
+    pub(crate) fn bind(&self, conn: &Conn) {
+        conn.bound_streams.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// A stream bound to `conn` ended or moved on; a draining connection whose last stream this
+    /// was is told to shut down.
+    pub(crate) fn unbind(&self, conn: &Conn) {
+        let before = conn.bound_streams.fetch_sub(1, Ordering::AcqRel);
+        if before == 1 && conn.draining.load(Ordering::Acquire) {
+            self.shutdown_drained(conn);
+        }
+    }
+
+    fn shutdown_drained(&self, conn: &Conn) {
+        tracing::info!(plugin = %self.name, pid = conn.pid, "replaced process finished its streams; telling it to stop");
+        let _ = conn
+            .priority
+            .try_send(ToPlugin::Shutdown(ipc_protocol::Shutdown {
+                grace_ms: 1000,
+            }));
+    }
+
+    /// Hands the plugin over to its next connection (a planned restart, a reload, an upgrade):
+    /// the live connection stops taking new streams, finishes the ones bound to it and is told
+    /// to shut down after its last one; new streams wait in their journals for the next
+    /// connection. After `grace`, a connection still draining is closed and its streams move to
+    /// the next connection with their journals. Returns how many streams it still serves.
+    pub fn begin_handover(self: &Arc<Self>, grace: Duration, why: &str) -> usize {
+        let mut slot = self.conn.lock().expect("link lock");
+        let Some(conn) = slot.take() else {
+            return 0;
+        };
+        self.connected.send_replace(false);
+        self.metrics
+            .plugin_connected
+            .get_or_create(&self.label)
+            .set(0);
+        conn.draining.store(true, Ordering::Release);
+        self.draining
+            .lock()
+            .expect("draining lock")
+            .push(conn.clone());
+        drop(slot);
+        let streams = conn.bound_streams.load(Ordering::Acquire);
+        tracing::info!(plugin = %self.name, pid = conn.pid, streams, reason = why, "handing over to a new process; the current one finishes its streams");
+        if streams == 0 {
+            self.shutdown_drained(&conn);
+        }
+        let link = self.clone();
+        tokio::spawn(async move {
+            let mut closed = conn.closed.subscribe();
+            if tokio::time::timeout(grace, closed.wait_for(|c| *c))
+                .await
+                .is_err()
+            {
+                tracing::warn!(plugin = %link.name, pid = conn.pid, streams = conn.bound_streams.load(Ordering::Acquire), grace = ?grace, "replaced process still serving streams after drain_grace_ms; moving them to the new process");
+                link.shutdown_drained(&conn);
+                link.detach(&conn, "drain grace over");
+            }
+        });
+        streams
+    }
+
+    /// Connections being replaced that still serve streams.
+    pub fn draining(&self) -> usize {
+        self.draining.lock().expect("draining lock").len()
     }
 
     /// Closes the live connection (shutdown, or a restart by the supervisor).
@@ -323,7 +416,7 @@ impl PluginLink {
     ) {
         let mut closed = conn.closed.subscribe();
         let mut credit = conn.consumed.subscribe();
-        let budget = self.config.budget_bytes as u64;
+        let budget = self.config().budget_bytes as u64;
         let depth = self.metrics.queue_depth.get_or_create(&self.label).clone();
         let bytes_gauge = self.metrics.queue_bytes.get_or_create(&self.label).clone();
         let inflight = self
@@ -409,7 +502,7 @@ impl PluginLink {
         let dropped = self
             .metrics
             .events_dropped
-            .get_or_create(&Metrics::reason(&self.config.name, Dropped::Down.as_str()))
+            .get_or_create(&Metrics::reason(&self.name, Dropped::Down.as_str()))
             .clone();
         if let Some((q, _)) = held.take() {
             if q.msg.stream_seq().is_some() {
@@ -449,7 +542,7 @@ impl PluginLink {
                             let _ = w.send(outcome);
                         }
                         None => {
-                            tracing::debug!(plugin = %self.config.name, call_id, "late final reply ignored")
+                            tracing::debug!(plugin = %self.name, call_id, "late final reply ignored")
                         }
                     }
                 }
@@ -500,7 +593,7 @@ impl PluginLink {
     fn enqueue(&self, conn: &Conn, msg: ToPlugin) -> Result<(), Dropped> {
         let bytes = queued_size(&msg);
         let before = conn.queued_bytes.fetch_add(bytes, Ordering::Relaxed);
-        if before > 0 && before + bytes > self.config.queue_bytes {
+        if before > 0 && before + bytes > self.config().queue_bytes {
             conn.queued_bytes.fetch_sub(bytes, Ordering::Relaxed);
             return Err(Dropped::QueueFull);
         }
@@ -537,7 +630,7 @@ impl PluginLink {
             Err(reason) => {
                 self.metrics
                     .events_dropped
-                    .get_or_create(&Metrics::reason(&self.config.name, reason.as_str()))
+                    .get_or_create(&Metrics::reason(&self.name, reason.as_str()))
                     .inc();
                 false
             }
@@ -591,7 +684,7 @@ impl PluginLink {
     /// Takes `bytes` of the link's replay budget (`replay_bytes`) for a journaled event; false
     /// when the budget is spent.
     pub fn journal_take(&self, bytes: usize) -> bool {
-        let budget = self.config.replay_bytes;
+        let budget = self.config().replay_bytes;
         self.journal_used
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
                 (used + bytes <= budget).then_some(used + bytes)
@@ -626,7 +719,7 @@ impl PluginLink {
             if let Err(reason) = link.send_waiting(&conn, msg, deadline).await {
                 link.metrics
                     .events_dropped
-                    .get_or_create(&Metrics::reason(&link.config.name, reason.as_str()))
+                    .get_or_create(&Metrics::reason(&link.name, reason.as_str()))
                     .inc();
             }
         });
@@ -656,7 +749,7 @@ impl PluginLink {
                     .remove(&(stream_id, seq));
                 self.metrics
                     .events_dropped
-                    .get_or_create(&Metrics::reason(&self.config.name, reason.as_str()))
+                    .get_or_create(&Metrics::reason(&self.name, reason.as_str()))
                     .inc();
                 None
             }
@@ -695,7 +788,7 @@ impl PluginLink {
             Err(reason) => {
                 self.metrics
                     .finals_missing
-                    .get_or_create(&Metrics::reason(&self.config.name, reason.as_str()))
+                    .get_or_create(&Metrics::reason(&self.name, reason.as_str()))
                     .inc();
             }
         }
@@ -710,7 +803,7 @@ impl PluginLink {
         started: Instant,
     ) -> Result<Metadata, Missing> {
         let conn = conn.ok_or(Missing::Down)?;
-        let deadline = tokio::time::Instant::from_std(started + self.config.final_timeout);
+        let deadline = tokio::time::Instant::from_std(started + self.config().final_timeout);
         let (tx, rx) = oneshot::channel();
         conn.finals.lock().expect("finals lock").insert(call_id, tx);
         let forget = || {
@@ -726,13 +819,13 @@ impl PluginLink {
         match tokio::time::timeout_at(deadline, rx).await {
             Ok(Ok(FinalOutcome::Metadata(md))) => Ok(md),
             Ok(Ok(FinalOutcome::Error(e))) => {
-                tracing::warn!(plugin = %self.config.name, call_id, error = %e, "plugin failed the final call");
+                tracing::warn!(plugin = %self.name, call_id, error = %e, "plugin failed the final call");
                 Err(Missing::Failed)
             }
             Ok(Err(_)) => Err(Missing::Down),
             Err(_) => {
                 forget();
-                tracing::warn!(plugin = %self.config.name, call_id, "final call timed out");
+                tracing::warn!(plugin = %self.name, call_id, "final call timed out");
                 Err(Missing::Timeout)
             }
         }
@@ -747,7 +840,7 @@ impl PluginLink {
                 .try_send(ToPlugin::Ping(Ping { nonce }))
                 .is_err()
             {
-                tracing::debug!(plugin = %self.config.name, nonce, "ping not sent: the writer is stuck on the socket");
+                tracing::debug!(plugin = %self.name, nonce, "ping not sent: the writer is stuck on the socket");
             }
         }
     }

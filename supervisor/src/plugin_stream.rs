@@ -116,6 +116,10 @@ impl PluginStream {
             self.link.replay(&current, events);
             self.lost = self.unjournaled;
         }
+        if let Some(old) = self.bound.take() {
+            self.link.unbind(&old);
+        }
+        self.link.bind(&current);
         self.bound = Some(current.clone());
         Some(current)
     }
@@ -255,5 +259,8 @@ impl PluginStream {
 impl Drop for PluginStream {
     fn drop(&mut self) {
         self.link.journal_release(self.journal_bytes);
+        if let Some(conn) = self.bound.take() {
+            self.link.unbind(&conn);
+        }
     }
 }

@@ -4,22 +4,9 @@
 
 use std::time::{Duration, Instant};
 
-use nix::sys::signal::{kill, Signal};
-use nix::unistd::Pid;
 use supervisor::control::{self, Request};
 use supervisor::supervise::PluginStatus;
 use tests::front::FrontProcess;
-
-/// Replaces the `[plugins.*]` tables of the front's config file and sends SIGHUP.
-fn reload(front: &FrontProcess, dir: &std::path::Path, plugins_toml: &str) {
-    let path = dir.join("plugvisor.toml");
-    let text = std::fs::read_to_string(&path).unwrap();
-    let (header, _) = text
-        .split_once("\n\n")
-        .expect("header, blank line, plugins");
-    std::fs::write(&path, format!("{header}\n\n{plugins_toml}")).unwrap();
-    kill(Pid::from_raw(front.pid() as i32), Signal::SIGHUP).unwrap();
-}
 
 async fn status(front: &FrontProcess) -> Vec<PluginStatus> {
     let answer = control::request(&front.control_socket(), &Request::Status)
@@ -62,9 +49,7 @@ async fn a_plugin_a_reload_could_not_start_stays_failed_until_a_reload_fixes_it(
         &["usage", "latency"],
     );
 
-    reload(
-        &front,
-        dir.path(),
+    front.reload(
         "[plugins.usage]\n[plugins.latency]\n[plugins.test-order]\ngroup = \"no-such-group-xyz\"\n",
     );
     let s = wait_for(&front, "test-order failed", |s| {
@@ -100,9 +85,7 @@ async fn a_plugin_a_reload_could_not_start_stays_failed_until_a_reload_fixes_it(
     );
 
     // A reload that changes nothing else keeps it, failed, rather than forgetting it.
-    reload(
-        &front,
-        dir.path(),
+    front.reload(
         "[plugins.usage]\n[plugins.latency]\n[plugins.test-order]\ngroup = \"no-such-group-xyz\"\n",
     );
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -113,11 +96,7 @@ async fn a_plugin_a_reload_could_not_start_stays_failed_until_a_reload_fixes_it(
     );
 
     // Without the bad group it comes up.
-    reload(
-        &front,
-        dir.path(),
-        "[plugins.usage]\n[plugins.latency]\n[plugins.test-order]\n",
-    );
+    front.reload("[plugins.usage]\n[plugins.latency]\n[plugins.test-order]\n");
     wait_for(&front, "test-order up", |s| {
         find(s, "test-order").is_some_and(|p| p.state == "up" && p.connected)
     })
@@ -137,7 +116,7 @@ async fn a_plugin_removed_by_a_reload_takes_its_series_with_it() {
     );
     assert!(front.metrics().contains("plugin=\"usage\""));
 
-    reload(&front, dir.path(), "[plugins.latency]\n");
+    front.reload("[plugins.latency]\n");
     wait_for(&front, "without usage", |s| find(s, "usage").is_none()).await;
     // The series go once the reload is applied, which the status shows a moment before.
     let start = Instant::now();

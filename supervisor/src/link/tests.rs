@@ -30,6 +30,7 @@ fn plugin(queue_events: usize, queue_bytes: usize, final_ms: u64) -> PluginConfi
         metadata_max_bytes: crate::config::DEFAULT_PLUGIN_METADATA_BYTES,
         budget_bytes: crate::config::DEFAULT_BUDGET_BYTES,
         replay_bytes: crate::config::DEFAULT_REPLAY_BYTES,
+        drain_grace: Duration::from_secs(30),
     }
 }
 
