@@ -1147,4 +1147,99 @@ mod tests {
         assert_eq!(lanes.active_streams(), 0);
         assert_eq!(lanes.stats().evicted.load(Ordering::Relaxed), 1);
     }
+
+    /// Records, per stream, whether each event it saw was replayed.
+    struct ReplaySeer;
+
+    #[derive(Default)]
+    struct Flags(Vec<bool>);
+
+    impl Plugin for ReplaySeer {
+        type Stream = Flags;
+        fn name(&self) -> &str {
+            "rec"
+        }
+        fn on_request_start(&self, s: &mut Flags, ctx: &EventCtx, _: &RequestStart) {
+            s.0.push(ctx.is_replayed());
+        }
+        fn on_chunk(&self, s: &mut Flags, ctx: &EventCtx, _: &Chunk) {
+            s.0.push(ctx.is_replayed());
+        }
+        fn on_final(&self, s: &mut Flags, ctx: &EventCtx, _: &Final) -> Metadata {
+            s.0.push(ctx.is_replayed());
+            let flags = s.0.iter().map(|&b| Value::Bool(b)).collect();
+            Metadata::from([(
+                "plugvisor.rec".to_owned(),
+                Value::map([("replayed", Value::List(flags))]),
+            )])
+        }
+    }
+
+    #[test]
+    fn replayed_events_run_in_order_marked_replayed_and_the_stream_is_whole() {
+        let (tx, rx) = mpsc::channel();
+        let tx = Mutex::new(tx);
+        let out: Outbox = Arc::new(move |m| {
+            let _ = tx.lock().unwrap().send(m);
+        });
+        let cfg = LaneConfig {
+            workers: 1,
+            queue_events: 100,
+            queue_bytes: 1 << 20,
+            plugin: "rec".into(),
+            namespace: "plugvisor.rec".into(),
+        };
+        let credits = Credits::new(1 << 20, out.clone());
+        let lanes = Lanes::start(Arc::new(ReplaySeer), cfg, out, credits).unwrap();
+        lanes.submit(start(1), 40, true);
+        lanes.submit(chunk(1, 1, "x", false), 40, true);
+        lanes.submit(chunk(1, 2, "x", false), 40, false);
+        lanes.submit(fin(1, 3), 40, false);
+        let got = replies(&rx, 1);
+        let FinalOutcome::Metadata(m) = &got[&1] else {
+            panic!("{:?}", got[&1])
+        };
+        let flags = |b: &[bool]| Value::List(b.iter().map(|&b| Value::Bool(b)).collect());
+        assert_eq!(
+            m["plugvisor.rec"].get("replayed"),
+            Some(&flags(&[true, true, false, false]))
+        );
+        assert_eq!(m["plugvisor.rec"].get("gaps"), None);
+        assert_eq!(m["plugvisor.rec"].get("partial"), None);
+        assert_eq!(lanes.stats().replayed.load(Ordering::Relaxed), 2);
+        // The mark does not outlive the hook, and a test can set it itself.
+        let ctx = EventCtx {
+            stream_id: 1,
+            seq: 0,
+            stamp_ns: 0,
+            gap: 0,
+            partial: false,
+        };
+        assert!(!ctx.is_replayed());
+        assert!(ctx.replaying(|| ctx.is_replayed()));
+        assert!(!ctx.is_replayed());
+    }
+
+    #[tokio::test]
+    async fn a_worker_thread_that_ends_is_reported_and_the_others_keep_serving() {
+        let (lanes, rx) = lanes(Recorder::default(), 2, 100);
+        lanes.shared.lock().kill_a_worker = true;
+        lanes.shared.work.notify_all();
+        let lost = tokio::time::timeout(Duration::from_secs(10), lanes.worker_lost())
+            .await
+            .expect("the host is told within 10 s");
+        assert_eq!(lost, 1);
+        lanes.submit_test(start(1));
+        lanes.submit_test(fin(1, 1));
+        assert_eq!(seqs(&replies(&rx, 1)[&1]), vec![0, 1]);
+    }
+
+    #[tokio::test]
+    async fn stopping_the_lanes_is_not_a_lost_worker() {
+        let (lanes, _rx) = lanes(Recorder::default(), 2, 100);
+        let shared = Arc::clone(&lanes.shared);
+        drop(lanes);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(shared.lost.count.load(Ordering::Acquire), 0);
+    }
 }
