@@ -28,6 +28,7 @@
 //! [`EventCtx::is_replayed`] true while its plugin code runs.
 
 use std::any::Any;
+use std::cell::Cell;
 use std::collections::{HashMap, VecDeque};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -623,8 +624,13 @@ impl<P: Plugin> Shared<P> {
         what: &'static str,
         f: impl FnOnce() -> T,
     ) -> Result<T, String> {
-        catch_unwind(AssertUnwindSafe(f)).map_err(|payload| {
+        let caught = {
+            let _catching = Catching::enter();
+            catch_unwind(AssertUnwindSafe(f))
+        };
+        caught.map_err(|payload| {
             let msg = panic_message(&*payload);
+            let location = CAUGHT_AT.with(|c| c.take()).unwrap_or_default();
             // Dropping the payload could run plugin code too (a panic with a custom type).
             if catch_unwind(AssertUnwindSafe(|| drop(payload))).is_err() {
                 tracing::error!(stream_id, "dropping a panic payload panicked; ignored");
@@ -636,6 +642,7 @@ impl<P: Plugin> Shared<P> {
                 seq,
                 hook = what,
                 panic = %msg,
+                %location,
                 panics_total = total,
                 "plugin panicked; this stream's final reply carries the error, other streams go on"
             );
@@ -753,6 +760,51 @@ impl<P: Plugin> Shared<P> {
             _ => (false, None),
         }
     }
+}
+
+thread_local! {
+    /// Plugin code runs under [`Shared::guarded`] on this thread: its panic is logged there.
+    static CATCHING: Cell<bool> = const { Cell::new(false) };
+    /// Where the last panic caught by [`Shared::guarded`] on this thread happened.
+    static CAUGHT_AT: Cell<Option<String>> = const { Cell::new(None) };
+}
+
+/// Marks this thread as running guarded plugin code until dropped.
+struct Catching(bool);
+
+impl Catching {
+    fn enter() -> Catching {
+        quiet_panic_hook();
+        Catching(CATCHING.with(|c| c.replace(true)))
+    }
+}
+
+impl Drop for Catching {
+    fn drop(&mut self) {
+        CATCHING.with(|c| c.set(self.0));
+    }
+}
+
+/// Wraps the process's panic hook (the one `logging.rs` installs, or the default) once, so that
+/// a panic [`Shared::guarded`] catches is logged once, by it, with plugin, stream and the
+/// location the hook saw, rather than also by the hook without them. Panics anywhere else still
+/// reach the previous hook. (A plugin that catches its own panics inside a hook is not logged by
+/// the hook either: it handled them.)
+fn quiet_panic_hook() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if CATCHING.with(Cell::get) {
+                let at = info
+                    .location()
+                    .map(|l| format!("{}:{}", l.file(), l.line()));
+                CAUGHT_AT.with(|c| c.set(at));
+            } else {
+                previous(info);
+            }
+        }));
+    });
 }
 
 /// What a step had done when it panicked, for [`Shared::recover`].
@@ -882,6 +934,23 @@ mod tests {
 
         fn consumed(&self) -> u64 {
             self.shared.credits.consumed()
+        }
+    }
+
+    /// Waits until stream `id`'s lane is running with nothing queued: its worker is inside the
+    /// blocking hook (not still in an earlier event).
+    fn wait_blocked(lanes: &Lanes<Recorder>, id: StreamId) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            {
+                let inner = lanes.shared.lock();
+                let queued = inner.lanes.get(&id).map_or(0, |l| l.queue.len());
+                if inner.running.contains_key(&id) && queued == 0 {
+                    return;
+                }
+            }
+            assert!(Instant::now() < deadline, "stream {id} never blocked");
+            std::thread::sleep(Duration::from_millis(1));
         }
     }
 
@@ -1020,12 +1089,7 @@ mod tests {
         let (lanes, rx) = lanes(plugin, 1, 3);
         lanes.submit_test(start(1));
         lanes.submit_test(chunk(1, 1, "block", false));
-        // Wait until the worker is inside the blocking hook, so the queue is empty.
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while lanes.stuck(Duration::ZERO).is_empty() {
-            assert!(Instant::now() < deadline);
-            std::thread::sleep(Duration::from_millis(1));
-        }
+        wait_blocked(&lanes, 1);
         for seq in 2..=7 {
             lanes.submit_test(chunk(1, seq, "x", false));
         }
@@ -1074,11 +1138,7 @@ mod tests {
         let (mut sent, mut last) = (0, 0);
         sent += lanes.submit_test(start(1));
         sent += lanes.submit_test(chunk(1, 1, "block", false));
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while lanes.stuck(Duration::ZERO).is_empty() {
-            assert!(Instant::now() < deadline);
-            std::thread::sleep(Duration::from_millis(1));
-        }
+        wait_blocked(&lanes, 1);
         // Three fit in the lane, three are dropped at the full lane.
         for seq in 2..=7 {
             sent += lanes.submit_test(chunk(1, seq, "x", false));

@@ -292,6 +292,13 @@ async fn a_panic_in_one_stream_leaves_the_other_99_replies_correct() {
     assert!(stderr.contains("plugin=test-crash"), "{stderr}");
     assert!(stderr.contains("stream_id=42"), "{stderr}");
     assert!(stderr.contains("panicking on purpose"), "{stderr}");
+    // Logged once, by the host with its context, not a second time by the panic hook.
+    assert_eq!(
+        stderr.matches("panicking on purpose").count(),
+        1,
+        "{stderr}"
+    );
+    assert!(stderr.contains("location="), "{stderr}");
 }
 
 #[tokio::test]
