@@ -30,15 +30,16 @@ fn params() -> Params {
     }
 }
 
-/// Runs the batch (streams 10 ms apart), calls `during` once the batch is under way, and returns
-/// each stream's access-log line after checking its body.
-async fn batch<F, Fut>(setup: &Stack, tag: &str, during: F) -> Vec<serde_json::Value>
+/// Runs the batch (streams 10 ms apart), calls `during` after stream `at` has started, and
+/// returns each stream's access-log line after checking its body.
+async fn batch<F, Fut>(setup: &Stack, tag: &str, at: usize, during: F) -> Vec<serde_json::Value>
 where
     F: FnOnce() -> Fut,
     Fut: std::future::Future<Output = ()>,
 {
     let port = setup.envoy.port;
     let mut tasks = Vec::new();
+    let mut during = Some(during);
     for i in 0..STREAMS {
         let id = format!("{tag}-{i}");
         tasks.push(tokio::spawn(async move {
@@ -46,19 +47,16 @@ where
             (id, got)
         }));
         tokio::time::sleep(Duration::from_millis(10)).await;
-        if i == STREAMS / 3 {
-            // A third of the streams are running, some of them near their end.
-            during().await;
-            break;
+        if i == at {
+            if let Some(during) = during.take() {
+                during().await;
+            }
         }
     }
-    for i in STREAMS / 3 + 1..STREAMS {
-        let id = format!("{tag}-{i}");
-        tasks.push(tokio::spawn(async move {
-            let got = chat(port, &params(), &id).await;
-            (id, got)
-        }));
-        tokio::time::sleep(Duration::from_millis(10)).await;
+    if let Some(during) = during.take() {
+        // After the last start: the streams still running are in their last stretch.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        during().await;
     }
     let mut lines = Vec::new();
     for t in tasks {
@@ -101,7 +99,7 @@ async fn a_plugin_killed_mid_batch_loses_no_stream_s_metadata() {
     let setup = Stack::start(PLUGINS, &["usage", "test-order"]).await;
     let usage = setup.plugin_pid("usage").await;
     let order = setup.plugin_pid("test-order").await;
-    let lines = batch(&setup, "kill", || async {
+    let lines = batch(&setup, "kill", STREAMS / 3, || async {
         kill(Pid::from_raw(usage as i32), Signal::SIGKILL).unwrap();
         kill(Pid::from_raw(order as i32), Signal::SIGKILL).unwrap();
     })
@@ -123,4 +121,94 @@ async fn a_plugin_killed_mid_batch_loses_no_stream_s_metadata() {
         "{metrics}"
     );
     assert_ne!(setup.plugin_pid("usage").await, usage);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugin_killed_while_the_last_finals_are_in_flight_loses_nothing() {
+    let setup = Stack::start(PLUGINS, &["usage", "test-order"]).await;
+    let usage = setup.plugin_pid("usage").await;
+    let lines = batch(&setup, "late", STREAMS, || async {
+        kill(Pid::from_raw(usage as i32), Signal::SIGKILL).unwrap();
+    })
+    .await;
+    assert_whole(&lines);
+    assert_ne!(setup.plugin_pid("usage").await, usage);
+}
+
+/// `plugvisor restart`: the old process finishes its streams, the new one takes the new ones,
+/// and the old one exits once it has no stream left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_mid_batch_hands_over_without_losing_a_stream() {
+    let setup = Stack::start(PLUGINS, &["usage", "test-order"]).await;
+    let usage = setup.plugin_pid("usage").await;
+    let socket = setup.front.control_socket();
+    let lines = batch(&setup, "restart", STREAMS / 2, || async {
+        let answer = supervisor::control::request(
+            &socket,
+            &supervisor::control::Request::Restart {
+                plugin: "usage".into(),
+            },
+        )
+        .await
+        .expect("control socket answers");
+        assert!(answer.error.is_none(), "{answer:?}");
+    })
+    .await;
+    assert_whole(&lines);
+    let fresh = setup.plugin_pid("usage").await;
+    assert_ne!(fresh, usage);
+    // The replaced process exits by itself once its streams are done.
+    let gone = (0..100).any(|_| {
+        std::thread::sleep(Duration::from_millis(50));
+        !std::path::Path::new(&format!("/proc/{usage}")).exists()
+    });
+    assert!(gone, "the replaced process {usage} is still running");
+    let log = setup.front.log();
+    assert!(!log.contains("exited unexpectedly"), "{log}");
+    assert_eq!(
+        metric(
+            &setup.front.metrics(),
+            "plugvisor_plugin_restarts_total{plugin=\"usage\"}"
+        ),
+        0.0
+    );
+}
+
+/// A reload that changes what the usage process is started with restarts it by handover; one
+/// that changes only a front-side key (its final deadline) restarts nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reloads_mid_batch_lose_no_stream_and_front_keys_restart_nothing() {
+    let setup = Stack::start(PLUGINS, &["usage", "test-order"]).await;
+    let usage = setup.plugin_pid("usage").await;
+    let order = setup.plugin_pid("test-order").await;
+    let changed = PLUGINS.replace(
+        "[plugins.usage]\n",
+        "[plugins.usage]\nenv = { PLUGVISOR_DRILL = \"1\" }\n",
+    );
+    let lines = batch(&setup, "reload", STREAMS / 2, || async {
+        setup.front.reload(&changed);
+    })
+    .await;
+    assert_whole(&lines);
+    let fresh = setup.plugin_pid("usage").await;
+    assert_ne!(fresh, usage, "a changed env restarts the process");
+    assert_eq!(setup.plugin_pid("test-order").await, order);
+
+    let front_only = changed.replace(
+        "final_timeout_ms = 5000\n[plugins.test-order]",
+        "final_timeout_ms = 4000\n[plugins.test-order]",
+    );
+    assert_ne!(front_only, changed);
+    let lines = batch(&setup, "reload-front", STREAMS / 2, || async {
+        setup.front.reload(&front_only);
+    })
+    .await;
+    assert_whole(&lines);
+    assert_eq!(
+        setup.plugin_pid("usage").await,
+        fresh,
+        "a front-side key restarts nothing"
+    );
+    let log = setup.front.log();
+    assert!(log.contains("updated in place"), "{log}");
 }
