@@ -179,6 +179,8 @@ pub struct PluginConfig {
     /// How long a replaced process (restart, reload) may keep serving the streams it has before
     /// they move to its successor with their journals.
     pub drain_grace: Duration,
+    /// How long one event may run in a plugin's lane before the plugin counts as hung.
+    pub stuck_timeout: Duration,
 }
 
 impl PluginConfig {
@@ -312,6 +314,7 @@ struct RawPlugin {
     budget_bytes: Option<usize>,
     replay_bytes: Option<usize>,
     drain_grace_ms: Option<u64>,
+    stuck_timeout_ms: Option<u64>,
 }
 
 fn yes() -> bool {
@@ -438,6 +441,10 @@ impl Config {
                     "start_timeout_ms and hang_timeout_ms must be at least 1".into(),
                 ));
             }
+            let stuck_timeout = ms(raw_plugin.stuck_timeout_ms, Duration::from_secs(10));
+            if stuck_timeout.is_zero() {
+                return Err(bad("stuck_timeout_ms must be at least 1".into()));
+            }
             let metadata_max_bytes = raw_plugin
                 .metadata_max_bytes
                 .unwrap_or(DEFAULT_PLUGIN_METADATA_BYTES);
@@ -476,6 +483,7 @@ impl Config {
                 budget_bytes,
                 replay_bytes: raw_plugin.replay_bytes.unwrap_or(DEFAULT_REPLAY_BYTES),
                 drain_grace: ms(raw_plugin.drain_grace_ms, Duration::from_secs(30)),
+                stuck_timeout,
             });
         }
 

@@ -153,7 +153,10 @@ impl ExternalProcessor for Front {
         let stream = StreamTask {
             inner: self.inner.clone(),
             id,
-            plugins: links.iter().cloned().map(PluginStream::new).collect(),
+            plugins: links
+                .iter()
+                .map(|l| PluginStream::new(l.clone(), id))
+                .collect(),
             shed,
             _permit: permit,
             modes: None,

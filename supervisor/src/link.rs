@@ -41,6 +41,9 @@ pub enum Missing {
     Timeout,
     /// The plugin answered with an error.
     Failed,
+    /// The stream's event hung a lane of the plugin past `stuck_timeout_ms`; the plugin was
+    /// restarted and the stream not replayed (it would hang the replacement too).
+    Stuck,
 }
 
 impl Missing {
@@ -50,6 +53,7 @@ impl Missing {
             Missing::Down => "down",
             Missing::Timeout => "timeout",
             Missing::Failed => "failed",
+            Missing::Stuck => "stuck",
         }
     }
 }
@@ -162,6 +166,10 @@ pub struct PluginLink {
     journal_used: AtomicUsize,
     /// Connections being replaced, finishing the streams they have.
     draining: Mutex<Vec<Arc<Conn>>>,
+    /// Lanes the plugin's last `Pong` reported stuck in one event.
+    stuck: Mutex<Vec<ipc_protocol::StuckLane>>,
+    /// Streams whose event hung the plugin: never replayed to a replacement.
+    poisoned: Mutex<std::collections::HashSet<StreamId>>,
     /// What the last connection subscribed to (what streams assume while the plugin is down).
     last_subscriptions: Mutex<Subscriptions>,
 }
@@ -184,6 +192,8 @@ impl PluginLink {
             next_call: AtomicU64::new(1),
             journal_used: AtomicUsize::new(0),
             draining: Mutex::new(Vec::new()),
+            stuck: Mutex::new(Vec::new()),
+            poisoned: Mutex::new(std::collections::HashSet::new()),
             last_subscriptions: Mutex::new(Subscriptions::ALL),
         }
     }
@@ -394,6 +404,38 @@ impl PluginLink {
         streams
     }
 
+    /// The lanes the plugin's last `Pong` reported stuck in one event.
+    pub fn stuck_lanes(&self) -> Vec<ipc_protocol::StuckLane> {
+        self.stuck.lock().expect("stuck lock").clone()
+    }
+
+    /// The lane stuck longest, if it has been stuck past `stuck_timeout_ms`.
+    pub fn stuck_past_limit(&self) -> Option<ipc_protocol::StuckLane> {
+        let limit = self.config().stuck_timeout.as_millis() as u64;
+        self.stuck_lanes()
+            .into_iter()
+            .filter(|l| l.running_ms >= limit)
+            .max_by_key(|l| l.running_ms)
+    }
+
+    /// Marks `stream` as the one that hung the plugin: it is not replayed to the replacement,
+    /// and its final says `stuck`. Also forgets the stuck report (the process is about to go).
+    pub fn poison(&self, stream: StreamId) {
+        self.poisoned.lock().expect("poison lock").insert(stream);
+        self.stuck.lock().expect("stuck lock").clear();
+        self.metrics.stuck_lanes.get_or_create(&self.label).set(0);
+    }
+
+    /// Whether `stream` hung the plugin (see [`PluginLink::poison`]).
+    pub fn is_poisoned(&self, stream: StreamId) -> bool {
+        self.poisoned.lock().expect("poison lock").contains(&stream)
+    }
+
+    /// Forgets a poisoned stream once it has ended.
+    pub fn forget_poisoned(&self, stream: StreamId) {
+        self.poisoned.lock().expect("poison lock").remove(&stream);
+    }
+
     /// Connections being replaced that still serve streams.
     pub fn draining(&self) -> usize {
         self.draining.lock().expect("draining lock").len()
@@ -577,6 +619,11 @@ impl PluginLink {
                 }
                 Ok(Some(FromPlugin::Pong(pong))) => {
                     *self.last_pong.lock().expect("pong lock") = Some(Instant::now());
+                    self.metrics
+                        .stuck_lanes
+                        .get_or_create(&self.label)
+                        .set(pong.stuck.len() as i64);
+                    *self.stuck.lock().expect("stuck lock") = pong.stuck.clone();
                     self.metrics
                         .plugin_active_streams
                         .get_or_create(&self.label)
@@ -762,6 +809,14 @@ impl PluginLink {
             .lock()
             .expect("acks lock")
             .remove(&(stream_id, seq));
+    }
+
+    /// Counts a final that brought no metadata for a reason found outside [`PluginLink::final_call`].
+    pub fn count_missing(&self, why: Missing) {
+        self.metrics
+            .finals_missing
+            .get_or_create(&Metrics::reason(&self.name, why.as_str()))
+            .inc();
     }
 
     /// A fresh final call id.

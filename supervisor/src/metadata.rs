@@ -47,6 +47,8 @@ pub enum Excluded {
     StreamFull,
     /// The stream started while `max_streams` streams were active: no plugin saw it.
     Shed,
+    /// The stream's event hung the plugin (see `stuck_timeout_ms`).
+    Stuck,
 }
 
 impl Excluded {
@@ -60,6 +62,7 @@ impl Excluded {
             Excluded::TooDeep => "too_deep",
             Excluded::StreamFull => "stream_full",
             Excluded::Shed => "max_streams",
+            Excluded::Stuck => "stuck",
         }
     }
 }
@@ -70,6 +73,7 @@ impl From<crate::link::Missing> for Excluded {
             crate::link::Missing::Down => Excluded::Down,
             crate::link::Missing::Timeout => Excluded::Timeout,
             crate::link::Missing::Failed => Excluded::Failed,
+            crate::link::Missing::Stuck => Excluded::Stuck,
         }
     }
 }

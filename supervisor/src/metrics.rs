@@ -73,6 +73,8 @@ pub struct Metrics {
     pub plugin_connected: Family<PluginLabel, Gauge>,
     /// Streams the plugin holds state for, as its last `Pong` said.
     pub plugin_active_streams: Family<PluginLabel, Gauge>,
+    /// Lanes stuck in one event, as the plugin's last `Pong` said.
+    pub stuck_lanes: Family<PluginLabel, Gauge>,
     /// Handshakes refused, by plugin name as announced and reason.
     pub handshakes_refused: Family<PluginReason, Counter>,
     /// ext_proc streams in progress.
@@ -123,6 +125,7 @@ impl Metrics {
         let plugin_connected = Family::default();
         let handshakes_refused = Family::default();
         let plugin_active_streams = Family::default();
+        let stuck_lanes = Family::default();
         let streams_active = Gauge::default();
         let streams_total = Counter::default();
         let stream_errors = Counter::default();
@@ -181,6 +184,11 @@ impl Metrics {
             "plugvisor_plugin_active_streams",
             "Streams the plugin holds state for, as reported by its last pong",
             plugin_active_streams.clone(),
+        );
+        registry.register(
+            "plugvisor_plugin_stuck_lanes",
+            "Lanes stuck in one event, as reported by the plugin's last pong",
+            stuck_lanes.clone(),
         );
         registry.register(
             "plugvisor_plugin_handshakes_refused",
@@ -267,6 +275,7 @@ impl Metrics {
             finals_missing,
             plugin_connected,
             plugin_active_streams,
+            stuck_lanes,
             handshakes_refused,
             streams_active,
             streams_total,

@@ -29,6 +29,9 @@ struct Entry {
 /// One stream's state for one plugin.
 pub struct PluginStream {
     link: Arc<PluginLink>,
+    stream_id: u64,
+    /// This stream's event hung the plugin: nothing more goes to the plugin for it.
+    poisoned: bool,
     next_seq: u32,
     bound: Option<Arc<Conn>>,
     journal: Vec<Entry>,
@@ -54,9 +57,11 @@ pub struct Outcome {
 
 impl PluginStream {
     /// A stream that has sent `link`'s plugin nothing yet.
-    pub fn new(link: Arc<PluginLink>) -> PluginStream {
+    pub fn new(link: Arc<PluginLink>, stream_id: u64) -> PluginStream {
         PluginStream {
             link,
+            stream_id,
+            poisoned: false,
             next_seq: 0,
             bound: None,
             journal: Vec::new(),
@@ -92,6 +97,11 @@ impl PluginStream {
     fn route(&mut self) -> Option<Arc<Conn>> {
         if let Some(c) = self.bound.as_ref().filter(|c| !c.is_closed()) {
             return Some(c.clone());
+        }
+        if self.poisoned || self.link.is_poisoned(self.stream_id) {
+            // Replaying the event that hung the plugin would hang its replacement too.
+            self.poisoned = true;
+            return None;
         }
         let current = self.link.connection().filter(|c| !c.is_closed())?;
         if !self.journal.is_empty() {
@@ -145,6 +155,9 @@ impl PluginStream {
     pub fn send(&mut self, make: impl FnOnce(u32) -> ToPlugin) {
         let msg = make(self.next_seq());
         let conn = self.route();
+        if self.poisoned {
+            return;
+        }
         let journaled = self.journal(&msg, conn.is_some());
         match conn {
             Some(c) => {
@@ -202,7 +215,12 @@ impl PluginStream {
         let deadline = tokio::time::Instant::from_std(started + self.link.config().final_timeout);
         let mut connected = self.link.subscribe_connected();
         let result = loop {
-            let conn = match self.route() {
+            let routed = self.route();
+            if self.poisoned {
+                self.link.count_missing(Missing::Stuck);
+                break Err(Missing::Stuck);
+            }
+            let conn = match routed {
                 Some(conn) => conn,
                 None => {
                     // Down: a replacement may be on its way (a restart takes tens of ms).
@@ -259,6 +277,9 @@ impl PluginStream {
 impl Drop for PluginStream {
     fn drop(&mut self) {
         self.link.journal_release(self.journal_bytes);
+        if self.poisoned {
+            self.link.forget_poisoned(self.stream_id);
+        }
         if let Some(conn) = self.bound.take() {
             self.link.unbind(&conn);
         }

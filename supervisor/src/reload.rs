@@ -158,6 +158,7 @@ impl Unstarted {
             queue_depth: 0,
             dropped_events: 0,
             retry_in_ms: None,
+            stuck_lanes: 0,
         }
     }
 }

@@ -53,6 +53,9 @@ pub struct PluginStatus {
     pub dropped_events: u64,
     /// In backoff: milliseconds until the next start.
     pub retry_in_ms: Option<u64>,
+    /// Lanes stuck in one event, as the plugin's last pong said.
+    #[serde(default)]
+    pub stuck_lanes: u32,
 }
 
 /// An operator's or the front's request to a supervised plugin.
@@ -249,6 +252,11 @@ pub fn link_status(link: &PluginLink, metrics: &Metrics) -> PluginStatus {
         queue_depth: metrics.queue_depth.get_or_create(&label).get(),
         dropped_events: dropped,
         retry_in_ms: None,
+        stuck_lanes: if conn.is_some() {
+            link.stuck_lanes().len() as u32
+        } else {
+            0
+        },
     }
 }
 
@@ -328,7 +336,18 @@ impl Task {
                     self.feed(Event::BackoffElapsed).await;
                 }
                 _ = hang_tick.tick(), if state == State::Up => {
-                    if self.hung() {
+                    if let Some(lane) = self.ctx.link.stuck_past_limit() {
+                        tracing::error!(
+                            plugin = %self.ctx.link.name(),
+                            pid = ?self.child.as_ref().and_then(|c| c.id()),
+                            stream = lane.stream_id,
+                            running_ms = lane.running_ms,
+                            limit = ?self.ctx.link.config().stuck_timeout,
+                            "a lane of the plugin is stuck in one event past stuck_timeout_ms; killing its process group (its other streams move to the replacement)"
+                        );
+                        self.ctx.link.poison(lane.stream_id);
+                        self.feed(Event::Hung).await;
+                    } else if self.hung() {
                         tracing::error!(
                             plugin = %self.ctx.link.name(),
                             pid = ?self.child.as_ref().and_then(|c| c.id()),

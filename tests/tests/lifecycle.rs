@@ -37,14 +37,30 @@ where
     F: FnOnce() -> Fut,
     Fut: std::future::Future<Output = ()>,
 {
+    batch_of(setup, tag, at, |_| params(), during).await
+}
+
+/// [`batch`] with stream `i` asking for `params_of(i)`.
+async fn batch_of<F, Fut>(
+    setup: &Stack,
+    tag: &str,
+    at: usize,
+    params_of: impl Fn(usize) -> Params,
+    during: F,
+) -> Vec<serde_json::Value>
+where
+    F: FnOnce() -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
     let port = setup.envoy.port;
     let mut tasks = Vec::new();
     let mut during = Some(during);
     for i in 0..STREAMS {
         let id = format!("{tag}-{i}");
+        let p = params_of(i);
         tasks.push(tokio::spawn(async move {
-            let got = chat(port, &params(), &id).await;
-            (id, got)
+            let got = chat(port, &p, &id).await;
+            (id, p, got)
         }));
         tokio::time::sleep(Duration::from_millis(10)).await;
         if i == at {
@@ -60,9 +76,9 @@ where
     }
     let mut lines = Vec::new();
     for t in tasks {
-        let (id, got) = t.await.unwrap();
+        let (id, p, got) = t.await.unwrap();
         assert_eq!(got.error, None, "{id}");
-        assert!(got.body() == params().body(), "{id}: body differs");
+        assert!(got.body() == p.body(), "{id}: body differs");
         lines.push(setup.log_for(&id));
     }
     lines
@@ -211,4 +227,93 @@ async fn reloads_mid_batch_lose_no_stream_and_front_keys_restart_nothing() {
     );
     let log = setup.front.log();
     assert!(log.contains("updated in place"), "{log}");
+}
+
+/// A lane stuck in one event past `stuck_timeout_ms` is a hang: the plugin is restarted, the
+/// stream that hung it is reported `stuck` (and not replayed, it would hang the replacement),
+/// and every other stream moves to the replacement whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stuck_lane_restarts_the_plugin_and_costs_only_its_own_stream() {
+    let setup = Stack::start(
+        r#"
+[plugins.usage]
+final_timeout_ms = 5000
+[plugins.test-hang]
+args = ["test-hang", "--connect", "__RUN__/plugins/test-hang.sock", "--stuck-after", "100ms"]
+stuck_timeout_ms = 300
+final_timeout_ms = 5000
+[plugins.test-hang.config]
+marker = "HANG-HERE"
+scope = "lane"
+"#,
+        &["usage", "test-hang"],
+    )
+    .await;
+    const HUNG: usize = 10;
+    let lines = batch_of(
+        &setup,
+        "stuck",
+        STREAMS,
+        |i| Params {
+            marker: (i == HUNG).then(|| (5, "HANG-HERE".to_owned())),
+            ..params()
+        },
+        || async {},
+    )
+    .await;
+    for (i, line) in lines.iter().enumerate() {
+        assert_eq!(
+            line["usage"]["completion_tokens"],
+            params().chunks as f64,
+            "{line}"
+        );
+        if i == HUNG {
+            assert_eq!(
+                line["plugvisor"]["reasons"],
+                serde_json::json!({"test-hang": "stuck"}),
+                "{line}"
+            );
+        } else {
+            assert_eq!(
+                line["plugvisor"]["missing"],
+                serde_json::json!([]),
+                "{line}"
+            );
+            assert!(line["plugvisor"]["partial"].is_null(), "{line}");
+        }
+    }
+    let metrics = setup.front.metrics();
+    assert_eq!(
+        metric(
+            &metrics,
+            "plugvisor_plugin_restarts_total{plugin=\"test-hang\"}"
+        ),
+        1.0,
+        "{metrics}"
+    );
+    assert!(setup
+        .front
+        .log()
+        .contains("stuck in one event past stuck_timeout_ms"));
+}
+
+/// A frozen process (SIGSTOP) answers no ping: after `hang_timeout_ms` it is killed and
+/// restarted, and its streams finish on the replacement, whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_plugin_is_replaced_and_its_streams_finish_whole() {
+    let setup = Stack::start(
+        &PLUGINS.replace(
+            "[plugins.usage]\n",
+            "[plugins.usage]\nhang_timeout_ms = 600\n",
+        ),
+        &["usage", "test-order"],
+    )
+    .await;
+    let usage = setup.plugin_pid("usage").await;
+    let lines = batch(&setup, "stop", STREAMS / 3, || async {
+        kill(Pid::from_raw(usage as i32), Signal::SIGSTOP).unwrap();
+    })
+    .await;
+    assert_whole(&lines);
+    assert_ne!(setup.plugin_pid("usage").await, usage);
 }

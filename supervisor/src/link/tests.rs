@@ -31,6 +31,7 @@ fn plugin(queue_events: usize, queue_bytes: usize, final_ms: u64) -> PluginConfi
         budget_bytes: crate::config::DEFAULT_BUDGET_BYTES,
         replay_bytes: crate::config::DEFAULT_REPLAY_BYTES,
         drain_grace: Duration::from_secs(30),
+        stuck_timeout: Duration::from_secs(10),
     }
 }
 
