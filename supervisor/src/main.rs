@@ -45,6 +45,12 @@ enum Command {
     },
     /// Print the embedded default configuration.
     DefaultConfig,
+    /// Print the runtime directory (control and plugin sockets) of --config or the default.
+    ///
+    /// `runtime_dir` if set, else `$RUNTIME_DIRECTORY`, `$XDG_RUNTIME_DIR/plugvisor`,
+    /// `/run/plugvisor` for root, else `/tmp/plugvisor-<uid>`: e.g.
+    /// `"$(plugvisor runtime-dir)/plugins/usage.sock"`.
+    RuntimeDir,
     /// Show each plugin's state, pid, uptime, restarts, last exit, queue depth and drops.
     Status {
         /// Print the status as JSON.
@@ -195,6 +201,22 @@ fn main() -> ExitCode {
         Some(Command::DefaultConfig) => {
             print!("{}", supervisor::config::DEFAULT_CONFIG);
             return ExitCode::SUCCESS;
+        }
+        Some(Command::RuntimeDir) => {
+            let config = match &cli.config {
+                Some(path) => Config::load(path),
+                None => Config::default_config(),
+            };
+            return match config {
+                Ok(c) => {
+                    println!("{}", c.runtime_dir.display());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("plugvisor: {}", error_chain(&e));
+                    ExitCode::from(EXIT_CONFIG)
+                }
+            };
         }
         Some(Command::Status { json, control: c }) => {
             return control(
