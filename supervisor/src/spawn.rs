@@ -95,11 +95,12 @@ pub fn command_problem(plugin: &PluginConfig) -> Option<String> {
         Ok(_) => return None,
         Err(problem) => problem,
     };
-    let key = format!("[plugins.{}] command", plugin.name);
+    let table = format!("[plugins.{}]", plugin.name);
+    let key = format!("{table} command");
     let hint = if command.file_name().is_some_and(|f| f == PLUGIN_HOST) {
         format!(
             "build it with `cargo build --release -p plugin-runner` (it lands in target/release/), \
-             or remove `command` from {key} and plugvisor runs its built-in plugins itself"
+             or remove `command` from {table} and plugvisor runs its built-in plugins itself"
         )
     } else {
         format!("build or install it, or set {key} to the path of an executable")
