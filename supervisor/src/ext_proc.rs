@@ -278,11 +278,14 @@ impl StreamTask {
             };
             let Some(next) = next else {
                 let limit = idle_timeout.unwrap_or_default();
-                tracing::warn!(
-                    stream = self.id,
-                    idle_ms = limit.as_millis() as u64,
-                    "ext_proc stream idle past idle_stream_timeout_ms; failing it"
-                );
+                if let Some(held) = crate::logging::limited::allow("idle stream") {
+                    tracing::warn!(
+                        stream = self.id,
+                        idle_ms = limit.as_millis() as u64,
+                        held_back = held,
+                        "ext_proc stream idle past idle_stream_timeout_ms; failing it"
+                    );
+                }
                 metrics.stream_errors.inc();
                 let _ = replies
                     .tx
@@ -304,11 +307,15 @@ impl StreamTask {
                 Err(status) => {
                     if let Some(size) = too_large(&status) {
                         // Carrying on would lose this body: fail the stream where Envoy sees it.
-                        tracing::warn!(
+                        let held = crate::logging::limited::allow("message too large");
+                        if let Some(held) = held {
+                            tracing::warn!(
                             stream = self.id,
                             size_bytes = size,
+                            held_back = held,
                             "ext_proc message larger than max_message_bytes; failing the stream (raise max_message_bytes, or lower Envoy's buffer limits)"
                         );
+                        }
                         metrics.messages_too_large.inc();
                         metrics.stream_errors.inc();
                         let _ = replies
@@ -580,7 +587,9 @@ impl StreamTask {
         for (link, conn, seq, deadline, rx) in waits {
             if tokio::time::timeout_at(deadline, rx).await.is_err() {
                 link.forget_ack(&conn, self.id, seq);
-                tracing::warn!(plugin = %link.name(), stream = self.id, seq, "inline chunk not acknowledged in time");
+                if let Some(held) = crate::logging::limited::allow("inline ack late") {
+                    tracing::warn!(plugin = %link.name(), stream = self.id, seq, held_back = held, "inline chunk not acknowledged in time");
+                }
             }
         }
     }
@@ -638,7 +647,9 @@ impl StreamTask {
             match outcome.result {
                 Ok(metadata) => {
                     if let Err(why) = merge.add(&name, metadata, cap) {
-                        tracing::warn!(plugin = %name, stream = id, reason = why.as_str(), metadata_max_bytes = cap, stream_metadata_max_bytes = self.inner.limits.stream_metadata_max_bytes, "plugin metadata left out of the stream's dynamic_metadata");
+                        if let Some(held) = crate::logging::limited::allow("metadata left out") {
+                            tracing::warn!(plugin = %name, stream = id, reason = why.as_str(), metadata_max_bytes = cap, stream_metadata_max_bytes = self.inner.limits.stream_metadata_max_bytes, held_back = held, "plugin metadata left out of the stream's dynamic_metadata");
+                        }
                         self.inner
                             .metrics
                             .finals_missing

@@ -117,6 +117,8 @@ pub struct Conn {
     bound_streams: AtomicUsize,
     /// Being replaced: takes no new stream, gets `Shutdown` once its last stream ends.
     draining: std::sync::atomic::AtomicBool,
+    /// Told to shut down: its end is planned, not a failure.
+    shutdown_sent: std::sync::atomic::AtomicBool,
 }
 
 impl Conn {
@@ -293,6 +295,7 @@ impl PluginLink {
             since: Instant::now(),
             bound_streams: AtomicUsize::new(0),
             draining: std::sync::atomic::AtomicBool::new(false),
+            shutdown_sent: std::sync::atomic::AtomicBool::new(false),
         });
         *slot = Some(conn.clone());
         drop(slot);
@@ -327,7 +330,11 @@ impl PluginLink {
                 .plugin_connected
                 .get_or_create(&self.label)
                 .set(0);
-            tracing::warn!(plugin = %self.name, pid = conn.pid, reason = why, "plugin disconnected");
+            if conn.shutdown_sent.load(Ordering::Acquire) {
+                tracing::info!(plugin = %self.name, pid = conn.pid, reason = why, "plugin disconnected after Shutdown");
+            } else {
+                tracing::warn!(plugin = %self.name, pid = conn.pid, reason = why, "plugin disconnected");
+            }
         }
         drop(slot);
         self.draining
@@ -355,6 +362,7 @@ impl PluginLink {
     }
 
     fn shutdown_drained(&self, conn: &Conn) {
+        conn.shutdown_sent.store(true, Ordering::Release);
         tracing::info!(plugin = %self.name, pid = conn.pid, "replaced process finished its streams; telling it to stop");
         let _ = conn
             .priority
@@ -874,13 +882,17 @@ impl PluginLink {
         match tokio::time::timeout_at(deadline, rx).await {
             Ok(Ok(FinalOutcome::Metadata(md))) => Ok(md),
             Ok(Ok(FinalOutcome::Error(e))) => {
-                tracing::warn!(plugin = %self.name, call_id, error = %e, "plugin failed the final call");
+                if let Some(held) = crate::logging::limited::allow("final failed") {
+                    tracing::warn!(plugin = %self.name, call_id, error = %e, held_back = held, "plugin failed the final call");
+                }
                 Err(Missing::Failed)
             }
             Ok(Err(_)) => Err(Missing::Down),
             Err(_) => {
                 forget();
-                tracing::warn!(plugin = %self.name, call_id, "final call timed out");
+                if let Some(held) = crate::logging::limited::allow("final timeout") {
+                    tracing::warn!(plugin = %self.name, call_id, held_back = held, "final call timed out");
+                }
                 Err(Missing::Timeout)
             }
         }
@@ -904,6 +916,7 @@ impl PluginLink {
     /// the window.
     pub fn send_shutdown(&self, grace: Duration) {
         if let Some(conn) = self.connection() {
+            conn.shutdown_sent.store(true, Ordering::Release);
             let _ = conn
                 .priority
                 .try_send(ToPlugin::Shutdown(ipc_protocol::Shutdown {
