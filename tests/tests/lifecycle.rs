@@ -317,3 +317,47 @@ async fn a_frozen_plugin_is_replaced_and_its_streams_finish_whole() {
     assert_whole(&lines);
     assert_ne!(setup.plugin_pid("usage").await, usage);
 }
+
+/// A journal too small for the streams in flight: after a kill, the streams whose journal kept
+/// every event finish whole, the others finish on the replacement reported partial (by the front
+/// under `plugvisor.partial`, by the plugin as `partial` or `gaps`): never a silent loss.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_past_the_journal_are_reported_partial_with_gaps() {
+    let setup = Stack::start(
+        "[plugins.test-order]\nfinal_timeout_ms = 5000\nreplay_bytes = 40000\n",
+        &["test-order"],
+    )
+    .await;
+    let order = setup.plugin_pid("test-order").await;
+    let lines = batch(&setup, "overflow", STREAMS / 2, || async {
+        kill(Pid::from_raw(order as i32), Signal::SIGKILL).unwrap();
+    })
+    .await;
+    let sha = hex::encode(Sha256::digest(params().body()));
+    let (mut whole, mut partial) = (0, 0);
+    for line in &lines {
+        assert_eq!(
+            line["plugvisor"]["missing"],
+            serde_json::json!([]),
+            "{line}"
+        );
+        let lost = &line["plugvisor"]["partial"]["test-order"];
+        if lost.is_null() {
+            assert_eq!(line["test_order"]["sha256"], sha, "{line}");
+            assert_eq!(line["test_order"]["gaps"], 0.0, "{line}");
+            whole += 1;
+        } else {
+            assert!(lost.as_f64().unwrap() >= 1.0, "{line}");
+            // The plugin says so too: events missing at the start make it partial, missing
+            // later ones are gaps.
+            let order = &line["test_order"];
+            assert!(
+                order["partial"] == true || order["gaps"].as_f64().unwrap() >= 1.0,
+                "{line}"
+            );
+            partial += 1;
+        }
+    }
+    assert!(partial > 0, "the journal never overflowed");
+    assert!(whole > 0, "no stream fit its journal");
+}
