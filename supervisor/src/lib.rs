@@ -4,12 +4,14 @@
 //!
 //! [`start`] binds everything and returns a [`Running`] front (tests read its addresses and
 //! metrics); [`run`] is `start`, wait for `shutdown`, stop. The modules: [`config`] (TOML, the
-//! embedded default), [`ext_proc`] (the gRPC service, one task per stream), [`link`] (a plugin's
-//! connection, queue, writer and reader), [`accept`] (plugin sockets and the handshake),
+//! embedded default), [`ext_proc`] (the gRPC service, one task per stream), [`plugin_stream`] (a
+//! stream's side of one plugin: sequence numbers, binding, replay journal), [`link`] (a plugin's
+//! live and draining connections, queue, writer and reader), [`accept`] (plugin sockets and the handshake),
 //! [`spawn`] (starting a plugin process), [`supervise`] (watching and restarting it, driving the
 //! pure policy in [`restart`]), [`control`] (the control socket behind `plugvisor status`),
 //! [`metadata`] (merging into `dynamic_metadata`), [`metrics`] (Prometheus and the admin
-//! server) and [`instance`] (one front per runtime directory, and only sockets replaced).
+//! server), [`reload`] (applying a new configuration), [`logging`] (the front's log and its
+//! rate-limited warnings), [`service`] and [`systemd`] (running under systemd) and [`instance`] (one front per runtime directory, and only sockets replaced).
 //!
 //! Unsafe code is denied everywhere but in [`spawn`], which sets the parent-death signal between
 //! fork and exec.
