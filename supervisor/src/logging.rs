@@ -88,8 +88,8 @@ pub fn init(format: LogFormat) {
     }
 }
 
-/// Per-request warnings, rate-limited: at most [`BURST`] records of one kind per
-/// [`WINDOW`]; past that they are counted, and the next record let through says how many were
+/// Per-request warnings, rate-limited: at most `BURST` records of one kind per
+/// `WINDOW`; past that they are counted, and the next record let through says how many were
 /// held back. A thousand streams failing the same way must not become a thousand log lines a
 /// second, nor hide that they did.
 pub mod limited {
