@@ -102,6 +102,22 @@ impl FrontProcess {
         http_get(self.admin_port, "/metrics").unwrap_or_default()
     }
 
+    /// `name`'s row of `plugvisor status`.
+    pub async fn plugin_status(&self, name: &str) -> supervisor::supervise::PluginStatus {
+        let answer = supervisor::control::request(
+            &self.control_socket(),
+            &supervisor::control::Request::Status,
+        )
+        .await
+        .expect("control socket answers");
+        answer
+            .plugins
+            .expect("status lists plugins")
+            .into_iter()
+            .find(|p| p.name == name)
+            .unwrap_or_else(|| panic!("no plugin {name} in status"))
+    }
+
     /// Replaces the `[plugins.*]` tables of the config file and sends SIGHUP (a reload).
     pub fn reload(&self, plugins_toml: &str) {
         let text = std::fs::read_to_string(&self.config_path).expect("read the config");

@@ -80,13 +80,5 @@ pub async fn open(listen: &str, connections: usize, per_connection: usize) -> Id
 
 /// A process's resident set, KiB.
 pub fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|status| {
-            status
-                .lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        })
-        .unwrap_or(0)
+    crate::bench::procfs::rss_bytes(pid) / 1024
 }

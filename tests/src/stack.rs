@@ -64,18 +64,10 @@ impl Stack {
 
     /// The pid of the process serving `name`, as `plugvisor status` reports it.
     pub async fn plugin_pid(&self, name: &str) -> u32 {
-        let answer = supervisor::control::request(
-            &self.front.control_socket(),
-            &supervisor::control::Request::Status,
-        )
-        .await
-        .expect("control socket answers");
-        answer
-            .plugins
-            .expect("status lists plugins")
-            .into_iter()
-            .find(|p| p.name == name)
-            .and_then(|p| p.pid)
+        self.front
+            .plugin_status(name)
+            .await
+            .pid
             .unwrap_or_else(|| panic!("{name} has no pid"))
     }
 

@@ -35,14 +35,9 @@ fn is_root() -> bool {
     false
 }
 
-/// The front's resident memory, from `/proc/<pid>/status` (`None` once it is gone).
+/// The front's resident memory (`None` once it is gone).
 fn rss_bytes(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let kb: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())?;
-    Some(kb * 1024)
+    Some(tests::bench::procfs::rss_bytes(pid)).filter(|b| *b > 0)
 }
 
 /// Decodes what the front wrote before closing: the one `ToPlugin` frame of a refusal.
@@ -265,14 +260,17 @@ impl Drop for Killed {
     }
 }
 
-/// Welcomes a hand-made `test-order` plugin on `socket`, sends one frame announcing `len` payload
-/// bytes (and sends them), and waits up to 5 s for the front to close the connection.
-async fn welcomed_then_send_frame(socket: &Path, len: usize) {
+/// Connects to `socket` as a `test-order` plugin and sends its `Hello`.
+async fn say_hello(
+    socket: &Path,
+) -> (
+    FrameReader<tokio::net::unix::OwnedReadHalf>,
+    ipc_protocol::FrameWriter<tokio::net::unix::OwnedWriteHalf>,
+) {
     use ipc_protocol::{FrameWriter, FromPlugin, Hello, Subscriptions, PROTOCOL_VERSION};
-    use tokio::io::AsyncWriteExt;
     let stream = tokio::net::UnixStream::connect(socket).await.unwrap();
     let (r, w) = stream.into_split();
-    let mut reader = FrameReader::new(r);
+    let reader = FrameReader::new(r);
     let mut writer = FrameWriter::new(w);
     writer
         .send(&FromPlugin::Hello(Hello {
@@ -283,6 +281,14 @@ async fn welcomed_then_send_frame(socket: &Path, len: usize) {
         }))
         .await
         .unwrap();
+    (reader, writer)
+}
+
+/// Welcomes a hand-made `test-order` plugin on `socket`, sends one frame announcing `len` payload
+/// bytes (and sends them), and waits up to 5 s for the front to close the connection.
+async fn welcomed_then_send_frame(socket: &Path, len: usize) {
+    use tokio::io::AsyncWriteExt;
+    let (mut reader, mut writer) = say_hello(socket).await;
     let answer = reader.read::<ToPlugin>().await.unwrap();
     assert!(matches!(answer, Some(ToPlugin::Welcome(_))), "{answer:?}");
     let mut frame = (len as u32).to_le_bytes().to_vec();
@@ -340,7 +346,6 @@ async fn a_welcomed_plugin_may_send_frames_up_to_its_metadata_cap_plus_the_margi
 /// one of them goes away.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn handshakes_past_the_limit_wait_in_the_backlog_until_one_ends() {
-    use ipc_protocol::{FrameWriter, FromPlugin, Hello, Subscriptions, PROTOCOL_VERSION};
     let dir = tempfile::tempdir().unwrap();
     let front = tokio::task::block_in_place(|| {
         FrontProcess::start(dir.path(), "[plugins.test-order]\nspawn = false\n", &[])
@@ -350,19 +355,7 @@ async fn handshakes_past_the_limit_wait_in_the_backlog_until_one_ends() {
     for _ in 0..supervisor::accept::MAX_HANDSHAKES {
         silent.push(tokio::net::UnixStream::connect(&socket).await.unwrap());
     }
-    let stream = tokio::net::UnixStream::connect(&socket).await.unwrap();
-    let (r, w) = stream.into_split();
-    let mut reader = FrameReader::new(r);
-    let mut writer = FrameWriter::new(w);
-    writer
-        .send(&FromPlugin::Hello(Hello {
-            protocol_version: PROTOCOL_VERSION,
-            plugin: "test-order".to_owned(),
-            pid: std::process::id(),
-            subscriptions: Subscriptions::ALL,
-        }))
-        .await
-        .unwrap();
+    let (mut reader, _writer) = say_hello(&socket).await;
     let early = tokio::time::timeout(Duration::from_millis(1000), reader.read::<ToPlugin>()).await;
     assert!(early.is_err(), "answered past the limit: {early:?}");
     drop(silent.pop());

@@ -9,7 +9,6 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
-use supervisor::control::{self, Request};
 use supervisor::supervise::PluginStatus;
 use tests::bins;
 use tests::front::{metric, FrontProcess};
@@ -64,15 +63,7 @@ fn inode(path: &Path) -> u64 {
 }
 
 async fn status(front: &FrontProcess, name: &str) -> PluginStatus {
-    let answer = control::request(&front.control_socket(), &Request::Status)
-        .await
-        .expect("control socket answers");
-    answer
-        .plugins
-        .expect("status lists plugins")
-        .into_iter()
-        .find(|p| p.name == name)
-        .unwrap_or_else(|| panic!("no plugin {name} in status"))
+    front.plugin_status(name).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -36,12 +36,7 @@ exec sleep 120
 "#;
 
 fn rss_bytes(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let kb: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())?;
-    Some(kb * 1024)
+    Some(tests::bench::procfs::rss_bytes(pid)).filter(|b| *b > 0)
 }
 
 /// Alive and not a zombie (a process killed by SIGPIPE is a zombie until the front reaps it).
