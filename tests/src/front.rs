@@ -102,6 +102,11 @@ impl FrontProcess {
         http_get(self.admin_port, "/metrics").unwrap_or_default()
     }
 
+    /// The config file it runs with.
+    pub fn config_path(&self) -> &Path {
+        &self.config_path
+    }
+
     /// `name`'s row of `plugvisor status`.
     pub async fn plugin_status(&self, name: &str) -> supervisor::supervise::PluginStatus {
         let answer = supervisor::control::request(
