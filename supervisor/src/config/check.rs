@@ -33,7 +33,13 @@ pub(super) fn builtin(name: &str, config: &Value) -> Result<(), BuiltinError> {
         ValidateError::UnknownPlugin(_) => {
             BuiltinError::UnknownPlugin(format!("{e}; set `command` to run your own plugin binary"))
         }
-        ValidateError::Config(e) => BuiltinError::Config(e.to_string()),
+        // CEL's parser draws a caret under the error on extra lines; errors here are one line.
+        ValidateError::Config(e) => BuiltinError::Config(
+            e.to_string()
+                .split_whitespace()
+                .collect::<Vec<_>>()
+                .join(" "),
+        ),
     })
 }
 
