@@ -81,8 +81,11 @@ pub enum RunError {
         message: String,
     },
     /// The ext_proc or admin listener could not be bound.
-    #[error("cannot listen on {addr}")]
+    #[error("{key}: cannot listen on {addr}")]
     Listen {
+        /// The config key the address comes from (`listen`, `admin_listen`), or where it came
+        /// from instead (systemd).
+        key: &'static str,
         /// The address.
         addr: String,
         /// Why.
@@ -289,6 +292,7 @@ pub async fn start(config: Config) -> Result<Running, RunError> {
             let listener = metrics::bind_admin(addr)
                 .await
                 .map_err(|source| RunError::Listen {
+                    key: "admin_listen",
                     addr: addr.to_string(),
                     source,
                 })?;

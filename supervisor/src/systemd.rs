@@ -139,6 +139,7 @@ pub enum ExtProcListener {
 /// listener, and whether it came from systemd (whose socket file the front must never remove).
 pub async fn bind_ext_proc(listen: &Listen) -> Result<(Listen, ExtProcListener, bool), RunError> {
     let activation_error = |source: io::Error| RunError::Listen {
+        key: "socket activation",
         addr: "the socket passed by systemd (LISTEN_FDS)".to_owned(),
         source,
     };
@@ -164,6 +165,7 @@ pub async fn bind_ext_proc(listen: &Listen) -> Result<(Listen, ExtProcListener, 
     match listen {
         Listen::Tcp(addr) => {
             let failed = |source| RunError::Listen {
+                key: "listen",
                 addr: addr.to_string(),
                 source,
             };
@@ -173,6 +175,7 @@ pub async fn bind_ext_proc(listen: &Listen) -> Result<(Listen, ExtProcListener, 
         }
         Listen::Unix(path) => {
             let failed = |source| RunError::Listen {
+                key: "listen",
                 addr: format!("unix:{}", path.display()),
                 source,
             };

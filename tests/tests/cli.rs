@@ -108,6 +108,46 @@ fn check_config_refuses_what_would_fail_at_run_time_with_file_line_and_key() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("key `plugins.usgae`"));
 }
 
+/// A taken port names the key it comes from, so the operator knows which line to change.
+#[test]
+fn a_busy_port_names_its_key_and_address() {
+    let dir = tempfile::tempdir().unwrap();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let busy = taken.local_addr().unwrap();
+    let free = || {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+    };
+    for (key, text) in [
+        (
+            "admin_listen",
+            format!("listen = \"{}\"\nadmin_listen = \"{busy}\"\n", free()),
+        ),
+        (
+            "listen",
+            format!("listen = \"{busy}\"\nadmin_listen = \"{}\"\n", free()),
+        ),
+    ] {
+        let path = dir.path().join(format!("{key}.toml"));
+        std::fs::write(&path, text).unwrap();
+        let out = Command::new(bins::plugvisor())
+            .env("RUNTIME_DIRECTORY", dir.path().join(key))
+            .env("PLUGVISOR_LOG_FORMAT", "human")
+            .arg("--config")
+            .arg(&path)
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{out:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains(&format!("{key}: cannot listen on {busy}")),
+            "{stderr}"
+        );
+    }
+}
+
 #[test]
 fn no_arguments_serves_the_embedded_default_with_usage_and_latency() {
     bins::plugvisor_plugin();
