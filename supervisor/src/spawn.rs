@@ -110,6 +110,9 @@ impl Spawner {
         let mut cmd = Command::new(&program);
         cmd.arg0(format!("{PLUGIN_HOST}: {}", plugin.name))
             .args(plugin_args(plugin, socket))
+            // The plugin host then writes compact stderr lines that `forward` reads back into
+            // records of their own level; a plugin's own `env` may still turn it off.
+            .env(plugin_runner::logging::SUPERVISED_ENV, "1")
             .envs(&plugin.env)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -181,13 +184,44 @@ async fn forward(
     fd: &'static str,
 ) {
     let result = forward_lines(stream, MAX_OUTPUT_LINE, |line| {
-        tracing::info!(target: "plugvisor::plugin", plugin = %plugin, pid, fd, "{line}");
+        log_plugin_line(&plugin, pid, fd, line)
     })
     .await;
     if let Err(e) = result {
         // Only the pipe itself failing ends the forwarding; the plugin's next write to it will
         // fail too, and say so in its own way.
         tracing::warn!(plugin = %plugin, pid, fd, error = %e, "cannot read plugin output");
+    }
+}
+
+/// Logs one line of plugin output. A stderr line in the plugin host's supervised form
+/// (`LEVEL target: message`) becomes a record of that level without the level word; the front's
+/// own timestamp is the only one. Anything else is logged at INFO as it is.
+fn log_plugin_line(plugin: &str, pid: u32, fd: &'static str, line: &str) {
+    use tracing::Level;
+    let parsed = if fd == "stderr" {
+        plugin_runner::logging::parse_supervised(line)
+    } else {
+        None
+    };
+    let (level, message) = parsed.unwrap_or((Level::INFO, line));
+    // The macros take the level as a constant.
+    match level {
+        Level::ERROR => {
+            tracing::error!(target: "plugvisor::plugin", plugin = %plugin, pid, fd, "{message}")
+        }
+        Level::WARN => {
+            tracing::warn!(target: "plugvisor::plugin", plugin = %plugin, pid, fd, "{message}")
+        }
+        Level::INFO => {
+            tracing::info!(target: "plugvisor::plugin", plugin = %plugin, pid, fd, "{message}")
+        }
+        Level::DEBUG => {
+            tracing::debug!(target: "plugvisor::plugin", plugin = %plugin, pid, fd, "{message}")
+        }
+        Level::TRACE => {
+            tracing::trace!(target: "plugvisor::plugin", plugin = %plugin, pid, fd, "{message}")
+        }
     }
 }
 
