@@ -263,6 +263,41 @@ pub fn watchdog_ping() {
     notify(&[NotifyState::Watchdog]);
 }
 
+/// The STATUS line during a stop: it follows the streams still draining (`draining 3
+/// stream(s)`, then `streams drained; stopping plugins`), and is sent only when it changes.
+#[derive(Debug)]
+pub struct DrainStatus {
+    base: StatusSnapshot,
+    last: Option<i64>,
+}
+
+impl DrainStatus {
+    /// Starts from the line as it was when the stop began (phase `stopping`).
+    pub fn new(base: StatusSnapshot) -> DrainStatus {
+        DrainStatus { base, last: None }
+    }
+
+    /// The line for `streams` in flight, if it differs from the last one returned.
+    pub fn update(&mut self, streams: i64) -> Option<String> {
+        let streams = streams.max(0);
+        if self.last == Some(streams) {
+            return None;
+        }
+        self.last = Some(streams);
+        let drain = if streams > 0 {
+            format!("draining {streams} stream(s)")
+        } else {
+            "streams drained; stopping plugins".to_owned()
+        };
+        let mut snapshot = self.base.clone();
+        snapshot.note = Some(match snapshot.note.take() {
+            Some(other) => format!("{drain}; {other}"),
+            None => drain,
+        });
+        Some(snapshot.line())
+    }
+}
+
 /// What the STATUS line says.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StatusSnapshot {
@@ -492,6 +527,30 @@ pub async fn watchdog_loop(interval: Duration, probes: impl Fn() -> Vec<Probe> +
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_drain_status_follows_the_streams_and_is_sent_only_when_it_changes() {
+        let mut drain = DrainStatus::new(StatusSnapshot {
+            phase: "stopping",
+            plugins: vec![("usage".into(), true), ("latency".into(), true)],
+            restarts: 1,
+            note: None,
+        });
+        assert_eq!(
+            drain.update(3).as_deref(),
+            Some("stopping; plugins 2/2 up; restarts 1; draining 3 stream(s)")
+        );
+        assert_eq!(drain.update(3), None, "unchanged: nothing sent");
+        assert_eq!(
+            drain.update(1).as_deref(),
+            Some("stopping; plugins 2/2 up; restarts 1; draining 1 stream(s)")
+        );
+        assert_eq!(
+            drain.update(0).as_deref(),
+            Some("stopping; plugins 2/2 up; restarts 1; streams drained; stopping plugins")
+        );
+        assert_eq!(drain.update(0), None);
+    }
 
     #[test]
     fn status_line_counts_plugins_and_names_the_missing() {
