@@ -300,22 +300,25 @@ mod tests {
     use crate::config::Config;
 
     /// Spawns plugin `p`, a `sleep 5` shell, with `extra` lines added to its config table.
-    async fn spawn_sleeper(extra: &str) -> Child {
+    /// The spawner is returned too: when its thread ends the child gets its parent-death
+    /// SIGKILL, which would race the test's look at it.
+    async fn spawn_sleeper(extra: &str) -> (Spawner, Child) {
         let config = Config::parse(
             &format!("[plugins.p]\ncommand = \"/bin/sh\"\nargs = [\"-c\", \"sleep 5\"]\n{extra}"),
             "t",
         )
         .unwrap();
-        Spawner::start()
-            .unwrap()
+        let spawner = Spawner::start().unwrap();
+        let child = spawner
             .spawn_plugin(&config.plugins[0], Path::new("/nonexistent.sock"))
             .await
-            .unwrap()
+            .unwrap();
+        (spawner, child)
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_plugin_leads_its_own_process_group_under_its_title() {
-        let mut child = spawn_sleeper("").await;
+        let (_spawner, mut child) = spawn_sleeper("").await;
         let pid = child.id().unwrap() as i32;
         let pgid = nix::unistd::getpgid(Some(nix::unistd::Pid::from_raw(pid))).unwrap();
         assert_eq!(pgid.as_raw(), pid);
@@ -342,7 +345,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn cpu_scheduling_idle_puts_the_plugin_under_sched_idle() {
-        let mut child = spawn_sleeper("cpu_scheduling = \"idle\"\n").await;
+        let (_spawner, mut child) = spawn_sleeper("cpu_scheduling = \"idle\"\n").await;
         let pid = child.id().unwrap();
         // Field 41 of /proc/<pid>/stat is the policy; fields after the command's ')' start at 3.
         let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
