@@ -7,8 +7,8 @@
 //! objects with `plugin` and `pid` keys (`--log-format json`). Panics anywhere in the process
 //! become error records too.
 //!
-//! A plugin the front spawned (it sets [`SUPERVISED_ENV`]) that would write human-readable lines
-//! writes them compact instead, `LEVEL target: message fields`, with neither timestamp nor
+//! A plugin the front spawned (it sets [`SUPERVISED_ENV`]) that would write to stderr (human or
+//! JSON) writes compact lines instead, `LEVEL target: message fields`, with neither timestamp nor
 //! `plugin=`/`pid=` prefix: the front reads its stderr, turns each line into a record of that
 //! level tagged with plugin and pid, and stamps it itself ([`parse_supervised`]).
 
@@ -181,14 +181,16 @@ pub fn init_with(plugin: &str, format: LogFormat) {
             .with_env_filter(filter())
             .with_writer(std::io::stderr)
             .with_ansi(false);
-        installed = if format == LogFormat::Json {
+        // Supervised, stderr is the front's pipe whatever the format asked for (a front logging
+        // JSON passes PLUGVISOR_LOG_FORMAT=json down): the front formats the records itself.
+        installed = if supervised() {
+            builder.event_format(Compact).try_init().is_ok()
+        } else if format == LogFormat::Json {
             builder
                 .json()
                 .event_format(TaggedJson(Format::default().json().with_thread_names(true)))
                 .try_init()
                 .is_ok()
-        } else if supervised() {
-            builder.event_format(Compact).try_init().is_ok()
         } else {
             builder
                 .event_format(Tagged(Format::default().with_thread_names(true)))
