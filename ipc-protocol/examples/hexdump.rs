@@ -1,4 +1,4 @@
-//! Prints the exact frame bytes of one `Hello`, `Welcome`, `Chunk` and `Credit`, as quoted in
+//! Prints the exact frame bytes of one `Hello`, `Welcome`, `Chunk`, replayed `Chunk` and `Credit`, as quoted in
 //! docs/protocol.md.
 //!
 //! `cargo run -p ipc-protocol --example hexdump`
@@ -59,5 +59,7 @@ fn main() {
     dump("Hello", &frame(&hello));
     dump("Welcome", &frame(&welcome));
     dump("Chunk", &frame(&chunk));
+    let replayed = chunk.replayed().expect("a chunk is a per-stream event");
+    dump("Replayed(Chunk)", &frame(&replayed));
     dump("Credit", &frame(&credit));
 }

@@ -46,4 +46,10 @@ pub enum ProtocolError {
         /// Newest version the front supports.
         max: u32,
     },
+    /// A `Replayed` message wrapped something other than one per-stream event.
+    #[error("Replayed wraps {inner}; only RequestStart, ResponseHeaders, Chunk, Final or Abort may be replayed")]
+    BadReplay {
+        /// The kind of the wrapped message.
+        inner: &'static str,
+    },
 }

@@ -12,6 +12,7 @@
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
+use crate::error::ProtocolError;
 use crate::value::{Metadata, Value};
 
 /// A header as it travels on the wire: lowercase name, value (not necessarily UTF-8 in HTTP, but
@@ -42,6 +43,44 @@ pub enum ToPlugin {
     Ping(Ping),
     /// The front is stopping; finish in-flight work within the grace period and exit.
     Shutdown(Shutdown),
+    /// A per-stream event (RequestStart, ResponseHeaders, Chunk, Final or Abort) the front
+    /// already sent to a process of this plugin that crashed, sent again, unchanged (same stream
+    /// id, seq and stamp), so the replacement can rebuild the stream's state. Wrapping anything
+    /// else, or another `Replayed`, is a protocol error ([`ToPlugin::into_event`]). Protocol
+    /// version 2, appended at the end.
+    #[serde(deserialize_with = "deserialize_replayed")]
+    Replayed(Box<ToPlugin>),
+}
+
+/// `ToPlugin` without `Replayed`, variant for variant: what a `Replayed` may wrap on the wire.
+/// Decoding through it rejects a nested `Replayed` as undecodable, so a frame of nested
+/// `Replayed` tags cannot recurse the decoder into a stack overflow.
+#[derive(Deserialize)]
+#[serde(rename = "ToPlugin")]
+enum Unreplayed {
+    Welcome(Welcome),
+    Refuse(Refuse),
+    RequestStart(RequestStart),
+    ResponseHeaders(ResponseHeaders),
+    Chunk(Chunk),
+    Final(Final),
+    Abort(Abort),
+    Ping(Ping),
+    Shutdown(Shutdown),
+}
+
+fn deserialize_replayed<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Box<ToPlugin>, D::Error> {
+    Ok(Box::new(match Unreplayed::deserialize(d)? {
+        Unreplayed::Welcome(m) => ToPlugin::Welcome(m),
+        Unreplayed::Refuse(m) => ToPlugin::Refuse(m),
+        Unreplayed::RequestStart(m) => ToPlugin::RequestStart(m),
+        Unreplayed::ResponseHeaders(m) => ToPlugin::ResponseHeaders(m),
+        Unreplayed::Chunk(m) => ToPlugin::Chunk(m),
+        Unreplayed::Final(m) => ToPlugin::Final(m),
+        Unreplayed::Abort(m) => ToPlugin::Abort(m),
+        Unreplayed::Ping(m) => ToPlugin::Ping(m),
+        Unreplayed::Shutdown(m) => ToPlugin::Shutdown(m),
+    }))
 }
 
 /// Everything a plugin sends to the front.
@@ -331,7 +370,8 @@ impl ResponseHeaders {
 }
 
 impl ToPlugin {
-    /// The stream id and sequence number of a per-stream event, `None` for connection messages.
+    /// The stream id and sequence number of a per-stream event (replayed or live), `None` for
+    /// connection messages and for an invalid `Replayed`.
     pub fn stream_seq(&self) -> Option<(StreamId, u32)> {
         match self {
             ToPlugin::RequestStart(e) => Some((e.stream_id, e.seq)),
@@ -339,15 +379,52 @@ impl ToPlugin {
             ToPlugin::Chunk(e) => Some((e.stream_id, e.seq)),
             ToPlugin::Final(e) => Some((e.stream_id, e.seq)),
             ToPlugin::Abort(e) => Some((e.stream_id, e.seq)),
+            ToPlugin::Replayed(inner) if inner.is_live_event() => inner.stream_seq(),
             ToPlugin::Welcome(_)
             | ToPlugin::Refuse(_)
             | ToPlugin::Ping(_)
-            | ToPlugin::Shutdown(_) => None,
+            | ToPlugin::Shutdown(_)
+            | ToPlugin::Replayed(_) => None,
+        }
+    }
+
+    /// Whether this is a per-stream event sent live (not wrapped in `Replayed`).
+    pub fn is_live_event(&self) -> bool {
+        matches!(
+            self,
+            ToPlugin::RequestStart(_)
+                | ToPlugin::ResponseHeaders(_)
+                | ToPlugin::Chunk(_)
+                | ToPlugin::Final(_)
+                | ToPlugin::Abort(_)
+        )
+    }
+
+    /// Wraps a per-stream event for replay; anything else is returned unchanged in `Err`.
+    pub fn replayed(self) -> Result<ToPlugin, ToPlugin> {
+        if self.is_live_event() {
+            Ok(ToPlugin::Replayed(Box::new(self)))
+        } else {
+            Err(self)
+        }
+    }
+
+    /// Unwraps a `Replayed`: the per-stream event inside and `true`; any other message comes back
+    /// as it is with `false`. A `Replayed` around a connection message or another `Replayed` is
+    /// [`ProtocolError::BadReplay`], an error for the connection.
+    pub fn into_event(self) -> Result<(ToPlugin, bool), ProtocolError> {
+        match self {
+            ToPlugin::Replayed(inner) if inner.is_live_event() => Ok((*inner, true)),
+            ToPlugin::Replayed(inner) => Err(ProtocolError::BadReplay {
+                inner: inner.kind(),
+            }),
+            other => Ok((other, false)),
         }
     }
 
     /// Whether this message counts against the flow-control window: the per-stream events do,
-    /// connection messages (Welcome, Refuse, Ping, Shutdown) never do.
+    /// replayed ones included (by their whole `Replayed` frame); connection messages (Welcome,
+    /// Refuse, Ping, Shutdown) never do.
     pub fn counts_for_credit(&self) -> bool {
         self.stream_seq().is_some()
     }
@@ -374,6 +451,7 @@ impl ToPlugin {
             ToPlugin::Abort(_) => "Abort",
             ToPlugin::Ping(_) => "Ping",
             ToPlugin::Shutdown(_) => "Shutdown",
+            ToPlugin::Replayed(_) => "Replayed",
         }
     }
 }
@@ -410,5 +488,61 @@ mod tests {
         assert_eq!(e.header("content-type"), Some("text/event-stream"));
         assert_eq!(e.header("CONTENT-TYPE"), Some("text/event-stream"));
         assert_eq!(e.header("x-missing"), None);
+    }
+
+    fn chunk() -> ToPlugin {
+        ToPlugin::Chunk(Chunk {
+            stream_id: 9,
+            seq: 3,
+            stamp_ns: 77,
+            len: 2,
+            bytes: Bytes::from_static(b"hi"),
+            end_of_stream: false,
+            ack: false,
+        })
+    }
+
+    #[test]
+    fn a_replayed_event_keeps_its_stream_seq_and_counts_for_credit() {
+        let replayed = chunk().replayed().unwrap();
+        assert_eq!(replayed.kind(), "Replayed");
+        assert_eq!(replayed.stream_seq(), Some((9, 3)));
+        assert!(replayed.counts_for_credit());
+        assert_eq!(replayed.flow_bytes(40), 40);
+        assert_eq!(replayed.into_event().unwrap(), (chunk(), true));
+        assert_eq!(chunk().into_event().unwrap(), (chunk(), false));
+    }
+
+    #[test]
+    fn a_replayed_connection_message_or_nested_replay_is_a_protocol_error() {
+        let ping = ToPlugin::Ping(Ping { nonce: 1 });
+        assert!(ping.clone().replayed().is_err());
+        let bad = [
+            ToPlugin::Replayed(Box::new(ping)),
+            ToPlugin::Replayed(Box::new(chunk().replayed().unwrap())),
+            ToPlugin::Replayed(Box::new(ToPlugin::Shutdown(Shutdown { grace_ms: 1 }))),
+        ];
+        for msg in bad {
+            assert_eq!(msg.stream_seq(), None);
+            assert!(!msg.counts_for_credit());
+            match msg.into_event() {
+                Err(ProtocolError::BadReplay { .. }) => {}
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn nested_replayed_tags_do_not_decode() {
+        let nested = ToPlugin::Replayed(Box::new(chunk().replayed().unwrap()));
+        let bytes = crate::codec::encode(&nested).unwrap();
+        assert!(crate::codec::decode::<ToPlugin>(&bytes).is_err());
+        // A frame full of Replayed tags is refused at the second one, not by a stack overflow.
+        assert!(crate::codec::decode::<ToPlugin>(&[9u8; 1 << 20]).is_err());
+        let once = crate::codec::encode(&chunk().replayed().unwrap()).unwrap();
+        assert_eq!(
+            crate::codec::decode::<ToPlugin>(&once).unwrap(),
+            chunk().replayed().unwrap()
+        );
     }
 }

@@ -28,7 +28,18 @@ fn headers() -> impl Strategy<Value = Vec<Header>> {
     prop::collection::vec((".{0,10}", ".{0,20}"), 0..5)
 }
 
+/// Front → plugin messages, a per-stream event sometimes wrapped in `Replayed`.
 fn to_plugin() -> impl Strategy<Value = ToPlugin> {
+    (plain_to_plugin(), any::<bool>()).prop_map(|(msg, replay)| {
+        if replay {
+            msg.replayed().unwrap_or_else(|msg| msg)
+        } else {
+            msg
+        }
+    })
+}
+
+fn plain_to_plugin() -> impl Strategy<Value = ToPlugin> {
     prop_oneof![
         (any::<u32>(), value(), any::<u64>(), any::<u64>()).prop_map(
             |(v, config, budget_bytes, metadata_max_bytes)| ToPlugin::Welcome(Welcome {

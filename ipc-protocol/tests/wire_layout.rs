@@ -91,6 +91,28 @@ fn chunk_bytes_match_the_documented_dump() {
 }
 
 #[test]
+fn replayed_chunk_bytes_match_the_documented_dump() {
+    let chunk = ToPlugin::Chunk(Chunk {
+        stream_id: 7,
+        seq: 2,
+        stamp_ns: 1_234_567_890_123,
+        len: 19,
+        bytes: Bytes::from_static(b"data: {\"id\":\"c1\"}\n\n"),
+        end_of_stream: false,
+        ack: false,
+    });
+    let replayed = chunk.clone().replayed().unwrap();
+    let mut expected: Vec<u8> = vec![
+        0x24, 0x00, 0x00, 0x00, // frame length 36: the Chunk's payload plus one byte
+        0x09, // ToPlugin variant 9 = Replayed (the Box adds nothing on the wire)
+        0x04, // the inner ToPlugin variant 4 = Chunk, then the Chunk exactly as sent live
+    ];
+    expected.extend_from_slice(&frame(&chunk)[5..]);
+    assert_eq!(frame(&replayed), expected);
+    assert_eq!(replayed.flow_bytes(expected.len()), 40);
+}
+
+#[test]
 fn variant_indices_match_the_documented_tables() {
     use ipc_protocol::codec::encode;
     let first_byte = |m: &ToPlugin| encode(m).unwrap()[0];
@@ -104,6 +126,7 @@ fn variant_indices_match_the_documented_tables() {
         (6, "Abort"),
         (7, "Ping"),
         (8, "Shutdown"),
+        (9, "Replayed"),
     ];
     let samples = [
         ToPlugin::Welcome(Welcome {
@@ -157,6 +180,7 @@ fn variant_indices_match_the_documented_tables() {
         }),
         ToPlugin::Ping(Ping { nonce: 0 }),
         ToPlugin::Shutdown(Shutdown { grace_ms: 0 }),
+        ToPlugin::Replayed(Box::new(ToPlugin::Ping(Ping { nonce: 0 }))),
     ];
     for ((index, name), msg) in to.iter().zip(samples.iter()) {
         assert_eq!(first_byte(msg), *index, "{name}");
@@ -196,7 +220,8 @@ fn variant_indices_match_the_documented_tables() {
         assert_eq!(encode(msg).unwrap()[0], *index, "{name}");
         assert_eq!(msg.kind(), *name);
     }
-    // Only per-stream events count against the flow-control window.
+    // Only per-stream events count against the flow-control window (a `Replayed` around a
+    // connection message is a protocol error and counts nothing).
     let counted: Vec<&str> = samples
         .iter()
         .filter(|m| m.counts_for_credit())

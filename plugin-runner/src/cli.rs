@@ -2,7 +2,9 @@
 //! `<binary> [<plugin-name>] --connect <socket path> [tuning flags]`, parsed with `clap`.
 //! Bad usage prints one clear message and exits 64 (`EX_USAGE`).
 
+use std::ffi::OsString;
 use std::path::PathBuf;
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use clap::Parser;
@@ -90,11 +92,25 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     }
 }
 
+/// A command line that replaces the process's own, set once by [`crate::host_main`].
+static COMMAND_LINE: OnceLock<Vec<OsString>> = OnceLock::new();
+
+/// Makes [`Args::parse_or_exit`] parse `argv` (program name first) instead of the process's
+/// arguments. The `plugvisor` front hosts the built-in plugins itself (`plugvisor plugin <name>
+/// --connect ...`): it hands over its command line without the `plugin` word. The first call wins.
+pub(crate) fn set_command_line(argv: Vec<OsString>) {
+    let _ = COMMAND_LINE.set(argv);
+}
+
 impl Args {
-    /// Parses the process's arguments; `--help`/`--version` print and exit 0, errors print and
-    /// exit 64.
+    /// Parses the process's arguments (or those given to [`crate::host_main`]); `--help`/`--version`
+    /// print and exit 0, errors print and exit 64.
     pub fn parse_or_exit() -> Args {
-        match Args::try_parse() {
+        let parsed = match COMMAND_LINE.get() {
+            Some(argv) => Args::try_parse_from(argv),
+            None => Args::try_parse(),
+        };
+        match parsed {
             Ok(args) => args,
             Err(e) => {
                 let code = if e.use_stderr() {

@@ -2,7 +2,8 @@
 //!
 //! [`serve`] connects to the plugin's socket, says `Hello`, applies the config from `Welcome`
 //! (or exits 78 on `Refuse` or an invalid config), then reads frames: per-stream events go to
-//! their lanes (`lanes.rs`), `Ping` is answered right here from the reader with the lanes'
+//! their lanes (`lanes.rs`), a `Replayed` one unwrapped and marked replayed (anything but one
+//! per-stream event inside is a protocol error), `Ping` is answered right here from the reader with the lanes'
 //! counts (so a plugin busy in its hooks is never mistaken for a hung one), `Shutdown` drains the
 //! lanes for up to its grace period. Every event's frame length is counted: once the lanes are
 //! done with it, the bytes go back to the front as `Credit` (see `credit.rs`), which is what lets
@@ -293,13 +294,26 @@ async fn serve_inner<P: Plugin>(mut plugin: P, opts: &HostOptions) -> Result<Exi
                 Ok(Some(msg @ (ToPlugin::Welcome(_) | ToPlugin::Refuse(_)))) => {
                     tracing::warn!(kind = msg.kind(), "unexpected handshake message after Welcome; ignored");
                 }
-                Ok(Some(event)) => lanes.submit(event, reader.last_frame_len()),
+                Ok(Some(msg)) => {
+                    // A replayed event counts its whole `Replayed` frame, like a live one.
+                    let frame_len = reader.last_frame_len();
+                    let (event, replayed) = msg.into_event()?;
+                    lanes.submit(event, frame_len, replayed);
+                }
                 Ok(None) => {
                     tracing::info!("the front closed the connection; exiting");
                     break Exit::Clean;
                 }
                 Err(e) => return Err(HostError::Protocol(e)),
             },
+            lost = lanes.worker_lost() => {
+                tracing::error!(
+                    lost,
+                    workers = opts.workers,
+                    "a worker thread ended unexpectedly; exiting with status 1 so the plugin is restarted"
+                );
+                break Exit::Failed;
+            }
             _ = sweeper.tick() => {
                 lanes.evict_idle(opts.idle_timeout);
             }
@@ -312,6 +326,7 @@ async fn serve_inner<P: Plugin>(mut plugin: P, opts: &HostOptions) -> Result<Exi
         dropped = stats.dropped.load(std::sync::atomic::Ordering::Relaxed),
         evicted = stats.evicted.load(std::sync::atomic::Ordering::Relaxed),
         panics = stats.panics.load(std::sync::atomic::Ordering::Relaxed),
+        replayed = stats.replayed.load(std::sync::atomic::Ordering::Relaxed),
         consumed_bytes = consumed.consumed(),
         "plugin exiting"
     );

@@ -16,10 +16,19 @@
 //! stream cannot start without them. Lanes of streams that never got `Final`/`Abort` are evicted
 //! after an idle time.
 //!
-//! A panic in a hook is caught here, per event: logged with plugin, stream id and message; the
-//! lane is marked failed, its later hooks are skipped, its final reply carries the error.
+//! Every piece of plugin code a worker runs (a hook, the stream state's `Default` and `Drop`,
+//! building the final metadata) goes through one catch_unwind path ([`Shared::guarded`]): the
+//! panic is logged once with plugin, stream id and message, counted, the lane is marked failed
+//! (its later hooks are skipped, its final reply carries the error), and the worker goes on. A
+//! panic in the host's own code around it is caught per step too; and should a worker thread end
+//! anyway, the host is told ([`Lanes::worker_lost`]) and exits non-zero, so the pool never
+//! shrinks silently.
+//!
+//! A replayed event (resent by the front after a plugin restart) runs like a live one, with
+//! [`EventCtx::is_replayed`] true while its plugin code runs.
 
 use std::any::Any;
+use std::cell::Cell;
 use std::collections::{HashMap, VecDeque};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -32,7 +41,7 @@ use ipc_protocol::{
 };
 
 use crate::credit::{Credits, Owed};
-use crate::plugin::{EventCtx, Plugin};
+use crate::plugin::{EventCtx, Plugin, ReplayMark};
 use crate::sequence::{starts_partial, Kind, SeqState};
 
 /// Where a lane's answers (final replies, acks) go: the connection's writer.
@@ -60,12 +69,16 @@ pub(crate) struct LaneStats {
     pub evicted: AtomicU64,
     pub panics: AtomicU64,
     pub out_of_order: AtomicU64,
+    /// Replayed events received (resent by the front after a plugin restart).
+    pub replayed: AtomicU64,
 }
 
 struct Job {
     msg: ToPlugin,
     ctx: EventCtx,
     bytes: usize,
+    /// Resent by the front after a plugin restart (`ToPlugin::Replayed`).
+    replayed: bool,
     /// The event's counted frame bytes, consumed when the job is dropped (run or not).
     _owed: Owed,
 }
@@ -88,6 +101,9 @@ struct Inner<S> {
     ready: VecDeque<StreamId>,
     running: HashMap<StreamId, Instant>,
     stop: bool,
+    /// Makes the next worker to look for work end its thread, as a bug would.
+    #[cfg(test)]
+    kill_a_worker: bool,
 }
 
 struct Shared<P: Plugin> {
@@ -99,6 +115,7 @@ struct Shared<P: Plugin> {
     out: Outbox,
     credits: Arc<Credits>,
     stats: LaneStats,
+    lost: WorkerLost,
 }
 
 /// The lanes of one plugin connection and the worker threads that run them.
@@ -124,26 +141,43 @@ impl<P: Plugin> Lanes<P> {
                 ready: VecDeque::new(),
                 running: HashMap::new(),
                 stop: false,
+                #[cfg(test)]
+                kill_a_worker: false,
             }),
             work: Condvar::new(),
             out,
             credits,
             stats: LaneStats::default(),
+            lost: WorkerLost::default(),
         });
         for i in 0..shared.cfg.workers.max(1) {
             let shared = Arc::clone(&shared);
             std::thread::Builder::new()
                 .name(format!("pv-lane-{i}"))
-                .spawn(move || shared.worker())?;
+                .spawn(move || shared.worker(i))?;
         }
         Ok(Lanes { shared })
     }
 
     /// Queues a per-stream event on its stream's lane (creating the lane for a new stream).
     /// `frame_len` is the event's whole frame length as read, what it counts against the
-    /// flow-control window. Connection messages are ignored.
-    pub(crate) fn submit(&self, msg: ToPlugin, frame_len: usize) {
-        self.shared.submit(msg, frame_len)
+    /// flow-control window; `replayed` marks an event the front resent after a restart (the
+    /// host unwrapped its `ToPlugin::Replayed`). Connection messages are ignored.
+    pub(crate) fn submit(&self, msg: ToPlugin, frame_len: usize, replayed: bool) {
+        self.shared.submit(msg, frame_len, replayed)
+    }
+
+    /// Resolves when a worker thread has ended while the lanes were not stopping (a bug: every
+    /// panic is caught). The host then exits non-zero, so the plugin is restarted rather than
+    /// left running on a smaller pool.
+    pub(crate) async fn worker_lost(&self) -> u64 {
+        loop {
+            let lost = self.shared.lost.count.load(Ordering::Acquire);
+            if lost > 0 {
+                return lost;
+            }
+            self.shared.lost.notify.notified().await;
+        }
     }
 
     /// Streams the plugin holds state for.
@@ -191,8 +225,13 @@ impl<P: Plugin> Lanes<P> {
             .filter_map(|id| inner.lanes.remove(id))
             .collect();
         drop(inner);
-        // Their queues are empty (not scheduled), but return any credit before going on.
-        drop(evicted);
+        // Their queues are empty (not scheduled), but return any credit before going on. Their
+        // states are plugin code: dropped through the same guard as on a worker.
+        for (id, lane) in victims.iter().zip(evicted) {
+            let mut failed = None;
+            self.shared
+                .drop_state(lane.state, *id, lane.seq.last(), &mut failed);
+        }
         self.shared.flush_credit_if_idle();
         if !victims.is_empty() {
             let total = self
@@ -292,11 +331,6 @@ fn annotate(meta: &mut Metadata, namespace: &str, gaps: u64, partial: bool) {
     }
 }
 
-enum Ran {
-    Done,
-    Ended(Option<FromPlugin>),
-}
-
 impl<P: Plugin> Shared<P> {
     fn lock(&self) -> MutexGuard<'_, Inner<P::Stream>> {
         // A hook never runs under this lock, so a poisoned lock means a bug in this module;
@@ -316,7 +350,7 @@ impl<P: Plugin> Shared<P> {
         }
     }
 
-    fn submit(&self, msg: ToPlugin, frame_len: usize) {
+    fn submit(&self, msg: ToPlugin, frame_len: usize, replayed: bool) {
         let owed = self.credits.owe(msg.flow_bytes(frame_len));
         let (Some(kind), Some((stream_id, seq))) = (Kind::of(&msg), msg.stream_seq()) else {
             drop(owed);
@@ -392,8 +426,12 @@ impl<P: Plugin> Shared<P> {
                 partial,
             },
             bytes,
+            replayed,
             _owed: owed,
         });
+        if replayed {
+            self.stats.replayed.fetch_add(1, Ordering::Relaxed);
+        }
         lane.queued_bytes += bytes;
         lane.last_active = now;
         if !lane.scheduled {
@@ -404,72 +442,156 @@ impl<P: Plugin> Shared<P> {
         }
     }
 
-    fn worker(&self) {
-        loop {
-            let mut inner = self.lock();
-            let stream_id = loop {
-                if inner.stop {
-                    return;
-                }
-                if let Some(id) = inner.ready.pop_front() {
-                    break id;
-                }
-                inner = self.work.wait(inner).unwrap_or_else(|e| e.into_inner());
-            };
-            let Some(lane) = inner.lanes.get_mut(&stream_id) else {
-                continue;
-            };
-            let Some(job) = lane.queue.pop_front() else {
-                lane.scheduled = false;
-                continue;
-            };
-            lane.queued_bytes -= job.bytes;
-            let mut state = lane.state.take().unwrap_or_default();
-            let failed = lane.failed.clone();
-            let (gaps, partial) = (lane.gaps, lane.partial);
-            inner.running.insert(stream_id, Instant::now());
-            drop(inner);
-
-            let (ran, panicked) = self.run(&mut state, &job, failed, gaps, partial);
-            // Consumed before the lane stops counting as running, so whichever worker finds the
-            // lanes idle reports these bytes too.
-            drop(job);
-
-            let mut inner = self.lock();
-            inner.running.remove(&stream_id);
-            let mut leftover = Vec::new();
-            let reply = match ran {
-                Ran::Ended(reply) => {
-                    if let Some(lane) = inner.lanes.remove(&stream_id) {
-                        leftover.extend(lane.queue);
-                    }
-                    reply
-                }
-                Ran::Done => {
-                    if let Some(lane) = inner.lanes.get_mut(&stream_id) {
-                        lane.state = Some(state);
-                        lane.last_active = Instant::now();
-                        if panicked.is_some() {
-                            lane.failed = panicked;
-                        }
-                        if lane.queue.is_empty() {
-                            lane.scheduled = false;
-                        } else {
-                            inner.ready.push_back(stream_id);
-                        }
-                    }
-                    None
-                }
-            };
-            drop(inner);
-            if let Some(reply) = reply {
-                (self.out)(reply);
+    /// A worker thread: runs lanes' events until the lanes are dropped. Every piece of plugin
+    /// code goes through [`Shared::guarded`]; a panic anywhere else in a step (a bug here) is
+    /// caught around the whole step, so the thread keeps serving either way. If the thread ends
+    /// anyway, [`Alive`] tells the host, which exits rather than run on a shrunk pool.
+    fn worker(&self, index: usize) {
+        let _alive = Alive {
+            lost: &self.lost,
+            stopping: || self.lock().stop,
+            index,
+        };
+        while let Some(stream_id) = self.next_ready() {
+            let mut step = Step::default();
+            if let Err(payload) = catch_unwind(AssertUnwindSafe(|| self.step(stream_id, &mut step)))
+            {
+                self.recover(stream_id, step, &*payload);
             }
-            for job in leftover {
-                self.answer_after_end(job);
-            }
-            self.flush_credit_if_idle();
         }
+    }
+
+    /// The next lane to run, or `None` once the lanes are dropped.
+    fn next_ready(&self) -> Option<StreamId> {
+        let mut inner = self.lock();
+        loop {
+            if inner.stop {
+                return None;
+            }
+            #[cfg(test)]
+            if inner.kill_a_worker {
+                inner.kill_a_worker = false;
+                panic!("worker killed by a test");
+            }
+            if let Some(id) = inner.ready.pop_front() {
+                return Some(id);
+            }
+            inner = self.work.wait(inner).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    /// Runs the next event of `stream_id`'s lane, noting in `step` what [`Shared::recover`]
+    /// would need if it panicked.
+    fn step(&self, stream_id: StreamId, step: &mut Step) {
+        let mut inner = self.lock();
+        let Some(lane) = inner.lanes.get_mut(&stream_id) else {
+            return;
+        };
+        let Some(job) = lane.queue.pop_front() else {
+            lane.scheduled = false;
+            return;
+        };
+        lane.queued_bytes -= job.bytes;
+        let mut state = lane.state.take();
+        let mut failed = lane.failed.clone();
+        let (gaps, partial) = (lane.gaps, lane.partial);
+        inner.running.insert(stream_id, Instant::now());
+        drop(inner);
+        step.running = true;
+        if let ToPlugin::Final(f) = &job.msg {
+            step.call_id = Some(f.call_id);
+        }
+
+        let _mark = ReplayMark::set(job.replayed.then_some((stream_id, job.ctx.seq)));
+        if state.is_none() && failed.is_none() {
+            match self.guarded(stream_id, job.ctx.seq, "Default (new stream state)", || {
+                P::Stream::default()
+            }) {
+                Ok(s) => state = Some(s),
+                Err(e) => failed = Some(e),
+            }
+        }
+        let (ended, reply) = self.run(&mut state, &job, &mut failed, gaps, partial);
+        drop(_mark);
+        // Consumed before the lane stops counting as running, so whichever worker finds the
+        // lanes idle reports these bytes too.
+        drop(job);
+
+        let mut inner = self.lock();
+        inner.running.remove(&stream_id);
+        step.running = false;
+        let mut leftover = Vec::new();
+        if ended {
+            if let Some(lane) = inner.lanes.remove(&stream_id) {
+                leftover.extend(lane.queue);
+            }
+        } else if let Some(lane) = inner.lanes.get_mut(&stream_id) {
+            lane.state = state;
+            lane.last_active = Instant::now();
+            lane.failed = failed;
+            if lane.queue.is_empty() {
+                lane.scheduled = false;
+            } else {
+                inner.ready.push_back(stream_id);
+            }
+        }
+        drop(inner);
+        if let Some(reply) = reply {
+            step.call_id = None;
+            (self.out)(reply);
+        }
+        for job in leftover {
+            self.answer_after_end(job);
+        }
+        self.flush_credit_if_idle();
+    }
+
+    /// After a panic outside plugin code in [`Shared::step`] (a bug in the host): logs it, fails
+    /// the stream, answers its final if one was in flight, and leaves the lane runnable, so
+    /// neither the worker nor the stream's later events are lost.
+    fn recover(&self, stream_id: StreamId, step: Step, payload: &(dyn Any + Send)) {
+        let msg = panic_message(payload);
+        let total = self.stats.panics.fetch_add(1, Ordering::Relaxed) + 1;
+        tracing::error!(
+            plugin = %self.cfg.plugin,
+            stream_id,
+            panic = %msg,
+            panics_total = total,
+            "bug: the plugin host panicked outside plugin code; failing this stream, the worker goes on"
+        );
+        let err = format!(
+            "plugin host of `{}` panicked outside plugin code: {msg}",
+            self.cfg.plugin
+        );
+        let mut inner = self.lock();
+        if step.running {
+            inner.running.remove(&stream_id);
+        }
+        let mut leftover = Vec::new();
+        if step.call_id.is_some() {
+            if let Some(lane) = inner.lanes.remove(&stream_id) {
+                leftover.extend(lane.queue);
+            }
+        } else if let Some(lane) = inner.lanes.get_mut(&stream_id) {
+            lane.failed.get_or_insert(err.clone());
+            if lane.queue.is_empty() {
+                lane.scheduled = false;
+            } else {
+                inner.ready.push_back(stream_id);
+            }
+        }
+        drop(inner);
+        if let Some(call_id) = step.call_id {
+            (self.out)(FromPlugin::FinalReply(FinalReply {
+                call_id,
+                stream_id,
+                outcome: FinalOutcome::Error(err),
+            }));
+        }
+        for job in leftover {
+            self.answer_after_end(job);
+        }
+        self.flush_credit_if_idle();
     }
 
     /// Events queued behind a stream's end: still answer what the front waits for.
@@ -493,87 +615,237 @@ impl<P: Plugin> Shared<P> {
         }
     }
 
-    /// Runs one event's hook with the panic caught. Returns what to do with the lane and, if the
-    /// hook panicked, the message the stream's final reply will carry.
+    /// The one path plugin code runs through: `f` with a panic caught, logged once with plugin,
+    /// stream id and message, and counted. `Err` is the message the stream's final reply carries.
+    fn guarded<T>(
+        &self,
+        stream_id: StreamId,
+        seq: u32,
+        what: &'static str,
+        f: impl FnOnce() -> T,
+    ) -> Result<T, String> {
+        let caught = {
+            let _catching = Catching::enter();
+            catch_unwind(AssertUnwindSafe(f))
+        };
+        caught.map_err(|payload| {
+            let msg = panic_message(&*payload);
+            let location = CAUGHT_AT.with(|c| c.take()).unwrap_or_default();
+            // Dropping the payload could run plugin code too (a panic with a custom type).
+            if catch_unwind(AssertUnwindSafe(|| drop(payload))).is_err() {
+                tracing::error!(stream_id, "dropping a panic payload panicked; ignored");
+            }
+            let total = self.stats.panics.fetch_add(1, Ordering::Relaxed) + 1;
+            tracing::error!(
+                plugin = %self.cfg.plugin,
+                stream_id,
+                seq,
+                hook = what,
+                panic = %msg,
+                %location,
+                panics_total = total,
+                "plugin panicked; this stream's final reply carries the error, other streams go on"
+            );
+            format!(
+                "plugin `{}` panicked in {what} (seq {seq}): {msg}",
+                self.cfg.plugin
+            )
+        })
+    }
+
+    /// Drops a stream's state through [`Shared::guarded`]; a panic fails the stream (unless it
+    /// had failed already: the first error is the one reported).
+    fn drop_state(
+        &self,
+        state: Option<P::Stream>,
+        stream_id: StreamId,
+        seq: u32,
+        failed: &mut Option<String>,
+    ) {
+        let Some(state) = state else {
+            return;
+        };
+        if let Err(e) = self.guarded(stream_id, seq, "Drop (stream state)", move || drop(state)) {
+            failed.get_or_insert(e);
+        }
+    }
+
+    /// Runs one event's hook. Returns whether the stream ended (its state is then dropped) and
+    /// the reply to send. A panic fails the stream (`failed`); a failed stream's hooks are
+    /// skipped and its final reply carries the first error.
     fn run(
         &self,
-        state: &mut P::Stream,
+        state: &mut Option<P::Stream>,
         job: &Job,
-        failed: Option<String>,
+        failed: &mut Option<String>,
         gaps: u64,
         partial: bool,
-    ) -> (Ran, Option<String>) {
+    ) -> (bool, Option<FromPlugin>) {
         let plugin = &*self.plugin;
         let ctx = &job.ctx;
-        let guarded = |hook: &'static str, f: &mut dyn FnMut()| -> Option<String> {
+        let (stream_id, seq) = (ctx.stream_id, ctx.seq);
+        let mut hook = |name: &'static str, f: &mut dyn FnMut(&mut P::Stream)| {
             if failed.is_some() {
-                return None;
+                return;
             }
-            catch_unwind(AssertUnwindSafe(f)).err().map(|payload| {
-                let msg = panic_message(&*payload);
-                let total = self.stats.panics.fetch_add(1, Ordering::Relaxed) + 1;
-                tracing::error!(
-                    plugin = %self.cfg.plugin,
-                    stream_id = ctx.stream_id,
-                    seq = ctx.seq,
-                    hook,
-                    panic = %msg,
-                    panics_total = total,
-                    "plugin panicked; this stream's final reply carries the error, other streams go on"
-                );
-                format!("plugin `{}` panicked in {hook} (seq {}): {msg}", self.cfg.plugin, ctx.seq)
-            })
+            if let Some(s) = state.as_mut() {
+                if let Err(e) = self.guarded(stream_id, seq, name, || f(s)) {
+                    *failed = Some(e);
+                }
+            }
         };
         match &job.msg {
             ToPlugin::RequestStart(e) => {
-                let p = guarded("on_request_start", &mut || {
-                    plugin.on_request_start(state, ctx, e)
+                hook("on_request_start", &mut |s| {
+                    plugin.on_request_start(s, ctx, e)
                 });
-                (Ran::Done, p)
+                (false, None)
             }
             ToPlugin::ResponseHeaders(e) => {
-                let p = guarded("on_response_headers", &mut || {
-                    plugin.on_response_headers(state, ctx, e)
+                hook("on_response_headers", &mut |s| {
+                    plugin.on_response_headers(s, ctx, e)
                 });
-                (Ran::Done, p)
+                (false, None)
             }
             ToPlugin::Chunk(c) => {
-                let p = guarded("on_chunk", &mut || plugin.on_chunk(state, ctx, c));
-                if c.ack {
-                    (self.out)(FromPlugin::Ack(Ack {
+                hook("on_chunk", &mut |s| plugin.on_chunk(s, ctx, c));
+                let ack = c.ack.then_some({
+                    FromPlugin::Ack(Ack {
                         stream_id: c.stream_id,
                         seq: c.seq,
-                    }));
-                }
-                (Ran::Done, p)
+                    })
+                });
+                (false, ack)
             }
             ToPlugin::Final(f) => {
                 let mut meta = None;
-                let p = guarded("on_final", &mut || {
-                    meta = Some(plugin.on_final(state, ctx, f))
-                });
-                let outcome = match (failed, p, meta) {
-                    (Some(err), _, _) | (None, Some(err), _) => FinalOutcome::Error(err),
-                    (None, None, Some(mut meta)) => {
-                        annotate(&mut meta, &self.cfg.namespace, gaps, partial);
-                        FinalOutcome::Metadata(meta)
+                hook("on_final", &mut |s| meta = Some(plugin.on_final(s, ctx, f)));
+                // Dropped before the reply is built, so a panic in `Drop` is in the reply too.
+                self.drop_state(state.take(), stream_id, seq, failed);
+                if let (None, Some(meta)) = (&*failed, &mut meta) {
+                    let annotated =
+                        self.guarded(stream_id, seq, "building the final metadata", || {
+                            annotate(meta, &self.cfg.namespace, gaps, partial)
+                        });
+                    if let Err(e) = annotated {
+                        *failed = Some(e);
                     }
-                    (None, None, None) => FinalOutcome::Error("final hook returned nothing".into()),
+                }
+                let outcome = match (failed.take(), meta) {
+                    (Some(err), meta) => {
+                        if let Some(meta) = meta {
+                            if let Err(e) =
+                                self.guarded(stream_id, seq, "Drop (metadata)", || drop(meta))
+                            {
+                                tracing::debug!(stream_id, error = %e, "metadata drop panicked");
+                            }
+                        }
+                        FinalOutcome::Error(err)
+                    }
+                    (None, Some(meta)) => FinalOutcome::Metadata(meta),
+                    (None, None) => FinalOutcome::Error("final hook returned nothing".into()),
                 };
                 let reply = FromPlugin::FinalReply(FinalReply {
                     call_id: f.call_id,
                     stream_id: f.stream_id,
                     outcome,
                 });
-                (Ran::Ended(Some(reply)), None)
+                (true, Some(reply))
             }
             ToPlugin::Abort(a) => {
-                let p = guarded("on_abort", &mut || plugin.on_abort(state, ctx, a));
-                (Ran::Ended(None), p)
+                hook("on_abort", &mut |s| plugin.on_abort(s, ctx, a));
+                self.drop_state(state.take(), stream_id, seq, failed);
+                (true, None)
             }
-            _ => (Ran::Done, None),
+            _ => (false, None),
         }
     }
+}
+
+thread_local! {
+    /// Plugin code runs under [`Shared::guarded`] on this thread: its panic is logged there.
+    static CATCHING: Cell<bool> = const { Cell::new(false) };
+    /// Where the last panic caught by [`Shared::guarded`] on this thread happened.
+    static CAUGHT_AT: Cell<Option<String>> = const { Cell::new(None) };
+}
+
+/// Marks this thread as running guarded plugin code until dropped.
+struct Catching(bool);
+
+impl Catching {
+    fn enter() -> Catching {
+        quiet_panic_hook();
+        Catching(CATCHING.with(|c| c.replace(true)))
+    }
+}
+
+impl Drop for Catching {
+    fn drop(&mut self) {
+        CATCHING.with(|c| c.set(self.0));
+    }
+}
+
+/// Wraps the process's panic hook (the one `logging.rs` installs, or the default) once, so that
+/// a panic [`Shared::guarded`] catches is logged once, by it, with plugin, stream and the
+/// location the hook saw, rather than also by the hook without them. Panics anywhere else still
+/// reach the previous hook. (A plugin that catches its own panics inside a hook is not logged by
+/// the hook either: it handled them.)
+fn quiet_panic_hook() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if CATCHING.with(Cell::get) {
+                let at = info
+                    .location()
+                    .map(|l| format!("{}:{}", l.file(), l.line()));
+                CAUGHT_AT.with(|c| c.set(at));
+            } else {
+                previous(info);
+            }
+        }));
+    });
+}
+
+/// What a step had done when it panicked, for [`Shared::recover`].
+#[derive(Default)]
+struct Step {
+    /// The lane is marked running.
+    running: bool,
+    /// A final is being run and not yet answered.
+    call_id: Option<u64>,
+}
+
+/// Held by a worker thread; if the thread ends while the lanes are not stopping (which the
+/// catch-all in [`Shared::worker`] should make impossible), logs it and wakes the host, which
+/// exits non-zero so the supervisor restarts the plugin instead of it running on a shrunk pool.
+struct Alive<'a, F: Fn() -> bool> {
+    lost: &'a WorkerLost,
+    stopping: F,
+    index: usize,
+}
+
+impl<F: Fn() -> bool> Drop for Alive<'_, F> {
+    fn drop(&mut self) {
+        if (self.stopping)() {
+            return;
+        }
+        tracing::error!(
+            worker = self.index,
+            panicking = std::thread::panicking(),
+            "worker thread pv-lane-{} exited unexpectedly; the plugin exits so it is restarted",
+            self.index
+        );
+        self.lost.count.fetch_add(1, Ordering::AcqRel);
+        self.lost.notify.notify_one();
+    }
+}
+
+/// Worker threads that ended while they should not have.
+#[derive(Default)]
+pub(crate) struct WorkerLost {
+    count: AtomicU64,
+    notify: tokio::sync::Notify,
 }
 
 #[cfg(test)]
@@ -656,12 +928,29 @@ mod tests {
         /// Submits `msg` with its real frame length; returns that length.
         fn submit_test(&self, msg: ToPlugin) -> u64 {
             let len = ipc_protocol::codec::encoded_len(&msg).unwrap() + 4;
-            self.submit(msg, len);
+            self.submit(msg, len, false);
             len as u64
         }
 
         fn consumed(&self) -> u64 {
             self.shared.credits.consumed()
+        }
+    }
+
+    /// Waits until stream `id`'s lane is running with nothing queued: its worker is inside the
+    /// blocking hook (not still in an earlier event).
+    fn wait_blocked(lanes: &Lanes<Recorder>, id: StreamId) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            {
+                let inner = lanes.shared.lock();
+                let queued = inner.lanes.get(&id).map_or(0, |l| l.queue.len());
+                if inner.running.contains_key(&id) && queued == 0 {
+                    return;
+                }
+            }
+            assert!(Instant::now() < deadline, "stream {id} never blocked");
+            std::thread::sleep(Duration::from_millis(1));
         }
     }
 
@@ -800,12 +1089,7 @@ mod tests {
         let (lanes, rx) = lanes(plugin, 1, 3);
         lanes.submit_test(start(1));
         lanes.submit_test(chunk(1, 1, "block", false));
-        // Wait until the worker is inside the blocking hook, so the queue is empty.
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while lanes.stuck(Duration::ZERO).is_empty() {
-            assert!(Instant::now() < deadline);
-            std::thread::sleep(Duration::from_millis(1));
-        }
+        wait_blocked(&lanes, 1);
         for seq in 2..=7 {
             lanes.submit_test(chunk(1, seq, "x", false));
         }
@@ -854,11 +1138,7 @@ mod tests {
         let (mut sent, mut last) = (0, 0);
         sent += lanes.submit_test(start(1));
         sent += lanes.submit_test(chunk(1, 1, "block", false));
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while lanes.stuck(Duration::ZERO).is_empty() {
-            assert!(Instant::now() < deadline);
-            std::thread::sleep(Duration::from_millis(1));
-        }
+        wait_blocked(&lanes, 1);
         // Three fit in the lane, three are dropped at the full lane.
         for seq in 2..=7 {
             sent += lanes.submit_test(chunk(1, seq, "x", false));
@@ -868,7 +1148,7 @@ mod tests {
         // Behind the final (an inline chunk, never dropped): never run, still credited.
         sent += lanes.submit_test(chunk(1, 9, "late", true));
         // A connection message counts nothing.
-        lanes.submit(ToPlugin::Ping(ipc_protocol::Ping { nonce: 1 }), 13);
+        lanes.submit(ToPlugin::Ping(ipc_protocol::Ping { nonce: 1 }), 13, false);
         release_tx.send(()).unwrap();
         assert_eq!(credited(&lanes, &rx, &mut last), sent);
         // An evicted stream's events were all run: its credit is already in.
@@ -926,5 +1206,100 @@ mod tests {
         assert_eq!(lanes.evict_idle(Duration::from_millis(10)), 1);
         assert_eq!(lanes.active_streams(), 0);
         assert_eq!(lanes.stats().evicted.load(Ordering::Relaxed), 1);
+    }
+
+    /// Records, per stream, whether each event it saw was replayed.
+    struct ReplaySeer;
+
+    #[derive(Default)]
+    struct Flags(Vec<bool>);
+
+    impl Plugin for ReplaySeer {
+        type Stream = Flags;
+        fn name(&self) -> &str {
+            "rec"
+        }
+        fn on_request_start(&self, s: &mut Flags, ctx: &EventCtx, _: &RequestStart) {
+            s.0.push(ctx.is_replayed());
+        }
+        fn on_chunk(&self, s: &mut Flags, ctx: &EventCtx, _: &Chunk) {
+            s.0.push(ctx.is_replayed());
+        }
+        fn on_final(&self, s: &mut Flags, ctx: &EventCtx, _: &Final) -> Metadata {
+            s.0.push(ctx.is_replayed());
+            let flags = s.0.iter().map(|&b| Value::Bool(b)).collect();
+            Metadata::from([(
+                "plugvisor.rec".to_owned(),
+                Value::map([("replayed", Value::List(flags))]),
+            )])
+        }
+    }
+
+    #[test]
+    fn replayed_events_run_in_order_marked_replayed_and_the_stream_is_whole() {
+        let (tx, rx) = mpsc::channel();
+        let tx = Mutex::new(tx);
+        let out: Outbox = Arc::new(move |m| {
+            let _ = tx.lock().unwrap().send(m);
+        });
+        let cfg = LaneConfig {
+            workers: 1,
+            queue_events: 100,
+            queue_bytes: 1 << 20,
+            plugin: "rec".into(),
+            namespace: "plugvisor.rec".into(),
+        };
+        let credits = Credits::new(1 << 20, out.clone());
+        let lanes = Lanes::start(Arc::new(ReplaySeer), cfg, out, credits).unwrap();
+        lanes.submit(start(1), 40, true);
+        lanes.submit(chunk(1, 1, "x", false), 40, true);
+        lanes.submit(chunk(1, 2, "x", false), 40, false);
+        lanes.submit(fin(1, 3), 40, false);
+        let got = replies(&rx, 1);
+        let FinalOutcome::Metadata(m) = &got[&1] else {
+            panic!("{:?}", got[&1])
+        };
+        let flags = |b: &[bool]| Value::List(b.iter().map(|&b| Value::Bool(b)).collect());
+        assert_eq!(
+            m["plugvisor.rec"].get("replayed"),
+            Some(&flags(&[true, true, false, false]))
+        );
+        assert_eq!(m["plugvisor.rec"].get("gaps"), None);
+        assert_eq!(m["plugvisor.rec"].get("partial"), None);
+        assert_eq!(lanes.stats().replayed.load(Ordering::Relaxed), 2);
+        // The mark does not outlive the hook, and a test can set it itself.
+        let ctx = EventCtx {
+            stream_id: 1,
+            seq: 0,
+            stamp_ns: 0,
+            gap: 0,
+            partial: false,
+        };
+        assert!(!ctx.is_replayed());
+        assert!(ctx.replaying(|| ctx.is_replayed()));
+        assert!(!ctx.is_replayed());
+    }
+
+    #[tokio::test]
+    async fn a_worker_thread_that_ends_is_reported_and_the_others_keep_serving() {
+        let (lanes, rx) = lanes(Recorder::default(), 2, 100);
+        lanes.shared.lock().kill_a_worker = true;
+        lanes.shared.work.notify_all();
+        let lost = tokio::time::timeout(Duration::from_secs(10), lanes.worker_lost())
+            .await
+            .expect("the host is told within 10 s");
+        assert_eq!(lost, 1);
+        lanes.submit_test(start(1));
+        lanes.submit_test(fin(1, 1));
+        assert_eq!(seqs(&replies(&rx, 1)[&1]), vec![0, 1]);
+    }
+
+    #[tokio::test]
+    async fn stopping_the_lanes_is_not_a_lost_worker() {
+        let (lanes, _rx) = lanes(Recorder::default(), 2, 100);
+        let shared = Arc::clone(&lanes.shared);
+        drop(lanes);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(shared.lost.count.load(Ordering::Acquire), 0);
     }
 }

@@ -84,6 +84,18 @@ pub fn run<P: Plugin>(plugin: P) -> ! {
     launch(plugin, &args, &name)
 }
 
+/// The whole `main` of the built-in plugin host (`plugvisor-plugin`), with `argv` (program name
+/// first) as its command line: `<program> <plugin-name> --connect <socket> [...]`. The `plugvisor`
+/// front calls it for `plugvisor plugin ...`, so one binary both serves and hosts the built-ins.
+pub fn host_main<I, T>(argv: I) -> !
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString>,
+{
+    cli::set_command_line(argv.into_iter().map(Into::into).collect());
+    builtin::main()
+}
+
 /// Runs `plugin` under the name `name` with the options in `args`, then exits the process.
 pub(crate) fn launch<P: Plugin>(plugin: P, args: &cli::Args, name: &str) -> ! {
     let opts = match args.host_options(name) {

@@ -4,12 +4,23 @@
 //! [`Plugin::Stream`] state per ext_proc stream, created by `Default` when the stream's first
 //! event arrives and dropped when its `Final` or `Abort` has run (or when it is evicted as idle).
 //! The host calls a stream's hooks one at a time in sequence order, so the state needs no locks.
+//!
+//! After a plugin process crashed, the front resends each in-flight stream's events to the
+//! replacement, from the stream's first event, before new ones ([`EventCtx::is_replayed`]): the
+//! hooks run exactly as for live events, so the state is rebuilt and the stream ends whole.
 
 use ipc_protocol::{
     Abort, Chunk, Final, Metadata, RequestStart, ResponseHeaders, StreamId, Subscriptions, Value,
 };
 
+use std::cell::Cell;
+
 use crate::config::ConfigError;
+
+thread_local! {
+    /// The replayed event this thread is running plugin code for, if any.
+    static REPLAYING: Cell<Option<(StreamId, u32)>> = const { Cell::new(None) };
+}
 
 /// Where an event sits in its stream, as the host saw it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -28,12 +39,52 @@ pub struct EventCtx {
     pub partial: bool,
 }
 
+impl EventCtx {
+    /// Whether this event is a replay: the front sent it before, to a process of this plugin
+    /// that crashed, and sends it again (same stream id, seq and stamp) so this process can
+    /// rebuild the stream's state. Compute from it exactly as from a live event; skip only side
+    /// effects outside the process that the crashed one may already have made (a write to an
+    /// external system, a message sent per event).
+    ///
+    /// It is true only inside a hook (or `Default`/`Drop` of the stream's state) that the host
+    /// runs for a replayed event. The flag is kept by the host, not in a field, so plugins and
+    /// tests that build an `EventCtx` themselves keep compiling; tests mark one with
+    /// [`EventCtx::replaying`].
+    pub fn is_replayed(&self) -> bool {
+        REPLAYING.with(|r| r.get() == Some((self.stream_id, self.seq)))
+    }
+
+    /// Runs `f` with this event marked replayed on the current thread (what the host does around
+    /// a replayed event's plugin code); for tests of a plugin's replay behaviour.
+    pub fn replaying<R>(&self, f: impl FnOnce() -> R) -> R {
+        let _mark = ReplayMark::set(Some((self.stream_id, self.seq)));
+        f()
+    }
+}
+
+/// Marks the event this thread runs plugin code for as replayed (or not) until dropped, even
+/// when that code panics.
+pub(crate) struct ReplayMark(Option<(StreamId, u32)>);
+
+impl ReplayMark {
+    pub(crate) fn set(event: Option<(StreamId, u32)>) -> ReplayMark {
+        ReplayMark(REPLAYING.with(|r| r.replace(event)))
+    }
+}
+
+impl Drop for ReplayMark {
+    fn drop(&mut self) {
+        REPLAYING.with(|r| r.set(self.0));
+    }
+}
+
 /// A plugin: per-stream hooks called in sequence order, different streams in parallel.
 ///
 /// Every hook but [`Plugin::on_final`] has an empty default, so a plugin implements only what it
-/// needs. A panic in a hook is caught by the host: it is logged with the plugin name, stream id
-/// and message, the stream's final reply becomes [`ipc_protocol::FinalOutcome::Error`], later
-/// hooks of that stream are skipped, and every other stream is unaffected.
+/// needs. A panic in any plugin code the host runs (a hook, the stream state's `Default` or
+/// `Drop`) is caught by the host: it is logged with the plugin name, stream id and message, the
+/// stream's final reply becomes [`ipc_protocol::FinalOutcome::Error`], later hooks of that stream
+/// are skipped, and every other stream is unaffected; the worker thread goes on serving.
 pub trait Plugin: Send + Sync + 'static {
     /// The state the plugin keeps for one stream; created with `Default` at the stream's first
     /// event.

@@ -7,6 +7,10 @@
 //! number. So on one socket every skipped number is a gap, and a stream first seen at a number
 //! other than 0, or (with request starts subscribed) at another event than `RequestStart`, lost
 //! its start. Pure functions, tested from a table.
+//!
+//! A replayed event (`ToPlugin::Replayed`, resent after a plugin restart) is judged exactly like
+//! the live event it wraps: the front replays a stream from its first event with the numbers it
+//! had, so a stream whose journal is whole is neither partial nor gapped.
 
 use ipc_protocol::{Subscriptions, ToPlugin};
 
@@ -28,6 +32,7 @@ impl Kind {
             ToPlugin::Chunk(_) => Kind::Chunk,
             ToPlugin::Final(_) => Kind::Final,
             ToPlugin::Abort(_) => Kind::Abort,
+            ToPlugin::Replayed(inner) if inner.is_live_event() => return Kind::of(inner),
             _ => return None,
         })
     }
@@ -57,6 +62,11 @@ impl SeqState {
     /// The state after a stream's first event.
     pub(crate) fn first(seq: u32) -> SeqState {
         SeqState { last: seq }
+    }
+
+    /// The last number seen.
+    pub(crate) fn last(&self) -> u32 {
+        self.last
     }
 
     /// Judges the next event and, unless it is out of order, advances past it.
@@ -103,6 +113,69 @@ mod tests {
         assert!(!s.next(1).out_of_order);
         assert!(s.next(1).out_of_order);
         assert_eq!(s.next(2).gap, 0);
+    }
+
+    #[test]
+    fn replayed_events_are_numbered_and_judged_like_live_ones() {
+        use ipc_protocol::{Chunk, Ping, RequestStart};
+        let start = ToPlugin::RequestStart(RequestStart {
+            stream_id: 1,
+            seq: 0,
+            stamp_ns: 0,
+            request_id: None,
+            headers: vec![],
+        });
+        let chunk = |seq| {
+            ToPlugin::Chunk(Chunk {
+                stream_id: 1,
+                seq,
+                stamp_ns: 0,
+                len: 0,
+                bytes: Default::default(),
+                end_of_stream: false,
+                ack: false,
+            })
+        };
+        let replayed = start.clone().replayed().unwrap();
+        assert_eq!(Kind::of(&replayed), Some(RequestStart));
+        assert_eq!(Kind::of(&chunk(1).replayed().unwrap()), Some(Chunk));
+        assert_eq!(
+            Kind::of(&ToPlugin::Replayed(Box::new(ToPlugin::Ping(Ping {
+                nonce: 0
+            })))),
+            None
+        );
+        // A journal replayed from its start (0, 1, 2), then live events (3, 4): whole.
+        let (_, seq) = replayed.stream_seq().unwrap();
+        assert!(!starts_partial(
+            &Subscriptions::ALL,
+            seq,
+            Kind::of(&replayed).unwrap()
+        ));
+        let mut state = SeqState::first(seq);
+        for msg in [
+            chunk(1).replayed().unwrap(),
+            chunk(2).replayed().unwrap(),
+            chunk(3),
+            chunk(4),
+        ] {
+            let (_, seq) = msg.stream_seq().unwrap();
+            assert_eq!(
+                state.next(seq),
+                Verdict {
+                    gap: 0,
+                    out_of_order: false
+                }
+            );
+        }
+        // A journal that lost its start is partial, like a live stream first seen mid-way.
+        let late = chunk(5).replayed().unwrap();
+        let (_, seq) = late.stream_seq().unwrap();
+        assert!(starts_partial(
+            &Subscriptions::ALL,
+            seq,
+            Kind::of(&late).unwrap()
+        ));
     }
 
     #[test]

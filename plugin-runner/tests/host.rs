@@ -101,7 +101,8 @@ fn meta(outcome: &FinalOutcome) -> &Metadata {
 async fn thousand_interleaved_streams_arrive_in_order_with_the_right_digest() {
     let mut front = spawn("test-order", &["--workers", "4"], Stdio::inherit()).await;
     assert_eq!(front.hello.plugin, "test-order");
-    assert_eq!(front.hello.pid, front.child.id().unwrap());
+    let pid = front.hello.pid;
+    assert_eq!(pid, front.child().id().unwrap());
     assert!(front.hello.subscriptions.body_bytes);
     front.welcome(Value::Null).await;
     let comm = std::fs::read_to_string(format!("/proc/{}/comm", front.hello.pid)).unwrap();
@@ -291,6 +292,13 @@ async fn a_panic_in_one_stream_leaves_the_other_99_replies_correct() {
     assert!(stderr.contains("plugin=test-crash"), "{stderr}");
     assert!(stderr.contains("stream_id=42"), "{stderr}");
     assert!(stderr.contains("panicking on purpose"), "{stderr}");
+    // Logged once, by the host with its context, not a second time by the panic hook.
+    assert_eq!(
+        stderr.matches("panicking on purpose").count(),
+        1,
+        "{stderr}"
+    );
+    assert!(stderr.contains("location="), "{stderr}");
 }
 
 #[tokio::test]
@@ -377,7 +385,7 @@ async fn test_hang_in_process_scope_stops_answering_pings() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     front.send_now(ToPlugin::Ping(Ping { nonce: 1 })).await;
     assert!(front.try_recv(Duration::from_millis(500)).await.is_none());
-    front.child.kill().await.unwrap();
+    front.child().kill().await.unwrap();
 }
 
 #[tokio::test]
@@ -528,7 +536,7 @@ async fn sigterm_drains_and_exits_0() {
     let mut front = spawn("latency", &[], Stdio::inherit()).await;
     front.welcome(Value::Null).await;
     front.send_now(start(1, 1)).await;
-    let pid = nix::unistd::Pid::from_raw(front.child.id().unwrap() as i32);
+    let pid = nix::unistd::Pid::from_raw(front.child().id().unwrap() as i32);
     // Let the host reach its read loop, where the handler is installed.
     front.send_now(ToPlugin::Ping(Ping { nonce: 2 })).await;
     assert!(matches!(front.recv().await, FromPlugin::Pong(_)));

@@ -151,7 +151,7 @@ async fn handshake(stream: UnixStream, link: Arc<PluginLink>, metrics: Arc<Metri
                 tracing::warn!(plugin = %link.name(), error = %e, "cannot send Welcome");
                 return;
             }
-            reader.set_max_frame(live_max_frame(link.config()));
+            reader.set_max_frame(live_max_frame(&link.config()));
             let pid = cred.pid().map_or(hello.pid, |p| p as u32);
             // Checked again under the link's own lock: two plugins racing through the handshake
             // must not both attach.

@@ -34,6 +34,9 @@ pub const MIN_METADATA_BYTES: usize = 1024;
 pub const MAX_METADATA_BYTES: usize = 1024 * 1024;
 /// Default `budget_bytes` of a plugin.
 pub const DEFAULT_BUDGET_BYTES: usize = 8 * 1024 * 1024;
+/// Default `replay_bytes` of a plugin: a few hundred in-flight streams of typical LLM responses
+/// (tens of KiB of SSE each); 0 turns replay off.
+pub const DEFAULT_REPLAY_BYTES: usize = 32 * 1024 * 1024;
 /// The smallest `budget_bytes` accepted.
 pub const MIN_BUDGET_BYTES: usize = 64 * 1024;
 
@@ -170,6 +173,35 @@ pub struct PluginConfig {
     /// The most event bytes the plugin process may hold at once (received but not yet handled):
     /// the flow-control window. Past it, events wait in the front's bounded queue.
     pub budget_bytes: usize,
+    /// The most bytes of in-flight streams' events the front keeps to replay to a replacement
+    /// process after a crash (all streams of this plugin together).
+    pub replay_bytes: usize,
+    /// How long a replaced process (restart, reload) may keep serving the streams it has before
+    /// they move to its successor with their journals.
+    pub drain_grace: Duration,
+    /// How long one event may run in a plugin's lane before the plugin counts as hung.
+    pub stuck_timeout: Duration,
+}
+
+impl PluginConfig {
+    /// Whether `other` differs from this configuration only in what the front does with the
+    /// plugin (deadlines, queues, dispatch, caps, supervision timings), so a reload can apply it
+    /// in place without restarting the plugin's process. Anything the process is started with or
+    /// told at its handshake (command, args, env, config table, limits in `Welcome`, uid, group,
+    /// scheduling, spawn) needs a new process.
+    pub fn same_process(&self, other: &PluginConfig) -> bool {
+        self.name == other.name
+            && self.spawn == other.spawn
+            && self.command == other.command
+            && self.args == other.args
+            && self.env == other.env
+            && self.config == other.config
+            && self.uid == other.uid
+            && self.group == other.group
+            && self.cpu_scheduling == other.cpu_scheduling
+            && self.metadata_max_bytes == other.metadata_max_bytes
+            && self.budget_bytes == other.budget_bytes
+    }
 }
 
 /// The whole configuration, after validation.
@@ -281,6 +313,9 @@ struct RawPlugin {
     cpu_scheduling: CpuScheduling,
     metadata_max_bytes: Option<usize>,
     budget_bytes: Option<usize>,
+    replay_bytes: Option<usize>,
+    drain_grace_ms: Option<u64>,
+    stuck_timeout_ms: Option<u64>,
 }
 
 fn yes() -> bool {
@@ -450,6 +485,10 @@ impl Config {
                     "start_timeout_ms and hang_timeout_ms must be at least 1".into(),
                 ));
             }
+            let stuck_timeout = ms(raw_plugin.stuck_timeout_ms, Duration::from_secs(10));
+            if stuck_timeout.is_zero() {
+                return Err(bad("stuck_timeout_ms must be at least 1".into()));
+            }
             let metadata_max_bytes = raw_plugin
                 .metadata_max_bytes
                 .unwrap_or(DEFAULT_PLUGIN_METADATA_BYTES);
@@ -549,6 +588,9 @@ impl Config {
                 cpu_scheduling: raw_plugin.cpu_scheduling,
                 metadata_max_bytes,
                 budget_bytes,
+                replay_bytes: raw_plugin.replay_bytes.unwrap_or(DEFAULT_REPLAY_BYTES),
+                drain_grace: ms(raw_plugin.drain_grace_ms, Duration::from_secs(30)),
+                stuck_timeout,
             });
         }
 

@@ -219,6 +219,10 @@ pub fn render_status(plugins: &[PluginStatus]) -> String {
             ("backoff", _, Some(ms)) => format!("backoff ({ms} ms)"),
             (s, _, _) => s.to_owned(),
         };
+        let state = match p.stuck_lanes {
+            0 => state,
+            n => format!("{state} ({n} stuck)"),
+        };
         rows.push([
             p.name.clone(),
             state,
@@ -290,6 +294,7 @@ mod tests {
                 queue_depth: 0,
                 dropped_events: 3,
                 retry_in_ms: None,
+                stuck_lanes: 0,
             },
             PluginStatus {
                 name: "audit".into(),
@@ -303,6 +308,7 @@ mod tests {
                 queue_depth: 0,
                 dropped_events: 0,
                 retry_in_ms: None,
+                stuck_lanes: 0,
             },
         ]);
         let lines: Vec<&str> = table.lines().collect();

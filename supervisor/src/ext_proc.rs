@@ -47,6 +47,7 @@ use crate::config::{BodyMode, Dispatch};
 use crate::link::PluginLink;
 use crate::metadata::{Excluded, Merge};
 use crate::metrics::{MessageLabel, Metrics};
+use crate::plugin_stream::PluginStream;
 
 /// How long an abort may wait for room in a full queue.
 const ABORT_PATIENCE: std::time::Duration = std::time::Duration::from_secs(2);
@@ -152,8 +153,10 @@ impl ExternalProcessor for Front {
         let stream = StreamTask {
             inner: self.inner.clone(),
             id,
-            seqs: vec![0; links.len()],
-            links,
+            plugins: links
+                .iter()
+                .map(|l| PluginStream::new(l.clone(), id))
+                .collect(),
             shed,
             _permit: permit,
             modes: None,
@@ -173,15 +176,13 @@ struct Modes {
 struct StreamTask {
     inner: Arc<Inner>,
     id: StreamId,
-    /// The plugins this stream feeds, fixed when it starts.
-    links: Arc<Vec<Arc<PluginLink>>>,
+    /// Per plugin this stream feeds (fixed when it starts, in config order): its sequence
+    /// numbers, connection and replay journal.
+    plugins: Vec<PluginStream>,
     /// The plugins this stream was not given because `max_streams` were active (else empty).
     shed: Vec<String>,
     /// Held while the stream runs with plugins.
     _permit: Option<OwnedSemaphorePermit>,
-    /// Per plugin, the next sequence number: each plugin sees 0, 1, 2 … over the events it
-    /// subscribed to, so a skipped number always means a dropped event.
-    seqs: Vec<u32>,
     modes: Option<Modes>,
     /// The final RPC ran (or an abort was sent): no more events for the plugins.
     ended: bool,
@@ -277,11 +278,14 @@ impl StreamTask {
             };
             let Some(next) = next else {
                 let limit = idle_timeout.unwrap_or_default();
-                tracing::warn!(
-                    stream = self.id,
-                    idle_ms = limit.as_millis() as u64,
-                    "ext_proc stream idle past idle_stream_timeout_ms; failing it"
-                );
+                if let Some(held) = crate::logging::limited::allow("idle stream") {
+                    tracing::warn!(
+                        stream = self.id,
+                        idle_ms = limit.as_millis() as u64,
+                        held_back = held,
+                        "ext_proc stream idle past idle_stream_timeout_ms; failing it"
+                    );
+                }
                 metrics.stream_errors.inc();
                 let _ = replies
                     .tx
@@ -303,11 +307,15 @@ impl StreamTask {
                 Err(status) => {
                     if let Some(size) = too_large(&status) {
                         // Carrying on would lose this body: fail the stream where Envoy sees it.
-                        tracing::warn!(
+                        let held = crate::logging::limited::allow("message too large");
+                        if let Some(held) = held {
+                            tracing::warn!(
                             stream = self.id,
                             size_bytes = size,
+                            held_back = held,
                             "ext_proc message larger than max_message_bytes; failing the stream (raise max_message_bytes, or lower Envoy's buffer limits)"
                         );
+                        }
                         metrics.messages_too_large.inc();
                         metrics.stream_errors.inc();
                         let _ = replies
@@ -516,7 +524,8 @@ impl StreamTask {
         }
     }
 
-    /// Queues one event per subscribed plugin; `make` builds it for a sequence number.
+    /// Queues one event per subscribed plugin; `make` builds it for a sequence number and
+    /// whether the plugin takes body bytes.
     fn dispatch(
         &mut self,
         make: impl Fn(u32, bool) -> Option<ToPlugin>,
@@ -525,23 +534,17 @@ impl StreamTask {
         if self.ended {
             return;
         }
-        for (i, link) in self.links.iter().enumerate() {
-            let conn = link.connection();
-            if let Some(c) = &conn {
-                if !wants(&c.subscriptions()) {
-                    continue;
-                }
-            }
-            let seq = self.seqs[i];
-            self.seqs[i] += 1;
-            let Some(mut msg) = make(
-                seq,
-                conn.as_ref().is_some_and(|c| c.subscriptions().body_bytes),
-            ) else {
+        for ps in &mut self.plugins {
+            let subs = ps.subscriptions();
+            if !wants(&subs) {
                 continue;
-            };
-            set_stream(&mut msg, self.id);
-            link.send_event(conn.as_deref(), msg);
+            }
+            let id = self.id;
+            ps.send(|seq| {
+                let mut msg = make(seq, subs.body_bytes).expect("an event for every plugin");
+                set_stream(&mut msg, id);
+                msg
+            });
         }
     }
 
@@ -549,52 +552,50 @@ impl StreamTask {
     async fn chunk(&mut self, stamp: u64, bytes: Bytes, eos: bool) {
         let len = bytes.len() as u32;
         let mut waits = Vec::new();
-        for (i, link) in self.links.iter().enumerate() {
-            let conn = link.connection();
-            if let Some(c) = &conn {
-                if !c.subscriptions().chunks {
-                    continue;
-                }
+        for ps in &mut self.plugins {
+            let subs = ps.subscriptions();
+            if !subs.chunks {
+                continue;
             }
-            let seq = self.seqs[i];
-            self.seqs[i] += 1;
-            let with_bytes = conn.as_ref().is_some_and(|c| c.subscriptions().body_bytes);
-            let inline = link.config().dispatch == Dispatch::Inline;
-            let payload = if with_bytes {
+            let inline = ps.link().config().dispatch == Dispatch::Inline;
+            let payload = if subs.body_bytes {
                 bytes.clone()
             } else {
                 Bytes::new()
             };
-            let msg = ToPlugin::Chunk(Chunk {
-                stream_id: self.id,
-                seq,
-                stamp_ns: stamp,
-                len,
-                bytes: payload,
-                end_of_stream: eos,
-                ack: inline,
-            });
-            match (&conn, inline) {
-                (Some(c), true) => {
-                    let deadline = tokio::time::Instant::now() + link.config().inline_timeout;
-                    if let Some(rx) = link.send_inline(c, self.id, seq, msg, deadline).await {
-                        waits.push((link.clone(), c.clone(), seq, deadline, rx));
-                    }
+            let id = self.id;
+            let make = |seq| {
+                ToPlugin::Chunk(Chunk {
+                    stream_id: id,
+                    seq,
+                    stamp_ns: stamp,
+                    len,
+                    bytes: payload,
+                    end_of_stream: eos,
+                    ack: inline,
+                })
+            };
+            if inline {
+                let deadline = tokio::time::Instant::now() + ps.link().config().inline_timeout;
+                if let Some((conn, seq, rx)) = ps.send_inline(id, make, deadline).await {
+                    waits.push((ps.link().clone(), conn, seq, deadline, rx));
                 }
-                _ => {
-                    link.send_event(conn.as_deref(), msg);
-                }
+            } else {
+                ps.send(make);
             }
         }
         for (link, conn, seq, deadline, rx) in waits {
             if tokio::time::timeout_at(deadline, rx).await.is_err() {
                 link.forget_ack(&conn, self.id, seq);
-                tracing::warn!(plugin = %link.name(), stream = self.id, seq, "inline chunk not acknowledged in time");
+                if let Some(held) = crate::logging::limited::allow("inline ack late") {
+                    tracing::warn!(plugin = %link.name(), stream = self.id, seq, held_back = held, "inline chunk not acknowledged in time");
+                }
             }
         }
     }
 
-    /// The final RPC to every plugin, concurrently; returns the merged `dynamic_metadata`.
+    /// The final RPC to every plugin, concurrently (each retried on a replacement process if its
+    /// own goes away); returns the merged `dynamic_metadata`.
     async fn final_rpc(
         &mut self,
         stamp: u64,
@@ -604,79 +605,86 @@ impl StreamTask {
     ) -> Struct {
         self.ended = true;
         let len = bytes.len() as u32;
-        let mut calls = Vec::with_capacity(self.links.len());
-        for (i, link) in self.links.iter().enumerate() {
-            let conn = link.connection();
-            let seq = self.seqs[i];
-            self.seqs[i] += 1;
-            let with_bytes = conn.as_ref().is_some_and(|c| c.subscriptions().body_bytes);
-            let payload = if with_bytes {
+        let id = self.id;
+        let mut calls = Vec::with_capacity(self.plugins.len());
+        for ps in std::mem::take(&mut self.plugins) {
+            let name = ps.link().name().to_owned();
+            let cap = ps.link().config().metadata_max_bytes;
+            let payload = if ps.subscriptions().body_bytes {
                 bytes.clone()
             } else {
                 Bytes::new()
             };
-            let call_id = link.next_call_id();
-            let msg = ToPlugin::Final(Final {
-                stream_id: self.id,
-                seq,
-                stamp_ns: stamp,
-                call_id,
-                len,
-                bytes: payload,
-                trailers: trailers.clone(),
-            });
-            let link = link.clone();
-            calls.push(tokio::spawn(async move {
-                link.final_call(conn, call_id, msg, arrival).await
-            }));
+            let trailers = trailers.clone();
+            let make = move |seq, call_id| {
+                ToPlugin::Final(Final {
+                    stream_id: id,
+                    seq,
+                    stamp_ns: stamp,
+                    call_id,
+                    len,
+                    bytes: payload.clone(),
+                    trailers: trailers.clone(),
+                })
+            };
+            calls.push((name, cap, tokio::spawn(ps.finish(make, arrival))));
         }
         let mut merge = Merge::new(self.inner.limits.stream_metadata_max_bytes);
         for name in &self.shed {
             merge.missing(name, Excluded::Shed);
         }
-        for (link, call) in self.links.iter().zip(calls) {
-            match call.await {
-                Ok(Ok(metadata)) => {
-                    let cap = link.config().metadata_max_bytes;
-                    if let Err(why) = merge.add(link.name(), metadata, cap) {
-                        tracing::warn!(plugin = %link.name(), stream = self.id, reason = why.as_str(), metadata_max_bytes = cap, stream_metadata_max_bytes = self.inner.limits.stream_metadata_max_bytes, "plugin metadata left out of the stream's dynamic_metadata");
+        for (name, cap, call) in calls {
+            let outcome = match call.await {
+                Ok(outcome) => outcome,
+                Err(_) => {
+                    merge.missing(&name, Excluded::Failed);
+                    continue;
+                }
+            };
+            if outcome.replays > 0 {
+                tracing::debug!(plugin = %name, stream = id, replays = outcome.replays, "stream finished on a replacement process");
+            }
+            match outcome.result {
+                Ok(metadata) => {
+                    if let Err(why) = merge.add(&name, metadata, cap) {
+                        if let Some(held) = crate::logging::limited::allow("metadata left out") {
+                            tracing::warn!(plugin = %name, stream = id, reason = why.as_str(), metadata_max_bytes = cap, stream_metadata_max_bytes = self.inner.limits.stream_metadata_max_bytes, held_back = held, "plugin metadata left out of the stream's dynamic_metadata");
+                        }
                         self.inner
                             .metrics
                             .finals_missing
-                            .get_or_create(&Metrics::reason(link.name(), why.as_str()))
+                            .get_or_create(&Metrics::reason(&name, why.as_str()))
                             .inc();
+                    } else if outcome.lost > 0 {
+                        merge.partial(&name, outcome.lost);
                     }
                 }
-                Ok(Err(why)) => merge.missing(link.name(), why.into()),
-                Err(_) => merge.missing(link.name(), Excluded::Failed),
+                Err(why) => merge.missing(&name, why.into()),
             }
         }
         if !merge.missing_names().is_empty() {
-            tracing::debug!(stream = self.id, missing = ?merge.missing_names(), "final metadata incomplete");
+            tracing::debug!(stream = id, missing = ?merge.missing_names(), "final metadata incomplete");
         }
-        merge.into_struct(self.id)
+        merge.into_struct(id)
     }
 
     fn abort(&mut self, cause: AbortCause, detail: String) {
         self.ended = true;
         let stamp = monotonic_now_ns();
-        for (i, link) in self.links.iter().enumerate() {
-            let Some(conn) = link.connection() else {
-                continue;
-            };
-            if !conn.subscriptions().abort {
-                continue;
-            }
-            let seq = self.seqs[i];
-            self.seqs[i] += 1;
-            let msg = ToPlugin::Abort(Abort {
-                stream_id: self.id,
-                seq,
-                stamp_ns: stamp,
-                cause,
-                detail: detail.clone(),
-            });
-            link.send_event_patiently(conn, msg, ABORT_PATIENCE);
+        let id = self.id;
+        for ps in &mut self.plugins {
+            ps.abort(
+                |seq| {
+                    ToPlugin::Abort(Abort {
+                        stream_id: id,
+                        seq,
+                        stamp_ns: stamp,
+                        cause,
+                        detail: detail.clone(),
+                    })
+                },
+                ABORT_PATIENCE,
+            );
         }
     }
 }

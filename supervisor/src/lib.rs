@@ -24,6 +24,7 @@ pub mod link;
 pub mod logging;
 pub mod metadata;
 pub mod metrics;
+pub mod plugin_stream;
 pub mod reload;
 pub mod restart;
 pub mod service;
@@ -477,6 +478,31 @@ async fn ping_loop(link: Arc<PluginLink>, interval: Duration) {
         tick.tick().await;
         nonce += 1;
         link.ping(nonce);
+        // A spawned plugin's supervisor kills and restarts a hung process; a plugin someone
+        // else runs can only be let go, so its streams move to whatever connects next.
+        if !link.config().spawn {
+            drop_hung_external(&link);
+        }
+    }
+}
+
+/// Disconnects an external (`spawn = false`) plugin that answers no ping for `hang_timeout_ms`,
+/// or one of whose lanes is stuck past `stuck_timeout_ms` (that stream is not replayed).
+fn drop_hung_external(link: &PluginLink) {
+    let Some(since) = link.connected_since() else {
+        return;
+    };
+    let config = link.config();
+    if let Some(lane) = link.stuck_past_limit() {
+        tracing::error!(plugin = %link.name(), stream = lane.stream_id, running_ms = lane.running_ms, "a lane of the external plugin is stuck past stuck_timeout_ms; disconnecting it");
+        link.poison(lane.stream_id);
+        link.disconnect("a lane stuck past stuck_timeout_ms");
+        return;
+    }
+    let last = link.last_pong().map_or(since, |p| p.max(since));
+    if last.elapsed() > config.hang_timeout {
+        tracing::error!(plugin = %link.name(), silent_ms = last.elapsed().as_millis() as u64, "external plugin answered no ping within hang_timeout_ms; disconnecting it");
+        link.disconnect("no pong within hang_timeout_ms");
     }
 }
 

@@ -41,6 +41,9 @@ pub enum Missing {
     Timeout,
     /// The plugin answered with an error.
     Failed,
+    /// The stream's event hung a lane of the plugin past `stuck_timeout_ms`; the plugin was
+    /// restarted and the stream not replayed (it would hang the replacement too).
+    Stuck,
 }
 
 impl Missing {
@@ -50,6 +53,7 @@ impl Missing {
             Missing::Down => "down",
             Missing::Timeout => "timeout",
             Missing::Failed => "failed",
+            Missing::Stuck => "stuck",
         }
     }
 }
@@ -96,6 +100,10 @@ pub struct Conn {
     tx: mpsc::Sender<Queued>,
     /// Pings and shutdown, written ahead of `tx`'s events and never held to the window.
     priority: mpsc::Sender<ToPlugin>,
+    /// Replayed journals of streams that moved to this connection: written before any event of
+    /// `tx` (so a stream's replay always precedes its live events), held to the window like any
+    /// event. Unbounded here because what it holds is bounded by the link's `replay_bytes`.
+    replay: mpsc::UnboundedSender<Queued>,
     queued_bytes: Arc<AtomicUsize>,
     /// Counted event bytes written to the socket (or about to be, in the writer's buffer).
     written: AtomicU64,
@@ -105,9 +113,25 @@ pub struct Conn {
     acks: Mutex<HashMap<(StreamId, u32), oneshot::Sender<()>>>,
     closed: watch::Sender<bool>,
     since: Instant,
+    /// Streams bound to this connection (they send it their events until they end).
+    bound_streams: AtomicUsize,
+    /// Being replaced: takes no new stream, gets `Shutdown` once its last stream ends.
+    draining: std::sync::atomic::AtomicBool,
+    /// Told to shut down: its end is planned, not a failure.
+    shutdown_sent: std::sync::atomic::AtomicBool,
 }
 
 impl Conn {
+    /// Whether the connection has ended (the plugin went away or was disconnected).
+    pub fn is_closed(&self) -> bool {
+        *self.closed.borrow()
+    }
+
+    /// Which connection of its link this is (1, 2, ...).
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
     /// What the plugin asked to receive in its `Hello`.
     pub fn subscriptions(&self) -> Subscriptions {
         self.subscriptions
@@ -128,7 +152,10 @@ impl Conn {
 
 /// The front's side of one configured plugin.
 pub struct PluginLink {
-    config: PluginConfig,
+    /// The plugin's name (a reload never changes it).
+    name: String,
+    /// Replaced in place by a reload that changes only what the front does with the plugin.
+    config: std::sync::RwLock<Arc<PluginConfig>>,
     metrics: Arc<Metrics>,
     label: PluginLabel,
     conn: Mutex<Option<Arc<Conn>>>,
@@ -137,6 +164,16 @@ pub struct PluginLink {
     spawned_pid: Mutex<Option<u32>>,
     last_pong: Mutex<Option<Instant>>,
     next_call: AtomicU64,
+    /// Bytes of in-flight streams' journals (bounded by `replay_bytes`).
+    journal_used: AtomicUsize,
+    /// Connections being replaced, finishing the streams they have.
+    draining: Mutex<Vec<Arc<Conn>>>,
+    /// Lanes the plugin's last `Pong` reported stuck in one event.
+    stuck: Mutex<Vec<ipc_protocol::StuckLane>>,
+    /// Streams whose event hung the plugin: never replayed to a replacement.
+    poisoned: Mutex<std::collections::HashSet<StreamId>>,
+    /// What the last connection subscribed to (what streams assume while the plugin is down).
+    last_subscriptions: Mutex<Subscriptions>,
 }
 
 impl PluginLink {
@@ -145,7 +182,8 @@ impl PluginLink {
         let label = Metrics::plugin(&config.name);
         metrics.plugin_connected.get_or_create(&label).set(0);
         PluginLink {
-            config,
+            name: config.name.clone(),
+            config: std::sync::RwLock::new(Arc::new(config)),
             metrics,
             label,
             conn: Mutex::new(None),
@@ -154,22 +192,39 @@ impl PluginLink {
             spawned_pid: Mutex::new(None),
             last_pong: Mutex::new(None),
             next_call: AtomicU64::new(1),
+            journal_used: AtomicUsize::new(0),
+            draining: Mutex::new(Vec::new()),
+            stuck: Mutex::new(Vec::new()),
+            poisoned: Mutex::new(std::collections::HashSet::new()),
+            last_subscriptions: Mutex::new(Subscriptions::ALL),
         }
     }
 
     /// The plugin's name.
     pub fn name(&self) -> &str {
-        &self.config.name
+        &self.name
     }
 
     /// The plugin's configuration.
-    pub fn config(&self) -> &PluginConfig {
-        &self.config
+    pub fn config(&self) -> Arc<PluginConfig> {
+        self.config.read().expect("config lock").clone()
+    }
+
+    /// Replaces the configuration (same name) for what comes next: new events, calls and
+    /// connections use it; a connection already open keeps its queue's capacity.
+    pub fn set_config(&self, config: PluginConfig) {
+        debug_assert_eq!(config.name, self.name);
+        *self.config.write().expect("config lock") = Arc::new(config);
     }
 
     /// The live connection, if any.
     pub fn connection(&self) -> Option<Arc<Conn>> {
         self.conn.lock().expect("link lock").clone()
+    }
+
+    /// What the plugin's last connection subscribed to (all events before the first).
+    pub fn last_subscriptions(&self) -> Subscriptions {
+        *self.last_subscriptions.lock().expect("subscriptions lock")
     }
 
     /// Whether a connection is live.
@@ -221,14 +276,16 @@ impl PluginLink {
             return None;
         }
         let generation = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
-        let (tx, rx) = mpsc::channel(self.config.queue_events);
+        let (tx, rx) = mpsc::channel(self.config().queue_events);
         let (priority, priority_rx) = mpsc::channel(PRIORITY_SLOTS);
+        let (replay, replay_rx) = mpsc::unbounded_channel();
         let conn = Arc::new(Conn {
             generation,
             pid,
             subscriptions,
             tx,
             priority,
+            replay,
             queued_bytes: Arc::new(AtomicUsize::new(0)),
             written: AtomicU64::new(0),
             consumed: watch::channel(0).0,
@@ -236,22 +293,26 @@ impl PluginLink {
             acks: Mutex::new(HashMap::new()),
             closed: watch::channel(false).0,
             since: Instant::now(),
+            bound_streams: AtomicUsize::new(0),
+            draining: std::sync::atomic::AtomicBool::new(false),
+            shutdown_sent: std::sync::atomic::AtomicBool::new(false),
         });
         *slot = Some(conn.clone());
         drop(slot);
+        *self.last_subscriptions.lock().expect("subscriptions lock") = subscriptions;
         self.connected.send_replace(true);
         self.metrics
             .plugin_connected
             .get_or_create(&self.label)
             .set(1);
-        tracing::info!(plugin = %self.config.name, pid, "plugin connected");
+        tracing::info!(plugin = %self.name, pid, "plugin connected");
         self.metrics
             .inflight_bytes
             .get_or_create(&self.label)
             .set(0);
         tokio::spawn(
             self.clone()
-                .write_loop(conn.clone(), rx, priority_rx, writer),
+                .write_loop(conn.clone(), rx, priority_rx, replay_rx, writer),
         );
         tokio::spawn(self.clone().read_loop(conn.clone(), reader));
         Some(conn)
@@ -269,13 +330,123 @@ impl PluginLink {
                 .plugin_connected
                 .get_or_create(&self.label)
                 .set(0);
-            tracing::warn!(plugin = %self.config.name, pid = conn.pid, reason = why, "plugin disconnected");
+            if conn.shutdown_sent.load(Ordering::Acquire) {
+                tracing::info!(plugin = %self.name, pid = conn.pid, reason = why, "plugin disconnected after Shutdown");
+            } else {
+                tracing::warn!(plugin = %self.name, pid = conn.pid, reason = why, "plugin disconnected");
+            }
         }
         drop(slot);
+        self.draining
+            .lock()
+            .expect("draining lock")
+            .retain(|c| c.generation != conn.generation);
         conn.closed.send_replace(true);
         // Dropping the senders wakes every waiter with "down".
         conn.finals.lock().expect("finals lock").clear();
         conn.acks.lock().expect("acks lock").clear();
+    }
+
+    /// A stream starts sending its events to `conn`.
+    pub(crate) fn bind(&self, conn: &Conn) {
+        conn.bound_streams.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// A stream bound to `conn` ended or moved on; a draining connection whose last stream this
+    /// was is told to shut down.
+    pub(crate) fn unbind(&self, conn: &Conn) {
+        let before = conn.bound_streams.fetch_sub(1, Ordering::AcqRel);
+        if before == 1 && conn.draining.load(Ordering::Acquire) {
+            self.shutdown_drained(conn);
+        }
+    }
+
+    fn shutdown_drained(&self, conn: &Conn) {
+        conn.shutdown_sent.store(true, Ordering::Release);
+        tracing::info!(plugin = %self.name, pid = conn.pid, "replaced process finished its streams; telling it to stop");
+        let _ = conn
+            .priority
+            .try_send(ToPlugin::Shutdown(ipc_protocol::Shutdown {
+                grace_ms: 1000,
+            }));
+    }
+
+    /// Hands the plugin over to its next connection (a planned restart, a reload, an upgrade):
+    /// the live connection stops taking new streams, finishes the ones bound to it and is told
+    /// to shut down after its last one; new streams wait in their journals for the next
+    /// connection. After `grace`, a connection still draining is closed and its streams move to
+    /// the next connection with their journals. Returns how many streams it still serves.
+    pub fn begin_handover(self: &Arc<Self>, grace: Duration, why: &str) -> usize {
+        let mut slot = self.conn.lock().expect("link lock");
+        let Some(conn) = slot.take() else {
+            return 0;
+        };
+        self.connected.send_replace(false);
+        self.metrics
+            .plugin_connected
+            .get_or_create(&self.label)
+            .set(0);
+        conn.draining.store(true, Ordering::Release);
+        self.draining
+            .lock()
+            .expect("draining lock")
+            .push(conn.clone());
+        drop(slot);
+        let streams = conn.bound_streams.load(Ordering::Acquire);
+        tracing::info!(plugin = %self.name, pid = conn.pid, streams, reason = why, "handing over to a new process; the current one finishes its streams");
+        if streams == 0 {
+            self.shutdown_drained(&conn);
+        }
+        let link = self.clone();
+        tokio::spawn(async move {
+            let mut closed = conn.closed.subscribe();
+            if tokio::time::timeout(grace, closed.wait_for(|c| *c))
+                .await
+                .is_err()
+            {
+                tracing::warn!(plugin = %link.name, pid = conn.pid, streams = conn.bound_streams.load(Ordering::Acquire), grace = ?grace, "replaced process still serving streams after drain_grace_ms; moving them to the new process");
+                link.shutdown_drained(&conn);
+                link.detach(&conn, "drain grace over");
+            }
+        });
+        streams
+    }
+
+    /// The lanes the plugin's last `Pong` reported stuck in one event.
+    pub fn stuck_lanes(&self) -> Vec<ipc_protocol::StuckLane> {
+        self.stuck.lock().expect("stuck lock").clone()
+    }
+
+    /// The lane stuck longest, if it has been stuck past `stuck_timeout_ms`.
+    pub fn stuck_past_limit(&self) -> Option<ipc_protocol::StuckLane> {
+        let limit = self.config().stuck_timeout.as_millis() as u64;
+        self.stuck_lanes()
+            .into_iter()
+            .filter(|l| l.running_ms >= limit)
+            .max_by_key(|l| l.running_ms)
+    }
+
+    /// Marks `stream` as the one that hung the plugin: it is not replayed to the replacement,
+    /// and its final says `stuck`. Also forgets the stuck report (the process is about to go).
+    pub fn poison(&self, stream: StreamId) {
+        self.poisoned.lock().expect("poison lock").insert(stream);
+        self.stuck.lock().expect("stuck lock").clear();
+        self.metrics.stuck_lanes.get_or_create(&self.label).set(0);
+    }
+
+    /// Whether `stream` hung the plugin (see [`PluginLink::poison`]).
+    pub fn is_poisoned(&self, stream: StreamId) -> bool {
+        self.poisoned.lock().expect("poison lock").contains(&stream)
+    }
+
+    /// Forgets a poisoned stream once it has ended.
+    pub fn forget_poisoned(&self, stream: StreamId) {
+        self.poisoned.lock().expect("poison lock").remove(&stream);
+    }
+
+    /// Connections being replaced that still serve streams.
+    pub fn draining(&self) -> usize {
+        self.draining.lock().expect("draining lock").len()
     }
 
     /// Closes the live connection (shutdown, or a restart by the supervisor).
@@ -290,11 +461,12 @@ impl PluginLink {
         conn: Arc<Conn>,
         mut rx: mpsc::Receiver<Queued>,
         mut priority: mpsc::Receiver<ToPlugin>,
+        mut replay: mpsc::UnboundedReceiver<Queued>,
         mut writer: FrameWriter<OwnedWriteHalf>,
     ) {
         let mut closed = conn.closed.subscribe();
         let mut credit = conn.consumed.subscribe();
-        let budget = self.config.budget_bytes as u64;
+        let budget = self.config().budget_bytes as u64;
         let depth = self.metrics.queue_depth.get_or_create(&self.label).clone();
         let bytes_gauge = self.metrics.queue_bytes.get_or_create(&self.label).clone();
         let inflight = self
@@ -319,12 +491,18 @@ impl PluginLink {
                 while let Ok(msg) = priority.try_recv() {
                     writer.feed(&msg).map_err(|e| e.to_string())?;
                 }
-                // Then events, as far as the window and one batch go.
+                // Then events, as far as the window and one batch go: replayed journals first,
+                // and no live event while a replay waits, so a stream's replay precedes its
+                // live events.
                 while writer.pending_bytes() < BATCH_BYTES {
                     if held.is_none() {
-                        match rx.try_recv() {
-                            Ok(q) => held = Some(take(q)?),
-                            Err(_) => break,
+                        if let Ok(q) = replay.try_recv() {
+                            held = Some(take(q)?);
+                        } else {
+                            match rx.try_recv() {
+                                Ok(q) => held = Some(take(q)?),
+                                Err(_) => break,
+                            }
                         }
                     }
                     let Some((q, len)) = held.take() else { break };
@@ -356,6 +534,7 @@ impl PluginLink {
                             return Ok(());
                         }
                     }
+                    Some(q) = replay.recv(), if !waiting_for_credit => held = Some(take(q)?),
                     q = rx.recv(), if !waiting_for_credit => match q {
                         Some(q) => held = Some(take(q)?),
                         None => return Ok(()),
@@ -373,12 +552,17 @@ impl PluginLink {
         let dropped = self
             .metrics
             .events_dropped
-            .get_or_create(&Metrics::reason(&self.config.name, Dropped::Down.as_str()))
+            .get_or_create(&Metrics::reason(&self.name, Dropped::Down.as_str()))
             .clone();
         if let Some((q, _)) = held.take() {
             if q.msg.stream_seq().is_some() {
                 dropped.inc();
             }
+        }
+        replay.close();
+        while let Ok(q) = replay.try_recv() {
+            depth.dec();
+            bytes_gauge.dec_by(q.bytes as i64);
         }
         while let Ok(q) = rx.try_recv() {
             depth.dec();
@@ -408,7 +592,7 @@ impl PluginLink {
                             let _ = w.send(outcome);
                         }
                         None => {
-                            tracing::debug!(plugin = %self.config.name, call_id, "late final reply ignored")
+                            tracing::debug!(plugin = %self.name, call_id, "late final reply ignored")
                         }
                     }
                 }
@@ -444,6 +628,11 @@ impl PluginLink {
                 Ok(Some(FromPlugin::Pong(pong))) => {
                     *self.last_pong.lock().expect("pong lock") = Some(Instant::now());
                     self.metrics
+                        .stuck_lanes
+                        .get_or_create(&self.label)
+                        .set(pong.stuck.len() as i64);
+                    *self.stuck.lock().expect("stuck lock") = pong.stuck.clone();
+                    self.metrics
                         .plugin_active_streams
                         .get_or_create(&self.label)
                         .set(i64::from(pong.active_streams));
@@ -459,7 +648,7 @@ impl PluginLink {
     fn enqueue(&self, conn: &Conn, msg: ToPlugin) -> Result<(), Dropped> {
         let bytes = queued_size(&msg);
         let before = conn.queued_bytes.fetch_add(bytes, Ordering::Relaxed);
-        if before > 0 && before + bytes > self.config.queue_bytes {
+        if before > 0 && before + bytes > self.config().queue_bytes {
             conn.queued_bytes.fetch_sub(bytes, Ordering::Relaxed);
             return Err(Dropped::QueueFull);
         }
@@ -496,7 +685,7 @@ impl PluginLink {
             Err(reason) => {
                 self.metrics
                     .events_dropped
-                    .get_or_create(&Metrics::reason(&self.config.name, reason.as_str()))
+                    .get_or_create(&Metrics::reason(&self.name, reason.as_str()))
                     .inc();
                 false
             }
@@ -529,6 +718,45 @@ impl PluginLink {
         }
     }
 
+    /// Queues a stream's journal on `conn`, ahead of any live event the stream sends afterwards.
+    /// `events` are in sequence order; those already sent to an earlier connection are wrapped
+    /// as replayed by the caller. Not held to `queue_events`/`queue_bytes`: the journal they come
+    /// from is bounded by `replay_bytes`.
+    pub fn replay(&self, conn: &Conn, events: impl IntoIterator<Item = ToPlugin>) {
+        let replayed = self.metrics.events_replayed.get_or_create(&self.label);
+        for msg in events {
+            let bytes = queued_size(&msg);
+            conn.queued_bytes.fetch_add(bytes, Ordering::Relaxed);
+            if conn.replay.send(Queued { msg, bytes }).is_err() {
+                conn.queued_bytes.fetch_sub(bytes, Ordering::Relaxed);
+                return;
+            }
+            self.account_sent(bytes);
+            replayed.inc();
+        }
+    }
+
+    /// Takes `bytes` of the link's replay budget (`replay_bytes`) for a journaled event; false
+    /// when the budget is spent.
+    pub fn journal_take(&self, bytes: usize) -> bool {
+        let budget = self.config().replay_bytes;
+        self.journal_used
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
+                (used + bytes <= budget).then_some(used + bytes)
+            })
+            .is_ok()
+    }
+
+    /// Gives back journal bytes (the stream ended, or its journal was dropped).
+    pub fn journal_release(&self, bytes: usize) {
+        self.journal_used.fetch_sub(bytes, Ordering::AcqRel);
+    }
+
+    /// Journal bytes held by in-flight streams.
+    pub fn journal_used(&self) -> usize {
+        self.journal_used.load(Ordering::Acquire)
+    }
+
     /// Queues an event that must not be dropped for a full queue (an abort): waits up to `patience`
     /// in a task of its own, so the caller never waits.
     pub fn send_event_patiently(
@@ -546,7 +774,7 @@ impl PluginLink {
             if let Err(reason) = link.send_waiting(&conn, msg, deadline).await {
                 link.metrics
                     .events_dropped
-                    .get_or_create(&Metrics::reason(&link.config.name, reason.as_str()))
+                    .get_or_create(&Metrics::reason(&link.name, reason.as_str()))
                     .inc();
             }
         });
@@ -576,7 +804,7 @@ impl PluginLink {
                     .remove(&(stream_id, seq));
                 self.metrics
                     .events_dropped
-                    .get_or_create(&Metrics::reason(&self.config.name, reason.as_str()))
+                    .get_or_create(&Metrics::reason(&self.name, reason.as_str()))
                     .inc();
                 None
             }
@@ -589,6 +817,14 @@ impl PluginLink {
             .lock()
             .expect("acks lock")
             .remove(&(stream_id, seq));
+    }
+
+    /// Counts a final that brought no metadata for a reason found outside [`PluginLink::final_call`].
+    pub fn count_missing(&self, why: Missing) {
+        self.metrics
+            .finals_missing
+            .get_or_create(&Metrics::reason(&self.name, why.as_str()))
+            .inc();
     }
 
     /// A fresh final call id.
@@ -615,7 +851,7 @@ impl PluginLink {
             Err(reason) => {
                 self.metrics
                     .finals_missing
-                    .get_or_create(&Metrics::reason(&self.config.name, reason.as_str()))
+                    .get_or_create(&Metrics::reason(&self.name, reason.as_str()))
                     .inc();
             }
         }
@@ -630,7 +866,7 @@ impl PluginLink {
         started: Instant,
     ) -> Result<Metadata, Missing> {
         let conn = conn.ok_or(Missing::Down)?;
-        let deadline = tokio::time::Instant::from_std(started + self.config.final_timeout);
+        let deadline = tokio::time::Instant::from_std(started + self.config().final_timeout);
         let (tx, rx) = oneshot::channel();
         conn.finals.lock().expect("finals lock").insert(call_id, tx);
         let forget = || {
@@ -646,13 +882,17 @@ impl PluginLink {
         match tokio::time::timeout_at(deadline, rx).await {
             Ok(Ok(FinalOutcome::Metadata(md))) => Ok(md),
             Ok(Ok(FinalOutcome::Error(e))) => {
-                tracing::warn!(plugin = %self.config.name, call_id, error = %e, "plugin failed the final call");
+                if let Some(held) = crate::logging::limited::allow("final failed") {
+                    tracing::warn!(plugin = %self.name, call_id, error = %e, held_back = held, "plugin failed the final call");
+                }
                 Err(Missing::Failed)
             }
             Ok(Err(_)) => Err(Missing::Down),
             Err(_) => {
                 forget();
-                tracing::warn!(plugin = %self.config.name, call_id, "final call timed out");
+                if let Some(held) = crate::logging::limited::allow("final timeout") {
+                    tracing::warn!(plugin = %self.name, call_id, held_back = held, "final call timed out");
+                }
                 Err(Missing::Timeout)
             }
         }
@@ -667,7 +907,7 @@ impl PluginLink {
                 .try_send(ToPlugin::Ping(Ping { nonce }))
                 .is_err()
             {
-                tracing::debug!(plugin = %self.config.name, nonce, "ping not sent: the writer is stuck on the socket");
+                tracing::debug!(plugin = %self.name, nonce, "ping not sent: the writer is stuck on the socket");
             }
         }
     }
@@ -676,6 +916,7 @@ impl PluginLink {
     /// the window.
     pub fn send_shutdown(&self, grace: Duration) {
         if let Some(conn) = self.connection() {
+            conn.shutdown_sent.store(true, Ordering::Release);
             let _ = conn
                 .priority
                 .try_send(ToPlugin::Shutdown(ipc_protocol::Shutdown {
@@ -689,7 +930,7 @@ impl PluginLink {
 /// header bytes plus a fixed per-event overhead, so that every event, header-only ones included,
 /// is bounded by bytes and not only by `queue_events`. (A body shared with other plugins' queues
 /// is counted in each: a conservative bound.)
-fn queued_size(msg: &ToPlugin) -> usize {
+pub(crate) fn queued_size(msg: &ToPlugin) -> usize {
     /// A header's two strings' own allocation overhead, beside their bytes.
     const PER_HEADER: usize = 2 * std::mem::size_of::<String>();
     let headers = |h: &[ipc_protocol::Header]| -> usize {

@@ -87,3 +87,74 @@ pub fn init(format: LogFormat) {
         tracing::warn!(error = %e, "cannot reach journald; logging to stderr");
     }
 }
+
+/// Per-request warnings, rate-limited: at most [`BURST`] records of one kind per
+/// [`WINDOW`]; past that they are counted, and the next record let through says how many were
+/// held back. A thousand streams failing the same way must not become a thousand log lines a
+/// second, nor hide that they did.
+pub mod limited {
+    use std::collections::HashMap;
+    use std::sync::Mutex;
+    use std::time::{Duration, Instant};
+
+    /// Records of one kind let through per window.
+    pub const BURST: u32 = 10;
+    /// The window.
+    pub const WINDOW: Duration = Duration::from_secs(10);
+
+    struct Window {
+        start: Instant,
+        passed: u32,
+        held: u64,
+    }
+
+    static WINDOWS: Mutex<Option<HashMap<&'static str, Window>>> = Mutex::new(None);
+
+    /// Whether a record of `kind` may be written now; `Some(n)`: yes, and `n` records of this
+    /// kind were held back since the last one written.
+    pub fn allow(kind: &'static str) -> Option<u64> {
+        allow_at(kind, Instant::now())
+    }
+
+    fn allow_at(kind: &'static str, now: Instant) -> Option<u64> {
+        let mut windows = WINDOWS.lock().unwrap_or_else(|e| e.into_inner());
+        let w = windows
+            .get_or_insert_with(HashMap::new)
+            .entry(kind)
+            .or_insert(Window {
+                start: now,
+                passed: 0,
+                held: 0,
+            });
+        if now.duration_since(w.start) >= WINDOW {
+            w.start = now;
+            w.passed = 0;
+        }
+        if w.passed < BURST {
+            w.passed += 1;
+            Some(std::mem::take(&mut w.held))
+        } else {
+            w.held += 1;
+            None
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn a_burst_passes_the_rest_is_counted_and_reported_with_the_next_window() {
+            let t0 = Instant::now();
+            for _ in 0..BURST {
+                assert_eq!(allow_at("test-kind", t0), Some(0));
+            }
+            assert_eq!(allow_at("test-kind", t0), None);
+            assert_eq!(allow_at("test-kind", t0 + WINDOW / 2), None);
+            // Other kinds are not affected.
+            assert_eq!(allow_at("other-kind", t0), Some(0));
+            assert_eq!(allow_at("test-kind", t0 + WINDOW), Some(2));
+            assert_eq!(allow_at("test-kind", t0 + WINDOW), Some(0));
+        }
+    }
+}

@@ -1,11 +1,12 @@
 //! The `plugvisor` binary: parse arguments, install tracing, load the config, run the front.
 #![forbid(unsafe_code)]
 
+use std::ffi::{OsStr, OsString};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use supervisor::{error_chain, Config};
+use supervisor::{error_chain, spawn, Config};
 
 /// Envoy ext_proc front that feeds plugin processes without making the stream wait.
 #[derive(Parser)]
@@ -44,6 +45,12 @@ enum Command {
     },
     /// Print the embedded default configuration.
     DefaultConfig,
+    /// Print the runtime directory (control and plugin sockets) of --config or the default.
+    ///
+    /// `runtime_dir` if set, else `$RUNTIME_DIRECTORY`, `$XDG_RUNTIME_DIR/plugvisor`,
+    /// `/run/plugvisor` for root, else `/tmp/plugvisor-<uid>`: e.g.
+    /// `"$(plugvisor runtime-dir)/plugins/usage.sock"`.
+    RuntimeDir,
     /// Show each plugin's state, pid, uptime, restarts, last exit, queue depth and drops.
     Status {
         /// Print the status as JSON.
@@ -159,6 +166,14 @@ fn control(
 const EXIT_CONFIG: u8 = 64;
 
 fn main() -> ExitCode {
+    // `plugvisor plugin <name> --connect <socket> ...` hosts a built-in plugin: the front spawns
+    // itself this way when a plugin has no `command`. Taken before clap sees the front's own
+    // options, so the plugin's command line is exactly that of `plugvisor-plugin`.
+    if std::env::args_os().nth(1).as_deref() == Some(OsStr::new(spawn::PLUGIN_SUBCOMMAND)) {
+        plugin_runner::host_main(
+            std::iter::once(OsString::from("plugvisor plugin")).chain(std::env::args_os().skip(2)),
+        );
+    }
     let cli = Cli::parse();
     match cli.command {
         Some(Command::CheckConfig { file }) => {
@@ -186,6 +201,22 @@ fn main() -> ExitCode {
         Some(Command::DefaultConfig) => {
             print!("{}", supervisor::config::DEFAULT_CONFIG);
             return ExitCode::SUCCESS;
+        }
+        Some(Command::RuntimeDir) => {
+            let config = match &cli.config {
+                Some(path) => Config::load(path),
+                None => Config::default_config(),
+            };
+            return match config {
+                Ok(c) => {
+                    println!("{}", c.runtime_dir.display());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("plugvisor: {}", error_chain(&e));
+                    ExitCode::from(EXIT_CONFIG)
+                }
+            };
         }
         Some(Command::Status { json, control: c }) => {
             return control(
@@ -233,6 +264,10 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
+    // Said once here rather than with every restart of the plugin it will cost.
+    for problem in config.plugins.iter().filter_map(spawn::command_problem) {
+        tracing::error!("{problem}");
+    }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
         Err(e) => {

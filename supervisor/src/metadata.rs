@@ -47,6 +47,8 @@ pub enum Excluded {
     StreamFull,
     /// The stream started while `max_streams` streams were active: no plugin saw it.
     Shed,
+    /// The stream's event hung the plugin (see `stuck_timeout_ms`).
+    Stuck,
 }
 
 impl Excluded {
@@ -60,6 +62,7 @@ impl Excluded {
             Excluded::TooDeep => "too_deep",
             Excluded::StreamFull => "stream_full",
             Excluded::Shed => "max_streams",
+            Excluded::Stuck => "stuck",
         }
     }
 }
@@ -70,6 +73,7 @@ impl From<crate::link::Missing> for Excluded {
             crate::link::Missing::Down => Excluded::Down,
             crate::link::Missing::Timeout => Excluded::Timeout,
             crate::link::Missing::Failed => Excluded::Failed,
+            crate::link::Missing::Stuck => Excluded::Stuck,
         }
     }
 }
@@ -82,6 +86,8 @@ pub struct Merge {
     used: usize,
     stream_cap: usize,
     missing: Vec<(String, Excluded)>,
+    /// Plugins that answered, but for a stream some of whose events they never got.
+    partial: Vec<(String, u32)>,
 }
 
 impl Merge {
@@ -92,6 +98,7 @@ impl Merge {
             used: 0,
             stream_cap,
             missing: Vec::new(),
+            partial: Vec::new(),
         }
     }
 
@@ -132,13 +139,20 @@ impl Merge {
         self.missing.push((plugin.to_owned(), why));
     }
 
+    /// Records a plugin that answered without having seen `lost` of the stream's events (dropped
+    /// on a full queue, or past the replay journal when its process was replaced).
+    pub fn partial(&mut self, plugin: &str, lost: u32) {
+        self.partial.push((plugin.to_owned(), lost));
+    }
+
     /// The plugins recorded as missing, in config order.
     pub fn missing_names(&self) -> Vec<&str> {
         self.missing.iter().map(|(n, _)| n.as_str()).collect()
     }
 
     /// The `dynamic_metadata` struct, with
-    /// `plugvisor: {stream_id, missing: [names], reasons: {name: reason}}`.
+    /// `plugvisor: {stream_id, missing: [names], reasons: {name: reason}}` and, when a plugin
+    /// answered for a stream it did not see whole, `partial: {name: events it never got}`.
     pub fn into_struct(self, stream_id: u64) -> Struct {
         let mut fields: HashMap<String, PbValue> = self
             .namespaces
@@ -166,6 +180,21 @@ impl Merge {
                 ),
             ),
         ]);
+        let front = match (front, self.partial.is_empty()) {
+            (Value::Map(mut map), false) => {
+                map.insert(
+                    "partial".to_owned(),
+                    Value::Map(
+                        self.partial
+                            .into_iter()
+                            .map(|(n, lost)| (n, Value::from(u64::from(lost))))
+                            .collect(),
+                    ),
+                );
+                Value::Map(map)
+            }
+            (front, _) => front,
+        };
         fields.insert(FRONT_NAMESPACE.to_owned(), to_pb(&front));
         Struct { fields }
     }

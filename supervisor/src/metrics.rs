@@ -55,6 +55,8 @@ pub struct Metrics {
     registry: Registry,
     /// Events put on a plugin's queue.
     pub events_sent: Family<PluginLabel, Counter>,
+    /// Journaled events sent again to a replacement process (part of `events_sent`).
+    pub events_replayed: Family<PluginLabel, Counter>,
     /// Events not delivered to a plugin, by reason.
     pub events_dropped: Family<PluginReason, Counter>,
     /// Events waiting in a plugin's queue.
@@ -71,6 +73,8 @@ pub struct Metrics {
     pub plugin_connected: Family<PluginLabel, Gauge>,
     /// Streams the plugin holds state for, as its last `Pong` said.
     pub plugin_active_streams: Family<PluginLabel, Gauge>,
+    /// Lanes stuck in one event, as the plugin's last `Pong` said.
+    pub stuck_lanes: Family<PluginLabel, Gauge>,
     /// Handshakes refused, by plugin name as announced and reason.
     pub handshakes_refused: Family<PluginReason, Counter>,
     /// ext_proc streams in progress.
@@ -108,6 +112,7 @@ impl Metrics {
     pub fn new() -> Metrics {
         let mut registry = Registry::default();
         let events_sent = Family::default();
+        let events_replayed = Family::default();
         let events_dropped = Family::default();
         let queue_depth = Family::default();
         let queue_bytes = Family::default();
@@ -120,6 +125,7 @@ impl Metrics {
         let plugin_connected = Family::default();
         let handshakes_refused = Family::default();
         let plugin_active_streams = Family::default();
+        let stuck_lanes = Family::default();
         let streams_active = Gauge::default();
         let streams_total = Counter::default();
         let stream_errors = Counter::default();
@@ -133,6 +139,11 @@ impl Metrics {
             "plugvisor_plugin_events_sent",
             "Events put on a plugin's queue",
             events_sent.clone(),
+        );
+        registry.register(
+            "plugvisor_plugin_events_replayed",
+            "Journaled events of in-flight streams sent again to a plugin's replacement process",
+            events_replayed.clone(),
         );
         registry.register(
             "plugvisor_plugin_events_dropped",
@@ -173,6 +184,11 @@ impl Metrics {
             "plugvisor_plugin_active_streams",
             "Streams the plugin holds state for, as reported by its last pong",
             plugin_active_streams.clone(),
+        );
+        registry.register(
+            "plugvisor_plugin_stuck_lanes",
+            "Lanes stuck in one event, as reported by the plugin's last pong",
+            stuck_lanes.clone(),
         );
         registry.register(
             "plugvisor_plugin_handshakes_refused",
@@ -250,6 +266,7 @@ impl Metrics {
             last_exit_signal,
             start_duration,
             events_sent,
+            events_replayed,
             events_dropped,
             queue_depth,
             queue_bytes,
@@ -258,6 +275,7 @@ impl Metrics {
             finals_missing,
             plugin_connected,
             plugin_active_streams,
+            stuck_lanes,
             handshakes_refused,
             streams_active,
             streams_total,

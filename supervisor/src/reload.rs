@@ -1,13 +1,13 @@
 //! Applying a new configuration to a running front (SIGHUP, `systemctl reload plugvisor`).
 //!
 //! [`plan`] compares two configurations, plugin by plugin: a plugin only in the new one is added,
-//! one only in the old one removed, one whose table changed in any key restarted, and the rest
-//! left alone (their processes, connections and queues are not touched). [`Running::reload`]
-//! carries the plan out: removed and changed plugins are stopped the way the front stops them at
-//! shutdown (`Shutdown`, then SIGTERM and SIGKILL to a spawned process; an external one gets
-//! `Shutdown` and its socket closed), then added and changed plugins get a fresh socket, link and,
-//! when spawned, supervisor. Streams already running keep the plugin list they started with; new
-//! streams see the new one.
+//! one only in the old one removed; one whose table changed only in what the front does with it
+//! (deadlines, queues, dispatch, supervision timings: [`PluginConfig::same_process`]) is updated
+//! in place, without touching its process; one whose process must change (command, args, env, its
+//! `config` table, ...) is restarted by handover: a new process takes new streams while the old
+//! one finishes the streams it has (each keeps its journal, so nothing is lost if the old one is
+//! cut off after `drain_grace_ms`). Changing `spawn` or `group` replaces the plugin (stopped, then
+//! started with a fresh socket). The rest is left alone. [`Running::reload`] carries the plan out.
 //!
 //! A plugin that cannot be started (its socket cannot be bound: a `group` that does not exist, a
 //! file in the way) stays in the running configuration as [`Unstarted`]: `plugvisor status` shows
@@ -34,8 +34,12 @@ pub struct Plan {
     pub added: Vec<String>,
     /// Plugins only in the old configuration.
     pub removed: Vec<String>,
-    /// Plugins in both whose table differs: stopped, then started with the new table.
+    /// Plugins in both whose process must change: restarted by handover with the new table.
     pub changed: Vec<String>,
+    /// Plugins in both whose table changed only in front-side keys: updated in place.
+    pub updated: Vec<String>,
+    /// Plugins whose `spawn` or `group` changed: stopped, then started with a fresh socket.
+    pub replaced: Vec<String>,
     /// Plugins unchanged in the configuration that an earlier reload could not start: tried
     /// again.
     pub retried: Vec<String>,
@@ -49,6 +53,8 @@ impl Plan {
         self.added.is_empty()
             && self.removed.is_empty()
             && self.changed.is_empty()
+            && self.updated.is_empty()
+            && self.replaced.is_empty()
             && self.retried.is_empty()
     }
 }
@@ -64,11 +70,15 @@ impl std::fmt::Display for Plan {
         };
         write!(
             f,
-            "added {}; removed {}; restarted {}",
+            "added {}; removed {}; restarted {}; updated in place {}",
             list(&self.added),
             list(&self.removed),
-            list(&self.changed)
+            list(&self.changed),
+            list(&self.updated)
         )?;
+        if !self.replaced.is_empty() {
+            write!(f, "; replaced {}", list(&self.replaced))?;
+        }
         if !self.retried.is_empty() {
             write!(f, "; retried {}", list(&self.retried))?;
         }
@@ -85,8 +95,12 @@ pub fn plan(old: &Config, new: &Config) -> Plan {
     for p in &new.plugins {
         match find(old, &p.name) {
             None => plan.added.push(p.name.clone()),
-            Some(before) if before != *p => plan.changed.push(p.name.clone()),
-            Some(_) => {}
+            Some(before) if before == *p => {}
+            Some(before) if before.same_process(p) => plan.updated.push(p.name.clone()),
+            Some(before) if before.spawn != p.spawn || before.group != p.group => {
+                plan.replaced.push(p.name.clone())
+            }
+            Some(_) => plan.changed.push(p.name.clone()),
         }
     }
     for p in &old.plugins {
@@ -144,6 +158,7 @@ impl Unstarted {
             queue_depth: 0,
             dropped_events: 0,
             retry_in_ms: None,
+            stuck_lanes: 0,
         }
     }
 }
@@ -201,8 +216,20 @@ impl Running {
             .plugins
             .iter()
             .map(|p| p.name.clone())
-            .filter(|n| unstarted.contains(n) && !plan.changed.contains(n))
+            .filter(|n| {
+                unstarted.contains(n)
+                    && !plan.changed.contains(n)
+                    && !plan.updated.contains(n)
+                    && !plan.replaced.contains(n)
+            })
             .collect();
+        // A plugin that was never started has no process to hand over: start it afresh.
+        for list in [&mut plan.changed, &mut plan.updated] {
+            let (fresh, kept): (Vec<String>, Vec<String>) =
+                list.drain(..).partition(|n| unstarted.contains(n));
+            *list = kept;
+            plan.replaced.extend(fresh);
+        }
         if !plan.needs_restart.is_empty() {
             tracing::warn!(
                 keys = ?plan.needs_restart,
@@ -219,7 +246,7 @@ impl Running {
             .iter()
             .filter(|e| {
                 let name = e.link.name().to_owned();
-                plan.removed.contains(&name) || plan.changed.contains(&name)
+                plan.removed.contains(&name) || plan.replaced.contains(&name)
             })
             .cloned()
             .collect();
@@ -230,10 +257,31 @@ impl Running {
         let mut still_unstarted = Vec::new();
         for (position, plugin) in new.plugins.iter().enumerate() {
             let fresh = plan.added.contains(&plugin.name)
-                || plan.changed.contains(&plugin.name)
+                || plan.replaced.contains(&plugin.name)
                 || plan.retried.contains(&plugin.name);
             if !fresh {
                 if let Some(e) = old_entries.iter().find(|e| e.link.name() == plugin.name) {
+                    if plan.updated.contains(&plugin.name) {
+                        e.link.set_config(plugin.clone());
+                        tracing::info!(plugin = %plugin.name, "reload: updated in place; its process keeps running");
+                    } else if plan.changed.contains(&plugin.name) {
+                        e.link.set_config(plugin.clone());
+                        match &e.supervised {
+                            Some(s) => {
+                                tracing::info!(plugin = %plugin.name, "reload: restarting for reload");
+                                if let Err(message) =
+                                    s.command(crate::supervise::Command::Restart).await
+                                {
+                                    tracing::warn!(plugin = %plugin.name, %message, "reload: restart not carried out");
+                                }
+                            }
+                            None => {
+                                // Someone else runs it: it gets `Shutdown` once its streams are
+                                // done, and its next connection gets the new table.
+                                e.link.begin_handover(plugin.drain_grace, "reload");
+                            }
+                        }
+                    }
                     entries.push(e.clone());
                 }
                 continue;
@@ -334,13 +382,29 @@ mod tests {
         let p = plan(&old, &new);
         assert_eq!(p.added, vec!["metrics"]);
         assert_eq!(p.removed, vec!["gone"]);
-        assert_eq!(p.changed, vec!["latency"]);
+        assert_eq!(p.updated, vec!["latency"]);
+        assert!(p.changed.is_empty());
         assert!(p.needs_restart.is_empty());
         assert_eq!(
             p.to_string(),
-            "added metrics; removed gone; restarted latency"
+            "added metrics; removed gone; restarted none; updated in place latency"
         );
         assert!(plan(&old, &old).is_empty());
+    }
+
+    #[test]
+    fn process_keys_restart_front_keys_update_in_place_spawn_and_group_replace() {
+        let old = config("[plugins.a]\n[plugins.b]\n[plugins.c]\n[plugins.d]\n");
+        let new = config(
+            "[plugins.a]\nqueue_events = 8\nfinal_timeout_ms = 9\ndispatch = \"inline\"\n\
+             [plugins.b]\nenv = { X = \"1\" }\n\
+             [plugins.c]\nspawn = false\n\
+             [plugins.d]\n[plugins.d.config]\nk = 1\n",
+        );
+        let p = plan(&old, &new);
+        assert_eq!(p.updated, vec!["a"]);
+        assert_eq!(p.changed, vec!["b", "d"]);
+        assert_eq!(p.replaced, vec!["c"]);
     }
 
     #[test]

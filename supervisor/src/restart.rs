@@ -138,6 +138,9 @@ pub enum Action {
     Kill,
     /// Ask the process to stop (Shutdown, then SIGTERM and SIGKILL after the grace).
     Terminate,
+    /// Let the running process finish its streams while a new one takes the new ones (a
+    /// planned restart of a healthy plugin); it is reaped apart, and its exit is not a failure.
+    Handover,
     /// Report `BackoffElapsed` after this delay.
     RetryAfter(Duration),
     /// The intensity limit was hit; the plugin is now `failed`.
@@ -194,6 +197,11 @@ impl Restarter {
         &self.policy
     }
 
+    /// Takes a new policy (a reload) for what happens from now on.
+    pub fn set_policy(&mut self, policy: Policy) {
+        self.policy = policy;
+    }
+
     /// Feeds one event; `jitter` is a uniform sample from `[0, 1)` that spreads backoff delays.
     pub fn handle(&mut self, event: Event, now: Instant, jitter: f64) -> Vec<Action> {
         match (self.state, event) {
@@ -204,8 +212,15 @@ impl Restarter {
                 self.state = State::Starting;
                 vec![Action::Spawn]
             }
-            (State::Starting | State::Up, Event::Start) => {
-                // `restart` of a running plugin: stop this process, start again once reaped.
+            (State::Up, Event::Start) => {
+                // `restart` of a healthy plugin: a new process takes new streams while this one
+                // finishes its own. Planned, so not counted against the intensity limit.
+                self.state = State::Starting;
+                self.up_since = None;
+                vec![Action::Handover, Action::Spawn]
+            }
+            (State::Starting, Event::Start) => {
+                // Not serving yet: stop this process, start again once reaped.
                 self.restart_on_exit = true;
                 vec![Action::Terminate]
             }
@@ -518,20 +533,25 @@ mod tests {
     }
 
     #[test]
-    fn operator_stop_keeps_it_stopped_and_restart_respawns_at_once() {
-        run(
+    fn operator_stop_keeps_it_stopped_and_restart_hands_over_at_once() {
+        let r = run(
             policy(RestartType::Permanent),
             &[
                 (0, Start, &[Spawn], "starting"),
                 (10, HandshakeDone, &[], "up"),
-                (20, Start, &[Terminate], "up"),
-                (30, Exited(Exit::Signal(15)), &[Spawn], "starting"),
+                // A healthy plugin's restart: the old process finishes its streams apart.
+                (20, Start, &[Handover, Spawn], "starting"),
                 (40, HandshakeDone, &[], "up"),
                 (50, Stop, &[Terminate], "stopped"),
                 (60, Exited(Exit::Code(0)), &[], "stopped"),
                 (70, Start, &[Spawn], "starting"),
+                // Restarting one that is not serving yet: stop it, start again once reaped.
+                (80, Start, &[Terminate], "starting"),
+                (90, Exited(Exit::Signal(15)), &[Spawn], "starting"),
             ],
         );
+        // Planned restarts are not failures.
+        assert_eq!(r.restarts_total(), 0);
     }
 
     #[test]

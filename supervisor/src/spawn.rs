@@ -28,8 +28,18 @@ use tokio::sync::oneshot;
 
 use crate::config::{CpuScheduling, PluginConfig};
 
-/// The name of the plugin host binary, looked up next to the running executable.
+/// The process title's prefix (`plugvisor-plugin: <name>`), and the name of the standalone host
+/// of the built-in plugins (for plugins run as their own systemd units, or in gdb).
 pub const PLUGIN_HOST: &str = "plugvisor-plugin";
+
+/// The hidden subcommand of `plugvisor` that hosts a built-in plugin:
+/// `plugvisor plugin <name> --connect <socket>`, the command line of `plugvisor-plugin`.
+pub const PLUGIN_SUBCOMMAND: &str = "plugin";
+
+/// The front's own executable as the kernel holds it open. Spawning it (rather than the path it
+/// was started from) means a binary replaced on disk by an upgrade is not picked up half-way: every
+/// plugin restart runs the same build as the front until the front itself is restarted.
+pub const SELF_EXE: &str = "/proc/self/exe";
 
 /// Could not start a plugin.
 #[derive(Debug, thiserror::Error)]
@@ -44,26 +54,85 @@ pub struct SpawnError {
     pub source: std::io::Error,
 }
 
-/// The program that runs `plugin`: its `command`, else `plugvisor-plugin` beside this executable.
+/// The program that runs `plugin`: its `command`, else this executable (see [`SELF_EXE`]).
 pub fn plugin_command(plugin: &PluginConfig) -> PathBuf {
-    if let Some(c) = &plugin.command {
-        return c.clone();
-    }
-    std::env::current_exe()
-        .ok()
-        .and_then(|exe| exe.parent().map(|d| d.join(PLUGIN_HOST)))
-        .unwrap_or_else(|| PathBuf::from(PLUGIN_HOST))
+    plugin
+        .command
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(SELF_EXE))
 }
 
-/// The arguments: `args`, else `<name> --connect <socket>`.
+/// The arguments: `args`, else `<name> --connect <socket>`; without a `command`, preceded by
+/// [`PLUGIN_SUBCOMMAND`], since the program is then `plugvisor` itself.
 pub fn plugin_args(plugin: &PluginConfig, socket: &Path) -> Vec<String> {
-    plugin.args.clone().unwrap_or_else(|| {
+    let own = plugin.args.clone().unwrap_or_else(|| {
         vec![
             plugin.name.clone(),
             "--connect".to_owned(),
             socket.display().to_string(),
         ]
-    })
+    });
+    match plugin.command {
+        Some(_) => own,
+        None => std::iter::once(PLUGIN_SUBCOMMAND.to_owned())
+            .chain(own)
+            .collect(),
+    }
+}
+
+/// Why `plugin`'s configured `command` cannot be run, and what to build or set, or `None` when
+/// it resolves to an executable file (or is not set: the front runs the built-ins itself).
+/// The front says it once at start, so the reason is not lost among the restarts that follow.
+pub fn command_problem(plugin: &PluginConfig) -> Option<String> {
+    let command = plugin.command.as_ref()?;
+    let path_var = plugin
+        .env
+        .get("PATH")
+        .map(std::ffi::OsString::from)
+        .or_else(|| std::env::var_os("PATH"))
+        .unwrap_or_default();
+    let problem = match resolve_command(command, &path_var) {
+        Ok(_) => return None,
+        Err(problem) => problem,
+    };
+    let table = format!("[plugins.{}]", plugin.name);
+    let key = format!("{table} command");
+    let hint = if command.file_name().is_some_and(|f| f == PLUGIN_HOST) {
+        format!(
+            "build it with `cargo build --release -p plugin-runner` (it lands in target/release/), \
+             or remove `command` from {table} and plugvisor runs its built-in plugins itself"
+        )
+    } else {
+        format!("build or install it, or set {key} to the path of an executable")
+    };
+    Some(format!(
+        "plugin `{}`: {key} = \"{}\" {problem}; {hint}",
+        plugin.name,
+        command.display()
+    ))
+}
+
+/// Where `command` is found the way `execvp` would find it: as a path when it has a `/`, else in
+/// `path_var`. The error is a fragment: `is not found in PATH`, `is not executable`, ...
+pub(crate) fn resolve_command(
+    command: &Path,
+    path_var: &std::ffi::OsStr,
+) -> Result<PathBuf, String> {
+    use nix::unistd::{access, AccessFlags};
+    let executable = |p: &Path| p.is_file() && access(p, AccessFlags::X_OK).is_ok();
+    if command.components().count() > 1 || command.is_absolute() {
+        return match std::fs::metadata(command) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Err("does not exist".into()),
+            Err(e) => Err(format!("cannot be read ({e})")),
+            Ok(m) if !m.is_file() => Err("is not a file".into()),
+            Ok(_) if !executable(command) => Err("is not executable".into()),
+            Ok(_) => Ok(command.to_path_buf()),
+        };
+    }
+    std::env::split_paths(path_var)
+        .map(|dir| dir.join(command))
+        .find(|p| executable(p))
+        .ok_or_else(|| "is not found in PATH".into())
 }
 
 type Request = (Command, oneshot::Sender<io::Result<Child>>);
@@ -108,6 +177,7 @@ impl Spawner {
             source,
         };
         let mut cmd = Command::new(&program);
+        // The same title whether the program is `plugvisor` itself or another binary.
         cmd.arg0(format!("{PLUGIN_HOST}: {}", plugin.name))
             .args(plugin_args(plugin, socket))
             // The plugin host then writes compact stderr lines that `forward` reads back into
@@ -425,5 +495,44 @@ mod tests {
             .unwrap_err();
         assert_eq!(err.source.kind(), io::ErrorKind::NotFound);
         assert!(err.to_string().contains("/nonexistent/bin"), "{err}");
+    }
+
+    #[test]
+    fn without_a_command_the_front_runs_itself_as_the_plugin_host() {
+        let config = Config::parse(
+            "[plugins.usage]\n[plugins.own]\ncommand = \"/bin/own\"\n",
+            "t",
+        )
+        .unwrap();
+        let (builtin, own) = (&config.plugins[0], &config.plugins[1]);
+        assert_eq!(plugin_command(builtin), PathBuf::from(SELF_EXE));
+        assert_eq!(
+            plugin_args(builtin, Path::new("/r/usage.sock")),
+            ["plugin", "usage", "--connect", "/r/usage.sock"]
+        );
+        assert_eq!(plugin_command(own), PathBuf::from("/bin/own"));
+        assert_eq!(
+            plugin_args(own, Path::new("/r/own.sock")),
+            ["own", "--connect", "/r/own.sock"]
+        );
+    }
+
+    #[test]
+    fn a_command_that_cannot_run_says_what_to_build_or_set() {
+        let problem = |toml: &str| command_problem(&Config::parse(toml, "t").unwrap().plugins[0]);
+        assert_eq!(problem("[plugins.usage]\n"), None);
+        assert_eq!(problem("[plugins.p]\ncommand = \"/bin/sh\"\n"), None);
+        assert_eq!(problem("[plugins.p]\ncommand = \"sh\"\n"), None);
+        let host = problem("[plugins.usage]\ncommand = \"/nowhere/plugvisor-plugin\"\n").unwrap();
+        assert!(host.contains("does not exist"), "{host}");
+        assert!(
+            host.contains("cargo build --release -p plugin-runner"),
+            "{host}"
+        );
+        assert!(host.contains("[plugins.usage] command"), "{host}");
+        let other = problem("[plugins.p]\ncommand = \"no-such-plugin-binary\"\n").unwrap();
+        assert!(other.contains("not found in PATH"), "{other}");
+        let dir = problem("[plugins.p]\ncommand = \"/tmp\"\n").unwrap();
+        assert!(dir.contains("is not a file"), "{dir}");
     }
 }

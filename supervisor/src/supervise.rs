@@ -53,6 +53,9 @@ pub struct PluginStatus {
     pub dropped_events: u64,
     /// In backoff: milliseconds until the next start.
     pub retry_in_ms: Option<u64>,
+    /// Lanes stuck in one event, as the plugin's last pong said.
+    #[serde(default)]
+    pub stuck_lanes: u32,
 }
 
 /// An operator's or the front's request to a supervised plugin.
@@ -249,6 +252,11 @@ pub fn link_status(link: &PluginLink, metrics: &Metrics) -> PluginStatus {
         queue_depth: metrics.queue_depth.get_or_create(&label).get(),
         dropped_events: dropped,
         retry_in_ms: None,
+        stuck_lanes: if conn.is_some() {
+            link.stuck_lanes().len() as u32
+        } else {
+            0
+        },
     }
 }
 
@@ -328,7 +336,18 @@ impl Task {
                     self.feed(Event::BackoffElapsed).await;
                 }
                 _ = hang_tick.tick(), if state == State::Up => {
-                    if self.hung() {
+                    if let Some(lane) = self.ctx.link.stuck_past_limit() {
+                        tracing::error!(
+                            plugin = %self.ctx.link.name(),
+                            pid = ?self.child.as_ref().and_then(|c| c.id()),
+                            stream = lane.stream_id,
+                            running_ms = lane.running_ms,
+                            limit = ?self.ctx.link.config().stuck_timeout,
+                            "a lane of the plugin is stuck in one event past stuck_timeout_ms; killing its process group (its other streams move to the replacement)"
+                        );
+                        self.ctx.link.poison(lane.stream_id);
+                        self.feed(Event::Hung).await;
+                    } else if self.hung() {
                         tracing::error!(
                             plugin = %self.ctx.link.name(),
                             pid = ?self.child.as_ref().and_then(|c| c.id()),
@@ -366,6 +385,9 @@ impl Task {
                 Ok(format!("{name} is already {}", state.name()))
             }
             Command::Start | Command::Restart => {
+                // A reload may have changed the policy along with the process's config.
+                self.restarter
+                    .set_policy(self.ctx.link.config().restart.clone());
                 if state == State::Stopped && self.ctx.link.is_connected() {
                     // A hand-started instance holds the socket: make room for ours.
                     self.ctx
@@ -496,6 +518,20 @@ impl Task {
                     }
                 }
             }
+            Action::Handover => {
+                let child = self.child.take()?;
+                let pid = child.id();
+                let config = self.ctx.link.config();
+                {
+                    let mut shared = self.shared.lock().expect("status lock");
+                    shared.pid = None;
+                    shared.up_since = None;
+                }
+                let streams = self.ctx.link.begin_handover(config.drain_grace, "restart");
+                tracing::info!(plugin = %name, pid, streams, "restarting: a new process takes new streams while this one finishes its own");
+                reap_replaced(name, child, config.drain_grace + self.ctx.stop_grace);
+                None
+            }
             Action::Kill => {
                 if let Some(pid) = self.child.as_ref().and_then(|c| c.id()) {
                     let _ = killpg(Pid::from_raw(pid as i32), Signal::SIGKILL);
@@ -564,6 +600,34 @@ impl Task {
         shared.state = Some(self.restarter.state());
         shared.restarts = self.restarter.restarts_total();
     }
+}
+
+/// Reaps a process that handed its plugin over to a successor: it exits by itself once the link
+/// has told it its last stream ended; past `limit` it is terminated.
+fn reap_replaced(name: String, mut child: Child, limit: Duration) {
+    tokio::spawn(async move {
+        let pid = child.id();
+        let status = match tokio::time::timeout(limit, child.wait()).await {
+            Ok(status) => status.ok(),
+            Err(_) => {
+                tracing::warn!(plugin = %name, pid, "replaced process still running after its drain; terminating it");
+                if let Some(p) = pid {
+                    let _ = killpg(Pid::from_raw(p as i32), Signal::SIGTERM);
+                }
+                match tokio::time::timeout(Duration::from_secs(2), child.wait()).await {
+                    Ok(status) => status.ok(),
+                    Err(_) => {
+                        if let Some(p) = pid {
+                            let _ = killpg(Pid::from_raw(p as i32), Signal::SIGKILL);
+                        }
+                        child.wait().await.ok()
+                    }
+                }
+            }
+        };
+        let exit = status.map_or(Exit::Code(-1), exit_of);
+        tracing::info!(plugin = %name, pid, exit = %describe(exit), "replaced process exited");
+    });
 }
 
 fn exit_of(status: std::process::ExitStatus) -> Exit {

@@ -3,7 +3,8 @@
 //! second connection. It keeps `test-order` bookkeeping (events, out-of-order, gaps, body sha256)
 //! and returns it under `plugvisor.test-order`, and records aborts for assertions. Like the SDK,
 //! it returns flow-control credit for every event it has handled, at a quarter of its window and
-//! whenever it has nothing more buffered.
+//! whenever it has nothing more buffered. A replayed event (`ToPlugin::Replayed`, resent after a
+//! restart) is unwrapped and handled like a live one, and counted in [`Record::replayed`].
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -43,6 +44,8 @@ pub struct Record {
     pub open: usize,
     /// Chunks acknowledged (inline dispatch).
     pub acked: usize,
+    /// Replayed events received (`ToPlugin::Replayed`), each handled like the live event inside.
+    pub replayed: usize,
 }
 
 #[derive(Default)]
@@ -139,8 +142,13 @@ async fn serve(
     let mut lanes: HashMap<u64, Lane> = HashMap::new();
     let (mut consumed, mut reported) = (0u64, 0u64);
     while let Some(msg) = reader.read::<ToPlugin>().await? {
-        // Handled in this loop iteration, so consumed once it is done.
+        // Handled in this loop iteration, so consumed once it is done; a replayed event counts
+        // its whole `Replayed` frame.
         consumed += msg.flow_bytes(reader.last_frame_len());
+        let (msg, replayed) = msg.into_event()?;
+        if replayed {
+            record.lock().unwrap().replayed += 1;
+        }
         if let Some((stream, seq)) = msg.stream_seq() {
             let fresh = !lanes.contains_key(&stream);
             let lane = lanes.entry(stream).or_default();

@@ -18,6 +18,7 @@ pub struct FrontProcess {
     /// The runtime directory (plugin sockets and `control.sock`).
     pub runtime_dir: PathBuf,
     log_file: PathBuf,
+    config_path: PathBuf,
 }
 
 impl FrontProcess {
@@ -62,6 +63,7 @@ impl FrontProcess {
             admin_port,
             runtime_dir: FrontProcess::runtime_dir_in(dir),
             log_file,
+            config_path: path,
         };
         front.wait_ready(expect, Duration::from_secs(15));
         front
@@ -98,6 +100,21 @@ impl FrontProcess {
     /// `/metrics` right now.
     pub fn metrics(&self) -> String {
         http_get(self.admin_port, "/metrics").unwrap_or_default()
+    }
+
+    /// Replaces the `[plugins.*]` tables of the config file and sends SIGHUP (a reload).
+    pub fn reload(&self, plugins_toml: &str) {
+        let text = std::fs::read_to_string(&self.config_path).expect("read the config");
+        let (header, _) = text
+            .split_once("\n\n")
+            .expect("header, blank line, plugins");
+        std::fs::write(&self.config_path, format!("{header}\n\n{plugins_toml}"))
+            .expect("write the config");
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.pid() as i32),
+            nix::sys::signal::Signal::SIGHUP,
+        )
+        .expect("signal the front");
     }
 
     /// The pid.

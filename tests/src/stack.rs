@@ -62,6 +62,23 @@ impl Stack {
         }
     }
 
+    /// The pid of the process serving `name`, as `plugvisor status` reports it.
+    pub async fn plugin_pid(&self, name: &str) -> u32 {
+        let answer = supervisor::control::request(
+            &self.front.control_socket(),
+            &supervisor::control::Request::Status,
+        )
+        .await
+        .expect("control socket answers");
+        answer
+            .plugins
+            .expect("status lists plugins")
+            .into_iter()
+            .find(|p| p.name == name)
+            .and_then(|p| p.pid)
+            .unwrap_or_else(|| panic!("{name} has no pid"))
+    }
+
     /// Envoy's access-log line for the request with this test id (waits up to 5 s for it).
     pub fn log_for(&self, rid: &str) -> serde_json::Value {
         tokio::task::block_in_place(|| self.envoy.access_log_for(rid, Duration::from_secs(5)))

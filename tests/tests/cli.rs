@@ -70,7 +70,7 @@ fn check_config_refuses_what_would_fail_at_run_time_with_file_line_and_key() {
             "plugins.usage.config",
             "invalid CEL expression",
         ),
-        ("[plugins.mine]\ncommand = \"/nonexistent/mine\"\n", 2, "plugins.mine.command", "No such file"),
+        ("[plugins.mine]\ncommand = \"/nonexistent/mine\"\n", 2, "plugins.mine.command", "does not exist"),
         ("[plugins.mine]\ncommand = \"no-such-command-xyz\"\n", 2, "plugins.mine.command", "not found in PATH"),
         ("[plugins.usage]\ngroup = \"no-such-group-xyz\"\n", 2, "plugins.usage.group", "does not exist"),
         ("[plugins.usage]\nuid = 3999999\n", 2, "plugins.usage.uid", "is no user"),

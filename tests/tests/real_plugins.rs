@@ -280,22 +280,6 @@ fn proc_kib(pid: u32, field: &str) -> u64 {
         * 1024
 }
 
-async fn plugin_pid(setup: &Stack, name: &str) -> u32 {
-    let answer = supervisor::control::request(
-        &setup.front.control_socket(),
-        &supervisor::control::Request::Status,
-    )
-    .await
-    .expect("control socket answers");
-    answer
-        .plugins
-        .expect("status lists plugins")
-        .into_iter()
-        .find(|p| p.name == name)
-        .and_then(|p| p.pid)
-        .unwrap_or_else(|| panic!("{name} has no pid"))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_plugin_under_hundreds_of_streams_stays_within_its_budget() {
     const BUDGET: u64 = 1 << 20;
@@ -312,7 +296,7 @@ async fn a_slow_plugin_under_hundreds_of_streams_stays_within_its_budget() {
         &["test-order"],
     )
     .await;
-    let pid = plugin_pid(&setup, "test-order").await;
+    let pid = setup.plugin_pid("test-order").await;
     let baseline = proc_kib(pid, "VmRSS:");
     let port = setup.envoy.port;
     let params = Params {
@@ -379,7 +363,7 @@ async fn a_slow_plugin_under_hundreds_of_streams_stays_within_its_budget() {
     assert!(max_in_flight > 0.0, "the in-flight gauge never moved");
     assert!(max_in_flight <= BUDGET as f64, "in flight {max_in_flight}");
     // Busy all along, never taken for hung: the same process still serves.
-    assert_eq!(plugin_pid(&setup, "test-order").await, pid);
+    assert_eq!(setup.plugin_pid("test-order").await, pid);
     eprintln!(
         "back-pressure: {STREAMS} streams, plugin RSS baseline {} KiB, peak {} KiB, \
          most in flight {max_in_flight} B, events dropped at the front {dropped}",

@@ -4,22 +4,9 @@
 
 use std::time::{Duration, Instant};
 
-use nix::sys::signal::{kill, Signal};
-use nix::unistd::Pid;
 use supervisor::control::{self, Request};
 use supervisor::supervise::PluginStatus;
 use tests::front::FrontProcess;
-
-/// Replaces the `[plugins.*]` tables of the front's config file and sends SIGHUP.
-fn reload(front: &FrontProcess, dir: &std::path::Path, plugins_toml: &str) {
-    let path = dir.join("plugvisor.toml");
-    let text = std::fs::read_to_string(&path).unwrap();
-    let (header, _) = text
-        .split_once("\n\n")
-        .expect("header, blank line, plugins");
-    std::fs::write(&path, format!("{header}\n\n{plugins_toml}")).unwrap();
-    kill(Pid::from_raw(front.pid() as i32), Signal::SIGHUP).unwrap();
-}
 
 async fn status(front: &FrontProcess) -> Vec<PluginStatus> {
     let answer = control::request(&front.control_socket(), &Request::Status)
@@ -64,9 +51,7 @@ async fn a_plugin_a_reload_could_not_start_stays_failed_until_a_reload_fixes_it(
 
     // A mistake in the file (a group that does not exist) is refused whole at reload: the
     // running configuration stays, nothing is added.
-    reload(
-        &front,
-        dir.path(),
+    front.reload(
         "[plugins.usage]\n[plugins.latency]\n[plugins.test-order]\ngroup = \"no-such-group-xyz\"\n",
     );
     let start = Instant::now();
@@ -84,11 +69,7 @@ async fn a_plugin_a_reload_could_not_start_stays_failed_until_a_reload_fixes_it(
     // What no check of the file can know: its socket path is taken by a directory.
     let squatter = front.runtime_dir.join("plugins/test-order.sock");
     std::fs::create_dir_all(&squatter).unwrap();
-    reload(
-        &front,
-        dir.path(),
-        "[plugins.usage]\n[plugins.latency]\n[plugins.test-order]\n",
-    );
+    front.reload("[plugins.usage]\n[plugins.latency]\n[plugins.test-order]\n");
     let s = wait_for(&front, "test-order failed", |s| {
         find(s, "test-order").is_some_and(|p| p.state == "failed")
     })
@@ -122,11 +103,7 @@ async fn a_plugin_a_reload_could_not_start_stays_failed_until_a_reload_fixes_it(
     );
 
     // A reload that changes nothing else keeps it, failed, rather than forgetting it.
-    reload(
-        &front,
-        dir.path(),
-        "[plugins.usage]\n[plugins.latency]\n[plugins.test-order]\n",
-    );
+    front.reload("[plugins.usage]\n[plugins.latency]\n[plugins.test-order]\n");
     tokio::time::sleep(Duration::from_millis(500)).await;
     let s = status(&front).await;
     assert_eq!(
@@ -136,9 +113,7 @@ async fn a_plugin_a_reload_could_not_start_stays_failed_until_a_reload_fixes_it(
 
     // With the path free it comes up.
     std::fs::remove_dir(&squatter).unwrap();
-    reload(
-        &front,
-        dir.path(),
+    front.reload(
         "[plugins.usage]\n[plugins.latency]\n[plugins.test-order]\nfinal_timeout_ms = 300\n",
     );
     wait_for(&front, "test-order up", |s| {
@@ -160,7 +135,7 @@ async fn a_plugin_removed_by_a_reload_takes_its_series_with_it() {
     );
     assert!(front.metrics().contains("plugin=\"usage\""));
 
-    reload(&front, dir.path(), "[plugins.latency]\n");
+    front.reload("[plugins.latency]\n");
     wait_for(&front, "without usage", |s| find(s, "usage").is_none()).await;
     // The series go once the reload is applied, which the status shows a moment before.
     let start = Instant::now();

@@ -404,12 +404,13 @@ async fn reload_starts_added_plugins_restarts_changed_ones_and_rejects_a_broken_
         let journal = s.c.journalctl(&["-u", SERVICE]).unwrap();
         assert!(journal.contains("reload rejected"), "{journal}");
 
-        // Changed (usage) restarts, removed (latency) stops, unchanged (test-order) stays.
+        // Changed (usage: what its process is started with) restarts by handover, removed
+        // (latency) stops, unchanged (test-order) stays.
         write(&format!(
             "{}\n[plugins.test-order]\n",
             original.replace("[plugins.latency]\n", "").replace(
                 "required = true\n",
-                "required = true\nfinal_timeout_ms = 300\n"
+                "required = true\nenv = { PLUGVISOR_RELOADED = \"1\" }\n"
             )
         ));
         s.c.systemctl_ok(&["reload", SERVICE]).unwrap();

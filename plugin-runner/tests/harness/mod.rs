@@ -1,5 +1,6 @@
 //! A fake front for integration tests: listens on a real Unix socket, spawns the real
-//! `plugvisor-plugin` binary against it, and speaks the protocol with it. Every child is killed
+//! `plugvisor-plugin` binary against it (or serves a plugin defined in the test in this process,
+//! [`serve_in_process`]), and speaks the protocol with it. Every child is killed
 //! by pid when its `Front` is dropped (tokio's `kill_on_drop`), and every wait is bounded.
 
 #![allow(dead_code)]
@@ -44,7 +45,10 @@ impl Drop for TempDir {
 
 /// The front's end of one plugin connection.
 pub struct Front {
-    pub child: Child,
+    /// The plugin process; `None` when the plugin is served in this process.
+    child: Option<Child>,
+    /// The in-process host's task ([`serve_in_process`]).
+    host: Option<tokio::task::JoinHandle<plugin_runner::Exit>>,
     pub hello: Hello,
     reader: Option<FrameReader<OwnedReadHalf>>,
     writer: FrameWriter<OwnedWriteHalf>,
@@ -74,6 +78,27 @@ pub async fn spawn(plugin: &str, extra: &[&str], stderr: Stdio) -> Front {
         .kill_on_drop(true)
         .spawn()
         .unwrap();
+    accept(listener, dir, Some(child), None).await
+}
+
+/// Serves `plugin` with `workers` worker threads in this process (a task running
+/// [`plugin_runner::serve`]) and accepts its connection: for plugins defined in a test.
+pub async fn serve_in_process<P: plugin_runner::Plugin>(plugin: P, workers: usize) -> Front {
+    let dir = TempDir::new();
+    let sock = dir.0.join("plugin.sock");
+    let listener = UnixListener::bind(&sock).unwrap();
+    let mut opts = plugin_runner::HostOptions::new(plugin.name().to_owned(), &sock);
+    opts.workers = workers;
+    let host = tokio::spawn(plugin_runner::serve(plugin, opts));
+    accept(listener, dir, None, Some(host)).await
+}
+
+async fn accept(
+    listener: UnixListener,
+    dir: TempDir,
+    child: Option<Child>,
+    host: Option<tokio::task::JoinHandle<plugin_runner::Exit>>,
+) -> Front {
     let (stream, _) = tokio::time::timeout(WAIT, listener.accept())
         .await
         .expect("plugin connects")
@@ -90,6 +115,7 @@ pub async fn spawn(plugin: &str, extra: &[&str], stderr: Stdio) -> Front {
     };
     Front {
         child,
+        host,
         hello,
         reader: Some(reader),
         writer: FrameWriter::new(wr),
@@ -101,6 +127,20 @@ pub async fn spawn(plugin: &str, extra: &[&str], stderr: Stdio) -> Front {
 }
 
 impl Front {
+    /// The plugin process (not for [`serve_in_process`]).
+    pub fn child(&mut self) -> &mut Child {
+        self.child.as_mut().expect("a spawned plugin process")
+    }
+
+    /// How the in-process host ended ([`serve_in_process`]), within [`WAIT`].
+    pub async fn host_exit(&mut self) -> plugin_runner::Exit {
+        let host = self.host.as_mut().expect("a plugin served in process");
+        tokio::time::timeout(WAIT, host)
+            .await
+            .expect("host ends in time")
+            .expect("host task did not panic")
+    }
+
     /// Sends `Welcome` with `config` and the front's default limits, and starts collecting what
     /// the plugin sends.
     pub async fn welcome(&mut self, config: Value) {
@@ -206,7 +246,7 @@ impl Front {
 
     /// Waits for the plugin process to exit, within [`WAIT`].
     pub async fn exit_status(&mut self) -> ExitStatus {
-        tokio::time::timeout(WAIT, self.child.wait())
+        tokio::time::timeout(WAIT, self.child().wait())
             .await
             .expect("plugin exits in time")
             .unwrap()
@@ -216,7 +256,7 @@ impl Front {
     pub async fn stderr(&mut self) -> String {
         let mut stderr = String::new();
         tokio::io::AsyncReadExt::read_to_string(
-            self.child.stderr.as_mut().expect("stderr was piped"),
+            self.child().stderr.as_mut().expect("stderr was piped"),
             &mut stderr,
         )
         .await

@@ -4,7 +4,7 @@
 //! so a mistake is refused with its key and line instead of becoming a crash loop.
 
 use std::collections::BTreeMap;
-use std::os::unix::fs::PermissionsExt;
+use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 
 use ipc_protocol::Value;
@@ -43,47 +43,33 @@ pub(super) fn builtin(name: &str, config: &Value) -> Result<(), BuiltinError> {
     })
 }
 
-/// Resolves `command` the way the spawn will (a bare name through `PATH`, the plugin's own
-/// `env` PATH first) and checks that it is an executable file.
+/// Resolves `command` the way the spawn will (a path when it has a `/`, else through `PATH`:
+/// the plugin's own `env.PATH` first) and checks that it is an executable file.
 pub(super) fn command(command: &Path, env: &BTreeMap<String, String>) -> Result<PathBuf, String> {
-    if command.as_os_str().is_empty() {
-        return Err("is empty".into());
-    }
-    if command.to_string_lossy().contains('/') {
-        return executable(command).map(|()| command.to_owned());
-    }
-    let path = env
+    let path_var = env
         .get("PATH")
-        .cloned()
-        .or_else(|| std::env::var("PATH").ok())
+        .map(OsString::from)
+        .or_else(|| std::env::var_os("PATH"))
         .unwrap_or_default();
-    for dir in std::env::split_paths(&path) {
-        let candidate = dir.join(command);
-        if executable(&candidate).is_ok() {
-            return Ok(candidate);
-        }
-    }
-    Err(format!(
-        "`{}` is not found in PATH ({path}); give its full path or install it",
-        command.display()
-    ))
-}
-
-fn executable(path: &Path) -> Result<(), String> {
-    let meta =
-        std::fs::metadata(path).map_err(|e| format!("`{}` cannot be used: {e}", path.display()))?;
-    if !meta.is_file() {
-        return Err(format!("`{}` is not a file", path.display()));
-    }
-    if meta.permissions().mode() & 0o111 == 0
-        || nix::unistd::access(path, nix::unistd::AccessFlags::X_OK).is_err()
-    {
-        return Err(format!(
-            "`{}` is not executable (chmod +x it)",
-            path.display()
-        ));
-    }
-    Ok(())
+    crate::spawn::resolve_command(command, &path_var).map_err(|problem| {
+        let shown = command.display();
+        let hint = if command
+            .file_name()
+            .is_some_and(|f| f == crate::spawn::PLUGIN_HOST)
+        {
+            "build it (`cargo build -p plugin-runner`), or remove `command` and plugvisor runs \
+             its built-in plugins itself"
+                .to_owned()
+        } else if problem.contains("PATH") {
+            format!(
+                "PATH is {}; give the full path or install it",
+                path_var.to_string_lossy()
+            )
+        } else {
+            "build or install it, or give the path of an executable".to_owned()
+        };
+        format!("`{shown}` {problem}; {hint}")
+    })
 }
 
 /// The group exists on this host.

@@ -358,7 +358,7 @@ fn commands_users_and_groups_must_exist() {
             "[plugins.p]\n\ncommand = \"/nonexistent/plugin\"\n".to_owned(),
             "line 3",
             "plugins.p.command",
-            "No such file",
+            "does not exist",
         ),
         (
             "[plugins.p]\ncommand = \"no-such-command-xyz\"\n".to_owned(),
@@ -370,7 +370,7 @@ fn commands_users_and_groups_must_exist() {
             "[plugins.p]\ncommand = \"sh\"\nenv = { PATH = \"/nonexistent\" }\n".to_owned(),
             "line 2",
             "plugins.p.command",
-            "not found in PATH (/nonexistent)",
+            "not found in PATH; PATH is /nonexistent",
         ),
         (
             format!("[plugins.p]\ncommand = \"{}\"\n", plain.display()),

@@ -29,6 +29,9 @@ fn plugin(queue_events: usize, queue_bytes: usize, final_ms: u64) -> PluginConfi
         cpu_scheduling: crate::config::CpuScheduling::Normal,
         metadata_max_bytes: crate::config::DEFAULT_PLUGIN_METADATA_BYTES,
         budget_bytes: crate::config::DEFAULT_BUDGET_BYTES,
+        replay_bytes: crate::config::DEFAULT_REPLAY_BYTES,
+        drain_grace: Duration::from_secs(30),
+        stuck_timeout: Duration::from_secs(10),
     }
 }
 

@@ -1,0 +1,287 @@
+//! One stream's side of one plugin: the sequence numbers the stream gives the plugin (the one
+//! place they are assigned), the connection the stream is bound to, and the journal that lets a
+//! replacement process rebuild the stream after the process serving it went away.
+//!
+//! A stream binds to the plugin's live connection when it first sends it something and stays on
+//! that connection while it lives, so a connection that is being replaced (a planned restart)
+//! finishes the streams it has. When the bound connection ends (a crash, a kill, a hang), the
+//! stream's next event or its final finds the replacement, replays its journal to it from the
+//! first event (wrapped as `Replayed` where the old process had it; plain where nobody had it
+//! yet), and carries on there; its final is retried on the replacement until its deadline. So a
+//! crash costs time, not billing data. What the journal could not hold (`replay_bytes` is shared
+//! by all in-flight streams of the plugin) and what a full queue dropped are lost for the plugin:
+//! they show as gaps in the plugin's own metadata and under `plugvisor.partial`.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use ipc_protocol::{Metadata, Subscriptions, ToPlugin};
+
+use crate::link::{queued_size, Conn, Missing, PluginLink};
+
+/// A journaled event.
+struct Entry {
+    msg: ToPlugin,
+    /// A process has had it (so a replacement gets it marked as replayed).
+    sent: bool,
+}
+
+/// One stream's state for one plugin.
+pub struct PluginStream {
+    link: Arc<PluginLink>,
+    stream_id: u64,
+    /// This stream's event hung the plugin: nothing more goes to the plugin for it.
+    poisoned: bool,
+    next_seq: u32,
+    bound: Option<Arc<Conn>>,
+    journal: Vec<Entry>,
+    journal_bytes: usize,
+    /// Events that could not be journaled (budget spent): a replay will miss them.
+    unjournaled: u32,
+    /// Events the plugin's current process will never see (queue full, or down without room in
+    /// the journal); a replay resets it to `unjournaled`.
+    lost: u32,
+    /// Times the stream moved to a replacement process.
+    replays: u32,
+}
+
+/// How a stream's final went for one plugin, beside its metadata.
+pub struct Outcome {
+    /// The metadata, or why there is none.
+    pub result: Result<Metadata, Missing>,
+    /// Events of this stream the answering process never got.
+    pub lost: u32,
+    /// Times the stream was replayed to a replacement process.
+    pub replays: u32,
+}
+
+impl PluginStream {
+    /// A stream that has sent `link`'s plugin nothing yet.
+    pub fn new(link: Arc<PluginLink>, stream_id: u64) -> PluginStream {
+        PluginStream {
+            link,
+            stream_id,
+            poisoned: false,
+            next_seq: 0,
+            bound: None,
+            journal: Vec::new(),
+            journal_bytes: 0,
+            unjournaled: 0,
+            lost: 0,
+            replays: 0,
+        }
+    }
+
+    /// The plugin's link.
+    pub fn link(&self) -> &Arc<PluginLink> {
+        &self.link
+    }
+
+    /// The next sequence number. Every event of this stream for this plugin gets one, delivered
+    /// or not, so a plugin that misses an event sees the gap.
+    fn next_seq(&mut self) -> u32 {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        seq
+    }
+
+    /// What the plugin subscribed to: its bound or live connection's, else the last it said.
+    pub fn subscriptions(&self) -> Subscriptions {
+        match self.bound.as_ref().filter(|c| !c.is_closed()) {
+            Some(c) => c.subscriptions(),
+            None => self.link.last_subscriptions(),
+        }
+    }
+
+    /// The connection this stream's events go to now, binding (and replaying) if it has none.
+    fn route(&mut self) -> Option<Arc<Conn>> {
+        if let Some(c) = self.bound.as_ref().filter(|c| !c.is_closed()) {
+            return Some(c.clone());
+        }
+        if self.poisoned || self.link.is_poisoned(self.stream_id) {
+            // Replaying the event that hung the plugin would hang its replacement too.
+            self.poisoned = true;
+            return None;
+        }
+        let current = self.link.connection().filter(|c| !c.is_closed())?;
+        if !self.journal.is_empty() {
+            let moved = self.bound.is_some();
+            let events: Vec<ToPlugin> = self
+                .journal
+                .iter_mut()
+                .map(|e| {
+                    let msg = if e.sent {
+                        ToPlugin::Replayed(Box::new(e.msg.clone()))
+                    } else {
+                        e.msg.clone()
+                    };
+                    e.sent = true;
+                    msg
+                })
+                .collect();
+            if moved {
+                self.replays += 1;
+                tracing::debug!(plugin = %self.link.name(), events = events.len(), unjournaled = self.unjournaled, "replaying a stream to the plugin's new process");
+            }
+            self.link.replay(&current, events);
+            self.lost = self.unjournaled;
+        }
+        if let Some(old) = self.bound.take() {
+            self.link.unbind(&old);
+        }
+        self.link.bind(&current);
+        self.bound = Some(current.clone());
+        Some(current)
+    }
+
+    /// Keeps `msg` for a replay; false when the plugin's `replay_bytes` are spent.
+    fn journal(&mut self, msg: &ToPlugin, sent: bool) -> bool {
+        let bytes = queued_size(msg);
+        if self.link.config().replay_bytes == 0 || !self.link.journal_take(bytes) {
+            self.unjournaled += 1;
+            return false;
+        }
+        self.journal.push(Entry {
+            msg: msg.clone(),
+            sent,
+        });
+        self.journal_bytes += bytes;
+        true
+    }
+
+    /// Sends a fire-and-forget event built for its sequence number. Never waits: a full queue
+    /// drops it (the plugin sees the gap); with the plugin down, it waits in the journal for the
+    /// replacement.
+    pub fn send(&mut self, make: impl FnOnce(u32) -> ToPlugin) {
+        let msg = make(self.next_seq());
+        let conn = self.route();
+        if self.poisoned {
+            return;
+        }
+        let journaled = self.journal(&msg, conn.is_some());
+        match conn {
+            Some(c) => {
+                if !self.link.send_event(Some(&c), msg) {
+                    self.lost += 1;
+                }
+            }
+            None if journaled => {}
+            None => {
+                self.link.send_event(None, msg);
+                self.lost += 1;
+            }
+        }
+    }
+
+    /// Sends an inline chunk (built for its sequence number, `ack = true`) and returns what to
+    /// wait on for its acknowledgement; `None` when it could not be sent (counted as a drop).
+    pub async fn send_inline(
+        &mut self,
+        stream_id: u64,
+        make: impl FnOnce(u32) -> ToPlugin,
+        deadline: tokio::time::Instant,
+    ) -> Option<(Arc<Conn>, u32, tokio::sync::oneshot::Receiver<()>)> {
+        let seq = self.next_seq();
+        let msg = make(seq);
+        let Some(conn) = self.route() else {
+            self.journal(&msg, false);
+            self.link.send_event(None, msg);
+            self.lost += 1;
+            return None;
+        };
+        self.journal(&msg, true);
+        match self
+            .link
+            .send_inline(&conn, stream_id, seq, msg, deadline)
+            .await
+        {
+            Some(rx) => Some((conn, seq, rx)),
+            None => {
+                self.lost += 1;
+                None
+            }
+        }
+    }
+
+    /// The final call: `make(seq, call_id)` builds the `Final`. If the serving process goes away
+    /// before it answers, the stream moves to the replacement (journal replayed) and the call is
+    /// made again there, all within the deadline `final_timeout` after `started`.
+    pub async fn finish(
+        mut self,
+        make: impl Fn(u32, u64) -> ToPlugin,
+        started: Instant,
+    ) -> Outcome {
+        let seq = self.next_seq();
+        let deadline = tokio::time::Instant::from_std(started + self.link.config().final_timeout);
+        let mut connected = self.link.subscribe_connected();
+        let result = loop {
+            let routed = self.route();
+            if self.poisoned {
+                self.link.count_missing(Missing::Stuck);
+                break Err(Missing::Stuck);
+            }
+            let conn = match routed {
+                Some(conn) => conn,
+                None => {
+                    // Down: a replacement may be on its way (a restart takes tens of ms).
+                    if tokio::time::Instant::now() >= deadline {
+                        break self.link.final_call(None, 0, make(seq, 0), started).await;
+                    }
+                    if self.link.is_connected() {
+                        // The old connection is being taken down right now.
+                        tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+                    } else {
+                        let wait = connected.wait_for(|c| *c);
+                        let _ = tokio::time::timeout_at(deadline, wait).await;
+                    }
+                    continue;
+                }
+            };
+            let call_id = self.link.next_call_id();
+            match self
+                .link
+                .final_call(Some(conn.clone()), call_id, make(seq, call_id), started)
+                .await
+            {
+                Err(Missing::Down) if tokio::time::Instant::now() < deadline => {
+                    // The process went away mid-call: wait for its replacement, replay, retry.
+                    if !conn.is_closed() {
+                        break Err(Missing::Down);
+                    }
+                    continue;
+                }
+                other => break other,
+            }
+        };
+        Outcome {
+            result,
+            lost: self.lost,
+            replays: self.replays,
+        }
+    }
+
+    /// Sends `msg` (an abort) to the process that knows this stream, if it is still there; a
+    /// replacement never heard of the stream and needs nothing.
+    pub fn abort(&mut self, make: impl FnOnce(u32) -> ToPlugin, patience: std::time::Duration) {
+        let Some(conn) = self.bound.clone().filter(|c| !c.is_closed()) else {
+            return;
+        };
+        if !conn.subscriptions().abort {
+            return;
+        }
+        let msg = make(self.next_seq());
+        self.link.send_event_patiently(conn, msg, patience);
+    }
+}
+
+impl Drop for PluginStream {
+    fn drop(&mut self) {
+        self.link.journal_release(self.journal_bytes);
+        if self.poisoned {
+            self.link.forget_poisoned(self.stream_id);
+        }
+        if let Some(conn) = self.bound.take() {
+            self.link.unbind(&conn);
+        }
+    }
+}

@@ -1,0 +1,319 @@
+//! Drills of a plugin's lifecycle under 50 concurrent streams through real Envoy, with the real
+//! front and plugin processes: what each stream's metadata says after a plugin was killed,
+//! restarted or reloaded in the middle of the batch. Counts are asserted, never timings.
+
+use std::time::Duration;
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use sha2::{Digest, Sha256};
+use tests::client::chat;
+use tests::front::metric;
+use tests::stack::Stack;
+use tests::upstream::Params;
+
+const STREAMS: usize = 50;
+
+/// usage and test-order, with finals allowed to wait for a replacement process.
+const PLUGINS: &str = r#"
+[plugins.usage]
+final_timeout_ms = 5000
+[plugins.test-order]
+final_timeout_ms = 5000
+"#;
+
+fn params() -> Params {
+    Params {
+        chunks: 30,
+        delay: Duration::from_millis(15),
+        ..Params::default()
+    }
+}
+
+/// Runs the batch (streams 10 ms apart), calls `during` after stream `at` has started, and
+/// returns each stream's access-log line after checking its body.
+async fn batch<F, Fut>(setup: &Stack, tag: &str, at: usize, during: F) -> Vec<serde_json::Value>
+where
+    F: FnOnce() -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    batch_of(setup, tag, at, |_| params(), during).await
+}
+
+/// [`batch`] with stream `i` asking for `params_of(i)`.
+async fn batch_of<F, Fut>(
+    setup: &Stack,
+    tag: &str,
+    at: usize,
+    params_of: impl Fn(usize) -> Params,
+    during: F,
+) -> Vec<serde_json::Value>
+where
+    F: FnOnce() -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let port = setup.envoy.port;
+    let mut tasks = Vec::new();
+    let mut during = Some(during);
+    for i in 0..STREAMS {
+        let id = format!("{tag}-{i}");
+        let p = params_of(i);
+        tasks.push(tokio::spawn(async move {
+            let got = chat(port, &p, &id).await;
+            (id, p, got)
+        }));
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        if i == at {
+            if let Some(during) = during.take() {
+                during().await;
+            }
+        }
+    }
+    if let Some(during) = during.take() {
+        // After the last start: the streams still running are in their last stretch.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        during().await;
+    }
+    let mut lines = Vec::new();
+    for t in tasks {
+        let (id, p, got) = t.await.unwrap();
+        assert_eq!(got.error, None, "{id}");
+        assert!(got.body() == p.body(), "{id}: body differs");
+        lines.push(setup.log_for(&id));
+    }
+    lines
+}
+
+/// Every stream's metadata is whole: usage has the right totals, test-order saw every byte in
+/// order, and the front lists nobody as missing or partial.
+fn assert_whole(lines: &[serde_json::Value]) {
+    let p = params();
+    let sha = hex::encode(Sha256::digest(p.body()));
+    for line in lines {
+        assert_eq!(
+            line["plugvisor"]["missing"],
+            serde_json::json!([]),
+            "{line}"
+        );
+        assert!(line["plugvisor"]["partial"].is_null(), "{line}");
+        assert_eq!(
+            line["usage"]["prompt_tokens"], p.prompt_tokens as f64,
+            "{line}"
+        );
+        assert_eq!(
+            line["usage"]["completion_tokens"], p.chunks as f64,
+            "{line}"
+        );
+        assert_eq!(line["test_order"]["sha256"], sha, "{line}");
+        assert_eq!(line["test_order"]["gaps"], 0.0, "{line}");
+        assert_eq!(line["test_order"]["out_of_order"], 0.0, "{line}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugin_killed_mid_batch_loses_no_stream_s_metadata() {
+    let setup = Stack::start(PLUGINS, &["usage", "test-order"]).await;
+    let usage = setup.plugin_pid("usage").await;
+    let order = setup.plugin_pid("test-order").await;
+    let lines = batch(&setup, "kill", STREAMS / 3, || async {
+        kill(Pid::from_raw(usage as i32), Signal::SIGKILL).unwrap();
+        kill(Pid::from_raw(order as i32), Signal::SIGKILL).unwrap();
+    })
+    .await;
+    assert_whole(&lines);
+    let metrics = setup.front.metrics();
+    assert_eq!(
+        metric(
+            &metrics,
+            "plugvisor_plugin_restarts_total{plugin=\"usage\"}"
+        ),
+        1.0
+    );
+    assert!(
+        metric(
+            &metrics,
+            "plugvisor_plugin_events_replayed_total{plugin=\"test-order\"}"
+        ) > 0.0,
+        "{metrics}"
+    );
+    assert_ne!(setup.plugin_pid("usage").await, usage);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugin_killed_while_the_last_finals_are_in_flight_loses_nothing() {
+    let setup = Stack::start(PLUGINS, &["usage", "test-order"]).await;
+    let usage = setup.plugin_pid("usage").await;
+    let lines = batch(&setup, "late", STREAMS, || async {
+        kill(Pid::from_raw(usage as i32), Signal::SIGKILL).unwrap();
+    })
+    .await;
+    assert_whole(&lines);
+    assert_ne!(setup.plugin_pid("usage").await, usage);
+}
+
+/// `plugvisor restart`: the old process finishes its streams, the new one takes the new ones,
+/// and the old one exits once it has no stream left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_mid_batch_hands_over_without_losing_a_stream() {
+    let setup = Stack::start(PLUGINS, &["usage", "test-order"]).await;
+    let usage = setup.plugin_pid("usage").await;
+    let socket = setup.front.control_socket();
+    let lines = batch(&setup, "restart", STREAMS / 2, || async {
+        let answer = supervisor::control::request(
+            &socket,
+            &supervisor::control::Request::Restart {
+                plugin: "usage".into(),
+            },
+        )
+        .await
+        .expect("control socket answers");
+        assert!(answer.error.is_none(), "{answer:?}");
+    })
+    .await;
+    assert_whole(&lines);
+    let fresh = setup.plugin_pid("usage").await;
+    assert_ne!(fresh, usage);
+    // The replaced process exits by itself once its streams are done.
+    let gone = (0..100).any(|_| {
+        std::thread::sleep(Duration::from_millis(50));
+        !std::path::Path::new(&format!("/proc/{usage}")).exists()
+    });
+    assert!(gone, "the replaced process {usage} is still running");
+    let log = setup.front.log();
+    assert!(!log.contains("exited unexpectedly"), "{log}");
+    assert_eq!(
+        metric(
+            &setup.front.metrics(),
+            "plugvisor_plugin_restarts_total{plugin=\"usage\"}"
+        ),
+        0.0
+    );
+}
+
+/// A reload that changes what the usage process is started with restarts it by handover; one
+/// that changes only a front-side key (its final deadline) restarts nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reloads_mid_batch_lose_no_stream_and_front_keys_restart_nothing() {
+    let setup = Stack::start(PLUGINS, &["usage", "test-order"]).await;
+    let usage = setup.plugin_pid("usage").await;
+    let order = setup.plugin_pid("test-order").await;
+    let changed = PLUGINS.replace(
+        "[plugins.usage]\n",
+        "[plugins.usage]\nenv = { PLUGVISOR_DRILL = \"1\" }\n",
+    );
+    let lines = batch(&setup, "reload", STREAMS / 2, || async {
+        setup.front.reload(&changed);
+    })
+    .await;
+    assert_whole(&lines);
+    let fresh = setup.plugin_pid("usage").await;
+    assert_ne!(fresh, usage, "a changed env restarts the process");
+    assert_eq!(setup.plugin_pid("test-order").await, order);
+
+    let front_only = changed.replace(
+        "final_timeout_ms = 5000\n[plugins.test-order]",
+        "final_timeout_ms = 4000\n[plugins.test-order]",
+    );
+    assert_ne!(front_only, changed);
+    let lines = batch(&setup, "reload-front", STREAMS / 2, || async {
+        setup.front.reload(&front_only);
+    })
+    .await;
+    assert_whole(&lines);
+    assert_eq!(
+        setup.plugin_pid("usage").await,
+        fresh,
+        "a front-side key restarts nothing"
+    );
+    let log = setup.front.log();
+    assert!(log.contains("updated in place"), "{log}");
+}
+
+/// A lane stuck in one event past `stuck_timeout_ms` is a hang: the plugin is restarted, the
+/// stream that hung it is reported `stuck` (and not replayed, it would hang the replacement),
+/// and every other stream moves to the replacement whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stuck_lane_restarts_the_plugin_and_costs_only_its_own_stream() {
+    let setup = Stack::start(
+        r#"
+[plugins.usage]
+final_timeout_ms = 5000
+[plugins.test-hang]
+args = ["test-hang", "--connect", "__RUN__/plugins/test-hang.sock", "--stuck-after", "100ms"]
+stuck_timeout_ms = 300
+final_timeout_ms = 5000
+[plugins.test-hang.config]
+marker = "HANG-HERE"
+scope = "lane"
+"#,
+        &["usage", "test-hang"],
+    )
+    .await;
+    const HUNG: usize = 10;
+    let lines = batch_of(
+        &setup,
+        "stuck",
+        STREAMS,
+        |i| Params {
+            marker: (i == HUNG).then(|| (5, "HANG-HERE".to_owned())),
+            ..params()
+        },
+        || async {},
+    )
+    .await;
+    for (i, line) in lines.iter().enumerate() {
+        assert_eq!(
+            line["usage"]["completion_tokens"],
+            params().chunks as f64,
+            "{line}"
+        );
+        if i == HUNG {
+            assert_eq!(
+                line["plugvisor"]["reasons"],
+                serde_json::json!({"test-hang": "stuck"}),
+                "{line}"
+            );
+        } else {
+            assert_eq!(
+                line["plugvisor"]["missing"],
+                serde_json::json!([]),
+                "{line}"
+            );
+            assert!(line["plugvisor"]["partial"].is_null(), "{line}");
+        }
+    }
+    let metrics = setup.front.metrics();
+    assert_eq!(
+        metric(
+            &metrics,
+            "plugvisor_plugin_restarts_total{plugin=\"test-hang\"}"
+        ),
+        1.0,
+        "{metrics}"
+    );
+    assert!(setup
+        .front
+        .log()
+        .contains("stuck in one event past stuck_timeout_ms"));
+}
+
+/// A frozen process (SIGSTOP) answers no ping: after `hang_timeout_ms` it is killed and
+/// restarted, and its streams finish on the replacement, whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_plugin_is_replaced_and_its_streams_finish_whole() {
+    let setup = Stack::start(
+        &PLUGINS.replace(
+            "[plugins.usage]\n",
+            "[plugins.usage]\nhang_timeout_ms = 600\n",
+        ),
+        &["usage", "test-order"],
+    )
+    .await;
+    let usage = setup.plugin_pid("usage").await;
+    let lines = batch(&setup, "stop", STREAMS / 3, || async {
+        kill(Pid::from_raw(usage as i32), Signal::SIGSTOP).unwrap();
+    })
+    .await;
+    assert_whole(&lines);
+    assert_ne!(setup.plugin_pid("usage").await, usage);
+}
