@@ -6,6 +6,11 @@
 //! several plugins' stderr (or a developer running one by hand) always knows who spoke, or JSON
 //! objects with `plugin` and `pid` keys (`--log-format json`). Panics anywhere in the process
 //! become error records too.
+//!
+//! A plugin the front spawned (it sets [`SUPERVISED_ENV`]) that would write to stderr (human or
+//! JSON) writes compact lines instead, `LEVEL target: message fields`, with neither timestamp nor
+//! `plugin=`/`pid=` prefix: the front reads its stderr, turns each line into a record of that
+//! level tagged with plugin and pid, and stamps it itself ([`parse_supervised`]).
 
 use std::fmt;
 use std::sync::OnceLock;
@@ -20,6 +25,54 @@ use tracing_subscriber::EnvFilter;
 
 /// The journal field naming the plugin on every record of a plugin process.
 pub const JOURNAL_PLUGIN_FIELD: &str = "PLUGVISOR_PLUGIN";
+
+/// Set to `1` by the front in the environment of every plugin it spawns: the plugin's stderr is
+/// the front's pipe, so stderr records are written in the compact supervised form.
+pub const SUPERVISED_ENV: &str = "PLUGVISOR_SUPERVISED";
+
+/// The levels of the supervised form, as written.
+const LEVELS: [(&str, tracing::Level); 5] = [
+    ("ERROR", tracing::Level::ERROR),
+    ("WARN", tracing::Level::WARN),
+    ("INFO", tracing::Level::INFO),
+    ("DEBUG", tracing::Level::DEBUG),
+    ("TRACE", tracing::Level::TRACE),
+];
+
+/// Reads one line of the supervised form: its level and the rest (`target: message fields`).
+/// `None` for anything else (a panic message the hook did not catch, output of a program that
+/// is not built on this crate), which the front logs as it is.
+pub fn parse_supervised(line: &str) -> Option<(tracing::Level, &str)> {
+    let (word, rest) = line.split_once(' ')?;
+    let level = LEVELS.iter().find(|(w, _)| *w == word)?.1;
+    Some((level, rest))
+}
+
+/// Whether the front spawned this process (see [`SUPERVISED_ENV`]).
+fn supervised() -> bool {
+    std::env::var_os(SUPERVISED_ENV).is_some_and(|v| v == "1")
+}
+
+/// `LEVEL target: message fields`, one line, for the front to parse ([`parse_supervised`]).
+struct Compact;
+
+impl<S, N> FormatEvent<S, N> for Compact
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+    N: for<'a> FormatFields<'a> + 'static,
+{
+    fn format_event(
+        &self,
+        ctx: &FmtContext<'_, S, N>,
+        mut writer: Writer<'_>,
+        event: &Event<'_>,
+    ) -> fmt::Result {
+        let meta = event.metadata();
+        write!(writer, "{} {}: ", meta.level(), meta.target())?;
+        ctx.format_fields(writer.by_ref(), event)?;
+        writeln!(writer)
+    }
+}
 
 /// Where and how the log is written (`--log-format`, `PLUGVISOR_LOG_FORMAT`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
@@ -128,7 +181,11 @@ pub fn init_with(plugin: &str, format: LogFormat) {
             .with_env_filter(filter())
             .with_writer(std::io::stderr)
             .with_ansi(false);
-        installed = if format == LogFormat::Json {
+        // Supervised, stderr is the front's pipe whatever the format asked for (a front logging
+        // JSON passes PLUGVISOR_LOG_FORMAT=json down): the front formats the records itself.
+        installed = if supervised() {
+            builder.event_format(Compact).try_init().is_ok()
+        } else if format == LogFormat::Json {
             builder
                 .json()
                 .event_format(TaggedJson(Format::default().json().with_thread_names(true)))
@@ -159,5 +216,32 @@ pub fn init_with(plugin: &str, format: LogFormat) {
                 "panic"
             );
         }));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn supervised_lines_parse_into_level_and_rest_and_others_do_not() {
+        assert_eq!(
+            parse_supervised("WARN plugvisor_plugin::host: slow lane=3"),
+            Some((tracing::Level::WARN, "plugvisor_plugin::host: slow lane=3"))
+        );
+        assert_eq!(
+            parse_supervised("ERROR x: y").map(|(l, _)| l),
+            Some(tracing::Level::ERROR)
+        );
+        for other in [
+            "",
+            "WARN",
+            "warn x: y",
+            " WARN x: y",
+            "2026-01-01T00:00:00Z  WARN x: y",
+            "thread 'main' panicked at src/main.rs:1:1:",
+        ] {
+            assert_eq!(parse_supervised(other), None, "{other:?}");
+        }
     }
 }

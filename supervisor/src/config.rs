@@ -244,7 +244,7 @@ struct RawConfig {
     default_response_body_mode: Option<BodyMode>,
     connect_timeout_ms: Option<u64>,
     shutdown_grace_ms: Option<u64>,
-    ping_interval_ms: Option<u64>,
+    ping_interval_ms: Option<toml::Spanned<u64>>,
     ready_timeout_ms: Option<u64>,
     max_streams: Option<usize>,
     max_message_bytes: Option<usize>,
@@ -254,9 +254,10 @@ struct RawConfig {
     plugins: OrderedPlugins,
 }
 
-/// `[plugins.*]` in file order (a plain map would sort them, and the order is the merge order).
+/// `[plugins.*]` in file order (a plain map would sort them, and the order is the merge order),
+/// each name with where it is written.
 #[derive(Default)]
-struct OrderedPlugins(Vec<(String, RawPlugin)>);
+struct OrderedPlugins(Vec<(toml::Spanned<String>, RawPlugin)>);
 
 impl<'de> Deserialize<'de> for OrderedPlugins {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
@@ -271,7 +272,7 @@ impl<'de> Deserialize<'de> for OrderedPlugins {
                 mut map: A,
             ) -> Result<Self::Value, A::Error> {
                 let mut out = Vec::new();
-                while let Some((k, v)) = map.next_entry::<String, RawPlugin>()? {
+                while let Some((k, v)) = map.next_entry::<toml::Spanned<String>, RawPlugin>()? {
                     out.push((k, v));
                 }
                 Ok(OrderedPlugins(out))
@@ -286,28 +287,28 @@ impl<'de> Deserialize<'de> for OrderedPlugins {
 struct RawPlugin {
     #[serde(default = "yes")]
     spawn: bool,
-    command: Option<PathBuf>,
+    command: Option<toml::Spanned<PathBuf>>,
     args: Option<Vec<String>>,
     #[serde(default)]
     env: BTreeMap<String, String>,
     #[serde(default)]
     dispatch: Dispatch,
     final_timeout_ms: Option<u64>,
-    inline_timeout_ms: Option<u64>,
+    inline_timeout_ms: Option<toml::Spanned<u64>>,
     queue_events: Option<usize>,
     queue_bytes: Option<usize>,
-    uid: Option<u32>,
-    group: Option<String>,
+    uid: Option<toml::Spanned<u32>>,
+    group: Option<toml::Spanned<String>>,
     #[serde(default)]
     required: bool,
-    config: Option<toml::Table>,
+    config: Option<toml::Spanned<toml::Table>>,
     restart: Option<RestartType>,
     backoff_min_ms: Option<u64>,
     backoff_max_ms: Option<u64>,
     max_restarts: Option<u32>,
     restart_period_ms: Option<u64>,
     start_timeout_ms: Option<u64>,
-    hang_timeout_ms: Option<u64>,
+    hang_timeout_ms: Option<toml::Spanned<u64>>,
     #[serde(default)]
     cpu_scheduling: CpuScheduling,
     metadata_max_bytes: Option<usize>,
@@ -321,10 +322,19 @@ fn yes() -> bool {
     true
 }
 
+/// How far [`Config::parse_with`] looks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Checks {
+    /// The text alone: syntax, types, ranges, rules between keys.
+    Text,
+    /// Also what the text refers to: built-in plugins and their config, commands, users, groups.
+    All,
+}
+
 impl Config {
     /// The embedded default.
     pub fn default_config() -> Result<Config, ConfigError> {
-        Config::parse(DEFAULT_CONFIG, "<default>")
+        Config::parse_with(DEFAULT_CONFIG, "<default>", Checks::All)
     }
 
     /// Reads and validates a file.
@@ -333,11 +343,18 @@ impl Config {
             path: path.to_owned(),
             source,
         })?;
-        Config::parse(&text, &path.display().to_string())
+        Config::parse_with(&text, &path.display().to_string(), Checks::All)
     }
 
     /// Parses and validates TOML text; `origin` names it in errors.
+    ///
+    /// This checks the text alone; [`Config::load`] (start, reload and `check-config`) also runs
+    /// each built-in plugin's own config checks and looks up commands, users and groups.
     pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
+        Config::parse_with(text, origin, Checks::Text)
+    }
+
+    fn parse_with(text: &str, origin: &str, checks: Checks) -> Result<Config, ConfigError> {
         let parse_err = |e: toml::de::Error| ConfigError::Parse {
             origin: origin.to_owned(),
             message: one_line(&e, text),
@@ -382,16 +399,40 @@ impl Config {
             }
         };
 
+        let ping_interval_ms = raw.ping_interval_ms.as_ref().map_or(1000, |v| *v.get_ref());
+        if ping_interval_ms == 0 {
+            return Err(invalid(
+                raw.ping_interval_ms.as_ref().map(|v| v.span()),
+                "ping_interval_ms",
+                "must be at least 1".into(),
+            ));
+        }
+        // The front never pings faster than every 10 ms.
+        let ping_interval = Duration::from_millis(ping_interval_ms.max(10));
+
         let mut plugins = Vec::new();
         for (name, raw_plugin) in raw.plugins.0 {
+            let name_span = name.span();
+            let name = name.into_inner();
             let key = format!("plugins.{name}");
-            let line = find_table_line(text, &name);
+            let line = match line_of(text, name_span.start) {
+                // An inline or dotted key has no span of its own in some toml versions.
+                1 if name_span.start == 0 => find_table_line(text, &name),
+                l => l,
+            };
             let bad = |message: String| ConfigError::Invalid {
                 origin: origin.to_owned(),
                 line,
                 key: key.clone(),
                 message,
             };
+            let bad_at =
+                |span: std::ops::Range<usize>, sub: &str, message: String| ConfigError::Invalid {
+                    origin: origin.to_owned(),
+                    line: line_of(text, span.start),
+                    key: format!("{key}.{sub}"),
+                    message,
+                };
             if name.is_empty()
                 || !name
                     .chars()
@@ -435,7 +476,10 @@ impl Config {
                 return Err(bad("restart_period_ms must be at least 1".into()));
             }
             let start_timeout = ms(raw_plugin.start_timeout_ms, Duration::from_secs(10));
-            let hang_timeout = ms(raw_plugin.hang_timeout_ms, Duration::from_secs(5));
+            let hang_timeout = ms(
+                raw_plugin.hang_timeout_ms.as_ref().map(|v| *v.get_ref()),
+                Duration::from_secs(5),
+            );
             if start_timeout.is_zero() || hang_timeout.is_zero() {
                 return Err(bad(
                     "start_timeout_ms and hang_timeout_ms must be at least 1".into(),
@@ -454,27 +498,90 @@ impl Config {
                      {MAX_METADATA_BYTES} (Envoy takes no more in one reply)"
                 )));
             }
+            if !hang_timeout.is_zero() && ping_interval >= hang_timeout {
+                let message = format!(
+                    "hang_timeout_ms ({}) must be larger than ping_interval_ms ({}): the plugin \
+                     would be killed as hung between two pings",
+                    hang_timeout.as_millis(),
+                    ping_interval.as_millis()
+                );
+                return Err(match &raw_plugin.hang_timeout_ms {
+                    Some(v) => bad_at(v.span(), "hang_timeout_ms", message),
+                    None => invalid(
+                        raw.ping_interval_ms.as_ref().map(|v| v.span()),
+                        "ping_interval_ms",
+                        format!("{key}: {message}"),
+                    ),
+                });
+            }
+            let inline_timeout_ms = raw_plugin
+                .inline_timeout_ms
+                .as_ref()
+                .map_or(1000, |v| *v.get_ref());
+            if inline_timeout_ms == 0 {
+                let span = raw_plugin
+                    .inline_timeout_ms
+                    .as_ref()
+                    .map_or(0..0, |v| v.span());
+                return Err(bad_at(
+                    span,
+                    "inline_timeout_ms",
+                    "must be at least 1".into(),
+                ));
+            }
             let budget_bytes = raw_plugin.budget_bytes.unwrap_or(DEFAULT_BUDGET_BYTES);
             if budget_bytes < MIN_BUDGET_BYTES {
                 return Err(bad(format!(
                     "budget_bytes must be at least {MIN_BUDGET_BYTES}"
                 )));
             }
+            let config_span = raw_plugin.config.as_ref().map(|c| c.span());
+            let config = toml_to_value(&toml::Value::Table(
+                raw_plugin
+                    .config
+                    .map(|c| c.into_inner())
+                    .unwrap_or_default(),
+            ));
+            if checks == Checks::All {
+                if raw_plugin.spawn && raw_plugin.command.is_none() {
+                    let builtin = check::builtin_name(&name, raw_plugin.args.as_deref());
+                    match check::builtin(builtin, &config) {
+                        Ok(()) => {}
+                        Err(check::BuiltinError::UnknownPlugin(m)) => return Err(bad(m)),
+                        Err(check::BuiltinError::Config(m)) => {
+                            return Err(match &config_span {
+                                Some(span) => bad_at(span.clone(), "config", m),
+                                None => bad(format!("config: {m}")),
+                            })
+                        }
+                    }
+                }
+                if let Some(command) = &raw_plugin.command {
+                    check::command(command.get_ref(), &raw_plugin.env)
+                        .map_err(|m| bad_at(command.span(), "command", m))?;
+                }
+                if let Some(group) = &raw_plugin.group {
+                    check::group(group.get_ref()).map_err(|m| bad_at(group.span(), "group", m))?;
+                }
+                if let Some(uid) = &raw_plugin.uid {
+                    check::uid(*uid.get_ref()).map_err(|m| bad_at(uid.span(), "uid", m))?;
+                }
+            }
             plugins.push(PluginConfig {
                 name: name.clone(),
                 spawn: raw_plugin.spawn,
-                command: raw_plugin.command,
+                command: raw_plugin.command.map(|c| c.into_inner()),
                 args: raw_plugin.args,
                 env: raw_plugin.env,
                 dispatch: raw_plugin.dispatch,
                 final_timeout,
-                inline_timeout: Duration::from_millis(raw_plugin.inline_timeout_ms.unwrap_or(1000)),
+                inline_timeout: Duration::from_millis(inline_timeout_ms),
                 queue_events,
                 queue_bytes: raw_plugin.queue_bytes.unwrap_or(16 * 1024 * 1024),
-                uid: raw_plugin.uid,
-                group: raw_plugin.group,
+                uid: raw_plugin.uid.map(|u| u.into_inner()),
+                group: raw_plugin.group.map(|g| g.into_inner()),
                 required: raw_plugin.required,
-                config: toml_to_value(&toml::Value::Table(raw_plugin.config.unwrap_or_default())),
+                config,
                 restart,
                 start_timeout,
                 hang_timeout,
@@ -524,7 +631,7 @@ impl Config {
             default_response_body_mode: raw.default_response_body_mode.unwrap_or_default(),
             connect_timeout: Duration::from_millis(raw.connect_timeout_ms.unwrap_or(5000)),
             shutdown_grace: Duration::from_millis(raw.shutdown_grace_ms.unwrap_or(5000)),
-            ping_interval: Duration::from_millis(raw.ping_interval_ms.unwrap_or(1000).max(10)),
+            ping_interval,
             ready_timeout: Duration::from_millis(raw.ready_timeout_ms.unwrap_or(10_000)),
             max_streams,
             max_message_bytes,
@@ -643,5 +750,6 @@ pub fn toml_to_value(v: &toml::Value) -> Value {
     }
 }
 
+mod check;
 #[cfg(test)]
 mod tests;

@@ -84,8 +84,11 @@ pub enum RunError {
         message: String,
     },
     /// The ext_proc or admin listener could not be bound.
-    #[error("cannot listen on {addr}")]
+    #[error("{key}: cannot listen on {addr}")]
     Listen {
+        /// The config key the address comes from (`listen`, `admin_listen`), or where it came
+        /// from instead (systemd).
+        key: &'static str,
         /// The address.
         addr: String,
         /// Why.
@@ -140,6 +143,15 @@ impl Plugins {
     /// The entries, in config order.
     pub fn entries(&self) -> Vec<PluginEntry> {
         self.entries.read().expect("plugins lock").clone()
+    }
+
+    /// The `required` plugins not connected right now, in config order (`/healthz`).
+    pub fn required_down(&self) -> Vec<String> {
+        self.entries()
+            .iter()
+            .filter(|e| e.link.config().required && !e.link.is_connected())
+            .map(|e| e.link.name().to_owned())
+            .collect()
     }
 
     /// Every plugin's status, in config order.
@@ -292,19 +304,11 @@ pub async fn start(config: Config) -> Result<Running, RunError> {
             let listener = metrics::bind_admin(addr)
                 .await
                 .map_err(|source| RunError::Listen {
+                    key: "admin_listen",
                     addr: addr.to_string(),
                     source,
                 })?;
-            let bound = listener.local_addr().ok();
-            let mut stop = stop_streams.subscribe();
-            background.push(tokio::spawn(metrics::serve_admin(
-                listener,
-                metrics.clone(),
-                async move {
-                    let _ = stop.wait_for(|s| *s).await;
-                },
-            )));
-            bound
+            Some(listener)
         }
     };
 
@@ -322,6 +326,29 @@ pub async fn start(config: Config) -> Result<Running, RunError> {
         unstarted: std::sync::RwLock::new(Vec::new()),
         metrics: metrics.clone(),
     });
+    // Served once the plugins exist, so /healthz can ask them (the port is bound above, so a
+    // busy port still fails the start early).
+    let admin = match admin {
+        None => None,
+        Some(listener) => {
+            let bound = listener.local_addr().ok();
+            let mut stop = stop_streams.subscribe();
+            let health = Arc::downgrade(&plugins);
+            background.push(tokio::spawn(metrics::serve_admin(
+                listener,
+                metrics.clone(),
+                Arc::new(move || {
+                    health
+                        .upgrade()
+                        .map_or_else(Vec::new, |p| p.required_down())
+                }),
+                async move {
+                    let _ = stop.wait_for(|s| *s).await;
+                },
+            )));
+            bound
+        }
+    };
     let control_path = config.control_socket();
     let control = control::bind(&control_path).map_err(setup(&format!(
         "the control socket {}",

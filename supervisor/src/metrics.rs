@@ -310,10 +310,15 @@ impl Metrics {
     }
 }
 
-/// Serves `GET /metrics` (and `GET /healthz`) on `listener` until `shutdown` resolves.
+/// Names the `required` plugins that are down right now (for `/healthz`).
+pub type RequiredDown = Arc<dyn Fn() -> Vec<String> + Send + Sync>;
+
+/// Serves `GET /metrics` and `GET /healthz` on `listener` until `shutdown` resolves.
+/// `/healthz` answers 503 naming the `required` plugins that `required_down` reports, else 200.
 pub async fn serve_admin(
     listener: TcpListener,
     metrics: Arc<Metrics>,
+    required_down: RequiredDown,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
     tokio::pin!(shutdown);
@@ -332,11 +337,19 @@ pub async fn serve_admin(
         // A response is headers then body: without NODELAY the second write waits for an ACK.
         let _ = stream.set_nodelay(true);
         let metrics = metrics.clone();
+        let required_down = required_down.clone();
         tokio::spawn(async move {
             let service =
                 hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
                     let metrics = metrics.clone();
-                    async move { Ok::<_, Infallible>(admin_response(req.uri().path(), &metrics)) }
+                    let required_down = required_down.clone();
+                    async move {
+                        Ok::<_, Infallible>(admin_response(
+                            req.uri().path(),
+                            &metrics,
+                            &*required_down,
+                        ))
+                    }
                 });
             let io = hyper_util::rt::TokioIo::new(stream);
             if let Err(e) = hyper::server::conn::http1::Builder::new()
@@ -349,14 +362,18 @@ pub async fn serve_admin(
     }
 }
 
-fn admin_response(path: &str, metrics: &Metrics) -> hyper::Response<Full<Bytes>> {
+fn admin_response(
+    path: &str,
+    metrics: &Metrics,
+    required_down: &dyn Fn() -> Vec<String>,
+) -> hyper::Response<Full<Bytes>> {
     let (status, ctype, body) = match path {
         "/metrics" => (
             200,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
             metrics.encode(),
         ),
-        "/healthz" => (200, "text/plain", "ok\n".to_owned()),
+        "/healthz" => healthz(&required_down()),
         _ => (404, "text/plain", "not found; try /metrics\n".to_owned()),
     };
     hyper::Response::builder()
@@ -366,7 +383,48 @@ fn admin_response(path: &str, metrics: &Metrics) -> hyper::Response<Full<Bytes>>
         .expect("static response parts are valid")
 }
 
+/// `/healthz`: 200 `ok`, or 503 naming the `required` plugins that are not connected (a load
+/// balancer or probe then keeps traffic away while their metadata would be missing).
+fn healthz(down: &[String]) -> (u16, &'static str, String) {
+    if down.is_empty() {
+        (200, "text/plain", "ok\n".to_owned())
+    } else {
+        (
+            503,
+            "text/plain",
+            format!("required plugin(s) down: {}\n", down.join(", ")),
+        )
+    }
+}
+
 /// Binds the admin listener; the address must be loopback (checked by the config).
 pub async fn bind_admin(addr: SocketAddr) -> std::io::Result<TcpListener> {
     TcpListener::bind(addr).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn healthz_is_503_naming_the_required_plugins_that_are_down() {
+        let metrics = Metrics::new();
+        let ok = admin_response("/healthz", &metrics, &Vec::new);
+        assert_eq!(ok.status(), 200);
+        let down = admin_response("/healthz", &metrics, &|| {
+            vec!["usage".to_owned(), "latency".to_owned()]
+        });
+        assert_eq!(down.status(), 503);
+        let (_, body, _) = healthz(&["usage".to_owned(), "latency".to_owned()]);
+        assert_eq!(body, "text/plain");
+        assert_eq!(
+            healthz(&["usage".to_owned()]).2,
+            "required plugin(s) down: usage\n"
+        );
+        // /metrics does not depend on plugin health.
+        assert_eq!(
+            admin_response("/metrics", &metrics, &|| vec!["usage".to_owned()]).status(),
+            200
+        );
+    }
 }

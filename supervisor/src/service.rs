@@ -27,6 +27,8 @@ use crate::{Config, RunError, Running};
 
 /// How often the STATUS line is recomputed (it is sent only when it changed).
 const STATUS_EVERY: Duration = Duration::from_millis(500);
+/// How often the STATUS line follows the streams still draining during a stop.
+const DRAIN_STATUS_EVERY: Duration = Duration::from_millis(250);
 
 /// Starts the front, reports to the service manager, serves until `shutdown` resolves (or the
 /// ext_proc server fails), then stops gracefully. SIGHUP reloads `config_path` (without one, the
@@ -117,21 +119,33 @@ pub async fn run(
 
     let grace = running.config.shutdown_grace;
     report.phase = "stopping";
-    let streams = running.metrics().streams_active.get();
-    report.note = Some(format!("draining {streams} stream(s)"));
+    report.note = None;
+    let metrics = running.metrics().clone();
+    let mut drain = systemd::DrainStatus::new(report.snapshot(&running));
+    let first = drain
+        .update(metrics.streams_active.get())
+        .unwrap_or_default();
     // The whole stop: the drain, then the plugins' own grace period after `Shutdown`.
-    systemd::stopping(&report.line(&running), grace * 2);
+    systemd::stopping(&first, grace * 2);
     {
         let stop = running.stop();
         tokio::pin!(stop);
         let mut extend = tokio::time::interval(Duration::from_secs(1));
         extend.tick().await;
+        // The count follows the streams as they finish, not the moment the stop began.
+        let mut follow = tokio::time::interval(DRAIN_STATUS_EVERY);
+        follow.tick().await;
         let stop_started = Instant::now();
         loop {
             tokio::select! {
                 () = &mut stop => break,
                 _ = extend.tick() => {
                     systemd::extend_timeout((grace * 2).saturating_sub(stop_started.elapsed()));
+                }
+                _ = follow.tick() => {
+                    if let Some(line) = drain.update(metrics.streams_active.get()) {
+                        systemd::status(&line);
+                    }
                 }
             }
         }

@@ -114,7 +114,10 @@ pub fn command_problem(plugin: &PluginConfig) -> Option<String> {
 
 /// Where `command` is found the way `execvp` would find it: as a path when it has a `/`, else in
 /// `path_var`. The error is a fragment: `is not found in PATH`, `is not executable`, ...
-fn resolve_command(command: &Path, path_var: &std::ffi::OsStr) -> Result<PathBuf, String> {
+pub(crate) fn resolve_command(
+    command: &Path,
+    path_var: &std::ffi::OsStr,
+) -> Result<PathBuf, String> {
     use nix::unistd::{access, AccessFlags};
     let executable = |p: &Path| p.is_file() && access(p, AccessFlags::X_OK).is_ok();
     if command.components().count() > 1 || command.is_absolute() {
@@ -177,6 +180,9 @@ impl Spawner {
         // The same title whether the program is `plugvisor` itself or another binary.
         cmd.arg0(format!("{PLUGIN_HOST}: {}", plugin.name))
             .args(plugin_args(plugin, socket))
+            // The plugin host then writes compact stderr lines that `forward` reads back into
+            // records of their own level; a plugin's own `env` may still turn it off.
+            .env(plugin_runner::logging::SUPERVISED_ENV, "1")
             .envs(&plugin.env)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -248,13 +254,44 @@ async fn forward(
     fd: &'static str,
 ) {
     let result = forward_lines(stream, MAX_OUTPUT_LINE, |line| {
-        tracing::info!(target: "plugvisor::plugin", plugin = %plugin, pid, fd, "{line}");
+        log_plugin_line(&plugin, pid, fd, line)
     })
     .await;
     if let Err(e) = result {
         // Only the pipe itself failing ends the forwarding; the plugin's next write to it will
         // fail too, and say so in its own way.
         tracing::warn!(plugin = %plugin, pid, fd, error = %e, "cannot read plugin output");
+    }
+}
+
+/// Logs one line of plugin output. A stderr line in the plugin host's supervised form
+/// (`LEVEL target: message`) becomes a record of that level without the level word; the front's
+/// own timestamp is the only one. Anything else is logged at INFO as it is.
+fn log_plugin_line(plugin: &str, pid: u32, fd: &'static str, line: &str) {
+    use tracing::Level;
+    let parsed = if fd == "stderr" {
+        plugin_runner::logging::parse_supervised(line)
+    } else {
+        None
+    };
+    let (level, message) = parsed.unwrap_or((Level::INFO, line));
+    // The macros take the level as a constant.
+    match level {
+        Level::ERROR => {
+            tracing::error!(target: "plugvisor::plugin", plugin = %plugin, pid, fd, "{message}")
+        }
+        Level::WARN => {
+            tracing::warn!(target: "plugvisor::plugin", plugin = %plugin, pid, fd, "{message}")
+        }
+        Level::INFO => {
+            tracing::info!(target: "plugvisor::plugin", plugin = %plugin, pid, fd, "{message}")
+        }
+        Level::DEBUG => {
+            tracing::debug!(target: "plugvisor::plugin", plugin = %plugin, pid, fd, "{message}")
+        }
+        Level::TRACE => {
+            tracing::trace!(target: "plugvisor::plugin", plugin = %plugin, pid, fd, "{message}")
+        }
     }
 }
 
@@ -333,22 +370,25 @@ mod tests {
     use crate::config::Config;
 
     /// Spawns plugin `p`, a `sleep 5` shell, with `extra` lines added to its config table.
-    async fn spawn_sleeper(extra: &str) -> Child {
+    /// The spawner is returned too: when its thread ends the child gets its parent-death
+    /// SIGKILL, which would race the test's look at it.
+    async fn spawn_sleeper(extra: &str) -> (Spawner, Child) {
         let config = Config::parse(
             &format!("[plugins.p]\ncommand = \"/bin/sh\"\nargs = [\"-c\", \"sleep 5\"]\n{extra}"),
             "t",
         )
         .unwrap();
-        Spawner::start()
-            .unwrap()
+        let spawner = Spawner::start().unwrap();
+        let child = spawner
             .spawn_plugin(&config.plugins[0], Path::new("/nonexistent.sock"))
             .await
-            .unwrap()
+            .unwrap();
+        (spawner, child)
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_plugin_leads_its_own_process_group_under_its_title() {
-        let mut child = spawn_sleeper("").await;
+        let (_spawner, mut child) = spawn_sleeper("").await;
         let pid = child.id().unwrap() as i32;
         let pgid = nix::unistd::getpgid(Some(nix::unistd::Pid::from_raw(pid))).unwrap();
         assert_eq!(pgid.as_raw(), pid);
@@ -375,7 +415,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn cpu_scheduling_idle_puts_the_plugin_under_sched_idle() {
-        let mut child = spawn_sleeper("cpu_scheduling = \"idle\"\n").await;
+        let (_spawner, mut child) = spawn_sleeper("cpu_scheduling = \"idle\"\n").await;
         let pid = child.id().unwrap();
         // Field 41 of /proc/<pid>/stat is the policy; fields after the command's ')' start at 3.
         let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();

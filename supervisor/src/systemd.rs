@@ -139,6 +139,7 @@ pub enum ExtProcListener {
 /// listener, and whether it came from systemd (whose socket file the front must never remove).
 pub async fn bind_ext_proc(listen: &Listen) -> Result<(Listen, ExtProcListener, bool), RunError> {
     let activation_error = |source: io::Error| RunError::Listen {
+        key: "socket activation",
         addr: "the socket passed by systemd (LISTEN_FDS)".to_owned(),
         source,
     };
@@ -164,6 +165,7 @@ pub async fn bind_ext_proc(listen: &Listen) -> Result<(Listen, ExtProcListener, 
     match listen {
         Listen::Tcp(addr) => {
             let failed = |source| RunError::Listen {
+                key: "listen",
                 addr: addr.to_string(),
                 source,
             };
@@ -173,6 +175,7 @@ pub async fn bind_ext_proc(listen: &Listen) -> Result<(Listen, ExtProcListener, 
         }
         Listen::Unix(path) => {
             let failed = |source| RunError::Listen {
+                key: "listen",
                 addr: format!("unix:{}", path.display()),
                 source,
             };
@@ -258,6 +261,41 @@ pub fn watchdog_interval() -> Option<Duration> {
 /// `WATCHDOG=1`.
 pub fn watchdog_ping() {
     notify(&[NotifyState::Watchdog]);
+}
+
+/// The STATUS line during a stop: it follows the streams still draining (`draining 3
+/// stream(s)`, then `streams drained; stopping plugins`), and is sent only when it changes.
+#[derive(Debug)]
+pub struct DrainStatus {
+    base: StatusSnapshot,
+    last: Option<i64>,
+}
+
+impl DrainStatus {
+    /// Starts from the line as it was when the stop began (phase `stopping`).
+    pub fn new(base: StatusSnapshot) -> DrainStatus {
+        DrainStatus { base, last: None }
+    }
+
+    /// The line for `streams` in flight, if it differs from the last one returned.
+    pub fn update(&mut self, streams: i64) -> Option<String> {
+        let streams = streams.max(0);
+        if self.last == Some(streams) {
+            return None;
+        }
+        self.last = Some(streams);
+        let drain = if streams > 0 {
+            format!("draining {streams} stream(s)")
+        } else {
+            "streams drained; stopping plugins".to_owned()
+        };
+        let mut snapshot = self.base.clone();
+        snapshot.note = Some(match snapshot.note.take() {
+            Some(other) => format!("{drain}; {other}"),
+            None => drain,
+        });
+        Some(snapshot.line())
+    }
 }
 
 /// What the STATUS line says.
@@ -489,6 +527,30 @@ pub async fn watchdog_loop(interval: Duration, probes: impl Fn() -> Vec<Probe> +
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_drain_status_follows_the_streams_and_is_sent_only_when_it_changes() {
+        let mut drain = DrainStatus::new(StatusSnapshot {
+            phase: "stopping",
+            plugins: vec![("usage".into(), true), ("latency".into(), true)],
+            restarts: 1,
+            note: None,
+        });
+        assert_eq!(
+            drain.update(3).as_deref(),
+            Some("stopping; plugins 2/2 up; restarts 1; draining 3 stream(s)")
+        );
+        assert_eq!(drain.update(3), None, "unchanged: nothing sent");
+        assert_eq!(
+            drain.update(1).as_deref(),
+            Some("stopping; plugins 2/2 up; restarts 1; draining 1 stream(s)")
+        );
+        assert_eq!(
+            drain.update(0).as_deref(),
+            Some("stopping; plugins 2/2 up; restarts 1; streams drained; stopping plugins")
+        );
+        assert_eq!(drain.update(0), None);
+    }
 
     #[test]
     fn status_line_counts_plugins_and_names_the_missing() {

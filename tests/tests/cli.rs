@@ -55,6 +55,99 @@ fn a_bad_config_is_one_clear_line_and_exit_64() {
     }
 }
 
+/// Every class of mistake that used to pass `check-config` and then crash-loop at run time: one
+/// line on stderr naming the file, the line and the key, exit 64; the front refuses to start on
+/// it the same way.
+#[test]
+fn check_config_refuses_what_would_fail_at_run_time_with_file_line_and_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases = [
+        ("[plugins.usage]\n[plugins.usgae]\n", 2, "plugins.usgae", "no built-in plugin is named `usgae`"),
+        ("[plugins.usage]\n[plugins.usage.config]\natributes = []\n", 2, "plugins.usage.config", "unknown key `atributes`"),
+        (
+            "[plugins.usage]\n[[plugins.usage.config.attributes]]\nnamespace = \"envoy.lb\"\nname = \"cost\"\nexpression = \"usage.prompt_tokens +* 2\"\n",
+            2,
+            "plugins.usage.config",
+            "invalid CEL expression",
+        ),
+        ("[plugins.mine]\ncommand = \"/nonexistent/mine\"\n", 2, "plugins.mine.command", "does not exist"),
+        ("[plugins.mine]\ncommand = \"no-such-command-xyz\"\n", 2, "plugins.mine.command", "not found in PATH"),
+        ("[plugins.usage]\ngroup = \"no-such-group-xyz\"\n", 2, "plugins.usage.group", "does not exist"),
+        ("[plugins.usage]\nuid = 3999999\n", 2, "plugins.usage.uid", "is no user"),
+        ("ping_interval_ms = 0\n[plugins.usage]\n", 1, "ping_interval_ms", "at least 1"),
+        ("ping_interval_ms = 500\n[plugins.usage]\nhang_timeout_ms = 500\n", 3, "plugins.usage.hang_timeout_ms", "larger than ping_interval_ms"),
+        ("[plugins.usage]\ninline_timeout_ms = 0\n", 2, "plugins.usage.inline_timeout_ms", "at least 1"),
+        ("max_streams = 10\n\n[plugins.\"a/b\"]\n", 3, "plugins.a/b", "plugin names use"),
+    ];
+    for (i, (text, line, key, word)) in cases.into_iter().enumerate() {
+        let path = dir.path().join(format!("case{i}.toml"));
+        std::fs::write(&path, text).unwrap();
+        let out = Command::new(bins::plugvisor())
+            .arg("check-config")
+            .arg(&path)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(64), "{text:?}: {out:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let want = format!("{}: line {line}: key `{key}`: ", path.display());
+        assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+        assert!(
+            stderr.contains(&want) && stderr.contains(word),
+            "{text:?}: want {want:?} and {word:?} in {stderr}"
+        );
+    }
+    // Starting on such a file fails the same way, before anything is spawned.
+    let path = dir.path().join("case0.toml");
+    let out = Command::new(bins::plugvisor())
+        .env("RUNTIME_DIRECTORY", dir.path().join("run"))
+        .arg("--config")
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("key `plugins.usgae`"));
+}
+
+/// A taken port names the key it comes from, so the operator knows which line to change.
+#[test]
+fn a_busy_port_names_its_key_and_address() {
+    let dir = tempfile::tempdir().unwrap();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let busy = taken.local_addr().unwrap();
+    let free = || {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+    };
+    for (key, text) in [
+        (
+            "admin_listen",
+            format!("listen = \"{}\"\nadmin_listen = \"{busy}\"\n", free()),
+        ),
+        (
+            "listen",
+            format!("listen = \"{busy}\"\nadmin_listen = \"{}\"\n", free()),
+        ),
+    ] {
+        let path = dir.path().join(format!("{key}.toml"));
+        std::fs::write(&path, text).unwrap();
+        let out = Command::new(bins::plugvisor())
+            .env("RUNTIME_DIRECTORY", dir.path().join(key))
+            .env("PLUGVISOR_LOG_FORMAT", "human")
+            .arg("--config")
+            .arg(&path)
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{out:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains(&format!("{key}: cannot listen on {busy}")),
+            "{stderr}"
+        );
+    }
+}
+
 #[test]
 fn no_arguments_serves_the_embedded_default_with_usage_and_latency() {
     bins::plugvisor_plugin();

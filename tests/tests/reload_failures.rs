@@ -49,9 +49,27 @@ async fn a_plugin_a_reload_could_not_start_stays_failed_until_a_reload_fixes_it(
         &["usage", "latency"],
     );
 
+    // A mistake in the file (a group that does not exist) is refused whole at reload: the
+    // running configuration stays, nothing is added.
     front.reload(
         "[plugins.usage]\n[plugins.latency]\n[plugins.test-order]\ngroup = \"no-such-group-xyz\"\n",
     );
+    let start = Instant::now();
+    while !front.log().contains("reload rejected") {
+        assert!(start.elapsed() < Duration::from_secs(15), "{}", front.log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        front.log().contains("key `plugins.test-order.group`"),
+        "{}",
+        front.log()
+    );
+    assert!(find(&status(&front).await, "test-order").is_none());
+
+    // What no check of the file can know: its socket path is taken by a directory.
+    let squatter = front.runtime_dir.join("plugins/test-order.sock");
+    std::fs::create_dir_all(&squatter).unwrap();
+    front.reload("[plugins.usage]\n[plugins.latency]\n[plugins.test-order]\n");
     let s = wait_for(&front, "test-order failed", |s| {
         find(s, "test-order").is_some_and(|p| p.state == "failed")
     })
@@ -63,13 +81,13 @@ async fn a_plugin_a_reload_could_not_start_stays_failed_until_a_reload_fixes_it(
         failed
             .last_exit
             .as_deref()
-            .is_some_and(|e| e.contains("group `no-such-group-xyz` does not exist")),
+            .is_some_and(|e| e.contains("a directory")),
         "{failed:?}"
     );
     assert!(!failed.connected);
     assert!(find(&s, "usage").unwrap().connected && find(&s, "latency").unwrap().connected);
-    // The group is looked up before binding: no socket is left for it.
-    assert!(!front.runtime_dir.join("plugins/test-order.sock").exists());
+    // The directory is never replaced.
+    assert!(squatter.is_dir());
     // The table view says so too.
     let cli = std::process::Command::new(tests::bins::plugvisor())
         .args(["status", "--control"])
@@ -85,9 +103,7 @@ async fn a_plugin_a_reload_could_not_start_stays_failed_until_a_reload_fixes_it(
     );
 
     // A reload that changes nothing else keeps it, failed, rather than forgetting it.
-    front.reload(
-        "[plugins.usage]\n[plugins.latency]\n[plugins.test-order]\ngroup = \"no-such-group-xyz\"\n",
-    );
+    front.reload("[plugins.usage]\n[plugins.latency]\n[plugins.test-order]\n");
     tokio::time::sleep(Duration::from_millis(500)).await;
     let s = status(&front).await;
     assert_eq!(
@@ -95,8 +111,11 @@ async fn a_plugin_a_reload_could_not_start_stays_failed_until_a_reload_fixes_it(
         Some("failed")
     );
 
-    // Without the bad group it comes up.
-    front.reload("[plugins.usage]\n[plugins.latency]\n[plugins.test-order]\n");
+    // With the path free it comes up.
+    std::fs::remove_dir(&squatter).unwrap();
+    front.reload(
+        "[plugins.usage]\n[plugins.latency]\n[plugins.test-order]\nfinal_timeout_ms = 300\n",
+    );
     wait_for(&front, "test-order up", |s| {
         find(s, "test-order").is_some_and(|p| p.state == "up" && p.connected)
     })

@@ -538,20 +538,41 @@ async fn systemctl_stop_drains_in_flight_streams_and_says_so() {
         delay: Duration::from_millis(50),
         ..Params::default()
     };
+    // A second one ends about 1 s earlier, so the count must go down while draining.
+    let short = Params {
+        chunks: 20,
+        delay: Duration::from_millis(50),
+        ..Params::default()
+    };
     let port = envoy.port;
     let stream = tokio::spawn({
         let slow = slow.clone();
         async move { chat(port, &slow, "draining").await }
     });
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    let short_stream = tokio::spawn({
+        let short = short.clone();
+        async move { chat(port, &short, "draining-short").await }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
     tokio::task::block_in_place(|| {
         s.c.systemctl_ok(&["stop", "--no-block", SERVICE]).unwrap();
         let status = s.wait_status("stopping", Duration::from_secs(5), |t| {
             t.starts_with("stopping;")
         });
-        assert!(status.ends_with("draining 1 stream(s)"), "{status}");
+        assert!(status.ends_with("draining 2 stream(s)"), "{status}");
         assert_eq!(s.prop("ActiveState"), "deactivating");
+        // Updated as streams finish, not frozen at the count the stop began with.
+        s.wait_status("draining 1", Duration::from_secs(3), |t| {
+            t.ends_with("draining 1 stream(s)")
+        });
     });
+    let got = short_stream.await.unwrap();
+    assert_eq!(got.status, 200);
+    assert_eq!(
+        got.body(),
+        short.body(),
+        "the short stream was cut by the stop"
+    );
     let got = stream.await.unwrap();
     assert_eq!(got.status, 200);
     assert_eq!(got.body(), slow.body(), "the stream was cut by the stop");

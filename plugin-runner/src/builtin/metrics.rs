@@ -217,6 +217,20 @@ fn serve(listener: std::net::TcpListener, registry: Arc<Registry>) {
     });
 }
 
+/// The `/metrics` address of a config, without binding it: what `configure` binds, and all that
+/// can be checked before the plugin runs (the port may be free now and taken later, or held now
+/// by the running plugin during a reload).
+pub fn listen_addr(config: &Value) -> Result<SocketAddr, ConfigError> {
+    let config = ConfigMap::new(config)?;
+    config.deny_unknown(&["listen"])?;
+    let listen = config.str("listen")?.unwrap_or(DEFAULT_LISTEN);
+    listen.parse().map_err(|e| {
+        ConfigError::new(format!(
+            "config.listen: `{listen}` is not an address like 127.0.0.1:9464: {e}"
+        ))
+    })
+}
+
 impl Plugin for MetricsPlugin {
     type Stream = MetricsStream;
 
@@ -225,14 +239,7 @@ impl Plugin for MetricsPlugin {
     }
 
     fn configure(&mut self, config: &Value) -> Result<(), ConfigError> {
-        let config = ConfigMap::new(config)?;
-        config.deny_unknown(&["listen"])?;
-        let listen = config.str("listen")?.unwrap_or(DEFAULT_LISTEN);
-        let addr: SocketAddr = listen.parse().map_err(|e| {
-            ConfigError::new(format!(
-                "config.listen: `{listen}` is not an address like 127.0.0.1:9464: {e}"
-            ))
-        })?;
+        let addr = listen_addr(config)?;
         if !addr.ip().is_loopback() {
             tracing::warn!(%addr, "metrics served on a non-loopback address");
         }

@@ -14,8 +14,12 @@ pub mod test_spin;
 pub(crate) mod testing;
 pub mod usage;
 
+use ipc_protocol::Value;
+
 use crate::cli::Args;
+use crate::config::ConfigError;
 use crate::host::Exit;
+use crate::plugin::Plugin;
 
 /// Every built-in plugin: name and one line of description.
 pub const BUILTINS: &[(&str, &str)] = &[
@@ -57,6 +61,39 @@ fn names() -> String {
         .join(", ")
 }
 
+/// Why a built-in plugin's config cannot run.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ValidateError {
+    /// No built-in plugin has this name.
+    #[error("no built-in plugin is named `{0}` (built-in plugins: {names})", names = names())]
+    UnknownPlugin(String),
+    /// The plugin refuses its config; the message names the key inside `config`.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+}
+
+/// Checks `config` for the built-in plugin `name` with the same code that configures it when it
+/// runs (`Plugin::configure` on a fresh plugin; for `metrics`, everything but binding the
+/// address), so a config the front accepts is a config the plugin accepts. Logs nothing.
+pub fn validate(name: &str, config: &Value) -> Result<(), ValidateError> {
+    fn with<P: Plugin>(mut plugin: P, config: &Value) -> Result<(), ConfigError> {
+        plugin.configure(config)
+    }
+    // Warnings of `configure` (e.g. test-hang without a marker) belong to the plugin's own log.
+    let _quiet = tracing::subscriber::set_default(tracing::subscriber::NoSubscriber::default());
+    match name {
+        "usage" => with(usage::UsagePlugin::default(), config)?,
+        "latency" => with(latency::LatencyPlugin, config)?,
+        "metrics" => metrics::listen_addr(config).map(drop)?,
+        "test-order" => with(test_order::TestOrderPlugin::default(), config)?,
+        "test-spin" => with(test_spin::TestSpinPlugin::default(), config)?,
+        "test-crash" => with(test_crash::TestCrashPlugin::default(), config)?,
+        "test-hang" => with(test_hang::TestHangPlugin::default(), config)?,
+        _ => return Err(ValidateError::UnknownPlugin(name.to_owned())),
+    }
+    Ok(())
+}
+
 /// The `main` of `plugvisor-plugin`: `plugvisor-plugin <plugin-name> --connect <socket path>`.
 pub fn main() -> ! {
     let args = Args::parse_or_exit();
@@ -88,5 +125,59 @@ pub fn main() -> ! {
             );
             std::process::exit(Exit::Usage.code());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn validate_runs_each_builtins_own_config_checks() {
+        assert_eq!(validate("usage", &Value::Null), Ok(()));
+        assert_eq!(
+            validate("usage", &Value::map([("atributes", Value::List(vec![]))]))
+                .unwrap_err()
+                .to_string(),
+            "config: unknown key `atributes` (known keys: attributes)"
+        );
+        let bad_cel = Value::map([(
+            "attributes",
+            Value::List(vec![Value::map([
+                ("namespace", Value::from("envoy.lb")),
+                ("name", Value::from("cost")),
+                ("expression", Value::from("usage.prompt_tokens +* 2")),
+            ])]),
+        )]);
+        let e = validate("usage", &bad_cel).unwrap_err().to_string();
+        assert!(e.contains("attributes[0].expression: invalid CEL"), "{e}");
+        let e = validate("latency", &Value::map([("x", Value::Int(1))])).unwrap_err();
+        assert!(e.to_string().contains("unknown key `x`"), "{e}");
+        let e = validate("test-hang", &Value::map([("scope", Value::from("all"))])).unwrap_err();
+        assert!(e.to_string().contains("config.scope"), "{e}");
+    }
+
+    #[test]
+    fn validate_checks_the_metrics_address_without_binding_it() {
+        let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = taken.local_addr().unwrap().to_string();
+        assert_eq!(
+            validate("metrics", &Value::map([("listen", Value::from(addr))])),
+            Ok(())
+        );
+        let e = validate(
+            "metrics",
+            &Value::map([("listen", Value::from("localhost"))]),
+        );
+        assert!(e.unwrap_err().to_string().contains("config.listen"));
+    }
+
+    #[test]
+    fn an_unknown_name_lists_the_builtins() {
+        let e = validate("usgae", &Value::Null).unwrap_err().to_string();
+        assert!(
+            e.starts_with("no built-in plugin is named `usgae`") && e.contains("usage, latency"),
+            "{e}"
+        );
     }
 }

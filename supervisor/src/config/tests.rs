@@ -55,7 +55,12 @@ fn errors_name_the_key_and_line() {
             "line 2",
             "final_timout_ms",
         ),
-        ("[plugins.\"a b\"]\n", "line 0", "plugins.a b"),
+        ("\n\n[plugins.\"a b\"]\n", "line 3", "plugins.a b"),
+        (
+            "max_streams = 1\n[plugins.\"a/b\"]\n",
+            "line 2",
+            "plugins.a/b",
+        ),
         (
             "[plugins.a]\nspawn = false\ncommand = \"/bin/x\"\n",
             "line 1",
@@ -92,7 +97,7 @@ fn required_plugins_and_the_readiness_wait() {
 fn restart_policy_keys_and_their_defaults() {
     use crate::restart::{Policy, RestartType};
     let c = Config::parse(
-        "[plugins.a]\nrestart = \"transient\"\nbackoff_min_ms = 10\nbackoff_max_ms = 500\n\
+        "ping_interval_ms = 100\n[plugins.a]\nrestart = \"transient\"\nbackoff_min_ms = 10\nbackoff_max_ms = 500\n\
          max_restarts = 2\nrestart_period_ms = 1000\nstart_timeout_ms = 300\nhang_timeout_ms = 700\n\
          [plugins.b]\n",
         "t",
@@ -221,4 +226,183 @@ fn data_path_limits_are_checked_at_and_past_their_bounds() {
     let p = &parse("[plugins.p]\n").unwrap().plugins[0];
     assert_eq!(p.metadata_max_bytes, DEFAULT_PLUGIN_METADATA_BYTES);
     assert_eq!(p.budget_bytes, DEFAULT_BUDGET_BYTES);
+}
+
+#[test]
+fn ping_and_inline_timeouts_are_checked_at_and_past_their_bounds() {
+    let parse = |text: &str| Config::parse(text, "t.toml");
+    let refused = |text: &str, line: &str, key: &str| {
+        let err = parse(text).unwrap_err().to_string();
+        assert!(
+            err.contains(line) && err.contains(&format!("key `{key}`")),
+            "{text:?} -> {err}"
+        );
+    };
+    assert_eq!(
+        parse("ping_interval_ms = 1\n").unwrap().ping_interval,
+        Duration::from_millis(10)
+    );
+    refused("\nping_interval_ms = 0\n", "line 2", "ping_interval_ms");
+    // Against the default hang_timeout_ms (5000).
+    assert!(parse("ping_interval_ms = 4999\n[plugins.a]\n").is_ok());
+    refused(
+        "ping_interval_ms = 5000\n[plugins.a]\n",
+        "line 1",
+        "ping_interval_ms",
+    );
+    // Against a plugin's own hang_timeout_ms, reported at that key.
+    assert!(parse("ping_interval_ms = 100\n[plugins.a]\nhang_timeout_ms = 101\n").is_ok());
+    refused(
+        "ping_interval_ms = 100\n[plugins.a]\nhang_timeout_ms = 100\n",
+        "line 3",
+        "plugins.a.hang_timeout_ms",
+    );
+    // The front pings no faster than every 10 ms.
+    refused(
+        "ping_interval_ms = 1\n[plugins.a]\nhang_timeout_ms = 10\n",
+        "line 3",
+        "plugins.a.hang_timeout_ms",
+    );
+    assert!(parse("[plugins.a]\ninline_timeout_ms = 1\n").is_ok());
+    refused(
+        "[plugins.a]\ninline_timeout_ms = 0\n",
+        "line 2",
+        "plugins.a.inline_timeout_ms",
+    );
+}
+
+/// What `load` (start, reload, `check-config`) checks beyond the text.
+fn load(text: &str) -> Result<Config, ConfigError> {
+    Config::parse_with(text, "t.toml", Checks::All)
+}
+
+#[test]
+fn builtin_plugins_and_their_config_are_checked_by_the_plugins_own_code() {
+    let ok = [
+        "[plugins.usage]\n[plugins.latency]\n[plugins.metrics.config]\nlisten = \"127.0.0.1:1\"\n",
+        "[plugins.usage.config]\nattributes = [{ namespace = \"envoy.lb\", name = \"cost\", expression = \"usage.prompt_tokens + 1\" }]\n",
+        // Not the default host: nothing to know about the plugin.
+        "[plugins.mine]\nspawn = false\n[plugins.mine.config]\nanything = 1\n",
+        "[plugins.mine]\ncommand = \"/bin/sh\"\n[plugins.mine.config]\nanything = 1\n",
+        // The default host runs the plugin its first argument names.
+        "[plugins.spin1]\nargs = [\"test-spin\", \"--as\", \"spin1\"]\n",
+    ];
+    for text in ok {
+        assert!(load(text).is_ok(), "{text:?} -> {:?}", load(text).err());
+        // The text-only parse accepts them too.
+        assert!(Config::parse(text, "t").is_ok());
+    }
+    let refused = [
+        (
+            "[plugins.usage]\n\n[plugins.usgae]\n",
+            "line 3",
+            "plugins.usgae",
+            "no built-in plugin is named `usgae`",
+        ),
+        (
+            "[plugins.spin1]\nargs = [\"test-spinn\"]\n",
+            "line 1",
+            "plugins.spin1",
+            "`test-spinn`",
+        ),
+        (
+            "[plugins.latency]\n[plugins.latency.config]\nx = 1\n",
+            "line 2",
+            "plugins.latency.config",
+            "unknown key `x`",
+        ),
+        (
+            "[plugins.usage.config]\natributes = []\n",
+            "line 1",
+            "plugins.usage.config",
+            "unknown key `atributes`",
+        ),
+        (
+            "[plugins.usage]\n[[plugins.usage.config.attributes]]\nnamespace = \"envoy.lb\"\nname = \"cost\"\nexpression = \"usage.prompt_tokens +* 2\"\n",
+            "line 2",
+            "plugins.usage.config",
+            "attributes[0].expression: invalid CEL expression",
+        ),
+        (
+            "[plugins.metrics.config]\nlisten = \"localhost\"\n",
+            "line 1",
+            "plugins.metrics.config",
+            "config.listen",
+        ),
+    ];
+    for (text, line, key, word) in refused {
+        let err = load(text).unwrap_err().to_string();
+        assert!(
+            err.starts_with(&format!("t.toml: {line}: key `{key}`: ")) && err.contains(word),
+            "{text:?} -> {err}"
+        );
+    }
+}
+
+#[test]
+fn commands_users_and_groups_must_exist() {
+    let dir = tempfile::tempdir().unwrap();
+    let plain = dir.path().join("plain");
+    std::fs::write(&plain, "#!/bin/sh\n").unwrap();
+    let ok = [
+        "[plugins.p]\ncommand = \"/bin/sh\"\n".to_owned(),
+        "[plugins.p]\ncommand = \"sh\"\n".to_owned(),
+        "[plugins.p]\ncommand = \"sh\"\nenv = { PATH = \"/bin\" }\n".to_owned(),
+        "[plugins.usage]\ngroup = \"root\"\nuid = 0\n".to_owned(),
+    ];
+    for text in &ok {
+        assert!(load(text).is_ok(), "{text:?} -> {:?}", load(text).err());
+    }
+    let refused = [
+        (
+            "[plugins.p]\n\ncommand = \"/nonexistent/plugin\"\n".to_owned(),
+            "line 3",
+            "plugins.p.command",
+            "does not exist",
+        ),
+        (
+            "[plugins.p]\ncommand = \"no-such-command-xyz\"\n".to_owned(),
+            "line 2",
+            "plugins.p.command",
+            "not found in PATH",
+        ),
+        (
+            "[plugins.p]\ncommand = \"sh\"\nenv = { PATH = \"/nonexistent\" }\n".to_owned(),
+            "line 2",
+            "plugins.p.command",
+            "not found in PATH; PATH is /nonexistent",
+        ),
+        (
+            format!("[plugins.p]\ncommand = \"{}\"\n", plain.display()),
+            "line 2",
+            "plugins.p.command",
+            "is not executable",
+        ),
+        (
+            format!("[plugins.p]\ncommand = \"{}\"\n", dir.path().display()),
+            "line 2",
+            "plugins.p.command",
+            "is not a file",
+        ),
+        (
+            "[plugins.usage]\ngroup = \"no-such-group-xyz\"\n".to_owned(),
+            "line 2",
+            "plugins.usage.group",
+            "group `no-such-group-xyz` does not exist",
+        ),
+        (
+            "[plugins.usage]\nuid = 3999999\n".to_owned(),
+            "line 2",
+            "plugins.usage.uid",
+            "uid 3999999 is no user",
+        ),
+    ];
+    for (text, line, key, word) in &refused {
+        let err = load(text).unwrap_err().to_string();
+        assert!(
+            err.starts_with(&format!("t.toml: {line}: key `{key}`: ")) && err.contains(word),
+            "{text:?} -> {err}"
+        );
+        assert!(Config::parse(text, "t").is_ok(), "the text alone is fine");
+    }
 }
