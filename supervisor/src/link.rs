@@ -79,6 +79,9 @@ impl Dropped {
 struct Queued {
     msg: ToPlugin,
     bytes: usize,
+    /// From a stream's journal (bounded by `replay_bytes`), so not counted against `queue_bytes`:
+    /// a replay burst must not make the queue drop the live events that follow it.
+    replayed: bool,
 }
 
 /// Room for control messages waiting for the writer: a ping per heartbeat and a shutdown; more
@@ -478,7 +481,9 @@ impl PluginLink {
         // counted frame length.
         let mut held: Option<(Queued, u64)> = None;
         let take = |q: Queued| -> Result<(Queued, u64), String> {
-            conn.queued_bytes.fetch_sub(q.bytes, Ordering::Relaxed);
+            if !q.replayed {
+                conn.queued_bytes.fetch_sub(q.bytes, Ordering::Relaxed);
+            }
             depth.dec();
             bytes_gauge.dec_by(q.bytes as i64);
             let len = ipc_protocol::codec::encoded_len(&q.msg).map_err(|e| e.to_string())?;
@@ -652,7 +657,11 @@ impl PluginLink {
             conn.queued_bytes.fetch_sub(bytes, Ordering::Relaxed);
             return Err(Dropped::QueueFull);
         }
-        match conn.tx.try_send(Queued { msg, bytes }) {
+        match conn.tx.try_send(Queued {
+            msg,
+            bytes,
+            replayed: false,
+        }) {
             Ok(()) => {
                 self.account_sent(bytes);
                 Ok(())
@@ -702,7 +711,12 @@ impl PluginLink {
     ) -> Result<(), Dropped> {
         let bytes = queued_size(&msg);
         conn.queued_bytes.fetch_add(bytes, Ordering::Relaxed);
-        match tokio::time::timeout_at(deadline, conn.tx.send(Queued { msg, bytes })).await {
+        let queued = Queued {
+            msg,
+            bytes,
+            replayed: false,
+        };
+        match tokio::time::timeout_at(deadline, conn.tx.send(queued)).await {
             Ok(Ok(())) => {
                 self.account_sent(bytes);
                 Ok(())
@@ -726,9 +740,12 @@ impl PluginLink {
         let replayed = self.metrics.events_replayed.get_or_create(&self.label);
         for msg in events {
             let bytes = queued_size(&msg);
-            conn.queued_bytes.fetch_add(bytes, Ordering::Relaxed);
-            if conn.replay.send(Queued { msg, bytes }).is_err() {
-                conn.queued_bytes.fetch_sub(bytes, Ordering::Relaxed);
+            let queued = Queued {
+                msg,
+                bytes,
+                replayed: true,
+            };
+            if conn.replay.send(queued).is_err() {
                 return;
             }
             self.account_sent(bytes);

@@ -356,3 +356,38 @@ async fn credit_for_bytes_never_sent_is_a_protocol_error() {
         .expect("disconnected")
         .unwrap();
 }
+
+#[tokio::test]
+async fn a_replay_goes_out_ahead_of_live_events_and_leaves_the_queue_bytes_alone() {
+    // queue_bytes of 10 KB, and a replay of three 8 KB chunks: had the replay counted against the
+    // queue, the live chunk after it would be dropped.
+    let (link, _metrics, plugin) = linked(plugin(16, 10_000, 1000));
+    let conn = link.connection().unwrap();
+    link.replay(
+        &conn,
+        (0..3).map(|seq| ToPlugin::Replayed(Box::new(chunk(seq, 8_000)))),
+    );
+    assert!(link.send_event(Some(&conn), chunk(3, 8_000)));
+    let (r, _w) = plugin.into_split();
+    let mut reader = FrameReader::new(r);
+    let mut seen = Vec::new();
+    while seen.len() < 4 {
+        match reader.read::<ToPlugin>().await.unwrap() {
+            Some(ToPlugin::Replayed(inner)) => {
+                seen.push(("replayed", inner.stream_seq().unwrap().1))
+            }
+            Some(ToPlugin::Chunk(c)) => seen.push(("live", c.seq)),
+            Some(_) => {}
+            None => panic!("closed"),
+        }
+    }
+    assert_eq!(
+        seen,
+        vec![
+            ("replayed", 0),
+            ("replayed", 1),
+            ("replayed", 2),
+            ("live", 3)
+        ]
+    );
+}
