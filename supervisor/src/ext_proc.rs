@@ -411,13 +411,13 @@ impl StreamTask {
                     .map(|(_, v)| v.clone());
                 self.dispatch(
                     |seq, _| {
-                        Some(ToPlugin::RequestStart(RequestStart {
+                        ToPlugin::RequestStart(RequestStart {
                             stream_id: 0,
                             seq,
                             stamp_ns: stamp,
                             request_id: request_id.clone(),
                             headers: headers.clone(),
-                        }))
+                        })
                     },
                     |s| s.request_start,
                 );
@@ -433,13 +433,13 @@ impl StreamTask {
                     .unwrap_or(0);
                 self.dispatch(
                     |seq, _| {
-                        Some(ToPlugin::ResponseHeaders(ResponseHeaders {
+                        ToPlugin::ResponseHeaders(ResponseHeaders {
                             stream_id: 0,
                             seq,
                             stamp_ns: stamp,
                             status,
                             headers: headers.clone(),
-                        }))
+                        })
                     },
                     |s| s.response_headers,
                 );
@@ -528,7 +528,7 @@ impl StreamTask {
     /// whether the plugin takes body bytes.
     fn dispatch(
         &mut self,
-        make: impl Fn(u32, bool) -> Option<ToPlugin>,
+        make: impl Fn(u32, bool) -> ToPlugin,
         wants: impl Fn(&ipc_protocol::Subscriptions) -> bool,
     ) {
         if self.ended {
@@ -541,7 +541,7 @@ impl StreamTask {
             }
             let id = self.id;
             ps.send(|seq| {
-                let mut msg = make(seq, subs.body_bytes).expect("an event for every plugin");
+                let mut msg = make(seq, subs.body_bytes);
                 set_stream(&mut msg, id);
                 msg
             });
