@@ -209,6 +209,9 @@ enum Mode {
 pub struct ResponseObserver {
     mode: Mode,
     format: Option<Format>,
+    forced: bool,
+    /// Some event (or the body) was in `format`.
+    recognised: bool,
     sse: sse::SseDecoder,
     body: Vec<u8>,
     json_overflow: bool,
@@ -247,6 +250,8 @@ impl Default for ResponseObserver {
         ResponseObserver {
             mode: Mode::Unknown,
             format: None,
+            forced: false,
+            recognised: false,
             sse: sse::SseDecoder::default(),
             body: Vec::new(),
             json_overflow: false,
@@ -273,6 +278,7 @@ impl ResponseObserver {
     /// Reads the body as `format` instead of detecting it (`None`: detect). Call before the
     /// first body byte.
     pub fn force_format(&mut self, format: Option<Format>) {
+        self.forced = format.is_some();
         self.format = format;
     }
 
@@ -365,8 +371,13 @@ impl ResponseObserver {
     /// Detects the format if needed, then lets its parser read the event; returns whether the
     /// event carries tokens.
     fn observe_json(&mut self, event: Option<&str>, json: &Json) -> bool {
-        if self.format.is_none() {
-            self.format = Format::ALL.into_iter().find(|f| f.detects(event, json));
+        match self.format {
+            None => {
+                self.format = Format::ALL.into_iter().find(|f| f.detects(event, json));
+                self.recognised = self.format.is_some();
+            }
+            Some(f) if !self.recognised => self.recognised = f.detects(event, json),
+            Some(_) => {}
         }
         match self.format {
             Some(f) => f.observe(&mut self.reading, event, json),
@@ -446,6 +457,8 @@ impl ResponseObserver {
         let format = self.format.map(Format::name).unwrap_or("unknown");
         Some(if let Some(enc) = &self.compressed {
             format!("compressed body ({enc})")
+        } else if self.reading.error.is_some() && status >= 400 {
+            format!("upstream error (status {status})")
         } else if self.reading.error.is_some() {
             "upstream error".to_owned()
         } else if status >= 400 {
@@ -458,6 +471,8 @@ impl ResponseObserver {
             "body is not json".to_owned()
         } else if self.format.is_none() {
             "unrecognised response format".to_owned()
+        } else if self.forced && !self.recognised {
+            format!("body is not in the configured {format} format")
         } else if !self.reading.ended {
             format!("truncated stream: the {format} stream ended before its last event")
         } else if self.format == Some(Format::OpenAiChat) && self.is_sse() {
