@@ -354,6 +354,24 @@ mod tests {
     }
 
     #[test]
+    fn format_accepts_auto_and_every_format_name_and_refuses_others() {
+        for name in ["auto", "openai", "openai-responses", "anthropic", "gemini"] {
+            let mut p = UsagePlugin::default();
+            p.configure(&Value::map([("format", Value::from(name))]))
+                .unwrap_or_else(|e| panic!("{name}: {e}"));
+            assert_eq!(
+                p.format.map(Format::name),
+                Format::from_name(name).map(Format::name)
+            );
+        }
+        let err = UsagePlugin::default()
+            .configure(&Value::map([("format", Value::from("OpenAI"))]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("unknown format `OpenAI`"), "{err}");
+    }
+
+    #[test]
     fn bad_cel_is_a_config_error_carrying_the_parser_message() {
         let mut bad = cost_attr();
         if let Value::Map(m) = &mut bad {

@@ -94,3 +94,26 @@ fn merge(base: Option<Usage>, u: &Json) -> Option<Usage> {
         reasoning_tokens: None,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_message_delta_restating_input_fields_replaces_them_and_absent_ones_are_kept() {
+        let start = serde_json::json!({"input_tokens": 10, "cache_read_input_tokens": 100, "output_tokens": 1});
+        let base = merge(None, &start);
+        let delta = serde_json::json!({"input_tokens": 12, "cache_creation_input_tokens": null, "output_tokens": 40});
+        assert_eq!(
+            merge(base, &delta),
+            Some(Usage {
+                input_tokens: 112,
+                output_tokens: 40,
+                total_tokens: 152,
+                cached_input_tokens: Some(100),
+                cache_creation_input_tokens: None,
+                reasoning_tokens: None,
+            })
+        );
+    }
+}
