@@ -50,10 +50,10 @@ mod credit;
 pub mod host;
 mod lanes;
 pub mod logging;
-pub mod openai;
 mod plugin;
 pub mod proctitle;
 mod sequence;
+pub mod usage_formats;
 
 /// The `bytes` crate, whose `Bytes` carries chunk bodies.
 pub use bytes;

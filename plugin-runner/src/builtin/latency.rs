@@ -9,8 +9,8 @@
 
 use ipc_protocol::{Chunk, Final, Metadata, RequestStart, ResponseHeaders, Value};
 
-use crate::openai::ResponseObserver;
 use crate::plugin::{EventCtx, Plugin};
+use crate::usage_formats::ResponseObserver;
 
 /// The plugin's own metadata namespace.
 pub const NAMESPACE: &str = "plugvisor.latency";
@@ -121,7 +121,7 @@ impl Plugin for LatencyPlugin {
 mod tests {
     use super::*;
     use crate::builtin::testing::{play, Played, FIRST_CHUNK_NS, START_NS, STEP_NS};
-    use crate::openai::tests::{CHAT_JSON, CHAT_STREAM, ERROR_JSON, RESPONSES_STREAM};
+    use crate::usage_formats::tests::{CHAT_JSON, CHAT_STREAM, ERROR_JSON, RESPONSES_STREAM};
 
     fn f(meta: &Metadata, key: &str) -> Option<f64> {
         meta[NAMESPACE].get(key).and_then(Value::as_f64)

@@ -22,8 +22,8 @@ use prometheus_client::registry::Registry;
 
 use super::latency::Latency;
 use crate::config::{ConfigError, ConfigMap};
-use crate::openai::ResponseObserver;
 use crate::plugin::{EventCtx, Plugin};
+use crate::usage_formats::ResponseObserver;
 
 /// The default `/metrics` address.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:9464";
@@ -297,7 +297,7 @@ impl Plugin for MetricsPlugin {
         if let Some(u) = s.body.usage {
             m.input_tokens
                 .get_or_create(&labels)
-                .inc_by(u.prompt_tokens.max(0) as u64);
+                .inc_by(u.input_tokens.max(0) as u64);
         }
         m.output_tokens
             .get_or_create(&labels)
@@ -325,7 +325,7 @@ impl Plugin for MetricsPlugin {
 mod tests {
     use super::*;
     use crate::builtin::testing::play;
-    use crate::openai::tests::CHAT_STREAM;
+    use crate::usage_formats::tests::CHAT_STREAM;
     use std::io::{Read, Write};
 
     #[test]

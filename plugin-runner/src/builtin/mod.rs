@@ -25,7 +25,7 @@ use crate::plugin::Plugin;
 pub const BUILTINS: &[(&str, &str)] = &[
     (
         "usage",
-        "token usage of OpenAI-compatible responses, plus CEL-computed attributes",
+        "token usage of OpenAI, Anthropic and Gemini responses, plus CEL-computed attributes",
     ),
     (
         "latency",
@@ -139,7 +139,7 @@ mod tests {
             validate("usage", &Value::map([("atributes", Value::List(vec![]))]))
                 .unwrap_err()
                 .to_string(),
-            "config: unknown key `atributes` (known keys: attributes)"
+            "config: unknown key `atributes` (known keys: format, attributes)"
         );
         let bad_cel = Value::map([(
             "attributes",
@@ -151,6 +151,13 @@ mod tests {
         )]);
         let e = validate("usage", &bad_cel).unwrap_err().to_string();
         assert!(e.contains("attributes[0].expression: invalid CEL"), "{e}");
+        let e = validate("usage", &Value::map([("format", Value::from("bedrock"))]))
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            "config.format: unknown format `bedrock` (formats: auto, openai, openai-responses, anthropic, gemini)"
+        );
         let e = validate("latency", &Value::map([("x", Value::Int(1))])).unwrap_err();
         assert!(e.to_string().contains("unknown key `x`"), "{e}");
         let e = validate("test-hang", &Value::map([("scope", Value::from("all"))])).unwrap_err();

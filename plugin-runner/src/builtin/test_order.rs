@@ -110,7 +110,7 @@ impl Plugin for TestOrderPlugin {
 mod tests {
     use super::*;
     use crate::builtin::testing::play;
-    use crate::openai::tests::CHAT_STREAM;
+    use crate::usage_formats::tests::CHAT_STREAM;
 
     #[test]
     fn in_order_stream_has_no_reordering_and_the_body_digest() {

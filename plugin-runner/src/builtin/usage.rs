@@ -1,11 +1,15 @@
-//! `usage`: the request-attribute reporter. Reads token usage from OpenAI-compatible responses
-//! (SSE streams and plain JSON) and reports it under `plugvisor.usage`, plus configured
-//! attributes computed with CEL over the usage (e.g. a request cost under `envoy.lb`).
+//! `usage`: the request-attribute reporter. Reads token usage from LLM responses in every format
+//! of [`crate::usage_formats`] (OpenAI Chat/Completions, OpenAI Responses, Anthropic Messages,
+//! Gemini; SSE streams and plain JSON) and reports it under `plugvisor.usage`, plus configured
+//! attributes computed with CEL over the usage (e.g. a request cost under `envoy.lb`). A
+//! response without usage is reported as such, with a `reason`, never as zeros.
 //!
-//! Config: `attributes = [{namespace, name, expression, condition?}]`. `expression` and
-//! `condition` are CEL with the variables `usage` (`prompt_tokens`, `completion_tokens`,
-//! `total_tokens`, `cached_tokens` — 0 when not reported), `model` (string, empty when unknown)
-//! and `status` (the HTTP status, 0 when unknown). A CEL syntax error is a config error.
+//! Config: `format = "auto" | "openai" | "openai-responses" | "anthropic" | "gemini"` (default
+//! `auto`: detected per response), and `attributes = [{namespace, name, expression,
+//! condition?}]`. `expression` and `condition` are CEL with the variables `usage` (the token
+//! types, plus the OpenAI-style `prompt_tokens`, `completion_tokens`, `cached_tokens` — 0 when
+//! not reported), `model` (string, empty when unknown), `format` and `status` (the HTTP status,
+//! 0 when unknown). A CEL syntax error or an unknown format is a config error.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -14,8 +18,8 @@ use cel::{Context, Program};
 use ipc_protocol::{Chunk, Final, Metadata, ResponseHeaders, Value};
 
 use crate::config::{ConfigError, ConfigMap};
-use crate::openai::{ResponseObserver, Usage};
 use crate::plugin::{EventCtx, Plugin};
+use crate::usage_formats::{Format, ResponseObserver, Usage};
 
 /// The plugin's own metadata namespace.
 pub const NAMESPACE: &str = "plugvisor.usage";
@@ -32,6 +36,8 @@ struct Attribute {
 #[derive(Default)]
 pub struct UsagePlugin {
     attributes: Vec<Arc<Attribute>>,
+    /// `None`: detect the format of each response.
+    format: Option<Format>,
 }
 
 /// Per-stream state of [`UsagePlugin`].
@@ -39,6 +45,20 @@ pub struct UsagePlugin {
 pub struct UsageStream {
     body: ResponseObserver,
     status: u16,
+    /// Whether `body` was set up with the plugin's format (the state is created by `Default`).
+    format_set: bool,
+}
+
+impl UsageStream {
+    fn observer(&mut self, format: Option<Format>) -> &mut ResponseObserver {
+        if !self.format_set {
+            self.format_set = true;
+            if format.is_some() {
+                self.body.force_format(format);
+            }
+        }
+        &mut self.body
+    }
 }
 
 fn compile(
@@ -95,18 +115,31 @@ fn to_value(v: cel::Value) -> Option<Value> {
 }
 
 impl UsagePlugin {
-    fn evaluate(&self, usage: &Usage, model: &str, status: u16, meta: &mut Metadata) {
+    fn evaluate(&self, usage: &Usage, model: &str, format: &str, status: u16, meta: &mut Metadata) {
         if self.attributes.is_empty() {
             return;
         }
+        let cached = usage.cached_input_tokens.unwrap_or(0);
         let mut vars: HashMap<&str, cel::Value> = HashMap::new();
-        vars.insert("prompt_tokens", usage.prompt_tokens.into());
-        vars.insert("completion_tokens", usage.completion_tokens.into());
+        vars.insert("input_tokens", usage.input_tokens.into());
+        vars.insert("output_tokens", usage.output_tokens.into());
         vars.insert("total_tokens", usage.total_tokens.into());
-        vars.insert("cached_tokens", usage.cached_tokens.unwrap_or(0).into());
+        vars.insert("cached_input_tokens", cached.into());
+        vars.insert(
+            "cache_creation_input_tokens",
+            usage.cache_creation_input_tokens.unwrap_or(0).into(),
+        );
+        vars.insert(
+            "reasoning_tokens",
+            usage.reasoning_tokens.unwrap_or(0).into(),
+        );
+        vars.insert("prompt_tokens", usage.input_tokens.into());
+        vars.insert("completion_tokens", usage.output_tokens.into());
+        vars.insert("cached_tokens", cached.into());
         let mut ctx = Context::default();
         ctx.add_variable_from_value("usage", vars);
         ctx.add_variable_from_value("model", model.to_owned());
+        ctx.add_variable_from_value("format", format.to_owned());
         ctx.add_variable_from_value("status", i64::from(status));
         for attr in &self.attributes {
             if let Some(cond) = &attr.condition {
@@ -152,7 +185,17 @@ impl Plugin for UsagePlugin {
 
     fn configure(&mut self, config: &Value) -> Result<(), ConfigError> {
         let config = ConfigMap::new(config)?;
-        config.deny_unknown(&["attributes"])?;
+        config.deny_unknown(&["format", "attributes"])?;
+        let format = match config.str("format")? {
+            None | Some("auto") => None,
+            Some(name) => Some(Format::from_name(name).ok_or_else(|| {
+                ConfigError::new(format!(
+                    "{}.format: unknown format `{name}` (formats: auto, {})",
+                    config.path(),
+                    Format::ALL.map(Format::name).join(", ")
+                ))
+            })?),
+        };
         let mut attributes = Vec::new();
         for table in config.tables("attributes")? {
             table.deny_unknown(&["namespace", "name", "expression", "condition"])?;
@@ -164,6 +207,7 @@ impl Plugin for UsagePlugin {
             }));
         }
         self.attributes = attributes;
+        self.format = format;
         Ok(())
     }
 
@@ -172,31 +216,44 @@ impl Plugin for UsagePlugin {
         if let Some(ct) = e.header("content-type") {
             s.body.set_content_type(ct);
         }
+        if let Some(enc) = e.header("content-encoding") {
+            s.body.set_content_encoding(enc);
+        }
     }
 
     fn on_chunk(&self, s: &mut UsageStream, ctx: &EventCtx, c: &Chunk) {
-        s.body.push(&c.bytes, c.len.into(), ctx.stamp_ns);
+        s.observer(self.format)
+            .push(&c.bytes, c.len.into(), ctx.stamp_ns);
     }
 
     fn on_final(&self, s: &mut UsageStream, ctx: &EventCtx, f: &Final) -> Metadata {
-        s.body.push(&f.bytes, f.len.into(), ctx.stamp_ns);
-        s.body.finish(ctx.stamp_ns);
-        let mut own = match s.body.usage {
-            Some(u) => u.to_value(),
-            None => Value::Map(Default::default()),
-        };
-        if let Value::Map(m) = &mut own {
-            if let Some(model) = &s.body.model {
-                m.insert("model".into(), Value::from(model.as_str()));
-            }
-            if let Some(err) = &s.body.error {
-                m.insert("error".into(), Value::from(err.as_str()));
+        let body = s.observer(self.format);
+        body.push(&f.bytes, f.len.into(), ctx.stamp_ns);
+        body.finish(ctx.stamp_ns);
+        let mut own = std::collections::BTreeMap::new();
+        if let Some(u) = &s.body.usage {
+            u.insert_into(&mut own);
+        }
+        let format = s.body.format().map(Format::name);
+        if let Some(format) = format {
+            own.insert("format".into(), Value::from(format));
+        }
+        if let Some(model) = &s.body.model {
+            own.insert("model".into(), Value::from(model.as_str()));
+        }
+        if let Some(err) = s.body.upstream_error() {
+            own.insert("error".into(), Value::from(err.message.as_str()));
+            if let Some(kind) = &err.kind {
+                own.insert("error_type".into(), Value::from(kind.as_str()));
             }
         }
-        let mut meta = Metadata::from([(NAMESPACE.to_owned(), own)]);
+        if let Some(reason) = s.body.no_usage_reason(s.status) {
+            own.insert("reason".into(), Value::from(reason));
+        }
+        let mut meta = Metadata::from([(NAMESPACE.to_owned(), Value::Map(own))]);
         if let Some(usage) = &s.body.usage {
             let model = s.body.model.as_deref().unwrap_or("");
-            self.evaluate(usage, model, s.status, &mut meta);
+            self.evaluate(usage, model, format.unwrap_or(""), s.status, &mut meta);
         }
         meta
     }
@@ -206,7 +263,7 @@ impl Plugin for UsagePlugin {
 mod tests {
     use super::*;
     use crate::builtin::testing::{play, Played};
-    use crate::openai::tests::{CHAT_JSON, CHAT_STREAM, ERROR_JSON, RESPONSES_STREAM};
+    use crate::usage_formats::tests::{CHAT_JSON, CHAT_STREAM, ERROR_JSON, RESPONSES_STREAM};
 
     fn configured(attrs: Vec<Value>) -> Result<UsagePlugin, ConfigError> {
         let mut p = UsagePlugin::default();
@@ -294,6 +351,24 @@ mod tests {
             lb.get("model"),
             Some(&Value::from("meta-llama/Llama-3.1-8B-Instruct"))
         );
+    }
+
+    #[test]
+    fn format_accepts_auto_and_every_format_name_and_refuses_others() {
+        for name in ["auto", "openai", "openai-responses", "anthropic", "gemini"] {
+            let mut p = UsagePlugin::default();
+            p.configure(&Value::map([("format", Value::from(name))]))
+                .unwrap_or_else(|e| panic!("{name}: {e}"));
+            assert_eq!(
+                p.format.map(Format::name),
+                Format::from_name(name).map(Format::name)
+            );
+        }
+        let err = UsagePlugin::default()
+            .configure(&Value::map([("format", Value::from("OpenAI"))]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("unknown format `OpenAI`"), "{err}");
     }
 
     #[test]

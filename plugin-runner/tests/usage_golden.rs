@@ -1,0 +1,262 @@
+//! Golden tests of the `usage` plugin: each recorded body under `tests/fixtures/usage/` (written
+//! from the providers' published wire formats) is played through the plugin's hooks, whole and
+//! split at every byte into two chunks, and the metadata must match `<case>.golden` exactly.
+//!
+//! After a deliberate change, `UPDATE_GOLDEN=1 cargo test -p plugin-runner --test usage_golden`
+//! rewrites the golden files; review their diff like code.
+
+use std::path::PathBuf;
+
+use bytes::Bytes;
+use plugin_runner::builtin::usage::UsagePlugin;
+use plugin_runner::{
+    Chunk, EventCtx, Final, Metadata, Plugin, RequestStart, ResponseHeaders, Value,
+};
+
+/// One recorded response and how it is served.
+struct Case {
+    name: &'static str,
+    fixture: &'static str,
+    status: u16,
+    content_type: &'static str,
+    content_encoding: Option<&'static str>,
+    /// The plugin's `format` config; `None` leaves it out (auto).
+    format: Option<&'static str>,
+}
+
+const SSE: &str = "text/event-stream";
+const JSON: &str = "application/json";
+
+const fn case(name: &'static str, fixture: &'static str, content_type: &'static str) -> Case {
+    Case {
+        name,
+        fixture,
+        status: 200,
+        content_type,
+        content_encoding: None,
+        format: None,
+    }
+}
+
+const CASES: &[Case] = &[
+    case("openai_chat_stream", "openai_chat_stream.sse", SSE),
+    case("openai_chat_json", "openai_chat.json", JSON),
+    case("openai_completions_json", "openai_completions.json", JSON),
+    case(
+        "vllm_completions_stream",
+        "vllm_completions_stream.sse",
+        SSE,
+    ),
+    case("sglang_chat_json", "sglang_chat.json", JSON),
+    case(
+        "openai_chat_stream_no_usage",
+        "openai_chat_stream_no_usage.sse",
+        SSE,
+    ),
+    case(
+        "openai_chat_stream_truncated",
+        "openai_chat_stream_truncated.sse",
+        SSE,
+    ),
+    Case {
+        status: 429,
+        ..case("openai_error_json", "openai_error.json", JSON)
+    },
+    Case {
+        content_encoding: Some("gzip"),
+        ..case("openai_chat_json_gzip", "openai_chat.json.gz", JSON)
+    },
+    case(
+        "openai_responses_stream",
+        "openai_responses_stream.sse",
+        SSE,
+    ),
+    case("openai_responses_json", "openai_responses.json", JSON),
+    case("anthropic_stream", "anthropic_stream.sse", SSE),
+    case("anthropic_json", "anthropic.json", JSON),
+    case("anthropic_error_stream", "anthropic_error_stream.sse", SSE),
+    Case {
+        format: Some("anthropic"),
+        ..case("anthropic_stream_forced", "anthropic_stream.sse", SSE)
+    },
+    Case {
+        format: Some("anthropic"),
+        ..case(
+            "openai_chat_stream_forced_anthropic",
+            "openai_chat_stream.sse",
+            SSE,
+        )
+    },
+    case("gemini_stream", "gemini_stream.sse", SSE),
+    case("gemini_json", "gemini.json", JSON),
+    case("gemini_stream_array_json", "gemini_stream_array.json", JSON),
+    case(
+        "gemini_stream_truncated",
+        "gemini_stream_truncated.sse",
+        SSE,
+    ),
+    Case {
+        status: 400,
+        ..case("gemini_error_json", "gemini_error.json", JSON)
+    },
+];
+
+fn dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/usage")
+}
+
+/// The plugin as configured for `case`, with the sample config's CEL cost attribute, so every
+/// golden file also pins the OpenAI-style CEL variables for its format.
+fn plugin(case: &Case) -> UsagePlugin {
+    let mut config = vec![(
+        "attributes",
+        Value::List(vec![Value::map([
+            ("namespace", Value::from("envoy.lb")),
+            ("name", Value::from("x-gateway-inference-request-cost")),
+            (
+                "expression",
+                Value::from("usage.prompt_tokens + 2 * usage.completion_tokens"),
+            ),
+        ])]),
+    )];
+    if let Some(format) = case.format {
+        config.push(("format", Value::from(format)));
+    }
+    let mut p = UsagePlugin::default();
+    p.configure(&Value::map(config)).expect("valid config");
+    p
+}
+
+/// Plays one response: request start, headers, `chunks`, an empty final.
+fn play(p: &UsagePlugin, case: &Case, chunks: &[&[u8]]) -> Metadata {
+    let mut s = <UsagePlugin as Plugin>::Stream::default();
+    let ctx = |seq: u32| EventCtx {
+        stream_id: 1,
+        seq,
+        stamp_ns: 1_000 * u64::from(seq + 1),
+        gap: 0,
+        partial: false,
+    };
+    p.on_request_start(
+        &mut s,
+        &ctx(0),
+        &RequestStart {
+            stream_id: 1,
+            seq: 0,
+            stamp_ns: 1_000,
+            request_id: None,
+            headers: vec![],
+        },
+    );
+    let mut headers = vec![("content-type".to_owned(), case.content_type.to_owned())];
+    if let Some(enc) = case.content_encoding {
+        headers.push(("content-encoding".to_owned(), enc.to_owned()));
+    }
+    p.on_response_headers(
+        &mut s,
+        &ctx(1),
+        &ResponseHeaders {
+            stream_id: 1,
+            seq: 1,
+            stamp_ns: 2_000,
+            status: case.status,
+            headers,
+        },
+    );
+    let mut seq = 2;
+    for c in chunks {
+        let e = ctx(seq);
+        p.on_chunk(
+            &mut s,
+            &e,
+            &Chunk {
+                stream_id: 1,
+                seq,
+                stamp_ns: e.stamp_ns,
+                len: c.len() as u32,
+                bytes: Bytes::copy_from_slice(c),
+                end_of_stream: false,
+                ack: false,
+            },
+        );
+        seq += 1;
+    }
+    let e = ctx(seq);
+    p.on_final(
+        &mut s,
+        &e,
+        &Final {
+            stream_id: 1,
+            seq,
+            stamp_ns: e.stamp_ns,
+            call_id: 1,
+            len: 0,
+            bytes: Bytes::new(),
+            trailers: vec![],
+        },
+    )
+}
+
+/// One `namespace.key = value` line per entry, in key order.
+fn render(meta: &Metadata) -> String {
+    let mut out = String::new();
+    for (ns, v) in meta {
+        match v {
+            Value::Map(m) => {
+                for (k, v) in m {
+                    out.push_str(&format!("{ns}.{k} = {}\n", scalar(v)));
+                }
+            }
+            other => out.push_str(&format!("{ns} = {}\n", scalar(other))),
+        }
+    }
+    out
+}
+
+fn scalar(v: &Value) -> String {
+    match v {
+        Value::String(s) => format!("{s:?}"),
+        Value::Int(i) => i.to_string(),
+        other => format!("{other:?}"),
+    }
+}
+
+#[test]
+fn every_recorded_body_gives_its_golden_metadata() {
+    let update = std::env::var_os("UPDATE_GOLDEN").is_some();
+    let mut failures = Vec::new();
+    for case in CASES {
+        let body = std::fs::read(dir().join(case.fixture)).expect("fixture");
+        let got = render(&play(&plugin(case), case, &[&body]));
+        let golden = dir().join(format!("{}.golden", case.name));
+        if update {
+            std::fs::write(&golden, &got).unwrap();
+            continue;
+        }
+        let want = std::fs::read_to_string(&golden).unwrap_or_default();
+        if got != want {
+            failures.push(format!("--- {}\nwant:\n{want}got:\n{got}", case.name));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+#[test]
+fn a_split_anywhere_gives_the_same_metadata_as_the_whole_body() {
+    for case in CASES {
+        let p = plugin(case);
+        let body = std::fs::read(dir().join(case.fixture)).expect("fixture");
+        let whole = play(&p, case, &[&body]);
+        for at in 1..body.len() {
+            let (a, b) = body.split_at(at);
+            assert_eq!(
+                play(&p, case, &[a, b]),
+                whole,
+                "{} split at {at}",
+                case.name
+            );
+        }
+        let bytes: Vec<&[u8]> = body.chunks(1).collect();
+        assert_eq!(play(&p, case, &bytes), whole, "{} byte by byte", case.name);
+    }
+}
