@@ -3,38 +3,34 @@
 //! response is a final RPC whose merged metadata goes back to Envoy as `dynamic_metadata`.
 //!
 //! [`start`] binds everything and returns a [`Running`] front (tests read its addresses and
-//! metrics); [`run`] is `start`, wait for `shutdown`, stop. The modules: [`config`] (TOML, the
-//! embedded default), [`ext_proc`] (the gRPC service, one task per stream), [`plugin_stream`] (a
-//! stream's side of one plugin: sequence numbers, binding, replay journal), [`link`] (a plugin's
-//! live and draining connections, queue, writer and reader), [`accept`] (plugin sockets and the handshake),
-//! [`spawn`] (starting a plugin process), [`supervise`] (watching and restarting it, driving the
-//! pure policy in [`restart`]), [`control`] (the control socket behind `plugvisor status`),
-//! [`metadata`] (merging into `dynamic_metadata`), [`metrics`] (Prometheus and the admin
-//! server), [`reload`] (applying a new configuration), [`logging`] (the front's log and its
-//! rate-limited warnings), [`service`] and [`systemd`] (running under systemd) and [`instance`] (one front per runtime directory, and only sockets replaced).
+//! metrics); [`run`] is `start`, wait for `shutdown`, stop. Besides [`config`] (TOML, the embedded
+//! default, what loading checks), the crate is three parts, one folder each:
+//! - [`data_path`]: what every request goes through: [`ext_proc`] (the gRPC service, one task per
+//!   stream), [`plugin_stream`] (a stream's side of one plugin: sequence numbers, binding, replay
+//!   journal), [`metadata`] (merging into `dynamic_metadata`);
+//! - [`plugin`]: a plugin's owner side: [`link`] (its live and draining connections, queue,
+//!   writer and reader), [`accept`] (its socket and the handshake), [`spawn`] (starting its
+//!   process), [`supervise`] (watching and restarting it, driving the pure policy in [`restart`]);
+//! - [`shell`]: the service around them: [`service`] and [`systemd`] (running under systemd),
+//!   [`control`] (the control socket behind `plugvisor status`), [`reload`] (applying a new
+//!   configuration), [`metrics`] (Prometheus and the admin server), [`logging`] (the log and its
+//!   rate-limited warnings), [`instance`] (one front per runtime directory, only sockets replaced).
+//!
+//! Each module is also re-exported here by its own name (`supervisor::link`, ...).
 //!
 //! Unsafe code is denied everywhere but in [`spawn`], which sets the parent-death signal between
 //! fork and exec.
 #![deny(unsafe_code)]
 
-pub mod accept;
 pub mod config;
-pub mod control;
-pub mod ext_proc;
-pub mod instance;
-pub mod link;
-pub mod logging;
-pub mod metadata;
-pub mod metrics;
-pub mod plugin_stream;
-pub mod reload;
-pub mod restart;
-pub mod service;
-pub mod spawn;
-pub mod supervise;
-// The crate's one `unsafe`: adopting the listening socket systemd passed (`adopt_listen_fd`).
-#[allow(unsafe_code)]
-pub mod systemd;
+pub mod data_path;
+pub mod plugin;
+pub mod shell;
+
+// The modules by their own names, as the rest of the crate and the tests call them.
+pub use data_path::{ext_proc, metadata, plugin_stream};
+pub use plugin::{accept, link, restart, spawn, supervise};
+pub use shell::{control, instance, logging, metrics, reload, service, systemd};
 
 use std::future::Future;
 use std::net::SocketAddr;
