@@ -26,6 +26,21 @@ pub fn queue_bytes() -> u64 {
         .and_then(|v| v.parse().ok())
         .unwrap_or(4 * 1024 * 1024)
 }
+/// The replay journal given to the plugin (`BENCH_REPLAY_BYTES` overrides it): what the front
+/// keeps of in-flight streams for a replacement process, on top of the queue.
+pub fn replay_bytes() -> u64 {
+    std::env::var("BENCH_REPLAY_BYTES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(4 * 1024 * 1024)
+}
+
+/// The front's budget for the plugin's backlog, as docs/configuration.md "Memory bounds" gives
+/// it: the queue and the replay journal.
+pub fn budget() -> u64 {
+    queue_bytes() + replay_bytes()
+}
+
 /// The queue bound in events.
 pub const QUEUE_EVENTS: u64 = 4096;
 
@@ -72,8 +87,9 @@ pub async fn run(
     let front = FrontProcess::start(
         dir,
         &format!(
-            "[plugins.usage]\nqueue_events = {QUEUE_EVENTS}\nqueue_bytes = {}\nfinal_timeout_ms = 100\n",
-            queue_bytes()
+            "[plugins.usage]\nqueue_events = {QUEUE_EVENTS}\nqueue_bytes = {}\nreplay_bytes = {}\nfinal_timeout_ms = 100\n",
+            queue_bytes(),
+            replay_bytes()
         ),
         &["usage"],
     );
