@@ -497,9 +497,9 @@ fn drop_hung_external(link: &PluginLink) {
         link.disconnect("a lane stuck past stuck_timeout_ms");
         return;
     }
-    let last = link.last_pong().map_or(since, |p| p.max(since));
-    if last.elapsed() > config.hang_timeout {
-        tracing::error!(plugin = %link.name(), silent_ms = last.elapsed().as_millis() as u64, "external plugin answered no ping within hang_timeout_ms; disconnecting it");
+    let silent = link.silent_since(since);
+    if silent > config.hang_timeout {
+        tracing::error!(plugin = %link.name(), silent_ms = silent.as_millis() as u64, "external plugin answered no ping within hang_timeout_ms; disconnecting it");
         link.disconnect("no pong within hang_timeout_ms");
     }
 }

@@ -662,8 +662,9 @@ impl StreamTask {
                 Err(why) => merge.missing(&name, why.into()),
             }
         }
-        if !merge.missing_names().is_empty() {
-            tracing::debug!(stream = id, missing = ?merge.missing_names(), "final metadata incomplete");
+        let missing = merge.missing_names();
+        if !missing.is_empty() {
+            tracing::debug!(stream = id, ?missing, "final metadata incomplete");
         }
         merge.into_struct(id)
     }

@@ -251,6 +251,12 @@ impl PluginLink {
         let _ = rx.wait_for(|c| *c).await;
     }
 
+    /// How long the plugin has given no sign of life: since its last pong, or since `since` (when
+    /// its connection came up) if that is later. The one rule behind every hang check.
+    pub fn silent_since(&self, since: Instant) -> Duration {
+        self.last_pong().map_or(since, |p| p.max(since)).elapsed()
+    }
+
     /// When the plugin last answered a ping.
     pub fn last_pong(&self) -> Option<Instant> {
         *self.last_pong.lock().expect("pong lock")

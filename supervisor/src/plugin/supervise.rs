@@ -368,13 +368,10 @@ impl Task {
     }
 
     fn hung(&self) -> bool {
-        let up_since = self.shared.lock().expect("status lock").up_since;
-        let last_sign_of_life = match (up_since, self.ctx.link.last_pong()) {
-            (Some(up), Some(pong)) => up.max(pong),
-            (Some(up), None) => up,
-            (None, _) => return false,
+        let Some(up_since) = self.shared.lock().expect("status lock").up_since else {
+            return false;
         };
-        last_sign_of_life.elapsed() > self.ctx.link.config().hang_timeout
+        self.ctx.link.silent_since(up_since) > self.ctx.link.config().hang_timeout
     }
 
     async fn on_command(&mut self, command: Command) -> Result<String, String> {
