@@ -158,18 +158,23 @@ impl PluginStream {
         if self.poisoned {
             return;
         }
-        let journaled = self.journal(&msg, conn.is_some());
         match conn {
             Some(c) => {
+                self.journal(&msg, true);
                 if !self.link.send_event(Some(&c), msg) {
                     self.lost += 1;
                 }
             }
-            None if journaled => {}
-            None => {
-                self.link.send_event(None, msg);
-                self.lost += 1;
-            }
+            None => self.park(msg),
+        }
+    }
+
+    /// With the plugin down: the event waits in the journal for the replacement, or, with no
+    /// room there, is dropped and counted.
+    fn park(&mut self, msg: ToPlugin) {
+        if !self.journal(&msg, false) {
+            self.link.send_event(None, msg);
+            self.lost += 1;
         }
     }
 
@@ -183,10 +188,12 @@ impl PluginStream {
     ) -> Option<(Arc<Conn>, u32, tokio::sync::oneshot::Receiver<()>)> {
         let seq = self.next_seq();
         let msg = make(seq);
-        let Some(conn) = self.route() else {
-            self.journal(&msg, false);
-            self.link.send_event(None, msg);
-            self.lost += 1;
+        let conn = self.route();
+        if self.poisoned {
+            return None;
+        }
+        let Some(conn) = conn else {
+            self.park(msg);
             return None;
         };
         self.journal(&msg, true);
@@ -283,5 +290,61 @@ impl Drop for PluginStream {
         if let Some(conn) = self.bound.take() {
             self.link.unbind(&conn);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+    use ipc_protocol::Chunk;
+
+    use super::*;
+    use crate::config::Config;
+    use crate::metrics::Metrics;
+
+    fn chunk(seq: u32) -> ToPlugin {
+        ToPlugin::Chunk(Chunk {
+            stream_id: 1,
+            seq,
+            stamp_ns: 0,
+            len: 3,
+            bytes: Bytes::from_static(b"abc"),
+            end_of_stream: false,
+            ack: false,
+        })
+    }
+
+    fn down_link(extra: &str) -> (Arc<PluginLink>, Arc<Metrics>) {
+        let config = Config::parse(&format!("[plugins.p]\nspawn = false\n{extra}"), "t")
+            .unwrap()
+            .plugins
+            .remove(0);
+        let metrics = Arc::new(Metrics::new());
+        (Arc::new(PluginLink::new(config, metrics.clone())), metrics)
+    }
+
+    #[tokio::test]
+    async fn events_for_a_down_plugin_wait_in_the_journal_or_are_dropped_and_counted() {
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(1);
+        let dropped = "plugvisor_plugin_events_dropped_total{plugin=\"p\",reason=\"down\"}";
+
+        // Room in the journal: both kinds of event wait there for the replacement.
+        let (link, metrics) = down_link("");
+        let mut ps = PluginStream::new(link.clone(), 1);
+        ps.send(chunk);
+        assert!(ps.send_inline(1, chunk, deadline).await.is_none());
+        assert_eq!((ps.lost, ps.journal.len()), (0, 2));
+        assert!(link.journal_used() > 0);
+        assert!(!metrics.encode().contains(dropped));
+        drop(ps);
+        assert_eq!(link.journal_used(), 0);
+
+        // No journal: each is lost to the plugin and counted.
+        let (link, metrics) = down_link("replay_bytes = 0\n");
+        let mut ps = PluginStream::new(link, 1);
+        ps.send(chunk);
+        assert!(ps.send_inline(1, chunk, deadline).await.is_none());
+        assert_eq!((ps.lost, ps.journal.len()), (2, 0));
+        assert!(metrics.encode().contains(&format!("{dropped} 2")));
     }
 }
