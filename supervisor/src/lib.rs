@@ -8,9 +8,10 @@
 //! - [`data_path`]: what every request goes through: [`ext_proc`] (the gRPC service, one task per
 //!   stream), [`plugin_stream`] (a stream's side of one plugin: sequence numbers, binding, replay
 //!   journal), [`metadata`] (merging into `dynamic_metadata`);
-//! - [`plugin`]: a plugin's owner side: [`link`] (its live and draining connections, queue,
-//!   writer and reader), [`accept`] (its socket and the handshake), [`spawn`] (starting its
-//!   process), [`supervise`] (watching and restarting it, driving the pure policy in [`restart`]);
+//! - [`plugin`]: a plugin's owner side: [`owner`] (one task per plugin, the only way a reload, a
+//!   command or the stop reaches it), [`link`] (its live and draining connections, queue, writer
+//!   and reader), [`accept`] (its socket and the handshake), [`spawn`] (starting its process),
+//!   [`supervise`] (a spawned plugin's process part, driving the pure policy in [`restart`]);
 //! - [`shell`]: the service around them: [`service`] and [`systemd`] (running under systemd),
 //!   [`control`] (the control socket behind `plugvisor status`), [`reload`] (applying a new
 //!   configuration), [`metrics`] (Prometheus and the admin server), [`logging`] (the log and its
@@ -29,7 +30,7 @@ pub mod shell;
 
 // The modules by their own names, as the rest of the crate and the tests call them.
 pub use data_path::{ext_proc, metadata, plugin_stream};
-pub use plugin::{accept, link, restart, spawn, supervise};
+pub use plugin::{accept, link, owner, restart, spawn, supervise};
 pub use shell::{control, instance, logging, metrics, reload, service, systemd};
 
 use std::future::Future;
@@ -45,7 +46,8 @@ use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
 pub use config::{Config, ConfigError, Listen};
 use link::PluginLink;
 use metrics::Metrics;
-use supervise::{Command, PluginStatus, Supervised};
+use owner::PluginOwner;
+use supervise::{Command, PluginStatus};
 
 /// Why the front could not start or serve.
 #[derive(Debug, thiserror::Error)]
@@ -117,27 +119,17 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
     s
 }
 
-/// One configured plugin: its link and, when the front spawns it, its supervisor.
-#[derive(Clone)]
-pub struct PluginEntry {
-    /// The front's side of the plugin (socket, queue, final calls).
-    pub link: Arc<PluginLink>,
-    /// The supervising task, for `spawn = true` plugins.
-    pub supervised: Option<Arc<Supervised>>,
-}
-
 /// The configured plugins, in config order.
 pub struct Plugins {
-    entries: std::sync::RwLock<Vec<PluginEntry>>,
+    entries: std::sync::RwLock<Vec<Arc<PluginOwner>>>,
     /// Plugins of the running config that a reload could not start: shown as `failed`, and
     /// retried by the next reload.
     unstarted: std::sync::RwLock<Vec<reload::Unstarted>>,
-    metrics: Arc<Metrics>,
 }
 
 impl Plugins {
-    /// The entries, in config order.
-    pub fn entries(&self) -> Vec<PluginEntry> {
+    /// The plugins' owners, in config order.
+    pub fn entries(&self) -> Vec<Arc<PluginOwner>> {
         self.entries.read().expect("plugins lock").clone()
     }
 
@@ -145,21 +137,14 @@ impl Plugins {
     pub fn required_down(&self) -> Vec<String> {
         self.entries()
             .iter()
-            .filter(|e| e.link.config().required && !e.link.is_connected())
-            .map(|e| e.link.name().to_owned())
+            .filter(|e| e.link().config().required && !e.link().is_connected())
+            .map(|e| e.name().to_owned())
             .collect()
     }
 
     /// Every plugin's status, in config order.
     pub fn status(&self) -> Vec<PluginStatus> {
-        let mut status: Vec<PluginStatus> = self
-            .entries()
-            .iter()
-            .map(|e| match &e.supervised {
-                Some(s) => s.status(),
-                None => supervise::link_status(&e.link, &self.metrics),
-            })
-            .collect();
+        let mut status: Vec<PluginStatus> = self.entries().iter().map(|e| e.status()).collect();
         // Kept in config order, so inserting by position restores it.
         for u in self.unstarted.read().expect("plugins lock").iter() {
             status.insert(u.position.min(status.len()), u.status());
@@ -183,20 +168,14 @@ impl Plugins {
                 u.reason
             ));
         }
-        let Some(entry) = entries.iter().find(|e| e.link.name() == name) else {
-            let known: Vec<&str> = entries.iter().map(|e| e.link.name()).collect();
+        let Some(entry) = entries.iter().find(|e| e.name() == name) else {
+            let known: Vec<&str> = entries.iter().map(|e| e.name()).collect();
             return Err(format!(
                 "no plugin `{name}` is configured (configured: {})",
                 known.join(", ")
             ));
         };
-        match &entry.supervised {
-            Some(s) => s.command(command).await,
-            None => Err(format!(
-                "plugin `{name}` has spawn = false: plugvisor does not run its process; \
-                 manage it where it was started (e.g. `systemctl restart plugvisor-plugin@{name}`)"
-            )),
-        }
+        entry.command(command).await
     }
 }
 
@@ -217,8 +196,6 @@ pub struct Running {
     front: ext_proc::Front,
     /// Forks plugin processes, for plugins a reload adds.
     spawner: spawn::Spawner,
-    /// Each plugin's accept and ping tasks, ended when a reload removes the plugin.
-    plugin_tasks: std::collections::HashMap<String, Vec<JoinHandle<()>>>,
     stop_streams: watch::Sender<bool>,
     stop_server: Option<tokio::sync::oneshot::Sender<()>>,
     /// `None` once awaited to completion (a finished `JoinHandle` must not be polled again).
@@ -244,18 +221,18 @@ pub async fn start(config: Config) -> Result<Running, RunError> {
     })?;
 
     let mut background = Vec::new();
-    let mut plugin_tasks: std::collections::HashMap<String, Vec<JoinHandle<()>>> =
-        std::collections::HashMap::new();
-    let mut links = Vec::new();
+    let mut bound = Vec::new();
     for plugin in &config.plugins {
-        let (link, tasks) =
-            open_plugin(&config, plugin, &metrics).map_err(|message| RunError::PluginSocket {
-                plugin: plugin.name.clone(),
-                message,
-            })?;
-        plugin_tasks.insert(plugin.name.clone(), tasks);
-        links.push(link);
+        bound.push(
+            owner::Bound::bind(&config, plugin, &metrics).map_err(|message| {
+                RunError::PluginSocket {
+                    plugin: plugin.name.clone(),
+                    message,
+                }
+            })?,
+        );
     }
+    let links: Vec<Arc<PluginLink>> = bound.iter().map(|b| b.link().clone()).collect();
 
     let (stop_streams, stop_rx) = watch::channel(false);
     let front = ext_proc::Front::new(
@@ -313,14 +290,13 @@ pub async fn start(config: Config) -> Result<Running, RunError> {
         move |source| RunError::Setup { what, source }
     };
     let spawner = spawn::Spawner::start().map_err(setup("the plugin spawner thread"))?;
-    let entries = links
-        .iter()
-        .map(|link| supervise_plugin(&config, link.clone(), &spawner, &metrics))
+    let entries = bound
+        .into_iter()
+        .map(|b| Arc::new(b.start(&config, &spawner)))
         .collect();
     let plugins = Arc::new(Plugins {
         entries: std::sync::RwLock::new(entries),
         unstarted: std::sync::RwLock::new(Vec::new()),
-        metrics: metrics.clone(),
     });
     // Served once the plugins exist, so /healthz can ask them (the port is bound above, so a
     // busy port still fails the start early).
@@ -364,7 +340,6 @@ pub async fn start(config: Config) -> Result<Running, RunError> {
         activated,
         front,
         spawner,
-        plugin_tasks,
         stop_server: Some(stop_server),
         server: Some(server),
         background,
@@ -408,43 +383,6 @@ pub fn nodelay_incoming(
     })
 }
 
-/// Opens one plugin's side of the front: binds its socket, creates its link, and starts the
-/// tasks that accept its connections and ping it. Used at start and by a reload.
-pub(crate) fn open_plugin(
-    config: &Config,
-    plugin: &config::PluginConfig,
-    metrics: &Arc<Metrics>,
-) -> Result<(Arc<PluginLink>, Vec<JoinHandle<()>>), String> {
-    let listener =
-        accept::bind_plugin_socket(&config.plugin_socket(&plugin.name), plugin.group.as_deref())?;
-    let link = Arc::new(PluginLink::new(plugin.clone(), metrics.clone()));
-    let tasks = vec![
-        tokio::spawn(accept::accept_loop(listener, link.clone(), metrics.clone())),
-        tokio::spawn(ping_loop(link.clone(), config.ping_interval)),
-    ];
-    Ok((link, tasks))
-}
-
-/// The registry entry of an opened plugin: with a supervisor that starts its process at once when
-/// the front spawns it (`spawn = true`).
-pub(crate) fn supervise_plugin(
-    config: &Config,
-    link: Arc<PluginLink>,
-    spawner: &spawn::Spawner,
-    metrics: &Arc<Metrics>,
-) -> PluginEntry {
-    let supervised = link.config().spawn.then(|| {
-        Arc::new(Supervised::start(supervise::Context {
-            link: link.clone(),
-            socket: config.plugin_socket(link.name()),
-            spawner: spawner.clone(),
-            metrics: metrics.clone(),
-            stop_grace: config.shutdown_grace,
-        }))
-    });
-    PluginEntry { link, supervised }
-}
-
 /// Starts the front, serves until `shutdown` resolves, then stops gracefully.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), RunError> {
     let mut running = start(config).await?;
@@ -466,42 +404,6 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     }
     running.stop().await;
     Ok(())
-}
-
-async fn ping_loop(link: Arc<PluginLink>, interval: Duration) {
-    let mut nonce = 0u64;
-    let mut tick = tokio::time::interval(interval);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tick.tick().await;
-        nonce += 1;
-        link.ping(nonce);
-        // A spawned plugin's supervisor kills and restarts a hung process; a plugin someone
-        // else runs can only be let go, so its streams move to whatever connects next.
-        if !link.config().spawn {
-            drop_hung_external(&link);
-        }
-    }
-}
-
-/// Disconnects an external (`spawn = false`) plugin that answers no ping for `hang_timeout_ms`,
-/// or one of whose lanes is stuck past `stuck_timeout_ms` (that stream is not replayed).
-fn drop_hung_external(link: &PluginLink) {
-    let Some(since) = link.connected_since() else {
-        return;
-    };
-    let config = link.config();
-    if let Some(lane) = link.stuck_past_limit() {
-        tracing::error!(plugin = %link.name(), stream = lane.stream_id, running_ms = lane.running_ms, "a lane of the external plugin is stuck past stuck_timeout_ms; disconnecting it");
-        link.poison(lane.stream_id);
-        link.disconnect("a lane stuck past stuck_timeout_ms");
-        return;
-    }
-    let silent = link.silent_since(since);
-    if silent > config.hang_timeout {
-        tracing::error!(plugin = %link.name(), silent_ms = silent.as_millis() as u64, "external plugin answered no ping within hang_timeout_ms; disconnecting it");
-        link.disconnect("no pong within hang_timeout_ms");
-    }
 }
 
 impl Running {
@@ -527,7 +429,11 @@ impl Running {
 
     /// The plugin links, in config order (a snapshot: a reload may change them).
     pub fn links(&self) -> Vec<Arc<PluginLink>> {
-        self.plugins.entries().into_iter().map(|e| e.link).collect()
+        self.plugins
+            .entries()
+            .iter()
+            .map(|e| e.link().clone())
+            .collect()
     }
 
     /// The pids of the plugin processes the front started, by plugin name.
@@ -535,14 +441,11 @@ impl Running {
         self.plugins
             .entries()
             .iter()
-            .filter_map(|e| {
-                let pid = e.supervised.as_ref()?.pid()?;
-                Some((e.link.name().to_owned(), pid))
-            })
+            .filter_map(|e| Some((e.name().to_owned(), e.pid()?)))
             .collect()
     }
 
-    /// The plugins and their supervisors.
+    /// The plugins' owners.
     pub fn plugins(&self) -> &Arc<Plugins> {
         &self.plugins
     }
@@ -590,44 +493,33 @@ impl Running {
             }
         }
         // Plugins stop in reverse config order: each gets `Shutdown`, SIGTERM after the grace
-        // period and SIGKILL after another; their supervisors end once they are reaped.
+        // period and SIGKILL after another; their owners end once they are reaped, closing
+        // their connections and sockets.
         let entries = self.plugins.entries();
         for entry in entries.iter().rev() {
-            match &entry.supervised {
-                Some(s) => s.begin_shutdown(grace),
-                None => entry.link.send_shutdown(grace),
-            }
+            entry.begin_stop(grace);
         }
-        let all_reaped = async {
+        let all_stopped = async {
             for entry in entries.iter().rev() {
-                if let Some(s) = &entry.supervised {
-                    s.finished().await;
-                }
+                entry.finished().await;
             }
         };
-        if tokio::time::timeout(grace * 2 + Duration::from_secs(1), all_reaped)
+        if tokio::time::timeout(grace * 2 + Duration::from_secs(1), all_stopped)
             .await
             .is_err()
         {
             tracing::warn!("plugins still running after the stop sequence; killing them");
         }
-        // Dropping the supervisors aborts their tasks, which kills any child still there.
+        // Dropping the owners aborts any task still running, which kills its child.
         self.plugins.entries.write().expect("plugins lock").clear();
-        let links: Vec<_> = entries.iter().map(|e| e.link.clone()).collect();
-        drop(entries);
-        for link in &links {
-            link.disconnect("front stopping");
+        for entry in &entries {
+            entry.link().disconnect("front stopping");
+            // Only while it is still a socket (an owner cut short did not remove it).
+            instance::remove_socket(&self.config.plugin_socket(entry.name()));
         }
+        drop(entries);
         for task in self.background.drain(..) {
             task.abort();
-        }
-        // Only the sockets this front bound (a plugin whose socket failed to bind has no
-        // tasks), and only while they are still sockets.
-        for (name, tasks) in self.plugin_tasks.drain() {
-            for task in tasks {
-                task.abort();
-            }
-            instance::remove_socket(&self.config.plugin_socket(&name));
         }
         if let (Listen::Unix(path), false) = (&self.listen, self.activated) {
             instance::remove_socket(path);

@@ -174,7 +174,7 @@ async fn a_restart_mid_batch_hands_over_without_losing_a_stream() {
     let fresh = setup.plugin_pid("usage").await;
     assert_ne!(fresh, usage);
     // The replaced process exits by itself once its streams are done.
-    let gone = (0..100).any(|_| {
+    let gone = (0..300).any(|_| {
         std::thread::sleep(Duration::from_millis(50));
         !std::path::Path::new(&format!("/proc/{usage}")).exists()
     });

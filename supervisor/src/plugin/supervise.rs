@@ -1,14 +1,16 @@
-//! Supervision of one plugin: a task that spawns its process, watches it, and drives the pure
-//! restart policy in [`crate::restart`] with what it sees.
+//! A spawned plugin's process part: spawning, watching and stopping its process, driven by the
+//! pure restart policy in [`crate::restart`].
 //!
-//! The task owns the child process. It turns the world into policy events (the process exited and
-//! how, the handshake completed, the start or hang deadline passed, the backoff is over, an
-//! operator asked for `start`/`stop`/`restart`) and carries out the policy's actions (spawn,
-//! SIGKILL the process group, terminate gracefully, wait). Everything it knows is published in a
-//! [`PluginStatus`] that `plugvisor status` and `/metrics` read.
+//! [`Process`] belongs to the plugin's owner task ([`crate::plugin::owner`]), which hands it
+//! what it sees: the process exited and how, the handshake completed, the start deadline or the
+//! backoff passed, the plugin hung, an operator or a reload asked for `start`/`stop`/`restart`.
+//! It turns those into policy events and carries out the policy's actions (spawn, SIGKILL the
+//! process group, terminate gracefully, hand over to a new process and reap the old one apart).
+//! What it knows is published for [`PluginStatus`], which `plugvisor status` and `/metrics`
+//! read.
 //!
-//! A plugin with `spawn = false` has no such task: the front only listens on its socket, and its
-//! status is read from the link.
+//! A plugin with `spawn = false` has no process part: the front only listens on its socket, and
+//! its status is read from the link ([`link_status`]).
 
 use std::os::unix::process::ExitStatusExt;
 use std::path::PathBuf;
@@ -19,8 +21,6 @@ use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
 use tokio::process::Child;
-use tokio::sync::{mpsc, oneshot};
-use tokio::task::JoinHandle;
 
 use crate::link::PluginLink;
 use crate::metrics::Metrics;
@@ -69,164 +69,6 @@ pub enum Command {
     Restart,
 }
 
-type Request = (Command, oneshot::Sender<Result<String, String>>);
-
-/// What the task shares with the status readers.
-#[derive(Debug, Default)]
-struct Shared {
-    state: Option<State>,
-    pid: Option<u32>,
-    up_since: Option<Instant>,
-    restarts: u64,
-    last_exit: Option<String>,
-}
-
-/// The handle to one supervised plugin.
-pub struct Supervised {
-    link: Arc<PluginLink>,
-    metrics: Arc<Metrics>,
-    shared: Arc<Mutex<Shared>>,
-    requests: mpsc::Sender<Request>,
-    shutdown: Mutex<Option<oneshot::Sender<Duration>>>,
-    task: Mutex<Option<JoinHandle<()>>>,
-    /// Answered by the task's loop; the systemd watchdog pings only while it is.
-    probe: crate::systemd::Probe,
-}
-
-/// What the supervising task needs.
-pub struct Context {
-    /// The plugin's link (its socket side in the front).
-    pub link: Arc<PluginLink>,
-    /// The socket the process is told to connect to.
-    pub socket: PathBuf,
-    /// Forks processes from the long-lived spawner thread.
-    pub spawner: Spawner,
-    /// The metrics registry.
-    pub metrics: Arc<Metrics>,
-    /// How long a process gets to exit after `Shutdown` (and again after SIGTERM) when it is
-    /// stopped.
-    pub stop_grace: Duration,
-}
-
-impl Supervised {
-    /// Starts supervising: the plugin is started at once.
-    pub fn start(ctx: Context) -> Supervised {
-        let (requests, rx) = mpsc::channel(16);
-        let (shutdown, shutdown_rx) = oneshot::channel();
-        let shared = Arc::new(Mutex::new(Shared::default()));
-        let link = ctx.link.clone();
-        let metrics = ctx.metrics.clone();
-        // The loop may spend up to two stop grace periods in one step (stopping a plugin).
-        let (probe, answerer) = crate::systemd::probe(format!("supervisor of {}", ctx.link.name()));
-        let probe = probe.with_tolerance(ctx.stop_grace * 2 + Duration::from_secs(5));
-        let task = tokio::spawn(
-            Task {
-                restarter: Restarter::new(ctx.link.config().restart.clone()),
-                ctx,
-                shared: shared.clone(),
-                child: None,
-                start_deadline: None,
-                backoff_until: None,
-                spawned_at: None,
-            }
-            .run(rx, shutdown_rx, answerer),
-        );
-        Supervised {
-            link,
-            metrics,
-            shared,
-            requests,
-            shutdown: Mutex::new(Some(shutdown)),
-            probe,
-            task: Mutex::new(Some(task)),
-        }
-    }
-
-    /// The liveness probe the supervising task's loop answers.
-    pub fn probe(&self) -> crate::systemd::Probe {
-        self.probe.clone()
-    }
-
-    /// The plugin's name.
-    pub fn name(&self) -> &str {
-        self.link.name()
-    }
-
-    /// Asks the task to carry out `command`; the answer says what was done.
-    pub async fn command(&self, command: Command) -> Result<String, String> {
-        let (tx, rx) = oneshot::channel();
-        self.requests
-            .send((command, tx))
-            .await
-            .map_err(|_| "the plugin's supervisor has stopped".to_owned())?;
-        rx.await
-            .map_err(|_| "the plugin's supervisor has stopped".to_owned())?
-    }
-
-    /// The current status.
-    pub fn status(&self) -> PluginStatus {
-        let shared = self.shared.lock().expect("status lock");
-        let state = shared.state.unwrap_or(State::Stopped);
-        let mut status = link_status(&self.link, &self.metrics);
-        status.spawned = true;
-        status.restarts = shared.restarts;
-        status.last_exit = shared.last_exit.clone();
-        let ours = shared.pid.is_some() && status.pid == shared.pid;
-        status.state = if status.connected && !ours && state == State::Stopped {
-            "external".into()
-        } else {
-            state.name().into()
-        };
-        if status.state != "external" {
-            status.pid = shared.pid;
-        }
-        status.uptime_secs = match state {
-            State::Up => shared.up_since.map(|t| t.elapsed().as_secs_f64()),
-            // A hand-started instance: the link knows since when it is connected.
-            _ if status.state == "external" => status.uptime_secs,
-            _ => None,
-        };
-        status.retry_in_ms = match state {
-            State::Backoff { until } => {
-                Some(until.saturating_duration_since(Instant::now()).as_millis() as u64)
-            }
-            _ => None,
-        };
-        status
-    }
-
-    /// The pid of the process the front spawned, while one runs.
-    pub fn pid(&self) -> Option<u32> {
-        self.shared.lock().expect("status lock").pid
-    }
-
-    /// Stops the plugin for good (front shutdown or removal from the config): `Shutdown`,
-    /// SIGTERM to its process group after `grace`, SIGKILL after another `grace`. The task ends
-    /// once the process is reaped; [`Supervised::finished`] waits for that.
-    pub fn begin_shutdown(&self, grace: Duration) {
-        if let Some(tx) = self.shutdown.lock().expect("shutdown lock").take() {
-            let _ = tx.send(grace);
-        }
-    }
-
-    /// Waits for the supervising task to end (after [`Supervised::begin_shutdown`]).
-    pub async fn finished(&self) {
-        let task = self.task.lock().expect("task lock").take();
-        if let Some(task) = task {
-            let _ = task.await;
-        }
-    }
-}
-
-impl Drop for Supervised {
-    fn drop(&mut self) {
-        // The task owns the child with kill_on_drop: aborting it kills the process.
-        if let Some(task) = self.task.lock().expect("task lock").take() {
-            task.abort();
-        }
-    }
-}
-
 /// The status of a plugin as far as its link knows (used alone for `spawn = false` plugins).
 pub fn link_status(link: &PluginLink, metrics: &Metrics) -> PluginStatus {
     let conn = link.connection();
@@ -272,110 +114,216 @@ fn describe(exit: Exit) -> String {
     }
 }
 
-struct Task {
-    ctx: Context,
+/// What a spawned plugin's process part publishes for the status readers.
+#[derive(Debug, Default)]
+pub(crate) struct Shared {
+    state: Option<State>,
+    pid: Option<u32>,
+    up_since: Option<Instant>,
+    restarts: u64,
+    last_exit: Option<String>,
+}
+
+/// A spawned plugin's status: the link's view, with the process part's state, pid, uptime,
+/// restarts and last exit.
+pub(crate) fn spawned_status(
+    shared: &Mutex<Shared>,
+    link: &PluginLink,
+    metrics: &Metrics,
+) -> PluginStatus {
+    let shared = shared.lock().expect("status lock");
+    let state = shared.state.unwrap_or(State::Stopped);
+    let mut status = link_status(link, metrics);
+    status.spawned = true;
+    status.restarts = shared.restarts;
+    status.last_exit = shared.last_exit.clone();
+    let ours = shared.pid.is_some() && status.pid == shared.pid;
+    status.state = if status.connected && !ours && state == State::Stopped {
+        "external".into()
+    } else {
+        state.name().into()
+    };
+    if status.state != "external" {
+        status.pid = shared.pid;
+    }
+    status.uptime_secs = match state {
+        State::Up => shared.up_since.map(|t| t.elapsed().as_secs_f64()),
+        // A hand-started instance: the link knows since when it is connected.
+        _ if status.state == "external" => status.uptime_secs,
+        _ => None,
+    };
+    status.retry_in_ms = match state {
+        State::Backoff { until } => {
+            Some(until.saturating_duration_since(Instant::now()).as_millis() as u64)
+        }
+        _ => None,
+    };
+    status
+}
+
+/// The pid of the process the front spawned, while one runs.
+pub(crate) fn spawned_pid(shared: &Mutex<Shared>) -> Option<u32> {
+    shared.lock().expect("status lock").pid
+}
+
+/// What woke a [`Process`] up (see [`Process::wait`]).
+#[derive(Debug)]
+pub(crate) enum Wake {
+    /// The child exited.
+    Exited(Exit),
+    /// The link's connection changed (a handshake may have completed).
+    Connected,
+    /// The handshake did not complete within `start_timeout_ms`.
+    StartTimedOut,
+    /// The backoff delay is over.
+    BackoffElapsed,
+}
+
+/// A spawned plugin's process and its restart policy. Owned by the plugin's owner task
+/// ([`crate::plugin::owner`]), which feeds it what it sees: the process exited, the handshake
+/// completed, a deadline passed, a command arrived, the plugin hung.
+pub(crate) struct Process {
+    link: Arc<PluginLink>,
+    socket: PathBuf,
+    spawner: Spawner,
+    metrics: Arc<Metrics>,
+    stop_grace: Duration,
     restarter: Restarter,
     shared: Arc<Mutex<Shared>>,
+    connected: tokio::sync::watch::Receiver<bool>,
     child: Option<Child>,
     start_deadline: Option<tokio::time::Instant>,
     backoff_until: Option<tokio::time::Instant>,
     spawned_at: Option<Instant>,
 }
 
-impl Task {
-    async fn run(
-        mut self,
-        mut requests: mpsc::Receiver<Request>,
-        mut shutdown: oneshot::Receiver<Duration>,
-        mut probes: crate::systemd::ProbeAnswerer,
-    ) {
-        let mut connected = self.ctx.link.subscribe_connected();
-        let hang_check = (self.ctx.link.config().hang_timeout / 4).max(Duration::from_millis(20));
-        let mut hang_tick = tokio::time::interval(hang_check);
-        hang_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+impl Process {
+    /// A process part in `Stopped`, for `link`'s plugin; [`Process::start`] starts it.
+    pub(crate) fn new(
+        link: Arc<PluginLink>,
+        socket: PathBuf,
+        spawner: Spawner,
+        metrics: Arc<Metrics>,
+        stop_grace: Duration,
+    ) -> Process {
+        Process {
+            restarter: Restarter::new(link.config().restart.clone()),
+            connected: link.subscribe_connected(),
+            link,
+            socket,
+            spawner,
+            metrics,
+            stop_grace,
+            shared: Arc::new(Mutex::new(Shared::default())),
+            child: None,
+            start_deadline: None,
+            backoff_until: None,
+            spawned_at: None,
+        }
+    }
+
+    /// What the status readers share with this process part.
+    pub(crate) fn shared(&self) -> Arc<Mutex<Shared>> {
+        self.shared.clone()
+    }
+
+    /// The policy's state.
+    pub(crate) fn state(&self) -> State {
+        self.restarter.state()
+    }
+
+    /// Starts the plugin (the policy's `Start`).
+    pub(crate) async fn start(&mut self) {
         self.feed(Event::Start).await;
-        loop {
-            let state = self.restarter.state();
-            tokio::select! {
-                grace = &mut shutdown => {
-                    let grace = grace.unwrap_or(Duration::ZERO);
-                    self.restarter.handle(Event::Stop, Instant::now(), 0.0);
-                    if let Some(exit) = self.terminate(grace).await {
-                        self.record_exit(exit);
-                    }
-                    self.publish();
-                    return;
-                }
-                () = probes.answer() => {}
-                Some((command, reply)) = requests.recv() => {
-                    let answer = self.on_command(command).await;
-                    let _ = reply.send(answer);
-                }
-                status = wait_child(&mut self.child) => {
-                    let exit = status.map_or(Exit::Code(-1), exit_of);
-                    self.child = None;
-                    self.record_exit(exit);
-                    self.feed(Event::Exited(exit)).await;
-                }
-                Ok(()) = connected.changed() => {
-                    if state == State::Starting && self.handshake_done() {
-                        self.feed(Event::HandshakeDone).await;
-                    }
-                }
-                _ = sleep_until(self.start_deadline), if state == State::Starting => {
-                    self.start_deadline = None;
-                    tracing::error!(
-                        plugin = %self.ctx.link.name(),
-                        timeout = ?self.ctx.link.config().start_timeout,
-                        "plugin did not complete its handshake in time; killing it"
-                    );
-                    self.feed(Event::StartTimedOut).await;
-                }
-                _ = sleep_until(self.backoff_until), if matches!(state, State::Backoff { .. }) => {
-                    self.backoff_until = None;
-                    self.feed(Event::BackoffElapsed).await;
-                }
-                _ = hang_tick.tick(), if state == State::Up => {
-                    if let Some(lane) = self.ctx.link.stuck_past_limit() {
-                        tracing::error!(
-                            plugin = %self.ctx.link.name(),
-                            pid = ?self.child.as_ref().and_then(|c| c.id()),
-                            stream = lane.stream_id,
-                            running_ms = lane.running_ms,
-                            limit = ?self.ctx.link.config().stuck_timeout,
-                            "a lane of the plugin is stuck in one event past stuck_timeout_ms; killing its process group (its other streams move to the replacement)"
-                        );
-                        self.ctx.link.poison(lane.stream_id);
-                        self.feed(Event::Hung).await;
-                    } else if self.hung() {
-                        tracing::error!(
-                            plugin = %self.ctx.link.name(),
-                            pid = ?self.child.as_ref().and_then(|c| c.id()),
-                            timeout = ?self.ctx.link.config().hang_timeout,
-                            "plugin stopped answering pings; killing its process group"
-                        );
-                        self.feed(Event::Hung).await;
-                    }
+    }
+
+    /// Waits for the next thing the process part must act on; pending while there is none.
+    pub(crate) async fn wait(&mut self) -> Wake {
+        let state = self.restarter.state();
+        tokio::select! {
+            status = wait_child(&mut self.child) => Wake::Exited(status.map_or(Exit::Code(-1), exit_of)),
+            Ok(()) = self.connected.changed() => Wake::Connected,
+            _ = sleep_until(self.start_deadline), if state == State::Starting => Wake::StartTimedOut,
+            _ = sleep_until(self.backoff_until), if matches!(state, State::Backoff { .. }) => Wake::BackoffElapsed,
+            else => std::future::pending().await,
+        }
+    }
+
+    /// Acts on what [`Process::wait`] returned.
+    pub(crate) async fn on_wake(&mut self, wake: Wake) {
+        match wake {
+            Wake::Exited(exit) => {
+                self.child = None;
+                self.record_exit(exit);
+                self.feed(Event::Exited(exit)).await;
+            }
+            Wake::Connected => {
+                if self.restarter.state() == State::Starting && self.handshake_done() {
+                    self.feed(Event::HandshakeDone).await;
                 }
             }
-            self.publish();
+            Wake::StartTimedOut => {
+                self.start_deadline = None;
+                tracing::error!(
+                    plugin = %self.link.name(),
+                    timeout = ?self.link.config().start_timeout,
+                    "plugin did not complete its handshake in time; killing it"
+                );
+                self.feed(Event::StartTimedOut).await;
+            }
+            Wake::BackoffElapsed => {
+                self.backoff_until = None;
+                self.feed(Event::BackoffElapsed).await;
+            }
+        }
+    }
+
+    /// Checks an `Up` plugin for a hang: a lane stuck past `stuck_timeout_ms` (that stream is
+    /// poisoned, never replayed) or no pong within `hang_timeout_ms`. A hang kills the process
+    /// group and lets the policy restart it.
+    pub(crate) async fn check_hang(&mut self) {
+        if self.restarter.state() != State::Up {
+            return;
+        }
+        let name = self.link.name().to_owned();
+        let pid = self.child.as_ref().and_then(|c| c.id());
+        if let Some(lane) = self.link.stuck_past_limit() {
+            tracing::error!(
+                plugin = %name,
+                pid,
+                stream = lane.stream_id,
+                running_ms = lane.running_ms,
+                limit = ?self.link.config().stuck_timeout,
+                "a lane of the plugin is stuck in one event past stuck_timeout_ms; killing its process group (its other streams move to the replacement)"
+            );
+            self.link.poison(lane.stream_id);
+            self.feed(Event::Hung).await;
+        } else if self.hung() {
+            tracing::error!(
+                plugin = %name,
+                pid,
+                timeout = ?self.link.config().hang_timeout,
+                "plugin stopped answering pings; killing its process group"
+            );
+            self.feed(Event::Hung).await;
         }
     }
 
     fn handshake_done(&self) -> bool {
         let pid = self.child.as_ref().and_then(|c| c.id());
-        pid.is_some() && self.ctx.link.connection().map(|c| c.pid()) == pid
+        pid.is_some() && self.link.connection().map(|c| c.pid()) == pid
     }
 
     fn hung(&self) -> bool {
         let Some(up_since) = self.shared.lock().expect("status lock").up_since else {
             return false;
         };
-        self.ctx.link.silent_since(up_since) > self.ctx.link.config().hang_timeout
+        self.link.silent_since(up_since) > self.link.config().hang_timeout
     }
 
-    async fn on_command(&mut self, command: Command) -> Result<String, String> {
-        let name = self.ctx.link.name().to_owned();
+    /// Carries out an operator's (or a reload's) command; the answer says what was done.
+    pub(crate) async fn on_command(&mut self, command: Command) -> Result<String, String> {
+        let name = self.link.name().to_owned();
         let state = self.restarter.state();
         match command {
             Command::Start if matches!(state, State::Starting | State::Up) => {
@@ -384,11 +332,10 @@ impl Task {
             Command::Start | Command::Restart => {
                 // A reload may have changed the policy along with the process's config.
                 self.restarter
-                    .set_policy(self.ctx.link.config().restart.clone());
-                if state == State::Stopped && self.ctx.link.is_connected() {
+                    .set_policy(self.link.config().restart.clone());
+                if state == State::Stopped && self.link.is_connected() {
                     // A hand-started instance holds the socket: make room for ours.
-                    self.ctx
-                        .link
+                    self.link
                         .disconnect("the operator started the supervised plugin");
                 }
                 self.feed(Event::Start).await;
@@ -399,15 +346,25 @@ impl Task {
                 self.feed(Event::Stop).await;
                 Ok(format!(
                     "{name}: stopped; its socket {} accepts a hand-started instance",
-                    self.ctx.socket.display()
+                    self.socket.display()
                 ))
             }
         }
     }
 
+    /// Stops the plugin for good (front shutdown, removal by a reload): `Shutdown`, SIGTERM to
+    /// its process group after `grace`, SIGKILL after another `grace`; returns once it is reaped.
+    pub(crate) async fn stop(&mut self, grace: Duration) {
+        self.restarter.handle(Event::Stop, Instant::now(), 0.0);
+        if let Some(exit) = self.terminate(grace).await {
+            self.record_exit(exit);
+        }
+        self.publish();
+    }
+
     /// Logs and publishes how the process ended; the caller feeds the policy.
     fn record_exit(&mut self, exit: Exit) {
-        let name = self.ctx.link.name().to_owned();
+        let name = self.link.name().to_owned();
         let pid = self.shared.lock().expect("status lock").pid.take();
         let described = describe(exit);
         let expected = self.restarter.state() == State::Stopped;
@@ -424,29 +381,23 @@ impl Task {
         let label = Metrics::plugin(&name);
         match exit {
             Exit::Code(c) => {
-                self.ctx
-                    .metrics
+                self.metrics
                     .last_exit_code
                     .get_or_create(&label)
                     .set(c.into());
-                self.ctx
-                    .metrics
-                    .last_exit_signal
-                    .get_or_create(&label)
-                    .set(0);
+                self.metrics.last_exit_signal.get_or_create(&label).set(0);
             }
             Exit::Signal(s) => {
-                self.ctx
-                    .metrics
+                self.metrics
                     .last_exit_signal
                     .get_or_create(&label)
                     .set(s.into());
             }
             Exit::SpawnFailed => {}
         }
-        self.ctx.metrics.plugin_up.get_or_create(&label).set(0);
-        if self.ctx.link.spawned_pid() == pid {
-            self.ctx.link.set_spawned_pid(None);
+        self.metrics.plugin_up.get_or_create(&label).set(0);
+        if self.link.spawned_pid() == pid {
+            self.link.set_spawned_pid(None);
         }
     }
 
@@ -472,34 +423,28 @@ impl Task {
 
     fn on_up(&mut self) {
         self.start_deadline = None;
-        let name = self.ctx.link.name();
+        let name = self.link.name();
         let label = Metrics::plugin(name);
         if let Some(at) = self.spawned_at.take() {
-            self.ctx
-                .metrics
+            self.metrics
                 .start_duration
                 .get_or_create(&label)
                 .observe(at.elapsed().as_secs_f64());
         }
-        self.ctx.metrics.plugin_up.get_or_create(&label).set(1);
+        self.metrics.plugin_up.get_or_create(&label).set(1);
         self.shared.lock().expect("status lock").up_since = Some(Instant::now());
         tracing::info!(plugin = %name, pid = ?self.child.as_ref().and_then(|c| c.id()), "plugin up");
     }
 
     async fn act(&mut self, action: Action) -> Option<Event> {
-        let name = self.ctx.link.name().to_owned();
+        let name = self.link.name().to_owned();
         match action {
             Action::Spawn => {
-                let config = self.ctx.link.config().clone();
-                match self
-                    .ctx
-                    .spawner
-                    .spawn_plugin(&config, &self.ctx.socket)
-                    .await
-                {
+                let config = self.link.config().clone();
+                match self.spawner.spawn_plugin(&config, &self.socket).await {
                     Ok(child) => {
                         let pid = child.id();
-                        self.ctx.link.set_spawned_pid(pid);
+                        self.link.set_spawned_pid(pid);
                         self.child = Some(child);
                         self.start_deadline =
                             Some(tokio::time::Instant::now() + config.start_timeout);
@@ -518,15 +463,15 @@ impl Task {
             Action::Handover => {
                 let child = self.child.take()?;
                 let pid = child.id();
-                let config = self.ctx.link.config();
+                let config = self.link.config();
                 {
                     let mut shared = self.shared.lock().expect("status lock");
                     shared.pid = None;
                     shared.up_since = None;
                 }
-                let streams = self.ctx.link.begin_handover(config.drain_grace, "restart");
+                let streams = self.link.begin_handover(config.drain_grace, "restart");
                 tracing::info!(plugin = %name, pid, streams, "restarting: a new process takes new streams while this one finishes its own");
-                reap_replaced(name, child, config.drain_grace + self.ctx.stop_grace);
+                reap_replaced(name, child, config.drain_grace + self.stop_grace);
                 None
             }
             Action::Kill => {
@@ -536,14 +481,13 @@ impl Task {
                 None
             }
             Action::Terminate => {
-                let exit = self.terminate(self.ctx.stop_grace).await?;
+                let exit = self.terminate(self.stop_grace).await?;
                 self.record_exit(exit);
                 Some(Event::Exited(exit))
             }
             Action::RetryAfter(delay) => {
                 tracing::warn!(plugin = %name, delay = ?delay, restarts = self.restarter.restarts_total(), "restarting plugin after backoff");
-                self.ctx
-                    .metrics
+                self.metrics
                     .restarts
                     .get_or_create(&Metrics::plugin(&name))
                     .inc();
@@ -569,11 +513,12 @@ impl Task {
     async fn terminate(&mut self, grace: Duration) -> Option<Exit> {
         let mut child = self.child.take()?;
         let pid = child.id();
-        self.ctx.link.send_shutdown(grace);
+        let name = self.link.name().to_owned();
+        self.link.send_shutdown(grace);
         let group = pid.map(|p| Pid::from_raw(p as i32));
         let mut exit = tokio::time::timeout(grace, child.wait()).await;
         if exit.is_err() {
-            tracing::warn!(plugin = %self.ctx.link.name(), pid, "plugin did not stop after Shutdown; sending SIGTERM");
+            tracing::warn!(plugin = %name, pid, "plugin did not stop after Shutdown; sending SIGTERM");
             if let Some(g) = group {
                 let _ = killpg(g, Signal::SIGTERM);
             }
@@ -582,7 +527,7 @@ impl Task {
         let status = match exit {
             Ok(status) => status.ok(),
             Err(_) => {
-                tracing::warn!(plugin = %self.ctx.link.name(), pid, "plugin ignored SIGTERM; sending SIGKILL");
+                tracing::warn!(plugin = %name, pid, "plugin ignored SIGTERM; sending SIGKILL");
                 if let Some(g) = group {
                     let _ = killpg(g, Signal::SIGKILL);
                 }

@@ -7,7 +7,9 @@
 //! `config` table, ...) is restarted by handover: a new process takes new streams while the old
 //! one finishes the streams it has (each keeps its journal, so nothing is lost if the old one is
 //! cut off after `drain_grace_ms`). Changing `spawn` or `group` replaces the plugin (stopped, then
-//! started with a fresh socket). The rest is left alone. [`Running::reload`] carries the plan out.
+//! started with a fresh socket). The rest is left alone. [`Running::reload`] carries the plan out
+//! by sending each plugin's owner ([`crate::owner`]) its new table, or its stop: the owner
+//! decides between an update in place and a handover.
 //!
 //! A plugin that cannot be started (its socket cannot be bound: a `group` that does not exist, a
 //! file in the way) stays in the running configuration as [`Unstarted`]: `plugvisor status` shows
@@ -24,8 +26,9 @@ use std::time::Duration;
 use crate::config::{Config, PluginConfig};
 use crate::link::PluginLink;
 use crate::metrics::Metrics;
+use crate::owner::{Bound, PluginOwner};
 use crate::supervise::PluginStatus;
-use crate::{PluginEntry, Running};
+use crate::Running;
 
 /// What a reload changes.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -242,15 +245,15 @@ impl Running {
         new.runtime_dir = self.config.runtime_dir.clone();
 
         let old_entries = self.plugins.entries();
-        let going: Vec<PluginEntry> = old_entries
+        let going: Vec<Arc<PluginOwner>> = old_entries
             .iter()
             .filter(|e| {
-                let name = e.link.name().to_owned();
+                let name = e.name().to_owned();
                 plan.removed.contains(&name) || plan.replaced.contains(&name)
             })
             .cloned()
             .collect();
-        self.retire(&going, new.shutdown_grace).await;
+        retire(&going, new.shutdown_grace).await;
 
         let mut failed = None;
         let mut entries = Vec::new();
@@ -260,27 +263,10 @@ impl Running {
                 || plan.replaced.contains(&plugin.name)
                 || plan.retried.contains(&plugin.name);
             if !fresh {
-                if let Some(e) = old_entries.iter().find(|e| e.link.name() == plugin.name) {
-                    if plan.updated.contains(&plugin.name) {
-                        e.link.set_config(plugin.clone());
-                        tracing::info!(plugin = %plugin.name, "reload: updated in place; its process keeps running");
-                    } else if plan.changed.contains(&plugin.name) {
-                        e.link.set_config(plugin.clone());
-                        match &e.supervised {
-                            Some(s) => {
-                                tracing::info!(plugin = %plugin.name, "reload: restarting for reload");
-                                if let Err(message) =
-                                    s.command(crate::supervise::Command::Restart).await
-                                {
-                                    tracing::warn!(plugin = %plugin.name, %message, "reload: restart not carried out");
-                                }
-                            }
-                            None => {
-                                // Someone else runs it: it gets `Shutdown` once its streams are
-                                // done, and its next connection gets the new table.
-                                e.link.begin_handover(plugin.drain_grace, "reload");
-                            }
-                        }
+                if let Some(e) = old_entries.iter().find(|e| e.name() == plugin.name) {
+                    if plan.updated.contains(&plugin.name) || plan.changed.contains(&plugin.name) {
+                        let done = e.reconfigure(plugin.clone()).await;
+                        tracing::debug!(plugin = %plugin.name, %done, "reload: plugin reconfigured");
                     }
                     entries.push(e.clone());
                 }
@@ -303,12 +289,12 @@ impl Running {
                 }
             }
         }
-        let links: Vec<Arc<PluginLink>> = entries.iter().map(|e| e.link.clone()).collect();
+        let links: Vec<Arc<PluginLink>> = entries.iter().map(|e| e.link().clone()).collect();
         self.front.set_links(links);
         *self.plugins.entries.write().expect("plugins lock") = entries;
         *self.plugins.unstarted.write().expect("plugins lock") = still_unstarted;
-        // Their supervisors and links end here, so nothing of theirs updates a series after it
-        // is removed.
+        // Their owners and links end here, so nothing of theirs updates a series after it is
+        // removed.
         drop(going);
         drop(old_entries);
         for name in &plan.removed {
@@ -322,45 +308,34 @@ impl Running {
         }
     }
 
-    /// Stops `going` as at shutdown, closes their sockets and ends their tasks.
-    async fn retire(&mut self, going: &[PluginEntry], grace: Duration) {
-        for entry in going {
-            match &entry.supervised {
-                Some(s) => s.begin_shutdown(grace),
-                None => entry.link.send_shutdown(grace),
-            }
-        }
-        let reaped = async {
-            for entry in going {
-                if let Some(s) = &entry.supervised {
-                    s.finished().await;
-                }
-            }
-        };
-        if tokio::time::timeout(grace * 2 + Duration::from_secs(1), reaped)
-            .await
-            .is_err()
-        {
-            tracing::warn!("reload: plugins still running after their stop sequence; killing them");
-        }
-        for entry in going {
-            let name = entry.link.name().to_owned();
-            entry.link.disconnect("removed or changed by a reload");
-            for task in self.plugin_tasks.remove(&name).unwrap_or_default() {
-                task.abort();
-            }
-            crate::instance::remove_socket(&self.config.plugin_socket(&name));
-            tracing::info!(plugin = %name, "reload: plugin stopped");
-        }
-    }
-
-    /// Binds `plugin`'s socket and starts its link, tasks and (when spawned) supervisor.
-    fn launch(&mut self, config: &Config, plugin: &PluginConfig) -> Result<PluginEntry, String> {
-        let (link, tasks) = crate::open_plugin(config, plugin, &self.metrics)?;
-        self.plugin_tasks.insert(plugin.name.clone(), tasks);
-        let entry = crate::supervise_plugin(config, link, &self.spawner, &self.metrics);
+    /// Binds `plugin`'s socket and starts its owner (which starts its process when spawned).
+    fn launch(
+        &mut self,
+        config: &Config,
+        plugin: &PluginConfig,
+    ) -> Result<Arc<PluginOwner>, String> {
+        let owner = Bound::bind(config, plugin, &self.metrics)?.start(config, &self.spawner);
         tracing::info!(plugin = %plugin.name, spawned = plugin.spawn, "reload: plugin started");
-        Ok(entry)
+        Ok(Arc::new(owner))
+    }
+}
+
+/// Stops `going` as at shutdown and waits for their owners to end (each closes its
+/// connections and removes its socket); past twice the grace, what is left is killed.
+async fn retire(going: &[Arc<PluginOwner>], grace: Duration) {
+    for owner in going {
+        owner.begin_stop(grace);
+    }
+    let stopped = async {
+        for owner in going {
+            owner.finished().await;
+        }
+    };
+    if tokio::time::timeout(grace * 2 + Duration::from_secs(1), stopped)
+        .await
+        .is_err()
+    {
+        tracing::warn!("reload: plugins still running after their stop sequence; killing them");
     }
 }
 

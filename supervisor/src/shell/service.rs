@@ -54,16 +54,11 @@ pub async fn run(
         tracing::info!(?interval, "systemd watchdog enabled");
         let fixed = running.probes().to_vec();
         let plugins = running.plugins().clone();
-        // The ext_proc accept loop, and each plugin's supervisor as they are now (a reload
-        // changes them).
+        // The ext_proc accept loop, and each plugin's owner as they are now (a reload changes
+        // them).
         tokio::spawn(systemd::watchdog_loop(interval, move || {
             let mut probes = fixed.clone();
-            probes.extend(
-                plugins
-                    .entries()
-                    .iter()
-                    .filter_map(|e| e.supervised.as_ref().map(|s| s.probe())),
-            );
+            probes.extend(plugins.entries().iter().map(|e| e.probe()));
             probes
         }))
     });

@@ -1,0 +1,404 @@
+//! One owner per plugin: a task that holds everything of the plugin, and a handle
+//! ([`PluginOwner`]) through which a reload, a control command or the front's stop only sends it
+//! a message.
+//!
+//! The task owns the plugin's socket and the loop accepting on it, its [`PluginLink`] (the live
+//! connection and the draining ones), its configuration, the pings and hang checks, and, for a
+//! plugin the front spawns, its [`Process`] (the child and the restart policy). The data path
+//! keeps a shared reference to the link, to send events and call finals without a round trip
+//! through the task; everything that changes the plugin goes through the task, one message at a
+//! time, so a reload, an operator's `restart` and a crash never race each other.
+//!
+//! ```text
+//!   bind ──► Bound ──start──► running ──Stop──► stopped (socket removed, task ended)
+//!                               │  ▲
+//!                 Command,      │  │ answers
+//!                 Reconfigure ──┘  │
+//!                 Wake / tick ─────┘ (process events, pings, hang checks)
+//! ```
+//!
+//! What a reconfiguration does ([`PluginConfig::same_process`]): front-side keys are updated in
+//! place; a change to the process (command, args, env, its `config` table, ...) restarts it by
+//! handover (the old process finishes its streams, a new one takes new ones). A change of
+//! `spawn` or `group` needs a new socket: the reload stops this owner and starts another.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+
+use crate::config::{Config, PluginConfig};
+use crate::link::PluginLink;
+use crate::metrics::Metrics;
+use crate::restart::State;
+use crate::spawn::Spawner;
+use crate::supervise::{self, Command, PluginStatus, Process, Shared};
+
+/// A message to the owner task.
+enum Message {
+    /// An operator's `start`/`stop`/`restart`.
+    Command(Command, oneshot::Sender<Result<String, String>>),
+    /// A reload's new table for the plugin (same `spawn` and `group`).
+    Reconfigure(Box<PluginConfig>, oneshot::Sender<String>),
+}
+
+/// A plugin whose socket is bound and whose link exists, not yet started: the front hands its
+/// link to the data path before any plugin process runs.
+pub struct Bound {
+    link: Arc<PluginLink>,
+    socket: PathBuf,
+    listener: tokio::net::UnixListener,
+    metrics: Arc<Metrics>,
+}
+
+impl Bound {
+    /// Binds `plugin`'s socket and creates its link.
+    pub fn bind(
+        config: &Config,
+        plugin: &PluginConfig,
+        metrics: &Arc<Metrics>,
+    ) -> Result<Bound, String> {
+        let socket = config.plugin_socket(&plugin.name);
+        let listener = crate::accept::bind_plugin_socket(&socket, plugin.group.as_deref())?;
+        Ok(Bound {
+            link: Arc::new(PluginLink::new(plugin.clone(), metrics.clone())),
+            socket,
+            listener,
+            metrics: metrics.clone(),
+        })
+    }
+
+    /// The plugin's link, as the data path holds it.
+    pub fn link(&self) -> &Arc<PluginLink> {
+        &self.link
+    }
+
+    /// Starts the owner task: it accepts connections, pings, and (for `spawn = true`) starts the
+    /// plugin's process at once. `config` gives the ping interval and the stop grace.
+    pub fn start(self, config: &Config, spawner: &Spawner) -> PluginOwner {
+        let Bound {
+            link,
+            socket,
+            listener,
+            metrics,
+        } = self;
+        let stop_grace = config.shutdown_grace;
+        let process = link.config().spawn.then(|| {
+            Process::new(
+                link.clone(),
+                socket.clone(),
+                spawner.clone(),
+                metrics.clone(),
+                stop_grace,
+            )
+        });
+        let shared = process.as_ref().map(Process::shared);
+        let (mailbox, rx) = mpsc::channel(16);
+        let (stop, stop_rx) = oneshot::channel();
+        // A step of the loop may take up to two stop grace periods (stopping a process).
+        let (probe, answerer) = crate::systemd::probe(format!("owner of plugin {}", link.name()));
+        let probe = probe.with_tolerance(stop_grace * 2 + Duration::from_secs(5));
+        let accept = tokio::spawn(crate::accept::accept_loop(
+            listener,
+            link.clone(),
+            metrics.clone(),
+        ));
+        let task = tokio::spawn(
+            Owner {
+                link: link.clone(),
+                socket,
+                process,
+                accept: Some(accept),
+                ping_interval: config.ping_interval,
+            }
+            .run(rx, stop_rx, answerer),
+        );
+        PluginOwner {
+            link,
+            metrics,
+            shared,
+            mailbox,
+            stop: Mutex::new(Some(stop)),
+            task: Mutex::new(Some(task)),
+            probe,
+        }
+    }
+}
+
+/// The handle to one plugin's owner task.
+pub struct PluginOwner {
+    link: Arc<PluginLink>,
+    metrics: Arc<Metrics>,
+    /// The process part's published state, for `spawn = true` plugins.
+    shared: Option<Arc<Mutex<Shared>>>,
+    mailbox: mpsc::Sender<Message>,
+    stop: Mutex<Option<oneshot::Sender<Duration>>>,
+    task: Mutex<Option<JoinHandle<()>>>,
+    /// Answered by the task's loop; the systemd watchdog pings only while it is.
+    probe: crate::systemd::Probe,
+}
+
+impl PluginOwner {
+    /// The plugin's name.
+    pub fn name(&self) -> &str {
+        self.link.name()
+    }
+
+    /// The plugin's link (its connections, as the data path uses them).
+    pub fn link(&self) -> &Arc<PluginLink> {
+        &self.link
+    }
+
+    /// Whether the front spawns this plugin's process.
+    pub fn spawned(&self) -> bool {
+        self.shared.is_some()
+    }
+
+    /// The liveness probe the owner task's loop answers.
+    pub fn probe(&self) -> crate::systemd::Probe {
+        self.probe.clone()
+    }
+
+    /// The current status.
+    pub fn status(&self) -> PluginStatus {
+        match &self.shared {
+            Some(shared) => supervise::spawned_status(shared, &self.link, &self.metrics),
+            None => supervise::link_status(&self.link, &self.metrics),
+        }
+    }
+
+    /// The pid of the process the front spawned, while one runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.shared.as_deref().and_then(supervise::spawned_pid)
+    }
+
+    /// Asks the owner to carry out `command`; the answer says what was done.
+    pub async fn command(&self, command: Command) -> Result<String, String> {
+        let (tx, rx) = oneshot::channel();
+        let gone = || format!("plugin `{}`: its owner has stopped", self.name());
+        self.mailbox
+            .send(Message::Command(command, tx))
+            .await
+            .map_err(|_| gone())?;
+        rx.await.map_err(|_| gone())?
+    }
+
+    /// Gives the plugin a reload's new table (same `spawn` and `group`); returns what the owner
+    /// did: nothing, an update in place, or a restart by handover.
+    pub async fn reconfigure(&self, plugin: PluginConfig) -> String {
+        let (tx, rx) = oneshot::channel();
+        if self
+            .mailbox
+            .send(Message::Reconfigure(Box::new(plugin), tx))
+            .await
+            .is_err()
+        {
+            return "its owner has stopped".into();
+        }
+        rx.await.unwrap_or_else(|_| "its owner has stopped".into())
+    }
+
+    /// Stops the plugin for good (front shutdown, removal or replacement by a reload): its
+    /// process gets `Shutdown`, SIGTERM after `grace`, SIGKILL after another `grace` (a plugin
+    /// someone else runs gets `Shutdown`); then its connections close and its socket is removed.
+    /// [`PluginOwner::finished`] waits for that.
+    pub fn begin_stop(&self, grace: Duration) {
+        if let Some(tx) = self.stop.lock().expect("stop lock").take() {
+            let _ = tx.send(grace);
+        }
+    }
+
+    /// Waits for the owner task to end (after [`PluginOwner::begin_stop`]).
+    pub async fn finished(&self) {
+        let task = self.task.lock().expect("task lock").take();
+        if let Some(task) = task {
+            let _ = task.await;
+        }
+    }
+}
+
+impl Drop for PluginOwner {
+    fn drop(&mut self) {
+        // The task owns the child (kill_on_drop) and the accept loop's handle: aborting it
+        // kills the process and closes the socket.
+        if let Some(task) = self.task.lock().expect("task lock").take() {
+            task.abort();
+        }
+    }
+}
+
+/// The owner task's state.
+struct Owner {
+    link: Arc<PluginLink>,
+    socket: PathBuf,
+    process: Option<Process>,
+    accept: Option<JoinHandle<()>>,
+    ping_interval: Duration,
+}
+
+impl Drop for Owner {
+    fn drop(&mut self) {
+        if let Some(accept) = self.accept.take() {
+            accept.abort();
+        }
+    }
+}
+
+impl Owner {
+    async fn run(
+        mut self,
+        mut mailbox: mpsc::Receiver<Message>,
+        mut stop: oneshot::Receiver<Duration>,
+        mut probes: crate::systemd::ProbeAnswerer,
+    ) {
+        let mut nonce = 0u64;
+        let mut ping_tick = interval(self.ping_interval);
+        let mut hang_tick = interval(hang_check(&self.link));
+        if let Some(process) = &mut self.process {
+            process.start().await;
+        }
+        loop {
+            let up = self.process.as_ref().map(Process::state) == Some(State::Up);
+            tokio::select! {
+                grace = &mut stop => {
+                    self.stop(grace.unwrap_or(Duration::ZERO)).await;
+                    return;
+                }
+                () = probes.answer() => {}
+                Some(message) = mailbox.recv() => match message {
+                    Message::Command(command, reply) => {
+                        let answer = self.on_command(command).await;
+                        let _ = reply.send(answer);
+                    }
+                    Message::Reconfigure(plugin, reply) => {
+                        let done = self.reconfigure(*plugin).await;
+                        hang_tick = interval(hang_check(&self.link));
+                        let _ = reply.send(done);
+                    }
+                },
+                wake = wait_process(&mut self.process) => {
+                    if let Some(process) = &mut self.process {
+                        process.on_wake(wake).await;
+                    }
+                }
+                _ = ping_tick.tick() => {
+                    nonce += 1;
+                    self.link.ping(nonce);
+                    // A plugin someone else runs can only be let go, so its streams move to
+                    // whatever connects next; a spawned one is checked on `hang_tick`.
+                    if self.process.is_none() {
+                        drop_hung_external(&self.link);
+                    }
+                }
+                _ = hang_tick.tick(), if up => {
+                    if let Some(process) = &mut self.process {
+                        process.check_hang().await;
+                    }
+                }
+            }
+        }
+    }
+
+    async fn on_command(&mut self, command: Command) -> Result<String, String> {
+        match &mut self.process {
+            Some(process) => process.on_command(command).await,
+            None => {
+                let name = self.link.name();
+                Err(format!(
+                    "plugin `{name}` has spawn = false: plugvisor does not run its process; \
+                     manage it where it was started (e.g. `systemctl restart plugvisor-plugin@{name}`)"
+                ))
+            }
+        }
+    }
+
+    /// Applies a reload's table: in place when only front-side keys changed, else a restart
+    /// by handover.
+    async fn reconfigure(&mut self, plugin: PluginConfig) -> String {
+        let name = plugin.name.clone();
+        let before = self.link.config();
+        if *before == plugin {
+            return format!("{name}: unchanged");
+        }
+        let same_process = before.same_process(&plugin);
+        let drain_grace = plugin.drain_grace;
+        self.link.set_config(plugin);
+        if same_process {
+            tracing::info!(plugin = %name, "reload: updated in place; its process keeps running");
+            return format!("{name}: updated in place");
+        }
+        match &mut self.process {
+            Some(process) => {
+                tracing::info!(plugin = %name, "reload: restarting for reload");
+                match process.on_command(Command::Restart).await {
+                    Ok(done) => done,
+                    Err(message) => {
+                        tracing::warn!(plugin = %name, %message, "reload: restart not carried out");
+                        message
+                    }
+                }
+            }
+            None => {
+                // Someone else runs it: its connection gets `Shutdown` once its streams are
+                // done, and its next connection gets the new table.
+                self.link.begin_handover(drain_grace, "reload");
+                format!("{name}: handed over; its next connection gets the new table")
+            }
+        }
+    }
+
+    /// Stops the plugin, closes its connections and its socket.
+    async fn stop(&mut self, grace: Duration) {
+        let name = self.link.name().to_owned();
+        match &mut self.process {
+            Some(process) => process.stop(grace).await,
+            None => self.link.send_shutdown(grace),
+        }
+        if let Some(accept) = self.accept.take() {
+            accept.abort();
+        }
+        self.link.disconnect("plugin stopped by the front");
+        crate::instance::remove_socket(&self.socket);
+        tracing::info!(plugin = %name, "plugin stopped; its socket is closed");
+    }
+}
+
+/// How often an `Up` plugin is checked for a hang: a quarter of `hang_timeout_ms`.
+fn hang_check(link: &PluginLink) -> Duration {
+    (link.config().hang_timeout / 4).max(Duration::from_millis(20))
+}
+
+fn interval(period: Duration) -> tokio::time::Interval {
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick
+}
+
+async fn wait_process(process: &mut Option<Process>) -> supervise::Wake {
+    match process {
+        Some(p) => p.wait().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Disconnects an external (`spawn = false`) plugin that answers no ping for `hang_timeout_ms`,
+/// or one of whose lanes is stuck past `stuck_timeout_ms` (that stream is not replayed).
+fn drop_hung_external(link: &PluginLink) {
+    let Some(since) = link.connected_since() else {
+        return;
+    };
+    let name = link.name();
+    if let Some(lane) = link.stuck_past_limit() {
+        tracing::error!(plugin = %name, stream = lane.stream_id, running_ms = lane.running_ms, "a lane of the external plugin is stuck past stuck_timeout_ms; disconnecting it");
+        link.poison(lane.stream_id);
+        link.disconnect("a lane stuck past stuck_timeout_ms");
+        return;
+    }
+    let silent = link.silent_since(since);
+    if silent > link.config().hang_timeout {
+        tracing::error!(plugin = %name, silent_ms = silent.as_millis() as u64, "external plugin answered no ping within hang_timeout_ms; disconnecting it");
+        link.disconnect("no pong within hang_timeout_ms");
+    }
+}
