@@ -30,7 +30,8 @@ pub mod shell;
 
 // The modules by their own names, as the rest of the crate and the tests call them.
 pub use data_path::{ext_proc, metadata, plugin_stream};
-pub use plugin::{accept, link, owner, restart, spawn, supervise};
+pub use plugin::registry::Plugins;
+pub use plugin::{accept, link, owner, registry, restart, spawn, supervise};
 pub use shell::{control, instance, logging, metrics, reload, service, systemd};
 
 use std::future::Future;
@@ -46,8 +47,6 @@ use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
 pub use config::{Config, ConfigError, Listen};
 use link::PluginLink;
 use metrics::Metrics;
-use owner::PluginOwner;
-use supervise::{Command, PluginStatus};
 
 /// Why the front could not start or serve.
 #[derive(Debug, thiserror::Error)]
@@ -119,66 +118,6 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
     s
 }
 
-/// The configured plugins, in config order.
-pub struct Plugins {
-    entries: std::sync::RwLock<Vec<Arc<PluginOwner>>>,
-    /// Plugins of the running config that a reload could not start: shown as `failed`, and
-    /// retried by the next reload.
-    unstarted: std::sync::RwLock<Vec<reload::Unstarted>>,
-}
-
-impl Plugins {
-    /// The plugins' owners, in config order.
-    pub fn entries(&self) -> Vec<Arc<PluginOwner>> {
-        self.entries.read().expect("plugins lock").clone()
-    }
-
-    /// The `required` plugins not connected right now, in config order (`/healthz`).
-    pub fn required_down(&self) -> Vec<String> {
-        self.entries()
-            .iter()
-            .filter(|e| e.link().config().required && !e.link().is_connected())
-            .map(|e| e.name().to_owned())
-            .collect()
-    }
-
-    /// Every plugin's status, in config order.
-    pub fn status(&self) -> Vec<PluginStatus> {
-        let mut status: Vec<PluginStatus> = self.entries().iter().map(|e| e.status()).collect();
-        // Kept in config order, so inserting by position restores it.
-        for u in self.unstarted.read().expect("plugins lock").iter() {
-            status.insert(u.position.min(status.len()), u.status());
-        }
-        status
-    }
-
-    /// Starts, stops or restarts a spawned plugin.
-    pub async fn command(&self, name: &str, command: Command) -> Result<String, String> {
-        let entries = self.entries();
-        if let Some(u) = self
-            .unstarted
-            .read()
-            .expect("plugins lock")
-            .iter()
-            .find(|u| u.name == name)
-        {
-            return Err(format!(
-                "plugin `{name}` could not be started at the last reload ({}); fix that and \
-                 reload (`systemctl reload plugvisor` or SIGHUP)",
-                u.reason
-            ));
-        }
-        let Some(entry) = entries.iter().find(|e| e.name() == name) else {
-            let known: Vec<&str> = entries.iter().map(|e| e.name()).collect();
-            return Err(format!(
-                "no plugin `{name}` is configured (configured: {})",
-                known.join(", ")
-            ));
-        };
-        entry.command(command).await
-    }
-}
-
 /// A started front.
 pub struct Running {
     /// The runtime directory's lock, held until the front is dropped.
@@ -192,10 +131,6 @@ pub struct Running {
     probes: Vec<systemd::Probe>,
     /// The ext_proc socket came from systemd: its file is systemd's, never removed here.
     activated: bool,
-    /// The ext_proc service; a reload hands it the new plugin list.
-    front: ext_proc::Front,
-    /// Forks plugin processes, for plugins a reload adds.
-    spawner: spawn::Spawner,
     stop_streams: watch::Sender<bool>,
     stop_server: Option<tokio::sync::oneshot::Sender<()>>,
     /// `None` once awaited to completion (a finished `JoinHandle` must not be polled again).
@@ -294,10 +229,16 @@ pub async fn start(config: Config) -> Result<Running, RunError> {
         .into_iter()
         .map(|b| Arc::new(b.start(&config, &spawner)))
         .collect();
-    let plugins = Arc::new(Plugins {
-        entries: std::sync::RwLock::new(entries),
-        unstarted: std::sync::RwLock::new(Vec::new()),
-    });
+    let plugins = Arc::new(Plugins::new(
+        entries,
+        registry::Launcher {
+            config: std::sync::RwLock::new(config.clone()),
+            spawner,
+            metrics: metrics.clone(),
+            front,
+        },
+    ));
+    background.push(tokio::spawn(registry::retry_loop(Arc::downgrade(&plugins))));
     // Served once the plugins exist, so /healthz can ask them (the port is bound above, so a
     // busy port still fails the start early).
     let admin = match admin {
@@ -338,8 +279,6 @@ pub async fn start(config: Config) -> Result<Running, RunError> {
         stop_streams,
         probes: vec![accept_probe],
         activated,
-        front,
-        spawner,
         stop_server: Some(stop_server),
         server: Some(server),
         background,
@@ -495,7 +434,7 @@ impl Running {
         // Plugins stop in reverse config order: each gets `Shutdown`, SIGTERM after the grace
         // period and SIGKILL after another; their owners end once they are reaped, closing
         // their connections and sockets.
-        let entries = self.plugins.entries();
+        let entries = self.plugins.take_all();
         for entry in entries.iter().rev() {
             entry.begin_stop(grace);
         }
@@ -511,7 +450,6 @@ impl Running {
             tracing::warn!("plugins still running after the stop sequence; killing them");
         }
         // Dropping the owners aborts any task still running, which kills its child.
-        self.plugins.entries.write().expect("plugins lock").clear();
         for entry in &entries {
             entry.link().disconnect("front stopping");
             // Only while it is still a socket (an owner cut short did not remove it).

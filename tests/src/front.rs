@@ -102,6 +102,27 @@ impl FrontProcess {
         http_get(self.admin_port, "/metrics").unwrap_or_default()
     }
 
+    /// Status code and body of `GET /healthz`.
+    pub fn healthz(&self) -> (u16, String) {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", self.admin_port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        write!(
+            s,
+            "GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        let code = out
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
+        let body = out.split_once("\r\n\r\n").map_or("", |(_, b)| b).to_owned();
+        (code, body)
+    }
+
     /// The config file it runs with.
     pub fn config_path(&self) -> &Path {
         &self.config_path

@@ -1,6 +1,6 @@
 //! SIGHUP reloads of the real `plugvisor` that go wrong in part: a plugin whose launch fails
-//! stays configured and visible as failed, a later reload brings it up, and a removed plugin's
-//! metric series leave `/metrics` with it.
+//! stays configured and visible as failed, is retried by its restart policy, by `plugvisor
+//! start` and by a later reload, and a removed plugin's metric series leave `/metrics` with it.
 
 use std::time::{Duration, Instant};
 
@@ -155,6 +155,106 @@ async fn a_plugin_removed_by_a_reload_takes_its_series_with_it() {
                 .filter(|l| l.contains("plugin=\"usage\""))
                 .collect::<Vec<_>>()
                 .join("\n")
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugin_that_could_not_start_is_retried_by_its_policy_and_by_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let front = FrontProcess::start(dir.path(), "[plugins.usage]\n", &["usage"]);
+    let runtime = front.runtime_dir.clone();
+    let squat = |name: &str| {
+        let path = runtime.join(format!("plugins/{name}.sock"));
+        std::fs::create_dir_all(&path).unwrap();
+        path
+    };
+    // `latency` retries every 100..200 ms; `test-order` backs off a minute, so only an
+    // operator's `start` brings it up in this test. Both are required: /healthz says so.
+    let (latency, order) = (squat("latency"), squat("test-order"));
+    front.reload(
+        "[plugins.usage]\n\
+         [plugins.latency]\nrequired = true\nbackoff_min_ms = 100\nbackoff_max_ms = 200\n\
+         [plugins.test-order]\nrequired = true\nbackoff_min_ms = 60000\nbackoff_max_ms = 60000\n",
+    );
+    let s = wait_for(&front, "both failed", |s| {
+        ["latency", "test-order"]
+            .iter()
+            .all(|n| find(s, n).is_some_and(|p| p.state == "failed"))
+    })
+    .await;
+    assert!(
+        find(&s, "test-order")
+            .unwrap()
+            .retry_in_ms
+            .is_some_and(|ms| ms > 1000),
+        "{s:#?}"
+    );
+    let (code, body) = front.healthz();
+    assert_eq!(code, 503, "{body}");
+    assert!(
+        body.contains("latency") && body.contains("test-order"),
+        "{body}"
+    );
+
+    // Several retries fail while the directory is there; then, freed, it comes up by itself.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert!(
+        front
+            .log()
+            .matches("plugin still cannot be started")
+            .count()
+            >= 2
+    );
+    std::fs::remove_dir(&latency).unwrap();
+    wait_for(&front, "latency up by itself", |s| {
+        find(s, "latency").is_some_and(|p| p.state == "up" && p.connected)
+    })
+    .await;
+    assert_eq!(
+        find(&status(&front).await, "test-order").map(|p| p.state.clone()),
+        Some("failed".into())
+    );
+
+    // `start` tries at once: refused with the reason while the cause is there, then up.
+    let answer = control::request(
+        &front.control_socket(),
+        &Request::Start {
+            plugin: "test-order".into(),
+        },
+    )
+    .await
+    .unwrap();
+    assert!(
+        answer
+            .error
+            .as_deref()
+            .is_some_and(|e| e.contains("a directory")),
+        "{answer:?}"
+    );
+    std::fs::remove_dir(&order).unwrap();
+    let answer = control::request(
+        &front.control_socket(),
+        &Request::Start {
+            plugin: "test-order".into(),
+        },
+    )
+    .await
+    .unwrap();
+    assert!(answer.error.is_none(), "{answer:?}");
+    let s = wait_for(&front, "test-order up", |s| {
+        find(s, "test-order").is_some_and(|p| p.state == "up" && p.connected)
+    })
+    .await;
+    let names: Vec<&str> = s.iter().map(|p| p.name.as_str()).collect();
+    assert_eq!(names, ["usage", "latency", "test-order"], "config order");
+    let start = Instant::now();
+    while front.healthz().0 != 200 {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "{:?}",
+            front.healthz()
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }

@@ -2,7 +2,8 @@
 //! process.
 //!
 //! [`owner`] is that task and its handle, the one place a reload, a control command or the
-//! front's stop reaches a plugin through; [`link`] holds the plugin's live and draining
+//! front's stop reaches a plugin through; [`registry`] holds the owners in config order, and the
+//! plugins that could not be started, which it retries; [`link`] holds the plugin's live and draining
 //! connections (queue, flow-control window, replays, writer and reader) that the data path
 //! sends through; [`accept`] binds its socket and runs the handshake; [`spawn`] starts its
 //! process (the crate's process-control `unsafe`, between fork and exec); [`supervise`] is the
@@ -12,6 +13,7 @@
 pub mod accept;
 pub mod link;
 pub mod owner;
+pub mod registry;
 pub mod restart;
 pub mod spawn;
 pub mod supervise;

@@ -217,6 +217,7 @@ pub fn render_status(plugins: &[PluginStatus]) -> String {
         let state = match (p.state.as_str(), p.connected, p.retry_in_ms) {
             ("external", false, _) => "external (not connected)".to_owned(),
             ("backoff", _, Some(ms)) => format!("backoff ({ms} ms)"),
+            ("failed", _, Some(ms)) => format!("failed (retry in {ms} ms)"),
             (s, _, _) => s.to_owned(),
         };
         let state = match p.stuck_lanes {

@@ -13,8 +13,9 @@
 //!
 //! A plugin that cannot be started (its socket cannot be bound: a `group` that does not exist, a
 //! file in the way) stays in the running configuration as [`Unstarted`]: `plugvisor status` shows
-//! it `failed` with the reason, and every later reload tries it again, changed or not, so fixing
-//! the cause and reloading brings it up. A removed plugin's metric series go with it.
+//! it `failed` with the reason, it is retried with its restart policy's backoff
+//! ([`crate::registry`]), and every later reload tries it again, changed or not, so fixing the
+//! cause brings it up. A removed plugin's metric series go with it.
 //!
 //! Top-level keys that shape listeners (`listen`, `admin_listen`, `runtime_dir`) cannot change
 //! in place: the plan names them and the running values stay until plugvisor restarts. The other
@@ -24,10 +25,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::config::{Config, PluginConfig};
-use crate::link::PluginLink;
 use crate::metrics::Metrics;
-use crate::owner::{Bound, PluginOwner};
-use crate::supervise::PluginStatus;
+use crate::owner::PluginOwner;
+use crate::registry::Unstarted;
 use crate::Running;
 
 /// What a reload changes.
@@ -133,39 +133,6 @@ pub struct ReloadError {
     pub message: String,
 }
 
-/// A configured plugin a reload could not start: no socket, no link, no process.
-#[derive(Debug, Clone)]
-pub struct Unstarted {
-    /// The plugin.
-    pub name: String,
-    /// Its position in the configuration, for listing it in config order.
-    pub position: usize,
-    /// Whether the front would spawn it.
-    pub spawned: bool,
-    /// Why it could not be started.
-    pub reason: String,
-}
-
-impl Unstarted {
-    /// What `plugvisor status` shows: `failed`, the reason where an exit would be.
-    pub fn status(&self) -> PluginStatus {
-        PluginStatus {
-            name: self.name.clone(),
-            state: "failed".into(),
-            spawned: self.spawned,
-            connected: false,
-            pid: None,
-            uptime_secs: None,
-            restarts: 0,
-            last_exit: Some(format!("not started: {}", self.reason)),
-            queue_depth: 0,
-            dropped_events: 0,
-            retry_in_ms: None,
-            stuck_lanes: 0,
-        }
-    }
-}
-
 /// Removes every series labelled with `name` (a plugin the reload removed), so `/metrics` stops
 /// reporting a plugin that no longer exists. A stream started before the reload may still count a
 /// drop for it and so bring one series back until the next removal; that is the stream's truth.
@@ -206,14 +173,13 @@ impl Running {
     /// Applies `new` (see the module docs) and returns what changed. Plugins that cannot be
     /// started stay configured as [`Unstarted`] and are reported; everything else is applied.
     pub async fn reload(&mut self, mut new: Config) -> Result<Plan, ReloadError> {
+        let plugins = self.plugins.clone();
+        let _changes = plugins.lock_changes().await;
         let mut plan = plan(&self.config, &new);
-        let unstarted: Vec<String> = self
-            .plugins
-            .unstarted
-            .read()
-            .expect("plugins lock")
+        let unstarted: Vec<String> = plugins
+            .unstarted()
             .iter()
-            .map(|u| u.name.clone())
+            .map(|u| u.name().to_owned())
             .collect();
         plan.retried = new
             .plugins
@@ -243,6 +209,7 @@ impl Running {
         new.listen = self.config.listen.clone();
         new.admin_listen = self.config.admin_listen;
         new.runtime_dir = self.config.runtime_dir.clone();
+        *plugins.launcher().config.write().expect("config lock") = new.clone();
 
         let old_entries = self.plugins.entries();
         let going: Vec<Arc<PluginOwner>> = old_entries
@@ -258,7 +225,7 @@ impl Running {
         let mut failed = None;
         let mut entries = Vec::new();
         let mut still_unstarted = Vec::new();
-        for (position, plugin) in new.plugins.iter().enumerate() {
+        for plugin in &new.plugins {
             let fresh = plan.added.contains(&plugin.name)
                 || plan.replaced.contains(&plugin.name)
                 || plan.retried.contains(&plugin.name);
@@ -272,16 +239,14 @@ impl Running {
                 }
                 continue;
             }
-            match self.launch(&new, plugin) {
-                Ok(entry) => entries.push(entry),
+            match plugins.launch(plugin) {
+                Ok(entry) => {
+                    tracing::info!(plugin = %plugin.name, spawned = plugin.spawn, "reload: plugin started");
+                    entries.push(entry);
+                }
                 Err(message) => {
-                    tracing::error!(plugin = %plugin.name, %message, "reload: cannot start plugin");
-                    still_unstarted.push(Unstarted {
-                        name: plugin.name.clone(),
-                        position,
-                        spawned: plugin.spawn,
-                        reason: message.clone(),
-                    });
+                    tracing::error!(plugin = %plugin.name, %message, "reload: cannot start plugin; retrying it with its restart policy's backoff");
+                    still_unstarted.push(Unstarted::new(plugin.clone(), message.clone()));
                     failed.get_or_insert(ReloadError {
                         plugin: plugin.name.clone(),
                         message,
@@ -289,10 +254,7 @@ impl Running {
                 }
             }
         }
-        let links: Vec<Arc<PluginLink>> = entries.iter().map(|e| e.link().clone()).collect();
-        self.front.set_links(links);
-        *self.plugins.entries.write().expect("plugins lock") = entries;
-        *self.plugins.unstarted.write().expect("plugins lock") = still_unstarted;
+        plugins.replace(entries, still_unstarted);
         // Their owners and links end here, so nothing of theirs updates a series after it is
         // removed.
         drop(going);
@@ -306,17 +268,6 @@ impl Running {
             Some(e) => Err(e),
             None => Ok(plan),
         }
-    }
-
-    /// Binds `plugin`'s socket and starts its owner (which starts its process when spawned).
-    fn launch(
-        &mut self,
-        config: &Config,
-        plugin: &PluginConfig,
-    ) -> Result<Arc<PluginOwner>, String> {
-        let owner = Bound::bind(config, plugin, &self.metrics)?.start(config, &self.spawner);
-        tracing::info!(plugin = %plugin.name, spawned = plugin.spawn, "reload: plugin started");
-        Ok(Arc::new(owner))
     }
 }
 
@@ -409,22 +360,6 @@ mod tests {
             "plugvisor_plugin_events_dropped_total{plugin=\"kept\",reason=\"some_future_reason\"} 1"
         ));
         assert!(text.contains("plugvisor_plugin_connected{plugin=\"kept\"} 1"));
-    }
-
-    #[test]
-    fn an_unstarted_plugin_shows_as_failed_with_its_reason() {
-        let u = Unstarted {
-            name: "x".into(),
-            position: 0,
-            spawned: true,
-            reason: "group `g` does not exist".into(),
-        };
-        let s = u.status();
-        assert_eq!(s.state, "failed");
-        assert_eq!(
-            s.last_exit.as_deref(),
-            Some("not started: group `g` does not exist")
-        );
     }
 
     #[test]
