@@ -151,6 +151,30 @@ async fn a_plugin_killed_while_the_last_finals_are_in_flight_loses_nothing() {
     assert_ne!(setup.plugin_pid("usage").await, usage);
 }
 
+/// SIGKILL right after the first stream starts, then (once the replacement is up) after 90% of
+/// the streams have started: both batches end whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugin_killed_early_or_in_the_last_tenth_loses_nothing() {
+    let setup = Stack::start(PLUGINS, &["usage", "test-order"]).await;
+    for (tag, at) in [("early", 0), ("tenth", STREAMS * 9 / 10)] {
+        let usage = setup.plugin_pid("usage").await;
+        let lines = batch(&setup, tag, at, || async {
+            kill(Pid::from_raw(usage as i32), Signal::SIGKILL).unwrap();
+        })
+        .await;
+        assert_whole(&lines);
+        let start = std::time::Instant::now();
+        loop {
+            let s = setup.front.plugin_status("usage").await;
+            if s.state == "up" && s.connected && s.pid != Some(usage) {
+                break;
+            }
+            assert!(start.elapsed() < Duration::from_secs(10), "{s:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
 /// `plugvisor restart`: the old process finishes its streams, the new one takes the new ones,
 /// and the old one exits once it has no stream left.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
