@@ -109,6 +109,8 @@ struct Inner<S> {
 struct Shared<P: Plugin> {
     plugin: Arc<P>,
     subs: Subscriptions,
+    /// [`Plugin::quick_final`]: a final whose lane is idle runs on the submitting thread.
+    quick_final: bool,
     cfg: LaneConfig,
     inner: Mutex<Inner<P::Stream>>,
     work: Condvar,
@@ -134,6 +136,7 @@ impl<P: Plugin> Lanes<P> {
     ) -> std::io::Result<Self> {
         let shared = Arc::new(Shared {
             subs: plugin.subscriptions(),
+            quick_final: plugin.quick_final(),
             plugin,
             cfg,
             inner: Mutex::new(Inner {
@@ -436,9 +439,26 @@ impl<P: Plugin> Shared<P> {
         lane.last_active = now;
         if !lane.scheduled {
             lane.scheduled = true;
+            if self.quick_final && kind == Kind::Final {
+                // Nothing else of this stream is queued or running (the lane was not
+                // scheduled), so running the final here keeps the stream's order, and saves
+                // the hand-off to a worker and back (`Plugin::quick_final`).
+                drop(guard);
+                self.run_here(stream_id);
+                return;
+            }
             inner.ready.push_back(stream_id);
             drop(guard);
             self.work.notify_one();
+        }
+    }
+
+    /// Runs the one job of `stream_id`'s scheduled lane on the calling thread, caught like a
+    /// worker's step.
+    fn run_here(&self, stream_id: StreamId) {
+        let mut step = Step::default();
+        if let Err(payload) = catch_unwind(AssertUnwindSafe(|| self.step(stream_id, &mut step))) {
+            self.recover(stream_id, step, &*payload);
         }
     }
 
@@ -453,11 +473,7 @@ impl<P: Plugin> Shared<P> {
             index,
         };
         while let Some(stream_id) = self.next_ready() {
-            let mut step = Step::default();
-            if let Err(payload) = catch_unwind(AssertUnwindSafe(|| self.step(stream_id, &mut step)))
-            {
-                self.recover(stream_id, step, &*payload);
-            }
+            self.run_here(stream_id);
         }
     }
 
@@ -860,6 +876,9 @@ mod tests {
     #[derive(Default)]
     struct Recorder {
         release: Mutex<Option<mpsc::Receiver<()>>>,
+        /// Reports `quick_final`, and records the thread each final ran on.
+        quick: bool,
+        final_threads: Mutex<HashMap<StreamId, std::thread::ThreadId>>,
     }
 
     #[derive(Default)]
@@ -887,8 +906,15 @@ mod tests {
             }
             s.0.push(ctx.seq);
         }
+        fn quick_final(&self) -> bool {
+            self.quick
+        }
         fn on_final(&self, s: &mut Seen, ctx: &EventCtx, _: &Final) -> Metadata {
             s.0.push(ctx.seq);
+            self.final_threads
+                .lock()
+                .unwrap()
+                .insert(ctx.stream_id, std::thread::current().id());
             let seqs = s.0.iter().map(|&q| Value::from(q)).collect::<Vec<_>>();
             Metadata::from([(
                 "plugvisor.rec".to_owned(),
@@ -1037,6 +1063,79 @@ mod tests {
     }
 
     #[test]
+    fn a_quick_final_of_an_idle_lane_runs_on_the_reading_thread_and_a_busy_lane_keeps_its_order() {
+        let (release_tx, release_rx) = mpsc::channel();
+        let plugin = Recorder {
+            release: Mutex::new(Some(release_rx)),
+            quick: true,
+            ..Recorder::default()
+        };
+        let (lanes, rx) = lanes(plugin, 2, 100);
+        // Stream 1 idle when its final comes: answered before `submit` returns, on this thread.
+        lanes.submit_test(start(1));
+        lanes.submit_test(chunk(1, 1, "x", false));
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !lanes
+            .shared
+            .lock()
+            .lanes
+            .get(&1)
+            .is_some_and(|l| !l.scheduled)
+        {
+            assert!(Instant::now() < deadline, "stream 1 never went idle");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        lanes.submit_test(fin(1, 2));
+        let here = std::thread::current().id();
+        assert_eq!(
+            lanes.shared.plugin.final_threads.lock().unwrap().get(&1),
+            Some(&here)
+        );
+        // Stream 2's worker is inside a hook: its final waits its turn on a worker.
+        lanes.submit_test(start(2));
+        lanes.submit_test(chunk(2, 1, "block", false));
+        wait_blocked(&lanes, 2);
+        lanes.submit_test(fin(2, 2));
+        assert!(!lanes
+            .shared
+            .plugin
+            .final_threads
+            .lock()
+            .unwrap()
+            .contains_key(&2));
+        release_tx.send(()).unwrap();
+        let got = replies(&rx, 2);
+        assert_eq!(seqs(&got[&1]), vec![0, 1, 2]);
+        assert_eq!(seqs(&got[&2]), vec![0, 1, 2]);
+        assert_ne!(
+            lanes.shared.plugin.final_threads.lock().unwrap().get(&2),
+            Some(&here)
+        );
+    }
+
+    #[test]
+    fn quick_finals_keep_every_stream_in_sequence_order_under_load() {
+        let plugin = Recorder {
+            quick: true,
+            ..Recorder::default()
+        };
+        let (lanes, rx) = lanes(plugin, 2, 10_000);
+        let streams = 100u64;
+        for id in 0..streams {
+            lanes.submit_test(start(id));
+            for seq in 1..=10 {
+                lanes.submit_test(chunk(id, seq, "x", false));
+            }
+            lanes.submit_test(fin(id, 11));
+        }
+        let got = replies(&rx, streams as usize);
+        let want: Vec<i64> = (0..=11).collect();
+        for id in 0..streams {
+            assert_eq!(seqs(&got[&id]), want, "stream {id}");
+        }
+    }
+
+    #[test]
     fn a_panicking_stream_gets_an_error_reply_and_the_others_are_untouched() {
         let (lanes, rx) = lanes(Recorder::default(), 2, 100);
         for id in 1..=10 {
@@ -1085,6 +1184,7 @@ mod tests {
         let (release_tx, release_rx) = mpsc::channel();
         let plugin = Recorder {
             release: Mutex::new(Some(release_rx)),
+            ..Recorder::default()
         };
         let (lanes, rx) = lanes(plugin, 1, 3);
         lanes.submit_test(start(1));
@@ -1133,6 +1233,7 @@ mod tests {
         let (release_tx, release_rx) = mpsc::channel();
         let plugin = Recorder {
             release: Mutex::new(Some(release_rx)),
+            ..Recorder::default()
         };
         let (lanes, rx) = lanes(plugin, 1, 3);
         let (mut sent, mut last) = (0, 0);
@@ -1164,6 +1265,7 @@ mod tests {
         let (release_tx, release_rx) = mpsc::channel();
         let plugin = Recorder {
             release: Mutex::new(Some(release_rx)),
+            ..Recorder::default()
         };
         let (lanes, rx) = lanes(plugin, 2, 100);
         lanes.submit_test(start(1));

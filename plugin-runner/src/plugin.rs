@@ -134,6 +134,15 @@ pub trait Plugin: Send + Sync + 'static {
     /// Envoy's `dynamic_metadata`. The final's own last bytes are in `event.bytes`.
     fn on_final(&self, stream: &mut Self::Stream, ctx: &EventCtx, event: &Final) -> Metadata;
 
+    /// Whether [`Plugin::on_final`] is quick and never blocks (no I/O, no locks held by other
+    /// threads for long): the host may then run the final of a stream whose lane is idle on the
+    /// thread that read it, instead of handing it to a worker thread and back, which saves a
+    /// thread wake-up on every final RPC. That thread also answers the front's pings, so a final
+    /// that blocks there would make the plugin look hung. Default `false`.
+    fn quick_final(&self) -> bool {
+        false
+    }
+
     /// The stream ended without a response end; its state is dropped right after.
     fn on_abort(&self, stream: &mut Self::Stream, ctx: &EventCtx, event: &Abort) {
         let _ = (stream, ctx, event);

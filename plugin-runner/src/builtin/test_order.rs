@@ -85,6 +85,10 @@ impl Plugin for TestOrderPlugin {
         }
     }
 
+    fn quick_final(&self) -> bool {
+        true
+    }
+
     fn on_final(&self, s: &mut TestOrderStream, ctx: &EventCtx, f: &Final) -> Metadata {
         s.see(ctx.seq);
         s.body(&f.bytes);

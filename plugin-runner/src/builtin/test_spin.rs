@@ -78,6 +78,12 @@ impl Plugin for TestSpinPlugin {
         self.spin(s);
     }
 
+    /// Quick when it does not spin: then its final runs on the reader thread like the built-in
+    /// plugins' (the final RPC benchmark measures that path).
+    fn quick_final(&self) -> bool {
+        self.spin.is_zero()
+    }
+
     fn on_final(&self, s: &mut TestSpinStream, _: &EventCtx, _: &Final) -> Metadata {
         self.spin(s);
         let spun = self.spin.as_micros() as u64 * s.events;
