@@ -71,6 +71,102 @@ pub fn decode<T: DeserializeOwned>(payload: &[u8]) -> Result<T, CodecError> {
     Ok(msg)
 }
 
+/// Decodes one message that must fill `frame` exactly, like [`decode`], but a `Chunk` or `Final`
+/// body of at least [`SPLICE_MIN`] bytes is not copied: it comes out as a slice of `frame`
+/// sharing its allocation ([`shared_body`]). Smaller bodies are copied, so a plugin that keeps a
+/// small chunk never pins a whole read buffer.
+pub fn decode_frame<T: DeserializeOwned>(frame: &bytes::Bytes) -> Result<T, CodecError> {
+    let _current = shared_body::Current::set(frame);
+    let (msg, used) = bincode::serde::borrow_decode_from_slice(&frame[..], CONFIG)
+        .map_err(|e| CodecError::Invalid(Box::new(e)))?;
+    if used != frame.len() {
+        return Err(CodecError::TrailingBytes {
+            trailing: frame.len() - used,
+        });
+    }
+    Ok(msg)
+}
+
+/// The serde form of an event body (`#[serde(with = "crate::codec::shared_body")]`): encoded as
+/// a byte buffer, as `Bytes` itself is; decoded by [`decode_frame`] without a copy when it is
+/// large, by anything else as a copy.
+pub mod shared_body {
+    use std::cell::RefCell;
+
+    use bytes::Bytes;
+    use serde::{Deserializer, Serializer};
+
+    thread_local! {
+        /// The frame [`super::decode_frame`] is decoding on this thread.
+        static FRAME: RefCell<Option<Bytes>> = const { RefCell::new(None) };
+    }
+
+    /// Holds the frame being decoded for the length of one decode.
+    pub(super) struct Current;
+
+    impl Current {
+        pub(super) fn set(frame: &Bytes) -> Current {
+            FRAME.with(|f| *f.borrow_mut() = Some(frame.clone()));
+            Current
+        }
+    }
+
+    impl Drop for Current {
+        fn drop(&mut self) {
+            FRAME.with(|f| *f.borrow_mut() = None);
+        }
+    }
+
+    /// Serializes a body as a byte buffer.
+    pub fn serialize<S: Serializer>(body: &Bytes, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_bytes(body)
+    }
+
+    /// Deserializes a body: a large one borrowed from the frame being decoded is shared with
+    /// it, anything else is copied.
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Bytes, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = Bytes;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a byte buffer")
+            }
+            fn visit_borrowed_bytes<E>(self, v: &'de [u8]) -> Result<Bytes, E> {
+                if v.len() >= super::SPLICE_MIN {
+                    let shared = FRAME.with(|f| {
+                        let frame = f.borrow();
+                        let frame = frame.as_ref()?;
+                        let inside = frame.as_ptr_range();
+                        (inside.start <= v.as_ptr() && v.as_ptr_range().end <= inside.end)
+                            .then(|| frame.slice_ref(v))
+                    });
+                    if let Some(body) = shared {
+                        return Ok(body);
+                    }
+                }
+                Ok(Bytes::copy_from_slice(v))
+            }
+            fn visit_bytes<E>(self, v: &[u8]) -> Result<Bytes, E> {
+                Ok(Bytes::copy_from_slice(v))
+            }
+            fn visit_byte_buf<E>(self, v: Vec<u8>) -> Result<Bytes, E> {
+                Ok(Bytes::from(v))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<Bytes, A::Error> {
+                let mut out = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(4096));
+                while let Some(b) = seq.next_element::<u8>()? {
+                    out.push(b);
+                }
+                Ok(Bytes::from(out))
+            }
+        }
+        deserializer.deserialize_bytes(Visitor)
+    }
+}
+
 /// Bodies at least this large are not copied into the write buffer (see [`encode_spliced`]).
 pub const SPLICE_MIN: usize = 4 * 1024;
 
@@ -119,6 +215,41 @@ pub fn encode_spliced(
 mod tests {
     use super::*;
     use crate::message::{Ping, ToPlugin};
+
+    #[test]
+    fn a_large_body_decodes_as_a_slice_of_the_frame_and_a_small_one_as_a_copy() {
+        use crate::message::Chunk;
+        for (len, shared) in [(SPLICE_MIN - 1, false), (SPLICE_MIN, true), (100_000, true)] {
+            let body = bytes::Bytes::from((0..len).map(|i| i as u8).collect::<Vec<u8>>());
+            let msg = ToPlugin::Chunk(Chunk {
+                stream_id: 7,
+                seq: 1,
+                stamp_ns: 2,
+                len: len as u32,
+                bytes: body.clone(),
+                end_of_stream: false,
+                ack: true,
+            });
+            let frame = bytes::Bytes::from(encode(&msg).unwrap());
+            let decoded: ToPlugin = decode_frame(&frame).unwrap();
+            assert_eq!(decoded, msg, "len {len}");
+            let ToPlugin::Chunk(c) = decoded else {
+                unreachable!()
+            };
+            let range = frame.as_ptr_range();
+            let inside = range.contains(&c.bytes.as_ptr());
+            assert_eq!(inside, shared, "len {len}");
+            // The plain decoder gives the same message, always copied.
+            assert_eq!(decode::<ToPlugin>(&frame).unwrap(), msg);
+        }
+        // Trailing bytes are refused here too.
+        let mut bytes = encode(&ToPlugin::Ping(Ping { nonce: 1 })).unwrap();
+        bytes.push(0);
+        assert!(matches!(
+            decode_frame::<ToPlugin>(&bytes::Bytes::from(bytes)),
+            Err(CodecError::TrailingBytes { trailing: 1 })
+        ));
+    }
 
     #[test]
     fn spliced_encoding_is_the_plain_encoding() {

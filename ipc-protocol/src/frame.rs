@@ -99,7 +99,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     /// The next message; `Ok(None)` when the peer closed cleanly between frames.
     pub async fn read<T: DeserializeOwned>(&mut self) -> Result<Option<T>, ProtocolError> {
         match self.read_frame().await? {
-            Some(payload) => codec::decode(&payload)
+            Some(payload) => codec::decode_frame(&payload)
                 .map(Some)
                 .map_err(ProtocolError::Decode),
             None => Ok(None),

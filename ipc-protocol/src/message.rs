@@ -222,6 +222,7 @@ pub struct Chunk {
     /// Length of the chunk as it passed through Envoy, whether or not `bytes` carries it.
     pub len: u32,
     /// The chunk's bytes, empty unless the plugin subscribed to body bytes.
+    #[serde(with = "crate::codec::shared_body")]
     pub bytes: Bytes,
     /// Whether Envoy marked this chunk as the end of the body.
     pub end_of_stream: bool,
@@ -244,6 +245,7 @@ pub struct Final {
     /// Length of the last body message (often 0: HTTP/1.1 upstreams end with an empty message).
     pub len: u32,
     /// The last body bytes, empty unless the plugin subscribed to body bytes.
+    #[serde(with = "crate::codec::shared_body")]
     pub bytes: Bytes,
     /// Response trailers, when the end came as trailers.
     pub trailers: Vec<Header>,

@@ -1075,12 +1075,12 @@ mod tests {
         lanes.submit_test(start(1));
         lanes.submit_test(chunk(1, 1, "x", false));
         let deadline = Instant::now() + Duration::from_secs(5);
-        while !lanes
+        while lanes
             .shared
             .lock()
             .lanes
             .get(&1)
-            .is_some_and(|l| !l.scheduled)
+            .is_none_or(|l| l.scheduled)
         {
             assert!(Instant::now() < deadline, "stream 1 never went idle");
             std::thread::sleep(Duration::from_millis(1));
