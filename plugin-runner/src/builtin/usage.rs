@@ -637,7 +637,7 @@ impl Plugin for UsagePlugin {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::builtin::testing::{play, Played};
+    use crate::builtin::testing::{play, play_response, Played};
     use crate::usage_formats::tests::{CHAT_JSON, CHAT_STREAM, ERROR_JSON, RESPONSES_STREAM};
 
     fn configured(attrs: Vec<Value>) -> Result<UsagePlugin, ConfigError> {
@@ -774,5 +774,336 @@ mod tests {
             .configure(&Value::map([("atributes", Value::List(vec![]))]))
             .unwrap_err();
         assert!(err.to_string().contains("unknown key `atributes`"), "{err}");
+    }
+
+    const NO_USAGE_STREAM: &str =
+        include_str!("../../tests/fixtures/usage/openai_chat_stream_no_usage.sse");
+
+    fn cost(namespace: &str, key: &str, kind: &str) -> Value {
+        Value::map([
+            ("namespace", Value::from(namespace)),
+            ("key", Value::from(key)),
+            ("type", Value::from(kind)),
+        ])
+    }
+
+    fn with_costs(costs: Vec<Value>, estimate: bool) -> Result<UsagePlugin, ConfigError> {
+        let mut p = UsagePlugin::default();
+        p.configure(&Value::map([
+            ("costs", Value::List(costs)),
+            ("estimate_output_tokens", Value::Bool(estimate)),
+        ]))?;
+        Ok(p)
+    }
+
+    /// Plays `body` whole with this status and these headers besides `content-type`.
+    fn respond(
+        p: &UsagePlugin,
+        body: &str,
+        status: u16,
+        ct: &str,
+        extra: &[(&str, &str)],
+    ) -> Metadata {
+        let mut headers = vec![("content-type".to_owned(), ct.to_owned())];
+        headers.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        play_response(p, &[body.to_owned()], status, headers).meta
+    }
+
+    fn cost_error(meta: &Metadata, target: &str) -> String {
+        match meta[NAMESPACE]
+            .get("cost_errors")
+            .and_then(|e| e.get(target))
+        {
+            Some(Value::String(s)) => s.clone(),
+            other => panic!("no cost error for {target}: {other:?} in {meta:?}"),
+        }
+    }
+
+    #[test]
+    fn every_token_type_is_a_cost_and_unreported_details_are_zero() {
+        let costs = TokenType::ALL
+            .map(|t| cost("envoy.lb", t.name(), t.name()))
+            .to_vec();
+        let p = with_costs(costs, false).unwrap();
+        let meta = respond(&p, CHAT_STREAM, 200, "text/event-stream", &[]);
+        let lb = &meta["envoy.lb"];
+        for (t, want) in [
+            ("input", 17),
+            ("cached_input", 16),
+            ("cache_creation_input", 0),
+            ("output", 7),
+            ("reasoning", 0),
+            ("total", 24),
+        ] {
+            assert_eq!(lb.get(t), Some(&Value::Int(want)), "{t}");
+        }
+        assert!(meta[NAMESPACE].get("cost_errors").is_none(), "{meta:?}");
+    }
+
+    #[test]
+    fn a_cel_cost_reads_tokens_model_status_and_response_headers() {
+        let p = with_costs(
+            vec![cost(
+                "envoy.lb",
+                "weighted",
+                "(input_tokens - cached_input_tokens) + 4 * output_tokens \
+                 + (model.startsWith('meta-llama/') ? 1000 : 0) \
+                 + (headers['x-tier'] == 'gold' ? 0 : 10000) + status",
+            )],
+            false,
+        )
+        .unwrap();
+        let meta = respond(
+            &p,
+            CHAT_STREAM,
+            200,
+            "text/event-stream",
+            &[("X-Tier", "gold")],
+        );
+        assert_eq!(
+            meta["envoy.lb"].get("weighted"),
+            Some(&Value::Int(1 + 4 * 7 + 1000 + 200))
+        );
+    }
+
+    #[test]
+    fn a_response_without_usage_writes_no_cost_and_says_why() {
+        let p = with_costs(vec![cost("envoy.lb", "tokens", "total")], false).unwrap();
+        let meta = play(&p, ERROR_JSON, 64, "application/json").meta;
+        assert!(!meta.contains_key("envoy.lb"), "{meta:?}");
+        let why = cost_error(&meta, "envoy.lb:tokens");
+        assert!(why.starts_with("no usage: upstream error"), "{why}");
+
+        let meta = respond(&p, NO_USAGE_STREAM, 200, "text/event-stream", &[]);
+        assert!(!meta.contains_key("envoy.lb"), "{meta:?}");
+        assert!(meta[NAMESPACE].get("estimated").is_none());
+        assert!(meta[NAMESPACE].get("output_tokens").is_none());
+        assert_eq!(
+            cost_error(&meta, "envoy.lb:tokens"),
+            "no usage: no usage in the openai stream (the request needs stream_options.include_usage)"
+        );
+    }
+
+    #[test]
+    fn estimate_counts_content_deltas_and_only_output_costs_are_written() {
+        let p = with_costs(
+            vec![
+                cost("envoy.lb", "out", "output"),
+                cost("envoy.lb", "in", "input"),
+                cost("envoy.lb", "cel", "output_tokens * 3"),
+                cost("envoy.lb", "cel_in", "input_tokens + output_tokens"),
+            ],
+            true,
+        )
+        .unwrap();
+        let meta = respond(&p, NO_USAGE_STREAM, 200, "text/event-stream", &[]);
+        let own = &meta[NAMESPACE];
+        // Three chunks have choices, but only one delivers text.
+        assert_eq!(own.get("output_tokens"), Some(&Value::Int(1)));
+        assert_eq!(own.get("completion_tokens"), Some(&Value::Int(1)));
+        assert_eq!(own.get("estimated"), Some(&Value::Bool(true)));
+        assert!(own.get("input_tokens").is_none() && own.get("total_tokens").is_none());
+        assert!(
+            own.get("reason").is_some(),
+            "the missing usage is still explained"
+        );
+        assert_eq!(meta["envoy.lb"].get("out"), Some(&Value::Int(1)));
+        assert_eq!(meta["envoy.lb"].get("cel"), Some(&Value::Int(3)));
+        assert!(meta["envoy.lb"].get("in").is_none());
+        assert!(cost_error(&meta, "envoy.lb:in").starts_with("input tokens unknown"));
+        let why = cost_error(&meta, "envoy.lb:cel_in");
+        assert!(why.contains("input_tokens"), "{why}");
+    }
+
+    #[test]
+    fn no_estimate_for_errors_json_bodies_or_streams_without_content() {
+        let p = with_costs(vec![], true).unwrap();
+        let error_stream = include_str!("../../tests/fixtures/usage/anthropic_error_stream.sse");
+        let meta = respond(&p, error_stream, 200, "text/event-stream", &[]);
+        assert!(meta[NAMESPACE].get("estimated").is_none(), "{meta:?}");
+        let meta = respond(&p, ERROR_JSON, 400, "application/json", &[]);
+        assert!(meta[NAMESPACE].get("estimated").is_none(), "{meta:?}");
+        let empty = "data: {\"object\":\"chat.completion.chunk\",\"model\":\"m\",\"choices\":[{\"delta\":{\"role\":\"assistant\"}}]}\n\ndata: [DONE]\n\n";
+        let meta = respond(&p, empty, 200, "text/event-stream", &[]);
+        assert!(meta[NAMESPACE].get("estimated").is_none(), "{meta:?}");
+    }
+
+    #[test]
+    fn a_cost_must_be_an_integer_from_zero_to_2_pow_53() {
+        let p = with_costs(
+            vec![
+                cost("c", "at_max", &format!("{MAX_COST} + output_tokens - 7")),
+                cost("c", "past_max", &format!("{MAX_COST} + output_tokens - 6")),
+                cost("c", "zero", "output_tokens - 7"),
+                cost("c", "negative", "output_tokens - 8"),
+                cost("c", "double", "double(output_tokens) * 0.5"),
+                cost("c", "int_of_double", "int(double(output_tokens) * 0.5)"),
+                cost("c", "uint", "uint(output_tokens)"),
+                cost("c", "string", "model"),
+                cost("c", "missing_header", "headers['x-none'] == 'a' ? 1 : 2"),
+            ],
+            false,
+        )
+        .unwrap();
+        let meta = respond(&p, CHAT_STREAM, 200, "text/event-stream", &[]);
+        let c = &meta["c"];
+        assert_eq!(c.get("at_max"), Some(&Value::Int(MAX_COST)));
+        assert_eq!(c.get("zero"), Some(&Value::Int(0)));
+        assert_eq!(c.get("int_of_double"), Some(&Value::Int(3)));
+        assert_eq!(c.get("uint"), Some(&Value::Int(7)));
+        for key in ["past_max", "negative", "double", "string", "missing_header"] {
+            assert!(c.get(key).is_none(), "{key}");
+        }
+        assert_eq!(
+            cost_error(&meta, "c:past_max"),
+            format!("the cost {} is over {MAX_COST}, the largest integer Envoy's metadata carries exactly", MAX_COST + 1)
+        );
+        assert_eq!(cost_error(&meta, "c:negative"), "the cost is negative (-1)");
+        assert_eq!(
+            cost_error(&meta, "c:double"),
+            "the expression gave a double (3.5); costs are integers: wrap it in int()"
+        );
+        assert_eq!(
+            cost_error(&meta, "c:string"),
+            "the expression gave a string, not an integer"
+        );
+        let why = cost_error(&meta, "c:missing_header");
+        assert!(
+            why.starts_with("the expression failed: ") && why.contains("x-none"),
+            "{why}"
+        );
+    }
+
+    #[test]
+    fn a_non_2xx_without_an_error_object_is_a_typed_error() {
+        let p = with_costs(vec![cost("envoy.lb", "t", "total")], true).unwrap();
+        let meta = respond(
+            &p,
+            "upstream connect error or disconnect/reset before headers.\n reset reason: overflow",
+            503,
+            "text/plain",
+            &[],
+        );
+        let own = &meta[NAMESPACE];
+        assert_eq!(own.get("error_type"), Some(&Value::from("http_503")));
+        assert_eq!(
+            own.get("error"),
+            Some(&Value::from(
+                "upstream connect error or disconnect/reset before headers. reset reason: overflow"
+            ))
+        );
+        assert_eq!(own.get("reason"), Some(&Value::from("upstream status 503")));
+        assert!(own.get("estimated").is_none() && own.get("output_tokens").is_none());
+        assert!(!meta.contains_key("envoy.lb"));
+
+        let long = "x".repeat(crate::usage_formats::MAX_ERROR_BODY + 1);
+        let meta = respond(&p, &long, 502, "text/html", &[]);
+        let Some(Value::String(msg)) = meta[NAMESPACE].get("error") else {
+            panic!("{meta:?}")
+        };
+        assert_eq!(msg.len(), crate::usage_formats::MAX_ERROR_BODY);
+        let meta = respond(&p, "", 500, "text/plain", &[]);
+        assert_eq!(
+            meta[NAMESPACE].get("error"),
+            Some(&Value::from("upstream status 500"))
+        );
+    }
+
+    #[test]
+    fn a_vllm_flat_error_chunk_mid_stream_is_the_upstream_error() {
+        let p = with_costs(vec![], true).unwrap();
+        let body = "data: {\"object\":\"chat.completion.chunk\",\"model\":\"Qwen/Qwen3-8B\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"Hi\"}}]}\n\n\
+                    data: {\"object\":\"error\",\"message\":\"The decoder prompt cannot be empty\",\"type\":\"BadRequestError\",\"param\":null,\"code\":400}\n\n\
+                    data: [DONE]\n\n";
+        let own = &respond(&p, body, 200, "text/event-stream", &[])[NAMESPACE];
+        assert_eq!(
+            own.get("error"),
+            Some(&Value::from("The decoder prompt cannot be empty"))
+        );
+        assert_eq!(own.get("error_type"), Some(&Value::from("BadRequestError")));
+        assert_eq!(own.get("reason"), Some(&Value::from("upstream error")));
+        assert!(own.get("estimated").is_none());
+    }
+
+    #[test]
+    fn cost_config_errors_name_the_key_and_the_fix() {
+        let err = |costs: Vec<Value>| with_costs(costs, false).err().unwrap().to_string();
+        let e = err(vec![cost("envoy.lb", "x", "inptu")]);
+        assert!(
+            e.starts_with(
+                "costs[0].type: CEL expression `inptu` uses `inptu`, which is not a variable"
+            ) && e.contains("token types by name: input, cached_input"),
+            "{e}"
+        );
+        let e = err(vec![cost("envoy.lb", "x", "input_tokens +* 2")]);
+        assert!(
+            e.starts_with("costs[0].type: invalid CEL expression `input_tokens +* 2`")
+                && e.ends_with("(a token type is one of: input, cached_input, cache_creation_input, output, reasoning, total)"),
+            "{e}"
+        );
+        let e = err(vec![
+            cost("envoy.lb", "x", "output"),
+            cost("envoy.lb", "x", "input"),
+        ]);
+        assert_eq!(e, "costs[1]: `envoy.lb:x` is already written by costs[0]");
+        let e = err(vec![cost(NAMESPACE, "input_tokens", "input")]);
+        assert!(e.contains("is a key the plugin writes itself"), "{e}");
+        let e = err(vec![cost("plugvisor", "x", "input")]);
+        assert!(
+            e.starts_with("costs[0].namespace: `plugvisor` is the front's own"),
+            "{e}"
+        );
+        let e = err(vec![Value::map([
+            ("namespace", Value::from("a")),
+            ("type", Value::from("input")),
+        ])]);
+        assert_eq!(e, "costs[0].key is missing (a non-empty string)");
+        let e = err(vec![cost("", "x", "input")]);
+        assert_eq!(e, "costs[0].namespace is missing (a non-empty string)");
+        let e = err(vec![Value::map([
+            ("namespace", Value::from("a")),
+            ("key", Value::from("b")),
+            ("type", Value::from("input")),
+            ("cel", Value::from("1")),
+        ])]);
+        assert!(e.starts_with("costs[0]: unknown key `cel`"), "{e}");
+        // A cost and an attribute may not write the same key either.
+        let mut p = UsagePlugin::default();
+        let e = p
+            .configure(&Value::map([
+                (
+                    "costs",
+                    Value::List(vec![cost(
+                        "envoy.lb",
+                        "x-gateway-inference-request-cost",
+                        "total",
+                    )]),
+                ),
+                ("attributes", Value::List(vec![cost_attr()])),
+            ]))
+            .unwrap_err()
+            .to_string();
+        assert_eq!(e, "attributes[0]: `envoy.lb:x-gateway-inference-request-cost` is already written by costs[0]");
+        let e = p
+            .configure(&Value::map([(
+                "estimate_output_tokens",
+                Value::from("yes"),
+            )]))
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            "config.estimate_output_tokens must be true or false, got \"yes\""
+        );
+    }
+
+    #[test]
+    fn a_refused_config_leaves_the_running_one_in_place() {
+        let mut p = with_costs(vec![cost("envoy.lb", "t", "total")], true).unwrap();
+        assert!(p
+            .configure(&Value::map([("costs", Value::from("x"))]))
+            .is_err());
+        assert_eq!(p.costs.len(), 1);
+        assert!(p.estimate_output_tokens);
     }
 }
