@@ -199,6 +199,10 @@ impl Facts<'_> {
     }
 }
 
+/// Why an estimate cannot give a token type other than output.
+const ESTIMATE_KNOWS: &str =
+    "the usage is estimated from streamed deltas, which count output tokens only";
+
 /// What a cost counts.
 enum CostType {
     Token(TokenType),
@@ -216,13 +220,9 @@ impl Cost {
     /// The cost for one stream, or why there is none (a lowercase fragment for the metadata).
     fn compute(&self, tokens: Tokens, facts: &Context<'_, '_>) -> Result<i64, String> {
         let value = match &self.kind {
-            CostType::Token(t) => tokens.get(*t).ok_or_else(|| {
-                format!(
-                    "{} tokens unknown: the usage is estimated from streamed deltas, which count \
-                     output tokens only",
-                    t.name()
-                )
-            })?,
+            CostType::Token(t) => tokens
+                .get(*t)
+                .ok_or_else(|| format!("{} unknown: {ESTIMATE_KNOWS}", t.variable()))?,
             CostType::Cel(program) => match program.execute(facts) {
                 Ok(cel::Value::Int(i)) => i,
                 Ok(cel::Value::UInt(u)) => i64::try_from(u).unwrap_or(i64::MAX),
@@ -236,6 +236,11 @@ impl Cost {
                         "the expression gave a {}, not an integer",
                         other.type_of()
                     ))
+                }
+                Err(
+                    ExecutionError::UndeclaredReference(name) | ExecutionError::NoSuchKey(name),
+                ) if matches!(tokens, Tokens::Estimated { .. }) && name.ends_with("_tokens") => {
+                    return Err(format!("{name} unknown: {ESTIMATE_KNOWS}"));
                 }
                 Err(e) => return Err(format!("the expression failed: {e}")),
             },
@@ -910,9 +915,12 @@ mod tests {
         assert_eq!(meta["envoy.lb"].get("out"), Some(&Value::Int(1)));
         assert_eq!(meta["envoy.lb"].get("cel"), Some(&Value::Int(3)));
         assert!(meta["envoy.lb"].get("in").is_none());
-        assert!(cost_error(&meta, "envoy.lb:in").starts_with("input tokens unknown"));
-        let why = cost_error(&meta, "envoy.lb:cel_in");
-        assert!(why.contains("input_tokens"), "{why}");
+        assert!(cost_error(&meta, "envoy.lb:in")
+            .starts_with("input_tokens unknown: the usage is estimated"));
+        assert_eq!(
+            cost_error(&meta, "envoy.lb:cel_in"),
+            format!("input_tokens unknown: {ESTIMATE_KNOWS}")
+        );
     }
 
     #[test]
