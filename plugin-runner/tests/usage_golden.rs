@@ -185,7 +185,7 @@ fn plugin(case: &Case) -> UsagePlugin {
         (
             "costs",
             Value::List(vec![
-                cost("total", "total"),
+                cost("tokens", "total"),
                 cost(
                     "weighted",
                     "input_tokens - cached_input_tokens + 4 * output_tokens + reasoning_tokens",
