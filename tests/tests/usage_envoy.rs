@@ -130,8 +130,9 @@ fn indent(block: &str, by: usize) -> String {
     block.lines().map(|l| format!("{:by$}{l}\n", "")).collect()
 }
 
-/// `examples/envoy.yaml` plus the docs' rate-limit filter, route and cluster (on `rls_port`),
-/// and access-log fields for the costs and for exactly what `hits_addend` reads.
+/// `examples/envoy.yaml` (which already receives and logs `envoy.ratelimit` as `costs`) plus
+/// the docs' rate-limit filter, route and cluster (on `rls_port`), and access-log fields for
+/// exactly what `hits_addend` reads and for the tenant.
 fn add_rate_limiting(yaml: String, rls_port: u16) -> String {
     let mut yaml = yaml;
     let mut swap = |from: &str, to: String| {
@@ -151,8 +152,7 @@ fn add_rate_limiting(yaml: String, rls_port: u16) -> String {
     swap(
         lb,
         format!(
-            "{lb}                  costs: \"%DYNAMIC_METADATA(envoy.ratelimit)%\"\n                  \
-             hits: \"%DYNAMIC_METADATA(envoy.ratelimit:tokens)%\"\n                  \
+            "{lb}                  hits: \"%DYNAMIC_METADATA(envoy.ratelimit:tokens)%\"\n                  \
              tenant: \"%REQ(X-TENANT)%\"\n"
         ),
     );
@@ -380,7 +380,6 @@ async fn every_format_reaches_envoy_with_its_golden_tokens_costs_and_model() {
             &EnvoyOptions {
                 ext_proc: front.ext_proc.clone(),
                 upstream_port,
-                extra_namespaces: vec!["envoy.ratelimit".into()],
                 ..EnvoyOptions::default()
             },
             |yaml| add_rate_limiting(yaml, rls_port),
