@@ -25,7 +25,7 @@ use crate::plugin::Plugin;
 pub const BUILTINS: &[(&str, &str)] = &[
     (
         "usage",
-        "token usage of OpenAI, Anthropic and Gemini responses, plus CEL-computed attributes",
+        "token usage of OpenAI, Anthropic and Gemini responses; costs and CEL attributes for Envoy",
     ),
     (
         "latency",
