@@ -86,6 +86,15 @@ impl<'a> ConfigMap<'a> {
         }
     }
 
+    /// `key` as a boolean, if present.
+    pub fn bool(&self, key: &str) -> Result<Option<bool>, ConfigError> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(Value::Bool(b)) => Ok(Some(*b)),
+            Some(other) => Err(self.wrong(key, "true or false", other)),
+        }
+    }
+
     /// `key` as a non-negative integer, if present.
     pub fn u64(&self, key: &str) -> Result<Option<u64>, ConfigError> {
         match self.get(key) {

@@ -22,6 +22,8 @@ struct Case {
     content_encoding: Option<&'static str>,
     /// The plugin's `format` config; `None` leaves it out (auto).
     format: Option<&'static str>,
+    /// The plugin's `estimate_output_tokens`.
+    estimate: bool,
 }
 
 const SSE: &str = "text/event-stream";
@@ -35,6 +37,7 @@ const fn case(name: &'static str, fixture: &'static str, content_type: &'static 
         content_type,
         content_encoding: None,
         format: None,
+        estimate: false,
     }
 }
 
@@ -99,26 +102,109 @@ const CASES: &[Case] = &[
         status: 400,
         ..case("gemini_error_json", "gemini_error.json", JSON)
     },
+    case(
+        "vllm_chat_reasoning_stream",
+        "vllm_chat_reasoning_stream.sse",
+        SSE,
+    ),
+    case(
+        "sglang_chat_reasoning_stream",
+        "sglang_chat_reasoning_stream.sse",
+        SSE,
+    ),
+    case("vllm_error_stream", "vllm_error_stream.sse", SSE),
+    Case {
+        estimate: true,
+        ..case("vllm_error_stream_estimate", "vllm_error_stream.sse", SSE)
+    },
+    Case {
+        status: 503,
+        estimate: true,
+        ..case("proxy_503", "proxy_503.txt", "text/plain")
+    },
+    Case {
+        status: 404,
+        ..case("vllm_404_json", "vllm_404.json", JSON)
+    },
+    // Without usage, with and without the estimate.
+    case(
+        "vllm_chat_reasoning_stream_no_usage",
+        "vllm_chat_reasoning_stream_no_usage.sse",
+        SSE,
+    ),
+    Case {
+        estimate: true,
+        ..case(
+            "vllm_chat_reasoning_stream_no_usage_estimated",
+            "vllm_chat_reasoning_stream_no_usage.sse",
+            SSE,
+        )
+    },
+    Case {
+        estimate: true,
+        ..case(
+            "openai_chat_stream_no_usage_estimated",
+            "openai_chat_stream_no_usage.sse",
+            SSE,
+        )
+    },
+    Case {
+        estimate: true,
+        ..case(
+            "gemini_stream_truncated_estimated",
+            "gemini_stream_truncated.sse",
+            SSE,
+        )
+    },
+    Case {
+        estimate: true,
+        ..case(
+            "anthropic_stream_estimate_unused",
+            "anthropic_stream.sse",
+            SSE,
+        )
+    },
 ];
 
 fn dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/usage")
 }
 
-/// The plugin as configured for `case`, with the sample config's CEL cost attribute, so every
-/// golden file also pins the OpenAI-style CEL variables for its format.
+/// The plugin as configured for `case`, with the sample config's CEL cost attribute and two
+/// costs (a token type and a CEL expression), so every golden file also pins the OpenAI-style
+/// CEL variables, the token types and the cost errors for its format.
 fn plugin(case: &Case) -> UsagePlugin {
-    let mut config = vec![(
-        "attributes",
-        Value::List(vec![Value::map([
-            ("namespace", Value::from("envoy.lb")),
-            ("name", Value::from("x-gateway-inference-request-cost")),
-            (
-                "expression",
-                Value::from("usage.prompt_tokens + 2 * usage.completion_tokens"),
-            ),
-        ])]),
-    )];
+    let cost = |key: &str, kind: &str| {
+        Value::map([
+            ("namespace", Value::from("envoy.ratelimit")),
+            ("key", Value::from(key)),
+            ("type", Value::from(kind)),
+        ])
+    };
+    let mut config = vec![
+        (
+            "costs",
+            Value::List(vec![
+                cost("tokens", "total"),
+                cost(
+                    "weighted",
+                    "input_tokens - cached_input_tokens + 4 * output_tokens + reasoning_tokens",
+                ),
+            ]),
+        ),
+        ("estimate_output_tokens", Value::Bool(case.estimate)),
+        (
+            "attributes",
+            Value::List(vec![Value::map([
+                ("namespace", Value::from("envoy.lb")),
+                ("name", Value::from("x-gateway-inference-request-cost")),
+                (
+                    "expression",
+                    Value::from("usage.prompt_tokens + 2 * usage.completion_tokens"),
+                ),
+            ])]),
+        ),
+    ];
     if let Some(format) = case.format {
         config.push(("format", Value::from(format)));
     }
@@ -197,14 +283,22 @@ fn play(p: &UsagePlugin, case: &Case, chunks: &[&[u8]]) -> Metadata {
     )
 }
 
-/// One `namespace.key = value` line per entry, in key order.
+/// One `namespace.key = value` line per entry, in key order; a map value (`cost_errors`) gives
+/// one `namespace.key[inner] = value` line per inner entry.
 fn render(meta: &Metadata) -> String {
     let mut out = String::new();
     for (ns, v) in meta {
         match v {
             Value::Map(m) => {
                 for (k, v) in m {
-                    out.push_str(&format!("{ns}.{k} = {}\n", scalar(v)));
+                    match v {
+                        Value::Map(inner) => {
+                            for (ik, iv) in inner {
+                                out.push_str(&format!("{ns}.{k}[{ik}] = {}\n", scalar(iv)));
+                            }
+                        }
+                        v => out.push_str(&format!("{ns}.{k} = {}\n", scalar(v))),
+                    }
                 }
             }
             other => out.push_str(&format!("{ns} = {}\n", scalar(other))),
@@ -217,6 +311,7 @@ fn scalar(v: &Value) -> String {
     match v {
         Value::String(s) => format!("{s:?}"),
         Value::Int(i) => i.to_string(),
+        Value::Bool(b) => b.to_string(),
         other => format!("{other:?}"),
     }
 }

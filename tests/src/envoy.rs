@@ -121,6 +121,16 @@ pub struct Envoy {
 impl Envoy {
     /// Starts Envoy in `dir` and waits until it is live.
     pub fn start(dir: &Path, opts: &EnvoyOptions) -> Envoy {
+        Envoy::start_edited(dir, opts, |yaml| yaml)
+    }
+
+    /// [`Envoy::start`] with `edit` applied to the adapted config last (for tests that add
+    /// filters, routes or clusters of their own).
+    pub fn start_edited(
+        dir: &Path,
+        opts: &EnvoyOptions,
+        edit: impl FnOnce(String) -> String,
+    ) -> Envoy {
         let port = free_port();
         let admin_port = free_port();
         let access_log = dir.join("access.log");
@@ -184,6 +194,7 @@ impl Envoy {
                 ),
             );
         }
+        let yaml = edit(yaml);
         let log_file = dir.join("envoy.log");
         let child = spawn(dir, &yaml, 50);
         let mut envoy = Envoy {

@@ -25,7 +25,7 @@ use crate::plugin::Plugin;
 pub const BUILTINS: &[(&str, &str)] = &[
     (
         "usage",
-        "token usage of OpenAI, Anthropic and Gemini responses, plus CEL-computed attributes",
+        "token usage of OpenAI, Anthropic and Gemini responses; costs and CEL attributes for Envoy",
     ),
     (
         "latency",
@@ -139,7 +139,7 @@ mod tests {
             validate("usage", &Value::map([("atributes", Value::List(vec![]))]))
                 .unwrap_err()
                 .to_string(),
-            "config: unknown key `atributes` (known keys: format, attributes)"
+            "config: unknown key `atributes` (known keys: format, attributes, costs, estimate_output_tokens)"
         );
         let bad_cel = Value::map([(
             "attributes",
@@ -162,6 +162,66 @@ mod tests {
         assert!(e.to_string().contains("unknown key `x`"), "{e}");
         let e = validate("test-hang", &Value::map([("scope", Value::from("all"))])).unwrap_err();
         assert!(e.to_string().contains("config.scope"), "{e}");
+    }
+
+    #[test]
+    fn validate_checks_usage_costs_and_the_estimate_switch() {
+        let costs = |kind: &str| {
+            Value::map([(
+                "costs",
+                Value::List(vec![Value::map([
+                    ("namespace", Value::from("envoy.lb")),
+                    ("key", Value::from("tokens")),
+                    ("type", Value::from(kind)),
+                ])]),
+            )])
+        };
+        assert_eq!(validate("usage", &costs("total")), Ok(()));
+        assert_eq!(
+            validate("usage", &costs("input_tokens + 4 * output_tokens")),
+            Ok(())
+        );
+        let e = validate("usage", &costs("totl")).unwrap_err().to_string();
+        assert!(
+            e.starts_with(
+                "costs[0].type: CEL expression `totl` uses `totl`, which is not a variable"
+            ),
+            "{e}"
+        );
+        let e = validate("usage", &costs("output_tokens *"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("costs[0].type: invalid CEL expression"),
+            "{e}"
+        );
+        let e = validate(
+            "usage",
+            &Value::map([("costs", Value::map([("namespace", Value::from("x"))]))]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.starts_with("config.costs must be a list of tables"),
+            "{e}"
+        );
+        let e = validate(
+            "usage",
+            &Value::map([("estimate_output_tokens", Value::Int(1))]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert_eq!(
+            e,
+            "config.estimate_output_tokens must be true or false, got 1"
+        );
+        assert_eq!(
+            validate(
+                "usage",
+                &Value::map([("estimate_output_tokens", Value::Bool(true))])
+            ),
+            Ok(())
+        );
     }
 
     #[test]

@@ -31,6 +31,18 @@ pub(crate) fn play<P: Plugin>(plugin: &P, body: &str, size: usize, content_type:
 
 /// Plays one request with the given body chunks, status 200, and an empty final.
 pub(crate) fn play_chunks<P: Plugin>(plugin: &P, chunks: &[String], content_type: &str) -> Played {
+    let headers = vec![("content-type".into(), content_type.into())];
+    play_response(plugin, chunks, 200, headers)
+}
+
+/// Plays one request with the given response status, headers and body chunks, and an empty
+/// final.
+pub(crate) fn play_response<P: Plugin>(
+    plugin: &P,
+    chunks: &[String],
+    status: u16,
+    headers: Vec<(String, String)>,
+) -> Played {
     let mut state = P::Stream::default();
     let ctx = |seq: u32, stamp_ns: u64| EventCtx {
         stream_id: 7,
@@ -57,8 +69,8 @@ pub(crate) fn play_chunks<P: Plugin>(plugin: &P, chunks: &[String], content_type
             stream_id: 7,
             seq: 1,
             stamp_ns: START_NS + 50_000_000,
-            status: 200,
-            headers: vec![("content-type".into(), content_type.into())],
+            status,
+            headers,
         },
     );
     for (i, c) in chunks.iter().enumerate() {

@@ -1,20 +1,35 @@
 //! `usage`: the request-attribute reporter. Reads token usage from LLM responses in every format
 //! of [`crate::usage_formats`] (OpenAI Chat/Completions, OpenAI Responses, Anthropic Messages,
 //! Gemini; SSE streams and plain JSON) and reports it under `plugvisor.usage`, plus configured
-//! attributes computed with CEL over the usage (e.g. a request cost under `envoy.lb`). A
+//! costs and attributes computed from it for Envoy (rate limiting, routing, access logs). A
 //! response without usage is reported as such, with a `reason`, never as zeros.
 //!
-//! Config: `format = "auto" | "openai" | "openai-responses" | "anthropic" | "gemini"` (default
-//! `auto`: detected per response), and `attributes = [{namespace, name, expression,
-//! condition?}]`. `expression` and `condition` are CEL with the variables `usage` (the token
-//! types, plus the OpenAI-style `prompt_tokens`, `completion_tokens`, `cached_tokens` — 0 when
-//! not reported), `model` (string, empty when unknown), `format` and `status` (the HTTP status,
-//! 0 when unknown). A CEL syntax error or an unknown format is a config error.
+//! Config (docs/plugins.md has the operator's version):
+//! - `format = "auto" | "openai" | "openai-responses" | "anthropic" | "gemini"` (default `auto`:
+//!   detected per response).
+//! - `costs = [{namespace, key, type}]`: integers ≥ 0 for Envoy's rate-limit `hits_addend`.
+//!   `type` is a [`TokenType`] name or a CEL expression over the [variables](#cel-variables).
+//!   A cost that cannot be computed for a stream (no usage, a token type the estimate lacks, a
+//!   failing or non-integer expression) is left out of its namespace and explained under
+//!   `plugvisor.usage.cost_errors["<namespace>:<key>"]`.
+//! - `attributes = [{namespace, name, expression, condition?}]`: any scalar computed with CEL,
+//!   best-effort (a failing expression skips the attribute with a warning). Kept from before
+//!   `costs`; `costs` is the strict form for numbers Envoy counts.
+//! - `estimate_output_tokens = false`: when a stream ends without usage (and without an error),
+//!   report the number of content-bearing streamed deltas as `output_tokens`, with
+//!   `estimated = true` next to the `reason`.
+//!
+//! # CEL variables
+//! `input_tokens`, `cached_input_tokens`, `cache_creation_input_tokens`, `output_tokens`,
+//! `reasoning_tokens`, `total_tokens` (a detail the provider did not report is 0; with an
+//! estimate only `output_tokens` exists); `usage` (a map of the same, plus the OpenAI-style
+//! `prompt_tokens`, `completion_tokens`, `cached_tokens`); `model` (string, empty when
+//! unknown), `format`, `status` (the HTTP status, 0 when unknown), `estimated` (bool) and
+//! `headers` (response headers by lowercase name, repeated ones joined with `, `).
 
-use std::collections::HashMap;
-use std::sync::Arc;
+use std::collections::{BTreeMap, HashMap};
 
-use cel::{Context, Program};
+use cel::{Context, ExecutionError, Program};
 use ipc_protocol::{Chunk, Final, Metadata, ResponseHeaders, Value};
 
 use crate::config::{ConfigError, ConfigMap};
@@ -23,6 +38,225 @@ use crate::usage_formats::{Format, ResponseObserver, Usage};
 
 /// The plugin's own metadata namespace.
 pub const NAMESPACE: &str = "plugvisor.usage";
+
+/// The keys the plugin writes under [`NAMESPACE`]; a cost or attribute may not take them.
+const OWN_KEYS: [&str; 16] = [
+    "input_tokens",
+    "output_tokens",
+    "total_tokens",
+    "cached_input_tokens",
+    "cache_creation_input_tokens",
+    "reasoning_tokens",
+    "prompt_tokens",
+    "completion_tokens",
+    "cached_tokens",
+    "format",
+    "model",
+    "error",
+    "error_type",
+    "reason",
+    "estimated",
+    "cost_errors",
+];
+
+/// Largest cost reported: Envoy carries metadata numbers as doubles, which hold every integer
+/// up to 2^53 exactly and no larger one.
+pub const MAX_COST: i64 = 1 << 53;
+
+/// A token type, as `costs[].type` names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenType {
+    /// Every prompt token, cached and cache-creation ones included.
+    Input,
+    /// Prompt tokens served from the provider's cache.
+    CachedInput,
+    /// Prompt tokens written to the provider's cache (Anthropic).
+    CacheCreationInput,
+    /// Every generated token, reasoning included.
+    Output,
+    /// Generated tokens spent on reasoning.
+    Reasoning,
+    /// Input + output, or the total the upstream reported.
+    Total,
+}
+
+impl TokenType {
+    /// Every token type.
+    pub const ALL: [TokenType; 6] = [
+        TokenType::Input,
+        TokenType::CachedInput,
+        TokenType::CacheCreationInput,
+        TokenType::Output,
+        TokenType::Reasoning,
+        TokenType::Total,
+    ];
+
+    /// The name used in `costs[].type`.
+    pub fn name(self) -> &'static str {
+        match self {
+            TokenType::Input => "input",
+            TokenType::CachedInput => "cached_input",
+            TokenType::CacheCreationInput => "cache_creation_input",
+            TokenType::Output => "output",
+            TokenType::Reasoning => "reasoning",
+            TokenType::Total => "total",
+        }
+    }
+
+    /// The CEL variable and metadata key: the name + `_tokens`.
+    pub fn variable(self) -> &'static str {
+        match self {
+            TokenType::Input => "input_tokens",
+            TokenType::CachedInput => "cached_input_tokens",
+            TokenType::CacheCreationInput => "cache_creation_input_tokens",
+            TokenType::Output => "output_tokens",
+            TokenType::Reasoning => "reasoning_tokens",
+            TokenType::Total => "total_tokens",
+        }
+    }
+
+    /// The token type named `name` (see [`TokenType::name`]).
+    pub fn from_name(name: &str) -> Option<TokenType> {
+        TokenType::ALL.into_iter().find(|t| t.name() == name)
+    }
+}
+
+/// The token counts a stream ended with.
+#[derive(Debug, Clone, Copy)]
+enum Tokens {
+    /// Reported by the upstream.
+    Reported(Usage),
+    /// No usage came; `output_tokens` content-bearing deltas were counted instead.
+    Estimated { output_tokens: i64 },
+}
+
+impl Tokens {
+    /// The count of `t`, `None` when an estimate does not know it. A detail the upstream did not
+    /// report (no cache hit, no reasoning) is 0.
+    fn get(&self, t: TokenType) -> Option<i64> {
+        match self {
+            Tokens::Reported(u) => Some(match t {
+                TokenType::Input => u.input_tokens,
+                TokenType::CachedInput => u.cached_input_tokens.unwrap_or(0),
+                TokenType::CacheCreationInput => u.cache_creation_input_tokens.unwrap_or(0),
+                TokenType::Output => u.output_tokens,
+                TokenType::Reasoning => u.reasoning_tokens.unwrap_or(0),
+                TokenType::Total => u.total_tokens,
+            }),
+            Tokens::Estimated { output_tokens } => {
+                (t == TokenType::Output).then_some(*output_tokens)
+            }
+        }
+    }
+}
+
+/// What the CEL expressions of one stream see.
+struct Facts<'a> {
+    tokens: Tokens,
+    model: &'a str,
+    format: &'a str,
+    status: u16,
+    headers: &'a [(String, String)],
+}
+
+impl Facts<'_> {
+    /// The CEL context: see the module docs for the variables.
+    fn context(&self) -> Context<'static, 'static> {
+        let mut usage: HashMap<&str, cel::Value> = HashMap::new();
+        let mut ctx = Context::default();
+        for t in TokenType::ALL {
+            if let Some(n) = self.tokens.get(t) {
+                usage.insert(t.variable(), n.into());
+                ctx.add_variable_from_value(t.variable(), n);
+            }
+        }
+        for (alias, t) in [
+            ("prompt_tokens", TokenType::Input),
+            ("completion_tokens", TokenType::Output),
+            ("cached_tokens", TokenType::CachedInput),
+        ] {
+            if let Some(n) = self.tokens.get(t) {
+                usage.insert(alias, n.into());
+            }
+        }
+        let mut headers: HashMap<String, String> = HashMap::new();
+        for (name, value) in self.headers {
+            headers
+                .entry(name.clone())
+                .and_modify(|v| {
+                    v.push_str(", ");
+                    v.push_str(value);
+                })
+                .or_insert_with(|| value.clone());
+        }
+        ctx.add_variable_from_value("usage", usage);
+        ctx.add_variable_from_value("model", self.model.to_owned());
+        ctx.add_variable_from_value("format", self.format.to_owned());
+        ctx.add_variable_from_value("status", i64::from(self.status));
+        ctx.add_variable_from_value("estimated", matches!(self.tokens, Tokens::Estimated { .. }));
+        ctx.add_variable_from_value("headers", headers);
+        ctx
+    }
+}
+
+/// Why an estimate cannot give a token type other than output.
+const ESTIMATE_KNOWS: &str =
+    "the usage is estimated from streamed deltas, which count output tokens only";
+
+/// What a cost counts.
+enum CostType {
+    Token(TokenType),
+    Cel(Program),
+}
+
+/// One configured cost.
+struct Cost {
+    namespace: String,
+    key: String,
+    kind: CostType,
+}
+
+impl Cost {
+    /// The cost for one stream, or why there is none (a lowercase fragment for the metadata).
+    fn compute(&self, tokens: Tokens, facts: &Context<'_, '_>) -> Result<i64, String> {
+        let value = match &self.kind {
+            CostType::Token(t) => tokens
+                .get(*t)
+                .ok_or_else(|| format!("{} unknown: {ESTIMATE_KNOWS}", t.variable()))?,
+            CostType::Cel(program) => match program.execute(facts) {
+                Ok(cel::Value::Int(i)) => i,
+                Ok(cel::Value::UInt(u)) => i64::try_from(u).unwrap_or(i64::MAX),
+                Ok(cel::Value::Float(f)) => {
+                    return Err(format!(
+                        "the expression gave a double ({f}); costs are integers: wrap it in int()"
+                    ))
+                }
+                Ok(other) => {
+                    return Err(format!(
+                        "the expression gave a {}, not an integer",
+                        other.type_of()
+                    ))
+                }
+                Err(
+                    ExecutionError::UndeclaredReference(name) | ExecutionError::NoSuchKey(name),
+                ) if matches!(tokens, Tokens::Estimated { .. }) && name.ends_with("_tokens") => {
+                    return Err(format!("{name} unknown: {ESTIMATE_KNOWS}"));
+                }
+                Err(e) => return Err(format!("the expression failed: {e}")),
+            },
+        };
+        if value < 0 {
+            Err(format!("the cost is negative ({value})"))
+        } else if value > MAX_COST {
+            Err(format!(
+                "the cost {value} is over {MAX_COST}, the largest integer Envoy's metadata carries \
+                 exactly"
+            ))
+        } else {
+            Ok(value)
+        }
+    }
+}
 
 /// One configured attribute.
 struct Attribute {
@@ -35,9 +269,11 @@ struct Attribute {
 /// The `usage` plugin.
 #[derive(Default)]
 pub struct UsagePlugin {
-    attributes: Vec<Arc<Attribute>>,
+    attributes: Vec<Attribute>,
+    costs: Vec<Cost>,
     /// `None`: detect the format of each response.
     format: Option<Format>,
+    estimate_output_tokens: bool,
 }
 
 /// Per-stream state of [`UsagePlugin`].
@@ -45,6 +281,8 @@ pub struct UsagePlugin {
 pub struct UsageStream {
     body: ResponseObserver,
     status: u16,
+    /// Response headers, lowercase names; kept only when costs or attributes may read them.
+    headers: Vec<(String, String)>,
     /// Whether `body` was set up with the plugin's format (the state is created by `Default`).
     format_set: bool,
 }
@@ -61,34 +299,32 @@ impl UsageStream {
     }
 }
 
+fn compile_src(path: &str, key: &str, src: &str) -> Result<Program, ConfigError> {
+    // The cel parser reports syntax errors as values, but guard against a parser panic too: a
+    // config must never crash the plugin.
+    match std::panic::catch_unwind(|| Program::compile(src)) {
+        Ok(Ok(program)) => Ok(program),
+        Ok(Err(e)) => Err(ConfigError::new(format!(
+            "{path}.{key}: invalid CEL expression `{src}`: {e}"
+        ))),
+        Err(_) => Err(ConfigError::new(format!(
+            "{path}.{key}: invalid CEL expression `{src}`: the parser failed"
+        ))),
+    }
+}
+
 fn compile(
     table: &ConfigMap<'_>,
     key: &str,
     required: bool,
 ) -> Result<Option<Program>, ConfigError> {
-    let Some(src) = table.str(key)? else {
-        return if required {
-            Err(ConfigError::new(format!(
-                "{}.{key} is missing",
-                table.path()
-            )))
-        } else {
-            Ok(None)
-        };
-    };
-    // The cel parser reports syntax errors as values, but guard against a parser panic too: a
-    // config must never crash the plugin.
-    let parsed = std::panic::catch_unwind(|| Program::compile(src));
-    match parsed {
-        Ok(Ok(program)) => Ok(Some(program)),
-        Ok(Err(e)) => Err(ConfigError::new(format!(
-            "{}.{key}: invalid CEL expression `{src}`: {e}",
+    match table.str(key)? {
+        Some(src) => compile_src(table.path(), key, src).map(Some),
+        None if required => Err(ConfigError::new(format!(
+            "{}.{key} is missing",
             table.path()
         ))),
-        Err(_) => Err(ConfigError::new(format!(
-            "{}.{key}: invalid CEL expression `{src}`: the parser failed",
-            table.path()
-        ))),
+        None => Ok(None),
     }
 }
 
@@ -99,6 +335,36 @@ fn required_str(table: &ConfigMap<'_>, key: &str) -> Result<String, ConfigError>
             "{}.{key} is missing (a non-empty string)",
             table.path()
         ))),
+    }
+}
+
+/// The names a CEL expression may use, for error messages.
+const VARIABLES: &str = "input_tokens, cached_input_tokens, cache_creation_input_tokens, \
+                         output_tokens, reasoning_tokens, total_tokens, usage, model, format, \
+                         status, estimated, headers";
+
+/// Refuses a cost expression that names a variable that does not exist (a typo would otherwise
+/// fail every stream): runs it once over sample facts and rejects only undeclared references.
+fn check_variables(path: &str, src: &str, program: &Program) -> Result<(), ConfigError> {
+    let sample = Facts {
+        tokens: Tokens::Reported(Usage {
+            input_tokens: 1,
+            output_tokens: 1,
+            total_tokens: 2,
+            ..Usage::default()
+        }),
+        model: "",
+        format: "",
+        status: 200,
+        headers: &[],
+    };
+    match program.execute(&sample.context()) {
+        Err(ExecutionError::UndeclaredReference(name)) => Err(ConfigError::new(format!(
+            "{path}.type: CEL expression `{src}` uses `{name}`, which is not a variable \
+             (variables: {VARIABLES}); token types by name: {}",
+            TokenType::ALL.map(TokenType::name).join(", ")
+        ))),
+        _ => Ok(()),
     }
 }
 
@@ -114,36 +380,114 @@ fn to_value(v: cel::Value) -> Option<Value> {
     })
 }
 
+/// Puts `key = value` into `namespace` of `meta`.
+fn put(meta: &mut Metadata, namespace: &str, key: &str, value: Value) {
+    let entry = meta
+        .entry(namespace.to_owned())
+        .or_insert_with(|| Value::Map(Default::default()));
+    if let Value::Map(m) = entry {
+        m.insert(key.to_owned(), value);
+    }
+}
+
 impl UsagePlugin {
-    fn evaluate(&self, usage: &Usage, model: &str, format: &str, status: u16, meta: &mut Metadata) {
-        if self.attributes.is_empty() {
-            return;
+    fn configure_costs(&mut self, config: &ConfigMap<'_>) -> Result<(), ConfigError> {
+        let mut costs = Vec::new();
+        for table in config.tables("costs")? {
+            table.deny_unknown(&["namespace", "key", "type"])?;
+            let namespace = required_str(&table, "namespace")?;
+            let key = required_str(&table, "key")?;
+            let src = required_str(&table, "type")?;
+            let kind = match TokenType::from_name(&src) {
+                Some(t) => CostType::Token(t),
+                None => {
+                    let program = compile_src(table.path(), "type", &src).map_err(|e| {
+                        ConfigError::new(format!(
+                            "{e} (a token type is one of: {})",
+                            TokenType::ALL.map(TokenType::name).join(", ")
+                        ))
+                    })?;
+                    check_variables(table.path(), &src, &program)?;
+                    CostType::Cel(program)
+                }
+            };
+            costs.push(Cost {
+                namespace,
+                key,
+                kind,
+            });
         }
-        let cached = usage.cached_input_tokens.unwrap_or(0);
-        let mut vars: HashMap<&str, cel::Value> = HashMap::new();
-        vars.insert("input_tokens", usage.input_tokens.into());
-        vars.insert("output_tokens", usage.output_tokens.into());
-        vars.insert("total_tokens", usage.total_tokens.into());
-        vars.insert("cached_input_tokens", cached.into());
-        vars.insert(
-            "cache_creation_input_tokens",
-            usage.cache_creation_input_tokens.unwrap_or(0).into(),
-        );
-        vars.insert(
-            "reasoning_tokens",
-            usage.reasoning_tokens.unwrap_or(0).into(),
-        );
-        vars.insert("prompt_tokens", usage.input_tokens.into());
-        vars.insert("completion_tokens", usage.output_tokens.into());
-        vars.insert("cached_tokens", cached.into());
-        let mut ctx = Context::default();
-        ctx.add_variable_from_value("usage", vars);
-        ctx.add_variable_from_value("model", model.to_owned());
-        ctx.add_variable_from_value("format", format.to_owned());
-        ctx.add_variable_from_value("status", i64::from(status));
+        self.costs = costs;
+        Ok(())
+    }
+
+    /// Refuses two outputs with the same `namespace:key`, and outputs that would overwrite the
+    /// plugin's own keys or land in the front's own namespace.
+    fn check_targets(&self) -> Result<(), ConfigError> {
+        let targets = self
+            .costs
+            .iter()
+            .enumerate()
+            .map(|(i, c)| (format!("costs[{i}]"), &c.namespace, &c.key))
+            .chain(
+                self.attributes
+                    .iter()
+                    .enumerate()
+                    .map(|(i, a)| (format!("attributes[{i}]"), &a.namespace, &a.name)),
+            );
+        let mut seen: HashMap<(&str, &str), String> = HashMap::new();
+        for (path, ns, key) in targets {
+            if ns == "plugvisor" {
+                return Err(ConfigError::new(format!(
+                    "{path}.namespace: `plugvisor` is the front's own namespace; pick another \
+                     (e.g. envoy.lb)"
+                )));
+            }
+            if ns == NAMESPACE && OWN_KEYS.contains(&key.as_str()) {
+                return Err(ConfigError::new(format!(
+                    "{path}: `{NAMESPACE}:{key}` is a key the plugin writes itself; pick another key"
+                )));
+            }
+            if let Some(first) = seen.insert((ns, key), path.clone()) {
+                return Err(ConfigError::new(format!(
+                    "{path}: `{ns}:{key}` is already written by {first}"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes every cost into its namespace, or its reason into `cost_errors`.
+    fn write_costs(
+        &self,
+        tokens: Option<Tokens>,
+        no_usage: Option<&str>,
+        ctx: Option<&Context<'_, '_>>,
+        own: &mut BTreeMap<String, Value>,
+        meta: &mut Metadata,
+    ) {
+        let mut errors = BTreeMap::new();
+        for cost in &self.costs {
+            let result = match (tokens, ctx) {
+                (Some(tokens), Some(ctx)) => cost.compute(tokens, ctx),
+                _ => Err(format!("no usage: {}", no_usage.unwrap_or("none reported"))),
+            };
+            match result {
+                Ok(v) => put(meta, &cost.namespace, &cost.key, Value::Int(v)),
+                Err(why) => {
+                    errors.insert(format!("{}:{}", cost.namespace, cost.key), Value::from(why));
+                }
+            }
+        }
+        if !errors.is_empty() {
+            own.insert("cost_errors".into(), Value::Map(errors));
+        }
+    }
+
+    fn write_attributes(&self, ctx: &Context<'_, '_>, meta: &mut Metadata) {
         for attr in &self.attributes {
             if let Some(cond) = &attr.condition {
-                match cond.execute(&ctx) {
+                match cond.execute(ctx) {
                     Ok(cel::Value::Bool(true)) => {}
                     Ok(cel::Value::Bool(false)) => continue,
                     Ok(other) => {
@@ -156,15 +500,8 @@ impl UsagePlugin {
                     }
                 }
             }
-            match attr.expression.execute(&ctx).map(to_value) {
-                Ok(Some(value)) => {
-                    let entry = meta
-                        .entry(attr.namespace.clone())
-                        .or_insert_with(|| Value::Map(Default::default()));
-                    if let Value::Map(m) = entry {
-                        m.insert(attr.name.clone(), value);
-                    }
-                }
+            match attr.expression.execute(ctx).map(to_value) {
+                Ok(Some(value)) => put(meta, &attr.namespace, &attr.name, value),
                 Ok(None) => {
                     tracing::warn!(attribute = %attr.name, "expression result is not a scalar; attribute skipped")
                 }
@@ -185,7 +522,7 @@ impl Plugin for UsagePlugin {
 
     fn configure(&mut self, config: &Value) -> Result<(), ConfigError> {
         let config = ConfigMap::new(config)?;
-        config.deny_unknown(&["format", "attributes"])?;
+        config.deny_unknown(&["format", "attributes", "costs", "estimate_output_tokens"])?;
         let format = match config.str("format")? {
             None | Some("auto") => None,
             Some(name) => Some(Format::from_name(name).ok_or_else(|| {
@@ -199,15 +536,22 @@ impl Plugin for UsagePlugin {
         let mut attributes = Vec::new();
         for table in config.tables("attributes")? {
             table.deny_unknown(&["namespace", "name", "expression", "condition"])?;
-            attributes.push(Arc::new(Attribute {
+            attributes.push(Attribute {
                 namespace: required_str(&table, "namespace")?,
                 name: required_str(&table, "name")?,
                 expression: compile(&table, "expression", true)?.expect("required"),
                 condition: compile(&table, "condition", false)?,
-            }));
+            });
         }
-        self.attributes = attributes;
-        self.format = format;
+        let mut next = UsagePlugin {
+            attributes,
+            costs: Vec::new(),
+            format,
+            estimate_output_tokens: config.bool("estimate_output_tokens")?.unwrap_or(false),
+        };
+        next.configure_costs(&config)?;
+        next.check_targets()?;
+        *self = next;
         Ok(())
     }
 
@@ -218,6 +562,13 @@ impl Plugin for UsagePlugin {
         }
         if let Some(enc) = e.header("content-encoding") {
             s.body.set_content_encoding(enc);
+        }
+        if !self.costs.is_empty() || !self.attributes.is_empty() {
+            s.headers = e
+                .headers
+                .iter()
+                .map(|(k, v)| (k.to_ascii_lowercase(), v.clone()))
+                .collect();
         }
     }
 
@@ -230,31 +581,60 @@ impl Plugin for UsagePlugin {
         let body = s.observer(self.format);
         body.push(&f.bytes, f.len.into(), ctx.stamp_ns);
         body.finish(ctx.stamp_ns);
-        let mut own = std::collections::BTreeMap::new();
-        if let Some(u) = &s.body.usage {
+        let body = &s.body;
+        let mut own = BTreeMap::new();
+        if let Some(u) = &body.usage {
             u.insert_into(&mut own);
         }
-        let format = s.body.format().map(Format::name);
+        let format = body.format().map(Format::name);
         if let Some(format) = format {
             own.insert("format".into(), Value::from(format));
         }
-        if let Some(model) = &s.body.model {
+        if let Some(model) = &body.model {
             own.insert("model".into(), Value::from(model.as_str()));
         }
-        if let Some(err) = s.body.upstream_error() {
+        let error = body.typed_error(s.status);
+        if let Some(err) = &error {
             own.insert("error".into(), Value::from(err.message.as_str()));
             if let Some(kind) = &err.kind {
                 own.insert("error_type".into(), Value::from(kind.as_str()));
             }
         }
-        if let Some(reason) = s.body.no_usage_reason(s.status) {
-            own.insert("reason".into(), Value::from(reason));
+        let reason = body.no_usage_reason(s.status);
+        if let Some(reason) = &reason {
+            own.insert("reason".into(), Value::from(reason.as_str()));
         }
-        let mut meta = Metadata::from([(NAMESPACE.to_owned(), Value::Map(own))]);
-        if let Some(usage) = &s.body.usage {
-            let model = s.body.model.as_deref().unwrap_or("");
-            self.evaluate(usage, model, format.unwrap_or(""), s.status, &mut meta);
+        let tokens = match body.usage {
+            Some(u) => Some(Tokens::Reported(u)),
+            None if self.estimate_output_tokens
+                && error.is_none()
+                && body.is_sse()
+                && body.content_events > 0 =>
+            {
+                let output_tokens = i64::try_from(body.content_events).unwrap_or(i64::MAX);
+                own.insert("output_tokens".into(), Value::Int(output_tokens));
+                own.insert("completion_tokens".into(), Value::Int(output_tokens));
+                own.insert("estimated".into(), Value::Bool(true));
+                Some(Tokens::Estimated { output_tokens })
+            }
+            None => None,
+        };
+        let mut meta = Metadata::new();
+        let ctx = tokens.map(|tokens| {
+            Facts {
+                tokens,
+                model: body.model.as_deref().unwrap_or(""),
+                format: format.unwrap_or(""),
+                status: s.status,
+                headers: &s.headers,
+            }
+            .context()
+        });
+        self.write_costs(tokens, reason.as_deref(), ctx.as_ref(), &mut own, &mut meta);
+        if let Some(ctx) = &ctx {
+            self.write_attributes(ctx, &mut meta);
         }
+        meta.insert(NAMESPACE.to_owned(), Value::Map(own));
         meta
     }
 }
@@ -262,7 +642,7 @@ impl Plugin for UsagePlugin {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::builtin::testing::{play, Played};
+    use crate::builtin::testing::{play, play_response, Played};
     use crate::usage_formats::tests::{CHAT_JSON, CHAT_STREAM, ERROR_JSON, RESPONSES_STREAM};
 
     fn configured(attrs: Vec<Value>) -> Result<UsagePlugin, ConfigError> {
@@ -399,5 +779,339 @@ mod tests {
             .configure(&Value::map([("atributes", Value::List(vec![]))]))
             .unwrap_err();
         assert!(err.to_string().contains("unknown key `atributes`"), "{err}");
+    }
+
+    const NO_USAGE_STREAM: &str =
+        include_str!("../../tests/fixtures/usage/openai_chat_stream_no_usage.sse");
+
+    fn cost(namespace: &str, key: &str, kind: &str) -> Value {
+        Value::map([
+            ("namespace", Value::from(namespace)),
+            ("key", Value::from(key)),
+            ("type", Value::from(kind)),
+        ])
+    }
+
+    fn with_costs(costs: Vec<Value>, estimate: bool) -> Result<UsagePlugin, ConfigError> {
+        let mut p = UsagePlugin::default();
+        p.configure(&Value::map([
+            ("costs", Value::List(costs)),
+            ("estimate_output_tokens", Value::Bool(estimate)),
+        ]))?;
+        Ok(p)
+    }
+
+    /// Plays `body` whole with this status and these headers besides `content-type`.
+    fn respond(
+        p: &UsagePlugin,
+        body: &str,
+        status: u16,
+        ct: &str,
+        extra: &[(&str, &str)],
+    ) -> Metadata {
+        let mut headers = vec![("content-type".to_owned(), ct.to_owned())];
+        headers.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        play_response(p, &[body.to_owned()], status, headers).meta
+    }
+
+    fn cost_error(meta: &Metadata, target: &str) -> String {
+        match meta[NAMESPACE]
+            .get("cost_errors")
+            .and_then(|e| e.get(target))
+        {
+            Some(Value::String(s)) => s.clone(),
+            other => panic!("no cost error for {target}: {other:?} in {meta:?}"),
+        }
+    }
+
+    #[test]
+    fn every_token_type_is_a_cost_and_unreported_details_are_zero() {
+        let costs = TokenType::ALL
+            .map(|t| cost("envoy.lb", t.name(), t.name()))
+            .to_vec();
+        let p = with_costs(costs, false).unwrap();
+        let meta = respond(&p, CHAT_STREAM, 200, "text/event-stream", &[]);
+        let lb = &meta["envoy.lb"];
+        for (t, want) in [
+            ("input", 17),
+            ("cached_input", 16),
+            ("cache_creation_input", 0),
+            ("output", 7),
+            ("reasoning", 0),
+            ("total", 24),
+        ] {
+            assert_eq!(lb.get(t), Some(&Value::Int(want)), "{t}");
+        }
+        assert!(meta[NAMESPACE].get("cost_errors").is_none(), "{meta:?}");
+    }
+
+    #[test]
+    fn a_cel_cost_reads_tokens_model_status_and_response_headers() {
+        let p = with_costs(
+            vec![cost(
+                "envoy.lb",
+                "weighted",
+                "(input_tokens - cached_input_tokens) + 4 * output_tokens \
+                 + (model.startsWith('meta-llama/') ? 1000 : 0) \
+                 + (headers['x-tier'] == 'gold' ? 0 : 10000) + status",
+            )],
+            false,
+        )
+        .unwrap();
+        let meta = respond(
+            &p,
+            CHAT_STREAM,
+            200,
+            "text/event-stream",
+            &[("X-Tier", "gold")],
+        );
+        assert_eq!(
+            meta["envoy.lb"].get("weighted"),
+            Some(&Value::Int(1 + 4 * 7 + 1000 + 200))
+        );
+    }
+
+    #[test]
+    fn a_response_without_usage_writes_no_cost_and_says_why() {
+        let p = with_costs(vec![cost("envoy.lb", "tokens", "total")], false).unwrap();
+        let meta = play(&p, ERROR_JSON, 64, "application/json").meta;
+        assert!(!meta.contains_key("envoy.lb"), "{meta:?}");
+        let why = cost_error(&meta, "envoy.lb:tokens");
+        assert!(why.starts_with("no usage: upstream error"), "{why}");
+
+        let meta = respond(&p, NO_USAGE_STREAM, 200, "text/event-stream", &[]);
+        assert!(!meta.contains_key("envoy.lb"), "{meta:?}");
+        assert!(meta[NAMESPACE].get("estimated").is_none());
+        assert!(meta[NAMESPACE].get("output_tokens").is_none());
+        assert_eq!(
+            cost_error(&meta, "envoy.lb:tokens"),
+            "no usage: no usage in the openai stream (the request needs stream_options.include_usage)"
+        );
+    }
+
+    #[test]
+    fn estimate_counts_content_deltas_and_only_output_costs_are_written() {
+        let p = with_costs(
+            vec![
+                cost("envoy.lb", "out", "output"),
+                cost("envoy.lb", "in", "input"),
+                cost("envoy.lb", "cel", "output_tokens * 3"),
+                cost("envoy.lb", "cel_in", "input_tokens + output_tokens"),
+            ],
+            true,
+        )
+        .unwrap();
+        let meta = respond(&p, NO_USAGE_STREAM, 200, "text/event-stream", &[]);
+        let own = &meta[NAMESPACE];
+        // Three chunks have choices, but only one delivers text.
+        assert_eq!(own.get("output_tokens"), Some(&Value::Int(1)));
+        assert_eq!(own.get("completion_tokens"), Some(&Value::Int(1)));
+        assert_eq!(own.get("estimated"), Some(&Value::Bool(true)));
+        assert!(own.get("input_tokens").is_none() && own.get("total_tokens").is_none());
+        assert!(
+            own.get("reason").is_some(),
+            "the missing usage is still explained"
+        );
+        assert_eq!(meta["envoy.lb"].get("out"), Some(&Value::Int(1)));
+        assert_eq!(meta["envoy.lb"].get("cel"), Some(&Value::Int(3)));
+        assert!(meta["envoy.lb"].get("in").is_none());
+        assert!(cost_error(&meta, "envoy.lb:in")
+            .starts_with("input_tokens unknown: the usage is estimated"));
+        assert_eq!(
+            cost_error(&meta, "envoy.lb:cel_in"),
+            format!("input_tokens unknown: {ESTIMATE_KNOWS}")
+        );
+    }
+
+    #[test]
+    fn no_estimate_for_errors_json_bodies_or_streams_without_content() {
+        let p = with_costs(vec![], true).unwrap();
+        let error_stream = include_str!("../../tests/fixtures/usage/anthropic_error_stream.sse");
+        let meta = respond(&p, error_stream, 200, "text/event-stream", &[]);
+        assert!(meta[NAMESPACE].get("estimated").is_none(), "{meta:?}");
+        let meta = respond(&p, ERROR_JSON, 400, "application/json", &[]);
+        assert!(meta[NAMESPACE].get("estimated").is_none(), "{meta:?}");
+        let empty = "data: {\"object\":\"chat.completion.chunk\",\"model\":\"m\",\"choices\":[{\"delta\":{\"role\":\"assistant\"}}]}\n\ndata: [DONE]\n\n";
+        let meta = respond(&p, empty, 200, "text/event-stream", &[]);
+        assert!(meta[NAMESPACE].get("estimated").is_none(), "{meta:?}");
+    }
+
+    #[test]
+    fn a_cost_must_be_an_integer_from_zero_to_2_pow_53() {
+        let p = with_costs(
+            vec![
+                cost("c", "at_max", &format!("{MAX_COST} + output_tokens - 7")),
+                cost("c", "past_max", &format!("{MAX_COST} + output_tokens - 6")),
+                cost("c", "zero", "output_tokens - 7"),
+                cost("c", "negative", "output_tokens - 8"),
+                cost("c", "double", "double(output_tokens) * 0.5"),
+                cost("c", "int_of_double", "int(double(output_tokens) * 0.5)"),
+                cost("c", "uint", "uint(output_tokens)"),
+                cost("c", "string", "model"),
+                cost("c", "missing_header", "headers['x-none'] == 'a' ? 1 : 2"),
+            ],
+            false,
+        )
+        .unwrap();
+        let meta = respond(&p, CHAT_STREAM, 200, "text/event-stream", &[]);
+        let c = &meta["c"];
+        assert_eq!(c.get("at_max"), Some(&Value::Int(MAX_COST)));
+        assert_eq!(c.get("zero"), Some(&Value::Int(0)));
+        assert_eq!(c.get("int_of_double"), Some(&Value::Int(3)));
+        assert_eq!(c.get("uint"), Some(&Value::Int(7)));
+        for key in ["past_max", "negative", "double", "string", "missing_header"] {
+            assert!(c.get(key).is_none(), "{key}");
+        }
+        assert_eq!(
+            cost_error(&meta, "c:past_max"),
+            format!("the cost {} is over {MAX_COST}, the largest integer Envoy's metadata carries exactly", MAX_COST + 1)
+        );
+        assert_eq!(cost_error(&meta, "c:negative"), "the cost is negative (-1)");
+        assert_eq!(
+            cost_error(&meta, "c:double"),
+            "the expression gave a double (3.5); costs are integers: wrap it in int()"
+        );
+        assert_eq!(
+            cost_error(&meta, "c:string"),
+            "the expression gave a string, not an integer"
+        );
+        let why = cost_error(&meta, "c:missing_header");
+        assert!(
+            why.starts_with("the expression failed: ") && why.contains("x-none"),
+            "{why}"
+        );
+    }
+
+    #[test]
+    fn a_non_2xx_without_an_error_object_is_a_typed_error() {
+        let p = with_costs(vec![cost("envoy.lb", "t", "total")], true).unwrap();
+        let meta = respond(
+            &p,
+            "upstream connect error or disconnect/reset before headers.\n reset reason: overflow",
+            503,
+            "text/plain",
+            &[],
+        );
+        let own = &meta[NAMESPACE];
+        assert_eq!(own.get("error_type"), Some(&Value::from("http_503")));
+        assert_eq!(
+            own.get("error"),
+            Some(&Value::from(
+                "upstream connect error or disconnect/reset before headers. reset reason: overflow"
+            ))
+        );
+        assert_eq!(own.get("reason"), Some(&Value::from("upstream status 503")));
+        assert!(own.get("estimated").is_none() && own.get("output_tokens").is_none());
+        assert!(!meta.contains_key("envoy.lb"));
+
+        let long = "x".repeat(crate::usage_formats::MAX_ERROR_BODY + 1);
+        let meta = respond(&p, &long, 502, "text/html", &[]);
+        let Some(Value::String(msg)) = meta[NAMESPACE].get("error") else {
+            panic!("{meta:?}")
+        };
+        assert_eq!(msg.len(), crate::usage_formats::MAX_ERROR_BODY);
+        let meta = respond(&p, "", 500, "text/plain", &[]);
+        assert_eq!(
+            meta[NAMESPACE].get("error"),
+            Some(&Value::from("upstream status 500"))
+        );
+    }
+
+    #[test]
+    fn a_vllm_flat_error_chunk_mid_stream_is_the_upstream_error() {
+        let p = with_costs(vec![], true).unwrap();
+        let body = "data: {\"object\":\"chat.completion.chunk\",\"model\":\"Qwen/Qwen3-8B\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"Hi\"}}]}\n\n\
+                    data: {\"object\":\"error\",\"message\":\"The decoder prompt cannot be empty\",\"type\":\"BadRequestError\",\"param\":null,\"code\":400}\n\n\
+                    data: [DONE]\n\n";
+        let own = &respond(&p, body, 200, "text/event-stream", &[])[NAMESPACE];
+        assert_eq!(
+            own.get("error"),
+            Some(&Value::from("The decoder prompt cannot be empty"))
+        );
+        assert_eq!(own.get("error_type"), Some(&Value::from("BadRequestError")));
+        assert_eq!(own.get("reason"), Some(&Value::from("upstream error")));
+        assert!(own.get("estimated").is_none());
+    }
+
+    #[test]
+    fn cost_config_errors_name_the_key_and_the_fix() {
+        let err = |costs: Vec<Value>| with_costs(costs, false).err().unwrap().to_string();
+        let e = err(vec![cost("envoy.lb", "x", "inptu")]);
+        assert!(
+            e.starts_with(
+                "costs[0].type: CEL expression `inptu` uses `inptu`, which is not a variable"
+            ) && e.contains("token types by name: input, cached_input"),
+            "{e}"
+        );
+        let e = err(vec![cost("envoy.lb", "x", "input_tokens +* 2")]);
+        assert!(
+            e.starts_with("costs[0].type: invalid CEL expression `input_tokens +* 2`")
+                && e.ends_with("(a token type is one of: input, cached_input, cache_creation_input, output, reasoning, total)"),
+            "{e}"
+        );
+        let e = err(vec![
+            cost("envoy.lb", "x", "output"),
+            cost("envoy.lb", "x", "input"),
+        ]);
+        assert_eq!(e, "costs[1]: `envoy.lb:x` is already written by costs[0]");
+        let e = err(vec![cost(NAMESPACE, "input_tokens", "input")]);
+        assert!(e.contains("is a key the plugin writes itself"), "{e}");
+        let e = err(vec![cost("plugvisor", "x", "input")]);
+        assert!(
+            e.starts_with("costs[0].namespace: `plugvisor` is the front's own"),
+            "{e}"
+        );
+        let e = err(vec![Value::map([
+            ("namespace", Value::from("a")),
+            ("type", Value::from("input")),
+        ])]);
+        assert_eq!(e, "costs[0].key is missing (a non-empty string)");
+        let e = err(vec![cost("", "x", "input")]);
+        assert_eq!(e, "costs[0].namespace is missing (a non-empty string)");
+        let e = err(vec![Value::map([
+            ("namespace", Value::from("a")),
+            ("key", Value::from("b")),
+            ("type", Value::from("input")),
+            ("cel", Value::from("1")),
+        ])]);
+        assert!(e.starts_with("costs[0]: unknown key `cel`"), "{e}");
+        // A cost and an attribute may not write the same key either.
+        let mut p = UsagePlugin::default();
+        let e = p
+            .configure(&Value::map([
+                (
+                    "costs",
+                    Value::List(vec![cost(
+                        "envoy.lb",
+                        "x-gateway-inference-request-cost",
+                        "total",
+                    )]),
+                ),
+                ("attributes", Value::List(vec![cost_attr()])),
+            ]))
+            .unwrap_err()
+            .to_string();
+        assert_eq!(e, "attributes[0]: `envoy.lb:x-gateway-inference-request-cost` is already written by costs[0]");
+        let e = p
+            .configure(&Value::map([(
+                "estimate_output_tokens",
+                Value::from("yes"),
+            )]))
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            "config.estimate_output_tokens must be true or false, got \"yes\""
+        );
+    }
+
+    #[test]
+    fn a_refused_config_leaves_the_running_one_in_place() {
+        let mut p = with_costs(vec![cost("envoy.lb", "t", "total")], true).unwrap();
+        assert!(p
+            .configure(&Value::map([("costs", Value::from("x"))]))
+            .is_err());
+        assert_eq!(p.costs.len(), 1);
+        assert!(p.estimate_output_tokens);
     }
 }

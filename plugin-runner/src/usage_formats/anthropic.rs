@@ -5,7 +5,8 @@
 //! `message_delta` carries the cumulative `usage.output_tokens` (and may restate input fields);
 //! `message_stop` ends it; `ping` is ignored; an `error` event (`error.type`, `error.message`) is
 //! the upstream's error. Usage is final once a `message_delta` came. Token events are
-//! `content_block_delta`.
+//! `content_block_delta`; content events those whose delta has `text`, `thinking` or
+//! `partial_json` (not a `signature_delta`).
 //!
 //! Anthropic's `input_tokens` excludes cache reads and writes; [`Usage::input_tokens`] is their
 //! sum, so it counts the whole prompt like the other formats.
@@ -71,6 +72,16 @@ pub(super) fn observe(r: &mut Reading, event: Option<&str>, json: &Json) -> bool
         Some("content_block_delta") => true,
         _ => false,
     }
+}
+
+/// A `content_block_delta` delivering text, thinking or tool-input JSON.
+pub(super) fn carries_content(event: Option<&str>, json: &Json) -> bool {
+    kind(json).or(event) == Some("content_block_delta")
+        && json.get("delta").is_some_and(|d| {
+            ["text", "thinking", "partial_json"]
+                .iter()
+                .any(|k| super::filled(d, k))
+        })
 }
 
 /// Applies an Anthropic `usage` object over what earlier events reported: a field present (and

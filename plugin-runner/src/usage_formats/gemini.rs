@@ -6,7 +6,8 @@
 //! `totalTokenCount`); the last one wins. A stream counts as ended once a candidate has a
 //! `finishReason` (or the prompt was blocked, `promptFeedback.blockReason`); before that the
 //! counts are partial and are not reported. The model is `modelVersion`. Token events are
-//! responses whose candidates have content parts.
+//! responses whose candidates have content parts; content events those with a part holding
+//! text (thoughts included) or a function call.
 //!
 //! [`Usage::input_tokens`] is `promptTokenCount` (which includes the cached tokens) plus
 //! `toolUsePromptTokenCount`; [`Usage::output_tokens`] is `candidatesTokenCount` plus
@@ -48,6 +49,17 @@ pub(super) fn observe(r: &mut Reading, _event: Option<&str>, json: &Json) -> boo
             .and_then(Json::as_array)
             .is_some_and(|p| !p.is_empty())
     })
+}
+
+/// A response whose candidates have a part with non-empty `text` or a `functionCall`.
+pub(super) fn carries_content(_event: Option<&str>, json: &Json) -> bool {
+    json.get("candidates")
+        .and_then(Json::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(|c| c.get("content")?.get("parts")?.as_array())
+        .flatten()
+        .any(|p| super::filled(p, "text") || super::filled(p, "functionCall"))
 }
 
 fn usage(u: &Json) -> Option<Usage> {

@@ -83,6 +83,18 @@ impl Format {
             Format::Gemini => gemini::observe(r, event, json),
         }
     }
+
+    /// Whether one streamed event delivers generated content (text, reasoning, tool-call
+    /// arguments), as opposed to roles, pings, finish markers or usage: what
+    /// [`ResponseObserver::content_events`] counts.
+    fn carries_content(self, event: Option<&str>, json: &Json) -> bool {
+        match self {
+            Format::OpenAiChat => openai_chat::carries_content(event, json),
+            Format::OpenAiResponses => openai_responses::carries_content(event, json),
+            Format::Anthropic => anthropic::carries_content(event, json),
+            Format::Gemini => gemini::carries_content(event, json),
+        }
+    }
 }
 
 /// Token counts, normalised across formats.
@@ -163,6 +175,16 @@ impl UpstreamError {
             });
         Some(UpstreamError { message, kind })
     }
+
+    /// The error a response object carries: its `error` object (OpenAI, Gemini, SGLang and
+    /// newer vLLM), or the whole object when it is a flat `{"object": "error", "message", "type",
+    /// "code"}` (older vLLM, also mid-stream as an SSE event).
+    pub(crate) fn in_body(json: &Json) -> Option<UpstreamError> {
+        if json.get("object").and_then(Json::as_str) == Some("error") {
+            return UpstreamError::from_json(json);
+        }
+        json.get("error").and_then(UpstreamError::from_json)
+    }
 }
 
 /// What the format parsers found in one response.
@@ -197,6 +219,20 @@ pub(crate) fn int(obj: &Json, key: &str) -> Option<i64> {
     obj.get(key).and_then(Json::as_i64)
 }
 
+/// Whether `obj.key` is a non-empty string, array or object (a field that carries content).
+pub(crate) fn filled(obj: &Json, key: &str) -> bool {
+    match obj.get(key) {
+        Some(Json::String(s)) => !s.is_empty(),
+        Some(Json::Array(a)) => !a.is_empty(),
+        Some(Json::Object(o)) => !o.is_empty(),
+        _ => false,
+    }
+}
+
+/// Longest prefix of a body kept to describe an error response that has no error object (a
+/// proxy's plain-text 503, a framework's `{"detail": "Not Found"}`).
+pub const MAX_ERROR_BODY: usize = 512;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Mode {
     Unknown,
@@ -215,6 +251,8 @@ pub struct ResponseObserver {
     sse: sse::SseDecoder,
     body: Vec<u8>,
     json_overflow: bool,
+    /// The first [`MAX_ERROR_BODY`] bytes of the body, to describe an error response.
+    head: Vec<u8>,
     compressed: Option<String>,
     reading: Reading,
     /// Body messages that carried at least one byte.
@@ -225,6 +263,9 @@ pub struct ResponseObserver {
     pub events: u64,
     /// SSE events that carry tokens.
     pub token_events: u64,
+    /// SSE events that deliver generated content (see [`Format::carries_content`]): the count
+    /// the `usage` plugin reports as estimated output tokens when the upstream sent no usage.
+    pub content_events: u64,
     /// Whether `data: [DONE]` was seen.
     pub done: bool,
     /// Arrival of the first body byte.
@@ -255,12 +296,14 @@ impl Default for ResponseObserver {
             sse: sse::SseDecoder::default(),
             body: Vec::new(),
             json_overflow: false,
+            head: Vec::new(),
             compressed: None,
             reading: Reading::default(),
             chunks: 0,
             body_bytes: 0,
             events: 0,
             token_events: 0,
+            content_events: 0,
             done: false,
             first_body_ns: None,
             first_token_ns: None,
@@ -320,6 +363,8 @@ impl ResponseObserver {
         if self.compressed.is_some() {
             return;
         }
+        let room = MAX_ERROR_BODY - self.head.len();
+        self.head.extend_from_slice(&bytes[..room.min(bytes.len())]);
         if self.mode == Mode::Unknown {
             match bytes.iter().find(|b| !b.is_ascii_whitespace()) {
                 Some(b'{') | Some(b'[') => self.mode = Mode::Json,
@@ -363,6 +408,9 @@ impl ResponseObserver {
                     self.first_token_ns.get_or_insert(stamp_ns);
                     self.last_token_ns = Some(stamp_ns);
                 }
+                if self.format.is_some_and(|f| f.carries_content(event, &json)) {
+                    self.content_events += 1;
+                }
             }
             Err(_) => self.non_json_events += 1,
         }
@@ -383,7 +431,7 @@ impl ResponseObserver {
             Some(f) => f.observe(&mut self.reading, event, json),
             None => {
                 // No format recognised (yet): an error object is still worth reporting.
-                if let Some(e) = json.get("error").and_then(UpstreamError::from_json) {
+                if let Some(e) = UpstreamError::in_body(json) {
                     self.reading.error = Some(e);
                 }
                 false
@@ -446,6 +494,29 @@ impl ResponseObserver {
     /// The error the upstream reported in the body, with its type when given.
     pub fn upstream_error(&self) -> Option<&UpstreamError> {
         self.reading.error.as_ref()
+    }
+
+    /// After [`ResponseObserver::finish`]: the response's error, typed. An error object or event
+    /// in the body is reported as the upstream gave it; a non-2xx `status` without one becomes
+    /// `http_<status>` with the start of the body (up to [`MAX_ERROR_BODY`] bytes, whitespace
+    /// collapsed) or `upstream status <status>` as its message.
+    pub fn typed_error(&self, status: u16) -> Option<UpstreamError> {
+        if let Some(e) = &self.reading.error {
+            return Some(e.clone());
+        }
+        if status < 400 {
+            return None;
+        }
+        let text = String::from_utf8_lossy(&self.head);
+        let text = text.split_whitespace().collect::<Vec<_>>().join(" ");
+        Some(UpstreamError {
+            message: if text.is_empty() || self.compressed.is_some() {
+                format!("upstream status {status}")
+            } else {
+                text
+            },
+            kind: Some(format!("http_{status}")),
+        })
     }
 
     /// After [`ResponseObserver::finish`]: why there is no usage (`None` when there is), as a

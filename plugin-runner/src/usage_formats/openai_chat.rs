@@ -4,11 +4,14 @@
 //! Usage is the `usage` object of the JSON body, or of the last chunk of a stream requested
 //! with `stream_options.include_usage` (vLLM's `continuous_usage_stats` repeats it on every
 //! chunk: the last wins). Fields the servers add (`prompt_logprobs`, `stop_reason`,
-//! `kv_transfer_params`, ...) are ignored. Token events are chunks with non-empty `choices`.
+//! `kv_transfer_params`, ...) are ignored. Token events are chunks with non-empty `choices`;
+//! content events are chunks whose choices deliver text, reasoning (`reasoning_content` or
+//! `reasoning`, as the vLLM and SGLang reasoning parsers stream it), a refusal or tool calls.
+//! Errors are an `error` object, or (older vLLM) a flat `{"object": "error", ...}` chunk.
 
 use serde_json::Value as Json;
 
-use super::{int, Reading, UpstreamError, Usage};
+use super::{filled, int, Reading, UpstreamError, Usage};
 
 pub(super) fn detects(_event: Option<&str>, json: &Json) -> bool {
     json.get("choices").is_some()
@@ -23,12 +26,33 @@ pub(super) fn observe(r: &mut Reading, _event: Option<&str>, json: &Json) -> boo
     if let Some(u) = json.get("usage").and_then(usage) {
         r.usage = Some(u);
     }
-    if let Some(e) = json.get("error").and_then(UpstreamError::from_json) {
+    if let Some(e) = UpstreamError::in_body(json) {
         r.error = Some(e);
     }
     json.get("choices")
         .and_then(Json::as_array)
         .is_some_and(|c| !c.is_empty())
+}
+
+/// Deltas with `content`, `reasoning_content`, `reasoning`, `refusal` or `tool_calls`, or (legacy
+/// completions) `text`; not the role-only first chunk, the finish chunk or the usage chunk.
+pub(super) fn carries_content(_event: Option<&str>, json: &Json) -> bool {
+    const DELTA_FIELDS: [&str; 5] = [
+        "content",
+        "reasoning_content",
+        "reasoning",
+        "refusal",
+        "tool_calls",
+    ];
+    json.get("choices")
+        .and_then(Json::as_array)
+        .is_some_and(|choices| {
+            choices.iter().any(|c| {
+                filled(c, "text")
+                    || c.get("delta")
+                        .is_some_and(|d| DELTA_FIELDS.iter().any(|k| filled(d, k)))
+            })
+        })
 }
 
 /// `{prompt_tokens, completion_tokens, total_tokens, prompt_tokens_details.cached_tokens,

@@ -4,7 +4,8 @@
 //! `response.failed`, which end a stream too), or `usage` of the JSON body: `input_tokens`,
 //! `output_tokens`, `total_tokens`, `input_tokens_details.cached_tokens`,
 //! `output_tokens_details.reasoning_tokens`. Errors come as an `error` event or
-//! `response.error`. Token events are the `*.delta` events.
+//! `response.error`. Token events are the `*.delta` events; content events those with a
+//! non-empty `delta` (output text, reasoning text or summary, refusal, function-call arguments).
 
 use serde_json::Value as Json;
 
@@ -45,6 +46,11 @@ pub(super) fn observe(r: &mut Reading, _event: Option<&str>, json: &Json) -> boo
         r.ended = true;
     }
     kind.is_some_and(|t| t.ends_with(".delta"))
+}
+
+/// A `*.delta` event with a non-empty `delta`.
+pub(super) fn carries_content(_event: Option<&str>, json: &Json) -> bool {
+    kind(json).is_some_and(|t| t.ends_with(".delta")) && super::filled(json, "delta")
 }
 
 fn usage(u: &Json) -> Option<Usage> {

@@ -1,0 +1,494 @@
+//! The `usage` plugin through real Envoy: an upstream serves the recorded provider bodies of
+//! `plugin-runner/tests/fixtures/usage/` (SSE one event per HTTP chunk, JSON whole), the front
+//! runs the `usage` plugin with the config that docs/plugins.md shows, and Envoy runs
+//! `examples/envoy.yaml` plus the rate-limit pieces of the same page, talking to a recording
+//! rate-limit service. For every format, Envoy's access log must hold exactly the metadata of the
+//! fixture's golden file, and the rate-limit service must be charged the `tokens` cost (or, for
+//! a response without usage, not be called).
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_response::Code;
+use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_server::{
+    RateLimitService, RateLimitServiceServer,
+};
+use envoy_types::pb::envoy::service::ratelimit::v3::{RateLimitRequest, RateLimitResponse};
+use http_body_util::{BodyExt, Either, Full, StreamBody};
+use hyper::body::Frame;
+use hyper_util::rt::TokioIo;
+use serde_json::{json, Value as Json};
+use tests::envoy::{Envoy, EnvoyOptions};
+use tests::front::FrontProcess;
+
+/// One fixture served through Envoy, and the golden file its access-log line must match.
+struct Case {
+    fixture: &'static str,
+    golden: &'static str,
+    status: u16,
+    content_type: &'static str,
+}
+
+const SSE: &str = "text/event-stream";
+const JSON: &str = "application/json";
+
+const fn case(fixture: &'static str, golden: &'static str, content_type: &'static str) -> Case {
+    Case {
+        fixture,
+        golden,
+        status: 200,
+        content_type,
+    }
+}
+
+/// Every format streamed and as JSON, vLLM and SGLang, errors, and streams without usage (the
+/// docs' config estimates, so their golden files are the `_estimated` ones).
+const CASES: &[Case] = &[
+    case("openai_chat_stream.sse", "openai_chat_stream", SSE),
+    case("openai_chat.json", "openai_chat_json", JSON),
+    case("openai_completions.json", "openai_completions_json", JSON),
+    case(
+        "openai_responses_stream.sse",
+        "openai_responses_stream",
+        SSE,
+    ),
+    case("openai_responses.json", "openai_responses_json", JSON),
+    case("anthropic_stream.sse", "anthropic_stream", SSE),
+    case("anthropic.json", "anthropic_json", JSON),
+    case("anthropic_error_stream.sse", "anthropic_error_stream", SSE),
+    case("gemini_stream.sse", "gemini_stream", SSE),
+    case("gemini.json", "gemini_json", JSON),
+    case(
+        "vllm_completions_stream.sse",
+        "vllm_completions_stream",
+        SSE,
+    ),
+    case(
+        "vllm_chat_reasoning_stream.sse",
+        "vllm_chat_reasoning_stream",
+        SSE,
+    ),
+    case(
+        "sglang_chat_reasoning_stream.sse",
+        "sglang_chat_reasoning_stream",
+        SSE,
+    ),
+    case("vllm_error_stream.sse", "vllm_error_stream_estimate", SSE),
+    case(
+        "vllm_chat_reasoning_stream_no_usage.sse",
+        "vllm_chat_reasoning_stream_no_usage_estimated",
+        SSE,
+    ),
+    case(
+        "gemini_stream_truncated.sse",
+        "gemini_stream_truncated_estimated",
+        SSE,
+    ),
+    Case {
+        status: 429,
+        ..case("openai_error.json", "openai_error_json", JSON)
+    },
+    Case {
+        status: 503,
+        ..case("proxy_503.txt", "proxy_503", "text/plain")
+    },
+];
+
+fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ sits in the workspace")
+        .to_path_buf()
+}
+
+fn fixtures() -> PathBuf {
+    workspace().join("plugin-runner/tests/fixtures/usage")
+}
+
+/// The fenced block that follows the marker `<!-- tested: {marker} -->` in docs/plugins.md.
+fn doc_block(marker: &str) -> String {
+    let doc = std::fs::read_to_string(workspace().join("docs/plugins.md")).expect("docs");
+    let start = doc
+        .find(&format!("<!-- tested: {marker}"))
+        .unwrap_or_else(|| panic!("docs/plugins.md lost the `{marker}` block"));
+    let mut lines = doc[start..].lines().skip(1);
+    assert!(
+        lines.next().is_some_and(|l| l.starts_with("```")),
+        "{marker}: a fenced block must follow the marker"
+    );
+    lines
+        .take_while(|l| !l.starts_with("```"))
+        .map(|l| format!("{l}\n"))
+        .collect()
+}
+
+fn indent(block: &str, by: usize) -> String {
+    block.lines().map(|l| format!("{:by$}{l}\n", "")).collect()
+}
+
+/// `examples/envoy.yaml` (which already receives and logs `envoy.ratelimit` as `costs`) plus
+/// the docs' rate-limit filter, route and cluster (on `rls_port`), and access-log fields for
+/// exactly what `hits_addend` reads and for the tenant.
+fn add_rate_limiting(yaml: String, rls_port: u16) -> String {
+    let mut yaml = yaml;
+    let mut swap = |from: &str, to: String| {
+        assert!(yaml.contains(from), "examples/envoy.yaml lost `{from}`");
+        yaml = yaml.replacen(from, &to, 1);
+    };
+    let router = "          - name: envoy.filters.http.router\n";
+    swap(
+        router,
+        format!("{}{router}", indent(&doc_block("ratelimit-filter"), 10)),
+    );
+    swap(
+        "              - match: { prefix: \"/\" }\n                route: { cluster: llm, timeout: 300s }\n",
+        indent(&doc_block("ratelimit-route"), 14),
+    );
+    let lb = "                  lb: \"%DYNAMIC_METADATA(envoy.lb)%\"\n";
+    swap(
+        lb,
+        format!(
+            "{lb}                  hits: \"%DYNAMIC_METADATA(envoy.ratelimit:tokens)%\"\n                  \
+             tenant: \"%REQ(X-TENANT)%\"\n"
+        ),
+    );
+    let cluster = doc_block("ratelimit-cluster");
+    assert!(cluster.contains("port_value: 8081"), "{cluster}");
+    let cluster = cluster.replace("port_value: 8081", &format!("port_value: {rls_port}"));
+    yaml.push_str(&indent(&cluster, 2));
+    yaml
+}
+
+/// One rate-limit request as the service saw it.
+#[derive(Debug, Clone)]
+struct Charged {
+    domain: String,
+    tenant: String,
+    /// The descriptor's hits, else the request's.
+    hits: u64,
+}
+
+/// A rate-limit service that records every request and always answers OK.
+#[derive(Default, Clone)]
+struct Recorder(Arc<Mutex<Vec<Charged>>>);
+
+#[tonic::async_trait]
+impl RateLimitService for Recorder {
+    async fn should_rate_limit(
+        &self,
+        request: tonic::Request<RateLimitRequest>,
+    ) -> Result<tonic::Response<RateLimitResponse>, tonic::Status> {
+        let r = request.into_inner();
+        let mut seen = self.0.lock().unwrap();
+        for d in &r.descriptors {
+            seen.push(Charged {
+                domain: r.domain.clone(),
+                tenant: d
+                    .entries
+                    .iter()
+                    .find(|e| e.key == "tenant")
+                    .map(|e| e.value.clone())
+                    .unwrap_or_default(),
+                hits: d
+                    .hits_addend
+                    .map(|h| h.value)
+                    .unwrap_or(u64::from(r.hits_addend)),
+            });
+        }
+        Ok(tonic::Response::new(RateLimitResponse {
+            overall_code: Code::Ok as i32,
+            ..Default::default()
+        }))
+    }
+}
+
+impl Recorder {
+    fn charges_of(&self, tenant: &str) -> Vec<Charged> {
+        let seen = self.0.lock().unwrap();
+        seen.iter()
+            .filter(|c| c.tenant == tenant)
+            .cloned()
+            .collect()
+    }
+}
+
+async fn start_rate_limit_service(recorder: Recorder) -> (u16, tokio::task::JoinHandle<()>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind rls");
+    let port = listener.local_addr().unwrap().port();
+    let task = tokio::spawn(async move {
+        let _ = tonic::transport::Server::builder()
+            .add_service(RateLimitServiceServer::new(recorder))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
+            .await;
+    });
+    (port, task)
+}
+
+type Body = Either<
+    Full<Bytes>,
+    StreamBody<tokio_stream::Iter<std::vec::IntoIter<Result<Frame<Bytes>, Infallible>>>>,
+>;
+
+/// Serves the fixture named by the request's `x-fixture` header with the status and content
+/// type of `x-fixture-status` and `x-fixture-type`: SSE one event per chunk, anything else whole
+/// with a content-length.
+async fn serve_fixture(
+    req: hyper::Request<hyper::body::Incoming>,
+) -> Result<hyper::Response<Body>, Infallible> {
+    let header = |name: &str| {
+        req.headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_owned()
+    };
+    let name = header("x-fixture");
+    let content_type = header("x-fixture-type");
+    let status: u16 = header("x-fixture-status").parse().unwrap_or(200);
+    let bytes = std::fs::read(fixtures().join(&name)).unwrap_or_else(|e| panic!("{name}: {e}"));
+    let body = if content_type == SSE {
+        let text = String::from_utf8(bytes).expect("utf-8 sse");
+        let frames: Vec<_> = text
+            .split_inclusive("\n\n")
+            .map(|event| Ok(Frame::data(Bytes::from(event.to_owned()))))
+            .collect();
+        Either::Right(StreamBody::new(tokio_stream::iter(frames)))
+    } else {
+        Either::Left(Full::new(Bytes::from(bytes)))
+    };
+    Ok(hyper::Response::builder()
+        .status(status)
+        .header("content-type", content_type)
+        .body(body)
+        .expect("response"))
+}
+
+async fn start_upstream() -> (u16, tokio::task::JoinHandle<()>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind upstream");
+    let port = listener.local_addr().unwrap().port();
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((s, _)) = listener.accept().await else {
+                continue;
+            };
+            tokio::spawn(async move {
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(s), hyper::service::service_fn(serve_fixture))
+                    .await;
+            });
+        }
+    });
+    (port, task)
+}
+
+/// Sends one request for `case` through Envoy as tenant `rid`; returns status and body.
+async fn fetch(port: u16, case: &Case, rid: &str) -> (u16, Vec<u8>) {
+    let stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connect to envoy");
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .expect("handshake");
+    tokio::spawn(conn);
+    let req = hyper::Request::post(format!("/v1/any?test-id={rid}"))
+        .header("host", "gateway")
+        .header("x-request-id", rid)
+        .header("x-tenant", rid)
+        .header("x-fixture", case.fixture)
+        .header("x-fixture-status", case.status.to_string())
+        .header("x-fixture-type", case.content_type)
+        .body(Full::new(Bytes::from_static(b"{}")))
+        .expect("request");
+    let resp = tokio::time::timeout(Duration::from_secs(10), sender.send_request(req))
+        .await
+        .expect("response within 10 s")
+        .expect("response");
+    let status = resp.status().as_u16();
+    let body = tokio::time::timeout(Duration::from_secs(10), resp.into_body().collect())
+        .await
+        .expect("body within 10 s")
+        .expect("body")
+        .to_bytes()
+        .to_vec();
+    (status, body)
+}
+
+/// The golden file as `namespace → JSON object`, the shape Envoy's access log prints.
+fn golden(name: &str) -> BTreeMap<String, Json> {
+    let text = std::fs::read_to_string(fixtures().join(format!("{name}.golden"))).expect("golden");
+    let mut out: BTreeMap<String, Json> = BTreeMap::new();
+    for line in text.lines() {
+        let (path, value) = line.split_once(" = ").expect("`path = value`");
+        let ns = ["plugvisor.usage", "envoy.ratelimit", "envoy.lb"]
+            .into_iter()
+            .find(|ns| path.starts_with(&format!("{ns}.")))
+            .unwrap_or_else(|| panic!("unknown namespace in `{line}`"));
+        let key = &path[ns.len() + 1..];
+        let value: Json = serde_json::from_str(value).unwrap_or_else(|e| panic!("{line}: {e}"));
+        let map = out.entry(ns.to_owned()).or_insert_with(|| json!({}));
+        match key.split_once('[') {
+            Some((outer, inner)) => {
+                map[outer][inner.trim_end_matches(']')] = value;
+            }
+            None => map[key] = value,
+        }
+    }
+    out
+}
+
+/// Numbers compare by value (Envoy prints the metadata's doubles as it likes).
+fn same(a: &Json, b: &Json) -> bool {
+    match (a, b) {
+        (Json::Number(x), Json::Number(y)) => x.as_f64() == y.as_f64(),
+        (Json::Object(x), Json::Object(y)) => {
+            x.len() == y.len() && x.iter().all(|(k, v)| y.get(k).is_some_and(|w| same(v, w)))
+        }
+        _ => a == b,
+    }
+}
+
+/// The access-log field of each namespace (see [`add_rate_limiting`] and examples/envoy.yaml).
+const FIELDS: [(&str, &str); 3] = [
+    ("plugvisor.usage", "usage"),
+    ("envoy.ratelimit", "costs"),
+    ("envoy.lb", "lb"),
+];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_format_reaches_envoy_with_its_golden_tokens_costs_and_model() {
+    tests::init_tracing();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let recorder = Recorder::default();
+    let (rls_port, rls) = start_rate_limit_service(recorder.clone()).await;
+    let (upstream_port, upstream) = start_upstream().await;
+    let plugins = format!(
+        "[plugins.usage]\n{}",
+        doc_block("tests/tests/usage_envoy.rs")
+    );
+    let (front, envoy) = tokio::task::block_in_place(|| {
+        let front = FrontProcess::start(dir.path(), &plugins, &["usage"]);
+        let envoy = Envoy::start_edited(
+            dir.path(),
+            &EnvoyOptions {
+                ext_proc: front.ext_proc.clone(),
+                upstream_port,
+                ..EnvoyOptions::default()
+            },
+            |yaml| add_rate_limiting(yaml, rls_port),
+        );
+        (front, envoy)
+    });
+
+    let mut failures = Vec::new();
+    for (i, case) in CASES.iter().enumerate() {
+        let rid = format!("{i}-{}", case.golden);
+        let (status, body) = fetch(envoy.port, case, &rid).await;
+        assert_eq!(status, case.status, "{rid}");
+        let sent = std::fs::read(fixtures().join(case.fixture)).unwrap();
+        assert!(
+            body == sent,
+            "{rid}: the client must get the upstream's bytes untouched"
+        );
+        let line =
+            tokio::task::block_in_place(|| envoy.access_log_for(&rid, Duration::from_secs(5)));
+        let want = golden(case.golden);
+        for (ns, field) in FIELDS {
+            let got = &line[field];
+            match want.get(ns) {
+                Some(w) if same(w, got) => {}
+                None if got.is_null() => {}
+                w => failures.push(format!("{rid}: {ns}\n  want {w:?}\n  got  {got}")),
+            }
+        }
+        // What hits_addend reads is what the cost says, or nothing.
+        let tokens = want.get("envoy.ratelimit").map(|c| c["tokens"].clone());
+        match &tokens {
+            Some(t) => assert!(
+                same(&line["hits"], t),
+                "{rid}: hits {} vs {t}",
+                line["hits"]
+            ),
+            None => assert!(line["hits"].is_null(), "{rid}: {line}"),
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{}\nfront log:\n{}",
+        failures.join("\n"),
+        front.log()
+    );
+
+    // Every stream with a cost is charged it once, at stream end; the others are not charged.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    for (i, case) in CASES.iter().enumerate() {
+        let rid = format!("{i}-{}", case.golden);
+        let want = golden(case.golden)
+            .get("envoy.ratelimit")
+            .and_then(|c| c["tokens"].as_u64());
+        if let Some(tokens) = want {
+            let charges = loop {
+                let c = recorder.charges_of(&rid);
+                if !c.is_empty() || Instant::now() > deadline {
+                    break c;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            };
+            assert_eq!(charges.len(), 1, "{rid}: {charges:?}");
+            assert_eq!(charges[0].hits, tokens, "{rid}");
+            assert_eq!(charges[0].domain, "llm-tokens", "{rid}");
+        }
+    }
+    // Streams without a cost must not be charged. Their charges would have been sent when they
+    // ended; one more costed stream, sent after them all and charged, bounds that wait.
+    let sentinel = &CASES[0];
+    fetch(envoy.port, sentinel, "sentinel").await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while recorder.charges_of("sentinel").is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "the sentinel stream was never charged"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for (i, case) in CASES.iter().enumerate() {
+        let rid = format!("{i}-{}", case.golden);
+        if !golden(case.golden).contains_key("envoy.ratelimit") {
+            assert!(recorder.charges_of(&rid).is_empty(), "{rid} was charged");
+        }
+    }
+
+    // The docs' example of what Envoy holds is this very run's OpenAI stream.
+    let example: Json = serde_json::from_str(&doc_block("metadata-example")).expect("json");
+    let line = tokio::task::block_in_place(|| {
+        envoy.access_log_for("0-openai_chat_stream", Duration::from_secs(5))
+    });
+    assert!(
+        same(&example["usage"], &line["usage"]),
+        "{}\nvs {}",
+        example["usage"],
+        line["usage"]
+    );
+    assert!(
+        same(&example["costs"], &line["costs"]),
+        "{}\nvs {}",
+        example["costs"],
+        line["costs"]
+    );
+    let charged = &recorder.charges_of("0-openai_chat_stream")[0];
+    let request = &example["rate_limit_request"];
+    assert_eq!(request["domain"], charged.domain.as_str());
+    assert_eq!(request["descriptors"][0]["hits_addend"], charged.hits);
+
+    drop(envoy);
+    drop(front);
+    rls.abort();
+    upstream.abort();
+}
