@@ -577,6 +577,11 @@ impl Plugin for UsagePlugin {
             .push(&c.bytes, c.len.into(), ctx.stamp_ns);
     }
 
+    /// Parsing what is left and evaluating the costs: no I/O, no waiting.
+    fn quick_final(&self) -> bool {
+        true
+    }
+
     fn on_final(&self, s: &mut UsageStream, ctx: &EventCtx, f: &Final) -> Metadata {
         let body = s.observer(self.format);
         body.push(&f.bytes, f.len.into(), ctx.stamp_ns);
