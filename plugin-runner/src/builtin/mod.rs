@@ -84,7 +84,7 @@ pub fn validate(name: &str, config: &Value) -> Result<(), ValidateError> {
     match name {
         "usage" => with(usage::UsagePlugin::default(), config)?,
         "latency" => with(latency::LatencyPlugin, config)?,
-        "metrics" => metrics::listen_addr(config).map(drop)?,
+        "metrics" => metrics::parse_config(config).map(drop)?,
         "test-order" => with(test_order::TestOrderPlugin::default(), config)?,
         "test-spin" => with(test_spin::TestSpinPlugin::default(), config)?,
         "test-crash" => with(test_crash::TestCrashPlugin::default(), config)?,

@@ -13,6 +13,7 @@
 //! [`ResponseObserver::no_usage_reason`] says why.
 
 pub mod anthropic;
+pub mod content;
 pub mod gemini;
 pub mod openai_chat;
 pub mod openai_responses;
