@@ -47,6 +47,7 @@ pub mod builtin;
 pub mod cli;
 pub mod config;
 mod credit;
+pub mod decode;
 pub mod host;
 mod lanes;
 pub mod logging;

@@ -228,8 +228,14 @@ async fn latency_is_computed_from_the_stamps_sent_not_from_arrival() {
         let own = &meta(&got[&id])["plugvisor.latency"];
         // First body byte: the first half of event 0, 1 ms before its completion stamp.
         assert_eq!(
-            own.get("ttft_ms").and_then(Value::as_f64),
+            own.get("ttfb_ms").and_then(Value::as_f64),
             Some(99.0),
+            "stream {id}"
+        );
+        // First token: event 0 carries content, complete at +100 ms.
+        assert_eq!(
+            own.get("ttft_ms").and_then(Value::as_f64),
+            Some(100.0),
             "stream {id}"
         );
         // Token events complete at +100, +125, +150 ms; usage reports 9 completion tokens.

@@ -1,15 +1,23 @@
-//! `latency`: TTFT and TPOT per request, computed only from the front's arrival stamps.
+//! `latency`: TTFT, TPOT and time to first byte per request, computed only from the front's
+//! arrival stamps.
 //!
-//! TTFT = first body byte's arrival − request start. TPOT = (last token's arrival − first
-//! token's arrival) / (tokens − 1), where tokens is the upstream's `usage.completion_tokens` when
-//! reported and otherwise the count of token-carrying SSE events: an ext_proc chunk is not a
-//! token, since Envoy merges and splits upstream writes freely. Metadata
-//! `plugvisor.latency: {ttft_ms, tpot_ms, chunks, events, tokens, duration_ms}`; a value that
-//! cannot be computed (no request start seen, fewer than two tokens) is left out.
+//! TTFT = arrival of the first *content-bearing* event − request start, where content-bearing is
+//! decided per format by [`crate::usage_formats::content`] (generated text, reasoning, tool-call
+//! arguments; not pings, role-only deltas, Anthropic `message_start`/`ping`, empty Gemini parts).
+//! A plain JSON body brings all its content with its last byte, so its TTFT is that arrival; an
+//! error response (status >= 400 or an error in the body) has none. TTFB = first body byte −
+//! request start. TPOT = (last content event − first content event) / (tokens − 1), where tokens
+//! is the upstream's reported output tokens when there are any and otherwise the number of
+//! content-bearing events: an ext_proc chunk is not a token, since Envoy merges and splits
+//! upstream writes freely. A `Content-Encoding`d body is decoded first ([`crate::decode`]).
+//! Metadata `plugvisor.latency: {ttft_ms, ttfb_ms, tpot_ms, chunks, events, content_events,
+//! tokens, duration_ms}`; a value that cannot be computed (no request start seen, no content,
+//! fewer than two tokens) is left out.
 
 use ipc_protocol::{Chunk, Final, Metadata, RequestStart, ResponseHeaders, Value};
 
 use crate::plugin::{EventCtx, Plugin};
+use crate::usage_formats::content::ContentClock;
 use crate::usage_formats::ResponseObserver;
 
 /// The plugin's own metadata namespace.
@@ -24,7 +32,44 @@ pub struct LatencyPlugin;
 pub struct LatencyStream {
     start_ns: Option<u64>,
     first_event_ns: Option<u64>,
-    body: ResponseObserver,
+    status: u16,
+    timing: ResponseTiming,
+}
+
+/// The body readers of one response, as the `latency` and `metrics` plugins keep them: usage
+/// from the [`ResponseObserver`], content timing from the [`ContentClock`].
+#[derive(Debug, Default)]
+pub struct ResponseTiming {
+    /// Usage, model and format.
+    pub body: ResponseObserver,
+    /// Content-bearing event stamps.
+    pub clock: ContentClock,
+}
+
+impl ResponseTiming {
+    /// Reads `content-type` and `content-encoding` from the response headers.
+    pub fn headers(&mut self, e: &ResponseHeaders) {
+        if let Some(ct) = e.header("content-type") {
+            self.body.set_content_type(ct);
+            self.clock.set_content_type(ct);
+        }
+        if let Some(enc) = e.header("content-encoding") {
+            self.body.set_content_encoding(enc);
+            self.clock.set_content_encoding(enc);
+        }
+    }
+
+    /// A body message of `len` bytes (of which `bytes` are known) that arrived at `stamp_ns`.
+    pub fn push(&mut self, bytes: &[u8], len: u64, stamp_ns: u64) {
+        self.body.push(bytes, len, stamp_ns);
+        self.clock.push(bytes, stamp_ns);
+    }
+
+    /// The body ended at `stamp_ns`.
+    pub fn finish(&mut self, stamp_ns: u64) {
+        self.body.finish(stamp_ns);
+        self.clock.finish(stamp_ns);
+    }
 }
 
 /// Milliseconds between two stamps.
@@ -35,33 +80,53 @@ fn ms(from_ns: u64, to_ns: u64) -> f64 {
 /// The latency figures of one finished response.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Latency {
-    /// Time to first byte of the response body.
+    /// Time to the first content-bearing event (see the module docs).
     pub ttft_ms: Option<f64>,
+    /// Time to the first byte of the response body.
+    pub ttfb_ms: Option<f64>,
     /// Time per output token after the first.
     pub tpot_ms: Option<f64>,
-    /// Request start (or first event seen) to the end.
+    /// Request start (or the first body byte) to the end.
     pub duration_ms: f64,
     /// Output tokens used for TPOT.
     pub tokens: u64,
+    /// Whether the response is a success: status below 400 (or unknown) and no error in the body.
+    pub ok: bool,
 }
 
 impl Latency {
-    /// Computes the figures from a request start stamp, the body observer and the end stamp.
-    pub fn compute(start_ns: Option<u64>, body: &ResponseObserver, end_ns: u64) -> Latency {
-        let ttft_ms = start_ns.zip(body.first_body_ns).map(|(s, b)| ms(s, b));
-        let tokens = body.output_tokens();
-        let tpot_ms = match (body.first_token_ns, body.last_token_ns) {
-            (Some(first), Some(last)) if tokens >= 2 => Some(ms(first, last) / (tokens - 1) as f64),
+    /// Computes the figures from a request start stamp, the HTTP status (0: unknown), the
+    /// finished body readers and the end stamp.
+    pub fn compute(start_ns: Option<u64>, status: u16, r: &ResponseTiming, end_ns: u64) -> Latency {
+        let (body, clock) = (&r.body, &r.clock);
+        let ok = status < 400 && body.upstream_error().is_none();
+        let tokens = match body.usage {
+            Some(u) if u.output_tokens > 0 => u.output_tokens as u64,
+            _ => clock.content_events,
+        };
+        let (first, last) = if clock.is_sse() {
+            (clock.first_content_ns, clock.last_content_ns)
+        } else if ok && body.format().is_some() {
+            (clock.last_body_ns, clock.last_body_ns)
+        } else {
+            (None, None)
+        };
+        let first = first.filter(|_| ok);
+        let tpot_ms = match (first, last) {
+            (Some(first), Some(last)) if tokens >= 2 && clock.is_sse() => {
+                Some(ms(first, last) / (tokens - 1) as f64)
+            }
             _ => None,
         };
-        let duration_ms = start_ns
-            .or(body.first_body_ns)
-            .map_or(0.0, |s| ms(s, end_ns));
         Latency {
-            ttft_ms,
+            ttft_ms: start_ns.zip(first).map(|(s, f)| ms(s, f)),
+            ttfb_ms: start_ns.zip(body.first_body_ns).map(|(s, b)| ms(s, b)),
             tpot_ms,
-            duration_ms,
+            duration_ms: start_ns
+                .or(body.first_body_ns)
+                .map_or(0.0, |s| ms(s, end_ns)),
             tokens,
+            ok,
         }
     }
 }
@@ -84,30 +149,40 @@ impl Plugin for LatencyPlugin {
 
     fn on_response_headers(&self, s: &mut LatencyStream, ctx: &EventCtx, e: &ResponseHeaders) {
         s.first_event_ns.get_or_insert(ctx.stamp_ns);
-        if let Some(ct) = e.header("content-type") {
-            s.body.set_content_type(ct);
-        }
+        s.status = e.status;
+        s.timing.headers(e);
     }
 
     fn on_chunk(&self, s: &mut LatencyStream, ctx: &EventCtx, c: &Chunk) {
         s.first_event_ns.get_or_insert(ctx.stamp_ns);
-        s.body.push(&c.bytes, c.len.into(), ctx.stamp_ns);
+        s.timing.push(&c.bytes, c.len.into(), ctx.stamp_ns);
+    }
+
+    fn quick_final(&self) -> bool {
+        true
     }
 
     fn on_final(&self, s: &mut LatencyStream, ctx: &EventCtx, f: &Final) -> Metadata {
-        s.body.push(&f.bytes, f.len.into(), ctx.stamp_ns);
-        s.body.finish(ctx.stamp_ns);
+        s.timing.push(&f.bytes, f.len.into(), ctx.stamp_ns);
+        s.timing.finish(ctx.stamp_ns);
         let start = s.start_ns.or(s.first_event_ns);
-        let l = Latency::compute(s.start_ns, &s.body, ctx.stamp_ns);
+        let l = Latency::compute(s.start_ns, s.status, &s.timing, ctx.stamp_ns);
         let mut map = std::collections::BTreeMap::new();
-        if let Some(t) = l.ttft_ms {
-            map.insert("ttft_ms".to_owned(), Value::Float(t));
+        for (key, value) in [
+            ("ttft_ms", l.ttft_ms),
+            ("ttfb_ms", l.ttfb_ms),
+            ("tpot_ms", l.tpot_ms),
+        ] {
+            if let Some(v) = value {
+                map.insert(key.to_owned(), Value::Float(v));
+            }
         }
-        if let Some(t) = l.tpot_ms {
-            map.insert("tpot_ms".to_owned(), Value::Float(t));
-        }
-        map.insert("chunks".into(), Value::from(s.body.chunks));
-        map.insert("events".into(), Value::from(s.body.events));
+        map.insert("chunks".into(), Value::from(s.timing.body.chunks));
+        map.insert("events".into(), Value::from(s.timing.body.events));
+        map.insert(
+            "content_events".into(),
+            Value::from(s.timing.clock.content_events),
+        );
         map.insert("tokens".into(), Value::from(l.tokens));
         map.insert(
             "duration_ms".into(),
@@ -120,46 +195,191 @@ impl Plugin for LatencyPlugin {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::builtin::testing::{play, Played, FIRST_CHUNK_NS, START_NS, STEP_NS};
+    use crate::builtin::testing::{play, play_chunks, Played, FIRST_CHUNK_NS, START_NS, STEP_NS};
     use crate::usage_formats::tests::{CHAT_JSON, CHAT_STREAM, ERROR_JSON, RESPONSES_STREAM};
 
     fn f(meta: &Metadata, key: &str) -> Option<f64> {
         meta[NAMESPACE].get(key).and_then(Value::as_f64)
     }
 
-    #[test]
-    fn ttft_and_tpot_come_from_the_stamps_and_the_reported_token_count() {
-        // One SSE event per chunk: split the stream at its blank lines.
-        let events: Vec<String> = CHAT_STREAM
+    /// The stamp of chunk `i` in [`play_chunks`].
+    fn chunk_ns(i: u64) -> u64 {
+        FIRST_CHUNK_NS + i * STEP_NS
+    }
+
+    /// One SSE event per chunk (CRLF bodies read as LF).
+    fn events(body: &str) -> Vec<String> {
+        body.replace("\r\n", "\n")
             .split_inclusive("\n\n")
             .map(str::to_owned)
-            .collect();
+            .collect()
+    }
+
+    #[test]
+    fn ttft_waits_for_content_past_the_role_only_delta_and_tpot_uses_reported_tokens() {
         let Played {
             meta,
             chunks,
             end_ns,
-        } = crate::builtin::testing::play_chunks(&LatencyPlugin, &events, "text/event-stream");
+        } = play_chunks(&LatencyPlugin, &events(CHAT_STREAM), "text/event-stream");
         assert_eq!(chunks, 9);
-        assert_eq!(f(&meta, "ttft_ms"), Some(ms(START_NS, FIRST_CHUNK_NS)));
-        // Token events are chunks 0..=6; usage reports 7 completion tokens.
-        let expected_tpot = ms(FIRST_CHUNK_NS, FIRST_CHUNK_NS + 6 * STEP_NS) / 6.0;
-        assert_eq!(f(&meta, "tpot_ms"), Some(expected_tpot));
+        // Chunk 0 is `"role":"assistant","content":""`: the first token is chunk 1.
+        assert_eq!(f(&meta, "ttfb_ms"), Some(ms(START_NS, chunk_ns(0))));
+        assert_eq!(f(&meta, "ttft_ms"), Some(ms(START_NS, chunk_ns(1))));
+        // Content in chunks 1..=6; usage reports 7 completion tokens.
+        assert_eq!(
+            f(&meta, "tpot_ms"),
+            Some(ms(chunk_ns(1), chunk_ns(6)) / 6.0)
+        );
         assert_eq!(meta[NAMESPACE].get("tokens"), Some(&Value::Int(7)));
+        assert_eq!(meta[NAMESPACE].get("content_events"), Some(&Value::Int(6)));
         assert_eq!(meta[NAMESPACE].get("events"), Some(&Value::Int(8)));
         assert_eq!(meta[NAMESPACE].get("chunks"), Some(&Value::Int(9)));
         assert_eq!(f(&meta, "duration_ms"), Some(ms(START_NS, end_ns)));
     }
 
     #[test]
-    fn without_reported_usage_tokens_are_counted_from_events() {
+    fn without_reported_usage_tokens_are_the_content_events() {
         let stream: String = CHAT_STREAM
             .split_inclusive("\n\n")
             .filter(|e| !e.contains("\"usage\""))
             .collect();
         let meta = play(&LatencyPlugin, &stream, 10_000, "text/event-stream").meta;
-        assert_eq!(meta[NAMESPACE].get("tokens"), Some(&Value::Int(7)));
+        assert_eq!(meta[NAMESPACE].get("tokens"), Some(&Value::Int(6)));
         // Everything arrived in one chunk: zero time between tokens.
         assert_eq!(f(&meta, "tpot_ms"), Some(0.0));
+    }
+
+    /// Per format: (fixture, index of the first content event, content events).
+    const FORMATS: [(&str, &str, u64, u64); 5] = [
+        (
+            "openai chat",
+            include_str!("../../tests/fixtures/usage/openai_chat_stream.sse"),
+            1,
+            2,
+        ),
+        (
+            "vllm completions",
+            include_str!("../../tests/fixtures/usage/vllm_completions_stream.sse"),
+            0,
+            3,
+        ),
+        (
+            "openai responses",
+            include_str!("../../tests/fixtures/usage/openai_responses_stream.sse"),
+            6,
+            2,
+        ),
+        (
+            "anthropic (message_start, content_block_start and ping first)",
+            include_str!("../../tests/fixtures/usage/anthropic_stream.sse"),
+            3,
+            2,
+        ),
+        (
+            "gemini",
+            include_str!("../../tests/fixtures/usage/gemini_stream.sse"),
+            0,
+            3,
+        ),
+    ];
+
+    #[test]
+    fn ttft_is_the_first_content_bearing_event_of_every_format() {
+        for (name, body, first, content) in FORMATS {
+            let meta = play_chunks(&LatencyPlugin, &events(body), "text/event-stream").meta;
+            assert_eq!(
+                f(&meta, "ttft_ms"),
+                Some(ms(START_NS, chunk_ns(first))),
+                "{name}: {meta:?}"
+            );
+            assert_eq!(
+                meta[NAMESPACE].get("content_events"),
+                Some(&Value::Int(content as i64)),
+                "{name}"
+            );
+            assert!(f(&meta, "tpot_ms").is_some(), "{name}");
+        }
+    }
+
+    #[test]
+    fn a_compressed_stream_is_timed_like_the_plain_one() {
+        use std::io::Write;
+        let plain = play_chunks(&LatencyPlugin, &events(CHAT_STREAM), "text/event-stream").meta;
+        // One gzip stream flushed after every event: one compressed chunk per event.
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        let mut chunks = Vec::new();
+        for e in events(CHAT_STREAM) {
+            gz.write_all(e.as_bytes()).unwrap();
+            gz.flush().unwrap();
+            chunks.push(std::mem::take(gz.get_mut()));
+        }
+        chunks.last_mut().unwrap().extend(gz.finish().unwrap());
+        let mut s = LatencyStream::default();
+        let ctx = |seq: u32, stamp_ns: u64| EventCtx {
+            stream_id: 7,
+            seq,
+            stamp_ns,
+            gap: 0,
+            partial: false,
+        };
+        let p = LatencyPlugin;
+        p.on_request_start(
+            &mut s,
+            &ctx(0, START_NS),
+            &RequestStart {
+                stream_id: 7,
+                seq: 0,
+                stamp_ns: START_NS,
+                request_id: None,
+                headers: vec![],
+            },
+        );
+        p.on_response_headers(
+            &mut s,
+            &ctx(1, START_NS + 1),
+            &ResponseHeaders {
+                stream_id: 7,
+                seq: 1,
+                stamp_ns: START_NS + 1,
+                status: 200,
+                headers: vec![
+                    ("content-type".into(), "text/event-stream".into()),
+                    ("content-encoding".into(), "gzip".into()),
+                ],
+            },
+        );
+        for (i, c) in chunks.iter().enumerate() {
+            let stamp = chunk_ns(i as u64);
+            p.on_chunk(
+                &mut s,
+                &ctx(2 + i as u32, stamp),
+                &Chunk {
+                    stream_id: 7,
+                    seq: 2 + i as u32,
+                    stamp_ns: stamp,
+                    len: c.len() as u32,
+                    bytes: bytes::Bytes::from(c.clone()),
+                    end_of_stream: false,
+                    ack: false,
+                },
+            );
+        }
+        let end = chunk_ns(chunks.len() as u64);
+        let meta = p.on_final(
+            &mut s,
+            &ctx(2 + chunks.len() as u32, end),
+            &Final {
+                stream_id: 7,
+                seq: 2 + chunks.len() as u32,
+                stamp_ns: end,
+                call_id: 1,
+                len: 0,
+                bytes: bytes::Bytes::new(),
+                trailers: vec![],
+            },
+        );
+        assert_eq!(meta, plain);
     }
 
     #[test]
@@ -171,12 +391,17 @@ mod tests {
     }
 
     #[test]
-    fn plain_json_and_error_bodies_have_ttft_but_no_tpot_from_one_arrival() {
-        for body in [CHAT_JSON, ERROR_JSON] {
-            let meta = play(&LatencyPlugin, body, 100_000, "application/json").meta;
-            assert_eq!(f(&meta, "ttft_ms"), Some(ms(START_NS, FIRST_CHUNK_NS)));
-            assert!(f(&meta, "tpot_ms").is_none());
-            assert_eq!(meta[NAMESPACE].get("events"), Some(&Value::Int(0)));
-        }
+    fn a_json_body_has_its_ttft_at_its_last_byte_and_an_error_body_has_none() {
+        let meta = play(&LatencyPlugin, CHAT_JSON, 40, "application/json").meta;
+        let last = chunk_ns(CHAT_JSON.len().div_ceil(40) as u64 - 1);
+        assert_eq!(f(&meta, "ttft_ms"), Some(ms(START_NS, last)));
+        assert_eq!(f(&meta, "ttfb_ms"), Some(ms(START_NS, FIRST_CHUNK_NS)));
+        assert!(f(&meta, "tpot_ms").is_none());
+        assert_eq!(meta[NAMESPACE].get("events"), Some(&Value::Int(0)));
+
+        let meta = play(&LatencyPlugin, ERROR_JSON, 100_000, "application/json").meta;
+        assert_eq!(f(&meta, "ttfb_ms"), Some(ms(START_NS, FIRST_CHUNK_NS)));
+        assert!(f(&meta, "ttft_ms").is_none(), "{meta:?}");
+        assert!(f(&meta, "tpot_ms").is_none());
     }
 }

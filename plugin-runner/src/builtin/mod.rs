@@ -29,11 +29,11 @@ pub const BUILTINS: &[(&str, &str)] = &[
     ),
     (
         "latency",
-        "TTFT, TPOT, chunk/event counts and duration from the front's stamps",
+        "TTFT (first content-bearing event), TTFB, TPOT and duration from the front's stamps",
     ),
     (
         "metrics",
-        "Prometheus histograms and counters on a loopback /metrics address",
+        "OpenTelemetry GenAI metrics (Prometheus form) on a loopback /metrics address",
     ),
     (
         "test-order",
@@ -84,7 +84,7 @@ pub fn validate(name: &str, config: &Value) -> Result<(), ValidateError> {
     match name {
         "usage" => with(usage::UsagePlugin::default(), config)?,
         "latency" => with(latency::LatencyPlugin, config)?,
-        "metrics" => metrics::listen_addr(config).map(drop)?,
+        "metrics" => metrics::parse_config(config).map(drop)?,
         "test-order" => with(test_order::TestOrderPlugin::default(), config)?,
         "test-spin" => with(test_spin::TestSpinPlugin::default(), config)?,
         "test-crash" => with(test_crash::TestCrashPlugin::default(), config)?,
@@ -237,6 +237,20 @@ mod tests {
             &Value::map([("listen", Value::from("localhost"))]),
         );
         assert!(e.unwrap_err().to_string().contains("config.listen"));
+    }
+
+    #[test]
+    fn validate_checks_max_models_of_metrics_at_and_past_its_bound() {
+        let max = metrics::MAX_MAX_MODELS as i64;
+        let with = |n: i64| Value::map([("max_models", Value::Int(n))]);
+        assert_eq!(validate("metrics", &with(max)), Ok(()));
+        let e = validate("metrics", &with(max + 1)).unwrap_err().to_string();
+        assert!(
+            e.starts_with("config.max_models: 10001 is over 10000"),
+            "{e}"
+        );
+        let e = validate("metrics", &Value::map([("max_models", Value::from("all"))]));
+        assert!(e.unwrap_err().to_string().contains("max_models"));
     }
 
     #[test]

@@ -13,6 +13,7 @@
 //! [`ResponseObserver::no_usage_reason`] says why.
 
 pub mod anthropic;
+pub mod content;
 pub mod gemini;
 pub mod openai_chat;
 pub mod openai_responses;
@@ -251,9 +252,12 @@ pub struct ResponseObserver {
     sse: sse::SseDecoder,
     body: Vec<u8>,
     json_overflow: bool,
-    /// The first [`MAX_ERROR_BODY`] bytes of the body, to describe an error response.
+    /// The first [`MAX_ERROR_BODY`] bytes of the (decoded) body, to describe an error response.
     head: Vec<u8>,
-    compressed: Option<String>,
+    /// The decoder of a `Content-Encoding`d body.
+    decoder: Option<crate::decode::Decoder>,
+    /// Why the body is not (or no longer) decoded; the usage is then withheld.
+    undecodable: Option<crate::decode::DecodeError>,
     reading: Reading,
     /// Body messages that carried at least one byte.
     pub chunks: u64,
@@ -297,7 +301,8 @@ impl Default for ResponseObserver {
             body: Vec::new(),
             json_overflow: false,
             head: Vec::new(),
-            compressed: None,
+            decoder: None,
+            undecodable: None,
             reading: Reading::default(),
             chunks: 0,
             body_bytes: 0,
@@ -336,12 +341,16 @@ impl ResponseObserver {
         }
     }
 
-    /// Uses the response's `content-encoding`: a compressed body is counted but not parsed, and
-    /// its usage is reported missing with the encoding as the reason.
+    /// Uses the response's `content-encoding`: a gzip, deflate, br or zstd body is decoded
+    /// chunk by chunk ([`crate::decode`]) before it is read, and the byte counts stay those of
+    /// the encoded body. An encoding that cannot be decoded (unknown, stacked), or a body that
+    /// fails to decode (corrupt, truncated, a chunk over
+    /// [`crate::decode::MAX_DECODED_PER_CHUNK`] decoded), has no usage and the reason says why.
     pub fn set_content_encoding(&mut self, encoding: &str) {
-        let enc = encoding.trim().to_ascii_lowercase();
-        if !enc.is_empty() && enc != "identity" {
-            self.compressed = Some(enc);
+        match crate::decode::Encoding::from_header(encoding) {
+            Ok(None) => {}
+            Ok(Some(enc)) => self.decoder = Some(crate::decode::Decoder::new(enc)),
+            Err(e) => self.undecodable = Some(e),
         }
     }
 
@@ -360,9 +369,21 @@ impl ResponseObserver {
         self.chunks += 1;
         self.body_bytes += len;
         self.first_body_ns.get_or_insert(stamp_ns);
-        if self.compressed.is_some() {
+        if self.undecodable.is_some() {
             return;
         }
+        match self.decoder.take() {
+            Some(mut decoder) => {
+                let decoded = decoder.push(bytes, &mut |piece| self.parse(piece, stamp_ns));
+                self.undecodable = decoded.err();
+                self.decoder = Some(decoder);
+            }
+            None => self.parse(bytes, stamp_ns),
+        }
+    }
+
+    /// Reads (decoded) body bytes.
+    fn parse(&mut self, bytes: &[u8], stamp_ns: u64) {
         let room = MAX_ERROR_BODY - self.head.len();
         self.head.extend_from_slice(&bytes[..room.min(bytes.len())]);
         if self.mode == Mode::Unknown {
@@ -458,6 +479,9 @@ impl ResponseObserver {
     /// The body ended: dispatches an SSE event left without its blank line, or parses the JSON
     /// body; then settles the usage.
     pub fn finish(&mut self, stamp_ns: u64) {
+        if let (Some(decoder), None) = (self.decoder.as_mut(), &self.undecodable) {
+            self.undecodable = decoder.finish().err();
+        }
         match self.mode {
             Mode::Json => {
                 let body = std::mem::take(&mut self.body);
@@ -479,7 +503,7 @@ impl ResponseObserver {
         if r.usage.is_none() && r.ended {
             r.usage = r.pending;
         }
-        self.usage = r.usage;
+        self.usage = r.usage.filter(|_| self.undecodable.is_none());
         self.model = r.model.clone();
         self.error = r.error.as_ref().map(|e| e.message.clone());
     }
@@ -510,7 +534,7 @@ impl ResponseObserver {
         let text = String::from_utf8_lossy(&self.head);
         let text = text.split_whitespace().collect::<Vec<_>>().join(" ");
         Some(UpstreamError {
-            message: if text.is_empty() || self.compressed.is_some() {
+            message: if text.is_empty() || self.undecodable.is_some() {
                 format!("upstream status {status}")
             } else {
                 text
@@ -526,8 +550,8 @@ impl ResponseObserver {
             return None;
         }
         let format = self.format.map(Format::name).unwrap_or("unknown");
-        Some(if let Some(enc) = &self.compressed {
-            format!("compressed body ({enc})")
+        Some(if let Some(e) = &self.undecodable {
+            format!("compressed body not read: {e}")
         } else if self.reading.error.is_some() && status >= 400 {
             format!("upstream error (status {status})")
         } else if self.reading.error.is_some() {

@@ -1,0 +1,475 @@
+//! Which events of a response carry generated content, per format, and when they arrived: the
+//! clock behind TTFT and inter-token latency.
+//!
+//! A stream carries more than tokens: OpenAI's first chunk is often a role-only delta (`"role":
+//! "assistant", "content": ""`) and its last ones a `finish_reason` and a usage chunk with no
+//! choices; Anthropic sends `message_start`, `content_block_start`, `ping`, `message_delta` and
+//! `message_stop` around its `content_block_delta`s; the Responses API announces items and parts
+//! before the first `*.delta`; Gemini may close with a candidate whose only part is an empty
+//! text with a thought signature. Timing any of those as "the first token" makes TTFT look
+//! better than what the client waits for, so [`is_content`] counts only events that carry
+//! generated text, reasoning, refusals, tool-call arguments or other output parts.
+//!
+//! [`ContentClock`] watches one body with the same SSE framing ([`super::sse`]) and format
+//! detection as [`super::ResponseObserver`], decodes a `Content-Encoding` like it, and keeps the
+//! arrival stamps of the first and last content-bearing events. A plain JSON body has no events:
+//! its content arrives with its last byte ([`ContentClock::last_body_ns`]).
+
+use serde_json::Value as Json;
+
+use super::sse::SseDecoder;
+use super::Format;
+use crate::decode::{Decoder, Encoding};
+
+/// Whether one event (SSE event name and JSON data) of a response in `format` carries generated
+/// content. See the module docs.
+pub fn is_content(format: Format, event: Option<&str>, json: &Json) -> bool {
+    match format {
+        Format::OpenAiChat => openai_chat(json),
+        Format::OpenAiResponses => openai_responses(json),
+        Format::Anthropic => anthropic(event, json),
+        Format::Gemini => gemini(json),
+    }
+}
+
+fn text(v: Option<&Json>) -> bool {
+    v.and_then(Json::as_str).is_some_and(|s| !s.is_empty())
+}
+
+fn non_empty(v: Option<&Json>) -> bool {
+    match v {
+        Some(Json::String(s)) => !s.is_empty(),
+        Some(Json::Array(a)) => !a.is_empty(),
+        Some(Json::Object(o)) => !o.is_empty(),
+        _ => false,
+    }
+}
+
+/// A chunk with a choice whose delta has text (`content`; `reasoning_content` or `reasoning` as
+/// vLLM, SGLang and DeepSeek send it; `refusal`) or tool calls, or a legacy completions choice
+/// with `text`. Role-only deltas, `finish_reason`-only chunks and usage chunks are not content.
+fn openai_chat(json: &Json) -> bool {
+    let Some(choices) = json.get("choices").and_then(Json::as_array) else {
+        return false;
+    };
+    choices.iter().any(|c| {
+        text(c.get("text"))
+            || c.get("delta").is_some_and(|d| {
+                ["content", "reasoning_content", "reasoning", "refusal"]
+                    .iter()
+                    .any(|k| text(d.get(*k)))
+                    || non_empty(d.get("tool_calls"))
+                    || non_empty(d.get("function_call"))
+            })
+    })
+}
+
+/// A `*.delta` event (output text, reasoning, refusal, function-call arguments, audio, ...) with
+/// a non-empty `delta`.
+fn openai_responses(json: &Json) -> bool {
+    json.get("type")
+        .and_then(Json::as_str)
+        .is_some_and(|t| t.ends_with(".delta"))
+        && non_empty(json.get("delta"))
+}
+
+/// A `content_block_delta` with text, thinking or tool-input JSON (not a `signature_delta`).
+fn anthropic(event: Option<&str>, json: &Json) -> bool {
+    let kind = json.get("type").and_then(Json::as_str).or(event);
+    if kind != Some("content_block_delta") {
+        return false;
+    }
+    let Some(delta) = json.get("delta") else {
+        return false;
+    };
+    match delta.get("type").and_then(Json::as_str) {
+        Some("text_delta") => text(delta.get("text")),
+        Some("thinking_delta") => text(delta.get("thinking")),
+        Some("input_json_delta") => text(delta.get("partial_json")),
+        Some("signature_delta") => false,
+        Some("citations_delta") => non_empty(delta.get("citation")),
+        // A delta type newer than this code: content if it carries anything.
+        _ => delta
+            .as_object()
+            .is_some_and(|o| o.iter().any(|(k, v)| k != "type" && non_empty(Some(v)))),
+    }
+}
+
+/// A response with a candidate part that has text (thoughts included) or is another kind of
+/// output (`functionCall`, `inlineData`, `executableCode`, ...). An empty text part, with or
+/// without a `thoughtSignature`, is not content.
+fn gemini(json: &Json) -> bool {
+    let Some(candidates) = json.get("candidates").and_then(Json::as_array) else {
+        return false;
+    };
+    candidates.iter().any(|c| {
+        c.get("content")
+            .and_then(|c| c.get("parts"))
+            .and_then(Json::as_array)
+            .is_some_and(|parts| {
+                parts.iter().any(|p| {
+                    text(p.get("text"))
+                        || p.as_object().is_some_and(|o| {
+                            o.iter().any(|(k, v)| {
+                                !matches!(k.as_str(), "text" | "thought" | "thoughtSignature")
+                                    && !v.is_null()
+                            })
+                        })
+                })
+            })
+    })
+}
+
+/// The arrival stamps of one response's content-bearing events. See the module docs.
+#[derive(Debug, Default)]
+pub struct ContentClock {
+    /// `Some(true)`: SSE; `Some(false)`: a whole JSON body; `None`: not known yet.
+    sse_mode: Option<bool>,
+    format: Option<Format>,
+    sse: SseDecoder,
+    decoder: Option<Decoder>,
+    /// The body is encoded in a way that cannot be (or failed to be) decoded.
+    undecodable: bool,
+    /// Content-bearing events seen.
+    pub content_events: u64,
+    /// Arrival of the chunk that completed the first content-bearing event.
+    pub first_content_ns: Option<u64>,
+    /// Arrival of the chunk that completed the last content-bearing event.
+    pub last_content_ns: Option<u64>,
+    /// Arrival of the last chunk that carried body bytes.
+    pub last_body_ns: Option<u64>,
+}
+
+impl ContentClock {
+    /// Uses the response's `content-type`, as [`super::ResponseObserver::set_content_type`].
+    pub fn set_content_type(&mut self, content_type: &str) {
+        let ct = content_type.to_ascii_lowercase();
+        if ct.contains("text/event-stream") {
+            self.sse_mode = Some(true);
+        } else if ct.contains("json") {
+            self.sse_mode = Some(false);
+        }
+    }
+
+    /// Uses the response's `content-encoding`: the body is decoded before it is read; a body
+    /// that cannot be decoded has no content events.
+    pub fn set_content_encoding(&mut self, encoding: &str) {
+        match Encoding::from_header(encoding) {
+            Ok(None) => {}
+            Ok(Some(enc)) => self.decoder = Some(Decoder::new(enc)),
+            Err(_) => self.undecodable = true,
+        }
+    }
+
+    /// The format detected so far.
+    pub fn format(&self) -> Option<Format> {
+        self.format
+    }
+
+    /// Whether the body is (so far) an SSE stream.
+    pub fn is_sse(&self) -> bool {
+        self.sse_mode == Some(true)
+    }
+
+    /// Records body bytes that arrived at `stamp_ns`.
+    pub fn push(&mut self, bytes: &[u8], stamp_ns: u64) {
+        if bytes.is_empty() {
+            return;
+        }
+        self.last_body_ns = Some(stamp_ns);
+        if self.undecodable {
+            return;
+        }
+        match self.decoder.take() {
+            Some(mut decoder) => {
+                let decoded = decoder.push(bytes, &mut |piece| self.read(piece, stamp_ns));
+                self.undecodable = decoded.is_err();
+                self.decoder = Some(decoder);
+            }
+            None => self.read(bytes, stamp_ns),
+        }
+    }
+
+    /// The body ended at `stamp_ns`: an SSE event left without its blank line still counts.
+    pub fn finish(&mut self, stamp_ns: u64) {
+        if let Some(decoder) = self.decoder.as_mut() {
+            self.undecodable |= decoder.finish().is_err();
+        }
+        if self.is_sse() && !self.undecodable {
+            let mut sse = std::mem::take(&mut self.sse);
+            sse.finish(&mut |event, data| self.on_event(event, data, stamp_ns));
+            self.sse = sse;
+        }
+    }
+
+    fn read(&mut self, bytes: &[u8], stamp_ns: u64) {
+        if self.sse_mode.is_none() {
+            match bytes.iter().find(|b| !b.is_ascii_whitespace()) {
+                Some(b'{') | Some(b'[') => self.sse_mode = Some(false),
+                Some(_) => self.sse_mode = Some(true),
+                None => return,
+            }
+        }
+        if self.is_sse() {
+            let mut sse = std::mem::take(&mut self.sse);
+            sse.push(bytes, &mut |event, data| {
+                self.on_event(event, data, stamp_ns)
+            });
+            self.sse = sse;
+        }
+    }
+
+    fn on_event(&mut self, event: Option<&str>, data: &str, stamp_ns: u64) {
+        if data.trim() == "[DONE]" {
+            return;
+        }
+        let Ok(json) = serde_json::from_str::<Json>(data) else {
+            return;
+        };
+        if self.format.is_none() {
+            self.format = Format::ALL.into_iter().find(|f| f.detects(event, &json));
+        }
+        if self.format.is_some_and(|f| is_content(f, event, &json)) {
+            self.content_events += 1;
+            self.first_content_ns.get_or_insert(stamp_ns);
+            self.last_content_ns = Some(stamp_ns);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn content(format: Format, event: Option<&str>, json: Json) -> bool {
+        is_content(format, event, &json)
+    }
+
+    #[test]
+    fn openai_chat_content_is_text_reasoning_refusal_or_tool_calls_not_roles_or_usage() {
+        let f = Format::OpenAiChat;
+        let delta = |d: Json| json!({"choices": [{"index": 0, "delta": d}]});
+        assert!(!content(
+            f,
+            None,
+            delta(json!({"role": "assistant", "content": ""}))
+        ));
+        assert!(!content(f, None, delta(json!({"role": "assistant"}))));
+        assert!(!content(f, None, delta(json!({"content": null}))));
+        assert!(!content(
+            f,
+            None,
+            json!({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
+        ));
+        assert!(!content(
+            f,
+            None,
+            json!({"choices": [], "usage": {"prompt_tokens": 1}})
+        ));
+        assert!(content(f, None, delta(json!({"content": "Hi"}))));
+        assert!(content(
+            f,
+            None,
+            delta(json!({"reasoning_content": "Let me"}))
+        ));
+        assert!(content(f, None, delta(json!({"reasoning": "hmm"}))));
+        assert!(content(f, None, delta(json!({"refusal": "I can't"}))));
+        assert!(content(
+            f,
+            None,
+            delta(json!({"tool_calls": [{"index": 0, "function": {"arguments": "{\""}}]}))
+        ));
+        // Legacy completions.
+        assert!(content(f, None, json!({"choices": [{"text": "Once"}]})));
+        assert!(!content(f, None, json!({"choices": [{"text": ""}]})));
+    }
+
+    #[test]
+    fn responses_content_is_a_non_empty_delta_event() {
+        let f = Format::OpenAiResponses;
+        for kind in [
+            "response.output_text.delta",
+            "response.reasoning_summary_text.delta",
+            "response.function_call_arguments.delta",
+            "response.refusal.delta",
+        ] {
+            assert!(
+                content(f, None, json!({"type": kind, "delta": "x"})),
+                "{kind}"
+            );
+            assert!(
+                !content(f, None, json!({"type": kind, "delta": ""})),
+                "{kind}"
+            );
+        }
+        for kind in [
+            "response.created",
+            "response.in_progress",
+            "response.output_item.added",
+            "response.content_part.added",
+            "response.output_text.done",
+            "response.completed",
+        ] {
+            assert!(!content(f, None, json!({"type": kind})), "{kind}");
+        }
+    }
+
+    #[test]
+    fn anthropic_content_is_a_content_block_delta_with_something_in_it() {
+        let f = Format::Anthropic;
+        let delta = |d: Json| json!({"type": "content_block_delta", "index": 0, "delta": d});
+        for kind in [
+            "message_start",
+            "content_block_start",
+            "ping",
+            "message_delta",
+            "message_stop",
+        ] {
+            assert!(!content(f, Some(kind), json!({"type": kind})), "{kind}");
+        }
+        assert!(!content(
+            f,
+            Some("content_block_start"),
+            json!({"type": "content_block_start", "content_block": {"type": "text", "text": ""}})
+        ));
+        assert!(content(
+            f,
+            None,
+            delta(json!({"type": "text_delta", "text": "The"}))
+        ));
+        assert!(!content(
+            f,
+            None,
+            delta(json!({"type": "text_delta", "text": ""}))
+        ));
+        assert!(content(
+            f,
+            None,
+            delta(json!({"type": "thinking_delta", "thinking": "So"}))
+        ));
+        assert!(content(
+            f,
+            None,
+            delta(json!({"type": "input_json_delta", "partial_json": "{\"a\""}))
+        ));
+        assert!(!content(
+            f,
+            None,
+            delta(json!({"type": "input_json_delta", "partial_json": ""}))
+        ));
+        assert!(!content(
+            f,
+            None,
+            delta(json!({"type": "signature_delta", "signature": "EqQB"}))
+        ));
+        // The event name alone is enough when `type` is missing.
+        assert!(content(
+            f,
+            Some("content_block_delta"),
+            json!({"delta": {"type": "text_delta", "text": "x"}})
+        ));
+    }
+
+    #[test]
+    fn gemini_content_is_a_part_with_text_or_other_output_not_an_empty_part() {
+        let f = Format::Gemini;
+        let parts = |p: Json| json!({"candidates": [{"content": {"parts": p, "role": "model"}}]});
+        assert!(content(f, None, parts(json!([{"text": "The"}]))));
+        assert!(content(
+            f,
+            None,
+            parts(json!([{"text": "Thinking", "thought": true}]))
+        ));
+        assert!(content(
+            f,
+            None,
+            parts(json!([{"functionCall": {"name": "f", "args": {}}}]))
+        ));
+        assert!(!content(f, None, parts(json!([{"text": ""}]))));
+        assert!(!content(
+            f,
+            None,
+            parts(json!([{"text": "", "thoughtSignature": "Cq"}]))
+        ));
+        assert!(!content(f, None, parts(json!([]))));
+        assert!(!content(
+            f,
+            None,
+            json!({"candidates": [{"finishReason": "STOP"}], "usageMetadata": {}})
+        ));
+        assert!(!content(
+            f,
+            None,
+            json!({"usageMetadata": {"promptTokenCount": 3}})
+        ));
+    }
+
+    fn clock(body: &str, sizes: usize) -> ContentClock {
+        let mut c = ContentClock::default();
+        let mut last = 0;
+        for (i, chunk) in body.as_bytes().chunks(sizes).enumerate() {
+            last = 1000 * (i as u64 + 1);
+            c.push(chunk, last);
+        }
+        c.finish(last);
+        c
+    }
+
+    #[test]
+    fn the_clock_skips_the_role_delta_and_times_the_first_text() {
+        let body = concat!(
+            "data: {\"choices\":[{\"delta\":{\"role\":\"assistant\",\"content\":\"\"}}]}\n\n",
+            "data: {\"choices\":[{\"delta\":{\"content\":\"Hi\"}}]}\n\n",
+            "data: {\"choices\":[{\"delta\":{\"content\":\"!\"}}]}\n\n",
+            "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":1,\"completion_tokens\":2}}\n\n",
+            "data: [DONE]\n\n",
+        );
+        // One event per chunk: chunk i arrives at 1000 * (i + 1).
+        let mut c = ContentClock::default();
+        for (i, event) in body.split_inclusive("\n\n").enumerate() {
+            c.push(event.as_bytes(), 1000 * (i as u64 + 1));
+        }
+        c.finish(6000);
+        assert_eq!(c.format(), Some(Format::OpenAiChat));
+        assert_eq!(c.content_events, 2);
+        assert_eq!(c.first_content_ns, Some(2000));
+        assert_eq!(c.last_content_ns, Some(3000));
+        assert_eq!(c.last_body_ns, Some(5000));
+        for size in 1..body.len() {
+            assert_eq!(clock(body, size).content_events, 2, "chunk size {size}");
+        }
+    }
+
+    #[test]
+    fn the_clock_reads_a_compressed_stream_and_stops_at_an_undecodable_one() {
+        use std::io::Write;
+        let body = "event: ping\ndata: {\"type\":\"ping\"}\n\nevent: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"delta\":{\"type\":\"text_delta\",\"text\":\"x\"}}\n\n";
+        let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        e.write_all(body.as_bytes()).unwrap();
+        let gz = e.finish().unwrap();
+        let mut c = ContentClock::default();
+        c.set_content_type("text/event-stream");
+        c.set_content_encoding("gzip");
+        for (i, b) in gz.chunks(7).enumerate() {
+            c.push(b, i as u64 + 1);
+        }
+        c.finish(99);
+        assert_eq!((c.format(), c.content_events), (Some(Format::Anthropic), 1));
+
+        let mut c = ContentClock::default();
+        c.set_content_encoding("compress");
+        c.push(body.as_bytes(), 1);
+        c.finish(2);
+        assert_eq!(c.content_events, 0);
+        assert_eq!(c.last_body_ns, Some(1));
+    }
+
+    #[test]
+    fn a_json_body_has_no_events_but_a_last_byte() {
+        let c = clock("{\"choices\":[{\"message\":{\"content\":\"Hi\"}}]}", 10);
+        assert!(!c.is_sse());
+        assert_eq!(c.content_events, 0);
+        assert_eq!(c.last_body_ns, Some(5000));
+    }
+}
