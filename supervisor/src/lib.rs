@@ -30,7 +30,7 @@ pub mod shell;
 // The modules by their own names, as the rest of the crate and the tests call them.
 pub use data_path::{ext_proc, metadata, plugin_stream};
 pub use plugin::{accept, link, restart, spawn, supervise};
-pub use shell::{control, instance, logging, metrics, reload, service, systemd};
+pub use shell::{control, crash_loop, instance, logging, metrics, reload, service, systemd};
 
 use std::future::Future;
 use std::net::SocketAddr;
