@@ -153,7 +153,10 @@ mod tests {
     #[test]
     fn the_hold_status_says_what_to_do() {
         let line = hold_status(5);
-        assert!(line.starts_with("crash loop: 5 failed starts within 60s"), "{line}");
+        assert!(
+            line.starts_with("crash loop: 5 failed starts within 60s"),
+            "{line}"
+        );
         assert!(line.ends_with("systemctl restart plugvisor"), "{line}");
     }
 }

@@ -233,6 +233,9 @@ mod tests {
         want.extend_from_slice(&3u64.to_le_bytes());
         want.extend_from_slice(b"a\nb\n");
         assert_eq!(record, want);
-        assert_eq!(field_name("PLUGVISOR", "queue.depth"), "PLUGVISOR_QUEUE_DEPTH");
+        assert_eq!(
+            field_name("PLUGVISOR", "queue.depth"),
+            "PLUGVISOR_QUEUE_DEPTH"
+        );
     }
 }
