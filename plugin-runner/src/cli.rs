@@ -73,6 +73,11 @@ pub struct Args {
     /// On SIGTERM or SIGINT, let queued events finish for this long, then exit 0.
     #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_duration)]
     pub term_grace: Duration,
+
+    /// Keep retrying for this long while the front's socket is missing or refuses connections,
+    /// e.g. a plugin unit started before plugvisor (`0s`: fail at once).
+    #[arg(long, value_name = "DURATION", default_value = "0s", value_parser = parse_duration)]
+    pub connect_wait: Duration,
 }
 
 /// Parses `250ms`, `30s`, `5m`, `1h`, or a bare number of seconds.
@@ -158,6 +163,7 @@ impl Args {
             lane_queue_events: self.lane_queue_events.max(1),
             lane_queue_bytes: self.lane_queue_bytes,
             term_grace: self.term_grace,
+            connect_wait: self.connect_wait,
         })
     }
 }

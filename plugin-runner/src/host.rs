@@ -86,6 +86,9 @@ pub struct HostOptions {
     pub lane_queue_bytes: usize,
     /// How long SIGTERM/SIGINT let queued events finish before the process exits.
     pub term_grace: Duration,
+    /// How long to keep retrying while the front's socket is missing or refuses (a plugin unit
+    /// ordered before plugvisor starts first); zero fails at once.
+    pub connect_wait: Duration,
 }
 
 impl HostOptions {
@@ -101,6 +104,7 @@ impl HostOptions {
             lane_queue_events: 4096,
             lane_queue_bytes: 16 * 1024 * 1024,
             term_grace: Duration::from_secs(5),
+            connect_wait: Duration::ZERO,
         }
     }
 }
@@ -143,8 +147,33 @@ pub async fn serve<P: Plugin>(plugin: P, opts: HostOptions) -> Exit {
     }
 }
 
+/// Connects to `path`, retrying for up to `wait` while the socket is missing or nobody listens
+/// on it yet (the front is starting or restarting); other errors fail at once.
+async fn connect(path: &std::path::Path, wait: Duration) -> std::io::Result<UnixStream> {
+    let deadline = tokio::time::Instant::now() + wait;
+    let mut said = false;
+    loop {
+        match UnixStream::connect(path).await {
+            Ok(stream) => return Ok(stream),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+                ) && tokio::time::Instant::now() < deadline =>
+            {
+                if !said {
+                    tracing::info!(socket = %path.display(), wait_ms = wait.as_millis() as u64, "front not listening yet; waiting for it");
+                    said = true;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 async fn serve_inner<P: Plugin>(mut plugin: P, opts: &HostOptions) -> Result<Exit, HostError> {
-    let stream = UnixStream::connect(&opts.connect)
+    let stream = connect(&opts.connect, opts.connect_wait)
         .await
         .map_err(|source| HostError::Connect {
             path: opts.connect.clone(),

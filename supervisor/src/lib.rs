@@ -32,7 +32,7 @@ pub mod shell;
 pub use data_path::{ext_proc, metadata, plugin_stream};
 pub use plugin::registry::Plugins;
 pub use plugin::{accept, link, owner, registry, restart, spawn, supervise};
-pub use shell::{control, instance, logging, metrics, reload, service, systemd};
+pub use shell::{control, crash_loop, instance, logging, metrics, reload, service, systemd};
 
 use std::future::Future;
 use std::net::SocketAddr;

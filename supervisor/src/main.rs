@@ -253,6 +253,16 @@ fn main() -> ExitCode {
         None => {}
     }
     supervisor::logging::init(cli.log_format);
+    // Before the config: a broken config is one of the crash loops this stops.
+    if let Some(failures) = supervisor::crash_loop::tripped() {
+        return match supervisor::crash_loop::hold(failures) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                tracing::error!("cannot hold the listener: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let config = match &cli.config {
         Some(path) => Config::load(path),
         None => Config::default_config(),

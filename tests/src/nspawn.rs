@@ -206,7 +206,8 @@ impl Builder {
     /// Boots the container with plugvisor installed the way an operator does it: `repo` and
     /// `bin_dir` (holding the built `plugvisor` and `plugvisor-plugin`) bound read-only at their own
     /// paths, a fresh `/usr/local`, then `scripts/install --from <bin_dir> --config <config>`
-    /// inside (units in /etc/systemd/system, the user `plugvisor`, the group `envoy`, daemon-reload).
+    /// inside (units in /usr/local/lib/systemd/system, the user `plugvisor`, the group `envoy`,
+    /// daemon-reload).
     /// Nothing is started; `config` becomes /etc/plugvisor/plugvisor.toml.
     pub fn boot_installed(
         self,

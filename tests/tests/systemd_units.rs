@@ -99,9 +99,9 @@ fn install_script_puts_units_in_place_under_real_systemd() {
             "systemd-analyze",
             "verify",
             "--man=no",
-            "/etc/systemd/system/plugvisor.service",
-            "/etc/systemd/system/plugvisor.socket",
-            "/etc/systemd/system/plugvisor-plugin@usage.service",
+            "/usr/local/lib/systemd/system/plugvisor.service",
+            "/usr/local/lib/systemd/system/plugvisor.socket",
+            "/usr/local/lib/systemd/system/plugvisor-plugin@usage.service",
         ])
         .unwrap();
     assert!(

@@ -1,7 +1,7 @@
 //! The front's log. Under systemd (`JOURNAL_STREAM` set) records go to journald through its
-//! native protocol, every field of a record as a journal field prefixed `PLUGVISOR_` (so a record
-//! about a plugin carries `PLUGVISOR_PLUGIN=<name>`, the field the plugins' own records carry
-//! too); otherwise they are lines on stderr, human-readable or, with `--log-format json`, JSON.
+//! native protocol ([`super::journal`]), every field of a record as a journal field prefixed
+//! `PLUGVISOR_` with its plain value (so a record about a plugin carries `PLUGVISOR_PLUGIN=<name>`,
+//! the field the plugins' own records carry too, and names it in its message); otherwise they are lines on stderr, human-readable or, with `--log-format json`, JSON.
 //! The filter comes from `PLUGVISOR_LOG` (default `info`).
 
 use tracing_subscriber::layer::SubscriberExt;
@@ -59,11 +59,8 @@ pub fn init(format: LogFormat) {
     }
     let mut journal_error = None;
     if journald {
-        match tracing_journald::layer() {
+        match super::journal::JournalLayer::new("plugvisor", JOURNAL_FIELD_PREFIX) {
             Ok(layer) => {
-                let layer = layer
-                    .with_field_prefix(Some(JOURNAL_FIELD_PREFIX.to_owned()))
-                    .with_syslog_identifier("plugvisor".to_owned());
                 let _ = tracing_subscriber::registry()
                     .with(filter())
                     .with(layer)

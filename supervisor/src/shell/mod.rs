@@ -1,10 +1,12 @@
 //! The service shell around the data path and the plugins: running under systemd
-//! ([`service`], [`systemd`]), the control socket behind `plugvisor status` ([`control`]),
+//! ([`service`], [`systemd`], [`crash_loop`]), the control socket behind `plugvisor status` ([`control`]),
 //! applying a new configuration ([`reload`]), Prometheus and the admin server ([`metrics`]), the
-//! log ([`logging`]), and one front per runtime directory ([`instance`]).
+//! log ([`logging`], [`journal`]), and one front per runtime directory ([`instance`]).
 
 pub mod control;
+pub mod crash_loop;
 pub mod instance;
+pub mod journal;
 pub mod logging;
 pub mod metrics;
 pub mod reload;

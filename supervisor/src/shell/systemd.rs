@@ -148,6 +148,7 @@ pub async fn bind_ext_proc(listen: &Listen) -> Result<(Listen, ExtProcListener, 
             let addr = l.local_addr().map_err(activation_error)?;
             let l = tokio::net::TcpListener::from_std(l).map_err(activation_error)?;
             tracing::info!(listen = %addr, "ext_proc listener passed by systemd");
+            warn_ignored_listen(listen, &Listen::Tcp(addr));
             return Ok((Listen::Tcp(addr), ExtProcListener::Tcp(l), true));
         }
         Some(Activated::Unix(l)) => {
@@ -158,7 +159,9 @@ pub async fn bind_ext_proc(listen: &Listen) -> Result<(Listen, ExtProcListener, 
                 .unwrap_or_default();
             let l = tokio::net::UnixListener::from_std(l).map_err(activation_error)?;
             tracing::info!(listen = %format!("unix:{}", path.display()), "ext_proc listener passed by systemd");
-            return Ok((Listen::Unix(path), ExtProcListener::Unix(l), true));
+            let passed = Listen::Unix(path);
+            warn_ignored_listen(listen, &passed);
+            return Ok((passed, ExtProcListener::Unix(l), true));
         }
         None => {}
     }
@@ -195,6 +198,25 @@ pub async fn bind_ext_proc(listen: &Listen) -> Result<(Listen, ExtProcListener, 
             Ok((Listen::Unix(path.clone()), ExtProcListener::Unix(l), false))
         }
     }
+}
+
+/// Says so when the config's `listen` names another address than the socket systemd passed:
+/// an operator who set `listen` expects Envoy to reach plugvisor there, and it will not.
+fn warn_ignored_listen(configured: &Listen, passed: &Listen) {
+    if let Some(line) = ignored_listen(configured, passed) {
+        tracing::warn!("{line}");
+    }
+}
+
+/// The warning for [`warn_ignored_listen`], `None` when both name the same address.
+fn ignored_listen(configured: &Listen, passed: &Listen) -> Option<String> {
+    (configured != passed).then(|| {
+        format!(
+            "ignoring listen = \"{configured}\": systemd passed the ext_proc socket {passed} \
+             (plugvisor.socket); to serve on {configured}, set ListenStream= in a drop-in \
+             (scripts/install --listen) or mask plugvisor.socket"
+        )
+    })
 }
 
 /// Whether a service manager listens for notifications (`NOTIFY_SOCKET` is set).
@@ -655,6 +677,27 @@ mod tests {
         serving.abort();
         std::env::remove_var("NOTIFY_SOCKET");
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_listen_other_than_the_passed_socket_is_named_as_ignored() {
+        let unix = |p: &str| Listen::Unix(p.into());
+        let tcp = |a: &str| Listen::Tcp(a.parse().unwrap());
+        let run = "/run/plugvisor/extproc.sock";
+        assert_eq!(ignored_listen(&unix(run), &unix(run)), None);
+        assert_eq!(
+            ignored_listen(&tcp("127.0.0.1:9002"), &tcp("127.0.0.1:9002")),
+            None
+        );
+        let line = ignored_listen(&tcp("127.0.0.1:9002"), &unix(run)).unwrap();
+        assert!(
+            line.starts_with(
+                "ignoring listen = \"127.0.0.1:9002\": systemd passed the ext_proc socket \
+                 unix:/run/plugvisor/extproc.sock"
+            ),
+            "{line}"
+        );
+        assert!(ignored_listen(&unix(run), &tcp("0.0.0.0:9002")).is_some());
     }
 
     #[test]
