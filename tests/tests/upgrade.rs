@@ -449,3 +449,135 @@ async fn a_second_upgrade_while_the_first_drains_loses_nothing() {
     assert!(!running(second), "the second front exits once drained");
     assert!(running(third));
 }
+
+/// Under a real systemd 252 (nspawn, installed with `scripts/install`, socket-activated,
+/// `NotifyAccess=main` as shipped): `plugvisor upgrade` makes the new front the unit's main pid,
+/// the old one drains inside the unit's cgroup, the watchdog follows the new front, and streams
+/// through the activated socket survive. Needs root and systemd-container, as
+/// tests/tests/systemd_service.rs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_systemd_the_new_front_becomes_the_main_pid_and_streams_survive() {
+    use tests::nspawn::{self, Container};
+    const SERVICE: &str = "plugvisor.service";
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_owned();
+    let run_dir = tempfile::tempdir().unwrap();
+    let text = std::fs::read_to_string(repo.join("tests/systemd/spawned.toml"))
+        .unwrap()
+        .replace(
+            "admin_listen = \"127.0.0.1:9003\"",
+            &format!("admin_listen = \"127.0.0.1:{}\"", tests::free_port()),
+        )
+        // Finals may wait (a debug build on a shared machine, two fronts at once): this test
+        // pins the handover, not the plugins' deadline.
+        .replace(
+            "[plugins.usage]\n",
+            "[plugins.usage]\nfinal_timeout_ms = 5000\n",
+        )
+        .replace(
+            "[plugins.latency]\n",
+            "[plugins.latency]\nfinal_timeout_ms = 5000\n",
+        );
+    let config = run_dir.path().join("plugvisor.toml");
+    std::fs::write(&config, text).unwrap();
+    let c = tokio::task::block_in_place(|| {
+        let c = Container::builder("upgrade-svc")
+            .bind(run_dir.path(), "/run/plugvisor")
+            .boot_installed(&repo, &nspawn::built_binaries_dir().unwrap(), &config)
+            .expect("boot and install");
+        // A short watchdog: a new front that did not take it over would be killed within 2 s.
+        c.sh("mkdir -p /etc/systemd/system/plugvisor.service.d && \
+              printf '[Service]\\nWatchdogSec=2s\\nLimitCORE=0\\n' \
+                > /etc/systemd/system/plugvisor.service.d/watchdog.conf && \
+              systemctl daemon-reload")
+            .unwrap();
+        c.systemctl_ok(&["start", "plugvisor.socket", SERVICE])
+            .unwrap_or_else(|e| panic!("{e}\n{}", c.describe_unit(SERVICE)));
+        c
+    });
+    let prop = |p: &str| c.show_property(SERVICE, p).unwrap();
+    let in_unit = |pid: &str| {
+        c.sh(&format!("cat /proc/{pid}/cgroup 2>/dev/null || true"))
+            .unwrap_or_default()
+            .contains("/system.slice/plugvisor.service")
+    };
+    let old = prop("MainPID");
+
+    let dir = tempfile::tempdir().unwrap();
+    let upstream = Upstream::start().await;
+    let ext_proc = format!("unix:{}", run_dir.path().join("extproc.sock").display());
+    let envoy = tokio::task::block_in_place(|| {
+        Envoy::start(
+            dir.path(),
+            &EnvoyOptions {
+                ext_proc,
+                upstream_port: upstream.port,
+                failure_mode_allow: false,
+                ..EnvoyOptions::default()
+            },
+        )
+    });
+    let port = envoy.port;
+    let stop = Arc::new(AtomicBool::new(false));
+    let small = trickle(port, "svc-trickle", stop.clone());
+    let long_streams = batch(port, "svc-long", 10).await;
+
+    let answer = tokio::task::block_in_place(|| {
+        c.exec_ok(&[
+            "/usr/local/bin/plugvisor",
+            "--config",
+            "/etc/plugvisor/plugvisor.toml",
+            "upgrade",
+        ])
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", c.describe_unit(SERVICE)));
+    let new = new_pid(&answer).to_string();
+    tokio::task::block_in_place(|| {
+        assert_eq!(prop("MainPID"), new, "{}", c.describe_unit(SERVICE));
+        let shown = c.systemctl_ok(&["status", "--no-pager", SERVICE]).unwrap();
+        assert!(shown.contains(&format!("Main PID: {new}")), "{shown}");
+        // The old front drains inside the unit's cgroup.
+        assert!(in_unit(&old), "{}", c.describe_unit(SERVICE));
+    });
+
+    // Past the 2 s watchdog: the new front feeds it, systemd restarted nothing.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    stop.store(true, Ordering::SeqCst);
+    let long_done = join(long_streams).await;
+    let small_done = small.await.unwrap();
+    for (id, p, _, got) in long_done.iter().chain(small_done.iter()) {
+        assert_eq!(got.status, 200, "{id}");
+        assert_eq!(got.error, None, "{id}");
+        assert!(got.body() == p.body(), "{id}: body differs");
+        let line = tokio::task::block_in_place(|| envoy.access_log_for(id, Duration::from_secs(5)));
+        assert_eq!(
+            line["plugvisor"]["missing"],
+            serde_json::json!([]),
+            "{id}: {line}"
+        );
+        assert_eq!(
+            line["usage"]["completion_tokens"], p.chunks as f64,
+            "{id}: {line}"
+        );
+    }
+    tokio::task::block_in_place(|| {
+        assert_eq!(prop("NRestarts"), "0");
+        assert_eq!(prop("ActiveState"), "active");
+        assert_eq!(prop("MainPID"), new);
+        let gone = nspawn::poll(Duration::from_secs(20), || {
+            Ok((!in_unit(&old)).then_some(()))
+        })
+        .unwrap();
+        assert!(
+            gone.is_some(),
+            "the old front is still running after its streams ended"
+        );
+        let status = prop("StatusText");
+        assert!(status.starts_with("serving; plugins 2/2 up"), "{status}");
+        // A stop is today's drain, and completes.
+        c.systemctl_ok(&["stop", SERVICE]).unwrap();
+        assert_eq!(prop("ActiveState"), "inactive");
+    });
+}
