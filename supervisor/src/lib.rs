@@ -227,7 +227,7 @@ pub struct Running {
     /// Closed until a front started by an upgrade is told to serve; then the servers accept.
     accept_gate: watch::Sender<bool>,
     /// Upgrade requests from the control socket, for the service loop.
-    upgrades: Option<tokio::sync::mpsc::Receiver<upgrade::Ask>>,
+    upgrades: Option<upgrade::Receiver>,
     /// Set once a new front serves the listeners: this one only drains, and leaves the socket
     /// paths and the lock to it.
     handed_over: Option<u32>,
@@ -702,7 +702,7 @@ impl Running {
 
     /// Upgrade requests from the control socket (once; the service loop reads them).
     pub fn take_upgrade_requests(&mut self) -> Option<tokio::sync::mpsc::Receiver<upgrade::Ask>> {
-        self.upgrades.take()
+        self.upgrades.take().map(upgrade::Receiver::serve)
     }
 
     /// A front started by an upgrade begins to accept on the listeners it took over; from now

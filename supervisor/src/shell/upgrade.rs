@@ -31,6 +31,8 @@ use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use nix::sys::socket::{recvmsg, sendmsg, ControlMessage, ControlMessageOwned, MsgFlags, UnixAddr};
@@ -298,19 +300,49 @@ pub struct Ask {
 
 /// The control socket's way to ask the service loop for an upgrade.
 #[derive(Debug, Clone)]
-pub struct Requests(mpsc::Sender<Ask>);
+pub struct Requests {
+    tx: mpsc::Sender<Ask>,
+    /// Set once the service loop took the receiving end: a front run without it (a test's
+    /// [`crate::start`]) refuses at once instead of leaving the request unanswered.
+    served: Arc<AtomicBool>,
+}
+
+/// The service loop's end of [`Requests`].
+#[derive(Debug)]
+pub struct Receiver {
+    rx: mpsc::Receiver<Ask>,
+    served: Arc<AtomicBool>,
+}
+
+impl Receiver {
+    /// The receiving end, for the loop that carries upgrades out.
+    pub fn serve(self) -> mpsc::Receiver<Ask> {
+        self.served.store(true, Ordering::SeqCst);
+        self.rx
+    }
+}
 
 impl Requests {
     /// A handle and the receiving end the service loop reads.
-    pub fn channel() -> (Requests, mpsc::Receiver<Ask>) {
+    pub fn channel() -> (Requests, Receiver) {
         let (tx, rx) = mpsc::channel(4);
-        (Requests(tx), rx)
+        let served = Arc::new(AtomicBool::new(false));
+        (
+            Requests {
+                tx,
+                served: served.clone(),
+            },
+            Receiver { rx, served },
+        )
     }
 
     /// Asks for an upgrade and waits for its outcome.
     pub async fn upgrade(&self) -> Result<String, String> {
+        if !self.served.load(Ordering::SeqCst) {
+            return Err(UpgradeError::NotAvailable.to_string());
+        }
         let (reply, answer) = oneshot::channel();
-        if self.0.send(Ask { reply }).await.is_err() {
+        if self.tx.send(Ask { reply }).await.is_err() {
             return Err(UpgradeError::NotAvailable.to_string());
         }
         answer
@@ -861,6 +893,18 @@ mod tests {
         let err = new.recv().await.unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::InvalidData, "{err}");
         drop(writer.await);
+    }
+
+    #[tokio::test]
+    async fn an_upgrade_request_is_refused_at_once_where_no_loop_serves_it() {
+        let (requests, receiver) = Requests::channel();
+        let refused = requests.upgrade().await.unwrap_err();
+        assert!(refused.contains("does not take upgrades"), "{refused}");
+        let mut rx = receiver.serve();
+        let asked = tokio::spawn(async move { requests.upgrade().await });
+        let ask = rx.recv().await.expect("the loop gets the request");
+        ask.reply.send(Ok("upgraded".into())).unwrap();
+        assert_eq!(asked.await.unwrap(), Ok("upgraded".to_owned()));
     }
 
     #[test]
