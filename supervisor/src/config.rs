@@ -17,6 +17,11 @@ use crate::restart::{Policy, RestartType};
 /// The configuration compiled into the binary, used when `plugvisor` runs without `--config`.
 pub const DEFAULT_CONFIG: &str = include_str!("default.toml");
 
+/// `upgrade_drain_ms` by default: LLM responses stream for seconds to minutes, and an upgrade
+/// should cut none of them.
+pub const DEFAULT_UPGRADE_DRAIN_MS: u64 = 15 * 60 * 1000;
+/// The longest `upgrade_drain_ms` accepted: a day.
+pub const MAX_UPGRADE_DRAIN_MS: u64 = 24 * 60 * 60 * 1000;
 /// Default `max_streams`.
 pub const DEFAULT_MAX_STREAMS: usize = 10_000;
 /// Default `max_message_bytes`: twice Envoy's default 1 MiB connection buffer, and more than
@@ -219,6 +224,9 @@ pub struct Config {
     pub connect_timeout: Duration,
     /// How long shutdown waits for in-flight streams and plugins.
     pub shutdown_grace: Duration,
+    /// After an upgrade handed the listeners to a new front: how long the old one may go on
+    /// finishing its in-flight streams before it cuts them.
+    pub upgrade_drain: Duration,
     /// Interval between pings to each plugin.
     pub ping_interval: Duration,
     /// How long `READY=1` waits for the `required` plugins.
@@ -244,6 +252,7 @@ struct RawConfig {
     default_response_body_mode: Option<BodyMode>,
     connect_timeout_ms: Option<u64>,
     shutdown_grace_ms: Option<u64>,
+    upgrade_drain_ms: Option<toml::Spanned<u64>>,
     ping_interval_ms: Option<toml::Spanned<u64>>,
     ready_timeout_ms: Option<u64>,
     max_streams: Option<usize>,
@@ -624,6 +633,21 @@ impl Config {
             ));
         }
 
+        let upgrade_drain_ms = raw
+            .upgrade_drain_ms
+            .as_ref()
+            .map_or(DEFAULT_UPGRADE_DRAIN_MS, |v| *v.get_ref());
+        if !(1..=MAX_UPGRADE_DRAIN_MS).contains(&upgrade_drain_ms) {
+            return Err(invalid(
+                raw.upgrade_drain_ms.as_ref().map(|v| v.span()),
+                "upgrade_drain_ms",
+                format!(
+                    "must be between 1 and {MAX_UPGRADE_DRAIN_MS} (24 h); it bounds how long the \
+                     old front keeps finishing its streams after `plugvisor upgrade`"
+                ),
+            ));
+        }
+
         Ok(Config {
             listen,
             admin_listen,
@@ -631,6 +655,7 @@ impl Config {
             default_response_body_mode: raw.default_response_body_mode.unwrap_or_default(),
             connect_timeout: Duration::from_millis(raw.connect_timeout_ms.unwrap_or(5000)),
             shutdown_grace: Duration::from_millis(raw.shutdown_grace_ms.unwrap_or(5000)),
+            upgrade_drain: Duration::from_millis(upgrade_drain_ms),
             ping_interval,
             ready_timeout: Duration::from_millis(raw.ready_timeout_ms.unwrap_or(10_000)),
             max_streams,

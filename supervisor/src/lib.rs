@@ -15,12 +15,13 @@
 //! - [`shell`]: the service around them: [`service`] and [`systemd`] (running under systemd),
 //!   [`control`] (the control socket behind `plugvisor status`), [`reload`] (applying a new
 //!   configuration), [`metrics`] (Prometheus and the admin server), [`logging`] (the log and its
-//!   rate-limited warnings), [`instance`] (one front per runtime directory, only sockets replaced).
+//!   rate-limited warnings), [`instance`] (one front per runtime directory, only sockets replaced),
+//!   [`upgrade`] (handing the listeners to a new binary and draining).
 //!
 //! Each module is also re-exported here by its own name (`supervisor::link`, ...).
 //!
 //! Unsafe code is denied everywhere but in [`spawn`], which sets the parent-death signal between
-//! fork and exec.
+//! fork and exec, and [`systemd`], which takes ownership of inherited and received fds.
 #![deny(unsafe_code)]
 
 pub mod config;
@@ -32,7 +33,9 @@ pub mod shell;
 pub use data_path::{ext_proc, metadata, plugin_stream};
 pub use plugin::registry::Plugins;
 pub use plugin::{accept, link, owner, registry, restart, spawn, supervise};
-pub use shell::{control, crash_loop, instance, logging, metrics, reload, service, systemd};
+pub use shell::{
+    control, crash_loop, instance, logging, metrics, reload, service, systemd, upgrade,
+};
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -104,6 +107,10 @@ pub enum RunError {
     /// The gRPC server failed.
     #[error("ext_proc server failed")]
     Serve(#[source] tonic::transport::Error),
+    /// Started by an upgrade, this front could not take over from the old one (which serves
+    /// on).
+    #[error("cannot take over from the old front")]
+    TakeOver(#[source] std::io::Error),
 }
 
 /// A message and its causes on one line: `a: b: c`.
@@ -118,10 +125,33 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
     s
 }
 
+/// What a front started by an upgrade takes from the old one instead of binding it.
+#[derive(Debug)]
+pub struct Inherited {
+    /// The runtime directory's lock (the old front's open file).
+    pub lock: instance::InstanceLock,
+    /// The ext_proc listener.
+    pub ext_proc: std::os::fd::OwnedFd,
+    /// The admin listener, if the old front had one.
+    pub admin: Option<std::os::fd::OwnedFd>,
+    /// The ext_proc socket's file belongs to the service manager.
+    pub keep_listen_file: bool,
+}
+
 /// A started front.
 pub struct Running {
     /// The runtime directory's lock, held until the front is dropped.
-    _instance: instance::InstanceLock,
+    instance: instance::InstanceLock,
+    /// Copies of the listeners' fds, to hand to a new front.
+    listeners: upgrade::Listeners,
+    /// Closed until a front started by an upgrade is told to serve; then the servers accept.
+    accept_gate: watch::Sender<bool>,
+    /// Upgrade requests from the control socket, for the service loop.
+    upgrades: Option<upgrade::Receiver>,
+    /// Set once a new front serves the listeners: this one only drains, and leaves the socket
+    /// paths and the lock to it.
+    handed_over: Option<u32>,
+    stop_admin: watch::Sender<bool>,
     config: Config,
     listen: Listen,
     admin: Option<SocketAddr>,
@@ -129,8 +159,9 @@ pub struct Running {
     plugins: Arc<Plugins>,
     /// Loops the watchdog checks before it pings systemd.
     probes: Vec<systemd::Probe>,
-    /// The ext_proc socket came from systemd: its file is systemd's, never removed here.
-    activated: bool,
+    /// The ext_proc socket's file is this front's to remove at stop (not systemd's, nor, before
+    /// a handover is done, the old front's).
+    remove_listen_file: bool,
     stop_streams: watch::Sender<bool>,
     stop_server: Option<tokio::sync::oneshot::Sender<()>>,
     /// `None` once awaited to completion (a finished `JoinHandle` must not be polled again).
@@ -143,9 +174,20 @@ pub struct Running {
 /// `spawn = false` are not waited for: they are started by someone else, often only once this
 /// front is ready (systemd template units are ordered after it).
 pub async fn start(config: Config) -> Result<Running, RunError> {
+    start_with(config, None).await
+}
+
+/// [`start`], or, with `inherited`, the start of a front an upgrade runs: it takes the old
+/// front's lock and listeners instead of binding them, and accepts only once
+/// [`Running::open_accept`] is called.
+pub async fn start_with(config: Config, inherited: Option<Inherited>) -> Result<Running, RunError> {
     // First of all: a second front on this runtime directory must fail before it unlinks or
     // binds anything of the running one's.
-    let instance = instance::InstanceLock::acquire(&config.runtime_dir)?;
+    let (instance, passed) = match inherited {
+        None => (instance::InstanceLock::acquire(&config.runtime_dir)?, None),
+        Some(i) => (i.lock, Some((i.ext_proc, i.admin, i.keep_listen_file))),
+    };
+    let (accept_gate, gate) = watch::channel(passed.is_none());
     let metrics = Arc::new(Metrics::new());
     let plugins_dir = config.plugins_dir();
     // The runtime directory keeps the mode it has (systemd's RuntimeDirectoryMode, or the
@@ -183,39 +225,114 @@ pub async fn start(config: Config) -> Result<Running, RunError> {
     let shutdown_signal = async move {
         let _ = stop_server_rx.await;
     };
-    // Socket activation's `extproc` fd when systemd passed one, else `listen` bound here. The
-    // accept stream answers the watchdog's probe whenever the server polls it.
-    let (listen, listener, activated) = systemd::bind_ext_proc(&config.listen).await?;
+    // The old front's listener after an upgrade, else socket activation's `extproc` fd when
+    // systemd passed one, else `listen` bound here. The accept stream answers the watchdog's
+    // probe whenever the server polls it.
+    let (passed_admin, keep_listen_file) = match &passed {
+        Some((_, admin, keep)) => (admin.as_ref().map(|a| a.try_clone()), *keep),
+        None => (None, false),
+    };
+    let (listen, listener, remove_listen_file, keep_for_next) = match passed.as_ref() {
+        Some((ext_proc, _, _)) => {
+            let failed = |source| RunError::Listen {
+                key: "upgrade",
+                addr: "the ext_proc listener passed by the old front".to_owned(),
+                source,
+            };
+            let fd = ext_proc.try_clone().map_err(failed)?;
+            let activated =
+                systemd::listening_socket(fd).map_err(|e| failed(std::io::Error::other(e)))?;
+            let (listen, listener) = systemd::serve_passed(activated).map_err(failed)?;
+            if listen != config.listen {
+                tracing::warn!(inherited = %listen, configured = %config.listen, "the config's `listen` differs from the listener taken over; keeping the listener (a new address needs a restart)");
+            }
+            // Not this front's to remove until it serves it (see `open_accept`).
+            (listen, listener, false, keep_listen_file)
+        }
+        None => {
+            let (listen, listener, activated) = systemd::bind_ext_proc(&config.listen).await?;
+            (listen, listener, !activated, activated)
+        }
+    };
+    let listeners = {
+        use std::os::fd::AsFd;
+        let ext_proc = match &listener {
+            systemd::ExtProcListener::Tcp(l) => l.as_fd(),
+            systemd::ExtProcListener::Unix(l) => l.as_fd(),
+        };
+        upgrade::Listeners::new(ext_proc, None, keep_for_next)
+    };
+    let mut listeners = listeners.map_err(|source| RunError::Setup {
+        what: "a copy of the ext_proc listener for upgrades".into(),
+        source,
+    })?;
     let (accept_probe, accept_answerer) = systemd::probe("ext_proc accept loop");
+    let mut server_gate = gate.clone();
     let server = match listener {
-        systemd::ExtProcListener::Tcp(listener) => tokio::spawn(
+        systemd::ExtProcListener::Tcp(listener) => tokio::spawn(async move {
+            if server_gate.wait_for(|open| *open).await.is_err() {
+                return Ok(());
+            }
             tonic::transport::Server::builder()
                 .add_service(service)
                 .serve_with_incoming_shutdown(
                     systemd::Watched::new(nodelay_incoming(listener), accept_answerer),
                     shutdown_signal,
-                ),
-        ),
-        systemd::ExtProcListener::Unix(listener) => tokio::spawn(
+                )
+                .await
+        }),
+        systemd::ExtProcListener::Unix(listener) => tokio::spawn(async move {
+            if server_gate.wait_for(|open| *open).await.is_err() {
+                return Ok(());
+            }
             tonic::transport::Server::builder()
                 .add_service(service)
                 .serve_with_incoming_shutdown(
                     systemd::Watched::new(UnixListenerStream::new(listener), accept_answerer),
                     shutdown_signal,
-                ),
-        ),
+                )
+                .await
+        }),
     };
 
     let admin = match config.admin_listen {
         None => None,
         Some(addr) => {
-            let listener = metrics::bind_admin(addr)
-                .await
-                .map_err(|source| RunError::Listen {
-                    key: "admin_listen",
-                    addr: addr.to_string(),
-                    source,
-                })?;
+            let failed = |source| RunError::Listen {
+                key: "admin_listen",
+                addr: addr.to_string(),
+                source,
+            };
+            // The old front's admin listener when it listens where the config says; a changed
+            // address is bound anew.
+            let inherited = match passed_admin {
+                Some(Ok(fd)) => {
+                    let l = std::net::TcpListener::from(fd);
+                    match l.local_addr() {
+                        // Port 0 in the config: the port the old front was given.
+                        Ok(a) if a == addr || (addr.port() == 0 && a.ip() == addr.ip()) => {
+                            l.set_nonblocking(true).map_err(failed)?;
+                            Some(tokio::net::TcpListener::from_std(l).map_err(failed)?)
+                        }
+                        _ => None,
+                    }
+                }
+                Some(Err(e)) => return Err(failed(e)),
+                None => None,
+            };
+            let listener = match inherited {
+                Some(l) => l,
+                None => metrics::bind_admin(addr).await.map_err(failed)?,
+            };
+            {
+                use std::os::fd::AsFd;
+                listeners
+                    .set_admin(listener.as_fd())
+                    .map_err(|source| RunError::Setup {
+                        what: "a copy of the admin listener for upgrades".into(),
+                        source,
+                    })?;
+            }
             Some(listener)
         }
     };
@@ -239,26 +356,35 @@ pub async fn start(config: Config) -> Result<Running, RunError> {
         },
     ));
     background.push(tokio::spawn(registry::retry_loop(Arc::downgrade(&plugins))));
+    let (stop_admin, _) = watch::channel(false);
     // Served once the plugins exist, so /healthz can ask them (the port is bound above, so a
     // busy port still fails the start early).
     let admin = match admin {
         None => None,
         Some(listener) => {
             let bound = listener.local_addr().ok();
-            let mut stop = stop_streams.subscribe();
+            let mut stop = stop_admin.subscribe();
+            let mut admin_gate = gate.clone();
             let health = Arc::downgrade(&plugins);
-            background.push(tokio::spawn(metrics::serve_admin(
-                listener,
-                metrics.clone(),
-                Arc::new(move || {
-                    health
-                        .upgrade()
-                        .map_or_else(Vec::new, |p| p.required_down())
-                }),
-                async move {
-                    let _ = stop.wait_for(|s| *s).await;
-                },
-            )));
+            let metrics = metrics.clone();
+            background.push(tokio::spawn(async move {
+                if admin_gate.wait_for(|open| *open).await.is_err() {
+                    return;
+                }
+                metrics::serve_admin(
+                    listener,
+                    metrics,
+                    Arc::new(move || {
+                        health
+                            .upgrade()
+                            .map_or_else(Vec::new, |p| p.required_down())
+                    }),
+                    async move {
+                        let _ = stop.wait_for(|s| *s).await;
+                    },
+                )
+                .await
+            }));
             bound
         }
     };
@@ -267,10 +393,20 @@ pub async fn start(config: Config) -> Result<Running, RunError> {
         "the control socket {}",
         control_path.display()
     )))?;
-    background.push(tokio::spawn(control::serve(control, plugins.clone())));
+    let (upgrade_requests, upgrades) = upgrade::Requests::channel();
+    background.push(tokio::spawn(control::serve(
+        control,
+        plugins.clone(),
+        upgrade_requests,
+    )));
 
     let running = Running {
-        _instance: instance,
+        instance,
+        listeners,
+        accept_gate,
+        upgrades: Some(upgrades),
+        handed_over: None,
+        stop_admin,
         config: config.clone(),
         listen,
         admin,
@@ -278,7 +414,7 @@ pub async fn start(config: Config) -> Result<Running, RunError> {
         plugins,
         stop_streams,
         probes: vec![accept_probe],
-        activated,
+        remove_listen_file,
         stop_server: Some(stop_server),
         server: Some(server),
         background,
@@ -300,7 +436,11 @@ pub async fn start(config: Config) -> Result<Running, RunError> {
             .collect();
         tracing::warn!(?missing, "serving before every spawned plugin connected");
     }
-    tracing::info!(listen = %running.listen, admin = ?running.admin, "plugvisor front serving");
+    if *running.accept_gate.borrow() {
+        tracing::info!(listen = %running.listen, admin = ?running.admin, "plugvisor front serving");
+    } else {
+        tracing::info!(listen = %running.listen, admin = ?running.admin, "plugvisor front started; serves once the old front lets it");
+    }
     Ok(running)
 }
 
@@ -404,6 +544,76 @@ impl Running {
         tokio::time::timeout(timeout, all).await.is_ok()
     }
 
+    /// Upgrade requests from the control socket (once; the service loop reads them).
+    pub fn take_upgrade_requests(&mut self) -> Option<tokio::sync::mpsc::Receiver<upgrade::Ask>> {
+        self.upgrades.take().map(upgrade::Receiver::serve)
+    }
+
+    /// A front started by an upgrade begins to accept on the listeners it took over; from now
+    /// on the lock and the ext_proc socket's file are its own.
+    pub fn open_accept(&mut self) {
+        self.accept_gate.send_replace(true);
+        if let Err(e) = self.instance.take_over() {
+            tracing::warn!(error = %e, "cannot write this front's pid into the lock file");
+        }
+        self.remove_listen_file = !self.listeners.keeps_listen_file();
+    }
+
+    /// What an upgrade hands over from this front: `draining` are older fronts still draining.
+    pub fn upgrade_plan(
+        &self,
+        watchdog_usec: Option<u64>,
+        draining: Vec<u32>,
+    ) -> Result<upgrade::Plan<'_>, upgrade::UpgradeError> {
+        if let Some(to) = self.handed_over {
+            return Err(upgrade::UpgradeError::AlreadyHandedOver {
+                pid: std::process::id(),
+                to,
+            });
+        }
+        let lock = self
+            .instance
+            .file()
+            .ok_or(upgrade::UpgradeError::NotAvailable)?;
+        // The plugins whose sockets this front bound (not those it could not start).
+        let mut sockets: Vec<_> = self
+            .plugins
+            .entries()
+            .iter()
+            .map(|e| self.config.plugin_socket(e.name()))
+            .collect();
+        sockets.push(self.config.control_socket());
+        Ok(upgrade::Plan {
+            runtime_dir: &self.config.runtime_dir,
+            sockets,
+            lock,
+            listeners: &self.listeners,
+            watchdog_usec,
+            draining,
+            ready_timeout: self.config.ready_timeout,
+        })
+    }
+
+    /// The front `to` serves the listeners now: stop accepting, send GOAWAY on every
+    /// connection (their streams go on), stop serving `/metrics`, and leave the socket paths
+    /// and the lock to `to`. The in-flight streams then drain with [`Running::stop`].
+    pub fn hand_over(&mut self, to: u32) {
+        self.handed_over = Some(to);
+        self.plugins.freeze();
+        if let Some(tx) = self.stop_server.take() {
+            let _ = tx.send(());
+        }
+        self.stop_admin.send_replace(true);
+        self.listeners.release();
+        self.instance.keep_for_successor();
+        self.remove_listen_file = false;
+    }
+
+    /// The front this one handed over to, if it did.
+    pub fn handed_over(&self) -> Option<u32> {
+        self.handed_over
+    }
+
     /// Graceful stop: stop accepting streams and let in-flight ones finish for up to
     /// `shutdown_grace`; abort the rest; ask the plugins to stop and kill those still running
     /// after the grace period; remove the sockets.
@@ -412,6 +622,7 @@ impl Running {
         if let Some(tx) = self.stop_server.take() {
             let _ = tx.send(());
         }
+        self.stop_admin.send_replace(true);
         let deadline = tokio::time::Instant::now() + grace;
         let streams_done = async {
             while self.metrics.streams_active.get() > 0 {
@@ -433,10 +644,16 @@ impl Running {
         }
         // Plugins stop in reverse config order: each gets `Shutdown`, SIGTERM after the grace
         // period and SIGKILL after another; their owners end once they are reaped, closing
-        // their connections and sockets.
+        // their connections and sockets (and removing the socket files, unless a handover gave
+        // the paths to the new front).
+        let socket = if self.handed_over.is_none() {
+            owner::SocketFile::Remove
+        } else {
+            owner::SocketFile::Keep
+        };
         let entries = self.plugins.take_all();
         for entry in entries.iter().rev() {
-            entry.begin_stop(grace);
+            entry.begin_stop(grace, socket);
         }
         let all_stopped = async {
             for entry in entries.iter().rev() {
@@ -453,15 +670,19 @@ impl Running {
         for entry in &entries {
             entry.link().disconnect("front stopping");
             // Only while it is still a socket (an owner cut short did not remove it).
-            instance::remove_socket(&self.config.plugin_socket(entry.name()));
+            if socket == owner::SocketFile::Remove {
+                instance::remove_socket(&self.config.plugin_socket(entry.name()));
+            }
         }
         drop(entries);
         for task in self.background.drain(..) {
             task.abort();
         }
-        if let (Listen::Unix(path), false) = (&self.listen, self.activated) {
+        if let (Listen::Unix(path), true) = (&self.listen, self.remove_listen_file) {
             instance::remove_socket(path);
         }
-        instance::remove_socket(&self.config.control_socket());
+        if self.handed_over.is_none() {
+            instance::remove_socket(&self.config.control_socket());
+        }
     }
 }

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use supervisor::{error_chain, spawn, Config};
+use supervisor::{error_chain, spawn, upgrade, Config};
 
 /// Envoy ext_proc front that feeds plugin processes without making the stream wait.
 #[derive(Parser)]
@@ -15,7 +15,8 @@ use supervisor::{error_chain, spawn, Config};
     version,
     after_help = "Without a command, plugvisor serves: the ext_proc front on `listen` and its \
                   plugins, from --config or the embedded default (`plugvisor default-config`). \
-                  SIGTERM/SIGINT drain and stop, SIGHUP reloads the config. The control \
+                  SIGTERM/SIGINT drain and stop, SIGHUP reloads the config, SIGUSR2 upgrades \
+                  (as `plugvisor upgrade`). The control \
                   commands talk to a running plugvisor through <runtime_dir>/control.sock. \
                   Exit codes: 0 ok, 1 failure, 64 bad configuration."
 )]
@@ -77,6 +78,16 @@ enum Command {
     Restart {
         /// The plugin's name in the config.
         plugin: String,
+        #[command(flatten)]
+        control: ControlArg,
+    },
+    /// Upgrade the running front to the binary now on disk, without breaking a stream.
+    ///
+    /// The running front starts the new binary with its own arguments and passes it the
+    /// ext_proc and admin listeners; once the new front's plugins are up it serves new requests,
+    /// and the old front finishes its streams (up to upgrade_drain_ms) and exits. Exits 0 once
+    /// the new front serves; 1 if it failed (it is then killed and the old front serves on).
+    Upgrade {
         #[command(flatten)]
         control: ControlArg,
     },
@@ -174,6 +185,14 @@ fn main() -> ExitCode {
             std::iter::once(OsString::from("plugvisor plugin")).chain(std::env::args_os().skip(2)),
         );
     }
+    // An upgrade runs this executable twice: once to start the new front and say its pid, then
+    // the new front itself, which finds the old one's handover socket in its environment. Both
+    // are read before any thread exists, so the variables can be removed safely.
+    if std::env::var_os(upgrade::LAUNCH_ENV).is_some() {
+        upgrade::launch_main();
+    }
+    let handover = std::env::var_os(upgrade::SOCKET_ENV).map(PathBuf::from);
+    std::env::remove_var(upgrade::SOCKET_ENV);
     let cli = Cli::parse();
     match cli.command {
         Some(Command::CheckConfig { file }) => {
@@ -250,6 +269,14 @@ fn main() -> ExitCode {
                 false,
             );
         }
+        Some(Command::Upgrade { control: c }) => {
+            return control(
+                &c,
+                cli.config.as_ref(),
+                supervisor::control::Request::Upgrade,
+                false,
+            );
+        }
         None => {}
     }
     supervisor::logging::init(cli.log_format);
@@ -285,10 +312,11 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(supervisor::service::run(
+    match runtime.block_on(supervisor::service::run_with(
         config,
         cli.config.clone(),
         shutdown_signal(),
+        handover,
     )) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

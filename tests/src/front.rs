@@ -37,9 +37,22 @@ impl FrontProcess {
         plugins_toml: &str,
         expect: &[&str],
     ) -> FrontProcess {
+        FrontProcess::start_from(&bins::plugvisor(), dir, listen, "", plugins_toml, expect)
+    }
+
+    /// [`FrontProcess::start_listening`] running `binary` (e.g. a copy an upgrade test replaces),
+    /// with `header` (top-level keys, one per line) added to the generated config.
+    pub fn start_from(
+        binary: &Path,
+        dir: &Path,
+        listen: &str,
+        header: &str,
+        plugins_toml: &str,
+        expect: &[&str],
+    ) -> FrontProcess {
         let admin_port = free_port();
         let config = format!(
-            "listen = \"{listen}\"\nadmin_listen = \"127.0.0.1:{admin_port}\"\nruntime_dir = \"{}\"\nping_interval_ms = 100\n\n{plugins_toml}",
+            "listen = \"{listen}\"\nadmin_listen = \"127.0.0.1:{admin_port}\"\nruntime_dir = \"{}\"\nping_interval_ms = 100\n{header}\n{plugins_toml}",
             FrontProcess::runtime_dir_in(dir).display()
         );
         let path = dir.join("plugvisor.toml");
@@ -48,7 +61,7 @@ impl FrontProcess {
         let log = std::fs::File::create(&log_file).expect("log file");
         // Make sure the plugin host is there before blaming the front for a missing plugin.
         bins::plugvisor_plugin();
-        let child = Command::new(bins::plugvisor())
+        let child = Command::new(binary)
             .arg("--config")
             .arg(&path)
             .env("PLUGVISOR_LOG", "info")

@@ -406,3 +406,33 @@ fn commands_users_and_groups_must_exist() {
         assert!(Config::parse(text, "t").is_ok(), "the text alone is fine");
     }
 }
+
+#[test]
+fn upgrade_drain_is_long_by_default_and_checked_at_its_bounds() {
+    let parse = |text: &str| Config::parse(text, "t.toml");
+    assert_eq!(
+        parse("").unwrap().upgrade_drain,
+        Duration::from_millis(DEFAULT_UPGRADE_DRAIN_MS)
+    );
+    assert!(
+        parse("").unwrap().upgrade_drain > parse("").unwrap().shutdown_grace,
+        "an upgrade drains longer than a stop"
+    );
+    assert_eq!(
+        parse("upgrade_drain_ms = 1").unwrap().upgrade_drain,
+        Duration::from_millis(1)
+    );
+    assert_eq!(
+        parse(&format!("upgrade_drain_ms = {MAX_UPGRADE_DRAIN_MS}"))
+            .unwrap()
+            .upgrade_drain,
+        Duration::from_millis(MAX_UPGRADE_DRAIN_MS)
+    );
+    for bad in [0, MAX_UPGRADE_DRAIN_MS + 1] {
+        let err = parse(&format!("\nupgrade_drain_ms = {bad}\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("upgrade_drain_ms"), "{err}");
+        assert!(err.contains("line 2"), "{err}");
+    }
+}

@@ -151,7 +151,8 @@ impl Merge {
     }
 
     /// The `dynamic_metadata` struct, with
-    /// `plugvisor: {stream_id, missing: [names], reasons: {name: reason}}` and, when a plugin
+    /// `plugvisor: {stream_id, front_pid, missing: [names], reasons: {name: reason}}` (stream ids
+    /// count per front: after an upgrade two fronts serve at once) and, when a plugin
     /// answered for a stream it did not see whole, `partial: {name: events it never got}`.
     pub fn into_struct(self, stream_id: u64) -> Struct {
         let mut fields: HashMap<String, PbValue> = self
@@ -161,6 +162,7 @@ impl Merge {
             .collect();
         let front = Value::map([
             ("stream_id", Value::from(stream_id)),
+            ("front_pid", Value::from(u64::from(std::process::id()))),
             (
                 "missing",
                 Value::List(
@@ -344,7 +346,7 @@ mod tests {
         assert_eq!(num(&s, "plugvisor", "stream_id"), Some(7.0));
         assert_eq!(
             front(&s),
-            serde_json::json!({"stream_id": 7.0, "missing": ["latency"], "reasons": {"latency": "timeout"}})
+            serde_json::json!({"stream_id": 7.0, "front_pid": f64::from(std::process::id()), "missing": ["latency"], "reasons": {"latency": "timeout"}})
         );
     }
 

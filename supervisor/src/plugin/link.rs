@@ -177,6 +177,8 @@ pub struct PluginLink {
     poisoned: Mutex<std::collections::HashSet<StreamId>>,
     /// What the last connection subscribed to (what streams assume while the plugin is down).
     last_subscriptions: Mutex<Subscriptions>,
+    /// The writer and reader tasks of its connections, live and draining.
+    tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
 impl PluginLink {
@@ -200,6 +202,7 @@ impl PluginLink {
             stuck: Mutex::new(Vec::new()),
             poisoned: Mutex::new(std::collections::HashSet::new()),
             last_subscriptions: Mutex::new(Subscriptions::ALL),
+            tasks: Mutex::new(Vec::new()),
         }
     }
 
@@ -319,11 +322,15 @@ impl PluginLink {
             .inflight_bytes
             .get_or_create(&self.label)
             .set(0);
-        tokio::spawn(
-            self.clone()
-                .write_loop(conn.clone(), rx, priority_rx, replay_rx, writer),
-        );
-        tokio::spawn(self.clone().read_loop(conn.clone(), reader));
+        let writer =
+            tokio::spawn(
+                self.clone()
+                    .write_loop(conn.clone(), rx, priority_rx, replay_rx, writer),
+            );
+        let reader = tokio::spawn(self.clone().read_loop(conn.clone(), reader));
+        let mut tasks = self.tasks.lock().expect("tasks lock");
+        tasks.retain(|t| !t.is_finished());
+        tasks.extend([writer, reader]);
         Some(conn)
     }
 
@@ -456,6 +463,26 @@ impl PluginLink {
     /// Connections being replaced that still serve streams.
     pub fn draining(&self) -> usize {
         self.draining.lock().expect("draining lock").len()
+    }
+
+    /// Closes every connection, live and draining, and waits up to `limit` for their tasks to
+    /// end, so nothing of theirs touches the plugin's metric series afterwards (its owner is
+    /// stopping it for good).
+    pub async fn close_all(&self, why: &str, limit: Duration) {
+        self.disconnect(why);
+        let draining: Vec<Arc<Conn>> = self.draining.lock().expect("draining lock").clone();
+        for conn in draining {
+            self.detach(&conn, why);
+        }
+        let tasks = std::mem::take(&mut *self.tasks.lock().expect("tasks lock"));
+        let ended = async {
+            for task in tasks {
+                let _ = task.await;
+            }
+        };
+        if tokio::time::timeout(limit, ended).await.is_err() {
+            tracing::warn!(plugin = %self.name, "connection tasks still running after the plugin stopped");
+        }
     }
 
     /// Closes the live connection (shutdown, or a restart by the supervisor).

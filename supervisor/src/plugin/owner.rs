@@ -44,6 +44,15 @@ enum Message {
     Reconfigure(Box<PluginConfig>, oneshot::Sender<String>),
 }
 
+/// What a stopping owner does with its socket's path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SocketFile {
+    /// Removes it (while it is still a socket).
+    Remove,
+    /// Leaves it: the path now belongs to another front (after an upgrade handover).
+    Keep,
+}
+
 /// A plugin whose socket is bound and whose link exists, not yet started: the front hands its
 /// link to the data path before any plugin process runs.
 pub struct Bound {
@@ -134,7 +143,7 @@ pub struct PluginOwner {
     /// The process part's published state, for `spawn = true` plugins.
     shared: Option<Arc<Mutex<Shared>>>,
     mailbox: mpsc::Sender<Message>,
-    stop: Mutex<Option<oneshot::Sender<Duration>>>,
+    stop: Mutex<Option<oneshot::Sender<(Duration, SocketFile)>>>,
     task: Mutex<Option<JoinHandle<()>>>,
     /// Answered by the task's loop; the systemd watchdog pings only while it is.
     probe: crate::systemd::Probe,
@@ -202,11 +211,11 @@ impl PluginOwner {
 
     /// Stops the plugin for good (front shutdown, removal or replacement by a reload): its
     /// process gets `Shutdown`, SIGTERM after `grace`, SIGKILL after another `grace` (a plugin
-    /// someone else runs gets `Shutdown`); then its connections close and its socket is removed.
-    /// [`PluginOwner::finished`] waits for that.
-    pub fn begin_stop(&self, grace: Duration) {
+    /// someone else runs gets `Shutdown`); then its connections close and its socket's path is
+    /// removed or kept as `socket` says. [`PluginOwner::finished`] waits for that.
+    pub fn begin_stop(&self, grace: Duration, socket: SocketFile) {
         if let Some(tx) = self.stop.lock().expect("stop lock").take() {
-            let _ = tx.send(grace);
+            let _ = tx.send((grace, socket));
         }
     }
 
@@ -250,7 +259,7 @@ impl Owner {
     async fn run(
         mut self,
         mut mailbox: mpsc::Receiver<Message>,
-        mut stop: oneshot::Receiver<Duration>,
+        mut stop: oneshot::Receiver<(Duration, SocketFile)>,
         mut probes: crate::systemd::ProbeAnswerer,
     ) {
         let mut nonce = 0u64;
@@ -262,8 +271,9 @@ impl Owner {
         loop {
             let up = self.process.as_ref().map(Process::state) == Some(State::Up);
             tokio::select! {
-                grace = &mut stop => {
-                    self.stop(grace.unwrap_or(Duration::ZERO)).await;
+                how = &mut stop => {
+                    let (grace, socket) = how.unwrap_or((Duration::ZERO, SocketFile::Remove));
+                    self.stop(grace, socket).await;
                     return;
                 }
                 () = probes.answer() => {}
@@ -350,7 +360,7 @@ impl Owner {
     }
 
     /// Stops the plugin, closes its connections and its socket.
-    async fn stop(&mut self, grace: Duration) {
+    async fn stop(&mut self, grace: Duration, socket: SocketFile) {
         let name = self.link.name().to_owned();
         match &mut self.process {
             Some(process) => process.stop(grace).await,
@@ -359,8 +369,12 @@ impl Owner {
         if let Some(accept) = self.accept.take() {
             accept.abort();
         }
-        self.link.disconnect("plugin stopped by the front");
-        crate::instance::remove_socket(&self.socket);
+        self.link
+            .close_all("plugin stopped by the front", Duration::from_secs(2))
+            .await;
+        if socket == SocketFile::Remove {
+            crate::instance::remove_socket(&self.socket);
+        }
         tracing::info!(plugin = %name, "plugin stopped; its socket is closed");
     }
 }

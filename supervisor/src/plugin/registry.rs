@@ -113,6 +113,9 @@ pub struct Plugins {
     /// Held by whoever changes the set of plugins (a reload, a retry, `plugvisor start` of an
     /// unstarted plugin), so those never interleave.
     changes: tokio::sync::Mutex<()>,
+    /// Set once this front handed its socket paths to a new front (an upgrade): nothing is
+    /// bound here any more.
+    frozen: std::sync::atomic::AtomicBool,
 }
 
 impl Plugins {
@@ -123,7 +126,15 @@ impl Plugins {
             unstarted: RwLock::new(Vec::new()),
             launcher,
             changes: tokio::sync::Mutex::new(()),
+            frozen: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    /// Stops starting plugins: the socket paths belong to the new front an upgrade handed
+    /// them to.
+    pub fn freeze(&self) {
+        self.frozen
+            .store(true, std::sync::atomic::Ordering::Release);
     }
 
     /// The plugins' owners, in config order.
@@ -162,6 +173,9 @@ impl Plugins {
 
     /// Binds `plugin`'s socket and starts its owner (which starts its process when spawned).
     pub fn launch(&self, plugin: &PluginConfig) -> Result<Arc<PluginOwner>, String> {
+        if self.frozen.load(std::sync::atomic::Ordering::Acquire) {
+            return Err("this front handed its sockets to a new front (upgrade)".into());
+        }
         let config = self.launcher.config.read().expect("config lock").clone();
         let owner = Bound::bind(&config, plugin, &self.launcher.metrics)?
             .start(&config, &self.launcher.spawner);
@@ -289,6 +303,9 @@ pub async fn retry_loop(plugins: std::sync::Weak<Plugins>) {
             return;
         };
         let now = Instant::now();
+        if plugins.frozen.load(std::sync::atomic::Ordering::Acquire) {
+            return;
+        }
         let due: Vec<String> = plugins
             .unstarted()
             .iter()

@@ -1,4 +1,4 @@
-//! The control socket: how `plugvisor status|start|stop|restart` talk to a running front.
+//! The control socket: how `plugvisor status|start|stop|restart|upgrade` talk to a running front.
 //!
 //! A Unix socket at `<runtime_dir>/control.sock`, mode 0600, that only the front's own uid (or
 //! root) may use; the peer is checked with `SO_PEERCRED` as well, so a permissive directory does
@@ -16,12 +16,16 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 
 use crate::supervise::{Command, PluginStatus};
+use crate::upgrade;
 use crate::Plugins;
 
 /// The longest request line accepted.
 const MAX_REQUEST: u64 = 64 * 1024;
 /// How long a client has to send its request.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a client waits for an upgrade's answer: the front bounds it itself (its
+/// `ready_timeout_ms` and a start margin), this only guards against a front that never answers.
+const UPGRADE_ANSWER_TIMEOUT: Duration = Duration::from_secs(30 * 60);
 
 /// A request to the running front.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -44,6 +48,9 @@ pub enum Request {
         /// The plugin.
         plugin: String,
     },
+    /// Hand the listeners to the binary now on disk and drain ([`crate::upgrade`]); answered
+    /// once the new front serves, or with why it does not.
+    Upgrade,
 }
 
 /// The front's answer.
@@ -81,13 +88,14 @@ pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
 }
 
 /// Serves control requests until the task is dropped.
-pub async fn serve(listener: UnixListener, plugins: Arc<Plugins>) {
+pub async fn serve(listener: UnixListener, plugins: Arc<Plugins>, upgrades: upgrade::Requests) {
     loop {
         match listener.accept().await {
             Ok((stream, _)) => {
                 let plugins = plugins.clone();
+                let upgrades = upgrades.clone();
                 tokio::spawn(async move {
-                    if let Err(e) = handle(stream, plugins).await {
+                    if let Err(e) = handle(stream, plugins, upgrades).await {
                         tracing::debug!(error = %e, "control connection failed");
                     }
                 });
@@ -100,7 +108,11 @@ pub async fn serve(listener: UnixListener, plugins: Arc<Plugins>) {
     }
 }
 
-async fn handle(stream: UnixStream, plugins: Arc<Plugins>) -> std::io::Result<()> {
+async fn handle(
+    stream: UnixStream,
+    plugins: Arc<Plugins>,
+    upgrades: upgrade::Requests,
+) -> std::io::Result<()> {
     let own = nix::unistd::getuid().as_raw();
     let peer = stream.peer_cred()?.uid();
     let (read, mut write) = stream.into_split();
@@ -120,7 +132,7 @@ async fn handle(stream: UnixStream, plugins: Arc<Plugins>) -> std::io::Result<()
             Err(_) => Response::error("no request received in time".into()),
             Ok(Err(e)) => Response::error(format!("cannot read the request: {e}")),
             Ok(Ok(_)) => match serde_json::from_str::<Request>(line.trim()) {
-                Ok(request) => dispatch(request, &plugins).await,
+                Ok(request) => dispatch(request, &plugins, &upgrades).await,
                 Err(e) => Response::error(format!(
                     "bad request `{}`: {e}; expected e.g. {{\"op\":\"status\"}}",
                     line.trim()
@@ -134,8 +146,19 @@ async fn handle(stream: UnixStream, plugins: Arc<Plugins>) -> std::io::Result<()
     write.shutdown().await
 }
 
-async fn dispatch(request: Request, plugins: &Plugins) -> Response {
+async fn dispatch(request: Request, plugins: &Plugins, upgrades: &upgrade::Requests) -> Response {
     let (plugin, command) = match request {
+        Request::Upgrade => {
+            tracing::info!("control request: upgrade");
+            return match upgrades.upgrade().await {
+                Ok(message) => Response {
+                    ok: true,
+                    message: Some(message),
+                    ..Response::default()
+                },
+                Err(e) => Response::error(e),
+            };
+        }
         Request::Status => {
             return Response {
                 ok: true,
@@ -191,12 +214,21 @@ pub async fn request(path: &Path, request: &Request) -> Result<Response, ClientE
     stream.write_all(&line).await?;
     let mut answer = String::new();
     // Restarts wait for the old process to stop: allow for the stop grace period.
+    let limit = match request {
+        Request::Upgrade => UPGRADE_ANSWER_TIMEOUT,
+        _ => Duration::from_secs(60),
+    };
     tokio::time::timeout(
-        Duration::from_secs(60),
+        limit,
         BufReader::new(stream.take(16 * 1024 * 1024)).read_line(&mut answer),
     )
     .await
-    .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no answer within 60 s"))??;
+    .map_err(|_| {
+        std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("no answer within {} s", limit.as_secs()),
+        )
+    })??;
     serde_json::from_str(answer.trim())
         .map_err(|e| ClientError::BadAnswer(format!("{e}: {answer}")))
 }

@@ -30,10 +30,28 @@ use crate::RunError;
 pub const LOCK_FILE: &str = "plugvisor.lock";
 
 /// The held lock on a runtime directory; released when dropped (or when the process ends).
+///
+/// An upgrade hands the lock's open file to the new front ([`crate::upgrade`]): both then hold
+/// the same `flock`, which the kernel keeps until the last of them closes the file. Until the
+/// handover is done, and in the old front after it, dropping the lock only closes this
+/// process's copy ([`InstanceLock::keep_for_successor`]): an explicit unlock would release it
+/// for the other front too.
 #[derive(Debug)]
 pub struct InstanceLock {
-    _lock: Flock<File>,
+    lock: Option<Flock<File>>,
     path: PathBuf,
+    unlock_on_drop: bool,
+}
+
+impl Drop for InstanceLock {
+    fn drop(&mut self) {
+        if !self.unlock_on_drop {
+            // Closes the fd without `LOCK_UN`: the other holder of the open file keeps the lock.
+            if let Some(lock) = self.lock.take() {
+                std::mem::forget(lock);
+            }
+        }
+    }
 }
 
 impl InstanceLock {
@@ -91,25 +109,76 @@ impl InstanceLock {
                 )))
             }
         };
-        let write_pid = |f: &mut File| -> std::io::Result<()> {
-            f.set_len(0)?;
-            f.rewind()?;
-            writeln!(f, "{}", std::process::id())?;
-            f.flush()
-        };
         write_pid(&mut lock).map_err(|e| {
             dir_error(std::io::Error::new(
                 e.kind(),
                 format!("cannot write the pid into {}: {e}", path.display()),
             ))
         })?;
-        Ok(InstanceLock { _lock: lock, path })
+        Ok(InstanceLock {
+            lock: Some(lock),
+            path,
+            unlock_on_drop: true,
+        })
+    }
+
+    /// The lock a front handing over passed to this one (the same open file, so the same
+    /// `flock`). Until [`InstanceLock::take_over`], dropping it leaves the lock to the old front.
+    pub fn inherit(
+        file: std::os::fd::OwnedFd,
+        runtime_dir: &Path,
+    ) -> std::io::Result<InstanceLock> {
+        let path = runtime_dir.join(LOCK_FILE);
+        // Locking an open file that already holds the lock succeeds at once; anything else
+        // means this is not the lock of this runtime directory.
+        let lock = Flock::lock(File::from(file), FlockArg::LockExclusiveNonblock).map_err(
+            |(_, errno)| {
+                std::io::Error::new(
+                    std::io::Error::from(errno).kind(),
+                    format!("the lock file passed by the old front is not locked: {errno}"),
+                )
+            },
+        )?;
+        Ok(InstanceLock {
+            lock: Some(lock),
+            path,
+            unlock_on_drop: false,
+        })
+    }
+
+    /// This front is now the one the lock names: its pid goes into the file, and its stop
+    /// releases the lock.
+    pub fn take_over(&mut self) -> std::io::Result<()> {
+        self.unlock_on_drop = true;
+        match self.lock.as_mut() {
+            Some(lock) => write_pid(lock),
+            None => Ok(()),
+        }
+    }
+
+    /// The open lock file, to pass to a new front.
+    pub fn file(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        use std::os::fd::AsFd;
+        self.lock.as_ref().map(|l| l.as_fd())
+    }
+
+    /// Another front holds this lock now: dropping it must not release it.
+    pub fn keep_for_successor(&mut self) {
+        self.unlock_on_drop = false;
     }
 
     /// The lock file.
     pub fn path(&self) -> &Path {
         &self.path
     }
+}
+
+/// Writes this process's pid into the lock file, for the error of a second front.
+fn write_pid(f: &mut File) -> std::io::Result<()> {
+    f.set_len(0)?;
+    f.rewind()?;
+    writeln!(f, "{}", std::process::id())?;
+    f.flush()
 }
 
 /// The pid the holder wrote, if it has yet (it writes right after it locks).
@@ -213,6 +282,34 @@ mod tests {
         assert!(msg.contains(&dir.display().to_string()), "{msg}");
         drop(held);
         InstanceLock::acquire(&dir).expect("free again once dropped");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_lock_handed_to_a_new_front_stays_held_while_either_holds_it() {
+        let dir = temp_dir("handover");
+        let mut old = InstanceLock::acquire(&dir).unwrap();
+        let passed = old.file().unwrap().try_clone_to_owned().unwrap();
+        let mut new = InstanceLock::inherit(passed, &dir).unwrap();
+        // A new front that fails before it serves leaves the lock with the old one.
+        drop(new);
+        assert!(matches!(
+            InstanceLock::acquire(&dir),
+            Err(RunError::AlreadyRunning { .. })
+        ));
+        // A handover that succeeds: the old front drains and ends; the lock stays taken.
+        new =
+            InstanceLock::inherit(old.file().unwrap().try_clone_to_owned().unwrap(), &dir).unwrap();
+        new.take_over().unwrap();
+        old.keep_for_successor();
+        drop(old);
+        assert!(matches!(
+            InstanceLock::acquire(&dir),
+            Err(RunError::AlreadyRunning { .. })
+        ));
+        // The new front's own stop releases it.
+        drop(new);
+        InstanceLock::acquire(&dir).expect("free once the new front stopped");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -139,6 +139,8 @@ pub struct ReloadError {
 pub fn forget_plugin_metrics(metrics: &Metrics, name: &str) {
     let label = Metrics::plugin(name);
     metrics.events_sent.remove(&label);
+    metrics.events_replayed.remove(&label);
+    metrics.stuck_lanes.remove(&label);
     metrics.queue_depth.remove(&label);
     metrics.queue_bytes.remove(&label);
     metrics.inflight_bytes.remove(&label);
@@ -275,7 +277,7 @@ impl Running {
 /// connections and removes its socket); past twice the grace, what is left is killed.
 async fn retire(going: &[Arc<PluginOwner>], grace: Duration) {
     for owner in going {
-        owner.begin_stop(grace);
+        owner.begin_stop(grace, crate::owner::SocketFile::Remove);
     }
     let stopped = async {
         for owner in going {

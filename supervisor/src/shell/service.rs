@@ -10,7 +10,12 @@
 //! - `STOPPING=1` and `EXTEND_TIMEOUT_USEC=` while in-flight streams drain;
 //! - on SIGHUP, `RELOADING=1`, the config file read again and applied ([`crate::reload`]), then
 //!   `READY=1`; a file that does not load is rejected with the error logged and in the STATUS
-//!   line, and the running configuration stays.
+//!   line, and the running configuration stays;
+//! - on SIGUSR2 or `plugvisor upgrade`, the handover to the binary now on disk ([`crate::upgrade`]):
+//!   once the new front serves, `MAINPID=` names it, this front sends nothing more and drains
+//!   for up to `upgrade_drain_ms` (a SIGTERM cuts that to `shutdown_grace_ms`). A front started
+//!   by an upgrade ([`run_with`] with the handover socket) reports ready to the old front, not to
+//!   systemd, and sends `READY=1` once it is the main process.
 //!
 //! Without systemd the messages go nowhere and [`run`] is `start`, wait, `stop`.
 
@@ -23,6 +28,7 @@ use tokio::time::Instant;
 
 use crate::link::PluginLink;
 use crate::systemd::{self, StatusSnapshot};
+use crate::upgrade;
 use crate::{Config, RunError, Running};
 
 /// How often the STATUS line is recomputed (it is sent only when it changed).
@@ -38,19 +44,75 @@ pub async fn run(
     config_path: Option<PathBuf>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), RunError> {
-    let started = Instant::now();
-    // Installed first: SIGHUP's default action would end the process.
-    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).map_err(
-        |source| RunError::Setup {
-            what: "the SIGHUP handler".into(),
-            source,
-        },
-    )?;
-    let ready_timeout = config.ready_timeout;
-    systemd::status("starting");
-    let mut running = crate::start(config).await?;
+    run_with(config, config_path, shutdown, None).await
+}
 
-    let watchdog = systemd::watchdog_interval().map(|interval| {
+/// [`run`]; with `handover` (the old front's handover socket, from
+/// [`crate::upgrade::SOCKET_ENV`]), as the new front of an upgrade.
+pub async fn run_with(
+    config: Config,
+    config_path: Option<PathBuf>,
+    shutdown: impl Future<Output = ()>,
+    handover: Option<PathBuf>,
+) -> Result<(), RunError> {
+    let started = Instant::now();
+    // Installed first: SIGHUP's default action would end the process, and so would SIGUSR2's.
+    let signal = |kind, what: &str| {
+        tokio::signal::unix::signal(kind).map_err(|source| RunError::Setup {
+            what: what.into(),
+            source,
+        })
+    };
+    use tokio::signal::unix::SignalKind;
+    let mut hup = signal(SignalKind::hangup(), "the SIGHUP handler")?;
+    let mut usr2 = signal(SignalKind::user_defined2(), "the SIGUSR2 handler")?;
+    let ready_timeout = config.ready_timeout;
+    let mut predecessor = match &handover {
+        None => None,
+        Some(path) => Some(
+            upgrade::Predecessor::connect(path)
+                .await
+                .map_err(RunError::TakeOver)?,
+        ),
+    };
+    let mut running = match predecessor.as_mut() {
+        None => {
+            systemd::status("starting");
+            crate::start(config).await?
+        }
+        Some(p) => {
+            tracing::info!(old = p.from_pid, "taking over from the old front");
+            let lock = crate::instance::InstanceLock::inherit(
+                p.lock.try_clone().map_err(RunError::TakeOver)?,
+                &config.runtime_dir,
+            )
+            .map_err(RunError::TakeOver)?;
+            let inherited = crate::Inherited {
+                lock,
+                ext_proc: p.ext_proc.try_clone().map_err(RunError::TakeOver)?,
+                admin: p
+                    .admin
+                    .as_ref()
+                    .map(|a| a.try_clone())
+                    .transpose()
+                    .map_err(RunError::TakeOver)?,
+                keep_listen_file: p.keep_listen_file,
+            };
+            crate::start_with(config, Some(inherited)).await?
+        }
+    };
+    let mut upgrades = running.take_upgrade_requests();
+    // Older fronts still draining, which a stop of this one cuts short.
+    let mut draining: Vec<u32> = Vec::new();
+    let mut watchdog_usec = systemd::watchdog_usec();
+    if let Some(mut p) = predecessor.take() {
+        take_over(&mut running, &mut p, started + ready_timeout).await?;
+        watchdog_usec = p.watchdog_usec;
+        draining = p.draining.clone();
+    }
+
+    let watchdog = watchdog_usec.map(|usec| {
+        let interval = Duration::from_micros(usec) / 2;
         tracing::info!(?interval, "systemd watchdog enabled");
         let fixed = running.probes().to_vec();
         let plugins = running.plugins().clone();
@@ -107,10 +169,42 @@ pub async fn run(
                 reload(&mut running, config_path.as_deref(), &mut report).await;
                 ready_sent = true;
             }
+            ask = recv(&mut upgrades) => {
+                match hand_over(&mut running, watchdog_usec, &draining, &mut shutdown).await {
+                    Handover::Done(message) => {
+                        let _ = ask.reply.send(Ok(message));
+                        break Ok(());
+                    }
+                    Handover::Failed(why) => {
+                        let _ = ask.reply.send(Err(why));
+                    }
+                    Handover::Stopped => break Ok(()),
+                }
+            }
+            _ = usr2.recv() => {
+                tracing::info!("SIGUSR2: upgrading");
+                match hand_over(&mut running, watchdog_usec, &draining, &mut shutdown).await {
+                    Handover::Done(_) => break Ok(()),
+                    Handover::Failed(_) => {}
+                    Handover::Stopped => break Ok(()),
+                }
+            }
             _ = &mut shutdown => break Ok(()),
             result = server_exited(&mut running) => break result,
         }
     };
+
+    if let Some(to) = running.handed_over() {
+        if let Some(task) = watchdog {
+            task.abort();
+        }
+        drain_after_upgrade(&mut running, to, &mut shutdown, &mut hup, &mut usr2).await;
+        running.stop().await;
+        return result;
+    }
+    // A service stop cuts the drains of older fronts short too, and waits for them: systemd
+    // counts the stop done when the last process of the unit is gone.
+    let cut = upgrade::stop_draining(&draining);
 
     let grace = running.config.shutdown_grace;
     report.phase = "stopping";
@@ -148,7 +242,176 @@ pub async fn run(
     if let Some(task) = watchdog {
         task.abort();
     }
+    upgrade::wait_gone(&cut, grace * 2 + Duration::from_secs(1)).await;
     result
+}
+
+/// The new front's side of an upgrade, after its start: ready (every plugin it spawns
+/// connected by `deadline`) or not, then accept once the old front says so, then `READY=1` once
+/// it is the main process.
+async fn take_over(
+    running: &mut Running,
+    predecessor: &mut upgrade::Predecessor,
+    deadline: Instant,
+) -> Result<(), RunError> {
+    // The plugins run by someone else are still the old front's; they come over when it ends.
+    let spawned: Vec<Arc<PluginLink>> = running
+        .links()
+        .iter()
+        .filter(|l| l.config().spawn)
+        .cloned()
+        .collect();
+    for link in running
+        .links()
+        .iter()
+        .filter(|l| !l.config().spawn && l.config().required)
+    {
+        tracing::warn!(plugin = %link.name(), "required plugin with spawn = false stays with the old front until it has drained; not waited for");
+    }
+    let missing = wait_required(spawned, deadline).await;
+    if !missing.is_empty() {
+        let reason = format!(
+            "plugins not connected within ready_timeout_ms: {}",
+            missing.join(", ")
+        );
+        tracing::error!(
+            old = predecessor.from_pid,
+            "{reason}; leaving the old front serving"
+        );
+        predecessor.not_ready(reason.clone()).await;
+        return Err(RunError::TakeOver(std::io::Error::other(reason)));
+    }
+    predecessor.ready().await.map_err(|e| {
+        tracing::error!(error = %e, "the old front did not let this one serve; exiting");
+        RunError::TakeOver(e)
+    })?;
+    running.open_accept();
+    if !predecessor.serving().await {
+        tracing::warn!(
+            old = predecessor.from_pid,
+            "the old front did not confirm the handover; serving anyway"
+        );
+    }
+    tracing::info!(
+        old = predecessor.from_pid,
+        "serving; the old front drains its streams"
+    );
+    Ok(())
+}
+
+/// What became of an upgrade request.
+enum Handover {
+    /// A new front serves; this one drains. The message is for the operator.
+    Done(String),
+    /// The new front failed and is gone; this front serves on. Why, for the operator.
+    Failed(String),
+    /// A stop arrived while the new front was starting (it was killed).
+    Stopped,
+}
+
+/// Starts the new front and, once it is ready, hands over to it.
+async fn hand_over(
+    running: &mut Running,
+    watchdog_usec: Option<u64>,
+    draining: &[u32],
+    shutdown: &mut (impl Future<Output = ()> + Unpin),
+) -> Handover {
+    let failed = |e: upgrade::UpgradeError| {
+        let why = format!(
+            "upgrade failed: {}; still serving as pid {}",
+            crate::error_chain(&e),
+            std::process::id()
+        );
+        tracing::error!("{why}");
+        Handover::Failed(why)
+    };
+    let plan = match running.upgrade_plan(watchdog_usec, draining.to_vec()) {
+        Ok(plan) => plan,
+        Err(e) => return failed(e),
+    };
+    let attempt = tokio::select! {
+        attempt = upgrade::start_successor(plan) => attempt,
+        () = &mut *shutdown => return Handover::Stopped,
+    };
+    let mut attempt = match attempt {
+        Ok(a) => a,
+        Err(e) => return failed(e),
+    };
+    if let Err(e) = attempt.go().await {
+        return failed(e);
+    }
+    let to = attempt.pid();
+    let streams = running.metrics().streams_active.get().max(0);
+    systemd::hand_over_main_pid(
+        to,
+        &format!("handing over to pid {to}; draining {streams} stream(s)"),
+    );
+    running.hand_over(to);
+    attempt.finish().await;
+    let drain = running.config.upgrade_drain;
+    let message = format!(
+        "upgraded: pid {to} serves; pid {} drains {streams} stream(s) for up to {}s (upgrade_drain_ms)",
+        std::process::id(),
+        drain.as_secs()
+    );
+    tracing::info!(new = to, streams, "{message}");
+    Handover::Done(message)
+}
+
+/// The next upgrade request; pending forever without a channel.
+async fn recv(upgrades: &mut Option<tokio::sync::mpsc::Receiver<upgrade::Ask>>) -> upgrade::Ask {
+    match upgrades.as_mut() {
+        Some(rx) => match rx.recv().await {
+            Some(ask) => ask,
+            None => std::future::pending().await,
+        },
+        None => std::future::pending().await,
+    }
+}
+
+/// The old front after a handover: waits until its last stream ends, or `upgrade_drain_ms`, cut
+/// to `shutdown_grace_ms` by a SIGTERM. It only logs now: systemd hears from the new front.
+async fn drain_after_upgrade(
+    running: &mut Running,
+    to: u32,
+    shutdown: &mut (impl Future<Output = ()> + Unpin),
+    hup: &mut tokio::signal::unix::Signal,
+    usr2: &mut tokio::signal::unix::Signal,
+) {
+    let started = Instant::now();
+    let mut deadline = started + running.config.upgrade_drain;
+    let metrics = running.metrics().clone();
+    let mut stopped = false;
+    let mut tick = tokio::time::interval(Duration::from_millis(20));
+    let mut report = tokio::time::interval(Duration::from_secs(10));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                if metrics.streams_active.get() <= 0 {
+                    tracing::info!(new = to, drained_ms = started.elapsed().as_millis() as u64, "every stream drained after the upgrade; stopping");
+                    return;
+                }
+            }
+            _ = report.tick() => {
+                tracing::info!(new = to, streams = metrics.streams_active.get(), left_s = deadline.saturating_duration_since(Instant::now()).as_secs(), "draining after the upgrade");
+            }
+            () = tokio::time::sleep_until(deadline) => {
+                tracing::warn!(new = to, streams = metrics.streams_active.get(), "drain time is up; cutting the streams left");
+                return;
+            }
+            () = &mut *shutdown, if !stopped => {
+                stopped = true;
+                deadline = deadline.min(Instant::now() + running.config.shutdown_grace);
+                tracing::info!(new = to, "stop requested while draining after the upgrade; draining for shutdown_grace_ms at most");
+            }
+            _ = hup.recv() => {
+                tracing::warn!(new = to, "SIGHUP ignored: this front has handed over and only drains; reload pid {to}");
+            }
+            _ = usr2.recv() => {
+                tracing::warn!(new = to, "SIGUSR2 ignored: this front has handed over and only drains; upgrade pid {to}");
+            }
+        }
+    }
 }
 
 /// `RELOADING=1`, read and apply the config file, `READY=1` with the new STATUS line.

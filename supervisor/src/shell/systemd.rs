@@ -7,7 +7,8 @@
 //! front behaves the same under a test harness, a shell or a container runtime.
 //!
 //! This is the one module of the crate allowed `unsafe`: taking ownership of an inherited file
-//! descriptor ([`adopt_listen_fd`]). `sd-notify` 0.4 hands out raw fds only.
+//! descriptor ([`adopt_listen_fd`]), or of one received over the upgrade handover socket
+//! ([`adopt_received_fds`]). `sd-notify` 0.4 and nix's `SCM_RIGHTS` hand out raw fds only.
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -91,6 +92,13 @@ pub fn take_extproc_listener() -> Result<Option<Activated>, ActivationError> {
         return Ok(None);
     }
     let owned = adopt_listen_fd(fd);
+    listening_socket(owned).map(Some)
+}
+
+/// What a listening socket passed to this process (by systemd, or by the front handing over)
+/// is: a TCP or Unix stream listener, set non-blocking.
+pub fn listening_socket(owned: OwnedFd) -> Result<Activated, ActivationError> {
+    let fd = owned.as_raw_fd();
     let bad = |what: String| ActivationError::NotListening { fd, what };
     match getsockopt(&owned, sockopt::AcceptConn) {
         Ok(true) => {}
@@ -112,7 +120,7 @@ pub fn take_extproc_listener() -> Result<Option<Activated>, ActivationError> {
         Activated::Unix(l) => l.set_nonblocking(true),
     };
     nonblocking.map_err(|e| bad(format!("cannot be made non-blocking ({e})")))?;
-    Ok(Some(listener))
+    Ok(listener)
 }
 
 /// Takes ownership of an fd passed by the service manager.
@@ -123,6 +131,19 @@ fn adopt_listen_fd(fd: RawFd) -> OwnedFd {
     // else in plugvisor opens, closes or wraps them, and `ADOPTED` guarantees this runs at most
     // once per process, so the returned `OwnedFd` is the fd's only owner and closes it once.
     unsafe { OwnedFd::from_raw_fd(fd) }
+}
+
+/// Takes ownership of the fds that arrived in one `SCM_RIGHTS` message on the handover socket
+/// ([`crate::upgrade`]).
+#[allow(unsafe_code)]
+pub(crate) fn adopt_received_fds(fds: Vec<RawFd>) -> Vec<OwnedFd> {
+    fds.into_iter()
+        // SAFETY: the kernel installed each of these fds in this process's table while
+        // delivering the `SCM_RIGHTS` message (`recvmsg` with `MSG_CMSG_CLOEXEC`); nothing else
+        // knows their numbers, and each is wrapped exactly once here, so every `OwnedFd` is its
+        // fd's only owner and closes it once.
+        .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) })
+        .collect()
 }
 
 /// The ext_proc listener, bound and ready for the gRPC server.
@@ -143,27 +164,13 @@ pub async fn bind_ext_proc(listen: &Listen) -> Result<(Listen, ExtProcListener, 
         addr: "the socket passed by systemd (LISTEN_FDS)".to_owned(),
         source,
     };
-    match take_extproc_listener().map_err(|e| activation_error(io::Error::other(e)))? {
-        Some(Activated::Tcp(l)) => {
-            let addr = l.local_addr().map_err(activation_error)?;
-            let l = tokio::net::TcpListener::from_std(l).map_err(activation_error)?;
-            tracing::info!(listen = %addr, "ext_proc listener passed by systemd");
-            warn_ignored_listen(listen, &Listen::Tcp(addr));
-            return Ok((Listen::Tcp(addr), ExtProcListener::Tcp(l), true));
-        }
-        Some(Activated::Unix(l)) => {
-            let path = l
-                .local_addr()
-                .ok()
-                .and_then(|a| a.as_pathname().map(|p| p.to_owned()))
-                .unwrap_or_default();
-            let l = tokio::net::UnixListener::from_std(l).map_err(activation_error)?;
-            tracing::info!(listen = %format!("unix:{}", path.display()), "ext_proc listener passed by systemd");
-            let passed = Listen::Unix(path);
-            warn_ignored_listen(listen, &passed);
-            return Ok((passed, ExtProcListener::Unix(l), true));
-        }
-        None => {}
+    if let Some(activated) =
+        take_extproc_listener().map_err(|e| activation_error(io::Error::other(e)))?
+    {
+        let (passed, listener) = serve_passed(activated).map_err(activation_error)?;
+        tracing::info!(listen = %passed, "ext_proc listener passed by systemd");
+        warn_ignored_listen(listen, &passed);
+        return Ok((passed, listener, true));
     }
     match listen {
         Listen::Tcp(addr) => {
@@ -219,6 +226,27 @@ fn ignored_listen(configured: &Listen, passed: &Listen) -> Option<String> {
     })
 }
 
+/// A passed listening socket (systemd's, or the one a front hands over) as the gRPC server's
+/// listener, with where it listens.
+pub fn serve_passed(activated: Activated) -> io::Result<(Listen, ExtProcListener)> {
+    match activated {
+        Activated::Tcp(l) => {
+            let addr = l.local_addr()?;
+            let l = tokio::net::TcpListener::from_std(l)?;
+            Ok((Listen::Tcp(addr), ExtProcListener::Tcp(l)))
+        }
+        Activated::Unix(l) => {
+            let path = l
+                .local_addr()
+                .ok()
+                .and_then(|a| a.as_pathname().map(|p| p.to_owned()))
+                .unwrap_or_default();
+            let l = tokio::net::UnixListener::from_std(l)?;
+            Ok((Listen::Unix(path), ExtProcListener::Unix(l)))
+        }
+    }
+}
+
 /// Whether a service manager listens for notifications (`NOTIFY_SOCKET` is set).
 pub fn notify_enabled() -> bool {
     std::env::var_os("NOTIFY_SOCKET").is_some_and(|s| !s.is_empty())
@@ -227,9 +255,23 @@ pub fn notify_enabled() -> bool {
 /// Sends `states` to the service manager; nothing without `NOTIFY_SOCKET`. A failed send is
 /// logged, never fatal: a front that cannot notify still serves.
 pub fn notify(states: &[NotifyState<'_>]) {
+    if HANDED_OVER.load(Ordering::SeqCst) {
+        return;
+    }
     if let Err(e) = sd_notify::notify(false, states) {
         tracing::warn!(error = %e, ?states, "cannot notify the service manager");
     }
+}
+
+/// Set once this front made another the service's main process: systemd (`NotifyAccess=main`)
+/// refuses, and logs, every message from a process that is no longer the main one.
+static HANDED_OVER: AtomicBool = AtomicBool::new(false);
+
+/// `MAINPID=<pid>` with a STATUS line: the front taking over from this one is the service's main
+/// process from now on. Nothing more is sent from this process afterwards.
+pub fn hand_over_main_pid(pid: u32, status: &str) {
+    notify(&[NotifyState::MainPid(pid), NotifyState::Status(status)]);
+    HANDED_OVER.store(true, Ordering::SeqCst);
 }
 
 /// `READY=1` with a STATUS line.
@@ -272,12 +314,13 @@ fn extend_usec(d: Duration) -> u32 {
 
 /// The watchdog interval to ping at (half of `WATCHDOG_USEC`), if systemd set one for this pid.
 pub fn watchdog_interval() -> Option<Duration> {
+    watchdog_usec().map(|usec| Duration::from_micros(usec) / 2)
+}
+
+/// `WATCHDOG_USEC`, if systemd set a watchdog for this pid.
+pub fn watchdog_usec() -> Option<u64> {
     let mut usec = 0;
-    if sd_notify::watchdog_enabled(false, &mut usec) && usec > 0 {
-        Some(Duration::from_micros(usec) / 2)
-    } else {
-        None
-    }
+    (sd_notify::watchdog_enabled(false, &mut usec) && usec > 0).then_some(usec)
 }
 
 /// `WATCHDOG=1`.

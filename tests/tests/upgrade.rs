@@ -1,0 +1,583 @@
+//! `plugvisor upgrade` through real Envoy with the real front and plugin processes: long streams
+//! running across the handover and a steady trickle of new requests around it. Every body must
+//! arrive byte for byte, every stream's metadata whole, no request may fail (Envoy runs with
+//! `failure_mode_allow: false`, so a refused ext_proc stream would be a 500), and every request
+//! started after the command returned must be served by the new front (`plugvisor.front_pid`).
+//! A broken new binary must leave the old front serving as if nothing happened.
+//!
+//! The front runs from a copy of `plugvisor` in the test's directory, so a test can replace "the
+//! binary on disk" without touching the one other tests run.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use sha2::{Digest, Sha256};
+use tests::bins;
+use tests::client::{chat, Received};
+use tests::envoy::{Envoy, EnvoyOptions};
+use tests::front::FrontProcess;
+use tests::stack::Stack;
+use tests::upstream::{Params, Upstream};
+
+/// usage and test-order (which hashes every byte it saw, in order), with finals allowed to wait.
+const PLUGINS: &str = r#"
+[plugins.usage]
+final_timeout_ms = 5000
+[plugins.test-order]
+final_timeout_ms = 5000
+"#;
+
+/// A new front that is not ready within this (plus the 5 s start margin) is given up.
+const HEADER: &str = "ready_timeout_ms = 3000\n";
+
+fn long() -> Params {
+    Params {
+        chunks: 30,
+        delay: Duration::from_millis(150),
+        ..Params::default()
+    }
+}
+
+fn short() -> Params {
+    Params {
+        chunks: 5,
+        delay: Duration::from_millis(10),
+        ..Params::default()
+    }
+}
+
+/// Stops fronts that are no longer the test harness's children (a new front is re-parented away
+/// from the old one) by pid, when the test ends however it ends.
+struct Pids(Vec<u32>);
+
+impl Drop for Pids {
+    fn drop(&mut self) {
+        use nix::sys::signal::{kill, Signal};
+        for pid in &self.0 {
+            let _ = kill(nix::unistd::Pid::from_raw(*pid as i32), Signal::SIGTERM);
+        }
+        let start = Instant::now();
+        while self.0.iter().any(|p| running(*p)) && start.elapsed() < Duration::from_secs(8) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        for pid in &self.0 {
+            let _ = kill(nix::unistd::Pid::from_raw(*pid as i32), Signal::SIGKILL);
+        }
+    }
+}
+
+fn running(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            s.rsplit_once(')')
+                .map(|(_, r)| r.split_whitespace().next() != Some("Z"))
+        })
+        .unwrap_or(false)
+}
+
+/// Upstream, a front run from `dir/bin/plugvisor` (a copy), and Envoy failing closed.
+async fn start(extra_header: &str) -> (Stack, PathBuf) {
+    tests::init_tracing();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let binary = install(dir.path(), &std::fs::read(bins::plugvisor()).unwrap());
+    bins::plugvisor_plugin();
+    let upstream = Upstream::start().await;
+    let header = format!("{HEADER}{extra_header}");
+    let (front, envoy) = tokio::task::block_in_place(|| {
+        let listen = format!("unix:{}", dir.path().join("ext_proc.sock").display());
+        let front = FrontProcess::start_from(
+            &binary,
+            dir.path(),
+            &listen,
+            &header,
+            PLUGINS,
+            &["usage", "test-order"],
+        );
+        let envoy = Envoy::start(
+            dir.path(),
+            &EnvoyOptions {
+                ext_proc: front.ext_proc.clone(),
+                upstream_port: upstream.port,
+                failure_mode_allow: false,
+                ..EnvoyOptions::default()
+            },
+        );
+        (front, envoy)
+    });
+    (
+        Stack {
+            envoy,
+            front,
+            upstream,
+            dir,
+        },
+        binary,
+    )
+}
+
+/// Puts `contents` at `dir/bin/plugvisor` the way a package manager does: a new file renamed
+/// over the old one (a running process keeps its own, now unlinked, executable).
+fn install(dir: &Path, contents: &[u8]) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let bin = dir.join("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    let tmp = bin.join(".plugvisor.new");
+    std::fs::write(&tmp, contents).unwrap();
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let path = bin.join("plugvisor");
+    std::fs::rename(&tmp, &path).unwrap();
+    path
+}
+
+/// `plugvisor upgrade` against the running front (run from the build, whatever is installed):
+/// exit success, and stdout or stderr.
+async fn upgrade(stack: &Stack) -> (bool, String) {
+    let out = tokio::process::Command::new(bins::plugvisor())
+        .arg("--config")
+        .arg(stack.front.config_path())
+        .arg("upgrade")
+        .output()
+        .await
+        .expect("run plugvisor upgrade");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+/// The new front's pid from the command's answer (`upgraded: pid N serves; ...`).
+fn new_pid(answer: &str) -> u32 {
+    answer
+        .split("upgraded: pid ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|pid| pid.parse().ok())
+        .unwrap_or_else(|| panic!("no new pid in `{answer}`"))
+}
+
+/// One request: its id, what it asked for, when it started, and what came back.
+type Done = (String, Params, Instant, Received);
+
+/// Requests started every 50 ms until `stop` is set.
+fn trickle(
+    port: u16,
+    tag: &'static str,
+    stop: Arc<AtomicBool>,
+) -> tokio::task::JoinHandle<Vec<Done>> {
+    tokio::spawn(async move {
+        let mut tasks = Vec::new();
+        let mut i = 0;
+        while !stop.load(Ordering::SeqCst) {
+            let id = format!("{tag}-{i}");
+            i += 1;
+            tasks.push(tokio::spawn(async move {
+                let p = short();
+                let started = Instant::now();
+                let got = chat(port, &p, &id).await;
+                (id, p, started, got)
+            }));
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let mut done = Vec::new();
+        for t in tasks {
+            done.push(t.await.unwrap());
+        }
+        done
+    })
+}
+
+/// `n` long streams, 20 ms apart.
+async fn batch(port: u16, tag: &str, n: usize) -> Vec<tokio::task::JoinHandle<Done>> {
+    let mut tasks = Vec::new();
+    for i in 0..n {
+        let id = format!("{tag}-{i}");
+        tasks.push(tokio::spawn(async move {
+            let p = long();
+            let started = Instant::now();
+            let got = chat(port, &p, &id).await;
+            (id, p, started, got)
+        }));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tasks
+}
+
+/// Checks each request's body and metadata; returns each one's start and serving front.
+fn check(stack: &Stack, done: &[Done]) -> Vec<(Instant, u32)> {
+    let mut served = Vec::new();
+    for (id, p, started, got) in done {
+        assert_eq!(got.status, 200, "{id}");
+        assert_eq!(got.error, None, "{id}");
+        assert!(got.body() == p.body(), "{id}: body differs");
+        let line = stack.log_for(id);
+        assert_eq!(
+            line["plugvisor"]["missing"],
+            serde_json::json!([]),
+            "{id}: {line}"
+        );
+        assert!(line["plugvisor"]["partial"].is_null(), "{id}: {line}");
+        assert_eq!(
+            line["usage"]["completion_tokens"], p.chunks as f64,
+            "{id}: {line}"
+        );
+        assert_eq!(
+            line["test_order"]["sha256"],
+            hex::encode(Sha256::digest(p.body())),
+            "{id}: {line}"
+        );
+        assert_eq!(line["test_order"]["gaps"], 0.0, "{id}: {line}");
+        let pid = line["plugvisor"]["front_pid"]
+            .as_f64()
+            .unwrap_or_else(|| panic!("{id}: no front_pid: {line}")) as u32;
+        served.push((*started, pid));
+    }
+    served
+}
+
+async fn join(tasks: Vec<tokio::task::JoinHandle<Done>>) -> Vec<Done> {
+    let mut done = Vec::new();
+    for t in tasks {
+        done.push(t.await.unwrap());
+    }
+    done
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upgrade_mid_batch_breaks_no_stream_and_new_requests_reach_the_new_front() {
+    let (mut stack, _) = start("").await;
+    let old = stack.front.pid();
+    let port = stack.envoy.port;
+    let stop = Arc::new(AtomicBool::new(false));
+    let small = trickle(port, "trickle", stop.clone());
+    let long_streams = batch(port, "long", 50).await;
+
+    let (ok, answer) = upgrade(&stack).await;
+    let upgraded_at = Instant::now();
+    assert!(ok, "upgrade failed: {answer}\n{}", stack.front.log());
+    let new = new_pid(&answer);
+    let _guard = Pids(vec![new]);
+    assert_ne!(new, old);
+
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.store(true, Ordering::SeqCst);
+    let long_done = join(long_streams).await;
+    let small_done = small.await.unwrap();
+
+    for (_, pid) in check(&stack, &long_done) {
+        assert_eq!(
+            pid, old,
+            "a stream started before the upgrade stays on the old front"
+        );
+    }
+    let served = check(&stack, &small_done);
+    let after: Vec<u32> = served
+        .iter()
+        .filter(|(started, _)| *started > upgraded_at)
+        .map(|(_, pid)| *pid)
+        .collect();
+    assert!(
+        after.len() >= 20,
+        "only {} requests after the upgrade",
+        after.len()
+    );
+    assert!(
+        after.iter().all(|pid| *pid == new),
+        "requests started after the upgrade returned were served by {after:?}, not only {new}"
+    );
+
+    // The old front exits by itself once its last stream ended.
+    let status = tokio::task::block_in_place(|| stack.front.wait_exit(Duration::from_secs(20)));
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "old front: {status:?}\n{}",
+        stack.front.log()
+    );
+    // The new front serves on, with its own plugins, and answers the control socket.
+    let status = stack.front.plugin_status("usage").await;
+    assert_eq!(status.state, "up");
+    let p = short();
+    let got = chat(port, &p, "after-exit").await;
+    assert!(got.body() == p.body());
+    assert_eq!(
+        stack.log_for("after-exit")["plugvisor"]["front_pid"],
+        f64::from(new)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_new_binary_leaves_the_old_front_serving() {
+    let (stack, binary) = start("").await;
+    let real = std::fs::read(&binary).unwrap();
+    let old = stack.front.pid();
+    let port = stack.envoy.port;
+    let stop = Arc::new(AtomicBool::new(false));
+    let small = trickle(port, "trickle", stop.clone());
+    let long_streams = batch(port, "long", 10).await;
+
+    // Exits at once.
+    install(stack.dir.path(), b"#!/bin/sh\nexit 3\n");
+    let (ok, answer) = upgrade(&stack).await;
+    assert!(!ok, "{answer}");
+    assert!(answer.contains("exit status: 3"), "{answer}");
+    assert!(
+        answer.contains(&format!("still serving as pid {old}")),
+        "{answer}"
+    );
+
+    // Starts a front that exits before it is ready (bad arguments).
+    let bad_front = format!(
+        "#!/bin/sh\nexec {} --config /nonexistent/plugvisor.toml\n",
+        bins::plugvisor().display()
+    );
+    install(stack.dir.path(), bad_front.as_bytes());
+    let (ok, answer) = upgrade(&stack).await;
+    assert!(!ok, "{answer}");
+    assert!(answer.contains("exited before it was ready"), "{answer}");
+
+    // Never says a word: killed after ready_timeout_ms plus the start margin.
+    install(stack.dir.path(), b"#!/bin/sh\nexec sleep 60\n");
+    let before = Instant::now();
+    let (ok, answer) = upgrade(&stack).await;
+    assert!(!ok, "{answer}");
+    assert!(answer.contains("not ready within 8000ms"), "{answer}");
+    assert!(before.elapsed() < Duration::from_secs(12));
+
+    stop.store(true, Ordering::SeqCst);
+    let long_done = join(long_streams).await;
+    let small_done = small.await.unwrap();
+    for (_, pid) in check(&stack, &long_done)
+        .into_iter()
+        .chain(check(&stack, &small_done))
+    {
+        assert_eq!(pid, old);
+    }
+
+    // The socket paths a failed new front took are the old front's again: the control socket
+    // answers, and a restarted plugin reconnects through its socket.
+    let usage = stack.plugin_pid("usage").await;
+    let answer = supervisor::control::request(
+        &stack.front.control_socket(),
+        &supervisor::control::Request::Restart {
+            plugin: "usage".into(),
+        },
+    )
+    .await
+    .expect("control socket answers");
+    assert!(answer.ok, "{answer:?}");
+    let up = async {
+        loop {
+            let s = stack.front.plugin_status("usage").await;
+            if s.pid.is_some_and(|p| p != usage) && s.state == "up" {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), up)
+        .await
+        .expect("the restarted plugin connects through the restored socket path");
+    let p = short();
+    let got = chat(port, &p, "after").await;
+    assert!(got.body() == p.body());
+    assert_eq!(
+        stack.log_for("after")["plugvisor"]["missing"],
+        serde_json::json!([])
+    );
+
+    // With the real binary back, the upgrade goes through.
+    install(stack.dir.path(), &real);
+    let (ok, answer) = upgrade(&stack).await;
+    assert!(ok, "{answer}");
+    let _guard = Pids(vec![new_pid(&answer)]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_upgrade_while_the_first_drains_loses_nothing() {
+    let (mut stack, _) = start("").await;
+    let first = stack.front.pid();
+    let port = stack.envoy.port;
+    let stop = Arc::new(AtomicBool::new(false));
+    let small = trickle(port, "trickle", stop.clone());
+    let mut long_streams = batch(port, "gen0", 20).await;
+
+    let (ok, answer) = upgrade(&stack).await;
+    assert!(ok, "{answer}");
+    let second = new_pid(&answer);
+    let mut guard = Pids(vec![second]);
+    long_streams.extend(batch(port, "gen1", 20).await);
+
+    // The first front still drains its streams.
+    assert!(running(first));
+    let (ok, answer) = upgrade(&stack).await;
+    assert!(ok, "{answer}");
+    let upgraded_at = Instant::now();
+    let third = new_pid(&answer);
+    guard.0.push(third);
+    assert!(
+        running(first) && running(second),
+        "both older fronts drain at once"
+    );
+
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    stop.store(true, Ordering::SeqCst);
+    let long_done = join(long_streams).await;
+    let small_done = small.await.unwrap();
+    for ((id, ..), (_, pid)) in long_done.iter().zip(check(&stack, &long_done)) {
+        let expected = if id.starts_with("gen0") {
+            first
+        } else {
+            second
+        };
+        assert_eq!(pid, expected, "{id}");
+    }
+    for (started, pid) in check(&stack, &small_done) {
+        if started > upgraded_at {
+            assert_eq!(pid, third);
+        }
+    }
+    let status = tokio::task::block_in_place(|| stack.front.wait_exit(Duration::from_secs(20)));
+    assert!(status.is_some_and(|s| s.success()), "{status:?}");
+    let start = Instant::now();
+    while running(second) && start.elapsed() < Duration::from_secs(20) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(!running(second), "the second front exits once drained");
+    assert!(running(third));
+}
+
+/// Under a real systemd 252 (nspawn, installed with `scripts/install`, socket-activated,
+/// `NotifyAccess=main` as shipped): `plugvisor upgrade` makes the new front the unit's main pid,
+/// the old one drains inside the unit's cgroup, the watchdog follows the new front, and streams
+/// through the activated socket survive. Needs root and systemd-container, as
+/// tests/tests/systemd_service.rs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_systemd_the_new_front_becomes_the_main_pid_and_streams_survive() {
+    use tests::nspawn::{self, Container};
+    const SERVICE: &str = "plugvisor.service";
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_owned();
+    let run_dir = tempfile::tempdir().unwrap();
+    let text = std::fs::read_to_string(repo.join("tests/systemd/spawned.toml"))
+        .unwrap()
+        .replace(
+            "admin_listen = \"127.0.0.1:9003\"",
+            &format!("admin_listen = \"127.0.0.1:{}\"", tests::free_port()),
+        )
+        // Finals may wait (a debug build on a shared machine, two fronts at once): this test
+        // pins the handover, not the plugins' deadline.
+        .replace(
+            "[plugins.usage]\n",
+            "[plugins.usage]\nfinal_timeout_ms = 5000\n",
+        )
+        .replace(
+            "[plugins.latency]\n",
+            "[plugins.latency]\nfinal_timeout_ms = 5000\n",
+        );
+    let config = run_dir.path().join("plugvisor.toml");
+    std::fs::write(&config, text).unwrap();
+    let c = tokio::task::block_in_place(|| {
+        let c = Container::builder("upgrade-svc")
+            .bind(run_dir.path(), "/run/plugvisor")
+            .boot_installed(&repo, &nspawn::built_binaries_dir().unwrap(), &config)
+            .expect("boot and install");
+        // A short watchdog: a new front that did not take it over would be killed within 2 s.
+        c.sh("mkdir -p /etc/systemd/system/plugvisor.service.d && \
+              printf '[Service]\\nWatchdogSec=2s\\nLimitCORE=0\\n' \
+                > /etc/systemd/system/plugvisor.service.d/watchdog.conf && \
+              systemctl daemon-reload")
+            .unwrap();
+        c.systemctl_ok(&["start", "plugvisor.socket", SERVICE])
+            .unwrap_or_else(|e| panic!("{e}\n{}", c.describe_unit(SERVICE)));
+        c
+    });
+    let prop = |p: &str| c.show_property(SERVICE, p).unwrap();
+    let in_unit = |pid: &str| {
+        c.sh(&format!("cat /proc/{pid}/cgroup 2>/dev/null || true"))
+            .unwrap_or_default()
+            .contains("/system.slice/plugvisor.service")
+    };
+    let old = prop("MainPID");
+
+    let dir = tempfile::tempdir().unwrap();
+    let upstream = Upstream::start().await;
+    let ext_proc = format!("unix:{}", run_dir.path().join("extproc.sock").display());
+    let envoy = tokio::task::block_in_place(|| {
+        Envoy::start(
+            dir.path(),
+            &EnvoyOptions {
+                ext_proc,
+                upstream_port: upstream.port,
+                failure_mode_allow: false,
+                ..EnvoyOptions::default()
+            },
+        )
+    });
+    let port = envoy.port;
+    let stop = Arc::new(AtomicBool::new(false));
+    let small = trickle(port, "svc-trickle", stop.clone());
+    let long_streams = batch(port, "svc-long", 10).await;
+
+    let answer = tokio::task::block_in_place(|| {
+        c.exec_ok(&[
+            "/usr/local/bin/plugvisor",
+            "--config",
+            "/etc/plugvisor/plugvisor.toml",
+            "upgrade",
+        ])
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", c.describe_unit(SERVICE)));
+    let new = new_pid(&answer).to_string();
+    tokio::task::block_in_place(|| {
+        assert_eq!(prop("MainPID"), new, "{}", c.describe_unit(SERVICE));
+        let shown = c.systemctl_ok(&["status", "--no-pager", SERVICE]).unwrap();
+        assert!(shown.contains(&format!("Main PID: {new}")), "{shown}");
+        // The old front drains inside the unit's cgroup.
+        assert!(in_unit(&old), "{}", c.describe_unit(SERVICE));
+    });
+
+    // Past the 2 s watchdog: the new front feeds it, systemd restarted nothing.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    stop.store(true, Ordering::SeqCst);
+    let long_done = join(long_streams).await;
+    let small_done = small.await.unwrap();
+    for (id, p, _, got) in long_done.iter().chain(small_done.iter()) {
+        assert_eq!(got.status, 200, "{id}");
+        assert_eq!(got.error, None, "{id}");
+        assert!(got.body() == p.body(), "{id}: body differs");
+        let line = tokio::task::block_in_place(|| envoy.access_log_for(id, Duration::from_secs(5)));
+        assert_eq!(
+            line["plugvisor"]["missing"],
+            serde_json::json!([]),
+            "{id}: {line}"
+        );
+        assert_eq!(
+            line["usage"]["completion_tokens"], p.chunks as f64,
+            "{id}: {line}"
+        );
+    }
+    tokio::task::block_in_place(|| {
+        assert_eq!(prop("NRestarts"), "0");
+        assert_eq!(prop("ActiveState"), "active");
+        assert_eq!(prop("MainPID"), new);
+        let gone = nspawn::poll(Duration::from_secs(20), || {
+            Ok((!in_unit(&old)).then_some(()))
+        })
+        .unwrap();
+        assert!(
+            gone.is_some(),
+            "the old front is still running after its streams ended"
+        );
+        let status = prop("StatusText");
+        assert!(status.starts_with("serving; plugins 2/2 up"), "{status}");
+        // A stop is today's drain, and completes.
+        c.systemctl_ok(&["stop", SERVICE]).unwrap();
+        assert_eq!(prop("ActiveState"), "inactive");
+    });
+}
