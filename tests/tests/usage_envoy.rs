@@ -4,7 +4,8 @@
 //! `examples/envoy.yaml` plus the rate-limit pieces of the same page, talking to a recording
 //! rate-limit service. For every format, Envoy's access log must hold exactly the metadata of the
 //! fixture's golden file, and the rate-limit service must be charged the `tokens` cost (or, for
-//! a response without usage, not be called).
+//! a response without usage, not be called). Bodies compressed by the `gzip` and `zstd` tools
+//! reach the client as sent and give the plain body's golden metadata.
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -31,6 +32,8 @@ struct Case {
     golden: &'static str,
     status: u16,
     content_type: &'static str,
+    /// The fixture is stored encoded so (sent with this `Content-Encoding`).
+    encoding: Option<&'static str>,
 }
 
 const SSE: &str = "text/event-stream";
@@ -42,6 +45,20 @@ const fn case(fixture: &'static str, golden: &'static str, content_type: &'stati
         golden,
         status: 200,
         content_type,
+        encoding: None,
+    }
+}
+
+/// A fixture compressed by the `gzip` or `zstd` tool: its golden file is the plain body's.
+const fn compressed(
+    fixture: &'static str,
+    golden: &'static str,
+    content_type: &'static str,
+    encoding: &'static str,
+) -> Case {
+    Case {
+        encoding: Some(encoding),
+        ..case(fixture, golden, content_type)
     }
 }
 
@@ -96,6 +113,19 @@ const CASES: &[Case] = &[
         status: 503,
         ..case("proxy_503.txt", "proxy_503", "text/plain")
     },
+    compressed("openai_chat.json.gz", "openai_chat_json", JSON, "gzip"),
+    compressed(
+        "../compressed/anthropic_stream.sse.gz",
+        "anthropic_stream",
+        SSE,
+        "gzip",
+    ),
+    compressed(
+        "../compressed/openai_responses_stream.sse.zst",
+        "openai_responses_stream",
+        SSE,
+        "zstd",
+    ),
 ];
 
 fn workspace() -> PathBuf {
@@ -237,7 +267,8 @@ type Body = Either<
 
 /// Serves the fixture named by the request's `x-fixture` header with the status and content
 /// type of `x-fixture-status` and `x-fixture-type`: SSE one event per chunk, anything else whole
-/// with a content-length.
+/// with a content-length. With `x-fixture-encoding`, the stored bytes are sent as they are with
+/// that `Content-Encoding`, an SSE body in three chunks cut anywhere.
 async fn serve_fixture(
     req: hyper::Request<hyper::body::Incoming>,
 ) -> Result<hyper::Response<Body>, Infallible> {
@@ -251,8 +282,16 @@ async fn serve_fixture(
     let name = header("x-fixture");
     let content_type = header("x-fixture-type");
     let status: u16 = header("x-fixture-status").parse().unwrap_or(200);
+    let encoding = header("x-fixture-encoding");
     let bytes = std::fs::read(fixtures().join(&name)).unwrap_or_else(|e| panic!("{name}: {e}"));
-    let body = if content_type == SSE {
+    let body = if !encoding.is_empty() && content_type == SSE {
+        let third = bytes.len().div_ceil(3);
+        let frames: Vec<_> = bytes
+            .chunks(third)
+            .map(|piece| Ok(Frame::data(Bytes::copy_from_slice(piece))))
+            .collect();
+        Either::Right(StreamBody::new(tokio_stream::iter(frames)))
+    } else if content_type == SSE {
         let text = String::from_utf8(bytes).expect("utf-8 sse");
         let frames: Vec<_> = text
             .split_inclusive("\n\n")
@@ -262,11 +301,13 @@ async fn serve_fixture(
     } else {
         Either::Left(Full::new(Bytes::from(bytes)))
     };
-    Ok(hyper::Response::builder()
+    let mut response = hyper::Response::builder()
         .status(status)
-        .header("content-type", content_type)
-        .body(body)
-        .expect("response"))
+        .header("content-type", content_type);
+    if !encoding.is_empty() {
+        response = response.header("content-encoding", encoding);
+    }
+    Ok(response.body(body).expect("response"))
 }
 
 async fn start_upstream() -> (u16, tokio::task::JoinHandle<()>) {
@@ -305,6 +346,7 @@ async fn fetch(port: u16, case: &Case, rid: &str) -> (u16, Vec<u8>) {
         .header("x-fixture", case.fixture)
         .header("x-fixture-status", case.status.to_string())
         .header("x-fixture-type", case.content_type)
+        .header("x-fixture-encoding", case.encoding.unwrap_or_default())
         .body(Full::new(Bytes::from_static(b"{}")))
         .expect("request");
     let resp = tokio::time::timeout(Duration::from_secs(10), sender.send_request(req))
