@@ -17,7 +17,6 @@
 use ipc_protocol::{Chunk, Final, Metadata, RequestStart, ResponseHeaders, Value};
 
 use crate::plugin::{EventCtx, Plugin};
-use crate::usage_formats::content::ContentClock;
 use crate::usage_formats::ResponseObserver;
 
 /// The plugin's own metadata namespace.
@@ -36,14 +35,13 @@ pub struct LatencyStream {
     timing: ResponseTiming,
 }
 
-/// The body readers of one response, as the `latency` and `metrics` plugins keep them: usage
-/// from the [`ResponseObserver`], content timing from the [`ContentClock`].
+/// The body reader of one response, as the `latency` and `metrics` plugins keep it: usage,
+/// model, format and the content-bearing events' stamps, read in one pass by the
+/// [`ResponseObserver`].
 #[derive(Debug, Default)]
 pub struct ResponseTiming {
-    /// Usage, model and format.
+    /// Usage, model, format and content timing.
     pub body: ResponseObserver,
-    /// Content-bearing event stamps.
-    pub clock: ContentClock,
 }
 
 impl ResponseTiming {
@@ -51,24 +49,20 @@ impl ResponseTiming {
     pub fn headers(&mut self, e: &ResponseHeaders) {
         if let Some(ct) = e.header("content-type") {
             self.body.set_content_type(ct);
-            self.clock.set_content_type(ct);
         }
         if let Some(enc) = e.header("content-encoding") {
             self.body.set_content_encoding(enc);
-            self.clock.set_content_encoding(enc);
         }
     }
 
     /// A body message of `len` bytes (of which `bytes` are known) that arrived at `stamp_ns`.
     pub fn push(&mut self, bytes: &[u8], len: u64, stamp_ns: u64) {
         self.body.push(bytes, len, stamp_ns);
-        self.clock.push(bytes, stamp_ns);
     }
 
     /// The body ended at `stamp_ns`.
     pub fn finish(&mut self, stamp_ns: u64) {
         self.body.finish(stamp_ns);
-        self.clock.finish(stamp_ns);
     }
 }
 
@@ -98,22 +92,22 @@ impl Latency {
     /// Computes the figures from a request start stamp, the HTTP status (0: unknown), the
     /// finished body readers and the end stamp.
     pub fn compute(start_ns: Option<u64>, status: u16, r: &ResponseTiming, end_ns: u64) -> Latency {
-        let (body, clock) = (&r.body, &r.clock);
+        let body = &r.body;
         let ok = status < 400 && body.upstream_error().is_none();
         let tokens = match body.usage {
             Some(u) if u.output_tokens > 0 => u.output_tokens as u64,
-            _ => clock.content_events,
+            _ => body.content_events,
         };
-        let (first, last) = if clock.is_sse() {
-            (clock.first_content_ns, clock.last_content_ns)
+        let (first, last) = if body.is_sse() {
+            (body.first_content_ns, body.last_content_ns)
         } else if ok && body.format().is_some() {
-            (clock.last_body_ns, clock.last_body_ns)
+            (body.last_body_ns, body.last_body_ns)
         } else {
             (None, None)
         };
         let first = first.filter(|_| ok);
         let tpot_ms = match (first, last) {
-            (Some(first), Some(last)) if tokens >= 2 && clock.is_sse() => {
+            (Some(first), Some(last)) if tokens >= 2 && body.is_sse() => {
                 Some(ms(first, last) / (tokens - 1) as f64)
             }
             _ => None,
@@ -181,7 +175,7 @@ impl Plugin for LatencyPlugin {
         map.insert("events".into(), Value::from(s.timing.body.events));
         map.insert(
             "content_events".into(),
-            Value::from(s.timing.clock.content_events),
+            Value::from(s.timing.body.content_events),
         );
         map.insert("tokens".into(), Value::from(l.tokens));
         map.insert(

@@ -74,16 +74,6 @@ pub(super) fn observe(r: &mut Reading, event: Option<&str>, json: &Json) -> bool
     }
 }
 
-/// A `content_block_delta` delivering text, thinking or tool-input JSON.
-pub(super) fn carries_content(event: Option<&str>, json: &Json) -> bool {
-    kind(json).or(event) == Some("content_block_delta")
-        && json.get("delta").is_some_and(|d| {
-            ["text", "thinking", "partial_json"]
-                .iter()
-                .any(|k| super::filled(d, k))
-        })
-}
-
 /// Applies an Anthropic `usage` object over what earlier events reported: a field present (and
 /// not null) replaces the earlier value, an absent one keeps it.
 fn merge(base: Option<Usage>, u: &Json) -> Option<Usage> {

@@ -10,16 +10,14 @@
 //! better than what the client waits for, so [`is_content`] counts only events that carry
 //! generated text, reasoning, refusals, tool-call arguments or other output parts.
 //!
-//! [`ContentClock`] watches one body with the same SSE framing ([`super::sse`]) and format
-//! detection as [`super::ResponseObserver`], decodes a `Content-Encoding` like it, and keeps the
-//! arrival stamps of the first and last content-bearing events. A plain JSON body has no events:
-//! its content arrives with its last byte ([`ContentClock::last_body_ns`]).
+//! [`super::ResponseObserver`] counts these events (`content_events`) and keeps the arrival
+//! stamps of the first and last (`first_content_ns`, `last_content_ns`), in the same pass that
+//! reads the usage. A plain JSON body has no events: its content arrives with its last byte
+//! (`last_body_ns`).
 
 use serde_json::Value as Json;
 
-use super::sse::SseDecoder;
 use super::Format;
-use crate::decode::{Decoder, Encoding};
 
 /// Whether one event (SSE event name and JSON data) of a response in `format` carries generated
 /// content. See the module docs.
@@ -118,123 +116,6 @@ fn gemini(json: &Json) -> bool {
                 })
             })
     })
-}
-
-/// The arrival stamps of one response's content-bearing events. See the module docs.
-#[derive(Debug, Default)]
-pub struct ContentClock {
-    /// `Some(true)`: SSE; `Some(false)`: a whole JSON body; `None`: not known yet.
-    sse_mode: Option<bool>,
-    format: Option<Format>,
-    sse: SseDecoder,
-    decoder: Option<Decoder>,
-    /// The body is encoded in a way that cannot be (or failed to be) decoded.
-    undecodable: bool,
-    /// Content-bearing events seen.
-    pub content_events: u64,
-    /// Arrival of the chunk that completed the first content-bearing event.
-    pub first_content_ns: Option<u64>,
-    /// Arrival of the chunk that completed the last content-bearing event.
-    pub last_content_ns: Option<u64>,
-    /// Arrival of the last chunk that carried body bytes.
-    pub last_body_ns: Option<u64>,
-}
-
-impl ContentClock {
-    /// Uses the response's `content-type`, as [`super::ResponseObserver::set_content_type`].
-    pub fn set_content_type(&mut self, content_type: &str) {
-        let ct = content_type.to_ascii_lowercase();
-        if ct.contains("text/event-stream") {
-            self.sse_mode = Some(true);
-        } else if ct.contains("json") {
-            self.sse_mode = Some(false);
-        }
-    }
-
-    /// Uses the response's `content-encoding`: the body is decoded before it is read; a body
-    /// that cannot be decoded has no content events.
-    pub fn set_content_encoding(&mut self, encoding: &str) {
-        match Encoding::from_header(encoding) {
-            Ok(None) => {}
-            Ok(Some(enc)) => self.decoder = Some(Decoder::new(enc)),
-            Err(_) => self.undecodable = true,
-        }
-    }
-
-    /// The format detected so far.
-    pub fn format(&self) -> Option<Format> {
-        self.format
-    }
-
-    /// Whether the body is (so far) an SSE stream.
-    pub fn is_sse(&self) -> bool {
-        self.sse_mode == Some(true)
-    }
-
-    /// Records body bytes that arrived at `stamp_ns`.
-    pub fn push(&mut self, bytes: &[u8], stamp_ns: u64) {
-        if bytes.is_empty() {
-            return;
-        }
-        self.last_body_ns = Some(stamp_ns);
-        if self.undecodable {
-            return;
-        }
-        match self.decoder.take() {
-            Some(mut decoder) => {
-                let decoded = decoder.push(bytes, &mut |piece| self.read(piece, stamp_ns));
-                self.undecodable = decoded.is_err();
-                self.decoder = Some(decoder);
-            }
-            None => self.read(bytes, stamp_ns),
-        }
-    }
-
-    /// The body ended at `stamp_ns`: an SSE event left without its blank line still counts.
-    pub fn finish(&mut self, stamp_ns: u64) {
-        if let Some(decoder) = self.decoder.as_mut() {
-            self.undecodable |= decoder.finish().is_err();
-        }
-        if self.is_sse() && !self.undecodable {
-            let mut sse = std::mem::take(&mut self.sse);
-            sse.finish(&mut |event, data| self.on_event(event, data, stamp_ns));
-            self.sse = sse;
-        }
-    }
-
-    fn read(&mut self, bytes: &[u8], stamp_ns: u64) {
-        if self.sse_mode.is_none() {
-            match bytes.iter().find(|b| !b.is_ascii_whitespace()) {
-                Some(b'{') | Some(b'[') => self.sse_mode = Some(false),
-                Some(_) => self.sse_mode = Some(true),
-                None => return,
-            }
-        }
-        if self.is_sse() {
-            let mut sse = std::mem::take(&mut self.sse);
-            sse.push(bytes, &mut |event, data| {
-                self.on_event(event, data, stamp_ns)
-            });
-            self.sse = sse;
-        }
-    }
-
-    fn on_event(&mut self, event: Option<&str>, data: &str, stamp_ns: u64) {
-        if data.trim() == "[DONE]" {
-            return;
-        }
-        let Ok(json) = serde_json::from_str::<Json>(data) else {
-            return;
-        };
-        if self.format.is_none() {
-            self.format = Format::ALL.into_iter().find(|f| f.detects(event, &json));
-        }
-        if self.format.is_some_and(|f| is_content(f, event, &json)) {
-            self.content_events += 1;
-            self.first_content_ns.get_or_insert(stamp_ns);
-            self.last_content_ns = Some(stamp_ns);
-        }
-    }
 }
 
 #[cfg(test)]
@@ -405,12 +286,14 @@ mod tests {
         ));
     }
 
-    fn clock(body: &str, sizes: usize) -> ContentClock {
-        let mut c = ContentClock::default();
+    use super::super::ResponseObserver;
+
+    fn clock(body: &str, sizes: usize) -> ResponseObserver {
+        let mut c = ResponseObserver::default();
         let mut last = 0;
         for (i, chunk) in body.as_bytes().chunks(sizes).enumerate() {
             last = 1000 * (i as u64 + 1);
-            c.push(chunk, last);
+            c.push(chunk, chunk.len() as u64, last);
         }
         c.finish(last);
         c
@@ -426,9 +309,9 @@ mod tests {
             "data: [DONE]\n\n",
         );
         // One event per chunk: chunk i arrives at 1000 * (i + 1).
-        let mut c = ContentClock::default();
+        let mut c = ResponseObserver::default();
         for (i, event) in body.split_inclusive("\n\n").enumerate() {
-            c.push(event.as_bytes(), 1000 * (i as u64 + 1));
+            c.push(event.as_bytes(), event.len() as u64, 1000 * (i as u64 + 1));
         }
         c.finish(6000);
         assert_eq!(c.format(), Some(Format::OpenAiChat));
@@ -448,18 +331,18 @@ mod tests {
         let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
         e.write_all(body.as_bytes()).unwrap();
         let gz = e.finish().unwrap();
-        let mut c = ContentClock::default();
+        let mut c = ResponseObserver::default();
         c.set_content_type("text/event-stream");
         c.set_content_encoding("gzip");
         for (i, b) in gz.chunks(7).enumerate() {
-            c.push(b, i as u64 + 1);
+            c.push(b, b.len() as u64, i as u64 + 1);
         }
         c.finish(99);
         assert_eq!((c.format(), c.content_events), (Some(Format::Anthropic), 1));
 
-        let mut c = ContentClock::default();
+        let mut c = ResponseObserver::default();
         c.set_content_encoding("compress");
-        c.push(body.as_bytes(), 1);
+        c.push(body.as_bytes(), body.len() as u64, 1);
         c.finish(2);
         assert_eq!(c.content_events, 0);
         assert_eq!(c.last_body_ns, Some(1));

@@ -51,17 +51,6 @@ pub(super) fn observe(r: &mut Reading, _event: Option<&str>, json: &Json) -> boo
     })
 }
 
-/// A response whose candidates have a part with non-empty `text` or a `functionCall`.
-pub(super) fn carries_content(_event: Option<&str>, json: &Json) -> bool {
-    json.get("candidates")
-        .and_then(Json::as_array)
-        .into_iter()
-        .flatten()
-        .filter_map(|c| c.get("content")?.get("parts")?.as_array())
-        .flatten()
-        .any(|p| super::filled(p, "text") || super::filled(p, "functionCall"))
-}
-
 fn usage(u: &Json) -> Option<Usage> {
     let prompt = int(u, "promptTokenCount");
     let candidates = int(u, "candidatesTokenCount");

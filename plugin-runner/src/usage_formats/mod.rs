@@ -84,18 +84,6 @@ impl Format {
             Format::Gemini => gemini::observe(r, event, json),
         }
     }
-
-    /// Whether one streamed event delivers generated content (text, reasoning, tool-call
-    /// arguments), as opposed to roles, pings, finish markers or usage: what
-    /// [`ResponseObserver::content_events`] counts.
-    fn carries_content(self, event: Option<&str>, json: &Json) -> bool {
-        match self {
-            Format::OpenAiChat => openai_chat::carries_content(event, json),
-            Format::OpenAiResponses => openai_responses::carries_content(event, json),
-            Format::Anthropic => anthropic::carries_content(event, json),
-            Format::Gemini => gemini::carries_content(event, json),
-        }
-    }
 }
 
 /// Token counts, normalised across formats.
@@ -220,16 +208,6 @@ pub(crate) fn int(obj: &Json, key: &str) -> Option<i64> {
     obj.get(key).and_then(Json::as_i64)
 }
 
-/// Whether `obj.key` is a non-empty string, array or object (a field that carries content).
-pub(crate) fn filled(obj: &Json, key: &str) -> bool {
-    match obj.get(key) {
-        Some(Json::String(s)) => !s.is_empty(),
-        Some(Json::Array(a)) => !a.is_empty(),
-        Some(Json::Object(o)) => !o.is_empty(),
-        _ => false,
-    }
-}
-
 /// Longest prefix of a body kept to describe an error response that has no error object (a
 /// proxy's plain-text 503, a framework's `{"detail": "Not Found"}`).
 pub const MAX_ERROR_BODY: usize = 512;
@@ -267,9 +245,17 @@ pub struct ResponseObserver {
     pub events: u64,
     /// SSE events that carry tokens.
     pub token_events: u64,
-    /// SSE events that deliver generated content (see [`Format::carries_content`]): the count
-    /// the `usage` plugin reports as estimated output tokens when the upstream sent no usage.
+    /// SSE events that deliver generated content ([`content::is_content`]): the count the
+    /// `usage` plugin reports as estimated output tokens when the upstream sent no usage, and the
+    /// events TTFT and inter-token latency are timed on.
     pub content_events: u64,
+    /// Arrival of the chunk that completed the first content-bearing event.
+    pub first_content_ns: Option<u64>,
+    /// Arrival of the chunk that completed the last content-bearing event.
+    pub last_content_ns: Option<u64>,
+    /// Arrival of the last body message that carried bytes (a JSON body's content arrives with
+    /// it).
+    pub last_body_ns: Option<u64>,
     /// Whether `data: [DONE]` was seen.
     pub done: bool,
     /// Arrival of the first body byte.
@@ -309,6 +295,9 @@ impl Default for ResponseObserver {
             events: 0,
             token_events: 0,
             content_events: 0,
+            first_content_ns: None,
+            last_content_ns: None,
+            last_body_ns: None,
             done: false,
             first_body_ns: None,
             first_token_ns: None,
@@ -369,6 +358,7 @@ impl ResponseObserver {
         self.chunks += 1;
         self.body_bytes += len;
         self.first_body_ns.get_or_insert(stamp_ns);
+        self.last_body_ns = Some(stamp_ns);
         if self.undecodable.is_some() {
             return;
         }
@@ -429,8 +419,13 @@ impl ResponseObserver {
                     self.first_token_ns.get_or_insert(stamp_ns);
                     self.last_token_ns = Some(stamp_ns);
                 }
-                if self.format.is_some_and(|f| f.carries_content(event, &json)) {
+                if self
+                    .format
+                    .is_some_and(|f| content::is_content(f, event, &json))
+                {
                     self.content_events += 1;
+                    self.first_content_ns.get_or_insert(stamp_ns);
+                    self.last_content_ns = Some(stamp_ns);
                 }
             }
             Err(_) => self.non_json_events += 1,

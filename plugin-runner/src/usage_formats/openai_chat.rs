@@ -11,7 +11,7 @@
 
 use serde_json::Value as Json;
 
-use super::{filled, int, Reading, UpstreamError, Usage};
+use super::{int, Reading, UpstreamError, Usage};
 
 pub(super) fn detects(_event: Option<&str>, json: &Json) -> bool {
     json.get("choices").is_some()
@@ -32,27 +32,6 @@ pub(super) fn observe(r: &mut Reading, _event: Option<&str>, json: &Json) -> boo
     json.get("choices")
         .and_then(Json::as_array)
         .is_some_and(|c| !c.is_empty())
-}
-
-/// Deltas with `content`, `reasoning_content`, `reasoning`, `refusal` or `tool_calls`, or (legacy
-/// completions) `text`; not the role-only first chunk, the finish chunk or the usage chunk.
-pub(super) fn carries_content(_event: Option<&str>, json: &Json) -> bool {
-    const DELTA_FIELDS: [&str; 5] = [
-        "content",
-        "reasoning_content",
-        "reasoning",
-        "refusal",
-        "tool_calls",
-    ];
-    json.get("choices")
-        .and_then(Json::as_array)
-        .is_some_and(|choices| {
-            choices.iter().any(|c| {
-                filled(c, "text")
-                    || c.get("delta")
-                        .is_some_and(|d| DELTA_FIELDS.iter().any(|k| filled(d, k)))
-            })
-        })
 }
 
 /// `{prompt_tokens, completion_tokens, total_tokens, prompt_tokens_details.cached_tokens,

@@ -48,11 +48,6 @@ pub(super) fn observe(r: &mut Reading, _event: Option<&str>, json: &Json) -> boo
     kind.is_some_and(|t| t.ends_with(".delta"))
 }
 
-/// A `*.delta` event with a non-empty `delta`.
-pub(super) fn carries_content(_event: Option<&str>, json: &Json) -> bool {
-    kind(json).is_some_and(|t| t.ends_with(".delta")) && super::filled(json, "delta")
-}
-
 fn usage(u: &Json) -> Option<Usage> {
     let input = int(u, "input_tokens");
     let output = int(u, "output_tokens");
