@@ -166,6 +166,8 @@ impl LiteLlm {
             .arg(&config)
             .args(["--host", "127.0.0.1", "--port", &port.to_string()])
             .args(["--num_workers", "1"])
+            // A master key, as in production (LiteLLM refuses to start without one).
+            .env("LITELLM_MASTER_KEY", sse::BENCH_KEY)
             .env("LITELLM_LOG", "ERROR")
             .env("LITELLM_TELEMETRY", "False")
             .env("LITELLM_MODE", "PRODUCTION")

@@ -25,6 +25,9 @@ pub fn now_ns() -> u64 {
     EPOCH.get_or_init(Instant::now).elapsed().as_nanos() as u64
 }
 
+/// The API key the client sends (and a proxy under test is given as its own).
+pub const BENCH_KEY: &str = "sk-plugvisor-bench";
+
 /// When the upstream wrote each response's terminating chunk, by `x-bench-id`.
 pub type Ends = Arc<Mutex<HashMap<u64, u64>>>;
 
@@ -176,6 +179,8 @@ pub async fn stream(port: u16, ask: Ask, id: u64, ends: &Ends) -> Result<StreamR
         .header("host", "gateway")
         .header("content-type", "application/json")
         .header("x-request-id", format!("bench-{id}"))
+        // A proxy with a key (LiteLLM's master key) checks it; the others ignore it.
+        .header("authorization", format!("Bearer {BENCH_KEY}"))
         .header("x-bench-events", ask.events.to_string())
         .header("x-bench-size", ask.size.to_string())
         .header("x-bench-delay-us", ask.delay.as_micros().to_string())

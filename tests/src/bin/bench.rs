@@ -1223,7 +1223,7 @@ impl Report {
         let _ = writeln!(
             s,
             "The same stamped upstream behind (litellm) LiteLLM's proxy (`{}`, model `openai/bench`\n\
-             with `api_base` at the upstream, one worker), beside Envoy + plugvisor with the default\n\
+             with `api_base` at the upstream, one worker, a master key), beside Envoy + plugvisor with the default\n\
              config over its TCP listener (c-tcp) and over a Unix socket (c), and (direct) the upstream\n\
              fetched by the client itself. LiteLLM re-encodes every event, so the client reads the\n\
              stamp the upstream also writes into each event's content; the request's parameters\n\
