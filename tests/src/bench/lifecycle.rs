@@ -67,13 +67,11 @@ impl Action {
     }
 }
 
-/// When each action happens, as a fraction of the run; the plugin is the default config's
-/// first (the one with the billing data).
-pub fn schedule(plugin: &'static str) -> Vec<(f64, Action)> {
-    vec![
-        (1.0 / 3.0, Action::Sigkill(plugin)),
-        (2.0 / 3.0, Action::ReloadProcessKey(plugin)),
-    ]
+/// The actions, in order; [`run`] spreads them evenly over the load (the k-th of n at
+/// k/(n+1) of it). `plugin` is the default config's first (the one with the billing data).
+/// A front upgrade goes here as one more entry once `plugvisor upgrade` exists.
+pub fn schedule(plugin: &'static str) -> Vec<Action> {
+    vec![Action::Sigkill(plugin), Action::ReloadProcessKey(plugin)]
 }
 
 /// One stream's outcome.
@@ -157,7 +155,10 @@ pub async fn run(
         }));
     }
     let mut events = Vec::new();
-    for (generation, (at, action)) in schedule(plugin).into_iter().enumerate() {
+    let actions = schedule(plugin);
+    let n = actions.len();
+    for (generation, action) in actions.into_iter().enumerate() {
+        let at = (generation + 1) as f64 / (n + 1) as f64;
         let when = Duration::from_secs_f64(seconds * at);
         tokio::time::sleep(when.saturating_sub(t0.elapsed())).await;
         let s = t0.elapsed().as_secs_f64();
@@ -196,11 +197,12 @@ pub async fn run(
     .iter()
     .map(|name| {
         let prefix = format!("{name}{{plugin=\"{plugin}\"");
-        let v: f64 = m
+        let v = m
             .lines()
             .filter(|l| l.starts_with(&prefix))
             .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum();
+            .sum::<f64>()
+            + 0.0; // an empty sum is -0
         (format!("{name}{{plugin=\"{plugin}\"}}"), v)
     })
     .collect();
