@@ -384,6 +384,17 @@ fn us(v: f64) -> String {
     }
 }
 
+/// An added latency with its sign (noise can make a difference of two percentiles negative).
+fn plus(v: f64) -> String {
+    if v.is_nan() {
+        "n/a".into()
+    } else if v < 0.0 {
+        format!("−{}", us(-v))
+    } else {
+        format!("+{}", us(v))
+    }
+}
+
 fn x(v: f64) -> String {
     if v.is_nan() {
         "n/a".into()
@@ -519,10 +530,10 @@ impl Report {
                     let ok = chunk.0 <= 1.05 && chunk.1 <= 1.05 && end.0 <= 1.05 && end.1 <= 1.05;
                     let _ = writeln!(
                         s,
-                        "| (c-tcp) the default config as users run it (TCP 127.0.0.1) ≤ 1.05× the same config on a Unix socket (c), per chunk and per request end, p50 and p99 — {} | per chunk {} / {} vs {} / {}: {} / {} (added +{} / +{} vs +{} / +{}); end {} / {} vs {} / {}: {} / {} | {} |",
+                        "| (c-tcp) the default config as users run it (TCP 127.0.0.1) ≤ 1.05× the same config on a Unix socket (c), per chunk and per request end, p50 and p99 — {} | per chunk {} / {} vs {} / {}: {} / {} (added {} / {} vs {} / {}); end {} / {} vs {} / {}: {} / {} | {} |",
                         pr.phase.name,
                         us(ft.chunk.p50), us(ft.chunk.p99), us(fc.chunk.p50), us(fc.chunk.p99), x(chunk.0), x(chunk.1),
-                        us(t50), us(t99), us(c50), us(c99),
+                        plus(t50), plus(t99), plus(c50), plus(c99),
                         us(ft.end.p50), us(ft.end.p99), us(fc.end.p50), us(fc.end.p99), x(end.0), x(end.1),
                         verdict(ok)
                     );
@@ -547,19 +558,19 @@ impl Report {
                     let ok_d = d50 <= 1.2 * b50.max(0.0) && d99 <= 1.2 * b99.max(0.0);
                     let _ = writeln!(
                         s,
-                        "| ({key}) adds ≤ 1.2× the per-chunk latency of (b), p50 and p99 — {} | ({key}) +{} / +{} vs (b) +{} / +{}: {} / {} | {} |",
-                        pr.phase.name, us(d50), us(d99), us(b50), us(b99), x(rd.0), x(rd.1), verdict(ok_d)
+                        "| ({key}) adds ≤ 1.2× the per-chunk latency of (b), p50 and p99 — {} | ({key}) {} / {} vs (b) {} / {}: {} / {} | {} |",
+                        pr.phase.name, plus(d50), plus(d99), plus(b50), plus(b99), x(rd.0), x(rd.1), verdict(ok_d)
                     );
                 }
                 let _ = writeln!(
                     s,
-                    "| (b) adds ≤ 1.3× the per-chunk latency of the bare echo ext_proc server — {} | (b) +{} / +{} vs echo +{} / +{}: {} / {} | {} |",
-                    pr.phase.name, us(b50), us(b99), us(r50), us(r99), x(rb.0), x(rb.1), verdict(ok_b)
+                    "| (b) adds ≤ 1.3× the per-chunk latency of the bare echo ext_proc server — {} | (b) {} / {} vs echo {} / {}: {} / {} | {} |",
+                    pr.phase.name, plus(b50), plus(b99), plus(r50), plus(r99), x(rb.0), x(rb.1), verdict(ok_b)
                 );
                 let _ = writeln!(
                     s,
-                    "| (e) shows the inline cost — {} | (e) +{} / +{} per chunk (p50 / p99) | shown |",
-                    pr.phase.name, us(e50), us(e99)
+                    "| (e) shows the inline cost — {} | (e) {} / {} per chunk (p50 / p99) | shown |",
+                    pr.phase.name, plus(e50), plus(e99)
                 );
             }
         }
