@@ -82,6 +82,42 @@ impl FrontProcess {
         front
     }
 
+    /// Starts `plugvisor --config` on `config` written verbatim to `dir/plugvisor.toml` (for a
+    /// config as users run it, e.g. the embedded default with only its ports and runtime
+    /// directory changed): `listen` and `admin_port` must be the ones `config` names.
+    pub fn start_config(
+        dir: &Path,
+        config: &str,
+        listen: &str,
+        admin_port: u16,
+        expect: &[&str],
+    ) -> FrontProcess {
+        let path = dir.join("plugvisor.toml");
+        std::fs::write(&path, config).expect("write plugvisor.toml");
+        let log_file = dir.join("plugvisor.log");
+        let log = std::fs::File::create(&log_file).expect("log file");
+        bins::plugvisor_plugin();
+        let child = Command::new(bins::plugvisor())
+            .arg("--config")
+            .arg(&path)
+            .env("PLUGVISOR_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("dup"))
+            .stderr(log)
+            .spawn()
+            .expect("start plugvisor");
+        let mut front = FrontProcess {
+            child,
+            ext_proc: listen.to_owned(),
+            admin_port,
+            runtime_dir: FrontProcess::runtime_dir_in(dir),
+            log_file,
+            config_path: path,
+        };
+        front.wait_ready(expect, Duration::from_secs(15));
+        front
+    }
+
     fn wait_ready(&mut self, expect: &[&str], limit: Duration) {
         let start = Instant::now();
         loop {

@@ -6,7 +6,7 @@ use envoy_types::pb::envoy::config::core::v3::HeaderMap;
 use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_client::ExternalProcessorClient;
 use envoy_types::pb::envoy::service::ext_proc::v3::processing_request::Request;
 use envoy_types::pb::envoy::service::ext_proc::v3::{
-    HttpHeaders, ProcessingRequest, ProcessingResponse,
+    HttpBody, HttpHeaders, ProcessingRequest, ProcessingResponse,
 };
 
 /// Open streams; dropping it closes them.
@@ -72,6 +72,97 @@ pub async fn open(listen: &str, connections: usize, per_connection: usize) -> Id
                 .await
                 .expect("a reply to the headers")
                 .expect("a reply, not the end");
+            held.push((tx, replies));
+        }
+    }
+    IdleStreams { held }
+}
+
+/// Opens `connections × per_connection` streams to `listen` (`unix:/path`) that are in the
+/// middle of a response, as while a model streams tokens: request headers, response headers and
+/// `chunks` body messages of `size` bytes each were sent and answered, the end never comes.
+pub async fn open_in_flight(
+    listen: &str,
+    connections: usize,
+    per_connection: usize,
+    chunks: usize,
+    size: usize,
+) -> IdleStreams {
+    let header = |k: &str, v: &str| envoy_types::pb::envoy::config::core::v3::HeaderValue {
+        key: k.into(),
+        raw_value: v.as_bytes().to_vec(),
+        ..Default::default()
+    };
+    let mut held = Vec::with_capacity(connections * per_connection);
+    for c in 0..connections {
+        let mut client = ExternalProcessorClient::new(channel(listen).await);
+        for i in 0..per_connection {
+            let (tx, rx) = tokio::sync::mpsc::channel(2);
+            tx.send(ProcessingRequest {
+                request: Some(Request::RequestHeaders(HttpHeaders {
+                    headers: Some(HeaderMap {
+                        headers: vec![
+                            header(":path", "/v1/chat/completions"),
+                            header("x-request-id", &format!("in-flight-{c}-{i}")),
+                        ],
+                    }),
+                    ..Default::default()
+                })),
+                ..Default::default()
+            })
+            .await
+            .expect("queue the headers");
+            let mut replies = client
+                .process(tokio_stream::wrappers::ReceiverStream::new(rx))
+                .await
+                .expect("stream opens")
+                .into_inner();
+            replies
+                .message()
+                .await
+                .expect("a reply to the request headers")
+                .expect("a reply, not the end");
+            tx.send(ProcessingRequest {
+                request: Some(Request::ResponseHeaders(HttpHeaders {
+                    headers: Some(HeaderMap {
+                        headers: vec![
+                            header(":status", "200"),
+                            header("content-type", "text/event-stream"),
+                        ],
+                    }),
+                    ..Default::default()
+                })),
+                ..Default::default()
+            })
+            .await
+            .expect("queue the response headers");
+            replies
+                .message()
+                .await
+                .expect("a reply to the response headers")
+                .expect("a reply, not the end");
+            for k in 0..chunks {
+                let mut body =
+                    format!("data: {{\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"{k} ")
+                        .into_bytes();
+                body.resize(size.saturating_sub(6), b'x');
+                body.extend_from_slice(b"\"}}]}\n\n");
+                tx.send(ProcessingRequest {
+                    request: Some(Request::ResponseBody(HttpBody {
+                        body,
+                        end_of_stream: false,
+                        ..Default::default()
+                    })),
+                    ..Default::default()
+                })
+                .await
+                .expect("queue a chunk");
+                replies
+                    .message()
+                    .await
+                    .expect("a reply to a chunk")
+                    .expect("a reply, not the end");
+            }
             held.push((tx, replies));
         }
     }

@@ -296,6 +296,14 @@ pub(crate) async fn read_request(
     s: &mut TcpStream,
     buf: &mut Vec<u8>,
 ) -> std::io::Result<Option<Vec<(String, String)>>> {
+    Ok(read_request_body(s, buf).await?.map(|(h, _)| h))
+}
+
+/// [`read_request`] that also returns the body.
+pub(crate) async fn read_request_body(
+    s: &mut TcpStream,
+    buf: &mut Vec<u8>,
+) -> std::io::Result<Option<(Vec<(String, String)>, Vec<u8>)>> {
     async fn fill(s: &mut TcpStream, buf: &mut Vec<u8>) -> std::io::Result<bool> {
         let mut tmp = [0u8; 4096];
         let n = s.read(&mut tmp).await?;
@@ -326,8 +334,11 @@ pub(crate) async fn read_request(
             return Ok(None);
         }
     }
-    buf.drain(..head_end + content_length);
-    Ok(Some(headers))
+    let body = buf
+        .drain(..head_end + content_length)
+        .skip(head_end)
+        .collect();
+    Ok(Some((headers, body)))
 }
 
 async fn serve_conn(mut s: TcpStream, defaults: Params) -> std::io::Result<()> {

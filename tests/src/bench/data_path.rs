@@ -109,24 +109,108 @@ impl IdleCost {
     }
 }
 
-/// Opens 10,000 idle streams (10 connections) to a front running the default plugins.
-pub async fn idle_cost(dir: &std::path::Path) -> IdleCost {
-    let d = dir.join("idle");
+/// A front running the embedded default config on a Unix socket, in `dir/<name>`; with
+/// `replay_off`, every plugin has `replay_bytes = 0`.
+fn default_front(dir: &std::path::Path, name: &str, replay_off: bool) -> FrontProcess {
+    let d = dir.join(name);
     std::fs::create_dir_all(&d).expect("dir");
-    let front = tokio::task::block_in_place(|| {
-        FrontProcess::start(
-            &d,
-            "[plugins.usage]\n[plugins.latency]\n",
-            &["usage", "latency"],
-        )
-    });
+    let mut cfg = super::default_config::render(
+        &FrontProcess::runtime_dir_in(&d),
+        Some(&d.join("ext_proc.sock")),
+    );
+    if replay_off {
+        cfg.text = super::journal::replay_off(&cfg.plugins, &cfg.text);
+    }
+    let expect: Vec<&str> = cfg.plugins.iter().map(String::as_str).collect();
+    tokio::task::block_in_place(|| {
+        FrontProcess::start_config(&d, &cfg.text, &cfg.listen, cfg.admin_port, &expect)
+    })
+}
+
+/// Opens `streams` idle streams (over 10 connections) to a front running the embedded default
+/// config.
+pub async fn idle_cost(dir: &std::path::Path, streams: usize) -> IdleCost {
+    let front = default_front(dir, "idle", false);
     let before_kib = crate::idle::rss_kib(front.pid());
-    let streams = crate::idle::open(&front.ext_proc, 10, 1000).await;
+    let open = crate::idle::open(&front.ext_proc, 10, streams / 10).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let after_kib = crate::idle::rss_kib(front.pid());
     IdleCost {
-        streams: streams.len(),
+        streams: open.len(),
         before_kib,
         after_kib,
+    }
+}
+
+/// The in-flight-stream measurement: streams in the middle of a response.
+#[derive(Debug, Clone)]
+pub struct InFlightCost {
+    /// Streams opened.
+    pub streams: usize,
+    /// Body messages each stream sent (and got answered) before it went quiet.
+    pub chunks: usize,
+    /// Bytes per body message.
+    pub size: usize,
+    /// The plugins of the default config (each journals every event of the stream).
+    pub plugins: usize,
+    /// Front RSS before, KiB.
+    pub before_kib: u64,
+    /// Front RSS with the streams open, KiB.
+    pub after_kib: u64,
+    /// `plugvisor_plugin_events_sent_total`, summed over the plugins, while they were opened:
+    /// the events really handed on (and journaled).
+    pub events_sent: f64,
+}
+
+impl InFlightCost {
+    /// Bytes per in-flight stream.
+    pub fn per_stream(&self) -> u64 {
+        self.after_kib.saturating_sub(self.before_kib) * 1024 / self.streams.max(1) as u64
+    }
+}
+
+/// Opens `streams` streams (over 10 connections) to a front running the embedded default config
+/// (`replay_off`: with `replay_bytes = 0`), each with its response headers and `chunks` body
+/// messages of `size` bytes sent, and holds them open: what a stream costs while its response
+/// streams (the journal included).
+pub async fn in_flight_cost(
+    dir: &std::path::Path,
+    streams: usize,
+    chunks: usize,
+    size: usize,
+    replay_off: bool,
+) -> InFlightCost {
+    let name = if replay_off {
+        "in-flight-replay-off"
+    } else {
+        "in-flight"
+    };
+    let front = default_front(dir, name, replay_off);
+    let plugins = super::default_config::render(dir, None).plugins;
+    let sent = |m: &str| -> f64 {
+        plugins
+            .iter()
+            .map(|p| {
+                crate::front::metric(
+                    m,
+                    &format!("plugvisor_plugin_events_sent_total{{plugin=\"{p}\"}}"),
+                )
+            })
+            .sum()
+    };
+    let sent0 = sent(&front.metrics());
+    let before_kib = crate::idle::rss_kib(front.pid());
+    let open = crate::idle::open_in_flight(&front.ext_proc, 10, streams / 10, chunks, size).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let after_kib = crate::idle::rss_kib(front.pid());
+    let events_sent = sent(&front.metrics()) - sent0;
+    InFlightCost {
+        streams: open.len(),
+        chunks,
+        size,
+        plugins: plugins.len(),
+        before_kib,
+        after_kib,
+        events_sent,
     }
 }

