@@ -1,13 +1,13 @@
-//! Measurement 6: a plugin's lifecycle under load, as one picture over time.
+//! Measurement 6: a plugin's and the front's lifecycle under load, as one picture over time.
 //!
 //! A `plugvisor` process with the embedded default config (on a Unix socket) behind its own Envoy
 //! serves a steady load: `concurrency` streams at all times, each a new request as soon as the
 //! last ended. At fixed times the [`Action`]s of [`schedule`] happen to it: a SIGKILL of a
-//! plugin's process, a reload (SIGHUP) that changes what that plugin's process is started with.
-//! Every chunk's one-way latency is kept with the time it arrived, and every stream's metadata
-//! (Envoy's access log: `plugvisor.missing`/`partial`, the plugins' namespaces) is judged whole
-//! or not, with the time the stream ended. A later event (a front upgrade) is one more
-//! [`Action`] and one more entry in [`schedule`].
+//! plugin's process, a reload (SIGHUP) that changes what that plugin's process is started with,
+//! and a front upgrade (`plugvisor upgrade`). Every chunk's one-way latency is kept with the time
+//! it arrived, every request's time to its first byte with the time it started, and every
+//! stream's metadata (Envoy's access log: `plugvisor.missing`/`partial`, the plugins'
+//! namespaces) is judged whole or not, with the time the stream ended.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -30,6 +30,9 @@ pub enum Action {
     /// Rewrite the config so that the plugin's process key changes (an `env` entry), then
     /// SIGHUP: the plugin is restarted by handover.
     ReloadProcessKey(&'static str),
+    /// `plugvisor upgrade`: the front hands its listeners to a new front started from the same
+    /// binary and drains its own streams.
+    Upgrade,
 }
 
 impl Action {
@@ -38,15 +41,37 @@ impl Action {
         match self {
             Action::Sigkill(p) => format!("SIGKILL {p}"),
             Action::ReloadProcessKey(p) => format!("reload ({p} env changed)"),
+            Action::Upgrade => "front upgrade".into(),
         }
     }
 
-    fn run(&self, front: &FrontProcess, generation: usize) -> Result<(), String> {
+    /// Carries the action out; an upgrade returns the new front's pid.
+    fn run(&self, front: &FrontProcess, generation: usize) -> Result<Option<u32>, String> {
         match self {
             Action::Sigkill(p) => {
                 let pid = procfs::child_with_arg(front.pid(), p)
                     .ok_or_else(|| format!("no process of plugin {p}"))?;
-                kill(Pid::from_raw(pid as i32), Signal::SIGKILL).map_err(|e| e.to_string())
+                kill(Pid::from_raw(pid as i32), Signal::SIGKILL).map_err(|e| e.to_string())?;
+                Ok(None)
+            }
+            Action::Upgrade => {
+                let out = std::process::Command::new(crate::bins::plugvisor())
+                    .arg("upgrade")
+                    .arg("--control")
+                    .arg(front.control_socket())
+                    .output()
+                    .map_err(|e| e.to_string())?;
+                let text = String::from_utf8_lossy(&out.stdout).into_owned();
+                if !out.status.success() {
+                    return Err(format!("{}{}", text, String::from_utf8_lossy(&out.stderr)));
+                }
+                // `upgraded: pid N serves; ...`
+                text.split("pid ")
+                    .nth(1)
+                    .and_then(|r| r.split_whitespace().next())
+                    .and_then(|n| n.parse().ok())
+                    .map(Some)
+                    .ok_or_else(|| format!("no new pid in `{text}`"))
             }
             Action::ReloadProcessKey(p) => {
                 let path = front.config_path();
@@ -61,17 +86,23 @@ impl Action {
                     1,
                 );
                 std::fs::write(path, text).map_err(|e| e.to_string())?;
-                kill(Pid::from_raw(front.pid() as i32), Signal::SIGHUP).map_err(|e| e.to_string())
+                kill(Pid::from_raw(front.pid() as i32), Signal::SIGHUP)
+                    .map_err(|e| e.to_string())?;
+                Ok(None)
             }
         }
     }
 }
 
 /// The actions, in order; [`run`] spreads them evenly over the load (the k-th of n at
-/// k/(n+1) of it). `plugin` is the default config's first (the one with the billing data).
-/// A front upgrade goes here as one more entry once `plugvisor upgrade` exists.
+/// k/(n+1) of it). `plugin` is the default config's first (the one with the billing data). The
+/// upgrade comes last: the plugin actions act on the front this harness started.
 pub fn schedule(plugin: &'static str) -> Vec<Action> {
-    vec![Action::Sigkill(plugin), Action::ReloadProcessKey(plugin)]
+    vec![
+        Action::Sigkill(plugin),
+        Action::ReloadProcessKey(plugin),
+        Action::Upgrade,
+    ]
 }
 
 /// One stream's outcome.
@@ -100,12 +131,15 @@ pub struct Timeline {
     pub chunks: Vec<(f64, f64)>,
     /// Every stream that ended.
     pub streams: Vec<StreamMark>,
+    /// (start, s since the load started; time to the first byte, ms) of every stream that
+    /// delivered one.
+    pub ttfb: Vec<(f64, f64)>,
     /// Streams that failed at the client (status, short body, timeout).
     pub failed: Vec<(f64, String)>,
     /// (label, s since start, error if the action failed) of every action.
     pub events: Vec<(String, f64, Option<String>)>,
-    /// The front's restart and replay counters for the plugin at the end (proof the actions
-    /// took effect).
+    /// The front's restart and replay counters for the plugin at the end, or just before the
+    /// upgrade (a new front starts them over): proof the plugin actions took effect.
     pub counters: Vec<(String, f64)>,
 }
 
@@ -155,14 +189,25 @@ pub async fn run(
         }));
     }
     let mut events = Vec::new();
+    let mut counters = None;
+    let mut new_fronts = Vec::new();
     let actions = schedule(plugin);
     let n = actions.len();
     for (generation, action) in actions.into_iter().enumerate() {
         let at = (generation + 1) as f64 / (n + 1) as f64;
         let when = Duration::from_secs_f64(seconds * at);
         tokio::time::sleep(when.saturating_sub(t0.elapsed())).await;
+        if matches!(action, Action::Upgrade) {
+            counters = Some(plugin_counters(&front, plugin));
+        }
         let s = t0.elapsed().as_secs_f64();
-        let err = tokio::task::block_in_place(|| action.run(&front, generation + 1)).err();
+        let err = match tokio::task::block_in_place(|| action.run(&front, generation + 1)) {
+            Ok(pid) => {
+                new_fronts.extend(pid);
+                None
+            }
+            Err(e) => Some(e),
+        };
         eprintln!("bench: 6. {} at {s:.2} s", action.label());
         events.push((action.label(), s, err));
     }
@@ -188,24 +233,7 @@ pub async fn run(
             Some((id, v))
         })
         .collect();
-    let m = front.metrics();
-    let counters = [
-        "plugvisor_plugin_restarts_total",
-        "plugvisor_plugin_events_replayed_total",
-        "plugvisor_plugin_finals_missing_total",
-    ]
-    .iter()
-    .map(|name| {
-        let prefix = format!("{name}{{plugin=\"{plugin}\"");
-        let v = m
-            .lines()
-            .filter(|l| l.starts_with(&prefix))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum::<f64>()
-            + 0.0; // an empty sum is -0
-        (format!("{name}{{plugin=\"{plugin}\"}}"), v)
-    })
-    .collect();
+    let counters = counters.unwrap_or_else(|| plugin_counters(&front, plugin));
     let mut t = Timeline {
         counters,
         concurrency,
@@ -215,9 +243,13 @@ pub async fn run(
         events,
         ..Timeline::default()
     };
-    for (id, _started, ended, r) in done {
+    for (id, started, ended, r) in done {
         match r {
             Ok(Ok(r)) if r.status == 200 && r.events as u64 == ask.events => {
+                if let Some(first) = r.chunk_at.first() {
+                    let at = first.saturating_sub(t0_ns) as f64 / 1e9;
+                    t.ttfb.push((started, (at - started) * 1e3));
+                }
                 for (at, us) in r.chunk_at.iter().zip(&r.chunk_us) {
                     t.chunks.push((at.saturating_sub(t0_ns) as f64 / 1e9, *us));
                 }
@@ -238,9 +270,47 @@ pub async fn run(
     }
     t.streams.sort_by(|a, b| a.end_s.total_cmp(&b.end_s));
     t.chunks.sort_by(|a, b| a.0.total_cmp(&b.0));
+    t.ttfb.sort_by(|a, b| a.0.total_cmp(&b.0));
     drop(envoy);
+    // The fronts an upgrade started are not this process's children: stopped by pid.
+    for pid in new_fronts {
+        stop_pid(pid);
+    }
     drop(front);
     t
+}
+
+/// SIGTERM to `pid`, SIGKILL if it is still there after 10 s.
+fn stop_pid(pid: u32) {
+    let pid = Pid::from_raw(pid as i32);
+    let _ = kill(pid, Signal::SIGTERM);
+    let start = Instant::now();
+    while kill(pid, None).is_ok() && start.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = kill(pid, Signal::SIGKILL);
+}
+
+/// The front's restart, replay and missing-final counters for `plugin`.
+fn plugin_counters(front: &FrontProcess, plugin: &str) -> Vec<(String, f64)> {
+    let m = front.metrics();
+    [
+        "plugvisor_plugin_restarts_total",
+        "plugvisor_plugin_events_replayed_total",
+        "plugvisor_plugin_finals_missing_total",
+    ]
+    .iter()
+    .map(|name| {
+        let prefix = format!("{name}{{plugin=\"{plugin}\"");
+        let v = m
+            .lines()
+            .filter(|l| l.starts_with(&prefix))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>()
+            + 0.0; // an empty sum is -0
+        (format!("{name}{{plugin=\"{plugin}\"}}"), v)
+    })
+    .collect()
 }
 
 /// Whether a stream's access-log line shows whole metadata: the front lists no plugin as missing
@@ -288,6 +358,26 @@ pub struct Interval {
 }
 
 impl Timeline {
+    /// Time to first byte (ms) of the requests that started before the first action, and of
+    /// those that started within `window` s after the action labelled `label`.
+    pub fn ttfb_around(&self, label: &str, window: f64) -> Option<(Vec<f64>, Vec<f64>)> {
+        let first = self.events.first()?.1;
+        let at = self.events.iter().find(|e| e.0 == label)?.1;
+        let steady = self
+            .ttfb
+            .iter()
+            .filter(|t| t.0 < first)
+            .map(|t| t.1)
+            .collect();
+        let during = self
+            .ttfb
+            .iter()
+            .filter(|t| t.0 >= at && t.0 < at + window)
+            .map(|t| t.1)
+            .collect();
+        Some((steady, during))
+    }
+
     /// The run cut at each action.
     pub fn intervals(&self) -> Vec<Interval> {
         let mut cuts = vec![(String::from("before any event"), 0.0)];

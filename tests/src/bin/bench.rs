@@ -312,7 +312,7 @@ async fn run(opts: &Opts) -> Report {
             Some(data_path::last_bytes(&dir.path().join("last"), if q { 10 } else { 40 }).await);
     }
     if opts.only.contains(&6) {
-        eprintln!("bench: 6. lifecycle under load: SIGKILL and reload of a plugin");
+        eprintln!("bench: 6. lifecycle under load: SIGKILL and reload of a plugin, front upgrade");
         let t = lifecycle::run(
             &dir.path().join("lifecycle"),
             upstream.port,
@@ -330,7 +330,7 @@ async fn run(opts: &Opts) -> Report {
         std::fs::create_dir_all(&charts).expect("charts dir");
         let name = "lifecycle.svg".to_owned();
         let title = format!(
-            "The default config under {} streams through Envoy: a plugin killed, then reloaded",
+            "The default config under {} streams through Envoy: a plugin killed, reloaded, then the front upgraded",
             t.concurrency
         );
         match plot::timeline_svg(&charts.join(&name), &title, &t, 0.25) {
@@ -371,6 +371,9 @@ async fn run(opts: &Opts) -> Report {
     report.seconds = t0.elapsed().as_secs_f64();
     report
 }
+
+/// The requests that count as "during the upgrade": those started this long after it began.
+const UPGRADE_WINDOW_S: f64 = 2.0;
 
 fn us(v: f64) -> String {
     if v.is_nan() {
@@ -645,11 +648,27 @@ impl Report {
                 .collect();
             let _ = writeln!(
                 s,
-                "| lifecycle under load (default config, {} streams): metadata completeness and per-chunk latency through a plugin SIGKILL and a reload | {}{} | shown (see 6) |",
+                "| lifecycle under load (default config, {} streams): metadata completeness and per-chunk latency through a plugin SIGKILL, a reload and a front upgrade | {}{} | shown (see 6) |",
                 t.concurrency,
                 parts.join("; "),
                 if t.failed.is_empty() { String::new() } else { format!("; {} streams failed at the client", t.failed.len()) }
             );
+            if let Some((mut steady, mut during)) = t
+                .ttfb_around("front upgrade", UPGRADE_WINDOW_S)
+                .filter(|(a, b)| !a.is_empty() && !b.is_empty())
+            {
+                let (a, b) = (
+                    tests::bench::stats::summarize(&mut steady),
+                    tests::bench::stats::summarize(&mut during),
+                );
+                let _ = writeln!(
+                    s,
+                    "| front upgrade: time to first byte of the {} requests started within {UPGRADE_WINDOW_S} s of `plugvisor upgrade` against the {} of steady state (before any event), p50 and p99 | {} / {} vs {} / {}: {:.2}× / {:.2}× | shown (see 6) |",
+                    b.n, a.n,
+                    us(b.p50 * 1e3), us(b.p99 * 1e3), us(a.p50 * 1e3), us(a.p99 * 1e3),
+                    b.p50 / a.p50, b.p99 / a.p99
+                );
+            }
         }
         if let Some(j) = &self.journal {
             if let [on, off] = &j.rows[..] {
@@ -1081,8 +1100,9 @@ impl Report {
              soon as one ends. Spread evenly over the run: the `{}` plugin's process gets SIGKILL\n\
              (the supervisor restarts it and replays its in-flight streams' journal); then the\n\
              config is rewritten so that the plugin's process key changes (an `env` entry) and the\n\
-             front gets SIGHUP (the plugin is restarted by handover). A front upgrade is not in this\n\
-             picture: this tree has no `plugvisor upgrade` yet. Every chunk's one-way latency is\n\
+             front gets SIGHUP (the plugin is restarted by handover); then `plugvisor upgrade`\n\
+             hands the listeners to a new front started from the same binary, and the old one\n\
+             drains its streams with its own plugins. Every chunk's one-way latency is\n\
              kept with its arrival time; every stream's metadata is read from Envoy's access log and\n\
              is *whole* when the front lists no plugin as missing or partial, every plugin's namespace\n\
              is there and usage counted every event. Streams are placed at the time they ended. All\n\
@@ -1137,7 +1157,8 @@ impl Report {
             .collect();
         let _ = writeln!(
             s,
-            "\nThe front's counters at the end: {}.",
+            "\nThe first front's counters for the plugin, read just before the upgrade (the new front\n\
+             starts its own at zero): {}.",
             counters.join(", ")
         );
         if !t.failed.is_empty() {
