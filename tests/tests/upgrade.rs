@@ -13,12 +13,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use sha2::{Digest, Sha256};
 use tests::bins;
 use tests::client::{chat, Received};
 use tests::envoy::{Envoy, EnvoyOptions};
 use tests::front::FrontProcess;
-use tests::stack::Stack;
+use tests::stack::{self, Stack};
 use tests::upstream::{Params, Upstream};
 
 /// usage and test-order (which hashes every byte it saw, in order), with finals allowed to wait.
@@ -78,44 +77,25 @@ fn running(pid: u32) -> bool {
         .unwrap_or(false)
 }
 
-/// Upstream, a front run from `dir/bin/plugvisor` (a copy), and Envoy failing closed.
+/// Upstream, a front run from `dir/bin/plugvisor` (a copy), and Envoy failing closed; and that
+/// binary's path.
 async fn start(extra_header: &str) -> (Stack, PathBuf) {
-    tests::init_tracing();
-    let dir = tempfile::tempdir().expect("tempdir");
-    let binary = install(dir.path(), &std::fs::read(bins::plugvisor()).unwrap());
-    bins::plugvisor_plugin();
-    let upstream = Upstream::start().await;
     let header = format!("{HEADER}{extra_header}");
-    let (front, envoy) = tokio::task::block_in_place(|| {
-        let listen = format!("unix:{}", dir.path().join("ext_proc.sock").display());
-        let front = FrontProcess::start_from(
+    let stack = Stack::with_front("FULL_DUPLEX_STREAMED", |dir| {
+        let binary = install(dir, &std::fs::read(bins::plugvisor()).unwrap());
+        let listen = format!("unix:{}", dir.join("ext_proc.sock").display());
+        FrontProcess::start_from(
             &binary,
-            dir.path(),
+            dir,
             &listen,
             &header,
             PLUGINS,
             &["usage", "test-order"],
-        );
-        let envoy = Envoy::start(
-            dir.path(),
-            &EnvoyOptions {
-                ext_proc: front.ext_proc.clone(),
-                upstream_port: upstream.port,
-                failure_mode_allow: false,
-                ..EnvoyOptions::default()
-            },
-        );
-        (front, envoy)
-    });
-    (
-        Stack {
-            envoy,
-            front,
-            upstream,
-            dir,
-        },
-        binary,
-    )
+        )
+    })
+    .await;
+    let binary = installed(stack.dir.path());
+    (stack, binary)
 }
 
 /// Puts `contents` at `dir/bin/plugvisor` the way a package manager does: a new file renamed
@@ -127,9 +107,14 @@ fn install(dir: &Path, contents: &[u8]) -> PathBuf {
     let tmp = bin.join(".plugvisor.new");
     std::fs::write(&tmp, contents).unwrap();
     std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755)).unwrap();
-    let path = bin.join("plugvisor");
+    let path = installed(dir);
     std::fs::rename(&tmp, &path).unwrap();
     path
+}
+
+/// Where [`install`] puts the binary.
+fn installed(dir: &Path) -> PathBuf {
+    dir.join("bin/plugvisor")
 }
 
 /// `plugvisor upgrade` against the running front (run from the build, whatever is installed):
@@ -215,22 +200,7 @@ fn check(stack: &Stack, done: &[Done]) -> Vec<(Instant, u32)> {
         assert_eq!(got.error, None, "{id}");
         assert!(got.body() == p.body(), "{id}: body differs");
         let line = stack.log_for(id);
-        assert_eq!(
-            line["plugvisor"]["missing"],
-            serde_json::json!([]),
-            "{id}: {line}"
-        );
-        assert!(line["plugvisor"]["partial"].is_null(), "{id}: {line}");
-        assert_eq!(
-            line["usage"]["completion_tokens"], p.chunks as f64,
-            "{id}: {line}"
-        );
-        assert_eq!(
-            line["test_order"]["sha256"],
-            hex::encode(Sha256::digest(p.body())),
-            "{id}: {line}"
-        );
-        assert_eq!(line["test_order"]["gaps"], 0.0, "{id}: {line}");
+        stack::assert_whole(&line, p);
         let pid = line["plugvisor"]["front_pid"]
             .as_f64()
             .unwrap_or_else(|| panic!("{id}: no front_pid: {line}")) as u32;
