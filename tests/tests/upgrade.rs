@@ -15,7 +15,6 @@ use std::time::{Duration, Instant};
 
 use tests::bins;
 use tests::client::{chat, Received};
-use tests::envoy::{Envoy, EnvoyOptions};
 use tests::front::FrontProcess;
 use tests::stack::{self, Stack};
 use tests::upstream::{Params, Upstream};
@@ -427,47 +426,28 @@ async fn a_second_upgrade_while_the_first_drains_loses_nothing() {
 /// tests/tests/systemd_service.rs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn under_systemd_the_new_front_becomes_the_main_pid_and_streams_survive() {
-    use tests::nspawn::{self, Container};
-    const SERVICE: &str = "plugvisor.service";
-    let repo = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_owned();
-    let run_dir = tempfile::tempdir().unwrap();
-    let text = std::fs::read_to_string(repo.join("tests/systemd/spawned.toml"))
-        .unwrap()
-        .replace(
-            "admin_listen = \"127.0.0.1:9003\"",
-            &format!("admin_listen = \"127.0.0.1:{}\"", tests::free_port()),
-        )
-        // Finals may wait (a debug build on a shared machine, two fronts at once): this test
-        // pins the handover, not the plugins' deadline.
-        .replace(
-            "[plugins.usage]\n",
-            "[plugins.usage]\nfinal_timeout_ms = 5000\n",
-        )
-        .replace(
-            "[plugins.latency]\n",
-            "[plugins.latency]\nfinal_timeout_ms = 5000\n",
-        );
-    let config = run_dir.path().join("plugvisor.toml");
-    std::fs::write(&config, text).unwrap();
-    let c = tokio::task::block_in_place(|| {
-        let c = Container::builder("upgrade-svc")
-            .bind(run_dir.path(), "/run/plugvisor")
-            .boot_installed(&repo, &nspawn::built_binaries_dir().unwrap(), &config)
-            .expect("boot and install");
+    use tests::nspawn;
+    use tests::service::{Service, SERVICE};
+    let s = tokio::task::block_in_place(|| {
+        let s = Service::boot_with("upgrade-svc", "tests/systemd/spawned.toml", |text| {
+            // Finals may wait (a debug build on a shared machine, two fronts at once): this test
+            // pins the handover, not the plugins' deadline.
+            text.replace(
+                "[plugins.usage]\n",
+                "[plugins.usage]\nfinal_timeout_ms = 5000\n",
+            )
+            .replace(
+                "[plugins.latency]\n",
+                "[plugins.latency]\nfinal_timeout_ms = 5000\n",
+            )
+        });
         // A short watchdog: a new front that did not take it over would be killed within 2 s.
-        c.sh("mkdir -p /etc/systemd/system/plugvisor.service.d && \
-              printf '[Service]\\nWatchdogSec=2s\\nLimitCORE=0\\n' \
-                > /etc/systemd/system/plugvisor.service.d/watchdog.conf && \
-              systemctl daemon-reload")
-            .unwrap();
-        c.systemctl_ok(&["start", "plugvisor.socket", SERVICE])
-            .unwrap_or_else(|e| panic!("{e}\n{}", c.describe_unit(SERVICE)));
-        c
+        s.short_watchdog();
+        s.start();
+        s
     });
-    let prop = |p: &str| c.show_property(SERVICE, p).unwrap();
+    let c = &s.c;
+    let prop = |p: &str| s.prop(p);
     let in_unit = |pid: &str| {
         c.sh(&format!("cat /proc/{pid}/cgroup 2>/dev/null || true"))
             .unwrap_or_default()
@@ -477,18 +457,7 @@ async fn under_systemd_the_new_front_becomes_the_main_pid_and_streams_survive() 
 
     let dir = tempfile::tempdir().unwrap();
     let upstream = Upstream::start().await;
-    let ext_proc = format!("unix:{}", run_dir.path().join("extproc.sock").display());
-    let envoy = tokio::task::block_in_place(|| {
-        Envoy::start(
-            dir.path(),
-            &EnvoyOptions {
-                ext_proc,
-                upstream_port: upstream.port,
-                failure_mode_allow: false,
-                ..EnvoyOptions::default()
-            },
-        )
-    });
+    let envoy = tokio::task::block_in_place(|| s.envoy(dir.path(), &upstream));
     let port = envoy.port;
     let stop = Arc::new(AtomicBool::new(false));
     let small = trickle(port, "svc-trickle", stop.clone());
