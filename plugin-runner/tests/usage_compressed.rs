@@ -8,21 +8,17 @@
 //! The encoders are the other halves of the decoders' libraries (flate2, Dropbox's brotli,
 //! libzstd); `tests/fixtures/compressed/` adds bodies made by the `gzip` and `zstd` tools.
 
+mod usage_play;
+
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use bytes::Bytes;
 use plugin_runner::builtin::usage::UsagePlugin;
 use plugin_runner::decode::MAX_DECODED_PER_CHUNK;
-use plugin_runner::{
-    Chunk, EventCtx, Final, Metadata, Plugin, RequestStart, ResponseHeaders, Value,
-};
+use plugin_runner::{Metadata, Plugin, Value};
+use usage_play::fixtures;
 
 const ENCODINGS: [&str; 4] = ["gzip", "deflate", "br", "zstd"];
-
-fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
-}
 
 /// Every plain recorded body (golden files and already-compressed bodies left out).
 fn plain_fixtures() -> Vec<PathBuf> {
@@ -75,89 +71,14 @@ fn encode(encoding: &str, data: &[u8]) -> Vec<u8> {
 /// The plugin with the sample config's CEL cost attribute, as in `usage_golden.rs`.
 fn plugin() -> UsagePlugin {
     let mut p = UsagePlugin::default();
-    p.configure(&Value::map([(
-        "attributes",
-        Value::List(vec![Value::map([
-            ("namespace", Value::from("envoy.lb")),
-            ("name", Value::from("x-gateway-inference-request-cost")),
-            (
-                "expression",
-                Value::from("usage.prompt_tokens + 2 * usage.completion_tokens"),
-            ),
-        ])]),
-    )]))
-    .expect("valid config");
+    p.configure(&Value::map([("attributes", usage_play::cost_attributes())]))
+        .expect("valid config");
     p
 }
 
-/// Plays one response: request start, headers, `chunks`, an empty final.
+/// Plays one status-200 response (see [`usage_play::play`]).
 fn play(p: &UsagePlugin, content_type: &str, encoding: Option<&str>, chunks: &[&[u8]]) -> Metadata {
-    let mut s = <UsagePlugin as Plugin>::Stream::default();
-    let ctx = |seq: u32| EventCtx {
-        stream_id: 1,
-        seq,
-        stamp_ns: 1_000 * u64::from(seq + 1),
-        gap: 0,
-        partial: false,
-    };
-    p.on_request_start(
-        &mut s,
-        &ctx(0),
-        &RequestStart {
-            stream_id: 1,
-            seq: 0,
-            stamp_ns: 1_000,
-            request_id: None,
-            headers: vec![],
-        },
-    );
-    let mut headers = vec![("content-type".to_owned(), content_type.to_owned())];
-    if let Some(enc) = encoding {
-        headers.push(("content-encoding".to_owned(), enc.to_owned()));
-    }
-    p.on_response_headers(
-        &mut s,
-        &ctx(1),
-        &ResponseHeaders {
-            stream_id: 1,
-            seq: 1,
-            stamp_ns: 2_000,
-            status: 200,
-            headers,
-        },
-    );
-    let mut seq = 2;
-    for c in chunks {
-        let e = ctx(seq);
-        p.on_chunk(
-            &mut s,
-            &e,
-            &Chunk {
-                stream_id: 1,
-                seq,
-                stamp_ns: e.stamp_ns,
-                len: c.len() as u32,
-                bytes: Bytes::copy_from_slice(c),
-                end_of_stream: false,
-                ack: false,
-            },
-        );
-        seq += 1;
-    }
-    let e = ctx(seq);
-    p.on_final(
-        &mut s,
-        &e,
-        &Final {
-            stream_id: 1,
-            seq,
-            stamp_ns: e.stamp_ns,
-            call_id: 1,
-            len: 0,
-            bytes: Bytes::new(),
-            trailers: vec![],
-        },
-    )
+    usage_play::play(p, 200, content_type, encoding, chunks)
 }
 
 fn usage_key<'m>(meta: &'m Metadata, key: &str) -> Option<&'m Value> {

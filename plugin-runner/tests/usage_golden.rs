@@ -5,13 +5,12 @@
 //! After a deliberate change, `UPDATE_GOLDEN=1 cargo test -p plugin-runner --test usage_golden`
 //! rewrites the golden files; review their diff like code.
 
+mod usage_play;
+
 use std::path::PathBuf;
 
-use bytes::Bytes;
 use plugin_runner::builtin::usage::UsagePlugin;
-use plugin_runner::{
-    Chunk, EventCtx, Final, Metadata, Plugin, RequestStart, ResponseHeaders, Value,
-};
+use plugin_runner::{Metadata, Plugin, Value};
 
 /// One recorded response and how it is served.
 struct Case {
@@ -167,7 +166,7 @@ const CASES: &[Case] = &[
 ];
 
 fn dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/usage")
+    usage_play::fixtures().join("usage")
 }
 
 /// The plugin as configured for `case`, with the sample config's CEL cost attribute and two
@@ -193,17 +192,7 @@ fn plugin(case: &Case) -> UsagePlugin {
             ]),
         ),
         ("estimate_output_tokens", Value::Bool(case.estimate)),
-        (
-            "attributes",
-            Value::List(vec![Value::map([
-                ("namespace", Value::from("envoy.lb")),
-                ("name", Value::from("x-gateway-inference-request-cost")),
-                (
-                    "expression",
-                    Value::from("usage.prompt_tokens + 2 * usage.completion_tokens"),
-                ),
-            ])]),
-        ),
+        ("attributes", usage_play::cost_attributes()),
     ];
     if let Some(format) = case.format {
         config.push(("format", Value::from(format)));
@@ -213,73 +202,14 @@ fn plugin(case: &Case) -> UsagePlugin {
     p
 }
 
-/// Plays one response: request start, headers, `chunks`, an empty final.
+/// Plays `case`'s response (see [`usage_play::play`]).
 fn play(p: &UsagePlugin, case: &Case, chunks: &[&[u8]]) -> Metadata {
-    let mut s = <UsagePlugin as Plugin>::Stream::default();
-    let ctx = |seq: u32| EventCtx {
-        stream_id: 1,
-        seq,
-        stamp_ns: 1_000 * u64::from(seq + 1),
-        gap: 0,
-        partial: false,
-    };
-    p.on_request_start(
-        &mut s,
-        &ctx(0),
-        &RequestStart {
-            stream_id: 1,
-            seq: 0,
-            stamp_ns: 1_000,
-            request_id: None,
-            headers: vec![],
-        },
-    );
-    let mut headers = vec![("content-type".to_owned(), case.content_type.to_owned())];
-    if let Some(enc) = case.content_encoding {
-        headers.push(("content-encoding".to_owned(), enc.to_owned()));
-    }
-    p.on_response_headers(
-        &mut s,
-        &ctx(1),
-        &ResponseHeaders {
-            stream_id: 1,
-            seq: 1,
-            stamp_ns: 2_000,
-            status: case.status,
-            headers,
-        },
-    );
-    let mut seq = 2;
-    for c in chunks {
-        let e = ctx(seq);
-        p.on_chunk(
-            &mut s,
-            &e,
-            &Chunk {
-                stream_id: 1,
-                seq,
-                stamp_ns: e.stamp_ns,
-                len: c.len() as u32,
-                bytes: Bytes::copy_from_slice(c),
-                end_of_stream: false,
-                ack: false,
-            },
-        );
-        seq += 1;
-    }
-    let e = ctx(seq);
-    p.on_final(
-        &mut s,
-        &e,
-        &Final {
-            stream_id: 1,
-            seq,
-            stamp_ns: e.stamp_ns,
-            call_id: 1,
-            len: 0,
-            bytes: Bytes::new(),
-            trailers: vec![],
-        },
+    usage_play::play(
+        p,
+        case.status,
+        case.content_type,
+        case.content_encoding,
+        chunks,
     )
 }
 

@@ -2,10 +2,11 @@
 //! ([`envoy`]), an OpenAI-like streaming upstream ([`upstream`]), an HTTP client that timestamps
 //! every chunk ([`client`]), a protocol-speaking fake plugin for tests that need a plugin to
 //! misbehave on cue ([`fake_plugin`]), the front started in-process between them and Envoy
-//! ([`inproc`]), idle ext_proc streams opened straight to a front ([`idle`]), the workspace binaries ([`bins`]) and the front run as a
-//! process ([`front`]), the three together with Envoy ([`stack`]), a real systemd booted with
-//! `systemd-nspawn` for the unit-file and service tests ([`nspawn`]), and the benchmark harness
-//! behind `cargo run --release -p tests --bin bench` ([`bench`]).
+//! ([`inproc`]), idle ext_proc streams opened straight to a front ([`idle`]), the workspace
+//! binaries ([`bins`]) and the front run as a process ([`front`]), the three together with Envoy
+//! ([`stack`]), a real systemd booted with `systemd-nspawn` for the unit-file and service tests
+//! ([`nspawn`]) and plugvisor installed in it as a service ([`service`]), and the benchmark
+//! harness behind `cargo run --release -p tests --bin bench` ([`bench`]).
 //!
 //! Everything listens on loopback or in a temporary directory, and every process a test starts is
 //! stopped by its pid when the handle drops.
@@ -20,6 +21,7 @@ pub mod front;
 pub mod idle;
 pub mod inproc;
 pub mod nspawn;
+pub mod service;
 pub mod stack;
 pub mod upstream;
 

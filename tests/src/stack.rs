@@ -2,11 +2,13 @@
 //! binary as a [`FrontProcess`] with the given plugins, and a real [`Envoy`] running
 //! `examples/envoy.yaml` between them, all in one temporary directory.
 
+use std::path::Path;
 use std::time::Duration;
 
 use crate::envoy::{Envoy, EnvoyOptions};
 use crate::front::FrontProcess;
-use crate::upstream::Upstream;
+use crate::upstream::{Params, Upstream};
+use sha2::{Digest, Sha256};
 
 /// A running upstream, front and Envoy. Dropping it stops them (Envoy and the front by pid).
 pub struct Stack {
@@ -30,17 +32,28 @@ impl Stack {
 
     /// [`Stack::start`] with another response body mode (`STREAMED`).
     pub async fn with_mode(body_mode: &'static str, plugins_toml: &str, expect: &[&str]) -> Stack {
+        Stack::with_front(body_mode, |dir| {
+            let toml = plugins_toml.replace(
+                "__RUN__",
+                &FrontProcess::runtime_dir_in(dir).display().to_string(),
+            );
+            FrontProcess::start(dir, &toml, expect)
+        })
+        .await
+    }
+
+    /// The upstream, the front `start_front` starts in the test's directory (e.g. from another
+    /// binary, [`FrontProcess::start_from`]), and Envoy failing closed in `body_mode` in front
+    /// of it.
+    pub async fn with_front(
+        body_mode: &'static str,
+        start_front: impl FnOnce(&Path) -> FrontProcess,
+    ) -> Stack {
         crate::init_tracing();
         let dir = tempfile::tempdir().expect("tempdir");
-        let toml = plugins_toml.replace(
-            "__RUN__",
-            &FrontProcess::runtime_dir_in(dir.path())
-                .display()
-                .to_string(),
-        );
         let upstream = Upstream::start().await;
         let (front, envoy) = tokio::task::block_in_place(|| {
-            let front = FrontProcess::start(dir.path(), &toml, expect);
+            let front = start_front(dir.path());
             let envoy = Envoy::start(
                 dir.path(),
                 &EnvoyOptions {
@@ -75,4 +88,26 @@ impl Stack {
     pub fn log_for(&self, rid: &str) -> serde_json::Value {
         tokio::task::block_in_place(|| self.envoy.access_log_for(rid, Duration::from_secs(5)))
     }
+}
+
+/// Asserts that `line`, the access-log line of a request for `params` through usage and
+/// test-order, has whole metadata: the front lists no plugin missing or partial, usage counted
+/// every completion token, and test-order saw the upstream's body byte for byte with no gap.
+pub fn assert_whole(line: &serde_json::Value, params: &Params) {
+    assert_eq!(
+        line["plugvisor"]["missing"],
+        serde_json::json!([]),
+        "{line}"
+    );
+    assert!(line["plugvisor"]["partial"].is_null(), "{line}");
+    assert_eq!(
+        line["usage"]["completion_tokens"], params.chunks as f64,
+        "{line}"
+    );
+    assert_eq!(
+        line["test_order"]["sha256"],
+        hex::encode(Sha256::digest(params.body())),
+        "{line}"
+    );
+    assert_eq!(line["test_order"]["gaps"], 0.0, "{line}");
 }

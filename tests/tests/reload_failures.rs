@@ -15,6 +15,18 @@ async fn status(front: &FrontProcess) -> Vec<PluginStatus> {
     answer.plugins.expect("status lists plugins")
 }
 
+/// `plugvisor start <plugin>` through the control socket: the answer.
+async fn start_plugin(front: &FrontProcess, plugin: &str) -> control::Response {
+    control::request(
+        &front.control_socket(),
+        &Request::Start {
+            plugin: plugin.into(),
+        },
+    )
+    .await
+    .expect("control socket answers")
+}
+
 /// Polls the status until `pred` holds, up to 15 s.
 async fn wait_for(
     front: &FrontProcess,
@@ -218,14 +230,7 @@ async fn a_plugin_that_could_not_start_is_retried_by_its_policy_and_by_start() {
     );
 
     // `start` tries at once: refused with the reason while the cause is there, then up.
-    let answer = control::request(
-        &front.control_socket(),
-        &Request::Start {
-            plugin: "test-order".into(),
-        },
-    )
-    .await
-    .unwrap();
+    let answer = start_plugin(&front, "test-order").await;
     assert!(
         answer
             .error
@@ -234,14 +239,7 @@ async fn a_plugin_that_could_not_start_is_retried_by_its_policy_and_by_start() {
         "{answer:?}"
     );
     std::fs::remove_dir(&order).unwrap();
-    let answer = control::request(
-        &front.control_socket(),
-        &Request::Start {
-            plugin: "test-order".into(),
-        },
-    )
-    .await
-    .unwrap();
+    let answer = start_plugin(&front, "test-order").await;
     assert!(answer.error.is_none(), "{answer:?}");
     let s = wait_for(&front, "test-order up", |s| {
         find(s, "test-order").is_some_and(|p| p.state == "up" && p.connected)

@@ -12,93 +12,14 @@
 //!
 //! Needs root, systemd-container and the binaries built first (scripts/test does both).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use tests::client::chat;
-use tests::envoy::{Envoy, EnvoyOptions};
-use tests::nspawn::{self, Container};
+use tests::envoy::Envoy;
+use tests::nspawn;
+use tests::service::{repo, Service, SERVICE, SOCKET};
 use tests::upstream::{Params, Upstream};
-
-const SERVICE: &str = "plugvisor.service";
-const SOCKET: &str = "plugvisor.socket";
-
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("tests/ sits in the repository")
-        .to_owned()
-}
-
-/// A container with plugvisor installed, its /run/plugvisor on the host for Envoy.
-struct Service {
-    c: Container,
-    run_dir: tempfile::TempDir,
-}
-
-impl Service {
-    fn boot(name: &str, config: &str) -> Service {
-        let run_dir = tempfile::tempdir().unwrap();
-        let text = std::fs::read_to_string(repo().join(config))
-            .unwrap()
-            .replace(
-                "admin_listen = \"127.0.0.1:9003\"",
-                &format!("admin_listen = \"127.0.0.1:{}\"", tests::free_port()),
-            );
-        let config = run_dir.path().join("plugvisor.toml");
-        std::fs::write(&config, text).unwrap();
-        let c = Container::builder(name)
-            .bind(run_dir.path(), "/run/plugvisor")
-            .boot_installed(&repo(), &nspawn::built_binaries_dir().unwrap(), &config)
-            .expect("boot and install");
-        Service { c, run_dir }
-    }
-
-    fn prop(&self, unit: &str, prop: &str) -> String {
-        self.c.show_property(unit, prop).unwrap()
-    }
-
-    fn ok(&self, args: &[&str]) {
-        self.c
-            .systemctl_ok(args)
-            .unwrap_or_else(|e| panic!("{e}\n{}", self.c.describe_unit(SERVICE)));
-    }
-
-    fn wait(&self, unit: &str, prop: &str, want: &str) {
-        self.c
-            .wait_for_property(unit, prop, want, Duration::from_secs(20))
-            .unwrap();
-    }
-
-    fn wait_status(&self, pred: impl Fn(&str) -> bool) -> String {
-        let mut last = String::new();
-        let found = nspawn::poll(Duration::from_secs(30), || {
-            last = self.prop(SERVICE, "StatusText");
-            Ok(pred(&last).then(|| last.clone()))
-        })
-        .unwrap();
-        found.unwrap_or_else(|| panic!("status {last:?}\n{}", self.c.describe_unit(SERVICE)))
-    }
-
-    fn envoy(&self, dir: &Path, upstream: &Upstream, ext_proc: String, allow: bool) -> Envoy {
-        Envoy::start(
-            dir,
-            &EnvoyOptions {
-                ext_proc,
-                upstream_port: upstream.port,
-                failure_mode_allow: allow,
-                ..EnvoyOptions::default()
-            },
-        )
-    }
-
-    fn unix_ext_proc(&self) -> String {
-        format!(
-            "unix:{}",
-            self.run_dir.path().join("extproc.sock").display()
-        )
-    }
-}
 
 /// Whether every plugin's metadata in this access-log line is whole: usage counted every one of
 /// the `tokens` the upstream sent, latency measured, no plugin missing, no gap and no `partial`.
@@ -186,36 +107,28 @@ fn count(results: &[(bool, bool, bool)]) -> (usize, usize, usize) {
 async fn restarts_activations_and_a_watchdog_restart_never_fail_the_socket_nor_lose_metadata() {
     let s = tokio::task::block_in_place(|| {
         let s = Service::boot("starts", "tests/systemd/spawned.toml");
-        s.c.sh("mkdir -p /etc/systemd/system/plugvisor.service.d && \
-             printf '[Service]\\nWatchdogSec=2s\\nLimitCORE=0\\n' \
-               > /etc/systemd/system/plugvisor.service.d/watchdog.conf && \
-             systemctl daemon-reload")
-            .unwrap();
+        s.short_watchdog();
         // Only the socket: the first request activates plugvisor.
         s.ok(&["start", SOCKET]);
-        assert_eq!(s.prop(SERVICE, "ActiveState"), "inactive");
+        assert_eq!(s.prop("ActiveState"), "inactive");
         s
     });
     let dir = tempfile::tempdir().unwrap();
     let upstream = Upstream::start().await;
-    let envoy =
-        tokio::task::block_in_place(|| s.envoy(dir.path(), &upstream, s.unix_ext_proc(), false));
+    let envoy = tokio::task::block_in_place(|| s.envoy(dir.path(), &upstream));
     let params = Params::default();
     let plugins = &["usage", "latency"];
     let mut results = Vec::new();
 
     // 1. The stream that socket-activates plugvisor.
     results.push(one(&envoy, &params, "activating-1", plugins).await);
-    let first = s.prop(SERVICE, "MainPID");
+    let first = s.prop("MainPID");
     // 2. A watchdog restart (the front stopped), then a stream.
     tokio::task::block_in_place(|| {
         s.c.exec_ok(&["kill", "-STOP", &first]).unwrap();
         let back = nspawn::poll(Duration::from_secs(20), || {
-            let pid = s.prop(SERVICE, "MainPID");
-            Ok(
-                (s.prop(SERVICE, "ActiveState") == "active" && pid != "0" && pid != first)
-                    .then_some(()),
-            )
+            let pid = s.prop("MainPID");
+            Ok((s.prop("ActiveState") == "active" && pid != "0" && pid != first).then_some(()))
         })
         .unwrap();
         assert!(back.is_some(), "{}", s.c.describe_unit(SERVICE));
@@ -234,10 +147,10 @@ async fn restarts_activations_and_a_watchdog_restart_never_fail_the_socket_nor_l
     // Eleven starts well within a minute: nothing failed, no limit was hit.
     assert_eq!(count(&results), (11, 11, 11), "{results:?}");
     tokio::task::block_in_place(|| {
-        assert_eq!(s.prop(SOCKET, "ActiveState"), "active");
-        assert_eq!(s.prop(SOCKET, "Result"), "success");
-        assert_eq!(s.prop(SERVICE, "ActiveState"), "active");
-        assert!(s.prop(SERVICE, "StatusText").starts_with("serving;"));
+        assert_eq!(s.unit_prop(SOCKET, "ActiveState"), "active");
+        assert_eq!(s.unit_prop(SOCKET, "Result"), "success");
+        assert_eq!(s.prop("ActiveState"), "active");
+        assert!(s.prop("StatusText").starts_with("serving;"));
         let journal = s.c.journalctl(&["-u", SERVICE, "-u", SOCKET]).unwrap();
         assert!(!journal.contains("repeated too quickly"), "{journal}");
         assert!(journal.contains("Watchdog timeout"), "{journal}");
@@ -271,24 +184,28 @@ async fn a_crash_loop_stops_retrying_and_keeps_the_listener_until_restarted_afte
         s
     });
     // Five failed starts (exit 64, restarted after 1 s each), then the sixth holds.
-    let status = tokio::task::block_in_place(|| s.wait_status(|t| t.starts_with("crash loop:")));
+    let status = tokio::task::block_in_place(|| {
+        s.wait_status("a crash loop", Duration::from_secs(30), |t| {
+            t.starts_with("crash loop:")
+        })
+    });
     assert!(
         status.starts_with("crash loop: 5 failed starts within 60s; not serving"),
         "{status}"
     );
     tokio::task::block_in_place(|| {
-        assert_eq!(s.prop(SERVICE, "NRestarts"), "5");
-        assert_eq!(s.prop(SERVICE, "ActiveState"), "active");
-        assert_eq!(s.prop(SOCKET, "ActiveState"), "active");
+        assert_eq!(s.prop("NRestarts"), "5");
+        assert_eq!(s.prop("ActiveState"), "active");
+        assert_eq!(s.unit_prop(SOCKET, "ActiveState"), "active");
     });
-    let held_pid = s.prop(SERVICE, "MainPID");
+    let held_pid = s.prop("MainPID");
 
     // Envoy with failure_mode_allow: the held listener closes each connection at once, so
     // traffic passes without metadata instead of failing or waiting.
     let dir = tempfile::tempdir().unwrap();
     let upstream = Upstream::start().await;
     let envoy =
-        tokio::task::block_in_place(|| s.envoy(dir.path(), &upstream, s.unix_ext_proc(), true));
+        tokio::task::block_in_place(|| s.envoy_with(dir.path(), &upstream, s.ext_proc(), true));
     let params = Params::default();
     let mut passed = 0;
     for i in 0..5 {
@@ -300,14 +217,14 @@ async fn a_crash_loop_stops_retrying_and_keeps_the_listener_until_restarted_afte
     assert_eq!(passed, 5);
     tokio::task::block_in_place(|| {
         // Not retried: the same held process, no further restarts, the socket still there.
-        assert_eq!(s.prop(SERVICE, "MainPID"), held_pid);
-        assert_eq!(s.prop(SERVICE, "NRestarts"), "5");
-        assert_eq!(s.prop(SOCKET, "ActiveState"), "active");
+        assert_eq!(s.prop("MainPID"), held_pid);
+        assert_eq!(s.prop("NRestarts"), "5");
+        assert_eq!(s.unit_prop(SOCKET, "ActiveState"), "active");
         // The fix, then the restart the STATUS line asks for.
         s.c.sh("cp /etc/plugvisor/good.toml /etc/plugvisor/plugvisor.toml")
             .unwrap();
         s.ok(&["restart", SERVICE]);
-        assert!(s.prop(SERVICE, "StatusText").starts_with("serving;"));
+        assert!(s.prop("StatusText").starts_with("serving;"));
     });
     let got = one(&envoy, &params, "after-fix", &["usage", "latency"]).await;
     assert_eq!(got, (true, true, true));
@@ -321,17 +238,13 @@ async fn plugvisor_drains_before_an_external_plugin_unit_stops_and_a_unit_restar
         s.c.sh("sed -i 's/^spawn = false$/spawn = false\\nrequired = true/' /etc/plugvisor/plugvisor.toml")
             .unwrap();
         s.ok(&["enable", "plugvisor-plugin@latency.service"]);
-        s.ok(&["start", SOCKET, SERVICE]);
-        assert_eq!(
-            s.prop(SERVICE, "StatusText"),
-            "serving; plugins 2/2 up; restarts 0"
-        );
+        s.start();
+        assert_eq!(s.prop("StatusText"), "serving; plugins 2/2 up; restarts 0");
         s
     });
     let dir = tempfile::tempdir().unwrap();
     let upstream = Upstream::start().await;
-    let envoy =
-        tokio::task::block_in_place(|| s.envoy(dir.path(), &upstream, s.unix_ext_proc(), false));
+    let envoy = tokio::task::block_in_place(|| s.envoy(dir.path(), &upstream));
     // About 1.5 s each, well inside shutdown_grace_ms (5 s).
     let slow = Params {
         chunks: 30,
@@ -344,17 +257,19 @@ async fn plugvisor_drains_before_an_external_plugin_unit_stops_and_a_unit_restar
     // systemctl restart plugvisor with N streams in flight: all drain with both plugins' metadata.
     let flight = streams(&envoy, N, &slow, "restart-front", PLUGINS);
     tokio::time::sleep(Duration::from_millis(400)).await;
-    let unit_pid = s.prop("plugvisor-plugin@latency.service", "MainPID");
+    let unit_pid = s.unit_prop("plugvisor-plugin@latency.service", "MainPID");
     tokio::task::block_in_place(|| s.ok(&["restart", SERVICE]));
     let results = flight.await.unwrap();
     assert_eq!(count(&results), (N, N, N), "{results:?}");
     tokio::task::block_in_place(|| {
         // The unit was stopped (after the drain) and started again with plugvisor.
         assert_ne!(
-            s.prop("plugvisor-plugin@latency.service", "MainPID"),
+            s.unit_prop("plugvisor-plugin@latency.service", "MainPID"),
             unit_pid
         );
-        s.wait_status(|t| t == "serving; plugins 2/2 up; restarts 0");
+        s.wait_status("2/2 up", Duration::from_secs(30), |t| {
+            t == "serving; plugins 2/2 up; restarts 0"
+        });
     });
 
     // systemctl restart plugvisor-plugin@latency with N streams in flight: handed over, replayed.
@@ -371,8 +286,8 @@ async fn plugvisor_drains_before_an_external_plugin_unit_stops_and_a_unit_restar
     let results = flight.await.unwrap();
     assert_eq!(count(&results), (N, N, N), "{results:?}");
     tokio::task::block_in_place(|| {
-        assert_eq!(s.prop(SERVICE, "ActiveState"), "inactive");
-        s.wait(
+        assert_eq!(s.prop("ActiveState"), "inactive");
+        s.wait_unit_prop(
             "plugvisor-plugin@latency.service",
             "ActiveState",
             "inactive",
@@ -381,7 +296,7 @@ async fn plugvisor_drains_before_an_external_plugin_unit_stops_and_a_unit_restar
         // plugvisor had begun to stop (it drains, then closes the plugin's socket, on which the
         // plugin exits; the counts above show the drain had the plugin). Before the fix systemd
         // stopped the plugin unit first.
-        let mono = |unit: &str, prop: &str| s.prop(unit, prop).parse::<u64>().unwrap();
+        let mono = |unit: &str, prop: &str| s.unit_prop(unit, prop).parse::<u64>().unwrap();
         let front_stopping = mono(SERVICE, "ActiveExitTimestampMonotonic");
         let plugin_stopping = mono(
             "plugvisor-plugin@latency.service",
@@ -417,13 +332,13 @@ async fn a_tcp_listener_from_install_serves_survives_a_reinstall_and_masks_still
         // Units live outside /etc/systemd/system, so the mask docs/systemd.md names works.
         s.ok(&["mask", SOCKET]);
         s.ok(&["unmask", SOCKET]);
-        s.ok(&["start", SOCKET, SERVICE]);
+        s.start();
         assert_eq!(
-            s.prop(SOCKET, "Listen"),
+            s.unit_prop(SOCKET, "Listen"),
             format!("127.0.0.1:{port} (Stream)")
         );
         assert_eq!(
-            s.prop(SERVICE, "FragmentPath"),
+            s.prop("FragmentPath"),
             "/usr/local/lib/systemd/system/plugvisor.service"
         );
         s
@@ -431,7 +346,7 @@ async fn a_tcp_listener_from_install_serves_survives_a_reinstall_and_masks_still
     let dir = tempfile::tempdir().unwrap();
     let upstream = Upstream::start().await;
     let envoy = tokio::task::block_in_place(|| {
-        s.envoy(dir.path(), &upstream, format!("127.0.0.1:{port}"), false)
+        s.envoy_with(dir.path(), &upstream, format!("127.0.0.1:{port}"), false)
     });
     let params = Params::default();
     let plugins = &["usage", "latency"];

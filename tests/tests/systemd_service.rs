@@ -1,139 +1,20 @@
 //! plugvisor as a `Type=notify` service under a real systemd 252, booted with `systemd-nspawn`
-//! (see `tests::nspawn`) and installed with `scripts/install`: readiness and the STATUS line,
-//! socket activation serving a real Envoy, plugins restarted by plugvisor without systemd
-//! noticing, a plugin run as its own template unit, the watchdog, reload, and journald.
+//! (see `tests::nspawn`) and installed with `scripts/install` (`tests::service`): readiness and
+//! the STATUS line, socket activation serving a real Envoy, plugins restarted by plugvisor
+//! without systemd noticing, a plugin run as its own template unit, the watchdog, reload, and
+//! journald.
 //!
 //! Each test boots its own container with the container's `/run/plugvisor` bound to a host
 //! directory, so Envoy (on the host) reaches the socket systemd activated inside. The containers
 //! are powered off when the test ends, also when it fails. Needs root, systemd-container and the
 //! binaries built first (`cargo build --workspace --bins`; scripts/test does both).
 
-use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use tests::client::chat;
-use tests::envoy::{Envoy, EnvoyOptions};
-use tests::nspawn::{self, Container};
+use tests::nspawn;
+use tests::service::{Service, SERVICE};
 use tests::upstream::{Params, Upstream};
-
-const SERVICE: &str = "plugvisor.service";
-
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("tests/ sits in the repository")
-        .to_owned()
-}
-
-/// A container with plugvisor installed with `config`, its `/run/plugvisor` visible on the host.
-struct Service {
-    c: Container,
-    /// The host side of the container's /run/plugvisor.
-    run_dir: tempfile::TempDir,
-}
-
-impl Service {
-    fn boot(name: &str, config: &str) -> Service {
-        Service::boot_with(name, config, |t| t)
-    }
-
-    /// Like [`Service::boot`], with the config text passed through `edit` first.
-    fn boot_with(name: &str, config: &str, edit: impl FnOnce(String) -> String) -> Service {
-        let run_dir = tempfile::tempdir().expect("tempdir for /run/plugvisor");
-        let repo = repo();
-        // Containers share the host's network: each gets its own admin port.
-        let text = edit(std::fs::read_to_string(repo.join(config)).unwrap()).replace(
-            "admin_listen = \"127.0.0.1:9003\"",
-            &format!("admin_listen = \"127.0.0.1:{}\"", tests::free_port()),
-        );
-        let config = run_dir.path().join("plugvisor.toml");
-        std::fs::write(&config, text).unwrap();
-        let c = Container::builder(name)
-            .bind(run_dir.path(), "/run/plugvisor")
-            .boot_installed(
-                &repo,
-                &nspawn::built_binaries_dir().expect("built binaries"),
-                &config,
-            )
-            .expect("boot and install");
-        Service { c, run_dir }
-    }
-
-    /// `systemctl start plugvisor.socket plugvisor.service`, which returns once plugvisor sent
-    /// READY=1 (`Type=notify`).
-    fn start(&self) {
-        self.c
-            .systemctl_ok(&["start", "plugvisor.socket", SERVICE])
-            .unwrap_or_else(|e| panic!("{e}\n{}", self.c.describe_unit(SERVICE)));
-    }
-
-    fn prop(&self, prop: &str) -> String {
-        self.c.show_property(SERVICE, prop).unwrap()
-    }
-
-    /// Polls the StatusText until `pred` holds; returns it, or panics with the unit's state.
-    fn wait_status(&self, what: &str, timeout: Duration, pred: impl Fn(&str) -> bool) -> String {
-        let mut last = String::new();
-        let found = nspawn::poll(timeout, || {
-            last = self.prop("StatusText");
-            Ok(pred(&last).then(|| last.clone()))
-        })
-        .unwrap();
-        found.unwrap_or_else(|| {
-            panic!(
-                "StatusText never {what} within {timeout:?}; last {last:?}\n{}",
-                self.c.describe_unit(SERVICE)
-            )
-        })
-    }
-
-    /// The pid (inside the container) of the process serving `plugin`.
-    fn plugin_pid(&self, plugin: &str) -> Option<u32> {
-        let out = self
-            .c
-            .exec(&["pgrep", "-f", &format!("^plugvisor-plugin: {plugin}")])
-            .ok()?;
-        String::from_utf8_lossy(&out.stdout)
-            .split_whitespace()
-            .next()
-            .and_then(|p| p.parse().ok())
-    }
-
-    fn wait_plugin_pid(&self, plugin: &str, not: Option<u32>) -> u32 {
-        let found = nspawn::poll(Duration::from_secs(15), || {
-            Ok(self.plugin_pid(plugin).filter(|p| Some(*p) != not))
-        })
-        .unwrap();
-        found.unwrap_or_else(|| {
-            panic!(
-                "no process for plugin {plugin} (other than {not:?})\n{}",
-                self.c.describe_unit(SERVICE)
-            )
-        })
-    }
-
-    /// The activated ext_proc socket as the host sees it.
-    fn ext_proc(&self) -> String {
-        format!(
-            "unix:{}",
-            self.run_dir.path().join("extproc.sock").display()
-        )
-    }
-
-    fn envoy(&self, dir: &Path, upstream: &Upstream) -> Envoy {
-        Envoy::start(
-            dir,
-            &EnvoyOptions {
-                ext_proc: self.ext_proc(),
-                upstream_port: upstream.port,
-                body_mode: "FULL_DUPLEX_STREAMED",
-                extra_namespaces: vec![],
-                failure_mode_allow: false,
-                ..EnvoyOptions::default()
-            },
-        )
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn notify_service_is_ready_serves_envoy_and_restarts_a_killed_plugin_itself() {
@@ -308,11 +189,7 @@ async fn restarting_an_external_plugin_unit_restarts_only_that_plugin_while_stre
 fn a_stopped_front_misses_the_watchdog_and_systemd_restarts_it() {
     let s = Service::boot("watchdog", "tests/systemd/spawned.toml");
     // A short watchdog keeps the test quick; no core file from the SIGABRT.
-    s.c.sh("mkdir -p /etc/systemd/system/plugvisor.service.d && \
-         printf '[Service]\\nWatchdogSec=2s\\nLimitCORE=0\\n' \
-           > /etc/systemd/system/plugvisor.service.d/watchdog.conf && \
-         systemctl daemon-reload")
-        .unwrap();
+    s.short_watchdog();
     s.start();
     let first = s.prop("MainPID");
     // Pings keep a healthy front alive well past the watchdog interval.
@@ -502,17 +379,7 @@ async fn a_tcp_socket_from_systemd_serves_envoy_too() {
     let dir = tempfile::tempdir().unwrap();
     let upstream = Upstream::start().await;
     let envoy = tokio::task::block_in_place(|| {
-        Envoy::start(
-            dir.path(),
-            &EnvoyOptions {
-                ext_proc: format!("127.0.0.1:{port}"),
-                upstream_port: upstream.port,
-                body_mode: "FULL_DUPLEX_STREAMED",
-                extra_namespaces: vec![],
-                failure_mode_allow: false,
-                ..EnvoyOptions::default()
-            },
-        )
+        s.envoy_with(dir.path(), &upstream, format!("127.0.0.1:{port}"), false)
     });
     let params = Params::default();
     let got = chat(envoy.port, &params, "over-tcp").await;

@@ -13,12 +13,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use sha2::{Digest, Sha256};
 use tests::bins;
 use tests::client::{chat, Received};
-use tests::envoy::{Envoy, EnvoyOptions};
 use tests::front::FrontProcess;
-use tests::stack::Stack;
+use tests::stack::{self, Stack};
 use tests::upstream::{Params, Upstream};
 
 /// usage and test-order (which hashes every byte it saw, in order), with finals allowed to wait.
@@ -78,44 +76,25 @@ fn running(pid: u32) -> bool {
         .unwrap_or(false)
 }
 
-/// Upstream, a front run from `dir/bin/plugvisor` (a copy), and Envoy failing closed.
+/// Upstream, a front run from `dir/bin/plugvisor` (a copy), and Envoy failing closed; and that
+/// binary's path.
 async fn start(extra_header: &str) -> (Stack, PathBuf) {
-    tests::init_tracing();
-    let dir = tempfile::tempdir().expect("tempdir");
-    let binary = install(dir.path(), &std::fs::read(bins::plugvisor()).unwrap());
-    bins::plugvisor_plugin();
-    let upstream = Upstream::start().await;
     let header = format!("{HEADER}{extra_header}");
-    let (front, envoy) = tokio::task::block_in_place(|| {
-        let listen = format!("unix:{}", dir.path().join("ext_proc.sock").display());
-        let front = FrontProcess::start_from(
+    let stack = Stack::with_front("FULL_DUPLEX_STREAMED", |dir| {
+        let binary = install(dir, &std::fs::read(bins::plugvisor()).unwrap());
+        let listen = format!("unix:{}", dir.join("ext_proc.sock").display());
+        FrontProcess::start_from(
             &binary,
-            dir.path(),
+            dir,
             &listen,
             &header,
             PLUGINS,
             &["usage", "test-order"],
-        );
-        let envoy = Envoy::start(
-            dir.path(),
-            &EnvoyOptions {
-                ext_proc: front.ext_proc.clone(),
-                upstream_port: upstream.port,
-                failure_mode_allow: false,
-                ..EnvoyOptions::default()
-            },
-        );
-        (front, envoy)
-    });
-    (
-        Stack {
-            envoy,
-            front,
-            upstream,
-            dir,
-        },
-        binary,
-    )
+        )
+    })
+    .await;
+    let binary = installed(stack.dir.path());
+    (stack, binary)
 }
 
 /// Puts `contents` at `dir/bin/plugvisor` the way a package manager does: a new file renamed
@@ -127,9 +106,14 @@ fn install(dir: &Path, contents: &[u8]) -> PathBuf {
     let tmp = bin.join(".plugvisor.new");
     std::fs::write(&tmp, contents).unwrap();
     std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755)).unwrap();
-    let path = bin.join("plugvisor");
+    let path = installed(dir);
     std::fs::rename(&tmp, &path).unwrap();
     path
+}
+
+/// Where [`install`] puts the binary.
+fn installed(dir: &Path) -> PathBuf {
+    dir.join("bin/plugvisor")
 }
 
 /// `plugvisor upgrade` against the running front (run from the build, whatever is installed):
@@ -215,22 +199,7 @@ fn check(stack: &Stack, done: &[Done]) -> Vec<(Instant, u32)> {
         assert_eq!(got.error, None, "{id}");
         assert!(got.body() == p.body(), "{id}: body differs");
         let line = stack.log_for(id);
-        assert_eq!(
-            line["plugvisor"]["missing"],
-            serde_json::json!([]),
-            "{id}: {line}"
-        );
-        assert!(line["plugvisor"]["partial"].is_null(), "{id}: {line}");
-        assert_eq!(
-            line["usage"]["completion_tokens"], p.chunks as f64,
-            "{id}: {line}"
-        );
-        assert_eq!(
-            line["test_order"]["sha256"],
-            hex::encode(Sha256::digest(p.body())),
-            "{id}: {line}"
-        );
-        assert_eq!(line["test_order"]["gaps"], 0.0, "{id}: {line}");
+        stack::assert_whole(&line, p);
         let pid = line["plugvisor"]["front_pid"]
             .as_f64()
             .unwrap_or_else(|| panic!("{id}: no front_pid: {line}")) as u32;
@@ -457,47 +426,28 @@ async fn a_second_upgrade_while_the_first_drains_loses_nothing() {
 /// tests/tests/systemd_service.rs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn under_systemd_the_new_front_becomes_the_main_pid_and_streams_survive() {
-    use tests::nspawn::{self, Container};
-    const SERVICE: &str = "plugvisor.service";
-    let repo = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_owned();
-    let run_dir = tempfile::tempdir().unwrap();
-    let text = std::fs::read_to_string(repo.join("tests/systemd/spawned.toml"))
-        .unwrap()
-        .replace(
-            "admin_listen = \"127.0.0.1:9003\"",
-            &format!("admin_listen = \"127.0.0.1:{}\"", tests::free_port()),
-        )
-        // Finals may wait (a debug build on a shared machine, two fronts at once): this test
-        // pins the handover, not the plugins' deadline.
-        .replace(
-            "[plugins.usage]\n",
-            "[plugins.usage]\nfinal_timeout_ms = 5000\n",
-        )
-        .replace(
-            "[plugins.latency]\n",
-            "[plugins.latency]\nfinal_timeout_ms = 5000\n",
-        );
-    let config = run_dir.path().join("plugvisor.toml");
-    std::fs::write(&config, text).unwrap();
-    let c = tokio::task::block_in_place(|| {
-        let c = Container::builder("upgrade-svc")
-            .bind(run_dir.path(), "/run/plugvisor")
-            .boot_installed(&repo, &nspawn::built_binaries_dir().unwrap(), &config)
-            .expect("boot and install");
+    use tests::nspawn;
+    use tests::service::{Service, SERVICE};
+    let s = tokio::task::block_in_place(|| {
+        let s = Service::boot_with("upgrade-svc", "tests/systemd/spawned.toml", |text| {
+            // Finals may wait (a debug build on a shared machine, two fronts at once): this test
+            // pins the handover, not the plugins' deadline.
+            text.replace(
+                "[plugins.usage]\n",
+                "[plugins.usage]\nfinal_timeout_ms = 5000\n",
+            )
+            .replace(
+                "[plugins.latency]\n",
+                "[plugins.latency]\nfinal_timeout_ms = 5000\n",
+            )
+        });
         // A short watchdog: a new front that did not take it over would be killed within 2 s.
-        c.sh("mkdir -p /etc/systemd/system/plugvisor.service.d && \
-              printf '[Service]\\nWatchdogSec=2s\\nLimitCORE=0\\n' \
-                > /etc/systemd/system/plugvisor.service.d/watchdog.conf && \
-              systemctl daemon-reload")
-            .unwrap();
-        c.systemctl_ok(&["start", "plugvisor.socket", SERVICE])
-            .unwrap_or_else(|e| panic!("{e}\n{}", c.describe_unit(SERVICE)));
-        c
+        s.short_watchdog();
+        s.start();
+        s
     });
-    let prop = |p: &str| c.show_property(SERVICE, p).unwrap();
+    let c = &s.c;
+    let prop = |p: &str| s.prop(p);
     let in_unit = |pid: &str| {
         c.sh(&format!("cat /proc/{pid}/cgroup 2>/dev/null || true"))
             .unwrap_or_default()
@@ -507,18 +457,7 @@ async fn under_systemd_the_new_front_becomes_the_main_pid_and_streams_survive() 
 
     let dir = tempfile::tempdir().unwrap();
     let upstream = Upstream::start().await;
-    let ext_proc = format!("unix:{}", run_dir.path().join("extproc.sock").display());
-    let envoy = tokio::task::block_in_place(|| {
-        Envoy::start(
-            dir.path(),
-            &EnvoyOptions {
-                ext_proc,
-                upstream_port: upstream.port,
-                failure_mode_allow: false,
-                ..EnvoyOptions::default()
-            },
-        )
-    });
+    let envoy = tokio::task::block_in_place(|| s.envoy(dir.path(), &upstream));
     let port = envoy.port;
     let stop = Arc::new(AtomicBool::new(false));
     let small = trickle(port, "svc-trickle", stop.clone());

@@ -189,7 +189,9 @@ impl Plugin for LatencyPlugin {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::builtin::testing::{play, play_chunks, Played, FIRST_CHUNK_NS, START_NS, STEP_NS};
+    use crate::builtin::testing::{
+        play, play_chunks, play_response, Played, FIRST_CHUNK_NS, START_NS, STEP_NS,
+    };
     use crate::usage_formats::tests::{CHAT_JSON, CHAT_STREAM, ERROR_JSON, RESPONSES_STREAM};
 
     fn f(meta: &Metadata, key: &str) -> Option<f64> {
@@ -309,70 +311,11 @@ mod tests {
             chunks.push(std::mem::take(gz.get_mut()));
         }
         chunks.last_mut().unwrap().extend(gz.finish().unwrap());
-        let mut s = LatencyStream::default();
-        let ctx = |seq: u32, stamp_ns: u64| EventCtx {
-            stream_id: 7,
-            seq,
-            stamp_ns,
-            gap: 0,
-            partial: false,
-        };
-        let p = LatencyPlugin;
-        p.on_request_start(
-            &mut s,
-            &ctx(0, START_NS),
-            &RequestStart {
-                stream_id: 7,
-                seq: 0,
-                stamp_ns: START_NS,
-                request_id: None,
-                headers: vec![],
-            },
-        );
-        p.on_response_headers(
-            &mut s,
-            &ctx(1, START_NS + 1),
-            &ResponseHeaders {
-                stream_id: 7,
-                seq: 1,
-                stamp_ns: START_NS + 1,
-                status: 200,
-                headers: vec![
-                    ("content-type".into(), "text/event-stream".into()),
-                    ("content-encoding".into(), "gzip".into()),
-                ],
-            },
-        );
-        for (i, c) in chunks.iter().enumerate() {
-            let stamp = chunk_ns(i as u64);
-            p.on_chunk(
-                &mut s,
-                &ctx(2 + i as u32, stamp),
-                &Chunk {
-                    stream_id: 7,
-                    seq: 2 + i as u32,
-                    stamp_ns: stamp,
-                    len: c.len() as u32,
-                    bytes: bytes::Bytes::from(c.clone()),
-                    end_of_stream: false,
-                    ack: false,
-                },
-            );
-        }
-        let end = chunk_ns(chunks.len() as u64);
-        let meta = p.on_final(
-            &mut s,
-            &ctx(2 + chunks.len() as u32, end),
-            &Final {
-                stream_id: 7,
-                seq: 2 + chunks.len() as u32,
-                stamp_ns: end,
-                call_id: 1,
-                len: 0,
-                bytes: bytes::Bytes::new(),
-                trailers: vec![],
-            },
-        );
+        let headers = vec![
+            ("content-type".into(), "text/event-stream".into()),
+            ("content-encoding".into(), "gzip".into()),
+        ];
+        let meta = play_response(&LatencyPlugin, &chunks, 200, headers).meta;
         assert_eq!(meta, plain);
     }
 

@@ -35,11 +35,11 @@ pub(crate) fn play_chunks<P: Plugin>(plugin: &P, chunks: &[String], content_type
     play_response(plugin, chunks, 200, headers)
 }
 
-/// Plays one request with the given response status, headers and body chunks, and an empty
-/// final.
-pub(crate) fn play_response<P: Plugin>(
+/// Plays one request with the given response status, headers and body chunks (text or bytes,
+/// e.g. a compressed body), and an empty final.
+pub(crate) fn play_response<P: Plugin, C: AsRef<[u8]>>(
     plugin: &P,
-    chunks: &[String],
+    chunks: &[C],
     status: u16,
     headers: Vec<(String, String)>,
 ) -> Played {
@@ -74,6 +74,7 @@ pub(crate) fn play_response<P: Plugin>(
         },
     );
     for (i, c) in chunks.iter().enumerate() {
+        let c = c.as_ref();
         let seq = 2 + i as u32;
         let stamp_ns = FIRST_CHUNK_NS + i as u64 * STEP_NS;
         plugin.on_chunk(
@@ -84,7 +85,7 @@ pub(crate) fn play_response<P: Plugin>(
                 seq,
                 stamp_ns,
                 len: c.len() as u32,
-                bytes: Bytes::from(c.clone()),
+                bytes: Bytes::copy_from_slice(c),
                 end_of_stream: false,
                 ack: false,
             },

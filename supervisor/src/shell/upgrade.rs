@@ -246,26 +246,10 @@ impl Conn {
         }
     }
 
-    /// The next message; `None` at a clean end.
+    /// The next message; `None` at a clean end. Fds sent with it are not expected and are
+    /// closed.
     async fn recv(&mut self) -> io::Result<Option<Message>> {
-        loop {
-            if let Some(message) = self.take_line()? {
-                return Ok(Some(message));
-            }
-            let mut chunk = [0u8; 4096];
-            let n = self.stream.read(&mut chunk).await?;
-            if n == 0 {
-                return if self.buf.is_empty() {
-                    Ok(None)
-                } else {
-                    Err(io::Error::new(
-                        io::ErrorKind::UnexpectedEof,
-                        "the handover socket closed in the middle of a message",
-                    ))
-                };
-            }
-            self.buf.extend_from_slice(&chunk[..n]);
-        }
+        Ok(self.recv_with_fds().await?.map(|(message, _fds)| message))
     }
 
     fn take_line(&mut self) -> io::Result<Option<Message>> {
