@@ -55,31 +55,7 @@ impl FrontProcess {
             "listen = \"{listen}\"\nadmin_listen = \"127.0.0.1:{admin_port}\"\nruntime_dir = \"{}\"\nping_interval_ms = 100\n{header}\n{plugins_toml}",
             FrontProcess::runtime_dir_in(dir).display()
         );
-        let path = dir.join("plugvisor.toml");
-        std::fs::write(&path, config).expect("write plugvisor.toml");
-        let log_file = dir.join("plugvisor.log");
-        let log = std::fs::File::create(&log_file).expect("log file");
-        // Make sure the plugin host is there before blaming the front for a missing plugin.
-        bins::plugvisor_plugin();
-        let child = Command::new(binary)
-            .arg("--config")
-            .arg(&path)
-            .env("PLUGVISOR_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("dup"))
-            .stderr(log)
-            .spawn()
-            .expect("start plugvisor");
-        let mut front = FrontProcess {
-            child,
-            ext_proc: listen.to_owned(),
-            admin_port,
-            runtime_dir: FrontProcess::runtime_dir_in(dir),
-            log_file,
-            config_path: path,
-        };
-        front.wait_ready(expect, Duration::from_secs(15));
-        front
+        FrontProcess::run(binary, dir, &config, listen, admin_port, expect)
     }
 
     /// Starts `plugvisor --config` on `config` written verbatim to `dir/plugvisor.toml` (for a
@@ -92,12 +68,26 @@ impl FrontProcess {
         admin_port: u16,
         expect: &[&str],
     ) -> FrontProcess {
+        FrontProcess::run(&bins::plugvisor(), dir, config, listen, admin_port, expect)
+    }
+
+    /// Runs `binary --config` on `config` written to `dir/plugvisor.toml`, logging to
+    /// `dir/plugvisor.log`, and waits until every plugin in `expect` is connected.
+    fn run(
+        binary: &Path,
+        dir: &Path,
+        config: &str,
+        listen: &str,
+        admin_port: u16,
+        expect: &[&str],
+    ) -> FrontProcess {
         let path = dir.join("plugvisor.toml");
         std::fs::write(&path, config).expect("write plugvisor.toml");
         let log_file = dir.join("plugvisor.log");
         let log = std::fs::File::create(&log_file).expect("log file");
+        // Make sure the plugin host is there before blaming the front for a missing plugin.
         bins::plugvisor_plugin();
-        let child = Command::new(bins::plugvisor())
+        let child = Command::new(binary)
             .arg("--config")
             .arg(&path)
             .env("PLUGVISOR_LOG", "info")

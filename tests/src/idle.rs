@@ -48,14 +48,73 @@ pub async fn channel(listen: &str) -> tonic::transport::Channel {
 /// Opens `connections × per_connection` streams to `listen` (`unix:/path`); each has sent its
 /// request headers and got the reply before the next opens.
 pub async fn open(listen: &str, connections: usize, per_connection: usize) -> IdleStreams {
+    open_streams(listen, connections, per_connection, None).await
+}
+
+/// Opens `connections × per_connection` streams to `listen` (`unix:/path`) that are in the
+/// middle of a response, as while a model streams tokens: request headers, response headers and
+/// `chunks` body messages of `size` bytes each were sent and answered, the end never comes.
+pub async fn open_in_flight(
+    listen: &str,
+    connections: usize,
+    per_connection: usize,
+    chunks: usize,
+    size: usize,
+) -> IdleStreams {
+    open_streams(listen, connections, per_connection, Some((chunks, size))).await
+}
+
+/// Sends `msg` on a stream and waits for the front's reply to it.
+async fn exchange(
+    tx: &tokio::sync::mpsc::Sender<ProcessingRequest>,
+    replies: &mut tonic::Streaming<
+        envoy_types::pb::envoy::service::ext_proc::v3::ProcessingResponse,
+    >,
+    request: Request,
+) {
+    tx.send(ProcessingRequest {
+        request: Some(request),
+        ..Default::default()
+    })
+    .await
+    .expect("queue a message");
+    replies
+        .message()
+        .await
+        .expect("a reply")
+        .expect("a reply, not the end");
+}
+
+/// The streams of [`open`] (`body: None`: request headers only) and [`open_in_flight`]
+/// (`body: Some((chunks, size))`: response headers and body messages too).
+async fn open_streams(
+    listen: &str,
+    connections: usize,
+    per_connection: usize,
+    body: Option<(usize, usize)>,
+) -> IdleStreams {
+    let header = |k: &str, v: &str| envoy_types::pb::envoy::config::core::v3::HeaderValue {
+        key: k.into(),
+        raw_value: v.as_bytes().to_vec(),
+        ..Default::default()
+    };
     let mut held = Vec::with_capacity(connections * per_connection);
-    for _ in 0..connections {
+    for c in 0..connections {
         let mut client = ExternalProcessorClient::new(channel(listen).await);
-        for _ in 0..per_connection {
-            let (tx, rx) = tokio::sync::mpsc::channel(1);
+        for i in 0..per_connection {
+            let (tx, rx) = tokio::sync::mpsc::channel(2);
+            let headers = match body {
+                None => HeaderMap::default(),
+                Some(_) => HeaderMap {
+                    headers: vec![
+                        header(":path", "/v1/chat/completions"),
+                        header("x-request-id", &format!("in-flight-{c}-{i}")),
+                    ],
+                },
+            };
             tx.send(ProcessingRequest {
                 request: Some(Request::RequestHeaders(HttpHeaders {
-                    headers: Some(HeaderMap::default()),
+                    headers: Some(headers),
                     ..Default::default()
                 })),
                 ..Default::default()
@@ -72,58 +131,8 @@ pub async fn open(listen: &str, connections: usize, per_connection: usize) -> Id
                 .await
                 .expect("a reply to the headers")
                 .expect("a reply, not the end");
-            held.push((tx, replies));
-        }
-    }
-    IdleStreams { held }
-}
-
-/// Opens `connections × per_connection` streams to `listen` (`unix:/path`) that are in the
-/// middle of a response, as while a model streams tokens: request headers, response headers and
-/// `chunks` body messages of `size` bytes each were sent and answered, the end never comes.
-pub async fn open_in_flight(
-    listen: &str,
-    connections: usize,
-    per_connection: usize,
-    chunks: usize,
-    size: usize,
-) -> IdleStreams {
-    let header = |k: &str, v: &str| envoy_types::pb::envoy::config::core::v3::HeaderValue {
-        key: k.into(),
-        raw_value: v.as_bytes().to_vec(),
-        ..Default::default()
-    };
-    let mut held = Vec::with_capacity(connections * per_connection);
-    for c in 0..connections {
-        let mut client = ExternalProcessorClient::new(channel(listen).await);
-        for i in 0..per_connection {
-            let (tx, rx) = tokio::sync::mpsc::channel(2);
-            tx.send(ProcessingRequest {
-                request: Some(Request::RequestHeaders(HttpHeaders {
-                    headers: Some(HeaderMap {
-                        headers: vec![
-                            header(":path", "/v1/chat/completions"),
-                            header("x-request-id", &format!("in-flight-{c}-{i}")),
-                        ],
-                    }),
-                    ..Default::default()
-                })),
-                ..Default::default()
-            })
-            .await
-            .expect("queue the headers");
-            let mut replies = client
-                .process(tokio_stream::wrappers::ReceiverStream::new(rx))
-                .await
-                .expect("stream opens")
-                .into_inner();
-            replies
-                .message()
-                .await
-                .expect("a reply to the request headers")
-                .expect("a reply, not the end");
-            tx.send(ProcessingRequest {
-                request: Some(Request::ResponseHeaders(HttpHeaders {
+            if let Some((chunks, size)) = body {
+                let response = HttpHeaders {
                     headers: Some(HeaderMap {
                         headers: vec![
                             header(":status", "200"),
@@ -131,37 +140,22 @@ pub async fn open_in_flight(
                         ],
                     }),
                     ..Default::default()
-                })),
-                ..Default::default()
-            })
-            .await
-            .expect("queue the response headers");
-            replies
-                .message()
-                .await
-                .expect("a reply to the response headers")
-                .expect("a reply, not the end");
-            for k in 0..chunks {
-                let mut body =
-                    format!("data: {{\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"{k} ")
-                        .into_bytes();
-                body.resize(size.saturating_sub(6), b'x');
-                body.extend_from_slice(b"\"}}]}\n\n");
-                tx.send(ProcessingRequest {
-                    request: Some(Request::ResponseBody(HttpBody {
+                };
+                exchange(&tx, &mut replies, Request::ResponseHeaders(response)).await;
+                for k in 0..chunks {
+                    let mut body = format!(
+                        "data: {{\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"{k} "
+                    )
+                    .into_bytes();
+                    body.resize(size.saturating_sub(6), b'x');
+                    body.extend_from_slice(b"\"}}]}\n\n");
+                    let chunk = HttpBody {
                         body,
                         end_of_stream: false,
                         ..Default::default()
-                    })),
-                    ..Default::default()
-                })
-                .await
-                .expect("queue a chunk");
-                replies
-                    .message()
-                    .await
-                    .expect("a reply to a chunk")
-                    .expect("a reply, not the end");
+                    };
+                    exchange(&tx, &mut replies, Request::ResponseBody(chunk)).await;
+                }
             }
             held.push((tx, replies));
         }
