@@ -119,6 +119,18 @@ fn front_target_at(
     std::fs::create_dir_all(&dir).expect("dir");
     let plugins = plugins.replace("<DIR>", &dir.display().to_string());
     let front = FrontProcess::start_listening(&dir, listen, &plugins, expect);
+    started_target(key, label, &dir, front, listen, upstream)
+}
+
+/// The [`Target`] of a started front: its own Envoy in `dir/envoy`, sending to `listen`.
+fn started_target(
+    key: &'static str,
+    label: &'static str,
+    dir: &Path,
+    front: FrontProcess,
+    listen: &str,
+    upstream: u16,
+) -> Target {
     let envoy = BenchEnvoy::start_at(&dir.join("envoy"), Some(listen), upstream, NAMESPACES);
     let pid = front.pid();
     Target {
@@ -164,18 +176,7 @@ pub fn default_target_with(
     let text = edit(&cfg.plugins, &cfg.text);
     let expect: Vec<&str> = cfg.plugins.iter().map(String::as_str).collect();
     let front = FrontProcess::start_config(&dir, &text, &cfg.listen, cfg.admin_port, &expect);
-    let envoy = BenchEnvoy::start_at(&dir.join("envoy"), Some(&cfg.listen), upstream, NAMESPACES);
-    let pid = front.pid();
-    Target {
-        key,
-        label,
-        envoy,
-        server_pid: Some(pid),
-        admin_port: Some(front.admin_port),
-        plugin_pids: procfs::children(pid),
-        _front: Some(front),
-        _echo: None,
-    }
+    started_target(key, label, &dir, front, &cfg.listen, upstream)
 }
 
 /// Starts every configuration of measurement 1.
