@@ -12,7 +12,7 @@ use std::time::Duration;
 use ipc_protocol::Value;
 use serde::Deserialize;
 
-use crate::restart::{Policy, RestartType};
+use crate::plugin::restart::{Policy, RestartType};
 
 /// The configuration compiled into the binary, used when `plugvisor` runs without `--config`.
 pub const DEFAULT_CONFIG: &str = include_str!("default.toml");
@@ -29,6 +29,9 @@ pub const DEFAULT_MAX_STREAMS: usize = 10_000;
 pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 8 * 1024 * 1024;
 /// The smallest `max_message_bytes` accepted.
 pub const MIN_MESSAGE_BYTES: usize = 64 * 1024;
+/// The largest `queue_events` accepted (each open connection's queue is sized for it; the
+/// configured bound is checked at every enqueue).
+pub const MAX_QUEUE_EVENTS: usize = 1 << 20;
 /// Default `metadata_max_bytes` of a plugin.
 pub const DEFAULT_PLUGIN_METADATA_BYTES: usize = 16 * 1024;
 /// Default `stream_metadata_max_bytes`.
@@ -134,18 +137,17 @@ pub enum BodyMode {
 }
 
 /// One configured plugin, after validation.
+///
+/// Its keys fall on two sides: [`ProcessConfig`] holds what the plugin's process is started with
+/// or told at its handshake, so changing any of it needs a new process; everything else here is
+/// what the front does with the plugin (deadlines, queues, dispatch, supervision), which a
+/// reload applies in place. "Same process" is one comparison ([`PluginConfig::same_process`]).
 #[derive(Debug, Clone, PartialEq)]
 pub struct PluginConfig {
     /// The name (`[plugins.<name>]`), also the socket's file name.
     pub name: String,
-    /// Whether the front starts the process (false: someone else does and it just connects).
-    pub spawn: bool,
-    /// The program; `None` means `plugvisor-plugin` next to the running executable.
-    pub command: Option<PathBuf>,
-    /// Arguments; `None` means `<name> --connect <socket>`.
-    pub args: Option<Vec<String>>,
-    /// Extra environment for the process.
-    pub env: BTreeMap<String, String>,
+    /// What a change of needs a new process.
+    pub process: ProcessConfig,
     /// Async (default) or inline.
     pub dispatch: Dispatch,
     /// How long the final RPC may take.
@@ -156,28 +158,14 @@ pub struct PluginConfig {
     pub queue_events: usize,
     /// Queue bound in body bytes.
     pub queue_bytes: usize,
-    /// A uid allowed to connect besides the front's own.
-    pub uid: Option<u32>,
-    /// A group given read/write access to the socket (mode 0660 instead of 0600).
-    pub group: Option<String>,
     /// Whether `READY=1` waits for this plugin to connect (up to `ready_timeout_ms`).
     pub required: bool,
-    /// The `[plugins.<name>.config]` table, sent in `Welcome`.
-    pub config: Value,
     /// When and how fast a spawned plugin is restarted.
     pub restart: Policy,
     /// How long a spawned process has to finish its handshake before it is killed.
     pub start_timeout: Duration,
     /// How long a plugin may go without answering pings before it is killed and restarted.
     pub hang_timeout: Duration,
-    /// The scheduling policy of a spawned plugin's process.
-    pub cpu_scheduling: CpuScheduling,
-    /// The most metadata one final answer may carry, as Envoy receives it (protobuf bytes).
-    /// Over it, the plugin's metadata is left out and the stream says why.
-    pub metadata_max_bytes: usize,
-    /// The most event bytes the plugin process may hold at once (received but not yet handled):
-    /// the flow-control window. Past it, events wait in the front's bounded queue.
-    pub budget_bytes: usize,
     /// The most bytes of in-flight streams' events the front keeps to replay to a replacement
     /// process after a crash (all streams of this plugin together).
     pub replay_bytes: usize,
@@ -188,24 +176,47 @@ pub struct PluginConfig {
     pub stuck_timeout: Duration,
 }
 
+/// The keys of a plugin's table that its process is started with or told at its handshake: a
+/// reload that changes any of them restarts the plugin by handover (and a change of `spawn` or
+/// `group`, which shape its socket, replaces it).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProcessConfig {
+    /// Whether the front starts the process (false: someone else does and it just connects).
+    pub spawn: bool,
+    /// The program; `None` means `plugvisor-plugin` next to the running executable.
+    pub command: Option<PathBuf>,
+    /// Arguments; `None` means `<name> --connect <socket>`.
+    pub args: Option<Vec<String>>,
+    /// Extra environment for the process.
+    pub env: BTreeMap<String, String>,
+    /// A uid allowed to connect besides the front's own (checked at the handshake).
+    pub uid: Option<u32>,
+    /// A group given read/write access to the socket (mode 0660 instead of 0600).
+    pub group: Option<String>,
+    /// The `[plugins.<name>.config]` table, sent in `Welcome`.
+    pub config: Value,
+    /// The scheduling policy of a spawned plugin's process.
+    pub cpu_scheduling: CpuScheduling,
+    /// The most metadata one final answer may carry, as Envoy receives it (protobuf bytes),
+    /// told in `Welcome`. Over it, the plugin's metadata is left out and the stream says why.
+    pub metadata_max_bytes: usize,
+    /// The most event bytes the plugin process may hold at once (received but not yet handled):
+    /// the flow-control window, told in `Welcome`. Past it, events wait in the front's bounded
+    /// queue.
+    pub budget_bytes: usize,
+}
+
 impl PluginConfig {
-    /// Whether `other` differs from this configuration only in what the front does with the
-    /// plugin (deadlines, queues, dispatch, caps, supervision timings), so a reload can apply it
-    /// in place without restarting the plugin's process. Anything the process is started with or
-    /// told at its handshake (command, args, env, config table, limits in `Welcome`, uid, group,
-    /// scheduling, spawn) needs a new process.
+    /// Whether `other` can be served by the process running with this table: only the front's
+    /// side differs, so a reload applies it in place.
     pub fn same_process(&self, other: &PluginConfig) -> bool {
-        self.name == other.name
-            && self.spawn == other.spawn
-            && self.command == other.command
-            && self.args == other.args
-            && self.env == other.env
-            && self.config == other.config
-            && self.uid == other.uid
-            && self.group == other.group
-            && self.cpu_scheduling == other.cpu_scheduling
-            && self.metadata_max_bytes == other.metadata_max_bytes
-            && self.budget_bytes == other.budget_bytes
+        self.name == other.name && self.process == other.process
+    }
+
+    /// Whether `other` needs a new socket (`spawn` or `group` changed): the reload replaces the
+    /// plugin instead of handing it over.
+    pub fn same_socket(&self, other: &PluginConfig) -> bool {
+        self.process.spawn == other.process.spawn && self.process.group == other.process.group
     }
 }
 
@@ -457,8 +468,10 @@ impl Config {
                 return Err(bad("final_timeout_ms must be at least 1".into()));
             }
             let queue_events = raw_plugin.queue_events.unwrap_or(4096);
-            if queue_events == 0 {
-                return Err(bad("queue_events must be at least 1".into()));
+            if !(1..=MAX_QUEUE_EVENTS).contains(&queue_events) {
+                return Err(bad(format!(
+                    "queue_events must be between 1 and {MAX_QUEUE_EVENTS}"
+                )));
             }
             if !raw_plugin.spawn && (raw_plugin.command.is_some() || raw_plugin.args.is_some()) {
                 return Err(bad(
@@ -578,25 +591,27 @@ impl Config {
             }
             plugins.push(PluginConfig {
                 name: name.clone(),
-                spawn: raw_plugin.spawn,
-                command: raw_plugin.command.map(|c| c.into_inner()),
-                args: raw_plugin.args,
-                env: raw_plugin.env,
+                process: ProcessConfig {
+                    spawn: raw_plugin.spawn,
+                    command: raw_plugin.command.map(|c| c.into_inner()),
+                    args: raw_plugin.args,
+                    env: raw_plugin.env,
+                    uid: raw_plugin.uid.map(|u| u.into_inner()),
+                    group: raw_plugin.group.map(|g| g.into_inner()),
+                    config,
+                    cpu_scheduling: raw_plugin.cpu_scheduling,
+                    metadata_max_bytes,
+                    budget_bytes,
+                },
                 dispatch: raw_plugin.dispatch,
                 final_timeout,
                 inline_timeout: Duration::from_millis(inline_timeout_ms),
                 queue_events,
                 queue_bytes: raw_plugin.queue_bytes.unwrap_or(16 * 1024 * 1024),
-                uid: raw_plugin.uid.map(|u| u.into_inner()),
-                group: raw_plugin.group.map(|g| g.into_inner()),
                 required: raw_plugin.required,
-                config,
                 restart,
                 start_timeout,
                 hang_timeout,
-                cpu_scheduling: raw_plugin.cpu_scheduling,
-                metadata_max_bytes,
-                budget_bytes,
                 replay_bytes: raw_plugin.replay_bytes.unwrap_or(DEFAULT_REPLAY_BYTES),
                 drain_grace: ms(raw_plugin.drain_grace_ms, Duration::from_secs(30)),
                 stuck_timeout,
@@ -776,5 +791,8 @@ pub fn toml_to_value(v: &toml::Value) -> Value {
 }
 
 mod check;
+pub mod keys;
+mod published;
+pub use published::Published;
 #[cfg(test)]
 mod tests;

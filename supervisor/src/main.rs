@@ -6,7 +6,10 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use supervisor::{error_chain, spawn, upgrade, Config};
+use supervisor::observe::logging::error_chain;
+use supervisor::plugin::spawn;
+use supervisor::shell::upgrade;
+use supervisor::Config;
 
 /// Envoy ext_proc front that feeds plugin processes without making the stream wait.
 #[derive(Parser)]
@@ -32,7 +35,7 @@ struct Cli {
         default_value = "auto",
         global = true
     )]
-    log_format: supervisor::logging::LogFormat,
+    log_format: supervisor::observe::logging::LogFormat,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -121,7 +124,7 @@ impl ControlArg {
 fn control(
     control: &ControlArg,
     config: Option<&PathBuf>,
-    request: supervisor::control::Request,
+    request: supervisor::shell::control::Request,
     json: bool,
 ) -> ExitCode {
     let socket = match control.socket(config) {
@@ -141,7 +144,7 @@ fn control(
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(supervisor::control::request(&socket, &request)) {
+    match runtime.block_on(supervisor::shell::control::request(&socket, &request)) {
         Err(e) => {
             eprintln!("plugvisor: {}", error_chain(&e));
             ExitCode::FAILURE
@@ -163,7 +166,7 @@ fn control(
         }
         Ok(answer) => {
             if let Some(plugins) = &answer.plugins {
-                print!("{}", supervisor::control::render_status(plugins));
+                print!("{}", supervisor::shell::control::render_status(plugins));
             }
             if let Some(message) = &answer.message {
                 println!("{message}");
@@ -241,7 +244,7 @@ fn main() -> ExitCode {
             return control(
                 &c,
                 cli.config.as_ref(),
-                supervisor::control::Request::Status,
+                supervisor::shell::control::Request::Status,
                 json,
             );
         }
@@ -249,7 +252,7 @@ fn main() -> ExitCode {
             return control(
                 &c,
                 cli.config.as_ref(),
-                supervisor::control::Request::Start { plugin },
+                supervisor::shell::control::Request::Start { plugin },
                 false,
             );
         }
@@ -257,7 +260,7 @@ fn main() -> ExitCode {
             return control(
                 &c,
                 cli.config.as_ref(),
-                supervisor::control::Request::Stop { plugin },
+                supervisor::shell::control::Request::Stop { plugin },
                 false,
             );
         }
@@ -265,7 +268,7 @@ fn main() -> ExitCode {
             return control(
                 &c,
                 cli.config.as_ref(),
-                supervisor::control::Request::Restart { plugin },
+                supervisor::shell::control::Request::Restart { plugin },
                 false,
             );
         }
@@ -273,16 +276,16 @@ fn main() -> ExitCode {
             return control(
                 &c,
                 cli.config.as_ref(),
-                supervisor::control::Request::Upgrade,
+                supervisor::shell::control::Request::Upgrade,
                 false,
             );
         }
         None => {}
     }
-    supervisor::logging::init(cli.log_format);
+    supervisor::observe::logging::init(cli.log_format);
     // Before the config: a broken config is one of the crash loops this stops.
-    if let Some(failures) = supervisor::crash_loop::tripped() {
-        return match supervisor::crash_loop::hold(failures) {
+    if let Some(failures) = supervisor::shell::crash_loop::tripped() {
+        return match supervisor::shell::crash_loop::hold(failures) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 tracing::error!("cannot hold the listener: {e}");
@@ -312,7 +315,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(supervisor::service::run_with(
+    match runtime.block_on(supervisor::shell::service::run_with(
         config,
         cli.config.clone(),
         shutdown_signal(),
@@ -330,7 +333,7 @@ async fn shutdown_signal() {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
     let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
-    // SIGHUP (reload) is handled by supervisor::service::run.
+    // SIGHUP (reload) is handled by supervisor::shell::service::run.
     tokio::select! {
         _ = term.recv() => {}
         _ = int.recv() => {}

@@ -168,10 +168,10 @@ impl FrontProcess {
     }
 
     /// `name`'s row of `plugvisor status`.
-    pub async fn plugin_status(&self, name: &str) -> supervisor::supervise::PluginStatus {
-        let answer = supervisor::control::request(
+    pub async fn plugin_status(&self, name: &str) -> supervisor::plugin::supervise::PluginStatus {
+        let answer = supervisor::shell::control::request(
             &self.control_socket(),
-            &supervisor::control::Request::Status,
+            &supervisor::shell::control::Request::Status,
         )
         .await
         .expect("control socket answers");

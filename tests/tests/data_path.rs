@@ -11,7 +11,7 @@ use std::time::Duration;
 use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_server::ExternalProcessorServer;
 use envoy_types::pb::google::protobuf::{value::Kind, Struct, Value as PbValue};
 use ipc_protocol::Value;
-use supervisor::metadata::MAX_DEPTH;
+use supervisor::data_path::metadata::MAX_DEPTH;
 use tests::bench::echo::Echo;
 use tests::client::chat;
 use tests::envoy::{Envoy, EnvoyOptions};
@@ -19,7 +19,7 @@ use tests::fake_plugin::Behaviour;
 use tests::inproc::{InProc, Options};
 use tests::upstream::{Params, Upstream};
 
-/// A value nested `levels` deep as `supervisor::metadata::depth` counts it (a scalar is 1).
+/// A value nested `levels` deep as `supervisor::data_path::metadata::depth` counts it (a scalar is 1).
 fn nested(levels: usize) -> Value {
     (1..levels).fold(Value::Int(1), |v, _| Value::map([("k", v)]))
 }
@@ -49,7 +49,8 @@ async fn envoy_accepts_metadata_nested_33_levels_and_fails_the_stream_at_34() {
         let dir = tempfile::tempdir().unwrap();
         let sock = dir.path().join("echo.sock");
         let listener = tokio::net::UnixListener::bind(&sock).unwrap();
-        let Some(Kind::StructValue(namespace)) = supervisor::metadata::to_pb(&nested(levels)).kind
+        let Some(Kind::StructValue(namespace)) =
+            supervisor::data_path::metadata::to_pb(&nested(levels)).kind
         else {
             panic!("a map")
         };
@@ -408,7 +409,7 @@ async fn accepted_ext_proc_tcp_connections_have_nodelay() {
     use tokio_stream::StreamExt as _;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let mut incoming = Box::pin(supervisor::nodelay_incoming(listener));
+    let mut incoming = Box::pin(supervisor::shell::listeners::nodelay_incoming(listener));
     let _client = tokio::net::TcpStream::connect(addr).await.unwrap();
     let accepted = incoming.next().await.unwrap().unwrap();
     assert!(accepted.nodelay().unwrap());

@@ -352,7 +352,7 @@ async fn handshakes_past_the_limit_wait_in_the_backlog_until_one_ends() {
     });
     let socket = front.runtime_dir.join("plugins/test-order.sock");
     let mut silent = Vec::new();
-    for _ in 0..supervisor::accept::MAX_HANDSHAKES {
+    for _ in 0..supervisor::plugin::accept::MAX_HANDSHAKES {
         silent.push(tokio::net::UnixStream::connect(&socket).await.unwrap());
     }
     let (mut reader, _writer) = say_hello(&socket).await;

@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use supervisor::control::{self, Request};
+use supervisor::shell::control::{self, Request};
 use tests::front::FrontProcess;
 
 async fn command(front: &FrontProcess, request: Request) {

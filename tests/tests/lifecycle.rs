@@ -171,9 +171,9 @@ async fn a_restart_mid_batch_hands_over_without_losing_a_stream() {
     let usage = setup.plugin_pid("usage").await;
     let socket = setup.front.control_socket();
     let lines = batch(&setup, "restart", STREAMS / 2, || async {
-        let answer = supervisor::control::request(
+        let answer = supervisor::shell::control::request(
             &socket,
-            &supervisor::control::Request::Restart {
+            &supervisor::shell::control::Request::Restart {
                 plugin: "usage".into(),
             },
         )

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
-use supervisor::supervise::PluginStatus;
+use supervisor::plugin::supervise::PluginStatus;
 use tests::bins;
 use tests::front::{metric, FrontProcess};
 

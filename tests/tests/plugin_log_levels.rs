@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use supervisor::control::{self, Request};
+use supervisor::shell::control::{self, Request};
 use tests::front::FrontProcess;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -4,8 +4,8 @@
 
 use std::time::{Duration, Instant};
 
-use supervisor::control::{self, Request};
-use supervisor::supervise::PluginStatus;
+use supervisor::plugin::supervise::PluginStatus;
+use supervisor::shell::control::{self, Request};
 use tests::front::FrontProcess;
 
 async fn status(front: &FrontProcess) -> Vec<PluginStatus> {

@@ -329,9 +329,9 @@ async fn a_broken_new_binary_leaves_the_old_front_serving() {
     // The socket paths a failed new front took are the old front's again: the control socket
     // answers, and a restarted plugin reconnects through its socket.
     let usage = stack.plugin_pid("usage").await;
-    let answer = supervisor::control::request(
+    let answer = supervisor::shell::control::request(
         &stack.front.control_socket(),
-        &supervisor::control::Request::Restart {
+        &supervisor::shell::control::Request::Restart {
             plugin: "usage".into(),
         },
     )

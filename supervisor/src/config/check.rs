@@ -51,11 +51,11 @@ pub(super) fn command(command: &Path, env: &BTreeMap<String, String>) -> Result<
         .map(OsString::from)
         .or_else(|| std::env::var_os("PATH"))
         .unwrap_or_default();
-    crate::spawn::resolve_command(command, &path_var).map_err(|problem| {
+    crate::plugin::spawn::resolve_command(command, &path_var).map_err(|problem| {
         let shown = command.display();
         let hint = if command
             .file_name()
-            .is_some_and(|f| f == crate::spawn::PLUGIN_HOST)
+            .is_some_and(|f| f == crate::plugin::spawn::PLUGIN_HOST)
         {
             "build it (`cargo build -p plugin-runner`), or remove `command` and plugvisor runs \
              its built-in plugins itself"

@@ -6,7 +6,10 @@ fn embedded_default_serves_usage_and_latency_on_loopback() {
     assert_eq!(c.listen, Listen::Tcp("127.0.0.1:9002".parse().unwrap()));
     let names: Vec<_> = c.plugins.iter().map(|p| p.name.as_str()).collect();
     assert_eq!(names, ["usage", "latency"]);
-    assert!(c.plugins.iter().all(|p| p.spawn && p.command.is_none()));
+    assert!(c
+        .plugins
+        .iter()
+        .all(|p| p.process.spawn && p.process.command.is_none()));
 }
 
 #[test]
@@ -30,8 +33,13 @@ attributes = [{ namespace = "envoy.lb", name = "cost", expression = "1" }]
     assert_eq!(c.plugins[0].dispatch, Dispatch::Inline);
     assert_eq!(c.plugins[1].name, "alpha");
     assert_eq!(c.plugins[1].final_timeout, Duration::from_millis(50));
-    assert_eq!(c.plugins[1].config.get("spin_us"), Some(&Value::Int(5)));
-    assert!(matches!(c.plugins[1].config.get("attributes"), Some(Value::List(l)) if l.len() == 1));
+    assert_eq!(
+        c.plugins[1].process.config.get("spin_us"),
+        Some(&Value::Int(5))
+    );
+    assert!(
+        matches!(c.plugins[1].process.config.get("attributes"), Some(Value::List(l)) if l.len() == 1)
+    );
 }
 
 #[test]
@@ -95,7 +103,7 @@ fn required_plugins_and_the_readiness_wait() {
 
 #[test]
 fn restart_policy_keys_and_their_defaults() {
-    use crate::restart::{Policy, RestartType};
+    use crate::plugin::restart::{Policy, RestartType};
     let c = Config::parse(
         "ping_interval_ms = 100\n[plugins.a]\nrestart = \"transient\"\nbackoff_min_ms = 10\nbackoff_max_ms = 500\n\
          max_restarts = 2\nrestart_period_ms = 1000\nstart_timeout_ms = 300\nhang_timeout_ms = 700\n\
@@ -141,7 +149,7 @@ fn cpu_scheduling_defaults_to_normal_and_names_its_choices() {
         "t",
     )
     .unwrap();
-    let got: Vec<_> = c.plugins.iter().map(|p| p.cpu_scheduling).collect();
+    let got: Vec<_> = c.plugins.iter().map(|p| p.process.cpu_scheduling).collect();
     assert_eq!(
         got,
         [
@@ -224,8 +232,8 @@ fn data_path_limits_are_checked_at_and_past_their_bounds() {
         assert!(err.contains("plugins.p") && err.contains(key), "{err}");
     }
     let p = &parse("[plugins.p]\n").unwrap().plugins[0];
-    assert_eq!(p.metadata_max_bytes, DEFAULT_PLUGIN_METADATA_BYTES);
-    assert_eq!(p.budget_bytes, DEFAULT_BUDGET_BYTES);
+    assert_eq!(p.process.metadata_max_bytes, DEFAULT_PLUGIN_METADATA_BYTES);
+    assert_eq!(p.process.budget_bytes, DEFAULT_BUDGET_BYTES);
 }
 
 #[test]

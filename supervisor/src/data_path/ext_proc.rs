@@ -6,7 +6,7 @@
 //! `end_of_stream`, the response trailers, or headers that end the stream) is the final RPC to
 //! every plugin, concurrently, each bounded by its `final_timeout`; the merged metadata goes to
 //! Envoy as `dynamic_metadata`, checked against Envoy's limits and the configured caps
-//! ([`crate::metadata`]).
+//! ([`crate::data_path::metadata`]).
 //!
 //! In `FULL_DUPLEX_STREAMED` the front carries the body, so the last chunk must not wait for the
 //! plugins either: its bytes are echoed at once (without `end_of_stream`), and the end of the body
@@ -20,7 +20,7 @@
 //! a warning and a count, never with an OK that would truncate the body. A stream that ends before
 //! its end of response sends `Abort`.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -39,15 +39,15 @@ use ipc_protocol::stamp::monotonic_now_ns;
 use ipc_protocol::{
     Abort, AbortCause, Chunk, Final, Header, RequestStart, ResponseHeaders, StreamId, ToPlugin,
 };
-use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request as GrpcRequest, Response as GrpcResponse, Status, Streaming};
 
-use crate::config::{BodyMode, Dispatch};
-use crate::link::PluginLink;
-use crate::metadata::{Excluded, Merge};
-use crate::metrics::{MessageLabel, Metrics};
-use crate::plugin_stream::PluginStream;
+use crate::config::{BodyMode, Config, Dispatch, Published};
+use crate::data_path::metadata::{Excluded, Merge};
+use crate::data_path::plugin_stream::PluginStream;
+use crate::observe::metrics::{MessageLabel, Metrics};
+use crate::plugin::link::PluginLink;
 
 /// How long an abort may wait for room in a full queue.
 const ABORT_PATIENCE: std::time::Duration = std::time::Duration::from_secs(2);
@@ -59,17 +59,22 @@ pub struct Front {
 }
 
 struct Inner {
-    /// The plugins new streams use; a reload replaces the list, running streams keep theirs.
-    links: std::sync::RwLock<Arc<Vec<Arc<PluginLink>>>>,
+    /// The plugins new streams use, in config order, as the registry publishes them; a reload
+    /// replaces the list, running streams keep theirs.
+    links: watch::Receiver<Links>,
+    /// The running configuration: each stream takes its limits from it when it starts.
+    config: Published,
     metrics: Arc<Metrics>,
     next_stream: AtomicU64,
-    limits: StreamLimits,
-    /// One permit per stream served with plugins (`max_streams`).
-    permits: Arc<Semaphore>,
+    /// Streams served with plugins right now (bounded by `max_streams`).
+    with_plugins: Arc<AtomicUsize>,
     stop: watch::Receiver<bool>,
 }
 
-/// What bounds each stream; from the top level of the config.
+/// The plugins' links in config order, as the registry publishes them to the data path.
+pub type Links = Arc<Vec<Arc<PluginLink>>>;
+
+/// What bounds one stream: the top level of the configuration when the stream started.
 #[derive(Debug, Clone)]
 pub struct StreamLimits {
     /// Body mode when Envoy's first message carries no `protocol_config`.
@@ -84,7 +89,7 @@ pub struct StreamLimits {
 
 impl StreamLimits {
     /// The limits a configuration sets.
-    pub fn from_config(config: &crate::Config) -> StreamLimits {
+    pub fn from_config(config: &Config) -> StreamLimits {
         StreamLimits {
             default_mode: config.default_response_body_mode,
             max_streams: config.max_streams,
@@ -94,33 +99,47 @@ impl StreamLimits {
     }
 }
 
-impl Front {
-    /// A service over `links` (in config order). Streams still open when `stop` turns true send
-    /// `Abort { cause: Shutdown }` and end.
-    pub fn new(
-        links: Vec<Arc<PluginLink>>,
-        metrics: Arc<Metrics>,
-        limits: StreamLimits,
-        stop: watch::Receiver<bool>,
-    ) -> Front {
-        Front {
-            inner: Arc::new(Inner {
-                links: std::sync::RwLock::new(Arc::new(links)),
-                metrics,
-                next_stream: AtomicU64::new(1),
-                permits: Arc::new(Semaphore::new(limits.max_streams)),
-                limits,
-                stop,
-            }),
-        }
+/// A stream's place among the `max_streams` served with plugins, given back when it ends.
+struct Slot(Arc<AtomicUsize>);
+
+impl Slot {
+    /// A place if fewer than `max` streams hold one.
+    fn take(active: &Arc<AtomicUsize>, max: usize) -> Option<Slot> {
+        active
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| Slot(active.clone()))
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
 impl Front {
-    /// Replaces the plugins (in config order) that streams starting from now on use; streams
-    /// already running keep the list they started with.
-    pub fn set_links(&self, links: Vec<Arc<PluginLink>>) {
-        *self.inner.links.write().expect("links lock") = Arc::new(links);
+    /// A service over the plugins `links` publishes (in config order), bounded by the
+    /// published `config` as it stands when each stream starts. Streams still open when `stop`
+    /// turns true send `Abort { cause: Shutdown }` and end.
+    pub fn new(
+        links: watch::Receiver<Links>,
+        config: Published,
+        metrics: Arc<Metrics>,
+        stop: watch::Receiver<bool>,
+    ) -> Front {
+        Front {
+            inner: Arc::new(Inner {
+                links,
+                config,
+                metrics,
+                next_stream: AtomicU64::new(1),
+                with_plugins: Arc::new(AtomicUsize::new(0)),
+                stop,
+            }),
+        }
     }
 }
 
@@ -136,14 +155,15 @@ impl ExternalProcessor for Front {
         // Two replies per message at most (the last chunk's echo, then the end with metadata).
         let (tx, rx) = mpsc::channel(2);
         let id = self.inner.next_stream.fetch_add(1, Ordering::Relaxed);
-        let links = self.inner.links.read().expect("links lock").clone();
-        let (links, permit, shed) = match self.inner.permits.clone().try_acquire_owned() {
-            Ok(permit) => (links, Some(permit), Vec::new()),
-            Err(_) => {
+        let links = self.inner.links.borrow().clone();
+        let limits = StreamLimits::from_config(&self.inner.config.current());
+        let (links, slot, shed) = match Slot::take(&self.inner.with_plugins, limits.max_streams) {
+            Some(slot) => (links, Some(slot), Vec::new()),
+            None => {
                 self.inner.metrics.streams_shed.inc();
                 tracing::debug!(
                     stream = id,
-                    max_streams = self.inner.limits.max_streams,
+                    max_streams = limits.max_streams,
                     "stream limit reached; echoing without plugins"
                 );
                 let names = links.iter().map(|l| l.name().to_owned()).collect();
@@ -158,7 +178,8 @@ impl ExternalProcessor for Front {
                 .map(|l| PluginStream::new(l.clone(), id))
                 .collect(),
             shed,
-            _permit: permit,
+            limits,
+            _slot: slot,
             modes: None,
             ended: false,
         };
@@ -181,8 +202,10 @@ struct StreamTask {
     plugins: Vec<PluginStream>,
     /// The plugins this stream was not given because `max_streams` were active (else empty).
     shed: Vec<String>,
+    /// The limits of the configuration the stream started under.
+    limits: StreamLimits,
     /// Held while the stream runs with plugins.
-    _permit: Option<OwnedSemaphorePermit>,
+    _slot: Option<Slot>,
     modes: Option<Modes>,
     /// The final RPC ran (or an abort was sent): no more events for the plugins.
     ended: bool,
@@ -263,7 +286,7 @@ impl StreamTask {
             metrics: metrics.clone(),
         };
         let mut stop = self.inner.stop.clone();
-        let idle_timeout = self.inner.limits.idle_timeout;
+        let idle_timeout = self.limits.idle_timeout;
         let ending = loop {
             let idle = async {
                 match idle_timeout {
@@ -278,7 +301,7 @@ impl StreamTask {
             };
             let Some(next) = next else {
                 let limit = idle_timeout.unwrap_or_default();
-                if let Some(held) = crate::logging::limited::allow("idle stream") {
+                if let Some(held) = crate::observe::logging::limited::allow("idle stream") {
                     tracing::warn!(
                         stream = self.id,
                         idle_ms = limit.as_millis() as u64,
@@ -307,7 +330,7 @@ impl StreamTask {
                 Err(status) => {
                     if let Some(size) = too_large(&status) {
                         // Carrying on would lose this body: fail the stream where Envoy sees it.
-                        let held = crate::logging::limited::allow("message too large");
+                        let held = crate::observe::logging::limited::allow("message too large");
                         if let Some(held) = held {
                             tracing::warn!(
                             stream = self.id,
@@ -380,7 +403,7 @@ impl StreamTask {
             },
             None => Modes {
                 request_body: BodySendMode::None,
-                response_body: match self.inner.limits.default_mode {
+                response_body: match self.limits.default_mode {
                     BodyMode::Streamed => BodySendMode::Streamed,
                     BodyMode::FullDuplexStreamed => BodySendMode::FullDuplexStreamed,
                 },
@@ -587,7 +610,7 @@ impl StreamTask {
         for (link, conn, seq, deadline, rx) in waits {
             if tokio::time::timeout_at(deadline, rx).await.is_err() {
                 link.forget_ack(&conn, self.id, seq);
-                if let Some(held) = crate::logging::limited::allow("inline ack late") {
+                if let Some(held) = crate::observe::logging::limited::allow("inline ack late") {
                     tracing::warn!(plugin = %link.name(), stream = self.id, seq, held_back = held, "inline chunk not acknowledged in time");
                 }
             }
@@ -609,7 +632,7 @@ impl StreamTask {
         let mut calls = Vec::with_capacity(self.plugins.len());
         for ps in std::mem::take(&mut self.plugins) {
             let name = ps.link().name().to_owned();
-            let cap = ps.link().config().metadata_max_bytes;
+            let cap = ps.link().config().process.metadata_max_bytes;
             let payload = if ps.subscriptions().body_bytes {
                 bytes.clone()
             } else {
@@ -629,7 +652,7 @@ impl StreamTask {
             };
             calls.push((name, cap, tokio::spawn(ps.finish(make, arrival))));
         }
-        let mut merge = Merge::new(self.inner.limits.stream_metadata_max_bytes);
+        let mut merge = Merge::new(self.limits.stream_metadata_max_bytes);
         for name in &self.shed {
             merge.missing(name, Excluded::Shed);
         }
@@ -647,8 +670,10 @@ impl StreamTask {
             match outcome.result {
                 Ok(metadata) => {
                     if let Err(why) = merge.add(&name, metadata, cap) {
-                        if let Some(held) = crate::logging::limited::allow("metadata left out") {
-                            tracing::warn!(plugin = %name, stream = id, reason = why.as_str(), metadata_max_bytes = cap, stream_metadata_max_bytes = self.inner.limits.stream_metadata_max_bytes, held_back = held, "plugin metadata left out of the stream's dynamic_metadata");
+                        if let Some(held) =
+                            crate::observe::logging::limited::allow("metadata left out")
+                        {
+                            tracing::warn!(plugin = %name, stream = id, reason = why.as_str(), metadata_max_bytes = cap, stream_metadata_max_bytes = self.limits.stream_metadata_max_bytes, held_back = held, "plugin metadata left out of the stream's dynamic_metadata");
                         }
                         self.inner
                             .metrics

@@ -67,13 +67,13 @@ impl Excluded {
     }
 }
 
-impl From<crate::link::Missing> for Excluded {
-    fn from(m: crate::link::Missing) -> Excluded {
+impl From<crate::plugin::link::Missing> for Excluded {
+    fn from(m: crate::plugin::link::Missing) -> Excluded {
         match m {
-            crate::link::Missing::Down => Excluded::Down,
-            crate::link::Missing::Timeout => Excluded::Timeout,
-            crate::link::Missing::Failed => Excluded::Failed,
-            crate::link::Missing::Stuck => Excluded::Stuck,
+            crate::plugin::link::Missing::Down => Excluded::Down,
+            crate::plugin::link::Missing::Timeout => Excluded::Timeout,
+            crate::plugin::link::Missing::Failed => Excluded::Failed,
+            crate::plugin::link::Missing::Stuck => Excluded::Stuck,
         }
     }
 }

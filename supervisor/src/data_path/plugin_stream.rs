@@ -17,7 +17,7 @@ use std::time::Instant;
 
 use ipc_protocol::{Metadata, Subscriptions, ToPlugin};
 
-use crate::link::{queued_size, Conn, Missing, PluginLink};
+use crate::plugin::link::{queued_size, Conn, Missing, PluginLink};
 
 /// A journaled event.
 struct Entry {
@@ -300,7 +300,7 @@ mod tests {
 
     use super::*;
     use crate::config::Config;
-    use crate::metrics::Metrics;
+    use crate::observe::metrics::Metrics;
 
     fn chunk(seq: u32) -> ToPlugin {
         ToPlugin::Chunk(Chunk {

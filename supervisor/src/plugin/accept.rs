@@ -26,8 +26,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
 
 use crate::config::PluginConfig;
-use crate::link::PluginLink;
-use crate::metrics::Metrics;
+use crate::observe::metrics::Metrics;
+use crate::plugin::link::PluginLink;
 
 /// How long a connected peer has to send its `Hello`.
 pub const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
@@ -49,7 +49,10 @@ pub const REPLY_FRAME_MARGIN: usize = 64 * 1024;
 /// The largest frame a welcomed plugin may send: its largest useful answer (a final reply with
 /// `metadata_max_bytes` of metadata) plus [`REPLY_FRAME_MARGIN`].
 pub fn live_max_frame(plugin: &PluginConfig) -> usize {
-    plugin.metadata_max_bytes.saturating_add(REPLY_FRAME_MARGIN)
+    plugin
+        .process
+        .metadata_max_bytes
+        .saturating_add(REPLY_FRAME_MARGIN)
 }
 
 /// Creates `dir` (mode 0750) if needed.
@@ -71,7 +74,7 @@ pub fn bind_plugin_socket(path: &Path, group: Option<&str>) -> Result<UnixListen
                 .gid,
         ),
     };
-    crate::instance::prepare_socket_path(path).map_err(|e| e.to_string())?;
+    crate::shell::instance::prepare_socket_path(path).map_err(|e| e.to_string())?;
     let listener =
         UnixListener::bind(path).map_err(|e| format!("cannot bind {}: {e}", path.display()))?;
     let mode = if group.is_some() { 0o660 } else { 0o600 };
@@ -202,7 +205,7 @@ async fn discard_until_closed(
 /// The checks that need nothing but the peer's credentials.
 fn check_peer(link: &PluginLink, uid: u32, pid: Option<i32>) -> Result<(), Refuse> {
     let own_uid = nix::unistd::getuid().as_raw();
-    if uid != own_uid && Some(uid) != link.config().uid {
+    if uid != own_uid && Some(uid) != link.config().process.uid {
         return Err(Refuse {
             code: RefuseCode::NotAllowed,
             reason: format!(
@@ -250,10 +253,10 @@ fn check_hello(link: &PluginLink, hello: &Hello) -> Result<ipc_protocol::Welcome
     }
     answer_hello(
         hello,
-        link.config().config.clone(),
+        link.config().process.config.clone(),
         ipc_protocol::Limits {
-            budget_bytes: link.config().budget_bytes as u64,
-            metadata_max_bytes: link.config().metadata_max_bytes as u64,
+            budget_bytes: link.config().process.budget_bytes as u64,
+            metadata_max_bytes: link.config().process.metadata_max_bytes as u64,
         },
     )
 }

@@ -30,7 +30,7 @@ use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::config::PluginConfig;
-use crate::metrics::{Metrics, PluginLabel};
+use crate::observe::metrics::{Metrics, PluginLabel};
 
 /// Why a plugin contributed nothing to a stream's final metadata.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -288,7 +288,9 @@ impl PluginLink {
             return None;
         }
         let generation = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
-        let (tx, rx) = mpsc::channel(self.config().queue_events);
+        // Sized for the largest `queue_events` accepted; the configured bound is checked at each
+        // enqueue, so a reload's new bound applies to the open connection at once.
+        let (tx, rx) = mpsc::channel(crate::config::MAX_QUEUE_EVENTS);
         let (priority, priority_rx) = mpsc::channel(PRIORITY_SLOTS);
         let (replay, replay_rx) = mpsc::unbounded_channel();
         let conn = Arc::new(Conn {
@@ -502,7 +504,7 @@ impl PluginLink {
     ) {
         let mut closed = conn.closed.subscribe();
         let mut credit = conn.consumed.subscribe();
-        let budget = self.config().budget_bytes as u64;
+        let budget = self.config().process.budget_bytes as u64;
         let depth = self.metrics.queue_depth.get_or_create(&self.label).clone();
         let bytes_gauge = self.metrics.queue_bytes.get_or_create(&self.label).clone();
         let inflight = self
@@ -684,9 +686,13 @@ impl PluginLink {
     }
 
     fn enqueue(&self, conn: &Conn, msg: ToPlugin) -> Result<(), Dropped> {
+        let config = self.config();
+        if conn.tx.max_capacity() - conn.tx.capacity() >= config.queue_events {
+            return Err(Dropped::QueueFull);
+        }
         let bytes = queued_size(&msg);
         let before = conn.queued_bytes.fetch_add(bytes, Ordering::Relaxed);
-        if before > 0 && before + bytes > self.config().queue_bytes {
+        if before > 0 && before + bytes > config.queue_bytes {
             conn.queued_bytes.fetch_sub(bytes, Ordering::Relaxed);
             return Err(Dropped::QueueFull);
         }
@@ -932,7 +938,7 @@ impl PluginLink {
         match tokio::time::timeout_at(deadline, rx).await {
             Ok(Ok(FinalOutcome::Metadata(md))) => Ok(md),
             Ok(Ok(FinalOutcome::Error(e))) => {
-                if let Some(held) = crate::logging::limited::allow("final failed") {
+                if let Some(held) = crate::observe::logging::limited::allow("final failed") {
                     tracing::warn!(plugin = %self.name, call_id, error = %e, held_back = held, "plugin failed the final call");
                 }
                 Err(Missing::Failed)
@@ -940,7 +946,7 @@ impl PluginLink {
             Ok(Err(_)) => Err(Missing::Down),
             Err(_) => {
                 forget();
-                if let Some(held) = crate::logging::limited::allow("final timeout") {
+                if let Some(held) = crate::observe::logging::limited::allow("final timeout") {
                     tracing::warn!(plugin = %self.name, call_id, held_back = held, "final call timed out");
                 }
                 Err(Missing::Timeout)

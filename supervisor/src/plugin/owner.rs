@@ -29,19 +29,20 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
-use crate::config::{Config, PluginConfig};
-use crate::link::PluginLink;
-use crate::metrics::Metrics;
-use crate::restart::State;
-use crate::spawn::Spawner;
-use crate::supervise::{self, Command, PluginStatus, Process, Shared};
+use crate::config::{Config, PluginConfig, Published};
+use crate::observe::metrics::Metrics;
+use crate::plugin::link::PluginLink;
+use crate::plugin::restart::State;
+use crate::plugin::spawn::Spawner;
+use crate::plugin::supervise::{self, Command, PluginStatus, Process, Shared};
 
 /// A message to the owner task.
 enum Message {
     /// An operator's `start`/`stop`/`restart`.
     Command(Command, oneshot::Sender<Result<String, String>>),
-    /// A reload's new table for the plugin (same `spawn` and `group`).
-    Reconfigure(Box<PluginConfig>, oneshot::Sender<String>),
+    /// A reload published a new configuration: apply the plugin's table (same `spawn` and
+    /// `group`) and the top-level keys the owner reads.
+    Reconfigure(oneshot::Sender<String>),
 }
 
 /// What a stopping owner does with its socket's path.
@@ -70,7 +71,8 @@ impl Bound {
         metrics: &Arc<Metrics>,
     ) -> Result<Bound, String> {
         let socket = config.plugin_socket(&plugin.name);
-        let listener = crate::accept::bind_plugin_socket(&socket, plugin.group.as_deref())?;
+        let listener =
+            crate::plugin::accept::bind_plugin_socket(&socket, plugin.process.group.as_deref())?;
         Ok(Bound {
             link: Arc::new(PluginLink::new(plugin.clone(), metrics.clone())),
             socket,
@@ -85,31 +87,33 @@ impl Bound {
     }
 
     /// Starts the owner task: it accepts connections, pings, and (for `spawn = true`) starts the
-    /// plugin's process at once. `config` gives the ping interval and the stop grace.
-    pub fn start(self, config: &Config, spawner: &Spawner) -> PluginOwner {
+    /// plugin's process at once. It reads the ping interval and the stop grace from `config`
+    /// whenever it needs them.
+    pub fn start(self, config: &Published, spawner: &Spawner) -> PluginOwner {
         let Bound {
             link,
             socket,
             listener,
             metrics,
         } = self;
-        let stop_grace = config.shutdown_grace;
-        let process = link.config().spawn.then(|| {
+        let stop_grace = config.current().shutdown_grace;
+        let process = link.config().process.spawn.then(|| {
             Process::new(
                 link.clone(),
                 socket.clone(),
                 spawner.clone(),
                 metrics.clone(),
-                stop_grace,
+                config.clone(),
             )
         });
         let shared = process.as_ref().map(Process::shared);
         let (mailbox, rx) = mpsc::channel(16);
         let (stop, stop_rx) = oneshot::channel();
         // A step of the loop may take up to two stop grace periods (stopping a process).
-        let (probe, answerer) = crate::systemd::probe(format!("owner of plugin {}", link.name()));
+        let (probe, answerer) =
+            crate::observe::probe::probe(format!("owner of plugin {}", link.name()));
         let probe = probe.with_tolerance(stop_grace * 2 + Duration::from_secs(5));
-        let accept = tokio::spawn(crate::accept::accept_loop(
+        let accept = tokio::spawn(crate::plugin::accept::accept_loop(
             listener,
             link.clone(),
             metrics.clone(),
@@ -120,7 +124,7 @@ impl Bound {
                 socket,
                 process,
                 accept: Some(accept),
-                ping_interval: config.ping_interval,
+                config: config.clone(),
             }
             .run(rx, stop_rx, answerer),
         );
@@ -146,7 +150,7 @@ pub struct PluginOwner {
     stop: Mutex<Option<oneshot::Sender<(Duration, SocketFile)>>>,
     task: Mutex<Option<JoinHandle<()>>>,
     /// Answered by the task's loop; the systemd watchdog pings only while it is.
-    probe: crate::systemd::Probe,
+    probe: crate::observe::probe::Probe,
 }
 
 impl PluginOwner {
@@ -166,7 +170,7 @@ impl PluginOwner {
     }
 
     /// The liveness probe the owner task's loop answers.
-    pub fn probe(&self) -> crate::systemd::Probe {
+    pub fn probe(&self) -> crate::observe::probe::Probe {
         self.probe.clone()
     }
 
@@ -194,16 +198,11 @@ impl PluginOwner {
         rx.await.map_err(|_| gone())?
     }
 
-    /// Gives the plugin a reload's new table (same `spawn` and `group`); returns what the owner
-    /// did: nothing, an update in place, or a restart by handover.
-    pub async fn reconfigure(&self, plugin: PluginConfig) -> String {
+    /// Tells the owner a reload published a new configuration; returns what it did with its
+    /// table: nothing, an update in place, or a restart by handover.
+    pub async fn reconfigure(&self) -> String {
         let (tx, rx) = oneshot::channel();
-        if self
-            .mailbox
-            .send(Message::Reconfigure(Box::new(plugin), tx))
-            .await
-            .is_err()
-        {
+        if self.mailbox.send(Message::Reconfigure(tx)).await.is_err() {
             return "its owner has stopped".into();
         }
         rx.await.unwrap_or_else(|_| "its owner has stopped".into())
@@ -244,7 +243,8 @@ struct Owner {
     socket: PathBuf,
     process: Option<Process>,
     accept: Option<JoinHandle<()>>,
-    ping_interval: Duration,
+    /// The running configuration: the plugin's table, the ping interval.
+    config: Published,
 }
 
 impl Drop for Owner {
@@ -260,10 +260,10 @@ impl Owner {
         mut self,
         mut mailbox: mpsc::Receiver<Message>,
         mut stop: oneshot::Receiver<(Duration, SocketFile)>,
-        mut probes: crate::systemd::ProbeAnswerer,
+        mut probes: crate::observe::probe::ProbeAnswerer,
     ) {
         let mut nonce = 0u64;
-        let mut ping_tick = interval(self.ping_interval);
+        let mut ping_tick = interval(self.config.current().ping_interval);
         let mut hang_tick = interval(hang_check(&self.link));
         if let Some(process) = &mut self.process {
             process.start().await;
@@ -282,8 +282,9 @@ impl Owner {
                         let answer = self.on_command(command).await;
                         let _ = reply.send(answer);
                     }
-                    Message::Reconfigure(plugin, reply) => {
-                        let done = self.reconfigure(*plugin).await;
+                    Message::Reconfigure(reply) => {
+                        let done = self.reconfigure().await;
+                        ping_tick = interval(self.config.current().ping_interval);
                         hang_tick = interval(hang_check(&self.link));
                         let _ = reply.send(done);
                     }
@@ -326,14 +327,22 @@ impl Owner {
 
     /// Applies a reload's table: in place when only front-side keys changed, else a restart
     /// by handover.
-    async fn reconfigure(&mut self, plugin: PluginConfig) -> String {
-        let name = plugin.name.clone();
+    async fn reconfigure(&mut self) -> String {
+        let name = self.link.name().to_owned();
+        let Some(plugin) = self.config.plugin(&name) else {
+            // Removed: the reload stops this owner.
+            return format!("{name}: no longer configured");
+        };
         let before = self.link.config();
         if *before == plugin {
             return format!("{name}: unchanged");
         }
         let same_process = before.same_process(&plugin);
         let drain_grace = plugin.drain_grace;
+        if let Some(process) = &mut self.process {
+            // The restart policy applies at once, to the next exit.
+            process.set_policy(plugin.restart.clone());
+        }
         self.link.set_config(plugin);
         if same_process {
             tracing::info!(plugin = %name, "reload: updated in place; its process keeps running");
@@ -373,7 +382,7 @@ impl Owner {
             .close_all("plugin stopped by the front", Duration::from_secs(2))
             .await;
         if socket == SocketFile::Remove {
-            crate::instance::remove_socket(&self.socket);
+            crate::shell::instance::remove_socket(&self.socket);
         }
         tracing::info!(plugin = %name, "plugin stopped; its socket is closed");
     }

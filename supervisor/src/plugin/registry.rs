@@ -11,23 +11,27 @@
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
-use crate::config::{Config, PluginConfig};
-use crate::ext_proc::Front;
-use crate::link::PluginLink;
-use crate::metrics::Metrics;
-use crate::owner::{Bound, PluginOwner};
-use crate::restart::RestartType;
-use crate::spawn::Spawner;
-use crate::supervise::{Command, PluginStatus};
+use tokio::sync::watch;
+
+use crate::config::{PluginConfig, Published};
+use crate::observe::metrics::Metrics;
+use crate::plugin::link::PluginLink;
+use crate::plugin::owner::{Bound, PluginOwner};
+use crate::plugin::restart::RestartType;
+use crate::plugin::spawn::Spawner;
+use crate::plugin::supervise::{Command, PluginStatus};
 
 /// How often [`retry_loop`] looks for an unstarted plugin whose retry is due.
 const RETRY_CHECK: Duration = Duration::from_millis(100);
 
-/// A configured plugin that could not be started: no socket, no link, no process.
+/// A configured plugin that could not be started: no socket, no link, no process. Its table is
+/// the one in the published configuration.
 #[derive(Debug, Clone)]
 pub struct Unstarted {
-    /// Its table.
-    pub plugin: PluginConfig,
+    /// Its name.
+    pub name: String,
+    /// Whether it is spawned (for `status`).
+    spawn: bool,
     /// Why it could not be started (the last attempt).
     pub reason: String,
     /// Attempts so far.
@@ -39,30 +43,32 @@ pub struct Unstarted {
 
 impl Unstarted {
     /// A plugin whose first start failed for `reason`.
-    pub fn new(plugin: PluginConfig, reason: String) -> Unstarted {
+    pub fn new(plugin: &PluginConfig, reason: String) -> Unstarted {
         let mut u = Unstarted {
-            plugin,
+            name: plugin.name.clone(),
+            spawn: plugin.process.spawn,
             reason,
             attempts: 0,
             next_try: None,
         };
-        u.failed_again(None);
+        u.failed_again(plugin, None);
         u
     }
 
     /// The plugin's name.
     pub fn name(&self) -> &str {
-        &self.plugin.name
+        &self.name
     }
 
     /// Records another failed attempt and schedules the next one by the restart policy's
-    /// backoff.
-    fn failed_again(&mut self, reason: Option<String>) {
+    /// backoff (`plugin` is its table as published now).
+    fn failed_again(&mut self, plugin: &PluginConfig, reason: Option<String>) {
         if let Some(reason) = reason {
             self.reason = reason;
         }
+        self.spawn = plugin.process.spawn;
         self.attempts += 1;
-        let policy = &self.plugin.restart;
+        let policy = &plugin.restart;
         self.next_try = (policy.restart != RestartType::Temporary).then(|| {
             let doubled = policy
                 .backoff_min
@@ -75,9 +81,9 @@ impl Unstarted {
     /// is tried again.
     pub fn status(&self) -> PluginStatus {
         PluginStatus {
-            name: self.plugin.name.clone(),
+            name: self.name.clone(),
             state: "failed".into(),
-            spawned: self.plugin.spawn,
+            spawned: self.spawn,
             connected: false,
             pid: None,
             uptime_secs: None,
@@ -95,14 +101,14 @@ impl Unstarted {
 
 /// What starting a plugin needs besides its table.
 pub struct Launcher {
-    /// The running configuration (socket paths, ping interval, stop grace).
-    pub config: RwLock<Config>,
+    /// The running configuration (tables, socket paths, ping interval, stop grace).
+    pub config: Published,
     /// Forks plugin processes.
     pub spawner: Spawner,
     /// The metrics registry.
     pub metrics: Arc<Metrics>,
-    /// The ext_proc service, told the plugin list whenever it changes.
-    pub front: Front,
+    /// The links in config order, published to the data path whenever the set changes.
+    pub links: watch::Sender<crate::data_path::ext_proc::Links>,
 }
 
 /// The configured plugins, in config order.
@@ -160,7 +166,7 @@ impl Plugins {
     /// Replaces the whole set (a reload), and tells the data path.
     pub fn replace(&self, entries: Vec<Arc<PluginOwner>>, unstarted: Vec<Unstarted>) {
         let links: Vec<Arc<PluginLink>> = entries.iter().map(|e| e.link().clone()).collect();
-        self.launcher.front.set_links(links);
+        self.launcher.links.send_replace(Arc::new(links));
         *self.entries.write().expect("plugins lock") = entries;
         *self.unstarted.write().expect("plugins lock") = unstarted;
     }
@@ -176,9 +182,9 @@ impl Plugins {
         if self.frozen.load(std::sync::atomic::Ordering::Acquire) {
             return Err("this front handed its sockets to a new front (upgrade)".into());
         }
-        let config = self.launcher.config.read().expect("config lock").clone();
-        let owner = Bound::bind(&config, plugin, &self.launcher.metrics)?
-            .start(&config, &self.launcher.spawner);
+        let config = &self.launcher.config;
+        let owner = Bound::bind(&config.current(), plugin, &self.launcher.metrics)?
+            .start(config, &self.launcher.spawner);
         Ok(Arc::new(owner))
     }
 
@@ -191,10 +197,12 @@ impl Plugins {
             .filter(|e| e.link().config().required && !e.link().is_connected())
             .map(|e| e.name().to_owned())
             .collect();
+        let config = self.launcher.config.current();
+        let required = |name: &str| config.plugins.iter().any(|p| p.name == name && p.required);
         down.extend(
             self.unstarted()
                 .iter()
-                .filter(|u| u.plugin.required)
+                .filter(|u| required(u.name()))
                 .map(|u| u.name().to_owned()),
         );
         down.sort_by_key(|name| self.position(name));
@@ -211,8 +219,9 @@ impl Plugins {
 
     /// `name`'s position in the running configuration.
     fn position(&self, name: &str) -> usize {
-        let config = self.launcher.config.read().expect("config lock");
-        config
+        self.launcher
+            .config
+            .current()
             .plugins
             .iter()
             .position(|p| p.name == name)
@@ -263,11 +272,15 @@ impl Plugins {
     /// on success it joins the running plugins; on failure its reason and next retry are
     /// updated. `None` when it is no longer unstarted.
     fn try_start(&self, name: &str) -> Option<Result<(), String>> {
-        let plugin = self
-            .unstarted()
-            .into_iter()
-            .find(|u| u.name() == name)?
-            .plugin;
+        self.unstarted().iter().find(|u| u.name() == name)?;
+        let Some(plugin) = self.launcher.config.plugin(name) else {
+            // Removed from the configuration meanwhile: nothing left to start.
+            self.unstarted
+                .write()
+                .expect("plugins lock")
+                .retain(|u| u.name() != name);
+            return None;
+        };
         match self.launch(&plugin) {
             Ok(owner) => {
                 tracing::info!(plugin = %name, "plugin that could not be started earlier is now started");
@@ -285,7 +298,7 @@ impl Plugins {
             Err(reason) => {
                 let mut unstarted = self.unstarted.write().expect("plugins lock");
                 let u = unstarted.iter_mut().find(|u| u.name() == name)?;
-                u.failed_again(Some(reason.clone()));
+                u.failed_again(&plugin, Some(reason.clone()));
                 tracing::warn!(plugin = %name, %reason, attempts = u.attempts, retry_in = ?u.next_try.map(|t| t.saturating_duration_since(Instant::now())), "plugin still cannot be started");
                 Some(Err(reason))
             }
@@ -327,13 +340,16 @@ mod tests {
     use super::*;
 
     fn plugin(text: &str) -> PluginConfig {
-        Config::parse(text, "test").unwrap().plugins.remove(0)
+        crate::config::Config::parse(text, "test")
+            .unwrap()
+            .plugins
+            .remove(0)
     }
 
     #[test]
     fn an_unstarted_plugin_shows_as_failed_with_its_reason_and_next_try() {
         let u = Unstarted::new(
-            plugin("[plugins.x]\nbackoff_min_ms = 1000\n"),
+            &plugin("[plugins.x]\nbackoff_min_ms = 1000\n"),
             "group `g` does not exist".into(),
         );
         let s = u.status();
@@ -350,22 +366,23 @@ mod tests {
 
     #[test]
     fn retries_back_off_by_the_policy_up_to_its_cap_and_never_for_temporary() {
-        let mut u = Unstarted::new(
-            plugin("[plugins.x]\nbackoff_min_ms = 100\nbackoff_max_ms = 350\n"),
-            "r".into(),
-        );
+        let table = plugin("[plugins.x]\nbackoff_min_ms = 100\nbackoff_max_ms = 350\n");
+        let mut u = Unstarted::new(&table, "r".into());
         let mut delays = Vec::new();
         for _ in 0..4 {
             let next = u.next_try.unwrap();
             delays.push(next.saturating_duration_since(Instant::now()).as_millis() as u64);
-            u.failed_again(None);
+            u.failed_again(&table, None);
         }
         // 100, 200, then the 350 cap (read back a moment later, so slightly under).
         assert!(delays[0] <= 100 && delays[0] > 50, "{delays:?}");
         assert!(delays[1] <= 200 && delays[1] > 150, "{delays:?}");
         assert!(delays[2] <= 350 && delays[2] > 300, "{delays:?}");
         assert!(delays[3] <= 350 && delays[3] > 300, "{delays:?}");
-        let t = Unstarted::new(plugin("[plugins.x]\nrestart = \"temporary\"\n"), "r".into());
+        let t = Unstarted::new(
+            &plugin("[plugins.x]\nrestart = \"temporary\"\n"),
+            "r".into(),
+        );
         assert_eq!(t.next_try, None);
         assert_eq!(t.status().retry_in_ms, None);
     }

@@ -57,6 +57,7 @@ pub struct SpawnError {
 /// The program that runs `plugin`: its `command`, else this executable (see [`SELF_EXE`]).
 pub fn plugin_command(plugin: &PluginConfig) -> PathBuf {
     plugin
+        .process
         .command
         .clone()
         .unwrap_or_else(|| PathBuf::from(SELF_EXE))
@@ -65,14 +66,14 @@ pub fn plugin_command(plugin: &PluginConfig) -> PathBuf {
 /// The arguments: `args`, else `<name> --connect <socket>`; without a `command`, preceded by
 /// [`PLUGIN_SUBCOMMAND`], since the program is then `plugvisor` itself.
 pub fn plugin_args(plugin: &PluginConfig, socket: &Path) -> Vec<String> {
-    let own = plugin.args.clone().unwrap_or_else(|| {
+    let own = plugin.process.args.clone().unwrap_or_else(|| {
         vec![
             plugin.name.clone(),
             "--connect".to_owned(),
             socket.display().to_string(),
         ]
     });
-    match plugin.command {
+    match plugin.process.command {
         Some(_) => own,
         None => std::iter::once(PLUGIN_SUBCOMMAND.to_owned())
             .chain(own)
@@ -84,8 +85,9 @@ pub fn plugin_args(plugin: &PluginConfig, socket: &Path) -> Vec<String> {
 /// it resolves to an executable file (or is not set: the front runs the built-ins itself).
 /// The front says it once at start, so the reason is not lost among the restarts that follow.
 pub fn command_problem(plugin: &PluginConfig) -> Option<String> {
-    let command = plugin.command.as_ref()?;
+    let command = plugin.process.command.as_ref()?;
     let path_var = plugin
+        .process
         .env
         .get("PATH")
         .map(std::ffi::OsString::from)
@@ -183,13 +185,13 @@ impl Spawner {
             // The plugin host then writes compact stderr lines that `forward` reads back into
             // records of their own level; a plugin's own `env` may still turn it off.
             .env(plugin_runner::logging::SUPERVISED_ENV, "1")
-            .envs(&plugin.env)
+            .envs(&plugin.process.env)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .process_group(0)
             .kill_on_drop(true);
-        set_parent_death_signal_and_policy(&mut cmd, plugin.cpu_scheduling);
+        set_parent_death_signal_and_policy(&mut cmd, plugin.process.cpu_scheduling);
         let (tx, rx) = oneshot::channel();
         self.requests
             .send((cmd, tx))

@@ -1,5 +1,5 @@
 //! A spawned plugin's process part: spawning, watching and stopping its process, driven by the
-//! pure restart policy in [`crate::restart`].
+//! pure restart policy in [`crate::plugin::restart`].
 //!
 //! [`Process`] belongs to the plugin's owner task ([`crate::plugin::owner`]), which hands it
 //! what it sees: the process exited and how, the handshake completed, the start deadline or the
@@ -22,10 +22,11 @@ use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
 use tokio::process::Child;
 
-use crate::link::PluginLink;
-use crate::metrics::Metrics;
-use crate::restart::{Action, Event, Exit, Restarter, State};
-use crate::spawn::Spawner;
+use crate::config::Published;
+use crate::observe::metrics::Metrics;
+use crate::plugin::link::PluginLink;
+use crate::plugin::restart::{Action, Event, Exit, Restarter, State};
+use crate::plugin::spawn::Spawner;
 
 /// What `plugvisor status` shows for one plugin.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -187,7 +188,8 @@ pub(crate) struct Process {
     socket: PathBuf,
     spawner: Spawner,
     metrics: Arc<Metrics>,
-    stop_grace: Duration,
+    /// The running configuration (the stop grace).
+    config: Published,
     restarter: Restarter,
     shared: Arc<Mutex<Shared>>,
     connected: tokio::sync::watch::Receiver<bool>,
@@ -204,7 +206,7 @@ impl Process {
         socket: PathBuf,
         spawner: Spawner,
         metrics: Arc<Metrics>,
-        stop_grace: Duration,
+        config: Published,
     ) -> Process {
         Process {
             restarter: Restarter::new(link.config().restart.clone()),
@@ -213,7 +215,7 @@ impl Process {
             socket,
             spawner,
             metrics,
-            stop_grace,
+            config,
             shared: Arc::new(Mutex::new(Shared::default())),
             child: None,
             start_deadline: None,
@@ -225,6 +227,16 @@ impl Process {
     /// What the status readers share with this process part.
     pub(crate) fn shared(&self) -> Arc<Mutex<Shared>> {
         self.shared.clone()
+    }
+
+    /// Takes a reload's restart policy, for what happens from now on.
+    pub(crate) fn set_policy(&mut self, policy: crate::plugin::restart::Policy) {
+        self.restarter.set_policy(policy);
+    }
+
+    /// How long a stopping process gets for each step (`shutdown_grace_ms`, as published now).
+    fn stop_grace(&self) -> Duration {
+        self.config.current().shutdown_grace
     }
 
     /// The policy's state.
@@ -453,7 +465,7 @@ impl Process {
                         None
                     }
                     Err(e) => {
-                        tracing::error!(plugin = %name, error = %crate::error_chain(&e), "cannot start plugin");
+                        tracing::error!(plugin = %name, error = %crate::observe::logging::error_chain(&e), "cannot start plugin");
                         self.shared.lock().expect("status lock").last_exit =
                             Some(describe(Exit::SpawnFailed));
                         Some(Event::Exited(Exit::SpawnFailed))
@@ -471,7 +483,7 @@ impl Process {
                 }
                 let streams = self.link.begin_handover(config.drain_grace, "restart");
                 tracing::info!(plugin = %name, pid, streams, "restarting: a new process takes new streams while this one finishes its own");
-                reap_replaced(name, child, config.drain_grace + self.stop_grace);
+                reap_replaced(name, child, config.drain_grace + self.stop_grace());
                 None
             }
             Action::Kill => {
@@ -481,7 +493,7 @@ impl Process {
                 None
             }
             Action::Terminate => {
-                let exit = self.terminate(self.stop_grace).await?;
+                let exit = self.terminate(self.stop_grace()).await?;
                 self.record_exit(exit);
                 Some(Event::Exited(exit))
             }

@@ -15,9 +15,9 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 
-use crate::supervise::{Command, PluginStatus};
-use crate::upgrade;
-use crate::Plugins;
+use crate::plugin::registry::Plugins;
+use crate::plugin::supervise::{Command, PluginStatus};
+use crate::shell::upgrade;
 
 /// The longest request line accepted.
 const MAX_REQUEST: u64 = 64 * 1024;
@@ -48,7 +48,7 @@ pub enum Request {
         /// The plugin.
         plugin: String,
     },
-    /// Hand the listeners to the binary now on disk and drain ([`crate::upgrade`]); answered
+    /// Hand the listeners to the binary now on disk and drain ([`crate::shell::upgrade`]); answered
     /// once the new front serves, or with why it does not.
     Upgrade,
 }
@@ -81,7 +81,7 @@ impl Response {
 
 /// Binds the control socket (a stale socket is replaced, any other file refused), mode 0600.
 pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
-    crate::instance::prepare_socket_path(path)?;
+    crate::shell::instance::prepare_socket_path(path)?;
     let listener = UnixListener::bind(path)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
     Ok(listener)

@@ -31,7 +31,7 @@ pub const LOCK_FILE: &str = "plugvisor.lock";
 
 /// The held lock on a runtime directory; released when dropped (or when the process ends).
 ///
-/// An upgrade hands the lock's open file to the new front ([`crate::upgrade`]): both then hold
+/// An upgrade hands the lock's open file to the new front ([`crate::shell::upgrade`]): both then hold
 /// the same `flock`, which the kernel keeps until the last of them closes the file. Until the
 /// handover is done, and in the old front after it, dropping the lock only closes this
 /// process's copy ([`InstanceLock::keep_for_successor`]): an explicit unlock would release it
@@ -318,7 +318,7 @@ mod tests {
         let dir = temp_dir("file");
         let file = dir.join("runtime");
         std::fs::write(&file, "x").unwrap();
-        let msg = crate::error_chain(&InstanceLock::acquire(&file).unwrap_err());
+        let msg = crate::observe::logging::error_chain(&InstanceLock::acquire(&file).unwrap_err());
         assert!(msg.contains("exists and is not a directory"), "{msg}");
         assert_eq!(std::fs::read_to_string(&file).unwrap(), "x");
         std::fs::remove_dir_all(&dir).unwrap();

@@ -1,34 +1,37 @@
-//! Applying a new configuration to a running front (SIGHUP, `systemctl reload plugvisor`).
+//! Applying a new configuration to a running front (SIGHUP, `systemctl reload plugvisor`,
+//! `plugvisor reload`).
 //!
-//! [`plan`] compares two configurations, plugin by plugin: a plugin only in the new one is added,
-//! one only in the old one removed; one whose table changed only in what the front does with it
-//! (deadlines, queues, dispatch, supervision timings: [`PluginConfig::same_process`]) is updated
-//! in place, without touching its process; one whose process must change (command, args, env, its
-//! `config` table, ...) is restarted by handover: a new process takes new streams while the old
-//! one finishes the streams it has (each keeps its journal, so nothing is lost if the old one is
-//! cut off after `drain_grace_ms`). Changing `spawn` or `group` replaces the plugin (stopped, then
-//! started with a fresh socket). The rest is left alone. [`Running::reload`] carries the plan out
-//! by sending each plugin's owner ([`crate::owner`]) its new table, or its stop: the owner
-//! decides between an update in place and a handover.
+//! [`plan`] compares two configurations key by key, each key classified once in
+//! [`crate::config::keys`]: a plugin only in the new one is added, one only in the old one
+//! removed; one whose table changed only in what the front does with it is updated in place (its
+//! owner applies the new deadlines, queue bounds and restart policy at once); one whose process
+//! must change (command, args, env, its `config` table, ...) is restarted by handover: a new
+//! process takes new streams while the old one finishes the streams it has (each keeps its
+//! journal, so nothing is lost if the old one is cut off after `drain_grace_ms`). Changing
+//! `spawn` or `group` replaces the plugin (stopped, then started with a fresh socket).
+//!
+//! The new configuration is then published ([`crate::config::Published`]) and every reader reads
+//! it from there: new streams take their limits from it, owners their table, policy and ping
+//! interval. Top-level keys that shape what is already bound or built (`listen`, `runtime_dir`,
+//! `admin_listen`, `max_message_bytes`, `connect_timeout_ms`) keep their running values in the
+//! published configuration, and the plan names them, in its log line and in `plugvisor reload`'s
+//! answer, with what applies them (a restart, or `plugvisor upgrade`).
 //!
 //! A plugin that cannot be started (its socket cannot be bound: a `group` that does not exist, a
 //! file in the way) stays in the running configuration as [`Unstarted`]: `plugvisor status` shows
 //! it `failed` with the reason, it is retried with its restart policy's backoff
-//! ([`crate::registry`]), and every later reload tries it again, changed or not, so fixing the
-//! cause brings it up. A removed plugin's metric series go with it.
-//!
-//! Top-level keys that shape listeners (`listen`, `admin_listen`, `runtime_dir`) cannot change
-//! in place: the plan names them and the running values stay until plugvisor restarts. The other
-//! top-level keys apply to what starts after the reload.
+//! ([`crate::plugin::registry`]), and every later reload tries it again, changed or not, so fixing
+//! the cause brings it up. A removed plugin's metric series go with it.
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::config::keys::{self, Applies};
 use crate::config::{Config, PluginConfig};
-use crate::metrics::Metrics;
-use crate::owner::PluginOwner;
-use crate::registry::Unstarted;
-use crate::Running;
+use crate::observe::metrics::Metrics;
+use crate::plugin::owner::{PluginOwner, SocketFile};
+use crate::plugin::registry::Unstarted;
+use crate::shell::front::Running;
 
 /// What a reload changes.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -46,12 +49,17 @@ pub struct Plan {
     /// Plugins unchanged in the configuration that an earlier reload could not start: tried
     /// again.
     pub retried: Vec<String>,
-    /// Top-level keys that differ but only take effect when plugvisor restarts.
-    pub needs_restart: Vec<&'static str>,
+    /// Top-level keys that changed and apply now (to new streams, or at once).
+    pub applied: Vec<&'static str>,
+    /// Top-level keys that changed but keep their running value until plugvisor restarts (or
+    /// upgrades, where that applies them): each with what applies it.
+    pub needs_restart: Vec<(&'static str, Applies)>,
+    /// Each changed plugin key, as `plugin.key`, with when it applies.
+    pub plugin_keys: Vec<(String, Applies)>,
 }
 
 impl Plan {
-    /// True when the reload changes no plugin.
+    /// True when the reload changes nothing that runs.
     pub fn is_empty(&self) -> bool {
         self.added.is_empty()
             && self.removed.is_empty()
@@ -59,6 +67,7 @@ impl Plan {
             && self.updated.is_empty()
             && self.replaced.is_empty()
             && self.retried.is_empty()
+            && self.applied.is_empty()
     }
 }
 
@@ -85,8 +94,140 @@ impl std::fmt::Display for Plan {
         if !self.retried.is_empty() {
             write!(f, "; retried {}", list(&self.retried))?;
         }
+        if !self.applied.is_empty() {
+            write!(f, "; applied {}", self.applied.join(", "))?;
+        }
+        for (key, applies) in &self.needs_restart {
+            match applies {
+                Applies::Upgrade => write!(
+                    f,
+                    "; NOT applied: {key} needs `plugvisor upgrade` or a restart (running value kept)"
+                )?,
+                _ => write!(
+                    f,
+                    "; NOT applied: {key} needs a restart of plugvisor (running value kept)"
+                )?,
+            }
+        }
         Ok(())
     }
+}
+
+/// The top-level keys (but `plugins`) whose values differ between `old` and `new`, by their
+/// names in the file.
+pub fn changed_top_level(old: &Config, new: &Config) -> Vec<&'static str> {
+    let mut changed = Vec::new();
+    let mut check = |key: &'static str, differs: bool| {
+        if differs {
+            changed.push(key);
+        }
+    };
+    check("listen", old.listen != new.listen);
+    check("admin_listen", old.admin_listen != new.admin_listen);
+    check("runtime_dir", old.runtime_dir != new.runtime_dir);
+    check(
+        "default_response_body_mode",
+        old.default_response_body_mode != new.default_response_body_mode,
+    );
+    check(
+        "connect_timeout_ms",
+        old.connect_timeout != new.connect_timeout,
+    );
+    check(
+        "shutdown_grace_ms",
+        old.shutdown_grace != new.shutdown_grace,
+    );
+    check("upgrade_drain_ms", old.upgrade_drain != new.upgrade_drain);
+    check("ping_interval_ms", old.ping_interval != new.ping_interval);
+    check("ready_timeout_ms", old.ready_timeout != new.ready_timeout);
+    check("max_streams", old.max_streams != new.max_streams);
+    check(
+        "max_message_bytes",
+        old.max_message_bytes != new.max_message_bytes,
+    );
+    check(
+        "stream_metadata_max_bytes",
+        old.stream_metadata_max_bytes != new.stream_metadata_max_bytes,
+    );
+    check(
+        "idle_stream_timeout_ms",
+        old.idle_stream_timeout != new.idle_stream_timeout,
+    );
+    changed
+}
+
+/// Gives `new` the running values of the top-level keys only a restart (or an upgrade) applies,
+/// so the published configuration says what runs.
+fn keep_running_values(old: &Config, new: &mut Config) {
+    for key in changed_top_level(old, new) {
+        if !keys::top_level(key).is_some_and(Applies::kept_until_restart) {
+            continue;
+        }
+        match key {
+            "listen" => new.listen = old.listen.clone(),
+            "admin_listen" => new.admin_listen = old.admin_listen,
+            "runtime_dir" => new.runtime_dir = old.runtime_dir.clone(),
+            "connect_timeout_ms" => new.connect_timeout = old.connect_timeout,
+            "max_message_bytes" => new.max_message_bytes = old.max_message_bytes,
+            other => unreachable!("top-level key `{other}` kept until a restart but not copied"),
+        }
+    }
+}
+
+/// The keys of a plugin's table whose values differ, by their names in the file.
+pub fn changed_plugin_keys(old: &PluginConfig, new: &PluginConfig) -> Vec<&'static str> {
+    let (a, b) = (&old.process, &new.process);
+    let mut changed = Vec::new();
+    let mut check = |key: &'static str, differs: bool| {
+        if differs {
+            changed.push(key);
+        }
+    };
+    check("spawn", a.spawn != b.spawn);
+    check("group", a.group != b.group);
+    check("command", a.command != b.command);
+    check("args", a.args != b.args);
+    check("env", a.env != b.env);
+    check("uid", a.uid != b.uid);
+    check("config", a.config != b.config);
+    check("cpu_scheduling", a.cpu_scheduling != b.cpu_scheduling);
+    check(
+        "metadata_max_bytes",
+        a.metadata_max_bytes != b.metadata_max_bytes,
+    );
+    check("budget_bytes", a.budget_bytes != b.budget_bytes);
+    check("dispatch", old.dispatch != new.dispatch);
+    check("final_timeout_ms", old.final_timeout != new.final_timeout);
+    check(
+        "inline_timeout_ms",
+        old.inline_timeout != new.inline_timeout,
+    );
+    check("queue_events", old.queue_events != new.queue_events);
+    check("queue_bytes", old.queue_bytes != new.queue_bytes);
+    check("required", old.required != new.required);
+    check("restart", old.restart.restart != new.restart.restart);
+    check(
+        "backoff_min_ms",
+        old.restart.backoff_min != new.restart.backoff_min,
+    );
+    check(
+        "backoff_max_ms",
+        old.restart.backoff_max != new.restart.backoff_max,
+    );
+    check(
+        "max_restarts",
+        old.restart.max_restarts != new.restart.max_restarts,
+    );
+    check(
+        "restart_period_ms",
+        old.restart.period != new.restart.period,
+    );
+    check("start_timeout_ms", old.start_timeout != new.start_timeout);
+    check("hang_timeout_ms", old.hang_timeout != new.hang_timeout);
+    check("replay_bytes", old.replay_bytes != new.replay_bytes);
+    check("drain_grace_ms", old.drain_grace != new.drain_grace);
+    check("stuck_timeout_ms", old.stuck_timeout != new.stuck_timeout);
+    changed
 }
 
 /// Compares the running configuration with a new one.
@@ -96,29 +237,43 @@ pub fn plan(old: &Config, new: &Config) -> Plan {
     };
     let mut plan = Plan::default();
     for p in &new.plugins {
-        match find(old, &p.name) {
-            None => plan.added.push(p.name.clone()),
-            Some(before) if before == *p => {}
-            Some(before) if before.same_process(p) => plan.updated.push(p.name.clone()),
-            Some(before) if before.spawn != p.spawn || before.group != p.group => {
-                plan.replaced.push(p.name.clone())
-            }
-            Some(_) => plan.changed.push(p.name.clone()),
+        let Some(before) = find(old, &p.name) else {
+            plan.added.push(p.name.clone());
+            continue;
+        };
+        let changed: Vec<(&'static str, Applies)> = changed_plugin_keys(&before, p)
+            .into_iter()
+            .map(|k| (k, keys::plugin(k).expect("every plugin key is classified")))
+            .collect();
+        if changed.is_empty() {
+            continue;
         }
+        let has = |a: Applies| changed.iter().any(|(_, x)| *x == a);
+        if has(Applies::NewSocket) {
+            plan.replaced.push(p.name.clone());
+        } else if has(Applies::NewProcess) {
+            plan.changed.push(p.name.clone());
+        } else {
+            plan.updated.push(p.name.clone());
+        }
+        plan.plugin_keys.extend(
+            changed
+                .into_iter()
+                .map(|(k, a)| (format!("{}.{k}", p.name), a)),
+        );
     }
     for p in &old.plugins {
         if find(new, &p.name).is_none() {
             plan.removed.push(p.name.clone());
         }
     }
-    if old.listen != new.listen {
-        plan.needs_restart.push("listen");
-    }
-    if old.admin_listen != new.admin_listen {
-        plan.needs_restart.push("admin_listen");
-    }
-    if old.runtime_dir != new.runtime_dir {
-        plan.needs_restart.push("runtime_dir");
+    for key in changed_top_level(old, new) {
+        let applies = keys::top_level(key).expect("every top-level key is classified");
+        if applies.kept_until_restart() {
+            plan.needs_restart.push((key, applies));
+        } else {
+            plan.applied.push(key);
+        }
     }
     plan
 }
@@ -177,7 +332,8 @@ impl Running {
     pub async fn reload(&mut self, mut new: Config) -> Result<Plan, ReloadError> {
         let plugins = self.plugins.clone();
         let _changes = plugins.lock_changes().await;
-        let mut plan = plan(&self.config, &new);
+        let old = self.config.current();
+        let mut plan = plan(&old, &new);
         let unstarted: Vec<String> = plugins
             .unstarted()
             .iter()
@@ -203,15 +359,11 @@ impl Running {
         }
         if !plan.needs_restart.is_empty() {
             tracing::warn!(
-                keys = ?plan.needs_restart,
-                "these keys changed but only take effect when plugvisor restarts; keeping the running values"
+                keys = ?plan.needs_restart.iter().map(|(k, a)| format!("{k} ({})", a.as_str())).collect::<Vec<_>>(),
+                "these keys changed but only take effect when plugvisor restarts (or upgrades, where marked); keeping the running values"
             );
         }
-        // Keys that shape what is already bound keep their running values.
-        new.listen = self.config.listen.clone();
-        new.admin_listen = self.config.admin_listen;
-        new.runtime_dir = self.config.runtime_dir.clone();
-        *plugins.launcher().config.write().expect("config lock") = new.clone();
+        keep_running_values(&old, &mut new);
 
         let old_entries = self.plugins.entries();
         let going: Vec<Arc<PluginOwner>> = old_entries
@@ -224,6 +376,10 @@ impl Running {
             .collect();
         retire(&going, new.shutdown_grace).await;
 
+        // From here on every reader sees the new configuration.
+        self.config.replace(new);
+        let new = self.config.current();
+
         let mut failed = None;
         let mut entries = Vec::new();
         let mut still_unstarted = Vec::new();
@@ -233,22 +389,22 @@ impl Running {
                 || plan.retried.contains(&plugin.name);
             if !fresh {
                 if let Some(e) = old_entries.iter().find(|e| e.name() == plugin.name) {
-                    if plan.updated.contains(&plugin.name) || plan.changed.contains(&plugin.name) {
-                        let done = e.reconfigure(plugin.clone()).await;
-                        tracing::debug!(plugin = %plugin.name, %done, "reload: plugin reconfigured");
-                    }
+                    // Every owner looks: a top-level key it reads (the ping interval) may have
+                    // changed even where its own table did not.
+                    let done = e.reconfigure().await;
+                    tracing::debug!(plugin = %plugin.name, %done, "reload: plugin reconfigured");
                     entries.push(e.clone());
                 }
                 continue;
             }
             match plugins.launch(plugin) {
                 Ok(entry) => {
-                    tracing::info!(plugin = %plugin.name, spawned = plugin.spawn, "reload: plugin started");
+                    tracing::info!(plugin = %plugin.name, spawned = plugin.process.spawn, "reload: plugin started");
                     entries.push(entry);
                 }
                 Err(message) => {
                     tracing::error!(plugin = %plugin.name, %message, "reload: cannot start plugin; retrying it with its restart policy's backoff");
-                    still_unstarted.push(Unstarted::new(plugin.clone(), message.clone()));
+                    still_unstarted.push(Unstarted::new(plugin, message.clone()));
                     failed.get_or_insert(ReloadError {
                         plugin: plugin.name.clone(),
                         message,
@@ -264,7 +420,6 @@ impl Running {
         for name in &plan.removed {
             forget_plugin_metrics(&self.metrics, name);
         }
-        self.config = new;
         tracing::info!(%plan, "configuration reloaded");
         match failed {
             Some(e) => Err(e),
@@ -277,7 +432,7 @@ impl Running {
 /// connections and removes its socket); past twice the grace, what is left is killed.
 async fn retire(going: &[Arc<PluginOwner>], grace: Duration) {
     for owner in going {
-        owner.begin_stop(grace, crate::owner::SocketFile::Remove);
+        owner.begin_stop(grace, SocketFile::Remove);
     }
     let stopped = async {
         for owner in going {
@@ -369,7 +524,12 @@ mod tests {
         let old = config("listen = \"127.0.0.1:9002\"\n[plugins.usage]\n");
         let new = config("listen = \"127.0.0.1:9100\"\nshutdown_grace_ms = 1\n[plugins.usage]\n");
         let p = plan(&old, &new);
-        assert!(p.is_empty());
-        assert_eq!(p.needs_restart, vec!["listen"]);
+        assert_eq!(p.applied, vec!["shutdown_grace_ms"]);
+        assert_eq!(p.needs_restart, vec![("listen", Applies::Restart)]);
+        assert!(
+            p.to_string()
+                .contains("NOT applied: listen needs a restart"),
+            "{p}"
+        );
     }
 }

@@ -2,16 +2,16 @@
 //! doing, keep the watchdog fed while the loops it vouches for answer, and drain on stop.
 //!
 //! [`run`] is what the `plugvisor` binary runs. It wraps [`crate::start`] and
-//! [`crate::Running::stop`] with the [`crate::systemd`] messages:
+//! [`crate::Running::stop`] with the [`crate::shell::systemd`] messages:
 //! - `READY=1` once the ext_proc listener is bound and every plugin marked `required` is
 //!   connected, or once `ready_timeout_ms` has passed (the STATUS line then names what is missing);
 //! - `STATUS=` whenever the line changes (`serving; plugins 3/3 up; restarts 0`);
 //! - `WATCHDOG=1` at half of `WATCHDOG_USEC`, only while the watched loops answer their probes;
 //! - `STOPPING=1` and `EXTEND_TIMEOUT_USEC=` while in-flight streams drain;
-//! - on SIGHUP, `RELOADING=1`, the config file read again and applied ([`crate::reload`]), then
+//! - on SIGHUP, `RELOADING=1`, the config file read again and applied ([`crate::shell::reload`]), then
 //!   `READY=1`; a file that does not load is rejected with the error logged and in the STATUS
 //!   line, and the running configuration stays;
-//! - on SIGUSR2 or `plugvisor upgrade`, the handover to the binary now on disk ([`crate::upgrade`]):
+//! - on SIGUSR2 or `plugvisor upgrade`, the handover to the binary now on disk ([`crate::shell::upgrade`]):
 //!   once the new front serves, `MAINPID=` names it, this front sends nothing more and drains
 //!   for up to `upgrade_drain_ms` (a SIGTERM cuts that to `shutdown_grace_ms`). A front started
 //!   by an upgrade ([`run_with`] with the handover socket) reports ready to the old front, not to
@@ -26,9 +26,9 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::link::PluginLink;
-use crate::systemd::{self, StatusSnapshot};
-use crate::upgrade;
+use crate::plugin::link::PluginLink;
+use crate::shell::systemd::{self, StatusSnapshot};
+use crate::shell::upgrade;
 use crate::{Config, RunError, Running};
 
 /// How often the STATUS line is recomputed (it is sent only when it changed).
@@ -48,7 +48,7 @@ pub async fn run(
 }
 
 /// [`run`]; with `handover` (the old front's handover socket, from
-/// [`crate::upgrade::SOCKET_ENV`]), as the new front of an upgrade.
+/// [`crate::shell::upgrade::SOCKET_ENV`]), as the new front of an upgrade.
 pub async fn run_with(
     config: Config,
     config_path: Option<PathBuf>,
@@ -82,21 +82,23 @@ pub async fn run_with(
         }
         Some(p) => {
             tracing::info!(old = p.from_pid, "taking over from the old front");
-            let lock = crate::instance::InstanceLock::inherit(
+            let lock = crate::shell::instance::InstanceLock::inherit(
                 p.lock.try_clone().map_err(RunError::TakeOver)?,
                 &config.runtime_dir,
             )
             .map_err(RunError::TakeOver)?;
             let inherited = crate::Inherited {
                 lock,
-                ext_proc: p.ext_proc.try_clone().map_err(RunError::TakeOver)?,
-                admin: p
-                    .admin
-                    .as_ref()
-                    .map(|a| a.try_clone())
-                    .transpose()
-                    .map_err(RunError::TakeOver)?,
-                keep_listen_file: p.keep_listen_file,
+                listeners: crate::shell::listeners::Passed {
+                    ext_proc: p.ext_proc.try_clone().map_err(RunError::TakeOver)?,
+                    admin: p
+                        .admin
+                        .as_ref()
+                        .map(|a| a.try_clone())
+                        .transpose()
+                        .map_err(RunError::TakeOver)?,
+                    keep_listen_file: p.keep_listen_file,
+                },
             };
             crate::start_with(config, Some(inherited)).await?
         }
@@ -206,7 +208,7 @@ pub async fn run_with(
     // counts the stop done when the last process of the unit is gone.
     let cut = upgrade::stop_draining(&draining);
 
-    let grace = running.config.shutdown_grace;
+    let grace = running.config.current().shutdown_grace;
     report.phase = "stopping";
     report.note = None;
     let metrics = running.metrics().clone();
@@ -258,13 +260,13 @@ async fn take_over(
     let spawned: Vec<Arc<PluginLink>> = running
         .links()
         .iter()
-        .filter(|l| l.config().spawn)
+        .filter(|l| l.config().process.spawn)
         .cloned()
         .collect();
     for link in running
         .links()
         .iter()
-        .filter(|l| !l.config().spawn && l.config().required)
+        .filter(|l| !l.config().process.spawn && l.config().required)
     {
         tracing::warn!(plugin = %link.name(), "required plugin with spawn = false stays with the old front until it has drained; not waited for");
     }
@@ -319,7 +321,7 @@ async fn hand_over(
     let failed = |e: upgrade::UpgradeError| {
         let why = format!(
             "upgrade failed: {}; still serving as pid {}",
-            crate::error_chain(&e),
+            crate::observe::logging::error_chain(&e),
             std::process::id()
         );
         tracing::error!("{why}");
@@ -348,7 +350,7 @@ async fn hand_over(
     );
     running.hand_over(to);
     attempt.finish().await;
-    let drain = running.config.upgrade_drain;
+    let drain = running.config.current().upgrade_drain;
     let message = format!(
         "upgraded: pid {to} serves; pid {} drains {streams} stream(s) for up to {}s (upgrade_drain_ms)",
         std::process::id(),
@@ -379,7 +381,7 @@ async fn drain_after_upgrade(
     usr2: &mut tokio::signal::unix::Signal,
 ) {
     let started = Instant::now();
-    let mut deadline = started + running.config.upgrade_drain;
+    let mut deadline = started + running.config.current().upgrade_drain;
     let metrics = running.metrics().clone();
     let mut stopped = false;
     let mut tick = tokio::time::interval(Duration::from_millis(20));
@@ -401,7 +403,7 @@ async fn drain_after_upgrade(
             }
             () = &mut *shutdown, if !stopped => {
                 stopped = true;
-                deadline = deadline.min(Instant::now() + running.config.shutdown_grace);
+                deadline = deadline.min(Instant::now() + running.config.current().shutdown_grace);
                 tracing::info!(new = to, "stop requested while draining after the upgrade; draining for shutdown_grace_ms at most");
             }
             _ = hup.recv() => {
@@ -424,7 +426,7 @@ async fn reload(running: &mut Running, path: Option<&Path>, report: &mut Report)
     };
     report.reload_note = match loaded {
         Err(e) => {
-            let why = crate::error_chain(&e);
+            let why = crate::observe::logging::error_chain(&e);
             tracing::error!(error = %why, "reload rejected; keeping the running configuration");
             Some(format!("reload rejected: {}", clip(&why, 200)))
         }

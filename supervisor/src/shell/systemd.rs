@@ -12,19 +12,19 @@
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::task::{Context, Poll};
+
 use std::time::Duration;
 
 use nix::sys::socket::{
     getsockname, getsockopt, sockopt, AddressFamily, SockaddrLike, SockaddrStorage,
 };
 use sd_notify::NotifyState;
-use tokio::sync::{mpsc, oneshot};
-use tokio_stream::Stream;
+use tokio::sync::oneshot;
 
-use crate::{Listen, RunError};
+use crate::config::Listen;
+use crate::observe::probe::{Probe, Sent};
+use crate::RunError;
 
 /// The `FileDescriptorName=` of the ext_proc socket in `plugvisor.socket`.
 pub const EXTPROC_FD_NAME: &str = "extproc";
@@ -134,7 +134,7 @@ fn adopt_listen_fd(fd: RawFd) -> OwnedFd {
 }
 
 /// Takes ownership of the fds that arrived in one `SCM_RIGHTS` message on the handover socket
-/// ([`crate::upgrade`]).
+/// ([`crate::shell::upgrade`]).
 #[allow(unsafe_code)]
 pub(crate) fn adopt_received_fds(fds: Vec<RawFd>) -> Vec<OwnedFd> {
     fds.into_iter()
@@ -191,13 +191,13 @@ pub async fn bind_ext_proc(listen: &Listen) -> Result<(Listen, ExtProcListener, 
             };
             // The path may lie outside the runtime directory its lock guards: a socket someone
             // still accepts on is another server's, not a stale one.
-            if crate::instance::someone_listens(path) {
+            if crate::shell::instance::someone_listens(path) {
                 return Err(failed(io::Error::new(
                     io::ErrorKind::AddrInUse,
                     "another process is listening on it",
                 )));
             }
-            crate::instance::prepare_socket_path(path).map_err(failed)?;
+            crate::shell::instance::prepare_socket_path(path).map_err(failed)?;
             if let Some(parent) = path.parent() {
                 let _ = std::fs::create_dir_all(parent);
             }
@@ -399,118 +399,6 @@ impl StatusSnapshot {
     }
 }
 
-/// Asks a loop to prove it is still running: the loop answers a [`Probe`] by polling its
-/// [`ProbeAnswerer`]. The watchdog pings only while every probe is answered in time.
-#[derive(Debug, Clone)]
-pub struct Probe {
-    name: String,
-    tolerance: Duration,
-    tx: mpsc::Sender<oneshot::Sender<()>>,
-}
-
-/// The loop's end of a [`Probe`].
-#[derive(Debug)]
-pub struct ProbeAnswerer {
-    rx: mpsc::Receiver<oneshot::Sender<()>>,
-}
-
-/// A probe for the loop named `name`, which must answer within one watchdog round.
-pub fn probe(name: impl Into<String>) -> (Probe, ProbeAnswerer) {
-    let (tx, rx) = mpsc::channel(4);
-    (
-        Probe {
-            name: name.into(),
-            tolerance: Duration::ZERO,
-            tx,
-        },
-        ProbeAnswerer { rx },
-    )
-}
-
-/// What became of a probe sent to a loop.
-enum Sent {
-    /// Waiting for the answer.
-    Waiting(oneshot::Receiver<()>),
-    /// The loop is gone (ended on purpose, e.g. a plugin removed by a reload): not a failure.
-    Gone,
-    /// Earlier probes are still queued: the loop is not reading them.
-    Stuck,
-}
-
-impl Probe {
-    /// The loop's name, for the log.
-    pub fn name(&self) -> &str {
-        &self.name
-    }
-
-    /// Lets the loop stay silent this long before it counts as wedged: for loops that may
-    /// legitimately spend a bounded while in one step (a supervisor waiting for a plugin to stop).
-    pub fn with_tolerance(mut self, tolerance: Duration) -> Probe {
-        self.tolerance = tolerance;
-        self
-    }
-
-    fn send(&self) -> Sent {
-        let (tx, rx) = oneshot::channel();
-        match self.tx.try_send(tx) {
-            Ok(()) => Sent::Waiting(rx),
-            Err(mpsc::error::TrySendError::Closed(_)) => Sent::Gone,
-            Err(mpsc::error::TrySendError::Full(_)) => Sent::Stuck,
-        }
-    }
-
-    /// True when the loop answered within `limit`.
-    pub async fn check(&self, limit: Duration) -> bool {
-        match self.send() {
-            Sent::Waiting(rx) => matches!(tokio::time::timeout(limit, rx).await, Ok(Ok(()))),
-            Sent::Gone | Sent::Stuck => false,
-        }
-    }
-}
-
-impl ProbeAnswerer {
-    /// Answers every pending probe and registers the waker for the next one (poll-based loops).
-    pub fn poll_answer(&mut self, cx: &mut Context<'_>) {
-        while let Poll::Ready(Some(reply)) = self.rx.poll_recv(cx) {
-            let _ = reply.send(());
-        }
-    }
-
-    /// Waits for the next probe and answers it (for `select!` loops); pending forever once every
-    /// [`Probe`] is dropped.
-    pub async fn answer(&mut self) {
-        match self.rx.recv().await {
-            Some(reply) => {
-                let _ = reply.send(());
-            }
-            None => std::future::pending().await,
-        }
-    }
-}
-
-/// An accept stream that answers probes whenever its server polls it: a server whose accept loop
-/// is wedged stops polling, stops answering, and the watchdog stops pinging.
-pub struct Watched<S> {
-    inner: S,
-    probes: ProbeAnswerer,
-}
-
-impl<S> Watched<S> {
-    /// Wraps `inner`.
-    pub fn new(inner: S, probes: ProbeAnswerer) -> Watched<S> {
-        Watched { inner, probes }
-    }
-}
-
-impl<S: Stream + Unpin> Stream for Watched<S> {
-    type Item = S::Item;
-
-    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        self.probes.poll_answer(cx);
-        Pin::new(&mut self.inner).poll_next(cx)
-    }
-}
-
 /// One probe's standing in [`watchdog_loop`].
 struct Standing {
     answered: tokio::time::Instant,
@@ -568,7 +456,7 @@ pub async fn watchdog_loop(interval: Duration, probes: impl Fn() -> Vec<Probe> +
             .filter(|p| {
                 stuck.iter().any(|s| s == p.name())
                     || standing.get(p.name()).is_some_and(|st| {
-                        round.saturating_duration_since(st.answered) > p.tolerance
+                        round.saturating_duration_since(st.answered) > p.tolerance()
                     })
             })
             .map(|p| p.name())
@@ -592,6 +480,7 @@ pub async fn watchdog_loop(interval: Duration, probes: impl Fn() -> Vec<Probe> +
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::observe::probe::{probe, Watched};
 
     #[test]
     fn the_drain_status_follows_the_streams_and_is_sent_only_when_it_changes() {

@@ -231,7 +231,7 @@ impl Conn {
                     Ok((msg.bytes, received))
                 })
                 .await?;
-            fds.extend(crate::systemd::adopt_received_fds(received));
+            fds.extend(crate::shell::systemd::adopt_received_fds(received));
             if n == 0 {
                 return if self.buf.is_empty() {
                     Ok(None)
@@ -381,7 +381,7 @@ impl Listeners {
 /// What the old front hands over.
 pub struct Plan<'a> {
     /// The runtime directory.
-    pub runtime_dir: &'a Path,
+    pub runtime_dir: std::path::PathBuf,
     /// Socket paths the new front rebinds (plugins, control), restored if it fails.
     pub sockets: Vec<PathBuf>,
     /// The instance lock's open file.

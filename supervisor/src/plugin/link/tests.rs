@@ -10,25 +10,27 @@ use crate::config::Dispatch;
 fn plugin(queue_events: usize, queue_bytes: usize, final_ms: u64) -> PluginConfig {
     PluginConfig {
         name: "p".into(),
-        spawn: false,
-        command: None,
-        args: None,
-        env: BTreeMap::new(),
+        process: crate::config::ProcessConfig {
+            spawn: false,
+            command: None,
+            args: None,
+            env: BTreeMap::new(),
+            uid: None,
+            group: None,
+            config: Value::Null,
+            cpu_scheduling: crate::config::CpuScheduling::Normal,
+            metadata_max_bytes: crate::config::DEFAULT_PLUGIN_METADATA_BYTES,
+            budget_bytes: crate::config::DEFAULT_BUDGET_BYTES,
+        },
         dispatch: Dispatch::Async,
         final_timeout: Duration::from_millis(final_ms),
         inline_timeout: Duration::from_millis(100),
         queue_events,
         queue_bytes,
-        uid: None,
-        group: None,
         required: false,
-        config: Value::Null,
-        restart: crate::restart::Policy::default(),
+        restart: crate::plugin::restart::Policy::default(),
         start_timeout: Duration::from_secs(10),
         hang_timeout: Duration::from_secs(5),
-        cpu_scheduling: crate::config::CpuScheduling::Normal,
-        metadata_max_bytes: crate::config::DEFAULT_PLUGIN_METADATA_BYTES,
-        budget_bytes: crate::config::DEFAULT_BUDGET_BYTES,
         replay_bytes: crate::config::DEFAULT_REPLAY_BYTES,
         drain_grace: Duration::from_secs(30),
         stuck_timeout: Duration::from_secs(10),
@@ -180,7 +182,7 @@ async fn a_final_is_answered_through_the_reader_and_a_close_means_down() {
 }
 
 fn with_budget(mut config: PluginConfig, budget_bytes: usize) -> PluginConfig {
-    config.budget_bytes = budget_bytes;
+    config.process.budget_bytes = budget_bytes;
     config
 }
 
