@@ -192,6 +192,12 @@ impl Restarter {
         self.restarts_total
     }
 
+    /// Whether the running process's exit was asked for (a stop, or a restart that starts the
+    /// next one once it is reaped): logged as such, not as a failure.
+    pub fn exit_expected(&self) -> bool {
+        self.state == State::Stopped || self.restart_on_exit
+    }
+
     /// The policy.
     pub fn policy(&self) -> &Policy {
         &self.policy
@@ -220,9 +226,11 @@ impl Restarter {
                 vec![Action::Handover, Action::Spawn]
             }
             (State::Starting, Event::Start) => {
-                // Not serving yet: stop this process, start again once reaped.
+                // Not serving yet, so it has no streams to finish and may not even read its
+                // socket: kill it at once and start again once it is reaped (the owner never
+                // waits out a grace for a connection that does not exist).
                 self.restart_on_exit = true;
-                vec![Action::Terminate]
+                vec![Action::Kill]
             }
             (State::Starting, Event::HandshakeDone) => {
                 self.state = State::Up;
@@ -545,9 +553,9 @@ mod tests {
                 (50, Stop, &[Terminate], "stopped"),
                 (60, Exited(Exit::Code(0)), &[], "stopped"),
                 (70, Start, &[Spawn], "starting"),
-                // Restarting one that is not serving yet: stop it, start again once reaped.
-                (80, Start, &[Terminate], "starting"),
-                (90, Exited(Exit::Signal(15)), &[Spawn], "starting"),
+                // Restarting one that is not serving yet: kill it, start again once reaped.
+                (80, Start, &[Kill], "starting"),
+                (90, Exited(Exit::Signal(9)), &[Spawn], "starting"),
             ],
         );
         // Planned restarts are not failures.

@@ -379,7 +379,7 @@ impl Process {
         let name = self.link.name().to_owned();
         let pid = self.shared.lock().expect("status lock").pid.take();
         let described = describe(exit);
-        let expected = self.restarter.state() == State::Stopped;
+        let expected = self.restarter.exit_expected();
         if expected {
             tracing::info!(plugin = %name, pid, exit = %described, "plugin exited");
         } else {
@@ -526,11 +526,20 @@ impl Process {
         let mut child = self.child.take()?;
         let pid = child.id();
         let name = self.link.name().to_owned();
-        self.link.send_shutdown(grace);
         let group = pid.map(|p| Pid::from_raw(p as i32));
-        let mut exit = tokio::time::timeout(grace, child.wait()).await;
+        let welcomed = pid.is_some() && self.link.connection().map(|c| c.pid()) == pid;
+        // Still starting, no connection carries a Shutdown: do not wait a grace for it.
+        let first_wait = if welcomed { grace } else { Duration::ZERO };
+        if welcomed {
+            self.link.send_shutdown(grace);
+        }
+        let mut exit = tokio::time::timeout(first_wait, child.wait()).await;
         if exit.is_err() {
-            tracing::warn!(plugin = %name, pid, "plugin did not stop after Shutdown; sending SIGTERM");
+            if welcomed {
+                tracing::warn!(plugin = %name, pid, "plugin did not stop after Shutdown; sending SIGTERM");
+            } else {
+                tracing::info!(plugin = %name, pid, "plugin still starting (no connection for Shutdown); sending SIGTERM");
+            }
             if let Some(g) = group {
                 let _ = killpg(g, Signal::SIGTERM);
             }

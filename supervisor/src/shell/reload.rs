@@ -532,4 +532,181 @@ mod tests {
             "{p}"
         );
     }
+
+    /// The keys the parser knows for a table, as serde's `deny_unknown_fields` lists them: the
+    /// schema itself, not a list kept beside it.
+    fn schema_keys(text_with_unknown_key: &str) -> Vec<String> {
+        let err = Config::parse(text_with_unknown_key, "t")
+            .unwrap_err()
+            .to_string();
+        let expected = err
+            .split("expected one of ")
+            .nth(1)
+            .unwrap_or_else(|| panic!("no key list in {err}"));
+        expected
+            .split('`')
+            .skip(1)
+            .step_by(2)
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// A value other than the default for every key of the schema. A key added to the schema
+    /// without a row here (and in `config::keys`, and in docs/configuration.md) fails
+    /// `every_key_reloads_or_says_why_not`.
+    const TOP_SAMPLES: &[(&str, &str)] = &[
+        ("listen", "listen = \"127.0.0.1:9100\""),
+        ("admin_listen", "admin_listen = \"127.0.0.1:9101\""),
+        ("runtime_dir", "runtime_dir = \"/tmp/elsewhere\""),
+        (
+            "default_response_body_mode",
+            "default_response_body_mode = \"streamed\"",
+        ),
+        ("connect_timeout_ms", "connect_timeout_ms = 1234"),
+        ("shutdown_grace_ms", "shutdown_grace_ms = 1234"),
+        ("upgrade_drain_ms", "upgrade_drain_ms = 1234"),
+        ("ping_interval_ms", "ping_interval_ms = 1234"),
+        ("ready_timeout_ms", "ready_timeout_ms = 1234"),
+        ("max_streams", "max_streams = 5"),
+        ("max_message_bytes", "max_message_bytes = 100000"),
+        (
+            "stream_metadata_max_bytes",
+            "stream_metadata_max_bytes = 2048",
+        ),
+        ("idle_stream_timeout_ms", "idle_stream_timeout_ms = 1234"),
+    ];
+
+    const PLUGIN_SAMPLES: &[(&str, &str)] = &[
+        ("spawn", "spawn = false"),
+        ("group", "group = \"root\""),
+        ("command", "command = \"/bin/true\""),
+        ("args", "args = [\"x\"]"),
+        ("env", "env = { A = \"1\" }"),
+        ("uid", "uid = 0"),
+        ("config", "config = { k = 1 }"),
+        ("cpu_scheduling", "cpu_scheduling = \"idle\""),
+        ("metadata_max_bytes", "metadata_max_bytes = 2048"),
+        ("budget_bytes", "budget_bytes = 100000"),
+        ("dispatch", "dispatch = \"inline\""),
+        ("final_timeout_ms", "final_timeout_ms = 7"),
+        ("inline_timeout_ms", "inline_timeout_ms = 7"),
+        ("queue_events", "queue_events = 7"),
+        ("queue_bytes", "queue_bytes = 7"),
+        ("required", "required = true"),
+        ("restart", "restart = \"transient\""),
+        ("backoff_min_ms", "backoff_min_ms = 7"),
+        ("backoff_max_ms", "backoff_max_ms = 70000"),
+        ("max_restarts", "max_restarts = 2"),
+        ("restart_period_ms", "restart_period_ms = 7"),
+        ("start_timeout_ms", "start_timeout_ms = 7"),
+        ("hang_timeout_ms", "hang_timeout_ms = 7000"),
+        ("replay_bytes", "replay_bytes = 7"),
+        ("drain_grace_ms", "drain_grace_ms = 7"),
+        ("stuck_timeout_ms", "stuck_timeout_ms = 7"),
+    ];
+
+    fn names(table: &[(&'static str, Applies)]) -> Vec<String> {
+        let mut v: Vec<String> = table.iter().map(|(k, _)| (*k).to_owned()).collect();
+        v.sort();
+        v
+    }
+
+    fn sorted(mut v: Vec<String>) -> Vec<String> {
+        v.sort();
+        v
+    }
+
+    /// Every key of the schema is classified, has a sample, is marked in docs/configuration.md
+    /// with its class, and a change to it alone is reported by the plan as its class says: applied
+    /// (the published configuration carries it) or named as needing a restart or an upgrade (the
+    /// running value kept).
+    #[test]
+    fn every_key_reloads_or_says_why_not() {
+        let mut top = schema_keys("no_such_key = 1\n");
+        top.retain(|k| k != "plugins");
+        assert_eq!(
+            sorted(top.clone()),
+            names(keys::TOP_LEVEL),
+            "config::keys::TOP_LEVEL"
+        );
+        let plugin = schema_keys("[plugins.x]\nno_such_key = 1\n");
+        assert_eq!(
+            sorted(plugin.clone()),
+            names(keys::PLUGIN),
+            "config::keys::PLUGIN"
+        );
+        let docs = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../docs/configuration.md"
+        ))
+        .unwrap();
+
+        let old = config("[plugins.x]\n");
+        for key in &top {
+            let applies = keys::top_level(key).unwrap();
+            assert!(
+                docs.contains(&format!("| `{key}` | {} |", applies.as_str())),
+                "docs/configuration.md does not mark `{key}` as `{}`",
+                applies.as_str()
+            );
+            let sample = TOP_SAMPLES
+                .iter()
+                .find(|(k, _)| k == key)
+                .unwrap_or_else(|| panic!("no sample value for top-level `{key}`"))
+                .1;
+            let mut new = config(&format!("{sample}\n[plugins.x]\n"));
+            assert_eq!(
+                changed_top_level(&old, &new),
+                vec![key.as_str()],
+                "{sample}"
+            );
+            let p = plan(&old, &new);
+            if applies.kept_until_restart() {
+                assert_eq!(p.needs_restart, vec![(key.as_str(), applies)], "{sample}");
+                assert!(p.applied.is_empty(), "{sample}");
+                assert!(
+                    p.to_string().contains(&format!("NOT applied: {key}")),
+                    "{p}"
+                );
+                keep_running_values(&old, &mut new);
+                assert!(changed_top_level(&old, &new).is_empty(), "{key} kept");
+            } else {
+                assert_eq!(p.applied, vec![key.as_str()], "{sample}");
+                assert!(p.needs_restart.is_empty(), "{sample}");
+            }
+        }
+        for key in &plugin {
+            let applies = keys::plugin(key).unwrap();
+            assert!(
+                docs.contains(&format!("| `{key}` | {} |", applies.as_str())),
+                "docs/configuration.md does not mark `plugins.<name>.{key}` as `{}`",
+                applies.as_str()
+            );
+            let sample = PLUGIN_SAMPLES
+                .iter()
+                .find(|(k, _)| k == key)
+                .unwrap_or_else(|| panic!("no sample value for plugin key `{key}`"))
+                .1;
+            let new = config(&format!("[plugins.x]\n{sample}\n"));
+            let (a, b) = (&old.plugins[0], &new.plugins[0]);
+            assert_eq!(changed_plugin_keys(a, b), vec![key.as_str()], "{sample}");
+            // The split of the table agrees with the classification.
+            let process_key = matches!(applies, Applies::NewProcess | Applies::NewSocket);
+            assert_eq!(
+                !a.same_process(b),
+                process_key,
+                "{key}: ProcessConfig holds it?"
+            );
+            assert_eq!(!a.same_socket(b), applies == Applies::NewSocket, "{key}");
+            let p = plan(&old, &new);
+            let list = match applies {
+                Applies::NewSocket => &p.replaced,
+                Applies::NewProcess => &p.changed,
+                Applies::AtOnce | Applies::NewStreams => &p.updated,
+                other => panic!("a plugin key cannot need {other:?}"),
+            };
+            assert_eq!(list, &vec!["x".to_owned()], "{sample}: {p:?}");
+            assert_eq!(p.plugin_keys, vec![(format!("x.{key}"), applies)]);
+        }
+    }
 }

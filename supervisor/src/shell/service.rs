@@ -433,7 +433,11 @@ async fn reload(running: &mut Running, path: Option<&Path>, report: &mut Report)
         Ok(new) => match running.reload(new).await {
             Ok(plan) => {
                 tracing::info!(%plan, "reload applied");
-                None
+                // Keys the reload could not apply stay visible until the next reload.
+                (!plan.needs_restart.is_empty()).then(|| {
+                    let keys: Vec<&str> = plan.needs_restart.iter().map(|(k, _)| *k).collect();
+                    format!("not applied until restart/upgrade: {}", keys.join(", "))
+                })
             }
             Err(e) => Some(format!("reload incomplete: {e}")),
         },

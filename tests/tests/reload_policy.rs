@@ -1,0 +1,171 @@
+//! A reload of the real `plugvisor` applies front-side keys without a restart: the restart policy
+//! judges the next exit, `max_streams` bounds the next streams; and a `restart` of a plugin that
+//! is still starting answers at once instead of waiting out a grace for a connection that does not
+//! exist yet.
+
+use std::time::{Duration, Instant};
+
+use supervisor::shell::control::{self, Request};
+use tests::front::{metric, FrontProcess};
+
+/// Rewrites one top-level `key = value` line of the running front's file and sends SIGHUP; waits
+/// for the reload to be logged.
+async fn reload_top_level(front: &FrontProcess, key: &str, value: &str) {
+    let path = front.config_path();
+    let text = std::fs::read_to_string(path).unwrap();
+    let mut found = false;
+    let text: Vec<String> = text
+        .lines()
+        .map(|l| {
+            if l.starts_with(&format!("{key} =")) {
+                found = true;
+                format!("{key} = {value}")
+            } else {
+                l.to_owned()
+            }
+        })
+        .collect();
+    assert!(found, "no `{key}` line in the config");
+    std::fs::write(path, text.join("\n") + "\n").unwrap();
+    reloaded(front, || {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(front.pid() as i32),
+            nix::sys::signal::Signal::SIGHUP,
+        )
+        .unwrap()
+    })
+    .await;
+}
+
+/// Runs `send` (which triggers a reload) and waits until one more reload is logged.
+async fn reloaded(front: &FrontProcess, send: impl FnOnce()) {
+    let count = |log: &str| log.matches("configuration reloaded").count();
+    let before = count(&front.log());
+    send();
+    let start = Instant::now();
+    while count(&front.log()) == before {
+        assert!(start.elapsed() < Duration::from_secs(15), "{}", front.log());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_of_max_streams_bounds_the_next_streams() {
+    let dir = tempfile::tempdir().unwrap();
+    let listen = format!("unix:{}", dir.path().join("ext_proc.sock").display());
+    let front = FrontProcess::start_from(
+        &tests::bins::plugvisor(),
+        dir.path(),
+        &listen,
+        "max_streams = 100",
+        "[plugins.latency]\n",
+        &["latency"],
+    );
+    let before = tests::idle::open(&listen, 1, 3).await;
+    assert_eq!(
+        metric(&front.metrics(), "plugvisor_streams_shed_total"),
+        0.0
+    );
+
+    reload_top_level(&front, "max_streams", "4").await;
+    assert!(
+        front.log().contains("applied max_streams"),
+        "the reload says it applied max_streams:\n{}",
+        front.log()
+    );
+    // Three streams hold places; of three more, one fits under the new bound of 4.
+    let after = tests::idle::open(&listen, 1, 3).await;
+    assert_eq!(before.len() + after.len(), 6);
+    assert_eq!(
+        metric(&front.metrics(), "plugvisor_streams_shed_total"),
+        2.0,
+        "{}",
+        front.metrics()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_of_the_restart_policy_judges_the_next_exit() {
+    let dir = tempfile::tempdir().unwrap();
+    let front = FrontProcess::start(dir.path(), "[plugins.latency]\n", &["latency"]);
+    let plugins = "[plugins.latency]\nrestart = \"temporary\"\n";
+    reloaded(&front, || front.reload(plugins)).await;
+    assert!(
+        front.log().contains("updated in place latency"),
+        "{}",
+        front.log()
+    );
+    let pid = front
+        .plugin_status("latency")
+        .await
+        .pid
+        .expect("latency runs");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    // `temporary`: never restarted. Under the old policy (`permanent`) it would be back within
+    // its 50 ms backoff.
+    let start = Instant::now();
+    loop {
+        let s = front.plugin_status("latency").await;
+        if s.state == "stopped" {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(10), "{s:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let s = front.plugin_status("latency").await;
+    assert_eq!(
+        (s.state.as_str(), s.pid, s.restarts),
+        ("stopped", None, 0),
+        "{s:?}"
+    );
+    assert!(
+        !front.log().contains("restarting plugin after backoff"),
+        "{}",
+        front.log()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_while_starting_answers_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    // A process that never connects: the plugin stays `starting` for its whole start timeout.
+    let front = FrontProcess::start(
+        dir.path(),
+        "[plugins.slow]\ncommand = \"/bin/sleep\"\nargs = [\"600\"]\nstart_timeout_ms = 600000\n",
+        &[],
+    );
+    let first = front.plugin_status("slow").await;
+    assert_eq!(first.state, "starting", "{first:?}");
+    let asked = Instant::now();
+    let answer = control::request(
+        &front.control_socket(),
+        &Request::Restart {
+            plugin: "slow".into(),
+        },
+    )
+    .await
+    .unwrap();
+    let took = asked.elapsed();
+    assert!(answer.ok, "{answer:?}");
+    // The grace (shutdown_grace_ms, 5 s by default) is not waited for: nothing to drain.
+    assert!(
+        took < Duration::from_secs(2),
+        "restart while starting took {took:?}"
+    );
+    let start = Instant::now();
+    loop {
+        let s = front.plugin_status("slow").await;
+        if s.state == "starting" && s.pid.is_some() && s.pid != first.pid {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(10), "{s:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let log = front.log();
+    assert!(!log.contains("exited unexpectedly"), "{log}");
+}
