@@ -218,7 +218,7 @@ impl PluginLink {
 
     /// Replaces the configuration (same name) for what comes next: new events, calls and
     /// connections use it; a connection already open keeps its queue's capacity.
-    pub fn set_config(&self, config: PluginConfig) {
+    pub(crate) fn set_config(&self, config: PluginConfig) {
         debug_assert_eq!(config.name, self.name);
         *self.config.write().expect("config lock") = Arc::new(config);
     }
@@ -266,7 +266,7 @@ impl PluginLink {
     }
 
     /// Records the pid the front spawned for this plugin: only that process may connect.
-    pub fn set_spawned_pid(&self, pid: Option<u32>) {
+    pub(crate) fn set_spawned_pid(&self, pid: Option<u32>) {
         *self.spawned_pid.lock().expect("pid lock") = pid;
     }
 
@@ -394,7 +394,7 @@ impl PluginLink {
     /// to shut down after its last one; new streams wait in their journals for the next
     /// connection. After `grace`, a connection still draining is closed and its streams move to
     /// the next connection with their journals. Returns how many streams it still serves.
-    pub fn begin_handover(self: &Arc<Self>, grace: Duration, why: &str) -> usize {
+    pub(crate) fn begin_handover(self: &Arc<Self>, grace: Duration, why: &str) -> usize {
         let mut slot = self.conn.lock().expect("link lock");
         let Some(conn) = slot.take() else {
             return 0;
@@ -446,7 +446,7 @@ impl PluginLink {
 
     /// Marks `stream` as the one that hung the plugin: it is not replayed to the replacement,
     /// and its final says `stuck`. Also forgets the stuck report (the process is about to go).
-    pub fn poison(&self, stream: StreamId) {
+    pub(crate) fn poison(&self, stream: StreamId) {
         self.poisoned.lock().expect("poison lock").insert(stream);
         self.stuck.lock().expect("stuck lock").clear();
         self.metrics.stuck_lanes.get_or_create(&self.label).set(0);
@@ -470,7 +470,7 @@ impl PluginLink {
     /// Closes every connection, live and draining, and waits up to `limit` for their tasks to
     /// end, so nothing of theirs touches the plugin's metric series afterwards (its owner is
     /// stopping it for good).
-    pub async fn close_all(&self, why: &str, limit: Duration) {
+    pub(crate) async fn close_all(&self, why: &str, limit: Duration) {
         self.disconnect(why);
         let draining: Vec<Arc<Conn>> = self.draining.lock().expect("draining lock").clone();
         for conn in draining {
@@ -488,7 +488,7 @@ impl PluginLink {
     }
 
     /// Closes the live connection (shutdown, or a restart by the supervisor).
-    pub fn disconnect(&self, why: &str) {
+    pub(crate) fn disconnect(&self, why: &str) {
         if let Some(conn) = self.connection() {
             self.detach(&conn, why);
         }
@@ -956,7 +956,7 @@ impl PluginLink {
 
     /// Sends a ping (not an event): ahead of queued events and regardless of the window, so a
     /// busy plugin is not taken for a hung one.
-    pub fn ping(&self, nonce: u64) {
+    pub(crate) fn ping(&self, nonce: u64) {
         if let Some(conn) = self.connection() {
             if conn
                 .priority
@@ -970,7 +970,7 @@ impl PluginLink {
 
     /// Sends `Shutdown` to the live connection, if any, ahead of queued events and regardless of
     /// the window.
-    pub fn send_shutdown(&self, grace: Duration) {
+    pub(crate) fn send_shutdown(&self, grace: Duration) {
         if let Some(conn) = self.connection() {
             conn.shutdown_sent.store(true, Ordering::Release);
             let _ = conn

@@ -218,6 +218,12 @@ impl PluginOwner {
         }
     }
 
+    /// Closes the plugin's live connection without its stop sequence: for the front's stop, once
+    /// the owner did not end in time.
+    pub(crate) fn cut(&self, why: &str) {
+        self.link.disconnect(why);
+    }
+
     /// Waits for the owner task to end (after [`PluginOwner::begin_stop`]).
     pub async fn finished(&self) {
         let task = self.task.lock().expect("task lock").take();

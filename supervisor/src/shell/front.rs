@@ -548,7 +548,7 @@ impl Running {
         }
         // Dropping the owners aborts any task still running, which kills its child.
         for entry in &entries {
-            entry.link().disconnect("front stopping");
+            entry.cut("front stopping");
             // Only while it is still a socket (an owner cut short did not remove it).
             if socket == SocketFile::Remove {
                 instance::remove_socket(&config.plugin_socket(entry.name()));
