@@ -84,6 +84,15 @@ enum Command {
         #[command(flatten)]
         control: ControlArg,
     },
+    /// Reload the running front's config file (as SIGHUP) and say what it applied.
+    ///
+    /// Every changed key either applies now (to new streams, or at once) or is named with what
+    /// applies it (a restart, or `plugvisor upgrade`). Exits 0 when the file was applied whole;
+    /// 1 when it was refused (the running configuration stays) or a plugin could not be started.
+    Reload {
+        #[command(flatten)]
+        control: ControlArg,
+    },
     /// Upgrade the running front to the binary now on disk, without breaking a stream.
     ///
     /// The running front starts the new binary with its own arguments and passes it the
@@ -269,6 +278,14 @@ fn main() -> ExitCode {
                 &c,
                 cli.config.as_ref(),
                 supervisor::shell::control::Request::Restart { plugin },
+                false,
+            );
+        }
+        Some(Command::Reload { control: c }) => {
+            return control(
+                &c,
+                cli.config.as_ref(),
+                supervisor::shell::control::Request::Reload,
                 false,
             );
         }

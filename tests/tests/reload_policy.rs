@@ -8,9 +8,8 @@ use std::time::{Duration, Instant};
 use supervisor::shell::control::{self, Request};
 use tests::front::{metric, FrontProcess};
 
-/// Rewrites one top-level `key = value` line of the running front's file and sends SIGHUP; waits
-/// for the reload to be logged.
-async fn reload_top_level(front: &FrontProcess, key: &str, value: &str) {
+/// Rewrites one top-level `key = value` line of the running front's file.
+fn set_top_level(front: &FrontProcess, key: &str, value: &str) {
     let path = front.config_path();
     let text = std::fs::read_to_string(path).unwrap();
     let mut found = false;
@@ -27,14 +26,22 @@ async fn reload_top_level(front: &FrontProcess, key: &str, value: &str) {
         .collect();
     assert!(found, "no `{key}` line in the config");
     std::fs::write(path, text.join("\n") + "\n").unwrap();
-    reloaded(front, || {
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(front.pid() as i32),
-            nix::sys::signal::Signal::SIGHUP,
-        )
-        .unwrap()
-    })
-    .await;
+}
+
+/// `plugvisor reload` against the running front: its exit status and what it printed.
+fn plugvisor_reload(front: &FrontProcess) -> (bool, String) {
+    let out = std::process::Command::new(tests::bins::plugvisor())
+        .arg("reload")
+        .arg("--control")
+        .arg(front.control_socket())
+        .output()
+        .expect("run plugvisor reload");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
 }
 
 /// Runs `send` (which triggers a reload) and waits until one more reload is logged.
@@ -67,10 +74,19 @@ async fn a_reload_of_max_streams_bounds_the_next_streams() {
         0.0
     );
 
-    reload_top_level(&front, "max_streams", "4").await;
+    set_top_level(&front, "max_streams", "4");
+    // A key only a restart applies, changed in the same reload, is named in the answer.
+    set_top_level(&front, "listen", "\"127.0.0.1:1\"");
+    let (ok, answer) = plugvisor_reload(&front);
+    assert!(ok, "{answer}");
+    assert!(answer.contains("applied max_streams"), "{answer}");
     assert!(
-        front.log().contains("applied max_streams"),
-        "the reload says it applied max_streams:\n{}",
+        answer.contains("NOT applied: listen needs a restart of plugvisor"),
+        "{answer}"
+    );
+    assert!(
+        front.log().contains("NOT applied: listen"),
+        "{}",
         front.log()
     );
     // Three streams hold places; of three more, one fits under the new bound of 4.
@@ -168,4 +184,25 @@ async fn a_restart_while_starting_answers_at_once() {
     }
     let log = front.log();
     assert!(!log.contains("exited unexpectedly"), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_the_file_refuses_keeps_the_running_configuration_and_says_why() {
+    let dir = tempfile::tempdir().unwrap();
+    let front = FrontProcess::start(dir.path(), "[plugins.latency]\n", &["latency"]);
+    let before = front.plugin_status("latency").await;
+    let config = std::fs::read_to_string(front.config_path()).unwrap();
+    std::fs::write(
+        front.config_path(),
+        config.replace("[plugins.latency]", "[plugins.latency]\nqueue_events = 0"),
+    )
+    .unwrap();
+    let (ok, answer) = plugvisor_reload(&front);
+    assert!(!ok, "{answer}");
+    assert!(
+        answer.contains("reload rejected") && answer.contains("queue_events"),
+        "{answer}"
+    );
+    let after = front.plugin_status("latency").await;
+    assert_eq!((after.pid, after.restarts), (before.pid, before.restarts));
 }

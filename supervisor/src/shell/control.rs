@@ -51,6 +51,9 @@ pub enum Request {
     /// Hand the listeners to the binary now on disk and drain ([`crate::shell::upgrade`]); answered
     /// once the new front serves, or with why it does not.
     Upgrade,
+    /// Read the config file again and apply it, as SIGHUP ([`crate::shell::reload`]); answered
+    /// with what was applied and which changed keys need a restart or an upgrade.
+    Reload,
 }
 
 /// The front's answer.
@@ -151,6 +154,17 @@ async fn dispatch(request: Request, plugins: &Plugins, upgrades: &upgrade::Reque
         Request::Upgrade => {
             tracing::info!("control request: upgrade");
             return match upgrades.upgrade().await {
+                Ok(message) => Response {
+                    ok: true,
+                    message: Some(message),
+                    ..Response::default()
+                },
+                Err(e) => Response::error(e),
+            };
+        }
+        Request::Reload => {
+            tracing::info!("control request: reload");
+            return match upgrades.reload().await {
                 Ok(message) => Response {
                     ok: true,
                     message: Some(message),

@@ -168,10 +168,16 @@ pub async fn run_with(
                 }
             }
             _ = hup.recv() => {
-                reload(&mut running, config_path.as_deref(), &mut report).await;
+                let _ = reload(&mut running, config_path.as_deref(), &mut report).await;
                 ready_sent = true;
             }
             ask = recv(&mut upgrades) => {
+                if ask.what == upgrade::Asked::Reload {
+                    let outcome = reload(&mut running, config_path.as_deref(), &mut report).await;
+                    ready_sent = true;
+                    let _ = ask.reply.send(outcome);
+                    continue;
+                }
                 match hand_over(&mut running, watchdog_usec, &draining, &mut shutdown).await {
                     Handover::Done(message) => {
                         let _ = ask.reply.send(Ok(message));
@@ -416,35 +422,48 @@ async fn drain_after_upgrade(
     }
 }
 
-/// `RELOADING=1`, read and apply the config file, `READY=1` with the new STATUS line.
-async fn reload(running: &mut Running, path: Option<&Path>, report: &mut Report) {
+/// `RELOADING=1`, read and apply the config file, `READY=1` with the new STATUS line. Returns
+/// what was done (`plugvisor reload`'s answer), or why the file was refused or not all applied.
+async fn reload(
+    running: &mut Running,
+    path: Option<&Path>,
+    report: &mut Report,
+) -> Result<String, String> {
     report.phase = "reloading";
     systemd::reloading(&report.line(running));
     let loaded = match path {
         Some(path) => Config::load(path),
         None => Config::default_config(),
     };
-    report.reload_note = match loaded {
+    let outcome = match loaded {
         Err(e) => {
             let why = crate::observe::logging::error_chain(&e);
             tracing::error!(error = %why, "reload rejected; keeping the running configuration");
-            Some(format!("reload rejected: {}", clip(&why, 200)))
+            report.reload_note = Some(format!("reload rejected: {}", clip(&why, 200)));
+            Err(format!(
+                "reload rejected, the running configuration stays: {why}"
+            ))
         }
         Ok(new) => match running.reload(new).await {
             Ok(plan) => {
                 tracing::info!(%plan, "reload applied");
                 // Keys the reload could not apply stay visible until the next reload.
-                (!plan.needs_restart.is_empty()).then(|| {
+                report.reload_note = (!plan.needs_restart.is_empty()).then(|| {
                     let keys: Vec<&str> = plan.needs_restart.iter().map(|(k, _)| *k).collect();
                     format!("not applied until restart/upgrade: {}", keys.join(", "))
-                })
+                });
+                Ok(format!("reloaded: {plan}"))
             }
-            Err(e) => Some(format!("reload incomplete: {e}")),
+            Err(e) => {
+                report.reload_note = Some(format!("reload incomplete: {e}"));
+                Err(format!("reload incomplete: {e}"))
+            }
         },
     };
     report.phase = "serving";
     let line = report.line(running);
     systemd::ready(&line);
+    outcome
 }
 
 /// Resolves when the ext_proc server task ends on its own (it only should at shutdown): `Ok` for

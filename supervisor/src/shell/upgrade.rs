@@ -275,14 +275,25 @@ fn line(message: &Message) -> io::Result<Vec<u8>> {
     Ok(bytes)
 }
 
-/// A request to upgrade, from the control socket: answered with what happened.
+/// What the control socket asks the service loop for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Asked {
+    /// An upgrade: answered once the new front serves, or with why not.
+    Upgrade,
+    /// A reload of the config file, as SIGHUP: answered with what it applied and what not.
+    Reload,
+}
+
+/// A request from the control socket: answered with what happened.
 #[derive(Debug)]
 pub struct Ask {
-    /// `Ok(message)` once the new front serves, else why not.
+    /// What is asked.
+    pub what: Asked,
+    /// `Ok(message)` once done, else why not.
     pub reply: oneshot::Sender<Result<String, String>>,
 }
 
-/// The control socket's way to ask the service loop for an upgrade.
+/// The control socket's way to ask the service loop for an upgrade or a reload.
 #[derive(Debug, Clone)]
 pub struct Requests {
     tx: mpsc::Sender<Ask>,
@@ -322,16 +333,27 @@ impl Requests {
 
     /// Asks for an upgrade and waits for its outcome.
     pub async fn upgrade(&self) -> Result<String, String> {
+        self.ask(Asked::Upgrade, || UpgradeError::NotAvailable.to_string())
+            .await
+    }
+
+    /// Asks for a reload of the config file and waits for what it did.
+    pub async fn reload(&self) -> Result<String, String> {
+        self.ask(Asked::Reload, || {
+            "no service loop carries reloads out in this front (started as a library)".to_owned()
+        })
+        .await
+    }
+
+    async fn ask(&self, what: Asked, unavailable: impl Fn() -> String) -> Result<String, String> {
         if !self.served.load(Ordering::SeqCst) {
-            return Err(UpgradeError::NotAvailable.to_string());
+            return Err(unavailable());
         }
         let (reply, answer) = oneshot::channel();
-        if self.tx.send(Ask { reply }).await.is_err() {
-            return Err(UpgradeError::NotAvailable.to_string());
+        if self.tx.send(Ask { what, reply }).await.is_err() {
+            return Err(unavailable());
         }
-        answer
-            .await
-            .unwrap_or_else(|_| Err(UpgradeError::NotAvailable.to_string()))
+        answer.await.unwrap_or_else(|_| Err(unavailable()))
     }
 }
 
