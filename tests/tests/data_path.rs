@@ -283,7 +283,12 @@ async fn every_body_mode_carries_the_body_and_says_what_the_plugins_saw() {
 async fn a_message_over_max_message_bytes_fails_its_stream_instead_of_truncating_it() {
     let setup = InProc::start(Options {
         body_mode: "BUFFERED",
-        plugins: vec![("order".into(), String::new(), Behaviour::default())],
+        // A 5 MiB event through a debug build on a loaded machine: not a test of the deadline.
+        plugins: vec![(
+            "order".into(),
+            "final_timeout_ms = 5000".into(),
+            Behaviour::default(),
+        )],
         buffer_limit_bytes: Some(64 << 20),
         ..Options::default()
     })

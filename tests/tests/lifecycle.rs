@@ -373,3 +373,131 @@ async fn streams_past_the_journal_are_reported_partial_with_gaps() {
     assert!(partial > 0, "the journal never overflowed");
     assert!(whole > 0, "no stream fit its journal");
 }
+
+/// Sets a top-level `key = value` in the running front's file (replacing the line, or adding it
+/// above the first table) and reloads it with SIGHUP; waits until the reload is logged.
+async fn reload_top_level(setup: &Stack, key: &str, value: &str) {
+    let path = setup.front.config_path();
+    let text = std::fs::read_to_string(path).unwrap();
+    let line = format!("{key} = {value}");
+    let mut lines: Vec<String> = text
+        .lines()
+        .filter(|l| !l.starts_with(&format!("{key} =")))
+        .map(str::to_owned)
+        .collect();
+    let first_table = lines.iter().position(|l| l.starts_with('[')).unwrap();
+    lines.insert(first_table, line);
+    std::fs::write(path, lines.join("\n") + "\n").unwrap();
+    let reloads = |log: &str| log.matches("configuration reloaded").count();
+    let before = reloads(&setup.front.log());
+    kill(Pid::from_raw(setup.front.pid() as i32), Signal::SIGHUP).unwrap();
+    let start = std::time::Instant::now();
+    while reloads(&setup.front.log()) == before {
+        assert!(
+            start.elapsed() < Duration::from_secs(15),
+            "{}",
+            setup.front.log()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Front-side keys reloaded on a running front apply without a restart, under a batch: a lower
+/// `max_streams`, then a burst (the streams past it are echoed whole without plugins and say so,
+/// the rest are whole); `idle_stream_timeout_ms`, then a slow stream (failed loudly, the lively
+/// ones whole); a `temporary` restart policy, then a crash (the plugin stays down, the other's
+/// metadata stays whole). No plugin process is restarted by the reloads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reloaded_policy_keys_apply_under_a_batch() {
+    let setup = Stack::start(PLUGINS, &["usage", "test-order"]).await;
+    let usage = setup.plugin_pid("usage").await;
+    let order = setup.plugin_pid("test-order").await;
+
+    reload_top_level(&setup, "max_streams", "10").await;
+    let lines = batch(&setup, "max", STREAMS, || async {}).await;
+    let shed: Vec<_> = lines
+        .iter()
+        .filter(|l| !l["plugvisor"]["reasons"]["usage"].is_null())
+        .collect();
+    for line in &shed {
+        assert_eq!(
+            line["plugvisor"]["reasons"]["usage"], "max_streams",
+            "{line}"
+        );
+    }
+    assert!(
+        !shed.is_empty() && shed.len() <= STREAMS - 10,
+        "{} of {STREAMS} shed under max_streams = 10",
+        shed.len()
+    );
+    let served: Vec<_> = lines
+        .iter()
+        .filter(|l| l["plugvisor"]["reasons"]["usage"].is_null())
+        .cloned()
+        .collect();
+    assert_whole(&served);
+    assert_eq!(
+        metric(&setup.front.metrics(), "plugvisor_streams_shed_total"),
+        shed.len() as f64
+    );
+
+    reload_top_level(&setup, "max_streams", "10000").await;
+    reload_top_level(&setup, "idle_stream_timeout_ms", "400").await;
+    let slow = Params {
+        chunks: 3,
+        delay: Duration::from_millis(1500),
+        ..Params::default()
+    };
+    let port = setup.envoy.port;
+    let slow_one = tokio::spawn(async move { chat(port, &slow, "slow").await });
+    let lines = batch(&setup, "lively", STREAMS, || async {}).await;
+    assert_whole(&lines);
+    let got = slow_one.await.unwrap();
+    assert!(
+        got.status != 200 || got.error.is_some(),
+        "a stream silent past idle_stream_timeout_ms was not ended"
+    );
+
+    reload_top_level(&setup, "idle_stream_timeout_ms", "0").await;
+    setup.front.reload(&PLUGINS.replace(
+        "[plugins.test-order]\n",
+        "[plugins.test-order]\nrestart = \"temporary\"\n",
+    ));
+    let start = std::time::Instant::now();
+    while !setup.front.log().contains("updated in place test-order") {
+        assert!(
+            start.elapsed() < Duration::from_secs(15),
+            "{}",
+            setup.front.log()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        setup.plugin_pid("usage").await,
+        usage,
+        "no reload restarted usage"
+    );
+    assert_eq!(setup.plugin_pid("test-order").await, order);
+    let lines = batch(&setup, "crash", STREAMS / 3, || async {
+        kill(Pid::from_raw(order as i32), Signal::SIGKILL).unwrap();
+    })
+    .await;
+    let p = params();
+    for line in &lines {
+        assert_eq!(
+            line["usage"]["completion_tokens"], p.chunks as f64,
+            "{line}"
+        );
+    }
+    let without_order = lines.iter().filter(|l| l["test_order"].is_null()).count();
+    assert!(
+        without_order > 0,
+        "the crash cost test-order's metadata somewhere"
+    );
+    let status = setup.front.plugin_status("test-order").await;
+    assert_eq!(
+        (status.state.as_str(), status.restarts),
+        ("stopped", 0),
+        "temporary: never restarted: {status:?}"
+    );
+}

@@ -206,3 +206,69 @@ async fn a_reload_the_file_refuses_keeps_the_running_configuration_and_says_why(
     let after = front.plugin_status("latency").await;
     assert_eq!((after.pid, after.restarts), (before.pid, before.restarts));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replaced_process_and_its_drain_show_in_status_until_the_drain_ends() {
+    let dir = tempfile::tempdir().unwrap();
+    let listen = format!("unix:{}", dir.path().join("ext_proc.sock").display());
+    let front = FrontProcess::start_listening(
+        dir.path(),
+        &listen,
+        "[plugins.latency]\ndrain_grace_ms = 1500\n",
+        &["latency"],
+    );
+    // Two streams in the middle of a response, bound to the running process.
+    let streams = tests::idle::open_in_flight(&listen, 1, 2, 2, 64).await;
+    let old = front
+        .plugin_status("latency")
+        .await
+        .pid
+        .expect("latency runs");
+    let answer = control::request(
+        &front.control_socket(),
+        &Request::Restart {
+            plugin: "latency".into(),
+        },
+    )
+    .await
+    .unwrap();
+    assert!(answer.ok, "{answer:?}");
+    let s = front.plugin_status("latency").await;
+    let draining = s
+        .draining
+        .iter()
+        .find(|d| d.pid == old)
+        .unwrap_or_else(|| panic!("the replaced process is not listed: {s:?}"));
+    assert_eq!(draining.streams, 2, "{s:?}");
+    assert!(draining.grace_left_ms.is_some_and(|ms| ms <= 1500), "{s:?}");
+    let table = std::process::Command::new(tests::bins::plugvisor())
+        .args(["status", "--control"])
+        .arg(front.control_socket())
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&table.stdout);
+    assert!(
+        table.contains(&format!(
+            "latency: replaced process {old} finishing 2 stream(s)"
+        )),
+        "{table}"
+    );
+    // The owner ends the drain on time: the streams move on, the old process is reaped.
+    let start = Instant::now();
+    loop {
+        let s = front.plugin_status("latency").await;
+        if s.draining.is_empty() {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(15), "{s:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        front
+            .log()
+            .contains("replaced process still serving streams after drain_grace_ms"),
+        "{}",
+        front.log()
+    );
+    drop(streams);
+}

@@ -95,6 +95,17 @@ pub(crate) fn window_allows(in_flight: u64, frame_len: u64, budget: u64) -> bool
     in_flight == 0 || in_flight.saturating_add(frame_len) <= budget
 }
 
+/// A connection being replaced, as `plugvisor status` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Draining {
+    /// The process on the other end.
+    pub pid: u32,
+    /// Streams it still serves.
+    pub streams: u64,
+    /// Time left before its streams move to the new process.
+    pub grace_left_ms: Option<u64>,
+}
+
 /// One live connection of a plugin.
 pub struct Conn {
     generation: u64,
@@ -120,6 +131,9 @@ pub struct Conn {
     bound_streams: AtomicUsize,
     /// Being replaced: takes no new stream, gets `Shutdown` once its last stream ends.
     draining: std::sync::atomic::AtomicBool,
+    /// While draining: when the streams it still has move to the next connection. Checked by the
+    /// plugin's owner ([`PluginLink::expire_drains`]), which sleeps until the earliest one.
+    drain_until: Mutex<Option<tokio::time::Instant>>,
     /// Told to shut down: its end is planned, not a failure.
     shutdown_sent: std::sync::atomic::AtomicBool,
 }
@@ -309,6 +323,7 @@ impl PluginLink {
             since: Instant::now(),
             bound_streams: AtomicUsize::new(0),
             draining: std::sync::atomic::AtomicBool::new(false),
+            drain_until: Mutex::new(None),
             shutdown_sent: std::sync::atomic::AtomicBool::new(false),
         });
         *slot = Some(conn.clone());
@@ -392,9 +407,10 @@ impl PluginLink {
     /// Hands the plugin over to its next connection (a planned restart, a reload, an upgrade):
     /// the live connection stops taking new streams, finishes the ones bound to it and is told
     /// to shut down after its last one; new streams wait in their journals for the next
-    /// connection. After `grace`, a connection still draining is closed and its streams move to
-    /// the next connection with their journals. Returns how many streams it still serves.
-    pub(crate) fn begin_handover(self: &Arc<Self>, grace: Duration, why: &str) -> usize {
+    /// connection. After `grace` ([`PluginLink::expire_drains`], called by the owner), a
+    /// connection still draining is closed and its streams move to the next connection with
+    /// their journals. Returns how many streams it still serves.
+    pub(crate) fn begin_handover(&self, grace: Duration, why: &str) -> usize {
         let mut slot = self.conn.lock().expect("link lock");
         let Some(conn) = slot.take() else {
             return 0;
@@ -405,6 +421,7 @@ impl PluginLink {
             .get_or_create(&self.label)
             .set(0);
         conn.draining.store(true, Ordering::Release);
+        *conn.drain_until.lock().expect("drain lock") = Some(tokio::time::Instant::now() + grace);
         self.draining
             .lock()
             .expect("draining lock")
@@ -415,19 +432,61 @@ impl PluginLink {
         if streams == 0 {
             self.shutdown_drained(&conn);
         }
-        let link = self.clone();
-        tokio::spawn(async move {
-            let mut closed = conn.closed.subscribe();
-            if tokio::time::timeout(grace, closed.wait_for(|c| *c))
-                .await
-                .is_err()
-            {
-                tracing::warn!(plugin = %link.name, pid = conn.pid, streams = conn.bound_streams.load(Ordering::Acquire), grace = ?grace, "replaced process still serving streams after drain_grace_ms; moving them to the new process");
-                link.shutdown_drained(&conn);
-                link.detach(&conn, "drain grace over");
-            }
-        });
         streams
+    }
+
+    /// When the earliest draining connection's grace is over, if any is draining.
+    pub(crate) fn next_drain_deadline(&self) -> Option<tokio::time::Instant> {
+        self.draining
+            .lock()
+            .expect("draining lock")
+            .iter()
+            .filter_map(|c| *c.drain_until.lock().expect("drain lock"))
+            .min()
+    }
+
+    /// Closes the draining connections whose grace is over; their streams move to the next
+    /// connection with their journals.
+    pub(crate) fn expire_drains(&self) {
+        let now = tokio::time::Instant::now();
+        let expired: Vec<Arc<Conn>> = self
+            .draining
+            .lock()
+            .expect("draining lock")
+            .iter()
+            .filter(|c| {
+                c.drain_until
+                    .lock()
+                    .expect("drain lock")
+                    .is_some_and(|t| t <= now)
+            })
+            .cloned()
+            .collect();
+        for conn in expired {
+            tracing::warn!(plugin = %self.name, pid = conn.pid, streams = conn.bound_streams.load(Ordering::Acquire), "replaced process still serving streams after drain_grace_ms; moving them to the new process");
+            self.shutdown_drained(&conn);
+            self.detach(&conn, "drain grace over");
+        }
+    }
+
+    /// The connections being replaced: pid, streams they still serve, and time left of their
+    /// grace (for `plugvisor status`).
+    pub fn draining_status(&self) -> Vec<Draining> {
+        let now = tokio::time::Instant::now();
+        self.draining
+            .lock()
+            .expect("draining lock")
+            .iter()
+            .map(|c| Draining {
+                pid: c.pid,
+                streams: c.bound_streams.load(Ordering::Acquire) as u64,
+                grace_left_ms: c
+                    .drain_until
+                    .lock()
+                    .expect("drain lock")
+                    .map(|t| t.saturating_duration_since(now).as_millis() as u64),
+            })
+            .collect()
     }
 
     /// The lanes the plugin's last `Pong` reported stuck in one event.

@@ -184,7 +184,7 @@ impl PluginOwner {
 
     /// The pid of the process the front spawned, while one runs.
     pub fn pid(&self) -> Option<u32> {
-        self.shared.as_deref().and_then(supervise::spawned_pid)
+        self.shared.as_ref().and_then(|_| self.link.spawned_pid())
     }
 
     /// Asks the owner to carry out `command`; the answer says what was done.
@@ -309,6 +309,9 @@ impl Owner {
                         drop_hung_external(&self.link);
                     }
                 }
+                () = sleep_until(self.link.next_drain_deadline()) => {
+                    self.link.expire_drains();
+                }
                 _ = hang_tick.tick(), if up => {
                     if let Some(process) = &mut self.process {
                         process.check_hang().await;
@@ -403,6 +406,13 @@ fn interval(period: Duration) -> tokio::time::Interval {
     let mut tick = tokio::time::interval(period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tick
+}
+
+async fn sleep_until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
 }
 
 async fn wait_process(process: &mut Option<Process>) -> supervise::Wake {

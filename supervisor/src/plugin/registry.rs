@@ -95,6 +95,7 @@ impl Unstarted {
                 .next_try
                 .map(|t| t.saturating_duration_since(Instant::now()).as_millis() as u64),
             stuck_lanes: 0,
+            draining: Vec::new(),
         }
     }
 }

@@ -198,6 +198,11 @@ impl Restarter {
         self.state == State::Stopped || self.restart_on_exit
     }
 
+    /// Since when the running process is up (its handshake completed).
+    pub fn up_since(&self) -> Option<Instant> {
+        self.up_since
+    }
+
     /// The policy.
     pub fn policy(&self) -> &Policy {
         &self.policy

@@ -57,6 +57,9 @@ pub struct PluginStatus {
     /// Lanes stuck in one event, as the plugin's last pong said.
     #[serde(default)]
     pub stuck_lanes: u32,
+    /// Replaced processes still finishing their streams (a restart or reload by handover).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub draining: Vec<crate::plugin::link::Draining>,
 }
 
 /// An operator's or the front's request to a supervised plugin.
@@ -100,6 +103,7 @@ pub fn link_status(link: &PluginLink, metrics: &Metrics) -> PluginStatus {
         } else {
             0
         },
+        draining: link.draining_status(),
     }
 }
 
@@ -115,14 +119,15 @@ fn describe(exit: Exit) -> String {
     }
 }
 
-/// What a spawned plugin's process part publishes for the status readers.
-#[derive(Debug, Default)]
+/// A spawned plugin's process state, kept once: the process part changes it, `plugvisor status`
+/// reads it. The pid of the running process is the link's (the one the handshake is checked
+/// against); its state, uptime, backoff deadline and restarts are the restart policy's.
+#[derive(Debug)]
 pub(crate) struct Shared {
-    state: Option<State>,
-    pid: Option<u32>,
-    up_since: Option<Instant>,
-    restarts: u64,
+    restarter: Restarter,
     last_exit: Option<String>,
+    /// Replaced processes still finishing their streams, with when they are terminated.
+    replaced: Vec<(Option<u32>, Instant)>,
 }
 
 /// A spawned plugin's status: the link's view, with the process part's state, pid, uptime,
@@ -133,26 +138,43 @@ pub(crate) fn spawned_status(
     metrics: &Metrics,
 ) -> PluginStatus {
     let shared = shared.lock().expect("status lock");
-    let state = shared.state.unwrap_or(State::Stopped);
+    let state = shared.restarter.state();
+    let pid = link.spawned_pid();
     let mut status = link_status(link, metrics);
     status.spawned = true;
-    status.restarts = shared.restarts;
+    status.restarts = shared.restarter.restarts_total();
     status.last_exit = shared.last_exit.clone();
-    let ours = shared.pid.is_some() && status.pid == shared.pid;
+    let ours = pid.is_some() && status.pid == pid;
     status.state = if status.connected && !ours && state == State::Stopped {
         "external".into()
     } else {
         state.name().into()
     };
     if status.state != "external" {
-        status.pid = shared.pid;
+        status.pid = pid;
     }
     status.uptime_secs = match state {
-        State::Up => shared.up_since.map(|t| t.elapsed().as_secs_f64()),
+        State::Up => shared
+            .restarter
+            .up_since()
+            .map(|t| t.elapsed().as_secs_f64()),
         // A hand-started instance: the link knows since when it is connected.
         _ if status.state == "external" => status.uptime_secs,
         _ => None,
     };
+    // A replaced process whose connection is gone but that is not reaped yet.
+    let now = Instant::now();
+    for (pid, until) in &shared.replaced {
+        if let Some(pid) = *pid {
+            if !status.draining.iter().any(|d| d.pid == pid) {
+                status.draining.push(crate::plugin::link::Draining {
+                    pid,
+                    streams: 0,
+                    grace_left_ms: Some(until.saturating_duration_since(now).as_millis() as u64),
+                });
+            }
+        }
+    }
     status.retry_in_ms = match state {
         State::Backoff { until } => {
             Some(until.saturating_duration_since(Instant::now()).as_millis() as u64)
@@ -160,11 +182,6 @@ pub(crate) fn spawned_status(
         _ => None,
     };
     status
-}
-
-/// The pid of the process the front spawned, while one runs.
-pub(crate) fn spawned_pid(shared: &Mutex<Shared>) -> Option<u32> {
-    shared.lock().expect("status lock").pid
 }
 
 /// What woke a [`Process`] up (see [`Process::wait`]).
@@ -178,6 +195,8 @@ pub(crate) enum Wake {
     StartTimedOut,
     /// The backoff delay is over.
     BackoffElapsed,
+    /// A replaced process (its pid) was reaped.
+    ReplacedExited(Option<u32>, Exit),
 }
 
 /// A spawned plugin's process and its restart policy. Owned by the plugin's owner task
@@ -190,12 +209,13 @@ pub(crate) struct Process {
     metrics: Arc<Metrics>,
     /// The running configuration (the stop grace).
     config: Published,
-    restarter: Restarter,
     shared: Arc<Mutex<Shared>>,
     connected: tokio::sync::watch::Receiver<bool>,
     child: Option<Child>,
     start_deadline: Option<tokio::time::Instant>,
-    backoff_until: Option<tokio::time::Instant>,
+    /// Replaced processes finishing their streams apart, each reaped (and terminated past its
+    /// drain) by a task this process part owns; listed in [`Shared`] for the status.
+    reaping: tokio::task::JoinSet<(Option<u32>, Exit)>,
     spawned_at: Option<Instant>,
 }
 
@@ -208,18 +228,22 @@ impl Process {
         metrics: Arc<Metrics>,
         config: Published,
     ) -> Process {
+        let restarter = Restarter::new(link.config().restart.clone());
         Process {
-            restarter: Restarter::new(link.config().restart.clone()),
             connected: link.subscribe_connected(),
             link,
             socket,
             spawner,
             metrics,
             config,
-            shared: Arc::new(Mutex::new(Shared::default())),
+            shared: Arc::new(Mutex::new(Shared {
+                restarter,
+                last_exit: None,
+                replaced: Vec::new(),
+            })),
             child: None,
             start_deadline: None,
-            backoff_until: None,
+            reaping: tokio::task::JoinSet::new(),
             spawned_at: None,
         }
     }
@@ -231,7 +255,11 @@ impl Process {
 
     /// Takes a reload's restart policy, for what happens from now on.
     pub(crate) fn set_policy(&mut self, policy: crate::plugin::restart::Policy) {
-        self.restarter.set_policy(policy);
+        self.shared
+            .lock()
+            .expect("status lock")
+            .restarter
+            .set_policy(policy);
     }
 
     /// How long a stopping process gets for each step (`shutdown_grace_ms`, as published now).
@@ -241,7 +269,7 @@ impl Process {
 
     /// The policy's state.
     pub(crate) fn state(&self) -> State {
-        self.restarter.state()
+        self.shared.lock().expect("status lock").restarter.state()
     }
 
     /// Starts the plugin (the policy's `Start`).
@@ -251,12 +279,13 @@ impl Process {
 
     /// Waits for the next thing the process part must act on; pending while there is none.
     pub(crate) async fn wait(&mut self) -> Wake {
-        let state = self.restarter.state();
+        let state = self.state();
         tokio::select! {
             status = wait_child(&mut self.child) => Wake::Exited(status.map_or(Exit::Code(-1), exit_of)),
             Ok(()) = self.connected.changed() => Wake::Connected,
             _ = sleep_until(self.start_deadline), if state == State::Starting => Wake::StartTimedOut,
-            _ = sleep_until(self.backoff_until), if matches!(state, State::Backoff { .. }) => Wake::BackoffElapsed,
+            _ = sleep_until(backoff_until(state)), if matches!(state, State::Backoff { .. }) => Wake::BackoffElapsed,
+            Some(Ok((pid, exit))) = self.reaping.join_next(), if !self.reaping.is_empty() => Wake::ReplacedExited(pid, exit),
             else => std::future::pending().await,
         }
     }
@@ -270,7 +299,7 @@ impl Process {
                 self.feed(Event::Exited(exit)).await;
             }
             Wake::Connected => {
-                if self.restarter.state() == State::Starting && self.handshake_done() {
+                if self.state() == State::Starting && self.handshake_done() {
                     self.feed(Event::HandshakeDone).await;
                 }
             }
@@ -284,8 +313,15 @@ impl Process {
                 self.feed(Event::StartTimedOut).await;
             }
             Wake::BackoffElapsed => {
-                self.backoff_until = None;
                 self.feed(Event::BackoffElapsed).await;
+            }
+            Wake::ReplacedExited(pid, exit) => {
+                self.shared
+                    .lock()
+                    .expect("status lock")
+                    .replaced
+                    .retain(|(p, _)| *p != pid);
+                tracing::info!(plugin = %self.link.name(), pid, exit = %describe(exit), "replaced process exited");
             }
         }
     }
@@ -294,7 +330,7 @@ impl Process {
     /// poisoned, never replayed) or no pong within `hang_timeout_ms`. A hang kills the process
     /// group and lets the policy restart it.
     pub(crate) async fn check_hang(&mut self) {
-        if self.restarter.state() != State::Up {
+        if self.state() != State::Up {
             return;
         }
         let name = self.link.name().to_owned();
@@ -327,7 +363,13 @@ impl Process {
     }
 
     fn hung(&self) -> bool {
-        let Some(up_since) = self.shared.lock().expect("status lock").up_since else {
+        let Some(up_since) = self
+            .shared
+            .lock()
+            .expect("status lock")
+            .restarter
+            .up_since()
+        else {
             return false;
         };
         self.link.silent_since(up_since) > self.link.config().hang_timeout
@@ -336,22 +378,21 @@ impl Process {
     /// Carries out an operator's (or a reload's) command; the answer says what was done.
     pub(crate) async fn on_command(&mut self, command: Command) -> Result<String, String> {
         let name = self.link.name().to_owned();
-        let state = self.restarter.state();
+        let state = self.state();
         match command {
             Command::Start if matches!(state, State::Starting | State::Up) => {
                 Ok(format!("{name} is already {}", state.name()))
             }
             Command::Start | Command::Restart => {
                 // A reload may have changed the policy along with the process's config.
-                self.restarter
-                    .set_policy(self.link.config().restart.clone());
+                self.set_policy(self.link.config().restart.clone());
                 if state == State::Stopped && self.link.is_connected() {
                     // A hand-started instance holds the socket: make room for ours.
                     self.link
                         .disconnect("the operator started the supervised plugin");
                 }
                 self.feed(Event::Start).await;
-                Ok(format!("{name}: {}", self.restarter.state().name()))
+                Ok(format!("{name}: {}", self.state().name()))
             }
             Command::Stop if state == State::Stopped => Ok(format!("{name} is already stopped")),
             Command::Stop => {
@@ -367,29 +408,33 @@ impl Process {
     /// Stops the plugin for good (front shutdown, removal by a reload): `Shutdown`, SIGTERM to
     /// its process group after `grace`, SIGKILL after another `grace`; returns once it is reaped.
     pub(crate) async fn stop(&mut self, grace: Duration) {
-        self.restarter.handle(Event::Stop, Instant::now(), 0.0);
+        self.shared
+            .lock()
+            .expect("status lock")
+            .restarter
+            .handle(Event::Stop, Instant::now(), 0.0);
         if let Some(exit) = self.terminate(grace).await {
             self.record_exit(exit);
         }
-        self.publish();
     }
 
     /// Logs and publishes how the process ended; the caller feeds the policy.
     fn record_exit(&mut self, exit: Exit) {
         let name = self.link.name().to_owned();
-        let pid = self.shared.lock().expect("status lock").pid.take();
+        let pid = self.link.spawned_pid();
         let described = describe(exit);
-        let expected = self.restarter.exit_expected();
+        let expected = self
+            .shared
+            .lock()
+            .expect("status lock")
+            .restarter
+            .exit_expected();
         if expected {
             tracing::info!(plugin = %name, pid, exit = %described, "plugin exited");
         } else {
             tracing::error!(plugin = %name, pid, exit = %described, "plugin exited unexpectedly");
         }
-        {
-            let mut shared = self.shared.lock().expect("status lock");
-            shared.last_exit = Some(described);
-            shared.up_since = None;
-        }
+        self.shared.lock().expect("status lock").last_exit = Some(described);
         let label = Metrics::plugin(&name);
         match exit {
             Exit::Code(c) => {
@@ -418,10 +463,12 @@ impl Process {
     async fn feed(&mut self, event: Event) {
         let mut pending = vec![event];
         while let Some(event) = pending.pop() {
-            let actions = self
-                .restarter
-                .handle(event, Instant::now(), rand::random::<f64>());
-            if event == Event::HandshakeDone && self.restarter.state() == State::Up {
+            let actions = self.shared.lock().expect("status lock").restarter.handle(
+                event,
+                Instant::now(),
+                rand::random::<f64>(),
+            );
+            if event == Event::HandshakeDone && self.state() == State::Up {
                 self.on_up();
             }
             for action in actions {
@@ -430,7 +477,6 @@ impl Process {
                 }
             }
         }
-        self.publish();
     }
 
     fn on_up(&mut self) {
@@ -444,7 +490,6 @@ impl Process {
                 .observe(at.elapsed().as_secs_f64());
         }
         self.metrics.plugin_up.get_or_create(&label).set(1);
-        self.shared.lock().expect("status lock").up_since = Some(Instant::now());
         tracing::info!(plugin = %name, pid = ?self.child.as_ref().and_then(|c| c.id()), "plugin up");
     }
 
@@ -461,7 +506,6 @@ impl Process {
                         self.start_deadline =
                             Some(tokio::time::Instant::now() + config.start_timeout);
                         self.spawned_at = Some(Instant::now());
-                        self.shared.lock().expect("status lock").pid = pid;
                         None
                     }
                     Err(e) => {
@@ -476,14 +520,16 @@ impl Process {
                 let child = self.child.take()?;
                 let pid = child.id();
                 let config = self.link.config();
-                {
-                    let mut shared = self.shared.lock().expect("status lock");
-                    shared.pid = None;
-                    shared.up_since = None;
-                }
+                self.link.set_spawned_pid(None);
                 let streams = self.link.begin_handover(config.drain_grace, "restart");
                 tracing::info!(plugin = %name, pid, streams, "restarting: a new process takes new streams while this one finishes its own");
-                reap_replaced(name, child, config.drain_grace + self.stop_grace());
+                let limit = config.drain_grace + self.stop_grace();
+                self.shared
+                    .lock()
+                    .expect("status lock")
+                    .replaced
+                    .push((pid, Instant::now() + limit));
+                self.reaping.spawn(reap_replaced(name, child, limit));
                 None
             }
             Action::Kill => {
@@ -498,20 +544,25 @@ impl Process {
                 Some(Event::Exited(exit))
             }
             Action::RetryAfter(delay) => {
-                tracing::warn!(plugin = %name, delay = ?delay, restarts = self.restarter.restarts_total(), "restarting plugin after backoff");
+                tracing::warn!(plugin = %name, delay = ?delay, restarts = self.shared.lock().expect("status lock").restarter.restarts_total(), "restarting plugin after backoff");
                 self.metrics
                     .restarts
                     .get_or_create(&Metrics::plugin(&name))
                     .inc();
-                self.backoff_until = Some(tokio::time::Instant::now() + delay);
                 None
             }
             Action::GaveUp { restarts } => {
-                let policy = self.restarter.policy();
+                let period = self
+                    .shared
+                    .lock()
+                    .expect("status lock")
+                    .restarter
+                    .policy()
+                    .period;
                 tracing::error!(
                     plugin = %name,
                     restarts,
-                    period = ?policy.period,
+                    period = ?period,
                     "plugin failed: too many restarts; the others keep serving; `plugvisor restart {name}` brings it back"
                 );
                 None
@@ -557,40 +608,40 @@ impl Process {
         };
         Some(status.map_or(Exit::Code(-1), exit_of))
     }
-
-    fn publish(&self) {
-        let mut shared = self.shared.lock().expect("status lock");
-        shared.state = Some(self.restarter.state());
-        shared.restarts = self.restarter.restarts_total();
-    }
 }
 
 /// Reaps a process that handed its plugin over to a successor: it exits by itself once the link
-/// has told it its last stream ended; past `limit` it is terminated.
-fn reap_replaced(name: String, mut child: Child, limit: Duration) {
-    tokio::spawn(async move {
-        let pid = child.id();
-        let status = match tokio::time::timeout(limit, child.wait()).await {
-            Ok(status) => status.ok(),
-            Err(_) => {
-                tracing::warn!(plugin = %name, pid, "replaced process still running after its drain; terminating it");
-                if let Some(p) = pid {
-                    let _ = killpg(Pid::from_raw(p as i32), Signal::SIGTERM);
-                }
-                match tokio::time::timeout(Duration::from_secs(2), child.wait()).await {
-                    Ok(status) => status.ok(),
-                    Err(_) => {
-                        if let Some(p) = pid {
-                            let _ = killpg(Pid::from_raw(p as i32), Signal::SIGKILL);
-                        }
-                        child.wait().await.ok()
+/// has told it its last stream ended; past `limit` it is terminated. Runs in the process part's
+/// own task set, so the status lists it until it is reaped.
+async fn reap_replaced(name: String, mut child: Child, limit: Duration) -> (Option<u32>, Exit) {
+    let pid = child.id();
+    let status = match tokio::time::timeout(limit, child.wait()).await {
+        Ok(status) => status.ok(),
+        Err(_) => {
+            tracing::warn!(plugin = %name, pid, "replaced process still running after its drain; terminating it");
+            if let Some(p) = pid {
+                let _ = killpg(Pid::from_raw(p as i32), Signal::SIGTERM);
+            }
+            match tokio::time::timeout(Duration::from_secs(2), child.wait()).await {
+                Ok(status) => status.ok(),
+                Err(_) => {
+                    if let Some(p) = pid {
+                        let _ = killpg(Pid::from_raw(p as i32), Signal::SIGKILL);
                     }
+                    child.wait().await.ok()
                 }
             }
-        };
-        let exit = status.map_or(Exit::Code(-1), exit_of);
-        tracing::info!(plugin = %name, pid, exit = %describe(exit), "replaced process exited");
-    });
+        }
+    };
+    (pid, status.map_or(Exit::Code(-1), exit_of))
+}
+
+/// When a backoff ends, as the policy's state says.
+fn backoff_until(state: State) -> Option<tokio::time::Instant> {
+    match state {
+        State::Backoff { until } => Some(tokio::time::Instant::from_std(until)),
+        _ => None,
+    }
 }
 
 fn exit_of(status: std::process::ExitStatus) -> Exit {

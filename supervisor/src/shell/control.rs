@@ -294,6 +294,17 @@ pub fn render_status(plugins: &[PluginStatus]) -> String {
         out.push_str(cells.join("  ").trim_end());
         out.push('\n');
     }
+    for p in plugins {
+        for d in &p.draining {
+            let grace = d
+                .grace_left_ms
+                .map_or_else(String::new, |ms| format!(", {ms} ms of its drain left"));
+            out.push_str(&format!(
+                "{}: replaced process {} finishing {} stream(s){grace}\n",
+                p.name, d.pid, d.streams
+            ));
+        }
+    }
     out
 }
 
@@ -342,6 +353,7 @@ mod tests {
                 dropped_events: 3,
                 retry_in_ms: None,
                 stuck_lanes: 0,
+                draining: Vec::new(),
             },
             PluginStatus {
                 name: "audit".into(),
@@ -356,6 +368,7 @@ mod tests {
                 dropped_events: 0,
                 retry_in_ms: None,
                 stuck_lanes: 0,
+                draining: Vec::new(),
             },
         ]);
         let lines: Vec<&str> = table.lines().collect();
