@@ -379,6 +379,9 @@ impl Config {
             origin: origin.to_owned(),
             message: one_line(&e, text),
         };
+        // Every number within its range first (a syntax error is left to the parse below): the
+        // checks between keys may then rely on sane values, and an absurd one is named as such.
+        check_ranges(text, origin)?;
         let raw: RawConfig = toml::from_str(text).map_err(parse_err)?;
         let invalid = |span: Option<std::ops::Range<usize>>, key: &str, message: String| {
             ConfigError::Invalid {
@@ -663,10 +666,75 @@ impl Config {
             ));
         }
 
+        let runtime_dir = match &raw.runtime_dir {
+            None => default_runtime_dir(),
+            Some(dir) if dir.as_os_str().is_empty() || !dir.is_absolute() => {
+                return Err(top(
+                    "runtime_dir",
+                    format!(
+                        "`{}` is not an absolute path; leave runtime_dir out for the default \
+                         ($RUNTIME_DIRECTORY, $XDG_RUNTIME_DIR/plugvisor, /run/plugvisor)",
+                        dir.display()
+                    ),
+                ))
+            }
+            Some(dir) => dir.clone(),
+        };
+        if let (Listen::Tcp(l), Some(a)) = (&listen, admin_listen) {
+            if *l == a && a.port() != 0 {
+                return Err(top(
+                    "admin_listen",
+                    format!("{a} is also `listen`; give /metrics its own port"),
+                ));
+            }
+        }
+        // A Unix socket's path is at most 107 bytes (sun_path, with its NUL).
+        let too_long = |path: &Path| path.as_os_str().len() > MAX_SOCKET_PATH;
+        if let Listen::Unix(path) = &listen {
+            if too_long(path) {
+                return Err(top(
+                    "listen",
+                    format!(
+                        "the socket path {} is {} bytes; a Unix socket path has at most {MAX_SOCKET_PATH}",
+                        path.display(),
+                        path.as_os_str().len()
+                    ),
+                ));
+            }
+        }
+        let control = runtime_dir.join("control.sock");
+        if too_long(&control) {
+            return Err(top(
+                "runtime_dir",
+                format!(
+                    "{} is too long for its sockets ({} is {} bytes; a Unix socket path has at most {MAX_SOCKET_PATH})",
+                    runtime_dir.display(),
+                    control.display(),
+                    control.as_os_str().len()
+                ),
+            ));
+        }
+        for p in &plugins {
+            let socket = runtime_dir.join("plugins").join(format!("{}.sock", p.name));
+            if too_long(&socket) {
+                return Err(ConfigError::Invalid {
+                    origin: origin.to_owned(),
+                    line: find_table_line(text, &p.name),
+                    key: format!("plugins.{}", p.name),
+                    message: format!(
+                        "its socket {} would be {} bytes; a Unix socket path has at most \
+                         {MAX_SOCKET_PATH}: shorten the name or runtime_dir",
+                        socket.display(),
+                        socket.as_os_str().len()
+                    ),
+                });
+            }
+        }
+
         Ok(Config {
             listen,
             admin_listen,
-            runtime_dir: raw.runtime_dir.unwrap_or_else(default_runtime_dir),
+            runtime_dir,
             default_response_body_mode: raw.default_response_body_mode.unwrap_or_default(),
             connect_timeout: Duration::from_millis(raw.connect_timeout_ms.unwrap_or(5000)),
             shutdown_grace: Duration::from_millis(raw.shutdown_grace_ms.unwrap_or(5000)),
@@ -698,6 +766,65 @@ impl Config {
     pub fn control_socket(&self) -> PathBuf {
         self.runtime_dir.join("control.sock")
     }
+}
+
+/// The longest path of a Unix socket: `sun_path` is 108 bytes with its terminating NUL.
+pub const MAX_SOCKET_PATH: usize = 107;
+
+/// Every integer key, top level and in each plugin's table, within its range
+/// ([`keys::RANGES`]): one error naming the key and its line for the first one outside.
+fn check_ranges(text: &str, origin: &str) -> Result<(), ConfigError> {
+    let Ok(table) = toml::from_str::<toml::Table>(text) else {
+        return Ok(());
+    };
+    let out_of_range = |key: String, line: usize, v: i64, lo: u64, hi: u64| ConfigError::Invalid {
+        origin: origin.to_owned(),
+        line,
+        key,
+        message: format!("{v} is out of range; accepted: {lo} to {hi}"),
+    };
+    let check = |t: &toml::Table, prefix: &str, line_of_key: &dyn Fn(&str) -> usize| {
+        for (key, value) in t {
+            let (Some((lo, hi)), toml::Value::Integer(v)) = (keys::range(key), value) else {
+                continue;
+            };
+            if *v < 0 || (*v as u64) < lo || (*v as u64) > hi {
+                return Err(out_of_range(
+                    format!("{prefix}{key}"),
+                    line_of_key(key),
+                    *v,
+                    lo,
+                    hi,
+                ));
+            }
+        }
+        Ok(())
+    };
+    check(&table, "", &|key| find_key_line(text, key))?;
+    if let Some(toml::Value::Table(plugins)) = table.get("plugins") {
+        for (name, plugin) in plugins {
+            if let toml::Value::Table(t) = plugin {
+                let start = find_table_line(text, name);
+                check(t, &format!("plugins.{name}."), &|key| {
+                    find_key_line_after(text, key, start)
+                })?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The line where `key = ...` is set at or after line `start` (1-based); `start` if not found.
+fn find_key_line_after(text: &str, key: &str, start: usize) -> usize {
+    text.lines()
+        .enumerate()
+        .skip(start.saturating_sub(1))
+        .find(|(_, l)| {
+            l.trim_start()
+                .strip_prefix(key)
+                .is_some_and(|rest| rest.trim_start().starts_with('='))
+        })
+        .map_or(start, |(i, _)| i + 1)
 }
 
 fn parse_listen(s: &str) -> Result<Listen, String> {

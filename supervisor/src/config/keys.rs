@@ -100,3 +100,58 @@ pub fn top_level(key: &str) -> Option<Applies> {
 pub fn plugin(key: &str) -> Option<Applies> {
     PLUGIN.iter().find(|(k, _)| *k == key).map(|(_, a)| *a)
 }
+
+/// A day in milliseconds: the longest deadline, grace or interval accepted.
+pub const DAY_MS: u64 = 24 * 60 * 60 * 1000;
+
+/// The accepted range of every integer key, top level and `plugins.<name>.*` alike: what the
+/// front can act on without overflow or an absurd allocation. `check-config` refuses a value
+/// outside it with one line naming the key.
+pub const RANGES: &[(&str, u64, u64)] = &[
+    ("connect_timeout_ms", 0, DAY_MS),
+    ("shutdown_grace_ms", 0, DAY_MS),
+    ("upgrade_drain_ms", 1, DAY_MS),
+    ("ping_interval_ms", 1, DAY_MS),
+    ("ready_timeout_ms", 0, DAY_MS),
+    ("max_streams", 1, 1_000_000),
+    (
+        "max_message_bytes",
+        super::MIN_MESSAGE_BYTES as u64,
+        1 << 30,
+    ),
+    (
+        "stream_metadata_max_bytes",
+        super::MIN_METADATA_BYTES as u64,
+        super::MAX_METADATA_BYTES as u64,
+    ),
+    ("idle_stream_timeout_ms", 0, DAY_MS),
+    ("final_timeout_ms", 1, DAY_MS),
+    ("inline_timeout_ms", 1, DAY_MS),
+    ("queue_events", 1, super::MAX_QUEUE_EVENTS as u64),
+    ("queue_bytes", 1, 1 << 34),
+    ("uid", 0, u32::MAX as u64 - 1),
+    ("backoff_min_ms", 0, DAY_MS),
+    ("backoff_max_ms", 0, DAY_MS),
+    ("max_restarts", 0, 1_000_000),
+    ("restart_period_ms", 1, DAY_MS),
+    ("start_timeout_ms", 1, DAY_MS),
+    // Above the fastest ping (every 10 ms), or every plugin would count as hung.
+    ("hang_timeout_ms", 11, DAY_MS),
+    (
+        "metadata_max_bytes",
+        super::MIN_METADATA_BYTES as u64,
+        super::MAX_METADATA_BYTES as u64,
+    ),
+    ("budget_bytes", super::MIN_BUDGET_BYTES as u64, 1 << 30),
+    ("replay_bytes", 0, 1 << 36),
+    ("drain_grace_ms", 0, DAY_MS),
+    ("stuck_timeout_ms", 1, DAY_MS),
+];
+
+/// The accepted range of the integer key `key`.
+pub fn range(key: &str) -> Option<(u64, u64)> {
+    RANGES
+        .iter()
+        .find(|(k, _, _)| *k == key)
+        .map(|(_, lo, hi)| (*lo, *hi))
+}

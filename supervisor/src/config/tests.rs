@@ -444,3 +444,141 @@ fn upgrade_drain_is_long_by_default_and_checked_at_its_bounds() {
         assert!(err.contains("line 2"), "{err}");
     }
 }
+
+/// Every integer key of the schema has a range (a key added later without one fails here), and
+/// each range holds at and past both ends: the end passes, one past it is refused with one line
+/// naming the key.
+#[test]
+fn every_integer_key_is_checked_at_and_past_its_range() {
+    use crate::config::keys::{self, RANGES};
+    // The integer keys: those whose documented default in the schema tables is a number.
+    let integer_keys: Vec<&str> = keys::TOP_LEVEL
+        .iter()
+        .chain(keys::PLUGIN)
+        .map(|(k, _)| *k)
+        .filter(|k| {
+            k.ends_with("_ms")
+                || k.ends_with("_bytes")
+                || ["max_streams", "queue_events", "max_restarts", "uid"].contains(k)
+        })
+        .collect();
+    for key in &integer_keys {
+        assert!(keys::range(key).is_some(), "no range for `{key}`");
+    }
+    assert_eq!(
+        integer_keys.len(),
+        RANGES.len(),
+        "a range for a key not in the schema"
+    );
+    let docs = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../docs/configuration.md"
+    ))
+    .unwrap();
+    let top_level = |key: &str| keys::top_level(key).is_some();
+    for (key, lo, hi) in RANGES {
+        assert!(
+            docs.contains(&format!("| `{key}` | {lo} | {hi} |")),
+            "docs/configuration.md's ranges do not say `{key}`: {lo} to {hi}"
+        );
+        // Keys whose values other keys are checked against get partners that keep them valid.
+        let text = |v: i128| {
+            let line = format!("{key} = {v}");
+            if top_level(key) {
+                let ping = if *key == "ping_interval_ms" {
+                    ""
+                } else {
+                    "ping_interval_ms = 1\n"
+                };
+                format!(
+                    "{ping}{line}\n[plugins.p]\nhang_timeout_ms = {}\n",
+                    keys::DAY_MS
+                )
+            } else {
+                let partners = match *key {
+                    "hang_timeout_ms" => String::new(),
+                    "backoff_min_ms" => format!("backoff_max_ms = {}\n", keys::DAY_MS),
+                    "backoff_max_ms" => "backoff_min_ms = 0\n".to_owned(),
+                    _ => String::new(),
+                };
+                let ping = if *key == "hang_timeout_ms" {
+                    "ping_interval_ms = 1\n"
+                } else {
+                    ""
+                };
+                format!("{ping}[plugins.p]\n{partners}{line}\n")
+            }
+        };
+        let name = if top_level(key) {
+            key.to_string()
+        } else {
+            format!("plugins.p.{key}")
+        };
+        for ok in [*lo as i128, *hi as i128] {
+            if *key == "ping_interval_ms" && ok == *hi as i128 {
+                continue; // must stay under every plugin's hang_timeout_ms (checked apart)
+            }
+            Config::parse(&text(ok), "t").unwrap_or_else(|e| panic!("{key} = {ok}: {e}"));
+        }
+        let mut refused = vec![*hi as i128 + 1, i64::MAX as i128];
+        if *lo > 0 {
+            refused.push(*lo as i128 - 1);
+        }
+        for bad in refused {
+            let err = Config::parse(&text(bad), "t")
+                .err()
+                .unwrap_or_else(|| panic!("{key} = {bad} accepted"))
+                .to_string();
+            assert!(
+                err.contains(&format!("key `{name}`")),
+                "{key} = {bad}: {err}"
+            );
+            assert!(!err.contains('\n'), "one line: {err}");
+        }
+    }
+}
+
+#[test]
+fn socket_paths_runtime_dir_and_address_clashes_are_refused() {
+    let long = "p".repeat(100);
+    let cases = [
+        (
+            format!("runtime_dir = \"/run/x\"\n[plugins.{long}]\n"),
+            format!("plugins.{long}"),
+            "at most 107",
+        ),
+        (
+            format!("listen = \"unix:/tmp/{long}.sock\"\n"),
+            "listen".to_owned(),
+            "at most 107",
+        ),
+        (
+            "runtime_dir = \"\"\n".to_owned(),
+            "runtime_dir".to_owned(),
+            "absolute",
+        ),
+        (
+            "runtime_dir = \"run\"\n".to_owned(),
+            "runtime_dir".to_owned(),
+            "absolute",
+        ),
+        (
+            "listen = \"127.0.0.1:9100\"\nadmin_listen = \"127.0.0.1:9100\"\n".to_owned(),
+            "admin_listen".to_owned(),
+            "also `listen`",
+        ),
+    ];
+    for (text, key, word) in cases {
+        let err = Config::parse(&text, "t").unwrap_err().to_string();
+        assert!(
+            err.contains(&format!("key `{key}`")) && err.contains(word),
+            "{text:?} -> {err}"
+        );
+    }
+    // At the limit: a plugin socket of exactly 107 bytes is fine.
+    let dir = "/run/x";
+    let name = "n".repeat(107 - "/run/x/plugins/.sock".len());
+    Config::parse(&format!("runtime_dir = \"{dir}\"\n[plugins.{name}]\n"), "t").unwrap();
+    let name = format!("{name}n");
+    assert!(Config::parse(&format!("runtime_dir = \"{dir}\"\n[plugins.{name}]\n"), "t").is_err());
+}
