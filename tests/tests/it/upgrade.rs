@@ -423,7 +423,7 @@ async fn a_second_upgrade_while_the_first_drains_loses_nothing() {
 /// `NotifyAccess=main` as shipped): `plugvisor upgrade` makes the new front the unit's main pid,
 /// the old one drains inside the unit's cgroup, the watchdog follows the new front, and streams
 /// through the activated socket survive. Needs root and systemd-container, as
-/// tests/tests/systemd_service.rs.
+/// tests/tests/it/systemd_service.rs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn under_systemd_the_new_front_becomes_the_main_pid_and_streams_survive() {
     use tests::nspawn;

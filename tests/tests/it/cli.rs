@@ -34,7 +34,7 @@ fn a_bad_config_is_one_clear_line_and_exit_64() {
     let path = dir.path().join("bad.toml");
     std::fs::write(
         &path,
-        "listen = \"127.0.0.1:9002\"\n[plugins.usage]\nfinal_timeout_ms = \"soon\"\n",
+        "listen = \"127.0.0.1:0\"\n[plugins.usage]\nfinal_timeout_ms = \"soon\"\n",
     )
     .unwrap();
     for args in [
@@ -151,6 +151,9 @@ fn a_busy_port_names_its_key_and_address() {
 #[test]
 fn no_arguments_serves_the_embedded_default_with_usage_and_latency() {
     bins::plugvisor_plugin();
+    // The embedded default's fixed ports: readme.rs serves them too, in this same process, and
+    // nothing else may (this test reads whatever answers on 9003).
+    let _ports = tests::default_ports_lock();
     let dir = tempfile::tempdir().unwrap();
     let mut child = Command::new(bins::plugvisor())
         .env("RUNTIME_DIRECTORY", dir.path())

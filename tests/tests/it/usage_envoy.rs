@@ -413,7 +413,7 @@ async fn every_format_reaches_envoy_with_its_golden_tokens_costs_and_model() {
     let (upstream_port, upstream) = start_upstream().await;
     let plugins = format!(
         "[plugins.usage]\n{}",
-        doc_block("tests/tests/usage_envoy.rs")
+        doc_block("tests/tests/it/usage_envoy.rs")
     );
     let (front, envoy) = tokio::task::block_in_place(|| {
         let front = FrontProcess::start(dir.path(), &plugins, &["usage"]);

@@ -3,7 +3,6 @@
 //! README rather than a copy of it), with no configuration. Both default plugins must come up and
 //! a stream through real Envoy must get their metadata.
 
-use std::net::TcpListener;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -47,18 +46,6 @@ fn readme_first_command(readme: &str) -> Vec<String> {
         "README's first command `{line}` needs a shell; this test runs plain words"
     );
     line.split_whitespace().map(str::to_owned).collect()
-}
-
-/// Fails with what to do when something already listens where the default config listens: the
-/// command must run as written, so the test cannot move it elsewhere.
-fn require_free(addr: &str, key: &str) {
-    if let Err(e) = TcpListener::bind(addr) {
-        panic!(
-            "{addr} is busy ({e}): the README's first command serves the embedded default config, \
-             whose `{key}` is {addr}; stop what listens there (`ss -ltnp 'sport = :{}'`) and rerun",
-            addr.rsplit(':').next().unwrap_or_default()
-        );
-    }
 }
 
 fn git(args: &[&str], dir: &Path) -> String {
@@ -115,6 +102,9 @@ impl Drop for ReadmeCommand {
     }
 }
 
+// The default-ports lock is held across awaits on purpose: it keeps whole tests (cli.rs's, on
+// another thread) apart, and no other task of this test's runtime ever takes it.
+#[allow(clippy::await_holding_lock)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_readme_s_first_command_serves_both_default_plugins_on_a_fresh_clone() {
     let workspace = workspace();
@@ -136,8 +126,10 @@ async fn the_readme_s_first_command_serves_both_default_plugins_on_a_fresh_clone
     );
     git(&["checkout", "--quiet", "--detach", &head], &clone);
 
-    require_free(EXT_PROC, "listen");
-    require_free(&format!("127.0.0.1:{ADMIN_PORT}"), "admin_listen");
+    // The command must run as written, so the test cannot move it off the embedded default's
+    // fixed ports: the lock fails at once, saying what to do, when something else listens
+    // there, and keeps cli.rs's front on the same ports (in this same process) waiting.
+    let _ports = tests::default_ports_lock();
 
     // A fresh clone builds from scratch in release mode: minutes on a small machine. Its target
     // directory lives beside this workspace's and survives the clone, so reruns only rebuild

@@ -100,7 +100,13 @@ fn a_peer_of_another_uid_is_refused_before_its_first_frame_is_read() {
     let socket = front.runtime_dir.join("plugins/test-order.sock");
 
     let out = Command::new(std::env::current_exe().unwrap())
-        .args(["--ignored", "--exact", "foreign_peer", "--nocapture"])
+        // Its name in the one test binary of tests/tests/it.
+        .args([
+            "--ignored",
+            "--exact",
+            "handshake_limits::foreign_peer",
+            "--nocapture",
+        ])
         .env(PEER_SOCKET_ENV, &socket)
         .uid(65534)
         .gid(0)
