@@ -244,12 +244,27 @@ impl Drop for FrontProcess {
     }
 }
 
-/// A metric's value from a text exposition (`name{labels}` exactly as printed), 0 if absent.
+/// A metric's value from a text exposition (`name{labels}` exactly as printed). Panics when the
+/// series is absent, naming the series of the same metric that are there: a test that reads a
+/// series must not pass on a 0 it never saw (see [`try_metric`] for asserting absence).
 pub fn metric(text: &str, series: &str) -> f64 {
-    text.lines()
-        .find_map(|l| {
-            l.strip_prefix(series)
-                .and_then(|rest| rest.trim().split(' ').next()?.parse().ok())
-        })
-        .unwrap_or(0.0)
+    try_metric(text, series).unwrap_or_else(|| {
+        let name = series.split('{').next().unwrap_or(series);
+        let present: Vec<&str> = text
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter_map(|l| l.split_whitespace().next())
+            .filter(|s| s.split('{').next() == Some(name))
+            .collect();
+        panic!("no series {series} in the metrics; series of {name}: {present:?}")
+    })
+}
+
+/// A metric's value from a text exposition (`name{labels}` exactly as printed), `None` if the
+/// series is absent.
+pub fn try_metric(text: &str, series: &str) -> Option<f64> {
+    text.lines().find_map(|l| {
+        l.strip_prefix(series)
+            .and_then(|rest| rest.trim().split(' ').next()?.parse().ok())
+    })
 }

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use ipc_protocol::{FrameReader, RefuseCode, ToPlugin};
 use sha2::{Digest, Sha256};
 use tests::client::chat;
-use tests::front::{metric, FrontProcess};
+use tests::front::{metric, try_metric, FrontProcess};
 use tests::stack::Stack;
 use tests::upstream::Params;
 
@@ -171,7 +171,7 @@ async fn huge_frames_from_permitted_peers_cost_the_front_nothing_and_the_plugin_
     );
     let connected = "plugvisor_plugin_connected{plugin=\"test-order\"}";
     let start = Instant::now();
-    while metric(&setup.front.metrics(), connected) != 1.0 {
+    while try_metric(&setup.front.metrics(), connected) != Some(1.0) {
         assert!(
             start.elapsed() < Duration::from_secs(10),
             "plugin never connected"
