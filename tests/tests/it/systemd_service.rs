@@ -39,7 +39,7 @@ async fn notify_service_is_ready_serves_envoy_and_restarts_a_killed_plugin_itsel
     let main_pid = s.prop("MainPID");
 
     // Envoy on the host, through the socket systemd holds; plugvisor ignored the config's
-    // `listen` (127.0.0.1:9002) in favour of it.
+    // `listen` (`s.listen`) in favour of it.
     let dir = tempfile::tempdir().unwrap();
     let upstream = Upstream::start().await;
     let envoy = tokio::task::block_in_place(|| s.envoy(dir.path(), &upstream));
