@@ -151,15 +151,19 @@ async fn a_plugin_killed_early_or_in_the_last_tenth_loses_nothing() {
         })
         .await;
         assert_whole(&lines);
-        let start = std::time::Instant::now();
-        loop {
-            let s = setup.front.plugin_status("usage").await;
-            if s.state == "up" && s.connected && s.pid != Some(usage) {
-                break;
-            }
-            assert!(start.elapsed() < Duration::from_secs(10), "{s:?}");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        tests::eventually_async(
+            "usage's replacement up",
+            Duration::from_secs(10),
+            async || {
+                let s = setup.front.plugin_status("usage").await;
+                if s.state == "up" && s.connected && s.pid != Some(usage) {
+                    Ok(())
+                } else {
+                    Err(format!("{s:?}"))
+                }
+            },
+        )
+        .await;
     }
 }
 
@@ -186,11 +190,11 @@ async fn a_restart_mid_batch_hands_over_without_losing_a_stream() {
     let fresh = setup.plugin_pid("usage").await;
     assert_ne!(fresh, usage);
     // The replaced process exits by itself once its streams are done.
-    let gone = (0..300).any(|_| {
-        std::thread::sleep(Duration::from_millis(50));
-        !std::path::Path::new(&format!("/proc/{usage}")).exists()
-    });
-    assert!(gone, "the replaced process {usage} is still running");
+    tests::eventually(
+        &format!("the replaced process {usage} to exit"),
+        Duration::from_secs(15),
+        || !std::path::Path::new(&format!("/proc/{usage}")).exists(),
+    );
     let log = setup.front.log();
     assert!(!log.contains("exited unexpectedly"), "{log}");
     // No restart counted, and the series says so rather than being absent (issue 21: metrics

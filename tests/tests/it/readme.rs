@@ -6,7 +6,7 @@
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
@@ -80,17 +80,14 @@ impl ReadmeCommand {
     fn stop(&mut self) -> Option<std::process::ExitStatus> {
         let group = Pid::from_raw(self.child.id() as i32);
         let _ = killpg(group, Signal::SIGTERM);
-        let start = Instant::now();
-        while start.elapsed() < Duration::from_secs(15) {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                let _ = killpg(group, Signal::SIGKILL);
-                return Some(status);
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        let status = tests::within(Duration::from_secs(15), || {
+            self.child.try_wait().ok().flatten()
+        });
         let _ = killpg(group, Signal::SIGKILL);
-        let _ = self.child.wait();
-        None
+        if status.is_none() {
+            let _ = self.child.wait();
+        }
+        status
     }
 }
 
@@ -157,26 +154,20 @@ async fn the_readme_s_first_command_serves_both_default_plugins_on_a_fresh_clone
         .unwrap_or_else(|e| panic!("cannot run {words:?}: {e}"));
     let mut command = ReadmeCommand { child, log };
 
-    let start = Instant::now();
-    loop {
+    let what = format!("both default plugins up after {words:?}");
+    tests::eventually_async(&what, BUILD_AND_START_LIMIT, async || {
         let metrics = http_get(ADMIN_PORT, "/metrics").unwrap_or_default();
         if metrics.contains("plugvisor_plugin_connected{plugin=\"usage\"} 1")
             && metrics.contains("plugvisor_plugin_connected{plugin=\"latency\"} 1")
         {
-            break;
+            return Ok(());
         }
         if let Ok(Some(status)) = command.child.try_wait() {
             panic!("{words:?} exited with {status}:\n{}", command.log());
         }
-        if start.elapsed() > BUILD_AND_START_LIMIT {
-            panic!(
-                "both default plugins not up {BUILD_AND_START_LIMIT:?} after {words:?}:\n\
-                 metrics: {metrics}\n{}",
-                command.log()
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+        Err(format!("metrics: {metrics}\n{}", command.log()))
+    })
+    .await;
 
     let upstream = Upstream::start().await;
     let envoy = tokio::task::block_in_place(|| {

@@ -4,7 +4,7 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 use tests::client::{chat, chat_and_disconnect, chat_as};
@@ -226,19 +226,18 @@ async fn a_client_gone_mid_stream_leaves_no_lane_in_the_plugins() {
     });
     // While the stream runs, the plugins hold a lane for it (reported in their pongs) ...
     let lane = "plugvisor_plugin_active_streams{plugin=\"test-order\"}";
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while try_metric(&setup.front.metrics(), lane) != Some(1.0) {
-        assert!(
-            Instant::now() < deadline,
-            "no lane seen:\n{}",
-            setup.front.metrics()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    tests::eventually_async(
+        "a lane for the stream",
+        Duration::from_secs(5),
+        async || {
+            let m = setup.front.metrics();
+            (try_metric(&m, lane) == Some(1.0)).then_some(()).ok_or(m)
+        },
+    )
+    .await;
     client.await.unwrap();
     // ... and once the client is gone, the abort frees it.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
+    tests::eventually_async("every lane freed", Duration::from_secs(5), async || {
         let m = setup.front.metrics();
         let lanes: Option<f64> = ["usage", "latency", "test-order"]
             .iter()
@@ -250,15 +249,13 @@ async fn a_client_gone_mid_stream_leaves_no_lane_in_the_plugins() {
             })
             .collect::<Option<Vec<f64>>>()
             .map(|l| l.iter().sum());
-        if try_metric(&m, "plugvisor_streams_active") == Some(0.0)
+        (try_metric(&m, "plugvisor_streams_active") == Some(0.0)
             && try_metric(&m, "plugvisor_streams_total") == Some(1.0)
-            && lanes == Some(0.0)
-        {
-            break;
-        }
-        assert!(Instant::now() < deadline, "lanes still held:\n{m}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+            && lanes == Some(0.0))
+        .then_some(())
+        .ok_or(m)
+    })
+    .await;
     // The access log shows the request ended without the plugins' metadata.
     let line = setup.log_for("gone-1");
     assert!(line["usage"].is_null() || line["usage"] == "-", "{line}");

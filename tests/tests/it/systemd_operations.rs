@@ -257,6 +257,7 @@ async fn plugvisor_drains_before_an_external_plugin_unit_stops_and_a_unit_restar
 
     // systemctl restart plugvisor with N streams in flight: all drain with both plugins' metadata.
     let flight = streams(&envoy, N, &slow, "restart-front", PLUGINS);
+    // With the streams in flight, not before they start: the timing is the test.
     tokio::time::sleep(Duration::from_millis(400)).await;
     let unit_pid = s.unit_prop("plugvisor-plugin@latency.service", "MainPID");
     tokio::task::block_in_place(|| s.ok(&["restart", SERVICE]));
@@ -275,6 +276,7 @@ async fn plugvisor_drains_before_an_external_plugin_unit_stops_and_a_unit_restar
 
     // systemctl restart plugvisor-plugin@latency with N streams in flight: handed over, replayed.
     let flight = streams(&envoy, N, &slow, "restart-unit", PLUGINS);
+    // With the streams in flight, not before they start: the timing is the test.
     tokio::time::sleep(Duration::from_millis(400)).await;
     tokio::task::block_in_place(|| s.ok(&["restart", "plugvisor-plugin@latency.service"]));
     let results = flight.await.unwrap();
@@ -282,6 +284,7 @@ async fn plugvisor_drains_before_an_external_plugin_unit_stops_and_a_unit_restar
 
     // systemctl stop plugvisor with N streams in flight: the same, then both units are down.
     let flight = streams(&envoy, N, &slow, "stop", PLUGINS);
+    // With the streams in flight, not before they start: the timing is the test.
     tokio::time::sleep(Duration::from_millis(400)).await;
     tokio::task::block_in_place(|| s.ok(&["stop", SERVICE]));
     let results = flight.await.unwrap();
