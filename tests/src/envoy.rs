@@ -8,9 +8,9 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use crate::free_port;
+use crate::{eventually, free_port, within, FileText, Lazy};
 
 /// The example config shipped in the repository.
 pub fn example_config() -> String {
@@ -209,21 +209,17 @@ impl Envoy {
     }
 
     fn wait_live(&mut self, limit: Duration) {
-        let start = Instant::now();
-        loop {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                panic!("envoy exited with {status} at start:\n{}", self.log());
+        let (child, log_file, admin_port) = (&mut self.child, &self.log_file, self.admin_port);
+        eventually("envoy live", limit, move || {
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!(
+                    "envoy exited with {status} at start:\n{}",
+                    FileText(log_file)
+                );
             }
-            if let Ok(body) = http_get(self.admin_port, "/ready") {
-                if body.trim() == "LIVE" {
-                    return;
-                }
-            }
-            if start.elapsed() > limit {
-                panic!("envoy not live after {limit:?}:\n{}", self.log());
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+            let ready = http_get(admin_port, "/ready").is_ok_and(|body| body.trim() == "LIVE");
+            ready.then_some(()).ok_or(FileText(log_file))
+        })
     }
 
     /// Envoy's own log so far.
@@ -243,24 +239,23 @@ impl Envoy {
     /// Waits until the access log holds the line of the request whose test id (`?test-id=` in
     /// the path, see [`crate::client`]) is `rid`.
     pub fn access_log_for(&self, rid: &str, limit: Duration) -> serde_json::Value {
-        let start = Instant::now();
-        loop {
-            if let Some(line) = self.access_log_lines().into_iter().find(|l| {
-                l["path"]
-                    .as_str()
-                    .is_some_and(|p| p.ends_with(&format!("?test-id={rid}")))
-            }) {
-                return line;
-            }
-            if start.elapsed() > limit {
-                panic!(
-                    "no access log line for request {rid} after {limit:?}; log so far:\n{}\nenvoy:\n{}",
-                    std::fs::read_to_string(&self.access_log).unwrap_or_default(),
-                    self.log()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(25));
-        }
+        let what = format!("the access log line of request {rid}");
+        eventually(&what, limit, || {
+            self.access_log_lines()
+                .into_iter()
+                .find(|l| {
+                    l["path"]
+                        .as_str()
+                        .is_some_and(|p| p.ends_with(&format!("?test-id={rid}")))
+                })
+                .ok_or(Lazy(|| {
+                    format!(
+                        "access log:\n{}\nenvoy:\n{}",
+                        FileText(&self.access_log),
+                        FileText(&self.log_file)
+                    )
+                }))
+        })
     }
 
     /// The process id.
@@ -275,15 +270,14 @@ impl Drop for Envoy {
             nix::unistd::Pid::from_raw(self.child.id() as i32),
             nix::sys::signal::Signal::SIGTERM,
         );
-        let start = Instant::now();
-        while start.elapsed() < Duration::from_secs(3) {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
+        if within(Duration::from_secs(3), || {
+            self.child.try_wait().ok().flatten()
+        })
+        .is_none()
+        {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
         }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 

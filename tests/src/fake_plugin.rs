@@ -81,18 +81,11 @@ pub enum Handshake {
 impl FakePlugin {
     /// Connects to `socket` as `name`, retrying until the socket exists (up to 5 s).
     pub async fn connect(socket: &Path, name: &str, behaviour: Behaviour) -> Handshake {
-        let mut tries = 0;
-        let stream = loop {
-            match UnixStream::connect(socket).await {
-                Ok(s) => break s,
-                Err(e) if tries < 100 => {
-                    tries += 1;
-                    let _ = e;
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-                Err(e) => panic!("fake plugin cannot connect to {}: {e}", socket.display()),
-            }
-        };
+        let what = format!("the fake plugin's connection to {}", socket.display());
+        let stream = crate::eventually_async(&what, Duration::from_secs(5), async || {
+            UnixStream::connect(socket).await
+        })
+        .await;
         let (r, w) = stream.into_split();
         let mut reader = FrameReader::new(r);
         let mut writer = FrameWriter::new(w);

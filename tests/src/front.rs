@@ -3,10 +3,10 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::envoy::http_get;
-use crate::{bins, free_port};
+use crate::{bins, eventually, free_port, within, FileText};
 
 /// A running `plugvisor` process.
 pub struct FrontProcess {
@@ -109,26 +109,19 @@ impl FrontProcess {
     }
 
     fn wait_ready(&mut self, expect: &[&str], limit: Duration) {
-        let start = Instant::now();
-        loop {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                panic!("plugvisor exited with {status}:\n{}", self.log());
+        let (child, log_file, admin_port) = (&mut self.child, &self.log_file, self.admin_port);
+        eventually(&format!("plugins {expect:?} connected"), limit, move || {
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!("plugvisor exited with {status}:\n{}", FileText(log_file));
             }
-            if let Ok(metrics) = http_get(self.admin_port, "/metrics") {
-                if expect.iter().all(|p| {
+            // Serving /metrics at all, then every expected plugin connected.
+            let connected = http_get(admin_port, "/metrics").is_ok_and(|metrics| {
+                expect.iter().all(|p| {
                     metrics.contains(&format!("plugvisor_plugin_connected{{plugin=\"{p}\"}} 1"))
-                }) {
-                    return;
-                }
-            }
-            if start.elapsed() > limit {
-                panic!(
-                    "plugins {expect:?} not connected after {limit:?}:\n{}",
-                    self.log()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+                })
+            });
+            connected.then_some(()).ok_or(FileText(log_file))
+        })
     }
 
     /// The front's log so far.
@@ -215,14 +208,7 @@ impl FrontProcess {
 
     /// Waits up to `limit` for the process to exit and reaps it.
     pub fn wait_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
-        let start = Instant::now();
-        while start.elapsed() < limit {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                return Some(status);
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        None
+        within(limit, || self.child.try_wait().ok().flatten())
     }
 }
 
@@ -232,24 +218,38 @@ impl Drop for FrontProcess {
             nix::unistd::Pid::from_raw(self.child.id() as i32),
             nix::sys::signal::Signal::SIGTERM,
         );
-        let start = Instant::now();
-        while start.elapsed() < Duration::from_secs(8) {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
+        if within(Duration::from_secs(8), || {
+            self.child.try_wait().ok().flatten()
+        })
+        .is_none()
+        {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
         }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
-/// A metric's value from a text exposition (`name{labels}` exactly as printed), 0 if absent.
+/// A metric's value from a text exposition (`name{labels}` exactly as printed). Panics when the
+/// series is absent, naming the series of the same metric that are there: a test that reads a
+/// series must not pass on a 0 it never saw (see [`try_metric`] for asserting absence).
 pub fn metric(text: &str, series: &str) -> f64 {
-    text.lines()
-        .find_map(|l| {
-            l.strip_prefix(series)
-                .and_then(|rest| rest.trim().split(' ').next()?.parse().ok())
-        })
-        .unwrap_or(0.0)
+    try_metric(text, series).unwrap_or_else(|| {
+        let name = series.split('{').next().unwrap_or(series);
+        let present: Vec<&str> = text
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter_map(|l| l.split_whitespace().next())
+            .filter(|s| s.split('{').next() == Some(name))
+            .collect();
+        panic!("no series {series} in the metrics; series of {name}: {present:?}")
+    })
+}
+
+/// A metric's value from a text exposition (`name{labels}` exactly as printed), `None` if the
+/// series is absent.
+pub fn try_metric(text: &str, series: &str) -> Option<f64> {
+    text.lines().find_map(|l| {
+        l.strip_prefix(series)
+            .and_then(|rest| rest.trim().split(' ').next()?.parse().ok())
+    })
 }

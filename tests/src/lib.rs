@@ -9,8 +9,14 @@
 //! harness behind `cargo run --release -p tests --bin bench` ([`bench`]).
 //!
 //! Everything listens on loopback or in a temporary directory, and every process a test starts is
-//! stopped by its pid when the handle drops.
+//! stopped by its pid when the handle drops. A test waits for a condition with [`eventually`] (or
+//! [`eventually_async`]), which polls and, on timeout, panics with what it waited for and what it
+//! last saw.
 #![forbid(unsafe_code)]
+
+use std::fmt::Display;
+use std::path::Path;
+use std::time::{Duration, Instant};
 
 pub mod bench;
 pub mod bins;
@@ -42,4 +48,130 @@ pub fn init_tracing() {
         )
         .with_test_writer()
         .try_init();
+}
+
+/// How often [`eventually`] and [`eventually_async`] poll.
+pub const POLL: Duration = Duration::from_millis(20);
+
+/// One poll of [`eventually`]: done with a value, or not yet (with what was seen, if anything).
+pub trait Attempt<T> {
+    /// `Ok(value)` when done, else `Err(what was observed)`.
+    fn attempt(self) -> Result<T, String>;
+}
+
+/// `Some(value)`: done; `None`: not yet, nothing to report.
+impl<T> Attempt<T> for Option<T> {
+    fn attempt(self) -> Result<T, String> {
+        self.ok_or_else(|| "nothing (no state reported)".to_owned())
+    }
+}
+
+/// `true`: done; `false`: not yet, nothing to report.
+impl Attempt<()> for bool {
+    fn attempt(self) -> Result<(), String> {
+        self.then_some(()).ok_or_else(|| "false".to_owned())
+    }
+}
+
+/// `Ok(value)`: done; `Err(state)`: not yet, `state` is what was observed (the panic prints the
+/// last one).
+impl<T, E: Display> Attempt<T> for Result<T, E> {
+    fn attempt(self) -> Result<T, String> {
+        self.map_err(|e| e.to_string())
+    }
+}
+
+/// Polls `f` every [`POLL`] until it is done, and returns its value; panics after `timeout`
+/// naming `what` was awaited and the state `f` last observed (`Err(state)`; `None` and `false`
+/// report nothing). `f` runs at least once, and once more at or past the deadline, so a slow
+/// machine that overslept still gets a last look.
+pub fn eventually<T, A: Attempt<T>>(what: &str, timeout: Duration, mut f: impl FnMut() -> A) -> T {
+    let start = Instant::now();
+    loop {
+        let last = match f().attempt() {
+            Ok(value) => return value,
+            Err(last) => last,
+        };
+        if start.elapsed() >= timeout {
+            panic!("timed out after {timeout:?} waiting for {what}; last observed: {last}");
+        }
+        std::thread::sleep(POLL);
+    }
+}
+
+/// Polls `f` every [`POLL`] until it gives a value, for at most `timeout`; `None` if it never
+/// did. For waits that have a way out when they time out (a process that does not exit is
+/// killed); a wait whose timeout fails the test is [`eventually`].
+pub fn within<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
+    let start = Instant::now();
+    loop {
+        if let Some(value) = f() {
+            return Some(value);
+        }
+        if start.elapsed() >= timeout {
+            return None;
+        }
+        std::thread::sleep(POLL);
+    }
+}
+
+/// A file's text when displayed (read then, not before): a log to print with a failure, read
+/// only if the failure happens.
+pub struct FileText<'a>(pub &'a Path);
+
+impl Display for FileText<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&std::fs::read_to_string(self.0).unwrap_or_default())
+    }
+}
+
+/// A text computed when displayed: what an [`eventually`] poll reports as its state when the
+/// state is costly to render (logs, whole exposition texts) and matters only on a timeout.
+pub struct Lazy<F>(pub F);
+
+impl<F: Fn() -> String> Display for Lazy<F> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&(self.0)())
+    }
+}
+
+/// [`eventually`] for an async `f`, sleeping with tokio between polls (so the runtime's other
+/// tasks keep running on this thread).
+pub async fn eventually_async<T, A: Attempt<T>>(
+    what: &str,
+    timeout: Duration,
+    mut f: impl AsyncFnMut() -> A,
+) -> T {
+    let start = Instant::now();
+    loop {
+        let last = match f().await.attempt() {
+            Ok(value) => return value,
+            Err(last) => last,
+        };
+        if start.elapsed() >= timeout {
+            panic!("timed out after {timeout:?} waiting for {what}; last observed: {last}");
+        }
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+/// Held by the tests that run a front on the embedded default config, whose fixed addresses
+/// (127.0.0.1:9002 and :9003) two such fronts cannot share: every test runs in one process
+/// (`tests/tests/it`), so this lock is what keeps them one at a time. Panics, saying what to do,
+/// when something else listens there (say an operator's plugvisor): the test would otherwise
+/// fail to bind, or worse, read that other front's `/metrics`.
+pub fn default_ports_lock() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    // A test that panicked while holding it left nothing behind that the next one minds.
+    let guard = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    for (key, port) in [("listen", 9002), ("admin_listen", 9003)] {
+        if let Err(e) = std::net::TcpListener::bind(("127.0.0.1", port)) {
+            panic!(
+                "127.0.0.1:{port} is busy ({e}): this test serves the embedded default config, \
+                 whose `{key}` is 127.0.0.1:{port}; stop what listens there \
+                 (`ss -ltnp 'sport = :{port}'`) and rerun"
+            );
+        }
+    }
+    guard
 }

@@ -858,16 +858,7 @@ fn signal(pid: u32, signal: &str) {
 }
 
 fn wait_exit(child: &mut Child, timeout: Duration) -> io::Result<Option<ExitStatus>> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(status) = child.try_wait()? {
-            return Ok(Some(status));
-        }
-        if Instant::now() >= deadline {
-            return Ok(None);
-        }
-        thread::sleep(Duration::from_millis(20));
-    }
+    crate::within(timeout, || child.try_wait().transpose()).transpose()
 }
 
 /// Copies a pipe into `sink`, keeping only the last [`CONSOLE_KEEP`] bytes.

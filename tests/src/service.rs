@@ -23,6 +23,39 @@ pub fn repo() -> PathBuf {
         .to_owned()
 }
 
+/// `config` (a path in the repository) passed through `edit`, with its `listen` and
+/// `admin_listen` (the default's 127.0.0.1:9002 and :9003, which the files under tests/systemd
+/// name) moved to free ports, written to `dir/plugvisor.toml`: containers share the host's
+/// network, so a container's front on the default ports would take them from an operator's
+/// plugvisor on the host, and from the other containers. Returns the file and its `listen`.
+pub fn config_on_free_ports(
+    dir: &Path,
+    config: &str,
+    edit: impl FnOnce(String) -> String,
+) -> (PathBuf, String) {
+    let text = edit(std::fs::read_to_string(repo().join(config)).unwrap());
+    let listen = format!("127.0.0.1:{}", crate::free_port());
+    let mut moved = text.clone();
+    for (key, from, to) in [
+        ("listen", "127.0.0.1:9002", listen.clone()),
+        (
+            "admin_listen",
+            "127.0.0.1:9003",
+            format!("127.0.0.1:{}", crate::free_port()),
+        ),
+    ] {
+        let line = format!("\n{key} = \"{from}\"\n");
+        assert!(
+            moved.contains(&line),
+            "{config} must set {key} = \"{from}\" for the test to move it"
+        );
+        moved = moved.replace(&line, &format!("\n{key} = \"{to}\"\n"));
+    }
+    let path = dir.join("plugvisor.toml");
+    std::fs::write(&path, moved).unwrap();
+    (path, listen)
+}
+
 /// A container with plugvisor installed with a config, its `/run/plugvisor` visible on the host.
 /// Powered off when dropped (by [`Container`]).
 pub struct Service {
@@ -30,6 +63,8 @@ pub struct Service {
     pub c: Container,
     /// The host side of the container's /run/plugvisor.
     pub run_dir: tempfile::TempDir,
+    /// The config's `listen` (a free port: not where it serves when socket-activated).
+    pub listen: String,
 }
 
 impl Service {
@@ -43,13 +78,7 @@ impl Service {
     pub fn boot_with(name: &str, config: &str, edit: impl FnOnce(String) -> String) -> Service {
         let run_dir = tempfile::tempdir().expect("tempdir for /run/plugvisor");
         let repo = repo();
-        // Containers share the host's network: each gets its own admin port.
-        let text = edit(std::fs::read_to_string(repo.join(config)).unwrap()).replace(
-            "admin_listen = \"127.0.0.1:9003\"",
-            &format!("admin_listen = \"127.0.0.1:{}\"", crate::free_port()),
-        );
-        let config = run_dir.path().join("plugvisor.toml");
-        std::fs::write(&config, text).unwrap();
+        let (config, listen) = config_on_free_ports(run_dir.path(), config, edit);
         let c = Container::builder(name)
             .bind(run_dir.path(), "/run/plugvisor")
             .boot_installed(
@@ -58,7 +87,7 @@ impl Service {
                 &config,
             )
             .expect("boot and install");
-        Service { c, run_dir }
+        Service { c, run_dir, listen }
     }
 
     /// `systemctl <args>`; panics with the front unit's state when it fails.

@@ -26,7 +26,7 @@ pub const FRONT_NAMESPACE: &str = "plugvisor";
 /// Envoy 1.40 parses the ext_proc reply with protobuf's default recursion limit of 100, and every
 /// level of a `Struct` costs three protobuf levels (`Struct`, its map entry, `Value`): a namespace
 /// nested 33 levels deep (counted like [`depth`]) still passes, 34 fails the ext_proc stream and
-/// truncates the client's response (`tests/tests/data_path.rs` pins the edge with a real Envoy).
+/// truncates the client's response (`tests/tests/it/data_path.rs` pins the edge with a real Envoy).
 /// Half of that leaves room for whatever Envoy adds around it.
 pub const MAX_DEPTH: usize = 16;
 

@@ -199,7 +199,12 @@ impl PluginLink {
     /// A link without a connection.
     pub fn new(config: PluginConfig, metrics: Arc<Metrics>) -> PluginLink {
         let label = Metrics::plugin(&config.name);
+        // Every per-plugin series exists from the start, so `increase()` sees the first restart
+        // and a dashboard sees 0 rather than nothing.
         metrics.plugin_connected.get_or_create(&label).set(0);
+        metrics.restarts.get_or_create(&label);
+        metrics.last_exit_code.get_or_create(&label);
+        metrics.last_exit_signal.get_or_create(&label);
         PluginLink {
             name: config.name.clone(),
             config: std::sync::RwLock::new(Arc::new(config)),

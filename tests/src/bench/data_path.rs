@@ -191,7 +191,7 @@ pub async fn in_flight_cost(
         plugins
             .iter()
             .map(|p| {
-                crate::front::metric(
+                super::counted(
                     m,
                     &format!("plugvisor_plugin_events_sent_total{{plugin=\"{p}\"}}"),
                 )

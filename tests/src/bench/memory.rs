@@ -13,11 +13,12 @@ use std::time::Duration;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
+use super::counted;
 use super::envoy::BenchEnvoy;
 use super::procfs;
 use super::sse::{self, Ask, Ends};
 use crate::envoy::http_get;
-use crate::front::{metric, FrontProcess};
+use crate::front::FrontProcess;
 
 /// The queue budget given to the plugin (`BENCH_QUEUE_BYTES` overrides it, for experiments).
 pub fn queue_bytes() -> u64 {
@@ -141,12 +142,12 @@ pub async fn run(
         peak_rss,
         peak_queue_bytes,
         peak_queue_depth,
-        dropped_full: metric(
+        dropped_full: counted(
             &m,
             "plugvisor_plugin_events_dropped_total{plugin=\"usage\",reason=\"queue_full\"}",
         ),
-        sent: metric(&m, "plugvisor_plugin_events_sent_total{plugin=\"usage\"}"),
-        finals_timeout: metric(
+        sent: counted(&m, "plugvisor_plugin_events_sent_total{plugin=\"usage\"}"),
+        finals_timeout: counted(
             &m,
             "plugvisor_plugin_finals_missing_total{plugin=\"usage\",reason=\"timeout\"}",
         ),
@@ -171,8 +172,14 @@ impl Sampler {
                 rss = rss.max(procfs::rss_bytes(pid));
                 if n.is_multiple_of(10) {
                     let m = http_get(admin, "/metrics").unwrap_or_default();
-                    qb = qb.max(metric(&m, "plugvisor_plugin_queue_bytes{plugin=\"usage\"}"));
-                    qd = qd.max(metric(&m, "plugvisor_plugin_queue_depth{plugin=\"usage\"}"));
+                    qb = qb.max(counted(
+                        &m,
+                        "plugvisor_plugin_queue_bytes{plugin=\"usage\"}",
+                    ));
+                    qd = qd.max(counted(
+                        &m,
+                        "plugvisor_plugin_queue_depth{plugin=\"usage\"}",
+                    ));
                 }
                 n += 1;
                 std::thread::sleep(Duration::from_millis(5));

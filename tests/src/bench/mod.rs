@@ -20,3 +20,11 @@ pub mod restart;
 pub mod sse;
 pub mod stats;
 pub mod streaming;
+
+/// A counter or gauge from a text exposition, 0 while its series is absent: a series of a
+/// labelled family appears at its first update, and a benchmark reads counts (drops, restarts,
+/// queue peaks) that may never have moved. Tests read [`crate::front::metric`], which panics
+/// instead.
+pub fn counted(text: &str, series: &str) -> f64 {
+    crate::front::try_metric(text, series).unwrap_or(0.0)
+}

@@ -14,9 +14,10 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
+use super::counted;
 use super::procfs;
 use super::stats::{summarize, Summary};
-use crate::front::{metric, FrontProcess};
+use crate::front::FrontProcess;
 
 /// What the report says when restarts were not measured.
 pub const NOT_MEASURED: &str = "Not measured in this run (`--only` left it out).";
@@ -52,15 +53,15 @@ pub async fn run(dir: &Path, kills: usize) -> Option<Restarts> {
             failures += 1;
             break;
         };
-        let before = metric(&front.metrics(), &series("plugvisor_plugin_restarts_total"));
+        let before = counted(&front.metrics(), &series("plugvisor_plugin_restarts_total"));
         let t0 = Instant::now();
         kill(Pid::from_raw(victim as i32), Signal::SIGKILL).expect("SIGKILL the plugin");
         let mut back = None;
         while t0.elapsed() < Duration::from_secs(10) {
             let m = front.metrics();
-            if metric(&m, &series("plugvisor_plugin_restarts_total")) > before
-                && metric(&m, &series("plugvisor_plugin_up")) == 1.0
-                && metric(&m, &series("plugvisor_plugin_connected")) == 1.0
+            if counted(&m, &series("plugvisor_plugin_restarts_total")) > before
+                && counted(&m, &series("plugvisor_plugin_up")) == 1.0
+                && counted(&m, &series("plugvisor_plugin_connected")) == 1.0
             {
                 back = Some(t0.elapsed());
                 break;

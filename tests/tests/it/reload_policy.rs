@@ -49,11 +49,14 @@ async fn reloaded(front: &FrontProcess, send: impl FnOnce()) {
     let count = |log: &str| log.matches("configuration reloaded").count();
     let before = count(&front.log());
     send();
-    let start = Instant::now();
-    while count(&front.log()) == before {
-        assert!(start.elapsed() < Duration::from_secs(15), "{}", front.log());
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    tests::eventually("the reload logged", Duration::from_secs(15), || {
+        let log = front.log();
+        if count(&log) > before {
+            Ok(())
+        } else {
+            Err(log)
+        }
+    });
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -123,15 +126,16 @@ async fn a_reload_of_the_restart_policy_judges_the_next_exit() {
     .unwrap();
     // `temporary`: never restarted. Under the old policy (`permanent`) it would be back within
     // its 50 ms backoff.
-    let start = Instant::now();
-    loop {
+    tests::eventually_async("latency stopped", Duration::from_secs(10), async || {
         let s = front.plugin_status("latency").await;
         if s.state == "stopped" {
-            break;
+            Ok(())
+        } else {
+            Err(format!("{s:?}"))
         }
-        assert!(start.elapsed() < Duration::from_secs(10), "{s:?}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    })
+    .await;
+    // The thing under test is that nothing happens: give a restart time to show up.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let s = front.plugin_status("latency").await;
     assert_eq!(
@@ -173,15 +177,19 @@ async fn a_restart_while_starting_answers_at_once() {
         took < Duration::from_secs(2),
         "restart while starting took {took:?}"
     );
-    let start = Instant::now();
-    loop {
-        let s = front.plugin_status("slow").await;
-        if s.state == "starting" && s.pid.is_some() && s.pid != first.pid {
-            break;
-        }
-        assert!(start.elapsed() < Duration::from_secs(10), "{s:?}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    tests::eventually_async(
+        "a new process starting",
+        Duration::from_secs(10),
+        async || {
+            let s = front.plugin_status("slow").await;
+            if s.state == "starting" && s.pid.is_some() && s.pid != first.pid {
+                Ok(())
+            } else {
+                Err(format!("{s:?}"))
+            }
+        },
+    )
+    .await;
     let log = front.log();
     assert!(!log.contains("exited unexpectedly"), "{log}");
 }
@@ -254,15 +262,15 @@ async fn a_replaced_process_and_its_drain_show_in_status_until_the_drain_ends() 
         "{table}"
     );
     // The owner ends the drain on time: the streams move on, the old process is reaped.
-    let start = Instant::now();
-    loop {
+    tests::eventually_async("the drain over", Duration::from_secs(15), async || {
         let s = front.plugin_status("latency").await;
         if s.draining.is_empty() {
-            break;
+            Ok(())
+        } else {
+            Err(format!("{s:?}"))
         }
-        assert!(start.elapsed() < Duration::from_secs(15), "{s:?}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    })
+    .await;
     assert!(
         front
             .log()

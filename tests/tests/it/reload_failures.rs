@@ -2,7 +2,7 @@
 //! stays configured and visible as failed, is retried by its restart policy, by `plugvisor
 //! start` and by a later reload, and a removed plugin's metric series leave `/metrics` with it.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use supervisor::plugin::supervise::PluginStatus;
 use supervisor::shell::control::{self, Request};
@@ -33,19 +33,15 @@ async fn wait_for(
     what: &str,
     pred: impl Fn(&[PluginStatus]) -> bool,
 ) -> Vec<PluginStatus> {
-    let start = Instant::now();
-    loop {
+    tests::eventually_async(what, Duration::from_secs(15), async || {
         let s = status(front).await;
         if pred(&s) {
-            return s;
+            Ok(s)
+        } else {
+            Err(format!("{s:#?}\n{}", front.log()))
         }
-        assert!(
-            start.elapsed() < Duration::from_secs(15),
-            "not {what}: {s:#?}\n{}",
-            front.log()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    })
+    .await
 }
 
 fn find<'a>(s: &'a [PluginStatus], name: &str) -> Option<&'a PluginStatus> {
@@ -66,11 +62,10 @@ async fn a_plugin_a_reload_could_not_start_stays_failed_until_a_reload_fixes_it(
     front.reload(
         "[plugins.usage]\n[plugins.latency]\n[plugins.test-order]\ngroup = \"no-such-group-xyz\"\n",
     );
-    let start = Instant::now();
-    while !front.log().contains("reload rejected") {
-        assert!(start.elapsed() < Duration::from_secs(15), "{}", front.log());
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    tests::eventually("the reload rejected", Duration::from_secs(15), || {
+        let log = front.log();
+        log.contains("reload rejected").then_some(()).ok_or(log)
+    });
     assert!(
         front.log().contains("key `plugins.test-order.group`"),
         "{}",
@@ -116,7 +111,13 @@ async fn a_plugin_a_reload_could_not_start_stays_failed_until_a_reload_fixes_it(
 
     // A reload that changes nothing else keeps it, failed, rather than forgetting it.
     front.reload("[plugins.usage]\n[plugins.latency]\n[plugins.test-order]\n");
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Applied: the second reload that was (the first was rejected).
+    tests::eventually("the reload applied", Duration::from_secs(10), || {
+        let log = front.log();
+        (log.matches("configuration reloaded").count() >= 2)
+            .then_some(())
+            .ok_or(log)
+    });
     let s = status(&front).await;
     assert_eq!(
         find(&s, "test-order").map(|p| p.state.as_str()),
@@ -150,26 +151,22 @@ async fn a_plugin_removed_by_a_reload_takes_its_series_with_it() {
     front.reload("[plugins.latency]\n");
     wait_for(&front, "without usage", |s| find(s, "usage").is_none()).await;
     // The series go once the reload is applied, which the status shows a moment before.
-    let start = Instant::now();
-    loop {
+    let m = tests::eventually("usage's series gone", Duration::from_secs(5), || {
         let m = front.metrics();
-        if !m.contains("plugin=\"usage\"") {
-            assert!(
-                m.contains("plugvisor_plugin_connected{plugin=\"latency\"} 1"),
-                "{m}"
-            );
-            break;
+        let usage: Vec<&str> = m
+            .lines()
+            .filter(|l| l.contains("plugin=\"usage\""))
+            .collect();
+        if usage.is_empty() {
+            Ok(m)
+        } else {
+            Err(usage.join("\n"))
         }
-        assert!(
-            start.elapsed() < Duration::from_secs(5),
-            "usage series still exported:\n{}",
-            m.lines()
-                .filter(|l| l.contains("plugin=\"usage\""))
-                .collect::<Vec<_>>()
-                .join("\n")
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    });
+    assert!(
+        m.contains("plugvisor_plugin_connected{plugin=\"latency\"} 1"),
+        "{m}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -211,14 +208,12 @@ async fn a_plugin_that_could_not_start_is_retried_by_its_policy_and_by_start() {
     );
 
     // Several retries fail while the directory is there; then, freed, it comes up by itself.
-    tokio::time::sleep(Duration::from_millis(600)).await;
-    assert!(
-        front
-            .log()
-            .matches("plugin still cannot be started")
-            .count()
-            >= 2
-    );
+    tests::eventually("two failed retries", Duration::from_secs(5), || {
+        let log = front.log();
+        (log.matches("plugin still cannot be started").count() >= 2)
+            .then_some(())
+            .ok_or(log)
+    });
     std::fs::remove_dir(&latency).unwrap();
     wait_for(&front, "latency up by itself", |s| {
         find(s, "latency").is_some_and(|p| p.state == "up" && p.connected)
@@ -247,13 +242,10 @@ async fn a_plugin_that_could_not_start_is_retried_by_its_policy_and_by_start() {
     .await;
     let names: Vec<&str> = s.iter().map(|p| p.name.as_str()).collect();
     assert_eq!(names, ["usage", "latency", "test-order"], "config order");
-    let start = Instant::now();
-    while front.healthz().0 != 200 {
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "{:?}",
-            front.healthz()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    tests::eventually("/healthz 200", Duration::from_secs(10), || {
+        let (code, body) = front.healthz();
+        (code == 200)
+            .then_some(())
+            .ok_or(format!("{code} {body:?}"))
+    });
 }

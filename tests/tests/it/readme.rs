@@ -3,11 +3,10 @@
 //! README rather than a copy of it), with no configuration. Both default plugins must come up and
 //! a stream through real Envoy must get their metadata.
 
-use std::net::TcpListener;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
@@ -49,18 +48,6 @@ fn readme_first_command(readme: &str) -> Vec<String> {
     line.split_whitespace().map(str::to_owned).collect()
 }
 
-/// Fails with what to do when something already listens where the default config listens: the
-/// command must run as written, so the test cannot move it elsewhere.
-fn require_free(addr: &str, key: &str) {
-    if let Err(e) = TcpListener::bind(addr) {
-        panic!(
-            "{addr} is busy ({e}): the README's first command serves the embedded default config, \
-             whose `{key}` is {addr}; stop what listens there (`ss -ltnp 'sport = :{}'`) and rerun",
-            addr.rsplit(':').next().unwrap_or_default()
-        );
-    }
-}
-
 fn git(args: &[&str], dir: &Path) -> String {
     let out = Command::new("git")
         .args(args)
@@ -93,17 +80,14 @@ impl ReadmeCommand {
     fn stop(&mut self) -> Option<std::process::ExitStatus> {
         let group = Pid::from_raw(self.child.id() as i32);
         let _ = killpg(group, Signal::SIGTERM);
-        let start = Instant::now();
-        while start.elapsed() < Duration::from_secs(15) {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                let _ = killpg(group, Signal::SIGKILL);
-                return Some(status);
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        let status = tests::within(Duration::from_secs(15), || {
+            self.child.try_wait().ok().flatten()
+        });
         let _ = killpg(group, Signal::SIGKILL);
-        let _ = self.child.wait();
-        None
+        if status.is_none() {
+            let _ = self.child.wait();
+        }
+        status
     }
 }
 
@@ -115,6 +99,9 @@ impl Drop for ReadmeCommand {
     }
 }
 
+// The default-ports lock is held across awaits on purpose: it keeps whole tests (cli.rs's, on
+// another thread) apart, and no other task of this test's runtime ever takes it.
+#[allow(clippy::await_holding_lock)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_readme_s_first_command_serves_both_default_plugins_on_a_fresh_clone() {
     let workspace = workspace();
@@ -136,8 +123,10 @@ async fn the_readme_s_first_command_serves_both_default_plugins_on_a_fresh_clone
     );
     git(&["checkout", "--quiet", "--detach", &head], &clone);
 
-    require_free(EXT_PROC, "listen");
-    require_free(&format!("127.0.0.1:{ADMIN_PORT}"), "admin_listen");
+    // The command must run as written, so the test cannot move it off the embedded default's
+    // fixed ports: the lock fails at once, saying what to do, when something else listens
+    // there, and keeps cli.rs's front on the same ports (in this same process) waiting.
+    let _ports = tests::default_ports_lock();
 
     // A fresh clone builds from scratch in release mode: minutes on a small machine. Its target
     // directory lives beside this workspace's and survives the clone, so reruns only rebuild
@@ -165,26 +154,20 @@ async fn the_readme_s_first_command_serves_both_default_plugins_on_a_fresh_clone
         .unwrap_or_else(|e| panic!("cannot run {words:?}: {e}"));
     let mut command = ReadmeCommand { child, log };
 
-    let start = Instant::now();
-    loop {
+    let what = format!("both default plugins up after {words:?}");
+    tests::eventually_async(&what, BUILD_AND_START_LIMIT, async || {
         let metrics = http_get(ADMIN_PORT, "/metrics").unwrap_or_default();
         if metrics.contains("plugvisor_plugin_connected{plugin=\"usage\"} 1")
             && metrics.contains("plugvisor_plugin_connected{plugin=\"latency\"} 1")
         {
-            break;
+            return Ok(());
         }
         if let Ok(Some(status)) = command.child.try_wait() {
             panic!("{words:?} exited with {status}:\n{}", command.log());
         }
-        if start.elapsed() > BUILD_AND_START_LIMIT {
-            panic!(
-                "both default plugins not up {BUILD_AND_START_LIMIT:?} after {words:?}:\n\
-                 metrics: {metrics}\n{}",
-                command.log()
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+        Err(format!("metrics: {metrics}\n{}", command.log()))
+    })
+    .await;
 
     let upstream = Upstream::start().await;
     let envoy = tokio::task::block_in_place(|| {

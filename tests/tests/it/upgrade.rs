@@ -56,10 +56,9 @@ impl Drop for Pids {
         for pid in &self.0 {
             let _ = kill(nix::unistd::Pid::from_raw(*pid as i32), Signal::SIGTERM);
         }
-        let start = Instant::now();
-        while self.0.iter().any(|p| running(*p)) && start.elapsed() < Duration::from_secs(8) {
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        tests::within(Duration::from_secs(8), || {
+            (!self.0.iter().any(|p| running(*p))).then_some(())
+        });
         for pid in &self.0 {
             let _ = kill(nix::unistd::Pid::from_raw(*pid as i32), Signal::SIGKILL);
         }
@@ -232,6 +231,7 @@ async fn an_upgrade_mid_batch_breaks_no_stream_and_new_requests_reach_the_new_fr
     let _guard = Pids(vec![new]);
     assert_ne!(new, old);
 
+    // New requests keep coming for a while after the upgrade: they are what is checked.
     tokio::time::sleep(Duration::from_secs(2)).await;
     stop.store(true, Ordering::SeqCst);
     let long_done = join(long_streams).await;
@@ -338,18 +338,19 @@ async fn a_broken_new_binary_leaves_the_old_front_serving() {
     .await
     .expect("control socket answers");
     assert!(answer.ok, "{answer:?}");
-    let up = async {
-        loop {
+    tests::eventually_async(
+        "the restarted plugin connected through the restored socket path",
+        Duration::from_secs(10),
+        async || {
             let s = stack.front.plugin_status("usage").await;
             if s.pid.is_some_and(|p| p != usage) && s.state == "up" {
-                return;
+                Ok(())
+            } else {
+                Err(format!("{s:?}"))
             }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    };
-    tokio::time::timeout(Duration::from_secs(10), up)
-        .await
-        .expect("the restarted plugin connects through the restored socket path");
+        },
+    )
+    .await;
     let p = short();
     let got = chat(port, &p, "after").await;
     assert!(got.body() == p.body());
@@ -392,6 +393,7 @@ async fn a_second_upgrade_while_the_first_drains_loses_nothing() {
         "both older fronts drain at once"
     );
 
+    // New requests keep coming for a while after the upgrade: they are what is checked.
     tokio::time::sleep(Duration::from_secs(1)).await;
     stop.store(true, Ordering::SeqCst);
     let long_done = join(long_streams).await;
@@ -411,11 +413,12 @@ async fn a_second_upgrade_while_the_first_drains_loses_nothing() {
     }
     let status = tokio::task::block_in_place(|| stack.front.wait_exit(Duration::from_secs(20)));
     assert!(status.is_some_and(|s| s.success()), "{status:?}");
-    let start = Instant::now();
-    while running(second) && start.elapsed() < Duration::from_secs(20) {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert!(!running(second), "the second front exits once drained");
+    tests::eventually_async(
+        "the second front to exit once drained",
+        Duration::from_secs(20),
+        async || !running(second),
+    )
+    .await;
     assert!(running(third));
 }
 
@@ -423,7 +426,7 @@ async fn a_second_upgrade_while_the_first_drains_loses_nothing() {
 /// `NotifyAccess=main` as shipped): `plugvisor upgrade` makes the new front the unit's main pid,
 /// the old one drains inside the unit's cgroup, the watchdog follows the new front, and streams
 /// through the activated socket survive. Needs root and systemd-container, as
-/// tests/tests/systemd_service.rs.
+/// tests/tests/it/systemd_service.rs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn under_systemd_the_new_front_becomes_the_main_pid_and_streams_survive() {
     use tests::nspawn;

@@ -2,7 +2,7 @@
 //! becomes the record's level, the plugin and pid are fields, and only the front's timestamp is
 //! on the line.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use supervisor::shell::control::{self, Request};
 use tests::front::FrontProcess;
@@ -17,19 +17,24 @@ async fn a_plugin_warning_is_logged_by_the_front_at_warn_once_with_plugin_and_pi
         .unwrap();
     let pid = answer.plugins.unwrap()[0].pid.expect("spawned pid");
 
-    let start = Instant::now();
-    let lines = loop {
-        let log = front.log();
-        let lines: Vec<String> = log
-            .lines()
-            .filter(|l| l.contains("it will never hang"))
-            .map(str::to_owned)
-            .collect();
-        if !lines.is_empty() || start.elapsed() > Duration::from_secs(10) {
-            break lines;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let lines = tests::eventually_async(
+        "the warning in the log",
+        Duration::from_secs(10),
+        async || {
+            let log = front.log();
+            let lines: Vec<String> = log
+                .lines()
+                .filter(|l| l.contains("it will never hang"))
+                .map(str::to_owned)
+                .collect();
+            if lines.is_empty() {
+                Err(log)
+            } else {
+                Ok(lines)
+            }
+        },
+    )
+    .await;
     assert_eq!(lines.len(), 1, "{}", front.log());
     let line = &lines[0];
     assert!(line.contains(" WARN "), "{line}");

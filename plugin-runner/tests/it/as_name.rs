@@ -2,7 +2,7 @@
 //! carries the configured name and the built-in's own namespace comes back renamed, with the
 //! host's gap report inside it.
 
-mod harness;
+use crate::harness;
 
 use std::process::Stdio;
 

@@ -8,7 +8,7 @@
 //! The encoders are the other halves of the decoders' libraries (flate2, Dropbox's brotli,
 //! libzstd); `tests/fixtures/compressed/` adds bodies made by the `gzip` and `zstd` tools.
 
-mod usage_play;
+use crate::usage_play;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};

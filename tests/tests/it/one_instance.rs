@@ -11,7 +11,7 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use supervisor::plugin::supervise::PluginStatus;
 use tests::bins;
-use tests::front::{metric, FrontProcess};
+use tests::front::{try_metric, FrontProcess};
 
 /// Runs `plugvisor --config` on a config written into `dir`, expecting it to exit by itself
 /// within 10 s; returns its output (stdout and stderr).
@@ -33,17 +33,14 @@ fn run_expecting_exit(dir: &Path, runtime_dir: &Path, plugins_toml: &str) -> Out
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let start = Instant::now();
-    while child.try_wait().unwrap().is_none() {
-        if start.elapsed() > Duration::from_secs(10) {
-            let _ = child.kill();
-            let out = child.wait_with_output().unwrap();
-            panic!(
-                "plugvisor kept running: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        std::thread::sleep(Duration::from_millis(20));
+    // Not `eventually`: a front that kept running is killed first, and its stderr shown.
+    if tests::within(Duration::from_secs(10), || child.try_wait().unwrap()).is_none() {
+        let _ = child.kill();
+        let out = child.wait_with_output().unwrap();
+        panic!(
+            "plugvisor kept running: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     child.wait_with_output().unwrap()
 }
@@ -113,24 +110,20 @@ async fn second_front_on_the_same_runtime_dir_exits_and_leaves_the_first_working
 
     // And its plugin socket still takes connections: a killed plugin comes back and reconnects.
     kill(Pid::from_raw(first_pid as i32), Signal::SIGKILL).unwrap();
-    let start = Instant::now();
-    loop {
+    let p = tests::eventually_async("latency back", Duration::from_secs(10), async || {
         let p = status(&a, "latency").await;
         let m = a.metrics();
         if p.connected
             && p.pid.is_some_and(|pid| pid != first_pid)
-            && metric(&m, "plugvisor_plugin_connected{plugin=\"latency\"}") == 1.0
+            && try_metric(&m, "plugvisor_plugin_connected{plugin=\"latency\"}") == Some(1.0)
         {
-            assert!(p.restarts >= 1, "{p:?}");
-            break;
+            Ok(p)
+        } else {
+            Err(format!("{p:?}\n{}", a.log()))
         }
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "latency did not come back: {p:?}\n{}",
-            a.log()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    })
+    .await;
+    assert!(p.restarts >= 1, "{p:?}");
 }
 
 #[test]

@@ -169,22 +169,23 @@ async fn a_client_gone_mid_stream_sends_abort_and_frees_the_lane() {
     };
     chat_and_disconnect(setup.envoy.port, &params, "r-gone", 3).await;
     let record = setup.plugins[0].record.clone();
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    loop {
-        {
+    tests::eventually_async(
+        "one abort and no open stream",
+        Duration::from_secs(5),
+        async || {
             let r = record.lock().unwrap();
             if r.aborted.len() == 1 && r.open == 0 {
-                assert_eq!(r.aborted[0].1, ipc_protocol::AbortCause::ClientDisconnect);
-                assert!(r.finished.is_empty());
-                break;
+                Ok(())
+            } else {
+                Err(format!("{r:?}"))
             }
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no abort: {:?}",
-            record.lock().unwrap()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        },
+    )
+    .await;
+    {
+        let r = record.lock().unwrap();
+        assert_eq!(r.aborted[0].1, ipc_protocol::AbortCause::ClientDisconnect);
+        assert!(r.finished.is_empty());
     }
     assert_eq!(setup.front.metrics().streams_active.get(), 0);
     setup.stop().await;
@@ -305,14 +306,12 @@ async fn a_plugin_that_reconnects_is_welcomed_on_the_same_link() {
     // The process goes away (crash, restart, a developer stopping it) ...
     drop(setup.plugins.remove(0));
     let link = setup.front.links()[0].clone();
-    let deadline = std::time::Instant::now() + Duration::from_secs(3);
-    while link.is_connected() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "disconnect not noticed"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    tests::eventually_async(
+        "the disconnect noticed",
+        Duration::from_secs(3),
+        async || !link.is_connected(),
+    )
+    .await;
     // ... a stream meanwhile lists it as missing ...
     let params = Params::default();
     let got = chat(setup.envoy.port, &params, "r-down").await;
@@ -355,9 +354,12 @@ async fn stopping_the_front_aborts_streams_still_running_after_the_grace_period(
         };
         chat(port, &params, "r-stop").await
     });
-    while setup.front.metrics().streams_active.get() == 0 {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    tests::eventually_async("the stream active", Duration::from_secs(10), async || {
+        setup.front.metrics().streams_active.get() != 0
+    })
+    .await;
+    // Well into the stream (a few of its chunks sent), not at its start: what is under test is
+    // stopping in the middle of one.
     tokio::time::sleep(Duration::from_millis(100)).await;
     let started = std::time::Instant::now();
     setup.front.stop().await;
@@ -367,11 +369,10 @@ async fn stopping_the_front_aborts_streams_still_running_after_the_grace_period(
         started.elapsed()
     );
     let record = setup.plugins[0].record.clone();
-    let deadline = std::time::Instant::now() + Duration::from_secs(2);
-    while record.lock().unwrap().aborted.is_empty() {
-        assert!(std::time::Instant::now() < deadline, "no abort");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    tests::eventually_async("an abort", Duration::from_secs(2), async || {
+        !record.lock().unwrap().aborted.is_empty()
+    })
+    .await;
     assert_eq!(
         record.lock().unwrap().aborted[0].1,
         ipc_protocol::AbortCause::Shutdown
@@ -397,11 +398,10 @@ async fn run_serves_until_its_shutdown_future_resolves() {
     let task = tokio::spawn(supervisor::run(config, async move {
         let _ = rx.await;
     }));
-    let deadline = std::time::Instant::now() + Duration::from_secs(3);
-    while !sock.exists() {
-        assert!(std::time::Instant::now() < deadline, "never listened");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    tests::eventually_async("the ext_proc socket", Duration::from_secs(3), async || {
+        sock.exists()
+    })
+    .await;
     tx.send(()).unwrap();
     let result = tokio::time::timeout(Duration::from_secs(3), task)
         .await

@@ -6,7 +6,7 @@
 //! keeps the front from killing it during the test.
 
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tests::front::FrontProcess;
 
@@ -48,15 +48,9 @@ fn alive(pid: u32) -> bool {
 }
 
 fn wait_until(what: &str, limit: Duration, mut cond: impl FnMut() -> bool, front: &FrontProcess) {
-    let start = Instant::now();
-    while !cond() {
-        assert!(
-            start.elapsed() < limit,
-            "{what} not within {limit:?}:\n{}",
-            front.log()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    tests::eventually(what, limit, || {
+        cond().then_some(()).ok_or(tests::Lazy(|| front.log()))
+    })
 }
 
 /// Kills the plugin by pid if the test ends early (the front does it on a clean stop).

@@ -10,6 +10,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use tests::nspawn::{self, Container};
+use tests::service;
 
 const UNITS: [&str; 3] = [
     "plugvisor.service",
@@ -68,10 +69,14 @@ fn units_pass_systemd_analyze_verify() {
 fn install_script_puts_units_in_place_under_real_systemd() {
     let repo = repo();
     let bin_dir = nspawn::built_binaries_dir().unwrap();
-    let config = repo.join("tests/systemd/spawned.toml");
+    let dir = tempfile::tempdir().unwrap();
+    let (config, _) =
+        service::config_on_free_ports(dir.path(), "tests/systemd/spawned.toml", |t| t);
     let c = Container::builder("install")
         .boot_installed(&repo, &bin_dir, &config)
         .unwrap();
+    // What the install was given, as the container sees it (boot_installed copied it there).
+    let config = c.scratch().join("plugvisor.toml");
 
     // Idempotent: a second run succeeds and keeps the config in place.
     let install = repo.join("scripts/install");
@@ -179,7 +184,9 @@ fn install_script_puts_units_in_place_under_real_systemd() {
 fn only_envoys_group_reaches_the_activated_socket_while_plugvisor_runs() {
     let repo = repo();
     let bin_dir = nspawn::built_binaries_dir().unwrap();
-    let config = repo.join("tests/systemd/spawned.toml");
+    let dir = tempfile::tempdir().unwrap();
+    let (config, _) =
+        service::config_on_free_ports(dir.path(), "tests/systemd/spawned.toml", |t| t);
     let c = Container::builder("socket-access")
         .boot_installed(&repo, &bin_dir, &config)
         .unwrap();

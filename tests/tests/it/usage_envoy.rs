@@ -413,7 +413,7 @@ async fn every_format_reaches_envoy_with_its_golden_tokens_costs_and_model() {
     let (upstream_port, upstream) = start_upstream().await;
     let plugins = format!(
         "[plugins.usage]\n{}",
-        doc_block("tests/tests/usage_envoy.rs")
+        doc_block("tests/tests/it/usage_envoy.rs")
     );
     let (front, envoy) = tokio::task::block_in_place(|| {
         let front = FrontProcess::start(dir.path(), &plugins, &["usage"]);
@@ -476,13 +476,13 @@ async fn every_format_reaches_envoy_with_its_golden_tokens_costs_and_model() {
             .get("envoy.ratelimit")
             .and_then(|c| c["tokens"].as_u64());
         if let Some(tokens) = want {
-            let charges = loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let what = format!("{rid} charged");
+            let charges = tests::eventually_async(&what, left, async || {
                 let c = recorder.charges_of(&rid);
-                if !c.is_empty() || Instant::now() > deadline {
-                    break c;
-                }
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            };
+                (!c.is_empty()).then_some(c)
+            })
+            .await;
             assert_eq!(charges.len(), 1, "{rid}: {charges:?}");
             assert_eq!(charges[0].hits, tokens, "{rid}");
             assert_eq!(charges[0].domain, "llm-tokens", "{rid}");
@@ -492,14 +492,12 @@ async fn every_format_reaches_envoy_with_its_golden_tokens_costs_and_model() {
     // ended; one more costed stream, sent after them all and charged, bounds that wait.
     let sentinel = &CASES[0];
     fetch(envoy.port, sentinel, "sentinel").await;
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while recorder.charges_of("sentinel").is_empty() {
-        assert!(
-            Instant::now() < deadline,
-            "the sentinel stream was never charged"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    tests::eventually_async(
+        "the sentinel stream charged",
+        Duration::from_secs(5),
+        async || !recorder.charges_of("sentinel").is_empty(),
+    )
+    .await;
     for (i, case) in CASES.iter().enumerate() {
         let rid = format!("{i}-{}", case.golden);
         if !golden(case.golden).contains_key("envoy.ratelimit") {

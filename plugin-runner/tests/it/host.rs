@@ -2,7 +2,7 @@
 //! 1,000 interleaved streams, latency from stamps, panic isolation, pings, inline acks, and every
 //! exit path (Refuse, bad config, Shutdown, EOF, crash, bad usage).
 
-mod harness;
+use crate::harness;
 
 use std::collections::HashMap;
 use std::process::Stdio;

@@ -5,7 +5,7 @@
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
@@ -61,20 +61,15 @@ impl Setup {
         what: &str,
         pred: impl Fn(&PluginStatus) -> bool,
     ) -> PluginStatus {
-        let start = Instant::now();
-        loop {
+        tests::eventually_async(&format!("{name} {what}"), limit, async || {
             let p = self.plugin(name).await;
             if pred(&p) {
-                return p;
+                Ok(p)
+            } else {
+                Err(format!("{p:?}\n{}", self.front.log()))
             }
-            if start.elapsed() > limit {
-                panic!(
-                    "{name}: not {what} after {limit:?}: {p:?}\n{}",
-                    self.front.log()
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
+        })
+        .await
     }
 
     fn plugvisor(&self, args: &[&str]) -> std::process::Output {
@@ -138,6 +133,7 @@ async fn killed_plugin_restarts_while_streams_continue() {
             })
         })
         .collect();
+    // Killed in the middle of the streams, not before they start: the timing is the test.
     tokio::time::sleep(Duration::from_millis(80)).await;
     signal(victim_pid, Signal::SIGKILL);
 
@@ -327,15 +323,17 @@ async fn sigkill_of_the_front_leaves_no_plugin_behind() {
     assert_eq!(pids.len(), 3);
     signal(setup.front.pid(), Signal::SIGKILL);
     setup.front.wait_exit(Duration::from_secs(2));
-    let killed = Instant::now();
-    while pids.iter().any(|&p| alive(p)) && killed.elapsed() < Duration::from_secs(1) {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    let left: Vec<u32> = pids.iter().copied().filter(|&p| alive(p)).collect();
-    assert!(
-        left.is_empty(),
-        "plugins outlived the front by 1 s: {left:?}"
-    );
+    tests::eventually_async(
+        "the plugins to end within 1 s of the front",
+        Duration::from_secs(1),
+        async || {
+            let left: Vec<u32> = pids.iter().copied().filter(|&p| alive(p)).collect();
+            left.is_empty()
+                .then_some(())
+                .ok_or(format!("still running: {left:?}"))
+        },
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -357,6 +355,7 @@ async fn sigterm_drains_in_flight_streams_then_exits_zero() {
             })
         })
         .collect();
+    // SIGTERM in the middle of the streams, not before they start: the timing is the test.
     tokio::time::sleep(Duration::from_millis(150)).await;
     signal(setup.front.pid(), Signal::SIGTERM);
     for s in streams {
@@ -539,13 +538,8 @@ fn run_plugin_host(socket: &Path, name: &str, uid: Option<u32>) -> std::process:
 }
 
 fn wait_output(mut child: std::process::Child, limit: Duration) -> std::process::Output {
-    let start = Instant::now();
-    while start.elapsed() < limit {
-        if let Ok(Some(_)) = child.try_wait() {
-            return child.wait_with_output().expect("output");
-        }
-        std::thread::sleep(Duration::from_millis(10));
+    if tests::within(limit, || child.try_wait().ok().flatten()).is_none() {
+        let _ = child.kill();
     }
-    let _ = child.kill();
     child.wait_with_output().expect("output")
 }

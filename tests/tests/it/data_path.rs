@@ -394,14 +394,12 @@ async fn an_idle_stream_timeout_fails_only_streams_silent_past_it() {
     );
     assert_eq!(setup.front.metrics().stream_errors.get(), 1);
     let record = setup.plugins[0].record.clone();
-    let deadline = std::time::Instant::now() + Duration::from_secs(3);
-    while record.lock().unwrap().aborted.is_empty() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no abort for the ended stream"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    tests::eventually_async(
+        "an abort for the ended stream",
+        Duration::from_secs(3),
+        async || !record.lock().unwrap().aborted.is_empty(),
+    )
+    .await;
     assert_eq!(
         record.lock().unwrap().aborted[0].1,
         ipc_protocol::AbortCause::Timeout

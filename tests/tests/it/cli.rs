@@ -2,7 +2,7 @@
 //! embedded default with no arguments at all.
 
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tests::bins;
 use tests::envoy::http_get;
@@ -34,7 +34,7 @@ fn a_bad_config_is_one_clear_line_and_exit_64() {
     let path = dir.path().join("bad.toml");
     std::fs::write(
         &path,
-        "listen = \"127.0.0.1:9002\"\n[plugins.usage]\nfinal_timeout_ms = \"soon\"\n",
+        "listen = \"127.0.0.1:0\"\n[plugins.usage]\nfinal_timeout_ms = \"soon\"\n",
     )
     .unwrap();
     for args in [
@@ -151,6 +151,9 @@ fn a_busy_port_names_its_key_and_address() {
 #[test]
 fn no_arguments_serves_the_embedded_default_with_usage_and_latency() {
     bins::plugvisor_plugin();
+    // The embedded default's fixed ports: readme.rs serves them too, in this same process, and
+    // nothing else may (this test reads whatever answers on 9003).
+    let _ports = tests::default_ports_lock();
     let dir = tempfile::tempdir().unwrap();
     let mut child = Command::new(bins::plugvisor())
         .env("RUNTIME_DIRECTORY", dir.path())
@@ -161,19 +164,14 @@ fn no_arguments_serves_the_embedded_default_with_usage_and_latency() {
         .spawn()
         .unwrap();
     let pid = nix::unistd::Pid::from_raw(child.id() as i32);
-    let start = Instant::now();
-    let result = loop {
-        let metrics = http_get(9003, "/metrics").unwrap_or_default();
-        if metrics.contains("plugvisor_plugin_connected{plugin=\"usage\"} 1")
-            && metrics.contains("plugvisor_plugin_connected{plugin=\"latency\"} 1")
-        {
-            break Ok(());
-        }
-        if start.elapsed() > Duration::from_secs(10) {
-            break Err(metrics);
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    // Not `eventually`: the front is stopped before this test fails.
+    let mut metrics = String::new();
+    let up = tests::within(Duration::from_secs(10), || {
+        metrics = http_get(9003, "/metrics").unwrap_or_default();
+        (metrics.contains("plugvisor_plugin_connected{plugin=\"usage\"} 1")
+            && metrics.contains("plugvisor_plugin_connected{plugin=\"latency\"} 1"))
+        .then_some(())
+    });
     // The plugins show up in ps under readable titles.
     let titles: Vec<String> = std::fs::read_dir("/proc")
         .unwrap()
@@ -196,7 +194,7 @@ fn no_arguments_serves_the_embedded_default_with_usage_and_latency() {
         .collect();
     let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
     let status = child.wait().unwrap();
-    if let Err(metrics) = result {
+    if up.is_none() {
         panic!("default plugins never connected:\n{metrics}");
     }
     assert!(

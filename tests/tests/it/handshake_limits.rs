@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use ipc_protocol::{FrameReader, RefuseCode, ToPlugin};
 use sha2::{Digest, Sha256};
 use tests::client::chat;
-use tests::front::{metric, FrontProcess};
+use tests::front::{metric, try_metric, FrontProcess};
 use tests::stack::Stack;
 use tests::upstream::Params;
 
@@ -100,7 +100,13 @@ fn a_peer_of_another_uid_is_refused_before_its_first_frame_is_read() {
     let socket = front.runtime_dir.join("plugins/test-order.sock");
 
     let out = Command::new(std::env::current_exe().unwrap())
-        .args(["--ignored", "--exact", "foreign_peer", "--nocapture"])
+        // Its name in the one test binary of tests/tests/it.
+        .args([
+            "--ignored",
+            "--exact",
+            "handshake_limits::foreign_peer",
+            "--nocapture",
+        ])
         .env(PEER_SOCKET_ENV, &socket)
         .uid(65534)
         .gid(0)
@@ -164,14 +170,17 @@ async fn huge_frames_from_permitted_peers_cost_the_front_nothing_and_the_plugin_
             .expect("start the plugin host"),
     );
     let connected = "plugvisor_plugin_connected{plugin=\"test-order\"}";
-    let start = Instant::now();
-    while metric(&setup.front.metrics(), connected) != 1.0 {
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "plugin never connected"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    tests::eventually_async(
+        "the plugin connected",
+        Duration::from_secs(10),
+        async || {
+            let m = setup.front.metrics();
+            (try_metric(&m, connected) == Some(1.0))
+                .then_some(())
+                .ok_or(m)
+        },
+    )
+    .await;
     let front_pid = setup.front.pid();
     let before = rss_bytes(front_pid).expect("the front runs");
 
@@ -317,15 +326,14 @@ async fn a_welcomed_plugin_may_send_frames_up_to_its_metadata_cap_plus_the_margi
     // metadata_max_bytes + 64 KiB.
     let limit = 1024 + 64 * 1024;
     let wait_log = |needle: String| {
-        let start = Instant::now();
-        while !front.log().contains(&needle) {
-            assert!(
-                start.elapsed() < Duration::from_secs(5),
-                "no `{needle}` in the log:\n{}",
-                front.log()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        tests::eventually(
+            &format!("`{needle}` in the log"),
+            Duration::from_secs(5),
+            || {
+                let log = front.log();
+                log.contains(&needle).then_some(()).ok_or(log)
+            },
+        )
     };
 
     // At the limit the frame is read (and, being garbage, fails to decode).

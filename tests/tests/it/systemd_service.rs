@@ -39,7 +39,7 @@ async fn notify_service_is_ready_serves_envoy_and_restarts_a_killed_plugin_itsel
     let main_pid = s.prop("MainPID");
 
     // Envoy on the host, through the socket systemd holds; plugvisor ignored the config's
-    // `listen` (127.0.0.1:9002) in favour of it.
+    // `listen` (`s.listen`) in favour of it.
     let dir = tempfile::tempdir().unwrap();
     let upstream = Upstream::start().await;
     let envoy = tokio::task::block_in_place(|| s.envoy(dir.path(), &upstream));
@@ -142,6 +142,7 @@ async fn restarting_an_external_plugin_unit_restarts_only_that_plugin_while_stre
             statuses
         }
     });
+    // Restarted in the middle of the traffic, not before it starts: the timing is the test.
     tokio::time::sleep(Duration::from_millis(700)).await;
     tokio::task::block_in_place(|| {
         s.c.systemctl_ok(&["restart", "plugvisor-plugin@latency.service"])
@@ -332,6 +333,7 @@ fn ready_waits_for_a_required_plugin_then_names_it_when_the_wait_runs_out() {
     let asked = Instant::now();
     s.c.systemctl_ok(&["start", "--no-block", "plugvisor.socket", SERVICE])
         .unwrap();
+    // Half the ready timeout: still activating then is what is checked, nothing to wait for.
     std::thread::sleep(Duration::from_millis(1500));
     assert_eq!(s.prop("ActiveState"), "activating", "active before READY");
     s.c.wait_for_property(SERVICE, "ActiveState", "active", Duration::from_secs(10))
@@ -420,6 +422,7 @@ async fn systemctl_stop_drains_in_flight_streams_and_says_so() {
         let short = short.clone();
         async move { chat(port, &short, "draining-short").await }
     });
+    // Stopped with both streams in flight: the timing is the test.
     tokio::time::sleep(Duration::from_millis(300)).await;
     tokio::task::block_in_place(|| {
         s.c.systemctl_ok(&["stop", "--no-block", SERVICE]).unwrap();

@@ -4,11 +4,11 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 use tests::client::{chat, chat_and_disconnect, chat_as};
-use tests::front::metric;
+use tests::front::{metric, try_metric};
 use tests::stack::Stack;
 use tests::upstream::Params;
 
@@ -226,38 +226,36 @@ async fn a_client_gone_mid_stream_leaves_no_lane_in_the_plugins() {
     });
     // While the stream runs, the plugins hold a lane for it (reported in their pongs) ...
     let lane = "plugvisor_plugin_active_streams{plugin=\"test-order\"}";
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while metric(&setup.front.metrics(), lane) != 1.0 {
-        assert!(
-            Instant::now() < deadline,
-            "no lane seen:\n{}",
-            setup.front.metrics()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    tests::eventually_async(
+        "a lane for the stream",
+        Duration::from_secs(5),
+        async || {
+            let m = setup.front.metrics();
+            (try_metric(&m, lane) == Some(1.0)).then_some(()).ok_or(m)
+        },
+    )
+    .await;
     client.await.unwrap();
     // ... and once the client is gone, the abort frees it.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
+    tests::eventually_async("every lane freed", Duration::from_secs(5), async || {
         let m = setup.front.metrics();
-        let lanes: f64 = ["usage", "latency", "test-order"]
+        let lanes: Option<f64> = ["usage", "latency", "test-order"]
             .iter()
             .map(|p| {
-                metric(
+                try_metric(
                     &m,
                     &format!("plugvisor_plugin_active_streams{{plugin=\"{p}\"}}"),
                 )
             })
-            .sum();
-        if metric(&m, "plugvisor_streams_active") == 0.0
-            && metric(&m, "plugvisor_streams_total") == 1.0
-            && lanes == 0.0
-        {
-            break;
-        }
-        assert!(Instant::now() < deadline, "lanes still held:\n{m}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+            .collect::<Option<Vec<f64>>>()
+            .map(|l| l.iter().sum());
+        (try_metric(&m, "plugvisor_streams_active") == Some(0.0)
+            && try_metric(&m, "plugvisor_streams_total") == Some(1.0)
+            && lanes == Some(0.0))
+        .then_some(())
+        .ok_or(m)
+    })
+    .await;
     // The access log shows the request ended without the plugins' metadata.
     let line = setup.log_for("gone-1");
     assert!(line["usage"].is_null() || line["usage"] == "-", "{line}");
@@ -321,10 +319,12 @@ async fn a_slow_plugin_under_hundreds_of_streams_stays_within_its_budget() {
             while !stop.load(Ordering::Relaxed) {
                 rss = rss.max(proc_kib(pid, "VmRSS:"));
                 let m = tests::envoy::http_get(admin, "/metrics").unwrap_or_default();
-                in_flight = in_flight.max(metric(
-                    &m,
-                    "plugvisor_plugin_inflight_bytes{plugin=\"test-order\"}",
-                ));
+                // Absent until the first event is written; the test asserts it moved.
+                if let Some(v) =
+                    try_metric(&m, "plugvisor_plugin_inflight_bytes{plugin=\"test-order\"}")
+                {
+                    in_flight = in_flight.max(v);
+                }
                 std::thread::sleep(Duration::from_millis(20));
             }
             (rss, in_flight)

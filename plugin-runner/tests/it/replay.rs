@@ -2,7 +2,7 @@
 //! credited by their whole frame, and a `Replayed` around anything but an event ends the
 //! connection as a protocol error.
 
-mod harness;
+use crate::harness;
 
 use bytes::Bytes;
 use harness::serve_in_process;

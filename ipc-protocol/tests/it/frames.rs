@@ -1,6 +1,6 @@
 //! Framing and codec behaviour over real byte streams: round trips, malformed input, batching.
 
-mod support;
+use crate::support;
 
 use std::io;
 use std::pin::Pin;

@@ -17,6 +17,7 @@ async fn ten_thousand_idle_streams_cost_little_and_are_never_timed_out() {
     });
     let before = rss_kib(front.pid());
     let streams = open(&front.ext_proc, CONNECTIONS, STREAMS_PER_CONNECTION).await;
+    // Settled memory is what is measured: nothing to wait for but time.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let after = rss_kib(front.pid());
     let per_stream = after.saturating_sub(before) * 1024 / streams.len() as u64;

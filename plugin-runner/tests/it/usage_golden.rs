@@ -2,10 +2,11 @@
 //! from the providers' published wire formats) is played through the plugin's hooks, whole and
 //! split at every byte into two chunks, and the metadata must match `<case>.golden` exactly.
 //!
-//! After a deliberate change, `UPDATE_GOLDEN=1 cargo test -p plugin-runner --test usage_golden`
-//! rewrites the golden files; review their diff like code.
+//! After a deliberate change,
+//! `UPDATE_GOLDEN=1 cargo test -p plugin-runner --test it usage_golden::` rewrites the golden
+//! files; review their diff like code.
 
-mod usage_play;
+use crate::usage_play;
 
 use std::path::PathBuf;
 

@@ -2,7 +2,7 @@
 //! hook) fails only that stream: its final reply names the panic, the other streams complete,
 //! and a host with a single worker thread goes on processing later streams.
 
-mod harness;
+use crate::harness;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, Ordering};

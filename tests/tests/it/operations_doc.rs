@@ -5,7 +5,7 @@
 
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tests::front::FrontProcess;
 
@@ -75,14 +75,12 @@ async fn the_runnable_commands_of_operations_md_work_against_a_live_front() {
         .stderr(Stdio::null())
         .spawn()
         .expect("start test-order");
-    let start = Instant::now();
-    while !front.plugin_status("test-order").await.connected {
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "test-order never connected"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    tests::eventually_async(
+        "test-order connected",
+        Duration::from_secs(10),
+        async || front.plugin_status("test-order").await.connected,
+    )
+    .await;
     let usage = front.plugin_status("usage").await.pid.expect("usage pid");
     let latency = front
         .plugin_status("latency")

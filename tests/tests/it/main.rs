@@ -1,0 +1,30 @@
+//! plugvisor's integration tests, one module per behaviour, linked into one test binary (`it`):
+//! each binary links tokio, tonic, hyper and the whole front, so one binary instead of twenty is
+//! most of the suite's build time. Run one module with `cargo test -p tests --test it cli::`.
+//!
+//! All modules' tests run in parallel in one process (as many at once as there are CPUs): a test
+//! must not set process-wide state (environment variables, the working directory) nor bind a
+//! fixed port, path or name. The two that must serve the embedded default's fixed ports hold
+//! `tests::default_ports_lock`; containers are named `<prefix>-<pid>-<n>` by `tests::nspawn`.
+
+mod cli;
+mod data_path;
+mod front_with_envoy;
+mod handshake_limits;
+mod healthz;
+mod idle_streams;
+mod lifecycle;
+mod one_instance;
+mod operations_doc;
+mod plugin_log_levels;
+mod plugin_output;
+mod readme;
+mod real_plugins;
+mod reload_failures;
+mod reload_policy;
+mod supervision;
+mod systemd_operations;
+mod systemd_service;
+mod systemd_units;
+mod upgrade;
+mod usage_envoy;
