@@ -202,9 +202,9 @@ impl PluginLink {
         // Every per-plugin series exists from the start, so `increase()` sees the first restart
         // and a dashboard sees 0 rather than nothing.
         metrics.plugin_connected.get_or_create(&label).set(0);
-        metrics.restarts.get_or_create(&label);
-        metrics.last_exit_code.get_or_create(&label);
-        metrics.last_exit_signal.get_or_create(&label);
+        metrics.restarts.get_or_create(&label).inc_by(0);
+        metrics.last_exit_code.get_or_create(&label).set(0);
+        metrics.last_exit_signal.get_or_create(&label).set(0);
         PluginLink {
             name: config.name.clone(),
             config: std::sync::RwLock::new(Arc::new(config)),
