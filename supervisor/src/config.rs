@@ -69,7 +69,7 @@ pub enum ConfigError {
         message: String,
     },
     /// A value is well-typed but not acceptable.
-    #[error("{origin}: line {line}: key `{key}`: {message}")]
+    #[error("{origin}: {}key `{key}`: {message}", line_prefix(*.line))]
     Invalid {
         /// File name or `<default>`.
         origin: String,
@@ -80,6 +80,15 @@ pub enum ConfigError {
         /// What is wrong and what to do.
         message: String,
     },
+}
+
+/// `line N: `, or nothing for a value that comes from no line (the environment).
+fn line_prefix(line: usize) -> String {
+    if line == 0 {
+        String::new()
+    } else {
+        format!("line {line}: ")
+    }
 }
 
 /// Where the ext_proc gRPC server listens.
@@ -422,14 +431,15 @@ impl Config {
             }
         };
 
+        // The environment overrides the file's addresses (for a front run by hand beside
+        // another, and for tests that run the embedded default): loaded configs only.
+        let (listen, admin_listen) = if checks == Checks::All {
+            env_addresses(listen, admin_listen, origin)?
+        } else {
+            (listen, admin_listen)
+        };
+        // In range (check_ranges); the front never pings faster than every 10 ms.
         let ping_interval_ms = raw.ping_interval_ms.as_ref().map_or(1000, |v| *v.get_ref());
-        if ping_interval_ms == 0 {
-            return Err(invalid(
-                raw.ping_interval_ms.as_ref().map(|v| v.span()),
-                "ping_interval_ms",
-                "must be at least 1".into(),
-            ));
-        }
         // The front never pings faster than every 10 ms.
         let ping_interval = Duration::from_millis(ping_interval_ms.max(10));
 
@@ -466,16 +476,10 @@ impl Config {
                         .into(),
                 ));
             }
+            // Every number is in its range already (check_ranges); what is left are the rules
+            // between keys.
             let final_timeout = Duration::from_millis(raw_plugin.final_timeout_ms.unwrap_or(200));
-            if final_timeout.is_zero() {
-                return Err(bad("final_timeout_ms must be at least 1".into()));
-            }
             let queue_events = raw_plugin.queue_events.unwrap_or(4096);
-            if !(1..=MAX_QUEUE_EVENTS).contains(&queue_events) {
-                return Err(bad(format!(
-                    "queue_events must be between 1 and {MAX_QUEUE_EVENTS}"
-                )));
-            }
             if !raw_plugin.spawn && (raw_plugin.command.is_some() || raw_plugin.args.is_some()) {
                 return Err(bad(
                     "command/args are meaningless with spawn = false; remove them".into(),
@@ -497,32 +501,15 @@ impl Config {
                     restart.backoff_max.as_millis()
                 )));
             }
-            if restart.period.is_zero() {
-                return Err(bad("restart_period_ms must be at least 1".into()));
-            }
             let start_timeout = ms(raw_plugin.start_timeout_ms, Duration::from_secs(10));
             let hang_timeout = ms(
                 raw_plugin.hang_timeout_ms.as_ref().map(|v| *v.get_ref()),
                 Duration::from_secs(5),
             );
-            if start_timeout.is_zero() || hang_timeout.is_zero() {
-                return Err(bad(
-                    "start_timeout_ms and hang_timeout_ms must be at least 1".into(),
-                ));
-            }
             let stuck_timeout = ms(raw_plugin.stuck_timeout_ms, Duration::from_secs(10));
-            if stuck_timeout.is_zero() {
-                return Err(bad("stuck_timeout_ms must be at least 1".into()));
-            }
             let metadata_max_bytes = raw_plugin
                 .metadata_max_bytes
                 .unwrap_or(DEFAULT_PLUGIN_METADATA_BYTES);
-            if !(MIN_METADATA_BYTES..=MAX_METADATA_BYTES).contains(&metadata_max_bytes) {
-                return Err(bad(format!(
-                    "metadata_max_bytes must be between {MIN_METADATA_BYTES} and \
-                     {MAX_METADATA_BYTES} (Envoy takes no more in one reply)"
-                )));
-            }
             if !hang_timeout.is_zero() && ping_interval >= hang_timeout {
                 let message = format!(
                     "hang_timeout_ms ({}) must be larger than ping_interval_ms ({}): the plugin \
@@ -543,23 +530,7 @@ impl Config {
                 .inline_timeout_ms
                 .as_ref()
                 .map_or(1000, |v| *v.get_ref());
-            if inline_timeout_ms == 0 {
-                let span = raw_plugin
-                    .inline_timeout_ms
-                    .as_ref()
-                    .map_or(0..0, |v| v.span());
-                return Err(bad_at(
-                    span,
-                    "inline_timeout_ms",
-                    "must be at least 1".into(),
-                ));
-            }
             let budget_bytes = raw_plugin.budget_bytes.unwrap_or(DEFAULT_BUDGET_BYTES);
-            if budget_bytes < MIN_BUDGET_BYTES {
-                return Err(bad(format!(
-                    "budget_bytes must be at least {MIN_BUDGET_BYTES}"
-                )));
-            }
             let config_span = raw_plugin.config.as_ref().map(|c| c.span());
             let config = toml_to_value(&toml::Value::Table(
                 raw_plugin
@@ -628,43 +599,14 @@ impl Config {
             message,
         };
         let max_streams = raw.max_streams.unwrap_or(DEFAULT_MAX_STREAMS);
-        if max_streams == 0 {
-            return Err(top("max_streams", "must be at least 1".into()));
-        }
         let max_message_bytes = raw.max_message_bytes.unwrap_or(DEFAULT_MAX_MESSAGE_BYTES);
-        if max_message_bytes < MIN_MESSAGE_BYTES {
-            return Err(top(
-                "max_message_bytes",
-                format!("must be at least {MIN_MESSAGE_BYTES} (Envoy sends body chunks of 64 KiB and more)"),
-            ));
-        }
         let stream_metadata_max_bytes = raw
             .stream_metadata_max_bytes
             .unwrap_or(DEFAULT_STREAM_METADATA_BYTES);
-        if !(MIN_METADATA_BYTES..=MAX_METADATA_BYTES).contains(&stream_metadata_max_bytes) {
-            return Err(top(
-                "stream_metadata_max_bytes",
-                format!(
-                    "must be between {MIN_METADATA_BYTES} and {MAX_METADATA_BYTES} (Envoy takes \
-                     no more in one reply)"
-                ),
-            ));
-        }
-
         let upgrade_drain_ms = raw
             .upgrade_drain_ms
             .as_ref()
             .map_or(DEFAULT_UPGRADE_DRAIN_MS, |v| *v.get_ref());
-        if !(1..=MAX_UPGRADE_DRAIN_MS).contains(&upgrade_drain_ms) {
-            return Err(invalid(
-                raw.upgrade_drain_ms.as_ref().map(|v| v.span()),
-                "upgrade_drain_ms",
-                format!(
-                    "must be between 1 and {MAX_UPGRADE_DRAIN_MS} (24 h); it bounds how long the \
-                     old front keeps finishing its streams after `plugvisor upgrade`"
-                ),
-            ));
-        }
 
         let runtime_dir = match &raw.runtime_dir {
             None => default_runtime_dir(),
@@ -768,6 +710,49 @@ impl Config {
     }
 }
 
+/// `$PLUGVISOR_LISTEN` and `$PLUGVISOR_ADMIN_LISTEN`, when set and not empty, in place of the
+/// file's `listen` and `admin_listen` (checked the same way; an empty admin value turns `/metrics`
+/// off only when set as `PLUGVISOR_ADMIN_LISTEN=off`).
+fn env_addresses(
+    listen: Listen,
+    admin_listen: Option<SocketAddr>,
+    origin: &str,
+) -> Result<(Listen, Option<SocketAddr>), ConfigError> {
+    let bad = |key: &str, message: String| ConfigError::Invalid {
+        origin: origin.to_owned(),
+        line: 0,
+        key: format!("${key}"),
+        message,
+    };
+    let var = |key: &str| std::env::var(key).ok().filter(|v| !v.is_empty());
+    let listen = match var("PLUGVISOR_LISTEN") {
+        Some(v) => parse_listen(&v).map_err(|m| bad("PLUGVISOR_LISTEN", m))?,
+        None => listen,
+    };
+    let admin_listen = match var("PLUGVISOR_ADMIN_LISTEN").as_deref() {
+        None => admin_listen,
+        Some("off") => None,
+        Some(v) => {
+            let addr: SocketAddr = v.parse().map_err(|_| {
+                bad(
+                    "PLUGVISOR_ADMIN_LISTEN",
+                    format!("`{v}` is not an ip:port address"),
+                )
+            })?;
+            if !addr.ip().is_loopback() {
+                return Err(bad(
+                    "PLUGVISOR_ADMIN_LISTEN",
+                    format!(
+                        "{addr} is not a loopback address; /metrics is served on loopback only"
+                    ),
+                ));
+            }
+            Some(addr)
+        }
+    };
+    Ok((listen, admin_listen))
+}
+
 /// The longest path of a Unix socket: `sun_path` is 108 bytes with its terminating NUL.
 pub const MAX_SOCKET_PATH: usize = 107;
 
@@ -781,7 +766,11 @@ fn check_ranges(text: &str, origin: &str) -> Result<(), ConfigError> {
         origin: origin.to_owned(),
         line,
         key,
-        message: format!("{v} is out of range; accepted: {lo} to {hi}"),
+        message: if v < 0 || (v as u64) < lo {
+            format!("{v} is out of range: must be at least {lo} (accepted: {lo} to {hi})")
+        } else {
+            format!("{v} is out of range: must be at most {hi} (accepted: {lo} to {hi})")
+        },
     };
     let check = |t: &toml::Table, prefix: &str, line_of_key: &dyn Fn(&str) -> usize| {
         for (key, value) in t {

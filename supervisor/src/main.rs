@@ -19,7 +19,9 @@ use supervisor::Config;
     after_help = "Without a command, plugvisor serves: the ext_proc front on `listen` and its \
                   plugins, from --config or the embedded default (`plugvisor default-config`). \
                   SIGTERM/SIGINT drain and stop, SIGHUP reloads the config, SIGUSR2 upgrades \
-                  (as `plugvisor upgrade`). The control \
+                  (as `plugvisor upgrade`). PLUGVISOR_LISTEN and PLUGVISOR_ADMIN_LISTEN (`off` \
+                  to disable) override the config's `listen` and `admin_listen`, e.g. to run a \
+                  second front beside one on the default ports. The control \
                   commands talk to a running plugvisor through <runtime_dir>/control.sock. \
                   Exit codes: 0 ok, 1 failure, 64 bad configuration."
 )]

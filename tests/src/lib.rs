@@ -154,24 +154,3 @@ pub async fn eventually_async<T, A: Attempt<T>>(
         tokio::time::sleep(POLL).await;
     }
 }
-
-/// Held by the tests that run a front on the embedded default config, whose fixed addresses
-/// (127.0.0.1:9002 and :9003) two such fronts cannot share: every test runs in one process
-/// (`tests/tests/it`), so this lock is what keeps them one at a time. Panics, saying what to do,
-/// when something else listens there (say an operator's plugvisor): the test would otherwise
-/// fail to bind, or worse, read that other front's `/metrics`.
-pub fn default_ports_lock() -> std::sync::MutexGuard<'static, ()> {
-    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    // A test that panicked while holding it left nothing behind that the next one minds.
-    let guard = LOCK.lock().unwrap_or_else(|e| e.into_inner());
-    for (key, port) in [("listen", 9002), ("admin_listen", 9003)] {
-        if let Err(e) = std::net::TcpListener::bind(("127.0.0.1", port)) {
-            panic!(
-                "127.0.0.1:{port} is busy ({e}): this test serves the embedded default config, \
-                 whose `{key}` is 127.0.0.1:{port}; stop what listens there \
-                 (`ss -ltnp 'sport = :{port}'`) and rerun"
-            );
-        }
-    }
-    guard
-}

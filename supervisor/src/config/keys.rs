@@ -110,7 +110,7 @@ pub const DAY_MS: u64 = 24 * 60 * 60 * 1000;
 pub const RANGES: &[(&str, u64, u64)] = &[
     ("connect_timeout_ms", 0, DAY_MS),
     ("shutdown_grace_ms", 0, DAY_MS),
-    ("upgrade_drain_ms", 1, DAY_MS),
+    ("upgrade_drain_ms", 1, super::MAX_UPGRADE_DRAIN_MS),
     ("ping_interval_ms", 1, DAY_MS),
     ("ready_timeout_ms", 0, DAY_MS),
     ("max_streams", 1, 1_000_000),

@@ -151,12 +151,17 @@ fn a_busy_port_names_its_key_and_address() {
 #[test]
 fn no_arguments_serves_the_embedded_default_with_usage_and_latency() {
     bins::plugvisor_plugin();
-    // The embedded default's fixed ports: readme.rs serves them too, in this same process, and
-    // nothing else may (this test reads whatever answers on 9003).
-    let _ports = tests::default_ports_lock();
+    // The embedded default, moved off its fixed ports through the environment the front
+    // honours, so a plugvisor an operator runs by hand does not stand in its way.
+    let admin_port = tests::free_port();
     let dir = tempfile::tempdir().unwrap();
     let mut child = Command::new(bins::plugvisor())
         .env("RUNTIME_DIRECTORY", dir.path())
+        .env(
+            "PLUGVISOR_LISTEN",
+            format!("127.0.0.1:{}", tests::free_port()),
+        )
+        .env("PLUGVISOR_ADMIN_LISTEN", format!("127.0.0.1:{admin_port}"))
         .env_remove("PLUGVISOR_CONFIG")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -167,7 +172,7 @@ fn no_arguments_serves_the_embedded_default_with_usage_and_latency() {
     // Not `eventually`: the front is stopped before this test fails.
     let mut metrics = String::new();
     let up = tests::within(Duration::from_secs(10), || {
-        metrics = http_get(9003, "/metrics").unwrap_or_default();
+        metrics = http_get(admin_port, "/metrics").unwrap_or_default();
         (metrics.contains("plugvisor_plugin_connected{plugin=\"usage\"} 1")
             && metrics.contains("plugvisor_plugin_connected{plugin=\"latency\"} 1"))
         .then_some(())
@@ -232,4 +237,44 @@ fn the_demo_streams_text_and_prints_the_plugins_metadata() {
         "{stdout}"
     );
     assert!(stdout.contains("\"ttft_ms\""), "{stdout}");
+}
+
+#[test]
+fn the_environment_overrides_the_addresses_and_is_checked_like_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("pv.toml");
+    std::fs::write(&file, "listen = \"127.0.0.1:9002\"\n[plugins.usage]\n").unwrap();
+    for (key, value, word) in [
+        (
+            "PLUGVISOR_LISTEN",
+            "nowhere",
+            "neither ip:port nor unix:/path",
+        ),
+        (
+            "PLUGVISOR_ADMIN_LISTEN",
+            "10.1.2.3:9",
+            "not a loopback address",
+        ),
+    ] {
+        let out = Command::new(bins::plugvisor())
+            .arg("check-config")
+            .arg(&file)
+            .env(key, value)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(64), "{key}={value}: {out:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains(&format!("key `${key}`")) && stderr.contains(word),
+            "{stderr}"
+        );
+    }
+    let out = Command::new(bins::plugvisor())
+        .arg("check-config")
+        .arg(&file)
+        .env("PLUGVISOR_LISTEN", "unix:/tmp/elsewhere.sock")
+        .env("PLUGVISOR_ADMIN_LISTEN", "off")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
 }

@@ -4,8 +4,9 @@
 //!
 //! All modules' tests run in parallel in one process (as many at once as there are CPUs): a test
 //! must not set process-wide state (environment variables, the working directory) nor bind a
-//! fixed port, path or name. The two that must serve the embedded default's fixed ports hold
-//! `tests::default_ports_lock`; containers are named `<prefix>-<pid>-<n>` by `tests::nspawn`.
+//! fixed port, path or name. The two that serve the embedded default move it off its fixed
+//! ports with `PLUGVISOR_LISTEN`/`PLUGVISOR_ADMIN_LISTEN`; containers are named
+//! `<prefix>-<pid>-<n>` by `tests::nspawn`.
 
 mod cli;
 mod data_path;

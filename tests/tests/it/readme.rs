@@ -14,10 +14,6 @@ use tests::client::chat;
 use tests::envoy::{http_get, Envoy, EnvoyOptions};
 use tests::upstream::{Params, Upstream};
 
-/// The embedded default config's addresses (`plugvisor default-config`).
-const EXT_PROC: &str = "127.0.0.1:9002";
-const ADMIN_PORT: u16 = 9003;
-
 /// A release build of the whole front in a fresh clone, on 2 cores, from scratch.
 const BUILD_AND_START_LIMIT: Duration = Duration::from_secs(30 * 60);
 
@@ -123,10 +119,11 @@ async fn the_readme_s_first_command_serves_both_default_plugins_on_a_fresh_clone
     );
     git(&["checkout", "--quiet", "--detach", &head], &clone);
 
-    // The command must run as written, so the test cannot move it off the embedded default's
-    // fixed ports: the lock fails at once, saying what to do, when something else listens
-    // there, and keeps cli.rs's front on the same ports (in this same process) waiting.
-    let _ports = tests::default_ports_lock();
+    // The command runs as written; only its addresses move off the embedded default's fixed
+    // ports (through the environment the front honours), so a plugvisor an operator runs by
+    // hand, or another test, does not stand in its way.
+    let ext_proc = format!("127.0.0.1:{}", tests::free_port());
+    let admin_port = tests::free_port();
 
     // A fresh clone builds from scratch in release mode: minutes on a small machine. Its target
     // directory lives beside this workspace's and survives the clone, so reruns only rebuild
@@ -145,6 +142,8 @@ async fn the_readme_s_first_command_serves_both_default_plugins_on_a_fresh_clone
         // Config-free, but not in the host's /run/plugvisor, where another front may run: the
         // default runtime directory honours systemd's RUNTIME_DIRECTORY.
         .env("RUNTIME_DIRECTORY", &run)
+        .env("PLUGVISOR_LISTEN", &ext_proc)
+        .env("PLUGVISOR_ADMIN_LISTEN", format!("127.0.0.1:{admin_port}"))
         .env_remove("PLUGVISOR_CONFIG")
         .stdin(Stdio::null())
         .stdout(log_file.try_clone().expect("log file"))
@@ -156,7 +155,7 @@ async fn the_readme_s_first_command_serves_both_default_plugins_on_a_fresh_clone
 
     let what = format!("both default plugins up after {words:?}");
     tests::eventually_async(&what, BUILD_AND_START_LIMIT, async || {
-        let metrics = http_get(ADMIN_PORT, "/metrics").unwrap_or_default();
+        let metrics = http_get(admin_port, "/metrics").unwrap_or_default();
         if metrics.contains("plugvisor_plugin_connected{plugin=\"usage\"} 1")
             && metrics.contains("plugvisor_plugin_connected{plugin=\"latency\"} 1")
         {
@@ -174,7 +173,7 @@ async fn the_readme_s_first_command_serves_both_default_plugins_on_a_fresh_clone
         Envoy::start(
             tmp.path(),
             &EnvoyOptions {
-                ext_proc: EXT_PROC.to_owned(),
+                ext_proc: ext_proc.clone(),
                 upstream_port: upstream.port,
                 ..EnvoyOptions::default()
             },
