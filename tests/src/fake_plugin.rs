@@ -27,6 +27,12 @@ pub struct Behaviour {
     pub hang_finals: bool,
     /// Namespaces added to every final answer, beside `plugvisor.test-order`.
     pub final_metadata: Option<ipc_protocol::Metadata>,
+    /// Answer each final first with a reply naming another stream (the stream id plus 1000),
+    /// then with the right one.
+    pub wrong_stream_first: bool,
+    /// Never send `Credit` (a plugin that stops reading its window, while still answering
+    /// pings).
+    pub no_credit: bool,
 }
 
 /// What the fake saw.
@@ -199,6 +205,20 @@ async fn serve(
                 if let Some(extra) = &behaviour.final_metadata {
                     md.extend(extra.clone());
                 }
+                if behaviour.wrong_stream_first {
+                    let mut lie = ipc_protocol::Metadata::new();
+                    lie.insert(
+                        "plugvisor.test-order".into(),
+                        Value::Map([("lie".to_owned(), Value::Bool(true))].into()),
+                    );
+                    writer
+                        .send(&FromPlugin::FinalReply(FinalReply {
+                            call_id: f.call_id,
+                            stream_id: f.stream_id + 1000,
+                            outcome: FinalOutcome::Metadata(lie),
+                        }))
+                        .await?;
+                }
                 writer
                     .send(&FromPlugin::FinalReply(FinalReply {
                         call_id: f.call_id,
@@ -225,7 +245,8 @@ async fn serve(
             ToPlugin::Shutdown(_) => return Ok(()),
             _ => {}
         }
-        if consumed > reported
+        if !behaviour.no_credit
+            && consumed > reported
             && (consumed - reported >= budget / 4 || !reader.has_buffered_frame())
         {
             reported = consumed;

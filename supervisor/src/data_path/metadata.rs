@@ -49,6 +49,9 @@ pub enum Excluded {
     Shed,
     /// The stream's event hung the plugin (see `stuck_timeout_ms`).
     Stuck,
+    /// No process serves the plugin and none is coming (see [`Missing`]): `stopped`,
+    /// `gave_up`, `not_connected` or `backoff`, reported without waiting for the deadline.
+    NotComing(crate::plugin::link::Missing),
 }
 
 impl Excluded {
@@ -63,6 +66,7 @@ impl Excluded {
             Excluded::StreamFull => "stream_full",
             Excluded::Shed => "max_streams",
             Excluded::Stuck => "stuck",
+            Excluded::NotComing(m) => m.as_str(),
         }
     }
 }
@@ -74,6 +78,7 @@ impl From<crate::plugin::link::Missing> for Excluded {
             crate::plugin::link::Missing::Timeout => Excluded::Timeout,
             crate::plugin::link::Missing::Failed => Excluded::Failed,
             crate::plugin::link::Missing::Stuck => Excluded::Stuck,
+            other => Excluded::NotComing(other),
         }
     }
 }

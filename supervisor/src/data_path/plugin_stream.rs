@@ -17,7 +17,7 @@ use std::time::Instant;
 
 use ipc_protocol::{Metadata, Subscriptions, ToPlugin};
 
-use crate::plugin::link::{queued_size, Conn, Missing, PluginLink};
+use crate::plugin::link::{queued_size, Conn, Expected, Missing, PluginLink};
 
 /// A journaled event.
 struct Entry {
@@ -221,6 +221,7 @@ impl PluginStream {
         let seq = self.next_seq();
         let deadline = tokio::time::Instant::from_std(started + self.link.config().final_timeout);
         let mut connected = self.link.subscribe_connected();
+        let mut expected = self.link.subscribe_expected();
         let result = loop {
             let routed = self.route();
             if self.poisoned {
@@ -230,16 +231,32 @@ impl PluginStream {
             let conn = match routed {
                 Some(conn) => conn,
                 None => {
-                    // Down: a replacement may be on its way (a restart takes tens of ms).
+                    // Down: a replacement may be on its way (a restart takes tens of ms). Only
+                    // then is it worth waiting for: a plugin stopped, failed, external and not
+                    // connected, or restarting after the deadline is reported at once.
                     if tokio::time::Instant::now() >= deadline {
                         break self.link.final_call(None, 0, make(seq, 0), started).await;
                     }
                     if self.link.is_connected() {
                         // The old connection is being taken down right now.
                         tokio::time::sleep(std::time::Duration::from_millis(2)).await;
-                    } else {
-                        let wait = connected.wait_for(|c| *c);
-                        let _ = tokio::time::timeout_at(deadline, wait).await;
+                        continue;
+                    }
+                    let why = match *expected.borrow_and_update() {
+                        Expected::NotComing(why) => Some(why),
+                        Expected::Coming { at: Some(at) } if at >= deadline => {
+                            Some(Missing::Backoff)
+                        }
+                        Expected::Coming { .. } => None,
+                    };
+                    if let Some(why) = why {
+                        self.link.count_missing(why);
+                        break Err(why);
+                    }
+                    tokio::select! {
+                        _ = connected.wait_for(|c| *c) => {}
+                        _ = expected.changed() => {}
+                        () = tokio::time::sleep_until(deadline) => {}
                     }
                     continue;
                 }

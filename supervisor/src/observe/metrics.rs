@@ -77,6 +77,9 @@ pub struct Metrics {
     pub stuck_lanes: Family<PluginLabel, Gauge>,
     /// Handshakes refused, by plugin name as announced and reason.
     pub handshakes_refused: Family<PluginReason, Counter>,
+    /// Replies from a plugin refused, by reason (`wrong_stream`: a final reply naming another
+    /// stream than its call's).
+    pub replies_refused: Family<PluginReason, Counter>,
     /// ext_proc streams in progress.
     pub streams_active: Gauge,
     /// ext_proc streams started.
@@ -124,6 +127,7 @@ impl Metrics {
         let finals_missing = Family::default();
         let plugin_connected = Family::default();
         let handshakes_refused = Family::default();
+        let replies_refused = Family::default();
         let plugin_active_streams = Family::default();
         let stuck_lanes = Family::default();
         let streams_active = Gauge::default();
@@ -194,6 +198,11 @@ impl Metrics {
             "plugvisor_plugin_handshakes_refused",
             "Plugin handshakes refused, by reason",
             handshakes_refused.clone(),
+        );
+        registry.register(
+            "plugvisor_plugin_replies_refused",
+            "Replies from a plugin refused, by reason",
+            replies_refused.clone(),
         );
         registry.register(
             "plugvisor_streams_active",
@@ -277,6 +286,7 @@ impl Metrics {
             plugin_active_streams,
             stuck_lanes,
             handshakes_refused,
+            replies_refused,
             streams_active,
             streams_total,
             stream_errors,

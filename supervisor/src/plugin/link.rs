@@ -44,6 +44,14 @@ pub enum Missing {
     /// The stream's event hung a lane of the plugin past `stuck_timeout_ms`; the plugin was
     /// restarted and the stream not replayed (it would hang the replacement too).
     Stuck,
+    /// No process is coming: the operator stopped the plugin, or its policy does not restart it.
+    Stopped,
+    /// No process is coming: the plugin failed past its restart intensity limit.
+    GaveUp,
+    /// No process is coming: the plugin is external (`spawn = false`) and not connected.
+    NotConnected,
+    /// The plugin restarts, but only after the final's deadline (its backoff).
+    Backoff,
 }
 
 impl Missing {
@@ -54,8 +62,25 @@ impl Missing {
             Missing::Timeout => "timeout",
             Missing::Failed => "failed",
             Missing::Stuck => "stuck",
+            Missing::Stopped => "stopped",
+            Missing::GaveUp => "gave_up",
+            Missing::NotConnected => "not_connected",
+            Missing::Backoff => "backoff",
         }
     }
+}
+
+/// Whether a process is on its way to serve the plugin while none is connected, as its owner
+/// knows: a final waits (within its deadline) only for one that is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Expected {
+    /// A process is starting or serving, or restarts `at` (after a backoff).
+    Coming {
+        /// When a restart after a backoff is due; `None`: now.
+        at: Option<tokio::time::Instant>,
+    },
+    /// None is, and why (one of the `Missing` reasons that say so).
+    NotComing(Missing),
 }
 
 /// Why an event did not reach a plugin's queue.
@@ -123,7 +148,8 @@ pub struct Conn {
     written: AtomicU64,
     /// The largest `Credit.consumed` received.
     consumed: watch::Sender<u64>,
-    finals: Mutex<HashMap<u64, oneshot::Sender<FinalOutcome>>>,
+    /// Final calls waiting for their reply: the stream each is about, and its waiter.
+    finals: Mutex<HashMap<u64, (StreamId, oneshot::Sender<FinalOutcome>)>>,
     acks: Mutex<HashMap<(StreamId, u32), oneshot::Sender<()>>>,
     closed: watch::Sender<bool>,
     since: Instant,
@@ -131,6 +157,9 @@ pub struct Conn {
     bound_streams: AtomicUsize,
     /// Being replaced: takes no new stream, gets `Shutdown` once its last stream ends.
     draining: std::sync::atomic::AtomicBool,
+    /// Since when the writer has held an event for room in the window without the plugin
+    /// crediting anything: a plugin that stops sending `Credit` is hung for the data path.
+    stalled_since: Mutex<Option<Instant>>,
     /// While draining: when the streams it still has move to the next connection. Checked by the
     /// plugin's owner ([`PluginLink::expire_drains`]), which sleeps until the earliest one.
     drain_until: Mutex<Option<tokio::time::Instant>>,
@@ -178,6 +207,8 @@ pub struct PluginLink {
     conn: Mutex<Option<Arc<Conn>>>,
     generation: AtomicU64,
     connected: watch::Sender<bool>,
+    /// Whether a process is on its way while none is connected (set by the owner).
+    expected: watch::Sender<Expected>,
     spawned_pid: Mutex<Option<u32>>,
     last_pong: Mutex<Option<Instant>>,
     next_call: AtomicU64,
@@ -199,6 +230,7 @@ impl PluginLink {
     /// A link without a connection.
     pub fn new(config: PluginConfig, metrics: Arc<Metrics>) -> PluginLink {
         let label = Metrics::plugin(&config.name);
+        let spawned = config.process.spawn;
         // Every per-plugin series exists from the start, so `increase()` sees the first restart
         // and a dashboard sees 0 rather than nothing.
         metrics.plugin_connected.get_or_create(&label).set(0);
@@ -213,6 +245,14 @@ impl PluginLink {
             conn: Mutex::new(None),
             generation: AtomicU64::new(0),
             connected: watch::channel(false).0,
+            // A spawned plugin's process is started by its owner at once; an external one
+            // comes when someone starts it.
+            expected: watch::channel(if spawned {
+                Expected::Coming { at: None }
+            } else {
+                Expected::NotComing(Missing::NotConnected)
+            })
+            .0,
             spawned_pid: Mutex::new(None),
             last_pong: Mutex::new(None),
             next_call: AtomicU64::new(1),
@@ -255,6 +295,25 @@ impl PluginLink {
     /// Whether a connection is live.
     pub fn is_connected(&self) -> bool {
         *self.connected.borrow()
+    }
+
+    /// Whether a process is on its way while none is connected.
+    pub fn expected(&self) -> Expected {
+        *self.expected.borrow()
+    }
+
+    /// A receiver that changes whenever [`PluginLink::expected`] does.
+    pub fn subscribe_expected(&self) -> watch::Receiver<Expected> {
+        self.expected.subscribe()
+    }
+
+    /// The owner says whether a process is on its way.
+    pub(crate) fn set_expected(&self, expected: Expected) {
+        self.expected.send_if_modified(|e| {
+            let changed = *e != expected;
+            *e = expected;
+            changed
+        });
     }
 
     /// A receiver that changes whenever a connection comes or goes.
@@ -329,6 +388,7 @@ impl PluginLink {
             bound_streams: AtomicUsize::new(0),
             draining: std::sync::atomic::AtomicBool::new(false),
             drain_until: Mutex::new(None),
+            stalled_since: Mutex::new(None),
             shutdown_sent: std::sync::atomic::AtomicBool::new(false),
         });
         *slot = Some(conn.clone());
@@ -364,6 +424,10 @@ impl PluginLink {
         {
             *slot = None;
             self.connected.send_replace(false);
+            if !self.config().process.spawn {
+                // Nobody here starts it again: finals report it at once instead of waiting.
+                self.set_expected(Expected::NotComing(Missing::NotConnected));
+            }
             self.metrics
                 .plugin_connected
                 .get_or_create(&self.label)
@@ -425,6 +489,10 @@ impl PluginLink {
             .plugin_connected
             .get_or_create(&self.label)
             .set(0);
+        if !self.config().process.spawn {
+            // Someone else runs it: its next connection is what a handover waits for.
+            self.set_expected(Expected::Coming { at: None });
+        }
         conn.draining.store(true, Ordering::Release);
         *conn.drain_until.lock().expect("drain lock") = Some(tokio::time::Instant::now() + grace);
         self.draining
@@ -492,6 +560,23 @@ impl PluginLink {
                     .map(|t| t.saturating_duration_since(now).as_millis() as u64),
             })
             .collect()
+    }
+
+    /// How long the live connection's writer has waited for room in the window with no
+    /// `Credit` from the plugin, if it is waiting.
+    pub fn credit_stalled(&self) -> Option<Duration> {
+        let conn = self.connection()?;
+        let since = *conn.stalled_since.lock().expect("stall lock");
+        since.map(|t| t.elapsed())
+    }
+
+    /// Whether the plugin has sent no `Credit` for longer than it may, with its window full:
+    /// the larger of `hang_timeout_ms` and `stuck_timeout_ms` (a lane may legitimately run one
+    /// event that long).
+    pub fn credit_stall_past_limit(&self) -> Option<Duration> {
+        let config = self.config();
+        let limit = config.hang_timeout.max(config.stuck_timeout);
+        self.credit_stalled().filter(|d| *d > limit)
     }
 
     /// The lanes the plugin's last `Pong` reported stuck in one event.
@@ -625,6 +710,14 @@ impl PluginLink {
                     continue;
                 }
                 let waiting_for_credit = held.is_some();
+                {
+                    let mut stalled = conn.stalled_since.lock().expect("stall lock");
+                    match (waiting_for_credit, *stalled) {
+                        (true, None) => *stalled = Some(Instant::now()),
+                        (false, Some(_)) => *stalled = None,
+                        _ => {}
+                    }
+                }
                 tokio::select! {
                     biased;
                     _ = closed.wait_for(|c| *c) => return Ok(()),
@@ -637,6 +730,8 @@ impl PluginLink {
                         if changed.is_err() {
                             return Ok(());
                         }
+                        // Progress, if not yet room: the stall starts over.
+                        *conn.stalled_since.lock().expect("stall lock") = Some(Instant::now());
                     }
                     Some(q) = replay.recv(), if !waiting_for_credit => held = Some(take(q)?),
                     q = rx.recv(), if !waiting_for_credit => match q {
@@ -688,9 +783,33 @@ impl PluginLink {
             };
             match msg {
                 Ok(Some(FromPlugin::FinalReply(FinalReply {
-                    call_id, outcome, ..
+                    call_id,
+                    stream_id,
+                    outcome,
                 }))) => {
-                    let waiter = conn.finals.lock().expect("finals lock").remove(&call_id);
+                    let waiter = {
+                        let mut finals = conn.finals.lock().expect("finals lock");
+                        match finals.get(&call_id) {
+                            // A reply naming another stream than its call's: not this call's
+                            // answer (the call waits on for the right one, or its deadline).
+                            Some((called, _)) if *called != stream_id => {
+                                let called = *called;
+                                drop(finals);
+                                self.metrics
+                                    .replies_refused
+                                    .get_or_create(&Metrics::reason(&self.name, "wrong_stream"))
+                                    .inc();
+                                if let Some(held) =
+                                    crate::observe::logging::limited::allow("wrong stream")
+                                {
+                                    tracing::warn!(plugin = %self.name, pid = conn.pid, call_id, called, replied = stream_id, held_back = held, "final reply names another stream than its call; refused");
+                                }
+                                continue;
+                            }
+                            Some(_) => finals.remove(&call_id).map(|(_, w)| w),
+                            None => None,
+                        }
+                    };
                     match waiter {
                         Some(w) => {
                             let _ = w.send(outcome);
@@ -988,7 +1107,14 @@ impl PluginLink {
         let conn = conn.ok_or(Missing::Down)?;
         let deadline = tokio::time::Instant::from_std(started + self.config().final_timeout);
         let (tx, rx) = oneshot::channel();
-        conn.finals.lock().expect("finals lock").insert(call_id, tx);
+        let stream_id = match &msg {
+            ToPlugin::Final(f) => f.stream_id,
+            _ => 0,
+        };
+        conn.finals
+            .lock()
+            .expect("finals lock")
+            .insert(call_id, (stream_id, tx));
         let forget = || {
             conn.finals.lock().expect("finals lock").remove(&call_id);
         };

@@ -435,6 +435,11 @@ fn drop_hung_external(link: &PluginLink) {
         link.disconnect("a lane stuck past stuck_timeout_ms");
         return;
     }
+    if let Some(stalled) = link.credit_stall_past_limit() {
+        tracing::error!(plugin = %name, stalled_ms = stalled.as_millis() as u64, "external plugin sent no Credit with its window full for longer than hang_timeout_ms and stuck_timeout_ms; disconnecting it");
+        link.disconnect("no Credit with the window full");
+        return;
+    }
     let silent = link.silent_since(since);
     if silent > link.config().hang_timeout {
         tracing::error!(plugin = %name, silent_ms = silent.as_millis() as u64, "external plugin answered no ping within hang_timeout_ms; disconnecting it");

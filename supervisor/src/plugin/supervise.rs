@@ -24,7 +24,7 @@ use tokio::process::Child;
 
 use crate::config::Published;
 use crate::observe::metrics::Metrics;
-use crate::plugin::link::PluginLink;
+use crate::plugin::link::{Expected, Missing, PluginLink};
 use crate::plugin::restart::{Action, Event, Exit, Restarter, State};
 use crate::plugin::spawn::Spawner;
 
@@ -346,6 +346,14 @@ impl Process {
             );
             self.link.poison(lane.stream_id);
             self.feed(Event::Hung).await;
+        } else if let Some(stalled) = self.link.credit_stall_past_limit() {
+            tracing::error!(
+                plugin = %name,
+                pid,
+                stalled_ms = stalled.as_millis() as u64,
+                "plugin sent no Credit with its window full for longer than hang_timeout_ms and stuck_timeout_ms; killing its process group"
+            );
+            self.feed(Event::Hung).await;
         } else if self.hung() {
             tracing::error!(
                 plugin = %name,
@@ -416,6 +424,7 @@ impl Process {
         if let Some(exit) = self.terminate(grace).await {
             self.record_exit(exit);
         }
+        self.publish_expected();
     }
 
     /// Logs and publishes how the process ended; the caller feeds the policy.
@@ -458,6 +467,20 @@ impl Process {
         }
     }
 
+    /// Tells the link whether a process is on its way, from the policy's state, so a final
+    /// waits only for one that is.
+    fn publish_expected(&self) {
+        let expected = match self.state() {
+            State::Starting | State::Up => Expected::Coming { at: None },
+            State::Backoff { until } => Expected::Coming {
+                at: Some(tokio::time::Instant::from_std(until)),
+            },
+            State::Stopped => Expected::NotComing(Missing::Stopped),
+            State::Failed => Expected::NotComing(Missing::GaveUp),
+        };
+        self.link.set_expected(expected);
+    }
+
     /// Feeds one event to the policy and carries out its actions (which may produce more events,
     /// e.g. a failed spawn).
     async fn feed(&mut self, event: Event) {
@@ -477,6 +500,7 @@ impl Process {
                 }
             }
         }
+        self.publish_expected();
     }
 
     fn on_up(&mut self) {

@@ -323,6 +323,7 @@ pub fn forget_plugin_metrics(metrics: &Metrics, name: &str) {
         metrics.events_dropped.remove(&label);
         metrics.finals_missing.remove(&label);
         metrics.handshakes_refused.remove(&label);
+        metrics.replies_refused.remove(&label);
     }
 }
 

@@ -16,6 +16,7 @@ use tests::bench::echo::Echo;
 use tests::client::chat;
 use tests::envoy::{Envoy, EnvoyOptions};
 use tests::fake_plugin::Behaviour;
+use tests::front::metric;
 use tests::inproc::{InProc, Options};
 use tests::upstream::{Params, Upstream};
 
@@ -416,4 +417,85 @@ async fn accepted_ext_proc_tcp_connections_have_nodelay() {
     let _client = tokio::net::TcpStream::connect(addr).await.unwrap();
     let accepted = incoming.next().await.unwrap().unwrap();
     assert!(accepted.nodelay().unwrap());
+}
+
+/// A final reply naming another stream than its call's is refused and counted; the call takes
+/// the right one that follows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_final_reply_for_another_stream_is_refused_and_counted() {
+    let setup = InProc::new(
+        "FULL_DUPLEX_STREAMED",
+        &[(
+            "order",
+            "",
+            Behaviour {
+                wrong_stream_first: true,
+                ..Behaviour::default()
+            },
+        )],
+    )
+    .await;
+    let params = Params {
+        chunks: 3,
+        ..Params::default()
+    };
+    for id in ["wrong-1", "wrong-2"] {
+        let got = chat(setup.envoy.port, &params, id).await;
+        assert_eq!((got.status, &got.error), (200, &None), "{id}");
+        let line = setup.log_for(id);
+        assert!(
+            line["test_order"]["lie"].is_null(),
+            "the lie was taken: {line}"
+        );
+        assert_eq!(line["test_order"]["gaps"], 0.0, "{line}");
+        assert_eq!(
+            line["plugvisor"]["missing"],
+            serde_json::json!([]),
+            "{line}"
+        );
+    }
+    let text = setup.front.metrics().encode();
+    assert_eq!(
+        metric(
+            &text,
+            "plugvisor_plugin_replies_refused_total{plugin=\"order\",reason=\"wrong_stream\"}"
+        ),
+        2.0
+    );
+    setup.stop().await;
+}
+
+/// A plugin that answers pings but stops sending `Credit`, so its window stays full, is hung for
+/// the data path: it is disconnected once that lasts past `hang_timeout_ms` and
+/// `stuck_timeout_ms`, and the streams go on without it (whole bodies, its metadata missing).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugin_that_sends_no_credit_is_treated_as_hung() {
+    let setup = InProc::start(Options {
+        top: "ping_interval_ms = 50".into(),
+        plugins: vec![(
+            "order".into(),
+            "budget_bytes = 65536\nhang_timeout_ms = 300\nstuck_timeout_ms = 300\nfinal_timeout_ms = 200"
+                .into(),
+            Behaviour {
+                no_credit: true,
+                ..Behaviour::default()
+            },
+        )],
+        ..Options::default()
+    })
+    .await;
+    // More than the 64 KiB window: the writer holds an event for room that never comes.
+    let params = Params {
+        chunks: 8,
+        size: 16 * 1024,
+        ..Params::default()
+    };
+    let got = chat(setup.envoy.port, &params, "no-credit").await;
+    assert_eq!((got.status, &got.error), (200, &None));
+    assert!(got.body() == params.body(), "body differs");
+    let link = setup.front.links()[0].clone();
+    tests::eventually("the plugin disconnected", Duration::from_secs(10), || {
+        !link.is_connected()
+    });
+    setup.stop().await;
 }

@@ -10,6 +10,7 @@
 
 mod cli;
 mod data_path;
+mod down_plugins;
 mod front_with_envoy;
 mod handshake_limits;
 mod healthz;
