@@ -23,7 +23,7 @@ use supervisor::Config;
                   to disable) override the config's `listen` and `admin_listen`, e.g. to run a \
                   second front beside one on the default ports. The control \
                   commands talk to a running plugvisor through <runtime_dir>/control.sock. \
-                  Exit codes: 0 ok, 1 failure, 64 bad configuration."
+                  Exit codes (sysexits): 0 ok, 1 failure, 2 bad usage, 66 config file unreadable, 78 bad configuration."
 )]
 struct Cli {
     /// Configuration file (TOML). Without it the embedded default is used.
@@ -44,7 +44,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Validate a configuration file and exit (0: valid, 64: invalid).
+    /// Validate a configuration file and exit (0: valid, 78: invalid, 66: unreadable).
     CheckConfig {
         /// The file to check.
         file: PathBuf,
@@ -117,7 +117,7 @@ struct ControlArg {
 }
 
 impl ControlArg {
-    fn socket(&self, config: Option<&PathBuf>) -> Result<PathBuf, String> {
+    fn socket(&self, config: Option<&PathBuf>) -> Result<PathBuf, supervisor::config::ConfigError> {
         if let Some(path) = &self.control {
             return Ok(path.clone());
         }
@@ -125,9 +125,7 @@ impl ControlArg {
             Some(path) => Config::load(path),
             None => Config::default_config(),
         };
-        config
-            .map(|c| c.control_socket())
-            .map_err(|e| error_chain(&e))
+        config.map(|c| c.control_socket())
     }
 }
 
@@ -141,8 +139,8 @@ fn control(
     let socket = match control.socket(config) {
         Ok(s) => s,
         Err(e) => {
-            eprintln!("plugvisor: {e}");
-            return ExitCode::from(EXIT_CONFIG);
+            eprintln!("plugvisor: {}", error_chain(&e));
+            return config_exit(&e);
         }
     };
     let runtime = match tokio::runtime::Builder::new_current_thread()
@@ -187,8 +185,19 @@ fn control(
     }
 }
 
-/// EX_USAGE / EX_CONFIG family: a bad configuration.
-const EXIT_CONFIG: u8 = 64;
+/// sysexits' EX_CONFIG: a configuration that does not load.
+const EXIT_CONFIG: u8 = 78;
+/// sysexits' EX_NOINPUT: the configuration file cannot be read.
+const EXIT_NOINPUT: u8 = 66;
+
+/// The exit status for a configuration that does not load: EX_NOINPUT when the file cannot be
+/// read, EX_CONFIG when it is not valid.
+fn config_exit(e: &supervisor::config::ConfigError) -> ExitCode {
+    match e {
+        supervisor::config::ConfigError::Read { .. } => ExitCode::from(EXIT_NOINPUT),
+        _ => ExitCode::from(EXIT_CONFIG),
+    }
+}
 
 fn main() -> ExitCode {
     // `plugvisor plugin <name> --connect <socket> ...` hosts a built-in plugin: the front spawns
@@ -227,7 +236,7 @@ fn main() -> ExitCode {
                 }
                 Err(e) => {
                     eprintln!("plugvisor: {}", error_chain(&e));
-                    ExitCode::from(EXIT_CONFIG)
+                    config_exit(&e)
                 }
             };
         }
@@ -247,7 +256,7 @@ fn main() -> ExitCode {
                 }
                 Err(e) => {
                     eprintln!("plugvisor: {}", error_chain(&e));
-                    ExitCode::from(EXIT_CONFIG)
+                    config_exit(&e)
                 }
             };
         }
@@ -320,7 +329,7 @@ fn main() -> ExitCode {
         Ok(c) => c,
         Err(e) => {
             eprintln!("plugvisor: {}", error_chain(&e));
-            return ExitCode::from(EXIT_CONFIG);
+            return config_exit(&e);
         }
     };
     // Said once here rather than with every restart of the plugin it will cost.

@@ -514,7 +514,7 @@ impl Process {
                 .observe(at.elapsed().as_secs_f64());
         }
         self.metrics.plugin_up.get_or_create(&label).set(1);
-        tracing::info!(plugin = %name, pid = ?self.child.as_ref().and_then(|c| c.id()), "plugin up");
+        tracing::info!(plugin = %name, pid = self.child.as_ref().and_then(|c| c.id()), "plugin up");
     }
 
     async fn act(&mut self, action: Action) -> Option<Event> {

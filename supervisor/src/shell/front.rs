@@ -153,6 +153,14 @@ pub async fn start_with(config: Config, inherited: Option<Inherited>) -> Result<
     let config = Published::new(config);
     let current = config.current();
     let bound = bind_plugin_sockets(&current, &metrics)?;
+    // Until the front is up, a failed start removes the sockets it bound.
+    let mut bound_files = BoundFiles(
+        current
+            .plugins
+            .iter()
+            .map(|p| current.plugin_socket(&p.name))
+            .collect(),
+    );
 
     // The data path reads the plugins' links as the registry publishes them.
     let (links, links_rx) = watch::channel(Arc::new(
@@ -248,6 +256,7 @@ pub async fn start_with(config: Config, inherited: Option<Inherited>) -> Result<
         server: Some(server),
         background,
     };
+    bound_files.0.clear();
     running.wait_for_spawned(current.connect_timeout).await;
     if *running.accept_gate.borrow() {
         tracing::info!(listen = %running.listen, admin = ?running.admin, "plugvisor front serving");
@@ -255,6 +264,17 @@ pub async fn start_with(config: Config, inherited: Option<Inherited>) -> Result<
         tracing::info!(listen = %running.listen, admin = ?running.admin, "plugvisor front started; serves once the old front lets it");
     }
     Ok(running)
+}
+
+/// The plugin sockets a start bound, removed if the start fails before the front is up.
+struct BoundFiles(Vec<std::path::PathBuf>);
+
+impl Drop for BoundFiles {
+    fn drop(&mut self) {
+        for path in &self.0 {
+            instance::remove_socket(path);
+        }
+    }
 }
 
 /// Binds every configured plugin's socket and creates its link; the owners start later, once
@@ -267,16 +287,23 @@ fn bind_plugin_sockets(config: &Config, metrics: &Arc<Metrics>) -> Result<Vec<Bo
         path: plugins_dir.clone(),
         source,
     })?;
-    config
-        .plugins
-        .iter()
-        .map(|plugin| {
-            Bound::bind(config, plugin, metrics).map_err(|message| RunError::PluginSocket {
-                plugin: plugin.name.clone(),
-                message,
-            })
-        })
-        .collect()
+    let mut bound = Vec::new();
+    for plugin in &config.plugins {
+        match Bound::bind(config, plugin, metrics) {
+            Ok(b) => bound.push(b),
+            Err(message) => {
+                // Leave none of the sockets bound before it behind.
+                for b in &bound {
+                    instance::remove_socket(&config.plugin_socket(b.link().name()));
+                }
+                return Err(RunError::PluginSocket {
+                    plugin: plugin.name.clone(),
+                    message,
+                });
+            }
+        }
+    }
+    Ok(bound)
 }
 
 /// Serves `/metrics` and `/healthz` on `listener` once `gate` opens, until `stop` turns true.

@@ -29,7 +29,7 @@ fn check_config_accepts_the_sample_config() {
 }
 
 #[test]
-fn a_bad_config_is_one_clear_line_and_exit_64() {
+fn a_bad_config_is_one_clear_line_and_exit_78_and_a_missing_file_66() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("bad.toml");
     std::fs::write(
@@ -45,7 +45,7 @@ fn a_bad_config_is_one_clear_line_and_exit_64() {
             .args(&args)
             .output()
             .unwrap();
-        assert_eq!(out.status.code(), Some(64), "{out:?}");
+        assert_eq!(out.status.code(), Some(78), "{out:?}");
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
         assert!(
@@ -53,10 +53,25 @@ fn a_bad_config_is_one_clear_line_and_exit_64() {
             "{stderr}"
         );
     }
+    // A file that is not there is no bad configuration: EX_NOINPUT.
+    let missing = dir.path().join("missing.toml");
+    for args in [
+        vec!["check-config".into(), missing.clone()],
+        vec!["--config".into(), missing.clone()],
+        vec!["--config".into(), missing.clone(), "status".into()],
+    ] {
+        let out = Command::new(bins::plugvisor())
+            .args(&args)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(66), "{args:?}: {out:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains("cannot read config file"), "{stderr}");
+    }
 }
 
 /// Every class of mistake that used to pass `check-config` and then crash-loop at run time: one
-/// line on stderr naming the file, the line and the key, exit 64; the front refuses to start on
+/// line on stderr naming the file, the line and the key, exit 78; the front refuses to start on
 /// it the same way.
 #[test]
 fn check_config_refuses_what_would_fail_at_run_time_with_file_line_and_key() {
@@ -87,7 +102,7 @@ fn check_config_refuses_what_would_fail_at_run_time_with_file_line_and_key() {
             .arg(&path)
             .output()
             .unwrap();
-        assert_eq!(out.status.code(), Some(64), "{text:?}: {out:?}");
+        assert_eq!(out.status.code(), Some(78), "{text:?}: {out:?}");
         let stderr = String::from_utf8_lossy(&out.stderr);
         let want = format!("{}: line {line}: key `{key}`: ", path.display());
         assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
@@ -104,7 +119,7 @@ fn check_config_refuses_what_would_fail_at_run_time_with_file_line_and_key() {
         .arg(&path)
         .output()
         .unwrap();
-    assert_eq!(out.status.code(), Some(64), "{out:?}");
+    assert_eq!(out.status.code(), Some(78), "{out:?}");
     assert!(String::from_utf8_lossy(&out.stderr).contains("key `plugins.usgae`"));
 }
 
@@ -123,11 +138,17 @@ fn a_busy_port_names_its_key_and_address() {
     for (key, text) in [
         (
             "admin_listen",
-            format!("listen = \"{}\"\nadmin_listen = \"{busy}\"\n", free()),
+            format!(
+                "listen = \"{}\"\nadmin_listen = \"{busy}\"\n[plugins.usage]\n",
+                free()
+            ),
         ),
         (
             "listen",
-            format!("listen = \"{busy}\"\nadmin_listen = \"{}\"\n", free()),
+            format!(
+                "listen = \"{busy}\"\nadmin_listen = \"{}\"\n[plugins.usage]\n",
+                free()
+            ),
         ),
     ] {
         let path = dir.path().join(format!("{key}.toml"));
@@ -145,6 +166,9 @@ fn a_busy_port_names_its_key_and_address() {
             stderr.contains(&format!("{key}: cannot listen on {busy}")),
             "{stderr}"
         );
+        // The failed start leaves none of the sockets it bound behind.
+        let socket = dir.path().join(key).join("plugins/usage.sock");
+        assert!(!socket.exists(), "{} left behind", socket.display());
     }
 }
 
@@ -262,7 +286,7 @@ fn the_environment_overrides_the_addresses_and_is_checked_like_the_file() {
             .env(key, value)
             .output()
             .unwrap();
-        assert_eq!(out.status.code(), Some(64), "{key}={value}: {out:?}");
+        assert_eq!(out.status.code(), Some(78), "{key}={value}: {out:?}");
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(
             stderr.contains(&format!("key `${key}`")) && stderr.contains(word),

@@ -322,6 +322,10 @@ async fn a_plugin_that_reconnects_is_welcomed_on_the_same_link() {
         serde_json::json!(["order"]),
         "{line}"
     );
+    assert_eq!(
+        line["plugvisor"]["reasons"]["order"], "not_connected",
+        "{line}"
+    );
     // ... and a new process connects to the same socket and serves the next streams.
     setup
         .plugins
@@ -330,9 +334,11 @@ async fn a_plugin_that_reconnects_is_welcomed_on_the_same_link() {
     assert_eq!(got.body(), params.body());
     assert_in_order(&setup.log_for("r-back"), &params.body());
     let metrics = setup.front.metrics().encode();
+    // Nobody here restarts an external plugin: the stream did not wait for one.
     assert!(
-        metrics
-            .contains("plugvisor_plugin_finals_missing_total{plugin=\"order\",reason=\"down\"} 1"),
+        metrics.contains(
+            "plugvisor_plugin_finals_missing_total{plugin=\"order\",reason=\"not_connected\"} 1"
+        ),
         "{metrics}"
     );
     setup.stop().await;

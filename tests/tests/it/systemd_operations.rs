@@ -184,7 +184,7 @@ async fn a_crash_loop_stops_retrying_and_keeps_the_listener_until_restarted_afte
         s.ok(&["start", "--no-block", SERVICE]);
         s
     });
-    // Five failed starts (exit 64, restarted after 1 s each), then the sixth holds.
+    // Five failed starts (exit 78, restarted after 1 s each), then the sixth holds.
     let status = tokio::task::block_in_place(|| {
         s.wait_status("a crash loop", Duration::from_secs(30), |t| {
             t.starts_with("crash loop:")
