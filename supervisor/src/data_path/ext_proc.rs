@@ -27,12 +27,14 @@ use std::time::Instant;
 use bytes::Bytes;
 use envoy_types::pb::envoy::config::core::v3::HeaderMap;
 use envoy_types::pb::envoy::extensions::filters::http::ext_proc::v3::processing_mode::BodySendMode;
+use envoy_types::pb::envoy::r#type::v3::{HttpStatus, StatusCode};
 use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_server::ExternalProcessor;
 use envoy_types::pb::envoy::service::ext_proc::v3::processing_request::Request;
 use envoy_types::pb::envoy::service::ext_proc::v3::processing_response::Response;
 use envoy_types::pb::envoy::service::ext_proc::v3::{
     body_mutation, BodyMutation, BodyResponse, CommonResponse, HeadersResponse, HttpBody,
-    ProcessingRequest, ProcessingResponse, StreamedBodyResponse, TrailersResponse,
+    ImmediateResponse, ProcessingRequest, ProcessingResponse, StreamedBodyResponse,
+    TrailersResponse,
 };
 use envoy_types::pb::google::protobuf::Struct;
 use ipc_protocol::stamp::monotonic_now_ns;
@@ -181,6 +183,7 @@ impl ExternalProcessor for Front {
             limits,
             _slot: slot,
             modes: None,
+            response_started: false,
             ended: false,
         };
         tokio::spawn(stream.run(inbound, tx));
@@ -207,6 +210,9 @@ struct StreamTask {
     /// Held while the stream runs with plugins.
     _slot: Option<Slot>,
     modes: Option<Modes>,
+    /// The response headers came: from now on, in `FULL_DUPLEX_STREAMED`, Envoy hands this
+    /// front each body chunk and waits for it to come back.
+    response_started: bool,
     /// The final RPC ran (or an abort was sent): no more events for the plugins.
     ended: bool,
 }
@@ -294,11 +300,20 @@ impl StreamTask {
                     None => std::future::pending().await,
                 }
             };
+            let mut stopping = false;
             let next = tokio::select! {
                 m = inbound.message() => Some(m),
-                _ = stop.wait_for(|s| *s) => break (AbortCause::Shutdown, "front is stopping".into()),
+                stopped = stop.wait_for(|s| *s) => {
+                    drop(stopped);
+                    stopping = true;
+                    None
+                }
                 _ = idle => None,
             };
+            if stopping {
+                self.cut(&replies, "plugvisor_stopping", None).await;
+                break (AbortCause::Shutdown, "front is stopping".into());
+            }
             let Some(next) = next else {
                 let limit = idle_timeout.unwrap_or_default();
                 if let Some(held) = crate::observe::logging::limited::allow("idle stream") {
@@ -310,12 +325,11 @@ impl StreamTask {
                     );
                 }
                 metrics.stream_errors.inc();
-                let _ = replies
-                    .tx
-                    .send(Box::new(Err(Status::deadline_exceeded(format!(
-                        "plugvisor: no ext_proc message for {} ms (idle_stream_timeout_ms)",
-                        limit.as_millis()
-                    )))))
+                let status = Status::deadline_exceeded(format!(
+                    "plugvisor: no ext_proc message for {} ms (idle_stream_timeout_ms)",
+                    limit.as_millis()
+                ));
+                self.cut(&replies, "plugvisor_idle_stream_timeout", Some(status))
                     .await;
                 break (AbortCause::Timeout, "idle_stream_timeout_ms passed".into());
             };
@@ -341,12 +355,9 @@ impl StreamTask {
                         }
                         metrics.messages_too_large.inc();
                         metrics.stream_errors.inc();
-                        let _ = replies
-                            .tx
-                            .send(Box::new(Err(Status::resource_exhausted(format!(
-                                "plugvisor: {}",
-                                status.message()
-                            )))))
+                        let error =
+                            Status::resource_exhausted(format!("plugvisor: {}", status.message()));
+                        self.cut(&replies, "plugvisor_message_too_large", Some(error))
                             .await;
                         break (AbortCause::UpstreamError, status.message().to_owned());
                     }
@@ -391,6 +402,58 @@ impl StreamTask {
             self.abort(cause, detail);
         }
         metrics.streams_active.dec();
+    }
+
+    /// Whether Envoy may have handed this front body bytes it has not echoed back yet: in
+    /// `FULL_DUPLEX_STREAMED` Envoy passes each chunk over and forgets it, so if the ext_proc
+    /// stream ends now, with `failure_mode_allow` Envoy would carry on without them and the
+    /// client would get a body with a gap.
+    fn carries_body(&self) -> bool {
+        let Some(modes) = self.modes else {
+            return false;
+        };
+        let response = self.response_started
+            && !self.ended
+            && modes.response_body == BodySendMode::FullDuplexStreamed;
+        let request =
+            !self.response_started && modes.request_body == BodySendMode::FullDuplexStreamed;
+        response || request
+    }
+
+    /// Ends the stream before its end of response, whole or loud: where Envoy may hold none of
+    /// the body's bytes (`carries_body` is false) the ext_proc stream just ends (with `error`,
+    /// if any) and Envoy carries on with the bytes it has; where it may, the front answers with
+    /// an `ImmediateResponse`, which makes Envoy fail the response to the client (a reset once
+    /// its headers went out) instead of passing a body with chunks missing.
+    async fn cut(&self, replies: &Out, details: &str, error: Option<Status>) {
+        if self.carries_body() {
+            self.inner.metrics.streams_cut.inc();
+            if let Some(held) = crate::observe::logging::limited::allow("stream cut") {
+                tracing::warn!(
+                    stream = self.id,
+                    reason = details,
+                    held_back = held,
+                    "stream cut while Envoy may hold none of its body bytes but this front's; \
+                     failing the response to the client (ImmediateResponse) rather than letting \
+                     Envoy pass it with a gap"
+                );
+            }
+            let immediate = ImmediateResponse {
+                status: Some(HttpStatus {
+                    code: StatusCode::ServiceUnavailable as i32,
+                }),
+                details: details.to_owned(),
+                body: b"plugvisor: the response was cut\n".to_vec(),
+                ..Default::default()
+            };
+            let resp = ProcessingResponse {
+                response: Some(Response::ImmediateResponse(immediate)),
+                ..Default::default()
+            };
+            let _ = replies.tx.send(Box::new(Ok(resp))).await;
+        } else if let Some(error) = error {
+            let _ = replies.tx.send(Box::new(Err(error))).await;
+        }
     }
 
     fn modes_from(&self, req: &ProcessingRequest) -> Modes {
@@ -448,6 +511,7 @@ impl StreamTask {
                 replies.send(observe, "headers", arrival, resp).await
             }
             Request::ResponseHeaders(h) => {
+                self.response_started = true;
                 let headers = headers(h.headers.as_ref());
                 let status = headers
                     .iter()

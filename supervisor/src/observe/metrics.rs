@@ -90,6 +90,9 @@ pub struct Metrics {
     pub streams_shed: Counter,
     /// ext_proc messages refused for being larger than `max_message_bytes`.
     pub messages_too_large: Counter,
+    /// Streams ended before their end of response while Envoy may have handed the front body
+    /// bytes: answered with an `ImmediateResponse`, so the client sees a failure, not a gap.
+    pub streams_cut: Counter,
     /// Time from a message's arrival to its reply.
     pub response_overhead: Family<MessageLabel, Histogram, fn() -> Histogram>,
     /// 1 while a spawned plugin's current process has completed its handshake.
@@ -135,6 +138,7 @@ impl Metrics {
         let stream_errors = Counter::default();
         let streams_shed = Counter::default();
         let messages_too_large = Counter::default();
+        let streams_cut = Counter::default();
         let response_overhead =
             Family::<MessageLabel, Histogram, fn() -> Histogram>::new_with_constructor(
                 overhead_histogram,
@@ -230,6 +234,11 @@ impl Metrics {
             messages_too_large.clone(),
         );
         registry.register(
+            "plugvisor_streams_cut",
+            "Streams ended before their end of response while the front carried body bytes, failed to the client instead of passed with a gap",
+            streams_cut.clone(),
+        );
+        registry.register(
             "plugvisor_response_overhead_seconds",
             "Time from a message's arrival from Envoy to the front's reply",
             response_overhead.clone(),
@@ -292,6 +301,7 @@ impl Metrics {
             stream_errors,
             streams_shed,
             messages_too_large,
+            streams_cut,
             response_overhead,
         }
     }

@@ -524,13 +524,20 @@ impl Running {
     /// `shutdown_grace`; abort the rest; ask the plugins to stop and kill those still running
     /// after the grace period; remove the sockets.
     pub async fn stop(&mut self) {
+        let drain = self.config.current().shutdown_grace;
+        self.stop_after(drain).await;
+    }
+
+    /// [`Running::stop`] with the in-flight streams given `drain` to finish (zero: cut at once,
+    /// as after an upgrade's drain already ran out); the plugins still get `shutdown_grace_ms`.
+    pub async fn stop_after(&mut self, drain: Duration) {
         let config = self.config.current();
         let grace = config.shutdown_grace;
         if let Some(tx) = self.stop_server.take() {
             let _ = tx.send(());
         }
         self.stop_admin.send_replace(true);
-        let deadline = tokio::time::Instant::now() + grace;
+        let deadline = tokio::time::Instant::now() + drain;
         let streams_done = async {
             while self.metrics.streams_active.get() > 0 {
                 tokio::time::sleep(Duration::from_millis(10)).await;

@@ -207,7 +207,9 @@ pub async fn run_with(
             task.abort();
         }
         drain_after_upgrade(&mut running, to, &mut shutdown, &mut hup, &mut usr2).await;
-        running.stop().await;
+        // The drain is over (every stream ended, or its time ran out): what is left is cut now,
+        // not drained once more for shutdown_grace_ms.
+        running.stop_after(Duration::ZERO).await;
         return result;
     }
     // A service stop cuts the drains of older fronts short too, and waits for them: systemd

@@ -30,3 +30,4 @@ mod systemd_service;
 mod systemd_units;
 mod upgrade;
 mod usage_envoy;
+mod whole_or_loud;

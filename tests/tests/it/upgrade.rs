@@ -523,3 +523,42 @@ async fn under_systemd_the_new_front_becomes_the_main_pid_and_streams_survive() 
         assert_eq!(prop("ActiveState"), "inactive");
     });
 }
+
+/// When `upgrade_drain_ms` runs out, the old front cuts the streams left at once (not after a
+/// further `shutdown_grace_ms`), and each cut stream fails where the client sees it rather than
+/// arriving as a 200 with chunks missing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_drain_cuts_on_time_and_loudly() {
+    let (mut stack, _) = start("upgrade_drain_ms = 1000\nshutdown_grace_ms = 30000\n").await;
+    let port = stack.envoy.port;
+    // 4.5 s streams: all still running when the 1 s drain is over.
+    let long_streams = batch(port, "drained", 10).await;
+    let (ok, answer) = upgrade(&stack).await;
+    assert!(ok, "upgrade failed: {answer}\n{}", stack.front.log());
+    let _guard = Pids(vec![new_pid(&answer)]);
+    let upgraded = Instant::now();
+    // Well under shutdown_grace_ms: the drain's end is the cut, not the start of another wait.
+    let status = tokio::task::block_in_place(|| stack.front.wait_exit(Duration::from_secs(15)));
+    assert!(
+        status.is_some(),
+        "old front still running:\n{}",
+        stack.front.log()
+    );
+    assert!(
+        upgraded.elapsed() < Duration::from_secs(15),
+        "the old front drained again after upgrade_drain_ms"
+    );
+    let done = join(long_streams).await;
+    let mut loud = 0;
+    for (id, p, _, got) in &done {
+        let whole = got.status == 200 && got.error.is_none() && got.body() == p.body();
+        assert!(
+            whole || got.status != 200 || got.error.is_some(),
+            "{id}: a 200 with {} of {} bytes that nothing marks as failed",
+            got.body().len(),
+            p.body().len()
+        );
+        loud += usize::from(!whole);
+    }
+    assert_eq!(loud, done.len(), "{}", stack.front.log());
+}
