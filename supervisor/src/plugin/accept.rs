@@ -88,51 +88,130 @@ pub fn bind_plugin_socket(path: &Path, group: Option<&str>) -> Result<UnixListen
 }
 
 /// Handshakes in progress at once on one plugin socket. Each is bounded in memory and time
-/// ([`HELLO_MAX_FRAME`], [`HELLO_TIMEOUT`]); this bounds their number, so a flood of connections
-/// waits in the listen backlog instead of costing the front a task and a buffer each.
+/// ([`HELLO_MAX_FRAME`], [`HELLO_TIMEOUT`]); this bounds their number. Only peers whose
+/// credentials may serve the plugin take one: a spawned plugin's socket admits the pid the front
+/// spawned alone, so a flood of other processes is refused at accept and never keeps the real
+/// plugin waiting.
 pub const MAX_HANDSHAKES: usize = 16;
 
-/// Accepts connections for `link` until the task is dropped; at most [`MAX_HANDSHAKES`] at once.
+/// Refused connections kept open at once for [`REFUSED_LINGER`] so their peers can read why;
+/// past it, a refused connection is closed at once (the refusal is still counted and logged).
+const MAX_LINGERING: usize = 64;
+
+/// The most bytes of peer-supplied text (a plugin name) a refusal repeats.
+const PEER_TEXT_MAX: usize = 64;
+
+/// Accepts connections for `link` until the task is dropped. Every connection's credentials are
+/// checked as it is accepted; those allowed run their handshake, at most [`MAX_HANDSHAKES`] at
+/// once (the others wait their turn in a task).
 pub async fn accept_loop(listener: UnixListener, link: Arc<PluginLink>, metrics: Arc<Metrics>) {
-    let permits = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
+    let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
+    let lingering = Arc::new(tokio::sync::Semaphore::new(MAX_LINGERING));
     loop {
-        // Taken before accepting, so load is bounded by construction.
-        let Ok(permit) = permits.clone().acquire_owned().await else {
-            return;
-        };
-        match listener.accept().await {
-            Ok((stream, _)) => {
-                let link = link.clone();
-                let metrics = metrics.clone();
-                tokio::spawn(async move {
-                    handshake(stream, link, metrics).await;
-                    drop(permit);
-                });
-            }
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
             Err(e) => {
                 tracing::warn!(plugin = %link.name(), error = %e, "plugin socket accept failed");
                 tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        // Who is calling is known from the socket alone: a peer that may not connect is refused
+        // before anything it sent is read, and before it can hold a handshake slot.
+        let cred = match stream.peer_cred() {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(plugin = %link.name(), error = %e, "cannot read peer credentials");
+                continue;
+            }
+        };
+        let (link, metrics) = (link.clone(), metrics.clone());
+        match check_peer(&link, cred.uid(), cred.pid()) {
+            Peer::Refused(refuse) => refuse_at_accept(stream, link, metrics, refuse, &lingering),
+            Peer::Allowed => {
+                // Taken in accept order: allowed peers past the limit wait in the backlog.
+                let Ok(permit) = handshakes.clone().acquire_owned().await else {
+                    return;
+                };
+                tokio::spawn(async move {
+                    handshake(stream, cred.pid(), link, metrics).await;
+                    drop(permit);
+                });
+            }
+            Peer::Pending => {
+                // The front is spawning the plugin and does not know its pid yet: hold the peer
+                // (without a slot) until it does, then judge it.
+                let (handshakes, lingering) = (handshakes.clone(), lingering.clone());
+                tokio::spawn(async move {
+                    let deadline = tokio::time::Instant::now() + PENDING_WAIT;
+                    let verdict = loop {
+                        match check_peer(&link, cred.uid(), cred.pid()) {
+                            Peer::Pending if tokio::time::Instant::now() < deadline => {
+                                tokio::time::sleep(Duration::from_millis(5)).await;
+                            }
+                            Peer::Pending => {
+                                break Err(Refuse {
+                                    code: RefuseCode::NotAllowed,
+                                    reason: format!(
+                                        "the front is starting its own process for `{}`",
+                                        link.name()
+                                    ),
+                                })
+                            }
+                            Peer::Allowed => break Ok(()),
+                            Peer::Refused(r) => break Err(r),
+                        }
+                    };
+                    match verdict {
+                        Err(refuse) => refuse_at_accept(stream, link, metrics, refuse, &lingering),
+                        Ok(()) => {
+                            let Ok(_permit) = handshakes.acquire_owned().await else {
+                                return;
+                            };
+                            handshake(stream, cred.pid(), link, metrics).await;
+                        }
+                    }
+                });
             }
         }
     }
 }
 
-async fn handshake(stream: UnixStream, link: Arc<PluginLink>, metrics: Arc<Metrics>) {
-    let cred = match stream.peer_cred() {
-        Ok(c) => c,
-        Err(e) => {
-            tracing::warn!(plugin = %link.name(), error = %e, "cannot read peer credentials");
-            return;
-        }
-    };
+/// How long a peer is held while the front has spawned the plugin but does not know its pid.
+const PENDING_WAIT: Duration = Duration::from_secs(1);
+
+/// Refuses a peer from its credentials: sends the refusal and lets it read it (while fewer
+/// than [`MAX_LINGERING`] do), else closes at once. Counted and logged either way.
+fn refuse_at_accept(
+    stream: UnixStream,
+    link: Arc<PluginLink>,
+    metrics: Arc<Metrics>,
+    refuse: Refuse,
+    lingering: &Arc<tokio::sync::Semaphore>,
+) {
     let (read, write) = stream.into_split();
     let mut writer = FrameWriter::new(write);
-    // Who is calling is known from the socket alone: a peer that may not connect is refused
-    // before anything it sent is read, so it cannot make the front buffer or wait for it.
-    if let Err(refuse) = check_peer(&link, cred.uid(), cred.pid()) {
-        refuse_peer(&link, &metrics, &mut writer, refuse).await;
-        return discard_until_closed(read, writer).await;
+    match lingering.clone().try_acquire_owned() {
+        Ok(permit) => {
+            tokio::spawn(async move {
+                refuse_peer(&link, &metrics, &mut writer, refuse).await;
+                discard_until_closed(read, writer).await;
+                drop(permit);
+            });
+        }
+        // A flood: count it, and close without waiting for the peer to read.
+        Err(_) => count_refusal(&link, &metrics, &refuse),
     }
+}
+
+async fn handshake(
+    stream: UnixStream,
+    peer_pid: Option<i32>,
+    link: Arc<PluginLink>,
+    metrics: Arc<Metrics>,
+) {
+    let (read, write) = stream.into_split();
+    let mut writer = FrameWriter::new(write);
     let mut reader = FrameReader::with_max_frame(read, HELLO_MAX_FRAME);
     let hello = match tokio::time::timeout(HELLO_TIMEOUT, reader.read::<FromPlugin>()).await {
         Ok(Ok(Some(FromPlugin::Hello(h)))) => Ok(h),
@@ -155,7 +234,7 @@ async fn handshake(stream: UnixStream, link: Arc<PluginLink>, metrics: Arc<Metri
                 return;
             }
             reader.set_max_frame(live_max_frame(&link.config()));
-            let pid = cred.pid().map_or(hello.pid, |p| p as u32);
+            let pid = peer_pid.map_or(hello.pid, |p| p as u32);
             // Checked again under the link's own lock: two plugins racing through the handshake
             // must not both attach.
             if link
@@ -169,6 +248,29 @@ async fn handshake(stream: UnixStream, link: Arc<PluginLink>, metrics: Arc<Metri
     }
 }
 
+/// Counts a refusal and logs it, at a limited rate (a flood of strangers must not flood the log).
+fn count_refusal(link: &PluginLink, metrics: &Metrics, refuse: &Refuse) {
+    metrics
+        .handshakes_refused
+        .get_or_create(&Metrics::reason(link.name(), &format!("{:?}", refuse.code)))
+        .inc();
+    if let Some(held) = crate::observe::logging::limited::allow("plugin handshake refused") {
+        tracing::warn!(plugin = %link.name(), code = ?refuse.code, reason = %refuse.reason, held_back = held, "plugin handshake refused");
+    }
+}
+
+/// A peer-supplied text as a refusal repeats it: at most [`PEER_TEXT_MAX`] bytes, and said so.
+fn peer_text(text: &str) -> String {
+    if text.len() <= PEER_TEXT_MAX {
+        return text.to_owned();
+    }
+    let mut end = PEER_TEXT_MAX;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}… ({} bytes)", &text[..end], text.len())
+}
+
 /// Logs and counts a refusal, sends it, and (by dropping the connection afterwards) closes.
 async fn refuse_peer(
     link: &PluginLink,
@@ -176,11 +278,7 @@ async fn refuse_peer(
     writer: &mut FrameWriter<tokio::net::unix::OwnedWriteHalf>,
     refuse: Refuse,
 ) {
-    tracing::warn!(plugin = %link.name(), code = ?refuse.code, reason = %refuse.reason, "plugin handshake refused");
-    metrics
-        .handshakes_refused
-        .get_or_create(&Metrics::reason(link.name(), &format!("{:?}", refuse.code)))
-        .inc();
+    count_refusal(link, metrics, &refuse);
     // A Refuse is a few hundred bytes: it fits the socket's buffer even when the peer never
     // reads, so this does not wait on the peer.
     let _ = writer.send(&ToPlugin::Refuse(refuse)).await;
@@ -202,11 +300,21 @@ async fn discard_until_closed(
     .await;
 }
 
+/// What the peer's credentials say.
+enum Peer {
+    /// It may go on to its `Hello`.
+    Allowed,
+    /// It may not.
+    Refused(Refuse),
+    /// The front is starting the plugin's process and does not know its pid yet.
+    Pending,
+}
+
 /// The checks that need nothing but the peer's credentials.
-fn check_peer(link: &PluginLink, uid: u32, pid: Option<i32>) -> Result<(), Refuse> {
+fn check_peer(link: &PluginLink, uid: u32, pid: Option<i32>) -> Peer {
     let own_uid = nix::unistd::getuid().as_raw();
     if uid != own_uid && Some(uid) != link.config().process.uid {
-        return Err(Refuse {
+        return Peer::Refused(Refuse {
             code: RefuseCode::NotAllowed,
             reason: format!(
                 "peer uid {uid} is neither the front's ({own_uid}) nor plugins.{}.uid",
@@ -214,19 +322,28 @@ fn check_peer(link: &PluginLink, uid: u32, pid: Option<i32>) -> Result<(), Refus
             ),
         });
     }
-    if let (Some(spawned), Some(pid)) = (link.spawned_pid(), pid) {
-        if spawned != pid as u32 {
-            return Err(Refuse {
-                code: RefuseCode::NotAllowed,
-                reason: format!(
-                    "pid {pid} is not the process the front spawned for `{}` (pid {spawned}); \
-                     set spawn = false to run it yourself",
-                    link.name()
-                ),
-            });
+    match (link.spawned_pid(), pid) {
+        (Some(spawned), Some(pid)) if spawned != pid as u32 => Peer::Refused(Refuse {
+            code: RefuseCode::NotAllowed,
+            reason: format!(
+                "pid {pid} is not the process the front spawned for `{}` (pid {spawned}); \
+                 set spawn = false to run it yourself",
+                link.name()
+            ),
+        }),
+        // A spawned plugin whose own process is on its way (starting, or in its backoff) takes
+        // only that process; a stopped one takes a hand-started instance.
+        (None, _)
+            if link.config().process.spawn
+                && matches!(
+                    link.expected(),
+                    crate::plugin::link::Expected::Coming { .. }
+                ) =>
+        {
+            Peer::Pending
         }
+        _ => Peer::Allowed,
     }
-    Ok(())
 }
 
 /// The checks on a `Hello` from a peer that passed [`check_peer`].
@@ -237,7 +354,7 @@ fn check_hello(link: &PluginLink, hello: &Hello) -> Result<ipc_protocol::Welcome
             reason: format!(
                 "this socket serves plugin `{}`, not `{}`",
                 link.name(),
-                hello.plugin
+                peer_text(&hello.plugin)
             ),
         });
     }

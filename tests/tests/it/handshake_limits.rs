@@ -373,3 +373,85 @@ async fn handshakes_past_the_limit_wait_in_the_backlog_until_one_ends() {
         .unwrap();
     assert!(matches!(answer, Some(ToPlugin::Welcome(_))), "{answer:?}");
 }
+
+/// A flood of idle connections from the front's own uid on a spawned plugin's socket (other
+/// processes than the one the front spawned) is refused at accept: it holds no handshake slot, so
+/// a replacement of the killed plugin connects as soon as it starts, and the refusals reach the
+/// log at a limited rate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_strangers_never_keeps_the_spawned_plugin_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let front = FrontProcess::start(dir.path(), "[plugins.latency]\n", &["latency"]);
+    let socket = FrontProcess::runtime_dir_in(dir.path()).join("plugins/latency.sock");
+    // 1000 connections that never say a word (this test process is not the spawned plugin).
+    let flood: Vec<UnixStream> = (0..1000)
+        .filter_map(|_| UnixStream::connect(&socket).ok())
+        .collect();
+    assert!(flood.len() >= 900, "only {} connections", flood.len());
+    let old = front
+        .plugin_status("latency")
+        .await
+        .pid
+        .expect("latency runs");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(old as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    // Its replacement starts after the 50 ms backoff and is welcomed at once: the flood's
+    // connections were refused when accepted and hold nothing. (Before, 16 handshake slots
+    // taken by idle strangers kept it out for their 5 s Hello timeouts, flood after flood.)
+    tests::eventually_async(
+        "a new latency process up",
+        Duration::from_secs(4),
+        async || {
+            let s = front.plugin_status("latency").await;
+            match s.pid {
+                Some(pid) if pid != old && s.connected => Ok(()),
+                _ => Err(format!("{s:?}")),
+            }
+        },
+    )
+    .await;
+    drop(flood);
+    let refused = front.log().matches("plugin handshake refused").count();
+    assert!(
+        (1..=30).contains(&refused),
+        "{refused} refusal lines for ~1000 refusals"
+    );
+    let counted = metric(
+        &front.metrics(),
+        "plugvisor_plugin_handshakes_refused_total{plugin=\"latency\",reason=\"NotAllowed\"}",
+    );
+    assert!(counted >= 900.0, "{counted} refusals counted");
+}
+
+#[test]
+fn a_refusal_repeats_at_most_64_bytes_of_a_peer_supplied_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let front = FrontProcess::start(dir.path(), "[plugins.ext]\nspawn = false\n", &[]);
+    let socket = FrontProcess::runtime_dir_in(dir.path()).join("plugins/ext.sock");
+    let name = "n".repeat(60_000);
+    let hello =
+        ipc_protocol::codec::encode(&ipc_protocol::FromPlugin::Hello(ipc_protocol::Hello {
+            protocol_version: ipc_protocol::PROTOCOL_VERSION,
+            plugin: name,
+            pid: std::process::id(),
+            subscriptions: ipc_protocol::Subscriptions::ALL,
+        }))
+        .unwrap();
+    let mut frame = (hello.len() as u32).to_le_bytes().to_vec();
+    frame.extend_from_slice(&hello);
+    let (answer, _) = send_and_read(&socket, &frame, Duration::from_secs(5));
+    match decode(&answer) {
+        Some(ToPlugin::Refuse(r)) => {
+            assert_eq!(r.code, RefuseCode::UnknownPlugin);
+            assert!(r.reason.len() < 300, "{} bytes of reason", r.reason.len());
+            assert!(r.reason.contains("(60000 bytes)"), "{}", r.reason);
+        }
+        other => panic!("{other:?}"),
+    }
+    let log = front.log();
+    let longest = log.lines().map(str::len).max().unwrap_or(0);
+    assert!(longest < 2000, "a log line of {longest} bytes");
+}
