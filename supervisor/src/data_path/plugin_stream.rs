@@ -160,8 +160,12 @@ impl PluginStream {
         }
         match conn {
             Some(c) => {
-                self.journal(&msg, true);
-                if !self.link.send_event(Some(&c), msg) {
+                let sent = if self.journal(&msg, true) {
+                    self.link.send_journaled(&c, msg)
+                } else {
+                    self.link.send_event(Some(&c), msg)
+                };
+                if !sent {
                     self.lost += 1;
                 }
             }

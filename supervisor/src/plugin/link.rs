@@ -107,6 +107,9 @@ struct Queued {
     /// From a stream's journal (bounded by `replay_bytes`), so not counted against `queue_bytes`:
     /// a replay burst must not make the queue drop the live events that follow it.
     replayed: bool,
+    /// Also kept in its stream's journal: if the connection goes before it is written, the
+    /// replacement gets it in the replay, so it is not counted as dropped.
+    journaled: bool,
 }
 
 /// Room for control messages waiting for the writer: a ping per heartbeat and a shutdown; more
@@ -753,8 +756,9 @@ impl PluginLink {
             .events_dropped
             .get_or_create(&Metrics::reason(&self.name, Dropped::Down.as_str()))
             .clone();
+        // Events the stream's journal also keeps reach the replacement in its replay: not lost.
         if let Some((q, _)) = held.take() {
-            if q.msg.stream_seq().is_some() {
+            if q.msg.stream_seq().is_some() && !q.journaled {
                 dropped.inc();
             }
         }
@@ -766,7 +770,7 @@ impl PluginLink {
         while let Ok(q) = rx.try_recv() {
             depth.dec();
             bytes_gauge.dec_by(q.bytes as i64);
-            if q.msg.stream_seq().is_some() {
+            if q.msg.stream_seq().is_some() && !q.journaled {
                 dropped.inc();
             }
         }
@@ -868,7 +872,7 @@ impl PluginLink {
         self.detach(&conn, &why);
     }
 
-    fn enqueue(&self, conn: &Conn, msg: ToPlugin) -> Result<(), Dropped> {
+    fn enqueue(&self, conn: &Conn, msg: ToPlugin, journaled: bool) -> Result<(), Dropped> {
         let config = self.config();
         if conn.tx.max_capacity() - conn.tx.capacity() >= config.queue_events {
             return Err(Dropped::QueueFull);
@@ -883,6 +887,7 @@ impl PluginLink {
             msg,
             bytes,
             replayed: false,
+            journaled,
         }) {
             Ok(()) => {
                 self.account_sent(bytes);
@@ -907,8 +912,18 @@ impl PluginLink {
     /// Queues a fire-and-forget event without waiting; a full queue or a missing connection drops
     /// it and counts the drop.
     pub fn send_event(&self, conn: Option<&Conn>, msg: ToPlugin) -> bool {
+        self.send_event_as(conn, msg, false)
+    }
+
+    /// [`PluginLink::send_event`] for an event its stream also keeps in its journal: if the
+    /// connection goes before writing it, it is replayed to the replacement, not dropped.
+    pub fn send_journaled(&self, conn: &Conn, msg: ToPlugin) -> bool {
+        self.send_event_as(Some(conn), msg, true)
+    }
+
+    fn send_event_as(&self, conn: Option<&Conn>, msg: ToPlugin, journaled: bool) -> bool {
         let result = match conn {
-            Some(conn) => self.enqueue(conn, msg),
+            Some(conn) => self.enqueue(conn, msg, journaled),
             None => Err(Dropped::Down),
         };
         match result {
@@ -937,6 +952,7 @@ impl PluginLink {
             msg,
             bytes,
             replayed: false,
+            journaled: false,
         };
         match tokio::time::timeout_at(deadline, conn.tx.send(queued)).await {
             Ok(Ok(())) => {
@@ -966,6 +982,8 @@ impl PluginLink {
                 msg,
                 bytes,
                 replayed: true,
+                // Replayed from the journal, which keeps it until the stream ends.
+                journaled: true,
             };
             if conn.replay.send(queued).is_err() {
                 return;
@@ -1004,7 +1022,7 @@ impl PluginLink {
         msg: ToPlugin,
         patience: Duration,
     ) {
-        if self.enqueue(&conn, msg.clone()).is_ok() {
+        if self.enqueue(&conn, msg.clone(), false).is_ok() {
             return;
         }
         let link = self.clone();

@@ -253,6 +253,12 @@ pub async fn run_with(
         task.abort();
     }
     upgrade::wait_gone(&cut, grace * 2 + Duration::from_secs(1)).await;
+    // The last STATUS= stays on the unit after it stopped: say so rather than leave a count of
+    // streams that no longer drain.
+    systemd::status(&format!(
+        "stopped; streams cut after the drain: {}",
+        metrics.streams_cut.get()
+    ));
     result
 }
 

@@ -124,6 +124,21 @@ async fn a_plugin_killed_mid_batch_loses_no_stream_s_metadata() {
         ) > 0.0,
         "{metrics}"
     );
+    // Every stream's metadata is whole, so nothing was lost: events still queued on the killed
+    // connections went to the replacements in their streams' replays, and are not counted as
+    // dropped.
+    for plugin in ["usage", "test-order"] {
+        assert_eq!(
+            metric(
+                &metrics,
+                &format!(
+                    "plugvisor_plugin_events_dropped_total{{plugin=\"{plugin}\",reason=\"down\"}}"
+                )
+            ),
+            0.0,
+            "{metrics}"
+        );
+    }
     assert_ne!(setup.plugin_pid("usage").await, usage);
 }
 

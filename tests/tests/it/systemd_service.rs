@@ -450,5 +450,8 @@ async fn systemctl_stop_drains_in_flight_streams_and_says_so() {
         s.c.wait_for_property(SERVICE, "ActiveState", "inactive", Duration::from_secs(15))
             .unwrap();
         assert_eq!(s.prop("Result"), "success");
+        // The unit's last STATUS= is what it says after the stop, not a stale drain count.
+        let status = s.prop("StatusText");
+        assert!(status.starts_with("stopped"), "{status}");
     });
 }
