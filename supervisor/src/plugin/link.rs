@@ -280,7 +280,7 @@ impl PluginLink {
 
     /// Replaces the configuration (same name) for what comes next: new events, calls and
     /// connections use it; a connection already open keeps its queue's capacity.
-    pub(crate) fn set_config(&self, config: PluginConfig) {
+    pub(in crate::plugin) fn set_config(&self, config: PluginConfig) {
         debug_assert_eq!(config.name, self.name);
         *self.config.write().expect("config lock") = Arc::new(config);
     }
@@ -311,7 +311,7 @@ impl PluginLink {
     }
 
     /// The owner says whether a process is on its way.
-    pub(crate) fn set_expected(&self, expected: Expected) {
+    pub(in crate::plugin) fn set_expected(&self, expected: Expected) {
         self.expected.send_if_modified(|e| {
             let changed = *e != expected;
             *e = expected;
@@ -347,7 +347,7 @@ impl PluginLink {
     }
 
     /// Records the pid the front spawned for this plugin: only that process may connect.
-    pub(crate) fn set_spawned_pid(&self, pid: Option<u32>) {
+    pub(in crate::plugin) fn set_spawned_pid(&self, pid: Option<u32>) {
         *self.spawned_pid.lock().expect("pid lock") = pid;
     }
 
@@ -482,7 +482,7 @@ impl PluginLink {
     /// connection. After `grace` ([`PluginLink::expire_drains`], called by the owner), a
     /// connection still draining is closed and its streams move to the next connection with
     /// their journals. Returns how many streams it still serves.
-    pub(crate) fn begin_handover(&self, grace: Duration, why: &str) -> usize {
+    pub(in crate::plugin) fn begin_handover(&self, grace: Duration, why: &str) -> usize {
         let mut slot = self.conn.lock().expect("link lock");
         let Some(conn) = slot.take() else {
             return 0;
@@ -512,7 +512,7 @@ impl PluginLink {
     }
 
     /// When the earliest draining connection's grace is over, if any is draining.
-    pub(crate) fn next_drain_deadline(&self) -> Option<tokio::time::Instant> {
+    pub(in crate::plugin) fn next_drain_deadline(&self) -> Option<tokio::time::Instant> {
         self.draining
             .lock()
             .expect("draining lock")
@@ -523,7 +523,7 @@ impl PluginLink {
 
     /// Closes the draining connections whose grace is over; their streams move to the next
     /// connection with their journals.
-    pub(crate) fn expire_drains(&self) {
+    pub(in crate::plugin) fn expire_drains(&self) {
         let now = tokio::time::Instant::now();
         let expired: Vec<Arc<Conn>> = self
             .draining
@@ -598,7 +598,7 @@ impl PluginLink {
 
     /// Marks `stream` as the one that hung the plugin: it is not replayed to the replacement,
     /// and its final says `stuck`. Also forgets the stuck report (the process is about to go).
-    pub(crate) fn poison(&self, stream: StreamId) {
+    pub(in crate::plugin) fn poison(&self, stream: StreamId) {
         self.poisoned.lock().expect("poison lock").insert(stream);
         self.stuck.lock().expect("stuck lock").clear();
         self.metrics.stuck_lanes.get_or_create(&self.label).set(0);
@@ -622,7 +622,7 @@ impl PluginLink {
     /// Closes every connection, live and draining, and waits up to `limit` for their tasks to
     /// end, so nothing of theirs touches the plugin's metric series afterwards (its owner is
     /// stopping it for good).
-    pub(crate) async fn close_all(&self, why: &str, limit: Duration) {
+    pub(in crate::plugin) async fn close_all(&self, why: &str, limit: Duration) {
         self.disconnect(why);
         let draining: Vec<Arc<Conn>> = self.draining.lock().expect("draining lock").clone();
         for conn in draining {
@@ -640,7 +640,7 @@ impl PluginLink {
     }
 
     /// Closes the live connection (shutdown, or a restart by the supervisor).
-    pub(crate) fn disconnect(&self, why: &str) {
+    pub(in crate::plugin) fn disconnect(&self, why: &str) {
         if let Some(conn) = self.connection() {
             self.detach(&conn, why);
         }
@@ -1164,7 +1164,7 @@ impl PluginLink {
 
     /// Sends a ping (not an event): ahead of queued events and regardless of the window, so a
     /// busy plugin is not taken for a hung one.
-    pub(crate) fn ping(&self, nonce: u64) {
+    pub(in crate::plugin) fn ping(&self, nonce: u64) {
         if let Some(conn) = self.connection() {
             if conn
                 .priority
@@ -1178,7 +1178,7 @@ impl PluginLink {
 
     /// Sends `Shutdown` to the live connection, if any, ahead of queued events and regardless of
     /// the window.
-    pub(crate) fn send_shutdown(&self, grace: Duration) {
+    pub(in crate::plugin) fn send_shutdown(&self, grace: Duration) {
         if let Some(conn) = self.connection() {
             conn.shutdown_sent.store(true, Ordering::Release);
             let _ = conn
