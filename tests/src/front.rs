@@ -176,6 +176,48 @@ impl FrontProcess {
             .unwrap_or_else(|| panic!("no plugin {name} in status"))
     }
 
+    /// Sets the top-level `key = value` in the running front's file: replaces its line, or adds
+    /// it above the first table. Reload with [`FrontProcess::reloaded`].
+    pub fn set_top_level(&self, key: &str, value: &str) {
+        let text = std::fs::read_to_string(&self.config_path).expect("read the config");
+        let mut lines: Vec<String> = text
+            .lines()
+            .filter(|l| !l.starts_with(&format!("{key} =")))
+            .map(str::to_owned)
+            .collect();
+        let first_table = lines
+            .iter()
+            .position(|l| l.starts_with('['))
+            .unwrap_or(lines.len());
+        lines.insert(first_table, format!("{key} = {value}"));
+        std::fs::write(&self.config_path, lines.join("\n") + "\n").expect("write the config");
+    }
+
+    /// Runs `send` (which makes the front reload: SIGHUP, [`FrontProcess::reload`], `plugvisor
+    /// reload`) and waits until one more reload is logged.
+    pub fn reloaded(&self, send: impl FnOnce()) {
+        let count = |log: &str| log.matches("configuration reloaded").count();
+        let before = count(&self.log());
+        send();
+        crate::eventually("the reload logged", Duration::from_secs(15), || {
+            let log = self.log();
+            if count(&log) > before {
+                Ok(())
+            } else {
+                Err(log)
+            }
+        });
+    }
+
+    /// Sends SIGHUP: the front reads its file again.
+    pub fn sighup(&self) {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.pid() as i32),
+            nix::sys::signal::Signal::SIGHUP,
+        )
+        .expect("signal the front");
+    }
+
     /// Replaces the `[plugins.*]` tables of the config file and sends SIGHUP (a reload).
     pub fn reload(&self, plugins_toml: &str) {
         let text = std::fs::read_to_string(&self.config_path).expect("read the config");
@@ -184,11 +226,7 @@ impl FrontProcess {
             .expect("header, blank line, plugins");
         std::fs::write(&self.config_path, format!("{header}\n\n{plugins_toml}"))
             .expect("write the config");
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(self.pid() as i32),
-            nix::sys::signal::Signal::SIGHUP,
-        )
-        .expect("signal the front");
+        self.sighup();
     }
 
     /// The pid.

@@ -397,31 +397,10 @@ async fn streams_past_the_journal_are_reported_partial_with_gaps() {
     assert!(whole > 0, "no stream fit its journal");
 }
 
-/// Sets a top-level `key = value` in the running front's file (replacing the line, or adding it
-/// above the first table) and reloads it with SIGHUP; waits until the reload is logged.
-async fn reload_top_level(setup: &Stack, key: &str, value: &str) {
-    let path = setup.front.config_path();
-    let text = std::fs::read_to_string(path).unwrap();
-    let line = format!("{key} = {value}");
-    let mut lines: Vec<String> = text
-        .lines()
-        .filter(|l| !l.starts_with(&format!("{key} =")))
-        .map(str::to_owned)
-        .collect();
-    let first_table = lines.iter().position(|l| l.starts_with('[')).unwrap();
-    lines.insert(first_table, line);
-    std::fs::write(path, lines.join("\n") + "\n").unwrap();
-    let reloads = |log: &str| log.matches("configuration reloaded").count();
-    let before = reloads(&setup.front.log());
-    kill(Pid::from_raw(setup.front.pid() as i32), Signal::SIGHUP).unwrap();
-    tests::eventually("the reload logged", Duration::from_secs(15), || {
-        let log = setup.front.log();
-        if reloads(&log) > before {
-            Ok(())
-        } else {
-            Err(log)
-        }
-    });
+/// Sets a top-level key in the running front's file and reloads it with SIGHUP.
+fn reload_top_level(setup: &Stack, key: &str, value: &str) {
+    setup.front.set_top_level(key, value);
+    setup.front.reloaded(|| setup.front.sighup());
 }
 
 /// Front-side keys reloaded on a running front apply without a restart, under a batch: a lower
@@ -435,7 +414,7 @@ async fn reloaded_policy_keys_apply_under_a_batch() {
     let usage = setup.plugin_pid("usage").await;
     let order = setup.plugin_pid("test-order").await;
 
-    reload_top_level(&setup, "max_streams", "10").await;
+    reload_top_level(&setup, "max_streams", "10");
     let lines = batch(&setup, "max", STREAMS, || async {}).await;
     let shed: Vec<_> = lines
         .iter()
@@ -463,8 +442,8 @@ async fn reloaded_policy_keys_apply_under_a_batch() {
         shed.len() as f64
     );
 
-    reload_top_level(&setup, "max_streams", "10000").await;
-    reload_top_level(&setup, "idle_stream_timeout_ms", "400").await;
+    reload_top_level(&setup, "max_streams", "10000");
+    reload_top_level(&setup, "idle_stream_timeout_ms", "400");
     let slow = Params {
         chunks: 3,
         delay: Duration::from_millis(1500),
@@ -480,7 +459,7 @@ async fn reloaded_policy_keys_apply_under_a_batch() {
         "a stream silent past idle_stream_timeout_ms was not ended"
     );
 
-    reload_top_level(&setup, "idle_stream_timeout_ms", "0").await;
+    reload_top_level(&setup, "idle_stream_timeout_ms", "0");
     setup.front.reload(&PLUGINS.replace(
         "[plugins.test-order]\n",
         "[plugins.test-order]\nrestart = \"temporary\"\n",

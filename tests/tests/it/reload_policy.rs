@@ -8,26 +8,6 @@ use std::time::{Duration, Instant};
 use supervisor::shell::control::{self, Request};
 use tests::front::{metric, FrontProcess};
 
-/// Rewrites one top-level `key = value` line of the running front's file.
-fn set_top_level(front: &FrontProcess, key: &str, value: &str) {
-    let path = front.config_path();
-    let text = std::fs::read_to_string(path).unwrap();
-    let mut found = false;
-    let text: Vec<String> = text
-        .lines()
-        .map(|l| {
-            if l.starts_with(&format!("{key} =")) {
-                found = true;
-                format!("{key} = {value}")
-            } else {
-                l.to_owned()
-            }
-        })
-        .collect();
-    assert!(found, "no `{key}` line in the config");
-    std::fs::write(path, text.join("\n") + "\n").unwrap();
-}
-
 /// `plugvisor reload` against the running front: its exit status and what it printed.
 fn plugvisor_reload(front: &FrontProcess) -> (bool, String) {
     let out = std::process::Command::new(tests::bins::plugvisor())
@@ -42,21 +22,6 @@ fn plugvisor_reload(front: &FrontProcess) -> (bool, String) {
         String::from_utf8_lossy(&out.stderr)
     );
     (out.status.success(), text)
-}
-
-/// Runs `send` (which triggers a reload) and waits until one more reload is logged.
-async fn reloaded(front: &FrontProcess, send: impl FnOnce()) {
-    let count = |log: &str| log.matches("configuration reloaded").count();
-    let before = count(&front.log());
-    send();
-    tests::eventually("the reload logged", Duration::from_secs(15), || {
-        let log = front.log();
-        if count(&log) > before {
-            Ok(())
-        } else {
-            Err(log)
-        }
-    });
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -77,9 +42,9 @@ async fn a_reload_of_max_streams_bounds_the_next_streams() {
         0.0
     );
 
-    set_top_level(&front, "max_streams", "4");
+    front.set_top_level("max_streams", "4");
     // A key only a restart applies, changed in the same reload, is named in the answer.
-    set_top_level(&front, "listen", "\"127.0.0.1:1\"");
+    front.set_top_level("listen", "\"127.0.0.1:1\"");
     let (ok, answer) = plugvisor_reload(&front);
     assert!(ok, "{answer}");
     assert!(answer.contains("applied max_streams"), "{answer}");
@@ -108,7 +73,7 @@ async fn a_reload_of_the_restart_policy_judges_the_next_exit() {
     let dir = tempfile::tempdir().unwrap();
     let front = FrontProcess::start(dir.path(), "[plugins.latency]\n", &["latency"]);
     let plugins = "[plugins.latency]\nrestart = \"temporary\"\n";
-    reloaded(&front, || front.reload(plugins)).await;
+    front.reloaded(|| front.reload(plugins));
     assert!(
         front.log().contains("updated in place latency"),
         "{}",
