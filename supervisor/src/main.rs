@@ -313,8 +313,10 @@ fn main() -> ExitCode {
     supervisor::observe::logging::init(cli.log_format);
     // Before the config: a broken config is one of the crash loops this stops.
     if let Some(failures) = supervisor::shell::crash_loop::tripped() {
-        return match supervisor::shell::crash_loop::hold(failures) {
-            Ok(()) => ExitCode::SUCCESS,
+        return match supervisor::shell::crash_loop::hold(failures, cli.config.as_deref()) {
+            Ok(supervisor::shell::crash_loop::Held::Stopped) => ExitCode::SUCCESS,
+            // EX_TEMPFAIL: a failure, so `Restart=on-failure` starts a fresh front.
+            Ok(supervisor::shell::crash_loop::Held::Fixed) => ExitCode::from(75),
             Err(e) => {
                 tracing::error!("cannot hold the listener: {e}");
                 ExitCode::FAILURE

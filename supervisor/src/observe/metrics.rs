@@ -93,6 +93,8 @@ pub struct Metrics {
     /// Streams ended before their end of response while Envoy may have handed the front body
     /// bytes: answered with an `ImmediateResponse`, so the client sees a failure, not a gap.
     pub streams_cut: Counter,
+    /// 1 while this process holds the listener after a crash loop instead of serving.
+    pub crash_loop_held: Gauge,
     /// Time from a message's arrival to its reply.
     pub response_overhead: Family<MessageLabel, Histogram, fn() -> Histogram>,
     /// 1 while a spawned plugin's current process has completed its handshake.
@@ -139,6 +141,7 @@ impl Metrics {
         let streams_shed = Counter::default();
         let messages_too_large = Counter::default();
         let streams_cut = Counter::default();
+        let crash_loop_held = Gauge::default();
         let response_overhead =
             Family::<MessageLabel, Histogram, fn() -> Histogram>::new_with_constructor(
                 overhead_histogram,
@@ -239,6 +242,11 @@ impl Metrics {
             streams_cut.clone(),
         );
         registry.register(
+            "plugvisor_crash_loop_held",
+            "1 while plugvisor holds the listener after a crash loop instead of serving",
+            crash_loop_held.clone(),
+        );
+        registry.register(
             "plugvisor_response_overhead_seconds",
             "Time from a message's arrival from Envoy to the front's reply",
             response_overhead.clone(),
@@ -302,6 +310,7 @@ impl Metrics {
             streams_shed,
             messages_too_large,
             streams_cut,
+            crash_loop_held,
             response_overhead,
         }
     }
@@ -330,15 +339,21 @@ impl Metrics {
     }
 }
 
-/// Names the `required` plugins that are down right now (for `/healthz`).
-pub type RequiredDown = Arc<dyn Fn() -> Vec<String> + Send + Sync>;
+/// Why the front is not healthy right now, if it is not (for `/healthz`): the `required` plugins
+/// that are down, or a crash-loop hold.
+pub type Unhealthy = Arc<dyn Fn() -> Option<String> + Send + Sync>;
+
+/// `/healthz`'s reason for the `required` plugins in `down`, if any.
+pub fn required_down(down: &[String]) -> Option<String> {
+    (!down.is_empty()).then(|| format!("required plugin(s) down: {}", down.join(", ")))
+}
 
 /// Serves `GET /metrics` and `GET /healthz` on `listener` until `shutdown` resolves.
-/// `/healthz` answers 503 naming the `required` plugins that `required_down` reports, else 200.
+/// `/healthz` answers 503 with the reason `unhealthy` gives, else 200.
 pub async fn serve_admin(
     listener: TcpListener,
     metrics: Arc<Metrics>,
-    required_down: RequiredDown,
+    unhealthy: Unhealthy,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
     tokio::pin!(shutdown);
@@ -357,18 +372,14 @@ pub async fn serve_admin(
         // A response is headers then body: without NODELAY the second write waits for an ACK.
         let _ = stream.set_nodelay(true);
         let metrics = metrics.clone();
-        let required_down = required_down.clone();
+        let unhealthy = unhealthy.clone();
         tokio::spawn(async move {
             let service =
                 hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
                     let metrics = metrics.clone();
-                    let required_down = required_down.clone();
+                    let unhealthy = unhealthy.clone();
                     async move {
-                        Ok::<_, Infallible>(admin_response(
-                            req.uri().path(),
-                            &metrics,
-                            &*required_down,
-                        ))
+                        Ok::<_, Infallible>(admin_response(req.uri().path(), &metrics, &*unhealthy))
                     }
                 });
             let io = hyper_util::rt::TokioIo::new(stream);
@@ -385,7 +396,7 @@ pub async fn serve_admin(
 fn admin_response(
     path: &str,
     metrics: &Metrics,
-    required_down: &dyn Fn() -> Vec<String>,
+    unhealthy: &dyn Fn() -> Option<String>,
 ) -> hyper::Response<Full<Bytes>> {
     let (status, ctype, body) = match path {
         "/metrics" => (
@@ -393,7 +404,7 @@ fn admin_response(
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
             metrics.encode(),
         ),
-        "/healthz" => healthz(&required_down()),
+        "/healthz" => healthz(unhealthy()),
         _ => (404, "text/plain", "not found; try /metrics\n".to_owned()),
     };
     hyper::Response::builder()
@@ -403,17 +414,12 @@ fn admin_response(
         .expect("static response parts are valid")
 }
 
-/// `/healthz`: 200 `ok`, or 503 naming the `required` plugins that are not connected (a load
-/// balancer or probe then keeps traffic away while their metadata would be missing).
-fn healthz(down: &[String]) -> (u16, &'static str, String) {
-    if down.is_empty() {
-        (200, "text/plain", "ok\n".to_owned())
-    } else {
-        (
-            503,
-            "text/plain",
-            format!("required plugin(s) down: {}\n", down.join(", ")),
-        )
+/// `/healthz`: 200 `ok`, or 503 with the reason (the `required` plugins that are not connected,
+/// or a crash-loop hold): a load balancer or probe then keeps traffic away.
+fn healthz(unhealthy: Option<String>) -> (u16, &'static str, String) {
+    match unhealthy {
+        None => (200, "text/plain", "ok\n".to_owned()),
+        Some(reason) => (503, "text/plain", format!("{reason}\n")),
     }
 }
 
@@ -429,21 +435,24 @@ mod tests {
     #[test]
     fn healthz_is_503_naming_the_required_plugins_that_are_down() {
         let metrics = Metrics::new();
-        let ok = admin_response("/healthz", &metrics, &Vec::new);
+        let ok = admin_response("/healthz", &metrics, &|| required_down(&[]));
         assert_eq!(ok.status(), 200);
         let down = admin_response("/healthz", &metrics, &|| {
-            vec!["usage".to_owned(), "latency".to_owned()]
+            required_down(&["usage".to_owned(), "latency".to_owned()])
         });
         assert_eq!(down.status(), 503);
-        let (_, body, _) = healthz(&["usage".to_owned(), "latency".to_owned()]);
+        let (_, body, _) = healthz(required_down(&["usage".to_owned(), "latency".to_owned()]));
         assert_eq!(body, "text/plain");
         assert_eq!(
-            healthz(&["usage".to_owned()]).2,
+            healthz(required_down(&["usage".to_owned()])).2,
             "required plugin(s) down: usage\n"
         );
         // /metrics does not depend on plugin health.
         assert_eq!(
-            admin_response("/metrics", &metrics, &|| vec!["usage".to_owned()]).status(),
+            admin_response("/metrics", &metrics, &|| required_down(&[
+                "usage".to_owned()
+            ]))
+            .status(),
             200
         );
     }

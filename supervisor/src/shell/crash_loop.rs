@@ -9,14 +9,38 @@
 //! the ext_proc listener and closes every connection at once (Envoy's `failure_mode_allow` then
 //! passes traffic instead of waiting on a backlog), reports READY with a STATUS line that says
 //! why, keeps the watchdog fed, and exits cleanly on SIGTERM, which clears the count: after the
-//! fix, `systemctl restart plugvisor` starts afresh. Holding matters because systemd cannot keep
+//! fix, `systemctl restart plugvisor` starts afresh.
+//!
+//! The hold is visible: `/healthz` on the config's `admin_listen` answers 503 with the STATUS
+//! line, `/metrics` has `plugvisor_crash_loop_held 1`, and the control socket answers every
+//! request (`plugvisor status`) with the same line. A configuration that did not load when the
+//! hold began is tried again every [`RECHECK`]: once it loads, the hold ends by itself (the
+//! ledger is cleared and the process exits with EX_TEMPFAIL, so `Restart=on-failure` starts a
+//! fresh front). Holding matters because systemd cannot keep
 //! a listener for a failed service: a connection waiting in the backlog activates it again at
 //! once, and 20 activations in 2 s fail the socket (`trigger-limit-hit`).
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
+
 use super::systemd::{self, Activated};
+use crate::config::Config;
+use crate::observe::metrics::{self, Metrics};
+
+/// How often a hold caused by a configuration that does not load tries it again.
+pub const RECHECK: Duration = Duration::from_secs(2);
+
+/// How a hold ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Held {
+    /// SIGTERM or SIGINT: a clean stop, which clears the count.
+    Stopped,
+    /// The configuration that did not load loads again: start afresh.
+    Fixed,
+}
 
 /// The file in the runtime directory that `ExecStopPost=` of plugvisor.service appends to.
 pub const LEDGER: &str = "failures";
@@ -62,9 +86,30 @@ pub fn hold_status(failures: usize) -> String {
     )
 }
 
+/// The configuration the front would run, and its admin address as the file gives it even when
+/// it does not load (read from the TOML table, so a bad value elsewhere does not hide it).
+fn load(config: Option<&Path>) -> (Result<Config, String>, Option<std::net::SocketAddr>) {
+    let loaded = match config {
+        Some(path) => Config::load(path),
+        None => Config::default_config(),
+    }
+    .map_err(|e| crate::observe::logging::error_chain(&e));
+    let admin = match &loaded {
+        Ok(c) => c.admin_listen,
+        Err(_) => config
+            .and_then(|p| std::fs::read_to_string(p).ok())
+            .and_then(|t| toml::from_str::<toml::Table>(&t).ok())
+            .and_then(|t| t.get("admin_listen")?.as_str()?.parse().ok())
+            .filter(|a: &std::net::SocketAddr| a.ip().is_loopback()),
+    };
+    (loaded, admin)
+}
+
 /// Holds the listener systemd passed (if any) until SIGTERM or SIGINT, closing every connection
-/// as it arrives; READY=1 with [`hold_status`], watchdog pings while holding.
-pub fn hold(failures: usize) -> std::io::Result<()> {
+/// as it arrives; READY=1 with [`hold_status`], watchdog pings while holding; `/healthz`,
+/// `/metrics` and the control socket say so. Ends by itself ([`Held::Fixed`]) once a
+/// configuration that did not load when the hold began loads.
+pub fn hold(failures: usize, config: Option<&Path>) -> std::io::Result<Held> {
     let line = hold_status(failures);
     tracing::error!("{line}");
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -76,20 +121,57 @@ pub fn hold(failures: usize) -> std::io::Result<()> {
         let mut int = signal(SignalKind::interrupt())?;
         let listener = systemd::take_extproc_listener().map_err(std::io::Error::other)?;
         let listener = match listener {
-            Some(Activated::Tcp(l)) => Some(Held::Tcp(tokio::net::TcpListener::from_std(l)?)),
-            Some(Activated::Unix(l)) => Some(Held::Unix(tokio::net::UnixListener::from_std(l)?)),
+            Some(Activated::Tcp(l)) => Some(Listener::Tcp(tokio::net::TcpListener::from_std(l)?)),
+            Some(Activated::Unix(l)) => {
+                Some(Listener::Unix(tokio::net::UnixListener::from_std(l)?))
+            }
             None => None,
         };
+        let (loaded, admin) = load(config);
+        let broken = loaded.as_ref().err().cloned();
+        if let Some(why) = &broken {
+            tracing::info!(error = %why, "the configuration does not load; the hold ends by itself once it does");
+        }
+        let metrics = Arc::new(Metrics::new());
+        metrics.crash_loop_held.set(1);
+        let visible = Arc::new(line.clone());
+        let mut side_tasks = Vec::new();
+        if let Some(addr) = admin {
+            match metrics::bind_admin(addr).await {
+                Ok(l) => {
+                    let why = visible.clone();
+                    side_tasks.push(tokio::spawn(metrics::serve_admin(
+                        l,
+                        metrics.clone(),
+                        Arc::new(move || Some(why.to_string())),
+                        std::future::pending(),
+                    )));
+                }
+                Err(e) => tracing::warn!(%addr, error = %e, "cannot serve /healthz while holding"),
+            }
+        }
+        if let Some(dir) = ledger_path().and_then(|p| p.parent().map(Path::to_owned)) {
+            match super::control::bind(&dir.join("control.sock")) {
+                Ok(l) => side_tasks.push(tokio::spawn(answer_control(l, visible.clone()))),
+                Err(e) => tracing::warn!(error = %e, "cannot answer the control socket while holding"),
+            }
+        }
         systemd::ready(&line);
         let mut ping = tokio::time::interval(
             systemd::watchdog_interval().unwrap_or(Duration::from_secs(3600)),
         );
+        let mut recheck = tokio::time::interval(RECHECK);
         let mut closed = 0u64;
-        loop {
+        let outcome = loop {
             tokio::select! {
-                _ = term.recv() => break,
-                _ = int.recv() => break,
+                _ = term.recv() => break Held::Stopped,
+                _ = int.recv() => break Held::Stopped,
                 _ = ping.tick() => systemd::watchdog_ping(),
+                _ = recheck.tick(), if broken.is_some() => {
+                    if load(config).0.is_ok() {
+                        break Held::Fixed;
+                    }
+                }
                 accepted = accept(listener.as_ref()) => {
                     // Dropped at once: the peer sees the connection close.
                     if accepted.is_ok() {
@@ -97,21 +179,62 @@ pub fn hold(failures: usize) -> std::io::Result<()> {
                     }
                 }
             }
+        };
+        for task in side_tasks {
+            task.abort();
         }
-        tracing::info!(closed, "stopping; held the listener through a crash loop");
-        Ok(())
+        if outcome == Held::Fixed {
+            // The next start must not find the old failures and hold again.
+            if let Some(ledger) = ledger_path() {
+                let _ = std::fs::remove_file(ledger);
+            }
+            let line = "crash loop over: the configuration loads again; restarting";
+            tracing::warn!(closed, "{line}");
+            systemd::status(line);
+        } else {
+            tracing::info!(closed, "stopping; held the listener through a crash loop");
+        }
+        Ok(outcome)
     })
 }
 
-enum Held {
+/// Answers every control request with why this process holds instead of serving.
+async fn answer_control(listener: tokio::net::UnixListener, why: Arc<String>) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let why = why.clone();
+        tokio::spawn(async move {
+            let (read, mut write) = stream.into_split();
+            let mut line = String::new();
+            let _ = tokio::time::timeout(
+                Duration::from_secs(5),
+                tokio::io::BufReader::new(read.take(64 * 1024)).read_line(&mut line),
+            )
+            .await;
+            let answer = super::control::Response {
+                ok: false,
+                error: Some(format!("held: {why}")),
+                ..Default::default()
+            };
+            if let Ok(mut text) = serde_json::to_string(&answer) {
+                text.push('\n');
+                let _ = write.write_all(text.as_bytes()).await;
+            }
+        });
+    }
+}
+
+enum Listener {
     Tcp(tokio::net::TcpListener),
     Unix(tokio::net::UnixListener),
 }
 
-async fn accept(listener: Option<&Held>) -> std::io::Result<()> {
+async fn accept(listener: Option<&Listener>) -> std::io::Result<()> {
     match listener {
-        Some(Held::Tcp(l)) => l.accept().await.map(drop),
-        Some(Held::Unix(l)) => l.accept().await.map(drop),
+        Some(Listener::Tcp(l)) => l.accept().await.map(drop),
+        Some(Listener::Unix(l)) => l.accept().await.map(drop),
         None => std::future::pending().await,
     }
 }

@@ -329,7 +329,7 @@ fn serve_admin(
             Arc::new(move || {
                 health
                     .upgrade()
-                    .map_or_else(Vec::new, |p| p.required_down())
+                    .and_then(|p| metrics::required_down(&p.required_down()))
             }),
             async move {
                 let _ = stop.wait_for(|s| *s).await;

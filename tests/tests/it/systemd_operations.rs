@@ -172,12 +172,14 @@ async fn restarts_activations_and_a_watchdog_restart_never_fail_the_socket_nor_l
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_crash_loop_stops_retrying_and_keeps_the_listener_until_restarted_after_the_fix() {
+async fn a_crash_loop_stops_retrying_says_so_and_ends_by_itself_once_the_config_is_fixed() {
     let s = tokio::task::block_in_place(|| {
         let s = Service::boot("crashloop", "tests/systemd/spawned.toml");
+        // Broken, but its admin address still readable: /healthz can say why.
         s.c.sh(
             "cp /etc/plugvisor/plugvisor.toml /etc/plugvisor/good.toml && \
-             echo 'listen = 5' > /etc/plugvisor/plugvisor.toml",
+             grep '^admin_listen' /etc/plugvisor/good.toml > /etc/plugvisor/plugvisor.toml && \
+             echo 'listen = 5' >> /etc/plugvisor/plugvisor.toml",
         )
         .unwrap();
         s.ok(&["start", SOCKET]);
@@ -221,11 +223,39 @@ async fn a_crash_loop_stops_retrying_and_keeps_the_listener_until_restarted_afte
         assert_eq!(s.prop("MainPID"), held_pid);
         assert_eq!(s.prop("NRestarts"), "5");
         assert_eq!(s.unit_prop(SOCKET, "ActiveState"), "active");
-        // The fix, then the restart the STATUS line asks for.
+        // Monitoring sees the hold: /healthz is 503 with the reason, /metrics has the gauge,
+        // and `plugvisor status` says held.
+        let admin: u16 = s
+            .c
+            .sh("sed -n 's/^admin_listen = \"127.0.0.1:\\([0-9]*\\)\"/\\1/p' /etc/plugvisor/good.toml")
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        let health =
+            s.c.sh(&format!(
+                "curl -s -w ' %{{http_code}}' http://127.0.0.1:{admin}/healthz"
+            ))
+            .unwrap();
+        assert!(
+            health.starts_with("crash loop: 5 failed starts")
+                && health.trim_end().ends_with(" 503"),
+            "{health}"
+        );
+        let metrics =
+            s.c.sh(&format!("curl -s http://127.0.0.1:{admin}/metrics"))
+                .unwrap();
+        assert!(metrics.contains("plugvisor_crash_loop_held 1"), "{metrics}");
+        let status = s.c.sh("plugvisor status 2>&1; true").unwrap();
+        assert!(status.contains("held: crash loop"), "{status}");
+        // The fix alone ends the hold: no `systemctl restart` needed.
         s.c.sh("cp /etc/plugvisor/good.toml /etc/plugvisor/plugvisor.toml")
             .unwrap();
-        s.ok(&["restart", SERVICE]);
-        assert!(s.prop("StatusText").starts_with("serving;"));
+        s.wait_status("serving again", Duration::from_secs(30), |t| {
+            t.starts_with("serving;")
+        });
+        assert_ne!(s.prop("MainPID"), held_pid);
+        assert_eq!(s.prop("NRestarts"), "6");
     });
     let got = one(&envoy, &params, "after-fix", &["usage", "latency"]).await;
     assert_eq!(got, (true, true, true));
