@@ -360,17 +360,29 @@ fn ready_waits_for_a_required_plugin_then_names_it_when_the_wait_runs_out() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tcp_socket_from_systemd_serves_envoy_too() {
     let port = tests::free_port();
+    // The sequence docs/systemd.md gives for moving a running install's listener.
+    let docs = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/systemd.md"),
+    )
+    .unwrap();
+    let sequence = docs
+        .lines()
+        .find(|l| l.starts_with("sudo systemctl stop plugvisor.service && "))
+        .expect("docs/systemd.md gives the sequence")
+        .replace("sudo ", "");
     let s = tokio::task::block_in_place(|| {
         let s = Service::boot("tcp", "tests/systemd/spawned.toml");
-        // The drop-in an operator writes with `systemctl edit plugvisor.socket`.
+        // A running install on the Unix socket ...
+        s.start();
+        // ... gets the drop-in an operator writes with `systemctl edit plugvisor.socket` (or
+        // `scripts/install --listen`), then the documented restarts, as written.
         s.c.sh(&format!(
             "mkdir -p /etc/systemd/system/plugvisor.socket.d && \
              printf '[Socket]\\nListenStream=\\nListenStream=127.0.0.1:{port}\\n' \
                > /etc/systemd/system/plugvisor.socket.d/tcp.conf && \
-             systemctl daemon-reload"
+             systemctl daemon-reload && {sequence}"
         ))
-        .unwrap();
-        s.start();
+        .unwrap_or_else(|e| panic!("{sequence}: {e}"));
         s
     });
     let journal = s.c.journalctl(&["-u", SERVICE]).unwrap();
