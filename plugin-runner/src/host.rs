@@ -202,9 +202,22 @@ async fn serve_inner<P: Plugin>(mut plugin: P, opts: &HostOptions) -> Result<Exi
                 tracing::error!("invalid config for plugin `{}`: {e}", opts.plugin);
                 return Ok(Exit::Config);
             }
+            // One word per field, so the front can log them as fields of their own.
+            let subscribed = [
+                ("request_start", subscriptions.request_start),
+                ("response_headers", subscriptions.response_headers),
+                ("chunks", subscriptions.chunks),
+                ("body_bytes", subscriptions.body_bytes),
+                ("abort", subscriptions.abort),
+            ]
+            .iter()
+            .filter(|(_, on)| *on)
+            .map(|(name, _)| *name)
+            .collect::<Vec<_>>()
+            .join(",");
             tracing::info!(
                 version = welcome.protocol_version,
-                ?subscriptions,
+                subscriptions = %subscribed,
                 workers = opts.workers,
                 budget_bytes = welcome.budget_bytes,
                 metadata_max_bytes = welcome.metadata_max_bytes,

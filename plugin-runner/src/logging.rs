@@ -48,6 +48,71 @@ pub fn parse_supervised(line: &str) -> Option<(tracing::Level, &str)> {
     Some((level, rest))
 }
 
+/// The parts of a supervised record after its level (`target: message key=value ...`): the
+/// target, the message, and the fields as they were written (`key=value` pairs, string values
+/// quoted), so the front can log them as fields of their own instead of inside the message.
+/// Fields are taken from the end of the line: a trailing run of `key=value` words, where `key` is
+/// an identifier and `value` a quoted string or a word without spaces. Without a `target: `
+/// prefix the target is empty.
+pub fn split_record(rest: &str) -> (&str, &str, &str) {
+    let (target, body) = match rest.split_once(": ") {
+        Some((t, b)) if !t.is_empty() && !t.contains(' ') => (t, b),
+        _ => ("", rest),
+    };
+    let mut cut = body.len();
+    loop {
+        let head = &body[..cut];
+        let Some(field_start) = last_field_start(head) else {
+            break;
+        };
+        cut = field_start;
+    }
+    let message = body[..cut].trim_end();
+    let fields = body[cut..].trim_start();
+    (target, message, fields)
+}
+
+/// Where the last `key=value` of `text` starts (at a space), if `text` ends in one.
+fn last_field_start(text: &str) -> Option<usize> {
+    let key_end = if text.ends_with('"') && text.len() > 1 {
+        // A quoted value: find its opening quote, skipping escaped ones.
+        let bytes = text.as_bytes();
+        let mut end = text.len() - 1;
+        let open = loop {
+            let open = text[..end].rfind('"')?;
+            let backslashes = bytes[..open]
+                .iter()
+                .rev()
+                .take_while(|b| **b == b'\\')
+                .count();
+            if backslashes % 2 == 0 {
+                break open;
+            }
+            end = open;
+        };
+        text[..open].strip_suffix('=')?.len()
+    } else {
+        let token_start = text.rfind(' ').map_or(0, |s| s + 1);
+        let eq = text[token_start..].find('=')?;
+        if token_start + eq + 1 == text.len() {
+            return None;
+        }
+        token_start + eq
+    };
+    let key_start = text[..key_end].rfind(' ').map_or(0, |s| s + 1);
+    let key = &text[key_start..key_end];
+    let ident = !key.is_empty()
+        && key
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.');
+    // A field follows the message after a space; the whole line is no field.
+    if ident && key_start > 0 {
+        Some(key_start - 1)
+    } else {
+        None
+    }
+}
+
 /// Whether the front spawned this process (see [`SUPERVISED_ENV`]).
 fn supervised() -> bool {
     std::env::var_os(SUPERVISED_ENV).is_some_and(|v| v == "1")
@@ -222,6 +287,31 @@ pub fn init_with(plugin: &str, format: LogFormat) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_record_splits_into_target_message_and_its_trailing_fields() {
+        assert_eq!(
+            split_record("plugin_runner::host: lane stuck stream=5 running_ms=6000"),
+            (
+                "plugin_runner::host",
+                "lane stuck",
+                "stream=5 running_ms=6000"
+            )
+        );
+        assert_eq!(
+            split_record(r#"usage: cost failed error="bad \"x\" = y" namespace=envoy.lb"#),
+            (
+                "usage",
+                "cost failed",
+                r#"error="bad \"x\" = y" namespace=envoy.lb"#
+            )
+        );
+        // No fields, no target, or a message that only looks like a field.
+        assert_eq!(split_record("t: just words"), ("t", "just words", ""));
+        assert_eq!(split_record("no target here"), ("", "no target here", ""));
+        assert_eq!(split_record("t: a=b"), ("t", "a=b", ""));
+        assert_eq!(split_record("t: set a = b"), ("t", "set a = b", ""));
+    }
 
     #[test]
     fn supervised_lines_parse_into_level_and_rest_and_others_do_not() {

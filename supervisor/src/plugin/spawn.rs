@@ -267,8 +267,10 @@ async fn forward(
 }
 
 /// Logs one line of plugin output. A stderr line in the plugin host's supervised form
-/// (`LEVEL target: message`) becomes a record of that level without the level word; the front's
-/// own timestamp is the only one. Anything else is logged at INFO as it is.
+/// (`LEVEL target: message key=value ...`) becomes a record of that level without the level
+/// word, its message alone as the message, and the plugin's target and fields as fields of
+/// their own (`plugin_target`, `plugin_fields`), so the JSON log and the journal carry them apart;
+/// the front's own timestamp is the only one. Anything else is logged at INFO as it is.
 fn log_plugin_line(plugin: &str, pid: u32, fd: &'static str, line: &str) {
     use tracing::Level;
     let parsed = if fd == "stderr" {
@@ -276,24 +278,28 @@ fn log_plugin_line(plugin: &str, pid: u32, fd: &'static str, line: &str) {
     } else {
         None
     };
-    let (level, message) = parsed.unwrap_or((Level::INFO, line));
+    let (level, target, message, fields) = match parsed {
+        Some((level, rest)) => {
+            let (target, message, fields) = plugin_runner::logging::split_record(rest);
+            (level, target, message, fields)
+        }
+        None => (Level::INFO, "", line, ""),
+    };
+    // Empty parts are left out rather than logged empty.
+    let target = (!target.is_empty()).then_some(target);
+    let fields = (!fields.is_empty()).then_some(fields);
     // The macros take the level as a constant.
+    macro_rules! record {
+        ($macro:ident) => {
+            tracing::$macro!(target: "plugvisor::plugin", plugin = %plugin, pid, fd, plugin_target = target, plugin_fields = fields, "{message}")
+        };
+    }
     match level {
-        Level::ERROR => {
-            tracing::error!(target: "plugvisor::plugin", plugin = %plugin, pid, fd, "{message}")
-        }
-        Level::WARN => {
-            tracing::warn!(target: "plugvisor::plugin", plugin = %plugin, pid, fd, "{message}")
-        }
-        Level::INFO => {
-            tracing::info!(target: "plugvisor::plugin", plugin = %plugin, pid, fd, "{message}")
-        }
-        Level::DEBUG => {
-            tracing::debug!(target: "plugvisor::plugin", plugin = %plugin, pid, fd, "{message}")
-        }
-        Level::TRACE => {
-            tracing::trace!(target: "plugvisor::plugin", plugin = %plugin, pid, fd, "{message}")
-        }
+        Level::ERROR => record!(error),
+        Level::WARN => record!(warn),
+        Level::INFO => record!(info),
+        Level::DEBUG => record!(debug),
+        Level::TRACE => record!(trace),
     }
 }
 

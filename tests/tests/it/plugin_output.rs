@@ -158,3 +158,63 @@ fn odd_plugin_output_is_logged_and_never_kills_the_plugin() {
         "the front's memory grew by {grew} bytes for a {LONG_LINE}-byte line"
     );
 }
+
+/// In JSON log mode a plugin's record arrives as a record of the front's with the plugin's
+/// message as its message and the plugin's target and fields as fields of their own, not folded
+/// into the message text.
+#[test]
+fn in_json_mode_a_plugins_fields_are_fields_not_message_text() {
+    use std::io::BufRead;
+    tests::bins::plugvisor_plugin();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("pv.toml");
+    std::fs::write(&config, "[plugins.latency]\n").unwrap();
+    let mut child = std::process::Command::new(tests::bins::plugvisor())
+        .arg("--config")
+        .arg(&config)
+        .env("RUNTIME_DIRECTORY", dir.path().join("run"))
+        .env(
+            "PLUGVISOR_LISTEN",
+            format!("127.0.0.1:{}", tests::free_port()),
+        )
+        .env("PLUGVISOR_ADMIN_LISTEN", "off")
+        .env("PLUGVISOR_LOG_FORMAT", "json")
+        .env("PLUGVISOR_LOG", "info")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in stderr.lines().map_while(Result::ok) {
+            if line.contains("connected to the front") {
+                let _ = tx.send(line);
+                return;
+            }
+        }
+    });
+    let line = rx.recv_timeout(std::time::Duration::from_secs(15));
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    );
+    let _ = child.wait();
+    let line = line.expect("the plugin's 'connected' record in the front's log");
+    let record: serde_json::Value = serde_json::from_str(&line).expect("a JSON line");
+    let fields = &record["fields"];
+    assert_eq!(fields["message"], "connected to the front", "{line}");
+    assert_eq!(fields["plugin"], "latency", "{line}");
+    assert!(
+        fields["plugin_target"]
+            .as_str()
+            .is_some_and(|t| t.starts_with("plugin_runner")),
+        "{line}"
+    );
+    let plugin_fields = fields["plugin_fields"].as_str().expect("plugin_fields");
+    assert!(
+        plugin_fields.contains("workers=") && plugin_fields.contains("budget_bytes="),
+        "{line}"
+    );
+}
