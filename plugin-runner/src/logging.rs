@@ -153,6 +153,18 @@ pub enum LogFormat {
     Json,
 }
 
+impl LogFormat {
+    /// The name used on the command line and in `PLUGVISOR_LOG_FORMAT`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LogFormat::Auto => "auto",
+            LogFormat::Journald => "journald",
+            LogFormat::Human => "human",
+            LogFormat::Json => "json",
+        }
+    }
+}
+
 static WHO: OnceLock<(String, u32)> = OnceLock::new();
 
 /// Prefixes every human-readable record with `plugin=<name> pid=<pid>`.

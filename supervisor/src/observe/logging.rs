@@ -8,36 +8,12 @@ use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::EnvFilter;
 
-/// Where and how the log is written.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
-pub enum LogFormat {
-    /// journald when `JOURNAL_STREAM` is set, else human-readable on stderr.
-    #[default]
-    Auto,
-    /// journald's native protocol.
-    Journald,
-    /// Human-readable lines on stderr.
-    Human,
-    /// One JSON object per line on stderr.
-    Json,
-}
+/// Where and how the log is written: the same option, and the same names, as the plugins'
+/// (`--log-format`, `PLUGVISOR_LOG_FORMAT`), which the front passes down to them.
+pub use plugin_runner::logging::LogFormat;
 
-impl LogFormat {
-    /// The name used on the command line and in `PLUGVISOR_LOG_FORMAT`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            LogFormat::Auto => "auto",
-            LogFormat::Journald => "journald",
-            LogFormat::Human => "human",
-            LogFormat::Json => "json",
-        }
-    }
-}
-
-/// Whether the service manager connected stderr to the journal.
-pub fn under_journal() -> bool {
-    std::env::var_os("JOURNAL_STREAM").is_some_and(|v| !v.is_empty())
-}
+/// Whether the service manager connected stderr to the journal (the plugins' own test).
+pub use plugin_runner::logging::under_journal;
 
 /// The journal field prefix of a record's own fields (`plugin` becomes `PLUGVISOR_PLUGIN`).
 pub const JOURNAL_FIELD_PREFIX: &str = "PLUGVISOR";
