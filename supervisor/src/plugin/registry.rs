@@ -300,7 +300,7 @@ impl Plugins {
                 let mut unstarted = self.unstarted.write().expect("plugins lock");
                 let u = unstarted.iter_mut().find(|u| u.name() == name)?;
                 u.failed_again(&plugin, Some(reason.clone()));
-                tracing::warn!(plugin = %name, %reason, attempts = u.attempts, retry_in = ?u.next_try.map(|t| t.saturating_duration_since(Instant::now())), "plugin still cannot be started");
+                tracing::warn!(plugin = %name, %reason, attempts = u.attempts, retry_in_ms = u.next_try.map(|t| t.saturating_duration_since(Instant::now()).as_millis() as u64), "plugin still cannot be started");
                 Some(Err(reason))
             }
         }

@@ -258,10 +258,13 @@ pub async fn start_with(config: Config, inherited: Option<Inherited>) -> Result<
     };
     bound_files.0.clear();
     running.wait_for_spawned(current.connect_timeout).await;
+    // A plain address, or no field at all without /metrics (not `Some(...)`).
+    let admin = running.admin.map(|a| a.to_string());
+    let admin = admin.as_deref();
     if *running.accept_gate.borrow() {
-        tracing::info!(listen = %running.listen, admin = ?running.admin, "plugvisor front serving");
+        tracing::info!(listen = %running.listen, admin, "plugvisor front serving");
     } else {
-        tracing::info!(listen = %running.listen, admin = ?running.admin, "plugvisor front started; serves once the old front lets it");
+        tracing::info!(listen = %running.listen, admin, "plugvisor front started; serves once the old front lets it");
     }
     Ok(running)
 }
