@@ -34,7 +34,7 @@ use crate::observe::metrics::Metrics;
 use crate::plugin::link::PluginLink;
 use crate::plugin::restart::State;
 use crate::plugin::spawn::Spawner;
-use crate::plugin::supervise::{self, Command, PluginStatus, Process, Shared};
+use crate::plugin::supervise::{self, sleep_until, Command, PluginStatus, Process, Shared};
 
 /// A message to the owner task.
 enum Message {
@@ -406,13 +406,6 @@ fn interval(period: Duration) -> tokio::time::Interval {
     let mut tick = tokio::time::interval(period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tick
-}
-
-async fn sleep_until(deadline: Option<tokio::time::Instant>) {
-    match deadline {
-        Some(d) => tokio::time::sleep_until(d).await,
-        None => std::future::pending().await,
-    }
 }
 
 async fn wait_process(process: &mut Option<Process>) -> supervise::Wake {

@@ -30,8 +30,6 @@ const RETRY_CHECK: Duration = Duration::from_millis(100);
 pub struct Unstarted {
     /// Its name.
     pub name: String,
-    /// Whether it is spawned (for `status`).
-    spawn: bool,
     /// Why it could not be started (the last attempt).
     pub reason: String,
     /// Attempts so far.
@@ -46,7 +44,6 @@ impl Unstarted {
     pub fn new(plugin: &PluginConfig, reason: String) -> Unstarted {
         let mut u = Unstarted {
             name: plugin.name.clone(),
-            spawn: plugin.process.spawn,
             reason,
             attempts: 0,
             next_try: None,
@@ -66,7 +63,6 @@ impl Unstarted {
         if let Some(reason) = reason {
             self.reason = reason;
         }
-        self.spawn = plugin.process.spawn;
         self.attempts += 1;
         let policy = &plugin.restart;
         self.next_try = (policy.restart != RestartType::Temporary).then(|| {
@@ -78,12 +74,12 @@ impl Unstarted {
     }
 
     /// What `plugvisor status` shows: `failed`, the reason where an exit would be, and when it
-    /// is tried again.
-    pub fn status(&self) -> PluginStatus {
+    /// is tried again; `spawned` is whether its table, as published now, has the front spawn it.
+    pub fn status(&self, spawned: bool) -> PluginStatus {
         PluginStatus {
             name: self.name.clone(),
             state: "failed".into(),
-            spawned: self.spawn,
+            spawned,
             connected: false,
             pid: None,
             uptime_secs: None,
@@ -213,7 +209,14 @@ impl Plugins {
     /// Every plugin's status, in config order.
     pub fn status(&self) -> Vec<PluginStatus> {
         let mut status: Vec<PluginStatus> = self.entries().iter().map(|e| e.status()).collect();
-        status.extend(self.unstarted().iter().map(Unstarted::status));
+        let config = self.launcher.config.current();
+        let spawned = |name: &str| {
+            config
+                .plugins
+                .iter()
+                .any(|p| p.name == name && p.process.spawn)
+        };
+        status.extend(self.unstarted().iter().map(|u| u.status(spawned(u.name()))));
         status.sort_by_key(|s| self.position(&s.name));
         status
     }
@@ -353,7 +356,7 @@ mod tests {
             &plugin("[plugins.x]\nbackoff_min_ms = 1000\n"),
             "group `g` does not exist".into(),
         );
-        let s = u.status();
+        let s = u.status(true);
         assert_eq!(s.state, "failed");
         assert_eq!(
             s.last_exit.as_deref(),
@@ -385,6 +388,6 @@ mod tests {
             "r".into(),
         );
         assert_eq!(t.next_try, None);
-        assert_eq!(t.status().retry_in_ms, None);
+        assert_eq!(t.status(true).retry_in_ms, None);
     }
 }

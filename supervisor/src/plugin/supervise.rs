@@ -683,7 +683,8 @@ async fn wait_child(child: &mut Option<Child>) -> std::io::Result<std::process::
     }
 }
 
-async fn sleep_until(deadline: Option<tokio::time::Instant>) {
+/// Sleeps until `deadline`; pending forever without one (a `select!` arm that is off).
+pub(crate) async fn sleep_until(deadline: Option<tokio::time::Instant>) {
     match deadline {
         Some(d) => tokio::time::sleep_until(d).await,
         None => std::future::pending().await,

@@ -20,9 +20,9 @@ use crate::plugin::supervise::{Command, PluginStatus};
 use crate::shell::upgrade;
 
 /// The longest request line accepted.
-const MAX_REQUEST: u64 = 64 * 1024;
+pub(crate) const MAX_REQUEST: u64 = 64 * 1024;
 /// How long a client has to send its request.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+pub(crate) const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a client waits for an upgrade's answer: the front bounds it itself (its
 /// `ready_timeout_ms` and a start margin), this only guards against a front that never answers.
 const UPGRADE_ANSWER_TIMEOUT: Duration = Duration::from_secs(30 * 60);

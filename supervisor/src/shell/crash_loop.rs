@@ -209,8 +209,9 @@ async fn answer_control(listener: tokio::net::UnixListener, why: Arc<String>) {
             let (read, mut write) = stream.into_split();
             let mut line = String::new();
             let _ = tokio::time::timeout(
-                Duration::from_secs(5),
-                tokio::io::BufReader::new(read.take(64 * 1024)).read_line(&mut line),
+                super::control::REQUEST_TIMEOUT,
+                tokio::io::BufReader::new(read.take(super::control::MAX_REQUEST))
+                    .read_line(&mut line),
             )
             .await;
             let answer = super::control::Response {
