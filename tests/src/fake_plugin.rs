@@ -57,6 +57,8 @@ pub struct Record {
     pub replayed: usize,
     /// The protocol version and capabilities from `Welcome`.
     pub agreed: Option<(u32, Vec<String>)>,
+    /// The grace of the `Shutdown` received, in milliseconds.
+    pub shutdown: Option<u64>,
 }
 
 #[derive(Default)]
@@ -256,7 +258,10 @@ async fn serve(
                     }))
                     .await?;
             }
-            ToPlugin::Shutdown(_) => return Ok(()),
+            ToPlugin::Shutdown(s) => {
+                record.lock().unwrap().shutdown = Some(s.grace_ms);
+                return Ok(());
+            }
             _ => {}
         }
         if !behaviour.no_credit

@@ -773,8 +773,28 @@ impl PluginLink {
             }
         }
         .await;
-        if let Err(e) = result {
-            self.detach(&conn, &format!("write failed: {e}"));
+        match result {
+            Err(e) => self.detach(&conn, &format!("write failed: {e}")),
+            Ok(()) => {
+                // Closed on purpose: a `Shutdown` queued just before still reaches the plugin
+                // ahead of the end-of-file, so it knows to finish rather than to vanish.
+                let mut shutdown = None;
+                while let Ok(msg) = priority.try_recv() {
+                    if matches!(msg, ToPlugin::Shutdown(_)) {
+                        shutdown = Some(msg);
+                    }
+                }
+                if let Some(msg) = shutdown {
+                    let sent = tokio::time::timeout(SHUTDOWN_WRITE_LIMIT, async {
+                        writer.feed(&msg).map_err(|e| e.to_string())?;
+                        writer.flush().await.map_err(|e| e.to_string())
+                    })
+                    .await;
+                    if !matches!(sent, Ok(Ok(()))) {
+                        tracing::debug!(plugin = %self.name, pid = conn.pid, "Shutdown not written before the connection closed");
+                    }
+                }
+            }
         }
         // Whatever is still queued will never be written: take it off the gauges and count the
         // events as dropped (the plugin's replacement sees the gap).
@@ -1208,15 +1228,41 @@ impl PluginLink {
     /// the window.
     pub(in crate::plugin) fn send_shutdown(&self, grace: Duration) {
         if let Some(conn) = self.connection() {
-            conn.shutdown_sent.store(true, Ordering::Release);
-            let _ = conn
-                .priority
-                .try_send(ToPlugin::Shutdown(ipc_protocol::Shutdown {
-                    grace_ms: grace.as_millis() as u64,
-                }));
+            Self::shutdown_conn(&conn, grace);
         }
     }
+
+    fn shutdown_conn(conn: &Conn, grace: Duration) {
+        conn.shutdown_sent.store(true, Ordering::Release);
+        let _ = conn
+            .priority
+            .try_send(ToPlugin::Shutdown(ipc_protocol::Shutdown {
+                grace_ms: grace.as_millis() as u64,
+            }));
+    }
+
+    /// Sends `Shutdown` to every connection, live and draining, and waits up to `grace` for the
+    /// plugin to finish its streams and close them itself: a plugin the front does not run gets
+    /// its grace before the front closes its end. True when all closed in time.
+    pub(in crate::plugin) async fn shut_down_all(&self, grace: Duration) -> bool {
+        let mut conns: Vec<Arc<Conn>> = self.draining.lock().expect("draining lock").clone();
+        conns.extend(self.connection());
+        for conn in &conns {
+            if !conn.shutdown_sent.load(Ordering::Acquire) {
+                Self::shutdown_conn(conn, grace);
+            }
+        }
+        let all_closed = async {
+            for conn in &conns {
+                let _ = conn.closed.subscribe().wait_for(|c| *c).await;
+            }
+        };
+        tokio::time::timeout(grace, all_closed).await.is_ok()
+    }
 }
+
+/// How long a connection closed on purpose may take to write the `Shutdown` queued for it.
+const SHUTDOWN_WRITE_LIMIT: Duration = Duration::from_millis(500);
 
 /// What a queued event holds in memory, counted against the plugin's `queue_bytes`: its body and
 /// header bytes plus a fixed per-event overhead, so that every event, header-only ones included,

@@ -382,7 +382,11 @@ impl Owner {
         let name = self.link.name().to_owned();
         match &mut self.process {
             Some(process) => process.stop(grace).await,
-            None => self.link.send_shutdown(grace),
+            None => {
+                if !self.link.shut_down_all(grace).await {
+                    tracing::info!(plugin = %self.link.name(), grace_ms = grace.as_millis() as u64, "plugin still connected after Shutdown and its grace; closing its connection");
+                }
+            }
         }
         if let Some(accept) = self.accept.take() {
             accept.abort();

@@ -21,6 +21,7 @@ mod one_instance;
 mod operations_doc;
 mod plugin_log_levels;
 mod plugin_output;
+mod plugin_shutdown;
 mod protocol_versions;
 mod readme;
 mod real_plugins;
