@@ -250,6 +250,10 @@ async fn handshake(
 
 /// Counts a refusal and logs it, at a limited rate (a flood of strangers must not flood the log).
 fn count_refusal(link: &PluginLink, metrics: &Metrics, refuse: &Refuse) {
+    link.note_error(&format!(
+        "handshake refused ({:?}): {}",
+        refuse.code, refuse.reason
+    ));
     metrics
         .handshakes_refused
         .get_or_create(&Metrics::reason(link.name(), &format!("{:?}", refuse.code)))

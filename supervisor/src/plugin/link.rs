@@ -242,6 +242,8 @@ pub struct PluginLink {
     last_subscriptions: Mutex<Subscriptions>,
     /// The writer and reader tasks of its connections, live and draining.
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    /// The last error line of its processes (their output, or a refused handshake).
+    last_error: crate::plugin::spawn::LastError,
 }
 
 impl PluginLink {
@@ -280,6 +282,7 @@ impl PluginLink {
             stuck: Mutex::new(Vec::new()),
             poisoned: Mutex::new(std::collections::HashSet::new()),
             last_subscriptions: Mutex::new(Subscriptions::ALL),
+            last_error: Default::default(),
             tasks: Mutex::new(Vec::new()),
         }
     }
@@ -1222,6 +1225,22 @@ impl PluginLink {
                 tracing::debug!(plugin = %self.name, nonce, "ping not sent: the writer is stuck on the socket");
             }
         }
+    }
+
+    /// Where the plugin's processes' error lines are kept (see [`PluginLink::last_error`]).
+    pub(crate) fn error_sink(&self) -> crate::plugin::spawn::LastError {
+        self.last_error.clone()
+    }
+
+    /// The last error line of the plugin's processes (an ERROR record or an unformatted stderr
+    /// line), or of a refused handshake; what `plugvisor status` shows.
+    pub fn last_error(&self) -> Option<String> {
+        self.last_error.lock().expect("last error lock").clone()
+    }
+
+    /// Keeps `line` as the plugin's last error.
+    pub(crate) fn note_error(&self, line: &str) {
+        crate::plugin::spawn::note_error(&self.last_error, line);
     }
 
     /// Sends `Shutdown` to the live connection, if any, ahead of queued events and regardless of

@@ -85,6 +85,7 @@ impl Unstarted {
             uptime_secs: None,
             restarts: 0,
             last_exit: Some(format!("not started: {}", self.reason)),
+            last_error: None,
             queue_depth: 0,
             dropped_events: 0,
             retry_in_ms: self

@@ -72,6 +72,10 @@ pub enum Exit {
 }
 
 impl Exit {
+    /// `EX_CONFIG` (sysexits): the plugin refused its configuration, or the front refused it.
+    /// Starting it again with the same configuration gives the same answer.
+    pub const CONFIG_REFUSED: Exit = Exit::Code(78);
+
     /// Status 0 is the only normal exit.
     pub fn is_normal(self) -> bool {
         self == Exit::Code(0)
@@ -148,6 +152,9 @@ pub enum Action {
         /// Restarts counted in the window.
         restarts: u32,
     },
+    /// It exited [`Exit::CONFIG_REFUSED`]: the same configuration would be refused again, so it
+    /// is `failed` at once, until a reload changes its table or an operator starts it.
+    ConfigRefused,
 }
 
 /// The restart state machine of one plugin.
@@ -276,6 +283,10 @@ impl Restarter {
         if std::mem::take(&mut self.restart_on_exit) {
             self.state = State::Starting;
             return vec![Action::Spawn];
+        }
+        if exit == Exit::CONFIG_REFUSED && !for_cause {
+            self.state = State::Failed;
+            return vec![Action::ConfigRefused];
         }
         let abnormal = for_cause || !exit.is_normal();
         let restart = match self.policy.restart {
@@ -406,6 +417,28 @@ mod tests {
                 (140, Exited(Exit::Code(0)), &[], "stopped"),
             ],
         );
+    }
+
+    #[test]
+    fn a_plugin_that_refuses_its_config_fails_at_once_and_starts_again_when_told() {
+        for restart in [
+            RestartType::Permanent,
+            RestartType::Transient,
+            RestartType::Temporary,
+        ] {
+            let r = run(
+                policy(restart),
+                &[
+                    (0, Start, &[Spawn], "starting"),
+                    (10, Exited(Exit::CONFIG_REFUSED), &[ConfigRefused], "failed"),
+                    // A reload with a new table, or an operator, starts it again.
+                    (20, Start, &[Spawn], "starting"),
+                    (30, HandshakeDone, &[], "up"),
+                    (40, Exited(Exit::CONFIG_REFUSED), &[ConfigRefused], "failed"),
+                ],
+            );
+            assert_eq!(r.restarts_total(), 0, "{restart:?}");
+        }
     }
 
     #[test]

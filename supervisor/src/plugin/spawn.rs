@@ -184,6 +184,7 @@ impl Spawner {
         &self,
         plugin: &PluginConfig,
         socket: &Path,
+        last_error: LastError,
     ) -> Result<Child, SpawnError> {
         let program = plugin_command(plugin);
         let error = |source| SpawnError {
@@ -221,10 +222,11 @@ impl Spawner {
         let pid = child.id().unwrap_or(0);
         tracing::info!(plugin = %plugin.name, pid, command = %program.display(), "plugin started");
         if let Some(out) = child.stdout.take() {
-            tokio::spawn(forward(out, plugin.name.clone(), pid, "stdout"));
+            let out = forward(out, plugin.name.clone(), pid, "stdout", last_error.clone());
+            tokio::spawn(out);
         }
         if let Some(err) = child.stderr.take() {
-            tokio::spawn(forward(err, plugin.name.clone(), pid, "stderr"));
+            tokio::spawn(forward(err, plugin.name.clone(), pid, "stderr", last_error));
         }
         Ok(child)
     }
@@ -267,14 +269,41 @@ fn set_parent_death_signal_and_policy(cmd: &mut Command, scheduling: CpuScheduli
 /// counted.
 pub const MAX_OUTPUT_LINE: usize = 16 * 1024;
 
+/// Where the last error line a plugin's process wrote is kept, for `plugvisor status`.
+pub type LastError = std::sync::Arc<std::sync::Mutex<Option<String>>>;
+
+/// The most of an error line `plugvisor status` repeats.
+pub const LAST_ERROR_MAX: usize = 512;
+
+/// Keeps `line` as the plugin's last error, cut at [`LAST_ERROR_MAX`] bytes.
+pub fn note_error(last_error: &LastError, line: &str) {
+    let line = line.trim();
+    if line.is_empty() {
+        return;
+    }
+    let mut end = line.len().min(LAST_ERROR_MAX);
+    while !line.is_char_boundary(end) {
+        end -= 1;
+    }
+    let kept = if end < line.len() {
+        format!("{}…", &line[..end])
+    } else {
+        line.to_owned()
+    };
+    *last_error.lock().expect("last error lock") = Some(kept);
+}
+
 async fn forward(
     stream: impl tokio::io::AsyncRead + Unpin,
     plugin: String,
     pid: u32,
     fd: &'static str,
+    last_error: LastError,
 ) {
     let result = forward_lines(stream, MAX_OUTPUT_LINE, |line| {
-        log_plugin_line(&plugin, pid, fd, line)
+        if let Some(error) = log_plugin_line(&plugin, pid, fd, line) {
+            note_error(&last_error, error);
+        }
     })
     .await;
     if let Err(e) = result {
@@ -289,7 +318,11 @@ async fn forward(
 /// word, its message alone as the message, and the plugin's target and fields as fields of
 /// their own (`plugin_target`, `plugin_fields`), so the JSON log and the journal carry them apart;
 /// the front's own timestamp is the only one. Anything else is logged at INFO as it is.
-fn log_plugin_line(plugin: &str, pid: u32, fd: &'static str, line: &str) {
+///
+/// Returns the line's message when it reads as an error: an ERROR record, or a stderr line not
+/// in the host's form (a program without the SDK, an interpreter's traceback, a panic), whose
+/// last line before an exit is the one that says why.
+fn log_plugin_line<'a>(plugin: &str, pid: u32, fd: &'static str, line: &'a str) -> Option<&'a str> {
     use tracing::Level;
     let parsed = if fd == "stderr" {
         plugin_runner::logging::parse_supervised(line)
@@ -318,6 +351,11 @@ fn log_plugin_line(plugin: &str, pid: u32, fd: &'static str, line: &str) {
         Level::INFO => record!(info),
         Level::DEBUG => record!(debug),
         Level::TRACE => record!(trace),
+    }
+    match parsed {
+        Some(_) if level == Level::ERROR => Some(message),
+        None if fd == "stderr" => Some(line),
+        _ => None,
     }
 }
 
@@ -412,7 +450,11 @@ mod tests {
         .unwrap();
         let spawner = Spawner::start().unwrap();
         let child = spawner
-            .spawn_plugin(&config.plugins[0], Path::new("/nonexistent.sock"))
+            .spawn_plugin(
+                &config.plugins[0],
+                Path::new("/nonexistent.sock"),
+                LastError::default(),
+            )
             .await
             .unwrap();
         (spawner, child)
@@ -529,7 +571,11 @@ mod tests {
         let config = Config::parse("[plugins.p]\ncommand = \"/nonexistent/bin\"\n", "t").unwrap();
         let spawner = Spawner::start().unwrap();
         let err = spawner
-            .spawn_plugin(&config.plugins[0], Path::new("/x.sock"))
+            .spawn_plugin(
+                &config.plugins[0],
+                Path::new("/x.sock"),
+                LastError::default(),
+            )
             .await
             .unwrap_err();
         assert_eq!(err.source.kind(), io::ErrorKind::NotFound);

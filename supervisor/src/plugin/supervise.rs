@@ -48,6 +48,10 @@ pub struct PluginStatus {
     pub restarts: u64,
     /// How the previous process ended: `exit status N` or `signal N (SIGNAME)`.
     pub last_exit: Option<String>,
+    /// The last error line of its processes (an ERROR record, an unformatted stderr line such
+    /// as a traceback's last, a refused handshake's reason), at most 512 bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
     /// Events waiting in the plugin's queue.
     pub queue_depth: i64,
     /// Events dropped for this plugin (full queue or no connection).
@@ -95,6 +99,7 @@ pub fn link_status(link: &PluginLink, metrics: &Metrics) -> PluginStatus {
         uptime_secs: link.connected_since().map(|t| t.elapsed().as_secs_f64()),
         restarts: 0,
         last_exit: None,
+        last_error: link.last_error(),
         queue_depth: metrics.queue_depth.get_or_create(&label).get(),
         dropped_events: dropped,
         retry_in_ms: None,
@@ -522,7 +527,12 @@ impl Process {
         match action {
             Action::Spawn => {
                 let config = self.link.config().clone();
-                match self.spawner.spawn_plugin(&config, &self.socket).await {
+                let errors = self.link.error_sink();
+                match self
+                    .spawner
+                    .spawn_plugin(&config, &self.socket, errors)
+                    .await
+                {
                     Ok(child) => {
                         let pid = child.id();
                         self.link.set_spawned_pid(pid);
@@ -573,6 +583,19 @@ impl Process {
                     .restarts
                     .get_or_create(&Metrics::plugin(&name))
                     .inc();
+                None
+            }
+            Action::ConfigRefused => {
+                let why = self
+                    .link
+                    .last_error()
+                    .unwrap_or_else(|| "see the plugin's log above".to_owned());
+                tracing::error!(
+                    plugin = %name,
+                    reason = %why,
+                    "plugin refused its configuration (exit status 78); it stays failed until a \
+                     reload changes its table or `plugvisor restart {name}`"
+                );
                 None
             }
             Action::GaveUp { restarts } => {

@@ -295,6 +295,9 @@ pub fn render_status(plugins: &[PluginStatus]) -> String {
         out.push('\n');
     }
     for p in plugins {
+        if let Some(error) = &p.last_error {
+            out.push_str(&format!("{}: last error: {error}\n", p.name));
+        }
         for d in &p.draining {
             let grace = d
                 .grace_left_ms
@@ -349,6 +352,9 @@ mod tests {
                 uptime_secs: Some(75.0),
                 restarts: 1,
                 last_exit: Some("signal 9 (SIGKILL)".into()),
+                last_error: Some(
+                    "invalid config for plugin `usage`: costs[0].key is missing".into(),
+                ),
                 queue_depth: 0,
                 dropped_events: 3,
                 retry_in_ms: None,
@@ -364,6 +370,7 @@ mod tests {
                 uptime_secs: None,
                 restarts: 0,
                 last_exit: None,
+                last_error: None,
                 queue_depth: 0,
                 dropped_events: 0,
                 retry_in_ms: None,
@@ -371,6 +378,12 @@ mod tests {
                 draining: Vec::new(),
             },
         ]);
+        assert!(
+            table.contains(
+                "usage: last error: invalid config for plugin `usage`: costs[0].key is missing\n"
+            ),
+            "{table}"
+        );
         let lines: Vec<&str> = table.lines().collect();
         assert!(lines[0].starts_with("PLUGIN"));
         assert!(lines[1].contains("1m15s") && lines[1].contains("signal 9 (SIGKILL)"));

@@ -543,3 +543,50 @@ fn wait_output(mut child: std::process::Child, limit: Duration) -> std::process:
     }
     child.wait_with_output().expect("output")
 }
+
+/// A plugin that refuses its config (exit 78, `EX_CONFIG`) is `failed` at once, without going
+/// through its restart budget, and `plugvisor status` says why with its last error line; a
+/// plugin that crashes says so the same way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugin_that_refuses_its_config_fails_at_once_and_status_says_why() {
+    let setup = Setup::new(
+        "[plugins.picky]\ncommand = \"/bin/sh\"\n\
+         args = [\"-c\", \"echo 'starting {name}' >&2; echo 'config: key `x` is missing' >&2; exit 78\"]\n\
+         [plugins.crashy]\ncommand = \"/bin/sh\"\n\
+         args = [\"-c\", \"echo 'Traceback (most recent call last):' >&2; echo 'ModuleNotFoundError: No module named plugvisor' >&2; exit 1\"]\n\
+         backoff_min_ms = 5000\n",
+        &[],
+    )
+    .await;
+    let picky = setup
+        .wait_for("picky", Duration::from_secs(10), "failed", |p| {
+            p.state == "failed"
+        })
+        .await;
+    assert_eq!(picky.restarts, 0, "{picky:?}");
+    assert_eq!(picky.last_exit.as_deref(), Some("exit status 78"));
+    assert_eq!(
+        picky.last_error.as_deref(),
+        Some("config: key `x` is missing"),
+        "{picky:?}"
+    );
+    let crashy = setup
+        .wait_for("crashy", Duration::from_secs(10), "in backoff", |p| {
+            p.state == "backoff"
+        })
+        .await;
+    assert_eq!(
+        crashy.last_error.as_deref(),
+        Some("ModuleNotFoundError: No module named plugvisor"),
+        "{crashy:?}"
+    );
+    let out = setup.plugvisor(&["status"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("picky: last error: config: key `x` is missing"),
+        "{text}"
+    );
+    // Still failed a while later: no restart churn.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(setup.plugin("picky").await.restarts, 0);
+}
