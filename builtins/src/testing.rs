@@ -3,7 +3,7 @@
 use bytes::Bytes;
 use ipc_protocol::{Chunk, Final, Metadata, RequestStart, ResponseHeaders};
 
-use crate::plugin::{EventCtx, Plugin};
+use plugin_runner::{EventCtx, Plugin};
 
 /// Request start stamp.
 pub(crate) const START_NS: u64 = 1_000_000_000;

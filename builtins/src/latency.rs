@@ -16,8 +16,8 @@
 
 use ipc_protocol::{Chunk, Final, Metadata, RequestStart, ResponseHeaders, Value};
 
-use crate::plugin::{EventCtx, Plugin};
 use crate::usage_formats::ResponseObserver;
+use plugin_runner::{EventCtx, Plugin};
 
 /// The plugin's own metadata namespace.
 pub const NAMESPACE: &str = "plugvisor.latency";
@@ -132,8 +132,8 @@ impl Plugin for LatencyPlugin {
         "latency"
     }
 
-    fn configure(&mut self, config: &Value) -> Result<(), crate::ConfigError> {
-        crate::ConfigMap::new(config)?.deny_unknown(&[])
+    fn configure(&mut self, config: &Value) -> Result<(), plugin_runner::ConfigError> {
+        plugin_runner::ConfigMap::new(config)?.deny_unknown(&[])
     }
 
     fn on_request_start(&self, s: &mut LatencyStream, ctx: &EventCtx, _: &RequestStart) {
@@ -189,7 +189,7 @@ impl Plugin for LatencyPlugin {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::builtin::testing::{
+    use crate::testing::{
         play, play_chunks, play_response, Played, FIRST_CHUNK_NS, START_NS, STEP_NS,
     };
     use crate::usage_formats::tests::{CHAT_JSON, CHAT_STREAM, ERROR_JSON, RESPONSES_STREAM};
@@ -250,31 +250,31 @@ mod tests {
     const FORMATS: [(&str, &str, u64, u64); 5] = [
         (
             "openai chat",
-            include_str!("../../tests/fixtures/usage/openai_chat_stream.sse"),
+            include_str!("../tests/fixtures/usage/openai_chat_stream.sse"),
             1,
             2,
         ),
         (
             "vllm completions",
-            include_str!("../../tests/fixtures/usage/vllm_completions_stream.sse"),
+            include_str!("../tests/fixtures/usage/vllm_completions_stream.sse"),
             0,
             3,
         ),
         (
             "openai responses",
-            include_str!("../../tests/fixtures/usage/openai_responses_stream.sse"),
+            include_str!("../tests/fixtures/usage/openai_responses_stream.sse"),
             6,
             2,
         ),
         (
             "anthropic (message_start, content_block_start and ping first)",
-            include_str!("../../tests/fixtures/usage/anthropic_stream.sse"),
+            include_str!("../tests/fixtures/usage/anthropic_stream.sse"),
             3,
             2,
         ),
         (
             "gemini",
-            include_str!("../../tests/fixtures/usage/gemini_stream.sse"),
+            include_str!("../tests/fixtures/usage/gemini_stream.sse"),
             0,
             3,
         ),

@@ -37,8 +37,8 @@ use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
 use super::latency::{Latency, ResponseTiming};
-use crate::config::{ConfigError, ConfigMap};
-use crate::plugin::{EventCtx, Plugin};
+use plugin_runner::{ConfigError, ConfigMap};
+use plugin_runner::{EventCtx, Plugin};
 
 /// The default `/metrics` address.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:9464";
@@ -494,7 +494,7 @@ impl Plugin for MetricsPlugin {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::builtin::testing::{play, play_chunks, FIRST_CHUNK_NS, START_NS, STEP_NS};
+    use crate::testing::{play, play_chunks, FIRST_CHUNK_NS, START_NS, STEP_NS};
     use crate::usage_formats::tests::{CHAT_STREAM, ERROR_JSON};
     use std::io::{Read, Write};
 
@@ -595,8 +595,8 @@ mod tests {
     #[test]
     fn provider_and_operation_follow_the_format() {
         let p = MetricsPlugin::default();
-        let anthropic = include_str!("../../tests/fixtures/usage/anthropic_stream.sse");
-        let gemini = include_str!("../../tests/fixtures/usage/gemini_stream.sse");
+        let anthropic = include_str!("../tests/fixtures/usage/anthropic_stream.sse");
+        let gemini = include_str!("../tests/fixtures/usage/gemini_stream.sse");
         play(&p, anthropic, 100, "text/event-stream");
         play(&p, gemini, 100, "text/event-stream");
         let text = p.encode();

@@ -6,8 +6,8 @@ use std::time::{Duration, Instant};
 
 use ipc_protocol::{Chunk, Final, Metadata, RequestStart, ResponseHeaders, Subscriptions, Value};
 
-use crate::config::{ConfigError, ConfigMap};
-use crate::plugin::{EventCtx, Plugin};
+use plugin_runner::{ConfigError, ConfigMap};
+use plugin_runner::{EventCtx, Plugin};
 
 /// The plugin's own metadata namespace.
 pub const NAMESPACE: &str = "plugvisor.test-spin";
@@ -100,7 +100,7 @@ impl Plugin for TestSpinPlugin {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::builtin::testing::play;
+    use crate::testing::play;
 
     #[test]
     fn spins_the_configured_time_per_event() {

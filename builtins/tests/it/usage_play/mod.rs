@@ -5,12 +5,12 @@
 use std::path::PathBuf;
 
 use bytes::Bytes;
-use plugin_runner::builtin::usage::UsagePlugin;
 use plugin_runner::{
     Chunk, EventCtx, Final, Metadata, Plugin, RequestStart, ResponseHeaders, Value,
 };
+use plugvisor_builtins::usage::UsagePlugin;
 
-/// `plugin-runner/tests/fixtures`: `usage/` holds the recorded bodies and their golden files,
+/// `builtins/tests/fixtures`: `usage/` holds the recorded bodies and their golden files,
 /// `compressed/` bodies compressed by the `gzip` and `zstd` tools.
 pub fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")

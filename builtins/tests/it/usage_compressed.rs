@@ -13,9 +13,9 @@ use crate::usage_play;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use plugin_runner::builtin::usage::UsagePlugin;
-use plugin_runner::decode::MAX_DECODED_PER_CHUNK;
 use plugin_runner::{Metadata, Plugin, Value};
+use plugvisor_builtins::decode::MAX_DECODED_PER_CHUNK;
+use plugvisor_builtins::usage::UsagePlugin;
 use usage_play::fixtures;
 
 const ENCODINGS: [&str; 4] = ["gzip", "deflate", "br", "zstd"];

@@ -10,8 +10,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use ipc_protocol::{Chunk, Final, Metadata, RequestStart, ResponseHeaders, Value};
 
 use super::marker::MarkerScan;
-use crate::config::{ConfigError, ConfigMap};
-use crate::plugin::{EventCtx, Plugin};
+use plugin_runner::{ConfigError, ConfigMap};
+use plugin_runner::{EventCtx, Plugin};
 
 /// The plugin's own metadata namespace.
 pub const NAMESPACE: &str = "plugvisor.test-crash";
@@ -125,7 +125,7 @@ impl Plugin for TestCrashPlugin {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::builtin::testing::play;
+    use crate::testing::play;
 
     #[test]
     fn panic_mode_panics_on_the_marker_and_not_before() {

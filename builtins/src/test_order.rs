@@ -11,7 +11,7 @@ use std::time::Duration;
 use ipc_protocol::{Abort, Chunk, Final, Metadata, RequestStart, ResponseHeaders, Value};
 use sha2::{Digest, Sha256};
 
-use crate::plugin::{EventCtx, Plugin};
+use plugin_runner::{EventCtx, Plugin};
 
 /// The plugin's own metadata namespace.
 pub const NAMESPACE: &str = "plugvisor.test-order";
@@ -60,8 +60,8 @@ impl Plugin for TestOrderPlugin {
         "test-order"
     }
 
-    fn configure(&mut self, config: &Value) -> Result<(), crate::ConfigError> {
-        let config = crate::ConfigMap::new(config)?;
+    fn configure(&mut self, config: &Value) -> Result<(), plugin_runner::ConfigError> {
+        let config = plugin_runner::ConfigMap::new(config)?;
         config.deny_unknown(&["sleep_ms"])?;
         if let Some(ms) = config.u64("sleep_ms")? {
             self.sleep = Duration::from_millis(ms);
@@ -113,7 +113,7 @@ impl Plugin for TestOrderPlugin {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::builtin::testing::play;
+    use crate::testing::play;
     use crate::usage_formats::tests::CHAT_STREAM;
 
     #[test]

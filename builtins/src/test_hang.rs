@@ -8,8 +8,8 @@
 use ipc_protocol::{Chunk, Final, Metadata, Value};
 
 use super::marker::MarkerScan;
-use crate::config::{ConfigError, ConfigMap};
-use crate::plugin::{EventCtx, Plugin};
+use plugin_runner::{ConfigError, ConfigMap};
+use plugin_runner::{EventCtx, Plugin};
 
 /// The plugin's own metadata namespace.
 pub const NAMESPACE: &str = "plugvisor.test-hang";
@@ -102,7 +102,7 @@ impl Plugin for TestHangPlugin {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::builtin::testing::play;
+    use crate::testing::play;
 
     #[test]
     fn without_the_marker_it_answers_normally() {

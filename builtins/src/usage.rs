@@ -32,9 +32,9 @@ use std::collections::{BTreeMap, HashMap};
 use cel::{Context, ExecutionError, Program};
 use ipc_protocol::{Chunk, Final, Metadata, ResponseHeaders, Value};
 
-use crate::config::{ConfigError, ConfigMap};
-use crate::plugin::{EventCtx, Plugin};
 use crate::usage_formats::{Format, ResponseObserver, Usage};
+use plugin_runner::{ConfigError, ConfigMap};
+use plugin_runner::{EventCtx, Plugin};
 
 /// The plugin's own metadata namespace.
 pub const NAMESPACE: &str = "plugvisor.usage";
@@ -647,7 +647,7 @@ impl Plugin for UsagePlugin {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::builtin::testing::{play, play_response, Played};
+    use crate::testing::{play, play_response, Played};
     use crate::usage_formats::tests::{CHAT_JSON, CHAT_STREAM, ERROR_JSON, RESPONSES_STREAM};
 
     fn configured(attrs: Vec<Value>) -> Result<UsagePlugin, ConfigError> {
@@ -787,7 +787,7 @@ mod tests {
     }
 
     const NO_USAGE_STREAM: &str =
-        include_str!("../../tests/fixtures/usage/openai_chat_stream_no_usage.sse");
+        include_str!("../tests/fixtures/usage/openai_chat_stream_no_usage.sse");
 
     fn cost(namespace: &str, key: &str, kind: &str) -> Value {
         Value::map([
@@ -931,7 +931,7 @@ mod tests {
     #[test]
     fn no_estimate_for_errors_json_bodies_or_streams_without_content() {
         let p = with_costs(vec![], true).unwrap();
-        let error_stream = include_str!("../../tests/fixtures/usage/anthropic_error_stream.sse");
+        let error_stream = include_str!("../tests/fixtures/usage/anthropic_error_stream.sse");
         let meta = respond(&p, error_stream, 200, "text/event-stream", &[]);
         assert!(meta[NAMESPACE].get("estimated").is_none(), "{meta:?}");
         let meta = respond(&p, ERROR_JSON, 400, "application/json", &[]);

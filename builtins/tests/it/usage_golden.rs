@@ -3,15 +3,15 @@
 //! split at every byte into two chunks, and the metadata must match `<case>.golden` exactly.
 //!
 //! After a deliberate change,
-//! `UPDATE_GOLDEN=1 cargo test -p plugin-runner --test it usage_golden::` rewrites the golden
+//! `UPDATE_GOLDEN=1 cargo test -p plugvisor-builtins --test it usage_golden::` rewrites the golden
 //! files; review their diff like code.
 
 use crate::usage_play;
 
 use std::path::PathBuf;
 
-use plugin_runner::builtin::usage::UsagePlugin;
 use plugin_runner::{Metadata, Plugin, Value};
+use plugvisor_builtins::usage::UsagePlugin;
 
 /// One recorded response and how it is served.
 struct Case {
