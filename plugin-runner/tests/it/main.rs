@@ -5,5 +5,6 @@
 
 mod harness;
 
+mod lean;
 mod replay;
 mod worker_panics;
