@@ -53,6 +53,7 @@ mod plugin;
 pub mod proctitle;
 mod sequence;
 pub mod sse;
+pub mod testing;
 
 /// The `bytes` crate, whose `Bytes` carries chunk bodies.
 pub use bytes;
