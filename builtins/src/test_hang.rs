@@ -103,6 +103,7 @@ impl Plugin for TestHangPlugin {
 mod tests {
     use super::*;
     use crate::testing::play;
+    use plugin_runner::testing::Player;
 
     #[test]
     fn without_the_marker_it_answers_normally() {
@@ -112,8 +113,9 @@ mod tests {
             ("scope", Value::from("lane")),
         ]))
         .unwrap();
+        let p = Player::new(p);
         let meta = play(&p, "data: fine\n\n", 3, "text/event-stream").meta;
         assert_eq!(meta[NAMESPACE].get("events"), Some(&Value::Int(5)));
-        assert_eq!(p.scope, HangScope::Lane);
+        assert_eq!(p.plugin().scope, HangScope::Lane);
     }
 }

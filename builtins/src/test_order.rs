@@ -115,11 +115,12 @@ mod tests {
     use super::*;
     use crate::testing::play;
     use crate::usage_formats::tests::CHAT_STREAM;
+    use plugin_runner::testing::Player;
 
     #[test]
     fn in_order_stream_has_no_reordering_and_the_body_digest() {
         let meta = play(
-            &TestOrderPlugin::default(),
+            &Player::new(TestOrderPlugin::default()),
             CHAT_STREAM,
             100,
             "text/event-stream",
@@ -137,14 +138,14 @@ mod tests {
     #[test]
     fn sleep_ms_slows_every_chunk_and_other_keys_are_refused() {
         let mut p = TestOrderPlugin::default();
-        p.configure(&Value::map([("sleep_ms", Value::Int(3))]))
-            .unwrap();
-        let start = std::time::Instant::now();
-        play(&p, "data: x\n\n", 100, "text/event-stream");
-        assert!(start.elapsed() >= Duration::from_millis(3));
         assert!(p
             .configure(&Value::map([("sleep", Value::Int(3))]))
             .is_err());
+        p.configure(&Value::map([("sleep_ms", Value::Int(3))]))
+            .unwrap();
+        let start = std::time::Instant::now();
+        play(&Player::new(p), "data: x\n\n", 100, "text/event-stream");
+        assert!(start.elapsed() >= Duration::from_millis(3));
     }
 
     #[test]

@@ -101,16 +101,18 @@ impl Plugin for TestSpinPlugin {
 mod tests {
     use super::*;
     use crate::testing::play;
+    use plugin_runner::testing::Player;
 
     #[test]
     fn spins_the_configured_time_per_event() {
         let mut p = TestSpinPlugin::default();
         p.configure(&Value::map([("spin_us", Value::Int(2000))]))
             .unwrap();
+        let subs = p.subscriptions();
         let start = Instant::now();
-        let meta = play(&p, "data: x\n\n", 100, "text/event-stream").meta;
+        let meta = play(&Player::new(p), "data: x\n\n", 100, "text/event-stream").meta;
         assert!(start.elapsed() >= Duration::from_micros(4 * 2000));
         assert_eq!(meta[NAMESPACE].get("events"), Some(&Value::Int(4)));
-        assert!(!p.subscriptions().body_bytes && p.subscriptions().chunks);
+        assert!(!subs.body_bytes && subs.chunks);
     }
 }

@@ -1,13 +1,11 @@
-//! Playing recorded responses through the `usage` plugin's hooks, shared by `usage_golden.rs`
-//! and `usage_compressed.rs`: the recorded bodies under `tests/fixtures/`, the sample config's
-//! CEL cost attribute, and one response played with fixed stamps.
+//! Playing recorded responses through the `usage` plugin, shared by `usage_golden.rs` and
+//! `usage_compressed.rs`: the recorded bodies under `tests/fixtures/`, the sample config's CEL
+//! cost attribute, and one response played with fixed stamps on the SDK's player.
 
 use std::path::PathBuf;
 
-use bytes::Bytes;
-use plugin_runner::{
-    Chunk, EventCtx, Final, Metadata, Plugin, RequestStart, ResponseHeaders, Value,
-};
+use plugin_runner::testing::{Player, Stream};
+use plugin_runner::{Metadata, Value};
 use plugvisor_builtins::usage::UsagePlugin;
 
 /// `builtins/tests/fixtures`: `usage/` holds the recorded bodies and their golden files,
@@ -30,78 +28,25 @@ pub fn cost_attributes() -> Value {
 }
 
 /// Plays one response: request start, headers (`status`, `content_type` and, when given,
-/// `content_encoding`), `chunks`, an empty final. Returns the final's metadata.
+/// `content_encoding`), `chunks`, an empty final; event `seq` is stamped `1000 * (seq + 1)`.
+/// Returns the final's metadata.
 pub fn play(
-    p: &UsagePlugin,
+    p: &Player<UsagePlugin>,
     status: u16,
     content_type: &str,
     content_encoding: Option<&str>,
     chunks: &[&[u8]],
 ) -> Metadata {
-    let mut s = <UsagePlugin as Plugin>::Stream::default();
-    let ctx = |seq: u32| EventCtx {
-        stream_id: 1,
-        seq,
-        stamp_ns: 1_000 * u64::from(seq + 1),
-        gap: 0,
-        partial: false,
-    };
-    p.on_request_start(
-        &mut s,
-        &ctx(0),
-        &RequestStart {
-            stream_id: 1,
-            seq: 0,
-            stamp_ns: 1_000,
-            request_id: None,
-            headers: vec![],
-        },
-    );
-    let mut headers = vec![("content-type".to_owned(), content_type.to_owned())];
+    let mut headers = vec![("content-type", content_type)];
     if let Some(enc) = content_encoding {
-        headers.push(("content-encoding".to_owned(), enc.to_owned()));
+        headers.push(("content-encoding", enc));
     }
-    p.on_response_headers(
-        &mut s,
-        &ctx(1),
-        &ResponseHeaders {
-            stream_id: 1,
-            seq: 1,
-            stamp_ns: 2_000,
-            status,
-            headers,
-        },
-    );
-    let mut seq = 2;
-    for c in chunks {
-        let e = ctx(seq);
-        p.on_chunk(
-            &mut s,
-            &e,
-            &Chunk {
-                stream_id: 1,
-                seq,
-                stamp_ns: e.stamp_ns,
-                len: c.len() as u32,
-                bytes: Bytes::copy_from_slice(c),
-                end_of_stream: false,
-                ack: false,
-            },
-        );
-        seq += 1;
-    }
-    let e = ctx(seq);
-    p.on_final(
-        &mut s,
-        &e,
-        &Final {
-            stream_id: 1,
-            seq,
-            stamp_ns: e.stamp_ns,
-            call_id: 1,
-            len: 0,
-            bytes: Bytes::new(),
-            trailers: vec![],
-        },
-    )
+    let stream = Stream::new(1)
+        .at(1_000)
+        .step(1_000)
+        .request(&[])
+        .response(status, &headers)
+        .chunks(chunks)
+        .final_(b"");
+    p.play(&stream).into_metadata()
 }
