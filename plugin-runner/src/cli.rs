@@ -101,18 +101,18 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     }
 }
 
-/// A command line that replaces the process's own, set once by [`crate::host_main`].
+/// A command line that replaces the process's own, set once by [`set_command_line`].
 static COMMAND_LINE: OnceLock<Vec<OsString>> = OnceLock::new();
 
 /// Makes [`Args::parse_or_exit`] parse `argv` (program name first) instead of the process's
 /// arguments. The `plugvisor` front hosts the built-in plugins itself (`plugvisor plugin <name>
 /// --connect ...`): it hands over its command line without the `plugin` word. The first call wins.
-pub(crate) fn set_command_line(argv: Vec<OsString>) {
+pub fn set_command_line(argv: Vec<OsString>) {
     let _ = COMMAND_LINE.set(argv);
 }
 
 impl Args {
-    /// Parses the process's arguments (or those given to [`crate::host_main`]); `--help`/`--version`
+    /// Parses the process's arguments (or those given to [`set_command_line`]); `--help`/`--version`
     /// print and exit 0, errors print and exit 64.
     pub fn parse_or_exit() -> Args {
         let parsed = match COMMAND_LINE.get() {

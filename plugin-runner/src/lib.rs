@@ -1,4 +1,4 @@
-//! The plugvisor plugin SDK, and the host behind the `plugvisor-plugin` binary.
+//! The plugvisor plugin SDK.
 //!
 //! A plugin is a process that the plugvisor front feeds over one Unix socket: request starts,
 //! response headers, body chunks, and a synchronous `Final` call whose answer (the plugin's
@@ -43,18 +43,17 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
-pub mod builtin;
 pub mod cli;
 pub mod config;
 mod credit;
-pub mod decode;
 pub mod host;
 mod lanes;
 pub mod logging;
 mod plugin;
 pub mod proctitle;
 mod sequence;
-pub mod usage_formats;
+pub mod sse;
+pub mod testing;
 
 /// The `bytes` crate, whose `Bytes` carries chunk bodies.
 pub use bytes;
@@ -85,20 +84,10 @@ pub fn run<P: Plugin>(plugin: P) -> ! {
     launch(plugin, &args, &name)
 }
 
-/// The whole `main` of the built-in plugin host (`plugvisor-plugin`), with `argv` (program name
-/// first) as its command line: `<program> <plugin-name> --connect <socket> [...]`. The `plugvisor`
-/// front calls it for `plugvisor plugin ...`, so one binary both serves and hosts the built-ins.
-pub fn host_main<I, T>(argv: I) -> !
-where
-    I: IntoIterator<Item = T>,
-    T: Into<std::ffi::OsString>,
-{
-    cli::set_command_line(argv.into_iter().map(Into::into).collect());
-    builtin::main()
-}
-
-/// Runs `plugin` under the name `name` with the options in `args`, then exits the process.
-pub(crate) fn launch<P: Plugin>(plugin: P, args: &cli::Args, name: &str) -> ! {
+/// Runs `plugin` under the name `name` with the options in already parsed `args`, then exits
+/// the process: what [`run`] does after parsing. For a binary that hosts several plugins and picks
+/// one by name (as `plugvisor-plugin` does with the built-ins, see `plugvisor-builtins`).
+pub fn launch<P: Plugin>(plugin: P, args: &cli::Args, name: &str) -> ! {
     let opts = match args.host_options(name) {
         Ok(opts) => opts,
         Err(msg) => {

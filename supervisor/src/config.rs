@@ -571,7 +571,7 @@ impl Config {
             }
             if raw_plugin.spawn && raw_plugin.command.is_none() {
                 let builtin = check::builtin_name(&name, raw_plugin.args.as_deref());
-                granted.extend(plugin_runner::builtin::granted_namespaces(builtin, &config));
+                granted.extend(plugvisor_builtins::granted_namespaces(builtin, &config));
             }
             granted.sort();
             granted.dedup();

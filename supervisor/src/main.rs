@@ -204,7 +204,7 @@ fn main() -> ExitCode {
     // itself this way when a plugin has no `command`. Taken before clap sees the front's own
     // options, so the plugin's command line is exactly that of `plugvisor-plugin`.
     if std::env::args_os().nth(1).as_deref() == Some(OsStr::new(spawn::PLUGIN_SUBCOMMAND)) {
-        plugin_runner::host_main(
+        plugvisor_builtins::host_main(
             std::iter::once(OsString::from("plugvisor plugin")).chain(std::env::args_os().skip(2)),
         );
     }

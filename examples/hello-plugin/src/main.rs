@@ -83,60 +83,51 @@ fn main() {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use plugin_runner::bytes::Bytes;
+    use plugin_runner::testing::{Player, Split, Stream};
+
+    fn hello() -> Hello {
+        Hello {
+            greeting: "hello".into(),
+        }
+    }
 
     #[test]
     fn counts_chunks_and_bytes_and_greets() {
-        let mut plugin = Hello {
-            greeting: "hello".into(),
-        };
-        plugin
-            .configure(&Value::map([("greeting", Value::from("bonjour"))]))
-            .unwrap();
-        let ctx = EventCtx {
-            stream_id: 1,
-            seq: 0,
-            stamp_ns: 0,
-            gap: 0,
-            partial: false,
-        };
-        let mut s = Stream::default();
-        for len in [10, 20] {
-            let chunk = Chunk {
-                stream_id: 1,
-                seq: 1,
-                stamp_ns: 0,
-                len,
-                bytes: Bytes::new(),
-                end_of_stream: false,
-                ack: false,
-            };
-            plugin.on_chunk(&mut s, &ctx, &chunk);
-        }
-        let last = Final {
-            stream_id: 1,
-            seq: 3,
-            stamp_ns: 0,
-            call_id: 1,
-            len: 5,
-            bytes: Bytes::new(),
-            trailers: vec![],
-        };
-        let meta = plugin.on_final(&mut s, &ctx, &last);
-        let own = &meta["plugvisor.hello"];
+        let config = Value::map([("greeting", Value::from("bonjour"))]);
+        let player = Player::configured(hello(), &config).unwrap();
+        let stream = Stream::new(1)
+            .request(&[("x-request-id", "req-1")])
+            .response(200, &[("content-type", "text/event-stream")])
+            .body("data: 0123456789\n\n", Split::Every(10))
+            .final_(b"12345");
+        let played = player.play(&stream);
+        let own = played.own();
         assert_eq!(own.get("greeting"), Some(&Value::from("bonjour")));
+        assert_eq!(own.get("request_id"), Some(&Value::from("req-1")));
+        assert_eq!(own.get("status"), Some(&Value::Int(200)));
         assert_eq!(own.get("chunks"), Some(&Value::Int(2)));
-        assert_eq!(own.get("bytes"), Some(&Value::Int(35)));
+        assert_eq!(own.get("bytes"), Some(&Value::Int(18 + 5)));
+    }
+
+    #[test]
+    fn a_chunk_the_front_dropped_is_reported_as_a_gap() {
+        let player = Player::new(hello());
+        let stream = Stream::new(1)
+            .request(&[])
+            .response(200, &[])
+            .chunks(["abc", "def", "ghi"])
+            .final_(b"")
+            .drop_seqs([3]);
+        let played = player.play(&stream);
+        assert_eq!(played.own().get("chunks"), Some(&Value::Int(2)));
+        assert_eq!(played.own().get("gaps"), Some(&Value::Int(1)));
     }
 
     #[test]
     fn unknown_config_keys_are_refused() {
-        let mut plugin = Hello {
-            greeting: "hello".into(),
-        };
-        let err = plugin
-            .configure(&Value::map([("greting", Value::from("typo"))]))
-            .unwrap_err();
+        let err = Player::configured(hello(), &Value::map([("greting", Value::from("typo"))]))
+            .err()
+            .unwrap();
         assert!(err.to_string().contains("unknown key `greting`"));
     }
 }

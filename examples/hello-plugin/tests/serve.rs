@@ -1,14 +1,16 @@
-//! Runs the built `hello-plugin` binary against a fake front on a real Unix socket: handshake,
-//! one request, its final reply, and a clean exit on `Shutdown`.
+//! Runs the built `hello-plugin` binary against a fake front on a real Unix socket: what the
+//! in-process player of `plugin_runner::testing` cannot show, that the binary's `main` connects,
+//! says hello with its subscriptions, takes its config from `Welcome`, answers a final over the
+//! socket, and exits 0 on `Shutdown`. The plugin's behaviour itself is tested in `src/main.rs`.
 
 use std::process::Stdio;
 use std::time::Duration;
 
-use plugin_runner::bytes::Bytes;
 use plugin_runner::protocol::{
-    Chunk, Final, FinalOutcome, FrameReader, FrameWriter, FromPlugin, RequestStart,
-    ResponseHeaders, Shutdown, ToPlugin, Value, Welcome, PROTOCOL_VERSION,
+    FinalOutcome, FrameReader, FrameWriter, FromPlugin, Shutdown, ToPlugin, Value, Welcome,
+    PROTOCOL_VERSION,
 };
+use plugin_runner::testing::Stream;
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -32,76 +34,47 @@ async fn hello_plugin_greets_each_request_with_its_counts() {
         .unwrap();
     let (rd, wr) = stream.into_split();
     let (mut reader, mut writer) = (FrameReader::new(rd), FrameWriter::new(wr));
+    let mut read = async || {
+        tokio::time::timeout(WAIT, reader.read::<FromPlugin>())
+            .await
+            .expect("the plugin answers in time")
+    };
 
-    let hello = match tokio::time::timeout(WAIT, reader.read::<FromPlugin>())
-        .await
-        .unwrap()
-    {
+    let hello = match read().await {
         Ok(Some(FromPlugin::Hello(h))) => h,
         other => panic!("{other:?}"),
     };
     assert_eq!(hello.plugin, "hello");
     assert!(!hello.subscriptions.body_bytes);
 
-    let config = Value::map([("greeting", Value::from("hi"))]);
-    let events = [
-        ToPlugin::Welcome(Welcome {
+    writer
+        .feed(&ToPlugin::Welcome(Welcome {
             protocol_version: PROTOCOL_VERSION,
-            config,
+            config: Value::map([("greeting", Value::from("hi"))]),
             budget_bytes: 8 << 20,
             metadata_max_bytes: 16 << 10,
             capabilities: vec!["replayed".into()],
-        }),
-        ToPlugin::RequestStart(RequestStart {
-            stream_id: 3,
-            seq: 0,
-            stamp_ns: 1,
-            request_id: Some("req-3".into()),
-            headers: vec![],
-        }),
-        ToPlugin::ResponseHeaders(ResponseHeaders {
-            stream_id: 3,
-            seq: 1,
-            stamp_ns: 2,
-            status: 200,
-            headers: vec![],
-        }),
-        ToPlugin::Chunk(Chunk {
-            stream_id: 3,
-            seq: 2,
-            stamp_ns: 3,
-            len: 100,
-            bytes: Bytes::new(),
-            end_of_stream: false,
-            ack: false,
-        }),
-        ToPlugin::Final(Final {
-            stream_id: 3,
-            seq: 3,
-            stamp_ns: 4,
-            call_id: 77,
-            len: 0,
-            bytes: Bytes::new(),
-            trailers: vec![],
-        }),
-    ];
-    for ev in &events {
-        writer.feed(ev).unwrap();
+        }))
+        .unwrap();
+    let request = Stream::new(3)
+        .request(&[("x-request-id", "req-3")])
+        .response(200, &[])
+        .chunk([0u8; 100])
+        .final_(b"");
+    for event in request.messages(&hello.subscriptions) {
+        writer.feed(&event).unwrap();
     }
     writer.flush().await.unwrap();
 
     // Flow-control credit may come first: the host reports what it has handled.
     let reply = loop {
-        match tokio::time::timeout(WAIT, reader.read::<FromPlugin>())
-            .await
-            .unwrap()
-        {
+        match read().await {
             Ok(Some(FromPlugin::FinalReply(r))) => break r,
             Ok(Some(FromPlugin::Credit(_))) => continue,
             other => panic!("{other:?}"),
         }
     };
-    assert_eq!((reply.call_id, reply.stream_id), (77, 3));
+    assert_eq!((reply.call_id, reply.stream_id), (3, 3));
     let FinalOutcome::Metadata(meta) = reply.outcome else {
         panic!("{:?}", reply.outcome)
     };

@@ -8,7 +8,7 @@ use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 
 use ipc_protocol::Value;
-use plugin_runner::builtin::ValidateError;
+use plugvisor_builtins::ValidateError;
 
 /// What went wrong with a built-in plugin: which key the error belongs to, and why.
 pub(super) enum BuiltinError {
@@ -29,7 +29,7 @@ pub(super) fn builtin_name<'a>(name: &'a str, args: Option<&'a [String]>) -> &'a
 
 /// Runs the built-in's own config validation.
 pub(super) fn builtin(name: &str, config: &Value) -> Result<(), BuiltinError> {
-    plugin_runner::builtin::validate(name, config).map_err(|e| match e {
+    plugvisor_builtins::validate(name, config).map_err(|e| match e {
         ValidateError::UnknownPlugin(_) => {
             BuiltinError::UnknownPlugin(format!("{e}; set `command` to run your own plugin binary"))
         }
@@ -57,7 +57,7 @@ pub(super) fn command(command: &Path, env: &BTreeMap<String, String>) -> Result<
             .file_name()
             .is_some_and(|f| f == crate::plugin::spawn::PLUGIN_HOST)
         {
-            "build it (`cargo build -p plugin-runner`), or remove `command` and plugvisor runs \
+            "build it (`cargo build -p plugvisor-builtins`), or remove `command` and plugvisor runs \
              its built-in plugins itself"
                 .to_owned()
         } else if problem.contains("PATH") {

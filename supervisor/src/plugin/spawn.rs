@@ -114,7 +114,7 @@ pub fn command_problem(plugin: &PluginConfig) -> Option<String> {
     let key = format!("{table} command");
     let hint = if command.file_name().is_some_and(|f| f == PLUGIN_HOST) {
         format!(
-            "build it with `cargo build --release -p plugin-runner` (it lands in target/release/), \
+            "build it with `cargo build --release -p plugvisor-builtins` (it lands in target/release/), \
              or remove `command` from {table} and plugvisor runs its built-in plugins itself"
         )
     } else {
@@ -611,7 +611,7 @@ mod tests {
         let host = problem("[plugins.usage]\ncommand = \"/nowhere/plugvisor-plugin\"\n").unwrap();
         assert!(host.contains("does not exist"), "{host}");
         assert!(
-            host.contains("cargo build --release -p plugin-runner"),
+            host.contains("cargo build --release -p plugvisor-builtins"),
             "{host}"
         );
         assert!(host.contains("[plugins.usage] command"), "{host}");

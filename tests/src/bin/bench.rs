@@ -94,7 +94,14 @@ fn build_binaries() {
         .parent()
         .is_some_and(|d| d.file_name().is_some_and(|n| n == "release"));
     let mut cmd = std::process::Command::new(cargo);
-    cmd.args(["build", "-p", "supervisor", "-p", "plugin-runner", "--bins"]);
+    cmd.args([
+        "build",
+        "-p",
+        "supervisor",
+        "-p",
+        "plugvisor-builtins",
+        "--bins",
+    ]);
     if release {
         cmd.arg("--release");
     }

@@ -243,10 +243,10 @@ fn the_demo_streams_text_and_prints_the_plugins_metadata() {
     bins::plugvisor();
     bins::plugvisor_plugin();
     bins::require("demo-upstream");
-    let target = bins::bin_dir().parent().unwrap().to_path_buf();
+    // The suite's own (debug) build: the demo would otherwise build release binaries.
     let out = Command::new("bash")
         .arg(repo_file("examples/demo"))
-        .env("CARGO_TARGET_DIR", &target)
+        .env("PLUGVISOR_BIN_DIR", bins::bin_dir())
         .env("ENVOY_BIN", tests::envoy::envoy_bin())
         .stdin(Stdio::null())
         .output()

@@ -1,5 +1,5 @@
 //! The `usage` plugin through real Envoy: an upstream serves the recorded provider bodies of
-//! `plugin-runner/tests/fixtures/usage/` (SSE one event per HTTP chunk, JSON whole), the front
+//! `builtins/tests/fixtures/usage/` (SSE one event per HTTP chunk, JSON whole), the front
 //! runs the `usage` plugin with the config that docs/plugins.md shows, and Envoy runs
 //! `examples/envoy.yaml` plus the rate-limit pieces of the same page, talking to a recording
 //! rate-limit service. For every format, Envoy's access log must hold exactly the metadata of the
@@ -136,7 +136,7 @@ fn workspace() -> PathBuf {
 }
 
 fn fixtures() -> PathBuf {
-    workspace().join("plugin-runner/tests/fixtures/usage")
+    workspace().join("builtins/tests/fixtures/usage")
 }
 
 /// The fenced block that follows the marker `<!-- tested: {marker} -->` in docs/plugins.md.

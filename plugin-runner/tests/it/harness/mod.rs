@@ -68,7 +68,12 @@ pub async fn spawn(plugin: &str, extra: &[&str], stderr: Stdio) -> Front {
     let dir = TempDir::new();
     let sock = dir.0.join("plugin.sock");
     let listener = UnixListener::bind(&sock).unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_plugvisor-plugin"))
+    // Set by cargo only in a crate with that binary (`plugvisor-builtins`, which includes this
+    // file); `plugin-runner`'s own tests serve their plugins in process and never get here.
+    #[allow(clippy::option_env_unwrap)]
+    let exe = option_env!("CARGO_BIN_EXE_plugvisor-plugin")
+        .expect("spawn is for the tests of plugvisor-builtins, which builds plugvisor-plugin");
+    let child = Command::new(exe)
         .arg(plugin)
         .arg("--connect")
         .arg(&sock)

@@ -37,8 +37,8 @@ use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
 use super::latency::{Latency, ResponseTiming};
-use crate::config::{ConfigError, ConfigMap};
-use crate::plugin::{EventCtx, Plugin};
+use plugin_runner::{ConfigError, ConfigMap};
+use plugin_runner::{EventCtx, Plugin};
 
 /// The default `/metrics` address.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:9464";
@@ -494,11 +494,12 @@ impl Plugin for MetricsPlugin {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::builtin::testing::{play, play_chunks, FIRST_CHUNK_NS, START_NS, STEP_NS};
+    use crate::testing::{play, play_chunks, FIRST_CHUNK_NS, START_NS, STEP_NS};
     use crate::usage_formats::tests::{CHAT_STREAM, ERROR_JSON};
+    use plugin_runner::testing::Player;
     use std::io::{Read, Write};
 
-    fn configured(config: Value) -> MetricsPlugin {
+    fn configured(config: Value) -> Player<MetricsPlugin> {
         let mut p = MetricsPlugin::default();
         let mut config = match config {
             Value::Map(m) => m,
@@ -506,7 +507,7 @@ mod tests {
         };
         config.insert("listen".into(), Value::from("127.0.0.1:0"));
         p.configure(&Value::Map(config)).unwrap();
-        p
+        Player::new(p)
     }
 
     /// The value of the sample line `name{labels}`, labels in the order the registry writes them.
@@ -533,7 +534,7 @@ mod tests {
             .map(str::to_owned)
             .collect();
         let played = play_chunks(&p, &events, "text/event-stream");
-        let mut conn = std::net::TcpStream::connect(p.local_addr().unwrap()).unwrap();
+        let mut conn = std::net::TcpStream::connect(p.plugin().local_addr().unwrap()).unwrap();
         conn.set_read_timeout(Some(std::time::Duration::from_secs(5)))
             .unwrap();
         conn.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
@@ -594,12 +595,12 @@ mod tests {
 
     #[test]
     fn provider_and_operation_follow_the_format() {
-        let p = MetricsPlugin::default();
-        let anthropic = include_str!("../../tests/fixtures/usage/anthropic_stream.sse");
-        let gemini = include_str!("../../tests/fixtures/usage/gemini_stream.sse");
+        let p = Player::new(MetricsPlugin::default());
+        let anthropic = include_str!("../tests/fixtures/usage/anthropic_stream.sse");
+        let gemini = include_str!("../tests/fixtures/usage/gemini_stream.sse");
         play(&p, anthropic, 100, "text/event-stream");
         play(&p, gemini, 100, "text/event-stream");
-        let text = p.encode();
+        let text = p.plugin().encode();
         assert!(
             text.contains(r#"gen_ai_operation_name="chat",gen_ai_provider_name="anthropic",gen_ai_response_model="claude-sonnet-4-5-20250929""#),
             "{text}"
@@ -612,9 +613,9 @@ mod tests {
 
     #[test]
     fn an_error_response_has_a_duration_with_its_error_type_and_no_ttft() {
-        let p = MetricsPlugin::default();
+        let p = Player::new(MetricsPlugin::default());
         play(&p, ERROR_JSON, 64, "application/json");
-        let text = p.encode();
+        let text = p.plugin().encode();
         assert_eq!(
             sample(
                 &text,
@@ -637,7 +638,7 @@ mod tests {
         for model in ["m-a", "m-b", "m-c", "m-a", "m-d"] {
             play(&p, &chat_json(model), 1000, "application/json");
         }
-        let text = p.encode();
+        let text = p.plugin().encode();
         let count = |model: &str| {
             sample(
                 &text,

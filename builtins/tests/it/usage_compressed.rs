@@ -13,9 +13,10 @@ use crate::usage_play;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use plugin_runner::builtin::usage::UsagePlugin;
-use plugin_runner::decode::MAX_DECODED_PER_CHUNK;
+use plugin_runner::testing::Player;
 use plugin_runner::{Metadata, Plugin, Value};
+use plugvisor_builtins::decode::MAX_DECODED_PER_CHUNK;
+use plugvisor_builtins::usage::UsagePlugin;
 use usage_play::fixtures;
 
 const ENCODINGS: [&str; 4] = ["gzip", "deflate", "br", "zstd"];
@@ -69,15 +70,20 @@ fn encode(encoding: &str, data: &[u8]) -> Vec<u8> {
 }
 
 /// The plugin with the sample config's CEL cost attribute, as in `usage_golden.rs`.
-fn plugin() -> UsagePlugin {
+fn plugin() -> Player<UsagePlugin> {
     let mut p = UsagePlugin::default();
     p.configure(&Value::map([("attributes", usage_play::cost_attributes())]))
         .expect("valid config");
-    p
+    Player::new(p)
 }
 
 /// Plays one status-200 response (see [`usage_play::play`]).
-fn play(p: &UsagePlugin, content_type: &str, encoding: Option<&str>, chunks: &[&[u8]]) -> Metadata {
+fn play(
+    p: &Player<UsagePlugin>,
+    content_type: &str,
+    encoding: Option<&str>,
+    chunks: &[&[u8]],
+) -> Metadata {
     usage_play::play(p, 200, content_type, encoding, chunks)
 }
 

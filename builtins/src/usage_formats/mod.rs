@@ -1,11 +1,11 @@
 //! LLM provider response formats, read as the body streams by: one parser module per wire format.
 //!
 //! [`ResponseObserver`] is fed body chunks with their arrival stamps. It frames the body (SSE via
-//! [`sse`], or plain JSON up to [`MAX_JSON_BODY`]), works out the provider [`Format`] — forced by
-//! config, or detected from the first event or body that one of the formats recognises — and
-//! hands every JSON event to that format's parser. The parsers fill one [`Reading`]: normalised
-//! [`Usage`], the response's model, an upstream error, whether the provider's end marker came,
-//! and which events carry tokens (for TTFT/TPOT). A new format is a new module here, a new
+//! [`plugin_runner::sse`], or plain JSON up to [`MAX_JSON_BODY`]), works out the provider
+//! [`Format`] — forced by config, or detected from the first event or body that one of the
+//! formats recognises — and hands every JSON event to that format's parser. The parsers fill one
+//! [`Reading`]: normalised [`Usage`], the response's model, an upstream error, whether the
+//! provider's end marker came, and which events carry tokens (for TTFT/TPOT). A new format is a new module here, a new
 //! [`Format`] variant and a new golden fixture under `tests/fixtures/usage/`.
 //!
 //! Usage is never guessed: when a response ends without it (compressed body, unknown format,
@@ -17,12 +17,11 @@ pub mod content;
 pub mod gemini;
 pub mod openai_chat;
 pub mod openai_responses;
-pub mod sse;
 
 use ipc_protocol::Value;
 use serde_json::Value as Json;
 
-pub use sse::MAX_LINE;
+pub use plugin_runner::sse::MAX_LINE;
 
 /// Largest plain JSON body parsed.
 pub const MAX_JSON_BODY: usize = 8 * 1024 * 1024;
@@ -227,7 +226,7 @@ pub struct ResponseObserver {
     forced: bool,
     /// Some event (or the body) was in `format`.
     recognised: bool,
-    sse: sse::SseDecoder,
+    sse: plugin_runner::sse::SseDecoder,
     body: Vec<u8>,
     json_overflow: bool,
     /// The first [`MAX_ERROR_BODY`] bytes of the (decoded) body, to describe an error response.
@@ -283,7 +282,7 @@ impl Default for ResponseObserver {
             format: None,
             forced: false,
             recognised: false,
-            sse: sse::SseDecoder::default(),
+            sse: plugin_runner::sse::SseDecoder::default(),
             body: Vec::new(),
             json_overflow: false,
             head: Vec::new(),

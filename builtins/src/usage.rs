@@ -32,9 +32,9 @@ use std::collections::{BTreeMap, HashMap};
 use cel::{Context, ExecutionError, Program};
 use ipc_protocol::{Chunk, Final, Metadata, ResponseHeaders, Value};
 
-use crate::config::{ConfigError, ConfigMap};
-use crate::plugin::{EventCtx, Plugin};
 use crate::usage_formats::{Format, ResponseObserver, Usage};
+use plugin_runner::{ConfigError, ConfigMap};
+use plugin_runner::{EventCtx, Plugin};
 
 /// The plugin's own metadata namespace.
 pub const NAMESPACE: &str = "plugvisor.usage";
@@ -655,8 +655,9 @@ impl Plugin for UsagePlugin {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::builtin::testing::{play, play_response, Played};
+    use crate::testing::{play, play_response, Played};
     use crate::usage_formats::tests::{CHAT_JSON, CHAT_STREAM, ERROR_JSON, RESPONSES_STREAM};
+    use plugin_runner::testing::Player;
 
     fn configured(attrs: Vec<Value>) -> Result<UsagePlugin, ConfigError> {
         let mut p = UsagePlugin::default();
@@ -677,7 +678,7 @@ mod tests {
 
     #[test]
     fn streamed_usage_and_cel_cost_attribute() {
-        let p = configured(vec![cost_attr()]).unwrap();
+        let p = Player::new(configured(vec![cost_attr()]).unwrap());
         let Played { meta, .. } = play(&p, CHAT_STREAM, 13, "text/event-stream");
         let own = &meta[NAMESPACE];
         assert_eq!(own.get("prompt_tokens"), Some(&Value::Int(17)));
@@ -696,7 +697,7 @@ mod tests {
 
     #[test]
     fn responses_api_usage_is_reported_in_the_same_shape() {
-        let p = UsagePlugin::default();
+        let p = Player::new(UsagePlugin::default());
         let own = &play(&p, RESPONSES_STREAM, 97, "text/event-stream").meta[NAMESPACE];
         assert_eq!(own.get("prompt_tokens"), Some(&Value::Int(36)));
         assert_eq!(own.get("completion_tokens"), Some(&Value::Int(3)));
@@ -705,7 +706,7 @@ mod tests {
 
     #[test]
     fn non_streaming_json_body() {
-        let p = configured(vec![cost_attr()]).unwrap();
+        let p = Player::new(configured(vec![cost_attr()]).unwrap());
         let meta = play(&p, CHAT_JSON, 64, "application/json").meta;
         assert_eq!(meta[NAMESPACE].get("total_tokens"), Some(&Value::Int(33)));
         assert_eq!(
@@ -716,7 +717,7 @@ mod tests {
 
     #[test]
     fn error_body_reports_the_error_and_no_attributes() {
-        let p = configured(vec![cost_attr()]).unwrap();
+        let p = Player::new(configured(vec![cost_attr()]).unwrap());
         let meta = play(&p, ERROR_JSON, 64, "application/json").meta;
         assert!(meta[NAMESPACE].get("prompt_tokens").is_none());
         assert!(meta[NAMESPACE].get("error").is_some());
@@ -736,7 +737,7 @@ mod tests {
             m.insert("expression".into(), Value::from("model"));
             m.insert("condition".into(), Value::from("status == 200"));
         }
-        let p = configured(vec![big, small]).unwrap();
+        let p = Player::new(configured(vec![big, small]).unwrap());
         let meta = play(&p, CHAT_STREAM, 50, "text/event-stream").meta;
         let lb = &meta["envoy.lb"];
         assert!(lb.get("big").is_none());
@@ -795,7 +796,7 @@ mod tests {
     }
 
     const NO_USAGE_STREAM: &str =
-        include_str!("../../tests/fixtures/usage/openai_chat_stream_no_usage.sse");
+        include_str!("../tests/fixtures/usage/openai_chat_stream_no_usage.sse");
 
     fn cost(namespace: &str, key: &str, kind: &str) -> Value {
         Value::map([
@@ -816,15 +817,15 @@ mod tests {
 
     /// Plays `body` whole with this status and these headers besides `content-type`.
     fn respond(
-        p: &UsagePlugin,
+        p: &Player<UsagePlugin>,
         body: &str,
         status: u16,
         ct: &str,
         extra: &[(&str, &str)],
     ) -> Metadata {
-        let mut headers = vec![("content-type".to_owned(), ct.to_owned())];
-        headers.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
-        play_response(p, &[body.to_owned()], status, headers).meta
+        let mut headers = vec![("content-type", ct)];
+        headers.extend_from_slice(extra);
+        play_response(p, &[body], status, &headers).meta
     }
 
     fn cost_error(meta: &Metadata, target: &str) -> String {
@@ -842,7 +843,7 @@ mod tests {
         let costs = TokenType::ALL
             .map(|t| cost("envoy.lb", t.name(), t.name()))
             .to_vec();
-        let p = with_costs(costs, false).unwrap();
+        let p = Player::new(with_costs(costs, false).unwrap());
         let meta = respond(&p, CHAT_STREAM, 200, "text/event-stream", &[]);
         let lb = &meta["envoy.lb"];
         for (t, want) in [
@@ -860,17 +861,19 @@ mod tests {
 
     #[test]
     fn a_cel_cost_reads_tokens_model_status_and_response_headers() {
-        let p = with_costs(
-            vec![cost(
-                "envoy.lb",
-                "weighted",
-                "(input_tokens - cached_input_tokens) + 4 * output_tokens \
+        let p = Player::new(
+            with_costs(
+                vec![cost(
+                    "envoy.lb",
+                    "weighted",
+                    "(input_tokens - cached_input_tokens) + 4 * output_tokens \
                  + (model.startsWith('meta-llama/') ? 1000 : 0) \
                  + (headers['x-tier'] == 'gold' ? 0 : 10000) + status",
-            )],
-            false,
-        )
-        .unwrap();
+                )],
+                false,
+            )
+            .unwrap(),
+        );
         let meta = respond(
             &p,
             CHAT_STREAM,
@@ -886,7 +889,7 @@ mod tests {
 
     #[test]
     fn a_response_without_usage_writes_no_cost_and_says_why() {
-        let p = with_costs(vec![cost("envoy.lb", "tokens", "total")], false).unwrap();
+        let p = Player::new(with_costs(vec![cost("envoy.lb", "tokens", "total")], false).unwrap());
         let meta = play(&p, ERROR_JSON, 64, "application/json").meta;
         assert!(!meta.contains_key("envoy.lb"), "{meta:?}");
         let why = cost_error(&meta, "envoy.lb:tokens");
@@ -904,16 +907,18 @@ mod tests {
 
     #[test]
     fn estimate_counts_content_deltas_and_only_output_costs_are_written() {
-        let p = with_costs(
-            vec![
-                cost("envoy.lb", "out", "output"),
-                cost("envoy.lb", "in", "input"),
-                cost("envoy.lb", "cel", "output_tokens * 3"),
-                cost("envoy.lb", "cel_in", "input_tokens + output_tokens"),
-            ],
-            true,
-        )
-        .unwrap();
+        let p = Player::new(
+            with_costs(
+                vec![
+                    cost("envoy.lb", "out", "output"),
+                    cost("envoy.lb", "in", "input"),
+                    cost("envoy.lb", "cel", "output_tokens * 3"),
+                    cost("envoy.lb", "cel_in", "input_tokens + output_tokens"),
+                ],
+                true,
+            )
+            .unwrap(),
+        );
         let meta = respond(&p, NO_USAGE_STREAM, 200, "text/event-stream", &[]);
         let own = &meta[NAMESPACE];
         // Three chunks have choices, but only one delivers text.
@@ -938,8 +943,8 @@ mod tests {
 
     #[test]
     fn no_estimate_for_errors_json_bodies_or_streams_without_content() {
-        let p = with_costs(vec![], true).unwrap();
-        let error_stream = include_str!("../../tests/fixtures/usage/anthropic_error_stream.sse");
+        let p = Player::new(with_costs(vec![], true).unwrap());
+        let error_stream = include_str!("../tests/fixtures/usage/anthropic_error_stream.sse");
         let meta = respond(&p, error_stream, 200, "text/event-stream", &[]);
         assert!(meta[NAMESPACE].get("estimated").is_none(), "{meta:?}");
         let meta = respond(&p, ERROR_JSON, 400, "application/json", &[]);
@@ -951,21 +956,23 @@ mod tests {
 
     #[test]
     fn a_cost_must_be_an_integer_from_zero_to_2_pow_53() {
-        let p = with_costs(
-            vec![
-                cost("c", "at_max", &format!("{MAX_COST} + output_tokens - 7")),
-                cost("c", "past_max", &format!("{MAX_COST} + output_tokens - 6")),
-                cost("c", "zero", "output_tokens - 7"),
-                cost("c", "negative", "output_tokens - 8"),
-                cost("c", "double", "double(output_tokens) * 0.5"),
-                cost("c", "int_of_double", "int(double(output_tokens) * 0.5)"),
-                cost("c", "uint", "uint(output_tokens)"),
-                cost("c", "string", "model"),
-                cost("c", "missing_header", "headers['x-none'] == 'a' ? 1 : 2"),
-            ],
-            false,
-        )
-        .unwrap();
+        let p = Player::new(
+            with_costs(
+                vec![
+                    cost("c", "at_max", &format!("{MAX_COST} + output_tokens - 7")),
+                    cost("c", "past_max", &format!("{MAX_COST} + output_tokens - 6")),
+                    cost("c", "zero", "output_tokens - 7"),
+                    cost("c", "negative", "output_tokens - 8"),
+                    cost("c", "double", "double(output_tokens) * 0.5"),
+                    cost("c", "int_of_double", "int(double(output_tokens) * 0.5)"),
+                    cost("c", "uint", "uint(output_tokens)"),
+                    cost("c", "string", "model"),
+                    cost("c", "missing_header", "headers['x-none'] == 'a' ? 1 : 2"),
+                ],
+                false,
+            )
+            .unwrap(),
+        );
         let meta = respond(&p, CHAT_STREAM, 200, "text/event-stream", &[]);
         let c = &meta["c"];
         assert_eq!(c.get("at_max"), Some(&Value::Int(MAX_COST)));
@@ -997,7 +1004,7 @@ mod tests {
 
     #[test]
     fn a_non_2xx_without_an_error_object_is_a_typed_error() {
-        let p = with_costs(vec![cost("envoy.lb", "t", "total")], true).unwrap();
+        let p = Player::new(with_costs(vec![cost("envoy.lb", "t", "total")], true).unwrap());
         let meta = respond(
             &p,
             "upstream connect error or disconnect/reset before headers.\n reset reason: overflow",
@@ -1032,7 +1039,7 @@ mod tests {
 
     #[test]
     fn a_vllm_flat_error_chunk_mid_stream_is_the_upstream_error() {
-        let p = with_costs(vec![], true).unwrap();
+        let p = Player::new(with_costs(vec![], true).unwrap());
         let body = "data: {\"object\":\"chat.completion.chunk\",\"model\":\"Qwen/Qwen3-8B\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"Hi\"}}]}\n\n\
                     data: {\"object\":\"error\",\"message\":\"The decoder prompt cannot be empty\",\"type\":\"BadRequestError\",\"param\":null,\"code\":400}\n\n\
                     data: [DONE]\n\n";

@@ -1,8 +1,19 @@
-//! The built-in plugins of `plugvisor-plugin`, and the binary's `main` that picks one by name.
+//! The built-in plugins of plugvisor, the `plugvisor-plugin` binary's `main` that picks one by
+//! name, and the parts they share: the LLM provider parsers ([`usage_formats`]) and the
+//! `Content-Encoding` decoders ([`decode`]).
 //!
 //! `usage`, `latency` and `metrics` serve production; `test-order`, `test-spin`, `test-crash` and
 //! `test-hang` are test plugins for the test suite, benchmarks and fault drills, named as such.
+//!
+//! This crate is apart from the SDK (`plugin-runner`) so that a plugin built on the SDK does not
+//! build what only these plugins need (CEL, an HTTP server for `/metrics`, Prometheus encoding,
+//! gzip/brotli/zstd). The `plugvisor` front depends on it: it hosts the built-ins itself
+//! (`plugvisor plugin <name>`, [`host_main`]) and checks their config with their own code
+//! ([`validate`]).
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
 
+pub mod decode;
 pub mod latency;
 mod marker;
 pub mod metrics;
@@ -13,13 +24,12 @@ pub mod test_spin;
 #[cfg(test)]
 pub(crate) mod testing;
 pub mod usage;
+pub mod usage_formats;
 
 use ipc_protocol::Value;
 
-use crate::cli::Args;
-use crate::config::ConfigError;
-use crate::host::Exit;
-use crate::plugin::Plugin;
+use plugin_runner::cli::Args;
+use plugin_runner::{ConfigError, Exit, Plugin};
 
 /// Every built-in plugin: name and one line of description.
 pub const BUILTINS: &[(&str, &str)] = &[
@@ -110,6 +120,18 @@ pub fn granted_namespaces(name: &str, config: &Value) -> Vec<String> {
     }
 }
 
+/// The whole `main` of the built-in plugin host (`plugvisor-plugin`), with `argv` (program name
+/// first) as its command line: `<program> <plugin-name> --connect <socket> [...]`. The `plugvisor`
+/// front calls it for `plugvisor plugin ...`, so one binary both serves and hosts the built-ins.
+pub fn host_main<I, T>(argv: I) -> !
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString>,
+{
+    plugin_runner::cli::set_command_line(argv.into_iter().map(Into::into).collect());
+    main()
+}
+
 /// The `main` of `plugvisor-plugin`: `plugvisor-plugin <plugin-name> --connect <socket path>`.
 pub fn main() -> ! {
     let args = Args::parse_or_exit();
@@ -127,13 +149,13 @@ pub fn main() -> ! {
         std::process::exit(Exit::Usage.code());
     };
     match name.as_str() {
-        "usage" => crate::launch(usage::UsagePlugin::default(), &args, &name),
-        "latency" => crate::launch(latency::LatencyPlugin, &args, &name),
-        "metrics" => crate::launch(metrics::MetricsPlugin::default(), &args, &name),
-        "test-order" => crate::launch(test_order::TestOrderPlugin::default(), &args, &name),
-        "test-spin" => crate::launch(test_spin::TestSpinPlugin::default(), &args, &name),
-        "test-crash" => crate::launch(test_crash::TestCrashPlugin::default(), &args, &name),
-        "test-hang" => crate::launch(test_hang::TestHangPlugin::default(), &args, &name),
+        "usage" => plugin_runner::launch(usage::UsagePlugin::default(), &args, &name),
+        "latency" => plugin_runner::launch(latency::LatencyPlugin, &args, &name),
+        "metrics" => plugin_runner::launch(metrics::MetricsPlugin::default(), &args, &name),
+        "test-order" => plugin_runner::launch(test_order::TestOrderPlugin::default(), &args, &name),
+        "test-spin" => plugin_runner::launch(test_spin::TestSpinPlugin::default(), &args, &name),
+        "test-crash" => plugin_runner::launch(test_crash::TestCrashPlugin::default(), &args, &name),
+        "test-hang" => plugin_runner::launch(test_hang::TestHangPlugin::default(), &args, &name),
         _ => {
             eprintln!(
                 "error: unknown plugin `{name}`; built-in plugins: {} (see --list)",

@@ -3,15 +3,16 @@
 //! split at every byte into two chunks, and the metadata must match `<case>.golden` exactly.
 //!
 //! After a deliberate change,
-//! `UPDATE_GOLDEN=1 cargo test -p plugin-runner --test it usage_golden::` rewrites the golden
+//! `UPDATE_GOLDEN=1 cargo test -p plugvisor-builtins --test it usage_golden::` rewrites the golden
 //! files; review their diff like code.
 
 use crate::usage_play;
 
 use std::path::PathBuf;
 
-use plugin_runner::builtin::usage::UsagePlugin;
+use plugin_runner::testing::Player;
 use plugin_runner::{Metadata, Plugin, Value};
+use plugvisor_builtins::usage::UsagePlugin;
 
 /// One recorded response and how it is served.
 struct Case {
@@ -173,7 +174,7 @@ fn dir() -> PathBuf {
 /// The plugin as configured for `case`, with the sample config's CEL cost attribute and two
 /// costs (a token type and a CEL expression), so every golden file also pins the OpenAI-style
 /// CEL variables, the token types and the cost errors for its format.
-fn plugin(case: &Case) -> UsagePlugin {
+fn plugin(case: &Case) -> Player<UsagePlugin> {
     let cost = |key: &str, kind: &str| {
         Value::map([
             ("namespace", Value::from("envoy.ratelimit")),
@@ -200,11 +201,11 @@ fn plugin(case: &Case) -> UsagePlugin {
     }
     let mut p = UsagePlugin::default();
     p.configure(&Value::map(config)).expect("valid config");
-    p
+    Player::new(p)
 }
 
 /// Plays `case`'s response (see [`usage_play::play`]).
-fn play(p: &UsagePlugin, case: &Case, chunks: &[&[u8]]) -> Metadata {
+fn play(p: &Player<UsagePlugin>, case: &Case, chunks: &[&[u8]]) -> Metadata {
     usage_play::play(
         p,
         case.status,

@@ -8,8 +8,8 @@
 use ipc_protocol::{Chunk, Final, Metadata, Value};
 
 use super::marker::MarkerScan;
-use crate::config::{ConfigError, ConfigMap};
-use crate::plugin::{EventCtx, Plugin};
+use plugin_runner::{ConfigError, ConfigMap};
+use plugin_runner::{EventCtx, Plugin};
 
 /// The plugin's own metadata namespace.
 pub const NAMESPACE: &str = "plugvisor.test-hang";
@@ -102,7 +102,8 @@ impl Plugin for TestHangPlugin {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::builtin::testing::play;
+    use crate::testing::play;
+    use plugin_runner::testing::Player;
 
     #[test]
     fn without_the_marker_it_answers_normally() {
@@ -112,8 +113,9 @@ mod tests {
             ("scope", Value::from("lane")),
         ]))
         .unwrap();
+        let p = Player::new(p);
         let meta = play(&p, "data: fine\n\n", 3, "text/event-stream").meta;
         assert_eq!(meta[NAMESPACE].get("events"), Some(&Value::Int(5)));
-        assert_eq!(p.scope, HangScope::Lane);
+        assert_eq!(p.plugin().scope, HangScope::Lane);
     }
 }

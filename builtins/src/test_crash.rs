@@ -10,8 +10,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use ipc_protocol::{Chunk, Final, Metadata, RequestStart, ResponseHeaders, Value};
 
 use super::marker::MarkerScan;
-use crate::config::{ConfigError, ConfigMap};
-use crate::plugin::{EventCtx, Plugin};
+use plugin_runner::{ConfigError, ConfigMap};
+use plugin_runner::{EventCtx, Plugin};
 
 /// The plugin's own metadata namespace.
 pub const NAMESPACE: &str = "plugvisor.test-crash";
@@ -125,7 +125,8 @@ impl Plugin for TestCrashPlugin {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::builtin::testing::play;
+    use crate::testing::play;
+    use plugin_runner::testing::{Player, Split, Stream};
 
     #[test]
     fn panic_mode_panics_on_the_marker_and_not_before() {
@@ -135,11 +136,18 @@ mod tests {
             ("mode", Value::from("panic")),
         ]))
         .unwrap();
+        let p = Player::new(p);
         let meta = play(&p, "data: fine\n\n", 4, "text/event-stream").meta;
         assert_eq!(meta[NAMESPACE].get("events"), Some(&Value::Int(6)));
-        let caught =
-            std::panic::catch_unwind(|| play(&p, "data: BOOM\n\n", 4, "text/event-stream"));
-        assert!(caught.is_err());
+        let doomed = Stream::new(1)
+            .request(&[])
+            .body("data: BOOM\n\n", Split::Every(4))
+            .final_(b"");
+        let err = p.play(&doomed).error().map(str::to_owned);
+        assert!(
+            err.as_deref().is_some_and(|e| e.contains("on_chunk")),
+            "{err:?}"
+        );
     }
 
     #[test]

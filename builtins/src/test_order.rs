@@ -11,7 +11,7 @@ use std::time::Duration;
 use ipc_protocol::{Abort, Chunk, Final, Metadata, RequestStart, ResponseHeaders, Value};
 use sha2::{Digest, Sha256};
 
-use crate::plugin::{EventCtx, Plugin};
+use plugin_runner::{EventCtx, Plugin};
 
 /// The plugin's own metadata namespace.
 pub const NAMESPACE: &str = "plugvisor.test-order";
@@ -60,8 +60,8 @@ impl Plugin for TestOrderPlugin {
         "test-order"
     }
 
-    fn configure(&mut self, config: &Value) -> Result<(), crate::ConfigError> {
-        let config = crate::ConfigMap::new(config)?;
+    fn configure(&mut self, config: &Value) -> Result<(), plugin_runner::ConfigError> {
+        let config = plugin_runner::ConfigMap::new(config)?;
         config.deny_unknown(&["sleep_ms"])?;
         if let Some(ms) = config.u64("sleep_ms")? {
             self.sleep = Duration::from_millis(ms);
@@ -113,13 +113,14 @@ impl Plugin for TestOrderPlugin {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::builtin::testing::play;
+    use crate::testing::play;
     use crate::usage_formats::tests::CHAT_STREAM;
+    use plugin_runner::testing::Player;
 
     #[test]
     fn in_order_stream_has_no_reordering_and_the_body_digest() {
         let meta = play(
-            &TestOrderPlugin::default(),
+            &Player::new(TestOrderPlugin::default()),
             CHAT_STREAM,
             100,
             "text/event-stream",
@@ -137,14 +138,14 @@ mod tests {
     #[test]
     fn sleep_ms_slows_every_chunk_and_other_keys_are_refused() {
         let mut p = TestOrderPlugin::default();
-        p.configure(&Value::map([("sleep_ms", Value::Int(3))]))
-            .unwrap();
-        let start = std::time::Instant::now();
-        play(&p, "data: x\n\n", 100, "text/event-stream");
-        assert!(start.elapsed() >= Duration::from_millis(3));
         assert!(p
             .configure(&Value::map([("sleep", Value::Int(3))]))
             .is_err());
+        p.configure(&Value::map([("sleep_ms", Value::Int(3))]))
+            .unwrap();
+        let start = std::time::Instant::now();
+        play(&Player::new(p), "data: x\n\n", 100, "text/event-stream");
+        assert!(start.elapsed() >= Duration::from_millis(3));
     }
 
     #[test]

@@ -16,8 +16,8 @@
 
 use ipc_protocol::{Chunk, Final, Metadata, RequestStart, ResponseHeaders, Value};
 
-use crate::plugin::{EventCtx, Plugin};
 use crate::usage_formats::ResponseObserver;
+use plugin_runner::{EventCtx, Plugin};
 
 /// The plugin's own metadata namespace.
 pub const NAMESPACE: &str = "plugvisor.latency";
@@ -132,8 +132,8 @@ impl Plugin for LatencyPlugin {
         "latency"
     }
 
-    fn configure(&mut self, config: &Value) -> Result<(), crate::ConfigError> {
-        crate::ConfigMap::new(config)?.deny_unknown(&[])
+    fn configure(&mut self, config: &Value) -> Result<(), plugin_runner::ConfigError> {
+        plugin_runner::ConfigMap::new(config)?.deny_unknown(&[])
     }
 
     fn on_request_start(&self, s: &mut LatencyStream, ctx: &EventCtx, _: &RequestStart) {
@@ -189,10 +189,11 @@ impl Plugin for LatencyPlugin {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::builtin::testing::{
+    use crate::testing::{
         play, play_chunks, play_response, Played, FIRST_CHUNK_NS, START_NS, STEP_NS,
     };
     use crate::usage_formats::tests::{CHAT_JSON, CHAT_STREAM, ERROR_JSON, RESPONSES_STREAM};
+    use plugin_runner::testing::Player;
 
     fn f(meta: &Metadata, key: &str) -> Option<f64> {
         meta[NAMESPACE].get(key).and_then(Value::as_f64)
@@ -217,7 +218,11 @@ mod tests {
             meta,
             chunks,
             end_ns,
-        } = play_chunks(&LatencyPlugin, &events(CHAT_STREAM), "text/event-stream");
+        } = play_chunks(
+            &Player::new(LatencyPlugin),
+            &events(CHAT_STREAM),
+            "text/event-stream",
+        );
         assert_eq!(chunks, 9);
         // Chunk 0 is `"role":"assistant","content":""`: the first token is chunk 1.
         assert_eq!(f(&meta, "ttfb_ms"), Some(ms(START_NS, chunk_ns(0))));
@@ -240,7 +245,13 @@ mod tests {
             .split_inclusive("\n\n")
             .filter(|e| !e.contains("\"usage\""))
             .collect();
-        let meta = play(&LatencyPlugin, &stream, 10_000, "text/event-stream").meta;
+        let meta = play(
+            &Player::new(LatencyPlugin),
+            &stream,
+            10_000,
+            "text/event-stream",
+        )
+        .meta;
         assert_eq!(meta[NAMESPACE].get("tokens"), Some(&Value::Int(6)));
         // Everything arrived in one chunk: zero time between tokens.
         assert_eq!(f(&meta, "tpot_ms"), Some(0.0));
@@ -250,31 +261,31 @@ mod tests {
     const FORMATS: [(&str, &str, u64, u64); 5] = [
         (
             "openai chat",
-            include_str!("../../tests/fixtures/usage/openai_chat_stream.sse"),
+            include_str!("../tests/fixtures/usage/openai_chat_stream.sse"),
             1,
             2,
         ),
         (
             "vllm completions",
-            include_str!("../../tests/fixtures/usage/vllm_completions_stream.sse"),
+            include_str!("../tests/fixtures/usage/vllm_completions_stream.sse"),
             0,
             3,
         ),
         (
             "openai responses",
-            include_str!("../../tests/fixtures/usage/openai_responses_stream.sse"),
+            include_str!("../tests/fixtures/usage/openai_responses_stream.sse"),
             6,
             2,
         ),
         (
             "anthropic (message_start, content_block_start and ping first)",
-            include_str!("../../tests/fixtures/usage/anthropic_stream.sse"),
+            include_str!("../tests/fixtures/usage/anthropic_stream.sse"),
             3,
             2,
         ),
         (
             "gemini",
-            include_str!("../../tests/fixtures/usage/gemini_stream.sse"),
+            include_str!("../tests/fixtures/usage/gemini_stream.sse"),
             0,
             3,
         ),
@@ -283,7 +294,12 @@ mod tests {
     #[test]
     fn ttft_is_the_first_content_bearing_event_of_every_format() {
         for (name, body, first, content) in FORMATS {
-            let meta = play_chunks(&LatencyPlugin, &events(body), "text/event-stream").meta;
+            let meta = play_chunks(
+                &Player::new(LatencyPlugin),
+                &events(body),
+                "text/event-stream",
+            )
+            .meta;
             assert_eq!(
                 f(&meta, "ttft_ms"),
                 Some(ms(START_NS, chunk_ns(first))),
@@ -301,7 +317,12 @@ mod tests {
     #[test]
     fn a_compressed_stream_is_timed_like_the_plain_one() {
         use std::io::Write;
-        let plain = play_chunks(&LatencyPlugin, &events(CHAT_STREAM), "text/event-stream").meta;
+        let plain = play_chunks(
+            &Player::new(LatencyPlugin),
+            &events(CHAT_STREAM),
+            "text/event-stream",
+        )
+        .meta;
         // One gzip stream flushed after every event: one compressed chunk per event.
         let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
         let mut chunks = Vec::new();
@@ -311,17 +332,23 @@ mod tests {
             chunks.push(std::mem::take(gz.get_mut()));
         }
         chunks.last_mut().unwrap().extend(gz.finish().unwrap());
-        let headers = vec![
-            ("content-type".into(), "text/event-stream".into()),
-            ("content-encoding".into(), "gzip".into()),
+        let headers = [
+            ("content-type", "text/event-stream"),
+            ("content-encoding", "gzip"),
         ];
-        let meta = play_response(&LatencyPlugin, &chunks, 200, headers).meta;
+        let meta = play_response(&Player::new(LatencyPlugin), &chunks, 200, &headers).meta;
         assert_eq!(meta, plain);
     }
 
     #[test]
     fn responses_api_stream() {
-        let meta = play(&LatencyPlugin, RESPONSES_STREAM, 200, "text/event-stream").meta;
+        let meta = play(
+            &Player::new(LatencyPlugin),
+            RESPONSES_STREAM,
+            200,
+            "text/event-stream",
+        )
+        .meta;
         assert_eq!(meta[NAMESPACE].get("tokens"), Some(&Value::Int(3)));
         assert_eq!(meta[NAMESPACE].get("events"), Some(&Value::Int(11)));
         assert!(f(&meta, "tpot_ms").unwrap() > 0.0);
@@ -329,14 +356,26 @@ mod tests {
 
     #[test]
     fn a_json_body_has_its_ttft_at_its_last_byte_and_an_error_body_has_none() {
-        let meta = play(&LatencyPlugin, CHAT_JSON, 40, "application/json").meta;
+        let meta = play(
+            &Player::new(LatencyPlugin),
+            CHAT_JSON,
+            40,
+            "application/json",
+        )
+        .meta;
         let last = chunk_ns(CHAT_JSON.len().div_ceil(40) as u64 - 1);
         assert_eq!(f(&meta, "ttft_ms"), Some(ms(START_NS, last)));
         assert_eq!(f(&meta, "ttfb_ms"), Some(ms(START_NS, FIRST_CHUNK_NS)));
         assert!(f(&meta, "tpot_ms").is_none());
         assert_eq!(meta[NAMESPACE].get("events"), Some(&Value::Int(0)));
 
-        let meta = play(&LatencyPlugin, ERROR_JSON, 100_000, "application/json").meta;
+        let meta = play(
+            &Player::new(LatencyPlugin),
+            ERROR_JSON,
+            100_000,
+            "application/json",
+        )
+        .meta;
         assert_eq!(f(&meta, "ttfb_ms"), Some(ms(START_NS, FIRST_CHUNK_NS)));
         assert!(f(&meta, "ttft_ms").is_none(), "{meta:?}");
         assert!(f(&meta, "tpot_ms").is_none());

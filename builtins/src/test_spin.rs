@@ -6,8 +6,8 @@ use std::time::{Duration, Instant};
 
 use ipc_protocol::{Chunk, Final, Metadata, RequestStart, ResponseHeaders, Subscriptions, Value};
 
-use crate::config::{ConfigError, ConfigMap};
-use crate::plugin::{EventCtx, Plugin};
+use plugin_runner::{ConfigError, ConfigMap};
+use plugin_runner::{EventCtx, Plugin};
 
 /// The plugin's own metadata namespace.
 pub const NAMESPACE: &str = "plugvisor.test-spin";
@@ -100,17 +100,19 @@ impl Plugin for TestSpinPlugin {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::builtin::testing::play;
+    use crate::testing::play;
+    use plugin_runner::testing::Player;
 
     #[test]
     fn spins_the_configured_time_per_event() {
         let mut p = TestSpinPlugin::default();
         p.configure(&Value::map([("spin_us", Value::Int(2000))]))
             .unwrap();
+        let subs = p.subscriptions();
         let start = Instant::now();
-        let meta = play(&p, "data: x\n\n", 100, "text/event-stream").meta;
+        let meta = play(&Player::new(p), "data: x\n\n", 100, "text/event-stream").meta;
         assert!(start.elapsed() >= Duration::from_micros(4 * 2000));
         assert_eq!(meta[NAMESPACE].get("events"), Some(&Value::Int(4)));
-        assert!(!p.subscriptions().body_bytes && p.subscriptions().chunks);
+        assert!(!subs.body_bytes && subs.chunks);
     }
 }
