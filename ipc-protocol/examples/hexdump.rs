@@ -27,7 +27,7 @@ fn frame(msg: &impl serde::Serialize) -> Vec<u8> {
 
 fn main() {
     let hello = FromPlugin::Hello(Hello {
-        protocol_version: 2,
+        protocol_version: 3,
         plugin: "usage".into(),
         pid: 4242,
         subscriptions: Subscriptions {
@@ -37,6 +37,7 @@ fn main() {
             body_bytes: true,
             abort: true,
         },
+        capabilities: vec!["replayed".into()],
     });
     let chunk = ToPlugin::Chunk(Chunk {
         stream_id: 7,
@@ -48,10 +49,11 @@ fn main() {
         ack: false,
     });
     let welcome = ToPlugin::Welcome(Welcome {
-        protocol_version: 2,
-        config: Value::Null,
+        protocol_version: 3,
+        config: Value::Map(Default::default()),
         budget_bytes: 8 * 1024 * 1024,
         metadata_max_bytes: 16 * 1024,
+        capabilities: vec!["replayed".into()],
     });
     let credit = FromPlugin::Credit(Credit {
         consumed: 1_000_000,

@@ -8,6 +8,10 @@
 //! outside it is refused with a reason that names both. Version 2 added flow control
 //! (`Welcome.budget_bytes`, `FromPlugin::Credit`) and `Welcome.metadata_max_bytes`; a version 1
 //! plugin would never send credit and would stall after its first window, so it is refused.
+//!
+//! Version 3 added capabilities: the `Hello` lists the optional parts of the protocol the plugin
+//! understands, the `Welcome` the ones the front will use (see [`capability`]). A version 2
+//! plugin is still welcomed, with none: the front then sends it nothing a capability would allow.
 
 use std::ops::RangeInclusive;
 
@@ -16,10 +20,24 @@ use crate::value::Value;
 use crate::ProtocolError;
 
 /// The protocol version this crate speaks.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// The protocol versions a front built from this crate accepts.
-pub const SUPPORTED_VERSIONS: RangeInclusive<u32> = 2..=2;
+pub const SUPPORTED_VERSIONS: RangeInclusive<u32> = 2..=3;
+
+/// The capabilities of protocol version 3: optional parts of the protocol that a plugin announces
+/// in `Hello.capabilities` and the front confirms in `Welcome.capabilities`. A name the front does
+/// not know is ignored (left out of the `Welcome`), so a plugin may announce capabilities of a
+/// newer front.
+pub mod capability {
+    /// The plugin decodes `ToPlugin::Replayed` (index 9) and runs the wrapped event. Without it
+    /// the front never replays to the plugin: after a crash the replacement sees the streams in
+    /// flight as partial.
+    pub const REPLAYED: &str = "replayed";
+
+    /// Every capability this front knows, in the order a `Welcome` lists them.
+    pub const KNOWN: &[&str] = &[REPLAYED];
+}
 
 /// Checks the version a plugin announced.
 pub fn check_version(plugin_version: u32) -> Result<u32, ProtocolError> {
@@ -43,8 +61,9 @@ pub struct Limits {
     pub metadata_max_bytes: u64,
 }
 
-/// The front's answer to a `Hello` as far as the protocol decides it: a `Welcome` with `config`
-/// and `limits` if the version is supported, otherwise a `Refuse` that names both versions.
+/// The front's answer to a `Hello` as far as the protocol decides it: a `Welcome` with `config`,
+/// `limits` and the capabilities both sides know if the version is supported, otherwise a `Refuse`
+/// that names both versions. The `Welcome` speaks the plugin's version.
 /// Checks that need the front's state (plugin known, not already connected, peer credentials)
 /// come first, in the front.
 pub fn answer_hello(hello: &Hello, config: Value, limits: Limits) -> Result<Welcome, Refuse> {
@@ -54,6 +73,11 @@ pub fn answer_hello(hello: &Hello, config: Value, limits: Limits) -> Result<Welc
             config,
             budget_bytes: limits.budget_bytes,
             metadata_max_bytes: limits.metadata_max_bytes,
+            capabilities: capability::KNOWN
+                .iter()
+                .filter(|known| hello.capabilities.iter().any(|c| c == *known))
+                .map(|c| (*c).to_owned())
+                .collect(),
         }),
         Err(e) => Err(Refuse {
             code: RefuseCode::UnsupportedVersion,
@@ -73,6 +97,7 @@ mod tests {
             plugin: "usage".into(),
             pid: 42,
             subscriptions: Subscriptions::ALL,
+            capabilities: vec!["replayed".into(), "from-the-future".into()],
         }
     }
 
@@ -89,6 +114,20 @@ mod tests {
         assert_eq!(welcome.config, config);
         assert_eq!(welcome.budget_bytes, 1 << 23);
         assert_eq!(welcome.metadata_max_bytes, 1 << 14);
+        assert_eq!(
+            welcome.capabilities,
+            ["replayed"],
+            "unknown names are left out"
+        );
+    }
+
+    #[test]
+    fn a_version_2_plugin_is_welcomed_at_version_2_without_capabilities() {
+        let mut old = hello(2);
+        old.capabilities.clear();
+        let welcome = answer_hello(&old, Value::Null, LIMITS).unwrap();
+        assert_eq!(welcome.protocol_version, 2);
+        assert!(welcome.capabilities.is_empty());
     }
 
     #[test]
@@ -96,7 +135,7 @@ mod tests {
         let refuse = answer_hello(&hello(7), Value::Null, LIMITS).unwrap_err();
         assert_eq!(refuse.code, RefuseCode::UnsupportedVersion);
         assert!(refuse.reason.contains("version 7"), "{}", refuse.reason);
-        assert!(refuse.reason.contains("2..=2"), "{}", refuse.reason);
+        assert!(refuse.reason.contains("2..=3"), "{}", refuse.reason);
     }
 
     #[test]

@@ -127,7 +127,10 @@ impl Subscriptions {
 }
 
 /// Plugin → front, first frame on a connection.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+///
+/// On the wire its last field, `capabilities`, exists only when `protocol_version` is 3 or more:
+/// a version 2 `Hello` ends after `subscriptions` (see [`crate::handshake`]).
+#[derive(Debug, Clone, PartialEq)]
 pub struct Hello {
     /// The protocol version the plugin speaks ([`crate::PROTOCOL_VERSION`]).
     pub protocol_version: u32,
@@ -137,10 +140,15 @@ pub struct Hello {
     pub pid: u32,
     /// What the plugin wants to receive.
     pub subscriptions: Subscriptions,
+    /// The optional parts of the protocol the plugin understands (version 3 on; empty for a
+    /// version 2 plugin): names from [`crate::handshake::capability`], unknown ones ignored.
+    pub capabilities: Vec<String>,
 }
 
 /// Front → plugin: the handshake is accepted.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+///
+/// On the wire its last field, `capabilities`, exists only when `protocol_version` is 3 or more.
+#[derive(Debug, Clone, PartialEq)]
 pub struct Welcome {
     /// The protocol version both sides will speak.
     pub protocol_version: u32,
@@ -152,7 +160,76 @@ pub struct Welcome {
     /// The largest encoded metadata one final reply may carry; a larger one is replaced by an
     /// error reply in the plugin.
     pub metadata_max_bytes: u64,
+    /// The capabilities the front will use with this plugin: those of the `Hello`'s that this
+    /// front knows (version 3 on; empty at version 2). The front never sends what a capability
+    /// it did not list here would allow.
+    pub capabilities: Vec<String>,
 }
+
+/// The first version whose `Hello` and `Welcome` end with `capabilities`.
+const CAPABILITIES_SINCE: u32 = 3;
+
+/// Serializes a handshake message: `head` fields, then `capabilities` only from
+/// [`CAPABILITIES_SINCE`] on. bincode writes a struct as its fields one after another, so the
+/// version-2 layout is the version-3 one without its last field.
+macro_rules! versioned_serde {
+    ($ty:ident, $name:literal, [$($field:ident),+]) => {
+        impl Serialize for $ty {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                use serde::ser::SerializeTuple;
+                let with_caps = self.protocol_version >= CAPABILITIES_SINCE;
+                let fields = [$(stringify!($field)),+].len() + usize::from(with_caps);
+                let mut t = s.serialize_tuple(fields)?;
+                $(t.serialize_element(&self.$field)?;)+
+                if with_caps {
+                    t.serialize_element(&self.capabilities)?;
+                }
+                t.end()
+            }
+        }
+
+        impl<'de> Deserialize<'de> for $ty {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                struct V;
+                impl<'de> serde::de::Visitor<'de> for V {
+                    type Value = $ty;
+                    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                        f.write_str($name)
+                    }
+                    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<$ty, A::Error> {
+                        let mut field = 0;
+                        $(
+                            let $field = seq
+                                .next_element()?
+                                .ok_or_else(|| serde::de::Error::invalid_length(field, &self))?;
+                            field += 1;
+                        )+
+                        let mut value = $ty { $($field,)+ capabilities: Vec::new() };
+                        if value.protocol_version >= CAPABILITIES_SINCE {
+                            value.capabilities = seq
+                                .next_element()?
+                                .ok_or_else(|| serde::de::Error::invalid_length(field, &self))?;
+                        }
+                        Ok(value)
+                    }
+                }
+                // The length is the longest layout's; bincode reads only the elements asked for.
+                d.deserialize_tuple([$(stringify!($field)),+].len() + 1, V)
+            }
+        }
+    };
+}
+
+versioned_serde!(
+    Hello,
+    "a Hello",
+    [protocol_version, plugin, pid, subscriptions]
+);
+versioned_serde!(
+    Welcome,
+    "a Welcome",
+    [protocol_version, config, budget_bytes, metadata_max_bytes]
+);
 
 /// Why the front refused a handshake.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -189,6 +189,10 @@ async fn serve_inner<P: Plugin>(mut plugin: P, opts: &HostOptions) -> Result<Exi
             plugin: opts.plugin.clone(),
             pid: std::process::id(),
             subscriptions,
+            capabilities: ipc_protocol::handshake::capability::KNOWN
+                .iter()
+                .map(|c| (*c).to_owned())
+                .collect(),
         }))
         .await?;
     let answer = tokio::time::timeout(HANDSHAKE_TIMEOUT, reader.read::<ToPlugin>())
@@ -218,6 +222,7 @@ async fn serve_inner<P: Plugin>(mut plugin: P, opts: &HostOptions) -> Result<Exi
             tracing::info!(
                 version = welcome.protocol_version,
                 subscriptions = %subscribed,
+                capabilities = %welcome.capabilities.join(","),
                 workers = opts.workers,
                 budget_bytes = welcome.budget_bytes,
                 metadata_max_bytes = welcome.metadata_max_bytes,

@@ -33,6 +33,9 @@ pub struct Behaviour {
     /// Never send `Credit` (a plugin that stops reading its window, while still answering
     /// pings).
     pub no_credit: bool,
+    /// Speak protocol version 2 (no capabilities, so the front must not send it `Replayed`)
+    /// instead of the current one with every capability.
+    pub protocol_2: bool,
 }
 
 /// What the fake saw.
@@ -52,6 +55,8 @@ pub struct Record {
     pub acked: usize,
     /// Replayed events received (`ToPlugin::Replayed`), each handled like the live event inside.
     pub replayed: usize,
+    /// The protocol version and capabilities from `Welcome`.
+    pub agreed: Option<(u32, Vec<String>)>,
 }
 
 #[derive(Default)]
@@ -97,10 +102,18 @@ impl FakePlugin {
         let mut writer = FrameWriter::new(w);
         writer
             .send(&FromPlugin::Hello(Hello {
-                protocol_version: PROTOCOL_VERSION,
+                protocol_version: if behaviour.protocol_2 {
+                    2
+                } else {
+                    PROTOCOL_VERSION
+                },
                 plugin: name.to_owned(),
                 pid: std::process::id(),
                 subscriptions: Subscriptions::ALL,
+                capabilities: ipc_protocol::handshake::capability::KNOWN
+                    .iter()
+                    .map(|c| (*c).to_owned())
+                    .collect(),
             }))
             .await
             .expect("send hello");
@@ -110,6 +123,7 @@ impl FakePlugin {
                 let mut r = record.lock().unwrap();
                 r.config = Some(w.config);
                 r.limits = Some((w.budget_bytes, w.metadata_max_bytes));
+                r.agreed = Some((w.protocol_version, w.capabilities));
                 w.budget_bytes
             }
             Some(ToPlugin::Refuse(r)) => return Handshake::Refused(r.code, r.reason),

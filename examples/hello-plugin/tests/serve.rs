@@ -50,6 +50,7 @@ async fn hello_plugin_greets_each_request_with_its_counts() {
             config,
             budget_bytes: 8 << 20,
             metadata_max_bytes: 16 << 10,
+            capabilities: vec!["replayed".into()],
         }),
         ToPlugin::RequestStart(RequestStart {
             stream_id: 3,

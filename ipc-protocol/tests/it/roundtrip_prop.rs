@@ -39,16 +39,37 @@ fn to_plugin() -> impl Strategy<Value = ToPlugin> {
     })
 }
 
+fn capabilities() -> impl Strategy<Value = Vec<String>> {
+    proptest::collection::vec("[a-z_]{0,12}", 0..4)
+}
+
+/// Capabilities exist on the wire from version 3 on; an older message carries none.
+fn on_the_wire(version: u32, caps: Vec<String>) -> Vec<String> {
+    if version >= 3 {
+        caps
+    } else {
+        Vec::new()
+    }
+}
+
 fn plain_to_plugin() -> impl Strategy<Value = ToPlugin> {
     prop_oneof![
-        (any::<u32>(), value(), any::<u64>(), any::<u64>()).prop_map(
-            |(v, config, budget_bytes, metadata_max_bytes)| ToPlugin::Welcome(Welcome {
-                protocol_version: v,
-                config,
-                budget_bytes,
-                metadata_max_bytes,
-            })
-        ),
+        (
+            any::<u32>(),
+            value(),
+            any::<u64>(),
+            any::<u64>(),
+            capabilities()
+        )
+            .prop_map(|(v, config, budget_bytes, metadata_max_bytes, caps)| {
+                ToPlugin::Welcome(Welcome {
+                    protocol_version: v,
+                    config,
+                    budget_bytes,
+                    metadata_max_bytes,
+                    capabilities: on_the_wire(v, caps),
+                })
+            }),
         ".{0,40}".prop_map(|reason| ToPlugin::Refuse(Refuse {
             code: RefuseCode::BadConfig,
             reason
@@ -138,20 +159,28 @@ fn plain_to_plugin() -> impl Strategy<Value = ToPlugin> {
 
 fn from_plugin() -> impl Strategy<Value = FromPlugin> {
     prop_oneof![
-        (any::<u32>(), ".{0,20}", any::<u32>(), any::<[bool; 5]>()).prop_map(
-            |(protocol_version, plugin, pid, s)| FromPlugin::Hello(Hello {
-                protocol_version,
-                plugin,
-                pid,
-                subscriptions: Subscriptions {
-                    request_start: s[0],
-                    response_headers: s[1],
-                    chunks: s[2],
-                    body_bytes: s[3],
-                    abort: s[4],
-                },
-            })
-        ),
+        (
+            any::<u32>(),
+            ".{0,20}",
+            any::<u32>(),
+            any::<[bool; 5]>(),
+            capabilities()
+        )
+            .prop_map(
+                |(protocol_version, plugin, pid, s, caps)| FromPlugin::Hello(Hello {
+                    protocol_version,
+                    plugin,
+                    pid,
+                    capabilities: on_the_wire(protocol_version, caps),
+                    subscriptions: Subscriptions {
+                        request_start: s[0],
+                        response_headers: s[1],
+                        chunks: s[2],
+                        body_bytes: s[3],
+                        abort: s[4],
+                    },
+                })
+            ),
         (
             any::<u64>(),
             any::<u64>(),

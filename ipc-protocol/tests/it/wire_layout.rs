@@ -17,39 +17,100 @@ fn frame(msg: &impl serde::Serialize) -> Vec<u8> {
 #[test]
 fn hello_bytes_match_the_documented_dump() {
     let hello = FromPlugin::Hello(Hello {
+        protocol_version: 3,
+        plugin: "usage".into(),
+        pid: 4242,
+        subscriptions: Subscriptions::ALL,
+        capabilities: vec!["replayed".into()],
+    });
+    let mut expected: Vec<u8> = vec![
+        0x1a, 0x00, 0x00, 0x00, // frame length 26, u32 little endian
+        0x00, // FromPlugin variant 0 = Hello
+        0x03, // protocol_version 3
+        0x05, b'u', b's', b'a', b'g', b'e', // plugin: length 5, "usage"
+        0xfb, 0x92, 0x10, // pid 4242: 251 marker, then u16 LE 0x1092
+        0x01, 0x01, 0x01, 0x01, 0x01, // subscriptions, five bools
+        0x01, 0x08, // capabilities: 1 entry, its length 8
+    ];
+    expected.extend_from_slice(b"replayed");
+    assert_eq!(frame(&hello), expected);
+}
+
+#[test]
+fn a_version_2_hello_ends_after_its_subscriptions() {
+    let hello = FromPlugin::Hello(Hello {
         protocol_version: 2,
         plugin: "usage".into(),
         pid: 4242,
         subscriptions: Subscriptions::ALL,
+        capabilities: vec![],
     });
     let expected: &[u8] = &[
-        0x10, 0x00, 0x00, 0x00, // frame length 16, u32 little endian
-        0x00, // FromPlugin variant 0 = Hello
-        0x02, // protocol_version 2
-        0x05, b'u', b's', b'a', b'g', b'e', // plugin: length 5, "usage"
-        0xfb, 0x92, 0x10, // pid 4242: 251 marker, then u16 LE 0x1092
-        0x01, 0x01, 0x01, 0x01, 0x01, // subscriptions, five bools
+        0x10, 0x00, 0x00, 0x00, // frame length 16
+        0x00, 0x02, // Hello, protocol_version 2
+        0x05, b'u', b's', b'a', b'g', b'e', 0xfb, 0x92, 0x10, // plugin, pid
+        0x01, 0x01, 0x01, 0x01, 0x01, // subscriptions; no capabilities field
     ];
     assert_eq!(frame(&hello), expected);
+    assert_eq!(codec::decode::<FromPlugin>(&expected[4..]).unwrap(), hello);
+    // Capabilities a version 2 Hello claims are not on the wire, so they do not survive.
+    let claimed = FromPlugin::Hello(Hello {
+        protocol_version: 2,
+        plugin: "usage".into(),
+        pid: 4242,
+        subscriptions: Subscriptions::ALL,
+        capabilities: vec!["replayed".into()],
+    });
+    assert_eq!(frame(&claimed), expected);
+    // A version 3 Hello without its capabilities is truncated, and one with extra bytes is
+    // refused as trailing data.
+    let mut v3 = expected[4..].to_vec();
+    v3[1] = 0x03;
+    assert!(codec::decode::<FromPlugin>(&v3).is_err());
+    let mut v2_with_tail = expected[4..].to_vec();
+    v2_with_tail.extend_from_slice(&[0x00]);
+    assert!(codec::decode::<FromPlugin>(&v2_with_tail).is_err());
 }
 
 #[test]
 fn welcome_bytes_match_the_documented_dump() {
     let welcome = ToPlugin::Welcome(Welcome {
-        protocol_version: 2,
-        config: Value::Null,
+        protocol_version: 3,
+        config: Value::Map(Default::default()),
         budget_bytes: 8 * 1024 * 1024,
         metadata_max_bytes: 16 * 1024,
+        capabilities: vec!["replayed".into()],
     });
-    let expected: &[u8] = &[
-        0x0b, 0x00, 0x00, 0x00, // frame length 11
+    let mut expected: Vec<u8> = vec![
+        0x16, 0x00, 0x00, 0x00, // frame length 22
         0x00, // ToPlugin variant 0 = Welcome
-        0x02, // protocol_version 2
-        0x00, // config: Value tag 0 = Null
+        0x03, // protocol_version 3
+        0x06, 0x00, // config: Value tag 6 = Map, 0 entries
         0xfc, 0x00, 0x00, 0x80, 0x00, // budget_bytes 8 MiB: 252 marker, then u32 LE
         0xfb, 0x00, 0x40, // metadata_max_bytes 16 KiB: 251 marker, then u16 LE
+        0x01, 0x08, // capabilities: 1 entry, its length 8
+    ];
+    expected.extend_from_slice(b"replayed");
+    assert_eq!(frame(&welcome), expected);
+}
+
+#[test]
+fn a_version_2_welcome_ends_after_its_metadata_cap() {
+    let welcome = ToPlugin::Welcome(Welcome {
+        protocol_version: 2,
+        config: Value::Map(Default::default()),
+        budget_bytes: 8 * 1024 * 1024,
+        metadata_max_bytes: 16 * 1024,
+        capabilities: vec![],
+    });
+    let expected: &[u8] = &[
+        0x0c, 0x00, 0x00, 0x00, // frame length 12
+        0x00, 0x02, // Welcome, protocol_version 2
+        0x06, 0x00, // config: empty Map
+        0xfc, 0x00, 0x00, 0x80, 0x00, 0xfb, 0x00, 0x40, // budget_bytes, metadata_max_bytes
     ];
     assert_eq!(frame(&welcome), expected);
+    assert_eq!(codec::decode::<ToPlugin>(&expected[4..]).unwrap(), welcome);
 }
 
 #[test]
@@ -130,10 +191,11 @@ fn variant_indices_match_the_documented_tables() {
     ];
     let samples = [
         ToPlugin::Welcome(Welcome {
-            protocol_version: 2,
+            protocol_version: 3,
             config: Value::Null,
             budget_bytes: 0,
             metadata_max_bytes: 0,
+            capabilities: vec![],
         }),
         ToPlugin::Refuse(Refuse {
             code: RefuseCode::BadConfig,
@@ -195,10 +257,11 @@ fn variant_indices_match_the_documented_tables() {
     ];
     let from_samples = [
         FromPlugin::Hello(Hello {
-            protocol_version: 2,
+            protocol_version: 3,
             plugin: String::new(),
             pid: 0,
             subscriptions: Subscriptions::ALL,
+            capabilities: vec![],
         }),
         FromPlugin::FinalReply(FinalReply {
             call_id: 0,

@@ -106,25 +106,34 @@ impl PluginStream {
         let current = self.link.connection().filter(|c| !c.is_closed())?;
         if !self.journal.is_empty() {
             let moved = self.bound.is_some();
+            // A plugin that does not decode `Replayed` gets only what it never had: the events
+            // an earlier process had are lost to it, and the stream ends partial, said so.
+            let replays = current.replays();
+            let mut withheld = 0;
             let events: Vec<ToPlugin> = self
                 .journal
                 .iter_mut()
-                .map(|e| {
-                    let msg = if e.sent {
-                        ToPlugin::Replayed(Box::new(e.msg.clone()))
-                    } else {
-                        e.msg.clone()
+                .filter_map(|e| {
+                    let msg = match (e.sent, replays) {
+                        (false, _) => e.msg.clone(),
+                        (true, true) => ToPlugin::Replayed(Box::new(e.msg.clone())),
+                        (true, false) => {
+                            withheld += 1;
+                            return None;
+                        }
                     };
                     e.sent = true;
-                    msg
+                    Some(msg)
                 })
                 .collect();
-            if moved {
+            if moved && replays {
                 self.replays += 1;
                 tracing::debug!(plugin = %self.link.name(), events = events.len(), unjournaled = self.unjournaled, "replaying a stream to the plugin's new process");
             }
-            self.link.replay(&current, events);
-            self.lost = self.unjournaled;
+            if !events.is_empty() {
+                self.link.replay(&current, events);
+            }
+            self.lost = self.unjournaled + withheld;
         }
         if let Some(old) = self.bound.take() {
             self.link.unbind(&old);

@@ -229,7 +229,7 @@ async fn handshake(
     };
     match verdict {
         Ok((hello, welcome)) => {
-            if let Err(e) = writer.send(&ToPlugin::Welcome(welcome)).await {
+            if let Err(e) = writer.send(&ToPlugin::Welcome(welcome.clone())).await {
                 tracing::warn!(plugin = %link.name(), error = %e, "cannot send Welcome");
                 return;
             }
@@ -238,7 +238,7 @@ async fn handshake(
             // Checked again under the link's own lock: two plugins racing through the handshake
             // must not both attach.
             if link
-                .attach(pid, hello.subscriptions, reader, writer)
+                .attach(pid, hello.subscriptions, &welcome, reader, writer)
                 .is_none()
             {
                 tracing::warn!(plugin = %link.name(), pid, "second connection lost the race; closed");

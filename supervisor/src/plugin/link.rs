@@ -139,6 +139,10 @@ pub struct Conn {
     generation: u64,
     pid: u32,
     subscriptions: Subscriptions,
+    /// The protocol version agreed in the handshake.
+    protocol_version: u32,
+    /// Agreed in the handshake: the plugin decodes `Replayed` frames.
+    replays: bool,
     tx: mpsc::Sender<Queued>,
     /// Pings and shutdown, written ahead of `tx`'s events and never held to the window.
     priority: mpsc::Sender<ToPlugin>,
@@ -189,6 +193,17 @@ impl Conn {
     /// The pid the peer credentials reported.
     pub fn pid(&self) -> u32 {
         self.pid
+    }
+
+    /// Whether the plugin said it decodes `Replayed` frames (capability `replayed`): without
+    /// it, a stream's earlier events are not resent to this connection.
+    pub fn replays(&self) -> bool {
+        self.replays
+    }
+
+    /// The protocol version agreed in the handshake.
+    pub fn protocol_version(&self) -> u32 {
+        self.protocol_version
     }
 
     /// Event bytes written and not yet credited back by the plugin.
@@ -361,6 +376,7 @@ impl PluginLink {
         self: &Arc<Self>,
         pid: u32,
         subscriptions: Subscriptions,
+        welcome: &ipc_protocol::Welcome,
         reader: FrameReader<OwnedReadHalf>,
         writer: FrameWriter<OwnedWriteHalf>,
     ) -> Option<Arc<Conn>> {
@@ -378,6 +394,11 @@ impl PluginLink {
             generation,
             pid,
             subscriptions,
+            protocol_version: welcome.protocol_version,
+            replays: welcome
+                .capabilities
+                .iter()
+                .any(|c| c == ipc_protocol::handshake::capability::REPLAYED),
             tx,
             priority,
             replay,
@@ -402,7 +423,13 @@ impl PluginLink {
             .plugin_connected
             .get_or_create(&self.label)
             .set(1);
-        tracing::info!(plugin = %self.name, pid, "plugin connected");
+        tracing::info!(plugin = %self.name, pid, protocol = welcome.protocol_version, capabilities = ?welcome.capabilities, "plugin connected");
+        if !conn.replays {
+            tracing::warn!(plugin = %self.name, pid, protocol = welcome.protocol_version,
+                "plugin does not decode Replayed frames: streams in flight when a process of it ends \
+                 are not replayed to the next one (they end partial); build it against protocol 3 \
+                 with the `replayed` capability");
+        }
         self.metrics
             .inflight_bytes
             .get_or_create(&self.label)

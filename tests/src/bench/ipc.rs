@@ -97,6 +97,7 @@ fn sink(sock: PathBuf, events: u64) -> std::thread::JoinHandle<Instant> {
                     plugin: "sink".into(),
                     pid: std::process::id(),
                     subscriptions: Subscriptions::ALL,
+                    capabilities: vec![],
                 }))
                 .await
                 .expect("hello");

@@ -287,6 +287,7 @@ async fn say_hello(
             plugin: "test-order".to_owned(),
             pid: std::process::id(),
             subscriptions: Subscriptions::ALL,
+            capabilities: vec![],
         }))
         .await
         .unwrap();
@@ -438,6 +439,7 @@ fn a_refusal_repeats_at_most_64_bytes_of_a_peer_supplied_name() {
             plugin: name,
             pid: std::process::id(),
             subscriptions: ipc_protocol::Subscriptions::ALL,
+            capabilities: vec![],
         }))
         .unwrap();
     let mut frame = (hello.len() as u32).to_le_bytes().to_vec();

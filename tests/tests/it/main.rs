@@ -20,6 +20,7 @@ mod one_instance;
 mod operations_doc;
 mod plugin_log_levels;
 mod plugin_output;
+mod protocol_versions;
 mod readme;
 mod real_plugins;
 mod reload_failures;

@@ -16,6 +16,7 @@ pub fn every_to_plugin() -> Vec<ToPlugin> {
             ]),
             budget_bytes: 8 << 20,
             metadata_max_bytes: 16 << 10,
+            capabilities: vec!["replayed".into()],
         }),
         ToPlugin::Refuse(Refuse {
             code: RefuseCode::AlreadyConnected,
@@ -83,6 +84,7 @@ pub fn every_from_plugin() -> Vec<FromPlugin> {
             plugin: "usage".into(),
             pid: 4242,
             subscriptions: Subscriptions::ALL,
+            capabilities: vec!["replayed".into()],
         }),
         FromPlugin::FinalReply(FinalReply {
             call_id: 99,

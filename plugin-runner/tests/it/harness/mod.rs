@@ -159,6 +159,7 @@ impl Front {
             config,
             budget_bytes,
             metadata_max_bytes,
+            capabilities: vec!["replayed".into()],
         }))
         .await;
         let mut reader = self.reader.take().unwrap();

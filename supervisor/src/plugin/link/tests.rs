@@ -43,9 +43,25 @@ fn linked(config: PluginConfig) -> (Arc<PluginLink>, Arc<Metrics>, UnixStream) {
     let link = Arc::new(PluginLink::new(config, metrics.clone()));
     let (front, plugin) = UnixStream::pair().unwrap();
     let (r, w) = front.into_split();
+    let welcome = ipc_protocol::handshake::answer_hello(
+        &ipc_protocol::Hello {
+            protocol_version: ipc_protocol::PROTOCOL_VERSION,
+            plugin: link.name().to_owned(),
+            pid: 1,
+            subscriptions: Subscriptions::ALL,
+            capabilities: vec!["replayed".into()],
+        },
+        Value::Map(Default::default()),
+        ipc_protocol::Limits {
+            budget_bytes: 1 << 20,
+            metadata_max_bytes: 1 << 14,
+        },
+    )
+    .unwrap();
     link.attach(
         1,
         Subscriptions::ALL,
+        &welcome,
         FrameReader::new(r),
         FrameWriter::new(w),
     )
