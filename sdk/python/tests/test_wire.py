@@ -13,11 +13,12 @@ from plugvisor.wire import (Chunk, Credit, FinalReply, Hello, Ping, ProtocolErro
 
 # The dumps of docs/protocol.md, "Annotated bytes", exactly as printed there.
 HELLO = """
-0000  10 00 00 00 00 02 05 75 73 61 67 65 fb 92 10 01  .......usage....
-0010  01 01 01 01                                      ....
+0000  1a 00 00 00 00 03 05 75 73 61 67 65 fb 92 10 01  .......usage....
+0010  01 01 01 01 01 08 72 65 70 6c 61 79 65 64        ......replayed
 """
 WELCOME = """
-0000  0b 00 00 00 00 02 00 fc 00 00 80 00 fb 00 40     ..............@
+0000  16 00 00 00 00 03 06 00 fc 00 00 80 00 fb 00 40  ...............@
+0010  01 08 72 65 70 6c 61 79 65 64                    ..replayed
 """
 CHUNK = """
 0000  23 00 00 00 04 07 02 fd cb 04 fb 71 1f 01 00 00  #..........q....
@@ -42,14 +43,29 @@ def chunk() -> Chunk:
 
 class ProtocolDocDumps(unittest.TestCase):
     def test_hello_of_the_usage_plugin_matches_the_doc(self):
-        hello = Hello(2, "usage", 4242, Subscriptions(), [])
+        hello = Hello(3, "usage", 4242, Subscriptions(), ["replayed"])
         self.assertEqual(wire.frame(hello), support.hexdump(HELLO))
         self.assertEqual(wire.decode_from_plugin(support.hexdump(HELLO)[4:]), hello)
 
-    def test_welcome_with_no_config_matches_the_doc(self):
-        welcome = Welcome(2, None, 8 * 1024 * 1024, 16 * 1024, [])
+    def test_a_version_2_hello_is_the_same_without_capabilities(self):
+        # "payload length 16 (10 00 00 00), version 02, ending after the subscriptions"
+        v3 = support.hexdump(HELLO)
+        v2 = wire.frame(Hello(2, "usage", 4242, Subscriptions(), ["ignored at version 2"]))
+        self.assertEqual(v2, b"\x10\x00\x00\x00\x00\x02" + v3[6:20])
+        self.assertEqual(len(v2) - 4, 16)
+
+    def test_welcome_with_an_empty_config_matches_the_doc(self):
+        welcome = Welcome(3, {}, 8 * 1024 * 1024, 16 * 1024, ["replayed"])
         self.assertEqual(wire.frame(welcome), support.hexdump(WELCOME))
         self.assertEqual(wire.decode_to_plugin(support.hexdump(WELCOME)[4:]), welcome)
+
+    def test_a_version_2_welcome_ends_after_metadata_max_bytes(self):
+        v2 = Welcome(2, {}, 8 * 1024 * 1024, 16 * 1024, [])
+        self.assertEqual(len(wire.encode(v2)), 12)
+        self.assertEqual(wire.decode_to_plugin(wire.encode(v2)), v2)
+        # The version 2 layout that protocol.md quoted before version 3 (config Null).
+        old = bytes.fromhex("0b0000000002 00 fc00008000 fb0040".replace(" ", ""))
+        self.assertEqual(wire.decode_to_plugin(old[4:]), Welcome(2, None, 8 << 20, 16384, []))
 
     def test_chunk_matches_the_doc_and_counts_39_bytes(self):
         data = support.hexdump(CHUNK)
