@@ -21,6 +21,7 @@ mod operations_doc;
 mod plugin_log_levels;
 mod plugin_output;
 mod protocol_versions;
+mod python_sdk;
 mod readme;
 mod real_plugins;
 mod reload_failures;
