@@ -11,6 +11,10 @@ use clap::Parser;
 
 use crate::host::{Exit, HostOptions};
 
+/// The environment variable that names the front's socket when `--connect` is not given; the
+/// front sets it for every plugin it spawns.
+pub const CONNECT_ENV: &str = "PLUGVISOR_CONNECT";
+
 /// Command-line arguments of a plugin process.
 #[derive(Debug, Clone, Parser)]
 #[command(
@@ -25,7 +29,7 @@ pub struct Args {
     pub plugin: Option<String>,
 
     /// The front's socket for this plugin (e.g. /run/plugvisor/plugins/usage.sock).
-    #[arg(long, value_name = "PATH", env = "PLUGVISOR_CONNECT")]
+    #[arg(long, value_name = "PATH", env = CONNECT_ENV)]
     pub connect: Option<PathBuf>,
 
     /// Log to journald (`auto`: when JOURNAL_STREAM is set, as under a front run by systemd),

@@ -12,6 +12,7 @@ use std::time::Duration;
 use ipc_protocol::Value;
 use serde::Deserialize;
 
+use crate::data_path::metadata::FRONT_NAMESPACE;
 use crate::plugin::restart::{Policy, RestartType};
 
 /// The configuration compiled into the binary, used when `plugvisor` runs without `--config`.
@@ -183,6 +184,13 @@ pub struct PluginConfig {
     pub drain_grace: Duration,
     /// How long one event may run in a plugin's lane before the plugin counts as hung.
     pub stuck_timeout: Duration,
+    /// The `namespaces` key: metadata namespaces granted besides the plugin's own.
+    pub namespaces: Vec<String>,
+    /// Derived from the name, `namespaces` and a built-in's `config`, never set on its own: every
+    /// metadata namespace the plugin may write, sorted. Its own `plugvisor.<name>`, those of
+    /// `namespaces`, and those its built-in's config writes (the `usage` plugin's costs and
+    /// attributes). Anything else it answers is left out and reported.
+    pub granted: Vec<String>,
 }
 
 /// The keys of a plugin's table that its process is started with or told at its handshake: a
@@ -345,6 +353,7 @@ struct RawPlugin {
     replay_bytes: Option<usize>,
     drain_grace_ms: Option<u64>,
     stuck_timeout_ms: Option<u64>,
+    namespaces: Option<toml::Spanned<Vec<String>>>,
 }
 
 fn yes() -> bool {
@@ -538,6 +547,34 @@ impl Config {
                     .map(|c| c.into_inner())
                     .unwrap_or_default(),
             ));
+            let mut granted = vec![format!("{FRONT_NAMESPACE}.{name}")];
+            let (namespaces, namespaces_span) = match raw_plugin.namespaces {
+                Some(n) => (n.get_ref().clone(), Some(n.span())),
+                None => (Vec::new(), None),
+            };
+            for ns in &namespaces {
+                if ns.is_empty() || ns == FRONT_NAMESPACE {
+                    return Err(bad_at(
+                        namespaces_span.clone().unwrap_or_default(),
+                        "namespaces",
+                        format!(
+                            "`{ns}` cannot be granted: {}",
+                            if ns.is_empty() {
+                                "a namespace has a name"
+                            } else {
+                                "`plugvisor` is the front's own namespace"
+                            }
+                        ),
+                    ));
+                }
+                granted.push(ns.clone());
+            }
+            if raw_plugin.spawn && raw_plugin.command.is_none() {
+                let builtin = check::builtin_name(&name, raw_plugin.args.as_deref());
+                granted.extend(plugin_runner::builtin::granted_namespaces(builtin, &config));
+            }
+            granted.sort();
+            granted.dedup();
             if checks == Checks::All {
                 if raw_plugin.spawn && raw_plugin.command.is_none() {
                     let builtin = check::builtin_name(&name, raw_plugin.args.as_deref());
@@ -589,6 +626,8 @@ impl Config {
                 replay_bytes: raw_plugin.replay_bytes.unwrap_or(DEFAULT_REPLAY_BYTES),
                 drain_grace: ms(raw_plugin.drain_grace_ms, Duration::from_secs(30)),
                 stuck_timeout,
+                namespaces,
+                granted,
             });
         }
 

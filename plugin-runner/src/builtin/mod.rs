@@ -94,6 +94,22 @@ pub fn validate(name: &str, config: &Value) -> Result<(), ValidateError> {
     Ok(())
 }
 
+/// The namespaces besides `plugvisor.<name>` that the built-in `name` writes with `config`: the
+/// `usage` plugin's costs and attributes. The front lets a plugin write only its own namespace
+/// and those its configuration grants, so what a built-in's config asks for is granted. Empty
+/// for a config the plugin refuses (the front refuses that config anyway).
+pub fn granted_namespaces(name: &str, config: &Value) -> Vec<String> {
+    if name != "usage" {
+        return Vec::new();
+    }
+    let _quiet = tracing::subscriber::set_default(tracing::subscriber::NoSubscriber::default());
+    let mut usage = usage::UsagePlugin::default();
+    match usage.configure(config) {
+        Ok(()) => usage.namespaces().into_iter().map(str::to_owned).collect(),
+        Err(_) => Vec::new(),
+    }
+}
+
 /// The `main` of `plugvisor-plugin`: `plugvisor-plugin <plugin-name> --connect <socket path>`.
 pub fn main() -> ! {
     let args = Args::parse_or_exit();

@@ -421,6 +421,14 @@ impl UsagePlugin {
         Ok(())
     }
 
+    /// The namespaces its configured costs and attributes write into, besides its own: what the
+    /// front must let it write (see [`super::granted_namespaces`]).
+    pub fn namespaces(&self) -> std::collections::BTreeSet<&str> {
+        let costs = self.costs.iter().map(|c| c.namespace.as_str());
+        let attributes = self.attributes.iter().map(|a| a.namespace.as_str());
+        costs.chain(attributes).collect()
+    }
+
     /// Refuses two outputs with the same `namespace:key`, and outputs that would overwrite the
     /// plugin's own keys or land in the front's own namespace.
     fn check_targets(&self) -> Result<(), ConfigError> {

@@ -89,6 +89,7 @@ pub const PLUGIN: &[(&str, Applies)] = &[
     ("replay_bytes", Applies::AtOnce),
     ("drain_grace_ms", Applies::AtOnce),
     ("stuck_timeout_ms", Applies::AtOnce),
+    ("namespaces", Applies::AtOnce),
 ];
 
 /// When a change to the top-level `key` applies.

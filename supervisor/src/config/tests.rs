@@ -582,3 +582,35 @@ fn socket_paths_runtime_dir_and_address_clashes_are_refused() {
     let name = format!("{name}n");
     assert!(Config::parse(&format!("runtime_dir = \"{dir}\"\n[plugins.{name}]\n"), "t").is_err());
 }
+
+#[test]
+fn a_plugin_is_granted_its_own_namespace_its_namespaces_key_and_its_built_in_s_outputs() {
+    let config = load(
+        "[plugins.usage.config]\n\
+         attributes = [{ namespace = \"envoy.lb\", name = \"n\", expression = \"1\" }]\n\
+         costs = [{ namespace = \"envoy.ratelimit\", key = \"hits\", type = \"total_tokens\" }]\n\
+         [plugins.mine]\nspawn = false\nnamespaces = [\"acme.billing\", \"acme.billing\"]\n\
+         [plugins.spin1]\nargs = [\"test-spin\", \"--as\", \"spin1\"]\n",
+    )
+    .unwrap();
+    let granted = |name: &str| {
+        let plugin = config.plugins.iter().find(|p| p.name == name).unwrap();
+        plugin.granted.clone()
+    };
+    assert_eq!(
+        granted("usage"),
+        ["envoy.lb", "envoy.ratelimit", "plugvisor.usage"]
+    );
+    assert_eq!(granted("mine"), ["acme.billing", "plugvisor.mine"]);
+    assert_eq!(granted("spin1"), ["plugvisor.spin1"]);
+    for (text, why) in [
+        ("namespaces = [\"plugvisor\"]", "the front's own namespace"),
+        ("namespaces = [\"\"]", "a namespace has a name"),
+    ] {
+        let err = load(&format!("[plugins.mine]\nspawn = false\n{text}\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("namespaces") && err.contains(why), "{err}");
+        assert!(err.contains("line 3"), "{err}");
+    }
+}

@@ -696,7 +696,8 @@ impl StreamTask {
         let mut calls = Vec::with_capacity(self.plugins.len());
         for ps in std::mem::take(&mut self.plugins) {
             let name = ps.link().name().to_owned();
-            let cap = ps.link().config().process.metadata_max_bytes;
+            let config = ps.link().config();
+            let (cap, granted) = (config.process.metadata_max_bytes, config.granted.clone());
             let payload = if ps.subscriptions().body_bytes {
                 bytes.clone()
             } else {
@@ -714,13 +715,13 @@ impl StreamTask {
                     trailers: trailers.clone(),
                 })
             };
-            calls.push((name, cap, tokio::spawn(ps.finish(make, arrival))));
+            calls.push((name, cap, granted, tokio::spawn(ps.finish(make, arrival))));
         }
         let mut merge = Merge::new(self.limits.stream_metadata_max_bytes);
         for name in &self.shed {
             merge.missing(name, Excluded::Shed);
         }
-        for (name, cap, call) in calls {
+        for (name, cap, granted, call) in calls {
             let outcome = match call.await {
                 Ok(outcome) => outcome,
                 Err(_) => {
@@ -733,7 +734,20 @@ impl StreamTask {
             }
             match outcome.result {
                 Ok(metadata) => {
-                    if let Err(why) = merge.add(&name, metadata, cap) {
+                    let added = merge.add(&name, metadata, cap, &granted);
+                    if let Some(denied) = merge.denied().get(&name) {
+                        self.inner
+                            .metrics
+                            .namespaces_denied
+                            .get_or_create(&Metrics::plugin(&name))
+                            .inc_by(denied.len() as u64);
+                        if let Some(held) =
+                            crate::observe::logging::limited::allow("metadata namespace denied")
+                        {
+                            tracing::warn!(plugin = %name, stream = id, namespaces = ?denied, granted = ?granted, held_back = held, "plugin wrote metadata namespaces it was not granted; left out (grant them with plugins.<name>.namespaces)");
+                        }
+                    }
+                    if let Err(why) = added {
                         if let Some(held) =
                             crate::observe::logging::limited::allow("metadata left out")
                         {

@@ -93,6 +93,8 @@ pub struct Merge {
     missing: Vec<(String, Excluded)>,
     /// Plugins that answered, but for a stream some of whose events they never got.
     partial: Vec<(String, u32)>,
+    /// Namespaces plugins answered without a grant, left out.
+    denied: BTreeMap<String, Vec<String>>,
 }
 
 impl Merge {
@@ -104,19 +106,33 @@ impl Merge {
             stream_cap,
             missing: Vec::new(),
             partial: Vec::new(),
+            denied: BTreeMap::new(),
         }
     }
 
     /// Adds one plugin's answer if it passes every check (depth, `plugin_cap`, what is left of
     /// the stream's cap); otherwise leaves all of it out, records why, and returns the reason.
-    /// A namespace whose value is not a map is kept under `value`; the front's own namespace is
-    /// not the plugins' to write and is ignored.
+    /// A namespace whose value is not a map is kept under `value`. Namespaces not in `granted`
+    /// (the front's own among them) are not the plugin's to write: they are left out first and
+    /// recorded under `denied`, and the rest goes on.
     pub fn add(
         &mut self,
         plugin: &str,
-        metadata: Metadata,
+        mut metadata: Metadata,
         plugin_cap: usize,
+        granted: &[String],
     ) -> Result<usize, Excluded> {
+        let denied: Vec<String> = metadata
+            .keys()
+            .filter(|ns| granted.binary_search(ns).is_err())
+            .cloned()
+            .collect();
+        for ns in &denied {
+            metadata.remove(ns);
+        }
+        if !denied.is_empty() {
+            self.denied.insert(plugin.to_owned(), denied);
+        }
         let checked = check(metadata, plugin_cap).and_then(|(namespaces, size)| {
             if self.used + size > self.stream_cap {
                 Err(Excluded::StreamFull)
@@ -150,6 +166,11 @@ impl Merge {
         self.partial.push((plugin.to_owned(), lost));
     }
 
+    /// The namespaces each plugin answered without a grant, left out.
+    pub fn denied(&self) -> &BTreeMap<String, Vec<String>> {
+        &self.denied
+    }
+
     /// The plugins recorded as missing, in config order.
     pub fn missing_names(&self) -> Vec<&str> {
         self.missing.iter().map(|(n, _)| n.as_str()).collect()
@@ -158,7 +179,8 @@ impl Merge {
     /// The `dynamic_metadata` struct, with
     /// `plugvisor: {stream_id, front_pid, missing: [names], reasons: {name: reason}}` (stream ids
     /// count per front: after an upgrade two fronts serve at once) and, when a plugin
-    /// answered for a stream it did not see whole, `partial: {name: events it never got}`.
+    /// answered for a stream it did not see whole, `partial: {name: events it never got}`, and
+    /// when a plugin answered namespaces it may not write, `denied: {name: [namespaces]}`.
     pub fn into_struct(self, stream_id: u64) -> Struct {
         let mut fields: HashMap<String, PbValue> = self
             .namespaces
@@ -187,6 +209,23 @@ impl Merge {
                 ),
             ),
         ]);
+        let front = match (front, self.denied.is_empty()) {
+            (Value::Map(mut map), false) => {
+                map.insert(
+                    "denied".to_owned(),
+                    Value::Map(
+                        self.denied
+                            .into_iter()
+                            .map(|(n, ns)| {
+                                (n, Value::List(ns.into_iter().map(Value::String).collect()))
+                            })
+                            .collect(),
+                    ),
+                );
+                Value::Map(map)
+            }
+            (front, _) => front,
+        };
         let front = match (front, self.partial.is_empty()) {
             (Value::Map(mut map), false) => {
                 map.insert(
@@ -214,10 +253,6 @@ fn check(metadata: Metadata, plugin_cap: usize) -> Result<Checked, Excluded> {
     let mut namespaces = Vec::with_capacity(metadata.len());
     let mut size = 0;
     for (namespace, value) in metadata {
-        if namespace == FRONT_NAMESPACE {
-            tracing::debug!("ignoring plugin metadata in the front's own namespace");
-            continue;
-        }
         let fields = match value {
             Value::Map(map) => map,
             other => BTreeMap::from([("value".to_owned(), other)]),
@@ -322,6 +357,62 @@ mod tests {
         (1..levels).fold(Value::Int(1), |v, _| Value::map([("k", v)]))
     }
 
+    impl Merge {
+        /// [`Merge::add`] with every namespace of the answer granted but the front's own.
+        fn add_granted(
+            &mut self,
+            plugin: &str,
+            md: Metadata,
+            cap: usize,
+        ) -> Result<usize, Excluded> {
+            let granted: Vec<String> = md
+                .keys()
+                .filter(|k| *k != FRONT_NAMESPACE)
+                .cloned()
+                .collect();
+            self.add(plugin, md, cap, &granted)
+        }
+    }
+
+    #[test]
+    fn namespaces_without_a_grant_are_left_out_and_listed_and_the_rest_goes_on() {
+        let mut m = Merge::new(64 * 1024);
+        let liar = Metadata::from([
+            (
+                "plugvisor.usage".to_owned(),
+                Value::map([("total_tokens", Value::Int(999_999))]),
+            ),
+            (
+                "plugvisor.liar".to_owned(),
+                Value::map([("n", Value::Int(1))]),
+            ),
+            (
+                "plugvisor".to_owned(),
+                Value::map([("missing", Value::Int(0))]),
+            ),
+        ]);
+        let usage = one(
+            "plugvisor.usage",
+            Value::map([("total_tokens", Value::Int(42))]),
+        );
+        m.add("usage", usage, 1024, &["plugvisor.usage".to_owned()])
+            .unwrap();
+        m.add("liar", liar, 1024, &["plugvisor.liar".to_owned()])
+            .unwrap();
+        assert_eq!(
+            m.denied()["liar"],
+            vec!["plugvisor".to_owned(), "plugvisor.usage".to_owned()]
+        );
+        let s = m.into_struct(3);
+        assert_eq!(num(&s, "plugvisor.usage", "total_tokens"), Some(42.0));
+        assert_eq!(num(&s, "plugvisor.liar", "n"), Some(1.0));
+        assert_eq!(
+            front(&s)["denied"],
+            serde_json::json!({"liar": ["plugvisor", "plugvisor.usage"]})
+        );
+        assert_eq!(front(&s)["missing"], serde_json::json!([]));
+    }
+
     fn one(ns: &str, value: Value) -> Metadata {
         Metadata::from([(ns.to_owned(), value)])
     }
@@ -329,7 +420,7 @@ mod tests {
     #[test]
     fn later_plugins_win_within_a_namespace_and_missing_is_listed_with_its_reason() {
         let mut m = Merge::new(64 * 1024);
-        m.add(
+        m.add_granted(
             "a",
             one(
                 "envoy.lb",
@@ -339,7 +430,7 @@ mod tests {
         )
         .unwrap();
         m.missing("latency", Excluded::Timeout);
-        m.add(
+        m.add_granted(
             "c",
             one("envoy.lb", Value::map([("b", Value::Int(3))])),
             1024,
@@ -360,14 +451,14 @@ mod tests {
         // The namespace map is level 1: a value of MAX_DEPTH - 1 levels fills it exactly.
         let mut m = Merge::new(64 * 1024);
         assert!(m
-            .add(
+            .add_granted(
                 "at",
                 one("ns.at", Value::map([("v", nested(MAX_DEPTH - 1))])),
                 16 * 1024
             )
             .is_ok());
         assert_eq!(
-            m.add(
+            m.add_granted(
                 "past",
                 one("ns.past", Value::map([("v", nested(MAX_DEPTH))])),
                 16 * 1024
@@ -377,7 +468,7 @@ mod tests {
         // Lists count like maps.
         let list = (1..MAX_DEPTH).fold(Value::Int(1), |v, _| Value::List(vec![v]));
         assert_eq!(
-            m.add("list", one("ns.list", Value::map([("v", list)])), 16 * 1024),
+            m.add_granted("list", one("ns.list", Value::map([("v", list)])), 16 * 1024),
             Err(Excluded::TooDeep)
         );
         let s = m.into_struct(1);
@@ -400,20 +491,26 @@ mod tests {
         }
         .encoded_len();
         let mut m = Merge::new(64 * 1024);
-        assert_eq!(m.add("at", md.clone(), exact), Ok(exact));
-        assert_eq!(m.add("past", md, exact - 1), Err(Excluded::TooLarge));
+        assert_eq!(m.add_granted("at", md.clone(), exact), Ok(exact));
+        assert_eq!(
+            m.add_granted("past", md, exact - 1),
+            Err(Excluded::TooLarge)
+        );
     }
 
     #[test]
     fn the_stream_cap_leaves_out_whole_answers_in_config_order() {
         let big = |ns: &str| one(ns, Value::map([("s", Value::from("y".repeat(600)))]));
         let mut m = Merge::new(1500);
-        assert!(m.add("a", big("ns.a"), 1024).is_ok());
-        assert!(m.add("b", big("ns.b"), 1024).is_ok());
-        assert_eq!(m.add("c", big("ns.c"), 1024), Err(Excluded::StreamFull));
+        assert!(m.add_granted("a", big("ns.a"), 1024).is_ok());
+        assert!(m.add_granted("b", big("ns.b"), 1024).is_ok());
+        assert_eq!(
+            m.add_granted("c", big("ns.c"), 1024),
+            Err(Excluded::StreamFull)
+        );
         // A small answer still fits after a large one was left out.
         assert!(m
-            .add("d", one("ns.d", Value::map([("n", Value::Int(1))])), 1024)
+            .add_granted("d", one("ns.d", Value::map([("n", Value::Int(1))])), 1024)
             .is_ok());
         let s = m.into_struct(1);
         assert!(s.fields.contains_key("ns.a") && s.fields.contains_key("ns.b"));
@@ -441,7 +538,7 @@ mod tests {
                 ]),
             ),
         ]);
-        m.add("p", md, 16 * 1024).unwrap();
+        m.add_granted("p", md, 16 * 1024).unwrap();
         let s = m.into_struct(3);
         assert_eq!(front(&s)["missing"], serde_json::json!([]));
         assert_eq!(num(&s, "ns.scalar", "value"), Some(5.0));

@@ -69,6 +69,8 @@ pub struct Metrics {
     pub final_duration: Family<PluginLabel, Histogram, fn() -> Histogram>,
     /// Final RPCs without metadata, by reason.
     pub finals_missing: Family<PluginReason, Counter>,
+    /// Metadata namespaces a plugin answered without a grant, left out.
+    pub namespaces_denied: Family<PluginLabel, Counter>,
     /// 1 while a plugin is connected.
     pub plugin_connected: Family<PluginLabel, Gauge>,
     /// Streams the plugin holds state for, as its last `Pong` said.
@@ -130,6 +132,7 @@ impl Metrics {
                 final_histogram,
             );
         let finals_missing = Family::default();
+        let namespaces_denied = Family::default();
         let plugin_connected = Family::default();
         let handshakes_refused = Family::default();
         let replies_refused = Family::default();
@@ -185,6 +188,11 @@ impl Metrics {
             "plugvisor_plugin_finals_missing",
             "Final RPCs whose metadata did not reach Envoy (down, timeout, failed, too_large, too_deep, stream_full)",
             finals_missing.clone(),
+        );
+        registry.register(
+            "plugvisor_plugin_namespaces_denied",
+            "Metadata namespaces a plugin answered without a grant (its own plugvisor.<name>, its namespaces key, a built-in's configured outputs); left out of the stream's metadata",
+            namespaces_denied.clone(),
         );
         registry.register(
             "plugvisor_plugin_connected",
@@ -299,6 +307,7 @@ impl Metrics {
             inflight_bytes,
             final_duration,
             finals_missing,
+            namespaces_denied,
             plugin_connected,
             plugin_active_streams,
             stuck_lanes,

@@ -253,6 +253,7 @@ impl PluginLink {
         // and a dashboard sees 0 rather than nothing.
         metrics.plugin_connected.get_or_create(&label).set(0);
         metrics.restarts.get_or_create(&label).inc_by(0);
+        metrics.namespaces_denied.get_or_create(&label).inc_by(0);
         metrics.last_exit_code.get_or_create(&label).set(0);
         metrics.last_exit_signal.get_or_create(&label).set(0);
         PluginLink {

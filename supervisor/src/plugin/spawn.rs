@@ -5,8 +5,11 @@
 //! - in its own process group, so a hung plugin and anything it forked die with one `killpg`;
 //! - with `PR_SET_PDEATHSIG = SIGKILL`, so it dies with the front even when the front is
 //!   SIGKILLed and the plugin never reads its socket's end-of-file;
-//! - with `argv[0]` set to `plugvisor-plugin: <name>`, so `ps` and `pgrep -f` show which plugin a
-//!   process serves;
+//! - a built-in (the front's own executable as `plugvisor plugin <name>`) with `argv[0]` set to
+//!   `plugvisor-plugin: <name>`, so `ps` and `pgrep -f` show which plugin a process serves; any
+//!   other `command` exactly as a shell would start it, `argv[0]` included (an interpreter in a
+//!   virtualenv finds its environment from it), with `PLUGVISOR_CONNECT` naming its socket and
+//!   `{socket}` and `{name}` in its `args` replaced;
 //! - with stdout and stderr piped and each line logged, tagged with the plugin and its pid; the
 //!   pipes are read until end-of-file whatever comes through them ([`forward_lines`]), so odd
 //!   output can neither end the forwarding (and kill the plugin with SIGPIPE) nor grow memory.
@@ -63,10 +66,20 @@ pub fn plugin_command(plugin: &PluginConfig) -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(SELF_EXE))
 }
 
-/// The arguments: `args`, else `<name> --connect <socket>`; without a `command`, preceded by
+/// The arguments: `args` with `{socket}` and `{name}` replaced by the plugin's socket path and
+/// name, else `<name> --connect <socket>`; without a `command`, preceded by
 /// [`PLUGIN_SUBCOMMAND`], since the program is then `plugvisor` itself.
 pub fn plugin_args(plugin: &PluginConfig, socket: &Path) -> Vec<String> {
-    let own = plugin.process.args.clone().unwrap_or_else(|| {
+    let socket_text = socket.display().to_string();
+    let placed = plugin.process.args.as_ref().map(|args| {
+        args.iter()
+            .map(|a| {
+                a.replace("{socket}", &socket_text)
+                    .replace("{name}", &plugin.name)
+            })
+            .collect()
+    });
+    let own = placed.unwrap_or_else(|| {
         vec![
             plugin.name.clone(),
             "--connect".to_owned(),
@@ -179,9 +192,14 @@ impl Spawner {
             source,
         };
         let mut cmd = Command::new(&program);
-        // The same title whether the program is `plugvisor` itself or another binary.
-        cmd.arg0(format!("{PLUGIN_HOST}: {}", plugin.name))
-            .args(plugin_args(plugin, socket))
+        // The title is only for the front's own host of the built-ins: any other program starts
+        // exactly as from a shell, since interpreters (Python in a virtualenv, a shebang script,
+        // a wrapper) locate themselves and their packages from argv[0].
+        if plugin.process.command.is_none() {
+            cmd.arg0(format!("{PLUGIN_HOST}: {}", plugin.name));
+        }
+        cmd.args(plugin_args(plugin, socket))
+            .env(plugin_runner::cli::CONNECT_ENV, socket)
             // The plugin host then writes compact stderr lines that `forward` reads back into
             // records of their own level; a plugin's own `env` may still turn it off.
             .env(plugin_runner::logging::SUPERVISED_ENV, "1")
@@ -377,12 +395,18 @@ mod tests {
     use super::*;
     use crate::config::Config;
 
-    /// Spawns plugin `p`, a `sleep 5` shell, with `extra` lines added to its config table.
+    /// Spawns plugin `p`, a `sleep 5` shell, with `extra` lines added to its config table (its
+    /// own `args` replacing the sleep's).
     /// The spawner is returned too: when its thread ends the child gets its parent-death
     /// SIGKILL, which would race the test's look at it.
     async fn spawn_sleeper(extra: &str) -> (Spawner, Child) {
+        let args = if extra.contains("args") {
+            ""
+        } else {
+            "args = [\"-c\", \"sleep 5\"]\n"
+        };
         let config = Config::parse(
-            &format!("[plugins.p]\ncommand = \"/bin/sh\"\nargs = [\"-c\", \"sleep 5\"]\n{extra}"),
+            &format!("[plugins.p]\ncommand = \"/bin/sh\"\n{args}{extra}"),
             "t",
         )
         .unwrap();
@@ -395,27 +419,34 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_plugin_leads_its_own_process_group_under_its_title() {
-        let (_spawner, mut child) = spawn_sleeper("").await;
+    async fn a_command_leads_its_own_process_group_started_as_from_a_shell() {
+        let (_spawner, mut child) =
+            spawn_sleeper("args = [\"-c\", \"sleep 5; :\", \"{name}\", \"{socket}\"]\n").await;
         let pid = child.id().unwrap() as i32;
         let pgid = nix::unistd::getpgid(Some(nix::unistd::Pid::from_raw(pid))).unwrap();
         assert_eq!(pgid.as_raw(), pid);
-        // The spawn returns once forked; the title is the exec'd program's argv[0], so wait for
-        // the exec (bounded) before reading it.
+        // The spawn returns once forked; argv is the exec'd program's, so wait for the exec
+        // (bounded) before reading it.
+        let expected: &[u8] = b"/bin/sh\0-c\0sleep 5; :\0p\0/nonexistent.sock\0";
         let start = std::time::Instant::now();
         let cmdline = loop {
             let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
-            if cmdline.starts_with(b"plugvisor-plugin: p\0")
-                || start.elapsed() > std::time::Duration::from_secs(5)
-            {
+            if cmdline == expected || start.elapsed() > std::time::Duration::from_secs(5) {
                 break cmdline;
             }
             std::thread::sleep(std::time::Duration::from_millis(10));
         };
+        assert_eq!(
+            String::from_utf8_lossy(&cmdline),
+            String::from_utf8_lossy(expected),
+            "argv[0] is the command, placeholders are replaced"
+        );
+        let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
         assert!(
-            cmdline.starts_with(b"plugvisor-plugin: p\0"),
-            "{}",
-            String::from_utf8_lossy(&cmdline)
+            environ
+                .split(|b| *b == 0)
+                .any(|v| v == b"PLUGVISOR_CONNECT=/nonexistent.sock"),
+            "PLUGVISOR_CONNECT names the socket"
         );
         child.start_kill().unwrap();
         child.wait().await.unwrap();

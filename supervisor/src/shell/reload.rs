@@ -197,6 +197,7 @@ pub fn changed_plugin_keys(old: &PluginConfig, new: &PluginConfig) -> Vec<&'stat
     );
     check("budget_bytes", a.budget_bytes != b.budget_bytes);
     check("dispatch", old.dispatch != new.dispatch);
+    check("namespaces", old.namespaces != new.namespaces);
     check("final_timeout_ms", old.final_timeout != new.final_timeout);
     check(
         "inline_timeout_ms",
@@ -301,6 +302,7 @@ pub fn forget_plugin_metrics(metrics: &Metrics, name: &str) {
     metrics.inflight_bytes.remove(&label);
     metrics.final_duration.remove(&label);
     metrics.plugin_connected.remove(&label);
+    metrics.namespaces_denied.remove(&label);
     metrics.plugin_active_streams.remove(&label);
     metrics.plugin_up.remove(&label);
     metrics.restarts.remove(&label);
@@ -604,6 +606,7 @@ mod tests {
         ("replay_bytes", "replay_bytes = 7"),
         ("drain_grace_ms", "drain_grace_ms = 7"),
         ("stuck_timeout_ms", "stuck_timeout_ms = 7"),
+        ("namespaces", "namespaces = [\"envoy.lb\"]"),
     ];
 
     fn names(table: &[(&'static str, Applies)]) -> Vec<String> {

@@ -30,6 +30,14 @@ fn plugin(
     extra: &str,
     metadata: Option<Vec<(&str, Value)>>,
 ) -> (String, String, Behaviour) {
+    // Granted what it answers: these tests are about the limits, not the grants.
+    let grants: Vec<String> = metadata
+        .iter()
+        .flatten()
+        .map(|(k, _)| format!("{k:?}"))
+        .chain(["\"plugvisor.test-order\"".to_owned()])
+        .collect();
+    let extra = format!("namespaces = [{}]\n{extra}", grants.join(", "));
     let behaviour = Behaviour {
         final_metadata: metadata.map(|m| {
             m.into_iter()
@@ -38,7 +46,7 @@ fn plugin(
         }),
         ..Behaviour::default()
     };
-    (name.to_owned(), extra.to_owned(), behaviour)
+    (name.to_owned(), extra, behaviour)
 }
 
 /// Envoy's own edge, without plugvisor: a reply whose metadata nests 33 levels passes, 34 fails

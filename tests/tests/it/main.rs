@@ -16,6 +16,7 @@ mod handshake_limits;
 mod healthz;
 mod idle_streams;
 mod lifecycle;
+mod namespaces;
 mod one_instance;
 mod operations_doc;
 mod plugin_log_levels;

@@ -34,6 +34,8 @@ fn plugin(queue_events: usize, queue_bytes: usize, final_ms: u64) -> PluginConfi
         replay_bytes: crate::config::DEFAULT_REPLAY_BYTES,
         drain_grace: Duration::from_secs(30),
         stuck_timeout: Duration::from_secs(10),
+        namespaces: Vec::new(),
+        granted: vec!["plugvisor.p".into()],
     }
 }
 
