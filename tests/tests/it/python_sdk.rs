@@ -143,10 +143,7 @@ impl PyStack {
     }
 
     fn log_for(&self, rid: &str) -> serde_json::Value {
-        tokio::task::block_in_place(|| {
-            self.envoy
-                .access_log_for(rid, Duration::from_secs(10))
-        })
+        tokio::task::block_in_place(|| self.envoy.access_log_for(rid, Duration::from_secs(10)))
     }
 }
 
@@ -160,13 +157,18 @@ fn assert_counted(line: &serde_json::Value, params: &Params) {
     assert_eq!(line["wordcount"]["words"], words(params), "{line}");
     assert!(line["wordcount"]["gaps"].is_null(), "{line}");
     assert!(line["wordcount"]["partial"].is_null(), "{line}");
-    assert_eq!(line["plugvisor"]["missing"], serde_json::json!([]), "{line}");
+    assert_eq!(
+        line["plugvisor"]["missing"],
+        serde_json::json!([]),
+        "{line}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_python_plugin_s_word_count_reaches_envoy_and_survives_a_sigkill_mid_stream() {
     let stack = PyStack::start().await;
-    let log = || std::fs::read_to_string(stack.dir.path().join("plugvisor.log")).unwrap_or_default();
+    let log =
+        || std::fs::read_to_string(stack.dir.path().join("plugvisor.log")).unwrap_or_default();
 
     // Whole streams: words that run across deltas ("tok0 xxxxxxxxxxx" + "tok1 ..."), events
     // split by the upstream's pacing, and a non-streamed answer (no SSE: no words).
@@ -191,7 +193,12 @@ async fn a_python_plugin_s_word_count_reaches_envoy_and_survives_a_sigkill_mid_s
 
     // SIGKILL while a long stream is in flight: the front replays the stream's journal to the
     // replacement process, whose final counts every word, neither partial nor gapped.
-    let pid = stack.front.plugin_status("wordcount").await.pid.expect("pid");
+    let pid = stack
+        .front
+        .plugin_status("wordcount")
+        .await
+        .pid
+        .expect("pid");
     let long = Params {
         chunks: 40,
         delay: Duration::from_millis(25),
