@@ -23,6 +23,7 @@ mod plugin_log_levels;
 mod plugin_output;
 mod plugin_shutdown;
 mod protocol_versions;
+mod python_sdk;
 mod readme;
 mod real_plugins;
 mod reload_failures;

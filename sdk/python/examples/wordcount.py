@@ -1,0 +1,61 @@
+#!/usr/bin/env python3
+"""wordcount: counts the words the model streamed.
+
+Reads an OpenAI-compatible SSE stream (``data: {...}`` events, ``data: [DONE]`` at the end) and
+counts the whitespace-separated words of every ``choices[].delta.content``. An event may be split
+across chunks: the unfinished tail of one chunk waits for the next. Reports
+``{"plugvisor.wordcount": {"words": N}}`` (plus ``gaps``/``partial`` when the host saw them).
+"""
+
+import json
+
+import plugvisor
+
+
+class WordCount(plugvisor.Plugin):
+    name = "wordcount"
+    subscriptions = plugvisor.Subscriptions(request_start=False, response_headers=False,
+                                            chunks=True, body_bytes=True, abort=False)
+
+    def new_stream(self):
+        # Unfinished SSE text, the last word-in-progress flag, and the count so far.
+        return {"pending": b"", "words": 0, "in_word": False}
+
+    def on_chunk(self, stream, ctx, chunk):
+        self.feed(stream, chunk.bytes)
+
+    def on_final(self, stream, ctx, final):
+        self.feed(stream, final.bytes + b"\n\n")  # the stream ended: its last event is complete
+        return {self.namespace: {"words": stream["words"]}}
+
+    def feed(self, stream, data):
+        buf = (stream["pending"] + data).replace(b"\r\n", b"\n")
+        *events, stream["pending"] = buf.split(b"\n\n")
+        for event in events:
+            for line in event.split(b"\n"):
+                if not line.startswith(b"data:"):
+                    continue
+                payload = line[5:].strip()
+                if payload == b"[DONE]" or not payload:
+                    continue
+                try:
+                    choices = json.loads(payload).get("choices") or []
+                except (ValueError, AttributeError):
+                    continue  # not a completion event (a comment, an error object): no words
+                for choice in choices:
+                    text = (choice.get("delta") or {}).get("content") or ""
+                    self.count(stream, text)
+
+    @staticmethod
+    def count(stream, text):
+        # Words may continue across deltas ("Hel" + "lo"), so track whether one is open.
+        for ch in text:
+            if ch.isspace():
+                stream["in_word"] = False
+            elif not stream["in_word"]:
+                stream["in_word"] = True
+                stream["words"] += 1
+
+
+if __name__ == "__main__":
+    plugvisor.run(WordCount())

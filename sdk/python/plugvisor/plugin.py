@@ -1,0 +1,99 @@
+"""What a plugin implements (:class:`Plugin`) and what every hook receives (:class:`EventCtx`).
+
+A plugin is one object shared by every worker thread, plus one *stream state* per ext_proc
+stream: made by :meth:`Plugin.new_stream` at the stream's first event and forgotten after its
+final or abort hook ran (or when it is evicted as idle). The host calls one stream's hooks one at
+a time in sequence order, so the state needs no locks; different streams run in parallel.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Any, Dict
+
+from .wire import Abort, Chunk, Final, Metadata, RequestStart, ResponseHeaders, Subscriptions
+
+
+class ConfigError(Exception):
+    """The plugin's config is invalid; raise it from :meth:`Plugin.configure` with a message
+    naming the key and what to change. The host logs it and exits with status 78."""
+
+
+class EventCtx:
+    """Where an event sits in its stream, as the host saw it."""
+
+    __slots__ = ("stream_id", "seq", "stamp_ns", "gap", "partial", "is_replayed")
+
+    def __init__(self, stream_id: int, seq: int, stamp_ns: int, gap: int = 0,
+                 partial: bool = False, is_replayed: bool = False) -> None:
+        #: The front's id of the ext_proc stream.
+        self.stream_id = stream_id
+        #: The event's sequence number within the stream.
+        self.seq = seq
+        #: Arrival of the event at the front, ``CLOCK_MONOTONIC`` nanoseconds. Compute
+        #: latencies from these stamps, never from when the hook happens to run.
+        self.stamp_ns = stamp_ns
+        #: Events of this stream missing right before this one (dropped by the front under
+        #: overload, or lost to a restart); 0 when nothing is missing.
+        self.gap = gap
+        #: The host never saw this stream's start (e.g. after a restart mid-stream): totals
+        #: computed from it are partial.
+        self.partial = partial
+        #: The front resent this event after a process of this plugin crashed (same stream id,
+        #: seq and stamp). Compute from it exactly as from a live event; skip only side effects
+        #: outside the process that the crashed one may already have made.
+        self.is_replayed = is_replayed
+
+    def __repr__(self) -> str:
+        return ("EventCtx(stream_id={0.stream_id}, seq={0.seq}, stamp_ns={0.stamp_ns}, "
+                "gap={0.gap}, partial={0.partial}, is_replayed={0.is_replayed})").format(self)
+
+
+class Plugin:
+    """A plugin: per-stream hooks called in sequence order, different streams in parallel.
+
+    Set :attr:`name` (the default name in ``Hello``) and override the hooks you need; only
+    :meth:`on_final` produces anything. An exception raised by any hook (or by
+    :meth:`new_stream`) fails that stream only: it is logged, the stream's later hooks are
+    skipped, and its final answers with an error carrying the exception's text.
+    """
+
+    #: The plugin's name when the command line names none.
+    name: str = "plugin"
+    #: What the plugin receives; sent in ``Hello``. Default: every event, with body bytes.
+    subscriptions: Subscriptions = Subscriptions()
+
+    @property
+    def namespace(self) -> str:
+        """The plugin's own metadata namespace, ``plugvisor.<name>``: where the host adds
+        ``gaps`` and ``partial``."""
+        return "plugvisor." + self.name
+
+    def configure(self, config: Dict[str, Any]) -> None:
+        """Applies the plugin's ``config`` table from the front's configuration (an empty dict
+        when there is none), once, before any event. Raise :class:`ConfigError` (or any
+        exception) to refuse it: the process exits with status 78."""
+
+    def new_stream(self) -> Any:
+        """The state of a new stream, made at its first event. Default: an empty
+        ``types.SimpleNamespace`` to set attributes on."""
+        return SimpleNamespace()
+
+    def on_request_start(self, stream: Any, ctx: EventCtx, event: RequestStart) -> None:
+        """A request's headers reached the front."""
+
+    def on_response_headers(self, stream: Any, ctx: EventCtx, event: ResponseHeaders) -> None:
+        """The upstream's response headers arrived."""
+
+    def on_chunk(self, stream: Any, ctx: EventCtx, chunk: Chunk) -> None:
+        """A response body chunk arrived (``chunk.bytes`` is empty unless subscribed with
+        ``body_bytes``; ``chunk.len`` is always its size)."""
+
+    def on_final(self, stream: Any, ctx: EventCtx, event: Final) -> Metadata:
+        """The response ended and every earlier event of the stream has run. Return the
+        metadata, namespace -> value (normally ``{self.namespace: {...}}``), which goes into
+        Envoy's ``dynamic_metadata``. The final's own last body bytes are in ``event.bytes``."""
+        return {}
+
+    def on_abort(self, stream: Any, ctx: EventCtx, event: Abort) -> None:
+        """The stream ended without a response end; its state is forgotten right after."""
