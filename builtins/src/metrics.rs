@@ -1,7 +1,8 @@
 //! `metrics`: Prometheus metrics of the LLM traffic, served at `/metrics` on a configured
 //! loopback address (`listen`, default `127.0.0.1:9464`) by the plugin process itself. The
-//! address is bound while the config is applied, so a taken port fails the handshake (exit 78)
-//! instead of failing silently later. It returns no metadata of its own.
+//! address is bound while the config is applied, so one that cannot be bound fails the handshake
+//! (exit 78) instead of failing silently later; a taken port is served once free (a process
+//! being replaced may hold it). It returns no metadata of its own.
 //!
 //! The LLM metrics follow the OpenTelemetry GenAI semantic conventions (metric and attribute
 //! names with `.` as `_`, their advisory bucket boundaries, unit seconds without a suffix, as
@@ -287,6 +288,35 @@ async fn handle(
     Ok(response.unwrap_or_else(|_| Response::new(Full::new(Bytes::new()))))
 }
 
+fn bind(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    std::net::TcpListener::bind(addr).and_then(|l| l.set_nonblocking(true).map(|()| l))
+}
+
+/// How often a taken metrics address is tried again.
+const RETRY_BIND: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// Binds `addr` once it is free, trying every [`RETRY_BIND`] and warning once a minute while
+/// it stays taken; `None` when it fails for another reason.
+fn wait_for_port(addr: SocketAddr) -> Option<std::net::TcpListener> {
+    let mut since_warning = std::time::Instant::now();
+    loop {
+        std::thread::sleep(RETRY_BIND);
+        match bind(addr) {
+            Ok(listener) => return Some(listener),
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+                if since_warning.elapsed() >= std::time::Duration::from_secs(60) {
+                    tracing::warn!(%addr, "metrics address still taken; /metrics is not served");
+                    since_warning = std::time::Instant::now();
+                }
+            }
+            Err(e) => {
+                tracing::error!(%addr, error = %e, "cannot listen for /metrics");
+                return None;
+            }
+        }
+    }
+}
+
 fn serve(listener: std::net::TcpListener, registry: Arc<Registry>) {
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -379,20 +409,34 @@ impl Plugin for MetricsPlugin {
         if !addr.ip().is_loopback() {
             tracing::warn!(%addr, "metrics served on a non-loopback address");
         }
-        let listener = std::net::TcpListener::bind(addr)
-            .and_then(|l| l.set_nonblocking(true).map(|()| l))
-            .map_err(|e| {
-                ConfigError::new(format!("config.listen: cannot listen on {addr}: {e}"))
-            })?;
-        self.local_addr = listener.local_addr().ok();
+        // A taken port is not a configuration error: in a restart by handover the process being
+        // replaced serves the port until its last stream ends. Wait for it (warning), rather
+        // than exit 78, which the front takes for a configuration refused for good.
+        let listener = match bind(addr) {
+            Ok(listener) => Some(listener),
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+                tracing::warn!(%addr, "metrics address taken (a replaced metrics process may still serve it); serving /metrics once it is free");
+                None
+            }
+            Err(e) => {
+                return Err(ConfigError::new(format!(
+                    "config.listen: cannot listen on {addr}: {e}"
+                )))
+            }
+        };
+        self.local_addr = listener.as_ref().and_then(|l| l.local_addr().ok());
         let registry = Arc::clone(&self.registry);
         std::thread::Builder::new()
             .name("pv-metrics".into())
-            .spawn(move || serve(listener, registry))
+            .spawn(move || {
+                if let Some(listener) = listener.or_else(|| wait_for_port(addr)) {
+                    tracing::info!(addr = ?listener.local_addr().ok(), "serving /metrics");
+                    serve(listener, registry);
+                }
+            })
             .map_err(|e| {
                 ConfigError::new(format!("cannot start the metrics server thread: {e}"))
             })?;
-        tracing::info!(addr = ?self.local_addr, "serving /metrics");
         Ok(())
     }
 
@@ -697,12 +741,32 @@ mod tests {
     }
 
     #[test]
-    fn a_taken_or_bad_address_is_a_config_error() {
+    fn a_taken_address_is_served_once_free_and_a_bad_one_is_a_config_error() {
         let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let mut p = MetricsPlugin::default();
-        let addr = taken.local_addr().unwrap().to_string();
+        let addr = taken.local_addr().unwrap();
+        p.configure(&Value::map([("listen", Value::from(addr.to_string()))]))
+            .expect("a taken port waits: a replaced process may still hold it");
+        assert_eq!(p.local_addr(), None);
+        drop(taken);
+        // Served once free, within a few retries.
+        let start = std::time::Instant::now();
+        let mut conn = loop {
+            match std::net::TcpStream::connect(addr) {
+                Ok(c) => break c,
+                Err(e) if start.elapsed() > std::time::Duration::from_secs(10) => {
+                    panic!("not served after the port was freed: {e}")
+                }
+                Err(_) => std::thread::sleep(std::time::Duration::from_millis(50)),
+            }
+        };
+        use std::io::{Read, Write};
+        conn.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+        let mut text = String::new();
+        conn.read_to_string(&mut text).unwrap();
+        assert!(text.starts_with("HTTP/1.0 200"), "{text}");
         let e = p
-            .configure(&Value::map([("listen", Value::from(addr))]))
+            .configure(&Value::map([("listen", Value::from("192.0.2.1:9"))]))
             .unwrap_err();
         assert!(e.to_string().contains("cannot listen"), "{e}");
         let e = p
