@@ -23,12 +23,17 @@
 //!   rate-limited warnings), `journal` (journald's native protocol), `probe` (liveness probes
 //!   for the watchdog).
 //!
+//! Beside them, [`conformance`] is a tool for plugin authors (`plugvisor conformance`): the
+//! front's side of the protocol, played against any plugin program case by case, with the
+//! front's own limits.
+//!
 //! Unsafe code is denied everywhere but in `plugin::spawn`, which sets the parent-death signal
 //! between fork and exec, and `shell::systemd`, which takes ownership of inherited and received
 //! fds.
 #![deny(unsafe_code)]
 
 pub mod config;
+pub mod conformance;
 pub mod data_path;
 pub mod observe;
 pub mod plugin;

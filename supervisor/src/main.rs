@@ -105,6 +105,36 @@ enum Command {
         #[command(flatten)]
         control: ControlArg,
     },
+    /// Check that a plugin program keeps the plugin protocol, case by case.
+    ///
+    /// Plays the front's side of docs/protocol.md against CMD, started afresh for each case with
+    /// `{socket}` in ARGS replaced by a socket the kit listens on and PLUGVISOR_CONNECT set to it.
+    /// Prints one line per case, `PASS <case>` or `FAIL <case>: <why>`, and exits 0 only when
+    /// every case passes (1 otherwise). Example:
+    /// `plugvisor conformance --name wordcount -- python3 wordcount.py --connect {socket}`.
+    Conformance {
+        /// The name the plugin announces in its Hello (the name it is configured under).
+        #[arg(long, default_value = "conformance")]
+        name: String,
+        /// Also run the SDK cases (ordering, parallel streams, gaps, partial, replays, a hook
+        /// that throws) against an SDK's conformance plugin; on by default for the name
+        /// `conformance`.
+        #[arg(long)]
+        sdk: Option<bool>,
+        /// A namespace the plugin may write besides plugvisor.<name> (as plugins.<name>.namespaces
+        /// grants it); repeat for more.
+        #[arg(long = "namespace", value_name = "NS")]
+        namespaces: Vec<String>,
+        /// How long a final reply, a Pong or an exit asked for may take, in milliseconds.
+        #[arg(long, value_name = "MS", default_value_t = 5000)]
+        deadline_ms: u64,
+        /// Print the results as one JSON array instead of lines.
+        #[arg(long)]
+        json: bool,
+        /// The plugin's program and its arguments.
+        #[arg(last = true, required = true, value_name = "CMD")]
+        command: Vec<OsString>,
+    },
 }
 
 /// Where the running front's control socket is.
@@ -185,6 +215,37 @@ fn control(
     }
 }
 
+/// Runs the conformance kit and prints its cases; 0 only when all pass.
+fn conformance(opts: supervisor::conformance::Options, json: bool) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("plugvisor: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let outcomes = runtime.block_on(supervisor::conformance::run(&opts, |outcome| {
+        if !json {
+            println!("{outcome}");
+        }
+    }));
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&outcomes).unwrap_or_default()
+        );
+    }
+    if outcomes.iter().all(|o| o.pass) {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
 /// sysexits' EX_CONFIG: a configuration that does not load.
 const EXIT_CONFIG: u8 = 78;
 /// sysexits' EX_NOINPUT: the configuration file cannot be read.
@@ -239,6 +300,25 @@ fn main() -> ExitCode {
                     config_exit(&e)
                 }
             };
+        }
+        Some(Command::Conformance {
+            name,
+            sdk,
+            namespaces,
+            deadline_ms,
+            json,
+            command,
+        }) => {
+            return conformance(
+                supervisor::conformance::Options {
+                    sdk: sdk.unwrap_or(name == "conformance"),
+                    name,
+                    command,
+                    namespaces,
+                    deadline: std::time::Duration::from_millis(deadline_ms),
+                },
+                json,
+            );
         }
         Some(Command::DefaultConfig) => {
             print!("{}", supervisor::config::DEFAULT_CONFIG);

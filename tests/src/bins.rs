@@ -1,6 +1,7 @@
-//! Finding the workspace's binaries (`plugvisor`, `plugvisor-plugin`) in the target directory the
-//! tests were built into. CI runs `cargo build --workspace --bins` before `cargo test`, so a
-//! missing binary is a setup error: the message says how to fix it.
+//! Finding the workspace's binaries (`plugvisor`, `plugvisor-plugin`, and examples such as
+//! `examples/conformance`) in the target directory the tests were built into. CI runs
+//! `cargo build --workspace --bins --examples` before `cargo test`, so a missing binary is a setup
+//! error: the message says how to fix it.
 
 use std::path::PathBuf;
 
@@ -24,7 +25,7 @@ pub fn require(name: &str) -> PathBuf {
     let path = bin_dir().join(name);
     if !path.is_file() {
         panic!(
-            "binary `{name}` not found at {}; build it first: `cargo build --workspace --bins` \
+            "binary `{name}` not found at {}; build it first: `cargo build --workspace --bins --examples` \
              (with the same CARGO_TARGET_DIR as the tests)",
             path.display()
         );

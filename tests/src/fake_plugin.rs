@@ -33,6 +33,10 @@ pub struct Behaviour {
     /// Never send `Credit` (a plugin that stops reading its window, while still answering
     /// pings).
     pub no_credit: bool,
+    /// Never answer `Ping`.
+    pub no_pong: bool,
+    /// Record `Shutdown` and go on serving, as if it had not come.
+    pub ignore_shutdown: bool,
     /// Speak protocol version 2 (no capabilities, so the front must not send it `Replayed`)
     /// instead of the current one with every capability.
     pub protocol_2: bool,
@@ -75,6 +79,13 @@ pub struct FakePlugin {
     /// What it saw.
     pub record: Arc<Mutex<Record>>,
     task: tokio::task::JoinHandle<()>,
+}
+
+impl FakePlugin {
+    /// Waits until the fake stops serving: `Shutdown`, end-of-file, or an error.
+    pub async fn finished(mut self) {
+        let _ = (&mut self.task).await;
+    }
 }
 
 impl Drop for FakePlugin {
@@ -249,6 +260,7 @@ async fn serve(
                 r.open -= 1;
                 r.aborted.push((a.stream_id, a.cause));
             }
+            ToPlugin::Ping(_) if behaviour.no_pong => {}
             ToPlugin::Ping(p) => {
                 writer
                     .send(&FromPlugin::Pong(Pong {
@@ -260,7 +272,9 @@ async fn serve(
             }
             ToPlugin::Shutdown(s) => {
                 record.lock().unwrap().shutdown = Some(s.grace_ms);
-                return Ok(());
+                if !behaviour.ignore_shutdown {
+                    return Ok(());
+                }
             }
             _ => {}
         }

@@ -9,6 +9,7 @@
 //! `<prefix>-<pid>-<n>` by `tests::nspawn`.
 
 mod cli;
+mod conformance;
 mod data_path;
 mod down_plugins;
 mod front_with_envoy;

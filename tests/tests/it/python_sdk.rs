@@ -4,13 +4,11 @@
 //! `dynamic_metadata`. Then the plugin is SIGKILLed mid-stream and the replacement's replayed
 //! final must still count every word.
 //!
-//! The venv is made by the test itself (in its temporary directory), so
+//! The venv is made by the test process itself ([`tests::python::shared_venv`]), so
 //! `cargo test -p tests --test it -- python_sdk::` works alone, with `python3` (and its `venv`
 //! module) on PATH and PyPI reachable for the build backend.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
@@ -18,76 +16,6 @@ use tests::client::chat;
 use tests::envoy::{Envoy, EnvoyOptions};
 use tests::front::{metric, FrontProcess};
 use tests::upstream::{Params, Upstream};
-
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("the workspace root")
-        .to_path_buf()
-}
-
-/// Runs `cmd` to completion within `limit`, killing it (by pid) if it takes longer; panics with
-/// its output unless it succeeds.
-fn run_bounded(what: &str, cmd: &mut Command, limit: Duration) {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let out = dir.path().join("out");
-    let file = std::fs::File::create(&out).expect("output file");
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(file.try_clone().expect("dup"))
-        .stderr(file)
-        .spawn()
-        .unwrap_or_else(|e| panic!("{what}: cannot start: {e}"));
-    let deadline = Instant::now() + limit;
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("wait") {
-            break status;
-        }
-        if Instant::now() >= deadline {
-            let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGKILL);
-            let _ = child.wait();
-            panic!(
-                "{what}: not done within {limit:?}:\n{}",
-                std::fs::read_to_string(&out).unwrap_or_default()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    assert!(
-        status.success(),
-        "{what}: {status}:\n{}",
-        std::fs::read_to_string(&out).unwrap_or_default()
-    );
-}
-
-/// A fresh venv in `dir` with the SDK installed from `sdk/python`; returns its interpreter.
-fn venv_with_sdk(dir: &Path) -> PathBuf {
-    let venv = dir.join("venv");
-    run_bounded(
-        "python3 -m venv",
-        Command::new("python3").arg("-m").arg("venv").arg(&venv),
-        Duration::from_secs(120),
-    );
-    let python = venv.join("bin/python3");
-    run_bounded(
-        "pip install ./sdk/python",
-        Command::new(&python)
-            .args([
-                "-m",
-                "pip",
-                "install",
-                "--quiet",
-                "--disable-pip-version-check",
-                "--no-input",
-            ])
-            .arg(repo().join("sdk/python"))
-            // The in-tree build leaves build/ and *.egg-info beside the sources; run from the
-            // venv so nothing else in the checkout is picked up.
-            .current_dir(&venv),
-        Duration::from_secs(300),
-    );
-    python
-}
 
 /// The upstream, the front spawning `wordcount.py` with the venv's interpreter, and Envoy
 /// logging the `plugvisor.wordcount` namespace.
@@ -104,8 +32,8 @@ impl PyStack {
         let dir = tempfile::tempdir().expect("tempdir");
         let upstream = Upstream::start().await;
         let (front, envoy) = tokio::task::block_in_place(|| {
-            let python = venv_with_sdk(dir.path());
-            let script = repo().join("sdk/python/examples/wordcount.py");
+            let python = tests::python::shared_venv();
+            let script = tests::python::repo().join("sdk/python/examples/wordcount.py");
             let socket = FrontProcess::runtime_dir_in(dir.path()).join("plugins/wordcount.sock");
             let plugins = format!(
                 "[plugins.wordcount]\ncommand = \"{}\"\nargs = [\"{}\", \"--connect\", \"{}\"]\n\

@@ -1,0 +1,94 @@
+//! The Python SDK as an outsider uses it: `sdk/python` installed with pip into a fresh venv, whose
+//! interpreter then runs the SDK's examples (spawned by the front, or by the conformance kit).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+/// The workspace root.
+pub fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("the workspace root")
+        .to_path_buf()
+}
+
+/// Runs `cmd` to completion within `limit`, killing it (by pid) if it takes longer; panics with
+/// its output unless it succeeds.
+pub fn run_bounded(what: &str, cmd: &mut Command, limit: Duration) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = dir.path().join("out");
+    let file = std::fs::File::create(&out).expect("output file");
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(file.try_clone().expect("dup"))
+        .stderr(file)
+        .spawn()
+        .unwrap_or_else(|e| panic!("{what}: cannot start: {e}"));
+    let deadline = Instant::now() + limit;
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break status;
+        }
+        if Instant::now() >= deadline {
+            let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGKILL);
+            let _ = child.wait();
+            panic!(
+                "{what}: not done within {limit:?}:\n{}",
+                std::fs::read_to_string(&out).unwrap_or_default()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(
+        status.success(),
+        "{what}: {status}:\n{}",
+        std::fs::read_to_string(&out).unwrap_or_default()
+    );
+}
+
+/// A fresh venv in `dir` with the SDK installed from `sdk/python`; returns its interpreter.
+pub fn venv_with_sdk(dir: &Path) -> PathBuf {
+    let venv = dir.join("venv");
+    run_bounded(
+        "python3 -m venv",
+        Command::new("python3").arg("-m").arg("venv").arg(&venv),
+        Duration::from_secs(120),
+    );
+    let python = venv.join("bin/python3");
+    run_bounded(
+        "pip install ./sdk/python",
+        Command::new(&python)
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+                "--no-input",
+            ])
+            .arg(repo().join("sdk/python"))
+            // The in-tree build leaves build/ and *.egg-info beside the sources; run from the
+            // venv so nothing else in the checkout is picked up.
+            .current_dir(&venv),
+        Duration::from_secs(300),
+    );
+    python
+}
+
+/// One venv with the SDK for the whole test process, made on first use under the target
+/// directory (`it-python-venv`, recreated by each test run); returns its interpreter.
+pub fn shared_venv() -> PathBuf {
+    static VENV: OnceLock<PathBuf> = OnceLock::new();
+    VENV.get_or_init(|| {
+        let dir = crate::bins::bin_dir().join("it-python-venv");
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("venv directory");
+        venv_with_sdk(&dir)
+    })
+    .clone()
+}
