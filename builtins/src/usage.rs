@@ -30,7 +30,7 @@
 use std::collections::{BTreeMap, HashMap};
 
 use cel::{Context, ExecutionError, Program};
-use ipc_protocol::{Chunk, Final, Metadata, ResponseHeaders, Value};
+use ipc_protocol::{AbortedFinal, Chunk, Final, Metadata, ResponseHeaders, Value};
 
 use crate::usage_formats::{Format, ResponseObserver, Usage};
 use plugin_runner::{ConfigError, ConfigMap};
@@ -40,7 +40,7 @@ use plugin_runner::{EventCtx, Plugin};
 pub const NAMESPACE: &str = "plugvisor.usage";
 
 /// The keys the plugin writes under [`NAMESPACE`]; a cost or attribute may not take them.
-const OWN_KEYS: [&str; 16] = [
+const OWN_KEYS: [&str; 18] = [
     "input_tokens",
     "output_tokens",
     "total_tokens",
@@ -57,6 +57,8 @@ const OWN_KEYS: [&str; 16] = [
     "reason",
     "estimated",
     "cost_errors",
+    "status",
+    "cause",
 ];
 
 /// Largest cost reported: Envoy carries metadata numbers as doubles, which hold every integer
@@ -594,8 +596,28 @@ impl Plugin for UsagePlugin {
         let body = s.observer(self.format);
         body.push(&f.bytes, f.len.into(), ctx.stamp_ns);
         body.finish(ctx.stamp_ns);
+        self.report(s, None)
+    }
+
+    /// The stream ended without a response end: what was read so far, with the input tokens a
+    /// format reports up front (Anthropic's `message_start`) and the output estimated from the
+    /// content that reached the front, `estimated = true`, `status = "aborted"` and the cause.
+    fn on_aborted_final(&self, s: &mut UsageStream, ctx: &EventCtx, a: &AbortedFinal) -> Metadata {
+        s.observer(self.format).finish(ctx.stamp_ns);
+        self.report(s, Some(a))
+    }
+}
+
+impl UsagePlugin {
+    /// The stream's metadata once its body is finished; `aborted` for a stream that ended
+    /// without a response end.
+    fn report(&self, s: &UsageStream, aborted: Option<&AbortedFinal>) -> Metadata {
         let body = &s.body;
         let mut own = BTreeMap::new();
+        if let Some(a) = aborted {
+            own.insert("status".into(), Value::from("aborted"));
+            own.insert("cause".into(), Value::from(a.cause.as_str()));
+        }
         if let Some(u) = &body.usage {
             u.insert_into(&mut own);
         }
@@ -613,22 +635,46 @@ impl Plugin for UsagePlugin {
                 own.insert("error_type".into(), Value::from(kind.as_str()));
             }
         }
-        let reason = body.no_usage_reason(s.status);
+        let reason = match aborted {
+            Some(a) if body.usage.is_none() => Some(format!(
+                "the stream ended before the response did ({}): the usage is what reached the \
+                 front, the output estimated from its content",
+                a.cause.as_str()
+            )),
+            _ => body.no_usage_reason(s.status),
+        };
         if let Some(reason) = &reason {
             own.insert("reason".into(), Value::from(reason.as_str()));
         }
+        let content = i64::try_from(body.content_events).unwrap_or(i64::MAX);
         let tokens = match body.usage {
             Some(u) => Some(Tokens::Reported(u)),
+            // An aborted stream is billed for what the client got: the input the response
+            // reported up front, the output its content shows, even without the option.
+            None if aborted.is_some() && error.is_none() => {
+                let pending = body.pending_usage();
+                let output_tokens = content.max(pending.map_or(0, |u| u.output_tokens));
+                own.insert("output_tokens".into(), Value::Int(output_tokens));
+                own.insert("completion_tokens".into(), Value::Int(output_tokens));
+                if let Some(input) = pending.map(|u| u.input_tokens) {
+                    own.insert("input_tokens".into(), Value::Int(input));
+                    own.insert("prompt_tokens".into(), Value::Int(input));
+                    own.insert("total_tokens".into(), Value::Int(input + output_tokens));
+                }
+                own.insert("estimated".into(), Value::Bool(true));
+                Some(Tokens::Estimated { output_tokens })
+            }
             None if self.estimate_output_tokens
                 && error.is_none()
                 && body.is_sse()
                 && body.content_events > 0 =>
             {
-                let output_tokens = i64::try_from(body.content_events).unwrap_or(i64::MAX);
-                own.insert("output_tokens".into(), Value::Int(output_tokens));
-                own.insert("completion_tokens".into(), Value::Int(output_tokens));
+                own.insert("output_tokens".into(), Value::Int(content));
+                own.insert("completion_tokens".into(), Value::Int(content));
                 own.insert("estimated".into(), Value::Bool(true));
-                Some(Tokens::Estimated { output_tokens })
+                Some(Tokens::Estimated {
+                    output_tokens: content,
+                })
             }
             None => None,
         };
@@ -674,6 +720,63 @@ mod tests {
                 Value::from("usage.prompt_tokens + 2 * usage.completion_tokens"),
             ),
         ])
+    }
+
+    /// Plays `sse` cut into `chunks` pieces, keeps the first `keep` of them, and ends the stream
+    /// with an aborted final.
+    fn play_aborted(
+        sse: &str,
+        keep: usize,
+        cause: ipc_protocol::AbortCause,
+    ) -> plugin_runner::testing::Played {
+        use plugin_runner::testing::{Split, Stream};
+        let player = Player::new(UsagePlugin::default());
+        let events: Vec<&[u8]> = Split::SseEvents.apply(sse.as_bytes());
+        let stream = Stream::new(3)
+            .request(&[(":path", "/v1/messages")])
+            .response(200, &[("content-type", "text/event-stream")])
+            .chunks(events.into_iter().take(keep))
+            .aborted_final(cause);
+        player.play(&stream)
+    }
+
+    #[test]
+    fn an_aborted_stream_reports_the_input_it_saw_and_estimates_the_output_it_sent() {
+        let anthropic = include_str!("../tests/fixtures/usage/anthropic_stream.sse");
+        // message_start, content_block_start, ping, then two deltas: the client left there.
+        let played = play_aborted(anthropic, 5, ipc_protocol::AbortCause::ClientDisconnect);
+        let own = played.own();
+        let get = |k: &str| own.get(k).cloned();
+        assert_eq!(get("status"), Some(Value::from("aborted")));
+        assert_eq!(get("cause"), Some(Value::from("client_disconnect")));
+        assert_eq!(get("estimated"), Some(Value::Bool(true)));
+        // Input with the cache reads and writes, as the format counts it (25 + 1800 + 4200).
+        assert_eq!(get("input_tokens"), Some(Value::Int(6025)), "{own:?}");
+        assert_eq!(get("output_tokens"), Some(Value::Int(2)), "{own:?}");
+        assert_eq!(get("total_tokens"), Some(Value::Int(6027)), "{own:?}");
+        assert!(get("reason").is_some(), "{own:?}");
+
+        // OpenAI reports nothing up front: the output alone, estimated, never a silent zero.
+        let openai = include_str!("../tests/fixtures/usage/openai_chat_stream.sse");
+        let played = play_aborted(openai, 3, ipc_protocol::AbortCause::UpstreamError);
+        let own = played.own();
+        assert_eq!(own.get("cause"), Some(&Value::from("upstream_error")));
+        assert_eq!(own.get("estimated"), Some(&Value::Bool(true)));
+        assert!(own.get("input_tokens").is_none(), "{own:?}");
+        assert!(
+            matches!(own.get("output_tokens"), Some(&Value::Int(n)) if n > 0),
+            "{own:?}"
+        );
+
+        // Aborted after the whole response (usage and all) came: the reported numbers stand.
+        let whole = play_aborted(
+            anthropic,
+            usize::MAX,
+            ipc_protocol::AbortCause::ClientDisconnect,
+        );
+        let own = whole.own();
+        assert_eq!(own.get("status"), Some(&Value::from("aborted")));
+        assert!(own.get("estimated").is_none(), "{own:?}");
     }
 
     #[test]

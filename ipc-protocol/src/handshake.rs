@@ -35,8 +35,14 @@ pub mod capability {
     /// flight as partial.
     pub const REPLAYED: &str = "replayed";
 
+    /// The plugin answers `ToPlugin::AbortedFinal` (index 10) with a `FinalReply`, like a
+    /// `Final`: a stream that ends without a response end (the client left, the upstream reset,
+    /// the front stopped) still gets its final call, marked with the cause. Without it the plugin
+    /// gets `Abort` (when subscribed) and the stream's record lists it as `not_asked`.
+    pub const ABORTED_FINAL: &str = "aborted_final";
+
     /// Every capability this front knows, in the order a `Welcome` lists them.
-    pub const KNOWN: &[&str] = &[REPLAYED];
+    pub const KNOWN: &[&str] = &[REPLAYED, ABORTED_FINAL];
 }
 
 /// Checks the version a plugin announced.

@@ -50,6 +50,11 @@ pub enum ToPlugin {
     /// version 2, appended at the end.
     #[serde(deserialize_with = "deserialize_replayed")]
     Replayed(Box<ToPlugin>),
+    /// The stream ended without a response end (the client left, the upstream reset, the front
+    /// stopped): the final call of an aborted stream, answered like a [`Final`] with what the
+    /// plugin knows. Sent instead of [`Abort`], and only to a plugin that agreed on the
+    /// capability `aborted_final` (protocol version 3). Never wrapped in `Replayed`.
+    AbortedFinal(AbortedFinal),
 }
 
 /// `ToPlugin` without `Replayed`, variant for variant: what a `Replayed` may wrap on the wire.
@@ -356,6 +361,51 @@ pub struct Abort {
     pub detail: String,
 }
 
+/// The final call of a stream that ended without a response end: answer with a [`FinalReply`]
+/// carrying the same `call_id`, after every earlier event of the stream has run, with what the
+/// plugin knows (partial or estimated figures, said so).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AbortedFinal {
+    /// The stream this event belongs to.
+    pub stream_id: StreamId,
+    /// Sequence number within the stream.
+    pub seq: u32,
+    /// When the front noticed the end, `CLOCK_MONOTONIC` nanoseconds.
+    pub stamp_ns: u64,
+    /// Identifies this call; echoed in the reply.
+    pub call_id: u64,
+    /// Why the stream ended.
+    pub cause: AbortCause,
+    /// Free-form detail (the gRPC status, ...), for logs.
+    pub detail: String,
+}
+
+impl AbortedFinal {
+    /// The same end as an [`Abort`], for a plugin that handles both alike.
+    pub fn as_abort(&self) -> Abort {
+        Abort {
+            stream_id: self.stream_id,
+            seq: self.seq,
+            stamp_ns: self.stamp_ns,
+            cause: self.cause,
+            detail: self.detail.clone(),
+        }
+    }
+}
+
+impl AbortCause {
+    /// The cause's name in metadata and records: `client_disconnect`, `upstream_error`,
+    /// `timeout`, `shutdown`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AbortCause::ClientDisconnect => "client_disconnect",
+            AbortCause::UpstreamError => "upstream_error",
+            AbortCause::Timeout => "timeout",
+            AbortCause::Shutdown => "shutdown",
+        }
+    }
+}
+
 /// Liveness probe.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Ping {
@@ -458,6 +508,7 @@ impl ToPlugin {
             ToPlugin::Chunk(e) => Some((e.stream_id, e.seq)),
             ToPlugin::Final(e) => Some((e.stream_id, e.seq)),
             ToPlugin::Abort(e) => Some((e.stream_id, e.seq)),
+            ToPlugin::AbortedFinal(e) => Some((e.stream_id, e.seq)),
             ToPlugin::Replayed(inner) if inner.is_live_event() => inner.stream_seq(),
             ToPlugin::Welcome(_)
             | ToPlugin::Refuse(_)
@@ -467,7 +518,18 @@ impl ToPlugin {
         }
     }
 
-    /// Whether this is a per-stream event sent live (not wrapped in `Replayed`).
+    /// The call id and stream of a final call (`Final` or `AbortedFinal`), replayed or not.
+    pub fn final_call(&self) -> Option<(u64, StreamId)> {
+        match self {
+            ToPlugin::Final(f) => Some((f.call_id, f.stream_id)),
+            ToPlugin::AbortedFinal(f) => Some((f.call_id, f.stream_id)),
+            ToPlugin::Replayed(inner) => inner.final_call(),
+            _ => None,
+        }
+    }
+
+    /// Whether this is a per-stream event that `Replayed` may wrap, sent live (`AbortedFinal`,
+    /// never replayed, is not one).
     pub fn is_live_event(&self) -> bool {
         matches!(
             self,
@@ -531,6 +593,7 @@ impl ToPlugin {
             ToPlugin::Ping(_) => "Ping",
             ToPlugin::Shutdown(_) => "Shutdown",
             ToPlugin::Replayed(_) => "Replayed",
+            ToPlugin::AbortedFinal(_) => "AbortedFinal",
         }
     }
 }

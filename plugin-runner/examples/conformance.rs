@@ -13,7 +13,10 @@
 //!   `chunk`, `final`: that hook panics (after its sleep), so the SDK answers the stream's final
 //!   with an error and other streams are unaffected;
 //! - the final returns `{"plugvisor.<name>": {"seqs": [...], "replayed": n, "bytes": n}}`, where
-//!   the SDK adds `gaps` and `partial` when they apply.
+//!   the SDK adds `gaps` and `partial` when they apply;
+//! - the final of an aborted stream (`AbortedFinal`) appends its `seq` like a final and returns
+//!   the same map plus `"aborted": "<cause>"` (`client_disconnect`, `upstream_error`, `timeout`,
+//!   `shutdown`).
 //!
 //! Its name is `conformance` unless the command line gives another
 //! (`conformance <name> --connect <socket>`); the namespace follows the name.
@@ -22,8 +25,8 @@
 use std::time::Duration;
 
 use plugin_runner::{
-    Abort, Chunk, EventCtx, Final, Metadata, Plugin, RequestStart, ResponseHeaders, Subscriptions,
-    Value,
+    Abort, AbortedFinal, Chunk, EventCtx, Final, Metadata, Plugin, RequestStart, ResponseHeaders,
+    Subscriptions, Value,
 };
 
 /// The name when the command line gives none.
@@ -96,6 +99,22 @@ impl Stream {
     }
 }
 
+impl Conformance {
+    /// The stream's map: what it saw, and the cause when it was aborted.
+    fn report(&self, s: &Stream, aborted: Option<&str>) -> Metadata {
+        let seqs = s.seqs.iter().map(|&q| Value::from(q)).collect();
+        let mut own = vec![
+            ("seqs", Value::List(seqs)),
+            ("replayed", Value::from(s.replayed)),
+            ("bytes", Value::from(s.bytes)),
+        ];
+        if let Some(cause) = aborted {
+            own.push(("aborted", Value::from(cause)));
+        }
+        Metadata::from([(self.namespace.clone(), Value::map(own))])
+    }
+}
+
 impl Plugin for Conformance {
     type Stream = Stream;
 
@@ -127,13 +146,12 @@ impl Plugin for Conformance {
 
     fn on_final(&self, s: &mut Stream, ctx: &EventCtx, f: &Final) -> Metadata {
         s.hook(Some(Hook::Final), ctx, f.len);
-        let seqs = s.seqs.iter().map(|&q| Value::from(q)).collect();
-        let own = Value::map([
-            ("seqs", Value::List(seqs)),
-            ("replayed", Value::from(s.replayed)),
-            ("bytes", Value::from(s.bytes)),
-        ]);
-        Metadata::from([(self.namespace.clone(), own)])
+        self.report(s, None)
+    }
+
+    fn on_aborted_final(&self, s: &mut Stream, ctx: &EventCtx, a: &AbortedFinal) -> Metadata {
+        s.hook(Some(Hook::Final), ctx, 0);
+        self.report(s, Some(a.cause.as_str()))
     }
 
     fn on_abort(&self, s: &mut Stream, _: &EventCtx, _: &Abort) {

@@ -296,6 +296,7 @@ fn stamp_of(msg: &ToPlugin) -> u64 {
         ToPlugin::Chunk(e) => e.stamp_ns,
         ToPlugin::Final(e) => e.stamp_ns,
         ToPlugin::Abort(e) => e.stamp_ns,
+        ToPlugin::AbortedFinal(e) => e.stamp_ns,
         _ => 0,
     }
 }
@@ -514,8 +515,8 @@ impl<P: Plugin> Shared<P> {
         inner.running.insert(stream_id, Instant::now());
         drop(inner);
         step.running = true;
-        if let ToPlugin::Final(f) = &job.msg {
-            step.call_id = Some(f.call_id);
+        if let Some((call_id, _)) = job.msg.final_call() {
+            step.call_id = Some(call_id);
         }
 
         let _mark = ReplayMark::set(job.replayed.then_some((stream_id, job.ctx.seq)));
@@ -622,12 +623,15 @@ impl<P: Plugin> Shared<P> {
                 stream_id: c.stream_id,
                 seq: c.seq,
             })),
-            ToPlugin::Final(f) => (self.out)(FromPlugin::FinalReply(FinalReply {
-                call_id: f.call_id,
-                stream_id: f.stream_id,
-                outcome: FinalOutcome::Error("stream had already ended".into()),
-            })),
-            _ => {}
+            msg => {
+                if let Some((call_id, stream_id)) = msg.final_call() {
+                    (self.out)(FromPlugin::FinalReply(FinalReply {
+                        call_id,
+                        stream_id,
+                        outcome: FinalOutcome::Error("stream had already ended".into()),
+                    }))
+                }
+            }
         }
     }
 
@@ -733,9 +737,18 @@ impl<P: Plugin> Shared<P> {
                 });
                 (false, ack)
             }
-            ToPlugin::Final(f) => {
+            ToPlugin::Final(_) | ToPlugin::AbortedFinal(_) => {
+                let (call_id, final_stream) = job.msg.final_call().expect("a final call");
                 let mut meta = None;
-                hook("on_final", &mut |s| meta = Some(plugin.on_final(s, ctx, f)));
+                match &job.msg {
+                    ToPlugin::Final(f) => {
+                        hook("on_final", &mut |s| meta = Some(plugin.on_final(s, ctx, f)))
+                    }
+                    ToPlugin::AbortedFinal(a) => hook("on_aborted_final", &mut |s| {
+                        meta = Some(plugin.on_aborted_final(s, ctx, a))
+                    }),
+                    _ => unreachable!("matched above"),
+                }
                 // Dropped before the reply is built, so a panic in `Drop` is in the reply too.
                 self.drop_state(state.take(), stream_id, seq, failed);
                 if let (None, Some(meta)) = (&*failed, &mut meta) {
@@ -762,8 +775,8 @@ impl<P: Plugin> Shared<P> {
                     (None, None) => FinalOutcome::Error("final hook returned nothing".into()),
                 };
                 let reply = FromPlugin::FinalReply(FinalReply {
-                    call_id: f.call_id,
-                    stream_id: f.stream_id,
+                    call_id,
+                    stream_id: final_stream,
                     outcome,
                 });
                 (true, Some(reply))

@@ -62,8 +62,8 @@ pub use host::{serve, Exit, HostOptions};
 /// The wire protocol crate, re-exported so a plugin needs no second dependency.
 pub use ipc_protocol as protocol;
 pub use ipc_protocol::{
-    Abort, AbortCause, Chunk, Final, Metadata, RequestStart, ResponseHeaders, StreamId,
-    Subscriptions, Value,
+    Abort, AbortCause, AbortedFinal, Chunk, Final, Metadata, RequestStart, ResponseHeaders,
+    StreamId, Subscriptions, Value,
 };
 pub use plugin::{EventCtx, Plugin};
 

@@ -10,7 +10,8 @@
 //! hooks run exactly as for live events, so the state is rebuilt and the stream ends whole.
 
 use ipc_protocol::{
-    Abort, Chunk, Final, Metadata, RequestStart, ResponseHeaders, StreamId, Subscriptions, Value,
+    Abort, AbortedFinal, Chunk, Final, Metadata, RequestStart, ResponseHeaders, StreamId,
+    Subscriptions, Value,
 };
 
 use std::cell::Cell;
@@ -146,5 +147,20 @@ pub trait Plugin: Send + Sync + 'static {
     /// The stream ended without a response end; its state is dropped right after.
     fn on_abort(&self, stream: &mut Self::Stream, ctx: &EventCtx, event: &Abort) {
         let _ = (stream, ctx, event);
+    }
+
+    /// The final call of a stream that ended without a response end (the client left, the
+    /// upstream reset, the front stopped; `event.cause` says which): return what the plugin
+    /// knows, marked as partial or estimated where it is. It goes into the request's usage
+    /// record (Envoy, whose stream is gone, gets nothing). The stream's state is dropped right
+    /// after. The default runs [`Plugin::on_abort`] and answers with no metadata of its own.
+    fn on_aborted_final(
+        &self,
+        stream: &mut Self::Stream,
+        ctx: &EventCtx,
+        event: &AbortedFinal,
+    ) -> Metadata {
+        self.on_abort(stream, ctx, &event.as_abort());
+        Metadata::new()
     }
 }

@@ -30,7 +30,7 @@ impl Kind {
             ToPlugin::RequestStart(_) => Kind::RequestStart,
             ToPlugin::ResponseHeaders(_) => Kind::ResponseHeaders,
             ToPlugin::Chunk(_) => Kind::Chunk,
-            ToPlugin::Final(_) => Kind::Final,
+            ToPlugin::Final(_) | ToPlugin::AbortedFinal(_) => Kind::Final,
             ToPlugin::Abort(_) => Kind::Abort,
             ToPlugin::Replayed(inner) if inner.is_live_event() => return Kind::of(inner),
             _ => return None,

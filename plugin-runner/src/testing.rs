@@ -59,8 +59,8 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use ipc_protocol::{
-    Abort, AbortCause, Chunk, Final, FinalOutcome, FromPlugin, Header, Metadata, RequestStart,
-    ResponseHeaders, StreamId, Subscriptions, ToPlugin, Value,
+    Abort, AbortCause, AbortedFinal, Chunk, Final, FinalOutcome, FromPlugin, Header, Metadata,
+    RequestStart, ResponseHeaders, StreamId, Subscriptions, ToPlugin, Value,
 };
 
 use crate::config::ConfigError;
@@ -175,6 +175,7 @@ enum Event {
         trailers: Vec<Header>,
     },
     Abort(AbortCause),
+    AbortedFinal(AbortCause),
 }
 
 impl Event {
@@ -183,13 +184,16 @@ impl Event {
             Event::RequestStart { .. } => subs.request_start,
             Event::ResponseHeaders { .. } => subs.response_headers,
             Event::Chunk(_) => subs.chunks,
-            Event::Final { .. } => true,
+            Event::Final { .. } | Event::AbortedFinal(_) => true,
             Event::Abort(_) => subs.abort,
         }
     }
 
     fn ends(&self) -> bool {
-        matches!(self, Event::Final { .. } | Event::Abort(_))
+        matches!(
+            self,
+            Event::Final { .. } | Event::Abort(_) | Event::AbortedFinal(_)
+        )
     }
 }
 
@@ -339,6 +343,13 @@ impl Stream {
         self.push(Event::Abort(cause))
     }
 
+    /// The stream ended without a response end, and the front asks for its final anyway
+    /// (`AbortedFinal`, capability `aborted_final`): played, it answers with what the plugin
+    /// knows ([`Plugin::on_aborted_final`](crate::Plugin::on_aborted_final)).
+    pub fn aborted_final(self, cause: AbortCause) -> Stream {
+        self.push(Event::AbortedFinal(cause))
+    }
+
     /// Stamps the next event `stamp_ns`; the ones after it follow at the step.
     pub fn at(mut self, stamp_ns: u64) -> Stream {
         self.next_ns = stamp_ns;
@@ -430,6 +441,14 @@ impl Stream {
                     len: len32(bytes),
                     bytes: body(bytes),
                     trailers: trailers.clone(),
+                }),
+                Event::AbortedFinal(cause) => ToPlugin::AbortedFinal(AbortedFinal {
+                    stream_id,
+                    seq,
+                    stamp_ns: *stamp_ns,
+                    call_id: stream_id,
+                    cause: *cause,
+                    detail: String::new(),
                 }),
                 Event::Abort(cause) => ToPlugin::Abort(Abort {
                     stream_id,
@@ -531,10 +550,10 @@ impl<P: Plugin> Player<P> {
     /// When `stream` has no final or abort, or the plugin takes longer than [`PLAY_TIMEOUT`].
     pub fn play(&self, stream: &Stream) -> Played {
         let ends_with_final = match stream.events.last() {
-            Some((_, Event::Final { .. })) => true,
+            Some((_, Event::Final { .. } | Event::AbortedFinal(_))) => true,
             Some((_, Event::Abort(_))) => false,
             _ => panic!(
-                "stream {}: end it with .final_(..) or .abort(..) before playing it",
+                "stream {}: end it with .final_(..), .aborted_final(..) or .abort(..) before playing it",
                 stream.id
             ),
         };

@@ -132,6 +132,10 @@ pub async fn run(opts: &Options, mut report: impl FnMut(&Outcome)) -> Vec<Outcom
         record("credit", kit.with_session(SMALL_BUDGET, case_credit).await);
         record("replayed", kit.with_session(BUDGET, case_replayed).await);
         record("abort", kit.with_session(BUDGET, case_abort).await);
+        record(
+            "aborted_final",
+            kit.with_session(BUDGET, case_aborted_final).await,
+        );
         record("shutdown", kit.case_shutdown().await);
         record("eof", kit.case_eof().await);
         if opts.sdk {
@@ -163,6 +167,11 @@ pub async fn run(opts: &Options, mut report: impl FnMut(&Outcome)) -> Vec<Outcom
             record(
                 "sdk_hook_throws",
                 kit.with_session(BUDGET, async |s: &mut Session| sdk_throws(s, opts).await)
+                    .await,
+            );
+            record(
+                "sdk_aborted_final",
+                kit.with_session(BUDGET, async |s: &mut Session| sdk_aborted(s, opts).await)
                     .await,
             );
         }
@@ -947,6 +956,63 @@ async fn case_abort(s: &mut Session) -> CaseResult {
     } else {
         "not subscribed to Abort; alive".into()
     })
+}
+
+/// A stream of `chunks` chunks that ends, without its response end, in an `AbortedFinal`.
+fn aborted_stream(s: &Session, id: u64, chunks: usize) -> Vec<ToPlugin> {
+    let mut events = messages(s, &stream_of(id, chunks, &[]));
+    let last = events
+        .pop()
+        .and_then(|m| m.stream_seq())
+        .map_or(0, |(_, seq)| seq);
+    events.push(ToPlugin::AbortedFinal(ipc_protocol::AbortedFinal {
+        stream_id: id,
+        seq: last,
+        stamp_ns: ipc_protocol::stamp::monotonic_now_ns(),
+        call_id: call_of(id),
+        cause: AbortCause::ClientDisconnect,
+        detail: "the conformance kit: the client left".into(),
+    }));
+    events
+}
+
+async fn case_aborted_final(s: &mut Session) -> CaseResult {
+    if !s.agreed(capability::ABORTED_FINAL) {
+        return Ok("capability not announced: the front sends it Abort instead".into());
+    }
+    let streams = (1..=4).map(|id| aborted_stream(s, id, 3)).collect();
+    send_interleaved(s, streams).await?;
+    let calls: Vec<(u64, u64)> = (1..=4).map(|id| (call_of(id), id)).collect();
+    s.await_replies(&calls, Instant::now() + s_deadline())
+        .await?;
+    for (call, _) in &calls {
+        s.reply(*call)?;
+    }
+    Ok("4 aborted streams' finals answered with their own ids".into())
+}
+
+async fn sdk_aborted(s: &mut Session, opts: &Options) -> CaseResult {
+    if !s.agreed(capability::ABORTED_FINAL) {
+        return Err("the SDK does not announce the capability `aborted_final`".into());
+    }
+    let events = aborted_stream(s, 1, 3);
+    let expected = seqs(&events);
+    send_interleaved(s, vec![events]).await?;
+    s.await_replies(&[(call_of(1), 1)], Instant::now() + s_deadline())
+        .await?;
+    let map = own(s.reply(call_of(1))?, opts)?;
+    let got = ints(map.get("seqs")).ok_or("no `seqs` list of integers")?;
+    if got != expected {
+        return Err(format!("ran seqs {got:?}, sent {expected:?}"));
+    }
+    match map.get("aborted") {
+        Some(Value::String(c)) if c == "client_disconnect" => {
+            Ok("the aborted final ran in order and knew its cause".into())
+        }
+        other => Err(format!(
+            "the conformance plugin answers an aborted final with aborted: \"client_disconnect\", it said {other:?}"
+        )),
+    }
 }
 
 /// The conformance plugin's own map in `metadata`.

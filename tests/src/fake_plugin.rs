@@ -61,6 +61,9 @@ pub struct Record {
     pub replayed: usize,
     /// The protocol version and capabilities from `Welcome`.
     pub agreed: Option<(u32, Vec<String>)>,
+    /// Aborted streams whose final was asked for (`AbortedFinal`, answered), a subset of
+    /// `aborted`.
+    pub aborted_finals: usize,
     /// The grace of the `Shutdown` received, in milliseconds.
     pub shutdown: Option<u64>,
 }
@@ -259,6 +262,30 @@ async fn serve(
                 let mut r = record.lock().unwrap();
                 r.open -= 1;
                 r.aborted.push((a.stream_id, a.cause));
+            }
+            ToPlugin::AbortedFinal(a) => {
+                let lane = lanes.remove(&a.stream_id).unwrap_or_default();
+                {
+                    let mut r = record.lock().unwrap();
+                    r.open -= 1;
+                    r.aborted.push((a.stream_id, a.cause));
+                    r.aborted_finals += 1;
+                }
+                let md = BTreeMap::from([(
+                    "plugvisor.test-order".to_owned(),
+                    Value::map([
+                        ("events", Value::from(lane.events)),
+                        ("gaps", Value::from(lane.gaps)),
+                        ("aborted", Value::from(a.cause.as_str())),
+                    ]),
+                )]);
+                writer
+                    .send(&FromPlugin::FinalReply(FinalReply {
+                        call_id: a.call_id,
+                        stream_id: a.stream_id,
+                        outcome: FinalOutcome::Metadata(md),
+                    }))
+                    .await?;
             }
             ToPlugin::Ping(_) if behaviour.no_pong => {}
             ToPlugin::Ping(p) => {

@@ -504,6 +504,12 @@ impl ResponseObserver {
 }
 
 impl ResponseObserver {
+    /// Usage seen but not final, for a stream that ended before its end marker: Anthropic's
+    /// `message_start` (its input tokens), Gemini's chunks before the `finishReason`.
+    pub fn pending_usage(&self) -> Option<Usage> {
+        self.reading.pending
+    }
+
     /// Whether the body was an SSE stream.
     pub fn is_sse(&self) -> bool {
         self.mode == Mode::Sse

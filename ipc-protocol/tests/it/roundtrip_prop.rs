@@ -152,6 +152,18 @@ fn plain_to_plugin() -> impl Strategy<Value = ToPlugin> {
                 detail,
             })
         }),
+        (any::<u64>(), any::<u32>(), any::<u64>(), ".{0,20}").prop_map(
+            |(stream_id, seq, call_id, detail)| {
+                ToPlugin::AbortedFinal(AbortedFinal {
+                    stream_id,
+                    seq,
+                    stamp_ns: 2,
+                    call_id,
+                    cause: AbortCause::ClientDisconnect,
+                    detail,
+                })
+            }
+        ),
         any::<u64>().prop_map(|nonce| ToPlugin::Ping(Ping { nonce })),
         any::<u64>().prop_map(|grace_ms| ToPlugin::Shutdown(Shutdown { grace_ms })),
     ]

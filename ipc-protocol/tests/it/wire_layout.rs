@@ -188,6 +188,7 @@ fn variant_indices_match_the_documented_tables() {
         (7, "Ping"),
         (8, "Shutdown"),
         (9, "Replayed"),
+        (10, "AbortedFinal"),
     ];
     let samples = [
         ToPlugin::Welcome(Welcome {
@@ -243,7 +244,16 @@ fn variant_indices_match_the_documented_tables() {
         ToPlugin::Ping(Ping { nonce: 0 }),
         ToPlugin::Shutdown(Shutdown { grace_ms: 0 }),
         ToPlugin::Replayed(Box::new(ToPlugin::Ping(Ping { nonce: 0 }))),
+        ToPlugin::AbortedFinal(AbortedFinal {
+            stream_id: 0,
+            seq: 0,
+            stamp_ns: 0,
+            call_id: 0,
+            cause: AbortCause::ClientDisconnect,
+            detail: String::new(),
+        }),
     ];
+    assert_eq!(to.len(), samples.len());
     for ((index, name), msg) in to.iter().zip(samples.iter()) {
         assert_eq!(first_byte(msg), *index, "{name}");
         assert_eq!(msg.kind(), *name);
@@ -292,7 +302,14 @@ fn variant_indices_match_the_documented_tables() {
         .collect();
     assert_eq!(
         counted,
-        ["RequestStart", "ResponseHeaders", "Chunk", "Final", "Abort"]
+        [
+            "RequestStart",
+            "ResponseHeaders",
+            "Chunk",
+            "Final",
+            "Abort",
+            "AbortedFinal"
+        ]
     );
     // Value tags: Null 0, Bool 1, Int 2, Float 3, String 4, List 5, Map 6.
     let tags = [

@@ -39,7 +39,8 @@ use envoy_types::pb::envoy::service::ext_proc::v3::{
 use envoy_types::pb::google::protobuf::Struct;
 use ipc_protocol::stamp::monotonic_now_ns;
 use ipc_protocol::{
-    Abort, AbortCause, Chunk, Final, Header, RequestStart, ResponseHeaders, StreamId, ToPlugin,
+    Abort, AbortCause, AbortedFinal, Chunk, Final, Header, RequestStart, ResponseHeaders, StreamId,
+    ToPlugin,
 };
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
@@ -49,7 +50,7 @@ use crate::config::{BodyMode, Config, Dispatch, Published};
 use crate::data_path::metadata::{Excluded, Merge};
 use crate::data_path::plugin_stream::PluginStream;
 use crate::observe::metrics::{MessageLabel, Metrics};
-use crate::plugin::link::PluginLink;
+use crate::plugin::link::{Missing, PluginLink};
 
 /// How long an abort may wait for room in a full queue.
 const ABORT_PATIENCE: std::time::Duration = std::time::Duration::from_secs(2);
@@ -399,7 +400,8 @@ impl StreamTask {
             tracing::trace!(stream = self.id, %detail, "stream closed after its end");
         } else {
             tracing::debug!(stream = self.id, ?cause, %detail, "stream ended without end of response");
-            self.abort(cause, detail);
+            let merge = self.abort(cause, detail).await;
+            drop(merge);
         }
         metrics.streams_active.dec();
     }
@@ -695,9 +697,6 @@ impl StreamTask {
         let id = self.id;
         let mut calls = Vec::with_capacity(self.plugins.len());
         for ps in std::mem::take(&mut self.plugins) {
-            let name = ps.link().name().to_owned();
-            let config = ps.link().config();
-            let (cap, granted) = (config.process.metadata_max_bytes, config.granted.clone());
             let payload = if ps.subscriptions().body_bytes {
                 bytes.clone()
             } else {
@@ -715,14 +714,31 @@ impl StreamTask {
                     trailers: trailers.clone(),
                 })
             };
-            calls.push((name, cap, granted, tokio::spawn(ps.finish(make, arrival))));
+            calls.push(Call::start(ps, make, arrival));
         }
+        let merge = self.collect(calls, Vec::new()).await;
+        merge.into_struct(id)
+    }
+
+    /// Waits for the final calls and merges their answers, in config order; `not_asked` are the
+    /// plugins that got no call (an aborted stream's plugins that do not answer for one).
+    async fn collect(&self, calls: Vec<Call>, not_asked: Vec<String>) -> Merge {
+        let id = self.id;
         let mut merge = Merge::new(self.limits.stream_metadata_max_bytes);
         for name in &self.shed {
             merge.missing(name, Excluded::Shed);
         }
-        for (name, cap, granted, call) in calls {
-            let outcome = match call.await {
+        for name in not_asked {
+            merge.missing(&name, Excluded::from(Missing::NotAsked));
+        }
+        for Call {
+            name,
+            cap,
+            granted,
+            task,
+        } in calls
+        {
+            let outcome = match task.await {
                 Ok(outcome) => outcome,
                 Err(_) => {
                     merge.missing(&name, Excluded::Failed);
@@ -769,26 +785,76 @@ impl StreamTask {
         if !missing.is_empty() {
             tracing::debug!(stream = id, ?missing, "final metadata incomplete");
         }
-        merge.into_struct(id)
+        merge
     }
 
-    fn abort(&mut self, cause: AbortCause, detail: String) {
+    /// The stream ended without a response end: plugins that answer for such streams get their
+    /// final call (`AbortedFinal`, marked with the cause), the others `Abort`; returns what
+    /// they answered, merged, for the request's record (Envoy's stream is gone).
+    async fn abort(&mut self, cause: AbortCause, detail: String) -> Merge {
         self.ended = true;
         let stamp = monotonic_now_ns();
+        let arrival = Instant::now();
         let id = self.id;
-        for ps in &mut self.plugins {
-            ps.abort(
-                |seq| {
-                    ToPlugin::Abort(Abort {
+        let mut calls = Vec::new();
+        let mut not_asked = Vec::new();
+        for mut ps in std::mem::take(&mut self.plugins) {
+            if ps.answers_aborted() {
+                let detail = detail.clone();
+                let make = move |seq, call_id| {
+                    ToPlugin::AbortedFinal(AbortedFinal {
                         stream_id: id,
                         seq,
                         stamp_ns: stamp,
+                        call_id,
                         cause,
                         detail: detail.clone(),
                     })
-                },
-                ABORT_PATIENCE,
-            );
+                };
+                calls.push(Call::start(ps, make, arrival));
+            } else {
+                not_asked.push(ps.link().name().to_owned());
+                ps.abort(
+                    |seq| {
+                        ToPlugin::Abort(Abort {
+                            stream_id: id,
+                            seq,
+                            stamp_ns: stamp,
+                            cause,
+                            detail: detail.clone(),
+                        })
+                    },
+                    ABORT_PATIENCE,
+                );
+            }
+        }
+        self.collect(calls, not_asked).await
+    }
+}
+
+/// One plugin's final call, running.
+struct Call {
+    name: String,
+    /// The plugin's `metadata_max_bytes`.
+    cap: usize,
+    /// The namespaces it may write.
+    granted: Vec<String>,
+    task: tokio::task::JoinHandle<crate::data_path::plugin_stream::Outcome>,
+}
+
+impl Call {
+    /// Starts the final call of `ps`, its message built by `make(seq, call_id)`.
+    fn start(
+        ps: PluginStream,
+        make: impl Fn(u32, u64) -> ToPlugin + Send + 'static,
+        arrival: Instant,
+    ) -> Call {
+        let config = ps.link().config();
+        Call {
+            name: ps.link().name().to_owned(),
+            cap: config.process.metadata_max_bytes,
+            granted: config.granted.clone(),
+            task: tokio::spawn(ps.finish(make, arrival)),
         }
     }
 }

@@ -93,6 +93,15 @@ impl PluginStream {
         }
     }
 
+    /// Whether the plugin answers this stream's final call if the stream ends without a response
+    /// end: the connection it is bound to agreed on `aborted_final`, else the plugin's.
+    pub fn answers_aborted(&self) -> bool {
+        match self.bound.as_ref().filter(|c| !c.is_closed()) {
+            Some(c) => c.aborted_finals(),
+            None => self.link.answers_aborted_finals(),
+        }
+    }
+
     /// The connection this stream's events go to now, binding (and replaying) if it has none.
     fn route(&mut self) -> Option<Arc<Conn>> {
         if let Some(c) = self.bound.as_ref().filter(|c| !c.is_closed()) {

@@ -52,6 +52,9 @@ pub enum Missing {
     NotConnected,
     /// The plugin restarts, but only after the final's deadline (its backoff).
     Backoff,
+    /// The stream ended without a response end and the plugin does not answer for such streams
+    /// (it did not agree on the capability `aborted_final`): it got `Abort`, if subscribed.
+    NotAsked,
 }
 
 impl Missing {
@@ -66,6 +69,7 @@ impl Missing {
             Missing::GaveUp => "gave_up",
             Missing::NotConnected => "not_connected",
             Missing::Backoff => "backoff",
+            Missing::NotAsked => "not_asked",
         }
     }
 }
@@ -143,6 +147,8 @@ pub struct Conn {
     protocol_version: u32,
     /// Agreed in the handshake: the plugin decodes `Replayed` frames.
     replays: bool,
+    /// Agreed in the handshake: the plugin answers `AbortedFinal` calls.
+    aborted_finals: bool,
     tx: mpsc::Sender<Queued>,
     /// Pings and shutdown, written ahead of `tx`'s events and never held to the window.
     priority: mpsc::Sender<ToPlugin>,
@@ -201,6 +207,12 @@ impl Conn {
         self.replays
     }
 
+    /// Whether the plugin answers the final call of an aborted stream (capability
+    /// `aborted_final`).
+    pub fn aborted_finals(&self) -> bool {
+        self.aborted_finals
+    }
+
     /// The protocol version agreed in the handshake.
     pub fn protocol_version(&self) -> u32 {
         self.protocol_version
@@ -240,6 +252,9 @@ pub struct PluginLink {
     poisoned: Mutex<std::collections::HashSet<StreamId>>,
     /// What the last connection subscribed to (what streams assume while the plugin is down).
     last_subscriptions: Mutex<Subscriptions>,
+    /// Whether the last connection answered aborted streams' finals (what streams assume while
+    /// the plugin is down).
+    last_aborted_finals: std::sync::atomic::AtomicBool,
     /// The writer and reader tasks of its connections, live and draining.
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
     /// The last error line of its processes (their output, or a refused handshake).
@@ -282,6 +297,7 @@ impl PluginLink {
             stuck: Mutex::new(Vec::new()),
             poisoned: Mutex::new(std::collections::HashSet::new()),
             last_subscriptions: Mutex::new(Subscriptions::ALL),
+            last_aborted_finals: std::sync::atomic::AtomicBool::new(false),
             last_error: Default::default(),
             tasks: Mutex::new(Vec::new()),
         }
@@ -307,6 +323,15 @@ impl PluginLink {
     /// The live connection, if any.
     pub fn connection(&self) -> Option<Arc<Conn>> {
         self.conn.lock().expect("link lock").clone()
+    }
+
+    /// Whether the plugin answers the final call of an aborted stream: its live connection's
+    /// agreement, else its last connection's.
+    pub fn answers_aborted_finals(&self) -> bool {
+        match self.connection() {
+            Some(conn) => conn.aborted_finals,
+            None => self.last_aborted_finals.load(Ordering::Acquire),
+        }
     }
 
     /// What the plugin's last connection subscribed to (all events before the first).
@@ -403,6 +428,10 @@ impl PluginLink {
                 .capabilities
                 .iter()
                 .any(|c| c == ipc_protocol::handshake::capability::REPLAYED),
+            aborted_finals: welcome
+                .capabilities
+                .iter()
+                .any(|c| c == ipc_protocol::handshake::capability::ABORTED_FINAL),
             tx,
             priority,
             replay,
@@ -422,6 +451,8 @@ impl PluginLink {
         *slot = Some(conn.clone());
         drop(slot);
         *self.last_subscriptions.lock().expect("subscriptions lock") = subscriptions;
+        self.last_aborted_finals
+            .store(conn.aborted_finals, Ordering::Release);
         self.connected.send_replace(true);
         self.metrics
             .plugin_connected
@@ -1174,12 +1205,13 @@ impl PluginLink {
         started: Instant,
     ) -> Result<Metadata, Missing> {
         let conn = conn.ok_or(Missing::Down)?;
+        if matches!(msg, ToPlugin::AbortedFinal(_)) && !conn.aborted_finals {
+            // A process that does not answer for aborted streams took over mid-way.
+            return Err(Missing::NotAsked);
+        }
         let deadline = tokio::time::Instant::from_std(started + self.config().final_timeout);
         let (tx, rx) = oneshot::channel();
-        let stream_id = match &msg {
-            ToPlugin::Final(f) => f.stream_id,
-            _ => 0,
-        };
+        let stream_id = msg.final_call().map_or(0, |(_, stream)| stream);
         conn.finals
             .lock()
             .expect("finals lock")

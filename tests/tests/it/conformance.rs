@@ -63,6 +63,7 @@ const PROTOCOL_CASES: &[&str] = &[
     "credit",
     "replayed",
     "abort",
+    "aborted_final",
     "shutdown",
     "eof",
 ];

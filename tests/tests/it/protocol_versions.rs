@@ -30,7 +30,10 @@ async fn only_a_plugin_that_agreed_on_replayed_is_sent_replayed_frames() {
         let expected = if protocol_2 {
             (2, vec![])
         } else {
-            (ipc_protocol::PROTOCOL_VERSION, vec!["replayed".to_owned()])
+            (
+                ipc_protocol::PROTOCOL_VERSION,
+                vec!["replayed".to_owned(), "aborted_final".to_owned()],
+            )
         };
         assert_eq!(agreed, Some(expected));
 
@@ -71,6 +74,50 @@ async fn only_a_plugin_that_agreed_on_replayed_is_sent_replayed_frames() {
             assert_eq!(line["test_order"]["gaps"], 0.0, "{line}");
         }
         setup.plugins.push(next);
+        setup.stop().await;
+    }
+}
+
+/// A client that leaves mid-stream: a plugin that agreed on `aborted_final` is asked for the
+/// stream's final anyway (and answers); one speaking version 2 gets `Abort`, as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_a_plugin_that_agreed_on_aborted_final_is_asked_for_an_aborted_stream_s_final() {
+    for protocol_2 in [false, true] {
+        let setup = InProc::start(Options {
+            plugins: vec![(
+                "order".into(),
+                String::new(),
+                Behaviour {
+                    protocol_2,
+                    ..Behaviour::default()
+                },
+            )],
+            ..Options::default()
+        })
+        .await;
+        let params = Params {
+            chunks: 50,
+            delay: Duration::from_millis(20),
+            ..Params::default()
+        };
+        let port = setup.envoy.port;
+        let client = tokio::spawn(async move { chat(port, &params, "leaves").await });
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        client.abort();
+        let record = setup.plugins[0].record.clone();
+        tests::eventually(
+            "the plugin heard of the end",
+            Duration::from_secs(10),
+            || !record.lock().unwrap().aborted.is_empty(),
+        );
+        let r = record.lock().unwrap();
+        assert_eq!(r.aborted[0].1, ipc_protocol::AbortCause::ClientDisconnect);
+        assert_eq!(
+            r.aborted_finals,
+            usize::from(!protocol_2),
+            "protocol 2: {protocol_2}"
+        );
+        drop(r);
         setup.stop().await;
     }
 }

@@ -61,6 +61,14 @@ pub fn every_to_plugin() -> Vec<ToPlugin> {
             cause: AbortCause::ClientDisconnect,
             detail: "stream reset by envoy".into(),
         }),
+        ToPlugin::AbortedFinal(AbortedFinal {
+            stream_id: 9,
+            seq: 4,
+            stamp_ns: 6_000,
+            call_id: 77,
+            cause: AbortCause::Shutdown,
+            detail: "front is stopping".into(),
+        }),
         ToPlugin::Ping(Ping { nonce: u64::MAX }),
         ToPlugin::Shutdown(Shutdown { grace_ms: 5_000 }),
     ]
