@@ -110,14 +110,12 @@ async fn only_a_plugin_that_agreed_on_aborted_final_is_asked_for_an_aborted_stre
             Duration::from_secs(10),
             || !record.lock().unwrap().aborted.is_empty(),
         );
-        let r = record.lock().unwrap();
-        assert_eq!(r.aborted[0].1, ipc_protocol::AbortCause::ClientDisconnect);
-        assert_eq!(
-            r.aborted_finals,
-            usize::from(!protocol_2),
-            "protocol 2: {protocol_2}"
-        );
-        drop(r);
+        let (aborted, finals) = {
+            let r = record.lock().unwrap();
+            (r.aborted.clone(), r.aborted_finals)
+        };
+        assert_eq!(aborted[0].1, ipc_protocol::AbortCause::ClientDisconnect);
+        assert_eq!(finals, usize::from(!protocol_2), "protocol 2: {protocol_2}");
         setup.stop().await;
     }
 }
