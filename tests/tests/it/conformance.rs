@@ -75,6 +75,7 @@ const SDK_CASES: &[&str] = &[
     "sdk_partial",
     "sdk_replays",
     "sdk_hook_throws",
+    "sdk_aborted_final",
 ];
 
 fn example(name: &str) -> PathBuf {
