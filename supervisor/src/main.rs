@@ -11,6 +11,12 @@ use supervisor::plugin::spawn;
 use supervisor::shell::upgrade;
 use supervisor::Config;
 
+/// jemalloc, not glibc's malloc: after a burst of streams ends, glibc kept the memory (10 000
+/// idle streams took the front from 24 MiB to 157 MiB, and it stayed there), while jemalloc's
+/// background threads return it to the system once it has been unused for its decay time.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 /// Envoy ext_proc front that feeds plugin processes without making the stream wait.
 #[derive(Parser)]
 #[command(
@@ -261,6 +267,11 @@ fn config_exit(e: &supervisor::config::ConfigError) -> ExitCode {
 }
 
 fn main() -> ExitCode {
+    // Purge unused pages from background threads, so memory goes back while the front is idle
+    // too (without them jemalloc purges only when it allocates again).
+    if let Err(e) = tikv_jemalloc_ctl::background_thread::write(true) {
+        eprintln!("plugvisor: cannot start jemalloc's background purging: {e}");
+    }
     // `plugvisor plugin <name> --connect <socket> ...` hosts a built-in plugin: the front spawns
     // itself this way when a plugin has no `command`. Taken before clap sees the front's own
     // options, so the plugin's command line is exactly that of `plugvisor-plugin`.
