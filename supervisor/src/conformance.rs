@@ -204,7 +204,7 @@ struct Plugin {
     child: Child,
     output: Arc<Mutex<VecDeque<String>>>,
     stream: Option<UnixStream>,
-    _listener: UnixListener,
+    listener: UnixListener,
     socket: PathBuf,
 }
 
@@ -324,11 +324,11 @@ impl Kit<'_> {
             child,
             output,
             stream: None,
-            _listener: listener,
+            listener,
             socket,
         };
         let accepted = tokio::select! {
-            accepted = timeout(CONNECT_LIMIT, plugin._listener.accept()) => accepted,
+            accepted = timeout(CONNECT_LIMIT, plugin.listener.accept()) => accepted,
             status = plugin.child.wait() => {
                 let status = status.map_or_else(|e| e.to_string(), |s| s.to_string());
                 return Err(format!("the plugin exited ({status}) before it connected{}", plugin.output()));

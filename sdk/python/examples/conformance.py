@@ -2,15 +2,19 @@
 """conformance: the SDK conformance plugin (a Rust twin implements the same contract).
 
 Subscribes to request starts, response headers, chunks with body bytes, and aborts. Every hook
-(request start, response headers, chunk, final) appends the event's seq to the stream's ``seqs``,
-counts replayed events into ``replayed`` and adds chunk/final ``len`` to ``bytes``. Request
-headers steer it:
+(request start, response headers, chunk, final, aborted final) appends the event's seq to the
+stream's ``seqs``, counts replayed events into ``replayed`` and adds chunk/final ``len`` to
+``bytes``. Request headers steer it:
 
-- ``x-conformance-sleep-ms: N`` (N <= 10000): every hook of that stream sleeps N ms first;
-- ``x-conformance-fail: HOOK`` (request_start, response_headers, chunk or final): that hook raises.
+- ``x-conformance-sleep-ms: N`` (N <= 10000): every hook of that stream, the abort hook
+  included, sleeps N ms first;
+- ``x-conformance-fail: HOOK`` (request_start, response_headers, chunk or final): that hook
+  raises; ``final`` fails the final of an aborted stream too.
 
 The final returns ``{"plugvisor.<name>": {"seqs": [...], "replayed": n, "bytes": n}}``, plus
-what the SDK adds (``gaps``, ``partial``).
+what the SDK adds (``gaps``, ``partial``). The final of an aborted stream (``AbortedFinal``)
+returns the same map plus ``"aborted": "<cause>"`` (``client_disconnect``, ``upstream_error``,
+``timeout``, ``shutdown``).
 """
 
 import time
@@ -53,10 +57,23 @@ class Conformance(plugvisor.Plugin):
     def on_chunk(self, stream, ctx, chunk):
         self.hook(stream, ctx, "chunk", chunk.len)
 
+    def report(self, stream, aborted=None):
+        own = {"seqs": stream["seqs"], "replayed": stream["replayed"], "bytes": stream["bytes"]}
+        if aborted is not None:
+            own["aborted"] = aborted
+        return {self.namespace: own}
+
     def on_final(self, stream, ctx, final):
         self.hook(stream, ctx, "final", final.len)
-        return {self.namespace: {"seqs": stream["seqs"], "replayed": stream["replayed"],
-                                 "bytes": stream["bytes"]}}
+        return self.report(stream)
+
+    def on_aborted_final(self, stream, ctx, event):
+        self.hook(stream, ctx, "final")
+        return self.report(stream, aborted=event.cause_str)
+
+    def on_abort(self, stream, ctx, event):
+        if stream["sleep_ms"]:
+            time.sleep(stream["sleep_ms"] / 1000.0)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,9 @@ Reads an OpenAI-compatible SSE stream (``data: {...}`` events, ``data: [DONE]`` 
 counts the whitespace-separated words of every ``choices[].delta.content``. An event may be split
 across chunks: the unfinished tail of one chunk waits for the next. Reports
 ``{"plugvisor.wordcount": {"words": N}}`` (plus ``gaps``/``partial`` when the host saw them).
+A stream that ended without a response end (the client left, the upstream failed) reports the
+words of the events the client did receive, plus ``"aborted": "<cause>"`` (``client_disconnect``,
+``upstream_error``, ``timeout``, ``shutdown``); an event cut off mid-way is not counted.
 """
 
 import json
@@ -27,6 +30,10 @@ class WordCount(plugvisor.Plugin):
     def on_final(self, stream, ctx, final):
         self.feed(stream, final.bytes + b"\n\n")  # the stream ended: its last event is complete
         return {self.namespace: {"words": stream["words"]}}
+
+    def on_aborted_final(self, stream, ctx, event):
+        # No "\n\n" here: an event cut off by the abort never reached the client whole.
+        return {self.namespace: {"words": stream["words"], "aborted": event.cause_str}}
 
     def feed(self, stream, data):
         buf = (stream["pending"] + data).replace(b"\r\n", b"\n")

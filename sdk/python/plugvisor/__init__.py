@@ -40,13 +40,13 @@ from typing import List, NoReturn, Optional
 from . import cli, log
 from .host import Exit, HostOptions, serve
 from .plugin import ConfigError, EventCtx, Plugin
-from .wire import (ABORT_CAUSES, PROTOCOL_VERSION, Abort, Chunk, Final, Metadata, RequestStart,
-                   ResponseHeaders, Subscriptions)
+from .wire import (ABORT_CAUSE_STRS, ABORT_CAUSES, PROTOCOL_VERSION, Abort, AbortedFinal, Chunk,
+                   Final, Metadata, RequestStart, ResponseHeaders, Subscriptions)
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "ABORT_CAUSES", "Abort", "Chunk", "ConfigError", "EventCtx", "Exit", "Final", "HostOptions",
+    "ABORT_CAUSE_STRS", "ABORT_CAUSES", "Abort", "AbortedFinal", "Chunk", "ConfigError", "EventCtx", "Exit", "Final", "HostOptions",
     "Metadata", "PROTOCOL_VERSION", "Plugin", "RequestStart", "ResponseHeaders", "Subscriptions",
     "log", "run", "serve",
 ]

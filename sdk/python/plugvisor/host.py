@@ -1,9 +1,10 @@
 """The host: one connection to the front, from handshake to exit.
 
-:func:`serve` connects to the plugin's socket, says ``Hello`` (protocol version 3, capability
-``replayed``), applies the config from ``Welcome`` (or returns :attr:`Exit.CONFIG` after a
-``Refuse`` or a rejected config), then reads frames on its own thread: per-stream events go to
-their lanes (:mod:`plugvisor.lanes`), a ``Replayed`` one unwrapped and marked replayed; ``Ping``
+:func:`serve` connects to the plugin's socket, says ``Hello`` (protocol version 3, capabilities
+``replayed`` and ``aborted_final``), applies the config from ``Welcome`` (or returns
+:attr:`Exit.CONFIG` after a ``Refuse`` or a rejected config), then reads frames on its own thread:
+per-stream events go to their lanes (:mod:`plugvisor.lanes`), a ``Replayed`` one unwrapped and
+marked replayed, an ``AbortedFinal`` run and answered like a ``Final``; ``Ping``
 is answered right here, never behind queued work, with the lanes' active and stuck streams;
 ``Shutdown`` stops taking new streams and lets the in-flight work finish within its grace (the
 reader keeps answering pings meanwhile). Every event's whole frame length is credited back once
@@ -280,7 +281,7 @@ class _Host:
     def _handle(self, lanes: Lanes, payload: bytes, frame_len: int) -> None:
         msg = decode_to_plugin(payload)
         t = type(msg)
-        if t in EVENT_TYPES:
+        if t in EVENT_TYPES:  # AbortedFinal included; never inside a Replayed (decode refuses)
             lanes.submit(msg, frame_len, False)
         elif t is Replayed:
             # Counts its whole Replayed frame, like a live event.

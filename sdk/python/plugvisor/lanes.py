@@ -9,8 +9,8 @@ long backlog gets its share of the pool and no more (the shape of plugin-runner'
 Bounds: the front sends no more than ``budget_bytes`` of events not yet credited back, so all
 lanes together hold at most that much. Within it a lane holds at most ``queue_events`` events and
 ``queue_bytes`` body bytes; response headers and non-inline chunks arriving at a full lane are
-dropped (credited) and the next event that gets in carries the gap. Request starts, finals,
-aborts and inline chunks are never dropped.
+dropped (credited) and the next event that gets in carries the gap. Request starts, finals
+(``Final`` and ``AbortedFinal``), aborts and inline chunks are never dropped.
 
 Every piece of plugin code (:meth:`Plugin.new_stream`, the hooks) runs under one guard: an
 exception is logged with plugin, stream, seq and hook, the lane is marked failed (its later
@@ -29,8 +29,8 @@ from . import log
 from .credit import Credits
 from .plugin import EventCtx, Plugin
 from .sequence import next_seq, starts_partial
-from .wire import (Abort, Ack, Chunk, EncodeError, Final, FinalReply, Metadata, RequestStart,
-                   ResponseHeaders)
+from .wire import (FINAL_TYPES, Abort, AbortedFinal, Ack, Chunk, EncodeError, Final, FinalReply,
+                   Metadata, RequestStart, ResponseHeaders)
 
 _log = log.get("plugvisor.lanes")
 
@@ -104,6 +104,7 @@ _HOOKS = {
     Chunk: "on_chunk",
     Final: "on_final",
     Abort: "on_abort",
+    AbortedFinal: "on_aborted_final",
 }
 
 
@@ -226,7 +227,7 @@ class Lanes:
                 del self._lanes[sid]
             self.stats.evicted += len(victims)
         if victims:
-            _log.warn("evicted state of streams that never ended (no Final or Abort)",
+            _log.warn("evicted state of streams that never ended (no Final, AbortedFinal or Abort)",
                       evicted=len(victims), evicted_total=self.stats.evicted, idle_s=idle_s,
                       streams=",".join(map(str, victims)))
         return len(victims)
@@ -292,7 +293,7 @@ class Lanes:
         if reply is not None:
             self.send(reply)
         for late in leftover:
-            _log.warn("event after the stream's Final or Abort; not run",
+            _log.warn("event after the stream's Final, AbortedFinal or Abort; not run",
                       stream_id=stream_id, seq=late.ctx.seq)
             self._answer_unrun(late.event, "stream had already ended")
             self.credits.add(late.owed)
@@ -301,7 +302,7 @@ class Lanes:
     def _answer_unrun(self, event: Any, why: str) -> None:
         if isinstance(event, Chunk) and event.ack:
             self.send(Ack(event.stream_id, event.seq))
-        elif isinstance(event, Final):
+        elif isinstance(event, FINAL_TYPES):
             self.send(FinalReply(event.call_id, event.stream_id, error=why))
 
     def _guarded(self, lane: _Lane, ctx: EventCtx, what: str, fn: Callable[[], Any]) -> Any:
@@ -326,22 +327,24 @@ class Lanes:
         if not lane.has_state and lane.failed is None:
             lane.state = self._guarded(lane, ctx, "new_stream", self.plugin.new_stream)
             lane.has_state = lane.failed is None
-        hook = getattr(self.plugin, _HOOKS[type(event)])
+        name = _HOOKS[type(event)]
+        hook = getattr(self.plugin, name)
         result = None
         if lane.failed is None:
-            result = self._guarded(lane, ctx, hook.__name__, lambda: hook(lane.state, ctx, event))
+            result = self._guarded(lane, ctx, name, lambda: hook(lane.state, ctx, event))
         if isinstance(event, Chunk):
             return False, (Ack(event.stream_id, event.seq) if event.ack else None)
-        if isinstance(event, Final):
+        if isinstance(event, FINAL_TYPES):
+            # Final and AbortedFinal alike: the stream's last event, answered with its metadata.
             lane.state = None
             reply = FinalReply(event.call_id, event.stream_id)
             if lane.failed is not None:
                 reply.error = lane.failed
             elif result is None:
-                reply.error = (f"plugin `{self.plugin_name}`: on_final returned None "
+                reply.error = (f"plugin `{self.plugin_name}`: {name} returned None "
                                f"(seq {ctx.seq}); return a dict of namespace -> map")
             elif not isinstance(result, dict):
-                reply.error = (f"plugin `{self.plugin_name}`: on_final returned a "
+                reply.error = (f"plugin `{self.plugin_name}`: {name} returned a "
                                f"{type(result).__name__}, not a dict of namespace -> map")
             else:
                 annotate(result, self.namespace, gaps, partial)

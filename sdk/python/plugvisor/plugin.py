@@ -2,7 +2,7 @@
 
 A plugin is one object shared by every worker thread, plus one *stream state* per ext_proc
 stream: made by :meth:`Plugin.new_stream` at the stream's first event and forgotten after its
-final or abort hook ran (or when it is evicted as idle). The host calls one stream's hooks one at
+final, aborted-final or abort hook ran (or when it is evicted as idle). The host calls one stream's hooks one at
 a time in sequence order, so the state needs no locks; different streams run in parallel.
 """
 
@@ -11,7 +11,8 @@ from __future__ import annotations
 from types import SimpleNamespace
 from typing import Any, Dict
 
-from .wire import Abort, Chunk, Final, Metadata, RequestStart, ResponseHeaders, Subscriptions
+from .wire import (Abort, AbortedFinal, Chunk, Final, Metadata, RequestStart, ResponseHeaders,
+                   Subscriptions)
 
 
 class ConfigError(Exception):
@@ -53,7 +54,7 @@ class Plugin:
     """A plugin: per-stream hooks called in sequence order, different streams in parallel.
 
     Set :attr:`name` (the default name in ``Hello``) and override the hooks you need; only
-    :meth:`on_final` produces anything. An exception raised by any hook (or by
+    :meth:`on_final` and :meth:`on_aborted_final` produce anything. An exception raised by any hook (or by
     :meth:`new_stream`) fails that stream only: it is logged, the stream's later hooks are
     skipped, and its final answers with an error carrying the exception's text.
     """
@@ -96,4 +97,21 @@ class Plugin:
         return {}
 
     def on_abort(self, stream: Any, ctx: EventCtx, event: Abort) -> None:
-        """The stream ended without a response end; its state is forgotten right after."""
+        """The stream ended without a response end; its state is forgotten right after. Only
+        with the ``abort`` subscription, and only from a front that does not send
+        :class:`AbortedFinal` instead (see :meth:`on_aborted_final`)."""
+
+    def on_aborted_final(self, stream: Any, ctx: EventCtx, event: AbortedFinal) -> Metadata:
+        """The final call of a stream that ended without a response end (the client left, the
+        upstream reset, the front stopped: ``event.cause``, named by ``event.cause_str``), once
+        every earlier event of the stream has run. Return what the plugin knows, like
+        :meth:`on_final` (the host adds ``gaps`` and ``partial`` the same way), marked as
+        partial or estimated where it is; it goes into the request's usage record. The
+        stream's state is forgotten right after.
+
+        A front that agreed on the capability ``aborted_final`` (this SDK announces it) sends
+        this instead of :class:`Abort`, whatever the ``abort`` subscription. The default runs
+        :meth:`on_abort` with ``event.as_abort()`` and answers with no metadata of its own
+        (``{}``), so a plugin that does not override it behaves as with an ``Abort``."""
+        self.on_abort(stream, ctx, event.as_abort())
+        return {}

@@ -5,7 +5,8 @@ The front numbers the events it offers a plugin 0, 1, 2 ... per stream, counting
 the plugin subscribed to (a dropped event still uses its number), so on one socket every skipped
 number is a gap, and a stream first seen at a number other than 0, or (with request starts
 subscribed) at another event than ``RequestStart``, lost its start. A replayed event is judged
-exactly like the live event it wraps.
+exactly like the live event it wraps. An ``AbortedFinal`` is numbered and judged like a
+``Final`` (it is sent whatever the subscriptions, and is the stream's last event).
 """
 
 from __future__ import annotations

@@ -13,6 +13,8 @@ never exceeds the event bytes written. ::
         front.chunk(1, 1, b'data: {"x": 1}\\n\\n')
         reply = front.final(1, 2)
         assert reply.metadata == {"plugvisor.my": {...}}
+        front.request_start(2)
+        reply = front.aborted_final(2, 1, cause=0)   # the client left: on_aborted_final answers
 """
 
 from __future__ import annotations
@@ -28,11 +30,15 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 from .connection import FrameReader
 from .host import HostOptions, serve
 from .plugin import Plugin
-from .wire import (Abort, Ack, Chunk, Credit, Final, FinalReply, Header, Hello, Ping, Pong,
-                   Refuse, Replayed, RequestStart, ResponseHeaders, Shutdown, Welcome,
+from .wire import (Abort, AbortedFinal, Ack, Chunk, Credit, Final, FinalReply, Header, Hello, Ping,
+                   Pong, Refuse, Replayed, RequestStart, ResponseHeaders, Shutdown, Welcome,
                    counts_for_credit, decode_from_plugin, frame)
 
 _CLOSED = object()
+
+#: What the fake front offers by default: every capability a front of protocol version 3 knows.
+#: The ``Welcome`` lists those of them the plugin's ``Hello`` announced.
+FRONT_CAPABILITIES: Tuple[str, ...] = ("replayed", "aborted_final")
 
 
 class FakeFront:
@@ -64,7 +70,7 @@ class FakeFront:
     @classmethod
     def start(cls, plugin: Plugin, *, name: Optional[str] = None,
               config: Optional[Dict[str, Any]] = None, budget_bytes: int = 8 << 20,
-              metadata_max_bytes: int = 16384, capabilities: Sequence[str] = ("replayed",),
+              metadata_max_bytes: int = 16384, capabilities: Sequence[str] = FRONT_CAPABILITIES,
               version: int = 3, refuse: Optional[Refuse] = None,
               options: Optional[HostOptions] = None, handshake: bool = True) -> "FakeFront":
         """Runs ``plugin``'s host on a thread, connected to a new fake front, and answers its
@@ -107,7 +113,7 @@ class FakeFront:
         return cls(sock)
 
     def handshake(self, *, config: Optional[Dict[str, Any]] = None, budget_bytes: int = 8 << 20,
-                  metadata_max_bytes: int = 16384, capabilities: Sequence[str] = ("replayed",),
+                  metadata_max_bytes: int = 16384, capabilities: Sequence[str] = FRONT_CAPABILITIES,
                   version: int = 3, refuse: Optional[Refuse] = None,
                   timeout: float = 10.0) -> Hello:
         """Reads the plugin's ``Hello`` and answers it; returns the ``Hello``."""
@@ -210,6 +216,29 @@ class FakeFront:
               **kw: Any) -> FinalReply:
         """Sends ``Final`` and waits for its ``FinalReply`` (matched by call id)."""
         call_id = self.send_final(stream_id, seq, body, **kw)
+        return self.final_reply(call_id, timeout)
+
+    def send_aborted_final(self, stream_id: int, seq: int, cause: int = 0, detail: str = "", *,
+                           call_id: Optional[int] = None,
+                           stamp_ns: Optional[int] = None) -> int:
+        """Sends ``AbortedFinal`` (``cause`` indexes :data:`plugvisor.wire.ABORT_CAUSES`: 0
+        client disconnect, 1 upstream error, 2 timeout, 3 shutdown) without waiting; returns its
+        call id. Like a real front, only to a plugin whose ``Welcome`` agreed on
+        ``aborted_final`` (send the message with :meth:`send` to break that rule on purpose).
+        It is never replayed."""
+        if self.welcome is not None and "aborted_final" not in self.welcome.capabilities:
+            raise AssertionError("the Welcome did not agree on the capability `aborted_final`: "
+                                 "a front sends Abort instead of AbortedFinal to this plugin")
+        if call_id is None:
+            call_id = self._next_call
+            self._next_call += 1
+        self.send(AbortedFinal(stream_id, seq, _stamp(stamp_ns), call_id, cause, detail))
+        return call_id
+
+    def aborted_final(self, stream_id: int, seq: int, cause: int = 0, detail: str = "",
+                      timeout: float = 10.0, **kw: Any) -> FinalReply:
+        """Sends ``AbortedFinal`` and waits for its ``FinalReply`` (matched by call id)."""
+        call_id = self.send_aborted_final(stream_id, seq, cause, detail, **kw)
         return self.final_reply(call_id, timeout)
 
     def final_reply(self, call_id: int, timeout: float = 10.0) -> FinalReply:

@@ -23,8 +23,9 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 #: The protocol version this SDK speaks.
 PROTOCOL_VERSION = 3
-#: The capabilities this SDK announces in ``Hello`` (protocol version 3 and later).
-CAPABILITIES: Tuple[str, ...] = ("replayed",)
+#: The capabilities this SDK announces in ``Hello`` (protocol version 3 and later): it decodes
+#: ``Replayed`` (``replayed``) and answers ``AbortedFinal`` like a ``Final`` (``aborted_final``).
+CAPABILITIES: Tuple[str, ...] = ("replayed", "aborted_final")
 #: Bytes of the length prefix in front of every payload.
 PREFIX_LEN = 4
 #: The largest payload a plugin accepts (the Rust host's default, ``DEFAULT_MAX_FRAME``).
@@ -176,6 +177,9 @@ class Final:
 
 #: ``AbortCause`` variants, by index.
 ABORT_CAUSES = ("ClientDisconnect", "UpstreamError", "Timeout", "Shutdown")
+#: The same causes by index, as the Rust SDK's ``AbortCause::as_str()`` names them in metadata
+#: and records: ``client_disconnect``, ``upstream_error``, ``timeout``, ``shutdown``.
+ABORT_CAUSE_STRS = ("client_disconnect", "upstream_error", "timeout", "shutdown")
 
 
 @dataclass
@@ -192,8 +196,46 @@ class Abort:
 
     @property
     def cause_name(self) -> str:
-        """The cause's name, e.g. ``ClientDisconnect``."""
+        """The cause's variant name, e.g. ``ClientDisconnect``."""
         return ABORT_CAUSES[self.cause]
+
+    @property
+    def cause_str(self) -> str:
+        """The cause's name for metadata, e.g. ``client_disconnect`` (the Rust SDK's
+        ``AbortCause::as_str()``)."""
+        return ABORT_CAUSE_STRS[self.cause]
+
+
+@dataclass
+class AbortedFinal:
+    """The final call of a stream that ended without a response end (``ToPlugin`` 10): the client
+    left, the upstream reset, or the front stopped; ``cause`` indexes :data:`ABORT_CAUSES`. Sent
+    instead of :class:`Abort` to a plugin that agreed on the capability ``aborted_final``, whatever
+    its ``abort`` subscription; answered like a :class:`Final`, with what the plugin knows. It is
+    the stream's last event and is never wrapped in :class:`Replayed`."""
+
+    stream_id: int
+    seq: int
+    stamp_ns: int
+    call_id: int
+    cause: int
+    detail: str
+    INDEX = 10
+
+    @property
+    def cause_name(self) -> str:
+        """The cause's variant name, e.g. ``ClientDisconnect``."""
+        return ABORT_CAUSES[self.cause]
+
+    @property
+    def cause_str(self) -> str:
+        """The cause's name for metadata, e.g. ``client_disconnect`` (the Rust SDK's
+        ``AbortCause::as_str()``)."""
+        return ABORT_CAUSE_STRS[self.cause]
+
+    def as_abort(self) -> Abort:
+        """The same end as an :class:`Abort` event (for a plugin that handles both alike)."""
+        return Abort(self.stream_id, self.seq, self.stamp_ns, self.cause, self.detail)
 
 
 @dataclass
@@ -214,17 +256,24 @@ class Shutdown:
 
 @dataclass
 class Replayed:
-    """A per-stream event resent after a plugin restart (``ToPlugin`` 9)."""
+    """A per-stream event resent after a plugin restart (``ToPlugin`` 9); never an
+    :class:`AbortedFinal`."""
 
-    event: "Event"
+    event: "ReplayableEvent"
     INDEX = 9
 
 
-#: The per-stream events.
-Event = Union[RequestStart, ResponseHeaders, Chunk, Final, Abort]
-EVENT_TYPES = (RequestStart, ResponseHeaders, Chunk, Final, Abort)
+#: The per-stream events ``Replayed`` may wrap (``ToPlugin`` 2-6).
+ReplayableEvent = Union[RequestStart, ResponseHeaders, Chunk, Final, Abort]
+REPLAYABLE_EVENT_TYPES = (RequestStart, ResponseHeaders, Chunk, Final, Abort)
+#: The per-stream events: they carry a stream id and a seq, run on the stream's lane and count
+#: against the flow-control window.
+Event = Union[RequestStart, ResponseHeaders, Chunk, Final, Abort, AbortedFinal]
+EVENT_TYPES = REPLAYABLE_EVENT_TYPES + (AbortedFinal,)
+#: The final calls, answered with a :class:`FinalReply`.
+FINAL_TYPES = (Final, AbortedFinal)
 ToPlugin = Union[Welcome, Refuse, RequestStart, ResponseHeaders, Chunk, Final, Abort, Ping,
-                 Shutdown, Replayed]
+                 Shutdown, Replayed, AbortedFinal]
 
 # ---------------------------------------------------------------------------------------------
 # Messages, plugin -> front (FromPlugin)
@@ -483,13 +532,19 @@ def encode(msg: Any) -> bytes:
         _encode_event_fields(out, msg)
         _varint(out, msg.cause, _U32_MAX)
         _string(out, msg.detail)
+    elif t is AbortedFinal:
+        _encode_event_fields(out, msg)
+        _varint(out, msg.call_id)
+        _varint(out, msg.cause, _U32_MAX)
+        _string(out, msg.detail)
     elif t is Ping:
         _varint(out, msg.nonce)
     elif t is Shutdown:
         _varint(out, msg.grace_ms)
     elif t is Replayed:
-        if not isinstance(msg.event, EVENT_TYPES):
-            raise EncodeError("Replayed wraps exactly one per-stream event")
+        if not isinstance(msg.event, REPLAYABLE_EVENT_TYPES):
+            raise EncodeError("Replayed wraps exactly one per-stream event, never an "
+                              "AbortedFinal")
         out += encode(msg.event)
     else:
         raise EncodeError(f"not a protocol message: {t.__name__}")
@@ -617,6 +672,13 @@ class _Reader:
         return msg
 
 
+def _abort_cause(r: _Reader) -> int:
+    cause = r.varint(_U32_MAX)
+    if cause >= len(ABORT_CAUSES):
+        raise ProtocolError(f"unknown AbortCause variant {cause}")
+    return cause
+
+
 def _decode_event(r: _Reader, index: int) -> Event:
     if index == 2:
         sid, seq, stamp = r.event_head()
@@ -632,18 +694,20 @@ def _decode_event(r: _Reader, index: int) -> Event:
         return Final(sid, seq, stamp, r.varint(), r.varint(_U32_MAX), r.raw_bytes(), r.headers())
     if index == 6:
         sid, seq, stamp = r.event_head()
-        cause = r.varint(_U32_MAX)
-        if cause >= len(ABORT_CAUSES):
-            raise ProtocolError(f"unknown AbortCause variant {cause}")
-        return Abort(sid, seq, stamp, cause, r.string())
+        return Abort(sid, seq, stamp, _abort_cause(r), r.string())
+    if index == 10:
+        sid, seq, stamp = r.event_head()
+        call_id = r.varint()
+        return AbortedFinal(sid, seq, stamp, call_id, _abort_cause(r), r.string())
     raise ProtocolError(f"unknown ToPlugin variant {index}")
 
 
 def decode_to_plugin(payload: bytes) -> ToPlugin:
-    """Decodes one front-to-plugin payload. A ``Replayed`` must wrap one per-stream event."""
+    """Decodes one front-to-plugin payload. A ``Replayed`` must wrap one per-stream event other
+    than ``AbortedFinal``."""
     r = _Reader(payload)
     index = r.varint(_U32_MAX)
-    if 2 <= index <= 6:
+    if 2 <= index <= 6 or index == AbortedFinal.INDEX:
         return r.finish(_decode_event(r, index))
     if index == 0:
         version = r.varint(_U32_MAX)
@@ -663,6 +727,9 @@ def decode_to_plugin(payload: bytes) -> ToPlugin:
         return r.finish(Shutdown(r.varint()))
     if index == 9:
         inner = r.varint(_U32_MAX)
+        if inner == AbortedFinal.INDEX:
+            raise ProtocolError("Replayed wraps an AbortedFinal (ToPlugin variant 10), which is "
+                                "never replayed")
         if not 2 <= inner <= 6:
             raise ProtocolError(f"Replayed wraps ToPlugin variant {inner}, not a per-stream event")
         return r.finish(Replayed(_decode_event(r, inner)))
@@ -702,5 +769,5 @@ def decode_from_plugin(payload: bytes) -> FromPlugin:
 
 def counts_for_credit(msg: Any) -> bool:
     """Whether a front-to-plugin message counts against the flow-control window (per-stream
-    events and ``Replayed`` around one)."""
+    events, ``AbortedFinal`` included, and ``Replayed`` around one)."""
     return isinstance(msg, EVENT_TYPES) or isinstance(msg, Replayed)

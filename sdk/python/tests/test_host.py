@@ -9,7 +9,8 @@ import support
 import plugvisor
 from plugvisor import Exit, HostOptions, Subscriptions
 from plugvisor.testing import FakeFront
-from plugvisor.wire import Refuse
+from plugvisor import wire
+from plugvisor.wire import Abort, AbortedFinal, Refuse
 
 from conformance import Conformance
 from wordcount import WordCount
@@ -69,11 +70,12 @@ def events(reply):
 
 
 class Handshake(unittest.TestCase):
-    def test_hello_speaks_version_3_with_the_replayed_capability(self):
+    def test_hello_speaks_version_3_with_the_replayed_and_aborted_final_capabilities(self):
         with FakeFront.start(WordCount(), options=opts("wordcount")) as front:
             self.assertEqual(front.hello.protocol_version, 3)
             self.assertEqual(front.hello.plugin, "wordcount")
-            self.assertEqual(front.hello.capabilities, ["replayed"])
+            self.assertEqual(front.hello.capabilities, ["replayed", "aborted_final"])
+            self.assertEqual(front.welcome.capabilities, ["replayed", "aborted_final"])
             self.assertEqual(front.hello.subscriptions,
                              Subscriptions(False, False, True, True, False))
 
@@ -382,6 +384,162 @@ class Lifecycle(unittest.TestCase):
                 "seqs": [1, 2], "replayed": 0, "bytes": 2, "partial": True}})
 
 
+class AbortRecorder(Recorder):
+    """A Recorder that keeps what its default ``on_aborted_final`` passed to ``on_abort``."""
+
+    def __init__(self):
+        super().__init__()
+        self.aborts = []
+
+    def on_abort(self, stream, ctx, event):
+        self._hook(stream, ctx, "abort")
+        self.aborts.append((ctx.stream_id, ctx.seq, ctx.gap, event, list(stream)))
+
+
+class AbortedFinals(unittest.TestCase):
+    def test_the_hook_s_metadata_is_the_answer_after_every_earlier_event_with_annotations(self):
+        with FakeFront.start(Conformance()) as front:
+            front.request_start(1, headers=[("x-conformance-sleep-ms", "5")])
+            front.response_headers(1, 1)
+            front.chunk(1, 2, b"abc")
+            front.chunk(1, 4, b"de")  # seq 3 dropped by the front: a gap
+            reply = front.aborted_final(1, 5, cause=1, detail="upstream reset", call_id=77)
+            self.assertEqual((reply.call_id, reply.stream_id, reply.error), (77, 1, None))
+            self.assertEqual(reply.metadata, {"plugvisor.conformance": {
+                "seqs": [0, 1, 2, 4, 5], "replayed": 0, "bytes": 5, "aborted": "upstream_error",
+                "gaps": 1}})
+            # A stream first seen mid-way is partial, like for a Final; every cause is named.
+            for cause, name in enumerate(("client_disconnect", "upstream_error", "timeout",
+                                          "shutdown")):
+                sid = 10 + cause
+                front.chunk(sid, 2, b"x", replayed=True)
+                reply = front.aborted_final(sid, 3, cause=cause)
+                self.assertEqual(reply.metadata, {"plugvisor.conformance": {
+                    "seqs": [2, 3], "replayed": 1, "bytes": 1, "aborted": name,
+                    "partial": True}})
+            self.assertEqual(front.ping(1).active_streams, 0)
+            front.wait_credit(front.written)
+            self.assertEqual(front.violations, [])
+
+    def test_the_default_hook_runs_on_abort_and_answers_empty_metadata(self):
+        plugin = AbortRecorder()
+        plugin.subscriptions = Subscriptions(abort=False)  # an AbortedFinal comes all the same
+        with FakeFront.start(plugin) as front:
+            front.request_start(1)
+            front.chunk(1, 1, b"x")
+            reply = front.aborted_final(1, 2, cause=2, detail="deadline", stamp_ns=1234,
+                                        call_id=5)
+            self.assertEqual((reply.call_id, reply.stream_id, reply.metadata, reply.error),
+                             (5, 1, {}, None))
+            self.assertEqual(plugin.aborts, [(1, 2, 0, Abort(1, 2, 1234, 2, "deadline"),
+                                              [("start", 0, 0, False, False),
+                                               ("chunk", 1, 0, False, False),
+                                               ("abort", 2, 0, False, False)])])
+            # With gaps (and a lost start) the host's annotations are the whole answer.
+            front.request_start(2)
+            reply = front.aborted_final(2, 3, cause=0)
+            self.assertEqual(reply.metadata, {"plugvisor.recorder": {"gaps": 2}})
+            reply = front.aborted_final(3, 4, cause=3)
+            self.assertEqual(reply.metadata, {"plugvisor.recorder": {"partial": True}})
+            self.assertEqual(front.ping(1).active_streams, 0)
+
+    def test_an_exception_answers_an_error_for_that_stream_only(self):
+        class Boom(Recorder):
+            def on_aborted_final(self, stream, ctx, event):
+                if ctx.stream_id == 1:
+                    raise ValueError("cannot count an aborted stream")
+                return {self.namespace: {"n": len(stream)}}
+
+        with FakeFront.start(Boom()) as front:
+            for sid in (1, 2):
+                front.request_start(sid)
+                front.chunk(sid, 1, b"x")
+            bad = front.aborted_final(1, 2)
+            good = front.aborted_final(2, 2)
+            self.assertIsNone(bad.metadata)
+            self.assertEqual(bad.stream_id, 1)
+            self.assertIn("raised in on_aborted_final (seq 2): ValueError: cannot count an "
+                          "aborted stream", bad.error)
+            self.assertEqual(good.metadata, {"plugvisor.recorder": {"n": 2}})
+            self.assertEqual(front.ping(1).active_streams, 0)  # the failed stream is freed too
+            front.request_start(1)  # the same stream id later is a new stream
+            self.assertEqual(events(front.final(1, 1)), [("start", 0, 0, False, False),
+                                                        ("final", 1, 0, False, False)])
+        # An earlier hook's exception, or the final hook's: as for a Final.
+        with FakeFront.start(Conformance()) as front:
+            for sid, hook in ((1, "chunk"), (2, "final")):
+                front.request_start(sid, headers=[("x-conformance-fail", hook)])
+                front.chunk(sid, 1)
+                reply = front.aborted_final(sid, 2)
+                on = "on_aborted_final" if hook == "final" else "on_chunk"
+                self.assertIn(f"raised in {on}", reply.error or "", hook)
+
+        class NoReturn(Recorder):
+            def on_aborted_final(self, stream, ctx, event):
+                return None
+
+        with FakeFront.start(NoReturn()) as front:
+            self.assertIn("on_aborted_final returned None", front.aborted_final(1, 0).error)
+
+    def test_it_counts_against_the_window_by_its_whole_frame(self):
+        with FakeFront.start(Recorder(), budget_bytes=1 << 20) as front:
+            front.request_start(1)
+            front.wait_credit(front.written)
+            before = front.written
+            front.aborted_final(1, 1, detail="d" * 300, stamp_ns=5, call_id=9)
+            # 4 + (index, stream, seq, stamp, call, cause: 6 bytes; detail: fb 2c 01 + 300)
+            self.assertEqual(front.written - before, 4 + 6 + 3 + 300)
+            self.assertEqual(front.written - before,
+                             len(wire.frame(AbortedFinal(1, 1, 5, 9, 0, "d" * 300))))
+            front.wait_credit(front.written)
+            time.sleep(0.05)
+            self.assertEqual(front.credits[-1], front.written)
+            self.assertEqual(front.violations, [])
+
+    def test_a_late_aborted_final_after_the_stream_s_final_answers_an_error(self):
+        plugin = Recorder()
+        gate = threading.Event()
+        plugin.gates[(1, 0)] = gate
+        with FakeFront.start(plugin) as front:
+            front.request_start(1)
+            time.sleep(0.05)
+            final = front.send_final(1, 1)
+            late = front.send_aborted_final(1, 2, cause=0)
+            time.sleep(0.05)
+            gate.set()
+            self.assertIsNotNone(front.final_reply(final).metadata)
+            reply = front.final_reply(late)
+            self.assertEqual((reply.stream_id, reply.error), (1, "stream had already ended"))
+            front.wait_credit(front.written)
+            self.assertEqual(front.violations, [])
+
+    def test_while_shutting_down_a_new_stream_s_aborted_final_is_answered(self):
+        plugin = Recorder()
+        plugin.gates[(1, 0)] = threading.Event()
+        with FakeFront.start(plugin) as front:
+            front.request_start(1)
+            front.shutdown(200)
+            reply = front.aborted_final(9, 0)
+            self.assertIn("shutting down", reply.error)
+            self.assertEqual(front.wait_exit(5), Exit.CLEAN)
+
+    def test_a_replayed_around_an_aborted_final_is_a_protocol_error(self):
+        front = FakeFront.start(Recorder())
+        payload = b"\x09" + wire.encode(AbortedFinal(1, 0, 5, 1, 0, ""))
+        front.sock.sendall(len(payload).to_bytes(4, "little") + payload)
+        self.assertEqual(front.wait_exit(5), Exit.FAILED)
+        front.close()
+
+    def test_the_fake_front_sends_it_only_when_agreed(self):
+        with FakeFront.start(Recorder(), capabilities=("replayed",)) as front:
+            self.assertEqual(front.welcome.capabilities, ["replayed"])
+            with self.assertRaises(AssertionError):
+                front.send_aborted_final(1, 0)
+        with FakeFront.start(Recorder(), version=2) as front:
+            with self.assertRaises(AssertionError):
+                front.send_aborted_final(1, 0)
+
+
 class WordCountExample(unittest.TestCase):
     def sse(self, *deltas, done=True):
         import json
@@ -403,6 +561,19 @@ class WordCountExample(unittest.TestCase):
                 front.chunk(1000, i, crlf[i:i + 1])
             reply = front.final(1000, len(crlf) - 20, crlf[-20:])
             self.assertEqual(reply.metadata, {"plugvisor.wordcount": {"words": 7}})
+
+    def test_an_aborted_stream_reports_the_words_of_the_events_received(self):
+        body = self.sse("Hello", " wor", "ld, this is", done=False)
+        cut = self.sse(" a test", done=False)[:-4]  # the client left inside this event
+        with FakeFront.start(WordCount(), options=opts("wordcount")) as front:
+            front.chunk(1, 0, body[:10])
+            front.chunk(1, 1, body[10:] + cut)
+            reply = front.aborted_final(1, 2, cause=0)
+            self.assertEqual(reply.metadata, {"plugvisor.wordcount": {
+                "words": 4, "aborted": "client_disconnect"}})
+            reply = front.aborted_final(2, 0, cause=1)
+            self.assertEqual(reply.metadata, {"plugvisor.wordcount": {
+                "words": 0, "aborted": "upstream_error"}})
 
 
 if __name__ == "__main__":

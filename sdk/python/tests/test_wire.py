@@ -8,8 +8,8 @@ import unittest
 import support
 from plugvisor import wire
 from plugvisor.connection import FrameReader
-from plugvisor.wire import (Chunk, Credit, FinalReply, Hello, Ping, ProtocolError, Pong,
-                            Replayed, Subscriptions, Welcome)
+from plugvisor.wire import (Abort, AbortedFinal, Chunk, Credit, Final, FinalReply, Hello, Ping,
+                            ProtocolError, Pong, Replayed, Subscriptions, Welcome)
 
 # The dumps of docs/protocol.md, "Annotated bytes", exactly as printed there.
 HELLO = """
@@ -107,6 +107,61 @@ class Version3(unittest.TestCase):
         self.assertEqual(wire.decode_to_plugin(wire.encode(v2)), v2)
 
 
+class AbortedFinals(unittest.TestCase):
+    """``ToPlugin`` 10: stream_id, seq, stamp_ns, call_id, cause, detail."""
+
+    def test_exact_bytes_written_by_hand_from_the_layout(self):
+        msg = AbortedFinal(7, 3, 5, 9, 0, "x")
+        #          index stream seq stamp call cause detail: len 1, "x"
+        payload = bytes([0x0a, 0x07, 0x03, 0x05, 0x09, 0x00, 0x01, 0x78])
+        self.assertEqual(wire.encode(msg), payload)
+        self.assertEqual(wire.frame(msg), b"\x08\x00\x00\x00" + payload)
+        self.assertEqual(wire.decode_to_plugin(payload), msg)
+
+    def test_wide_fields_and_every_cause_round_trip(self):
+        for cause, name, snake in ((0, "ClientDisconnect", "client_disconnect"),
+                                   (1, "UpstreamError", "upstream_error"),
+                                   (2, "Timeout", "timeout"), (3, "Shutdown", "shutdown")):
+            msg = AbortedFinal((1 << 64) - 1, (1 << 32) - 1, 1_234_567_890_123, 4242, cause,
+                               "grpc status 1: cancelled — é")
+            self.assertEqual(wire.decode_to_plugin(wire.encode(msg)), msg)
+            self.assertEqual((msg.cause_name, msg.cause_str), (name, snake))
+            abort = msg.as_abort()
+            self.assertEqual(abort, Abort(msg.stream_id, msg.seq, msg.stamp_ns, cause, msg.detail))
+            self.assertEqual((abort.cause_name, abort.cause_str), (name, snake))
+        # The call id is a varint like every other field: 4242 is `fb 92 10`.
+        self.assertEqual(wire.encode(AbortedFinal(1, 2, 3, 4242, 3, ""))[4:],
+                         b"\xfb\x92\x10\x03\x00")
+
+    def test_an_unknown_cause_truncation_and_trailing_bytes_are_errors(self):
+        good = wire.encode(AbortedFinal(7, 3, 5, 9, 0, "x"))
+        for bad in (good[:5] + b"\x04" + good[6:], good[:-1], good + b"\x00",
+                    b"\x0a\x07\xfd" + b"\x00" * 8 + b"\x05\x09\x00\x00"):
+            with self.assertRaises(ProtocolError, msg=bad.hex()):
+                wire.decode_to_plugin(bad)
+
+    def test_it_is_never_wrapped_in_replayed(self):
+        payload = wire.encode(AbortedFinal(7, 3, 5, 9, 0, "x"))
+        with self.assertRaises(ProtocolError) as e:
+            wire.decode_to_plugin(b"\x09" + payload)
+        self.assertIn("AbortedFinal", str(e.exception))
+        with self.assertRaises(wire.EncodeError):
+            wire.encode(Replayed(AbortedFinal(7, 3, 5, 9, 0, "x")))
+
+    def test_it_is_a_per_stream_event_counted_for_credit_and_a_final_call(self):
+        msg = AbortedFinal(7, 3, 5, 9, 0, "x")
+        self.assertTrue(wire.counts_for_credit(msg))
+        self.assertIn(AbortedFinal, wire.EVENT_TYPES)
+        self.assertNotIn(AbortedFinal, wire.REPLAYABLE_EVENT_TYPES)
+        self.assertEqual(wire.FINAL_TYPES, (Final, AbortedFinal))
+
+    def test_the_sdk_announces_the_capability(self):
+        self.assertEqual(wire.CAPABILITIES, ("replayed", "aborted_final"))
+        hello = Hello(3, "usage", 4242, Subscriptions(), list(wire.CAPABILITIES))
+        self.assertTrue(wire.encode(hello).endswith(b"\x02\x08replayed\x0daborted_final"))
+        self.assertEqual(wire.decode_from_plugin(wire.encode(hello)), hello)
+
+
 class Values(unittest.TestCase):
     def roundtrip(self, value):
         out = bytearray()
@@ -171,7 +226,7 @@ class StrictDecoding(unittest.TestCase):
             b"\x07\xfe" + b"\x00" * 16,        # u128 marker for a u64
             b"\x04\x07\xfd" + b"\x00" * 8 + b"\x00" * 9,  # u64 marker for the u32 seq
             b"\x02\x01\x00\x00\x02\x01",        # Option tag 2
-            b"\x0a",                            # unknown variant
+            b"\x0b",                            # unknown variant
             b"\x04\x07\x02\x00\x03\x05ab\x00\x00",  # a body longer than what is left
             b"\x04\x07\x02\x00\x03\x00\x00",          # no ack byte
         ):
