@@ -14,6 +14,7 @@
 
 pub mod anthropic;
 pub mod content;
+pub mod eventstream;
 pub mod gemini;
 pub mod openai_chat;
 pub mod openai_responses;
