@@ -189,12 +189,12 @@ mod tests {
         )]);
         let e = validate("usage", &bad_cel).unwrap_err().to_string();
         assert!(e.contains("attributes[0].expression: invalid CEL"), "{e}");
-        let e = validate("usage", &Value::map([("format", Value::from("bedrock"))]))
+        let e = validate("usage", &Value::map([("format", Value::from("cohere"))]))
             .unwrap_err()
             .to_string();
         assert_eq!(
             e,
-            "config.format: unknown format `bedrock` (formats: auto, openai, openai-responses, anthropic, gemini)"
+            "config.format: unknown format `cohere` (formats: auto, openai, openai-responses, anthropic, gemini, bedrock)"
         );
         let e = validate("latency", &Value::map([("x", Value::Int(1))])).unwrap_err();
         assert!(e.to_string().contains("unknown key `x`"), "{e}");

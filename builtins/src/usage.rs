@@ -1,12 +1,12 @@
 //! `usage`: the request-attribute reporter. Reads token usage from LLM responses in every format
 //! of [`crate::usage_formats`] (OpenAI Chat/Completions, OpenAI Responses, Anthropic Messages,
-//! Gemini; SSE streams and plain JSON) and reports it under `plugvisor.usage`, plus configured
+//! Gemini, Bedrock; SSE streams, AWS event streams and plain JSON) and reports it under `plugvisor.usage`, plus configured
 //! costs and attributes computed from it for Envoy (rate limiting, routing, access logs). A
 //! response without usage is reported as such, with a `reason`, never as zeros.
 //!
 //! Config (docs/plugins.md has the operator's version):
-//! - `format = "auto" | "openai" | "openai-responses" | "anthropic" | "gemini"` (default `auto`:
-//!   detected per response).
+//! - `format = "auto" | "openai" | "openai-responses" | "anthropic" | "gemini" | "bedrock"`
+//!   (default `auto`: detected per response).
 //! - `costs = [{namespace, key, type}]`: integers ≥ 0 for Envoy's rate-limit `hits_addend`.
 //!   `type` is a [`TokenType`] name or a CEL expression over the [variables](#cel-variables).
 //!   A cost that cannot be computed for a stream (no usage, a token type the estimate lacks, a
@@ -30,7 +30,7 @@
 use std::collections::{BTreeMap, HashMap};
 
 use cel::{Context, ExecutionError, Program};
-use ipc_protocol::{AbortedFinal, Chunk, Final, Metadata, ResponseHeaders, Value};
+use ipc_protocol::{AbortedFinal, Chunk, Final, Metadata, RequestStart, ResponseHeaders, Value};
 
 use crate::usage_formats::{Format, ResponseObserver, Usage};
 use plugin_runner::{ConfigError, ConfigMap};
@@ -563,6 +563,13 @@ impl Plugin for UsagePlugin {
         next.check_targets()?;
         *self = next;
         Ok(())
+    }
+
+    /// Bedrock names the model in the request path only.
+    fn on_request_start(&self, s: &mut UsageStream, _: &EventCtx, e: &RequestStart) {
+        if let Some(path) = ipc_protocol::find_header(&e.headers, ":path") {
+            s.body.set_request_path(path);
+        }
     }
 
     fn on_response_headers(&self, s: &mut UsageStream, _: &EventCtx, e: &ResponseHeaders) {

@@ -27,6 +27,7 @@ pub fn is_content(format: Format, event: Option<&str>, json: &Json) -> bool {
         Format::OpenAiResponses => openai_responses(json),
         Format::Anthropic => anthropic(event, json),
         Format::Gemini => gemini(json),
+        Format::Bedrock => bedrock(event, json),
     }
 }
 
@@ -116,6 +117,38 @@ fn gemini(json: &Json) -> bool {
                 })
             })
     })
+}
+
+/// Bedrock: a `ConverseStream` `contentBlockDelta` with text, tool-input JSON or reasoning text;
+/// an `InvokeModelWithResponseStream` chunk whose inner event is an Anthropic content delta, or
+/// carries generated text in another family's field: Llama `generation`, Titan `outputText`,
+/// Mistral `outputs[].text`, Cohere `text` or `generations[].text`, Nova
+/// `contentBlockDelta.delta.text`.
+fn bedrock(event: Option<&str>, json: &Json) -> bool {
+    let converse_delta = |d: Option<&Json>| {
+        d.is_some_and(|d| {
+            text(d.get("text"))
+                || non_empty(d.get("toolUse").and_then(|t| t.get("input")))
+                || text(d.get("reasoningContent").and_then(|r| r.get("text")))
+        })
+    };
+    match event {
+        Some("contentBlockDelta") => converse_delta(json.get("delta")),
+        Some("chunk") if json.get("type").is_some_and(Json::is_string) => anthropic(None, json),
+        Some("chunk") => {
+            let texts = |list: Option<&Json>| {
+                list.and_then(Json::as_array)
+                    .is_some_and(|l| l.iter().any(|o| text(o.get("text"))))
+            };
+            ["generation", "outputText", "text"]
+                .iter()
+                .any(|k| text(json.get(*k)))
+                || texts(json.get("outputs"))
+                || texts(json.get("generations"))
+                || converse_delta(json.get("contentBlockDelta").and_then(|c| c.get("delta")))
+        }
+        _ => false,
+    }
 }
 
 #[cfg(test)]
@@ -283,6 +316,68 @@ mod tests {
             f,
             None,
             json!({"usageMetadata": {"promptTokenCount": 3}})
+        ));
+    }
+
+    #[test]
+    fn bedrock_content_is_a_delta_or_a_chunk_with_generated_text_in_any_family() {
+        let f = Format::Bedrock;
+        let chunk = |j: Json| content(f, Some("chunk"), j);
+        assert!(content(
+            f,
+            Some("contentBlockDelta"),
+            json!({"delta": {"text": "Hi"}, "contentBlockIndex": 0})
+        ));
+        assert!(content(
+            f,
+            Some("contentBlockDelta"),
+            json!({"delta": {"toolUse": {"input": "{\"city\""}}})
+        ));
+        assert!(content(
+            f,
+            Some("contentBlockDelta"),
+            json!({"delta": {"reasoningContent": {"text": "So"}}})
+        ));
+        assert!(!content(
+            f,
+            Some("contentBlockDelta"),
+            json!({"delta": {"reasoningContent": {"signature": "EqQB"}}})
+        ));
+        assert!(!content(
+            f,
+            Some("contentBlockDelta"),
+            json!({"delta": {"text": ""}})
+        ));
+        for kind in [
+            "messageStart",
+            "contentBlockStart",
+            "messageStop",
+            "metadata",
+        ] {
+            assert!(
+                !content(f, Some(kind), json!({"role": "assistant"})),
+                "{kind}"
+            );
+        }
+        assert!(chunk(
+            json!({"type": "content_block_delta", "delta": {"type": "text_delta", "text": "x"}})
+        ));
+        assert!(!chunk(json!({"type": "message_start", "message": {}})));
+        assert!(chunk(
+            json!({"generation": " Paris", "prompt_token_count": null})
+        ));
+        assert!(!chunk(json!({"generation": "", "stop_reason": "stop"})));
+        assert!(chunk(json!({"outputText": "Hello", "index": 0})));
+        assert!(chunk(
+            json!({"outputs": [{"text": "Bonjour", "stop_reason": null}]})
+        ));
+        assert!(chunk(json!({"text": "Hi", "is_finished": false})));
+        assert!(chunk(json!({"generations": [{"text": "Hi"}]})));
+        assert!(chunk(
+            json!({"contentBlockDelta": {"delta": {"text": "Hi"}, "contentBlockIndex": 0}})
+        ));
+        assert!(!chunk(
+            json!({"is_finished": true, "finish_reason": "COMPLETE"})
         ));
     }
 

@@ -1,19 +1,23 @@
 //! LLM provider response formats, read as the body streams by: one parser module per wire format.
 //!
 //! [`ResponseObserver`] is fed body chunks with their arrival stamps. It frames the body (SSE via
-//! [`plugin_runner::sse`], or plain JSON up to [`MAX_JSON_BODY`]), works out the provider
-//! [`Format`] — forced by config, or detected from the first event or body that one of the
-//! formats recognises — and hands every JSON event to that format's parser. The parsers fill one
+//! [`plugin_runner::sse`], an AWS event stream via [`eventstream`], or plain JSON up to
+//! [`MAX_JSON_BODY`]), works out the provider [`Format`] — forced by config, Bedrock for an
+//! event stream, or detected from the first event or body that one of the formats recognises —
+//! and hands every JSON event to that format's parser. The parsers fill one
 //! [`Reading`]: normalised [`Usage`], the response's model, an upstream error, whether the
 //! provider's end marker came, and which events carry tokens (for TTFT/TPOT). A new format is a new module here, a new
 //! [`Format`] variant and a new golden fixture under `tests/fixtures/usage/`.
 //!
 //! Usage is never guessed: when a response ends without it (compressed body, unknown format,
-//! upstream error, truncated stream) [`ResponseObserver::usage`] stays `None` and
+//! upstream error, truncated stream, an event stream with a bad CRC) [`ResponseObserver::usage`]
+//! stays `None` and
 //! [`ResponseObserver::no_usage_reason`] says why.
 
 pub mod anthropic;
+pub mod bedrock;
 pub mod content;
+pub mod eventstream;
 pub mod gemini;
 pub mod openai_chat;
 pub mod openai_responses;
@@ -38,16 +42,19 @@ pub enum Format {
     Anthropic,
     /// Google Gemini `generateContent` / `streamGenerateContent`.
     Gemini,
+    /// Amazon Bedrock `InvokeModelWithResponseStream` and `ConverseStream` (AWS event stream).
+    Bedrock,
 }
 
 impl Format {
-    /// Every format. Their detections do not overlap (each keys on fields the others lack), so
-    /// this is also the detection order.
-    pub const ALL: [Format; 4] = [
+    /// Every format. Their detections do not overlap (each keys on fields the others lack;
+    /// Bedrock is known by its framing, not by a JSON event), so this is also the detection order.
+    pub const ALL: [Format; 5] = [
         Format::OpenAiChat,
         Format::OpenAiResponses,
         Format::Anthropic,
         Format::Gemini,
+        Format::Bedrock,
     ];
 
     /// The name used in config and in metadata.
@@ -57,6 +64,7 @@ impl Format {
             Format::OpenAiResponses => "openai-responses",
             Format::Anthropic => "anthropic",
             Format::Gemini => "gemini",
+            Format::Bedrock => "bedrock",
         }
     }
 
@@ -72,6 +80,7 @@ impl Format {
             Format::OpenAiResponses => openai_responses::detects(event, json),
             Format::Anthropic => anthropic::detects(event, json),
             Format::Gemini => gemini::detects(event, json),
+            Format::Bedrock => bedrock::detects(event, json),
         }
     }
 
@@ -81,6 +90,7 @@ impl Format {
             Format::OpenAiResponses => openai_responses::observe(r, event, json),
             Format::Anthropic => anthropic::observe(r, event, json),
             Format::Gemini => gemini::observe(r, event, json),
+            Format::Bedrock => bedrock::observe(r, event, json),
         }
     }
 }
@@ -215,6 +225,8 @@ pub const MAX_ERROR_BODY: usize = 512;
 enum Mode {
     Unknown,
     Sse,
+    /// An AWS event stream (`application/vnd.amazon.eventstream`).
+    EventStream,
     Json,
 }
 
@@ -227,6 +239,12 @@ pub struct ResponseObserver {
     /// Some event (or the body) was in `format`.
     recognised: bool,
     sse: plugin_runner::sse::SseDecoder,
+    eventstream: eventstream::EventStreamDecoder,
+    /// Why the event stream could not be read to its end (bad CRC, cut inside a message); the
+    /// usage is then withheld.
+    frame_error: Option<eventstream::FrameError>,
+    /// The model the request path names (Bedrock's `/model/<modelId>/...`).
+    request_model: Option<String>,
     body: Vec<u8>,
     json_overflow: bool,
     /// The first [`MAX_ERROR_BODY`] bytes of the (decoded) body, to describe an error response.
@@ -240,9 +258,9 @@ pub struct ResponseObserver {
     pub chunks: u64,
     /// Body bytes seen (the lengths Envoy reported, whether or not bytes were sent).
     pub body_bytes: u64,
-    /// SSE events with data, `[DONE]` excluded.
+    /// SSE events with data (`[DONE]` excluded), or event stream messages.
     pub events: u64,
-    /// SSE events that carry tokens.
+    /// SSE events (or event stream messages) that carry tokens.
     pub token_events: u64,
     /// SSE events that deliver generated content ([`content::is_content`]): the count the
     /// `usage` plugin reports as estimated output tokens when the upstream sent no usage, and the
@@ -269,7 +287,8 @@ pub struct ResponseObserver {
     pub model: Option<String>,
     /// The message of an error object in the body.
     pub error: Option<String>,
-    /// SSE lines longer than [`MAX_LINE`] that were dropped, or a JSON body over [`MAX_JSON_BODY`].
+    /// SSE lines longer than [`MAX_LINE`] or event stream messages longer than
+    /// [`eventstream::MAX_MESSAGE`] that were dropped, or a JSON body over [`MAX_JSON_BODY`].
     pub overflows: u64,
     /// SSE events (or a body) whose data was not JSON.
     pub non_json_events: u64,
@@ -283,6 +302,9 @@ impl Default for ResponseObserver {
             forced: false,
             recognised: false,
             sse: plugin_runner::sse::SseDecoder::default(),
+            eventstream: eventstream::EventStreamDecoder::default(),
+            frame_error: None,
+            request_model: None,
             body: Vec::new(),
             json_overflow: false,
             head: Vec::new(),
@@ -318,12 +340,15 @@ impl ResponseObserver {
         self.format = format;
     }
 
-    /// Uses the response's `content-type` to decide between SSE and JSON (otherwise the first
-    /// body byte decides: `{` or `[` means JSON).
+    /// Uses the response's `content-type` to decide between SSE, an AWS event stream and JSON
+    /// (otherwise the first body byte decides: `{` or `[` means JSON, a NUL byte — the top of an
+    /// event stream prelude's length — an event stream, anything else SSE).
     pub fn set_content_type(&mut self, content_type: &str) {
         let ct = content_type.to_ascii_lowercase();
         if ct.contains("text/event-stream") {
             self.mode = Mode::Sse;
+        } else if ct.contains("application/vnd.amazon.eventstream") {
+            self.mode = Mode::EventStream;
         } else if ct.contains("json") {
             self.mode = Mode::Json;
         }
@@ -340,6 +365,12 @@ impl ResponseObserver {
             Ok(Some(enc)) => self.decoder = Some(crate::decode::Decoder::new(enc)),
             Err(e) => self.undecodable = Some(e),
         }
+    }
+
+    /// Uses the request's `:path`: a Bedrock response names no model, its path does
+    /// ([`bedrock::model_from_path`]).
+    pub fn set_request_path(&mut self, path: &str) {
+        self.request_model = bedrock::model_from_path(path);
     }
 
     /// The format read: forced, or detected so far.
@@ -378,6 +409,7 @@ impl ResponseObserver {
         if self.mode == Mode::Unknown {
             match bytes.iter().find(|b| !b.is_ascii_whitespace()) {
                 Some(b'{') | Some(b'[') => self.mode = Mode::Json,
+                Some(0) => self.mode = Mode::EventStream,
                 Some(_) => self.mode = Mode::Sse,
                 None => return,
             }
@@ -392,6 +424,12 @@ impl ResponseObserver {
                 } else {
                     self.body.extend_from_slice(bytes);
                 }
+            }
+            Mode::EventStream => {
+                let mut es = std::mem::take(&mut self.eventstream);
+                es.push(bytes, &mut |m| self.on_message(&m, stamp_ns));
+                self.overflows = es.overflows;
+                self.eventstream = es;
             }
             _ => {
                 let mut sse = std::mem::take(&mut self.sse);
@@ -412,22 +450,41 @@ impl ResponseObserver {
         }
         self.events += 1;
         match serde_json::from_str::<Json>(data) {
-            Ok(json) => {
-                if self.observe_json(event, &json) {
-                    self.token_events += 1;
-                    self.first_token_ns.get_or_insert(stamp_ns);
-                    self.last_token_ns = Some(stamp_ns);
-                }
-                if self
-                    .format
-                    .is_some_and(|f| content::is_content(f, event, &json))
-                {
-                    self.content_events += 1;
-                    self.first_content_ns.get_or_insert(stamp_ns);
-                    self.last_content_ns = Some(stamp_ns);
-                }
-            }
+            Ok(json) => self.on_json(event, &json, stamp_ns),
             Err(_) => self.non_json_events += 1,
+        }
+    }
+
+    /// One event stream message. Its body is Bedrock's, unless another format was forced: then
+    /// it is not read (and the format is not recognised).
+    fn on_message(&mut self, m: &eventstream::Message, stamp_ns: u64) {
+        let format = *self.format.get_or_insert(Format::Bedrock);
+        if format != Format::Bedrock {
+            return;
+        }
+        self.recognised = true;
+        self.events += 1;
+        match bedrock::event(m) {
+            bedrock::Event::Json { name, json } => self.on_json(Some(&name), &json, stamp_ns),
+            bedrock::Event::Error(e) => self.reading.error = Some(e),
+            bedrock::Event::NotJson => self.non_json_events += 1,
+        }
+    }
+
+    /// One JSON event: its tokens, content and the clocks.
+    fn on_json(&mut self, event: Option<&str>, json: &Json, stamp_ns: u64) {
+        if self.observe_json(event, json) {
+            self.token_events += 1;
+            self.first_token_ns.get_or_insert(stamp_ns);
+            self.last_token_ns = Some(stamp_ns);
+        }
+        if self
+            .format
+            .is_some_and(|f| content::is_content(f, event, json))
+        {
+            self.content_events += 1;
+            self.first_content_ns.get_or_insert(stamp_ns);
+            self.last_content_ns = Some(stamp_ns);
         }
     }
 
@@ -486,6 +543,7 @@ impl ResponseObserver {
                     }
                 }
             }
+            Mode::EventStream => self.frame_error = self.eventstream.finish().err(),
             _ => {
                 let mut sse = std::mem::take(&mut self.sse);
                 sse.finish(&mut |event, data| self.on_event(event, data, stamp_ns));
@@ -497,22 +555,30 @@ impl ResponseObserver {
         if r.usage.is_none() && r.ended {
             r.usage = r.pending;
         }
-        self.usage = r.usage.filter(|_| self.undecodable.is_none());
-        self.model = r.model.clone();
+        self.usage = r
+            .usage
+            .filter(|_| self.undecodable.is_none() && self.frame_error.is_none());
+        self.model = match self.format {
+            Some(Format::Bedrock) => self.request_model.clone().or_else(|| r.model.clone()),
+            _ => r.model.clone(),
+        };
         self.error = r.error.as_ref().map(|e| e.message.clone());
     }
 }
 
 impl ResponseObserver {
     /// Usage seen but not final, for a stream that ended before its end marker: Anthropic's
-    /// `message_start` (its input tokens), Gemini's chunks before the `finishReason`.
+    /// `message_start` (its input tokens, also inside Bedrock's Claude chunks), Gemini's chunks
+    /// before the `finishReason`.
     pub fn pending_usage(&self) -> Option<Usage> {
         self.reading.pending
     }
 
-    /// Whether the body was an SSE stream.
+    /// Whether the body was a stream of events, SSE or an AWS event stream (not one JSON
+    /// document): what the streamed clocks (TTFT, inter-token latency) and the output estimate
+    /// need.
     pub fn is_sse(&self) -> bool {
-        self.mode == Mode::Sse
+        matches!(self.mode, Mode::Sse | Mode::EventStream)
     }
 
     /// The error the upstream reported in the body, with its type when given.
@@ -552,6 +618,10 @@ impl ResponseObserver {
         let format = self.format.map(Format::name).unwrap_or("unknown");
         Some(if let Some(e) = &self.undecodable {
             format!("compressed body not read: {e}")
+        } else if let Some(e @ eventstream::FrameError::Truncated { .. }) = &self.frame_error {
+            format!("truncated stream: {e}")
+        } else if let Some(e) = &self.frame_error {
+            format!("corrupt event stream, usage not trusted: {e}")
         } else if self.reading.error.is_some() && status >= 400 {
             format!("upstream error (status {status})")
         } else if self.reading.error.is_some() {
@@ -685,6 +755,35 @@ pub(crate) mod tests {
         let o = observe(&body, 4096);
         assert_eq!(o.overflows, 1);
         assert_eq!(o.usage.unwrap().output_tokens, 7);
+    }
+
+    #[test]
+    fn a_bedrock_event_stream_is_timed_like_sse_and_names_the_model_of_its_path() {
+        let body: &[u8] =
+            include_bytes!("../../tests/fixtures/usage/bedrock_converse_stream.eventstream");
+        let mut o = ResponseObserver::default();
+        o.set_content_type("application/vnd.amazon.eventstream");
+        o.set_request_path("/model/us.anthropic.claude-3-7-sonnet-20250219-v1%3A0/converse-stream");
+        // Whole messages, one per chunk, as Bedrock writes them: chunk i arrives at 1000 * (i + 1).
+        let mut at = 0;
+        let mut i = 0;
+        while at < body.len() {
+            let len = u32::from_be_bytes(body[at..at + 4].try_into().unwrap()) as usize;
+            i += 1;
+            o.push(&body[at..at + len], len as u64, 1000 * i);
+            at += len;
+        }
+        o.finish(1000 * (i + 1));
+        assert!(o.is_sse(), "an event stream is timed as a stream");
+        assert_eq!((o.events, o.token_events, o.content_events), (10, 6, 6));
+        assert_eq!(o.first_content_ns, Some(2000));
+        assert_eq!(o.last_content_ns, Some(7000));
+        assert_eq!(o.usage.map(|u| u.output_tokens), Some(58));
+        assert_eq!(
+            o.model.as_deref(),
+            Some("us.anthropic.claude-3-7-sonnet-20250219-v1:0")
+        );
+        assert_eq!(o.no_usage_reason(200), None);
     }
 
     #[test]

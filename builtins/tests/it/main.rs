@@ -10,5 +10,6 @@ mod usage_play;
 
 mod as_name;
 mod host;
+mod usage_bedrock_fixtures;
 mod usage_compressed;
 mod usage_golden;

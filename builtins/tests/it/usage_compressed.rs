@@ -40,6 +40,7 @@ fn content_type(path: &Path) -> &'static str {
     match path.extension().and_then(|e| e.to_str()) {
         Some("sse") => "text/event-stream",
         Some("json") => "application/json",
+        Some("eventstream") => "application/vnd.amazon.eventstream",
         _ => "application/octet-stream",
     }
 }

@@ -25,10 +25,28 @@ struct Case {
     format: Option<&'static str>,
     /// The plugin's `estimate_output_tokens`.
     estimate: bool,
+    /// The request's `:path` (Bedrock names the model there); `None` sends none.
+    path: Option<&'static str>,
 }
 
 const SSE: &str = "text/event-stream";
 const JSON: &str = "application/json";
+const EVENTSTREAM: &str = "application/vnd.amazon.eventstream";
+
+const CONVERSE_CLAUDE: &str =
+    "/model/us.anthropic.claude-3-7-sonnet-20250219-v1%3A0/converse-stream";
+const INVOKE_CLAUDE: &str =
+    "/model/anthropic.claude-3-haiku-20240307-v1%3A0/invoke-with-response-stream";
+const INVOKE_LLAMA: &str = "/model/meta.llama3-8b-instruct-v1%3A0/invoke-with-response-stream";
+const CONVERSE_MISTRAL: &str = "/model/mistral.mistral-large-2407-v1%3A0/converse-stream";
+
+/// A Bedrock event stream, requested at `path`.
+const fn bedrock(name: &'static str, fixture: &'static str, path: &'static str) -> Case {
+    Case {
+        path: Some(path),
+        ..case(name, fixture, EVENTSTREAM)
+    }
+}
 
 const fn case(name: &'static str, fixture: &'static str, content_type: &'static str) -> Case {
     Case {
@@ -39,6 +57,7 @@ const fn case(name: &'static str, fixture: &'static str, content_type: &'static 
         content_encoding: None,
         format: None,
         estimate: false,
+        path: None,
     }
 }
 
@@ -165,6 +184,93 @@ const CASES: &[Case] = &[
             SSE,
         )
     },
+    // Amazon Bedrock: ConverseStream and InvokeModelWithResponseStream (Claude, Llama), an
+    // exception mid-stream, a stream cut inside a message and one whose usage a bad CRC guards.
+    bedrock(
+        "bedrock_converse_stream",
+        "bedrock_converse_stream.eventstream",
+        CONVERSE_CLAUDE,
+    ),
+    bedrock(
+        "bedrock_invoke_claude_stream",
+        "bedrock_invoke_claude_stream.eventstream",
+        INVOKE_CLAUDE,
+    ),
+    bedrock(
+        "bedrock_invoke_llama_stream",
+        "bedrock_invoke_llama_stream.eventstream",
+        INVOKE_LLAMA,
+    ),
+    bedrock(
+        "bedrock_converse_exception",
+        "bedrock_converse_exception.eventstream",
+        CONVERSE_MISTRAL,
+    ),
+    Case {
+        estimate: true,
+        ..bedrock(
+            "bedrock_converse_exception_estimate",
+            "bedrock_converse_exception.eventstream",
+            CONVERSE_MISTRAL,
+        )
+    },
+    bedrock(
+        "bedrock_converse_stream_truncated",
+        "bedrock_converse_stream_truncated.eventstream",
+        CONVERSE_CLAUDE,
+    ),
+    Case {
+        estimate: true,
+        ..bedrock(
+            "bedrock_converse_stream_truncated_estimated",
+            "bedrock_converse_stream_truncated.eventstream",
+            CONVERSE_CLAUDE,
+        )
+    },
+    bedrock(
+        "bedrock_converse_stream_bad_crc",
+        "bedrock_converse_stream_bad_crc.eventstream",
+        CONVERSE_CLAUDE,
+    ),
+    Case {
+        estimate: true,
+        ..bedrock(
+            "bedrock_converse_stream_bad_crc_estimated",
+            "bedrock_converse_stream_bad_crc.eventstream",
+            CONVERSE_CLAUDE,
+        )
+    },
+    // No content type and no path: the NUL byte of the prelude says event stream, Claude's own
+    // `message.model` names the model.
+    case(
+        "bedrock_invoke_claude_stream_sniffed",
+        "bedrock_invoke_claude_stream.eventstream",
+        "application/octet-stream",
+    ),
+    Case {
+        format: Some("bedrock"),
+        ..bedrock(
+            "bedrock_converse_stream_forced",
+            "bedrock_converse_stream.eventstream",
+            CONVERSE_CLAUDE,
+        )
+    },
+    Case {
+        format: Some("anthropic"),
+        ..bedrock(
+            "bedrock_invoke_claude_stream_forced_anthropic",
+            "bedrock_invoke_claude_stream.eventstream",
+            INVOKE_CLAUDE,
+        )
+    },
+    Case {
+        format: Some("bedrock"),
+        ..case(
+            "anthropic_stream_forced_bedrock",
+            "anthropic_stream.sse",
+            SSE,
+        )
+    },
 ];
 
 fn dir() -> PathBuf {
@@ -206,8 +312,9 @@ fn plugin(case: &Case) -> Player<UsagePlugin> {
 
 /// Plays `case`'s response (see [`usage_play::play`]).
 fn play(p: &Player<UsagePlugin>, case: &Case, chunks: &[&[u8]]) -> Metadata {
-    usage_play::play(
+    usage_play::play_request(
         p,
+        case.path,
         case.status,
         case.content_type,
         case.content_encoding,

@@ -6,6 +6,11 @@
 //! fixture's golden file, and the rate-limit service must be charged the `tokens` cost (or, for
 //! a response without usage, not be called). Bodies compressed by the `gzip` and `zstd` tools
 //! reach the client as sent and give the plain body's golden metadata.
+//!
+//! Bedrock's event streams are served one message per HTTP chunk to the Bedrock request paths
+//! (the model id is read there). Envoy 1.40's own AI extraction (`ai_protocol_manager`) knows
+//! OpenAI chat and responses, Anthropic Messages and Gemini only, so the Bedrock numbers are
+//! checked against the fixtures' known totals: their golden files.
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -34,10 +39,13 @@ struct Case {
     content_type: &'static str,
     /// The fixture is stored encoded so (sent with this `Content-Encoding`).
     encoding: Option<&'static str>,
+    /// The request path (Bedrock's names the model).
+    path: &'static str,
 }
 
 const SSE: &str = "text/event-stream";
 const JSON: &str = "application/json";
+const EVENTSTREAM: &str = "application/vnd.amazon.eventstream";
 
 const fn case(fixture: &'static str, golden: &'static str, content_type: &'static str) -> Case {
     Case {
@@ -46,8 +54,20 @@ const fn case(fixture: &'static str, golden: &'static str, content_type: &'stati
         status: 200,
         content_type,
         encoding: None,
+        path: "/v1/any",
     }
 }
+
+/// A Bedrock event stream, requested at `path`.
+const fn bedrock(fixture: &'static str, golden: &'static str, path: &'static str) -> Case {
+    Case {
+        path,
+        ..case(fixture, golden, EVENTSTREAM)
+    }
+}
+
+const CONVERSE_CLAUDE: &str =
+    "/model/us.anthropic.claude-3-7-sonnet-20250219-v1%3A0/converse-stream";
 
 /// A fixture compressed by the `gzip` or `zstd` tool: its golden file is the plain body's.
 const fn compressed(
@@ -125,6 +145,36 @@ const CASES: &[Case] = &[
         "openai_responses_stream",
         SSE,
         "zstd",
+    ),
+    bedrock(
+        "bedrock_converse_stream.eventstream",
+        "bedrock_converse_stream",
+        CONVERSE_CLAUDE,
+    ),
+    bedrock(
+        "bedrock_invoke_claude_stream.eventstream",
+        "bedrock_invoke_claude_stream",
+        "/model/anthropic.claude-3-haiku-20240307-v1%3A0/invoke-with-response-stream",
+    ),
+    bedrock(
+        "bedrock_invoke_llama_stream.eventstream",
+        "bedrock_invoke_llama_stream",
+        "/model/meta.llama3-8b-instruct-v1%3A0/invoke-with-response-stream",
+    ),
+    bedrock(
+        "bedrock_converse_exception.eventstream",
+        "bedrock_converse_exception_estimate",
+        "/model/mistral.mistral-large-2407-v1%3A0/converse-stream",
+    ),
+    bedrock(
+        "bedrock_converse_stream_truncated.eventstream",
+        "bedrock_converse_stream_truncated_estimated",
+        CONVERSE_CLAUDE,
+    ),
+    bedrock(
+        "bedrock_converse_stream_bad_crc.eventstream",
+        "bedrock_converse_stream_bad_crc_estimated",
+        CONVERSE_CLAUDE,
     ),
 ];
 
@@ -266,8 +316,9 @@ type Body = Either<
 >;
 
 /// Serves the fixture named by the request's `x-fixture` header with the status and content
-/// type of `x-fixture-status` and `x-fixture-type`: SSE one event per chunk, anything else whole
-/// with a content-length. With `x-fixture-encoding`, the stored bytes are sent as they are with
+/// type of `x-fixture-status` and `x-fixture-type`: SSE one event per chunk, an AWS event stream
+/// one message per chunk (as Bedrock writes them; a cut last message as it is), anything else
+/// whole with a content-length. With `x-fixture-encoding`, the stored bytes are sent as they are with
 /// that `Content-Encoding`, an SSE body in three chunks cut anywhere.
 async fn serve_fixture(
     req: hyper::Request<hyper::body::Incoming>,
@@ -290,6 +341,18 @@ async fn serve_fixture(
             .chunks(third)
             .map(|piece| Ok(Frame::data(Bytes::copy_from_slice(piece))))
             .collect();
+        Either::Right(StreamBody::new(tokio_stream::iter(frames)))
+    } else if content_type == EVENTSTREAM {
+        let mut frames = Vec::new();
+        let mut rest = &bytes[..];
+        while !rest.is_empty() {
+            let len = rest.get(..4).map_or(rest.len(), |l| {
+                u32::from_be_bytes(l.try_into().unwrap()) as usize
+            });
+            let (message, after) = rest.split_at(len.min(rest.len()));
+            frames.push(Ok(Frame::data(Bytes::copy_from_slice(message))));
+            rest = after;
+        }
         Either::Right(StreamBody::new(tokio_stream::iter(frames)))
     } else if content_type == SSE {
         let text = String::from_utf8(bytes).expect("utf-8 sse");
@@ -339,7 +402,7 @@ async fn fetch(port: u16, case: &Case, rid: &str) -> (u16, Vec<u8>) {
         .await
         .expect("handshake");
     tokio::spawn(conn);
-    let req = hyper::Request::post(format!("/v1/any?test-id={rid}"))
+    let req = hyper::Request::post(format!("{}?test-id={rid}", case.path))
         .header("host", "gateway")
         .header("x-request-id", rid)
         .header("x-tenant", rid)

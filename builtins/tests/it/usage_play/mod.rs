@@ -9,7 +9,8 @@ use plugin_runner::{Metadata, Value};
 use plugvisor_builtins::usage::UsagePlugin;
 
 /// `builtins/tests/fixtures`: `usage/` holds the recorded bodies and their golden files,
-/// `compressed/` bodies compressed by the `gzip` and `zstd` tools.
+/// `compressed/` bodies compressed by the `gzip` and `zstd` tools, `eventstream/` the readable
+/// sources of the Bedrock bodies and the script that encodes them.
 pub fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
 }
@@ -37,6 +38,19 @@ pub fn play(
     content_encoding: Option<&str>,
     chunks: &[&[u8]],
 ) -> Metadata {
+    play_request(p, None, status, content_type, content_encoding, chunks)
+}
+
+/// [`play`] for a request to `path` (its `:path` header; none when `None`).
+pub fn play_request(
+    p: &Player<UsagePlugin>,
+    path: Option<&str>,
+    status: u16,
+    content_type: &str,
+    content_encoding: Option<&str>,
+    chunks: &[&[u8]],
+) -> Metadata {
+    let request: Vec<(&str, &str)> = path.map(|p| (":path", p)).into_iter().collect();
     let mut headers = vec![("content-type", content_type)];
     if let Some(enc) = content_encoding {
         headers.push(("content-encoding", enc));
@@ -44,7 +58,7 @@ pub fn play(
     let stream = Stream::new(1)
         .at(1_000)
         .step(1_000)
-        .request(&[])
+        .request(&request)
         .response(status, &headers)
         .chunks(chunks)
         .final_(b"");
