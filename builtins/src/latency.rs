@@ -45,6 +45,13 @@ pub struct ResponseTiming {
 }
 
 impl ResponseTiming {
+    /// Reads the request path (Bedrock names the model there only).
+    pub fn request(&mut self, e: &RequestStart) {
+        if let Some(path) = ipc_protocol::find_header(&e.headers, ":path") {
+            self.body.set_request_path(path);
+        }
+    }
+
     /// Reads `content-type` and `content-encoding` from the response headers.
     pub fn headers(&mut self, e: &ResponseHeaders) {
         if let Some(ct) = e.header("content-type") {
@@ -136,7 +143,8 @@ impl Plugin for LatencyPlugin {
         plugin_runner::ConfigMap::new(config)?.deny_unknown(&[])
     }
 
-    fn on_request_start(&self, s: &mut LatencyStream, ctx: &EventCtx, _: &RequestStart) {
+    fn on_request_start(&self, s: &mut LatencyStream, ctx: &EventCtx, e: &RequestStart) {
+        s.timing.request(e);
         s.start_ns = Some(ctx.stamp_ns);
         s.first_event_ns.get_or_insert(ctx.stamp_ns);
     }

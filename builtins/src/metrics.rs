@@ -440,8 +440,9 @@ impl Plugin for MetricsPlugin {
         Ok(())
     }
 
-    fn on_request_start(&self, s: &mut MetricsStream, ctx: &EventCtx, _: &RequestStart) {
+    fn on_request_start(&self, s: &mut MetricsStream, ctx: &EventCtx, e: &RequestStart) {
         s.start_ns = Some(ctx.stamp_ns);
+        s.timing.request(e);
     }
 
     fn on_response_headers(&self, s: &mut MetricsStream, _: &EventCtx, e: &ResponseHeaders) {

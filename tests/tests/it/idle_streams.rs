@@ -51,7 +51,9 @@ async fn ten_thousand_idle_streams_cost_little_and_are_never_timed_out() {
             if now <= before + grown / 4 {
                 Ok(now)
             } else {
-                Err(format!("RSS {now} KiB; {before} KiB before, {after} KiB with the streams"))
+                Err(format!(
+                    "RSS {now} KiB; {before} KiB before, {after} KiB with the streams"
+                ))
             }
         },
     )
