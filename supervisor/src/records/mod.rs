@@ -173,6 +173,9 @@ impl RecordsStatus {
     }
 }
 
+/// A sink's task, spawned once the state it shares with the handle exists.
+type SpawnSink = Box<dyn FnOnce(Arc<Shared>) -> JoinHandle<()> + Send>;
+
 /// A random id for this front process: 16 hex digits.
 fn instance_id() -> String {
     format!("{:016x}", rand::random::<u64>())
@@ -185,8 +188,7 @@ impl Records {
         let instance = instance_id();
         let (stop, stop_rx) = watch::channel(None);
         let omit = Arc::new(config.omit.clone());
-        let mut pending_tasks: Vec<Box<dyn FnOnce(Arc<Shared>) -> JoinHandle<()> + Send>> =
-            Vec::new();
+        let mut pending_tasks: Vec<SpawnSink> = Vec::new();
         let file = match &config.path {
             None => None,
             Some(path) => {

@@ -67,8 +67,8 @@ pub struct Accepted {
 pub enum Client {
     /// `http/protobuf`.
     Http {
-        /// The connection pool.
-        client: HyperClient<HttpConnector, Full<Bytes>>,
+        /// The connection pool (boxed: it is most of the enum's size).
+        client: Box<HyperClient<HttpConnector, Full<Bytes>>>,
         /// The logs endpoint.
         uri: http::Uri,
         /// Extra headers.
@@ -113,7 +113,7 @@ impl Client {
                     })
                     .collect::<Result<_, String>>()?;
                 Ok(Client::Http {
-                    client,
+                    client: Box::new(client),
                     uri: config.endpoint.parse().map_err(|e| format!("{e}"))?,
                     headers,
                     timeout: config.timeout,
