@@ -269,6 +269,8 @@ pub struct Config {
     pub idle_stream_timeout: Option<Duration>,
     /// The plugins, in file order.
     pub plugins: Vec<PluginConfig>,
+    /// Usage records: the JSON Lines file and the OTLP export (`[records]`).
+    pub records: RecordsConfig,
 }
 
 #[derive(Deserialize)]
@@ -289,6 +291,8 @@ struct RawConfig {
     idle_stream_timeout_ms: Option<u64>,
     #[serde(default)]
     plugins: OrderedPlugins,
+    #[serde(default)]
+    records: records::RawRecords,
 }
 
 /// `[plugins.*]` in file order (a plain map would sort them, and the order is the merge order),
@@ -712,6 +716,27 @@ impl Config {
             }
         }
 
+        // `[records]`: the environment (OTEL_*) only for loaded configs, as for the addresses.
+        let env: records::Env<'_> = if checks == Checks::All {
+            &records::process_env
+        } else {
+            &records::no_env
+        };
+        let records_bad = |b: records::Bad| ConfigError::Invalid {
+            origin: origin.to_owned(),
+            line: match (&b.span, b.key.strip_prefix("records.")) {
+                (Some(span), _) => line_of(text, span.start),
+                (None, Some(key)) => find_key_line(text, key.rsplit('.').next().unwrap_or(key)),
+                (None, None) => 0,
+            },
+            key: b.key,
+            message: b.message,
+        };
+        let records = raw.records.resolve(env).map_err(records_bad)?;
+        if checks == Checks::All {
+            records::check_places(&records).map_err(records_bad)?;
+        }
+
         Ok(Config {
             listen,
             admin_listen,
@@ -730,6 +755,7 @@ impl Config {
                 .filter(|ms| *ms > 0)
                 .map(Duration::from_millis),
             plugins,
+            records,
         })
     }
 
@@ -829,6 +855,25 @@ fn check_ranges(text: &str, origin: &str) -> Result<(), ConfigError> {
         Ok(())
     };
     check(&table, "", &|key| find_key_line(text, key))?;
+    let check_records = |t: &toml::Table, prefix: &str| {
+        for (key, value) in t {
+            let name = format!("{prefix}{key}");
+            let range = keys::RECORDS_RANGES.iter().find(|(k, _, _)| *k == name);
+            let (Some((_, lo, hi)), toml::Value::Integer(v)) = (range, value) else {
+                continue;
+            };
+            if *v < 0 || (*v as u64) < *lo || (*v as u64) > *hi {
+                return Err(out_of_range(name, find_key_line(text, key), *v, *lo, *hi));
+            }
+        }
+        Ok(())
+    };
+    if let Some(toml::Value::Table(records)) = table.get("records") {
+        check_records(records, "records.")?;
+        if let Some(toml::Value::Table(otlp)) = records.get("otlp") {
+            check_records(otlp, "records.otlp.")?;
+        }
+    }
     if let Some(toml::Value::Table(plugins)) = table.get("plugins") {
         for (name, plugin) in plugins {
             if let toml::Value::Table(t) = plugin {
@@ -947,6 +992,8 @@ pub fn toml_to_value(v: &toml::Value) -> Value {
 
 mod check;
 pub mod keys;
+pub mod records;
+pub use records::{OtlpConfig, OtlpProtocol, RecordsConfig};
 mod published;
 pub use published::Published;
 #[cfg(test)]

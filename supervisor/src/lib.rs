@@ -2,7 +2,7 @@
 //! plugins, each its own process on its own Unix socket, through bounded queues; the end of a
 //! response is a final RPC whose merged metadata goes back to Envoy as `dynamic_metadata`.
 //!
-//! The crate is five parts, one folder each, used in this direction only (`observe` uses none of
+//! The crate is six parts, one folder each, used in this direction only (`observe` uses none of
 //! the others; `config` only `observe`; `plugin` and `data_path` never each other's internals):
 //! - [`config`]: the TOML schema, the embedded default, what loading checks, and the one
 //!   published configuration ([`config::Published`]) every other part reads;
@@ -19,6 +19,10 @@
 //!   upgrade), `service` and `systemd` (running under systemd), `control` (the control socket
 //!   behind `plugvisor status`), `reload` (applying a new configuration), `instance` (one front
 //!   per runtime directory), `upgrade` (handing the listeners to a new binary and draining);
+//! - [`records`]: usage records, one per request: `record` (the schema), `jsonl` (the JSON
+//!   Lines file), `export` and `otlp` (OpenTelemetry logs over HTTP or gRPC), `spool` (the
+//!   on-disk spool the export falls back on, shared by the fronts of an upgrade); the data path
+//!   submits to it, the shell starts and stops it;
 //! - [`observe`]: `metrics` (Prometheus and the admin server), `logging` (the log and its
 //!   rate-limited warnings), `journal` (journald's native protocol), `probe` (liveness probes
 //!   for the watchdog).
@@ -37,6 +41,7 @@ pub mod conformance;
 pub mod data_path;
 pub mod observe;
 pub mod plugin;
+pub mod records;
 pub mod shell;
 
 pub use config::Config;

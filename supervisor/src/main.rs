@@ -213,6 +213,9 @@ fn control(
             if let Some(plugins) = &answer.plugins {
                 print!("{}", supervisor::shell::control::render_status(plugins));
             }
+            if let Some(records) = &answer.records {
+                println!("{}", records.line());
+            }
             if let Some(message) = &answer.message {
                 println!("{message}");
             }

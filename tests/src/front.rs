@@ -91,6 +91,8 @@ impl FrontProcess {
             .arg("--config")
             .arg(&path)
             .env("PLUGVISOR_LOG", "info")
+            // The usage records and their spool in the test's directory, not in the home.
+            .env("STATE_DIRECTORY", dir.join("state"))
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("dup"))
             .stderr(log)

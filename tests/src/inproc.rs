@@ -91,6 +91,11 @@ impl InProc {
                 "[plugins.{name}]\nspawn = false\n{grant}{extra}\n"
             ));
         }
+        // The usage records in the test's directory, not in the home.
+        toml.push_str(&format!(
+            "[records]\npath = \"{}\"\n",
+            dir.path().join("records.jsonl").display()
+        ));
         let config = Config::parse(&toml, "test").expect("test config");
         let front = supervisor::start(config.clone())
             .await

@@ -27,6 +27,7 @@ pub mod front;
 pub mod idle;
 pub mod inproc;
 pub mod nspawn;
+pub mod otlp;
 pub mod python;
 pub mod service;
 pub mod stack;

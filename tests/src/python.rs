@@ -92,3 +92,53 @@ pub fn shared_venv() -> PathBuf {
     })
     .clone()
 }
+
+/// A venv with the official OTLP protos and gRPC (PyPI `opentelemetry-proto`, `grpcio`,
+/// `protobuf`) for `tests/otlp_receiver.py`, made once per test process under the target
+/// directory (`it-otlp-venv`); returns its interpreter. A venv left by an earlier run is reused
+/// when its packages import, and made afresh otherwise.
+pub fn otlp_venv() -> PathBuf {
+    static VENV: OnceLock<PathBuf> = OnceLock::new();
+    VENV.get_or_init(|| {
+        let dir = crate::bins::bin_dir().join("it-otlp-venv");
+        let python = dir.join("bin/python3");
+        let imports = || {
+            Command::new(&python)
+                .args([
+                    "-c",
+                    "import grpc, google.protobuf; from opentelemetry.proto.collector.logs.v1 import logs_service_pb2_grpc",
+                ])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+        };
+        if imports() {
+            return python;
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+        run_bounded(
+            "python3 -m venv",
+            Command::new("python3").arg("-m").arg("venv").arg(&dir),
+            Duration::from_secs(120),
+        );
+        run_bounded(
+            "pip install opentelemetry-proto grpcio protobuf",
+            Command::new(&python).args([
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+                "--no-input",
+                "opentelemetry-proto",
+                "grpcio",
+                "protobuf",
+            ]),
+            Duration::from_secs(300),
+        );
+        assert!(imports(), "the OTLP venv at {} does not import its packages", dir.display());
+        python
+    })
+    .clone()
+}

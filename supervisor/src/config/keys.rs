@@ -92,6 +92,30 @@ pub const PLUGIN: &[(&str, Applies)] = &[
     ("namespaces", Applies::AtOnce),
 ];
 
+/// Every key of `[records]` and `[records.otlp]` (as `records.<key>`, `records.otlp.<key>`),
+/// and when a change to it applies. The sinks are built once, when the front starts, and an
+/// upgrade's new front builds its own from the file: each takes effect with `plugvisor upgrade`
+/// (the old front flushes and spools what it has with its old settings).
+pub const RECORDS: &[(&str, Applies)] = &[
+    ("records.path", Applies::Upgrade),
+    ("records.rotate_bytes", Applies::Upgrade),
+    ("records.keep", Applies::Upgrade),
+    ("records.omit", Applies::Upgrade),
+    ("records.queue_records", Applies::Upgrade),
+    ("records.otlp.endpoint", Applies::Upgrade),
+    ("records.otlp.protocol", Applies::Upgrade),
+    ("records.otlp.headers", Applies::Upgrade),
+    ("records.otlp.timeout_ms", Applies::Upgrade),
+    ("records.otlp.spool_dir", Applies::Upgrade),
+    ("records.otlp.spool_max_bytes", Applies::Upgrade),
+];
+
+/// When a change to the `[records]` key `key` (`records.path`, `records.otlp.endpoint`)
+/// applies.
+pub fn records(key: &str) -> Option<Applies> {
+    RECORDS.iter().find(|(k, _)| *k == key).map(|(_, a)| *a)
+}
+
 /// When a change to the top-level `key` applies.
 pub fn top_level(key: &str) -> Option<Applies> {
     TOP_LEVEL.iter().find(|(k, _)| *k == key).map(|(_, a)| *a)
@@ -147,6 +171,16 @@ pub const RANGES: &[(&str, u64, u64)] = &[
     ("replay_bytes", 0, 1 << 36),
     ("drain_grace_ms", 0, DAY_MS),
     ("stuck_timeout_ms", 1, DAY_MS),
+];
+
+/// The accepted range of every integer key of `[records]` and `[records.otlp]`, by its dotted
+/// name.
+pub const RECORDS_RANGES: &[(&str, u64, u64)] = &[
+    ("records.rotate_bytes", 4096, 1 << 40),
+    ("records.keep", 0, 1000),
+    ("records.queue_records", 1, 1 << 20),
+    ("records.otlp.timeout_ms", 1, DAY_MS),
+    ("records.otlp.spool_max_bytes", 0, 1 << 40),
 ];
 
 /// The accepted range of the integer key `key`.

@@ -72,6 +72,9 @@ struct Inner {
     /// Streams served with plugins right now (bounded by `max_streams`).
     with_plugins: Arc<AtomicUsize>,
     stop: watch::Receiver<bool>,
+    /// Where each stream's usage record goes when it ends.
+    #[allow(dead_code)] // submitted at the stream ends (issue 23, the stream end paths)
+    records: crate::records::Records,
 }
 
 /// The plugins' links in config order, as the registry publishes them to the data path.
@@ -126,12 +129,14 @@ impl Drop for Slot {
 impl Front {
     /// A service over the plugins `links` publishes (in config order), bounded by the
     /// published `config` as it stands when each stream starts. Streams still open when `stop`
-    /// turns true send `Abort { cause: Shutdown }` and end.
+    /// turns true send `Abort { cause: Shutdown }` and end. Each stream's usage record goes to
+    /// `records`.
     pub fn new(
         links: watch::Receiver<Links>,
         config: Published,
         metrics: Arc<Metrics>,
         stop: watch::Receiver<bool>,
+        records: crate::records::Records,
     ) -> Front {
         Front {
             inner: Arc::new(Inner {
@@ -141,6 +146,7 @@ impl Front {
                 next_stream: AtomicU64::new(1),
                 with_plugins: Arc::new(AtomicUsize::new(0)),
                 stop,
+                records,
             }),
         }
     }

@@ -40,6 +40,22 @@ pub struct MessageLabel {
     pub message: String,
 }
 
+/// `sink` label of the usage records' series.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SinkLabel {
+    /// `file` or `otlp`.
+    pub sink: String,
+}
+
+/// `sink` and `reason` labels of dropped usage records.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SinkReason {
+    /// `file` or `otlp`.
+    pub sink: String,
+    /// `queue_full`, `spool_full`, `rejected`, `write_error`, ...
+    pub reason: String,
+}
+
 fn final_histogram() -> Histogram {
     // 100 µs .. ~26 s
     Histogram::new(exponential_buckets(0.0001, 2.0, 18))
@@ -109,6 +125,20 @@ pub struct Metrics {
     pub last_exit_signal: Family<PluginLabel, Gauge>,
     /// Time from spawning a plugin process to its completed handshake.
     pub start_duration: Family<PluginLabel, Histogram, fn() -> Histogram>,
+    /// Usage records submitted by the streams.
+    pub records_submitted: Counter,
+    /// Usage records written, by sink (`file`: lines appended; `otlp`: taken by the collector).
+    pub records_written: Family<SinkLabel, Counter>,
+    /// Usage records written to the OTLP spool.
+    pub records_spooled: Counter,
+    /// Usage records sent again after a failed export.
+    pub records_retried: Counter,
+    /// Usage records lost, by sink and reason.
+    pub records_dropped: Family<SinkReason, Counter>,
+    /// Bytes in the OTLP spool (all fronts' files).
+    pub records_spool_bytes: Gauge,
+    /// Duration of OTLP export requests, answered or failed.
+    pub records_export_duration: Histogram,
 }
 
 impl Default for Metrics {
@@ -292,7 +322,56 @@ impl Metrics {
             "Time from spawning a plugin process to its completed handshake",
             start_duration.clone(),
         );
+        let records_submitted = Counter::default();
+        let records_written = Family::default();
+        let records_spooled = Counter::default();
+        let records_retried = Counter::default();
+        let records_dropped = Family::default();
+        let records_spool_bytes = Gauge::default();
+        let records_export_duration = final_histogram();
+        registry.register(
+            "plugvisor_records_submitted",
+            "Usage records submitted by the streams",
+            records_submitted.clone(),
+        );
+        registry.register(
+            "plugvisor_records_written",
+            "Usage records written, by sink (file: lines appended to the JSON Lines file; otlp: taken by the collector)",
+            records_written.clone(),
+        );
+        registry.register(
+            "plugvisor_records_spooled",
+            "Usage records written to the OTLP spool while the collector did not take them",
+            records_spooled.clone(),
+        );
+        registry.register(
+            "plugvisor_records_retried",
+            "Usage records sent again after a failed OTLP export",
+            records_retried.clone(),
+        );
+        registry.register(
+            "plugvisor_records_dropped",
+            "Usage records lost, by sink and reason (queue_full, spool_full, rejected, write_error, spool_error, corrupt, stopped)",
+            records_dropped.clone(),
+        );
+        registry.register(
+            "plugvisor_records_spool_bytes",
+            "Bytes in the OTLP spool directory, all fronts' files",
+            records_spool_bytes.clone(),
+        );
+        registry.register(
+            "plugvisor_records_export_duration_seconds",
+            "Duration of OTLP export requests of usage records",
+            records_export_duration.clone(),
+        );
         Metrics {
+            records_submitted,
+            records_written,
+            records_spooled,
+            records_retried,
+            records_dropped,
+            records_spool_bytes,
+            records_export_duration,
             registry,
             plugin_up,
             restarts,
@@ -343,6 +422,21 @@ impl Metrics {
     pub fn reason(name: &str, reason: &str) -> PluginReason {
         PluginReason {
             plugin: name.to_owned(),
+            reason: reason.to_owned(),
+        }
+    }
+
+    /// Label of a usage records sink.
+    pub fn sink(sink: &str) -> SinkLabel {
+        SinkLabel {
+            sink: sink.to_owned(),
+        }
+    }
+
+    /// Labels of a usage records sink and a reason.
+    pub fn sink_reason(sink: &str, reason: &str) -> SinkReason {
+        SinkReason {
+            sink: sink.to_owned(),
             reason: reason.to_owned(),
         }
     }

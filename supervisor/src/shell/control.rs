@@ -17,6 +17,7 @@ use tokio::net::{UnixListener, UnixStream};
 
 use crate::plugin::registry::Plugins;
 use crate::plugin::supervise::{Command, PluginStatus};
+use crate::records::{Records, RecordsStatus};
 use crate::shell::upgrade;
 
 /// The longest request line accepted.
@@ -70,6 +71,9 @@ pub struct Response {
     /// For `status`: every plugin, in config order.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub plugins: Option<Vec<PluginStatus>>,
+    /// For `status`: where the usage records go and what became of them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub records: Option<RecordsStatus>,
 }
 
 impl Response {
@@ -91,14 +95,20 @@ pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
 }
 
 /// Serves control requests until the task is dropped.
-pub async fn serve(listener: UnixListener, plugins: Arc<Plugins>, upgrades: upgrade::Requests) {
+pub async fn serve(
+    listener: UnixListener,
+    plugins: Arc<Plugins>,
+    upgrades: upgrade::Requests,
+    records: Records,
+) {
     loop {
         match listener.accept().await {
             Ok((stream, _)) => {
                 let plugins = plugins.clone();
                 let upgrades = upgrades.clone();
+                let records = records.clone();
                 tokio::spawn(async move {
-                    if let Err(e) = handle(stream, plugins, upgrades).await {
+                    if let Err(e) = handle(stream, plugins, upgrades, records).await {
                         tracing::debug!(error = %e, "control connection failed");
                     }
                 });
@@ -115,6 +125,7 @@ async fn handle(
     stream: UnixStream,
     plugins: Arc<Plugins>,
     upgrades: upgrade::Requests,
+    records: Records,
 ) -> std::io::Result<()> {
     let own = nix::unistd::getuid().as_raw();
     let peer = stream.peer_cred()?.uid();
@@ -135,7 +146,7 @@ async fn handle(
             Err(_) => Response::error("no request received in time".into()),
             Ok(Err(e)) => Response::error(format!("cannot read the request: {e}")),
             Ok(Ok(_)) => match serde_json::from_str::<Request>(line.trim()) {
-                Ok(request) => dispatch(request, &plugins, &upgrades).await,
+                Ok(request) => dispatch(request, &plugins, &upgrades, &records).await,
                 Err(e) => Response::error(format!(
                     "bad request `{}`: {e}; expected e.g. {{\"op\":\"status\"}}",
                     line.trim()
@@ -149,7 +160,12 @@ async fn handle(
     write.shutdown().await
 }
 
-async fn dispatch(request: Request, plugins: &Plugins, upgrades: &upgrade::Requests) -> Response {
+async fn dispatch(
+    request: Request,
+    plugins: &Plugins,
+    upgrades: &upgrade::Requests,
+    records: &Records,
+) -> Response {
     let (plugin, command) = match request {
         Request::Upgrade => {
             tracing::info!("control request: upgrade");
@@ -177,6 +193,7 @@ async fn dispatch(request: Request, plugins: &Plugins, upgrades: &upgrade::Reque
             return Response {
                 ok: true,
                 plugins: Some(plugins.status()),
+                records: Some(records.describe()),
                 ..Response::default()
             }
         }

@@ -20,6 +20,7 @@ use crate::plugin::link::PluginLink;
 use crate::plugin::owner::{Bound, SocketFile};
 use crate::plugin::registry::{self, Launcher, Plugins};
 use crate::plugin::spawn::Spawner;
+use crate::records::{Records, RecordsError};
 use crate::shell::instance::{self, InstanceLock};
 use crate::shell::listeners;
 use crate::shell::{control, systemd, upgrade};
@@ -80,11 +81,17 @@ pub enum RunError {
     /// The gRPC server failed.
     #[error("ext_proc server failed")]
     Serve(#[source] tonic::transport::Error),
+    /// The usage records' file or spool cannot be used.
+    #[error("cannot start the usage records")]
+    Records(#[source] RecordsError),
     /// Started by an upgrade, this front could not take over from the old one (which serves
     /// on).
     #[error("cannot take over from the old front")]
     TakeOver(#[source] std::io::Error),
 }
+
+/// The most a stop waits for the collector to take the last records before it spools them.
+const RECORDS_STOP_GRACE: Duration = Duration::from_secs(2);
 
 /// What a front started by an upgrade takes from the old one instead of binding it.
 #[derive(Debug)]
@@ -115,6 +122,8 @@ pub struct Running {
     admin: Option<SocketAddr>,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) plugins: Arc<Plugins>,
+    /// The usage records' sinks, stopped once the streams are done.
+    records: Records,
     /// Loops the watchdog checks before it pings systemd.
     probes: Vec<Probe>,
     /// The ext_proc socket's file is this front's to remove at stop (not systemd's, nor, before
@@ -150,6 +159,8 @@ pub async fn start_with(config: Config, inherited: Option<Inherited>) -> Result<
     };
     let (accept_gate, gate) = watch::channel(passed.is_none());
     let metrics = Arc::new(Metrics::new());
+    // Before anything is bound: a records file or spool that cannot be used fails the start.
+    let records = Records::start(&config.records, metrics.clone()).map_err(RunError::Records)?;
     let config = Published::new(config);
     let current = config.current();
     let bound = bind_plugin_sockets(&current, &metrics)?;
@@ -167,7 +178,13 @@ pub async fn start_with(config: Config, inherited: Option<Inherited>) -> Result<
         bound.iter().map(|b| b.link().clone()).collect::<Vec<_>>(),
     ));
     let (stop_streams, stop_rx) = watch::channel(false);
-    let front = Front::new(links_rx, config.clone(), metrics.clone(), stop_rx);
+    let front = Front::new(
+        links_rx,
+        config.clone(),
+        metrics.clone(),
+        stop_rx,
+        records.clone(),
+    );
 
     let ext_proc = listeners::ext_proc(&current, passed.as_ref()).await?;
     let mut copies = {
@@ -235,6 +252,7 @@ pub async fn start_with(config: Config, inherited: Option<Inherited>) -> Result<
         control,
         plugins.clone(),
         upgrade_requests,
+        records.clone(),
     )));
 
     let running = Running {
@@ -249,6 +267,7 @@ pub async fn start_with(config: Config, inherited: Option<Inherited>) -> Result<
         admin,
         metrics,
         plugins,
+        records,
         stop_streams,
         probes: vec![accept_probe],
         remove_listen_file: ext_proc.remove_listen_file,
@@ -417,6 +436,11 @@ impl Running {
     /// The running configuration.
     pub fn config(&self) -> &Published {
         &self.config
+    }
+
+    /// The usage records' handle.
+    pub fn records(&self) -> &Records {
+        &self.records
     }
 
     /// Waits up to `timeout` for the plugins the front spawns to connect; serving starts
@@ -592,6 +616,13 @@ impl Running {
             }
         }
         drop(entries);
+        // Every stream has ended (or was cut and submitted its record): flush the file, and send
+        // or spool what OTLP has, so a front that exits (a stop, the end of an upgrade's drain)
+        // leaves its records on disk for the next one.
+        self.records
+            .clone()
+            .stop(grace.min(RECORDS_STOP_GRACE))
+            .await;
         for task in self.background.drain(..) {
             task.abort();
         }

@@ -153,14 +153,59 @@ pub fn changed_top_level(old: &Config, new: &Config) -> Vec<&'static str> {
         "idle_stream_timeout_ms",
         old.idle_stream_timeout != new.idle_stream_timeout,
     );
+    changed.extend(changed_records_keys(old, new));
     changed
+}
+
+/// The keys of `[records]` and `[records.otlp]` whose values differ, as `records.<key>` and
+/// `records.otlp.<key>`. Turning OTLP on or off is a change of its `endpoint`.
+pub fn changed_records_keys(old: &Config, new: &Config) -> Vec<&'static str> {
+    let (a, b) = (&old.records, &new.records);
+    let mut changed = Vec::new();
+    let mut check = |key: &'static str, differs: bool| {
+        if differs {
+            changed.push(key);
+        }
+    };
+    check("records.path", a.path != b.path);
+    check("records.rotate_bytes", a.rotate_bytes != b.rotate_bytes);
+    check("records.keep", a.keep != b.keep);
+    check("records.omit", a.omit != b.omit);
+    check("records.queue_records", a.queue_records != b.queue_records);
+    match (&a.otlp, &b.otlp) {
+        (Some(x), Some(y)) => {
+            check("records.otlp.endpoint", x.endpoint != y.endpoint);
+            check("records.otlp.protocol", x.protocol != y.protocol);
+            check("records.otlp.headers", x.headers != y.headers);
+            check("records.otlp.timeout_ms", x.timeout != y.timeout);
+            check("records.otlp.spool_dir", x.spool_dir != y.spool_dir);
+            check(
+                "records.otlp.spool_max_bytes",
+                x.spool_max_bytes != y.spool_max_bytes,
+            );
+            // Resource attributes come from the environment, which a reload does not change.
+        }
+        (None, None) => {}
+        _ => check("records.otlp.endpoint", true),
+    }
+    changed
+}
+
+/// When a change to a top-level key or a `[records]` key applies.
+fn applies(key: &str) -> Option<Applies> {
+    keys::top_level(key).or_else(|| keys::records(key))
 }
 
 /// Gives `new` the running values of the top-level keys only a restart (or an upgrade) applies,
 /// so the published configuration says what runs.
 fn keep_running_values(old: &Config, new: &mut Config) {
     for key in changed_top_level(old, new) {
-        if !keys::top_level(key).is_some_and(Applies::kept_until_restart) {
+        if !applies(key).is_some_and(Applies::kept_until_restart) {
+            continue;
+        }
+        if key.starts_with("records.") {
+            // The sinks run with the table they started with: keep it whole.
+            new.records = old.records.clone();
             continue;
         }
         match key {
@@ -269,7 +314,7 @@ pub fn plan(old: &Config, new: &Config) -> Plan {
         }
     }
     for key in changed_top_level(old, new) {
-        let applies = keys::top_level(key).expect("every top-level key is classified");
+        let applies = applies(key).expect("every top-level and records key is classified");
         if applies.kept_until_restart() {
             plan.needs_restart.push((key, applies));
         } else {
@@ -609,6 +654,30 @@ mod tests {
         ("namespaces", "namespaces = [\"envoy.lb\"]"),
     ];
 
+    /// A value other than the default for every `[records]` key, on top of [`RECORDS_BASE`].
+    const RECORDS_SAMPLES: &[(&str, &str)] = &[
+        (
+            "records.path",
+            "[records]\npath = \"/tmp/elsewhere/r.jsonl\"",
+        ),
+        ("records.rotate_bytes", "[records]\nrotate_bytes = 100000"),
+        ("records.keep", "[records]\nkeep = 2"),
+        ("records.omit", "[records]\nomit = [\"path\"]"),
+        ("records.queue_records", "[records]\nqueue_records = 7"),
+        (
+            "records.otlp.endpoint",
+            "endpoint = \"http://127.0.0.1:4999\"",
+        ),
+        ("records.otlp.protocol", "protocol = \"grpc\""),
+        ("records.otlp.headers", "headers = { api-key = \"k\" }"),
+        ("records.otlp.timeout_ms", "timeout_ms = 7"),
+        ("records.otlp.spool_dir", "spool_dir = \"/tmp/elsewhere\""),
+        ("records.otlp.spool_max_bytes", "spool_max_bytes = 7"),
+    ];
+
+    /// OTLP on, so that a change of each of its keys shows.
+    const RECORDS_BASE: &str = "[records.otlp]\nendpoint = \"http://127.0.0.1:4318/v1/logs\"\n";
+
     fn names(table: &[(&'static str, Applies)]) -> Vec<String> {
         let mut v: Vec<String> = table.iter().map(|(k, _)| (*k).to_owned()).collect();
         v.sort();
@@ -627,7 +696,9 @@ mod tests {
     #[test]
     fn every_key_reloads_or_says_why_not() {
         let mut top = schema_keys("no_such_key = 1\n");
-        top.retain(|k| k != "plugins");
+        // Tables with keys of their own: `plugins` here, `records` in
+        // `every_records_key_reloads_or_says_why_not`.
+        top.retain(|k| k != "plugins" && k != "records");
         assert_eq!(
             sorted(top.clone()),
             names(keys::TOP_LEVEL),
@@ -711,6 +782,76 @@ mod tests {
             };
             assert_eq!(list, &vec!["x".to_owned()], "{sample}: {p:?}");
             assert_eq!(p.plugin_keys, vec![(format!("x.{key}"), applies)]);
+        }
+    }
+
+    /// `[records]` and `[records.otlp]` as the test above does the top level: every key is
+    /// classified, has a sample, is marked in docs/configuration.md, and a change to it alone is
+    /// named by the plan as waiting for an upgrade, with the running table kept.
+    #[test]
+    fn every_records_key_reloads_or_says_why_not() {
+        let mut schema: Vec<String> = schema_keys("[records]\nno_such_key = 1\n")
+            .into_iter()
+            .filter(|k| k != "otlp")
+            .map(|k| format!("records.{k}"))
+            .collect();
+        schema.extend(
+            schema_keys("[records.otlp]\nno_such_key = 1\n")
+                .into_iter()
+                .map(|k| format!("records.otlp.{k}")),
+        );
+        assert_eq!(
+            sorted(schema.clone()),
+            names(keys::RECORDS),
+            "config::keys::RECORDS"
+        );
+        let docs = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../docs/configuration.md"
+        ))
+        .unwrap();
+        let section = |title: &str| {
+            let start = docs
+                .find(title)
+                .unwrap_or_else(|| panic!("docs/configuration.md has no {title}"));
+            let rest = &docs[start + title.len()..];
+            rest[..rest.find("\n## ").unwrap_or(rest.len())].to_owned()
+        };
+        let old = config(&format!("[plugins.x]\n{RECORDS_BASE}"));
+        for key in &schema {
+            let applies = keys::records(key).unwrap();
+            let (title, short) = match key.strip_prefix("records.otlp.") {
+                Some(k) => ("## `[records.otlp]`", k),
+                None => ("## `[records]`", key.strip_prefix("records.").unwrap()),
+            };
+            assert!(
+                section(title).contains(&format!("| `{short}` | {} |", applies.as_str())),
+                "docs/configuration.md does not mark `{key}` as `{}`",
+                applies.as_str()
+            );
+            let sample = RECORDS_SAMPLES
+                .iter()
+                .find(|(k, _)| k == key)
+                .unwrap_or_else(|| panic!("no sample value for `{key}`"))
+                .1;
+            let text = if key.starts_with("records.otlp.") && key != "records.otlp.endpoint" {
+                format!("[plugins.x]\n{RECORDS_BASE}{sample}\n")
+            } else if key == "records.otlp.endpoint" {
+                format!("[plugins.x]\n[records.otlp]\n{sample}\n")
+            } else {
+                format!("[plugins.x]\n{sample}\n{RECORDS_BASE}")
+            };
+            let mut new = config(&text);
+            assert_eq!(changed_top_level(&old, &new), vec![key.as_str()], "{text}");
+            let p = plan(&old, &new);
+            assert!(applies.kept_until_restart(), "{key}");
+            assert_eq!(p.needs_restart, vec![(key.as_str(), applies)], "{text}");
+            assert!(
+                p.to_string().contains(&format!("NOT applied: {key}")),
+                "{p}"
+            );
+            keep_running_values(&old, &mut new);
+            assert!(changed_top_level(&old, &new).is_empty(), "{key} kept");
         }
     }
 }

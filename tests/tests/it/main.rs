@@ -27,6 +27,7 @@ mod protocol_versions;
 mod python_sdk;
 mod readme;
 mod real_plugins;
+mod records;
 mod reload_failures;
 mod reload_policy;
 mod supervision;
