@@ -22,7 +22,7 @@
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Instant, SystemTime};
 
 use bytes::Bytes;
 use envoy_types::pb::envoy::config::core::v3::HeaderMap;
@@ -47,10 +47,12 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request as GrpcRequest, Response as GrpcResponse, Status, Streaming};
 
 use crate::config::{BodyMode, Config, Dispatch, Published};
+use crate::data_path::metadata::FRONT_NAMESPACE;
 use crate::data_path::metadata::{Excluded, Merge};
 use crate::data_path::plugin_stream::PluginStream;
 use crate::observe::metrics::{MessageLabel, Metrics};
 use crate::plugin::link::{Missing, PluginLink};
+use crate::records::RecordStatus;
 
 /// How long an abort may wait for room in a full queue.
 const ABORT_PATIENCE: std::time::Duration = std::time::Duration::from_secs(2);
@@ -73,7 +75,6 @@ struct Inner {
     with_plugins: Arc<AtomicUsize>,
     stop: watch::Receiver<bool>,
     /// Where each stream's usage record goes when it ends.
-    #[allow(dead_code)] // submitted at the stream ends (issue 23, the stream end paths)
     records: crate::records::Records,
 }
 
@@ -192,6 +193,15 @@ impl ExternalProcessor for Front {
             modes: None,
             response_started: false,
             ended: false,
+            seen: Box::new(Seen {
+                started_at: SystemTime::now(),
+                request_id: None,
+                method: None,
+                path: None,
+                authority: None,
+                http_status: None,
+                failed: None,
+            }),
         };
         tokio::spawn(stream.run(inbound, tx));
         Ok(GrpcResponse::new(ReplyStream(ReceiverStream::new(rx))))
@@ -222,6 +232,23 @@ struct StreamTask {
     response_started: bool,
     /// The final RPC ran (or an abort was sent): no more events for the plugins.
     ended: bool,
+    /// What the request's usage record says about it, gathered as the stream goes (boxed: an
+    /// idle stream keeps it).
+    seen: Box<Seen>,
+}
+
+/// What a stream's usage record says about the request, besides the plugins' answers.
+#[derive(Debug)]
+struct Seen {
+    started_at: SystemTime,
+    request_id: Option<String>,
+    method: Option<String>,
+    path: Option<String>,
+    authority: Option<String>,
+    http_status: Option<u16>,
+    /// The front failed the stream itself (too large a message, an idle stream, a refused
+    /// message): the record's status is `error`, with this cause.
+    failed: Option<&'static str>,
 }
 
 /// One reply to Envoy, boxed: tokio's channel allocates its slots 32 at a time whatever its bound,
@@ -332,6 +359,7 @@ impl StreamTask {
                     );
                 }
                 metrics.stream_errors.inc();
+                self.seen.failed = Some("idle_stream_timeout");
                 let status = Status::deadline_exceeded(format!(
                     "plugvisor: no ext_proc message for {} ms (idle_stream_timeout_ms)",
                     limit.as_millis()
@@ -362,6 +390,7 @@ impl StreamTask {
                         }
                         metrics.messages_too_large.inc();
                         metrics.stream_errors.inc();
+                        self.seen.failed = Some("message_too_large");
                         let error =
                             Status::resource_exhausted(format!("plugvisor: {}", status.message()));
                         self.cut(&replies, "plugvisor_message_too_large", Some(error))
@@ -396,6 +425,7 @@ impl StreamTask {
                 Err(Stop::Refused(status)) => {
                     tracing::warn!(stream = self.id, error = %status.message(), "ext_proc stream refused");
                     metrics.stream_errors.inc();
+                    self.seen.failed = Some("refused");
                     let _ = replies.tx.send(Box::new(Err(status.clone()))).await;
                     break (AbortCause::UpstreamError, status.message().to_owned());
                 }
@@ -407,7 +437,7 @@ impl StreamTask {
         } else {
             tracing::debug!(stream = self.id, ?cause, %detail, "stream ended without end of response");
             let merge = self.abort(cause, detail).await;
-            drop(merge);
+            self.submit_record(&merge.into_struct(self.id), Some(cause));
         }
         metrics.streams_active.dec();
     }
@@ -499,10 +529,17 @@ impl StreamTask {
         match request {
             Request::RequestHeaders(h) => {
                 let headers = headers(h.headers.as_ref());
-                let request_id = headers
-                    .iter()
-                    .find(|(k, _)| k == "x-request-id")
-                    .map(|(_, v)| v.clone());
+                let find = |name: &str| {
+                    headers
+                        .iter()
+                        .find(|(k, _)| k == name)
+                        .map(|(_, v)| v.clone())
+                };
+                let request_id = find("x-request-id");
+                self.seen.request_id = request_id.clone();
+                self.seen.method = find(":method");
+                self.seen.path = find(":path");
+                self.seen.authority = find(":authority");
                 self.dispatch(
                     |seq, _| {
                         ToPlugin::RequestStart(RequestStart {
@@ -526,6 +563,7 @@ impl StreamTask {
                     .find(|(k, _)| k == ":status")
                     .and_then(|(_, v)| v.parse().ok())
                     .unwrap_or(0);
+                self.seen.http_status = (status != 0).then_some(status);
                 self.dispatch(
                     |seq, _| {
                         ToPlugin::ResponseHeaders(ResponseHeaders {
@@ -723,7 +761,53 @@ impl StreamTask {
             calls.push(Call::start(ps, make, arrival));
         }
         let merge = self.collect(calls, Vec::new()).await;
-        merge.into_struct(id)
+        let metadata = merge.into_struct(id);
+        self.submit_record(&metadata, None);
+        metadata
+    }
+
+    /// The request's usage record, once: the plugins' answers as they went (or, for a stream
+    /// that ended without a response end, would have gone) to Envoy, and how the stream ended:
+    /// `complete`, `partial` (a plugin missing, partial or denied a namespace), `aborted` (no
+    /// response end: `cause`) or `error` (the front failed the stream itself).
+    fn submit_record(&self, metadata: &Struct, aborted: Option<AbortCause>) {
+        let records = &self.inner.records;
+        let mut record = records.new_record(self.id, self.seen.started_at);
+        let seen = &*self.seen;
+        record.request_id = seen.request_id.clone();
+        record.method = seen.method.clone();
+        record.path = seen.path.clone();
+        record.authority = seen.authority.clone();
+        record.http_status = seen.http_status;
+        record.plugins = crate::data_path::metadata::to_json(metadata);
+        let front = record.plugins.get(FRONT_NAMESPACE);
+        record.missing = front
+            .and_then(|f| f.get("missing"))
+            .and_then(|m| m.as_array())
+            .map(|m| {
+                m.iter()
+                    .filter_map(|n| n.as_str().map(str::to_owned))
+                    .collect()
+            })
+            .unwrap_or_default();
+        record.reasons = front
+            .and_then(|f| f.get("reasons"))
+            .and_then(|r| r.as_object())
+            .map(|r| {
+                r.iter()
+                    .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_owned())))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let incomplete = !record.missing.is_empty()
+            || front.is_some_and(|f| f.get("partial").is_some() || f.get("denied").is_some());
+        (record.status, record.cause) = match (seen.failed, aborted) {
+            (Some(failed), _) => (RecordStatus::Error, Some(failed.to_owned())),
+            (None, Some(cause)) => (RecordStatus::Aborted, Some(cause.as_str().to_owned())),
+            (None, None) if incomplete => (RecordStatus::Partial, None),
+            (None, None) => (RecordStatus::Complete, None),
+        };
+        records.submit(record);
     }
 
     /// Waits for the final calls and merges their answers, in config order; `not_asked` are the

@@ -299,6 +299,39 @@ fn struct_value(fields: HashMap<String, PbValue>) -> PbValue {
     }
 }
 
+/// `dynamic_metadata` as JSON, namespace by namespace (numbers as JSON numbers, as Envoy's
+/// access log prints them): what a usage record carries.
+pub fn to_json(metadata: &Struct) -> std::collections::BTreeMap<String, serde_json::Value> {
+    fn json(v: &PbValue) -> serde_json::Value {
+        match v.kind.as_ref() {
+            None | Some(Kind::NullValue(_)) => serde_json::Value::Null,
+            Some(Kind::BoolValue(b)) => (*b).into(),
+            Some(Kind::NumberValue(n)) => number(*n),
+            Some(Kind::StringValue(s)) => s.clone().into(),
+            Some(Kind::ListValue(l)) => l.values.iter().map(json).collect(),
+            Some(Kind::StructValue(s)) => s
+                .fields
+                .iter()
+                .map(|(k, v)| (k.clone(), json(v)))
+                .collect::<serde_json::Map<_, _>>()
+                .into(),
+        }
+    }
+    // Whole numbers stay integers (token counts), as they were before Envoy's doubles.
+    fn number(n: f64) -> serde_json::Value {
+        if n.fract() == 0.0 && n.abs() < 9_007_199_254_740_992.0 {
+            serde_json::Value::from(n as i64)
+        } else {
+            serde_json::Number::from_f64(n).map_or(serde_json::Value::Null, Into::into)
+        }
+    }
+    metadata
+        .fields
+        .iter()
+        .map(|(k, v)| (k.clone(), json(v)))
+        .collect()
+}
+
 /// Converts a protocol value to a protobuf value (integers become doubles, as in JSON; a NaN or
 /// infinite float, which JSON cannot carry and Envoy's access log cannot print, becomes null).
 pub fn to_pb(v: &Value) -> PbValue {

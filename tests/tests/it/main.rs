@@ -28,6 +28,7 @@ mod python_sdk;
 mod readme;
 mod real_plugins;
 mod records;
+mod records_drill;
 mod reload_failures;
 mod reload_policy;
 mod supervision;

@@ -2,8 +2,9 @@
 //! over HTTP and gRPC): every record delivered, none twice, through a collector that fails, is
 //! killed and comes back, and across a front restart; a full spool counted.
 //!
-//! Until the stream ends submit their records (issue 23's end paths), the records are fed to
-//! `Records` in this process, or left in the spool for the real `plugvisor` process to send.
+//! The records are fed to `Records` in this process (so the sinks are tested apart from Envoy),
+//! or left in the spool for the real `plugvisor` process to send; `records_drill.rs` sends real
+//! requests through Envoy and reads the records the front wrote for them.
 
 use std::collections::BTreeSet;
 use std::path::Path;
