@@ -2,7 +2,8 @@
 //! that leave at random points, and streams cut by a front stop each get exactly one usage
 //! record in the JSON Lines file. A complete one's numbers equal what Envoy logged; an aborted
 //! one says so, with its cause and the output estimated from the content the front saw (at least
-//! what the client received, at most what the upstream had).
+//! what the client received, at most what the upstream had). The same records reach a real OTLP
+//! collector (`tests/otlp_receiver.py`), each once by `record_id`.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -12,6 +13,7 @@ use nix::unistd::Pid;
 use tests::client::{chat, chat_and_disconnect};
 use tests::envoy::{Envoy, EnvoyOptions};
 use tests::front::FrontProcess;
+use tests::otlp::{Collector, Protocol};
 use tests::upstream::{Params, Upstream};
 
 const COMPLETE: usize = 8;
@@ -31,13 +33,14 @@ async fn every_request_gets_one_record_complete_aborted_or_cut() {
     let dir = tempfile::tempdir().unwrap();
     let upstream = Upstream::start().await;
     let listen = format!("unix:{}", dir.path().join("ext_proc.sock").display());
+    let collector = tokio::task::block_in_place(|| Collector::start(dir.path(), Protocol::Http));
     let (mut front, envoy) = tokio::task::block_in_place(|| {
         let front = FrontProcess::start_from(
             &tests::bins::plugvisor(),
             dir.path(),
             &listen,
             "shutdown_grace_ms = 300",
-            "[plugins.usage]\n",
+            &format!("[plugins.usage]\n[records.otlp]\n{}", collector.config()),
             &["usage"],
         );
         let envoy = Envoy::start(
@@ -163,4 +166,21 @@ async fn every_request_gets_one_record_complete_aborted_or_cut() {
         all.iter().filter_map(|r| r["record_id"].as_str()).collect();
     assert_eq!(ids.len(), all.len(), "a record_id twice");
     assert_eq!(all.len(), COMPLETE + LEAVING + CUT, "{all:#?}");
+    // The collector got the same records, each once.
+    let expected: std::collections::BTreeSet<String> = ids.iter().map(|s| s.to_string()).collect();
+    let delivered = tests::eventually(
+        "every record at the collector",
+        Duration::from_secs(10),
+        || {
+            let got = collector.record_ids();
+            if got.len() >= expected.len() {
+                Ok(got)
+            } else {
+                Err(format!("{} of {}", got.len(), expected.len()))
+            }
+        },
+    );
+    let once: std::collections::BTreeSet<String> = delivered.iter().cloned().collect();
+    assert_eq!(once.len(), delivered.len(), "a record delivered twice");
+    assert_eq!(once, expected);
 }
