@@ -29,6 +29,9 @@ pub struct Params {
     pub marker: Option<(usize, String)>,
     /// Reported prompt tokens.
     pub prompt_tokens: u64,
+    /// Reset the connection (TCP RST) after this many body frames of a streamed HTTP/1.1
+    /// response: an upstream that fails mid-stream.
+    pub reset_after: Option<usize>,
 }
 
 impl Default for Params {
@@ -40,6 +43,7 @@ impl Default for Params {
             stream: true,
             trailers: false,
             marker: None,
+            reset_after: None,
             prompt_tokens: 7,
         }
     }
@@ -63,6 +67,9 @@ impl Params {
             h.push(("x-test-marker-at".into(), at.to_string()));
             h.push(("x-test-marker".into(), m.clone()));
         }
+        if let Some(n) = self.reset_after {
+            h.push(("x-test-reset-after".into(), n.to_string()));
+        }
         h
     }
 
@@ -83,6 +90,7 @@ impl Params {
             marker: get("x-test-marker")
                 .map(|m| (num("x-test-marker-at", 0) as usize, m.to_owned())),
             prompt_tokens: num("x-test-prompt-tokens", d.prompt_tokens),
+            reset_after: get("x-test-reset-after").and_then(|v| v.parse().ok()),
         }
     }
 
@@ -367,7 +375,12 @@ async fn serve_conn(mut s: TcpStream, defaults: Params) -> std::io::Result<()> {
         }
         head.push_str("\r\n");
         s.write_all(head.as_bytes()).await?;
-        for chunk in p.body_chunks() {
+        for (i, chunk) in p.body_chunks().into_iter().enumerate() {
+            if p.reset_after == Some(i) {
+                // Linger 0: closing sends RST, not FIN, as an upstream that crashes does.
+                s.set_linger(Some(Duration::ZERO))?;
+                return Ok(());
+            }
             if !p.delay.is_zero() {
                 tokio::time::sleep(p.delay).await;
             }

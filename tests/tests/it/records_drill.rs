@@ -1,5 +1,6 @@
 //! Every request accounted for, through real Envoy and the real front: complete streams, clients
-//! that leave at random points, and streams cut by a front stop each get exactly one usage
+//! that leave at spread points, upstreams that reset mid-stream, and streams cut by a front stop
+//! each get exactly one usage
 //! record in the JSON Lines file. A complete one's numbers equal what Envoy logged; an aborted
 //! one says so, with its cause and the output estimated from the content the front saw (at least
 //! what the client received, at most what the upstream had). The same records reach a real OTLP
@@ -18,6 +19,7 @@ use tests::upstream::{Params, Upstream};
 
 const COMPLETE: usize = 8;
 const LEAVING: usize = 8;
+const RESET: usize = 4;
 const CUT: usize = 4;
 
 fn records(path: &std::path::Path) -> Vec<serde_json::Value> {
@@ -79,6 +81,20 @@ async fn every_request_gets_one_record_complete_aborted_or_cut() {
         let id = format!("leaves-{i}");
         chat_and_disconnect(port, &slow, &id, n).await;
         left.insert(id, n);
+    }
+    // Upstreams that reset the connection after 6 body frames.
+    let resetting = Params {
+        chunks: 20,
+        delay: Duration::from_millis(5),
+        reset_after: Some(6),
+        ..Params::default()
+    };
+    for i in 0..RESET {
+        let got = chat(port, &resetting, &format!("reset-{i}")).await;
+        assert!(
+            got.error.is_some() || got.body() != resetting.body(),
+            "a reset upstream cannot give the whole body"
+        );
     }
     // Long streams the front's stop cuts.
     let long = Params {
@@ -150,6 +166,18 @@ async fn every_request_gets_one_record_complete_aborted_or_cut() {
             "{id}: client read {received} frames, estimate {output}: {r}"
         );
     }
+    for i in 0..RESET {
+        let id = format!("reset-{i}");
+        let mine = by_id(&id);
+        assert_eq!(mine.len(), 1, "{id}: {mine:?}");
+        let r = mine[0];
+        assert_eq!(r["status"], "aborted", "{r}");
+        let usage = &r["plugins"]["plugvisor.usage"];
+        assert_eq!(usage["estimated"], true, "{r}");
+        // 6 frames came: the content ones among them, never more.
+        let output = usage["output_tokens"].as_u64().expect("an output estimate");
+        assert!((1..=6).contains(&output), "{id}: {output}: {r}");
+    }
     for i in 0..CUT {
         let id = format!("cut-{i}");
         let mine = by_id(&id);
@@ -165,7 +193,7 @@ async fn every_request_gets_one_record_complete_aborted_or_cut() {
     let ids: std::collections::BTreeSet<&str> =
         all.iter().filter_map(|r| r["record_id"].as_str()).collect();
     assert_eq!(ids.len(), all.len(), "a record_id twice");
-    assert_eq!(all.len(), COMPLETE + LEAVING + CUT, "{all:#?}");
+    assert_eq!(all.len(), COMPLETE + LEAVING + RESET + CUT, "{all:#?}");
     // The collector got the same records, each once.
     let expected: std::collections::BTreeSet<String> = ids.iter().map(|s| s.to_string()).collect();
     let delivered = tests::eventually(
