@@ -377,7 +377,10 @@ async fn serve_conn(mut s: TcpStream, defaults: Params) -> std::io::Result<()> {
         s.write_all(head.as_bytes()).await?;
         for (i, chunk) in p.body_chunks().into_iter().enumerate() {
             if p.reset_after == Some(i) {
-                // Linger 0: closing sends RST, not FIN, as an upstream that crashes does.
+                // Linger 0: closing sends RST, not FIN, as an upstream that crashes does. (Tokio
+                // deprecates SO_LINGER because a non-zero linger blocks the thread on drop; a zero
+                // one resets at once.)
+                #[allow(deprecated)]
                 s.set_linger(Some(Duration::ZERO))?;
                 return Ok(());
             }
