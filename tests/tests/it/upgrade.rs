@@ -276,6 +276,52 @@ async fn an_upgrade_mid_batch_breaks_no_stream_and_new_requests_reach_the_new_fr
         stack.log_for("after-exit")["plugvisor"]["front_pid"],
         f64::from(new)
     );
+
+    // Both fronts wrote their usage records to the one file: every request exactly once, by
+    // the front that served it, with the numbers Envoy logged.
+    let ids: Vec<&str> = long_done
+        .iter()
+        .chain(&small_done)
+        .map(|(id, ..)| id.as_str())
+        .chain(["after-exit"])
+        .collect();
+    let path = stack.dir.path().join("state/records.jsonl");
+    let records = tests::eventually("every request's record", Duration::from_secs(10), || {
+        let text = std::fs::read_to_string(&path).unwrap_or_default();
+        let records: Vec<serde_json::Value> = text
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect();
+        if ids
+            .iter()
+            .all(|id| records.iter().any(|r| r["request_id"] == *id))
+        {
+            Ok(records)
+        } else {
+            Err(format!(
+                "{} records for {} requests",
+                records.len(),
+                ids.len()
+            ))
+        }
+    });
+    for id in &ids {
+        let mine: Vec<&serde_json::Value> =
+            records.iter().filter(|r| r["request_id"] == *id).collect();
+        assert_eq!(mine.len(), 1, "{id}: {mine:?}");
+        let logged = stack.log_for(id);
+        assert_eq!(
+            mine[0]["front_pid"].as_f64(),
+            logged["plugvisor"]["front_pid"].as_f64(),
+            "{id}"
+        );
+        assert_eq!(mine[0]["status"], "complete", "{id}: {}", mine[0]);
+        assert_eq!(
+            mine[0]["plugins"]["plugvisor.usage"]["completion_tokens"].as_f64(),
+            logged["usage"]["completion_tokens"].as_f64(),
+            "{id}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
