@@ -16,7 +16,8 @@
 //! request (`plugvisor status`) with the same line. A configuration that did not load when the
 //! hold began is tried again every [`RECHECK`]: once it loads, the hold ends by itself (the
 //! ledger is cleared and the process exits with EX_TEMPFAIL, so `Restart=on-failure` starts a
-//! fresh front). Holding matters because systemd cannot keep
+//! fresh front). So does an admin address that another process held when the hold began (a
+//! start fails on it): the hold tries it every [`RECHECK`] and ends once it is free. Holding matters because systemd cannot keep
 //! a listener for a failed service: a connection waiting in the backlog activates it again at
 //! once, and 20 activations in 2 s fail the socket (`trigger-limit-hit`).
 
@@ -38,7 +39,8 @@ pub const RECHECK: Duration = Duration::from_secs(2);
 pub enum Held {
     /// SIGTERM or SIGINT: a clean stop, which clears the count.
     Stopped,
-    /// The configuration that did not load loads again: start afresh.
+    /// What kept the front from starting is gone (the configuration that did not load loads
+    /// again, or the admin address that was taken is free): start afresh.
     Fixed,
 }
 
@@ -136,6 +138,8 @@ pub fn hold(failures: usize, config: Option<&Path>) -> std::io::Result<Held> {
         metrics.crash_loop_held.set(1);
         let visible = Arc::new(line.clone());
         let mut side_tasks = Vec::new();
+        // Taken by another process when the hold began: likely what failed the starts.
+        let mut admin_taken = None;
         if let Some(addr) = admin {
             match metrics::bind_admin(addr).await {
                 Ok(l) => {
@@ -147,7 +151,10 @@ pub fn hold(failures: usize, config: Option<&Path>) -> std::io::Result<Held> {
                         std::future::pending(),
                     )));
                 }
-                Err(e) => tracing::warn!(%addr, error = %e, "cannot serve /healthz while holding"),
+                Err(e) => {
+                    tracing::warn!(%addr, error = %e, "cannot serve /healthz while holding; the hold ends by itself once the address is free");
+                    admin_taken = Some(addr);
+                }
             }
         }
         if let Some(dir) = ledger_path().and_then(|p| p.parent().map(Path::to_owned)) {
@@ -167,8 +174,11 @@ pub fn hold(failures: usize, config: Option<&Path>) -> std::io::Result<Held> {
                 _ = term.recv() => break Held::Stopped,
                 _ = int.recv() => break Held::Stopped,
                 _ = ping.tick() => systemd::watchdog_ping(),
-                _ = recheck.tick(), if broken.is_some() => {
-                    if load(config).0.is_ok() {
+                _ = recheck.tick(), if broken.is_some() || admin_taken.is_some() => {
+                    let loads = broken.is_none() || load(config).0.is_ok();
+                    let admin_free = admin_taken
+                        .is_none_or(|addr| std::net::TcpListener::bind(addr).is_ok());
+                    if loads && admin_free {
                         break Held::Fixed;
                     }
                 }
@@ -188,7 +198,11 @@ pub fn hold(failures: usize, config: Option<&Path>) -> std::io::Result<Held> {
             if let Some(ledger) = ledger_path() {
                 let _ = std::fs::remove_file(ledger);
             }
-            let line = "crash loop over: the configuration loads again; restarting";
+            let line = if broken.is_some() {
+                "crash loop over: the configuration loads again; restarting"
+            } else {
+                "crash loop over: the admin address is free again; restarting"
+            };
             tracing::warn!(closed, "{line}");
             systemd::status(line);
         } else {

@@ -261,6 +261,52 @@ async fn a_crash_loop_stops_retrying_says_so_and_ends_by_itself_once_the_config_
     assert_eq!(got, (true, true, true));
 }
 
+/// A crash loop whose cause is not the configuration: another process holds the admin address,
+/// so every start fails. The hold says so and, once that process lets the address go, ends by
+/// itself: no `systemctl restart` needed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_loop_over_a_taken_admin_address_ends_by_itself_once_it_is_free() {
+    tokio::task::block_in_place(|| {
+        let s = Service::boot("busyport", "tests/systemd/spawned.toml");
+        let admin: u16 = s
+            .c
+            .sh("sed -n 's/^admin_listen = \"127.0.0.1:\\([0-9]*\\)\"/\\1/p' /etc/plugvisor/plugvisor.toml")
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        // Another service squats on the admin port.
+        s.c.sh(&format!(
+            "systemd-run --unit=squatter python3 -c \"import socket, time; \
+             l = socket.socket(); l.bind(('127.0.0.1', {admin})); l.listen(); time.sleep(3600)\""
+        ))
+        .unwrap();
+        s.ok(&["start", SOCKET]);
+        s.ok(&["start", "--no-block", SERVICE]);
+        let status = s.wait_status("a crash loop", Duration::from_secs(40), |t| {
+            t.starts_with("crash loop:")
+        });
+        assert!(
+            status.starts_with("crash loop: 5 failed starts"),
+            "{status}"
+        );
+        let held_pid = s.prop("MainPID");
+        // The squatter goes: the hold notices and a fresh front starts.
+        s.c.sh("systemctl stop squatter").unwrap();
+        s.wait_status("serving again", Duration::from_secs(30), |t| {
+            t.starts_with("serving;")
+        });
+        assert_ne!(s.prop("MainPID"), held_pid);
+        assert_eq!(s.prop("NRestarts"), "6");
+        let health =
+            s.c.sh(&format!(
+                "curl -s -w ' %{{http_code}}' http://127.0.0.1:{admin}/healthz"
+            ))
+            .unwrap();
+        assert!(health.trim_end().ends_with(" 200"), "{health}");
+    });
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn plugvisor_drains_before_an_external_plugin_unit_stops_and_a_unit_restart_loses_nothing() {
     let s = tokio::task::block_in_place(|| {
