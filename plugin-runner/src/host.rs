@@ -322,20 +322,12 @@ async fn serve_inner<P: Plugin>(mut plugin: P, opts: &HostOptions) -> Result<Exi
             }
             frame = reader.read::<ToPlugin>() => match frame {
                 Ok(Some(ToPlugin::Ping(ping))) => {
-                    let pong = Pong {
-                        nonce: ping.nonce,
-                        active_streams: lanes.active_streams(),
-                        stuck: lanes.stuck(opts.stuck_after),
-                    };
-                    if !pong.stuck.is_empty() {
-                        tracing::warn!(stuck = ?pong.stuck, "lanes stuck in one event");
-                    }
-                    replies.send(FromPlugin::Pong(pong));
+                    replies.send(pong(&lanes, ping.nonce, opts.stuck_after));
                 }
                 Ok(Some(ToPlugin::Shutdown(shutdown))) => {
                     let grace = Duration::from_millis(shutdown.grace_ms);
                     tracing::info!(grace_ms = shutdown.grace_ms, "shutdown requested; draining lanes");
-                    drain(&lanes, grace).await;
+                    drain_reading(&mut reader, &lanes, &replies, grace, opts.stuck_after).await?;
                     break Exit::Clean;
                 }
                 Ok(Some(msg @ (ToPlugin::Welcome(_) | ToPlugin::Refuse(_)))) => {
@@ -425,6 +417,69 @@ fn rename_namespace(md: &mut Metadata, from: &str, to: &str) {
 }
 
 /// Waits until no event is queued or running, or `grace` has passed.
+/// The answer to `Ping{nonce}`: from the reading loop, whatever the lanes are doing.
+fn pong<P: Plugin>(lanes: &Lanes<P>, nonce: u64, stuck_after: Duration) -> FromPlugin {
+    let pong = Pong {
+        nonce,
+        active_streams: lanes.active_streams(),
+        stuck: lanes.stuck(stuck_after),
+    };
+    if !pong.stuck.is_empty() {
+        tracing::warn!(stuck = ?pong.stuck, "lanes stuck in one event");
+    }
+    FromPlugin::Pong(pong)
+}
+
+/// How long the lanes must stay idle, with nothing more read, before a plugin told to shut down
+/// exits early.
+const QUIET_AFTER_SHUTDOWN: Duration = Duration::from_millis(50);
+
+/// After `Shutdown`: the front's `Shutdown` overtakes the events it had queued, so keep reading
+/// within the grace, running those events and answering their finals (and pings), until the
+/// lanes are idle and nothing more came for [`QUIET_AFTER_SHUTDOWN`], the front closes the
+/// connection, or the grace is over.
+async fn drain_reading<P: Plugin>(
+    reader: &mut FrameReader<tokio::net::unix::OwnedReadHalf>,
+    lanes: &Lanes<P>,
+    replies: &Replies,
+    grace: Duration,
+    stuck_after: Duration,
+) -> Result<(), HostError> {
+    let deadline = tokio::time::Instant::now() + grace;
+    loop {
+        // The deadline branch below bounds this.
+        let quiet = async {
+            while !lanes.is_idle() {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            tokio::time::sleep(QUIET_AFTER_SHUTDOWN).await;
+        };
+        tokio::select! {
+            frame = reader.read::<ToPlugin>() => match frame {
+                Ok(Some(ToPlugin::Ping(ping))) => replies.send(pong(lanes, ping.nonce, stuck_after)),
+                Ok(Some(msg @ (ToPlugin::Welcome(_) | ToPlugin::Refuse(_) | ToPlugin::Shutdown(_)))) => {
+                    tracing::debug!(kind = msg.kind(), "ignored while shutting down");
+                }
+                Ok(Some(msg)) => {
+                    let frame_len = reader.last_frame_len();
+                    let (event, replayed) = msg.into_event()?;
+                    lanes.submit(event, frame_len, replayed);
+                }
+                Ok(None) => return Ok(()),
+                Err(e) => return Err(HostError::Protocol(e)),
+            },
+            () = quiet => return Ok(()),
+            () = tokio::time::sleep_until(deadline) => {
+                tracing::warn!(
+                    active_streams = lanes.active_streams(),
+                    "grace period over with events still queued or running; exiting anyway"
+                );
+                return Ok(());
+            }
+        }
+    }
+}
+
 async fn drain<P: Plugin>(lanes: &Lanes<P>, grace: Duration) {
     let deadline = tokio::time::Instant::now() + grace;
     while !lanes.is_idle() {

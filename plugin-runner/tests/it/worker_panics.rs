@@ -211,3 +211,32 @@ counting_plugin!(PanicInFinal, Plain, "final-panics", on_final: |ctx: &EventCtx|
 async fn a_panic_in_the_final_hook_fails_that_stream_and_the_worker_goes_on() {
     doomed_stream_fails_alone(PanicInFinal, "final-panics", "final straw", "on_final").await;
 }
+
+/// `Shutdown` overtakes the events the front had queued: a stream's final that arrives after it
+/// is still run and answered within the grace, and the host then exits cleanly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_final_that_follows_shutdown_is_still_answered() {
+    // Stream 7 is not the doomed one: this plugin runs it like any other.
+    let mut front = serve_in_process(PanicInFinal, 1).await;
+    front.welcome(Value::Null).await;
+    let [start, chunk, last] = events(7);
+    front.feed(start);
+    front.feed(chunk);
+    front.flush().await;
+    front
+        .send_now(ToPlugin::Shutdown(Shutdown { grace_ms: 2000 }))
+        .await;
+    front.send_now(last).await;
+    let reply = loop {
+        match front.recv().await {
+            FromPlugin::FinalReply(r) => break r,
+            _ => continue,
+        }
+    };
+    assert_eq!(reply.stream_id, 7);
+    assert_eq!(
+        reply.outcome,
+        FinalOutcome::Metadata(counted("final-panics", 3))
+    );
+    assert_eq!(front.host_exit().await, Exit::Clean);
+}
