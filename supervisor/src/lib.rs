@@ -40,9 +40,11 @@ pub mod config;
 pub mod conformance;
 pub mod data_path;
 pub mod observe;
+pub mod otlp;
 pub mod plugin;
 pub mod records;
 pub mod shell;
+pub mod traces;
 
 pub use config::Config;
 pub use shell::front::{run, start, start_with, Inherited, RunError, Running};
