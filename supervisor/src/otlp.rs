@@ -58,11 +58,11 @@ impl Signal for Logs {
             .map_or(0, |p| p.rejected_log_records.max(0) as u64)
     }
 
-    fn grpc(
+    async fn grpc(
         channel: Channel,
         request: tonic::Request<Self::Request>,
-    ) -> impl Future<Output = Result<tonic::Response<Self::Response>, tonic::Status>> + Send {
-        async move { LogsServiceClient::new(channel).export(request).await }
+    ) -> Result<tonic::Response<Self::Response>, tonic::Status> {
+        LogsServiceClient::new(channel).export(request).await
     }
 }
 
@@ -80,11 +80,11 @@ impl Signal for Traces {
             .map_or(0, |p| p.rejected_spans.max(0) as u64)
     }
 
-    fn grpc(
+    async fn grpc(
         channel: Channel,
         request: tonic::Request<Self::Request>,
-    ) -> impl Future<Output = Result<tonic::Response<Self::Response>, tonic::Status>> + Send {
-        async move { TraceServiceClient::new(channel).export(request).await }
+    ) -> Result<tonic::Response<Self::Response>, tonic::Status> {
+        TraceServiceClient::new(channel).export(request).await
     }
 }
 

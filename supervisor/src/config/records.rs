@@ -12,10 +12,10 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use super::otlp::{bad, resource, Bad, Env, OtlpTransport, RawTransport, Signal};
-pub use super::otlp::{OtlpProtocol, DEFAULT_OTLP_TIMEOUT_MS};
 #[cfg(test)]
 use super::otlp::no_env;
+use super::otlp::{bad, resource, Bad, Env, OtlpTransport, RawTransport, Signal};
+pub use super::otlp::{OtlpProtocol, DEFAULT_OTLP_TIMEOUT_MS};
 
 /// Default `rotate_bytes`: 64 MiB.
 pub const DEFAULT_ROTATE_BYTES: u64 = 64 * 1024 * 1024;

@@ -98,7 +98,11 @@ impl RawTraces {
         }
         .resolve("traces", Signal::Traces, env)?;
         let (name, name_key, name_span) = match &self.sampler {
-            Some(s) => (s.get_ref().clone(), "traces.sampler".to_owned(), Some(s.span())),
+            Some(s) => (
+                s.get_ref().clone(),
+                "traces.sampler".to_owned(),
+                Some(s.span()),
+            ),
             None => match env("OTEL_TRACES_SAMPLER") {
                 Some(v) => (v.trim().to_owned(), "$OTEL_TRACES_SAMPLER".to_owned(), None),
                 None => ("parentbased_always_on".to_owned(), String::new(), None),
@@ -269,15 +273,64 @@ mod tests {
     #[test]
     fn every_sampler_of_the_specification_that_plugvisor_supports_resolves_by_name() {
         let table: &[(&str, Option<&str>, Sampler)] = &[
-            ("always_on", None, Sampler { parent_based: false, root: RootSampler::AlwaysOn }),
-            ("always_off", None, Sampler { parent_based: false, root: RootSampler::AlwaysOff }),
-            ("traceidratio", None, Sampler { parent_based: false, root: RootSampler::TraceIdRatio(1.0) }),
-            ("traceidratio", Some("0"), Sampler { parent_based: false, root: RootSampler::TraceIdRatio(0.0) }),
+            (
+                "always_on",
+                None,
+                Sampler {
+                    parent_based: false,
+                    root: RootSampler::AlwaysOn,
+                },
+            ),
+            (
+                "always_off",
+                None,
+                Sampler {
+                    parent_based: false,
+                    root: RootSampler::AlwaysOff,
+                },
+            ),
+            (
+                "traceidratio",
+                None,
+                Sampler {
+                    parent_based: false,
+                    root: RootSampler::TraceIdRatio(1.0),
+                },
+            ),
+            (
+                "traceidratio",
+                Some("0"),
+                Sampler {
+                    parent_based: false,
+                    root: RootSampler::TraceIdRatio(0.0),
+                },
+            ),
             ("parentbased_always_on", None, Sampler::DEFAULT),
-            ("parentbased_always_off", None, Sampler { parent_based: true, root: RootSampler::AlwaysOff }),
-            ("parentbased_traceidratio", Some("0.5"), Sampler { parent_based: true, root: RootSampler::TraceIdRatio(0.5) }),
+            (
+                "parentbased_always_off",
+                None,
+                Sampler {
+                    parent_based: true,
+                    root: RootSampler::AlwaysOff,
+                },
+            ),
+            (
+                "parentbased_traceidratio",
+                Some("0.5"),
+                Sampler {
+                    parent_based: true,
+                    root: RootSampler::TraceIdRatio(0.5),
+                },
+            ),
             // An argument a sampler does not take is ignored, as the specification says.
-            ("always_on", Some("x"), Sampler { parent_based: false, root: RootSampler::AlwaysOn }),
+            (
+                "always_on",
+                Some("x"),
+                Sampler {
+                    parent_based: false,
+                    root: RootSampler::AlwaysOn,
+                },
+            ),
         ];
         for (name, arg, expected) in table {
             let text = format!(
@@ -294,13 +347,28 @@ mod tests {
     fn bad_values_name_their_key() {
         let cases: &[(&str, &str)] = &[
             ("endpoint = \"c:4318\"", "traces.endpoint"),
-            ("endpoint = \"http://c\"\nprotocol = \"http/json\"", "traces.protocol"),
-            ("endpoint = \"http://c\"\nheaders = { \"a b\" = \"1\" }", "traces.headers"),
+            (
+                "endpoint = \"http://c\"\nprotocol = \"http/json\"",
+                "traces.protocol",
+            ),
+            (
+                "endpoint = \"http://c\"\nheaders = { \"a b\" = \"1\" }",
+                "traces.headers",
+            ),
             ("sampler = \"sometimes\"", "traces.sampler"),
             ("sampler = \"jaeger_remote\"", "traces.sampler"),
-            ("sampler = \"traceidratio\"\nsampler_arg = 1.5", "traces.sampler_arg"),
-            ("sampler = \"parentbased_traceidratio\"\nsampler_arg = \"-0.1\"", "traces.sampler_arg"),
-            ("sampler = \"traceidratio\"\nsampler_arg = \"half\"", "traces.sampler_arg"),
+            (
+                "sampler = \"traceidratio\"\nsampler_arg = 1.5",
+                "traces.sampler_arg",
+            ),
+            (
+                "sampler = \"parentbased_traceidratio\"\nsampler_arg = \"-0.1\"",
+                "traces.sampler_arg",
+            ),
+            (
+                "sampler = \"traceidratio\"\nsampler_arg = \"half\"",
+                "traces.sampler_arg",
+            ),
         ];
         for (text, key) in cases {
             let Err(e) = resolve(text, &no_env) else {

@@ -23,10 +23,10 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
 use super::otlp;
-use crate::otlp::{Client, ExportError, Logs};
 use super::record::{redacted, Record};
 use super::spool::{Claimed, Spool};
 use super::Shared;
+use crate::otlp::{Client, ExportError, Logs};
 
 /// The most records in one export request.
 pub const BATCH: usize = 512;

@@ -196,7 +196,9 @@ mod tests {
         // `:path` split as the conventions have it.
         assert_eq!(
             attr(&r, "url.path"),
-            Some(&any_value::Value::StringValue("/v1/chat/completions".into()))
+            Some(&any_value::Value::StringValue(
+                "/v1/chat/completions".into()
+            ))
         );
         assert_eq!(
             attr(&r, "url.query"),

@@ -21,10 +21,10 @@ use crate::plugin::owner::{Bound, SocketFile};
 use crate::plugin::registry::{self, Launcher, Plugins};
 use crate::plugin::spawn::Spawner;
 use crate::records::{Records, RecordsError};
-use crate::traces::Traces;
 use crate::shell::instance::{self, InstanceLock};
 use crate::shell::listeners;
 use crate::shell::{control, systemd, upgrade};
+use crate::traces::Traces;
 
 /// Why the front could not start or serve.
 #[derive(Debug, thiserror::Error)]

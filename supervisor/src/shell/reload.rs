@@ -934,7 +934,7 @@ mod tests {
         let base = |key: &str| {
             let mut text = "[plugins.x]\n[traces]\n".to_owned();
             if key != "traces.endpoint" {
-                text.push_str("endpoint = \"http://127.0.0.1:4318\"\n");
+                text.push_str("endpoint = \"http://127.0.0.1:4318/v1/traces\"\n");
             }
             if key != "traces.sampler" {
                 text.push_str(TRACES_BASE.trim_start_matches("[traces]\n"));

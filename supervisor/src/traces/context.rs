@@ -37,7 +37,8 @@ pub fn parent<'a>(headers: impl Iterator<Item = (&'a str, &'a str)>) -> Option<P
     for (name, value) in headers {
         match name {
             "traceparent" => {
-                if traceparent.replace(value).is_some() {
+                let earlier = traceparent.replace(value);
+                if earlier.is_some() {
                     // Two of them: which one the caller meant is unknowable.
                     return None;
                 }
@@ -180,8 +181,8 @@ mod tests {
         assert_eq!(
             p.trace_id,
             [
-                0x4b, 0xf9, 0x2f, 0x35, 0x77, 0xb3, 0x4d, 0xa6, 0xa3, 0xce, 0x92, 0x9d, 0x0e,
-                0x0e, 0x47, 0x36
+                0x4b, 0xf9, 0x2f, 0x35, 0x77, 0xb3, 0x4d, 0xa6, 0xa3, 0xce, 0x92, 0x9d, 0x0e, 0x0e,
+                0x47, 0x36
             ]
         );
         assert_eq!(p.span_id, [0x00, 0xf0, 0x67, 0xaa, 0x0b, 0xa9, 0x02, 0xb7]);
@@ -205,17 +206,32 @@ mod tests {
             ("version 00 too long", format!("{VALID}-x")),
             ("version 00 with one more character", format!("{VALID}0")),
             ("version ff", VALID.replacen("00", "ff", 1)),
-            ("later version, no dash after the flags", format!("{}x", VALID.replacen("00", "01", 1))),
+            (
+                "later version, no dash after the flags",
+                format!("{}x", VALID.replacen("00", "01", 1)),
+            ),
             ("uppercase trace id", VALID.replace("4bf92f", "4BF92F")),
             ("uppercase version", format!("0A{}", &VALID[2..])),
             ("non-hex in the trace id", VALID.replace("4bf92f", "4bg92f")),
             ("non-hex in the span id", VALID.replace("00f067", "00x067")),
             ("non-hex flags", VALID.replace("-01", "-0z")),
-            ("all-zero trace id", VALID.replace("4bf92f3577b34da6a3ce929d0e0e4736", &"0".repeat(32))),
-            ("all-zero span id", VALID.replace("00f067aa0ba902b7", &"0".repeat(16))),
+            (
+                "all-zero trace id",
+                VALID.replace("4bf92f3577b34da6a3ce929d0e0e4736", &"0".repeat(32)),
+            ),
+            (
+                "all-zero span id",
+                VALID.replace("00f067aa0ba902b7", &"0".repeat(16)),
+            ),
             ("a missing dash", VALID.replacen('-', "_", 1)),
-            ("a field one digit short", "00-4bf92f3577b34da6a3ce929d0e0e473-00f067aa0ba902b7-01x".to_owned()),
-            ("a misplaced dash", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b-701".to_owned()),
+            (
+                "a field one digit short",
+                "00-4bf92f3577b34da6a3ce929d0e0e473-00f067aa0ba902b7-01x".to_owned(),
+            ),
+            (
+                "a misplaced dash",
+                "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b-701".to_owned(),
+            ),
         ];
         for (what, value) in cases {
             assert_eq!(one(value), None, "{what}: {value}");
@@ -243,7 +259,14 @@ mod tests {
             "congo=t61rcWkgMzE,rojo=00f067aa0ba902b7"
         );
         assert_eq!(with(&["tenant@vendor=x, ,b=1"]), "tenant@vendor=x, ,b=1");
-        for bad in ["Upper=1", "k", "k=", "k=a=b", "1tenant@Vendor=x", "k=\u{e9}"] {
+        for bad in [
+            "Upper=1",
+            "k",
+            "k=",
+            "k=a=b",
+            "1tenant@Vendor=x",
+            "k=\u{e9}",
+        ] {
             assert_eq!(with(&[bad]), "", "{bad}");
         }
         let many: String = (0..33).map(|i| format!("k{i}=v,")).collect();
@@ -253,7 +276,8 @@ mod tests {
 
     #[test]
     fn new_ids_are_random_nonzero_and_of_their_sizes() {
-        let traces: std::collections::HashSet<[u8; 16]> = (0..1000).map(|_| new_trace_id()).collect();
+        let traces: std::collections::HashSet<[u8; 16]> =
+            (0..1000).map(|_| new_trace_id()).collect();
         let spans: std::collections::HashSet<[u8; 8]> = (0..1000).map(|_| new_span_id()).collect();
         assert_eq!((traces.len(), spans.len()), (1000, 1000));
         assert!(!traces.contains(&[0; 16]) && !spans.contains(&[0; 8]));

@@ -143,7 +143,11 @@ impl Traces {
         let trace_id = parent
             .as_ref()
             .map_or_else(context::new_trace_id, |p| p.trace_id);
-        if !sampler::sampled(&inner.sampler, parent.as_ref().map(|p| p.sampled()), &trace_id) {
+        if !sampler::sampled(
+            &inner.sampler,
+            parent.as_ref().map(|p| p.sampled()),
+            &trace_id,
+        ) {
             return None;
         }
         let (span, state) = match parent {

@@ -104,7 +104,10 @@ mod tests {
             // Deterministic: the same ids, the same decisions.
             assert!(ids.iter().all(|id| ratio(p, id) == ratio(p, id)));
             // A trace kept at p is kept at any higher ratio.
-            assert!(ids.iter().filter(|id| ratio(p, id)).all(|id| ratio(p + 0.05, id)));
+            assert!(ids
+                .iter()
+                .filter(|id| ratio(p, id))
+                .all(|id| ratio(p + 0.05, id)));
         }
     }
 }

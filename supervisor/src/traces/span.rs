@@ -180,7 +180,11 @@ impl RequestTrace {
             } else {
                 "plugvisor.replay"
             };
-            self.event(name, m.at, vec![kv("plugvisor.plugin", string(&call.plugin))]);
+            self.event(
+                name,
+                m.at,
+                vec![kv("plugvisor.plugin", string(&call.plugin))],
+            );
         }
         if call.lost > 0 {
             self.event(
@@ -236,7 +240,11 @@ impl RequestTrace {
                 kv("plugvisor.plugin", string(&call.plugin)),
                 kv(
                     "plugvisor.final",
-                    string(if call.aborted { "aborted_final" } else { "final" }),
+                    string(if call.aborted {
+                        "aborted_final"
+                    } else {
+                        "final"
+                    }),
                 ),
                 kv("plugvisor.outcome", string(call.outcome.as_str())),
             ];
@@ -304,7 +312,10 @@ impl RequestTrace {
                 end_time_unix_nano: end,
                 attributes: self.attributes,
                 events,
-                status: ok_status(self.failed.then(|| "the front failed the stream".to_owned())),
+                status: ok_status(
+                    self.failed
+                        .then(|| "the front failed the stream".to_owned()),
+                ),
                 ..Default::default()
             },
         );

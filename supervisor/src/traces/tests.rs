@@ -27,7 +27,9 @@ fn headers(traceparent: Option<&'static str>) -> Vec<(&'static str, &'static str
 async fn off_traces_nothing_and_on_follows_the_parent_or_starts_a_trace() {
     let off = Traces::off();
     assert!(!off.is_on());
-    assert!(off.begin(headers(Some(PARENT)).into_iter(), Instant::now()).is_none());
+    assert!(off
+        .begin(headers(Some(PARENT)).into_iter(), Instant::now())
+        .is_none());
 
     let on = Traces::start(Some(&config("")), Arc::new(Metrics::new())).unwrap();
     let child = on
@@ -78,11 +80,15 @@ async fn a_full_queue_drops_the_next_requests_spans_and_counts_them() {
     let metrics = Arc::new(Metrics::new());
     let traces = Traces::start(Some(&config("")), metrics.clone()).unwrap();
     for _ in 0..QUEUE_REQUESTS {
-        let t = traces.begin(headers(None).into_iter(), Instant::now()).unwrap();
+        let t = traces
+            .begin(headers(None).into_iter(), Instant::now())
+            .unwrap();
         traces.finish(t);
     }
     assert_eq!(traces.describe().dropped, 0);
-    let t = traces.begin(headers(None).into_iter(), Instant::now()).unwrap();
+    let t = traces
+        .begin(headers(None).into_iter(), Instant::now())
+        .unwrap();
     traces.finish(t);
     assert_eq!(traces.describe().dropped, 1);
     assert!(
