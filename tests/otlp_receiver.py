@@ -1,13 +1,16 @@
 #!/usr/bin/env python3
-"""A real OTLP logs receiver for plugvisor's tests, built from the official protos.
+"""A real OTLP logs and traces receiver for plugvisor's tests, built from the official protos.
 
-Serves OTLP/HTTP (POST /v1/logs, application/x-protobuf) or OTLP/gRPC (LogsService/Export),
-decodes each request with the generated classes of the `opentelemetry-proto` package, and
-appends every log record it takes to OUT as one JSON line: its attributes, body, event_name and
-times. It answers 503 / UNAVAILABLE while the file FAIL exists (so a test can make the collector
-fail without stopping it), and writes READY (its pid) once it listens.
+Serves OTLP/HTTP (POST /v1/logs and /v1/traces, application/x-protobuf) or OTLP/gRPC
+(LogsService/Export and TraceService/Export), decodes each request with the generated classes of
+the `opentelemetry-proto` package, and appends every log record it takes to OUT as one JSON line
+(its attributes, body, event_name and times), every span to SPANS (ids in hex, parent, name,
+kind, flags, times, attributes, events, status). It answers 503 / UNAVAILABLE while the file FAIL
+exists (so a test can make the collector fail without stopping it), and writes READY (its pid)
+once it listens.
 
-    otlp_receiver.py --protocol http|grpc --port N --out records.jsonl --fail fail-flag --ready ready
+    otlp_receiver.py --protocol http|grpc --port N --out records.jsonl --spans spans.jsonl \
+        --fail fail-flag --ready ready
 """
 
 import argparse
@@ -19,6 +22,7 @@ from concurrent import futures
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from opentelemetry.proto.collector.logs.v1 import logs_service_pb2
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
 from opentelemetry.proto.common.v1 import common_pb2
 
 LOCK = threading.Lock()
@@ -62,11 +66,54 @@ def take(request, out):
                 f.write(line + "\n")
 
 
+def attributes(kvs):
+    return {kv.key: any_value(kv.value) for kv in kvs}
+
+
+def take_spans(request, out):
+    lines = []
+    for rs in request.resource_spans:
+        resource = attributes(rs.resource.attributes)
+        for ss in rs.scope_spans:
+            for sp in ss.spans:
+                lines.append(
+                    json.dumps(
+                        {
+                            "resource": resource,
+                            "scope": ss.scope.name,
+                            "trace_id": sp.trace_id.hex(),
+                            "span_id": sp.span_id.hex(),
+                            "parent_span_id": sp.parent_span_id.hex(),
+                            "trace_state": sp.trace_state,
+                            "name": sp.name,
+                            "kind": sp.kind,
+                            "flags": sp.flags,
+                            "start_time_unix_nano": sp.start_time_unix_nano,
+                            "end_time_unix_nano": sp.end_time_unix_nano,
+                            "attributes": attributes(sp.attributes),
+                            "events": [
+                                {
+                                    "name": e.name,
+                                    "time_unix_nano": e.time_unix_nano,
+                                    "attributes": attributes(e.attributes),
+                                }
+                                for e in sp.events
+                            ],
+                            "status": {"code": sp.status.code, "message": sp.status.message},
+                        }
+                    )
+                )
+    with LOCK:
+        with open(out, "a", encoding="utf-8") as f:
+            for line in lines:
+                f.write(line + "\n")
+
+
 def serve_http(args):
     class Handler(BaseHTTPRequestHandler):
         def do_POST(self):
             body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
-            if self.path != "/v1/logs":
+            if self.path not in ("/v1/logs", "/v1/traces"):
                 self.send_response(404)
                 self.end_headers()
                 return
@@ -76,10 +123,16 @@ def serve_http(args):
                 self.end_headers()
                 self.wfile.write(b"down")
                 return
-            request = logs_service_pb2.ExportLogsServiceRequest()
-            request.ParseFromString(body)
-            take(request, args.out)
-            answer = logs_service_pb2.ExportLogsServiceResponse().SerializeToString()
+            if self.path == "/v1/traces":
+                request = trace_service_pb2.ExportTraceServiceRequest()
+                request.ParseFromString(body)
+                take_spans(request, args.spans)
+                answer = trace_service_pb2.ExportTraceServiceResponse().SerializeToString()
+            else:
+                request = logs_service_pb2.ExportLogsServiceRequest()
+                request.ParseFromString(body)
+                take(request, args.out)
+                answer = logs_service_pb2.ExportLogsServiceResponse().SerializeToString()
             self.send_response(200)
             self.send_header("Content-Type", "application/x-protobuf")
             self.send_header("Content-Length", str(len(answer)))
@@ -97,6 +150,7 @@ def serve_http(args):
 def serve_grpc(args):
     import grpc
     from opentelemetry.proto.collector.logs.v1 import logs_service_pb2_grpc
+    from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc
 
     class Logs(logs_service_pb2_grpc.LogsServiceServicer):
         def Export(self, request, context):
@@ -105,8 +159,16 @@ def serve_grpc(args):
             take(request, args.out)
             return logs_service_pb2.ExportLogsServiceResponse()
 
+    class Traces(trace_service_pb2_grpc.TraceServiceServicer):
+        def Export(self, request, context):
+            if os.path.exists(args.fail):
+                context.abort(grpc.StatusCode.UNAVAILABLE, "down")
+            take_spans(request, args.spans)
+            return trace_service_pb2.ExportTraceServiceResponse()
+
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
     logs_service_pb2_grpc.add_LogsServiceServicer_to_server(Logs(), server)
+    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(Traces(), server)
     server.add_insecure_port(f"127.0.0.1:{args.port}")
     server.start()
     ready(args)
@@ -124,6 +186,7 @@ def main():
     p.add_argument("--protocol", choices=["http", "grpc"], required=True)
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--out", required=True)
+    p.add_argument("--spans", required=True)
     p.add_argument("--fail", required=True)
     p.add_argument("--ready", required=True)
     args = p.parse_args()

@@ -271,6 +271,8 @@ pub struct Config {
     pub plugins: Vec<PluginConfig>,
     /// Usage records: the JSON Lines file and the OTLP export (`[records]`).
     pub records: RecordsConfig,
+    /// Spans of the front's own work over OTLP (`[traces]`); `None`: off (no endpoint).
+    pub traces: Option<TracesConfig>,
 }
 
 #[derive(Deserialize)]
@@ -293,6 +295,8 @@ struct RawConfig {
     plugins: OrderedPlugins,
     #[serde(default)]
     records: records::RawRecords,
+    #[serde(default)]
+    traces: traces::RawTraces,
 }
 
 /// `[plugins.*]` in file order (a plain map would sort them, and the order is the merge order),
@@ -717,14 +721,19 @@ impl Config {
         }
 
         // `[records]`: the environment (OTEL_*) only for loaded configs, as for the addresses.
-        let env: records::Env<'_> = if checks == Checks::All {
-            &records::process_env
+        let env: otlp::Env<'_> = if checks == Checks::All {
+            &otlp::process_env
         } else {
-            &records::no_env
+            &otlp::no_env
         };
-        let records_bad = |b: records::Bad| ConfigError::Invalid {
+        let records_bad = |b: otlp::Bad| ConfigError::Invalid {
             origin: origin.to_owned(),
-            line: match (&b.span, b.key.strip_prefix("records.")) {
+            line: match (
+                &b.span,
+                b.key
+                    .strip_prefix("records.")
+                    .or_else(|| b.key.strip_prefix("traces.")),
+            ) {
                 (Some(span), _) => line_of(text, span.start),
                 (None, Some(key)) => find_key_line(text, key.rsplit('.').next().unwrap_or(key)),
                 (None, None) => 0,
@@ -736,6 +745,7 @@ impl Config {
         if checks == Checks::All {
             records::check_places(&records).map_err(records_bad)?;
         }
+        let traces = raw.traces.resolve(env).map_err(records_bad)?;
 
         Ok(Config {
             listen,
@@ -756,6 +766,7 @@ impl Config {
                 .map(Duration::from_millis),
             plugins,
             records,
+            traces,
         })
     }
 
@@ -858,7 +869,7 @@ fn check_ranges(text: &str, origin: &str) -> Result<(), ConfigError> {
     let check_records = |t: &toml::Table, prefix: &str| {
         for (key, value) in t {
             let name = format!("{prefix}{key}");
-            let range = keys::RECORDS_RANGES.iter().find(|(k, _, _)| *k == name);
+            let range = keys::TABLE_RANGES.iter().find(|(k, _, _)| *k == name);
             let (Some((_, lo, hi)), toml::Value::Integer(v)) = (range, value) else {
                 continue;
             };
@@ -873,6 +884,9 @@ fn check_ranges(text: &str, origin: &str) -> Result<(), ConfigError> {
         if let Some(toml::Value::Table(otlp)) = records.get("otlp") {
             check_records(otlp, "records.otlp.")?;
         }
+    }
+    if let Some(toml::Value::Table(traces)) = table.get("traces") {
+        check_records(traces, "traces.")?;
     }
     if let Some(toml::Value::Table(plugins)) = table.get("plugins") {
         for (name, plugin) in plugins {
@@ -992,8 +1006,12 @@ pub fn toml_to_value(v: &toml::Value) -> Value {
 
 mod check;
 pub mod keys;
+pub mod otlp;
 pub mod records;
-pub use records::{OtlpConfig, OtlpProtocol, RecordsConfig};
+pub mod traces;
+pub use otlp::{OtlpProtocol, OtlpTransport};
+pub use records::{OtlpConfig, RecordsConfig};
+pub use traces::{Sampler, TracesConfig};
 mod published;
 pub use published::Published;
 #[cfg(test)]

@@ -2,7 +2,7 @@
 //! plugins, each its own process on its own Unix socket, through bounded queues; the end of a
 //! response is a final RPC whose merged metadata goes back to Envoy as `dynamic_metadata`.
 //!
-//! The crate is six parts, one folder each, used in this direction only (`observe` uses none of
+//! The crate is these parts, one folder (or file) each, used in this direction only (`observe` uses none of
 //! the others; `config` only `observe`; `plugin` and `data_path` never each other's internals):
 //! - [`config`]: the TOML schema, the embedded default, what loading checks, and the one
 //!   published configuration ([`config::Published`]) every other part reads;
@@ -23,6 +23,10 @@
 //!   Lines file), `export` and `otlp` (OpenTelemetry logs over HTTP or gRPC), `spool` (the
 //!   on-disk spool the export falls back on, shared by the fronts of an upgrade); the data path
 //!   submits to it, the shell starts and stops it;
+//! - [`traces`]: spans of the front's own work (one per request, one per plugin's final
+//!   call): `context` (W3C `traceparent`, ids), `sampler`, `span` (what a traced stream
+//!   gathers), the exporter; the data path hands it each traced stream's trace at its end;
+//! - [`otlp`]: the OTLP transports (HTTP/protobuf, gRPC) `records` and `traces` export with;
 //! - [`observe`]: `metrics` (Prometheus and the admin server), `logging` (the log and its
 //!   rate-limited warnings), `journal` (journald's native protocol), `probe` (liveness probes
 //!   for the watchdog).
@@ -40,9 +44,11 @@ pub mod config;
 pub mod conformance;
 pub mod data_path;
 pub mod observe;
+pub mod otlp;
 pub mod plugin;
 pub mod records;
 pub mod shell;
+pub mod traces;
 
 pub use config::Config;
 pub use shell::front::{run, start, start_with, Inherited, RunError, Running};

@@ -37,6 +37,7 @@ async fn send(
     params: &Params,
     request_id: &str,
     x_request_id: &str,
+    extra: &[(&str, &str)],
 ) -> (Instant, hyper::Response<hyper::body::Incoming>) {
     let stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
         .await
@@ -61,6 +62,9 @@ async fn send(
     for (k, v) in params.headers() {
         req = req.header(k, v);
     }
+    for (k, v) in extra {
+        req = req.header(*k, *v);
+    }
     let req = req
         .body(Full::new(Bytes::from(body)))
         .expect("valid request");
@@ -77,7 +81,18 @@ pub async fn chat(port: u16, params: &Params, request_id: &str) -> Received {
 /// [`chat`] with an `x-request-id` header other than the test's id (the id goes in the path, as
 /// `?test-id=`).
 pub async fn chat_as(port: u16, params: &Params, test_id: &str, x_request_id: &str) -> Received {
-    let (start, resp) = send(port, params, test_id, x_request_id).await;
+    chat_with(port, params, test_id, x_request_id, &[]).await
+}
+
+/// [`chat_as`] with `extra` request headers (e.g. `traceparent`), sent as given.
+pub async fn chat_with(
+    port: u16,
+    params: &Params,
+    test_id: &str,
+    x_request_id: &str,
+    extra: &[(&str, &str)],
+) -> Received {
+    let (start, resp) = send(port, params, test_id, x_request_id, extra).await;
     let status = resp.status().as_u16();
     let mut body = resp.into_body();
     let mut chunks = Vec::new();
@@ -107,7 +122,7 @@ pub async fn chat_as(port: u16, params: &Params, test_id: &str, x_request_id: &s
 /// Posts a chat completion, reads `n` body frames, then drops the connection (a client gone
 /// mid-stream).
 pub async fn chat_and_disconnect(port: u16, params: &Params, request_id: &str, n: usize) {
-    let (_, resp) = send(port, params, request_id, request_id).await;
+    let (_, resp) = send(port, params, request_id, request_id, &[]).await;
     let mut body = resp.into_body();
     let mut seen = 0;
     while seen < n {

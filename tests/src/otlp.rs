@@ -1,6 +1,7 @@
-//! A real OTLP logs collector for the usage records' tests: `tests/otlp_receiver.py`, built on
-//! the official protos, run in the venv of [`crate::python::otlp_venv`], over HTTP or gRPC on a
-//! port of its own; stopped by pid (and started again on the same port), or told to fail.
+//! A real OTLP collector for the usage records' and the traces' tests: `tests/otlp_receiver.py`,
+//! built on the official protos, run in the venv of [`crate::python::otlp_venv`], over HTTP or
+//! gRPC on a port of its own, taking logs and traces; stopped by pid (and started again on the
+//! same port), or told to fail.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -56,6 +57,20 @@ impl Collector {
         }
     }
 
+    /// `[traces]` keys pointing at it.
+    pub fn traces_config(&self) -> String {
+        match self.protocol {
+            Protocol::Http => format!(
+                "endpoint = \"http://127.0.0.1:{}/v1/traces\"\nprotocol = \"http/protobuf\"\n",
+                self.port
+            ),
+            Protocol::Grpc => format!(
+                "endpoint = \"http://127.0.0.1:{}\"\nprotocol = \"grpc\"\n",
+                self.port
+            ),
+        }
+    }
+
     /// Starts it (again) on its port.
     pub fn restart(&mut self) {
         assert!(self.child.is_none(), "already running");
@@ -75,6 +90,8 @@ impl Collector {
             .arg(self.port.to_string())
             .arg("--out")
             .arg(self.out())
+            .arg("--spans")
+            .arg(self.dir.join("otlp-spans.jsonl"))
             .arg("--fail")
             .arg(self.dir.join("otlp-fail"))
             .arg("--ready")
@@ -124,6 +141,15 @@ impl Collector {
     /// Every log record received so far, as the receiver decoded it.
     pub fn records(&self) -> Vec<serde_json::Value> {
         std::fs::read_to_string(self.out())
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
+    /// Every span received so far, as the receiver decoded it (ids in lowercase hex).
+    pub fn spans(&self) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(self.dir.join("otlp-spans.jsonl"))
             .unwrap_or_default()
             .lines()
             .filter_map(|l| serde_json::from_str(l).ok())

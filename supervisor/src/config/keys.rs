@@ -110,6 +110,22 @@ pub const RECORDS: &[(&str, Applies)] = &[
     ("records.otlp.spool_max_bytes", Applies::Upgrade),
 ];
 
+/// Every key of `[traces]` (as `traces.<key>`), and when a change to it applies: the exporter
+/// and the sampler are built once, when the front starts, like the records' sinks.
+pub const TRACES: &[(&str, Applies)] = &[
+    ("traces.endpoint", Applies::Upgrade),
+    ("traces.protocol", Applies::Upgrade),
+    ("traces.headers", Applies::Upgrade),
+    ("traces.timeout_ms", Applies::Upgrade),
+    ("traces.sampler", Applies::Upgrade),
+    ("traces.sampler_arg", Applies::Upgrade),
+];
+
+/// When a change to the `[traces]` key `key` (`traces.sampler`) applies.
+pub fn traces(key: &str) -> Option<Applies> {
+    TRACES.iter().find(|(k, _)| *k == key).map(|(_, a)| *a)
+}
+
 /// When a change to the `[records]` key `key` (`records.path`, `records.otlp.endpoint`)
 /// applies.
 pub fn records(key: &str) -> Option<Applies> {
@@ -173,14 +189,15 @@ pub const RANGES: &[(&str, u64, u64)] = &[
     ("stuck_timeout_ms", 1, DAY_MS),
 ];
 
-/// The accepted range of every integer key of `[records]` and `[records.otlp]`, by its dotted
-/// name.
-pub const RECORDS_RANGES: &[(&str, u64, u64)] = &[
+/// The accepted range of every integer key of `[records]`, `[records.otlp]` and `[traces]`, by
+/// its dotted name.
+pub const TABLE_RANGES: &[(&str, u64, u64)] = &[
     ("records.rotate_bytes", 4096, 1 << 40),
     ("records.keep", 0, 1000),
     ("records.queue_records", 1, 1 << 20),
     ("records.otlp.timeout_ms", 1, DAY_MS),
     ("records.otlp.spool_max_bytes", 0, 1 << 40),
+    ("traces.timeout_ms", 1, DAY_MS),
 ];
 
 /// The accepted range of the integer key `key`.

@@ -3,16 +3,19 @@
 //! the checks that can be made before the front starts.
 //!
 //! The file wins over the environment, key by key: a key set in `[records.otlp]` is used as
-//! written, a key left out is taken from `OTEL_EXPORTER_OTLP_LOGS_*`, then `OTEL_EXPORTER_OTLP_*`
-//! (the signal-specific variable before the generic one, as the OpenTelemetry specification
-//! orders them), then the default. That is the rule of the OpenTelemetry SDKs for explicit
-//! configuration against the environment, and it keeps a reviewed file authoritative.
+//! written, a key left out is taken from `OTEL_EXPORTER_OTLP_LOGS_*`, then `OTEL_EXPORTER_OTLP_*`,
+//! then the default ([`super::otlp`], the rule `[traces]` follows too).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
+
+#[cfg(test)]
+use super::otlp::no_env;
+use super::otlp::{bad, resource, Bad, Env, OtlpTransport, RawTransport, Signal};
+pub use super::otlp::{OtlpProtocol, DEFAULT_OTLP_TIMEOUT_MS};
 
 /// Default `rotate_bytes`: 64 MiB.
 pub const DEFAULT_ROTATE_BYTES: u64 = 64 * 1024 * 1024;
@@ -22,8 +25,6 @@ pub const DEFAULT_KEEP: u32 = 5;
 pub const DEFAULT_QUEUE_RECORDS: usize = 8192;
 /// Default `spool_max_bytes`: 256 MiB.
 pub const DEFAULT_SPOOL_MAX_BYTES: u64 = 256 * 1024 * 1024;
-/// Default `timeout_ms` of one export, as OTEL_EXPORTER_OTLP_TIMEOUT's default.
-pub const DEFAULT_OTLP_TIMEOUT_MS: u64 = 10_000;
 
 /// The top-level fields of a record that `omit` may name (every field but `record_id`, the
 /// dedupe key). `plugins.<namespace>` and `plugins.<namespace>.<key>` name parts of `plugins`.
@@ -62,25 +63,6 @@ pub struct RecordsConfig {
     pub otlp: Option<OtlpConfig>,
 }
 
-/// OTLP's transport.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum OtlpProtocol {
-    /// `http/protobuf`: `POST <endpoint>` with an `ExportLogsServiceRequest`.
-    HttpProtobuf,
-    /// `grpc`: `LogsService/Export` on `<endpoint>`.
-    Grpc,
-}
-
-impl OtlpProtocol {
-    /// The name OTEL_EXPORTER_OTLP_PROTOCOL uses.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            OtlpProtocol::HttpProtobuf => "http/protobuf",
-            OtlpProtocol::Grpc => "grpc",
-        }
-    }
-}
-
 /// The OTLP export of usage records, resolved from the file and the environment.
 #[derive(Debug, Clone, PartialEq)]
 pub struct OtlpConfig {
@@ -100,6 +82,18 @@ pub struct OtlpConfig {
     /// Resource attributes: `service.name` (`plugvisor` unless OTEL_SERVICE_NAME or
     /// OTEL_RESOURCE_ATTRIBUTES say otherwise) and the others of OTEL_RESOURCE_ATTRIBUTES.
     pub resource: Vec<(String, String)>,
+}
+
+impl OtlpConfig {
+    /// Where and how records are sent.
+    pub fn transport(&self) -> OtlpTransport {
+        OtlpTransport {
+            endpoint: self.endpoint.clone(),
+            protocol: self.protocol,
+            headers: self.headers.clone(),
+            timeout: self.timeout,
+        }
+    }
 }
 
 #[derive(Deserialize, Default)]
@@ -125,22 +119,6 @@ pub(super) struct RawOtlp {
     spool_max_bytes: Option<u64>,
 }
 
-/// A bad `[records]` value: the key (`records.path`, `$OTEL_EXPORTER_OTLP_ENDPOINT`), the
-/// byte offset of its value in the file if it has one, and what is wrong.
-pub(super) struct Bad {
-    pub key: String,
-    pub span: Option<std::ops::Range<usize>>,
-    pub message: String,
-}
-
-fn bad(key: &str, span: Option<std::ops::Range<usize>>, message: String) -> Bad {
-    Bad {
-        key: key.to_owned(),
-        span,
-        message,
-    }
-}
-
 /// Where the front keeps state across restarts (the records file, the spool):
 /// `$STATE_DIRECTORY` (systemd's `StateDirectory=`; the first entry if several), else
 /// `$XDG_STATE_HOME/plugvisor`, else `~/.local/state/plugvisor`, else (no home)
@@ -163,19 +141,6 @@ pub fn default_state_dir() -> PathBuf {
         Some(home) => PathBuf::from(home).join(".local/state/plugvisor"),
         None => PathBuf::from("/var/lib/plugvisor"),
     }
-}
-
-/// The environment the OTLP keys fall back on (a function so tests give their own).
-pub(super) type Env<'a> = &'a dyn Fn(&str) -> Option<String>;
-
-/// The process environment, empty values as unset (as the OpenTelemetry specification says).
-pub(super) fn process_env(key: &str) -> Option<String> {
-    std::env::var(key).ok().filter(|v| !v.trim().is_empty())
-}
-
-/// No environment: what `Config::parse` (the text alone) sees.
-pub(super) fn no_env(_: &str) -> Option<String> {
-    None
 }
 
 impl RawRecords {
@@ -254,75 +219,13 @@ fn check_omit(name: &str) -> Result<(), String> {
 
 impl RawOtlp {
     fn resolve(self, env: Env<'_>, state: &Path) -> Result<Option<OtlpConfig>, Bad> {
-        // Each key from the file, else the logs variable, else the generic one.
-        let from_env = |suffix: &str| -> Option<(String, String)> {
-            for name in [
-                format!("OTEL_EXPORTER_OTLP_LOGS_{suffix}"),
-                format!("OTEL_EXPORTER_OTLP_{suffix}"),
-            ] {
-                if let Some(v) = env(&name) {
-                    return Some((format!("${name}"), v));
-                }
-            }
-            None
-        };
-        let protocol = match &self.protocol {
-            Some(p) => parse_protocol(p.get_ref())
-                .map_err(|m| bad("records.otlp.protocol", Some(p.span()), m))?,
-            None => match from_env("PROTOCOL") {
-                Some((key, v)) => parse_protocol(&v).map_err(|m| bad(&key, None, m))?,
-                None => OtlpProtocol::HttpProtobuf,
-            },
-        };
-        let endpoint = match &self.endpoint {
-            Some(e) if e.get_ref().is_empty() => None,
-            Some(e) => Some(
-                endpoint(e.get_ref(), protocol, true)
-                    .map_err(|m| bad("records.otlp.endpoint", Some(e.span()), m))?,
-            ),
-            None => {
-                let logs = env("OTEL_EXPORTER_OTLP_LOGS_ENDPOINT")
-                    .map(|v| ("$OTEL_EXPORTER_OTLP_LOGS_ENDPOINT", v, true));
-                let base = || {
-                    env("OTEL_EXPORTER_OTLP_ENDPOINT")
-                        .map(|v| ("$OTEL_EXPORTER_OTLP_ENDPOINT", v, false))
-                };
-                match logs.or_else(base) {
-                    Some((key, v, as_is)) => {
-                        Some(endpoint(&v, protocol, as_is).map_err(|m| bad(key, None, m))?)
-                    }
-                    None => None,
-                }
-            }
-        };
-        let headers = match self.headers {
-            Some(h) => {
-                for name in h.keys() {
-                    check_header_name(name).map_err(|m| bad("records.otlp.headers", None, m))?;
-                }
-                h.into_iter().collect()
-            }
-            None => match from_env("HEADERS") {
-                Some((key, v)) => parse_headers(&v).map_err(|m| bad(&key, None, m))?,
-                None => Vec::new(),
-            },
-        };
-        let timeout_ms = match self.timeout_ms {
-            Some(ms) => ms,
-            None => match from_env("TIMEOUT") {
-                Some((key, v)) => match v.trim().parse::<u64>() {
-                    Ok(ms) if (1..=super::keys::DAY_MS).contains(&ms) => ms,
-                    _ => {
-                        return Err(bad(
-                            &key,
-                            None,
-                            format!("`{v}` is not a timeout in milliseconds (1 to 86400000)"),
-                        ))
-                    }
-                },
-                None => DEFAULT_OTLP_TIMEOUT_MS,
-            },
-        };
+        let transport = RawTransport {
+            endpoint: self.endpoint,
+            protocol: self.protocol,
+            headers: self.headers,
+            timeout_ms: self.timeout_ms,
+        }
+        .resolve("records.otlp", Signal::Logs, env)?;
         let spool_dir = match &self.spool_dir {
             None => state.join("spool"),
             Some(d) => {
@@ -337,135 +240,25 @@ impl RawOtlp {
                 dir
             }
         };
-        let Some(endpoint) = endpoint else {
+        let Some(OtlpTransport {
+            endpoint,
+            protocol,
+            headers,
+            timeout,
+        }) = transport
+        else {
             return Ok(None);
         };
         Ok(Some(OtlpConfig {
             endpoint,
             protocol,
             headers,
-            timeout: Duration::from_millis(timeout_ms),
+            timeout,
             spool_dir,
             spool_max_bytes: self.spool_max_bytes.unwrap_or(DEFAULT_SPOOL_MAX_BYTES),
             resource: resource(env).map_err(|(key, m)| bad(key, None, m))?,
         }))
     }
-}
-
-fn parse_protocol(p: &str) -> Result<OtlpProtocol, String> {
-    match p {
-        "http/protobuf" => Ok(OtlpProtocol::HttpProtobuf),
-        "grpc" => Ok(OtlpProtocol::Grpc),
-        "http/json" => {
-            Err("`http/json` is not supported; use \"http/protobuf\" or \"grpc\"".into())
-        }
-        other => Err(format!(
-            "unknown protocol `{other}`; use \"http/protobuf\" or \"grpc\""
-        )),
-    }
-}
-
-/// Checks an endpoint URL and gives the URL records are sent to. For `http/protobuf`, a
-/// signal-specific endpoint (`as_is`: the file's key, `OTEL_EXPORTER_OTLP_LOGS_ENDPOINT`) is
-/// used as written, but one without a path gets `/v1/logs`; the generic
-/// `OTEL_EXPORTER_OTLP_ENDPOINT` always gets `v1/logs` appended to its path, as the
-/// specification says.
-pub(super) fn endpoint(url: &str, protocol: OtlpProtocol, as_is: bool) -> Result<String, String> {
-    let uri: http::Uri = url
-        .parse()
-        .map_err(|e| format!("`{url}` is not a URL: {e}"))?;
-    match uri.scheme_str() {
-        Some("http") => {}
-        Some("https") => {
-            return Err(format!(
-                "`{url}`: https is not supported by plugvisor's exporter; send to a collector or \
-                 agent on this host over http (it forwards over TLS)"
-            ))
-        }
-        _ => return Err(format!("`{url}` is not an http:// URL")),
-    }
-    if uri.host().is_none_or(str::is_empty) {
-        return Err(format!("`{url}` names no host"));
-    }
-    if protocol == OtlpProtocol::Grpc {
-        return Ok(url.trim_end_matches('/').to_owned());
-    }
-    let path = uri.path();
-    if as_is && path != "/" && !path.is_empty() {
-        return Ok(url.to_owned());
-    }
-    Ok(format!("{}/v1/logs", url.trim_end_matches('/')))
-}
-
-fn check_header_name(name: &str) -> Result<(), String> {
-    http::HeaderName::from_bytes(name.as_bytes())
-        .map(|_| ())
-        .map_err(|_| format!("`{name}` is not a valid HTTP header name"))
-}
-
-/// `k1=v1,k2=v2` with percent-encoded values, as OTEL_EXPORTER_OTLP_HEADERS.
-pub(super) fn parse_headers(text: &str) -> Result<Vec<(String, String)>, String> {
-    let mut out = Vec::new();
-    for pair in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-        let Some((k, v)) = pair.split_once('=') else {
-            return Err(format!("`{pair}` is not key=value"));
-        };
-        let k = k.trim().to_owned();
-        check_header_name(&k)?;
-        let v = percent_decode(v.trim())?;
-        http::HeaderValue::from_str(&v)
-            .map_err(|_| format!("the value of `{k}` is not a valid HTTP header value"))?;
-        out.push((k, v));
-    }
-    Ok(out)
-}
-
-/// OTEL_SERVICE_NAME (wins), OTEL_RESOURCE_ATTRIBUTES, and `service.name = plugvisor` when
-/// neither names a service.
-fn resource(env: Env<'_>) -> Result<Vec<(String, String)>, (&'static str, String)> {
-    let mut attrs: Vec<(String, String)> = Vec::new();
-    if let Some(text) = env("OTEL_RESOURCE_ATTRIBUTES") {
-        for pair in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-            let Some((k, v)) = pair.split_once('=') else {
-                return Err((
-                    "$OTEL_RESOURCE_ATTRIBUTES",
-                    format!("`{pair}` is not key=value"),
-                ));
-            };
-            let v = percent_decode(v.trim()).map_err(|m| ("$OTEL_RESOURCE_ATTRIBUTES", m))?;
-            attrs.retain(|(key, _)| key != k.trim());
-            attrs.push((k.trim().to_owned(), v));
-        }
-    }
-    let service = env("OTEL_SERVICE_NAME");
-    attrs.retain(|(k, _)| service.is_none() || k != "service.name");
-    if let Some(name) = service {
-        attrs.insert(0, ("service.name".to_owned(), name));
-    } else if !attrs.iter().any(|(k, _)| k == "service.name") {
-        attrs.insert(0, ("service.name".to_owned(), "plugvisor".to_owned()));
-    }
-    Ok(attrs)
-}
-
-fn percent_decode(s: &str) -> Result<String, String> {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' {
-            let hex = bytes
-                .get(i + 1..i + 3)
-                .and_then(|h| std::str::from_utf8(h).ok())
-                .and_then(|h| u8::from_str_radix(h, 16).ok())
-                .ok_or_else(|| format!("`{s}`: a `%` not followed by two hex digits"))?;
-            out.push(hex);
-            i += 3;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8(out).map_err(|_| format!("`{s}` does not decode to UTF-8"))
 }
 
 /// What can be known about the records' places before the front starts: the file's and the
@@ -660,7 +453,7 @@ mod tests {
             "/../docs/configuration.md"
         ))
         .unwrap();
-        for (key, lo, hi) in super::super::keys::RECORDS_RANGES {
+        for (key, lo, hi) in super::super::keys::TABLE_RANGES {
             assert!(
                 docs.contains(&format!("| `{key}` | {lo} | {hi} |")),
                 "{key}"

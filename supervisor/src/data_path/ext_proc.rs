@@ -53,6 +53,7 @@ use crate::data_path::plugin_stream::PluginStream;
 use crate::observe::metrics::{MessageLabel, Metrics};
 use crate::plugin::link::{Missing, PluginLink};
 use crate::records::RecordStatus;
+use crate::traces::{FinalCall, FinalOutcome, RequestTrace, Traces};
 
 /// How long an abort may wait for room in a full queue.
 const ABORT_PATIENCE: std::time::Duration = std::time::Duration::from_secs(2);
@@ -76,6 +77,8 @@ struct Inner {
     stop: watch::Receiver<bool>,
     /// Where each stream's usage record goes when it ends.
     records: crate::records::Records,
+    /// Where a traced stream's spans go when it ends (empty when tracing is off).
+    traces: Traces,
 }
 
 /// The plugins' links in config order, as the registry publishes them to the data path.
@@ -131,13 +134,14 @@ impl Front {
     /// A service over the plugins `links` publishes (in config order), bounded by the
     /// published `config` as it stands when each stream starts. Streams still open when `stop`
     /// turns true send `Abort { cause: Shutdown }` and end. Each stream's usage record goes to
-    /// `records`.
+    /// `records`, its spans (if traced) to `traces`.
     pub fn new(
         links: watch::Receiver<Links>,
         config: Published,
         metrics: Arc<Metrics>,
         stop: watch::Receiver<bool>,
         records: crate::records::Records,
+        traces: Traces,
     ) -> Front {
         Front {
             inner: Arc::new(Inner {
@@ -148,6 +152,7 @@ impl Front {
                 with_plugins: Arc::new(AtomicUsize::new(0)),
                 stop,
                 records,
+                traces,
             }),
         }
     }
@@ -193,6 +198,7 @@ impl ExternalProcessor for Front {
             modes: None,
             response_started: false,
             ended: false,
+            trace: None,
             seen: Box::new(Seen {
                 started_at: SystemTime::now(),
                 request_id: None,
@@ -235,6 +241,9 @@ struct StreamTask {
     /// What the request's usage record says about it, gathered as the stream goes (boxed: an
     /// idle stream keeps it).
     seen: Box<Seen>,
+    /// The request's trace, when tracing is on and the sampler kept it (`None` otherwise: an
+    /// untraced stream does no tracing work).
+    trace: Option<Box<RequestTrace>>,
 }
 
 /// What a stream's usage record says about the request, besides the plugins' answers.
@@ -439,6 +448,9 @@ impl StreamTask {
             let merge = self.abort(cause, detail).await;
             self.submit_record(&merge.into_struct(self.id), Some(cause));
         }
+        if let Some(trace) = self.trace.take() {
+            self.inner.traces.finish(trace);
+        }
         metrics.streams_active.dec();
     }
 
@@ -536,6 +548,13 @@ impl StreamTask {
                         .map(|(_, v)| v.clone())
                 };
                 let request_id = find("x-request-id");
+                if self.trace.is_none() && self.inner.traces.is_on() {
+                    let names = headers.iter().map(|(k, v)| (k.as_str(), v.as_str()));
+                    self.trace = self.inner.traces.begin(names, arrival);
+                    if self.trace.is_some() {
+                        self.plugins.iter_mut().for_each(PluginStream::trace_moves);
+                    }
+                }
                 self.seen.request_id = request_id.clone();
                 self.seen.method = find(":method");
                 self.seen.path = find(":path");
@@ -594,6 +613,9 @@ impl StreamTask {
                 let full_duplex = modes.response_body == BodySendMode::FullDuplexStreamed;
                 let eos = body.end_of_stream;
                 let bytes = Bytes::from(body.body);
+                if let (Some(trace), false) = (&mut self.trace, bytes.is_empty()) {
+                    trace.content(arrival);
+                }
                 if !eos || self.ended {
                     if !self.ended {
                         self.chunk(stamp, bytes.clone(), eos).await;
@@ -758,9 +780,9 @@ impl StreamTask {
                     trailers: trailers.clone(),
                 })
             };
-            calls.push(Call::start(ps, make, arrival));
+            calls.push(Call::start(ps, make, arrival, self.trace.is_some(), false));
         }
-        let merge = self.collect(calls, Vec::new()).await;
+        let merge = self.collect(calls, Vec::new(), arrival).await;
         let metadata = merge.into_struct(id);
         self.submit_record(&metadata, None);
         metadata
@@ -770,7 +792,7 @@ impl StreamTask {
     /// that ended without a response end, would have gone) to Envoy, and how the stream ended:
     /// `complete`, `partial` (a plugin missing, partial or denied a namespace), `aborted` (no
     /// response end: `cause`) or `error` (the front failed the stream itself).
-    fn submit_record(&self, metadata: &Struct, aborted: Option<AbortCause>) {
+    fn submit_record(&mut self, metadata: &Struct, aborted: Option<AbortCause>) {
         let records = &self.inner.records;
         let mut record = records.new_record(self.id, self.seen.started_at);
         let seen = &*self.seen;
@@ -807,12 +829,20 @@ impl StreamTask {
             (None, None) if incomplete => (RecordStatus::Partial, None),
             (None, None) => (RecordStatus::Complete, None),
         };
+        // The span says what the record says: the same status and cause, the same attributes.
+        if let Some(trace) = &mut self.trace {
+            trace.record(
+                records.span_attributes(&record),
+                record.status == RecordStatus::Error,
+            );
+        }
         records.submit(record);
     }
 
     /// Waits for the final calls and merges their answers, in config order; `not_asked` are the
-    /// plugins that got no call (an aborted stream's plugins that do not answer for one).
-    async fn collect(&self, calls: Vec<Call>, not_asked: Vec<String>) -> Merge {
+    /// plugins that got no call (an aborted stream's plugins that do not answer for one), at
+    /// `at`. A traced stream's trace gets each call's outcome.
+    async fn collect(&mut self, calls: Vec<Call>, not_asked: Vec<String>, at: Instant) -> Merge {
         let id = self.id;
         let mut merge = Merge::new(self.limits.stream_metadata_max_bytes);
         for name in &self.shed {
@@ -820,28 +850,64 @@ impl StreamTask {
         }
         for name in not_asked {
             merge.missing(&name, Excluded::from(Missing::NotAsked));
+            if let Some(trace) = &mut self.trace {
+                trace.final_call(
+                    FinalCall {
+                        plugin: name,
+                        aborted: true,
+                        start: at,
+                        end: at,
+                        outcome: FinalOutcome::NotAsked,
+                        lost: 0,
+                        replays: 0,
+                    },
+                    &[],
+                );
+            }
         }
         for Call {
             name,
             cap,
             granted,
+            started,
+            aborted,
             task,
         } in calls
         {
-            let outcome = match task.await {
-                Ok(outcome) => outcome,
+            let (outcome, ended) = match task.await {
+                Ok(done) => done,
                 Err(_) => {
                     merge.missing(&name, Excluded::Failed);
+                    if let Some(trace) = &mut self.trace {
+                        trace.final_call(
+                            FinalCall {
+                                plugin: name,
+                                aborted,
+                                start: started,
+                                end: Instant::now(),
+                                outcome: FinalOutcome::Missing(Excluded::Failed.as_str()),
+                                lost: 0,
+                                replays: 0,
+                            },
+                            &[],
+                        );
+                    }
                     continue;
                 }
             };
+            // What the trace will say of this call, settled below with the merge.
+            let mut traced = FinalOutcome::Ok;
             if outcome.replays > 0 {
                 tracing::debug!(plugin = %name, stream = id, replays = outcome.replays, "stream finished on a replacement process");
             }
             match outcome.result {
                 Ok(metadata) => {
                     let added = merge.add(&name, metadata, cap, &granted);
+                    if outcome.replays > 0 {
+                        traced = FinalOutcome::Replayed;
+                    }
                     if let Some(denied) = merge.denied().get(&name) {
+                        traced = FinalOutcome::Denied;
                         self.inner
                             .metrics
                             .namespaces_denied
@@ -854,6 +920,7 @@ impl StreamTask {
                         }
                     }
                     if let Err(why) = added {
+                        traced = FinalOutcome::Refused(why.as_str());
                         if let Some(held) =
                             crate::observe::logging::limited::allow("metadata left out")
                         {
@@ -868,7 +935,28 @@ impl StreamTask {
                         merge.partial(&name, outcome.lost);
                     }
                 }
-                Err(why) => merge.missing(&name, why.into()),
+                Err(why) => {
+                    traced = match why {
+                        Missing::Timeout => FinalOutcome::Timeout,
+                        Missing::NotAsked => FinalOutcome::NotAsked,
+                        other => FinalOutcome::Missing(other.as_str()),
+                    };
+                    merge.missing(&name, why.into());
+                }
+            }
+            if let Some(trace) = &mut self.trace {
+                trace.final_call(
+                    FinalCall {
+                        plugin: name,
+                        aborted,
+                        start: started,
+                        end: ended.unwrap_or(started),
+                        outcome: traced,
+                        lost: outcome.lost,
+                        replays: outcome.replays,
+                    },
+                    &outcome.moves,
+                );
             }
         }
         let missing = merge.missing_names();
@@ -901,7 +989,7 @@ impl StreamTask {
                         detail: detail.clone(),
                     })
                 };
-                calls.push(Call::start(ps, make, arrival));
+                calls.push(Call::start(ps, make, arrival, self.trace.is_some(), true));
             } else {
                 not_asked.push(ps.link().name().to_owned());
                 ps.abort(
@@ -918,7 +1006,7 @@ impl StreamTask {
                 );
             }
         }
-        self.collect(calls, not_asked).await
+        self.collect(calls, not_asked, arrival).await
     }
 }
 
@@ -929,22 +1017,35 @@ struct Call {
     cap: usize,
     /// The namespaces it may write.
     granted: Vec<String>,
-    task: tokio::task::JoinHandle<crate::data_path::plugin_stream::Outcome>,
+    /// When it started.
+    started: Instant,
+    /// An `AbortedFinal`.
+    aborted: bool,
+    /// Its outcome, and (for a traced stream only) when it was known.
+    task: tokio::task::JoinHandle<(crate::data_path::plugin_stream::Outcome, Option<Instant>)>,
 }
 
 impl Call {
-    /// Starts the final call of `ps`, its message built by `make(seq, call_id)`.
+    /// Starts the final call of `ps`, its message built by `make(seq, call_id)`; `traced`: the
+    /// time its outcome is known is kept for the stream's trace.
     fn start(
         ps: PluginStream,
         make: impl Fn(u32, u64) -> ToPlugin + Send + 'static,
         arrival: Instant,
+        traced: bool,
+        aborted: bool,
     ) -> Call {
         let config = ps.link().config();
         Call {
             name: ps.link().name().to_owned(),
             cap: config.process.metadata_max_bytes,
             granted: config.granted.clone(),
-            task: tokio::spawn(ps.finish(make, arrival)),
+            started: arrival,
+            aborted,
+            task: tokio::spawn(async move {
+                let outcome = ps.finish(make, arrival).await;
+                (outcome, traced.then(Instant::now))
+            }),
         }
     }
 }

@@ -43,6 +43,18 @@ pub struct PluginStream {
     lost: u32,
     /// Times the stream moved to a replacement process.
     replays: u32,
+    /// When the stream moved to another connection, and whether by handover (the old one was
+    /// draining) rather than after a crash; kept only for a traced stream (`None` otherwise).
+    moves: Option<Vec<Move>>,
+}
+
+/// A stream's move to another connection of the plugin, as its trace shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Move {
+    /// When.
+    pub at: Instant,
+    /// The old connection was being replaced (a planned restart, a reload), not gone.
+    pub handover: bool,
 }
 
 /// How a stream's final went for one plugin, beside its metadata.
@@ -53,6 +65,8 @@ pub struct Outcome {
     pub lost: u32,
     /// Times the stream was replayed to a replacement process.
     pub replays: u32,
+    /// The stream's moves, for its trace (empty when not traced).
+    pub moves: Vec<Move>,
 }
 
 impl PluginStream {
@@ -69,7 +83,13 @@ impl PluginStream {
             unjournaled: 0,
             lost: 0,
             replays: 0,
+            moves: None,
         }
+    }
+
+    /// Keeps the times of the stream's moves from now on, for its trace.
+    pub fn trace_moves(&mut self) {
+        self.moves.get_or_insert_with(Vec::new);
     }
 
     /// The plugin's link.
@@ -135,6 +155,14 @@ impl PluginStream {
                     Some(msg)
                 })
                 .collect();
+            if moved {
+                if let Some(moves) = &mut self.moves {
+                    moves.push(Move {
+                        at: Instant::now(),
+                        handover: self.bound.as_ref().is_some_and(|c| c.was_draining()),
+                    });
+                }
+            }
             if moved && replays {
                 self.replays += 1;
                 tracing::debug!(plugin = %self.link.name(), events = events.len(), unjournaled = self.unjournaled, "replaying a stream to the plugin's new process");
@@ -303,6 +331,7 @@ impl PluginStream {
             result,
             lost: self.lost,
             replays: self.replays,
+            moves: self.moves.take().unwrap_or_default(),
         }
     }
 

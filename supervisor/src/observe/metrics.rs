@@ -56,6 +56,13 @@ pub struct SinkReason {
     pub reason: String,
 }
 
+/// `reason` label of dropped spans.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    /// `queue_full`, `export_failed`, `rejected`, `stopped`.
+    pub reason: String,
+}
+
 fn final_histogram() -> Histogram {
     // 100 µs .. ~26 s
     Histogram::new(exponential_buckets(0.0001, 2.0, 18))
@@ -139,6 +146,10 @@ pub struct Metrics {
     pub records_spool_bytes: Gauge,
     /// Duration of OTLP export requests, answered or failed.
     pub records_export_duration: Histogram,
+    /// Spans the collector took.
+    pub spans_exported: Counter,
+    /// Spans lost, by reason.
+    pub spans_dropped: Family<ReasonLabel, Counter>,
 }
 
 impl Default for Metrics {
@@ -364,7 +375,21 @@ impl Metrics {
             "Duration of OTLP export requests of usage records",
             records_export_duration.clone(),
         );
+        let spans_exported = Counter::default();
+        let spans_dropped = Family::default();
+        registry.register(
+            "plugvisor_spans_exported",
+            "Spans of the front's own work ([traces]) the OTLP collector took",
+            spans_exported.clone(),
+        );
+        registry.register(
+            "plugvisor_spans_dropped",
+            "Spans lost, by reason (queue_full: the exporter's queue was full; export_failed: the collector did not take the batch; rejected: it refused part of it; stopped: the front stopped before they were sent)",
+            spans_dropped.clone(),
+        );
         Metrics {
+            spans_exported,
+            spans_dropped,
             records_submitted,
             records_written,
             records_spooled,
@@ -434,6 +459,13 @@ impl Metrics {
     }
 
     /// Labels of a usage records sink and a reason.
+    pub fn drop_reason(reason: &str) -> ReasonLabel {
+        ReasonLabel {
+            reason: reason.to_owned(),
+        }
+    }
+
+    /// Labels for a dropped usage record.
     pub fn sink_reason(sink: &str, reason: &str) -> SinkReason {
         SinkReason {
             sink: sink.to_owned(),

@@ -186,6 +186,12 @@ impl Conn {
         *self.closed.borrow()
     }
 
+    /// Whether it was being replaced (a planned restart, a reload): a stream that leaves it
+    /// moves by handover, not because its process went away.
+    pub fn was_draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
+    }
+
     /// Which connection of its link this is (1, 2, ...).
     pub fn generation(&self) -> u64 {
         self.generation

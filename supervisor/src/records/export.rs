@@ -22,10 +22,11 @@ use serde_json::{Map, Value};
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
-use super::otlp::{self, Client, ExportError};
+use super::otlp;
 use super::record::{redacted, Record};
 use super::spool::{Claimed, Spool};
 use super::Shared;
+use crate::otlp::{Client, ExportError, Logs};
 
 /// The most records in one export request.
 pub const BATCH: usize = 512;
@@ -69,7 +70,7 @@ struct Sending {
 
 /// The exporter and its state.
 pub(super) struct Exporter {
-    pub client: Client,
+    pub client: Client<Logs>,
     pub resource: Vec<(String, String)>,
     pub spool: Arc<Spool>,
     pub omit: Arc<Vec<String>>,
@@ -91,7 +92,7 @@ enum Sent {
 
 impl Exporter {
     pub(super) fn new(
-        client: Client,
+        client: Client<Logs>,
         resource: Vec<(String, String)>,
         spool: Arc<Spool>,
         omit: Arc<Vec<String>>,

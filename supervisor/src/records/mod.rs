@@ -15,7 +15,7 @@
 
 mod export;
 mod jsonl;
-mod otlp;
+pub(crate) mod otlp;
 mod record;
 mod spool;
 
@@ -219,7 +219,8 @@ impl Records {
                         },
                     )?,
                 );
-                let client = otlp::Client::new(o).map_err(RecordsError::Otlp)?;
+                let client = crate::otlp::Client::<crate::otlp::Logs>::new(&o.transport())
+                    .map_err(RecordsError::Otlp)?;
                 let (tx, rx) = mpsc::channel(config.queue_records);
                 let (omit, stop, resource, s) = (
                     omit.clone(),
@@ -343,6 +344,15 @@ impl Records {
                 }
             }
         }
+    }
+
+    /// The attributes `record` gives its request's span: those of its log record (the same
+    /// mapping, from the record redacted by `omit`), without `event.name`.
+    pub fn span_attributes(
+        &self,
+        record: &Record,
+    ) -> Vec<opentelemetry_proto::tonic::common::v1::KeyValue> {
+        otlp::attributes(&record::redacted(record, &self.shared.omit))
     }
 
     /// Where the records go and what became of them so far.

@@ -24,6 +24,7 @@ use crate::records::{Records, RecordsError};
 use crate::shell::instance::{self, InstanceLock};
 use crate::shell::listeners;
 use crate::shell::{control, systemd, upgrade};
+use crate::traces::Traces;
 
 /// Why the front could not start or serve.
 #[derive(Debug, thiserror::Error)]
@@ -84,6 +85,9 @@ pub enum RunError {
     /// The usage records' file or spool cannot be used.
     #[error("cannot start the usage records")]
     Records(#[source] RecordsError),
+    /// The span exporter cannot be built from `[traces]`.
+    #[error("cannot start tracing: traces: {0}")]
+    Traces(String),
     /// Started by an upgrade, this front could not take over from the old one (which serves
     /// on).
     #[error("cannot take over from the old front")]
@@ -124,6 +128,8 @@ pub struct Running {
     pub(crate) plugins: Arc<Plugins>,
     /// The usage records' sinks, stopped once the streams are done.
     records: Records,
+    /// The span exporter (empty when tracing is off).
+    traces: Traces,
     /// Loops the watchdog checks before it pings systemd.
     probes: Vec<Probe>,
     /// The ext_proc socket's file is this front's to remove at stop (not systemd's, nor, before
@@ -161,6 +167,8 @@ pub async fn start_with(config: Config, inherited: Option<Inherited>) -> Result<
     let metrics = Arc::new(Metrics::new());
     // Before anything is bound: a records file or spool that cannot be used fails the start.
     let records = Records::start(&config.records, metrics.clone()).map_err(RunError::Records)?;
+    let traces =
+        Traces::start(config.traces.as_ref(), metrics.clone()).map_err(RunError::Traces)?;
     let config = Published::new(config);
     let current = config.current();
     let bound = bind_plugin_sockets(&current, &metrics)?;
@@ -184,6 +192,7 @@ pub async fn start_with(config: Config, inherited: Option<Inherited>) -> Result<
         metrics.clone(),
         stop_rx,
         records.clone(),
+        traces.clone(),
     );
 
     let ext_proc = listeners::ext_proc(&current, passed.as_ref()).await?;
@@ -268,6 +277,7 @@ pub async fn start_with(config: Config, inherited: Option<Inherited>) -> Result<
         metrics,
         plugins,
         records,
+        traces,
         stop_streams,
         probes: vec![accept_probe],
         remove_listen_file: ext_proc.remove_listen_file,
@@ -623,6 +633,7 @@ impl Running {
             .clone()
             .stop(grace.min(RECORDS_STOP_GRACE))
             .await;
+        self.traces.stop(grace.min(RECORDS_STOP_GRACE)).await;
         for task in self.background.drain(..) {
             task.abort();
         }

@@ -154,6 +154,36 @@ pub fn changed_top_level(old: &Config, new: &Config) -> Vec<&'static str> {
         old.idle_stream_timeout != new.idle_stream_timeout,
     );
     changed.extend(changed_records_keys(old, new));
+    changed.extend(changed_traces_keys(old, new));
+    changed
+}
+
+/// The keys of `[traces]` whose values differ, as `traces.<key>`. Turning tracing on or off is a
+/// change of its `endpoint`.
+pub fn changed_traces_keys(old: &Config, new: &Config) -> Vec<&'static str> {
+    let mut changed = Vec::new();
+    let mut check = |key: &'static str, differs: bool| {
+        if differs {
+            changed.push(key);
+        }
+    };
+    match (&old.traces, &new.traces) {
+        (Some(a), Some(b)) => {
+            let (x, y) = (&a.transport, &b.transport);
+            check("traces.endpoint", x.endpoint != y.endpoint);
+            check("traces.protocol", x.protocol != y.protocol);
+            check("traces.headers", x.headers != y.headers);
+            check("traces.timeout_ms", x.timeout != y.timeout);
+            check("traces.sampler", a.sampler.name() != b.sampler.name());
+            // The argument of the same sampler (the argument of one that takes none is ignored).
+            check(
+                "traces.sampler_arg",
+                a.sampler.name() == b.sampler.name() && a.sampler != b.sampler,
+            );
+        }
+        (None, None) => {}
+        _ => check("traces.endpoint", true),
+    }
     changed
 }
 
@@ -191,9 +221,11 @@ pub fn changed_records_keys(old: &Config, new: &Config) -> Vec<&'static str> {
     changed
 }
 
-/// When a change to a top-level key or a `[records]` key applies.
+/// When a change to a top-level key, a `[records]` key or a `[traces]` key applies.
 fn applies(key: &str) -> Option<Applies> {
-    keys::top_level(key).or_else(|| keys::records(key))
+    keys::top_level(key)
+        .or_else(|| keys::records(key))
+        .or_else(|| keys::traces(key))
 }
 
 /// Gives `new` the running values of the top-level keys only a restart (or an upgrade) applies,
@@ -206,6 +238,11 @@ fn keep_running_values(old: &Config, new: &mut Config) {
         if key.starts_with("records.") {
             // The sinks run with the table they started with: keep it whole.
             new.records = old.records.clone();
+            continue;
+        }
+        if key.starts_with("traces.") {
+            // The exporter and the sampler run as they started: keep the table whole.
+            new.traces = old.traces.clone();
             continue;
         }
         match key {
@@ -696,9 +733,9 @@ mod tests {
     #[test]
     fn every_key_reloads_or_says_why_not() {
         let mut top = schema_keys("no_such_key = 1\n");
-        // Tables with keys of their own: `plugins` here, `records` in
-        // `every_records_key_reloads_or_says_why_not`.
-        top.retain(|k| k != "plugins" && k != "records");
+        // Tables with keys of their own: `plugins` here, `records` and `traces` in
+        // `every_records_key_reloads_or_says_why_not` and `every_traces_key_reloads_or_says_why_not`.
+        top.retain(|k| k != "plugins" && k != "records" && k != "traces");
         assert_eq!(
             sorted(top.clone()),
             names(keys::TOP_LEVEL),
@@ -841,6 +878,84 @@ mod tests {
             } else {
                 format!("[plugins.x]\n{sample}\n{RECORDS_BASE}")
             };
+            let mut new = config(&text);
+            assert_eq!(changed_top_level(&old, &new), vec![key.as_str()], "{text}");
+            let p = plan(&old, &new);
+            assert!(applies.kept_until_restart(), "{key}");
+            assert_eq!(p.needs_restart, vec![(key.as_str(), applies)], "{text}");
+            assert!(
+                p.to_string().contains(&format!("NOT applied: {key}")),
+                "{p}"
+            );
+            keep_running_values(&old, &mut new);
+            assert!(changed_top_level(&old, &new).is_empty(), "{key} kept");
+        }
+    }
+
+    /// A value other than the default for every `[traces]` key, on top of [`TRACES_BASE`].
+    const TRACES_SAMPLES: &[(&str, &str)] = &[
+        ("traces.endpoint", "endpoint = \"http://127.0.0.1:4999\""),
+        ("traces.protocol", "protocol = \"grpc\""),
+        ("traces.headers", "headers = { api-key = \"k\" }"),
+        ("traces.timeout_ms", "timeout_ms = 7"),
+        ("traces.sampler", "sampler = \"always_off\""),
+        ("traces.sampler_arg", "sampler_arg = 0.5"),
+    ];
+
+    /// Tracing on with a ratio sampler, so that a change of each key shows.
+    const TRACES_BASE: &str = "[traces]\nsampler = \"parentbased_traceidratio\"\n";
+
+    /// `[traces]` as the tests above do `[records]`: every key is classified, has a sample, is
+    /// marked in docs/configuration.md, and a change to it alone is named by the plan as waiting
+    /// for an upgrade, with the running table kept.
+    #[test]
+    fn every_traces_key_reloads_or_says_why_not() {
+        let schema: Vec<String> = schema_keys("[traces]\nno_such_key = 1\n")
+            .into_iter()
+            .map(|k| format!("traces.{k}"))
+            .collect();
+        assert_eq!(
+            sorted(schema.clone()),
+            names(keys::TRACES),
+            "config::keys::TRACES"
+        );
+        let docs = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../docs/configuration.md"
+        ))
+        .unwrap();
+        let title = "## `[traces]`";
+        let start = docs
+            .find(title)
+            .unwrap_or_else(|| panic!("docs/configuration.md has no {title}"));
+        let rest = &docs[start + title.len()..];
+        let section = &rest[..rest.find("\n## ").unwrap_or(rest.len())];
+        // The base without the key the sample sets.
+        let base = |key: &str| {
+            let mut text = "[plugins.x]\n[traces]\n".to_owned();
+            if key != "traces.endpoint" {
+                text.push_str("endpoint = \"http://127.0.0.1:4318/v1/traces\"\n");
+            }
+            if key != "traces.sampler" {
+                text.push_str(TRACES_BASE.trim_start_matches("[traces]\n"));
+            }
+            text
+        };
+        let old = config(&base(""));
+        for key in &schema {
+            let applies = keys::traces(key).unwrap();
+            let short = key.strip_prefix("traces.").unwrap();
+            assert!(
+                section.contains(&format!("| `{short}` | {} |", applies.as_str())),
+                "docs/configuration.md does not mark `{key}` as `{}`",
+                applies.as_str()
+            );
+            let sample = TRACES_SAMPLES
+                .iter()
+                .find(|(k, _)| k == key)
+                .unwrap_or_else(|| panic!("no sample value for `{key}`"))
+                .1;
+            let text = format!("{}{sample}\n", base(key));
             let mut new = config(&text);
             assert_eq!(changed_top_level(&old, &new), vec![key.as_str()], "{text}");
             let p = plan(&old, &new);

@@ -35,6 +35,7 @@ mod supervision;
 mod systemd_operations;
 mod systemd_service;
 mod systemd_units;
+mod traces;
 mod upgrade;
 mod usage_envoy;
 mod whole_or_loud;

@@ -1,0 +1,105 @@
+use super::*;
+use crate::config::Config;
+
+const PARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+
+fn config(extra: &str) -> TracesConfig {
+    // A port nobody serves: nothing in these tests is sent.
+    Config::parse(
+        &format!("[traces]\nendpoint = \"http://127.0.0.1:9\"\n{extra}"),
+        "t",
+    )
+    .unwrap()
+    .traces
+    .unwrap()
+}
+
+fn headers(traceparent: Option<&'static str>) -> Vec<(&'static str, &'static str)> {
+    let mut h = vec![(":method", "POST"), (":path", "/v1/chat/completions")];
+    if let Some(tp) = traceparent {
+        h.push(("traceparent", tp));
+        h.push(("tracestate", "congo=t61rcWkgMzE"));
+    }
+    h
+}
+
+#[tokio::test]
+async fn off_traces_nothing_and_on_follows_the_parent_or_starts_a_trace() {
+    let off = Traces::off();
+    assert!(!off.is_on());
+    assert!(off
+        .begin(headers(Some(PARENT)).into_iter(), Instant::now())
+        .is_none());
+
+    let on = Traces::start(Some(&config("")), Arc::new(Metrics::new())).unwrap();
+    let child = on
+        .begin(headers(Some(PARENT)).into_iter(), Instant::now())
+        .unwrap();
+    let spans = child.into_spans(Instant::now());
+    assert_eq!(
+        spans[0].trace_id,
+        context::traceparent_fields(PARENT).unwrap().0.to_vec()
+    );
+    assert_eq!(
+        spans[0].parent_span_id,
+        context::traceparent_fields(PARENT).unwrap().1.to_vec()
+    );
+    assert_eq!(spans[0].trace_state, "congo=t61rcWkgMzE");
+    // The parent said not sampled: the default parent-based sampler follows it.
+    let unsampled = PARENT.replace("-01", "-00");
+    let h = vec![("traceparent", unsampled.as_str())];
+    assert!(on.begin(h.into_iter(), Instant::now()).is_none());
+    // No parent, or an invalid one: a new trace.
+    for h in [headers(None), vec![("traceparent", "00-xyz")]] {
+        let root = on.begin(h.into_iter(), Instant::now()).unwrap();
+        let spans = root.into_spans(Instant::now());
+        assert!(spans[0].parent_span_id.is_empty());
+        assert_ne!(
+            spans[0].trace_id,
+            context::traceparent_fields(PARENT).unwrap().0.to_vec()
+        );
+    }
+    on.stop(Duration::from_millis(10)).await;
+
+    let never = Traces::start(
+        Some(&config("sampler = \"always_off\"")),
+        Arc::new(Metrics::new()),
+    )
+    .unwrap();
+    assert!(never
+        .begin(headers(Some(PARENT)).into_iter(), Instant::now())
+        .is_none());
+    never.stop(Duration::from_millis(10)).await;
+}
+
+/// The queue holds `QUEUE_REQUESTS` requests' spans; the next request's are dropped and counted,
+/// and `finish` never waits. (A current-thread runtime: the exporter cannot take any while the
+/// test fills the queue.)
+#[tokio::test(flavor = "current_thread")]
+async fn a_full_queue_drops_the_next_requests_spans_and_counts_them() {
+    let metrics = Arc::new(Metrics::new());
+    let traces = Traces::start(Some(&config("")), metrics.clone()).unwrap();
+    for _ in 0..QUEUE_REQUESTS {
+        let t = traces
+            .begin(headers(None).into_iter(), Instant::now())
+            .unwrap();
+        traces.finish(t);
+    }
+    assert_eq!(traces.describe().dropped, 0);
+    let t = traces
+        .begin(headers(None).into_iter(), Instant::now())
+        .unwrap();
+    traces.finish(t);
+    assert_eq!(traces.describe().dropped, 1);
+    assert!(
+        metrics
+            .encode()
+            .contains("plugvisor_spans_dropped_total{reason=\"queue_full\"} 1"),
+        "{}",
+        metrics.encode()
+    );
+    // Nobody listens: what was queued is not taken either, and is counted at the stop.
+    traces.stop(Duration::from_millis(300)).await;
+    assert_eq!(traces.describe().exported, 0);
+    assert_eq!(traces.describe().dropped, QUEUE_REQUESTS as u64 + 1);
+}
