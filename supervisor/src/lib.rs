@@ -2,8 +2,9 @@
 //! plugins, each its own process on its own Unix socket, through bounded queues; the end of a
 //! response is a final RPC whose merged metadata goes back to Envoy as `dynamic_metadata`.
 //!
-//! The crate is these parts, one folder (or file) each, used in this direction only (`observe` uses none of
-//! the others; `config` only `observe`; `plugin` and `data_path` never each other's internals):
+//! The crate is these parts, one folder (or file) each, used in this direction only (`observe`
+//! uses none of the others; `config` only `observe`; `plugin` and `data_path` never each other's
+//! internals; `traces` and `records` are used by `data_path`, never the other way):
 //! - [`config`]: the TOML schema, the embedded default, what loading checks, and the one
 //!   published configuration ([`config::Published`]) every other part reads;
 //! - [`data_path`]: what every request goes through: `ext_proc` (the gRPC service, one task per

@@ -48,14 +48,7 @@ pub struct PluginStream {
     moves: Option<Vec<Move>>,
 }
 
-/// A stream's move to another connection of the plugin, as its trace shows it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Move {
-    /// When.
-    pub at: Instant,
-    /// The old connection was being replaced (a planned restart, a reload), not gone.
-    pub handover: bool,
-}
+use crate::traces::span::Move;
 
 /// How a stream's final went for one plugin, beside its metadata.
 pub struct Outcome {

@@ -15,6 +15,16 @@ use opentelemetry_proto::tonic::trace::v1::{status, Span, Status};
 
 use crate::otlp::{int, kv, nanos, string};
 
+/// A stream's move to another connection of a plugin, as its trace shows it (the data path
+/// records it for a traced stream).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Move {
+    /// When.
+    pub at: Instant,
+    /// The old connection was being replaced (a planned restart, a reload), not gone.
+    pub handover: bool,
+}
+
 /// The request span's name.
 pub const REQUEST_SPAN: &str = "plugvisor.request";
 /// The prefix of a final call's span name (`plugvisor.final usage`).
@@ -173,7 +183,7 @@ impl RequestTrace {
 
     /// A plugin's final call ended; its replays, handovers and gaps become events of the
     /// request span.
-    pub fn final_call(&mut self, call: FinalCall, moves: &[crate::data_path::plugin_stream::Move]) {
+    pub fn final_call(&mut self, call: FinalCall, moves: &[Move]) {
         for m in moves {
             let name = if m.handover {
                 "plugvisor.handover"
@@ -326,7 +336,6 @@ impl RequestTrace {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::data_path::plugin_stream::Move;
 
     fn after(start: Instant, ms: u64) -> Instant {
         start + std::time::Duration::from_millis(ms)
