@@ -867,13 +867,13 @@ impl StreamTask {
         }
         for Call {
             name,
-            cap,
-            granted,
+            config,
             started,
             aborted,
             task,
         } in calls
         {
+            let (cap, granted) = (config.process.metadata_max_bytes, &config.granted);
             let (outcome, ended) = match task.await {
                 Ok(done) => done,
                 Err(_) => {
@@ -902,7 +902,7 @@ impl StreamTask {
             }
             match outcome.result {
                 Ok(metadata) => {
-                    let added = merge.add(&name, metadata, cap, &granted);
+                    let added = merge.add(&name, metadata, cap, granted);
                     if outcome.replays > 0 {
                         traced = FinalOutcome::Replayed;
                     }
@@ -1013,10 +1013,9 @@ impl StreamTask {
 /// One plugin's final call, running.
 struct Call {
     name: String,
-    /// The plugin's `metadata_max_bytes`.
-    cap: usize,
-    /// The namespaces it may write.
-    granted: Vec<String>,
+    /// The plugin's table when the call started: its `metadata_max_bytes` and the namespaces it
+    /// may write (shared, not copied per call).
+    config: Arc<crate::config::PluginConfig>,
     /// When it started.
     started: Instant,
     /// An `AbortedFinal`.
@@ -1035,11 +1034,9 @@ impl Call {
         traced: bool,
         aborted: bool,
     ) -> Call {
-        let config = ps.link().config();
         Call {
             name: ps.link().name().to_owned(),
-            cap: config.process.metadata_max_bytes,
-            granted: config.granted.clone(),
+            config: ps.link().config(),
             started: arrival,
             aborted,
             task: tokio::spawn(async move {
