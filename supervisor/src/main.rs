@@ -216,6 +216,9 @@ fn control(
             if let Some(records) = &answer.records {
                 println!("{}", records.line());
             }
+            if let Some(traces) = &answer.traces {
+                println!("{}", traces.line());
+            }
             if let Some(message) = &answer.message {
                 println!("{message}");
             }

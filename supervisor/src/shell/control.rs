@@ -19,6 +19,7 @@ use crate::plugin::registry::Plugins;
 use crate::plugin::supervise::{Command, PluginStatus};
 use crate::records::{Records, RecordsStatus};
 use crate::shell::upgrade;
+use crate::traces::{Traces, TracesStatus};
 
 /// The longest request line accepted.
 pub(crate) const MAX_REQUEST: u64 = 64 * 1024;
@@ -74,6 +75,9 @@ pub struct Response {
     /// For `status`: where the usage records go and what became of them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub records: Option<RecordsStatus>,
+    /// For `status`: whether spans are exported, where, and what became of them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traces: Option<TracesStatus>,
 }
 
 impl Response {
@@ -100,6 +104,7 @@ pub async fn serve(
     plugins: Arc<Plugins>,
     upgrades: upgrade::Requests,
     records: Records,
+    traces: Traces,
 ) {
     loop {
         match listener.accept().await {
@@ -107,8 +112,9 @@ pub async fn serve(
                 let plugins = plugins.clone();
                 let upgrades = upgrades.clone();
                 let records = records.clone();
+                let traces = traces.clone();
                 tokio::spawn(async move {
-                    if let Err(e) = handle(stream, plugins, upgrades, records).await {
+                    if let Err(e) = handle(stream, plugins, upgrades, records, traces).await {
                         tracing::debug!(error = %e, "control connection failed");
                     }
                 });
@@ -126,6 +132,7 @@ async fn handle(
     plugins: Arc<Plugins>,
     upgrades: upgrade::Requests,
     records: Records,
+    traces: Traces,
 ) -> std::io::Result<()> {
     let own = nix::unistd::getuid().as_raw();
     let peer = stream.peer_cred()?.uid();
@@ -146,7 +153,7 @@ async fn handle(
             Err(_) => Response::error("no request received in time".into()),
             Ok(Err(e)) => Response::error(format!("cannot read the request: {e}")),
             Ok(Ok(_)) => match serde_json::from_str::<Request>(line.trim()) {
-                Ok(request) => dispatch(request, &plugins, &upgrades, &records).await,
+                Ok(request) => dispatch(request, &plugins, &upgrades, &records, &traces).await,
                 Err(e) => Response::error(format!(
                     "bad request `{}`: {e}; expected e.g. {{\"op\":\"status\"}}",
                     line.trim()
@@ -165,6 +172,7 @@ async fn dispatch(
     plugins: &Plugins,
     upgrades: &upgrade::Requests,
     records: &Records,
+    traces: &Traces,
 ) -> Response {
     let (plugin, command) = match request {
         Request::Upgrade => {
@@ -194,6 +202,7 @@ async fn dispatch(
                 ok: true,
                 plugins: Some(plugins.status()),
                 records: Some(records.describe()),
+                traces: Some(traces.describe()),
                 ..Response::default()
             }
         }

@@ -262,6 +262,7 @@ pub async fn start_with(config: Config, inherited: Option<Inherited>) -> Result<
         plugins.clone(),
         upgrade_requests,
         records.clone(),
+        traces.clone(),
     )));
 
     let running = Running {

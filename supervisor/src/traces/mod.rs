@@ -58,6 +58,9 @@ impl std::fmt::Debug for Traces {
 
 struct Inner {
     sampler: Sampler,
+    /// Where spans go, for `status`.
+    endpoint: String,
+    protocol: &'static str,
     tx: mpsc::Sender<Finished>,
     metrics: Arc<Metrics>,
     counters: Counters,
@@ -77,13 +80,36 @@ struct Finished {
     end: Instant,
 }
 
-/// Spans exported and dropped so far (for tests and the stop's log line).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Where spans go and what became of them (for `plugvisor status`, tests and the stop's log
+/// line).
+#[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 pub struct TracesStatus {
+    /// The collector's endpoint; `None` when tracing is off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
+    /// `http/protobuf` or `grpc`, when on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protocol: Option<String>,
+    /// The sampler, as `OTEL_TRACES_SAMPLER` names it, when on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sampler: Option<String>,
     /// Spans the collector took.
     pub exported: u64,
     /// Spans lost (see `plugvisor_spans_dropped_total` for why).
     pub dropped: u64,
+}
+
+impl TracesStatus {
+    /// One line for `plugvisor status`.
+    pub fn line(&self) -> String {
+        match (&self.endpoint, &self.protocol, &self.sampler) {
+            (Some(endpoint), Some(protocol), Some(sampler)) => format!(
+                "traces: OTLP {protocol} {endpoint}, sampler {sampler}; {} spans exported, {} dropped",
+                self.exported, self.dropped
+            ),
+            _ => "traces: off (no endpoint in [traces] or OTEL_EXPORTER_OTLP_*)".to_owned(),
+        }
+    }
 }
 
 impl Traces {
@@ -103,6 +129,8 @@ impl Traces {
         let (stop, stop_rx) = tokio::sync::watch::channel(None);
         let inner = Arc::new(Inner {
             sampler: config.sampler,
+            endpoint: config.transport.endpoint.clone(),
+            protocol: config.transport.protocol.as_str(),
             tx,
             metrics,
             counters: Counters::default(),
@@ -178,11 +206,11 @@ impl Traces {
     /// What became of the spans so far.
     pub fn describe(&self) -> TracesStatus {
         match &self.inner {
-            None => TracesStatus {
-                exported: 0,
-                dropped: 0,
-            },
+            None => TracesStatus::default(),
             Some(i) => TracesStatus {
+                endpoint: Some(i.endpoint.clone()),
+                protocol: Some(i.protocol.to_owned()),
+                sampler: Some(i.sampler.name().to_owned()),
                 exported: i.counters.exported.load(Ordering::Relaxed),
                 dropped: i.counters.dropped.load(Ordering::Relaxed),
             },

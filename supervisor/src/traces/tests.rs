@@ -103,3 +103,22 @@ async fn a_full_queue_drops_the_next_requests_spans_and_counts_them() {
     assert_eq!(traces.describe().exported, 0);
     assert_eq!(traces.describe().dropped, QUEUE_REQUESTS as u64 + 1);
 }
+
+#[test]
+fn the_status_line_says_whether_spans_go_out_and_where() {
+    let off = Traces::off().describe();
+    assert_eq!(off, TracesStatus::default());
+    assert!(off.line().starts_with("traces: off"), "{}", off.line());
+    let on = TracesStatus {
+        endpoint: Some("http://127.0.0.1:4318/v1/traces".into()),
+        protocol: Some("http/protobuf".into()),
+        sampler: Some("parentbased_always_on".into()),
+        exported: 12,
+        dropped: 1,
+    };
+    assert_eq!(
+        on.line(),
+        "traces: OTLP http/protobuf http://127.0.0.1:4318/v1/traces, sampler \
+         parentbased_always_on; 12 spans exported, 1 dropped"
+    );
+}

@@ -252,6 +252,27 @@ async fn sampler_always_off_exports_nothing() {
             .await;
             assert_eq!(got.status, 200);
         }
+        // `status` says tracing is on, where the spans go and with which sampler.
+        let answer = supervisor::shell::control::request(
+            &stack.front.control_socket(),
+            &supervisor::shell::control::Request::Status,
+        )
+        .await
+        .expect("control socket answers");
+        let traces = answer.traces.expect("status says how tracing stands");
+        assert_eq!(traces.sampler.as_deref(), Some("always_off"), "{traces:?}");
+        assert!(
+            traces
+                .endpoint
+                .as_deref()
+                .is_some_and(|e| e.contains(&collector.port.to_string())),
+            "{traces:?}"
+        );
+        assert!(
+            traces.line().starts_with("traces: OTLP "),
+            "{}",
+            traces.line()
+        );
         stop_front(&mut stack);
         assert_eq!(collector.record_ids().len(), 3, "{protocol:?}");
         assert_eq!(collector.spans(), Vec::<Value>::new(), "{protocol:?}");
