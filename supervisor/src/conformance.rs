@@ -203,6 +203,8 @@ struct Kit<'a> {
 struct Plugin {
     child: Child,
     output: Arc<Mutex<VecDeque<String>>>,
+    /// The tasks reading its stdout and stderr (they end at end-of-file).
+    readers: Vec<tokio::task::JoinHandle<()>>,
     stream: Option<UnixStream>,
     listener: UnixListener,
     socket: PathBuf,
@@ -295,6 +297,7 @@ impl Kit<'_> {
             .spawn()
             .map_err(|e| format!("cannot start {}: {e}", program.to_string_lossy()))?;
         let output = Arc::new(Mutex::new(VecDeque::new()));
+        let mut readers = Vec::new();
         for pipe in [
             child
                 .stdout
@@ -309,7 +312,7 @@ impl Kit<'_> {
         .flatten()
         {
             let output = output.clone();
-            tokio::spawn(async move {
+            readers.push(tokio::spawn(async move {
                 let _ = crate::plugin::spawn::forward_lines(pipe, 1024, |line| {
                     let mut lines = output.lock().expect("output lock");
                     if lines.len() == OUTPUT_LINES {
@@ -318,11 +321,12 @@ impl Kit<'_> {
                     lines.push_back(line.to_owned());
                 })
                 .await;
-            });
+            }));
         }
         let mut plugin = Plugin {
             child,
             output,
+            readers,
             stream: None,
             listener,
             socket,
@@ -331,6 +335,10 @@ impl Kit<'_> {
             accepted = timeout(CONNECT_LIMIT, plugin.listener.accept()) => accepted,
             status = plugin.child.wait() => {
                 let status = status.map_or_else(|e| e.to_string(), |s| s.to_string());
+                // What it wrote before it exited explains why: read it to the end first.
+                for reader in std::mem::take(&mut plugin.readers) {
+                    let _ = timeout(Duration::from_secs(1), reader).await;
+                }
                 return Err(format!("the plugin exited ({status}) before it connected{}", plugin.output()));
             }
         };
