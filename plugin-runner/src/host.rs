@@ -180,7 +180,9 @@ async fn serve_inner<P: Plugin>(mut plugin: P, opts: &HostOptions) -> Result<Exi
             source,
         })?;
     let (rd, mut wr) = stream.into_split();
-    let mut reader = FrameReader::new(rd);
+    // Any frame the protocol allows: an event carries one Envoy body message, which the front
+    // caps (`max_message_bytes`) below this ceiling.
+    let mut reader = FrameReader::with_max_frame(rd, ipc_protocol::codec::MAX_FRAME_CEILING);
 
     let subscriptions = plugin.subscriptions();
     FrameWriter::new(&mut wr)

@@ -9,8 +9,8 @@
 //!
 //! Bounds: the front sends no more than the flow-control window (`budget_bytes`) of event bytes
 //! the host has not finished with (see `credit.rs`), so all lanes together hold at most about
-//! that much. Within it, a lane's queue holds at most `queue_events` events and `queue_bytes` body bytes; a
-//! droppable event (response headers, a chunk not sent for inline dispatch) arriving at a full
+//! that much. Within it, a lane's queue holds at most `queue_events` events and `queue_bytes` body
+//! bytes (one event alone in its lane gets in whatever its size); a droppable event (response headers, a chunk not sent for inline dispatch) arriving at a full
 //! lane is dropped and counted, and the next event that gets in carries the gap. Finals, aborts,
 //! request starts and inline chunks are never dropped: the front waits for their answers or the
 //! stream cannot start without them. Lanes of streams that never got `Final`/`Abort` are evicted
@@ -368,9 +368,12 @@ impl<P: Plugin> Shared<P> {
         let inner = &mut *guard;
         let (gap, partial) = match inner.lanes.get_mut(&stream_id) {
             Some(lane) => {
+                // An event alone in its lane always gets in, however large (the front's window
+                // bounds it), so a single body message over `queue_bytes` is not a gap.
                 if droppable(&msg)
                     && (lane.queue.len() >= self.cfg.queue_events
-                        || lane.queued_bytes + bytes > self.cfg.queue_bytes)
+                        || (!lane.queue.is_empty()
+                            && lane.queued_bytes + bytes > self.cfg.queue_bytes))
                 {
                     let dropped = self.stats.dropped.fetch_add(1, Ordering::Relaxed) + 1;
                     tracing::debug!(stream_id, seq, dropped, "lane queue full; event dropped");

@@ -30,6 +30,10 @@ pub const DEFAULT_MAX_STREAMS: usize = 10_000;
 pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 8 * 1024 * 1024;
 /// The smallest `max_message_bytes` accepted.
 pub const MIN_MESSAGE_BYTES: usize = 64 * 1024;
+/// The largest `max_message_bytes` accepted: one Envoy body message becomes one event frame to
+/// each plugin that takes body bytes, and a frame may not pass the protocol's ceiling (64 MiB,
+/// what the SDKs accept), so this leaves 64 KiB for the event's other fields.
+pub const MAX_MESSAGE_BYTES: usize = ipc_protocol::codec::MAX_FRAME_CEILING - 64 * 1024;
 /// The largest `queue_events` accepted (each open connection's queue is sized for it; the
 /// configured bound is checked at every enqueue).
 pub const MAX_QUEUE_EVENTS: usize = 1 << 20;

@@ -240,3 +240,32 @@ async fn a_final_that_follows_shutdown_is_still_answered() {
     );
     assert_eq!(front.host_exit().await, Exit::Clean);
 }
+
+/// A chunk as large as the front may send (its `max_message_bytes` goes up to 64 MiB − 64 KiB)
+/// is one frame the host takes: 20 MiB, over the 16 MiB it used to refuse, ending the
+/// connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chunk_frame_past_16_mib_is_taken() {
+    let mut front = serve_in_process(PanicInFinal, 1).await;
+    front.welcome(Value::Null).await;
+    let [start, chunk, last] = events(7);
+    let ToPlugin::Chunk(mut chunk) = chunk else {
+        panic!("the second event is a chunk")
+    };
+    chunk.bytes = Bytes::from(vec![b'x'; 20 * 1024 * 1024]);
+    chunk.len = chunk.bytes.len() as u32;
+    front.feed(start);
+    front.feed(ToPlugin::Chunk(chunk));
+    front.feed(last);
+    front.flush().await;
+    let reply = loop {
+        match front.recv().await {
+            FromPlugin::FinalReply(r) => break r,
+            _ => continue,
+        }
+    };
+    assert_eq!(
+        reply.outcome,
+        FinalOutcome::Metadata(counted("final-panics", 3))
+    );
+}

@@ -8,7 +8,7 @@ long backlog gets its share of the pool and no more (the shape of plugin-runner'
 
 Bounds: the front sends no more than ``budget_bytes`` of events not yet credited back, so all
 lanes together hold at most that much. Within it a lane holds at most ``queue_events`` events and
-``queue_bytes`` body bytes; response headers and non-inline chunks arriving at a full lane are
+``queue_bytes`` body bytes (one event alone in its lane gets in whatever its size); response headers and non-inline chunks arriving at a full lane are
 dropped (credited) and the next event that gets in carries the gap. Request starts, finals
 (``Final`` and ``AbortedFinal``), aborts and inline chunks are never dropped.
 
@@ -149,8 +149,11 @@ class Lanes:
         with self._lock:
             lane = self._lanes.get(stream_id)
             if lane is not None:
+                # An event alone in its lane always gets in, however large (the front's window
+                # bounds it), so a single body message over queue_bytes is not a gap.
                 if _droppable(event) and (len(lane.queue) >= self.queue_events
-                                          or lane.queued_bytes + body > self.queue_bytes):
+                                          or (lane.queue
+                                              and lane.queued_bytes + body > self.queue_bytes)):
                     self.stats.dropped += 1
                     dropped = self.stats.dropped
                     _log.debug("lane queue full; event dropped", stream_id=stream_id, seq=seq,

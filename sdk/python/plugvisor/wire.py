@@ -28,8 +28,9 @@ PROTOCOL_VERSION = 3
 CAPABILITIES: Tuple[str, ...] = ("replayed", "aborted_final")
 #: Bytes of the length prefix in front of every payload.
 PREFIX_LEN = 4
-#: The largest payload a plugin accepts (the Rust host's default, ``DEFAULT_MAX_FRAME``).
-DEFAULT_MAX_FRAME = 16 * 1024 * 1024
+#: The largest payload a plugin accepts: the protocol's ceiling, 64 MiB, as the Rust host (the
+#: front's ``max_message_bytes`` keeps every event frame below it).
+DEFAULT_MAX_FRAME = 64 * 1024 * 1024
 #: How many ``Value`` levels may nest (every value counts, scalars included, as in the Rust
 #: decoder): a list holding a list holding ``None`` is three levels.
 MAX_VALUE_DEPTH = 64

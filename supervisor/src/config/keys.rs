@@ -158,7 +158,7 @@ pub const RANGES: &[(&str, u64, u64)] = &[
     (
         "max_message_bytes",
         super::MIN_MESSAGE_BYTES as u64,
-        1 << 30,
+        super::MAX_MESSAGE_BYTES as u64,
     ),
     (
         "stream_metadata_max_bytes",

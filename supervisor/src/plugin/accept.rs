@@ -211,7 +211,9 @@ async fn handshake(
     metrics: Arc<Metrics>,
 ) {
     let (read, write) = stream.into_split();
-    let mut writer = FrameWriter::new(write);
+    // This writer carries the connection's events once welcomed: one Envoy body message per
+    // frame, up to `max_message_bytes`, which stays under the protocol's ceiling.
+    let mut writer = FrameWriter::with_max_frame(write, ipc_protocol::codec::MAX_FRAME_CEILING);
     let mut reader = FrameReader::with_max_frame(read, HELLO_MAX_FRAME);
     let hello = match tokio::time::timeout(HELLO_TIMEOUT, reader.read::<FromPlugin>()).await {
         Ok(Ok(Some(FromPlugin::Hello(h)))) => Ok(h),

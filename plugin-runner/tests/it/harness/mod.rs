@@ -123,7 +123,8 @@ async fn accept(
         host,
         hello,
         reader: Some(reader),
-        writer: FrameWriter::new(wr),
+        // As the front's: any frame the protocol allows.
+        writer: FrameWriter::with_max_frame(wr, ipc_protocol::codec::MAX_FRAME_CEILING),
         incoming: None,
         credited: Arc::new(AtomicU64::new(0)),
         written: 0,
