@@ -51,17 +51,22 @@ pub fn run_bounded(what: &str, cmd: &mut Command, limit: Duration) {
     );
 }
 
-/// A fresh venv in `dir` with the SDK installed from `sdk/python`; returns its interpreter.
-pub fn venv_with_sdk(dir: &Path) -> PathBuf {
-    let venv = dir.join("venv");
+/// A fresh venv at `venv` with `packages` installed by pip (names from PyPI or paths); returns
+/// its interpreter. pip runs from inside the venv, so an in-tree build's leftovers (`build/`,
+/// `*.egg-info`) beside a path's sources pick up nothing else of the checkout.
+pub fn venv_with(venv: &Path, packages: &[std::ffi::OsString]) -> PathBuf {
     run_bounded(
         "python3 -m venv",
-        Command::new("python3").arg("-m").arg("venv").arg(&venv),
+        Command::new("python3").arg("-m").arg("venv").arg(venv),
         Duration::from_secs(120),
     );
     let python = venv.join("bin/python3");
+    let names: Vec<String> = packages
+        .iter()
+        .map(|p| p.to_string_lossy().into_owned())
+        .collect();
     run_bounded(
-        "pip install ./sdk/python",
+        &format!("pip install {}", names.join(" ")),
         Command::new(&python)
             .args([
                 "-m",
@@ -71,13 +76,16 @@ pub fn venv_with_sdk(dir: &Path) -> PathBuf {
                 "--disable-pip-version-check",
                 "--no-input",
             ])
-            .arg(repo().join("sdk/python"))
-            // The in-tree build leaves build/ and *.egg-info beside the sources; run from the
-            // venv so nothing else in the checkout is picked up.
-            .current_dir(&venv),
+            .args(packages)
+            .current_dir(venv),
         Duration::from_secs(300),
     );
     python
+}
+
+/// A fresh venv in `dir` with the SDK installed from `sdk/python`; returns its interpreter.
+pub fn venv_with_sdk(dir: &Path) -> PathBuf {
+    venv_with(&dir.join("venv"), &[repo().join("sdk/python").into()])
 }
 
 /// One venv with the SDK for the whole test process, made on first use under the target
@@ -117,26 +125,8 @@ pub fn otlp_venv() -> PathBuf {
             return python;
         }
         let _ = std::fs::remove_dir_all(&dir);
-        run_bounded(
-            "python3 -m venv",
-            Command::new("python3").arg("-m").arg("venv").arg(&dir),
-            Duration::from_secs(120),
-        );
-        run_bounded(
-            "pip install opentelemetry-proto grpcio protobuf",
-            Command::new(&python).args([
-                "-m",
-                "pip",
-                "install",
-                "--quiet",
-                "--disable-pip-version-check",
-                "--no-input",
-                "opentelemetry-proto",
-                "grpcio",
-                "protobuf",
-            ]),
-            Duration::from_secs(300),
-        );
+        let packages = ["opentelemetry-proto", "grpcio", "protobuf"].map(Into::into);
+        venv_with(&dir, &packages);
         assert!(imports(), "the OTLP venv at {} does not import its packages", dir.display());
         python
     })
