@@ -45,15 +45,9 @@ fn record(records: &Records, stream: u64) -> Record {
     r
 }
 
+/// [`tests::eventually_async`] for a plain condition.
 async fn wait_for(what: &str, limit: Duration, mut check: impl FnMut() -> bool) {
-    let deadline = std::time::Instant::now() + limit;
-    while !check() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{what}: not within {limit:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    tests::eventually_async(what, limit, async || check()).await
 }
 
 fn no_repeats(ids: &[String]) -> BTreeSet<String> {
