@@ -41,8 +41,22 @@ pub mod capability {
     /// gets `Abort` (when subscribed) and the stream's record lists it as `not_asked`.
     pub const ABORTED_FINAL: &str = "aborted_final";
 
+    /// The plugin follows `ToPlugin::Reconnect` (index 11): it opens a second connection to its
+    /// socket and serves both until the front closes the old one. The front uses it to hand a
+    /// plugin it does not start over to a new config (a reload) or to a new front (an upgrade)
+    /// without a gap. Without it, a reload that changes the plugin's config closes its
+    /// connection (the plugin's unit restarts it), and after an upgrade the plugin stays with
+    /// the old front until that has drained.
+    pub const RECONNECT: &str = "reconnect";
+
+    /// The plugin reads the `traceparent` header the front adds to each `RequestStart` and may
+    /// send `FromPlugin::Spans` (index 5) before a `FinalReply`: attributes for its final-call
+    /// span and spans of its own in the request's trace. Without it, it gets the request's
+    /// headers as they came and the front never reads a `Spans` from it.
+    pub const TRACE: &str = "trace";
+
     /// Every capability this front knows, in the order a `Welcome` lists them.
-    pub const KNOWN: &[&str] = &[REPLAYED, ABORTED_FINAL];
+    pub const KNOWN: &[&str] = &[REPLAYED, ABORTED_FINAL, RECONNECT, TRACE];
 }
 
 /// Checks the version a plugin announced.

@@ -55,6 +55,10 @@ pub enum ToPlugin {
     /// plugin knows. Sent instead of [`Abort`], and only to a plugin that agreed on the
     /// capability `aborted_final` (protocol version 3). Never wrapped in `Replayed`.
     AbortedFinal(AbortedFinal),
+    /// Open a new connection to the same socket and say `Hello` again; keep serving this one
+    /// (its streams' events, finals and pings) until the front closes it. Sent only to a plugin
+    /// that agreed on the capability `reconnect`. Never wrapped in `Replayed`.
+    Reconnect(Reconnect),
 }
 
 /// `ToPlugin` without `Replayed`, variant for variant: what a `Replayed` may wrap on the wire.
@@ -102,6 +106,9 @@ pub enum FromPlugin {
     /// Flow control: event bytes the plugin has finished with, so the front may send more
     /// (protocol version 2).
     Credit(Credit),
+    /// What the plugin adds to a stream's trace, sent just before the stream's `FinalReply`
+    /// (capability `trace`).
+    Spans(Spans),
 }
 
 /// Which events a plugin wants. `Final` is always sent; the rest are opt-in so that a plugin that
@@ -420,6 +427,19 @@ pub struct Shutdown {
     pub grace_ms: u64,
 }
 
+/// Front → plugin: open a second connection (capability `reconnect`).
+///
+/// The plugin connects to the socket it is connected to now (by its path: after a front upgrade
+/// the path belongs to the new front), says `Hello` as it did at start, and serves the new
+/// connection with the config of its `Welcome` (a plugin instance of its own; the old
+/// connection's streams stay with the old one). The old connection takes no new stream once the
+/// new one is welcomed; its end-of-file then ends only that connection, not the process.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Reconnect {
+    /// Why, for the plugin's log: `config changed`, `front upgrade to pid 4242`, ...
+    pub reason: String,
+}
+
 /// The result of a final call.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum FinalOutcome {
@@ -438,6 +458,36 @@ pub struct FinalReply {
     pub stream_id: StreamId,
     /// Metadata or an error.
     pub outcome: FinalOutcome,
+}
+
+/// Plugin → front: what a plugin adds to one stream's trace (capability `trace`).
+///
+/// Sent at most once per stream, just before its `FinalReply` on the same connection. The
+/// front puts `attributes` on the plugin's span for the final call and exports `spans` as
+/// children of the stream's request span (whose context the `traceparent` header of the
+/// stream's `RequestStart` carries); sent for a stream with no final call waiting, or with the
+/// front's tracing off, it is dropped.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Spans {
+    /// The stream the spans belong to.
+    pub stream_id: StreamId,
+    /// Attributes for the plugin's final-call span, in order (a later key replaces an earlier).
+    pub attributes: Vec<(String, Value)>,
+    /// Spans the plugin recorded while it handled the stream.
+    pub spans: Vec<PluginSpan>,
+}
+
+/// One span a plugin recorded (see [`Spans`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PluginSpan {
+    /// The span's name.
+    pub name: String,
+    /// Its start, `CLOCK_MONOTONIC` nanoseconds (the clock of the events' `stamp_ns`).
+    pub start_ns: u64,
+    /// Its end, `CLOCK_MONOTONIC` nanoseconds, not before `start_ns`.
+    pub end_ns: u64,
+    /// Its attributes, in order.
+    pub attributes: Vec<(String, Value)>,
 }
 
 /// A stream whose lane has been running one event for longer than the plugin's stuck limit.
@@ -514,6 +564,7 @@ impl ToPlugin {
             | ToPlugin::Refuse(_)
             | ToPlugin::Ping(_)
             | ToPlugin::Shutdown(_)
+            | ToPlugin::Reconnect(_)
             | ToPlugin::Replayed(_) => None,
         }
     }
@@ -594,6 +645,7 @@ impl ToPlugin {
             ToPlugin::Shutdown(_) => "Shutdown",
             ToPlugin::Replayed(_) => "Replayed",
             ToPlugin::AbortedFinal(_) => "AbortedFinal",
+            ToPlugin::Reconnect(_) => "Reconnect",
         }
     }
 }
@@ -607,6 +659,7 @@ impl FromPlugin {
             FromPlugin::Pong(_) => "Pong",
             FromPlugin::Ack(_) => "Ack",
             FromPlugin::Credit(_) => "Credit",
+            FromPlugin::Spans(_) => "Spans",
         }
     }
 }

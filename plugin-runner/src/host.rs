@@ -35,6 +35,12 @@ use crate::credit::Credits;
 use crate::lanes::{LaneConfig, Lanes, Outbox};
 use crate::plugin::Plugin;
 
+/// The capabilities this host implements, announced in every `Hello`.
+const CAPABILITIES: &[&str] = &[
+    ipc_protocol::handshake::capability::REPLAYED,
+    ipc_protocol::handshake::capability::ABORTED_FINAL,
+];
+
 /// How long the host waits for the front's answer to `Hello`.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -191,10 +197,7 @@ async fn serve_inner<P: Plugin>(mut plugin: P, opts: &HostOptions) -> Result<Exi
             plugin: opts.plugin.clone(),
             pid: std::process::id(),
             subscriptions,
-            capabilities: ipc_protocol::handshake::capability::KNOWN
-                .iter()
-                .map(|c| (*c).to_owned())
-                .collect(),
+            capabilities: CAPABILITIES.iter().map(|c| (*c).to_owned()).collect(),
         }))
         .await?;
     let answer = tokio::time::timeout(HANDSHAKE_TIMEOUT, reader.read::<ToPlugin>())

@@ -633,7 +633,7 @@ impl Session {
             FromPlugin::Pong(p) => {
                 self.pongs.insert(p.nonce);
             }
-            FromPlugin::Ack(_) => {}
+            FromPlugin::Ack(_) | FromPlugin::Spans(_) => {}
             FromPlugin::Hello(_) => return Err(self.violate("a second Hello".into())),
         }
         Ok(())

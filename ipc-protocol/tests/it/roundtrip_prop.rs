@@ -166,6 +166,7 @@ fn plain_to_plugin() -> impl Strategy<Value = ToPlugin> {
         ),
         any::<u64>().prop_map(|nonce| ToPlugin::Ping(Ping { nonce })),
         any::<u64>().prop_map(|grace_ms| ToPlugin::Shutdown(Shutdown { grace_ms })),
+        ".{0,30}".prop_map(|reason| ToPlugin::Reconnect(Reconnect { reason })),
     ]
 }
 
@@ -229,6 +230,32 @@ fn from_plugin() -> impl Strategy<Value = FromPlugin> {
         (any::<u64>(), any::<u32>())
             .prop_map(|(stream_id, seq)| FromPlugin::Ack(Ack { stream_id, seq })),
         any::<u64>().prop_map(|consumed| FromPlugin::Credit(Credit { consumed })),
+        (
+            any::<u64>(),
+            prop::collection::vec((".{0,10}", value()), 0..3),
+            prop::collection::vec(
+                (
+                    ".{0,10}",
+                    any::<u64>(),
+                    any::<u64>(),
+                    prop::collection::vec((".{0,10}", value()), 0..3)
+                ),
+                0..3
+            )
+        )
+            .prop_map(|(stream_id, attributes, spans)| FromPlugin::Spans(Spans {
+                stream_id,
+                attributes,
+                spans: spans
+                    .into_iter()
+                    .map(|(name, start_ns, end_ns, attributes)| PluginSpan {
+                        name,
+                        start_ns,
+                        end_ns,
+                        attributes,
+                    })
+                    .collect(),
+            })),
     ]
 }
 

@@ -189,6 +189,7 @@ fn variant_indices_match_the_documented_tables() {
         (8, "Shutdown"),
         (9, "Replayed"),
         (10, "AbortedFinal"),
+        (11, "Reconnect"),
     ];
     let samples = [
         ToPlugin::Welcome(Welcome {
@@ -252,6 +253,9 @@ fn variant_indices_match_the_documented_tables() {
             cause: AbortCause::ClientDisconnect,
             detail: String::new(),
         }),
+        ToPlugin::Reconnect(Reconnect {
+            reason: String::new(),
+        }),
     ];
     assert_eq!(to.len(), samples.len());
     for ((index, name), msg) in to.iter().zip(samples.iter()) {
@@ -264,6 +268,7 @@ fn variant_indices_match_the_documented_tables() {
         (2, "Pong"),
         (3, "Ack"),
         (4, "Credit"),
+        (5, "Spans"),
     ];
     let from_samples = [
         FromPlugin::Hello(Hello {
@@ -288,7 +293,13 @@ fn variant_indices_match_the_documented_tables() {
             seq: 0,
         }),
         FromPlugin::Credit(Credit { consumed: 0 }),
+        FromPlugin::Spans(Spans {
+            stream_id: 0,
+            attributes: vec![],
+            spans: vec![],
+        }),
     ];
+    assert_eq!(from.len(), from_samples.len());
     for ((index, name), msg) in from.iter().zip(from_samples.iter()) {
         assert_eq!(encode(msg).unwrap()[0], *index, "{name}");
         assert_eq!(msg.kind(), *name);

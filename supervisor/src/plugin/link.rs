@@ -952,6 +952,10 @@ impl PluginLink {
                         .get_or_create(&self.label)
                         .set(i64::from(pong.active_streams));
                 }
+                Ok(Some(FromPlugin::Spans(spans))) => {
+                    // Read, with the front's tracing still to take them (issue 24).
+                    tracing::debug!(plugin = %self.name, stream_id = spans.stream_id, "spans from the plugin dropped");
+                }
                 Ok(Some(FromPlugin::Hello(_))) => break "protocol error: second Hello".to_owned(),
                 Ok(None) => break "connection closed".to_owned(),
                 Err(e) => break format!("protocol error: {e}"),
