@@ -157,6 +157,24 @@ impl FrontProcess {
         (code, body)
     }
 
+    /// Polls `plugvisor status` until `pred` holds for `name`'s row, up to `limit`.
+    pub async fn wait_for_plugin(
+        &self,
+        name: &str,
+        limit: Duration,
+        pred: impl Fn(&supervisor::plugin::supervise::PluginStatus) -> bool,
+    ) -> supervisor::plugin::supervise::PluginStatus {
+        crate::eventually_async(&format!("{name} in status"), limit, async || {
+            let p = self.plugin_status(name).await;
+            if pred(&p) {
+                Ok(p)
+            } else {
+                Err(format!("{p:?}\n{}", self.log()))
+            }
+        })
+        .await
+    }
+
     /// The config file it runs with.
     pub fn config_path(&self) -> &Path {
         &self.config_path

@@ -149,6 +149,11 @@ pub struct Conn {
     replays: bool,
     /// Agreed in the handshake: the plugin answers `AbortedFinal` calls.
     aborted_finals: bool,
+    /// Agreed in the handshake: the plugin follows `Reconnect` with a second connection.
+    reconnects: bool,
+    /// Asked to reconnect: its process has (or is opening) another connection, so this one is
+    /// ended by closing it, never by `Shutdown` (which would end the process).
+    moved: std::sync::atomic::AtomicBool,
     tx: mpsc::Sender<Queued>,
     /// Pings and shutdown, written ahead of `tx`'s events and never held to the window.
     priority: mpsc::Sender<ToPlugin>,
@@ -219,6 +224,16 @@ impl Conn {
         self.aborted_finals
     }
 
+    /// Whether the plugin follows `Reconnect` (capability `reconnect`).
+    pub fn reconnects(&self) -> bool {
+        self.reconnects
+    }
+
+    /// Whether it was asked to reconnect (its process moves on to another connection).
+    pub fn was_moved(&self) -> bool {
+        self.moved.load(Ordering::Acquire)
+    }
+
     /// The protocol version agreed in the handshake.
     pub fn protocol_version(&self) -> u32 {
         self.protocol_version
@@ -265,6 +280,9 @@ pub struct PluginLink {
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
     /// The last error line of its processes (their output, or a refused handshake).
     last_error: crate::plugin::spawn::LastError,
+    /// After a `Reconnect` that handed the plugin over: when the front stops waiting for its new
+    /// connection (checked by the owner with the drains).
+    reconnect_until: Mutex<Option<tokio::time::Instant>>,
 }
 
 impl PluginLink {
@@ -306,6 +324,7 @@ impl PluginLink {
             last_aborted_finals: std::sync::atomic::AtomicBool::new(false),
             last_error: Default::default(),
             tasks: Mutex::new(Vec::new()),
+            reconnect_until: Mutex::new(None),
         }
     }
 
@@ -438,6 +457,11 @@ impl PluginLink {
                 .capabilities
                 .iter()
                 .any(|c| c == ipc_protocol::handshake::capability::ABORTED_FINAL),
+            reconnects: welcome
+                .capabilities
+                .iter()
+                .any(|c| c == ipc_protocol::handshake::capability::RECONNECT),
+            moved: std::sync::atomic::AtomicBool::new(false),
             tx,
             priority,
             replay,
@@ -456,6 +480,7 @@ impl PluginLink {
         });
         *slot = Some(conn.clone());
         drop(slot);
+        *self.reconnect_until.lock().expect("reconnect lock") = None;
         *self.last_subscriptions.lock().expect("subscriptions lock") = subscriptions;
         self.last_aborted_finals
             .store(conn.aborted_finals, Ordering::Release);
@@ -535,6 +560,12 @@ impl PluginLink {
     }
 
     fn shutdown_drained(&self, conn: &Conn) {
+        if conn.moved.load(Ordering::Acquire) {
+            // Its process serves another connection now: `Shutdown` would end that one too.
+            tracing::info!(plugin = %self.name, pid = conn.pid, "the old connection finished its streams; closing it (the process serves its new one)");
+            self.detach(conn, "handed over to the plugin's new connection");
+            return;
+        }
         conn.shutdown_sent.store(true, Ordering::Release);
         tracing::info!(plugin = %self.name, pid = conn.pid, "replaced process finished its streams; telling it to stop");
         let _ = conn
@@ -579,13 +610,88 @@ impl PluginLink {
         streams
     }
 
-    /// When the earliest draining connection's grace is over, if any is draining.
+    /// Hands the plugin over to a new connection of its own process (capability `reconnect`),
+    /// for a reload that changed its config: like [`PluginLink::begin_handover`], and the live
+    /// connection is asked to reconnect. New streams wait in their journals for the new
+    /// connection; if none is welcomed within `wait`, finals stop waiting for it
+    /// ([`PluginLink::expire_drains`]), and the old connection, closed once its streams end,
+    /// ends the process (whoever runs it starts it again). `None` (nothing done) when the live
+    /// connection cannot reconnect, or there is none.
+    pub(in crate::plugin) fn hand_over_by_reconnect(
+        &self,
+        grace: Duration,
+        wait: Duration,
+        why: &str,
+    ) -> Option<usize> {
+        let conn = self.connection().filter(|c| c.reconnects)?;
+        conn.moved.store(true, Ordering::Release);
+        *self.reconnect_until.lock().expect("reconnect lock") =
+            Some(tokio::time::Instant::now() + wait);
+        self.send_reconnect(&conn, why);
+        Some(self.begin_handover(grace, why))
+    }
+
+    /// Asks the live connection to reconnect without handing over yet (a front upgrade: the new
+    /// connection goes to the new front, while this front keeps the old one until it stops).
+    /// False when it cannot reconnect, or there is none.
+    pub fn ask_reconnect(&self, why: &str) -> bool {
+        let Some(conn) = self.connection().filter(|c| c.reconnects) else {
+            return false;
+        };
+        conn.moved.store(true, Ordering::Release);
+        self.send_reconnect(&conn, why);
+        true
+    }
+
+    /// Forgets [`PluginLink::ask_reconnect`] after an upgrade failed: the new front is gone, so
+    /// the old connection is again the process's only one.
+    pub fn cancel_reconnect(&self) {
+        if let Some(conn) = self.connection() {
+            conn.moved.store(false, Ordering::Release);
+        }
+    }
+
+    /// A new front after an upgrade: the old front asks this plugin (run by someone else) to
+    /// reconnect here, so until it does, streams wait for it in their journals instead of
+    /// reporting it missing.
+    pub fn expect_follower(&self) {
+        if !self.is_connected() {
+            self.set_expected(Expected::Coming { at: None });
+        }
+    }
+
+    /// The plugin [`PluginLink::expect_follower`] waited for did not come in time: finals stop
+    /// waiting for it.
+    pub fn follower_missing(&self) {
+        if !self.is_connected() && !self.config().process.spawn {
+            self.set_expected(Expected::NotComing(Missing::NotConnected));
+        }
+    }
+
+    /// Whether the live connection follows `Reconnect`.
+    pub fn reconnects(&self) -> bool {
+        self.connection().is_some_and(|c| c.reconnects)
+    }
+
+    fn send_reconnect(&self, conn: &Conn, why: &str) {
+        tracing::info!(plugin = %self.name, pid = conn.pid, reason = why, "asking the plugin to reconnect");
+        let _ = conn
+            .priority
+            .try_send(ToPlugin::Reconnect(ipc_protocol::Reconnect {
+                reason: why.to_owned(),
+            }));
+    }
+
+    /// When the earliest draining connection's grace is over, or the wait for a reconnecting
+    /// plugin, whichever is first.
     pub(in crate::plugin) fn next_drain_deadline(&self) -> Option<tokio::time::Instant> {
+        let reconnect = *self.reconnect_until.lock().expect("reconnect lock");
         self.draining
             .lock()
             .expect("draining lock")
             .iter()
             .filter_map(|c| *c.drain_until.lock().expect("drain lock"))
+            .chain(reconnect)
             .min()
     }
 
@@ -593,6 +699,18 @@ impl PluginLink {
     /// connection with their journals.
     pub(in crate::plugin) fn expire_drains(&self) {
         let now = tokio::time::Instant::now();
+        let gave_up = {
+            let mut until = self.reconnect_until.lock().expect("reconnect lock");
+            let over = until.is_some_and(|t| t <= now);
+            if over {
+                *until = None;
+            }
+            over
+        };
+        if gave_up && !self.is_connected() {
+            tracing::warn!(plugin = %self.name, "the plugin did not reconnect within connect_timeout_ms after Reconnect; its old connection is closed once its streams end, and whoever runs it starts it again");
+            self.set_expected(Expected::NotComing(Missing::NotConnected));
+        }
         let expired: Vec<Arc<Conn>> = self
             .draining
             .lock()
@@ -1308,6 +1426,9 @@ impl PluginLink {
     pub(in crate::plugin) async fn shut_down_all(&self, grace: Duration) -> bool {
         let mut conns: Vec<Arc<Conn>> = self.draining.lock().expect("draining lock").clone();
         conns.extend(self.connection());
+        // A moved connection's process serves another one (maybe of another front): it is
+        // closed, not shut down.
+        conns.retain(|c| !c.moved.load(Ordering::Acquire));
         for conn in &conns {
             if !conn.shutdown_sent.load(Ordering::Acquire) {
                 Self::shutdown_conn(conn, grace);

@@ -369,8 +369,20 @@ impl Owner {
                 }
             }
             None => {
-                // Someone else runs it: its connection gets `Shutdown` once its streams are
-                // done, and its next connection gets the new table.
+                // Someone else runs it. One that follows `Reconnect` opens its next connection
+                // at once, with the new table, while this one finishes its streams; any other
+                // gets `Shutdown` once its streams are done, and whoever runs it starts it
+                // again, with the new table.
+                let wait = self.config.current().connect_timeout;
+                if self
+                    .link
+                    .hand_over_by_reconnect(drain_grace, wait, "config changed")
+                    .is_some()
+                {
+                    return format!(
+                        "{name}: asked to reconnect; its new connection gets the new table"
+                    );
+                }
                 self.link.begin_handover(drain_grace, "reload");
                 format!("{name}: handed over; its next connection gets the new table")
             }

@@ -535,6 +535,12 @@ impl Running {
             watchdog_usec,
             draining,
             ready_timeout: config.ready_timeout,
+            followers: self
+                .links()
+                .iter()
+                .filter(|l| !l.config().process.spawn && l.reconnects())
+                .cloned()
+                .collect(),
         })
     }
 

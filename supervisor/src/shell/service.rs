@@ -270,19 +270,38 @@ async fn take_over(
     predecessor: &mut upgrade::Predecessor,
     deadline: Instant,
 ) -> Result<(), RunError> {
-    // The plugins run by someone else are still the old front's; they come over when it ends.
     let spawned: Vec<Arc<PluginLink>> = running
         .links()
         .iter()
         .filter(|l| l.config().process.spawn)
         .cloned()
         .collect();
+    // The plugins run by someone else that follow `Reconnect` come over now: the old front asks
+    // them once this one listens, and streams wait for them meanwhile. The others stay with the
+    // old front until it has drained.
+    let followers: Vec<Arc<PluginLink>> = running
+        .links()
+        .iter()
+        .filter(|l| {
+            !l.config().process.spawn && predecessor.followers.iter().any(|f| f == l.name())
+        })
+        .cloned()
+        .collect();
     for link in running
         .links()
         .iter()
-        .filter(|l| !l.config().process.spawn && l.config().required)
+        .filter(|l| !l.config().process.spawn && !followers.iter().any(|f| f.name() == l.name()))
     {
-        tracing::warn!(plugin = %link.name(), "required plugin with spawn = false stays with the old front until it has drained; not waited for");
+        tracing::warn!(plugin = %link.name(), "plugin with spawn = false does not follow Reconnect: it stays with the old front until that has drained, and new streams lack it meanwhile");
+    }
+    if !predecessor.followers.is_empty() {
+        for link in &followers {
+            link.expect_follower();
+        }
+        predecessor.listening().await.map_err(|e| {
+            tracing::error!(error = %e, "cannot tell the old front this one listens; exiting");
+            RunError::TakeOver(e)
+        })?;
     }
     let missing = wait_required(spawned, deadline).await;
     if !missing.is_empty() {
@@ -296,6 +315,14 @@ async fn take_over(
         );
         predecessor.not_ready(reason.clone()).await;
         return Err(RunError::TakeOver(std::io::Error::other(reason)));
+    }
+    let late = wait_required(followers.clone(), deadline).await;
+    for link in followers
+        .iter()
+        .filter(|l| late.iter().any(|n| n == l.name()))
+    {
+        tracing::warn!(plugin = %link.name(), "plugin asked over from the old front did not connect within ready_timeout_ms; serving without it");
+        link.follower_missing();
     }
     predecessor.ready().await.map_err(|e| {
         tracing::error!(error = %e, "the old front did not let this one serve; exiting");

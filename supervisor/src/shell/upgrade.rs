@@ -12,8 +12,11 @@
 //!    [`Message::Offer`] carrying, by `SCM_RIGHTS`, the instance lock's open file, the ext_proc
 //!    listener and the admin listener.
 //! 3. N starts with those (its own plugins on the same socket paths, which it rebinds; its
-//!    control socket), without accepting yet, and answers [`Message::Ready`] once every plugin
-//!    it spawns is connected, or [`Message::NotReady`] at `ready_timeout_ms`.
+//!    control socket), without accepting yet. If the offer named followers (plugins run by
+//!    someone else that follow `Reconnect`), N says [`Message::Listening`] and O asks each of
+//!    them to reconnect: their next connection reaches N. N answers [`Message::Ready`] once
+//!    every plugin it spawns is connected (and the followers, or `ready_timeout_ms` passed for
+//!    them), or [`Message::NotReady`] at `ready_timeout_ms`.
 //! 4. O says [`Message::Go`]; N accepts on the shared listeners and answers
 //!    [`Message::Serving`]; O makes N systemd's main process (`MAINPID=`), stops accepting,
 //!    sends GOAWAY on its connections (tonic's graceful shutdown) and says [`Message::Main`];
@@ -147,6 +150,18 @@ pub enum Message {
         watchdog_usec: Option<u64>,
         /// The old fronts still draining, the sender last: stopped with the new front.
         draining: Vec<u32>,
+        /// Plugins run by someone else, connected to the old front, that follow `Reconnect`:
+        /// the new front says [`Message::Listening`] once their sockets are its own, the old
+        /// front then asks them over, and the new front waits for them before it is ready.
+        /// (Absent from an older front: none.)
+        #[serde(default)]
+        followers: Vec<String>,
+    },
+    /// New → old, only when the offer named followers: its plugin sockets are bound, so a
+    /// plugin that connects to one now reaches the new front.
+    Listening {
+        /// The new front.
+        pid: u32,
     },
     /// New → old: every plugin it spawns is connected; it accepts once told to.
     Ready {
@@ -416,6 +431,9 @@ pub struct Plan<'a> {
     pub draining: Vec<u32>,
     /// `ready_timeout_ms` of the running config.
     pub ready_timeout: Duration,
+    /// Plugins run by someone else that follow `Reconnect`: asked over to the new front once it
+    /// listens.
+    pub followers: Vec<Arc<crate::plugin::link::PluginLink>>,
 }
 
 /// A new front started and ready, not yet serving. Dropped without [`Attempt::commit`], it is
@@ -427,6 +445,9 @@ pub struct Attempt {
     pid: Option<u32>,
     conn: Option<Conn>,
     committed: bool,
+    /// Followers asked to reconnect: if the attempt fails, the old connection is again their
+    /// only one.
+    asked: Vec<Arc<crate::plugin::link::PluginLink>>,
 }
 
 impl Attempt {
@@ -473,6 +494,9 @@ impl Drop for Attempt {
             if let Some(pid) = self.pid {
                 kill_and_wait(pid, Duration::from_secs(5));
             }
+            for link in &self.asked {
+                link.cancel_reconnect();
+            }
             // The new front is gone, so nothing removes these paths after they are restored.
             for (backup, path) in &self.backups {
                 if let Err(e) = std::fs::rename(backup, path) {
@@ -502,6 +526,7 @@ pub async fn start_successor(plan: Plan<'_>) -> Result<Attempt, UpgradeError> {
         pid: None,
         conn: None,
         committed: false,
+        asked: Vec::new(),
     };
     for (i, path) in plan.sockets.iter().enumerate() {
         let is_socket = std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket());
@@ -571,22 +596,35 @@ pub async fn start_successor(plan: Plan<'_>) -> Result<Attempt, UpgradeError> {
         keep_listen_file: plan.listeners.keep_listen_file,
         watchdog_usec: plan.watchdog_usec,
         draining,
+        followers: plan.followers.iter().map(|l| l.name().to_owned()).collect(),
     };
     conn.send_with_fds(&offer, &fds)
         .await
         .map_err(UpgradeError::Exchange)?;
-    let answer = tokio::select! {
-        answer = conn.recv() => answer.map_err(UpgradeError::Exchange)?,
-        () = tokio::time::sleep_until(deadline) => return Err(timeout(Some(pid))),
-    };
-    match answer {
-        Some(Message::Ready { .. }) => {
-            attempt.conn = Some(conn);
-            Ok(attempt)
+    loop {
+        let answer = tokio::select! {
+            answer = conn.recv() => answer.map_err(UpgradeError::Exchange)?,
+            () = tokio::time::sleep_until(deadline) => return Err(timeout(Some(pid))),
+        };
+        match answer {
+            Some(Message::Listening { .. }) if attempt.asked.is_empty() => {
+                let why = format!("front upgrade to pid {pid}");
+                for link in &plan.followers {
+                    if link.ask_reconnect(&why) {
+                        attempt.asked.push(link.clone());
+                    }
+                }
+            }
+            Some(Message::Ready { .. }) => {
+                attempt.conn = Some(conn);
+                return Ok(attempt);
+            }
+            Some(Message::NotReady { reason }) => {
+                return Err(UpgradeError::NotReady { pid, reason })
+            }
+            Some(other) => return Err(UpgradeError::Exchange(unexpected(&other))),
+            None => return Err(UpgradeError::Exited { pid }),
         }
-        Some(Message::NotReady { reason }) => Err(UpgradeError::NotReady { pid, reason }),
-        Some(other) => Err(UpgradeError::Exchange(unexpected(&other))),
-        None => Err(UpgradeError::Exited { pid }),
     }
 }
 
@@ -729,6 +767,8 @@ pub struct Predecessor {
     pub watchdog_usec: Option<u64>,
     /// Old fronts still draining.
     pub draining: Vec<u32>,
+    /// Plugins run by someone else that the old front asks over once this one listens.
+    pub followers: Vec<String>,
 }
 
 impl Predecessor {
@@ -751,6 +791,7 @@ impl Predecessor {
             keep_listen_file,
             watchdog_usec,
             draining,
+            followers,
         } = message
         else {
             return Err(unexpected(&message));
@@ -777,7 +818,17 @@ impl Predecessor {
             keep_listen_file,
             watchdog_usec,
             draining,
+            followers,
         })
+    }
+
+    /// Says this front's plugin sockets are bound, so the old front asks the followers over.
+    pub async fn listening(&mut self) -> io::Result<()> {
+        self.conn
+            .send(&Message::Listening {
+                pid: std::process::id(),
+            })
+            .await
     }
 
     /// Says this front is ready and waits for the word to accept. An error: the old front is

@@ -27,6 +27,7 @@ mod protocol_versions;
 mod python_sdk;
 mod readme;
 mod real_plugins;
+mod reconnect;
 mod records;
 mod records_drill;
 mod reload_failures;

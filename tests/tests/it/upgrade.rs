@@ -78,18 +78,16 @@ fn running(pid: u32) -> bool {
 /// Upstream, a front run from `dir/bin/plugvisor` (a copy), and Envoy failing closed; and that
 /// binary's path.
 async fn start(extra_header: &str) -> (Stack, PathBuf) {
+    start_with(extra_header, PLUGINS, &["usage", "test-order"]).await
+}
+
+/// [`start`] with other plugins, waiting for those in `expect`.
+async fn start_with(extra_header: &str, plugins: &str, expect: &[&str]) -> (Stack, PathBuf) {
     let header = format!("{HEADER}{extra_header}");
     let stack = Stack::with_front("FULL_DUPLEX_STREAMED", |dir| {
         let binary = install(dir, &std::fs::read(bins::plugvisor()).unwrap());
         let listen = format!("unix:{}", dir.join("ext_proc.sock").display());
-        FrontProcess::start_from(
-            &binary,
-            dir,
-            &listen,
-            &header,
-            PLUGINS,
-            &["usage", "test-order"],
-        )
+        FrontProcess::start_from(&binary, dir, &listen, &header, plugins, expect)
     })
     .await;
     let binary = installed(stack.dir.path());
@@ -607,4 +605,79 @@ async fn an_expired_drain_cuts_on_time_and_loudly() {
         loud += usize::from(!whole);
     }
     assert_eq!(loud, done.len(), "{}", stack.front.log());
+}
+
+/// A plugin run by someone else (`spawn = false`) that follows `Reconnect` moves to the new front
+/// before it serves: every request started after the upgrade returned carries its whole
+/// metadata, from the new front, and the same process serves on once the old front is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_external_plugin_follows_the_upgrade_at_once() {
+    let plugins = "[plugins.usage]\nspawn = false\nfinal_timeout_ms = 5000\n\
+                   [plugins.test-order]\nfinal_timeout_ms = 5000\n";
+    let (mut stack, _) = start_with("", plugins, &["test-order"]).await;
+    let sockets = tests::front::FrontProcess::runtime_dir_in(stack.dir.path()).join("plugins");
+    let log = stack.dir.path().join("usage-plugin.log");
+    let mut plugin = crate::reconnect::External::start(&sockets.join("usage.sock"), "usage", &log);
+    stack
+        .front
+        .wait_for_plugin("usage", Duration::from_secs(10), |p| p.state == "external")
+        .await;
+    let old = stack.front.pid();
+    let port = stack.envoy.port;
+    let stop = Arc::new(AtomicBool::new(false));
+    let small = trickle(port, "trickle", stop.clone());
+    let long_streams = batch(port, "long", 10).await;
+
+    let (ok, answer) = upgrade(&stack).await;
+    let upgraded_at = Instant::now();
+    assert!(ok, "upgrade failed: {answer}\n{}", stack.front.log());
+    let new = new_pid(&answer);
+    let _guard = Pids(vec![new]);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.store(true, Ordering::SeqCst);
+    let long_done = join(long_streams).await;
+    let small_done = small.await.unwrap();
+
+    // `check` asserts every request whole, usage included, wherever it ran.
+    for (_, pid) in check(&stack, &long_done) {
+        assert_eq!(
+            pid, old,
+            "a stream started before the upgrade stays on the old front"
+        );
+    }
+    let after: Vec<u32> = check(&stack, &small_done)
+        .into_iter()
+        .filter(|(started, _)| *started > upgraded_at)
+        .map(|(_, pid)| pid)
+        .collect();
+    assert!(
+        after.len() >= 20,
+        "only {} requests after the upgrade",
+        after.len()
+    );
+    assert!(after.iter().all(|pid| *pid == new), "{after:?}");
+
+    // The old front ends with its streams; the plugin process does not.
+    let status = tokio::task::block_in_place(|| stack.front.wait_exit(Duration::from_secs(20)));
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "old front: {status:?}\n{}",
+        stack.front.log()
+    );
+    assert!(
+        plugin.running(),
+        "{}",
+        std::fs::read_to_string(&log).unwrap()
+    );
+    let p = short();
+    let got = chat(port, &p, "after-exit").await;
+    assert!(got.body() == p.body());
+    let line = stack.log_for("after-exit");
+    stack::assert_whole(&line, &p);
+    assert_eq!(line["plugvisor"]["front_pid"], f64::from(new));
+    let plugin_log = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        plugin_log.contains(&format!("front upgrade to pid {new}")),
+        "{plugin_log}"
+    );
 }
