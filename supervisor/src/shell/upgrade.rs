@@ -904,6 +904,7 @@ mod tests {
             keep_listen_file: false,
             watchdog_usec: Some(10_000_000),
             draining: vec![5, 7],
+            followers: vec!["latency".into()],
         };
         let bytes = line(&m).unwrap();
         assert!(bytes.ends_with(b"\n"));
@@ -915,6 +916,12 @@ mod tests {
             "round trip"
         );
         assert_eq!(line(&Message::Go).unwrap(), b"{\"msg\":\"go\"}\n");
+        // An older front's offer names no followers: the new front says no `Listening`.
+        let older = r#"{"msg":"offer","from_pid":7,"admin":false,"keep_listen_file":false,"watchdog_usec":null,"draining":[7]}"#;
+        match serde_json::from_str::<Message>(older).unwrap() {
+            Message::Offer { followers, .. } => assert!(followers.is_empty()),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[tokio::test]

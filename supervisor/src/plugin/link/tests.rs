@@ -43,6 +43,12 @@ fn plugin(queue_events: usize, queue_bytes: usize, final_ms: u64) -> PluginConfi
 fn linked(config: PluginConfig) -> (Arc<PluginLink>, Arc<Metrics>, UnixStream) {
     let metrics = Arc::new(Metrics::new());
     let link = Arc::new(PluginLink::new(config, metrics.clone()));
+    let plugin = attach_pair(&link, &["replayed"]);
+    (link, metrics, plugin)
+}
+
+/// Attaches a new connection with `capabilities` to `link`; returns the plugin's end.
+fn attach_pair(link: &Arc<PluginLink>, capabilities: &[&str]) -> UnixStream {
     let (front, plugin) = UnixStream::pair().unwrap();
     let (r, w) = front.into_split();
     let welcome = ipc_protocol::handshake::answer_hello(
@@ -51,7 +57,7 @@ fn linked(config: PluginConfig) -> (Arc<PluginLink>, Arc<Metrics>, UnixStream) {
             plugin: link.name().to_owned(),
             pid: 1,
             subscriptions: Subscriptions::ALL,
-            capabilities: vec!["replayed".into()],
+            capabilities: capabilities.iter().map(|c| (*c).to_owned()).collect(),
         },
         Value::Map(Default::default()),
         ipc_protocol::Limits {
@@ -68,7 +74,7 @@ fn linked(config: PluginConfig) -> (Arc<PluginLink>, Arc<Metrics>, UnixStream) {
         FrameWriter::new(w),
     )
     .unwrap();
-    (link, metrics, plugin)
+    plugin
 }
 
 fn chunk(seq: u32, bytes: usize) -> ToPlugin {
@@ -410,4 +416,109 @@ async fn a_replay_goes_out_ahead_of_live_events_and_leaves_the_queue_bytes_alone
             ("live", 3)
         ]
     );
+}
+
+/// What the plugin's end reads next, within a second: a message, or `None` at end-of-file.
+async fn read_or_eof(reader: &mut FrameReader<UnixStream>) -> Option<ToPlugin> {
+    tokio::time::timeout(Duration::from_secs(1), reader.read::<ToPlugin>())
+        .await
+        .expect("a frame or end-of-file within a second")
+        .expect("a well-formed frame")
+}
+
+#[tokio::test]
+async fn a_reload_hands_over_by_reconnect_and_closes_the_old_connection_without_shutdown() {
+    let metrics = Arc::new(Metrics::new());
+    let link = Arc::new(PluginLink::new(plugin(100, 1 << 20, 100), metrics));
+    let mut old = FrameReader::new(attach_pair(&link, &["replayed", "reconnect"]));
+    let first = link.connection().unwrap();
+    assert!(link.reconnects());
+    link.bind(&first);
+
+    let streams = link.hand_over_by_reconnect(
+        Duration::from_secs(30),
+        Duration::from_secs(5),
+        "config changed",
+    );
+    assert_eq!(streams, Some(1));
+    match read_or_eof(&mut old).await {
+        Some(ToPlugin::Reconnect(r)) => assert_eq!(r.reason, "config changed"),
+        other => panic!("expected Reconnect, got {other:?}"),
+    }
+    // New streams wait for the next connection rather than report the plugin missing.
+    assert_eq!(link.expected(), Expected::Coming { at: None });
+    assert!(!link.is_connected());
+
+    let _new = attach_pair(&link, &["replayed", "reconnect"]);
+    assert!(link.is_connected());
+    assert_eq!(link.draining(), 1);
+    // Its last stream ends: the old connection is closed, with no Shutdown, which would end
+    // the process that now serves the new one.
+    link.unbind(&first);
+    assert_eq!(read_or_eof(&mut old).await, None);
+    assert!(first.is_closed());
+    assert_eq!(link.draining(), 0);
+    assert!(link.is_connected(), "the new connection stays");
+}
+
+#[tokio::test]
+async fn a_plugin_without_the_capability_is_not_asked_and_one_that_never_reconnects_is_given_up() {
+    let metrics = Arc::new(Metrics::new());
+    let link = Arc::new(PluginLink::new(plugin(100, 1 << 20, 100), metrics));
+    let _old = attach_pair(&link, &["replayed"]);
+    assert!(!link.reconnects());
+    assert_eq!(
+        link.hand_over_by_reconnect(Duration::from_secs(30), Duration::from_secs(5), "x"),
+        None
+    );
+    assert!(!link.ask_reconnect("x"));
+    assert!(link.is_connected(), "nothing changed");
+    link.disconnect("test");
+
+    let _old = attach_pair(&link, &["replayed", "reconnect"]);
+    let wait = Duration::from_millis(50);
+    assert_eq!(
+        link.hand_over_by_reconnect(Duration::from_secs(30), wait, "x"),
+        Some(0)
+    );
+    let deadline = link.next_drain_deadline().expect("the wait is a deadline");
+    assert!(deadline <= tokio::time::Instant::now() + wait);
+    tokio::time::sleep_until(deadline).await;
+    link.expire_drains();
+    // Finals stop waiting for a connection that is not coming.
+    assert_eq!(link.expected(), Expected::NotComing(Missing::NotConnected));
+}
+
+#[tokio::test]
+async fn a_stop_closes_a_connection_asked_over_to_another_front_without_shutdown() {
+    let metrics = Arc::new(Metrics::new());
+    let link = Arc::new(PluginLink::new(plugin(100, 1 << 20, 100), metrics));
+    let mut moved = FrameReader::new(attach_pair(&link, &["replayed", "reconnect"]));
+    assert!(link.ask_reconnect("front upgrade to pid 7"));
+    assert!(matches!(
+        read_or_eof(&mut moved).await,
+        Some(ToPlugin::Reconnect(_))
+    ));
+    // Still live: the old front keeps serving on it until it stops.
+    assert!(link.is_connected());
+    assert!(
+        link.shut_down_all(Duration::from_millis(100)).await,
+        "nothing to wait for"
+    );
+    link.close_all("stopped", Duration::from_secs(1)).await;
+    assert_eq!(read_or_eof(&mut moved).await, None, "closed, no Shutdown");
+
+    // A failed upgrade takes the request back: Shutdown reaches it again.
+    let mut kept = FrameReader::new(attach_pair(&link, &["replayed", "reconnect"]));
+    assert!(link.ask_reconnect("front upgrade to pid 8"));
+    assert!(matches!(
+        read_or_eof(&mut kept).await,
+        Some(ToPlugin::Reconnect(_))
+    ));
+    link.cancel_reconnect();
+    let _ = link.shut_down_all(Duration::from_millis(100)).await;
+    assert!(matches!(
+        read_or_eof(&mut kept).await,
+        Some(ToPlugin::Shutdown(_))
+    ));
 }
