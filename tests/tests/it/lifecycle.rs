@@ -244,6 +244,16 @@ async fn reloads_mid_batch_lose_no_stream_and_front_keys_restart_nothing() {
     let fresh = setup.plugin_pid("usage").await;
     assert_ne!(fresh, usage, "a changed env restarts the process");
     assert_eq!(setup.plugin_pid("test-order").await, order);
+    // A restart the reload asked for is planned, not a failure: neither the metric nor the
+    // status counts it (issue 21 saw one counted).
+    assert_eq!(
+        try_metric(
+            &setup.front.metrics(),
+            "plugvisor_plugin_restarts_total{plugin=\"usage\"}"
+        ),
+        Some(0.0)
+    );
+    assert_eq!(setup.front.plugin_status("usage").await.restarts, 0);
 
     let front_only = changed.replace(
         "final_timeout_ms = 5000\n[plugins.test-order]",
