@@ -389,6 +389,88 @@ async fn plugvisor_drains_before_an_external_plugin_unit_stops_and_a_unit_restar
     });
 }
 
+/// `systemctl reload plugvisor` with a changed table for a plugin run as its own unit, then
+/// `plugvisor upgrade`, each under streams: the unit's process follows `Reconnect` both times, so
+/// it is never restarted and every stream, those that began in between included, carries its
+/// whole metadata.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_and_an_upgrade_move_an_external_unit_without_restarting_it() {
+    let s = tokio::task::block_in_place(|| {
+        let s = Service::boot("follow", "tests/systemd/external.toml");
+        s.ok(&["enable", "plugvisor-plugin@latency.service"]);
+        s.start();
+        s.wait_status("2/2 up", Duration::from_secs(30), |t| {
+            t == "serving; plugins 2/2 up; restarts 0"
+        });
+        s
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let upstream = Upstream::start().await;
+    let envoy = tokio::task::block_in_place(|| s.envoy(dir.path(), &upstream));
+    let slow = Params {
+        chunks: 30,
+        delay: Duration::from_millis(50),
+        ..Params::default()
+    };
+    const PLUGINS: &[&str] = &["usage", "latency"];
+    const N: usize = 20;
+    const UNIT: &str = "plugvisor-plugin@latency.service";
+    let unit_pid = s.unit_prop(UNIT, "MainPID");
+
+    // A process key of the external plugin (its window, sent in Welcome) changes: a handover.
+    let flight = streams(&envoy, N, &slow, "reload", PLUGINS);
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let later = streams(&envoy, N, &slow, "reload-later", PLUGINS);
+    tokio::task::block_in_place(|| {
+        s.c.sh("sed -i 's/^spawn = false$/spawn = false\\nbudget_bytes = 4194304/' /etc/plugvisor/plugvisor.toml")
+            .unwrap();
+        s.ok(&["reload", SERVICE]);
+    });
+    let after = streams(&envoy, N, &slow, "after-reload", PLUGINS);
+    for flight in [flight, later, after] {
+        let results = flight.await.unwrap();
+        assert_eq!(count(&results), (N, N, N), "{results:?}");
+    }
+    tokio::task::block_in_place(|| {
+        assert_eq!(
+            s.unit_prop(UNIT, "MainPID"),
+            unit_pid,
+            "the unit was not restarted"
+        );
+        assert_eq!(s.unit_prop(UNIT, "NRestarts"), "0");
+        let journal = s.c.journalctl(&["-u", UNIT]).unwrap();
+        assert!(journal.contains("config changed"), "{journal}");
+    });
+
+    // An upgrade (the binary on disk is the same; the handover is what is tested).
+    let flight = streams(&envoy, N, &slow, "upgrade", PLUGINS);
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let upgraded = tokio::task::block_in_place(|| {
+        s.c.exec_ok(&[
+            "/usr/local/bin/plugvisor",
+            "--config",
+            "/etc/plugvisor/plugvisor.toml",
+            "upgrade",
+        ])
+        .unwrap_or_else(|e| panic!("{e}\n{}", s.c.describe_unit(SERVICE)))
+    });
+    let after = streams(&envoy, N, &slow, "after-upgrade", PLUGINS);
+    for flight in [flight, after] {
+        let results = flight.await.unwrap();
+        assert_eq!(count(&results), (N, N, N), "{upgraded}\n{results:?}");
+    }
+    tokio::task::block_in_place(|| {
+        assert_eq!(
+            s.unit_prop(UNIT, "MainPID"),
+            unit_pid,
+            "the unit was not restarted"
+        );
+        assert_eq!(s.unit_prop(UNIT, "NRestarts"), "0");
+        let journal = s.c.journalctl(&["-u", UNIT]).unwrap();
+        assert!(journal.contains("front upgrade to pid"), "{journal}");
+    });
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tcp_listener_from_install_serves_survives_a_reinstall_and_masks_still_work() {
     let port = tests::free_port();
