@@ -128,8 +128,12 @@ impl TokenType {
 enum Tokens {
     /// Reported by the upstream.
     Reported(Usage),
-    /// No usage came; `output_tokens` content-bearing deltas were counted instead.
-    Estimated { output_tokens: i64 },
+    /// No final usage came: `output_tokens` counted from the content deltas (or the output
+    /// reported so far, if larger), and `input_tokens` when the response reported it up front.
+    Estimated {
+        output_tokens: i64,
+        input_tokens: Option<i64>,
+    },
 }
 
 impl Tokens {
@@ -145,9 +149,15 @@ impl Tokens {
                 TokenType::Reasoning => u.reasoning_tokens.unwrap_or(0),
                 TokenType::Total => u.total_tokens,
             }),
-            Tokens::Estimated { output_tokens } => {
-                (t == TokenType::Output).then_some(*output_tokens)
-            }
+            Tokens::Estimated {
+                output_tokens,
+                input_tokens,
+            } => match t {
+                TokenType::Output => Some(*output_tokens),
+                TokenType::Input => *input_tokens,
+                TokenType::Total => input_tokens.map(|i| i + output_tokens),
+                _ => None,
+            },
         }
     }
 }
@@ -201,9 +211,11 @@ impl Facts<'_> {
     }
 }
 
-/// Why an estimate cannot give a token type other than output.
-const ESTIMATE_KNOWS: &str =
-    "the usage is estimated from streamed deltas, which count output tokens only";
+/// Why an estimate cannot give a token type: it knows the output, and the input only when the
+/// response reported it before it ended.
+const ESTIMATE_KNOWS: &str = "the usage is estimated (the response ended without its final \
+     counts), which gives output tokens, and input tokens only where the response reported them \
+     before it ended";
 
 /// What a cost counts.
 enum CostType {
@@ -615,6 +627,28 @@ impl Plugin for UsagePlugin {
     }
 }
 
+/// The usage of a stream that ended without its final counts, written into `own` with
+/// `estimated = true`: the output is the larger of the content deltas that reached the front and
+/// the output the response reported so far; the input (and so the total) only when the response
+/// reported it up front (Anthropic's `message_start`, each Gemini chunk's cumulative counts).
+fn estimate(body: &ResponseObserver, own: &mut BTreeMap<String, Value>) -> Tokens {
+    let content = i64::try_from(body.content_events).unwrap_or(i64::MAX);
+    let pending = body.pending_usage();
+    let output_tokens = content.max(pending.map_or(0, |u| u.output_tokens));
+    own.insert("output_tokens".into(), Value::Int(output_tokens));
+    own.insert("completion_tokens".into(), Value::Int(output_tokens));
+    if let Some(input) = pending.map(|u| u.input_tokens) {
+        own.insert("input_tokens".into(), Value::Int(input));
+        own.insert("prompt_tokens".into(), Value::Int(input));
+        own.insert("total_tokens".into(), Value::Int(input + output_tokens));
+    }
+    own.insert("estimated".into(), Value::Bool(true));
+    Tokens::Estimated {
+        output_tokens,
+        input_tokens: pending.map(|u| u.input_tokens),
+    }
+}
+
 impl UsagePlugin {
     /// The stream's metadata once its body is finished; `aborted` for a stream that ended
     /// without a response end.
@@ -653,35 +687,19 @@ impl UsagePlugin {
         if let Some(reason) = &reason {
             own.insert("reason".into(), Value::from(reason.as_str()));
         }
-        let content = i64::try_from(body.content_events).unwrap_or(i64::MAX);
         let tokens = match body.usage {
             Some(u) => Some(Tokens::Reported(u)),
             // An aborted stream is billed for what the client got: the input the response
             // reported up front, the output its content shows, even without the option.
-            None if aborted.is_some() && error.is_none() => {
-                let pending = body.pending_usage();
-                let output_tokens = content.max(pending.map_or(0, |u| u.output_tokens));
-                own.insert("output_tokens".into(), Value::Int(output_tokens));
-                own.insert("completion_tokens".into(), Value::Int(output_tokens));
-                if let Some(input) = pending.map(|u| u.input_tokens) {
-                    own.insert("input_tokens".into(), Value::Int(input));
-                    own.insert("prompt_tokens".into(), Value::Int(input));
-                    own.insert("total_tokens".into(), Value::Int(input + output_tokens));
-                }
-                own.insert("estimated".into(), Value::Bool(true));
-                Some(Tokens::Estimated { output_tokens })
-            }
+            None if aborted.is_some() && error.is_none() => Some(estimate(body, &mut own)),
+            // A stream that ended without its usage: the counts it reported so far (Gemini
+            // repeats them cumulatively), else its content deltas.
             None if self.estimate_output_tokens
                 && error.is_none()
                 && body.is_sse()
-                && body.content_events > 0 =>
+                && (body.content_events > 0 || body.pending_usage().is_some()) =>
             {
-                own.insert("output_tokens".into(), Value::Int(content));
-                own.insert("completion_tokens".into(), Value::Int(content));
-                own.insert("estimated".into(), Value::Bool(true));
-                Some(Tokens::Estimated {
-                    output_tokens: content,
-                })
+                Some(estimate(body, &mut own))
             }
             None => None,
         };
