@@ -11,6 +11,10 @@
 //! (the model id is read there). Envoy 1.40's own AI extraction (`ai_protocol_manager`) knows
 //! OpenAI chat and responses, Anthropic Messages and Gemini only, so the Bedrock numbers are
 //! checked against the fixtures' known totals: their golden files.
+//!
+//! The same Envoy runs that extraction too, observe-only, beside ext_proc: wherever it reports
+//! usage, the plugin's input, output and total tokens and model must be the same
+//! ([`NATIVE_DIFFERS`] lists the one stream where they differ on purpose).
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -241,6 +245,99 @@ fn add_rate_limiting(yaml: String, rls_port: u16) -> String {
     let cluster = cluster.replace("port_value: 8081", &format!("port_value: {rls_port}"));
     yaml.push_str(&indent(&cluster, 2));
     yaml
+}
+
+/// Adds Envoy 1.40's own usage extraction (the AI Protocol Manager filter, observe-only) next to
+/// ext_proc, logged as `native`, so every response is counted by both.
+fn add_native_usage(yaml: String) -> String {
+    let router = "          - name: envoy.filters.http.router\n";
+    let lb = "                  lb: \"%DYNAMIC_METADATA(envoy.lb)%\"\n";
+    assert!(
+        yaml.contains(router) && yaml.contains(lb),
+        "examples/envoy.yaml changed"
+    );
+    yaml.replacen(
+        router,
+        &format!(
+            "          - name: envoy.filters.http.ai_protocol_manager\n            typed_config:\n              \
+             \"@type\": type.googleapis.com/envoy.extensions.filters.http.ai_protocol_manager.v3.AiProtocolManager\n              \
+             response_handling: {{ token_usage: {{ include_unconfigured_routes: true }} }}\n{router}"
+        ),
+        1,
+    )
+    .replacen(
+        lb,
+        &format!("{lb}{}", native_fields()),
+        1,
+    )
+}
+
+/// Streams whose usage Envoy's own extraction reports differently, and why. Everywhere else
+/// the two agree on input, output and total tokens and the model, or Envoy has no record (a
+/// format it does not know: Bedrock, the legacy completions API; a compressed body; no usage).
+const NATIVE_DIFFERS: &[(&str, &str)] = &[(
+    "anthropic_error_stream",
+    "the stream ends in an `overloaded_error` event: Envoy reports the usage of `message_start` \
+     as if it were the response's, the plugin reports no usage and the error (`reason`, \
+     `error_type`), so a billing pipeline sees the failure",
+)];
+
+/// Whether Envoy's own record in `line` disagrees with the plugin's `plugvisor.usage` where it
+/// should not (see [`NATIVE_DIFFERS`]).
+fn native_differs(golden: &str, line: &Json) -> Option<String> {
+    let native = |f: &str| line[format!("native_{f}")].as_str().map(str::to_owned);
+    let native_out = native("output_tokens")?;
+    if NATIVE_DIFFERS.iter().any(|(g, _)| *g == golden) {
+        return None;
+    }
+    let usage = &line["usage"];
+    let number = |j: &Json| j.as_f64().map(|n| (n as u64).to_string());
+    let pairs = [
+        (
+            "input_tokens",
+            native("input_tokens"),
+            number(&usage["input_tokens"]),
+        ),
+        (
+            "output_tokens",
+            Some(native_out),
+            number(&usage["output_tokens"]),
+        ),
+        (
+            "total_tokens",
+            native("total_tokens"),
+            number(&usage["total_tokens"]),
+        ),
+        (
+            "model",
+            native("model"),
+            usage["model"].as_str().map(str::to_owned),
+        ),
+    ];
+    let wrong: Vec<String> = pairs
+        .iter()
+        .filter(|(_, envoy, plugin)| envoy != plugin)
+        .map(|(f, envoy, plugin)| format!("{f}: Envoy {envoy:?}, plugin {plugin:?}"))
+        .collect();
+    (!wrong.is_empty()).then(|| {
+        format!(
+            "Envoy's own usage extraction disagrees: {}",
+            wrong.join("; ")
+        )
+    })
+}
+
+/// The access-log fields of Envoy's own record: 1.40 publishes it only as typed metadata
+/// (`envoy.data.ai.v3.TokenUsage`), which the log reads through CEL.
+fn native_fields() -> String {
+    ["input_tokens", "output_tokens", "total_tokens", "model"]
+        .iter()
+        .map(|f| {
+            format!(
+                "                  native_{f}: \"%CEL(metadata.typed_filter_metadata['envoy.ai.token_usage'].{f})%\"\n"
+            )
+        })
+        .collect()
 }
 
 /// One rate-limit request as the service saw it.
@@ -487,12 +584,14 @@ async fn every_format_reaches_envoy_with_its_golden_tokens_costs_and_model() {
                 upstream_port,
                 ..EnvoyOptions::default()
             },
-            |yaml| add_rate_limiting(yaml, rls_port),
+            |yaml| add_native_usage(add_rate_limiting(yaml, rls_port)),
         );
         (front, envoy)
     });
 
     let mut failures = Vec::new();
+    // Responses Envoy's own extraction reported usage for (the check is not vacuous).
+    let mut compared = 0;
     for (i, case) in CASES.iter().enumerate() {
         let rid = format!("{i}-{}", case.golden);
         let (status, body) = fetch(envoy.port, case, &rid).await;
@@ -505,6 +604,10 @@ async fn every_format_reaches_envoy_with_its_golden_tokens_costs_and_model() {
         let line =
             tokio::task::block_in_place(|| envoy.access_log_for(&rid, Duration::from_secs(5)));
         let want = golden(case.golden);
+        compared += usize::from(line["native_output_tokens"].is_string());
+        if let Some(differs) = native_differs(case.golden, &line) {
+            failures.push(format!("{rid}: {differs}"));
+        }
         for (ns, field) in FIELDS {
             let got = &line[field];
             match want.get(ns) {
@@ -529,6 +632,10 @@ async fn every_format_reaches_envoy_with_its_golden_tokens_costs_and_model() {
         "{}\nfront log:\n{}",
         failures.join("\n"),
         front.log()
+    );
+    assert!(
+        compared >= 12,
+        "Envoy reported usage for only {compared} responses"
     );
 
     // Every stream with a cost is charged it once, at stream end; the others are not charged.
