@@ -29,6 +29,8 @@
 
 use std::collections::{BTreeMap, HashMap};
 
+use std::sync::Arc;
+
 use cel::{Context, ExecutionError, Program};
 use ipc_protocol::{AbortedFinal, Chunk, Final, Metadata, RequestStart, ResponseHeaders, Value};
 
@@ -205,13 +207,16 @@ impl Facts<'_> {
 const ESTIMATE_KNOWS: &str =
     "the usage is estimated from streamed deltas, which count output tokens only";
 
-/// What a cost counts.
+/// What a cost counts. A compiled program is shared (`Arc`): `cel::Program` is not `Clone`,
+/// and a clone of a configured plugin needs none of its own.
+#[derive(Clone)]
 enum CostType {
     Token(TokenType),
-    Cel(Program),
+    Cel(Arc<Program>),
 }
 
 /// One configured cost.
+#[derive(Clone)]
 struct Cost {
     namespace: String,
     key: String,
@@ -261,15 +266,16 @@ impl Cost {
 }
 
 /// One configured attribute.
+#[derive(Clone)]
 struct Attribute {
     namespace: String,
     name: String,
-    expression: Program,
-    condition: Option<Program>,
+    expression: Arc<Program>,
+    condition: Option<Arc<Program>>,
 }
 
 /// The `usage` plugin.
-#[derive(Default)]
+#[derive(Default, Clone)]
 pub struct UsagePlugin {
     attributes: Vec<Attribute>,
     costs: Vec<Cost>,
@@ -410,7 +416,7 @@ impl UsagePlugin {
                         ))
                     })?;
                     check_variables(table.path(), &src, &program)?;
-                    CostType::Cel(program)
+                    CostType::Cel(Arc::new(program))
                 }
             };
             costs.push(Cost {
@@ -549,8 +555,8 @@ impl Plugin for UsagePlugin {
             attributes.push(Attribute {
                 namespace: required_str(&table, "namespace")?,
                 name: required_str(&table, "name")?,
-                expression: compile(&table, "expression", true)?.expect("required"),
-                condition: compile(&table, "condition", false)?,
+                expression: Arc::new(compile(&table, "expression", true)?.expect("required")),
+                condition: compile(&table, "condition", false)?.map(Arc::new),
             });
         }
         let mut next = UsagePlugin {
