@@ -502,6 +502,9 @@ impl<P: Plugin> Shared<P> {
                 panic!("worker killed by a test");
             }
             if let Some(id) = inner.ready.pop_front() {
+                // Running from the moment it leaves the ready queue: between this lock and the
+                // step's, the lane must not look idle (a drain would end too early).
+                inner.running.insert(id, Instant::now());
                 return Some(id);
             }
             inner = self.work.wait(inner).unwrap_or_else(|e| e.into_inner());
@@ -513,10 +516,12 @@ impl<P: Plugin> Shared<P> {
     fn step(&self, stream_id: StreamId, step: &mut Step) {
         let mut inner = self.lock();
         let Some(lane) = inner.lanes.get_mut(&stream_id) else {
+            inner.running.remove(&stream_id);
             return;
         };
         let Some(job) = lane.queue.pop_front() else {
             lane.scheduled = false;
+            inner.running.remove(&stream_id);
             return;
         };
         lane.queued_bytes -= job.bytes;
@@ -526,7 +531,6 @@ impl<P: Plugin> Shared<P> {
         let (gaps, partial) = (lane.gaps, lane.partial);
         inner.running.insert(stream_id, Instant::now());
         drop(inner);
-        step.running = true;
         if let Some((call_id, _)) = job.msg.final_call() {
             step.call_id = Some(call_id);
         }
@@ -553,7 +557,6 @@ impl<P: Plugin> Shared<P> {
 
         let mut inner = self.lock();
         inner.running.remove(&stream_id);
-        step.running = false;
         let mut leftover = Vec::new();
         if ended {
             if let Some(lane) = inner.lanes.remove(&stream_id) {
@@ -606,9 +609,9 @@ impl<P: Plugin> Shared<P> {
             self.cfg.plugin
         );
         let mut inner = self.lock();
-        if step.running {
-            inner.running.remove(&stream_id);
-        }
+        // Marked running when a worker took it (or by the step itself): one worker per lane,
+        // so the mark is this step's.
+        inner.running.remove(&stream_id);
         let mut leftover = Vec::new();
         if step.call_id.is_some() {
             if let Some(lane) = inner.lanes.remove(&stream_id) {
@@ -864,8 +867,6 @@ fn quiet_panic_hook() {
 /// What a step had done when it panicked, for [`Shared::recover`].
 #[derive(Default)]
 struct Step {
-    /// The lane is marked running.
-    running: bool,
     /// A final is being run and not yet answered.
     call_id: Option<u64>,
 }
