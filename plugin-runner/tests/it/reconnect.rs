@@ -211,6 +211,8 @@ async fn a_second_reconnect_while_one_is_under_way_is_ignored() {
 async fn shutdown_on_one_connection_drains_every_connection_and_exits_0() {
     let (mut old, mut new) = reconnected().await;
     new.welcome_caps(config("new"), CAPS).await;
+    // The host serves it (a Shutdown during its handshake would abandon it).
+    pongs(&mut new, 1).await;
     new.send_now(start(2)).await;
     old.send_now(ToPlugin::Shutdown(Shutdown { grace_ms: 5000 }))
         .await;
