@@ -676,10 +676,12 @@ async fn run_connection<P: Plugin>(
     Ok(exit)
 }
 
-/// Whether `spans` encodes within `max` bytes (`Welcome.metadata_max_bytes`, the front's cap
-/// on a `Spans`); one that does not is dropped with a warning, the final reply still goes.
+/// Whether `spans` fits `max` bytes (`Welcome.metadata_max_bytes`, the front's cap on a
+/// `Spans`); one that does not is dropped with a warning, the final reply still goes. Measured
+/// as its whole frame (prefix, the one-byte `FromPlugin` index, the fields), the largest reading
+/// of "its encoding", so that no front drops what this host sends.
 fn spans_fit(spans: &Spans, max: u64) -> bool {
-    match ipc_protocol::codec::encoded_len(spans) {
+    match ipc_protocol::codec::encoded_len(spans).map(|fields| PREFIX_LEN + 1 + fields) {
         Ok(len) if len as u64 <= max => true,
         Ok(len) => {
             tracing::warn!(
@@ -1094,6 +1096,19 @@ mod tests {
         };
         cap_metadata(&mut error, 0, "x");
         assert_eq!(error.outcome, FinalOutcome::Error("boom".into()));
+    }
+
+    #[test]
+    fn spans_at_the_cap_as_a_whole_frame_pass_and_one_byte_over_are_dropped() {
+        let spans = Spans {
+            stream_id: 7,
+            attributes: vec![("k".into(), Value::from("v".repeat(100)))],
+            spans: vec![],
+        };
+        let frame = ipc_protocol::codec::encoded_len(&FromPlugin::Spans(spans.clone())).unwrap()
+            + PREFIX_LEN;
+        assert!(spans_fit(&spans, frame as u64));
+        assert!(!spans_fit(&spans, frame as u64 - 1));
     }
 
     #[test]

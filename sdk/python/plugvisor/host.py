@@ -42,7 +42,7 @@ from .lanes import Lanes, check_metadata
 from .plugin import Plugin
 from .wire import (CAPABILITIES, EVENT_TYPES, PROTOCOL_VERSION, EncodeError, FinalReply, Hello,
                    Ping, Pong, ProtocolError, Reconnect, Refuse, Replayed, Shutdown, Spans,
-                   Welcome, decode_to_plugin, encode, encoded_metadata_len)
+                   Welcome, decode_to_plugin, encoded_metadata_len, frame)
 
 _log = log.get("plugvisor.host")
 
@@ -244,9 +244,11 @@ class _Conn:
 
 
 def _spans_fit(spans: Spans, max_bytes: int) -> bool:
-    """Whether ``spans`` encodes within ``max_bytes`` (the front drops a larger one)."""
+    """Whether ``spans`` fits ``max_bytes`` (the front drops a larger one). Measured as its
+    whole frame (length prefix and message index included), the largest reading of "its
+    encoding", so that no front drops what this SDK sends."""
     try:
-        n = len(encode(spans))
+        n = len(frame(spans))
     except (EncodeError, RecursionError) as e:
         _log.warn("trace spans not encodable; not sent", stream_id=spans.stream_id, error=str(e))
         return False

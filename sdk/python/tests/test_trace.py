@@ -149,6 +149,14 @@ class Recording(unittest.TestCase):
                     "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01-x"):
             self.assertIsNone(TraceParent.parse(bad), bad)
 
+    def test_spans_at_the_cap_as_a_whole_frame_pass_and_one_byte_over_are_dropped(self):
+        from plugvisor.host import _spans_fit
+
+        spans = Spans(7, [("k", "v" * 100)], [])
+        n = len(wire.frame(spans))
+        self.assertTrue(_spans_fit(spans, n))
+        self.assertFalse(_spans_fit(spans, n - 1))
+
     def test_spans_and_reconnect_round_trip_on_the_wire(self):
         spans = Spans(7, [("a", 1), ("b", {"c": [1.5, None]})],
                       [PluginSpan("s", 1, 2, [("k", "v")])])
