@@ -23,7 +23,7 @@ use plugin_runner::{EventCtx, Plugin};
 pub const NAMESPACE: &str = "plugvisor.latency";
 
 /// The `latency` plugin.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct LatencyPlugin;
 
 /// Per-stream state of [`LatencyPlugin`].

@@ -4,6 +4,13 @@
 //! (exit 78) instead of failing silently later; a taken port is served once free (a process
 //! being replaced may hold it). It returns no metadata of its own.
 //!
+//! One process, one set of series: the plugin instances of one process (after a `Reconnect`,
+//! the old connection's and the new one's) share the registry, the model labels handed out and
+//! the `/metrics` server, so counters go on across a reload instead of starting over. A new
+//! instance whose `listen` is the one already served keeps that server (no rebind, so its
+//! handshake never waits for the old instance to let go of the port); a new `listen` is bound
+//! (a taken one served once free) and the old address closed.
+//!
 //! The LLM metrics follow the OpenTelemetry GenAI semantic conventions (metric and attribute
 //! names with `.` as `_`, their advisory bucket boundaries, unit seconds without a suffix, as
 //! the issue and the conventions name them): `gen_ai_client_token_usage{gen_ai_token_type}`,
@@ -175,11 +182,12 @@ impl Metrics {
     }
 }
 
-/// The model label values handed out so far, capped. See the module docs.
-#[derive(Debug)]
+/// The model label values handed out so far (shared by the instances of one process), capped
+/// at the instance's `max`. See the module docs.
+#[derive(Debug, Clone)]
 struct ModelLabels {
     max: usize,
-    seen: Mutex<HashSet<String>>,
+    seen: Arc<Mutex<HashSet<String>>>,
 }
 
 impl ModelLabels {
@@ -216,12 +224,24 @@ fn operation_and_provider(format: Option<&str>) -> (&'static str, String) {
     }
 }
 
-/// The `metrics` plugin.
+/// The `metrics` plugin. A clone shares the original's series, model labels and `/metrics`
+/// server (see the module docs): clone the unconfigured plugin once per connection.
+#[derive(Clone)]
 pub struct MetricsPlugin {
     metrics: Metrics,
     registry: Arc<Registry>,
     models: ModelLabels,
+    /// The `/metrics` server of the process, whichever instance started it.
+    server: Arc<Mutex<Option<Server>>>,
     local_addr: Option<SocketAddr>,
+}
+
+/// The running `/metrics` server: the configured address, the bound one (`None` while it waits
+/// for a taken port), and its stop signal (the server thread ends when this is dropped).
+struct Server {
+    listen: SocketAddr,
+    local_addr: Option<SocketAddr>,
+    _stop: tokio::sync::watch::Sender<()>,
 }
 
 impl Default for MetricsPlugin {
@@ -232,8 +252,9 @@ impl Default for MetricsPlugin {
             registry: Arc::new(registry),
             models: ModelLabels {
                 max: DEFAULT_MAX_MODELS,
-                seen: Mutex::default(),
+                seen: Arc::default(),
             },
+            server: Arc::default(),
             local_addr: None,
         }
     }
@@ -296,11 +317,17 @@ fn bind(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
 const RETRY_BIND: std::time::Duration = std::time::Duration::from_millis(250);
 
 /// Binds `addr` once it is free, trying every [`RETRY_BIND`] and warning once a minute while
-/// it stays taken; `None` when it fails for another reason.
-fn wait_for_port(addr: SocketAddr) -> Option<std::net::TcpListener> {
+/// it stays taken; `None` when it fails for another reason or the server is stopped first.
+fn wait_for_port(
+    addr: SocketAddr,
+    stop: &tokio::sync::watch::Receiver<()>,
+) -> Option<std::net::TcpListener> {
     let mut since_warning = std::time::Instant::now();
     loop {
         std::thread::sleep(RETRY_BIND);
+        if stop.has_changed().is_err() {
+            return None;
+        }
         match bind(addr) {
             Ok(listener) => return Some(listener),
             Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
@@ -317,7 +344,12 @@ fn wait_for_port(addr: SocketAddr) -> Option<std::net::TcpListener> {
     }
 }
 
-fn serve(listener: std::net::TcpListener, registry: Arc<Registry>) {
+/// Serves `/metrics` until `stop`'s sender is dropped (another address replaced this one).
+fn serve(
+    listener: std::net::TcpListener,
+    registry: Arc<Registry>,
+    mut stop: tokio::sync::watch::Receiver<()>,
+) {
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -337,7 +369,14 @@ fn serve(listener: std::net::TcpListener, registry: Arc<Registry>) {
             }
         };
         loop {
-            let (stream, _) = match listener.accept().await {
+            let accepted = tokio::select! {
+                accepted = listener.accept() => accepted,
+                _ = stop.changed() => {
+                    tracing::info!(addr = ?listener.local_addr().ok(), "no longer serving /metrics here");
+                    return;
+                }
+            };
+            let (stream, _) = match accepted {
                 Ok(conn) => conn,
                 Err(e) => {
                     tracing::warn!(error = %e, "metrics server accept failed");
@@ -406,6 +445,13 @@ impl Plugin for MetricsPlugin {
             max_models,
         } = parse_config(config)?;
         self.models.max = max_models;
+        let mut server = self.server.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(running) = server.as_ref().filter(|s| s.listen == addr) {
+            // Another instance of this process (the one a reconnection replaces) serves this
+            // address already, from the registry they share: nothing to bind.
+            self.local_addr = running.local_addr;
+            return Ok(());
+        }
         if !addr.ip().is_loopback() {
             tracing::warn!(%addr, "metrics served on a non-loopback address");
         }
@@ -426,17 +472,24 @@ impl Plugin for MetricsPlugin {
         };
         self.local_addr = listener.as_ref().and_then(|l| l.local_addr().ok());
         let registry = Arc::clone(&self.registry);
+        let (stop, stopped) = tokio::sync::watch::channel(());
         std::thread::Builder::new()
             .name("pv-metrics".into())
             .spawn(move || {
-                if let Some(listener) = listener.or_else(|| wait_for_port(addr)) {
+                if let Some(listener) = listener.or_else(|| wait_for_port(addr, &stopped)) {
                     tracing::info!(addr = ?listener.local_addr().ok(), "serving /metrics");
-                    serve(listener, registry);
+                    serve(listener, registry, stopped);
                 }
             })
             .map_err(|e| {
                 ConfigError::new(format!("cannot start the metrics server thread: {e}"))
             })?;
+        // A server on another address (an older instance's config) stops here.
+        *server = Some(Server {
+            listen: addr,
+            local_addr: self.local_addr,
+            _stop: stop,
+        });
         Ok(())
     }
 
@@ -739,6 +792,61 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("unknown key `max_model`"), "{e}");
+    }
+
+    fn scrape(addr: SocketAddr) -> String {
+        let mut conn = std::net::TcpStream::connect(addr).unwrap();
+        conn.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+            .unwrap();
+        conn.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+        let mut text = String::new();
+        conn.read_to_string(&mut text).unwrap();
+        text
+    }
+
+    #[test]
+    fn instances_of_one_process_share_the_server_and_the_series() {
+        let template = MetricsPlugin::default();
+        let listen = Value::map([("listen", Value::from("127.0.0.1:0"))]);
+        let mut old = template.clone();
+        old.configure(&listen).unwrap();
+        let addr = old.local_addr().unwrap();
+        // The new connection's instance, same address, while the old one still serves it:
+        // configured at once, no rebind, same port.
+        let mut new = template.clone();
+        let started = std::time::Instant::now();
+        new.configure(&listen).unwrap();
+        assert!(started.elapsed() < std::time::Duration::from_secs(1));
+        assert_eq!(new.local_addr(), Some(addr));
+        let (old, new) = (Player::new(old), Player::new(new));
+        play(&old, &chat_json("m"), 40, "application/json");
+        play(&new, &chat_json("m"), 40, "application/json");
+        let text = scrape(addr);
+        let requests = sample(
+            &text,
+            "plugvisor_llm_requests_total",
+            r#"model="m",status="200""#,
+        );
+        assert_eq!(
+            requests,
+            Some(2.0),
+            "both instances count in one series: {text}"
+        );
+        // Another address: served there, the old one closed.
+        let mut moved = template.clone();
+        moved
+            .configure(&Value::map([("listen", Value::from("127.0.0.2:0"))]))
+            .unwrap();
+        let moved_addr = moved.local_addr().unwrap();
+        assert!(scrape(moved_addr).contains("plugvisor_llm_requests_total"));
+        let start = std::time::Instant::now();
+        while std::net::TcpStream::connect(addr).is_ok() {
+            assert!(
+                start.elapsed() < std::time::Duration::from_secs(10),
+                "the old address is still served"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
     }
 
     #[test]

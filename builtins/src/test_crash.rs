@@ -6,6 +6,7 @@
 //! Metadata until then: `plugvisor.test-crash: {events}`.
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use ipc_protocol::{Chunk, Final, Metadata, RequestStart, ResponseHeaders, Value};
 
@@ -29,12 +30,13 @@ pub enum CrashMode {
 }
 
 /// The `test-crash` plugin.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct TestCrashPlugin {
     after_events: Option<u64>,
     marker: Option<Vec<u8>>,
     mode: CrashMode,
-    events: AtomicU64,
+    /// Counted over the whole process: every connection's instance shares it.
+    events: Arc<AtomicU64>,
 }
 
 /// Per-stream state of [`TestCrashPlugin`].

@@ -25,7 +25,7 @@ pub enum HangScope {
 }
 
 /// The `test-hang` plugin.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct TestHangPlugin {
     marker: Option<Vec<u8>>,
     scope: HangScope,

@@ -17,7 +17,7 @@ use plugin_runner::{EventCtx, Plugin};
 pub const NAMESPACE: &str = "plugvisor.test-order";
 
 /// The `test-order` plugin.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct TestOrderPlugin {
     sleep: Duration,
 }

@@ -13,7 +13,7 @@ use plugin_runner::{EventCtx, Plugin};
 pub const NAMESPACE: &str = "plugvisor.test-spin";
 
 /// The `test-spin` plugin.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct TestSpinPlugin {
     spin: Duration,
 }

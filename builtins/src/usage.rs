@@ -29,6 +29,8 @@
 
 use std::collections::{BTreeMap, HashMap};
 
+use std::sync::Arc;
+
 use cel::{Context, ExecutionError, Program};
 use ipc_protocol::{AbortedFinal, Chunk, Final, Metadata, RequestStart, ResponseHeaders, Value};
 
@@ -217,13 +219,16 @@ const ESTIMATE_KNOWS: &str = "the usage is estimated (the response ended without
      counts), which gives output tokens, and input tokens only where the response reported them \
      before it ended";
 
-/// What a cost counts.
+/// What a cost counts. A compiled program is shared (`Arc`): `cel::Program` is not `Clone`,
+/// and a clone of a configured plugin needs none of its own.
+#[derive(Clone)]
 enum CostType {
     Token(TokenType),
-    Cel(Program),
+    Cel(Arc<Program>),
 }
 
 /// One configured cost.
+#[derive(Clone)]
 struct Cost {
     namespace: String,
     key: String,
@@ -273,15 +278,16 @@ impl Cost {
 }
 
 /// One configured attribute.
+#[derive(Clone)]
 struct Attribute {
     namespace: String,
     name: String,
-    expression: Program,
-    condition: Option<Program>,
+    expression: Arc<Program>,
+    condition: Option<Arc<Program>>,
 }
 
 /// The `usage` plugin.
-#[derive(Default)]
+#[derive(Default, Clone)]
 pub struct UsagePlugin {
     attributes: Vec<Attribute>,
     costs: Vec<Cost>,
@@ -422,7 +428,7 @@ impl UsagePlugin {
                         ))
                     })?;
                     check_variables(table.path(), &src, &program)?;
-                    CostType::Cel(program)
+                    CostType::Cel(Arc::new(program))
                 }
             };
             costs.push(Cost {
@@ -561,8 +567,8 @@ impl Plugin for UsagePlugin {
             attributes.push(Attribute {
                 namespace: required_str(&table, "namespace")?,
                 name: required_str(&table, "name")?,
-                expression: compile(&table, "expression", true)?.expect("required"),
-                condition: compile(&table, "condition", false)?,
+                expression: Arc::new(compile(&table, "expression", true)?.expect("required")),
+                condition: compile(&table, "condition", false)?.map(Arc::new),
             });
         }
         let mut next = UsagePlugin {

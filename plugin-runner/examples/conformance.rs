@@ -18,6 +18,10 @@
 //!   the same map plus `"aborted": "<cause>"` (`client_disconnect`, `upstream_error`, `timeout`,
 //!   `shutdown`).
 //!
+//! - with the capability `trace` agreed, the final (and the aborted final) sets the attribute
+//!   `conformance.events` (how many of the stream's events its hooks ran) on its final-call span
+//!   and records one span, `conformance.final`, around its own work.
+//!
 //! Its name is `conformance` unless the command line gives another
 //! (`conformance <name> --connect <socket>`); the namespace follows the name.
 #![forbid(unsafe_code)]
@@ -60,6 +64,7 @@ impl Hook {
 }
 
 /// The plugin; its namespace is `plugvisor.<name>`.
+#[derive(Clone)]
 struct Conformance {
     namespace: String,
 }
@@ -102,6 +107,8 @@ impl Stream {
 impl Conformance {
     /// The stream's map: what it saw, and the cause when it was aborted.
     fn report(&self, s: &Stream, aborted: Option<&str>) -> Metadata {
+        let _span = plugin_runner::trace::span("conformance.final");
+        plugin_runner::trace::attribute("conformance.events", s.seqs.len() as u64);
         let seqs = s.seqs.iter().map(|&q| Value::from(q)).collect();
         let mut own = vec![
             ("seqs", Value::List(seqs)),
@@ -207,6 +214,21 @@ mod tests {
 
         let played = player.play(&stream(2, &[]).replayed(2));
         assert_eq!(own(&played).1, 2);
+    }
+
+    #[test]
+    fn the_final_traces_its_event_count_and_a_span() {
+        let player = Player::new(Conformance::new(DEFAULT_NAME));
+        let played = player.play(&stream(1, &[]));
+        let spans = played.spans().expect("spans recorded");
+        assert_eq!(spans.stream_id, 1);
+        assert_eq!(
+            spans.attributes,
+            [("conformance.events".to_owned(), Value::from(5u64))]
+        );
+        assert_eq!(spans.spans.len(), 1);
+        assert_eq!(spans.spans[0].name, "conformance.final");
+        assert!(spans.spans[0].end_ns >= spans.spans[0].start_ns);
     }
 
     #[test]

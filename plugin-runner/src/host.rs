@@ -1,18 +1,27 @@
-//! The host: one connection to the front, from handshake to exit.
+//! The host: the connections to the front, from handshake to exit.
 //!
-//! [`serve`] connects to the plugin's socket, says `Hello`, applies the config from `Welcome`
-//! (or exits 78 on `Refuse` or an invalid config), then reads frames: per-stream events go to
-//! their lanes (`lanes.rs`), a `Replayed` one unwrapped and marked replayed (anything but one
-//! per-stream event inside is a protocol error), `Ping` is answered right here from the reader with the lanes'
-//! counts (so a plugin busy in its hooks is never mistaken for a hung one), `Shutdown` drains the
-//! lanes for up to its grace period. Every event's frame length is counted: once the lanes are
-//! done with it, the bytes go back to the front as `Credit` (see `credit.rs`), which is what lets
-//! the front keep at most `Welcome.budget_bytes` of events in this process. A final reply whose
-//! metadata encodes larger than `Welcome.metadata_max_bytes` becomes an error reply here, for
-//! every plugin. Whoever answers (a lane worker's final reply or ack, the
+//! [`serve`] connects to the plugin's socket, says `Hello`, configures a clone of the plugin
+//! template from `Welcome` (or exits 78 on `Refuse` or an invalid config), then reads frames:
+//! per-stream events go to their lanes (`lanes.rs`), a `Replayed` one unwrapped and marked
+//! replayed (anything but one per-stream event inside is a protocol error), `Ping` is answered
+//! right here from the reader with the lanes' counts (so a plugin busy in its hooks is never
+//! mistaken for a hung one), `Shutdown` drains the lanes for up to its grace period. Every
+//! event's frame length is counted: once the lanes are done with it, the bytes go back to the
+//! front as `Credit` (see `credit.rs`), which is what lets the front keep at most
+//! `Welcome.budget_bytes` of events in this process. A final reply whose metadata encodes larger
+//! than `Welcome.metadata_max_bytes` becomes an error reply here, for every plugin; a trace
+//! `Spans` larger than that is dropped. Whoever answers (a lane worker's final reply or ack, the
 //! reader's pong) writes the frame to the socket itself, at once, from its own thread; only what
 //! the socket cannot take right now waits in a buffer that a task drains when it is writable
-//! again (see [`Replies`]). Socket EOF means the front is gone: exit 0.
+//! again (see [`Replies`]).
+//!
+//! `Reconnect` (capability `reconnect`) opens one more connection to the same path: a new
+//! plugin instance (`template.clone()`, configured from the new `Welcome`) with its own lanes,
+//! window and credit serves it, while the old connection goes on with its own instance until
+//! the front closes it. Each connection is a task; the host ([`Connections`], a small state
+//! machine) opens them, ignores a `Reconnect` while another is under way, tells them all to
+//! drain on `Shutdown` (on any of them) or SIGTERM/SIGINT, and ends the process with its last
+//! connection: 0, or 78 when a reconnection was refused since the last welcome.
 //!
 //! The transport is tokio's `UnixStream` on a filesystem path (see "Transport" in
 //! `docs/plugins.md` for why not `interprocess`).
@@ -24,21 +33,24 @@ use std::time::Duration;
 use ipc_protocol::frame::{DEFAULT_MAX_FRAME, PREFIX_LEN};
 use ipc_protocol::{
     FinalOutcome, FinalReply, FrameReader, FrameWriter, FromPlugin, Hello, Metadata, Pong,
-    ProtocolError, ToPlugin, Value, PROTOCOL_VERSION,
+    ProtocolError, Spans, ToPlugin, Value, Welcome, PROTOCOL_VERSION,
 };
-use tokio::net::unix::OwnedWriteHalf;
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::UnixStream;
 use tokio::signal::unix::{signal, SignalKind};
-use tokio::sync::Notify;
+use tokio::sync::{mpsc, watch, Notify};
+use tokio::task::JoinSet;
 
 use crate::credit::Credits;
 use crate::lanes::{LaneConfig, Lanes, Outbox};
 use crate::plugin::Plugin;
 
 /// The capabilities this host implements, announced in every `Hello`.
-const CAPABILITIES: &[&str] = &[
+pub const CAPABILITIES: &[&str] = &[
     ipc_protocol::handshake::capability::REPLAYED,
     ipc_protocol::handshake::capability::ABORTED_FINAL,
+    ipc_protocol::handshake::capability::RECONNECT,
+    ipc_protocol::handshake::capability::TRACE,
 ];
 
 /// How long the host waits for the front's answer to `Hello`.
@@ -141,16 +153,25 @@ pub enum HostError {
     Signals(#[source] std::io::Error),
 }
 
-/// Serves `plugin` on one connection until the front shuts it down or goes away; returns how
-/// the process should exit. Errors are logged here.
-pub async fn serve<P: Plugin>(plugin: P, opts: HostOptions) -> Exit {
-    match serve_inner(plugin, &opts).await {
+/// Serves the front from one process: a connection configured from a clone of `template`,
+/// then, on each `Reconnect` (capability `reconnect`), one more, each with its own plugin
+/// instance (`template.clone()` configured from that connection's `Welcome`), lanes, window and
+/// credit. Returns how the process should exit once its last connection has ended. Errors are
+/// logged here.
+///
+/// `template` is never configured itself: give it the state a fresh process would have.
+pub async fn serve<P: Plugin + Clone>(template: P, opts: HostOptions) -> Exit {
+    match serve_inner(template, Arc::new(opts)).await {
         Ok(exit) => exit,
         Err(e) => {
-            tracing::error!(error = %e, cause = ?std::error::Error::source(&e).map(|s| s.to_string()), "plugin host failed");
+            log_host_error(&e);
             Exit::Failed
         }
     }
+}
+
+fn log_host_error(e: &HostError) {
+    tracing::error!(error = %e, cause = ?std::error::Error::source(e).map(|s| s.to_string()), "plugin host failed");
 }
 
 /// Connects to `path`, retrying for up to `wait` while the socket is missing or nobody listens
@@ -178,7 +199,263 @@ async fn connect(path: &std::path::Path, wait: Duration) -> std::io::Result<Unix
     }
 }
 
-async fn serve_inner<P: Plugin>(mut plugin: P, opts: &HostOptions) -> Result<Exit, HostError> {
+/// How the process was asked to stop; every connection hears it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stop {
+    /// `Shutdown{grace_ms}` on one of the connections (the front is stopping): each keeps
+    /// reading within the grace ([`drain_reading`]).
+    Shutdown(Duration),
+    /// SIGTERM or SIGINT: each drains its lanes within `--term-grace` ([`drain`]).
+    Signal(Duration),
+}
+
+/// What a connection tells the host.
+#[derive(Debug)]
+enum Report {
+    /// Connection `conn` was welcomed and configured; it serves from now on.
+    Welcomed(u64),
+    /// The front asked connection `conn` for a new connection.
+    Reconnect { conn: u64, reason: String },
+    /// The front sent `Shutdown` on connection `conn`.
+    Shutdown { conn: u64, grace: Duration },
+}
+
+/// The host's own state across connections: a pure state machine, tested from a table, fed
+/// with what the connections report and how they end.
+#[derive(Debug, Default)]
+struct Connections {
+    next_id: u64,
+    /// Connections running (in their handshake or serving).
+    live: usize,
+    /// The connection whose handshake is under way, if any.
+    pending: Option<u64>,
+    /// The front (or the plugin) refused the last new connection, and none was welcomed since:
+    /// the process exits 78 once its last connection ends.
+    refused: bool,
+    stopping: Option<Stop>,
+    /// How the last connection to end ended.
+    last: Option<Exit>,
+}
+
+/// What the host does next.
+#[derive(Debug, PartialEq, Eq)]
+enum Action {
+    /// Open connection `id`.
+    Open(u64),
+    /// Tell every connection to stop.
+    Stop(Stop),
+    /// Nothing.
+    None,
+}
+
+impl Connections {
+    /// The first connection, at start.
+    fn start(&mut self) -> Action {
+        self.open()
+    }
+
+    fn open(&mut self) -> Action {
+        self.next_id += 1;
+        self.live += 1;
+        self.pending = Some(self.next_id);
+        Action::Open(self.next_id)
+    }
+
+    fn report(&mut self, report: Report) -> Action {
+        match report {
+            Report::Welcomed(id) => {
+                if self.pending == Some(id) {
+                    self.pending = None;
+                    self.refused = false;
+                }
+                Action::None
+            }
+            Report::Reconnect { conn, reason } => {
+                if self.stopping.is_some() {
+                    tracing::info!(conn, %reason, "Reconnect while stopping; ignored");
+                    Action::None
+                } else if let Some(pending) = self.pending {
+                    tracing::info!(
+                        conn,
+                        pending,
+                        %reason,
+                        "Reconnect while a reconnection is under way; ignored"
+                    );
+                    Action::None
+                } else {
+                    tracing::info!(conn, %reason, "the front asks for a new connection; opening it");
+                    self.open()
+                }
+            }
+            Report::Shutdown { conn, grace } => {
+                if self.live > 1 {
+                    tracing::info!(
+                        conn,
+                        live = self.live,
+                        "Shutdown on one connection: draining every connection"
+                    );
+                }
+                self.stop(Stop::Shutdown(grace))
+            }
+        }
+    }
+
+    /// A signal asks the process to stop.
+    fn signal(&mut self, grace: Duration) -> Action {
+        self.stop(Stop::Signal(grace))
+    }
+
+    fn stop(&mut self, stop: Stop) -> Action {
+        if self.stopping.is_some() {
+            return Action::None;
+        }
+        self.stopping = Some(stop);
+        Action::Stop(stop)
+    }
+
+    /// Connection `id` ended with `exit`. Returns the process's exit once it was the last.
+    fn ended(&mut self, id: u64, exit: Exit) -> Option<Exit> {
+        self.live = self.live.saturating_sub(1);
+        if self.pending == Some(id) {
+            // It ended in its handshake: refused (78), or failed (logged where it failed).
+            self.pending = None;
+            if exit == Exit::Config {
+                self.refused = true;
+                if self.live > 0 {
+                    tracing::warn!(
+                        conn = id,
+                        "the new connection was refused; the old one goes on, and the process exits 78 when it ends"
+                    );
+                }
+            } else if self.live > 0 {
+                tracing::warn!(conn = id, "the new connection failed; the old one goes on");
+            }
+        }
+        self.last = Some(exit);
+        if self.live > 0 {
+            tracing::info!(
+                conn = id,
+                live = self.live,
+                "connection ended; the process goes on"
+            );
+            return None;
+        }
+        Some(match exit {
+            Exit::Clean if self.refused => Exit::Config,
+            exit => exit,
+        })
+    }
+}
+
+async fn serve_inner<P: Plugin + Clone>(
+    template: P,
+    opts: Arc<HostOptions>,
+) -> Result<Exit, HostError> {
+    // SIGTERM/SIGINT (systemd stopping a plugin unit, a developer's Ctrl-C) drain every
+    // connection like Shutdown.
+    let mut sigterm = signal(SignalKind::terminate()).map_err(HostError::Signals)?;
+    let mut sigint = signal(SignalKind::interrupt()).map_err(HostError::Signals)?;
+    let (stop_tx, stop_rx) = watch::channel(None::<Stop>);
+    let (report_tx, mut reports) = mpsc::unbounded_channel::<Report>();
+    let mut tasks: JoinSet<(u64, Result<Exit, HostError>)> = JoinSet::new();
+    let mut state = Connections::default();
+    let act = |action: Action, tasks: &mut JoinSet<_>| match action {
+        Action::Open(id) => {
+            let conn = connection(
+                id,
+                template.clone(),
+                Arc::clone(&opts),
+                report_tx.clone(),
+                stop_rx.clone(),
+            );
+            tasks.spawn(async move { (id, conn.await) });
+        }
+        Action::Stop(stop) => {
+            stop_tx.send_replace(Some(stop));
+        }
+        Action::None => {}
+    };
+    act(state.start(), &mut tasks);
+    let term_grace = opts.term_grace;
+    loop {
+        tokio::select! {
+            // Reports first: a connection's `Welcomed` is in the channel before its task ends.
+            biased;
+            Some(report) = reports.recv() => {
+                let action = state.report(report);
+                act(action, &mut tasks);
+            }
+            _ = sigterm.recv() => {
+                tracing::info!(grace_ms = term_grace.as_millis() as u64, "SIGTERM; draining lanes");
+                act(state.signal(term_grace), &mut tasks);
+            }
+            _ = sigint.recv() => {
+                tracing::info!(grace_ms = term_grace.as_millis() as u64, "SIGINT; draining lanes");
+                act(state.signal(term_grace), &mut tasks);
+            }
+            Some(joined) = tasks.join_next() => {
+                let (id, exit) = match joined {
+                    Ok((id, Ok(exit))) => (id, exit),
+                    Ok((id, Err(e))) => {
+                        log_host_error(&e);
+                        (id, Exit::Failed)
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "bug: a connection's task panicked");
+                        // Its id is lost with it: count it as the pending one if any.
+                        (state.pending.unwrap_or(0), Exit::Failed)
+                    }
+                };
+                if let Some(exit) = state.ended(id, exit) {
+                    return Ok(exit);
+                }
+            }
+        }
+    }
+}
+
+/// Resolves when the process is told to stop, with how; `None` if the host is gone (it cannot
+/// be while a connection runs). The watch's guard stays inside, so the future is `Send`.
+async fn told(stop: &mut watch::Receiver<Option<Stop>>) -> Option<Stop> {
+    stop.wait_for(Option::is_some).await.ok().and_then(|s| *s)
+}
+
+/// Opens connection `id` to the front, configures `plugin` from its `Welcome` and serves it
+/// until the front closes it, the process is told to stop, or it fails. `Ok(Exit::Config)`
+/// when the front refused it or the plugin rejected its config.
+async fn connection<P: Plugin>(
+    id: u64,
+    mut plugin: P,
+    opts: Arc<HostOptions>,
+    reports: mpsc::UnboundedSender<Report>,
+    mut stop: watch::Receiver<Option<Stop>>,
+) -> Result<Exit, HostError> {
+    let opened = tokio::select! {
+        opened = handshake(&mut plugin, &opts) => opened?,
+        _ = told(&mut stop) => {
+            tracing::info!(conn = id, "stopping before the handshake ended; connection abandoned");
+            return Ok(Exit::Clean);
+        }
+    };
+    let Some((reader, wr, welcome)) = opened else {
+        return Ok(Exit::Config);
+    };
+    if id > 1 {
+        tracing::info!(
+            conn = id,
+            "reconnected: a new plugin instance serves the new connection"
+        );
+    }
+    let _ = reports.send(Report::Welcomed(id));
+    run_connection(id, plugin, &opts, reader, wr, welcome, &reports, &mut stop).await
+}
+
+/// Connects, says `Hello` and waits for the answer; configures `plugin` from a `Welcome`.
+/// `None` when the front refused it or the plugin rejected its config (both logged).
+async fn handshake<P: Plugin>(
+    plugin: &mut P,
+    opts: &HostOptions,
+) -> Result<Option<(FrameReader<OwnedReadHalf>, OwnedWriteHalf, Welcome)>, HostError> {
     let stream = connect(&opts.connect, opts.connect_wait)
         .await
         .map_err(|source| HostError::Connect {
@@ -205,11 +482,11 @@ async fn serve_inner<P: Plugin>(mut plugin: P, opts: &HostOptions) -> Result<Exi
         .map_err(|_| {
             HostError::Handshake(format!("no answer to Hello within {HANDSHAKE_TIMEOUT:?}"))
         })??;
-    let welcome = match answer {
+    match answer {
         Some(ToPlugin::Welcome(welcome)) => {
             if let Err(e) = plugin.configure(&welcome.config) {
                 tracing::error!("invalid config for plugin `{}`: {e}", opts.plugin);
-                return Ok(Exit::Config);
+                return Ok(None);
             }
             // One word per field, so the front can log them as fields of their own.
             let subscribed = [
@@ -233,7 +510,7 @@ async fn serve_inner<P: Plugin>(mut plugin: P, opts: &HostOptions) -> Result<Exi
                 metadata_max_bytes = welcome.metadata_max_bytes,
                 "connected to the front"
             );
-            welcome
+            Ok(Some((reader, wr, welcome)))
         }
         Some(ToPlugin::Refuse(refuse)) => {
             tracing::error!(
@@ -242,21 +519,30 @@ async fn serve_inner<P: Plugin>(mut plugin: P, opts: &HostOptions) -> Result<Exi
                 opts.plugin,
                 refuse.reason
             );
-            return Ok(Exit::Config);
+            Ok(None)
         }
-        Some(other) => {
-            return Err(HostError::Handshake(format!(
-                "expected Welcome or Refuse, got {}",
-                other.kind()
-            )))
-        }
-        None => {
-            return Err(HostError::Handshake(
-                "the front closed the connection before answering Hello".into(),
-            ))
-        }
-    };
+        Some(other) => Err(HostError::Handshake(format!(
+            "expected Welcome or Refuse, got {}",
+            other.kind()
+        ))),
+        None => Err(HostError::Handshake(
+            "the front closed the connection before answering Hello".into(),
+        )),
+    }
+}
 
+/// Serves one welcomed connection with its own plugin instance, lanes, window and credit.
+#[allow(clippy::too_many_arguments)]
+async fn run_connection<P: Plugin>(
+    id: u64,
+    plugin: P,
+    opts: &HostOptions,
+    mut reader: FrameReader<OwnedReadHalf>,
+    wr: OwnedWriteHalf,
+    welcome: Welcome,
+    reports: &mpsc::UnboundedSender<Report>,
+    stop: &mut watch::Receiver<Option<Stop>>,
+) -> Result<Exit, HostError> {
     let replies = Arc::new(Replies {
         half: wr,
         pending: std::sync::Mutex::new(Pending::default()),
@@ -278,17 +564,25 @@ async fn serve_inner<P: Plugin>(mut plugin: P, opts: &HostOptions) -> Result<Exi
     let out: Outbox = {
         let replies = replies.clone();
         Arc::new(move |mut msg| {
-            if let FromPlugin::FinalReply(reply) = &mut msg {
-                if let (Some((from, to)), FinalOutcome::Metadata(md)) =
-                    (&rename, &mut reply.outcome)
-                {
-                    rename_namespace(md, from, to);
+            match &mut msg {
+                FromPlugin::FinalReply(reply) => {
+                    if let (Some((from, to)), FinalOutcome::Metadata(md)) =
+                        (&rename, &mut reply.outcome)
+                    {
+                        rename_namespace(md, from, to);
+                    }
+                    cap_metadata(reply, metadata_max, &plugin_name);
                 }
-                cap_metadata(reply, metadata_max, &plugin_name);
+                FromPlugin::Spans(spans) if !spans_fit(spans, metadata_max) => return,
+                _ => {}
             }
             replies.send(msg);
         })
     };
+    let traced = welcome
+        .capabilities
+        .iter()
+        .any(|c| c == ipc_protocol::handshake::capability::TRACE);
     let credits = Credits::new(welcome.budget_bytes, out.clone());
     let consumed = credits.clone();
     let lanes = Lanes::start(
@@ -299,6 +593,7 @@ async fn serve_inner<P: Plugin>(mut plugin: P, opts: &HostOptions) -> Result<Exi
             queue_bytes: opts.lane_queue_bytes,
             plugin: opts.plugin.clone(),
             namespace: own_namespace,
+            trace: traced,
         },
         out,
         credits,
@@ -309,20 +604,18 @@ async fn serve_inner<P: Plugin>(mut plugin: P, opts: &HostOptions) -> Result<Exi
     let mut sweeper = tokio::time::interval(sweep);
     sweeper.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
-    // SIGTERM/SIGINT (systemd stopping a plugin unit, a developer's Ctrl-C) drain like Shutdown.
-    let mut sigterm = signal(SignalKind::terminate()).map_err(HostError::Signals)?;
-    let mut sigint = signal(SignalKind::interrupt()).map_err(HostError::Signals)?;
-
     let exit = loop {
         tokio::select! {
-            _ = sigterm.recv() => {
-                tracing::info!(grace_ms = opts.term_grace.as_millis() as u64, "SIGTERM; draining lanes");
-                drain(&lanes, opts.term_grace).await;
-                break Exit::Clean;
-            }
-            _ = sigint.recv() => {
-                tracing::info!(grace_ms = opts.term_grace.as_millis() as u64, "SIGINT; draining lanes");
-                drain(&lanes, opts.term_grace).await;
+            told = told(stop) => {
+                match told {
+                    Some(Stop::Shutdown(grace)) => {
+                        tracing::info!(conn = id, grace_ms = grace.as_millis() as u64, "the process is shutting down; draining this connection's lanes");
+                        drain_reading(&mut reader, &lanes, &replies, grace, opts.stuck_after).await?;
+                    }
+                    Some(Stop::Signal(grace)) => drain(&lanes, grace).await,
+                    // The host is gone (it cannot be while this runs): stop.
+                    None => {}
+                }
                 break Exit::Clean;
             }
             frame = reader.read::<ToPlugin>() => match frame {
@@ -332,8 +625,12 @@ async fn serve_inner<P: Plugin>(mut plugin: P, opts: &HostOptions) -> Result<Exi
                 Ok(Some(ToPlugin::Shutdown(shutdown))) => {
                     let grace = Duration::from_millis(shutdown.grace_ms);
                     tracing::info!(grace_ms = shutdown.grace_ms, "shutdown requested; draining lanes");
+                    let _ = reports.send(Report::Shutdown { conn: id, grace });
                     drain_reading(&mut reader, &lanes, &replies, grace, opts.stuck_after).await?;
                     break Exit::Clean;
+                }
+                Ok(Some(ToPlugin::Reconnect(reconnect))) => {
+                    let _ = reports.send(Report::Reconnect { conn: id, reason: reconnect.reason });
                 }
                 Ok(Some(msg @ (ToPlugin::Welcome(_) | ToPlugin::Refuse(_)))) => {
                     tracing::warn!(kind = msg.kind(), "unexpected handshake message after Welcome; ignored");
@@ -345,7 +642,7 @@ async fn serve_inner<P: Plugin>(mut plugin: P, opts: &HostOptions) -> Result<Exi
                     lanes.submit(event, frame_len, replayed);
                 }
                 Ok(None) => {
-                    tracing::info!("the front closed the connection; exiting");
+                    tracing::info!(conn = id, "the front closed the connection");
                     break Exit::Clean;
                 }
                 Err(e) => return Err(HostError::Protocol(e)),
@@ -354,7 +651,7 @@ async fn serve_inner<P: Plugin>(mut plugin: P, opts: &HostOptions) -> Result<Exi
                 tracing::error!(
                     lost,
                     workers = opts.workers,
-                    "a worker thread ended unexpectedly; exiting with status 1 so the plugin is restarted"
+                    "a worker thread ended unexpectedly; ending the connection with status 1 so the plugin is restarted"
                 );
                 break Exit::Failed;
             }
@@ -367,15 +664,39 @@ async fn serve_inner<P: Plugin>(mut plugin: P, opts: &HostOptions) -> Result<Exi
     replies.flushed(Duration::from_secs(2)).await;
     let stats = lanes.stats();
     tracing::info!(
+        conn = id,
         dropped = stats.dropped.load(std::sync::atomic::Ordering::Relaxed),
         evicted = stats.evicted.load(std::sync::atomic::Ordering::Relaxed),
         panics = stats.panics.load(std::sync::atomic::Ordering::Relaxed),
         replayed = stats.replayed.load(std::sync::atomic::Ordering::Relaxed),
         consumed_bytes = consumed.consumed(),
-        "plugin exiting"
+        "connection done"
     );
     writer_task.abort();
     Ok(exit)
+}
+
+/// Whether `spans` fits `max` bytes (`Welcome.metadata_max_bytes`, the front's cap on a
+/// `Spans`); one that does not is dropped with a warning, the final reply still goes. Measured
+/// as its whole frame (prefix, the one-byte `FromPlugin` index, the fields), the largest reading
+/// of "its encoding", so that no front drops what this host sends.
+fn spans_fit(spans: &Spans, max: u64) -> bool {
+    match ipc_protocol::codec::encoded_len(spans).map(|fields| PREFIX_LEN + 1 + fields) {
+        Ok(len) if len as u64 <= max => true,
+        Ok(len) => {
+            tracing::warn!(
+                stream_id = spans.stream_id,
+                len,
+                max,
+                "trace spans over metadata_max_bytes; not sent"
+            );
+            false
+        }
+        Err(e) => {
+            tracing::warn!(stream_id = spans.stream_id, error = %e, "trace spans not encodable; not sent");
+            false
+        }
+    }
 }
 
 /// Replaces metadata that encodes larger than `max` bytes by an error naming both sizes: the
@@ -444,7 +765,7 @@ const QUIET_AFTER_SHUTDOWN: Duration = Duration::from_millis(50);
 /// lanes are idle and nothing more came for [`QUIET_AFTER_SHUTDOWN`], the front closes the
 /// connection, or the grace is over.
 async fn drain_reading<P: Plugin>(
-    reader: &mut FrameReader<tokio::net::unix::OwnedReadHalf>,
+    reader: &mut FrameReader<OwnedReadHalf>,
     lanes: &Lanes<P>,
     replies: &Replies,
     grace: Duration,
@@ -462,7 +783,7 @@ async fn drain_reading<P: Plugin>(
         tokio::select! {
             frame = reader.read::<ToPlugin>() => match frame {
                 Ok(Some(ToPlugin::Ping(ping))) => replies.send(pong(lanes, ping.nonce, stuck_after)),
-                Ok(Some(msg @ (ToPlugin::Welcome(_) | ToPlugin::Refuse(_) | ToPlugin::Shutdown(_)))) => {
+                Ok(Some(msg @ (ToPlugin::Welcome(_) | ToPlugin::Refuse(_) | ToPlugin::Shutdown(_) | ToPlugin::Reconnect(_)))) => {
                     tracing::debug!(kind = msg.kind(), "ignored while shutting down");
                 }
                 Ok(Some(msg)) => {
@@ -638,6 +959,109 @@ fn try_encode(msg: &FromPlugin, buf: &mut Vec<u8>) -> Result<(), String> {
 mod tests {
     use super::*;
 
+    /// What happens to the host's connections, step by step, and what it does or how the
+    /// process exits after each step.
+    enum Step {
+        Report(Report),
+        Signal,
+        Ended(u64, Exit),
+    }
+
+    #[derive(Debug, PartialEq, Eq)]
+    enum Then {
+        Do(Action),
+        Exits(Exit),
+        GoOn,
+    }
+
+    fn play(steps: Vec<(Step, Then)>) {
+        let mut c = Connections::default();
+        assert_eq!(c.start(), Action::Open(1));
+        for (i, (step, want)) in steps.into_iter().enumerate() {
+            let got = match step {
+                Step::Report(r) => Then::Do(c.report(r)),
+                Step::Signal => Then::Do(c.signal(Duration::from_secs(5))),
+                Step::Ended(id, exit) => c.ended(id, exit).map_or(Then::GoOn, Then::Exits),
+            };
+            assert_eq!(got, want, "step {i}");
+        }
+    }
+
+    fn reconnect(conn: u64) -> Step {
+        Step::Report(Report::Reconnect {
+            conn,
+            reason: "config changed".into(),
+        })
+    }
+
+    #[test]
+    fn connections_table() {
+        use Then::*;
+        let secs = Duration::from_secs;
+        // A plain run: welcomed, closed by the front.
+        play(vec![
+            (Step::Report(Report::Welcomed(1)), Do(Action::None)),
+            (Step::Ended(1, Exit::Clean), Exits(Exit::Clean)),
+        ]);
+        // Refused at start: 78.
+        play(vec![(Step::Ended(1, Exit::Config), Exits(Exit::Config))]);
+        // Reconnect: a second connection; the old one's end does not end the process; a second
+        // Reconnect while the first is under way is ignored, one after it is not.
+        play(vec![
+            (Step::Report(Report::Welcomed(1)), Do(Action::None)),
+            (reconnect(1), Do(Action::Open(2))),
+            (reconnect(1), Do(Action::None)),
+            (Step::Report(Report::Welcomed(2)), Do(Action::None)),
+            (Step::Ended(1, Exit::Clean), GoOn),
+            (reconnect(2), Do(Action::Open(3))),
+            (Step::Report(Report::Welcomed(3)), Do(Action::None)),
+            (Step::Ended(3, Exit::Clean), GoOn),
+            (Step::Ended(2, Exit::Clean), Exits(Exit::Clean)),
+        ]);
+        // A refused reconnection: the old connection goes on, then the process exits 78.
+        play(vec![
+            (Step::Report(Report::Welcomed(1)), Do(Action::None)),
+            (reconnect(1), Do(Action::Open(2))),
+            (Step::Ended(2, Exit::Config), GoOn),
+            (Step::Ended(1, Exit::Clean), Exits(Exit::Config)),
+        ]);
+        // ... unless a later one was welcomed; a failed (not refused) one changes nothing.
+        play(vec![
+            (Step::Report(Report::Welcomed(1)), Do(Action::None)),
+            (reconnect(1), Do(Action::Open(2))),
+            (Step::Ended(2, Exit::Config), GoOn),
+            (reconnect(1), Do(Action::Open(3))),
+            (Step::Ended(3, Exit::Failed), GoOn),
+            (reconnect(1), Do(Action::Open(4))),
+            (Step::Report(Report::Welcomed(4)), Do(Action::None)),
+            (Step::Ended(1, Exit::Clean), GoOn),
+            (Step::Ended(4, Exit::Clean), Exits(Exit::Clean)),
+        ]);
+        // Shutdown on any connection stops them all, once; no reconnection while stopping.
+        play(vec![
+            (Step::Report(Report::Welcomed(1)), Do(Action::None)),
+            (reconnect(1), Do(Action::Open(2))),
+            (Step::Report(Report::Welcomed(2)), Do(Action::None)),
+            (
+                Step::Report(Report::Shutdown {
+                    conn: 1,
+                    grace: secs(2),
+                }),
+                Do(Action::Stop(Stop::Shutdown(secs(2)))),
+            ),
+            (Step::Signal, Do(Action::None)),
+            (reconnect(2), Do(Action::None)),
+            (Step::Ended(2, Exit::Clean), GoOn),
+            (Step::Ended(1, Exit::Clean), Exits(Exit::Clean)),
+        ]);
+        // A signal drains all.
+        play(vec![
+            (Step::Report(Report::Welcomed(1)), Do(Action::None)),
+            (Step::Signal, Do(Action::Stop(Stop::Signal(secs(5))))),
+            (Step::Ended(1, Exit::Clean), Exits(Exit::Clean)),
+        ]);
+    }
+
     #[test]
     fn metadata_at_the_cap_passes_and_one_byte_over_becomes_an_error() {
         let md = Metadata::from([(
@@ -672,6 +1096,19 @@ mod tests {
         };
         cap_metadata(&mut error, 0, "x");
         assert_eq!(error.outcome, FinalOutcome::Error("boom".into()));
+    }
+
+    #[test]
+    fn spans_at_the_cap_as_a_whole_frame_pass_and_one_byte_over_are_dropped() {
+        let spans = Spans {
+            stream_id: 7,
+            attributes: vec![("k".into(), Value::from("v".repeat(100)))],
+            spans: vec![],
+        };
+        let frame = ipc_protocol::codec::encoded_len(&FromPlugin::Spans(spans.clone())).unwrap()
+            + PREFIX_LEN;
+        assert!(spans_fit(&spans, frame as u64));
+        assert!(!spans_fit(&spans, frame as u64 - 1));
     }
 
     #[test]

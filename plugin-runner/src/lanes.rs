@@ -43,6 +43,7 @@ use ipc_protocol::{
 use crate::credit::{Credits, Owed};
 use crate::plugin::{EventCtx, Plugin, ReplayMark};
 use crate::sequence::{starts_partial, Kind, SeqState};
+use crate::trace::{self, TraceParent};
 
 /// Where a lane's answers (final replies, acks) go: the connection's writer.
 pub(crate) type Outbox = Arc<dyn Fn(FromPlugin) + Send + Sync>;
@@ -60,6 +61,9 @@ pub(crate) struct LaneConfig {
     pub plugin: String,
     /// The plugin's own metadata namespace, where the host adds `gaps` and `partial`.
     pub namespace: String,
+    /// The connection agreed on `trace`: each stream keeps a [`trace::Record`], current while
+    /// its hooks run, sent as `Spans` right before its final reply.
+    pub trace: bool,
 }
 
 /// Counters of what the lanes had to do besides running hooks.
@@ -94,6 +98,9 @@ struct Lane<S> {
     partial: bool,
     failed: Option<String>,
     last_active: Instant,
+    /// What the stream's hooks recorded for its trace (only with `trace`); dropped with the
+    /// lane when the stream is aborted or evicted.
+    trace: Option<trace::Record>,
 }
 
 struct Inner<S> {
@@ -414,6 +421,7 @@ impl<P: Plugin> Shared<P> {
                         partial,
                         failed: None,
                         last_active: now,
+                        trace: self.cfg.trace.then(|| trace::Record::new(stream_id)),
                     },
                 );
                 (0, partial)
@@ -494,6 +502,9 @@ impl<P: Plugin> Shared<P> {
                 panic!("worker killed by a test");
             }
             if let Some(id) = inner.ready.pop_front() {
+                // Running from the moment it leaves the ready queue: between this lock and the
+                // step's, the lane must not look idle (a drain would end too early).
+                inner.running.insert(id, Instant::now());
                 return Some(id);
             }
             inner = self.work.wait(inner).unwrap_or_else(|e| e.into_inner());
@@ -505,24 +516,30 @@ impl<P: Plugin> Shared<P> {
     fn step(&self, stream_id: StreamId, step: &mut Step) {
         let mut inner = self.lock();
         let Some(lane) = inner.lanes.get_mut(&stream_id) else {
+            inner.running.remove(&stream_id);
             return;
         };
         let Some(job) = lane.queue.pop_front() else {
             lane.scheduled = false;
+            inner.running.remove(&stream_id);
             return;
         };
         lane.queued_bytes -= job.bytes;
         let mut state = lane.state.take();
+        let mut record = lane.trace.take();
         let mut failed = lane.failed.clone();
         let (gaps, partial) = (lane.gaps, lane.partial);
         inner.running.insert(stream_id, Instant::now());
         drop(inner);
-        step.running = true;
         if let Some((call_id, _)) = job.msg.final_call() {
             step.call_id = Some(call_id);
         }
 
         let _mark = ReplayMark::set(job.replayed.then_some((stream_id, job.ctx.seq)));
+        if let (Some(record), ToPlugin::RequestStart(start)) = (&mut record, &job.msg) {
+            record.traceparent = TraceParent::from_headers(&start.headers);
+        }
+        let scope = trace::Scope::enter(record);
         if state.is_none() && failed.is_none() {
             match self.guarded(stream_id, job.ctx.seq, "Default (new stream state)", || {
                 P::Stream::default()
@@ -532,6 +549,7 @@ impl<P: Plugin> Shared<P> {
             }
         }
         let (ended, reply) = self.run(&mut state, &job, &mut failed, gaps, partial);
+        let mut record = scope.take();
         drop(_mark);
         // Consumed before the lane stops counting as running, so whichever worker finds the
         // lanes idle reports these bytes too.
@@ -539,7 +557,6 @@ impl<P: Plugin> Shared<P> {
 
         let mut inner = self.lock();
         inner.running.remove(&stream_id);
-        step.running = false;
         let mut leftover = Vec::new();
         if ended {
             if let Some(lane) = inner.lanes.remove(&stream_id) {
@@ -547,6 +564,7 @@ impl<P: Plugin> Shared<P> {
             }
         } else if let Some(lane) = inner.lanes.get_mut(&stream_id) {
             lane.state = state;
+            lane.trace = record.take();
             lane.last_active = Instant::now();
             lane.failed = failed;
             if lane.queue.is_empty() {
@@ -558,6 +576,13 @@ impl<P: Plugin> Shared<P> {
         drop(inner);
         if let Some(reply) = reply {
             step.call_id = None;
+            // One `Spans` right before the stream's final reply, when something was recorded;
+            // an ended stream without a final (an abort) drops its record.
+            if matches!(reply, FromPlugin::FinalReply(_)) {
+                if let Some(spans) = record.and_then(trace::Record::into_spans) {
+                    (self.out)(FromPlugin::Spans(spans));
+                }
+            }
             (self.out)(reply);
         }
         for job in leftover {
@@ -584,9 +609,9 @@ impl<P: Plugin> Shared<P> {
             self.cfg.plugin
         );
         let mut inner = self.lock();
-        if step.running {
-            inner.running.remove(&stream_id);
-        }
+        // Marked running when a worker took it (or by the step itself): one worker per lane,
+        // so the mark is this step's.
+        inner.running.remove(&stream_id);
         let mut leftover = Vec::new();
         if step.call_id.is_some() {
             if let Some(lane) = inner.lanes.remove(&stream_id) {
@@ -842,8 +867,6 @@ fn quiet_panic_hook() {
 /// What a step had done when it panicked, for [`Shared::recover`].
 #[derive(Default)]
 struct Step {
-    /// The lane is marked running.
-    running: bool,
     /// A final is being run and not yet answered.
     call_id: Option<u64>,
 }
@@ -958,6 +981,7 @@ mod tests {
             queue_bytes: 1 << 20,
             plugin: "rec".into(),
             namespace: "plugvisor.rec".into(),
+            trace: false,
         };
         let credits = Credits::new(1 << 20, out.clone());
         (
@@ -1366,6 +1390,7 @@ mod tests {
             queue_bytes: 1 << 20,
             plugin: "rec".into(),
             namespace: "plugvisor.rec".into(),
+            trace: false,
         };
         let credits = Credits::new(1 << 20, out.clone());
         let lanes = Lanes::start(Arc::new(ReplaySeer), cfg, out, credits).unwrap();

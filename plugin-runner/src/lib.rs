@@ -12,6 +12,7 @@
 //! use plugin_runner::{EventCtx, Plugin, RequestStart, Chunk, Final, Metadata, Value};
 //!
 //! /// Counts the response bytes of each request.
+//! #[derive(Clone)]
 //! struct ByteCounter;
 //!
 //! #[derive(Default)]
@@ -54,6 +55,7 @@ pub mod proctitle;
 mod sequence;
 pub mod sse;
 pub mod testing;
+pub mod trace;
 
 /// The `bytes` crate, whose `Bytes` carries chunk bodies.
 pub use bytes;
@@ -71,7 +73,12 @@ pub use plugin::{EventCtx, Plugin};
 /// (`[<name>] --connect <socket>`, see [`cli::Args`]), sets up logging and the process name,
 /// serves the front until it shuts the plugin down or goes away, and exits with the status of
 /// [`Exit`]. The name defaults to [`Plugin::name`].
-pub fn run<P: Plugin>(plugin: P) -> ! {
+///
+/// `plugin` is a template: each connection to the front gets its own `plugin.clone()`,
+/// configured from that connection's `Welcome` (one at start, one more after each `Reconnect`;
+/// see [`serve`]). Derive `Clone` on an unconfigured plugin; state meant to outlive one
+/// connection (a metrics registry, a port) goes behind an `Arc` that the clones share.
+pub fn run<P: Plugin + Clone>(plugin: P) -> ! {
     let args = cli::Args::parse_or_exit();
     let name = args
         .plugin
@@ -87,7 +94,7 @@ pub fn run<P: Plugin>(plugin: P) -> ! {
 /// Runs `plugin` under the name `name` with the options in already parsed `args`, then exits
 /// the process: what [`run`] does after parsing. For a binary that hosts several plugins and picks
 /// one by name (as `plugvisor-plugin` does with the built-ins, see `plugvisor-builtins`).
-pub fn launch<P: Plugin>(plugin: P, args: &cli::Args, name: &str) -> ! {
+pub fn launch<P: Plugin + Clone>(plugin: P, args: &cli::Args, name: &str) -> ! {
     let opts = match args.host_options(name) {
         Ok(opts) => opts,
         Err(msg) => {

@@ -60,7 +60,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use ipc_protocol::{
     Abort, AbortCause, AbortedFinal, Chunk, Final, FinalOutcome, FromPlugin, Header, Metadata,
-    RequestStart, ResponseHeaders, StreamId, Subscriptions, ToPlugin, Value,
+    RequestStart, ResponseHeaders, Spans, StreamId, Subscriptions, ToPlugin, Value,
 };
 
 use crate::config::ConfigError;
@@ -518,6 +518,8 @@ impl<P: Plugin> Player<P> {
             queue_bytes: usize::MAX,
             namespace: format!("plugvisor.{name}"),
             plugin: name,
+            // As with a front that agreed on `trace`: `Played::spans` shows what was recorded.
+            trace: true,
         };
         let credits = Credits::new(u64::MAX, out.clone());
         let lanes = Lanes::start(Arc::clone(&plugin), cfg, out, credits)
@@ -568,14 +570,17 @@ impl<P: Plugin> Player<P> {
         }
         let namespace = format!("plugvisor.{}", self.plugin.name());
         let deadline = Instant::now() + PLAY_TIMEOUT;
+        let mut spans = None;
         if ends_with_final {
             loop {
                 let left = deadline.saturating_duration_since(Instant::now());
                 match replies.recv_timeout(left) {
+                    Ok(FromPlugin::Spans(s)) if s.stream_id == stream.id => spans = Some(s),
                     Ok(FromPlugin::FinalReply(r)) if r.stream_id == stream.id => {
                         return Played {
                             outcome: Some(r.outcome),
                             namespace,
+                            spans,
                         }
                     }
                     Ok(_) => {}
@@ -601,6 +606,7 @@ impl<P: Plugin> Player<P> {
         Played {
             outcome: None,
             namespace,
+            spans: None,
         }
     }
 }
@@ -610,6 +616,7 @@ impl<P: Plugin> Player<P> {
 pub struct Played {
     outcome: Option<FinalOutcome>,
     namespace: String,
+    spans: Option<Spans>,
 }
 
 impl Played {
@@ -650,6 +657,13 @@ impl Played {
         let meta = self.metadata();
         meta.get(&self.namespace)
             .unwrap_or_else(|| panic!("no `{}` in the metadata: {meta:?}", self.namespace))
+    }
+
+    /// What the stream's hooks recorded for its trace ([`crate::trace`]): the `Spans` the host
+    /// sends right before the final reply to a front that agreed on `trace`; `None` when
+    /// nothing was recorded or the stream had no final.
+    pub fn spans(&self) -> Option<&Spans> {
+        self.spans.as_ref()
     }
 
     /// The host's error when the stream failed (a panic in plugin code): its final reply is

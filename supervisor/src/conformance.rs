@@ -7,7 +7,9 @@
 //! `Final` answered with its own call and stream id within the deadline, metadata within the
 //! announced limits and namespaces, `Credit` as the spec says with the window respected,
 //! `Replayed` events (when the plugin announced the capability), `Abort`, `Shutdown` honoured
-//! within its grace, end-of-file, and exit 78 after a `Refuse`. The SDK cases (`--sdk`, on by
+//! within its grace, end-of-file, and exit 78 after a `Refuse`; with the capabilities
+//! `reconnect` and `trace`, a second connection after `Reconnect` served alongside the first,
+//! and `Spans` (optional) before a final reply, naming its stream, within the limits. The SDK cases (`--sdk`, on by
 //! default for the name `conformance`) need a plugin that keeps the conformance plugin's
 //! contract, which each SDK ships: ordering per stream, streams in parallel, gaps, partial
 //! streams, replays marked, and a hook that throws failing its stream alone.
@@ -26,7 +28,8 @@ use bytes::Bytes;
 use ipc_protocol::handshake::capability;
 use ipc_protocol::{
     codec, AbortCause, FinalOutcome, FinalReply, FrameReader, FrameWriter, FromPlugin, Hello,
-    Metadata, Ping, Refuse, RefuseCode, Shutdown, Subscriptions, ToPlugin, Value, Welcome,
+    Metadata, Ping, Reconnect, Refuse, RefuseCode, Shutdown, Spans, Subscriptions, ToPlugin, Value,
+    Welcome,
 };
 use plugin_runner::testing::Stream;
 use serde::Serialize;
@@ -136,6 +139,14 @@ pub async fn run(opts: &Options, mut report: impl FnMut(&Outcome)) -> Vec<Outcom
             "aborted_final",
             kit.with_session(BUDGET, case_aborted_final).await,
         );
+        record(
+            "reconnect",
+            kit.with_session(BUDGET, async |s: &mut Session| {
+                case_reconnect(&kit, s).await
+            })
+            .await,
+        );
+        record("trace", kit.with_session(BUDGET, case_trace).await);
         record("shutdown", kit.case_shutdown().await);
         record("eof", kit.case_eof().await);
         if opts.sdk {
@@ -245,7 +256,8 @@ impl Drop for Plugin {
 
 /// A welcomed connection, as the front holds it.
 struct Session {
-    plugin: Plugin,
+    /// The process; `None` for a second connection of it (`reconnect`), whose first holds it.
+    plugin: Option<Plugin>,
     reader: FrameReader<OwnedReadHalf>,
     writer: FrameWriter<OwnedWriteHalf>,
     hello: Hello,
@@ -260,6 +272,10 @@ struct Session {
     /// What broke the protocol, if anything did.
     violation: Option<String>,
     next_nonce: u64,
+    /// Streams whose final call (`Final` or `AbortedFinal`) was sent.
+    finals_sent: BTreeSet<u64>,
+    /// The `Spans` received, in order.
+    spans: Vec<Spans>,
 }
 
 impl Kit<'_> {
@@ -356,20 +372,20 @@ impl Kit<'_> {
         }
     }
 
-    /// Starts the plugin and reads its `Hello`.
-    async fn hello(
+    /// Reads the `Hello` on `stream` and checks it: the kit's plugin name, the pid of the
+    /// connected process, a supported version.
+    async fn read_hello(
         &self,
+        stream: UnixStream,
+        plugin: &Plugin,
     ) -> Result<
         (
-            Plugin,
             Hello,
             FrameReader<OwnedReadHalf>,
             FrameWriter<OwnedWriteHalf>,
         ),
         String,
     > {
-        let mut plugin = self.start().await?;
-        let stream = plugin.stream.take().expect("accepted");
         let peer_pid = stream.peer_cred().ok().and_then(|c| c.pid());
         let (read, write) = stream.into_split();
         let mut reader = FrameReader::with_max_frame(read, crate::plugin::accept::HELLO_MAX_FRAME);
@@ -415,12 +431,18 @@ impl Kit<'_> {
                 ipc_protocol::SUPPORTED_VERSIONS
             ));
         }
-        Ok((plugin, hello, reader, writer))
+        Ok((hello, reader, writer))
     }
 
-    /// Starts the plugin and welcomes it with a window of `budget`.
-    async fn session(&self, budget: u64) -> Result<Session, String> {
-        let (plugin, hello, mut reader, mut writer) = self.hello().await?;
+    /// Welcomes a connection whose `Hello` was read, with a window of `budget`.
+    async fn welcome(
+        &self,
+        plugin: Option<Plugin>,
+        hello: Hello,
+        mut reader: FrameReader<OwnedReadHalf>,
+        mut writer: FrameWriter<OwnedWriteHalf>,
+        budget: u64,
+    ) -> Result<Session, String> {
         let welcome = ipc_protocol::handshake::answer_hello(
             &hello,
             Value::Map(Default::default()),
@@ -447,7 +469,34 @@ impl Kit<'_> {
             pongs: BTreeSet::new(),
             violation: None,
             next_nonce: 1,
+            finals_sent: BTreeSet::new(),
+            spans: Vec::new(),
         })
+    }
+
+    /// Starts the plugin and reads its `Hello`.
+    async fn hello(
+        &self,
+    ) -> Result<
+        (
+            Plugin,
+            Hello,
+            FrameReader<OwnedReadHalf>,
+            FrameWriter<OwnedWriteHalf>,
+        ),
+        String,
+    > {
+        let mut plugin = self.start().await?;
+        let stream = plugin.stream.take().expect("accepted");
+        let (hello, reader, writer) = self.read_hello(stream, &plugin).await?;
+        Ok((plugin, hello, reader, writer))
+    }
+
+    /// Starts the plugin and welcomes it with a window of `budget`.
+    async fn session(&self, budget: u64) -> Result<Session, String> {
+        let (plugin, hello, reader, writer) = self.hello().await?;
+        self.welcome(Some(plugin), hello, reader, writer, budget)
+            .await
     }
 
     /// Runs `case` on a fresh session; a protocol violation seen on the way fails it.
@@ -461,7 +510,7 @@ impl Kit<'_> {
             (_, Some(violation)) => Err(violation),
             (result, None) => result,
         };
-        result.map_err(|e| format!("{e}{}", session.plugin.output()))
+        result.map_err(|e| format!("{e}{}", session.output()))
     }
 
     async fn case_handshake(&self) -> CaseResult {
@@ -512,6 +561,9 @@ impl Kit<'_> {
             .map_err(|e| format!("after Shutdown{{grace_ms: {}}}: {e}", grace.as_millis()))?;
         // Exits on its own within the grace (and a second more for the process to end).
         let Session { plugin, reader, .. } = &mut s;
+        let plugin = plugin
+            .as_mut()
+            .expect("a first connection holds its process");
         let status = tokio::select! {
             status = plugin.exit_within(grace + Duration::from_secs(1)) => status,
             // Keep reading, so a plugin blocked on writing is not stuck on us.
@@ -523,13 +575,13 @@ impl Kit<'_> {
             }
             Some(status) => Err(format!(
                 "exited {status} after Shutdown, not 0{}",
-                s.plugin.output()
+                s.output()
             )),
             None => Err(format!(
                 "still running {:?} after Shutdown{{grace_ms: {}}}{}",
                 grace + Duration::from_secs(1),
                 grace.as_millis(),
-                s.plugin.output()
+                s.output()
             )),
         }
     }
@@ -537,11 +589,12 @@ impl Kit<'_> {
     async fn case_eof(&self) -> CaseResult {
         let s = self.session(BUDGET).await?;
         let Session {
-            mut plugin,
+            plugin,
             writer,
             reader,
             ..
         } = s;
+        let mut plugin = plugin.expect("a first connection holds its process");
         drop(writer);
         drop(reader);
         match plugin.exit_within(self.opts.deadline).await {
@@ -560,6 +613,11 @@ impl Kit<'_> {
 }
 
 impl Session {
+    /// The last lines the plugin wrote (from the first connection, which holds the process).
+    fn output(&self) -> String {
+        self.plugin.as_ref().map(Plugin::output).unwrap_or_default()
+    }
+
     fn subs(&self) -> Subscriptions {
         self.hello.subscriptions
     }
@@ -595,6 +653,9 @@ impl Session {
         }
         self.writer.feed_event(msg).map_err(|e| e.to_string())?;
         self.written += counted;
+        if let Some((_, stream)) = msg.final_call() {
+            self.finals_sent.insert(stream);
+        }
         if self.writer.pending_bytes() > 64 * 1024 {
             self.writer.flush().await.map_err(|e| e.to_string())?;
         }
@@ -633,8 +694,81 @@ impl Session {
             FromPlugin::Pong(p) => {
                 self.pongs.insert(p.nonce);
             }
-            FromPlugin::Ack(_) | FromPlugin::Spans(_) => {}
+            FromPlugin::Spans(spans) => {
+                if let Err(e) = self.check_spans(&spans) {
+                    return Err(self.violate(e));
+                }
+                self.spans.push(spans);
+            }
+            FromPlugin::Ack(_) => {}
             FromPlugin::Hello(_) => return Err(self.violate("a second Hello".into())),
+        }
+        Ok(())
+    }
+
+    /// What the front requires of a `Spans` (see "Traces" in docs/protocol.md); the front
+    /// would drop and count one that breaks it, or (without `trace`) end the connection.
+    fn check_spans(&self, spans: &Spans) -> Result<(), String> {
+        const MAX: usize = 64;
+        let stream = spans.stream_id;
+        if !self.agreed(capability::TRACE) {
+            return Err(format!(
+                "a Spans (stream {stream}) without the capability `trace` agreed: a protocol error for the front"
+            ));
+        }
+        if !self.finals_sent.contains(&stream) {
+            return Err(format!(
+                "a Spans for stream {stream}, which has no final call: it must name the stream whose final reply follows"
+            ));
+        }
+        if self
+            .replies
+            .values()
+            .flatten()
+            .any(|r| r.stream_id == stream)
+        {
+            return Err(format!(
+                "a Spans for stream {stream} after its FinalReply: it must come right before it"
+            ));
+        }
+        if self.spans.iter().any(|s| s.stream_id == stream) {
+            return Err(format!(
+                "two Spans for stream {stream}: at most one per stream"
+            ));
+        }
+        if spans.spans.len() > MAX {
+            return Err(format!(
+                "a Spans with {} spans: at most {MAX} (the front drops it)",
+                spans.spans.len()
+            ));
+        }
+        if spans.attributes.len() > MAX {
+            return Err(format!(
+                "a Spans with {} attributes for the final-call span: at most {MAX} (the front drops it)",
+                spans.attributes.len()
+            ));
+        }
+        for span in &spans.spans {
+            if span.end_ns < span.start_ns {
+                return Err(format!(
+                    "span `{}` ends ({}) before it starts ({})",
+                    span.name, span.end_ns, span.start_ns
+                ));
+            }
+            if span.attributes.len() > MAX {
+                return Err(format!(
+                    "span `{}` has {} attributes: at most {MAX} (the front drops the Spans)",
+                    span.name,
+                    span.attributes.len()
+                ));
+            }
+        }
+        let size = codec::encoded_len(spans).map_err(|e| e.to_string())? as u64;
+        if size > self.welcome.metadata_max_bytes {
+            return Err(format!(
+                "a Spans of {size} bytes, over Welcome.metadata_max_bytes ({}): the front drops it",
+                self.welcome.metadata_max_bytes
+            ));
         }
         Ok(())
     }
@@ -997,6 +1131,118 @@ async fn case_aborted_final(s: &mut Session) -> CaseResult {
         s.reply(*call)?;
     }
     Ok("4 aborted streams' finals answered with their own ids".into())
+}
+
+async fn case_reconnect(kit: &Kit<'_>, old: &mut Session) -> CaseResult {
+    if !old.agreed(capability::RECONNECT) {
+        return Ok("capability not announced: the front never sends it Reconnect".into());
+    }
+    let deadline = kit.opts.deadline;
+    // A stream in flight on the old connection when the front asks for a new one.
+    let mut events = messages(old, &stream_of(1, 2, &[]));
+    let last = events.pop().expect("a final");
+    send_interleaved(old, vec![events]).await?;
+    old.send_control(ToPlugin::Reconnect(Reconnect {
+        reason: "the conformance kit asks for a new connection".into(),
+    }))
+    .await?;
+    let plugin = old
+        .plugin
+        .as_ref()
+        .expect("a first connection holds its process");
+    let stream = match timeout(deadline, plugin.listener.accept()).await {
+        Ok(Ok((stream, _))) => stream,
+        Ok(Err(e)) => return Err(format!("accept failed: {e}")),
+        Err(_) => {
+            return Err(format!(
+                "no new connection within {deadline:?} of Reconnect (it connects to the path it is connected to)"
+            ))
+        }
+    };
+    let (hello, reader, writer) = kit.read_hello(stream, plugin).await?;
+    if hello.pid != old.hello.pid {
+        return Err(format!(
+            "the new connection's Hello says pid {}, the first said {}: the same process reconnects",
+            hello.pid, old.hello.pid
+        ));
+    }
+    if hello.subscriptions != old.hello.subscriptions
+        || hello.capabilities != old.hello.capabilities
+    {
+        return Err(format!(
+            "the new Hello differs from the first ({hello:?} vs {:?}): it says Hello as at start",
+            old.hello
+        ));
+    }
+    let mut new = kit.welcome(None, hello, reader, writer, BUDGET).await?;
+    let result = async {
+        // The old connection still answers the final of its stream.
+        old.send_event(&last, s_deadline()).await?;
+        old.await_replies(&[(call_of(1), 1)], Instant::now() + deadline)
+            .await
+            .map_err(|e| format!("the old connection, after the new one was welcomed: {e}"))?;
+        old.reply(call_of(1))?;
+        // The front closes the old connection: the new one goes on.
+        let _ = tokio::io::AsyncWriteExt::shutdown(old.writer.get_mut()).await;
+        new.ping()
+            .await
+            .map_err(|e| format!("the new connection, after the old one was closed: {e}"))?;
+        let calls = send_streams(&mut new, 2, 1, 2, &[]).await?;
+        new.await_replies(&calls, Instant::now() + deadline)
+            .await
+            .map_err(|e| format!("the new connection, after the old one was closed: {e}"))?;
+        new.reply(call_of(2))?;
+        Ok::<_, String>(())
+    }
+    .await;
+    if let Some(violation) = new.violation.take() {
+        return Err(format!("on the new connection: {violation}"));
+    }
+    result?;
+    // Its last connection closed: the process exits 0.
+    let _ = tokio::io::AsyncWriteExt::shutdown(new.writer.get_mut()).await;
+    let plugin = old
+        .plugin
+        .as_mut()
+        .expect("a first connection holds its process");
+    match plugin.exit_within(deadline).await {
+        Some(status) if status.success() => Ok(
+            "a new connection with the same Hello, served alongside the old one until it closed; exit 0 at the last end-of-file".into(),
+        ),
+        Some(status) => Err(format!(
+            "exited {status} when its last connection closed, not 0"
+        )),
+        None => Err(format!(
+            "still running {deadline:?} after its last connection reached end-of-file"
+        )),
+    }
+}
+
+/// A W3C `traceparent` for the `trace` case's request span.
+const TRACEPARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+
+async fn case_trace(s: &mut Session) -> CaseResult {
+    if !s.agreed(capability::TRACE) {
+        return Ok(
+            "capability not announced: the front never adds a traceparent nor reads Spans".into(),
+        );
+    }
+    let calls = send_streams(s, 1, 2, 2, &[("traceparent", TRACEPARENT)]).await?;
+    s.await_replies(&calls, Instant::now() + s_deadline())
+        .await?;
+    for (call, _) in &calls {
+        s.reply(*call)?;
+    }
+    // Each Spans was checked as it came (`check_spans`): it named a stream whose final reply
+    // had not come yet, and kept the limits.
+    Ok(match s.spans.len() {
+        0 => "finals answered; no Spans (optional)".into(),
+        n => format!(
+            "{n} Spans before their final replies, {} spans and {} attributes in all",
+            s.spans.iter().map(|x| x.spans.len()).sum::<usize>(),
+            s.spans.iter().map(|x| x.attributes.len()).sum::<usize>()
+        ),
+    })
 }
 
 async fn sdk_aborted(s: &mut Session, opts: &Options) -> CaseResult {

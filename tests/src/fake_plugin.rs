@@ -38,7 +38,7 @@ pub struct Behaviour {
     /// Record `Shutdown` and go on serving, as if it had not come.
     pub ignore_shutdown: bool,
     /// Speak protocol version 2 (no capabilities, so the front must not send it `Replayed`)
-    /// instead of the current one with every capability.
+    /// instead of the current one with every capability but `reconnect`.
     pub protocol_2: bool,
 }
 
@@ -126,8 +126,11 @@ impl FakePlugin {
                 plugin: name.to_owned(),
                 pid: std::process::id(),
                 subscriptions: Subscriptions::ALL,
+                // Every capability but `reconnect`: it never opens a second connection, and
+                // the conformance kit holds a plugin to what it announces.
                 capabilities: ipc_protocol::handshake::capability::KNOWN
                     .iter()
+                    .filter(|c| **c != ipc_protocol::handshake::capability::RECONNECT)
                     .map(|c| (*c).to_owned())
                     .collect(),
             }))

@@ -12,7 +12,9 @@ use plugin_runner::{
     ResponseHeaders, Subscriptions, Value,
 };
 
-/// The plugin: one greeting for all streams.
+/// The plugin: one greeting for all streams. `Clone`, because the SDK configures a clone per
+/// connection to the front (a reload that changes the greeting gets a new one).
+#[derive(Clone)]
 struct Hello {
     greeting: String,
 }

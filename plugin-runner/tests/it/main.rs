@@ -6,5 +6,7 @@
 mod harness;
 
 mod lean;
+mod reconnect;
 mod replay;
+mod trace;
 mod worker_panics;

@@ -12,6 +12,7 @@ use ipc_protocol::{
 use plugin_runner::{EventCtx, Exit, Plugin};
 
 /// Lists, per stream, whether each event it saw was replayed.
+#[derive(Clone)]
 struct Seer;
 
 impl Plugin for Seer {

@@ -78,7 +78,12 @@ async fn run_streams(
 
 /// The whole drill: 10 streams of which `DOOMED` panics (its reply names `panic` and `hook`),
 /// then 50 more streams on the same single worker, then a ping and a clean shutdown.
-async fn doomed_stream_fails_alone(plugin: impl Plugin, name: &str, panic: &str, hook: &str) {
+async fn doomed_stream_fails_alone(
+    plugin: impl Plugin + Clone,
+    name: &str,
+    panic: &str,
+    hook: &str,
+) {
     let mut front = serve_in_process(plugin, 1).await;
     front.welcome(Value::Null).await;
     let got = run_streams(&mut front, 0..10).await;
@@ -116,6 +121,7 @@ async fn doomed_stream_fails_alone(plugin: impl Plugin, name: &str, panic: &str,
 /// A per-stream state counting events.
 macro_rules! counting_plugin {
     ($plugin:ident, $state:ident, $name:literal $(, on_final: $on_final:expr)?) => {
+        #[derive(Clone)]
         struct $plugin;
         impl Plugin for $plugin {
             type Stream = $state;

@@ -15,6 +15,10 @@ The final returns ``{"plugvisor.<name>": {"seqs": [...], "replayed": n, "bytes":
 what the SDK adds (``gaps``, ``partial``). The final of an aborted stream (``AbortedFinal``)
 returns the same map plus ``"aborted": "<cause>"`` (``client_disconnect``, ``upstream_error``,
 ``timeout``, ``shutdown``).
+
+With the capability ``trace`` agreed, the final (and the aborted final) sets the attribute
+``conformance.events`` (how many of the stream's events its hooks ran) on its final-call span and
+records one span, ``conformance.final``, around its own work.
 """
 
 import time
@@ -57,7 +61,9 @@ class Conformance(plugvisor.Plugin):
     def on_chunk(self, stream, ctx, chunk):
         self.hook(stream, ctx, "chunk", chunk.len)
 
-    def report(self, stream, aborted=None):
+    def report(self, stream, ctx, aborted=None):
+        with ctx.trace.span("conformance.final"):
+            ctx.trace.attribute("conformance.events", len(stream["seqs"]))
         own = {"seqs": stream["seqs"], "replayed": stream["replayed"], "bytes": stream["bytes"]}
         if aborted is not None:
             own["aborted"] = aborted
@@ -65,11 +71,11 @@ class Conformance(plugvisor.Plugin):
 
     def on_final(self, stream, ctx, final):
         self.hook(stream, ctx, "final", final.len)
-        return self.report(stream)
+        return self.report(stream, ctx)
 
     def on_aborted_final(self, stream, ctx, event):
         self.hook(stream, ctx, "final")
-        return self.report(stream, aborted=event.cause_str)
+        return self.report(stream, ctx, aborted=event.cause_str)
 
     def on_abort(self, stream, ctx, event):
         if stream["sleep_ms"]:

@@ -8,6 +8,8 @@ across chunks: the unfinished tail of one chunk waits for the next. Reports
 A stream that ended without a response end (the client left, the upstream failed) reports the
 words of the events the client did receive, plus ``"aborted": "<cause>"`` (``client_disconnect``,
 ``upstream_error``, ``timeout``, ``shutdown``); an event cut off mid-way is not counted.
+When the front traces requests (capability ``trace``), the count also goes on the plugin's span
+of the request's trace as the attribute ``wordcount.words``.
 """
 
 import json
@@ -29,6 +31,7 @@ class WordCount(plugvisor.Plugin):
 
     def on_final(self, stream, ctx, final):
         self.feed(stream, final.bytes + b"\n\n")  # the stream ended: its last event is complete
+        ctx.trace.attribute("wordcount.words", stream["words"])
         return {self.namespace: {"words": stream["words"]}}
 
     def on_aborted_final(self, stream, ctx, event):

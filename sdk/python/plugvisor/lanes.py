@@ -29,6 +29,7 @@ from . import log
 from .credit import Credits
 from .plugin import EventCtx, Plugin
 from .sequence import next_seq, starts_partial
+from .trace import NOT_RECORDING, StreamTrace, TraceParent
 from .wire import (FINAL_TYPES, Abort, AbortedFinal, Ack, Chunk, EncodeError, Final, FinalReply,
                    Metadata, RequestStart, ResponseHeaders)
 
@@ -48,9 +49,9 @@ class _Job:
 
 class _Lane:
     __slots__ = ("state", "has_state", "queue", "queued_bytes", "scheduled", "last_seq", "gaps",
-                 "partial", "failed", "last_active")
+                 "partial", "failed", "last_active", "trace")
 
-    def __init__(self, seq: int, partial: bool, now: float) -> None:
+    def __init__(self, seq: int, partial: bool, now: float, trace: StreamTrace) -> None:
         self.state: Any = None
         self.has_state = False
         self.queue: Deque[_Job] = deque()
@@ -62,6 +63,9 @@ class _Lane:
         self.partial = partial
         self.failed: Optional[str] = None
         self.last_active = now
+        # What the stream's hooks recorded for its trace, sent as Spans before its final reply;
+        # dropped with the lane when the stream is aborted or evicted.
+        self.trace = trace
 
 
 class LaneStats:
@@ -114,7 +118,7 @@ class Lanes:
 
     def __init__(self, plugin: Plugin, *, workers: int, queue_events: int, queue_bytes: int,
                  plugin_name: str, namespace: str, send: Callable[[Any], None],
-                 credits: Credits) -> None:
+                 credits: Credits, trace: bool = False) -> None:
         self.plugin = plugin
         self.subs = plugin.subscriptions
         self.queue_events = max(queue_events, 1)
@@ -123,6 +127,8 @@ class Lanes:
         self.namespace = namespace
         self.send = send
         self.credits = credits
+        #: The connection agreed on ``trace``: each stream gets a recording ``ctx.trace``.
+        self.trace = trace
         self.stats = LaneStats()
         self._lock = threading.Lock()
         self._work = threading.Condition(self._lock)
@@ -176,7 +182,8 @@ class Lanes:
                 if partial:
                     _log.debug("first event of an unknown stream; lane is partial",
                                stream_id=stream_id, seq=seq)
-                lane = _Lane(seq, partial, now)
+                lane = _Lane(seq, partial, now,
+                             StreamTrace(stream_id) if self.trace else NOT_RECORDING)
                 self._lanes[stream_id] = lane
                 self._queue(lane, stream_id, event, seq, 0, body, frame_len, replayed, now)
                 return
@@ -191,7 +198,7 @@ class Lanes:
 
     def _queue(self, lane: _Lane, stream_id: int, event: Any, seq: int, gap: int, body: int,
                frame_len: int, replayed: bool, now: float) -> None:
-        ctx = EventCtx(stream_id, seq, event.stamp_ns, gap, lane.partial, replayed)
+        ctx = EventCtx(stream_id, seq, event.stamp_ns, gap, lane.partial, replayed, lane.trace)
         lane.queue.append(_Job(event, ctx, body, frame_len))
         if replayed:
             self.stats.replayed += 1
@@ -256,19 +263,26 @@ class Lanes:
                 if self._stop:
                     return
                 stream_id = self._ready.popleft()
+                # Running from the moment it leaves the ready queue: between this lock and the
+                # step's, the lane must not look idle (a drain would end too early).
+                self._running[stream_id] = time.monotonic()
             try:
                 self._step(stream_id)
             except BaseException as e:  # a bug here must not shrink the pool
                 _log.error("bug: the plugin host failed outside plugin code; the worker goes on",
                            stream_id=stream_id, error=repr(e))
+                with self._lock:
+                    self._running.pop(stream_id, None)
 
     def _step(self, stream_id: int) -> None:
         with self._lock:
             lane = self._lanes.get(stream_id)
             if lane is None:
+                self._running.pop(stream_id, None)
                 return
             if not lane.queue:
                 lane.scheduled = False
+                self._running.pop(stream_id, None)
                 return
             job = lane.queue.popleft()
             lane.queued_bytes -= job.body
@@ -294,6 +308,11 @@ class Lanes:
                 else:
                     lane.scheduled = False
         if reply is not None:
+            if type(reply) is FinalReply:
+                # One Spans right before the stream's final reply, when something was recorded.
+                spans = lane.trace.to_spans()
+                if spans is not None:
+                    self.send(spans)
             self.send(reply)
         for late in leftover:
             _log.warn("event after the stream's Final, AbortedFinal or Abort; not run",
@@ -327,6 +346,8 @@ class Lanes:
     def _run(self, lane: _Lane, job: _Job, gaps: int, partial: bool) -> Tuple[bool, Any]:
         """Runs one event's hook: returns whether the stream ended and the reply to send."""
         event, ctx = job.event, job.ctx
+        if isinstance(event, RequestStart) and lane.trace.recording:
+            lane.trace.traceparent = TraceParent.from_headers(event.headers)
         if not lane.has_state and lane.failed is None:
             lane.state = self._guarded(lane, ctx, "new_stream", self.plugin.new_stream)
             lane.has_state = lane.failed is None

@@ -8,9 +8,11 @@ a time in sequence order, so the state needs no locks; different streams run in 
 
 from __future__ import annotations
 
+import copy
 from types import SimpleNamespace
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
+from .trace import NOT_RECORDING, StreamTrace
 from .wire import (Abort, AbortedFinal, Chunk, Final, Metadata, RequestStart, ResponseHeaders,
                    Subscriptions)
 
@@ -23,10 +25,11 @@ class ConfigError(Exception):
 class EventCtx:
     """Where an event sits in its stream, as the host saw it."""
 
-    __slots__ = ("stream_id", "seq", "stamp_ns", "gap", "partial", "is_replayed")
+    __slots__ = ("stream_id", "seq", "stamp_ns", "gap", "partial", "is_replayed", "trace")
 
     def __init__(self, stream_id: int, seq: int, stamp_ns: int, gap: int = 0,
-                 partial: bool = False, is_replayed: bool = False) -> None:
+                 partial: bool = False, is_replayed: bool = False,
+                 trace: Optional[StreamTrace] = None) -> None:
         #: The front's id of the ext_proc stream.
         self.stream_id = stream_id
         #: The event's sequence number within the stream.
@@ -44,6 +47,10 @@ class EventCtx:
         #: seq and stamp). Compute from it exactly as from a live event; skip only side effects
         #: outside the process that the crashed one may already have made.
         self.is_replayed = is_replayed
+        #: The stream's trace record (:class:`plugvisor.trace.StreamTrace`): attributes for the
+        #: plugin's final-call span, spans of its own, the request's ``traceparent``. Records
+        #: nothing unless the front agreed on the capability ``trace``.
+        self.trace = trace if trace is not None else NOT_RECORDING
 
     def __repr__(self) -> str:
         return ("EventCtx(stream_id={0.stream_id}, seq={0.seq}, stamp_ns={0.stamp_ns}, "
@@ -69,6 +76,20 @@ class Plugin:
         """The plugin's own metadata namespace, ``plugvisor.<name>``: where the host adds
         ``gaps`` and ``partial``."""
         return "plugvisor." + self.name
+
+    def new_instance(self) -> "Plugin":
+        """An unconfigured plugin for one more connection to the front. After ``Reconnect``
+        (capability ``reconnect``: a reload changed the config, or the front was upgraded) the
+        host serves the new connection with an instance of its own, configured from that
+        connection's ``Welcome``, while the old connection finishes with the old one.
+
+        The host calls it once at start, before the first :meth:`configure`, to keep a pristine
+        copy, and then on that copy for each new connection. The default is
+        ``copy.deepcopy(self)``; override it to share something between the instances of one
+        process (a metrics registry, a client pool) or when the plugin holds what cannot be
+        copied (a lock, a socket). A plugin whose copy fails at start does not announce
+        ``reconnect``."""
+        return copy.deepcopy(self)
 
     def configure(self, config: Dict[str, Any]) -> None:
         """Applies the plugin's ``config`` table from the front's configuration (an empty dict

@@ -31,14 +31,14 @@ from .connection import FrameReader
 from .host import HostOptions, serve
 from .plugin import Plugin
 from .wire import (Abort, AbortedFinal, Ack, Chunk, Credit, Final, FinalReply, Header, Hello, Ping,
-                   Pong, Refuse, Replayed, RequestStart, ResponseHeaders, Shutdown, Welcome,
-                   counts_for_credit, decode_from_plugin, frame)
+                   Pong, Reconnect, Refuse, Replayed, RequestStart, ResponseHeaders, Shutdown,
+                   Spans, Welcome, counts_for_credit, decode_from_plugin, frame)
 
 _CLOSED = object()
 
 #: What the fake front offers by default: every capability a front of protocol version 3 knows.
 #: The ``Welcome`` lists those of them the plugin's ``Hello`` announced.
-FRONT_CAPABILITIES: Tuple[str, ...] = ("replayed", "aborted_final")
+FRONT_CAPABILITIES: Tuple[str, ...] = ("replayed", "aborted_final", "reconnect", "trace")
 
 
 class FakeFront:
@@ -64,6 +64,12 @@ class FakeFront:
         self.exit_code: Optional[int] = None
         self._next_call = 1
         self._recv_thread: Optional[threading.Thread] = None
+        #: Everything the plugin sent after the ``Welcome`` but ``Credit``, in arrival order
+        #: (to check that a ``Spans`` came right before its ``FinalReply``).
+        self.received: List[Any] = []
+        #: The socket path the plugin connects to (:meth:`start_listening`), for its next
+        #: connections (:meth:`accept_next`).
+        self.listener: Optional[socket.socket] = None
 
     # -- setting up -------------------------------------------------------------------------
 
@@ -92,6 +98,51 @@ class FakeFront:
                             metadata_max_bytes=metadata_max_bytes, capabilities=capabilities,
                             version=version, refuse=refuse)
         return front
+
+    @classmethod
+    def start_listening(cls, plugin: Plugin, *, name: Optional[str] = None,
+                        options: Optional[HostOptions] = None, handshake: bool = True,
+                        **handshake_kw: Any) -> "FakeFront":
+        """Like :meth:`start`, but the host connects to a socket path this fake front listens
+        on, as a real plugin does, so that it can open more connections after ``Reconnect``
+        (:meth:`reconnect`, :meth:`accept_next`). The other keywords go to :meth:`handshake`.
+        The host's exit status is the first front's (:meth:`wait_exit`)."""
+        listener, path = cls.listen()
+        listener.listen(4)
+        opts = options or HostOptions(plugin=name or plugin.name, workers=2)
+        opts.connect = path
+        fronts: List[FakeFront] = []
+        accepted = threading.Event()
+
+        def host() -> None:
+            code = serve(plugin, opts)
+            accepted.wait(10)
+            if fronts:
+                fronts[0].exit_code = code
+
+        thread = threading.Thread(target=host, name="plugin-host", daemon=True)
+        thread.start()
+        front = cls.accept(listener)
+        front.listener = listener
+        front.thread = thread
+        fronts.append(front)
+        accepted.set()
+        if handshake:
+            front.handshake(**handshake_kw)
+        return front
+
+    def accept_next(self, timeout: float = 10.0) -> "FakeFront":
+        """The plugin's next connection on the same socket path (after ``Reconnect``); call
+        :meth:`handshake` on it next. Raises ``socket.timeout`` if none comes in time."""
+        if self.listener is None:
+            raise AssertionError("only a front made by start_listening accepts more connections")
+        front = FakeFront.accept(self.listener, timeout)
+        front.listener = self.listener
+        return front
+
+    def reconnect(self, reason: str = "the fake front asks for a new connection") -> None:
+        """Sends ``Reconnect`` (capability ``reconnect``)."""
+        self.send(Reconnect(reason))
 
     @classmethod
     def listen(cls, path: Optional[str] = None) -> Tuple[socket.socket, str]:
@@ -154,6 +205,9 @@ class FakeFront:
                             self.violations.append(
                                 f"Credit {msg.consumed} is more than the {self.written} written")
                         self.credits.append(msg.consumed)
+                else:
+                    with self._lock:
+                        self.received.append(msg)
                 self._inbox.put(msg)
         except OSError:
             pass
@@ -245,6 +299,19 @@ class FakeFront:
         """Waits for the ``FinalReply`` of ``call_id``."""
         return self.expect(lambda m: isinstance(m, FinalReply) and m.call_id == call_id,
                            f"FinalReply for call {call_id}", timeout)
+
+    def spans(self, stream_id: int, timeout: float = 10.0) -> Spans:
+        """Waits for the ``Spans`` of ``stream_id`` (capability ``trace``) and checks that it
+        came before the stream's ``FinalReply``."""
+        spans = self.expect(lambda m: isinstance(m, Spans) and m.stream_id == stream_id,
+                            f"Spans for stream {stream_id}", timeout)
+        with self._lock:
+            at = next(i for i, m in enumerate(self.received) if m is spans)
+            before = [m for m in self.received[:at]
+                      if isinstance(m, FinalReply) and m.stream_id == stream_id]
+        if before:
+            raise AssertionError(f"the Spans of stream {stream_id} came after its FinalReply")
+        return spans
 
     def ping(self, nonce: int, timeout: float = 10.0) -> Pong:
         """Sends ``Ping`` and waits for its ``Pong``."""

@@ -24,8 +24,10 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 #: The protocol version this SDK speaks.
 PROTOCOL_VERSION = 3
 #: The capabilities this SDK announces in ``Hello`` (protocol version 3 and later): it decodes
-#: ``Replayed`` (``replayed``) and answers ``AbortedFinal`` like a ``Final`` (``aborted_final``).
-CAPABILITIES: Tuple[str, ...] = ("replayed", "aborted_final")
+#: ``Replayed`` (``replayed``), answers ``AbortedFinal`` like a ``Final`` (``aborted_final``),
+#: follows ``Reconnect`` with a second connection (``reconnect``) and sends what hooks record
+#: for a stream's trace as ``Spans`` (``trace``).
+CAPABILITIES: Tuple[str, ...] = ("replayed", "aborted_final", "reconnect", "trace")
 #: Bytes of the length prefix in front of every payload.
 PREFIX_LEN = 4
 #: The largest payload a plugin accepts: the protocol's ceiling, 64 MiB, as the Rust host (the
@@ -264,6 +266,15 @@ class Replayed:
     INDEX = 9
 
 
+@dataclass
+class Reconnect:
+    """Open a second connection to the same socket and serve both until the front closes this
+    one (``ToPlugin`` 11, capability ``reconnect``)."""
+
+    reason: str
+    INDEX = 11
+
+
 #: The per-stream events ``Replayed`` may wrap (``ToPlugin`` 2-6).
 ReplayableEvent = Union[RequestStart, ResponseHeaders, Chunk, Final, Abort]
 REPLAYABLE_EVENT_TYPES = (RequestStart, ResponseHeaders, Chunk, Final, Abort)
@@ -274,7 +285,7 @@ EVENT_TYPES = REPLAYABLE_EVENT_TYPES + (AbortedFinal,)
 #: The final calls, answered with a :class:`FinalReply`.
 FINAL_TYPES = (Final, AbortedFinal)
 ToPlugin = Union[Welcome, Refuse, RequestStart, ResponseHeaders, Chunk, Final, Abort, Ping,
-                 Shutdown, Replayed, AbortedFinal]
+                 Shutdown, Replayed, AbortedFinal, Reconnect]
 
 # ---------------------------------------------------------------------------------------------
 # Messages, plugin -> front (FromPlugin)
@@ -349,7 +360,28 @@ class Credit:
     INDEX = 4
 
 
-FromPlugin = Union[Hello, FinalReply, Pong, Ack, Credit]
+@dataclass
+class PluginSpan:
+    """One span a plugin recorded: ``CLOCK_MONOTONIC`` nanoseconds, attributes in order."""
+
+    name: str
+    start_ns: int
+    end_ns: int
+    attributes: List[Tuple[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class Spans:
+    """What a plugin adds to one stream's trace (``FromPlugin`` 5, capability ``trace``), sent
+    right before the stream's :class:`FinalReply`."""
+
+    stream_id: int
+    attributes: List[Tuple[str, Any]] = field(default_factory=list)
+    spans: List[PluginSpan] = field(default_factory=list)
+    INDEX = 5
+
+
+FromPlugin = Union[Hello, FinalReply, Pong, Ack, Credit, Spans]
 
 # ---------------------------------------------------------------------------------------------
 # Encoding
@@ -434,6 +466,13 @@ def encode_value(out: bytearray, value: Any, depth: int = 1) -> None:
                           "(use None, bool, int, float, str, list or dict)")
 
 
+def _attributes(out: bytearray, attributes: Sequence[Tuple[str, Any]]) -> None:
+    _varint(out, len(attributes))
+    for key, value in attributes:
+        _string(out, key)
+        encode_value(out, value)
+
+
 def encode_map(out: bytearray, mapping: Dict[str, Any], depth: int = 1) -> None:
     """Appends a string-keyed map, keys in ascending byte order, values at ``depth``."""
     for key in mapping:
@@ -495,6 +534,17 @@ def encode(msg: Any) -> bytes:
         _varint(out, msg.seq, _U32_MAX)
     elif t is Credit:
         _varint(out, msg.consumed)
+    elif t is Spans:
+        _varint(out, msg.stream_id)
+        _attributes(out, msg.attributes)
+        _varint(out, len(msg.spans))
+        for span in msg.spans:
+            _string(out, span.name)
+            _varint(out, span.start_ns)
+            _varint(out, span.end_ns)
+            _attributes(out, span.attributes)
+    elif t is Reconnect:
+        _string(out, msg.reason)
     elif t is Welcome:
         _varint(out, msg.protocol_version, _U32_MAX)
         encode_value(out, msg.config)
@@ -664,6 +714,10 @@ class _Reader:
             out[key] = self.value(depth)
         return out
 
+    def attributes(self) -> List[Tuple[str, Any]]:
+        n = self.length()
+        return [(self.string(), self.value()) for _ in range(n)]
+
     def event_head(self) -> Tuple[int, int, int]:
         return self.varint(), self.varint(_U32_MAX), self.varint()
 
@@ -726,6 +780,8 @@ def decode_to_plugin(payload: bytes) -> ToPlugin:
         return r.finish(Ping(r.varint()))
     if index == 8:
         return r.finish(Shutdown(r.varint()))
+    if index == Reconnect.INDEX:
+        return r.finish(Reconnect(r.string()))
     if index == 9:
         inner = r.varint(_U32_MAX)
         if inner == AbortedFinal.INDEX:
@@ -765,6 +821,12 @@ def decode_from_plugin(payload: bytes) -> FromPlugin:
         return r.finish(Ack(r.varint(), r.varint(_U32_MAX)))
     if index == 4:
         return r.finish(Credit(r.varint()))
+    if index == Spans.INDEX:
+        stream_id = r.varint()
+        attributes = r.attributes()
+        n = r.length()
+        spans = [PluginSpan(r.string(), r.varint(), r.varint(), r.attributes()) for _ in range(n)]
+        return r.finish(Spans(stream_id, attributes, spans))
     raise ProtocolError(f"unknown FromPlugin variant {index}")
 
 

@@ -113,7 +113,7 @@ class Process(unittest.TestCase):
         connected = [l for l in lines if "connected to the front" in l][0]
         self.assertRegex(connected, r"^INFO plugvisor\.host: connected to the front version=3 "
                                     r'subscriptions="request_start,response_headers,chunks,body_bytes,abort" ')
-        self.assertIn("capabilities=\"replayed,aborted_final\"", connected)
+        self.assertIn("capabilities=\"replayed,aborted_final,reconnect,trace\"", connected)
 
     def test_a_refused_plugin_exits_78_with_the_reason_logged(self):
         proc, front = self.spawn()

@@ -70,12 +70,13 @@ def events(reply):
 
 
 class Handshake(unittest.TestCase):
-    def test_hello_speaks_version_3_with_the_replayed_and_aborted_final_capabilities(self):
+    def test_hello_speaks_version_3_with_its_capabilities(self):
         with FakeFront.start(WordCount(), options=opts("wordcount")) as front:
             self.assertEqual(front.hello.protocol_version, 3)
             self.assertEqual(front.hello.plugin, "wordcount")
-            self.assertEqual(front.hello.capabilities, ["replayed", "aborted_final"])
-            self.assertEqual(front.welcome.capabilities, ["replayed", "aborted_final"])
+            # Served on a socket it was given, with no path to reconnect to: no `reconnect`.
+            self.assertEqual(front.hello.capabilities, ["replayed", "aborted_final", "trace"])
+            self.assertEqual(front.welcome.capabilities, ["replayed", "aborted_final", "trace"])
             self.assertEqual(front.hello.subscriptions,
                              Subscriptions(False, False, True, True, False))
 

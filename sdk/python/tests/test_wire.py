@@ -156,9 +156,10 @@ class AbortedFinals(unittest.TestCase):
         self.assertEqual(wire.FINAL_TYPES, (Final, AbortedFinal))
 
     def test_the_sdk_announces_the_capability(self):
-        self.assertEqual(wire.CAPABILITIES, ("replayed", "aborted_final"))
+        self.assertEqual(wire.CAPABILITIES, ("replayed", "aborted_final", "reconnect", "trace"))
         hello = Hello(3, "usage", 4242, Subscriptions(), list(wire.CAPABILITIES))
-        self.assertTrue(wire.encode(hello).endswith(b"\x02\x08replayed\x0daborted_final"))
+        self.assertTrue(wire.encode(hello).endswith(
+            b"\x04\x08replayed\x0daborted_final\x09reconnect\x05trace"))
         self.assertEqual(wire.decode_from_plugin(wire.encode(hello)), hello)
 
 

@@ -64,6 +64,8 @@ const PROTOCOL_CASES: &[&str] = &[
     "replayed",
     "abort",
     "aborted_final",
+    "reconnect",
+    "trace",
     "shutdown",
     "eof",
 ];

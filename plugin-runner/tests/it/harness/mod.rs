@@ -57,7 +57,9 @@ pub struct Front {
     credited: Arc<AtomicU64>,
     /// Counted bytes of the events written so far.
     written: u64,
-    _dir: TempDir,
+    /// The socket the plugin connects to, kept for its next connections ([`Front::accept_next`]).
+    listener: Arc<UnixListener>,
+    _dir: Arc<TempDir>,
 }
 
 /// The window a plain [`Front::welcome`] gives: the front's default.
@@ -83,24 +85,27 @@ pub async fn spawn(plugin: &str, extra: &[&str], stderr: Stdio) -> Front {
         .kill_on_drop(true)
         .spawn()
         .unwrap();
-    accept(listener, dir, Some(child), None).await
+    accept(Arc::new(listener), Arc::new(dir), Some(child), None).await
 }
 
 /// Serves `plugin` with `workers` worker threads in this process (a task running
 /// [`plugin_runner::serve`]) and accepts its connection: for plugins defined in a test.
-pub async fn serve_in_process<P: plugin_runner::Plugin>(plugin: P, workers: usize) -> Front {
+pub async fn serve_in_process<P: plugin_runner::Plugin + Clone>(
+    plugin: P,
+    workers: usize,
+) -> Front {
     let dir = TempDir::new();
     let sock = dir.0.join("plugin.sock");
     let listener = UnixListener::bind(&sock).unwrap();
     let mut opts = plugin_runner::HostOptions::new(plugin.name().to_owned(), &sock);
     opts.workers = workers;
     let host = tokio::spawn(plugin_runner::serve(plugin, opts));
-    accept(listener, dir, None, Some(host)).await
+    accept(Arc::new(listener), Arc::new(dir), None, Some(host)).await
 }
 
 async fn accept(
-    listener: UnixListener,
-    dir: TempDir,
+    listener: Arc<UnixListener>,
+    dir: Arc<TempDir>,
     child: Option<Child>,
     host: Option<tokio::task::JoinHandle<plugin_runner::Exit>>,
 ) -> Front {
@@ -128,11 +133,42 @@ async fn accept(
         incoming: None,
         credited: Arc::new(AtomicU64::new(0)),
         written: 0,
+        listener,
         _dir: dir,
     }
 }
 
 impl Front {
+    /// The plugin's next connection on the same socket (after a `Reconnect`), with its `Hello`
+    /// read, within [`WAIT`]. The process (or in-process host) stays with the first `Front`.
+    pub async fn accept_next(&self) -> Front {
+        accept(self.listener.clone(), self._dir.clone(), None, None).await
+    }
+
+    /// Whether the plugin opens another connection within `wait`.
+    pub async fn connects_within(&self, wait: Duration) -> bool {
+        tokio::time::timeout(wait, self.listener.accept())
+            .await
+            .is_ok()
+    }
+
+    /// Whether the in-process host ([`serve_in_process`]) has returned.
+    pub fn host_finished(&self) -> bool {
+        self.host
+            .as_ref()
+            .expect("a plugin served in process")
+            .is_finished()
+    }
+
+    /// Answers the `Hello` with a `Refuse`.
+    pub async fn refuse(&mut self, code: ipc_protocol::RefuseCode, reason: &str) {
+        self.send_now(ToPlugin::Refuse(ipc_protocol::Refuse {
+            code,
+            reason: reason.into(),
+        }))
+        .await;
+    }
+
     /// The plugin process (not for [`serve_in_process`]).
     pub fn child(&mut self) -> &mut Child {
         self.child.as_mut().expect("a spawned plugin process")
@@ -160,12 +196,30 @@ impl Front {
         budget_bytes: u64,
         metadata_max_bytes: u64,
     ) {
+        self.welcome_full(config, budget_bytes, metadata_max_bytes, &["replayed"])
+            .await
+    }
+
+    /// [`Front::welcome`] agreeing on `capabilities` (whatever the `Hello` said).
+    pub async fn welcome_caps(&mut self, config: Value, capabilities: &[&str]) {
+        self.welcome_full(config, BUDGET, 16 << 10, capabilities)
+            .await
+    }
+
+    /// Sends `Welcome` with every field given, and starts collecting what the plugin sends.
+    pub async fn welcome_full(
+        &mut self,
+        config: Value,
+        budget_bytes: u64,
+        metadata_max_bytes: u64,
+        capabilities: &[&str],
+    ) {
         self.send_now(ToPlugin::Welcome(Welcome {
             protocol_version: ipc_protocol::PROTOCOL_VERSION,
             config,
             budget_bytes,
             metadata_max_bytes,
-            capabilities: vec!["replayed".into()],
+            capabilities: capabilities.iter().map(|c| (*c).to_owned()).collect(),
         }))
         .await;
         let mut reader = self.reader.take().unwrap();
