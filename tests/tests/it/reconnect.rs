@@ -17,8 +17,11 @@ use tests::upstream::Params;
 const BEFORE: &str = "[plugins.usage]\nspawn = false\nfinal_timeout_ms = 5000\n\
                       [plugins.test-order]\nfinal_timeout_ms = 5000\n";
 
-/// The same, with a cost table added to `usage`'s config: only a new connection has it.
+/// The same, with a cost table added to `usage`'s config: only a new connection has it. (A plugin
+/// the front does not start gets no grants derived from its config: `namespaces` grants the
+/// cost's.)
 const AFTER: &str = "[plugins.usage]\nspawn = false\nfinal_timeout_ms = 5000\n\
+                     namespaces = [\"envoy.ratelimit\"]\n\
                      [[plugins.usage.config.costs]]\nnamespace = \"envoy.ratelimit\"\n\
                      key = \"tokens\"\ntype = \"total\"\n\
                      [plugins.test-order]\nfinal_timeout_ms = 5000\n";
