@@ -438,7 +438,7 @@ async fn a_reload_and_an_upgrade_move_an_external_unit_without_restarting_it() {
             "the unit was not restarted"
         );
         assert_eq!(s.unit_prop(UNIT, "NRestarts"), "0");
-        let journal = s.c.journalctl(&["-u", UNIT]).unwrap();
+        let journal = s.c.journalctl(&["-u", UNIT, "-o", "verbose"]).unwrap();
         assert!(journal.contains("config changed"), "{journal}");
     });
 
@@ -466,7 +466,7 @@ async fn a_reload_and_an_upgrade_move_an_external_unit_without_restarting_it() {
             "the unit was not restarted"
         );
         assert_eq!(s.unit_prop(UNIT, "NRestarts"), "0");
-        let journal = s.c.journalctl(&["-u", UNIT]).unwrap();
+        let journal = s.c.journalctl(&["-u", UNIT, "-o", "verbose"]).unwrap();
         assert!(journal.contains("front upgrade to pid"), "{journal}");
     });
 }
