@@ -9,6 +9,16 @@ use std::time::{Duration, Instant};
 use crate::envoy::{example_config, http_get};
 use crate::free_port;
 
+/// Envoy 1.40's own usage extraction, observe-only, for every route (the bench's upstream is
+/// OpenAI chat, which it detects from the response).
+const NATIVE_USAGE_FILTER: &str = "          - name: envoy.filters.http.ai_protocol_manager
+            typed_config:
+              \"@type\": type.googleapis.com/envoy.extensions.filters.http.ai_protocol_manager.v3.AiProtocolManager
+              response_handling:
+                token_usage:
+                  include_unconfigured_routes: true
+";
+
 /// A running Envoy.
 pub struct BenchEnvoy {
     child: Child,
@@ -30,12 +40,30 @@ impl BenchEnvoy {
         BenchEnvoy::start_at(dir, ext_proc.as_deref(), upstream_port, namespaces)
     }
 
+    /// Envoy without ext_proc and with its own in-process usage extraction instead: the AI
+    /// Protocol Manager filter (Envoy 1.40) with `response_handling.token_usage` on every route,
+    /// publishing typed metadata under `envoy.ai.token_usage` (what a user who needs usage alone
+    /// would run; `tests/tests/it/usage_envoy.rs` checks its numbers against the plugin's).
+    pub fn start_native(dir: &Path, upstream_port: u16) -> BenchEnvoy {
+        BenchEnvoy::start_with(dir, None, upstream_port, &[], true)
+    }
+
     /// [`BenchEnvoy::start`] with the ext_proc server at `unix:/path` or `ip:port`.
     pub fn start_at(
         dir: &Path,
         ext_proc: Option<&str>,
         upstream_port: u16,
         namespaces: &[&str],
+    ) -> BenchEnvoy {
+        BenchEnvoy::start_with(dir, ext_proc, upstream_port, namespaces, false)
+    }
+
+    fn start_with(
+        dir: &Path,
+        ext_proc: Option<&str>,
+        upstream_port: u16,
+        namespaces: &[&str],
+        native_usage: bool,
     ) -> BenchEnvoy {
         std::fs::create_dir_all(dir).expect("envoy dir");
         let port = free_port();
@@ -104,6 +132,12 @@ impl BenchEnvoy {
                     &format!("pipe: {{ path: {} }}", dir.join("unused.sock").display()),
                 );
             }
+        }
+        if native_usage {
+            let router = yaml
+                .find("          - name: envoy.filters.http.router")
+                .expect("router filter in the example");
+            yaml.insert_str(router, NATIVE_USAGE_FILTER);
         }
         // Access logs are not read here: flush them rarely.
         let child = crate::envoy::spawn(dir, &yaml, 1000);

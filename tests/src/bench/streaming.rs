@@ -20,7 +20,7 @@ use crate::front::FrontProcess;
 
 /// One configuration under test.
 pub struct Target {
-    /// Short key: `a`, `ref`, `b`, `c`, `c-tcp`, `d`, `d-idle`, `e`.
+    /// Short key: `a`, `n`, `ref`, `b`, `c`, `c-tcp`, `py`, `d`, `d-idle`, `e`.
     pub key: &'static str,
     /// What it is.
     pub label: &'static str,
@@ -192,6 +192,17 @@ pub fn setup(root: &Path, upstream: u16) -> Vec<Target> {
         _front: None,
         _echo: None,
     });
+    out.push(Target {
+        key: "n",
+        label: "Envoy's own usage extraction (ai_protocol_manager, in-process), no ext_proc: the \
+                floor for usage alone",
+        envoy: BenchEnvoy::start_native(&root.join("n"), upstream),
+        server_pid: None,
+        admin_port: None,
+        plugin_pids: vec![],
+        _front: None,
+        _echo: None,
+    });
     let sock = root.join("ref/echo.sock");
     std::fs::create_dir_all(root.join("ref")).expect("dir");
     let echo = EchoProcess::start(&sock);
@@ -225,6 +236,22 @@ pub fn setup(root: &Path, upstream: u16) -> Vec<Target> {
         "c-tcp",
         "plugvisor, the embedded default config as users run it (TCP 127.0.0.1)",
         false,
+        upstream,
+    ));
+    let python = crate::python::venv_with_sdk(&root.join("py-venv"));
+    let wordcount = format!(
+        "[plugins.wordcount]\ncommand = \"{}\"\nargs = [\"{}\", \"--connect\", \"<DIR>/run/plugins/wordcount.sock\"]\n",
+        python.display(),
+        crate::python::repo()
+            .join("sdk/python/examples/wordcount.py")
+            .display()
+    );
+    out.push(front_target(
+        root,
+        "py",
+        "plugvisor + the Python SDK's example plugin (sdk/python/examples/wordcount.py)",
+        &wordcount,
+        &["wordcount"],
         upstream,
     ));
     let spins = ["spin1", "spin2", "spin3"];
