@@ -164,6 +164,10 @@ impl Plugin for LatencyPlugin {
         true
     }
 
+    fn quick_events(&self) -> bool {
+        true
+    }
+
     fn on_final(&self, s: &mut LatencyStream, ctx: &EventCtx, f: &Final) -> Metadata {
         s.timing.push(&f.bytes, f.len.into(), ctx.stamp_ns);
         s.timing.finish(ctx.stamp_ns);

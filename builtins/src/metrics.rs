@@ -511,6 +511,10 @@ impl Plugin for MetricsPlugin {
         true
     }
 
+    fn quick_events(&self) -> bool {
+        true
+    }
+
     fn on_final(&self, s: &mut MetricsStream, ctx: &EventCtx, f: &Final) -> Metadata {
         s.timing.push(&f.bytes, f.len.into(), ctx.stamp_ns);
         s.timing.finish(ctx.stamp_ns);

@@ -617,6 +617,10 @@ impl Plugin for UsagePlugin {
         true
     }
 
+    fn quick_events(&self) -> bool {
+        true
+    }
+
     fn on_final(&self, s: &mut UsageStream, ctx: &EventCtx, f: &Final) -> Metadata {
         let body = s.observer(self.format);
         body.push(&f.bytes, f.len.into(), ctx.stamp_ns);

@@ -55,8 +55,17 @@ pub mod capability {
     /// headers as they came and the front never reads a `Spans` from it.
     pub const TRACE: &str = "trace";
 
+    /// The plugin may hold back `Credit` while less than a quarter of its window is unreported,
+    /// even when it is idle; it reports everything it has consumed before it answers a `Ping`
+    /// (`Credit`, then `Pong`) and again at its first idle moment after a `Ping`. The front, in
+    /// turn, pings whenever its writer starts waiting for room in the window, and whenever
+    /// credit comes that still leaves no room. Without it the plugin reports all it has consumed
+    /// whenever it goes idle, which costs a `Credit` frame (and a wake-up on each side) for
+    /// every event of a slow stream.
+    pub const CREDIT_ON_PING: &str = "credit_on_ping";
+
     /// Every capability this front knows, in the order a `Welcome` lists them.
-    pub const KNOWN: &[&str] = &[REPLAYED, ABORTED_FINAL, RECONNECT, TRACE];
+    pub const KNOWN: &[&str] = &[REPLAYED, ABORTED_FINAL, RECONNECT, TRACE, CREDIT_ON_PING];
 }
 
 /// Checks the version a plugin announced.

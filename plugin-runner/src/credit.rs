@@ -8,8 +8,10 @@
 //!
 //! [`Credits`] reports the cumulative count as [`FromPlugin::Credit`] once the unreported amount
 //! reaches a quarter of the budget (few messages, and the front never runs dry while the plugin
-//! keeps up), and whenever the lanes go idle ([`Credits::flush`]), so the front is never left
-//! waiting for credit the plugin owes.
+//! keeps up), and when the lanes go idle ([`Credits::idle`]), so the front is never left waiting
+//! for credit the plugin owes. With a front that agreed on `credit_on_ping`, going idle reports
+//! only once after each `Ping` ([`Credits::pinged`], which reports at once too): the front pings
+//! when its window is full, so a slow stream no longer costs a `Credit` frame per event.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -25,17 +27,41 @@ pub(crate) struct Credits {
     reported: Mutex<u64>,
     threshold: u64,
     out: Outbox,
+    /// The front agreed on `credit_on_ping`: idle moments report only when a ping asked.
+    on_ping: bool,
+    /// A `Ping` came since the last idle report.
+    asked: std::sync::atomic::AtomicBool,
 }
 
 impl Credits {
-    /// Credits for a window of `budget_bytes`, reported through `out`.
-    pub(crate) fn new(budget_bytes: u64, out: Outbox) -> Arc<Credits> {
+    /// Credits for a window of `budget_bytes`, reported through `out`; `on_ping` when the front
+    /// agreed on `credit_on_ping`.
+    pub(crate) fn new(budget_bytes: u64, out: Outbox, on_ping: bool) -> Arc<Credits> {
         Arc::new(Credits {
             consumed: AtomicU64::new(0),
             reported: Mutex::new(0),
             threshold: report_threshold(budget_bytes),
             out,
+            on_ping,
+            asked: std::sync::atomic::AtomicBool::new(false),
         })
+    }
+
+    /// The lanes have nothing queued or running: report everything, unless the front agreed on
+    /// `credit_on_ping` and no `Ping` came since the last such report.
+    pub(crate) fn idle(&self) {
+        if !self.on_ping || self.asked.swap(false, Ordering::AcqRel) {
+            self.flush();
+        }
+    }
+
+    /// A `Ping` came: report everything now (ahead of the `Pong`), and once more at the next idle
+    /// moment.
+    pub(crate) fn pinged(&self) {
+        self.flush();
+        if self.on_ping {
+            self.asked.store(true, Ordering::Release);
+        }
     }
 
     /// An event of `bytes` counted bytes is now held; its bytes are consumed when the returned
@@ -106,7 +132,45 @@ mod tests {
                 let _ = tx.lock().unwrap().send(c.consumed);
             }
         });
-        (Credits::new(budget, out), rx)
+        (Credits::new(budget, out, false), rx)
+    }
+
+    #[test]
+    fn on_ping_an_idle_moment_reports_only_once_after_each_ping() {
+        let (tx, rx) = mpsc::channel();
+        let tx = Mutex::new(tx);
+        let out: Outbox = Arc::new(move |m| {
+            if let FromPlugin::Credit(c) = m {
+                let _ = tx.lock().unwrap().send(c.consumed);
+            }
+        });
+        let credits = Credits::new(400, out, true);
+        drop(credits.owe(10));
+        credits.idle();
+        assert!(rx.try_recv().is_err(), "idle without a ping: nothing sent");
+        credits.pinged();
+        assert_eq!(rx.try_recv().unwrap(), 10, "a ping reports at once");
+        drop(credits.owe(5));
+        credits.idle();
+        assert_eq!(rx.try_recv().unwrap(), 15, "and at the next idle moment");
+        drop(credits.owe(5));
+        credits.idle();
+        assert!(rx.try_recv().is_err(), "only once per ping");
+        drop(credits.owe(95));
+        assert_eq!(
+            rx.try_recv().unwrap(),
+            115,
+            "a quarter of the window always reports"
+        );
+
+        // Without the capability every idle moment reports.
+        let (eager, rx) = super::tests::credits(400);
+        drop(eager.owe(1));
+        eager.idle();
+        assert_eq!(rx.try_recv().unwrap(), 1);
+        drop(eager.owe(1));
+        eager.idle();
+        assert_eq!(rx.try_recv().unwrap(), 2);
     }
 
     #[test]

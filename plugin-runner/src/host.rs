@@ -51,6 +51,7 @@ pub const CAPABILITIES: &[&str] = &[
     ipc_protocol::handshake::capability::ABORTED_FINAL,
     ipc_protocol::handshake::capability::RECONNECT,
     ipc_protocol::handshake::capability::TRACE,
+    ipc_protocol::handshake::capability::CREDIT_ON_PING,
 ];
 
 /// How long the host waits for the front's answer to `Hello`.
@@ -583,7 +584,14 @@ async fn run_connection<P: Plugin>(
         .capabilities
         .iter()
         .any(|c| c == ipc_protocol::handshake::capability::TRACE);
-    let credits = Credits::new(welcome.budget_bytes, out.clone());
+    let credits = Credits::new(
+        welcome.budget_bytes,
+        out.clone(),
+        welcome
+            .capabilities
+            .iter()
+            .any(|c| c == ipc_protocol::handshake::capability::CREDIT_ON_PING),
+    );
     let consumed = credits.clone();
     let lanes = Lanes::start(
         Arc::new(plugin),
@@ -745,6 +753,8 @@ fn rename_namespace(md: &mut Metadata, from: &str, to: &str) {
 /// Waits until no event is queued or running, or `grace` has passed.
 /// The answer to `Ping{nonce}`: from the reading loop, whatever the lanes are doing.
 fn pong<P: Plugin>(lanes: &Lanes<P>, nonce: u64, stuck_after: Duration) -> FromPlugin {
+    // Credit first: a front on `credit_on_ping` may be waiting for it.
+    lanes.pinged();
     let pong = Pong {
         nonce,
         active_streams: lanes.active_streams(),

@@ -118,6 +118,8 @@ struct Shared<P: Plugin> {
     subs: Subscriptions,
     /// [`Plugin::quick_final`]: a final whose lane is idle runs on the submitting thread.
     quick_final: bool,
+    /// [`Plugin::quick_events`]: so does any other event whose lane is idle.
+    quick_events: bool,
     cfg: LaneConfig,
     inner: Mutex<Inner<P::Stream>>,
     work: Condvar,
@@ -144,6 +146,7 @@ impl<P: Plugin> Lanes<P> {
         let shared = Arc::new(Shared {
             subs: plugin.subscriptions(),
             quick_final: plugin.quick_final(),
+            quick_events: plugin.quick_events(),
             plugin,
             cfg,
             inner: Mutex::new(Inner {
@@ -188,6 +191,11 @@ impl<P: Plugin> Lanes<P> {
             }
             self.shared.lost.notify.notified().await;
         }
+    }
+
+    /// A `Ping` came: report credit now, ahead of the `Pong` ([`Credits::pinged`]).
+    pub(crate) fn pinged(&self) {
+        self.shared.credits.pinged();
     }
 
     /// Streams the plugin holds state for.
@@ -349,15 +357,15 @@ impl<P: Plugin> Shared<P> {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Reports all consumed credit if no event is queued or running, so the front is never left
-    /// waiting for credit while the host sits idle.
+    /// Tells the credit count when no event is queued or running, so the front is never left
+    /// waiting for credit while the host sits idle ([`Credits::idle`]).
     fn flush_credit_if_idle(&self) {
         let idle = {
             let inner = self.lock();
             inner.ready.is_empty() && inner.running.is_empty()
         };
         if idle {
-            self.credits.flush();
+            self.credits.idle();
         }
     }
 
@@ -451,10 +459,18 @@ impl<P: Plugin> Shared<P> {
         lane.last_active = now;
         if !lane.scheduled {
             lane.scheduled = true;
-            if self.quick_final && kind == Kind::Final {
+            let quick = if kind == Kind::Final {
+                self.quick_final
+            } else {
+                self.quick_events
+            };
+            if quick {
                 // Nothing else of this stream is queued or running (the lane was not
-                // scheduled), so running the final here keeps the stream's order, and saves
-                // the hand-off to a worker and back (`Plugin::quick_final`).
+                // scheduled), so running the event here keeps the stream's order, and saves
+                // the hand-off to a worker and back (`Plugin::quick_final`,
+                // `Plugin::quick_events`). Running from now on, as a worker's lane is from the
+                // moment it leaves the ready queue.
+                inner.running.insert(stream_id, now);
                 drop(guard);
                 self.run_here(stream_id);
                 return;
@@ -918,6 +934,9 @@ mod tests {
         /// Reports `quick_final`, and records the thread each final ran on.
         quick: bool,
         final_threads: Mutex<HashMap<StreamId, std::thread::ThreadId>>,
+        /// Reports `quick_events`, and records the thread each chunk ran on.
+        quick_events: bool,
+        chunk_threads: Mutex<Vec<(StreamId, std::thread::ThreadId)>>,
     }
 
     #[derive(Default)]
@@ -944,9 +963,16 @@ mod tests {
                 std::thread::yield_now();
             }
             s.0.push(ctx.seq);
+            self.chunk_threads
+                .lock()
+                .unwrap()
+                .push((ctx.stream_id, std::thread::current().id()));
         }
         fn quick_final(&self) -> bool {
             self.quick
+        }
+        fn quick_events(&self) -> bool {
+            self.quick_events
         }
         fn on_final(&self, s: &mut Seen, ctx: &EventCtx, _: &Final) -> Metadata {
             s.0.push(ctx.seq);
@@ -983,7 +1009,7 @@ mod tests {
             namespace: "plugvisor.rec".into(),
             trace: false,
         };
-        let credits = Credits::new(1 << 20, out.clone());
+        let credits = Credits::new(1 << 20, out.clone(), false);
         (
             Lanes::start(Arc::new(plugin), cfg, out, credits).unwrap(),
             rx,
@@ -1151,6 +1177,78 @@ mod tests {
             lanes.shared.plugin.final_threads.lock().unwrap().get(&2),
             Some(&here)
         );
+    }
+
+    #[test]
+    fn quick_events_of_an_idle_lane_run_on_the_reading_thread_and_a_busy_lane_keeps_its_order() {
+        let (release_tx, release_rx) = mpsc::channel();
+        let plugin = Recorder {
+            release: Mutex::new(Some(release_rx)),
+            quick_events: true,
+            ..Recorder::default()
+        };
+        let (lanes, rx) = lanes(plugin, 2, 100);
+        let here = std::thread::current().id();
+        // Stream 1 is idle whenever its events come: each runs before `submit` returns.
+        lanes.submit_test(start(1));
+        lanes.submit_test(chunk(1, 1, "x", false));
+        lanes.submit_test(chunk(1, 2, "x", false));
+        assert_eq!(
+            *lanes.shared.plugin.chunk_threads.lock().unwrap(),
+            vec![(1, here), (1, here)]
+        );
+        // Stream 2's chunk blocks a hook (on this thread, so it is released from another): its
+        // next chunk waits its turn on a worker, in order.
+        let blocked = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(50));
+            release_tx.send(()).unwrap();
+        });
+        lanes.submit_test(start(2));
+        lanes.submit_test(chunk(2, 1, "block", false));
+        blocked.join().unwrap();
+        lanes.submit_test(chunk(2, 2, "x", false));
+        lanes.submit_test(fin(1, 3));
+        lanes.submit_test(fin(2, 3));
+        let got = replies(&rx, 2);
+        assert_eq!(seqs(&got[&1]), vec![0, 1, 2, 3]);
+        assert_eq!(seqs(&got[&2]), vec![0, 1, 2, 3]);
+        // Finals are not quick here: a worker ran them.
+        assert!(lanes
+            .shared
+            .plugin
+            .final_threads
+            .lock()
+            .unwrap()
+            .values()
+            .all(|t| *t != here));
+    }
+
+    #[test]
+    fn quick_events_keep_every_stream_in_sequence_order_under_load() {
+        let plugin = Recorder {
+            quick: true,
+            quick_events: true,
+            ..Recorder::default()
+        };
+        let (lanes, rx) = lanes(plugin, 2, 10_000);
+        let streams = 100u64;
+        // Streams interleaved, so some lanes are busy on a worker when their next event comes.
+        for id in 0..streams {
+            lanes.submit_test(start(id));
+        }
+        for seq in 1..=10 {
+            for id in 0..streams {
+                lanes.submit_test(chunk(id, seq, "x", false));
+            }
+        }
+        for id in 0..streams {
+            lanes.submit_test(fin(id, 11));
+        }
+        let got = replies(&rx, streams as usize);
+        let want: Vec<i64> = (0..=11).collect();
+        for id in 0..streams {
+            assert_eq!(seqs(&got[&id]), want, "stream {id}");
+        }
     }
 
     #[test]
@@ -1392,7 +1490,7 @@ mod tests {
             namespace: "plugvisor.rec".into(),
             trace: false,
         };
-        let credits = Credits::new(1 << 20, out.clone());
+        let credits = Credits::new(1 << 20, out.clone(), false);
         let lanes = Lanes::start(Arc::new(ReplaySeer), cfg, out, credits).unwrap();
         lanes.submit(start(1), 40, true);
         lanes.submit(chunk(1, 1, "x", false), 40, true);

@@ -144,6 +144,16 @@ pub trait Plugin: Send + Sync + 'static {
         false
     }
 
+    /// Whether the other per-stream hooks ([`Plugin::on_request_start`],
+    /// [`Plugin::on_response_headers`], [`Plugin::on_chunk`], [`Plugin::on_abort`]) are quick
+    /// and never block, in the sense of [`Plugin::quick_final`]: the host may then run an event
+    /// whose stream has nothing queued or running on the thread that read it. A slow stream then
+    /// costs no thread hand-off per chunk, which is most of a light plugin's CPU. Default
+    /// `false`.
+    fn quick_events(&self) -> bool {
+        false
+    }
+
     /// The stream ended without a response end; its state is dropped right after.
     fn on_abort(&self, stream: &mut Self::Stream, ctx: &EventCtx, event: &Abort) {
         let _ = (stream, ctx, event);

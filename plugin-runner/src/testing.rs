@@ -521,7 +521,7 @@ impl<P: Plugin> Player<P> {
             // As with a front that agreed on `trace`: `Played::spans` shows what was recorded.
             trace: true,
         };
-        let credits = Credits::new(u64::MAX, out.clone());
+        let credits = Credits::new(u64::MAX, out.clone(), false);
         let lanes = Lanes::start(Arc::clone(&plugin), cfg, out, credits)
             .expect("the player starts its worker thread");
         Player {

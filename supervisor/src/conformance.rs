@@ -639,9 +639,20 @@ impl Session {
         let len = codec::encoded_len(msg).map_err(|e| e.to_string())? as u64;
         let counted = msg.flow_bytes(len as usize + ipc_protocol::frame::PREFIX_LEN);
         let until = Instant::now() + deadline;
+        let mut asked = false;
         while self.written > self.consumed
             && self.written - self.consumed + counted > self.welcome.budget_bytes
         {
+            if !asked && self.agreed(capability::CREDIT_ON_PING) {
+                // As the front does: a plugin on `credit_on_ping` may hold its credit until
+                // pinged.
+                let nonce = self.next_nonce;
+                self.next_nonce += 1;
+                self.writer
+                    .feed(&ToPlugin::Ping(Ping { nonce }))
+                    .map_err(|e| e.to_string())?;
+                asked = true;
+            }
             self.writer.flush().await.map_err(|e| e.to_string())?;
             self.receive(until).await.map_err(|e| {
                 format!(
@@ -1039,7 +1050,18 @@ async fn case_credit(s: &mut Session) -> CaseResult {
     let calls: Vec<(u64, u64)> = (1..=8).map(|id| (call_of(id), id)).collect();
     s.await_replies(&calls, Instant::now() + s_deadline())
         .await?;
-    // Idle now: everything it had is done, so it owes no credit.
+    // Idle now: everything it had is done, so it owes no credit; on `credit_on_ping`, once it is
+    // asked (its `Credit` comes before its `Pong`).
+    if s.agreed(capability::CREDIT_ON_PING) {
+        s.ping().await?;
+        if s.consumed < s.written {
+            return Err(format!(
+                "on credit_on_ping and idle, it answered a Ping with {} of {} event bytes not credited: Credit for all it has finished comes before the Pong",
+                s.written - s.consumed,
+                s.written
+            ));
+        }
+    }
     let until = Instant::now() + Duration::from_secs(2);
     while s.consumed < s.written {
         if s.receive(until).await.is_err() {

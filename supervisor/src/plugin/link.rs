@@ -151,6 +151,9 @@ pub struct Conn {
     aborted_finals: bool,
     /// Agreed in the handshake: the plugin follows `Reconnect` with a second connection.
     reconnects: bool,
+    /// Agreed in the handshake: the plugin may hold back `Credit` until a `Ping`, so the writer
+    /// pings when it waits for room in the window.
+    credit_on_ping: bool,
     /// Asked to reconnect: its process has (or is opening) another connection, so this one is
     /// ended by closing it, never by `Shutdown` (which would end the process).
     moved: std::sync::atomic::AtomicBool,
@@ -462,6 +465,10 @@ impl PluginLink {
                 .iter()
                 .any(|c| c == ipc_protocol::handshake::capability::RECONNECT),
             moved: std::sync::atomic::AtomicBool::new(false),
+            credit_on_ping: welcome
+                .capabilities
+                .iter()
+                .any(|c| c == ipc_protocol::handshake::capability::CREDIT_ON_PING),
             tx,
             priority,
             replay,
@@ -899,13 +906,24 @@ impl PluginLink {
                     continue;
                 }
                 let waiting_for_credit = held.is_some();
-                {
+                let stall_began = {
                     let mut stalled = conn.stalled_since.lock().expect("stall lock");
                     match (waiting_for_credit, *stalled) {
-                        (true, None) => *stalled = Some(Instant::now()),
-                        (false, Some(_)) => *stalled = None,
-                        _ => {}
+                        (true, None) => {
+                            *stalled = Some(Instant::now());
+                            true
+                        }
+                        (false, Some(_)) => {
+                            *stalled = None;
+                            false
+                        }
+                        _ => false,
                     }
+                };
+                if stall_began && conn.credit_on_ping {
+                    // A plugin on `credit_on_ping` may be idle with credit unreported: ask.
+                    writer.feed(&CREDIT_PING).map_err(|e| e.to_string())?;
+                    continue;
                 }
                 tokio::select! {
                     biased;
@@ -921,6 +939,9 @@ impl PluginLink {
                         }
                         // Progress, if not yet room: the stall starts over.
                         *conn.stalled_since.lock().expect("stall lock") = Some(Instant::now());
+                        if conn.credit_on_ping {
+                            writer.feed(&CREDIT_PING).map_err(|e| e.to_string())?;
+                        }
                     }
                     Some(q) = replay.recv(), if !waiting_for_credit => held = Some(take(q)?),
                     q = rx.recv(), if !waiting_for_credit => match q {
@@ -1442,6 +1463,10 @@ impl PluginLink {
         tokio::time::timeout(grace, all_closed).await.is_ok()
     }
 }
+
+/// The ping a writer waiting for room in the window sends to a plugin on `credit_on_ping`; its
+/// `Pong` counts for liveness like any other.
+const CREDIT_PING: ToPlugin = ToPlugin::Ping(Ping { nonce: u64::MAX });
 
 /// How long a connection closed on purpose may take to write the `Shutdown` queued for it.
 const SHUTDOWN_WRITE_LIMIT: Duration = Duration::from_millis(500);

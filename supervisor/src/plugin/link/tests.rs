@@ -522,3 +522,64 @@ async fn a_stop_closes_a_connection_asked_over_to_another_front_without_shutdown
         Some(ToPlugin::Shutdown(_))
     ));
 }
+
+#[tokio::test]
+async fn a_full_window_pings_a_plugin_on_credit_on_ping_and_again_when_credit_leaves_no_room() {
+    let one = frame_len(&chunk(0, 1000));
+    let metrics = Arc::new(Metrics::new());
+    let link = Arc::new(PluginLink::new(
+        with_budget(plugin(64, 1 << 20, 100), 3 * one as usize),
+        metrics,
+    ));
+    let peer = attach_pair(&link, &["replayed", "credit_on_ping"]);
+    let conn = link.connection().unwrap();
+    let (r, w) = peer.into_split();
+    let mut reader = FrameReader::new(r);
+    let mut writer = FrameWriter::new(w);
+    for seq in 0..6 {
+        assert!(link.send_event(Some(&conn), chunk(seq, 1000)));
+    }
+    for seq in 0..3 {
+        assert_eq!(next_frame(&mut reader).await.stream_seq(), Some((1, seq)));
+    }
+    // The window is full: the front asks for the credit the plugin may be holding back.
+    assert_eq!(next_frame(&mut reader).await, CREDIT_PING);
+    // Credit for one event: room for one more, and a ping, since the next is still waiting.
+    writer
+        .send(&FromPlugin::Credit(Credit { consumed: one }))
+        .await
+        .unwrap();
+    let mut got = vec![next_frame(&mut reader).await, next_frame(&mut reader).await];
+    got.sort_by_key(|m| m.kind());
+    assert_eq!(got[0].stream_seq(), Some((1, 3)), "{got:?}");
+    assert_eq!(got[1], CREDIT_PING, "{got:?}");
+
+    // A plugin without the capability reports when idle: no ping for it.
+    let metrics = Arc::new(Metrics::new());
+    let link = Arc::new(PluginLink::new(
+        with_budget(plugin(64, 1 << 20, 100), 3 * one as usize),
+        metrics,
+    ));
+    let peer = attach_pair(&link, &["replayed"]);
+    let conn = link.connection().unwrap();
+    let mut reader = FrameReader::new(peer);
+    for seq in 0..6 {
+        assert!(link.send_event(Some(&conn), chunk(seq, 1000)));
+    }
+    for seq in 0..3 {
+        assert_eq!(
+            next_frame_of(&mut reader).await.stream_seq(),
+            Some((1, seq))
+        );
+    }
+    assert!(
+        tokio::time::timeout(Duration::from_millis(200), reader.read::<ToPlugin>())
+            .await
+            .is_err(),
+        "pinged a plugin that did not agree on credit_on_ping"
+    );
+}
+
+async fn next_frame_of(reader: &mut FrameReader<UnixStream>) -> ToPlugin {
+    read_or_eof(reader).await.expect("connection open")
+}
