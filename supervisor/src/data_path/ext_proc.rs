@@ -551,8 +551,11 @@ impl StreamTask {
                 if self.trace.is_none() && self.inner.traces.is_on() {
                     let names = headers.iter().map(|(k, v)| (k.as_str(), v.as_str()));
                     self.trace = self.inner.traces.begin(names, arrival);
-                    if self.trace.is_some() {
-                        self.plugins.iter_mut().for_each(PluginStream::trace_moves);
+                    if let Some(trace) = &self.trace {
+                        let traceparent: Arc<str> = trace.traceparent().into();
+                        for ps in &mut self.plugins {
+                            ps.traced(traceparent.clone());
+                        }
                     }
                 }
                 self.seen.request_id = request_id.clone();
@@ -570,6 +573,7 @@ impl StreamTask {
                         })
                     },
                     |s| s.request_start,
+                    true,
                 );
                 let resp = reply(Response::RequestHeaders(HeadersResponse::default()), None);
                 replies.send(observe, "headers", arrival, resp).await
@@ -594,6 +598,7 @@ impl StreamTask {
                         })
                     },
                     |s| s.response_headers,
+                    false,
                 );
                 let (label, metadata) = if h.end_of_stream && !self.ended {
                     let md = self
@@ -680,11 +685,13 @@ impl StreamTask {
     }
 
     /// Queues one event per subscribed plugin; `make` builds it for a sequence number and
-    /// whether the plugin takes body bytes.
+    /// whether the plugin takes body bytes. For the `RequestStart` (`start`), a traced stream's
+    /// copy for a plugin with `trace` names the request span in its `traceparent`.
     fn dispatch(
         &mut self,
         make: impl Fn(u32, bool) -> ToPlugin,
         wants: impl Fn(&ipc_protocol::Subscriptions) -> bool,
+        start: bool,
     ) {
         if self.ended {
             return;
@@ -695,11 +702,16 @@ impl StreamTask {
                 continue;
             }
             let id = self.id;
-            ps.send(|seq| {
+            let make = |seq| {
                 let mut msg = make(seq, subs.body_bytes);
                 set_stream(&mut msg, id);
                 msg
-            });
+            };
+            if start {
+                ps.send_start(make);
+            } else {
+                ps.send(make);
+            }
         }
     }
 
@@ -860,6 +872,7 @@ impl StreamTask {
                         outcome: FinalOutcome::NotAsked,
                         lost: 0,
                         replays: 0,
+                        spans: None,
                     },
                     &[],
                 );
@@ -888,6 +901,7 @@ impl StreamTask {
                                 outcome: FinalOutcome::Missing(Excluded::Failed.as_str()),
                                 lost: 0,
                                 replays: 0,
+                                spans: None,
                             },
                             &[],
                         );
@@ -954,6 +968,7 @@ impl StreamTask {
                         outcome: traced,
                         lost: outcome.lost,
                         replays: outcome.replays,
+                        spans: outcome.spans,
                     },
                     &outcome.moves,
                 );

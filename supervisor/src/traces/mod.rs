@@ -14,6 +14,7 @@
 //! With tracing off the handle is empty and the data path does nothing more than look at it.
 
 pub mod context;
+pub mod plugin;
 pub mod sampler;
 pub mod span;
 
