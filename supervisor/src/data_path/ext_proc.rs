@@ -95,6 +95,8 @@ pub struct StreamLimits {
     pub stream_metadata_max_bytes: usize,
     /// A stream without a message for this long fails; `None`: never.
     pub idle_timeout: Option<std::time::Duration>,
+    /// The sampler of `[traces]`, when spans are exported (a reload changes it for new streams).
+    pub sampler: Option<crate::config::Sampler>,
 }
 
 impl StreamLimits {
@@ -105,6 +107,10 @@ impl StreamLimits {
             max_streams: config.max_streams,
             stream_metadata_max_bytes: config.stream_metadata_max_bytes,
             idle_timeout: config.idle_stream_timeout,
+            sampler: config
+                .traces
+                .as_ref()
+                .and_then(crate::config::TracesConfig::active_sampler),
         }
     }
 }
@@ -134,7 +140,8 @@ impl Front {
     /// A service over the plugins `links` publishes (in config order), bounded by the
     /// published `config` as it stands when each stream starts. Streams still open when `stop`
     /// turns true send `Abort { cause: Shutdown }` and end. Each stream's usage record goes to
-    /// `records`, its spans (if traced) to `traces`.
+    /// `records`, its spans (if traced) to `traces`, which from now on reports the sampler of
+    /// `config` (the one streams use).
     pub fn new(
         links: watch::Receiver<Links>,
         config: Published,
@@ -143,6 +150,7 @@ impl Front {
         records: crate::records::Records,
         traces: Traces,
     ) -> Front {
+        traces.follow(config.clone());
         Front {
             inner: Arc::new(Inner {
                 links,
@@ -548,9 +556,11 @@ impl StreamTask {
                         .map(|(_, v)| v.clone())
                 };
                 let request_id = find("x-request-id");
-                if self.trace.is_none() && self.inner.traces.is_on() {
+                if let (None, Some(sampler), true) =
+                    (&self.trace, &self.limits.sampler, self.inner.traces.is_on())
+                {
                     let names = headers.iter().map(|(k, v)| (k.as_str(), v.as_str()));
-                    self.trace = self.inner.traces.begin(names, arrival);
+                    self.trace = self.inner.traces.begin(names, arrival, sampler);
                     if let Some(trace) = &self.trace {
                         let traceparent: Arc<str> = trace.traceparent().into();
                         for ps in &mut self.plugins {
