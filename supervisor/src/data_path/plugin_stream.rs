@@ -205,17 +205,19 @@ impl PluginStream {
     /// drops it (the plugin sees the gap); with the plugin down, it waits in the journal for the
     /// replacement.
     pub fn send(&mut self, make: impl FnOnce(u32) -> ToPlugin) {
-        self.send_as(make, false);
+        self.send_as::<false>(make);
     }
 
     /// [`PluginStream::send`] for the stream's `RequestStart`: a traced stream's copy for a
     /// connection that agreed on `trace` carries the front's `traceparent` instead of the
     /// request's (the journal keeps the request's, for a replacement that may not agree).
     pub fn send_start(&mut self, make: impl FnOnce(u32) -> ToPlugin) {
-        self.send_as(make, true);
+        self.send_as::<true>(make);
     }
 
-    fn send_as(&mut self, make: impl FnOnce(u32) -> ToPlugin, start: bool) {
+    /// `START`: the message is the `RequestStart` (a constant, so the other events' path has no
+    /// trace check at all).
+    fn send_as<const START: bool>(&mut self, make: impl FnOnce(u32) -> ToPlugin) {
         let msg = make(self.next_seq());
         let conn = self.route();
         if self.poisoned {
@@ -225,8 +227,10 @@ impl PluginStream {
             Some(c) => {
                 let journaled = self.journal(&msg, true);
                 let mut msg = msg;
-                if let (true, Some(tp)) = (start, &self.traceparent) {
-                    with_traceparent(&mut msg, tp, c.traces());
+                if START {
+                    if let Some(tp) = &self.traceparent {
+                        with_traceparent(&mut msg, tp, c.traces());
+                    }
                 }
                 let sent = if journaled {
                     self.link.send_journaled(&c, msg)
