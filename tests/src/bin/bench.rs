@@ -1270,8 +1270,10 @@ impl Report {
              (`[traces]` with the default sampler; the streams carry no `traceparent`, so each is a new\n\
              sampled trace of a request span and a final span per plugin) to a real OTLP/HTTP receiver\n\
              on the host (`tests/otlp_receiver.py`). *end* is the end-of-response latency (the\n\
-             upstream's last write to the client's end of body), which includes the final calls. The\n\
-             traced front exported {:.0} spans and dropped {:.0}.\n",
+             upstream's last write to the client's end of body), which includes the final calls;\n\
+             *front CPU/chunk* is the front's CPU time over its slots (read from /proc in 10 ms\n\
+             ticks, idle work included) per content event, coarse in a `--quick` run. The traced\n\
+             front exported {:.0} spans and dropped {:.0}.\n",
             t.spans_exported, t.spans_dropped
         );
         let _ = writeln!(
