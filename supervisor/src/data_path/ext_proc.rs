@@ -95,8 +95,6 @@ pub struct StreamLimits {
     pub stream_metadata_max_bytes: usize,
     /// A stream without a message for this long fails; `None`: never.
     pub idle_timeout: Option<std::time::Duration>,
-    /// The sampler of `[traces]`, when spans are exported (a reload changes it for new streams).
-    pub sampler: Option<crate::config::Sampler>,
 }
 
 impl StreamLimits {
@@ -107,10 +105,6 @@ impl StreamLimits {
             max_streams: config.max_streams,
             stream_metadata_max_bytes: config.stream_metadata_max_bytes,
             idle_timeout: config.idle_stream_timeout,
-            sampler: config
-                .traces
-                .as_ref()
-                .and_then(crate::config::TracesConfig::active_sampler),
         }
     }
 }
@@ -556,11 +550,22 @@ impl StreamTask {
                         .map(|(_, v)| v.clone())
                 };
                 let request_id = find("x-request-id");
-                if let (None, Some(sampler), true) =
-                    (&self.trace, &self.limits.sampler, self.inner.traces.is_on())
-                {
+                // The sampler of the running configuration (a reload changes it for the streams
+                // that start after it), read only when tracing is on: off, streams keep nothing
+                // of it.
+                let sampler = match (&self.trace, self.inner.traces.is_on()) {
+                    (None, true) => self
+                        .inner
+                        .config
+                        .current()
+                        .traces
+                        .as_ref()
+                        .and_then(crate::config::TracesConfig::active_sampler),
+                    _ => None,
+                };
+                if let Some(sampler) = sampler {
                     let names = headers.iter().map(|(k, v)| (k.as_str(), v.as_str()));
-                    self.trace = self.inner.traces.begin(names, arrival, sampler);
+                    self.trace = self.inner.traces.begin(names, arrival, &sampler);
                     if let Some(trace) = &self.trace {
                         let traceparent: Arc<str> = trace.traceparent().into();
                         for ps in &mut self.plugins {
