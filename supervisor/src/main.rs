@@ -310,6 +310,14 @@ fn main() -> ExitCode {
                             .collect::<Vec<_>>()
                             .join(", ")
                     );
+                    if let Some(traces) = &c.traces {
+                        for warning in &traces.warnings {
+                            eprintln!("plugvisor: warning: {warning}");
+                        }
+                        if let Some(var) = traces.off {
+                            println!("traces: off ({var} in the environment; [traces] ignored)");
+                        }
+                    }
                     ExitCode::SUCCESS
                 }
                 Err(e) => {

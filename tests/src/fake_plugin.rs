@@ -5,6 +5,9 @@
 //! it returns flow-control credit for every event it has handled, at a quarter of its window and
 //! whenever it has nothing more buffered. A replayed event (`ToPlugin::Replayed`, resent after a
 //! restart) is unwrapped and handled like a live one, and counted in [`Record::replayed`].
+//! It keeps the `traceparent` each stream's `RequestStart` brought, and, asked to, adds to the
+//! stream's trace before its final answer (capability `trace`): an attribute for its final span
+//! and a span of its own ([`Behaviour::trace_spans`]).
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -40,7 +43,18 @@ pub struct Behaviour {
     /// Speak protocol version 2 (no capabilities, so the front must not send it `Replayed`)
     /// instead of the current one with every capability but `reconnect`.
     pub protocol_2: bool,
+    /// Announce only these capabilities (`None`: every one the protocol knows).
+    pub capabilities: Option<Vec<&'static str>>,
+    /// Before each final answer, send `Spans`: the attributes [`FAKE_ATTRIBUTE`] and a
+    /// `plugvisor.outcome` of its own (which the front must not take), and one span
+    /// [`FAKE_SPAN`] from the stream's `RequestStart` to the final call.
+    pub trace_spans: bool,
 }
+
+/// The attribute a fake with [`Behaviour::trace_spans`] puts on its final span, and its value.
+pub const FAKE_ATTRIBUTE: (&str, &str) = ("fake.note", "added by the fake plugin");
+/// The name of the span a fake with [`Behaviour::trace_spans`] records for each stream.
+pub const FAKE_SPAN: &str = "fake.work";
 
 /// What the fake saw.
 #[derive(Debug, Default)]
@@ -66,6 +80,8 @@ pub struct Record {
     pub aborted_finals: usize,
     /// The grace of the `Shutdown` received, in milliseconds.
     pub shutdown: Option<u64>,
+    /// Each stream's `traceparent` header in its `RequestStart`, if it had one.
+    pub traceparents: Vec<(u64, Option<String>)>,
 }
 
 #[derive(Default)]
@@ -75,6 +91,8 @@ struct Lane {
     out_of_order: u64,
     gaps: u64,
     sha: Sha256,
+    /// The `RequestStart`'s stamp (`CLOCK_MONOTONIC` ns).
+    started_ns: u64,
 }
 
 /// A connected fake plugin.
@@ -126,9 +144,12 @@ impl FakePlugin {
                 plugin: name.to_owned(),
                 pid: std::process::id(),
                 subscriptions: Subscriptions::ALL,
-                // Every capability but `reconnect`: it never opens a second connection, and
-                // the conformance kit holds a plugin to what it announces.
-                capabilities: ipc_protocol::handshake::capability::KNOWN
+                // Every capability asked for but `reconnect`: it never opens a second
+                // connection, and the conformance kit holds a plugin to what it announces.
+                capabilities: behaviour
+                    .capabilities
+                    .clone()
+                    .unwrap_or_else(|| ipc_protocol::handshake::capability::KNOWN.to_vec())
                     .iter()
                     .filter(|c| **c != ipc_protocol::handshake::capability::RECONNECT)
                     .map(|c| (*c).to_owned())
@@ -164,6 +185,23 @@ impl FakePlugin {
     }
 }
 
+/// What a fake with [`Behaviour::trace_spans`] adds to a stream's trace.
+fn spans_for(stream_id: u64, started_ns: u64) -> FromPlugin {
+    FromPlugin::Spans(ipc_protocol::Spans {
+        stream_id,
+        attributes: vec![
+            (FAKE_ATTRIBUTE.0.to_owned(), Value::from(FAKE_ATTRIBUTE.1)),
+            ("plugvisor.outcome".to_owned(), Value::from("forged")),
+        ],
+        spans: vec![ipc_protocol::PluginSpan {
+            name: FAKE_SPAN.to_owned(),
+            start_ns: started_ns,
+            end_ns: ipc_protocol::stamp::monotonic_now_ns(),
+            attributes: vec![("fake.stream".to_owned(), Value::from(stream_id))],
+        }],
+    })
+}
+
 async fn serve(
     mut reader: FrameReader<tokio::net::unix::OwnedReadHalf>,
     mut writer: FrameWriter<tokio::net::unix::OwnedWriteHalf>,
@@ -197,6 +235,21 @@ async fn serve(
             lane.last = Some(seq);
         }
         match msg {
+            ToPlugin::RequestStart(start) => {
+                let traceparent = start
+                    .headers
+                    .iter()
+                    .find(|(k, _)| k == "traceparent")
+                    .map(|(_, v)| v.clone());
+                if let Some(lane) = lanes.get_mut(&start.stream_id) {
+                    lane.started_ns = start.stamp_ns;
+                }
+                record
+                    .lock()
+                    .unwrap()
+                    .traceparents
+                    .push((start.stream_id, traceparent));
+            }
             ToPlugin::Chunk(c) => {
                 if !behaviour.chunk_delay.is_zero() {
                     tokio::time::sleep(behaviour.chunk_delay).await;
@@ -223,6 +276,11 @@ async fn serve(
                 }
                 if behaviour.hang_finals {
                     continue;
+                }
+                if behaviour.trace_spans {
+                    writer
+                        .send(&spans_for(f.stream_id, lane.started_ns))
+                        .await?;
                 }
                 let mut sha = lane.sha;
                 sha.update(&f.bytes);

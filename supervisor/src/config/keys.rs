@@ -111,14 +111,15 @@ pub const RECORDS: &[(&str, Applies)] = &[
 ];
 
 /// Every key of `[traces]` (as `traces.<key>`), and when a change to it applies: the exporter
-/// and the sampler are built once, when the front starts, like the records' sinks.
+/// is built once, when the front starts, like the records' sinks; the sampler is read from the
+/// running configuration by each stream when it starts.
 pub const TRACES: &[(&str, Applies)] = &[
     ("traces.endpoint", Applies::Upgrade),
     ("traces.protocol", Applies::Upgrade),
     ("traces.headers", Applies::Upgrade),
     ("traces.timeout_ms", Applies::Upgrade),
-    ("traces.sampler", Applies::Upgrade),
-    ("traces.sampler_arg", Applies::Upgrade),
+    ("traces.sampler", Applies::NewStreams),
+    ("traces.sampler_arg", Applies::NewStreams),
 ];
 
 /// When a change to the `[traces]` key `key` (`traces.sampler`) applies.

@@ -5,6 +5,17 @@
 //! key by key, over `OTEL_EXPORTER_OTLP_TRACES_*`, then `OTEL_EXPORTER_OTLP_*`. `sampler` and
 //! `sampler_arg` likewise over `OTEL_TRACES_SAMPLER` and `OTEL_TRACES_SAMPLER_ARG`, with the
 //! OpenTelemetry specification's names and default (`parentbased_always_on`).
+//!
+//! A bad value in the file is refused with its key, as everywhere in the file. A sampler
+//! variable plugvisor cannot use is not: the OpenTelemetry environment-variable specification
+//! says an unrecognized enum value MUST be warned about and ignored, and an invalid
+//! `OTEL_TRACES_SAMPLER_ARG` MUST be logged and otherwise ignored (as if unset), and a front
+//! that refused to start over a variable meant for every OpenTelemetry SDK in the environment
+//! would stop billing over a diagnostic. So those fall back to the default, with a warning.
+//! `OTEL_SDK_DISABLED=true` and `OTEL_TRACES_EXPORTER=none` turn tracing off even when an
+//! endpoint is configured; `OTEL_TRACES_EXPORTER` other than `otlp` (the default) or `none` is
+//! refused: it names an exporter plugvisor does not have, and sending spans elsewhere than the
+//! operator asked would be worse than not starting.
 
 use std::collections::BTreeMap;
 
@@ -65,6 +76,88 @@ pub struct TracesConfig {
     pub sampler: Sampler,
     /// Resource attributes, as the records' (`service.name` and OTEL_RESOURCE_ATTRIBUTES).
     pub resource: Vec<(String, String)>,
+    /// Configured, but turned off by the environment: the variable that did
+    /// (`OTEL_SDK_DISABLED=true`, `OTEL_TRACES_EXPORTER=none`). No exporter runs.
+    pub off: Option<&'static str>,
+    /// Variables ignored with a warning (a sampler or argument plugvisor cannot use), for the
+    /// start's log and `check-config`.
+    pub warnings: Vec<String>,
+}
+
+impl TracesConfig {
+    /// The sampler new streams use, when spans are exported at all.
+    pub fn active_sampler(&self) -> Option<Sampler> {
+        self.off.is_none().then_some(self.sampler)
+    }
+}
+
+/// The samplers, as the file or `OTEL_TRACES_SAMPLER` names them: whether parent-based, and its
+/// root sampler when that takes a ratio (filled in later) or not.
+fn sampler_named(name: &str) -> Result<(bool, Option<RootSampler>), String> {
+    Ok(match name {
+        "always_on" => (false, Some(RootSampler::AlwaysOn)),
+        "always_off" => (false, Some(RootSampler::AlwaysOff)),
+        "traceidratio" => (false, None),
+        "parentbased_always_on" => (true, Some(RootSampler::AlwaysOn)),
+        "parentbased_always_off" => (true, Some(RootSampler::AlwaysOff)),
+        "parentbased_traceidratio" => (true, None),
+        "jaeger_remote" | "parentbased_jaeger_remote" | "xray" => {
+            return Err(format!(
+                "sampler `{name}` is not supported by plugvisor; use always_on, always_off, \
+                 traceidratio or their parentbased_ forms"
+            ))
+        }
+        other => {
+            return Err(format!(
+                "unknown sampler `{other}`; use always_on, always_off, traceidratio, \
+                 parentbased_always_on, parentbased_always_off or parentbased_traceidratio"
+            ))
+        }
+    })
+}
+
+/// `OTEL_SDK_DISABLED` and `OTEL_TRACES_EXPORTER`: what turns tracing off, if anything; warnings
+/// go to `warnings`.
+fn env_off(env: Env<'_>, warnings: &mut Vec<String>) -> Result<Option<&'static str>, Bad> {
+    let var = |name| {
+        env(name)
+            .map(|v| v.trim().to_owned())
+            .filter(|v| !v.is_empty())
+    };
+    let exporter_off = match var("OTEL_TRACES_EXPORTER").map(|v| v.to_ascii_lowercase()) {
+        None => false,
+        Some(v) if v == "otlp" => false,
+        Some(v) if v == "none" => true,
+        Some(other) => {
+            return Err(bad(
+                "$OTEL_TRACES_EXPORTER",
+                None,
+                format!(
+                    "`{other}` is not a traces exporter plugvisor has; use otlp (the default) \
+                     or none (no spans)"
+                ),
+            ))
+        }
+    };
+    let disabled = match var("OTEL_SDK_DISABLED") {
+        None => false,
+        Some(v) if v.eq_ignore_ascii_case("true") => true,
+        Some(v) if v.eq_ignore_ascii_case("false") => false,
+        Some(v) => {
+            warnings.push(format!(
+                "OTEL_SDK_DISABLED=`{v}` is neither true nor false; taken as false, as the \
+                 OpenTelemetry specification says"
+            ));
+            false
+        }
+    };
+    Ok(if disabled {
+        Some("OTEL_SDK_DISABLED=true")
+    } else if exporter_off {
+        Some("OTEL_TRACES_EXPORTER=none")
+    } else {
+        None
+    })
 }
 
 /// `sampler_arg` as the file may write it: a number, or the text the variable would hold.
@@ -97,81 +190,55 @@ impl RawTraces {
             timeout_ms: self.timeout_ms,
         }
         .resolve("traces", Signal::Traces, env)?;
-        let (name, name_key, name_span) = match &self.sampler {
-            Some(s) => (
-                s.get_ref().clone(),
-                "traces.sampler".to_owned(),
-                Some(s.span()),
-            ),
-            None => match env("OTEL_TRACES_SAMPLER") {
-                Some(v) => (v.trim().to_owned(), "$OTEL_TRACES_SAMPLER".to_owned(), None),
-                None => ("parentbased_always_on".to_owned(), String::new(), None),
+        let mut warnings = Vec::new();
+        let off = env_off(env, &mut warnings)?;
+        let default = Sampler::DEFAULT;
+        // The name, and whether the file gave it (a bad one is refused) or the environment (a
+        // bad one is warned about and ignored).
+        let (parent_based, root) = match &self.sampler {
+            Some(s) => {
+                sampler_named(s.get_ref()).map_err(|m| bad("traces.sampler", Some(s.span()), m))?
+            }
+            None => match env("OTEL_TRACES_SAMPLER")
+                .map(|v| v.trim().to_ascii_lowercase())
+                .filter(|v| !v.is_empty())
+            {
+                None => (default.parent_based, Some(default.root)),
+                Some(v) => sampler_named(&v).unwrap_or_else(|m| {
+                    warnings.push(format!(
+                        "OTEL_TRACES_SAMPLER ignored ({m}); using parentbased_always_on, as the \
+                         OpenTelemetry specification says of a value an SDK does not recognize"
+                    ));
+                    (default.parent_based, Some(default.root))
+                }),
             },
         };
-        let arg = match &self.sampler_arg {
-            Some(a) => Some((
-                match a.get_ref() {
-                    RawArg::Float(f) => f.to_string(),
-                    RawArg::Int(i) => i.to_string(),
-                    RawArg::Text(t) => t.clone(),
+        let root = match root {
+            Some(root) => root,
+            // The ratio samplers: the argument, from the file (refused if bad) or the
+            // environment (ignored with a warning if bad, as if unset); 1 by default.
+            None => RootSampler::TraceIdRatio(match &self.sampler_arg {
+                Some(a) => {
+                    let text = match a.get_ref() {
+                        RawArg::Float(f) => f.to_string(),
+                        RawArg::Int(i) => i.to_string(),
+                        RawArg::Text(t) => t.clone(),
+                    };
+                    parse_ratio(&text).map_err(|m| bad("traces.sampler_arg", Some(a.span()), m))?
+                }
+                None => match env("OTEL_TRACES_SAMPLER_ARG").filter(|v| !v.trim().is_empty()) {
+                    None => 1.0,
+                    Some(v) => parse_ratio(&v).unwrap_or_else(|m| {
+                        warnings.push(format!(
+                            "OTEL_TRACES_SAMPLER_ARG ignored ({m}); using 1, as the \
+                             OpenTelemetry specification says of an invalid argument"
+                        ));
+                        1.0
+                    }),
                 },
-                "traces.sampler_arg".to_owned(),
-                Some(a.span()),
-            )),
-            None => env("OTEL_TRACES_SAMPLER_ARG")
-                .map(|v| (v, "$OTEL_TRACES_SAMPLER_ARG".to_owned(), None)),
+            }),
         };
-        let ratio = || -> Result<f64, Bad> {
-            match &arg {
-                // The specification's default for the ratio samplers.
-                None => Ok(1.0),
-                Some((text, key, span)) => parse_ratio(text).map_err(|m| bad(key, span.clone(), m)),
-            }
-        };
-        let sampler = match name.as_str() {
-            "always_on" => Sampler {
-                parent_based: false,
-                root: RootSampler::AlwaysOn,
-            },
-            "always_off" => Sampler {
-                parent_based: false,
-                root: RootSampler::AlwaysOff,
-            },
-            "traceidratio" => Sampler {
-                parent_based: false,
-                root: RootSampler::TraceIdRatio(ratio()?),
-            },
-            "parentbased_always_on" => Sampler::DEFAULT,
-            "parentbased_always_off" => Sampler {
-                parent_based: true,
-                root: RootSampler::AlwaysOff,
-            },
-            "parentbased_traceidratio" => Sampler {
-                parent_based: true,
-                root: RootSampler::TraceIdRatio(ratio()?),
-            },
-            "jaeger_remote" | "parentbased_jaeger_remote" | "xray" => {
-                return Err(bad(
-                    &name_key,
-                    name_span,
-                    format!(
-                        "sampler `{name}` is not supported by plugvisor; use always_on, \
-                         always_off, traceidratio or their parentbased_ forms"
-                    ),
-                ))
-            }
-            other => {
-                return Err(bad(
-                    &name_key,
-                    name_span,
-                    format!(
-                        "unknown sampler `{other}`; use always_on, always_off, traceidratio, \
-                         parentbased_always_on, parentbased_always_off or \
-                         parentbased_traceidratio"
-                    ),
-                ))
-            }
-        };
+        let sampler = Sampler { parent_based, root };
         let Some(transport) = transport else {
             return Ok(None);
         };
@@ -179,6 +246,8 @@ impl RawTraces {
             transport,
             sampler,
             resource: resource(env).map_err(|(key, m)| bad(key, None, m))?,
+            off,
+            warnings,
         }))
     }
 }
@@ -206,6 +275,9 @@ mod tests {
                 .map(|(_, v)| (*v).to_owned())
         }
     }
+
+    /// Variables for a case of a table.
+    type Vars = &'static [(&'static str, &'static str)];
 
     fn resolve(text: &str, env: Env<'_>) -> Result<Option<TracesConfig>, Bad> {
         toml::from_str::<RawTraces>(text).unwrap().resolve(env)
@@ -376,18 +448,158 @@ mod tests {
             };
             assert_eq!(&e.key, key, "{text}: {}", e.message);
         }
-        let env = env_of(&[
-            ("OTEL_TRACES_SAMPLER", "traceidratio"),
-            ("OTEL_TRACES_SAMPLER_ARG", "2"),
-        ]);
-        let Err(e) = resolve("", &env) else {
-            panic!("bad env accepted")
+        let env = env_of(&[("OTEL_TRACES_EXPORTER", "console")]);
+        let Err(e) = resolve("endpoint = \"http://c:4318\"", &env) else {
+            panic!("an exporter plugvisor does not have accepted")
         };
-        assert_eq!(e.key, "$OTEL_TRACES_SAMPLER_ARG");
+        assert_eq!(e.key, "$OTEL_TRACES_EXPORTER");
+        assert!(e.message.contains("otlp"), "{}", e.message);
         let env = env_of(&[("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "not a url")]);
         let Err(e) = resolve("", &env) else {
             panic!("bad env accepted")
         };
         assert_eq!(e.key, "$OTEL_EXPORTER_OTLP_TRACES_ENDPOINT");
+    }
+
+    #[test]
+    fn otel_sdk_disabled_and_exporter_none_turn_configured_traces_off_and_say_which() {
+        let on = "endpoint = \"http://c:4318\"\n";
+        let table: &[(Vars, Option<&str>, usize)] = &[
+            (&[], None, 0),
+            (
+                &[("OTEL_SDK_DISABLED", "true")],
+                Some("OTEL_SDK_DISABLED=true"),
+                0,
+            ),
+            (
+                &[("OTEL_SDK_DISABLED", "TRUE")],
+                Some("OTEL_SDK_DISABLED=true"),
+                0,
+            ),
+            (&[("OTEL_SDK_DISABLED", "false")], None, 0),
+            (&[("OTEL_SDK_DISABLED", "")], None, 0),
+            // Neither true nor false: false, with a warning.
+            (&[("OTEL_SDK_DISABLED", "yes")], None, 1),
+            (
+                &[("OTEL_TRACES_EXPORTER", "none")],
+                Some("OTEL_TRACES_EXPORTER=none"),
+                0,
+            ),
+            (
+                &[("OTEL_TRACES_EXPORTER", " None ")],
+                Some("OTEL_TRACES_EXPORTER=none"),
+                0,
+            ),
+            (&[("OTEL_TRACES_EXPORTER", "otlp")], None, 0),
+            (&[("OTEL_TRACES_EXPORTER", "")], None, 0),
+            (
+                &[
+                    ("OTEL_SDK_DISABLED", "true"),
+                    ("OTEL_TRACES_EXPORTER", "none"),
+                ],
+                Some("OTEL_SDK_DISABLED=true"),
+                0,
+            ),
+        ];
+        for (vars, off, warnings) in table {
+            let t = resolve(on, &env_of(vars)).ok().unwrap().unwrap();
+            assert_eq!(t.off, *off, "{vars:?}");
+            assert_eq!(t.active_sampler().is_none(), off.is_some(), "{vars:?}");
+            assert_eq!(t.warnings.len(), *warnings, "{vars:?}: {:?}", t.warnings);
+        }
+        // Without an endpoint tracing is off anyway, and says nothing of the variables.
+        let env = env_of(&[("OTEL_SDK_DISABLED", "true")]);
+        assert!(resolve("", &env).ok().unwrap().is_none());
+    }
+
+    /// The decision documented in docs/configuration.md: a sampler variable plugvisor cannot use
+    /// falls back to the default with a warning (the OpenTelemetry specification's MUST); the
+    /// same value in the file is refused with its key.
+    #[test]
+    fn a_bad_sampler_variable_falls_back_with_a_warning_while_the_file_refuses_it() {
+        let on = "endpoint = \"http://c:4318\"\n";
+        let ratio = |p| Sampler {
+            parent_based: false,
+            root: RootSampler::TraceIdRatio(p),
+        };
+        let table: &[(Vars, Sampler, bool)] = &[
+            (
+                &[("OTEL_TRACES_SAMPLER", "sometimes")],
+                Sampler::DEFAULT,
+                true,
+            ),
+            (
+                &[("OTEL_TRACES_SAMPLER", "jaeger_remote")],
+                Sampler::DEFAULT,
+                true,
+            ),
+            (&[("OTEL_TRACES_SAMPLER", "xray")], Sampler::DEFAULT, true),
+            // Enum values are read case-insensitively; empty is unset.
+            (
+                &[("OTEL_TRACES_SAMPLER", "TraceIdRatio")],
+                ratio(1.0),
+                false,
+            ),
+            (&[("OTEL_TRACES_SAMPLER", "")], Sampler::DEFAULT, false),
+            (
+                &[
+                    ("OTEL_TRACES_SAMPLER", "traceidratio"),
+                    ("OTEL_TRACES_SAMPLER_ARG", "2"),
+                ],
+                ratio(1.0),
+                true,
+            ),
+            (
+                &[
+                    ("OTEL_TRACES_SAMPLER", "traceidratio"),
+                    ("OTEL_TRACES_SAMPLER_ARG", "half"),
+                ],
+                ratio(1.0),
+                true,
+            ),
+            (
+                &[
+                    ("OTEL_TRACES_SAMPLER", "traceidratio"),
+                    ("OTEL_TRACES_SAMPLER_ARG", "0.5"),
+                ],
+                ratio(0.5),
+                false,
+            ),
+            // An argument the sampler does not take is not read, so not warned about.
+            (
+                &[
+                    ("OTEL_TRACES_SAMPLER", "always_on"),
+                    ("OTEL_TRACES_SAMPLER_ARG", "x"),
+                ],
+                Sampler {
+                    parent_based: false,
+                    root: RootSampler::AlwaysOn,
+                },
+                false,
+            ),
+        ];
+        for (vars, sampler, warned) in table {
+            let t = resolve(on, &env_of(vars)).ok().unwrap().unwrap();
+            assert_eq!(t.sampler, *sampler, "{vars:?}");
+            assert_eq!(
+                !t.warnings.is_empty(),
+                *warned,
+                "{vars:?}: {:?}",
+                t.warnings
+            );
+            if *warned {
+                assert!(
+                    t.warnings[0].starts_with("OTEL_TRACES_SAMPLER"),
+                    "{:?}",
+                    t.warnings
+                );
+            }
+        }
+        // The file's own value is refused, whatever the environment says.
+        let env = env_of(&[("OTEL_TRACES_SAMPLER", "always_on")]);
+        let Err(e) = resolve(&format!("{on}sampler = \"sometimes\"\n"), &env) else {
+            panic!("a bad file sampler accepted")
+        };
+        assert_eq!(e.key, "traces.sampler");
     }
 }

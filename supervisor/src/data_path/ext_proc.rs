@@ -134,7 +134,8 @@ impl Front {
     /// A service over the plugins `links` publishes (in config order), bounded by the
     /// published `config` as it stands when each stream starts. Streams still open when `stop`
     /// turns true send `Abort { cause: Shutdown }` and end. Each stream's usage record goes to
-    /// `records`, its spans (if traced) to `traces`.
+    /// `records`, its spans (if traced) to `traces`, which from now on reports the sampler of
+    /// `config` (the one streams use).
     pub fn new(
         links: watch::Receiver<Links>,
         config: Published,
@@ -143,6 +144,7 @@ impl Front {
         records: crate::records::Records,
         traces: Traces,
     ) -> Front {
+        traces.follow(config.clone());
         Front {
             inner: Arc::new(Inner {
                 links,
@@ -548,11 +550,27 @@ impl StreamTask {
                         .map(|(_, v)| v.clone())
                 };
                 let request_id = find("x-request-id");
-                if self.trace.is_none() && self.inner.traces.is_on() {
+                // The sampler of the running configuration (a reload changes it for the streams
+                // that start after it), read only when tracing is on: off, streams keep nothing
+                // of it.
+                let sampler = match (&self.trace, self.inner.traces.is_on()) {
+                    (None, true) => self
+                        .inner
+                        .config
+                        .current()
+                        .traces
+                        .as_ref()
+                        .and_then(crate::config::TracesConfig::active_sampler),
+                    _ => None,
+                };
+                if let Some(sampler) = sampler {
                     let names = headers.iter().map(|(k, v)| (k.as_str(), v.as_str()));
-                    self.trace = self.inner.traces.begin(names, arrival);
-                    if self.trace.is_some() {
-                        self.plugins.iter_mut().for_each(PluginStream::trace_moves);
+                    self.trace = self.inner.traces.begin(names, arrival, &sampler);
+                    if let Some(trace) = &self.trace {
+                        let traceparent: Arc<str> = trace.traceparent().into();
+                        for ps in &mut self.plugins {
+                            ps.traced(traceparent.clone());
+                        }
                     }
                 }
                 self.seen.request_id = request_id.clone();
@@ -570,6 +588,7 @@ impl StreamTask {
                         })
                     },
                     |s| s.request_start,
+                    true,
                 );
                 let resp = reply(Response::RequestHeaders(HeadersResponse::default()), None);
                 replies.send(observe, "headers", arrival, resp).await
@@ -594,6 +613,7 @@ impl StreamTask {
                         })
                     },
                     |s| s.response_headers,
+                    false,
                 );
                 let (label, metadata) = if h.end_of_stream && !self.ended {
                     let md = self
@@ -680,11 +700,13 @@ impl StreamTask {
     }
 
     /// Queues one event per subscribed plugin; `make` builds it for a sequence number and
-    /// whether the plugin takes body bytes.
+    /// whether the plugin takes body bytes. For the `RequestStart` (`start`), a traced stream's
+    /// copy for a plugin with `trace` names the request span in its `traceparent`.
     fn dispatch(
         &mut self,
         make: impl Fn(u32, bool) -> ToPlugin,
         wants: impl Fn(&ipc_protocol::Subscriptions) -> bool,
+        start: bool,
     ) {
         if self.ended {
             return;
@@ -695,11 +717,16 @@ impl StreamTask {
                 continue;
             }
             let id = self.id;
-            ps.send(|seq| {
+            let make = |seq| {
                 let mut msg = make(seq, subs.body_bytes);
                 set_stream(&mut msg, id);
                 msg
-            });
+            };
+            if start {
+                ps.send_start(make);
+            } else {
+                ps.send(make);
+            }
         }
     }
 
@@ -860,6 +887,7 @@ impl StreamTask {
                         outcome: FinalOutcome::NotAsked,
                         lost: 0,
                         replays: 0,
+                        spans: None,
                     },
                     &[],
                 );
@@ -888,6 +916,7 @@ impl StreamTask {
                                 outcome: FinalOutcome::Missing(Excluded::Failed.as_str()),
                                 lost: 0,
                                 replays: 0,
+                                spans: None,
                             },
                             &[],
                         );
@@ -954,6 +983,7 @@ impl StreamTask {
                         outcome: traced,
                         lost: outcome.lost,
                         replays: outcome.replays,
+                        spans: outcome.spans,
                     },
                     &outcome.moves,
                 );

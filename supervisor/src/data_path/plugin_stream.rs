@@ -46,6 +46,9 @@ pub struct PluginStream {
     /// When the stream moved to another connection, and whether by handover (the old one was
     /// draining) rather than after a crash; kept only for a traced stream (`None` otherwise).
     moves: Option<Vec<Move>>,
+    /// A traced stream's `traceparent` naming its request span, for the `RequestStart` of a
+    /// connection that agreed on `trace` (`None`: not traced).
+    traceparent: Option<Arc<str>>,
 }
 
 use crate::traces::span::Move;
@@ -60,6 +63,8 @@ pub struct Outcome {
     pub replays: u32,
     /// The stream's moves, for its trace (empty when not traced).
     pub moves: Vec<Move>,
+    /// What the plugin added to the stream's trace before its answer (traced streams only).
+    pub spans: Option<Box<ipc_protocol::Spans>>,
 }
 
 impl PluginStream {
@@ -77,12 +82,16 @@ impl PluginStream {
             lost: 0,
             replays: 0,
             moves: None,
+            traceparent: None,
         }
     }
 
-    /// Keeps the times of the stream's moves from now on, for its trace.
-    pub fn trace_moves(&mut self) {
+    /// The stream is traced: keeps the times of its moves from now on, gives `traceparent`
+    /// (naming its request span) to connections that agreed on `trace`, and takes their
+    /// `Spans`.
+    pub fn traced(&mut self, traceparent: Arc<str>) {
         self.moves.get_or_insert_with(Vec::new);
+        self.traceparent = Some(traceparent);
     }
 
     /// The plugin's link.
@@ -136,9 +145,13 @@ impl PluginStream {
                 .journal
                 .iter_mut()
                 .filter_map(|e| {
+                    let mut msg = e.msg.clone();
+                    if let Some(tp) = &self.traceparent {
+                        with_traceparent(&mut msg, tp, current.traces());
+                    }
                     let msg = match (e.sent, replays) {
-                        (false, _) => e.msg.clone(),
-                        (true, true) => ToPlugin::Replayed(Box::new(e.msg.clone())),
+                        (false, _) => msg,
+                        (true, true) => ToPlugin::Replayed(Box::new(msg)),
                         (true, false) => {
                             withheld += 1;
                             return None;
@@ -192,6 +205,19 @@ impl PluginStream {
     /// drops it (the plugin sees the gap); with the plugin down, it waits in the journal for the
     /// replacement.
     pub fn send(&mut self, make: impl FnOnce(u32) -> ToPlugin) {
+        self.send_as::<false>(make);
+    }
+
+    /// [`PluginStream::send`] for the stream's `RequestStart`: a traced stream's copy for a
+    /// connection that agreed on `trace` carries the front's `traceparent` instead of the
+    /// request's (the journal keeps the request's, for a replacement that may not agree).
+    pub fn send_start(&mut self, make: impl FnOnce(u32) -> ToPlugin) {
+        self.send_as::<true>(make);
+    }
+
+    /// `START`: the message is the `RequestStart` (a constant, so the other events' path has no
+    /// trace check at all).
+    fn send_as<const START: bool>(&mut self, make: impl FnOnce(u32) -> ToPlugin) {
         let msg = make(self.next_seq());
         let conn = self.route();
         if self.poisoned {
@@ -199,7 +225,14 @@ impl PluginStream {
         }
         match conn {
             Some(c) => {
-                let sent = if self.journal(&msg, true) {
+                let journaled = self.journal(&msg, true);
+                let mut msg = msg;
+                if START {
+                    if let Some(tp) = &self.traceparent {
+                        with_traceparent(&mut msg, tp, c.traces());
+                    }
+                }
+                let sent = if journaled {
                     self.link.send_journaled(&c, msg)
                 } else {
                     self.link.send_event(Some(&c), msg)
@@ -265,6 +298,7 @@ impl PluginStream {
         let deadline = tokio::time::Instant::from_std(started + self.link.config().final_timeout);
         let mut connected = self.link.subscribe_connected();
         let mut expected = self.link.subscribe_expected();
+        let mut spans = None;
         let result = loop {
             let routed = self.route();
             if self.poisoned {
@@ -305,11 +339,18 @@ impl PluginStream {
                 }
             };
             let call_id = self.link.next_call_id();
-            match self
+            let (result, got) = self
                 .link
-                .final_call(Some(conn.clone()), call_id, make(seq, call_id), started)
-                .await
-            {
+                .traced_final_call(
+                    Some(conn.clone()),
+                    call_id,
+                    make(seq, call_id),
+                    started,
+                    self.traceparent.is_some(),
+                )
+                .await;
+            spans = got;
+            match result {
                 Err(Missing::Down) if tokio::time::Instant::now() < deadline => {
                     // The process went away mid-call: wait for its replacement, replay, retry.
                     if !conn.is_closed() {
@@ -325,6 +366,7 @@ impl PluginStream {
             lost: self.lost,
             replays: self.replays,
             moves: self.moves.take().unwrap_or_default(),
+            spans,
         }
     }
 
@@ -340,6 +382,21 @@ impl PluginStream {
         let msg = make(self.next_seq());
         self.link.send_event_patiently(conn, msg, patience);
     }
+}
+
+/// Puts `traceparent` in place of the request's in a `RequestStart` for a connection that agreed
+/// on `trace` (`agreed`); any other message, or connection, is left as it is.
+fn with_traceparent(msg: &mut ToPlugin, traceparent: &str, agreed: bool) {
+    let ToPlugin::RequestStart(start) = msg else {
+        return;
+    };
+    if !agreed {
+        return;
+    }
+    start.headers.retain(|(name, _)| name != "traceparent");
+    start
+        .headers
+        .push(("traceparent".to_owned(), traceparent.to_owned()));
 }
 
 impl Drop for PluginStream {
@@ -407,5 +464,42 @@ mod tests {
         assert!(ps.send_inline(1, chunk, deadline).await.is_none());
         assert_eq!((ps.lost, ps.journal.len()), (2, 0));
         assert!(metrics.encode().contains(&format!("{dropped} 2")));
+    }
+
+    #[test]
+    fn the_traceparent_replaces_the_requests_only_in_a_request_start_for_a_trace_connection() {
+        let start = || {
+            ToPlugin::RequestStart(ipc_protocol::RequestStart {
+                stream_id: 1,
+                seq: 0,
+                stamp_ns: 0,
+                request_id: None,
+                headers: vec![
+                    (":path".into(), "/".into()),
+                    ("traceparent".into(), "client".into()),
+                    ("tracestate".into(), "a=b".into()),
+                ],
+            })
+        };
+        let headers = |m: ToPlugin| match m {
+            ToPlugin::RequestStart(s) => s.headers,
+            _ => unreachable!(),
+        };
+        let mut m = start();
+        with_traceparent(&mut m, "front", true);
+        assert_eq!(
+            headers(m),
+            vec![
+                (":path".to_owned(), "/".to_owned()),
+                ("tracestate".into(), "a=b".into()),
+                ("traceparent".into(), "front".into()),
+            ]
+        );
+        let mut m = start();
+        with_traceparent(&mut m, "front", false);
+        assert_eq!(headers(m), headers(start()));
+        let mut c = chunk(1);
+        with_traceparent(&mut c, "front", true);
+        assert_eq!(c, chunk(1));
     }
 }

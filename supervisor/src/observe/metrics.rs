@@ -150,6 +150,8 @@ pub struct Metrics {
     pub spans_exported: Counter,
     /// Spans lost, by reason.
     pub spans_dropped: Family<ReasonLabel, Counter>,
+    /// A plugin's `Spans` messages dropped, by plugin and reason.
+    pub plugin_spans_dropped: Family<PluginReason, Counter>,
 }
 
 impl Default for Metrics {
@@ -387,9 +389,16 @@ impl Metrics {
             "Spans lost, by reason (queue_full: the exporter's queue was full; export_failed: the collector did not take the batch; rejected: it refused part of it; stopped: the front stopped before they were sent)",
             spans_dropped.clone(),
         );
+        let plugin_spans_dropped = Family::default();
+        registry.register(
+            "plugvisor_plugin_spans_dropped",
+            "A plugin's Spans messages dropped, by reason (no_final: no final call of that stream waiting on the connection; too_large: larger than metadata_max_bytes; too_many: more than 64 spans or attributes in one place; duplicate: a second Spans for the same final call)",
+            plugin_spans_dropped.clone(),
+        );
         Metrics {
             spans_exported,
             spans_dropped,
+            plugin_spans_dropped,
             records_submitted,
             records_written,
             records_spooled,

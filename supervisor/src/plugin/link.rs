@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use ipc_protocol::frame::{BATCH_BYTES, PREFIX_LEN};
 use ipc_protocol::{
     Ack, Credit, FinalOutcome, FinalReply, FrameReader, FrameWriter, FromPlugin, Metadata, Ping,
-    StreamId, Subscriptions, ToPlugin,
+    Spans, StreamId, Subscriptions, ToPlugin,
 };
 use tokio::io::AsyncWriteExt as _;
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
@@ -127,6 +127,21 @@ pub(crate) fn window_allows(in_flight: u64, frame_len: u64, budget: u64) -> bool
     in_flight == 0 || in_flight.saturating_add(frame_len) <= budget
 }
 
+/// What a final call's reply brings: the plugin's outcome, and the `Spans` it sent before it
+/// (for a traced stream only).
+pub type Reply = (FinalOutcome, Option<Box<Spans>>);
+
+/// A final call waiting for its reply.
+struct Waiting {
+    /// The stream it is about.
+    stream: StreamId,
+    /// The stream is traced: a `Spans` for it is kept for the reply (else dropped uncounted).
+    traced: bool,
+    /// The `Spans` the plugin sent for the call, waiting for the reply.
+    spans: Option<Box<Spans>>,
+    reply: oneshot::Sender<Reply>,
+}
+
 /// A connection being replaced, as `plugvisor status` shows it.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Draining {
@@ -157,6 +172,9 @@ pub struct Conn {
     /// Asked to reconnect: its process has (or is opening) another connection, so this one is
     /// ended by closing it, never by `Shutdown` (which would end the process).
     moved: std::sync::atomic::AtomicBool,
+    /// Agreed in the handshake (capability `trace`): the plugin reads the front's `traceparent`
+    /// and may send `Spans`.
+    trace: bool,
     tx: mpsc::Sender<Queued>,
     /// Pings and shutdown, written ahead of `tx`'s events and never held to the window.
     priority: mpsc::Sender<ToPlugin>,
@@ -169,8 +187,8 @@ pub struct Conn {
     written: AtomicU64,
     /// The largest `Credit.consumed` received.
     consumed: watch::Sender<u64>,
-    /// Final calls waiting for their reply: the stream each is about, and its waiter.
-    finals: Mutex<HashMap<u64, (StreamId, oneshot::Sender<FinalOutcome>)>>,
+    /// Final calls waiting for their reply, by call id.
+    finals: Mutex<HashMap<u64, Waiting>>,
     acks: Mutex<HashMap<(StreamId, u32), oneshot::Sender<()>>>,
     closed: watch::Sender<bool>,
     since: Instant,
@@ -235,6 +253,12 @@ impl Conn {
     /// Whether it was asked to reconnect (its process moves on to another connection).
     pub fn was_moved(&self) -> bool {
         self.moved.load(Ordering::Acquire)
+    }
+
+    /// Whether the plugin takes the front's `traceparent` and may send `Spans` (capability
+    /// `trace`).
+    pub fn traces(&self) -> bool {
+        self.trace
     }
 
     /// The protocol version agreed in the handshake.
@@ -469,6 +493,10 @@ impl PluginLink {
                 .capabilities
                 .iter()
                 .any(|c| c == ipc_protocol::handshake::capability::CREDIT_ON_PING),
+            trace: welcome
+                .capabilities
+                .iter()
+                .any(|c| c == ipc_protocol::handshake::capability::TRACE),
             tx,
             priority,
             replay,
@@ -1023,8 +1051,8 @@ impl PluginLink {
                         match finals.get(&call_id) {
                             // A reply naming another stream than its call's: not this call's
                             // answer (the call waits on for the right one, or its deadline).
-                            Some((called, _)) if *called != stream_id => {
-                                let called = *called;
+                            Some(w) if w.stream != stream_id => {
+                                let called = w.stream;
                                 drop(finals);
                                 self.metrics
                                     .replies_refused
@@ -1037,13 +1065,13 @@ impl PluginLink {
                                 }
                                 continue;
                             }
-                            Some(_) => finals.remove(&call_id).map(|(_, w)| w),
+                            Some(_) => finals.remove(&call_id),
                             None => None,
                         }
                     };
                     match waiter {
                         Some(w) => {
-                            let _ = w.send(outcome);
+                            let _ = w.reply.send((outcome, w.spans));
                         }
                         None => {
                             tracing::debug!(plugin = %self.name, call_id, "late final reply ignored")
@@ -1092,8 +1120,12 @@ impl PluginLink {
                         .set(i64::from(pong.active_streams));
                 }
                 Ok(Some(FromPlugin::Spans(spans))) => {
-                    // Read, with the front's tracing still to take them (issue 24).
-                    tracing::debug!(plugin = %self.name, stream_id = spans.stream_id, "spans from the plugin dropped");
+                    if !conn.trace {
+                        break "protocol error: Spans from a plugin that did not agree on the \
+                               capability trace"
+                            .to_owned();
+                    }
+                    self.take_spans(&conn, spans, reader.last_frame_len());
                 }
                 Ok(Some(FromPlugin::Hello(_))) => break "protocol error: second Hello".to_owned(),
                 Ok(None) => break "connection closed".to_owned(),
@@ -1101,6 +1133,36 @@ impl PluginLink {
             }
         };
         self.detach(&conn, &why);
+    }
+
+    /// Keeps a plugin's `Spans` with the final call of its stream waiting on `conn`, for its
+    /// reply; drops (and counts) one that has no such call or is past the limits
+    /// (docs/protocol.md, "Traces"). An untraced stream's are dropped without counting.
+    fn take_spans(&self, conn: &Conn, spans: Spans, frame_len: usize) {
+        use crate::traces::plugin::{check, SpansDropped};
+        let checked = check(&spans, frame_len, self.config().process.metadata_max_bytes);
+        let dropped = {
+            let mut finals = conn.finals.lock().expect("finals lock");
+            match finals.values_mut().find(|w| w.stream == spans.stream_id) {
+                None => Some(SpansDropped::NoFinal),
+                Some(w) if !w.traced => None,
+                Some(w) => match checked {
+                    Err(why) => Some(why),
+                    Ok(()) if w.spans.is_some() => Some(SpansDropped::Duplicate),
+                    Ok(()) => {
+                        w.spans = Some(Box::new(spans));
+                        None
+                    }
+                },
+            }
+        };
+        if let Some(why) = dropped {
+            self.metrics
+                .plugin_spans_dropped
+                .get_or_create(&Metrics::reason(&self.name, why.as_str()))
+                .inc();
+            tracing::debug!(plugin = %self.name, reason = why.as_str(), frame_len, "plugin's Spans dropped");
+        }
     }
 
     fn enqueue(&self, conn: &Conn, msg: ToPlugin, journaled: bool) -> Result<(), Dropped> {
@@ -1329,7 +1391,24 @@ impl PluginLink {
         msg: ToPlugin,
         started: Instant,
     ) -> Result<Metadata, Missing> {
-        let result = self.final_call_inner(conn, call_id, msg, started).await;
+        self.traced_final_call(conn, call_id, msg, started, false)
+            .await
+            .0
+    }
+
+    /// [`PluginLink::final_call`], for a `traced` stream also with the `Spans` the plugin sent
+    /// before its reply, if any (an untraced stream's are dropped when they come).
+    pub async fn traced_final_call(
+        &self,
+        conn: Option<Arc<Conn>>,
+        call_id: u64,
+        msg: ToPlugin,
+        started: Instant,
+        traced: bool,
+    ) -> (Result<Metadata, Missing>, Option<Box<Spans>>) {
+        let (result, spans) = self
+            .final_call_inner(conn, call_id, msg, started, traced)
+            .await;
         match &result {
             Ok(_) => self
                 .metrics
@@ -1343,7 +1422,7 @@ impl PluginLink {
                     .inc();
             }
         }
-        result
+        (result, spans)
     }
 
     async fn final_call_inner(
@@ -1352,44 +1431,53 @@ impl PluginLink {
         call_id: u64,
         msg: ToPlugin,
         started: Instant,
-    ) -> Result<Metadata, Missing> {
-        let conn = conn.ok_or(Missing::Down)?;
+        traced: bool,
+    ) -> (Result<Metadata, Missing>, Option<Box<Spans>>) {
+        let Some(conn) = conn else {
+            return (Err(Missing::Down), None);
+        };
         if matches!(msg, ToPlugin::AbortedFinal(_)) && !conn.aborted_finals {
             // A process that does not answer for aborted streams took over mid-way.
-            return Err(Missing::NotAsked);
+            return (Err(Missing::NotAsked), None);
         }
         let deadline = tokio::time::Instant::from_std(started + self.config().final_timeout);
         let (tx, rx) = oneshot::channel();
         let stream_id = msg.final_call().map_or(0, |(_, stream)| stream);
-        conn.finals
-            .lock()
-            .expect("finals lock")
-            .insert(call_id, (stream_id, tx));
+        conn.finals.lock().expect("finals lock").insert(
+            call_id,
+            Waiting {
+                stream: stream_id,
+                traced,
+                spans: None,
+                reply: tx,
+            },
+        );
         let forget = || {
             conn.finals.lock().expect("finals lock").remove(&call_id);
         };
         if let Err(reason) = self.send_waiting(&conn, msg, deadline).await {
             forget();
-            return Err(match reason {
+            let why = match reason {
                 Dropped::Down => Missing::Down,
                 Dropped::QueueFull => Missing::Timeout,
-            });
+            };
+            return (Err(why), None);
         }
         match tokio::time::timeout_at(deadline, rx).await {
-            Ok(Ok(FinalOutcome::Metadata(md))) => Ok(md),
-            Ok(Ok(FinalOutcome::Error(e))) => {
+            Ok(Ok((FinalOutcome::Metadata(md), spans))) => (Ok(md), spans),
+            Ok(Ok((FinalOutcome::Error(e), spans))) => {
                 if let Some(held) = crate::observe::logging::limited::allow("final failed") {
                     tracing::warn!(plugin = %self.name, call_id, error = %e, held_back = held, "plugin failed the final call");
                 }
-                Err(Missing::Failed)
+                (Err(Missing::Failed), spans)
             }
-            Ok(Err(_)) => Err(Missing::Down),
+            Ok(Err(_)) => (Err(Missing::Down), None),
             Err(_) => {
                 forget();
                 if let Some(held) = crate::observe::logging::limited::allow("final timeout") {
                     tracing::warn!(plugin = %self.name, call_id, held_back = held, "final call timed out");
                 }
-                Err(Missing::Timeout)
+                (Err(Missing::Timeout), None)
             }
         }
     }

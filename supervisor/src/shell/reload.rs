@@ -241,8 +241,13 @@ fn keep_running_values(old: &Config, new: &mut Config) {
             continue;
         }
         if key.starts_with("traces.") {
-            // The exporter and the sampler run as they started: keep the table whole.
+            // The exporter runs as it started: keep its table, but for the sampler, which each
+            // new stream reads from the published configuration.
+            let sampler = new.traces.as_ref().map(|t| t.sampler);
             new.traces = old.traces.clone();
+            if let (Some(kept), Some(sampler)) = (&mut new.traces, sampler) {
+                kept.sampler = sampler;
+            }
             continue;
         }
         match key {
@@ -907,7 +912,7 @@ mod tests {
 
     /// `[traces]` as the tests above do `[records]`: every key is classified, has a sample, is
     /// marked in docs/configuration.md, and a change to it alone is named by the plan as waiting
-    /// for an upgrade, with the running table kept.
+    /// for an upgrade, with the running table kept, or (the sampler) as applied to new streams.
     #[test]
     fn every_traces_key_reloads_or_says_why_not() {
         let schema: Vec<String> = schema_keys("[traces]\nno_such_key = 1\n")
@@ -959,14 +964,44 @@ mod tests {
             let mut new = config(&text);
             assert_eq!(changed_top_level(&old, &new), vec![key.as_str()], "{text}");
             let p = plan(&old, &new);
-            assert!(applies.kept_until_restart(), "{key}");
-            assert_eq!(p.needs_restart, vec![(key.as_str(), applies)], "{text}");
-            assert!(
-                p.to_string().contains(&format!("NOT applied: {key}")),
-                "{p}"
-            );
-            keep_running_values(&old, &mut new);
-            assert!(changed_top_level(&old, &new).is_empty(), "{key} kept");
+            if applies.kept_until_restart() {
+                assert_eq!(p.needs_restart, vec![(key.as_str(), applies)], "{text}");
+                assert!(
+                    p.to_string().contains(&format!("NOT applied: {key}")),
+                    "{p}"
+                );
+                keep_running_values(&old, &mut new);
+                assert!(changed_top_level(&old, &new).is_empty(), "{key} kept");
+            } else {
+                // The sampler: new streams take it from the published configuration.
+                assert_eq!(applies, Applies::NewStreams, "{key}");
+                assert!(p.needs_restart.is_empty(), "{p}");
+                assert_eq!(p.applied, vec![key.as_str()], "{text}");
+                keep_running_values(&old, &mut new);
+                assert_eq!(changed_top_level(&old, &new), vec![key.as_str()], "{key}");
+            }
         }
+    }
+
+    /// A reload that changes the endpoint (kept until an upgrade) and the sampler (new streams)
+    /// at once keeps the running exporter's table with the new sampler, and says which is which.
+    #[test]
+    fn a_sampler_change_applies_even_beside_an_exporter_change_that_waits() {
+        let old = config("[plugins.x]\n[traces]\nendpoint = \"http://127.0.0.1:4318\"\n");
+        let mut new = config(
+            "[plugins.x]\n[traces]\nendpoint = \"http://127.0.0.1:4999\"\n\
+             sampler = \"traceidratio\"\nsampler_arg = 0.25\n",
+        );
+        let p = plan(&old, &new);
+        assert_eq!(p.applied, vec!["traces.sampler"]);
+        assert_eq!(p.needs_restart, vec![("traces.endpoint", Applies::Upgrade)]);
+        keep_running_values(&old, &mut new);
+        let (was, now) = (old.traces.unwrap(), new.traces.unwrap());
+        assert_eq!(now.transport, was.transport);
+        assert_eq!(now.sampler.name(), "traceidratio");
+        assert_eq!(
+            now.sampler.root,
+            crate::config::traces::RootSampler::TraceIdRatio(0.25)
+        );
     }
 }

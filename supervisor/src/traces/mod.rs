@@ -3,9 +3,11 @@
 //! root of a new trace), one child per plugin's final call, and events for the first content
 //! byte, replays, handovers and gaps.
 //!
-//! Off unless `[traces]` (or `OTEL_EXPORTER_OTLP_*`) names an endpoint. [`Traces`] is the handle
-//! the data path uses: [`Traces::begin`] decides, when a request's headers arrive, whether the
-//! request is traced ([`sampler`], from its parent, [`context`]); a traced stream gathers a
+//! Off unless `[traces]` (or `OTEL_EXPORTER_OTLP_*`) names an endpoint, and off even then with
+//! `OTEL_SDK_DISABLED=true` or `OTEL_TRACES_EXPORTER=none`. [`Traces`] is the handle the data
+//! path uses: [`Traces::begin`] decides, when a request's headers arrive, whether the request is
+//! traced ([`sampler`], with the sampler of the running configuration, so a reload that changes
+//! it applies to new streams, from its parent, [`context`]); a traced stream gathers a
 //! [`RequestTrace`] and hands it over at its end with [`Traces::finish`], which never waits: a
 //! full queue drops the request's spans and counts them. One task turns what is queued into
 //! spans ([`span`]), batches them and sends them with [`crate::otlp`]'s client. Spans have no
@@ -14,6 +16,7 @@
 //! With tracing off the handle is empty and the data path does nothing more than look at it.
 
 pub mod context;
+pub mod plugin;
 pub mod sampler;
 pub mod span;
 
@@ -46,6 +49,8 @@ const SCOPE: &str = "plugvisor.front";
 #[derive(Clone, Default)]
 pub struct Traces {
     inner: Option<Arc<Inner>>,
+    /// Configured, but turned off by this variable (`OTEL_SDK_DISABLED=true`, ...).
+    off: Option<&'static str>,
 }
 
 impl std::fmt::Debug for Traces {
@@ -57,7 +62,9 @@ impl std::fmt::Debug for Traces {
 }
 
 struct Inner {
+    /// The sampler at the start; the running configuration's once [`Traces::follow`] gave it.
     sampler: Sampler,
+    published: std::sync::OnceLock<crate::config::Published>,
     /// Where spans go, for `status`.
     endpoint: String,
     protocol: &'static str,
@@ -93,6 +100,10 @@ pub struct TracesStatus {
     /// The sampler, as `OTEL_TRACES_SAMPLER` names it, when on.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sampler: Option<String>,
+    /// `[traces]` is configured, but this variable turned tracing off
+    /// (`OTEL_SDK_DISABLED=true`, `OTEL_TRACES_EXPORTER=none`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub off_by: Option<String>,
     /// Spans the collector took.
     pub exported: u64,
     /// Spans lost (see `plugvisor_spans_dropped_total` for why).
@@ -107,7 +118,10 @@ impl TracesStatus {
                 "traces: OTLP {protocol} {endpoint}, sampler {sampler}; {} spans exported, {} dropped",
                 self.exported, self.dropped
             ),
-            _ => "traces: off (no endpoint in [traces] or OTEL_EXPORTER_OTLP_*)".to_owned(),
+            _ => match &self.off_by {
+                Some(var) => format!("traces: off ({var} in the environment; [traces] ignored)"),
+                None => "traces: off (no endpoint in [traces] or OTEL_EXPORTER_OTLP_*)".to_owned(),
+            },
         }
     }
 }
@@ -124,11 +138,25 @@ impl Traces {
         let Some(config) = config else {
             return Ok(Traces::off());
         };
+        for warning in &config.warnings {
+            tracing::warn!("{warning}");
+        }
+        if let Some(var) = config.off {
+            tracing::info!(
+                endpoint = %config.transport.endpoint,
+                "tracing off: {var} in the environment turns off the configured [traces]"
+            );
+            return Ok(Traces {
+                inner: None,
+                off: Some(var),
+            });
+        }
         let client = Client::<crate::otlp::Traces>::new(&config.transport)?;
         let (tx, rx) = mpsc::channel(QUEUE_REQUESTS);
         let (stop, stop_rx) = tokio::sync::watch::channel(None);
         let inner = Arc::new(Inner {
             sampler: config.sampler,
+            published: std::sync::OnceLock::new(),
             endpoint: config.transport.endpoint.clone(),
             protocol: config.transport.protocol.as_str(),
             tx,
@@ -151,7 +179,18 @@ impl Traces {
             sampler = config.sampler.name(),
             "tracing on"
         );
-        Ok(Traces { inner: Some(inner) })
+        Ok(Traces {
+            inner: Some(inner),
+            off: None,
+        })
+    }
+
+    /// From now on `status` names the sampler of `config` as it stands (a reload may change
+    /// it); the data path passes the same one to [`Traces::begin`].
+    pub fn follow(&self, config: crate::config::Published) {
+        if let Some(inner) = &self.inner {
+            let _ = inner.published.set(config);
+        }
     }
 
     /// Whether tracing is on.
@@ -159,23 +198,21 @@ impl Traces {
         self.inner.is_some()
     }
 
-    /// A request's headers arrived at `arrival`: its trace, if tracing is on and the sampler
-    /// keeps it. `headers` are the request's, with lowercase names.
+    /// A request's headers arrived at `arrival`: its trace, if tracing is on and `sampler` (the
+    /// running configuration's when the stream started) keeps it. `headers` are the request's,
+    /// with lowercase names.
     pub fn begin<'a>(
         &self,
         headers: impl Iterator<Item = (&'a str, &'a str)>,
         arrival: Instant,
+        sampler: &Sampler,
     ) -> Option<Box<RequestTrace>> {
-        let inner = self.inner.as_ref()?;
+        self.inner.as_ref()?;
         let parent = context::parent(headers);
         let trace_id = parent
             .as_ref()
             .map_or_else(context::new_trace_id, |p| p.trace_id);
-        if !sampler::sampled(
-            &inner.sampler,
-            parent.as_ref().map(|p| p.sampled()),
-            &trace_id,
-        ) {
+        if !sampler::sampled(sampler, parent.as_ref().map(|p| p.sampled()), &trace_id) {
             return None;
         }
         let (span, state) = match parent {
@@ -206,11 +243,15 @@ impl Traces {
     /// What became of the spans so far.
     pub fn describe(&self) -> TracesStatus {
         match &self.inner {
-            None => TracesStatus::default(),
+            None => TracesStatus {
+                off_by: self.off.map(str::to_owned),
+                ..TracesStatus::default()
+            },
             Some(i) => TracesStatus {
                 endpoint: Some(i.endpoint.clone()),
                 protocol: Some(i.protocol.to_owned()),
-                sampler: Some(i.sampler.name().to_owned()),
+                sampler: Some(i.sampler().name().to_owned()),
+                off_by: None,
                 exported: i.counters.exported.load(Ordering::Relaxed),
                 dropped: i.counters.dropped.load(Ordering::Relaxed),
             },
@@ -245,6 +286,14 @@ impl Traces {
 }
 
 impl Inner {
+    /// The running configuration's sampler (the start's until [`Traces::follow`]).
+    fn sampler(&self) -> Sampler {
+        self.published
+            .get()
+            .and_then(|p| p.current().traces.as_ref().map(|t| t.sampler))
+            .unwrap_or(self.sampler)
+    }
+
     fn dropped(&self, reason: &'static str, n: u64) {
         if n == 0 {
             return;

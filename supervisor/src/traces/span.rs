@@ -107,6 +107,9 @@ pub struct FinalCall {
     pub lost: u32,
     /// Times the stream was replayed to a replacement process.
     pub replays: u32,
+    /// What the plugin added (capability `trace`): attributes for this call's span and spans
+    /// of its own.
+    pub spans: Option<Box<ipc_protocol::Spans>>,
 }
 
 #[derive(Debug)]
@@ -134,6 +137,9 @@ pub struct RequestTrace {
     /// The record's status is `error`.
     failed: bool,
     first_byte: bool,
+    /// `CLOCK_MONOTONIC` to wall clock, in nanoseconds: read once, when the first plugin's
+    /// spans came.
+    monotonic_to_wall: Option<i128>,
 }
 
 impl RequestTrace {
@@ -160,7 +166,14 @@ impl RequestTrace {
             attributes: Vec::new(),
             failed: false,
             first_byte: false,
+            monotonic_to_wall: None,
         }
+    }
+
+    /// The W3C `traceparent` naming the request span (sampled), for plugins with `trace`.
+    pub fn traceparent(&self) -> String {
+        let hex = |bytes: &[u8]| bytes.iter().map(|b| format!("{b:02x}")).collect::<String>();
+        format!("00-{}-{}-01", hex(&self.trace_id), hex(&self.span_id))
     }
 
     /// The trace id.
@@ -196,6 +209,9 @@ impl RequestTrace {
                 vec![kv("plugvisor.plugin", string(&call.plugin))],
             );
         }
+        if call.spans.is_some() && self.monotonic_to_wall.is_none() {
+            self.monotonic_to_wall = Some(super::plugin::monotonic_to_wall());
+        }
         if call.lost > 0 {
             self.event(
                 "plugvisor.gap",
@@ -223,9 +239,15 @@ impl RequestTrace {
         });
     }
 
-    /// Spans the trace becomes: the request's and one per final call.
+    /// Spans the trace becomes: the request's, one per final call and the plugins' own.
     pub fn span_count(&self) -> usize {
-        1 + self.finals.len()
+        let plugins: usize = self
+            .finals
+            .iter()
+            .filter_map(|c| c.spans.as_ref())
+            .map(|s| s.spans.len())
+            .sum();
+        1 + self.finals.len() + plugins
     }
 
     fn wall(&self, at: Instant) -> u64 {
@@ -277,6 +299,28 @@ impl RequestTrace {
                     }
                 )
             });
+            let offset = self.monotonic_to_wall.unwrap_or_default();
+            if let Some(added) = &call.spans {
+                // After the front's own; the plugin's `plugvisor.*` keys are left out.
+                attributes.extend(super::plugin::attributes(&added.attributes));
+                for s in &added.spans {
+                    let (start, end, attributes) =
+                        super::plugin::span_parts(&call.plugin, s, offset);
+                    spans.push(Span {
+                        trace_id: self.trace_id.to_vec(),
+                        span_id: super::context::new_span_id().to_vec(),
+                        trace_state: self.tracestate.clone(),
+                        parent_span_id: self.span_id.to_vec(),
+                        flags: SAMPLED | HAS_IS_REMOTE,
+                        name: s.name.clone(),
+                        kind: SpanKind::Internal as i32,
+                        start_time_unix_nano: start,
+                        end_time_unix_nano: end,
+                        attributes,
+                        ..Default::default()
+                    });
+                }
+            }
             spans.push(Span {
                 trace_id: self.trace_id.to_vec(),
                 span_id: super::context::new_span_id().to_vec(),
@@ -361,6 +405,7 @@ mod tests {
                 outcome: FinalOutcome::Replayed,
                 lost: 2,
                 replays: 1,
+                spans: None,
             },
             &[Move {
                 at: after(t0, 25),
@@ -376,6 +421,7 @@ mod tests {
                 outcome: FinalOutcome::Timeout,
                 lost: 0,
                 replays: 0,
+                spans: None,
             },
             &[],
         );
@@ -440,6 +486,7 @@ mod tests {
                 outcome: FinalOutcome::NotAsked,
                 lost: 0,
                 replays: 0,
+                spans: None,
             },
             &[Move {
                 at: t0,
@@ -462,6 +509,87 @@ mod tests {
         assert_eq!(
             attr(&spans[1], "plugvisor.outcome").unwrap().value,
             Some(string("not_asked"))
+        );
+    }
+
+    #[test]
+    fn a_plugins_spans_are_children_of_the_request_and_its_attributes_follow_the_fronts() {
+        use ipc_protocol::{PluginSpan, Spans, Value};
+        let t0 = Instant::now();
+        let mut t = RequestTrace::new([3; 16], None, "k=v".into(), t0);
+        let tp = t.traceparent();
+        assert_eq!(tp.len(), 55);
+        assert_eq!(
+            super::super::context::traceparent_fields(&tp),
+            Some(([3; 16], t.span_id(), 1))
+        );
+        let now = ipc_protocol::stamp::monotonic_now_ns();
+        t.final_call(
+            FinalCall {
+                plugin: "usage".into(),
+                aborted: false,
+                start: t0,
+                end: after(t0, 5),
+                outcome: FinalOutcome::Ok,
+                lost: 0,
+                replays: 0,
+                spans: Some(Box::new(Spans {
+                    stream_id: 1,
+                    attributes: vec![
+                        ("plugvisor.outcome".into(), Value::String("forged".into())),
+                        ("usage.parser".into(), Value::String("sse".into())),
+                    ],
+                    spans: vec![PluginSpan {
+                        name: "parse".into(),
+                        start_ns: now,
+                        end_ns: now + 2_000_000,
+                        attributes: vec![("chunks".into(), Value::Int(6))],
+                    }],
+                })),
+            },
+            &[],
+        );
+        assert_eq!(t.span_count(), 3);
+        let request = t.span_id();
+        let spans = t.into_spans(after(t0, 10));
+        assert_eq!(spans.len(), 3);
+        let child = spans.iter().find(|s| s.name == "parse").unwrap();
+        assert_eq!(child.parent_span_id, request.to_vec());
+        assert_eq!(child.trace_id, vec![3; 16]);
+        assert_eq!(child.trace_state, "k=v");
+        assert_eq!(
+            child.end_time_unix_nano - child.start_time_unix_nano,
+            2_000_000
+        );
+        // Its wall-clock start is the request's start, give or take the test's own time.
+        assert!(
+            child
+                .start_time_unix_nano
+                .abs_diff(spans[0].start_time_unix_nano)
+                < 50_000_000
+        );
+        assert_eq!(
+            attr(child, "plugvisor.plugin").unwrap().value,
+            Some(string("usage"))
+        );
+        assert_eq!(attr(child, "chunks").unwrap().value, Some(int(6)));
+        let fin = spans
+            .iter()
+            .find(|s| s.name == "plugvisor.final usage")
+            .unwrap();
+        let keys: Vec<&str> = fin.attributes.iter().map(|a| a.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            [
+                "plugvisor.plugin",
+                "plugvisor.final",
+                "plugvisor.outcome",
+                "usage.parser"
+            ]
+        );
+        assert_eq!(
+            attr(fin, "plugvisor.outcome").unwrap().value,
+            Some(string("ok"))
         );
     }
 }

@@ -2,7 +2,7 @@
 //! `docs/benchmarks.md`): a stamped SSE upstream and client ([`sse`]), Envoy with or without the
 //! ext_proc filter ([`envoy`]), the reference echo ext_proc server ([`echo`]), the streaming
 //! comparison through Envoy ([`streaming`]), the IPC limits ([`ipc`]), memory under a frozen
-//! plugin ([`memory`]), the data path's seams ([`data_path`]), restart latency ([`restart`]), /proc readings ([`procfs`]), statistics
+//! plugin ([`memory`]), the data path's seams ([`data_path`]), restart latency ([`restart`]), tracing's cost ([`traces`]), /proc readings ([`procfs`]), statistics
 //! ([`stats`]) and the chart ([`plot`]).
 
 pub mod data_path;
@@ -20,6 +20,7 @@ pub mod restart;
 pub mod sse;
 pub mod stats;
 pub mod streaming;
+pub mod traces;
 
 /// A counter or gauge from a text exposition, 0 while its series is absent: a series of a
 /// labelled family appears at its first update, and a benchmark reads counts (drops, restarts,

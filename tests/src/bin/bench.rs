@@ -1,4 +1,4 @@
-//! `cargo run --release -p tests --bin bench -- [--quick] [--peers] [--out FILE] [--only 1,2,..,7]`
+//! `cargo run --release -p tests --bin bench -- [--quick] [--peers] [--out FILE] [--only 1,2,..,7,9]`
 //!
 //! Runs plugvisor's benchmarks (see `docs/benchmarks.md`), prints the tables and rewrites
 //! `docs/benchmarks.md` and its charts. `--peers` adds measurement 8 (LiteLLM's proxy beside
@@ -19,7 +19,10 @@ use tests::bench::restart::Restarts;
 use tests::bench::sse::{Ask, StampedUpstream};
 use tests::bench::stats::{histogram_quantile, ratio, summarize, Summary};
 use tests::bench::streaming::{self, Acc, Phase, Target};
-use tests::bench::{data_path, echo, ipc, journal, lifecycle, memory, peers, plot, restart};
+use tests::bench::traces::TracesCost;
+use tests::bench::{
+    data_path, echo, ipc, journal, lifecycle, memory, peers, plot, restart, traces,
+};
 
 struct Opts {
     quick: bool,
@@ -35,7 +38,7 @@ fn main() {
         quick: false,
         peers: false,
         out: root.join("docs/benchmarks.md"),
-        only: vec![1, 2, 3, 4, 5, 6, 7],
+        only: vec![1, 2, 3, 4, 5, 6, 7, 9],
     };
     while let Some(a) = args.next() {
         match a.as_str() {
@@ -47,16 +50,17 @@ fn main() {
             "--only" => {
                 opts.only = args
                     .next()
-                    .expect("--only 1,2,3,4,5,6,7")
+                    .expect("--only 1,2,3,4,5,6,7,9")
                     .split(',')
                     .filter_map(|s| s.trim().parse().ok())
                     .collect()
             }
             "-h" | "--help" => {
                 println!(
-                    "bench [--quick] [--peers] [--out FILE] [--only 1,2,3,4,5,6,7]\n\
+                    "bench [--quick] [--peers] [--out FILE] [--only 1,2,3,4,5,6,7,9]\n\
                      1 streaming through Envoy, 2 IPC limits, 3 restart, 4 memory, 5 last bytes,\n\
-                     6 lifecycle under load, 7 replay journal cost; --peers adds 8, LiteLLM's proxy"
+                     6 lifecycle under load, 7 replay journal cost, 9 tracing on vs off;\n\
+                     --peers adds 8, LiteLLM's proxy"
                 );
                 return;
             }
@@ -183,6 +187,7 @@ struct Report {
     in_flight: Option<InFlightCost>,
     timeline: Option<Timeline>,
     journal: Option<Journal>,
+    traces: Option<TracesCost>,
     peers: Option<Peers>,
     charts: Vec<String>,
     timeline_chart: Option<String>,
@@ -210,6 +215,7 @@ async fn run(opts: &Opts) -> Report {
         in_flight: None,
         timeline: None,
         journal: None,
+        traces: None,
         peers: None,
         charts: vec![],
         timeline_chart: None,
@@ -358,6 +364,11 @@ async fn run(opts: &Opts) -> Report {
             )
             .await,
         );
+    }
+    if opts.only.contains(&9) {
+        eprintln!("bench: 9. tracing on vs off");
+        report.traces =
+            Some(traces::run(&dir.path().join("traces"), upstream.port, &upstream.ends, q).await);
     }
     if opts.only.contains(&3) {
         eprintln!("bench: 3. restart");
@@ -511,6 +522,7 @@ impl Report {
         self.lifecycle_md(&mut s);
         self.journal_md(&mut s);
         self.peers_md(&mut s);
+        self.traces_md(&mut s);
         let _ = writeln!(s, "## Profiles\n\n{HAND_START}\n{HAND_END}\n");
         s
     }
@@ -1311,6 +1323,54 @@ impl Report {
                 mib(f.after_kib * 1024),
                 kib(f.per_stream())
             );
+        }
+        s.push('\n');
+    }
+
+    fn traces_md(&self, s: &mut String) {
+        let Some(t) = &self.traces else { return };
+        let _ = writeln!(s, "## 9. What tracing costs\n");
+        let _ = writeln!(
+            s,
+            "Two fronts with the default config (on a Unix socket), each behind its own Envoy, in\n\
+             interleaved rounds: one with tracing off (no `[traces]`), one tracing every request\n\
+             (`[traces]` with the default sampler; the streams carry no `traceparent`, so each is a new\n\
+             sampled trace of a request span and a final span per plugin) to a real OTLP/HTTP receiver\n\
+             on the host (`tests/otlp_receiver.py`). *end* is the end-of-response latency (the\n\
+             upstream's last write to the client's end of body), which includes the final calls;\n\
+             *front CPU/chunk* is the front's CPU time over its slots (read from /proc in 10 ms\n\
+             ticks, idle work included) per content event, coarse in a `--quick` run. The traced\n\
+             front exported {:.0} spans and dropped {:.0}.\n",
+            t.spans_exported, t.spans_dropped
+        );
+        let _ = writeln!(
+            s,
+            "| load | tracing | streams | chunk p50 | chunk p99 | end p50 | end p99 | front CPU/chunk |\n|---|---|---|---|---|---|---|---|"
+        );
+        for p in &t.phases {
+            for (acc, name) in p.accs.iter().zip(["off", "on"]) {
+                let f = figures(acc);
+                let _ = writeln!(
+                    s,
+                    "| {} | {name} | {}{} | {} | {} | {} | {} | {} |",
+                    p.phase.name,
+                    acc.streams,
+                    if acc.errors > 0 {
+                        format!(" ({} failed)", acc.errors)
+                    } else {
+                        String::new()
+                    },
+                    us(f.chunk.p50),
+                    us(f.chunk.p99),
+                    us(f.end.p50),
+                    us(f.end.p99),
+                    if acc.events == 0 {
+                        "n/a".into()
+                    } else {
+                        us(acc.server_cpu_s / acc.events as f64 * 1e6)
+                    }
+                );
+            }
         }
         s.push('\n');
     }

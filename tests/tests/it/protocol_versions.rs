@@ -30,9 +30,13 @@ async fn only_a_plugin_that_agreed_on_replayed_is_sent_replayed_frames() {
         let expected = if protocol_2 {
             (2, vec![])
         } else {
+            // Every capability the fake announces (all the protocol knows) is agreed.
             (
                 ipc_protocol::PROTOCOL_VERSION,
-                vec!["replayed".to_owned(), "aborted_final".to_owned()],
+                ipc_protocol::handshake::capability::KNOWN
+                    .iter()
+                    .map(|c| (*c).to_owned())
+                    .collect(),
             )
         };
         assert_eq!(agreed, Some(expected));

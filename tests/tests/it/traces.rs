@@ -3,15 +3,20 @@
 //! `traceparent` gets one `plugvisor.request` span in that trace, a child of the caller's span,
 //! with one `plugvisor.final <plugin>` child per plugin and the usage numbers Envoy's access log
 //! has; a request without one starts a new trace; a plugin killed mid-stream shows as a replay;
-//! `always_off` exports nothing. Over both OTLP protocols. Each test stops the front (SIGTERM,
-//! by pid), which sends what is queued, before it reads the collector.
+//! `always_off` exports nothing. Over both OTLP protocols. Each final span's outcome shows as it
+//! happened (`timeout`, `missing`/`not_connected`, `not_asked`), a restart mid-stream as a
+//! handover event, a full queue as a gap event; a plugin with the capability `trace` gets a
+//! `traceparent` naming the request span, and its own attribute and span arrive in the trace.
+//! Each test stops the front (SIGTERM, by pid), which sends what is queued, before it reads the
+//! collector; fake plugins run in the test and end with it.
 
 use std::time::Duration;
 
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use serde_json::Value;
-use tests::client::chat_with;
+use tests::client::{chat_and_disconnect, chat_with};
+use tests::fake_plugin::{Behaviour, FakePlugin, FAKE_ATTRIBUTE, FAKE_SPAN};
 use tests::front::FrontProcess;
 use tests::otlp::{Collector, Protocol};
 use tests::stack::Stack;
@@ -282,4 +287,454 @@ async fn sampler_always_off_exports_nothing() {
             "{log}"
         );
     }
+}
+
+/// The stack with `plugins` (some external: `spawn = false`) and `[traces]` pointing at
+/// `collector`; waits for the spawned plugins in `expect` only.
+async fn stack_with(collector: &Collector, plugins: &str, expect: &[&str]) -> Stack {
+    let toml = format!("{plugins}\n[traces]\n{}", collector.traces_config());
+    Stack::with_front("FULL_DUPLEX_STREAMED", |dir| {
+        FrontProcess::start(dir, &toml, expect)
+    })
+    .await
+}
+
+/// Connects a fake plugin as `name` to the stack's front and waits until the front has it.
+async fn fake(stack: &Stack, name: &str, behaviour: Behaviour) -> FakePlugin {
+    let socket =
+        FrontProcess::runtime_dir_in(stack.dir.path()).join(format!("plugins/{name}.sock"));
+    let plugin = FakePlugin::welcome(&socket, name, behaviour).await;
+    let series = format!("plugvisor_plugin_connected{{plugin=\"{name}\"}} 1");
+    tests::eventually(&format!("{name} connected"), Duration::from_secs(5), || {
+        stack.front.metrics().contains(&series)
+    });
+    plugin
+}
+
+/// The child span of `request` for `plugin`'s final call.
+fn final_span<'a>(spans: &'a [Value], request: &Value, plugin: &str) -> &'a Value {
+    let name = format!("plugvisor.final {plugin}");
+    let found: Vec<&Value> = children(spans, request)
+        .into_iter()
+        .filter(|k| k["name"] == name.as_str())
+        .collect();
+    assert_eq!(found.len(), 1, "{name} of {request}: {spans:#?}");
+    found[0]
+}
+
+fn events<'a>(request: &'a Value, name: &str) -> Vec<&'a Value> {
+    request["events"]
+        .as_array()
+        .map(|e| e.iter().filter(|e| e["name"] == name).collect())
+        .unwrap_or_default()
+}
+
+/// A plugin that never answers (`timeout`, its span as long as `final_timeout_ms`), an external
+/// plugin that is not connected (`missing`, `not_connected`), and, on a stream the client left,
+/// a plugin that does not answer aborted streams (`not_asked`, a zero-length span). The fake
+/// that answers is `test-order`, the one plugin granted the namespace every fake writes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn final_spans_say_timeout_not_connected_and_not_asked() {
+    let cdir = tempfile::tempdir().unwrap();
+    let collector = tokio::task::block_in_place(|| Collector::start(cdir.path(), Protocol::Http));
+    let plugins = "[plugins.slow]\nspawn = false\nfinal_timeout_ms = 300\n\
+                   [plugins.absent]\nspawn = false\n\
+                   [plugins.test-order]\nspawn = false\nfinal_timeout_ms = 5000\n";
+    let mut stack = stack_with(&collector, plugins, &[]).await;
+    let hang = Behaviour {
+        hang_finals: true,
+        ..Behaviour::default()
+    };
+    let _slow = fake(&stack, "slow", hang).await;
+    let no_aborted_final = Behaviour {
+        capabilities: Some(vec!["replayed", "trace"]),
+        ..Behaviour::default()
+    };
+    let quiet = fake(&stack, "test-order", no_aborted_final).await;
+    let got = chat_with(
+        stack.envoy.port,
+        &Params::default(),
+        "outcomes",
+        "outcomes",
+        &[("traceparent", &traceparent())],
+    )
+    .await;
+    assert_eq!((got.status, &got.error), (200, &None));
+    let slow_stream = Params {
+        chunks: 40,
+        delay: Duration::from_millis(20),
+        ..Params::default()
+    };
+    chat_and_disconnect(stack.envoy.port, &slow_stream, "left", 3).await;
+    tests::eventually_async(
+        "the abandoned stream's Abort at test-order",
+        Duration::from_secs(10),
+        async || !quiet.record.lock().unwrap().aborted.is_empty(),
+    )
+    .await;
+    stop_front(&mut stack);
+
+    let spans = collector.spans();
+    let r = request_span(&spans, "outcomes");
+    let slow = final_span(&spans, r, "slow");
+    assert_eq!(attr(slow, "plugvisor.outcome"), "timeout", "{slow}");
+    assert_eq!(attr(slow, "plugvisor.reason"), "timeout");
+    assert_eq!(slow["status"]["code"], 2, "STATUS_CODE_ERROR: {slow}");
+    let waited = slow["end_time_unix_nano"].as_u64().unwrap()
+        - slow["start_time_unix_nano"].as_u64().unwrap();
+    assert!(
+        (280_000_000..2_000_000_000).contains(&waited),
+        "the span lasts final_timeout_ms: {waited} ns"
+    );
+    let absent = final_span(&spans, r, "absent");
+    assert_eq!(attr(absent, "plugvisor.outcome"), "missing", "{absent}");
+    assert_eq!(attr(absent, "plugvisor.reason"), "not_connected");
+    assert_eq!(absent["status"]["code"], 2);
+    assert_eq!(
+        attr(final_span(&spans, r, "test-order"), "plugvisor.outcome"),
+        "ok"
+    );
+    assert_eq!(attr(r, "plugvisor.status"), "partial", "{r}");
+
+    let left = request_span(&spans, "left");
+    assert_eq!(attr(left, "plugvisor.status"), "aborted", "{left}");
+    assert_eq!(attr(left, "plugvisor.cause"), "client_disconnect");
+    let q = final_span(&spans, left, "test-order");
+    assert_eq!(attr(q, "plugvisor.outcome"), "not_asked", "{q}");
+    assert_eq!(attr(q, "plugvisor.final"), "aborted_final");
+    assert_eq!(q["start_time_unix_nano"], q["end_time_unix_nano"], "{q}");
+    // A plugin never connected is not known to answer aborted streams: not asked either.
+    assert_eq!(
+        attr(final_span(&spans, left, "absent"), "plugvisor.outcome"),
+        "not_asked"
+    );
+}
+
+/// `plugvisor restart usage` while a stream runs, with a drain shorter than the stream: the
+/// stream moves to the new process at the drain's end, and its request span has a handover
+/// event (not a replay), timed within it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_mid_stream_shows_a_handover_event() {
+    let cdir = tempfile::tempdir().unwrap();
+    let collector = tokio::task::block_in_place(|| Collector::start(cdir.path(), Protocol::Http));
+    let plugins = "[plugins.usage]\nfinal_timeout_ms = 5000\ndrain_grace_ms = 200\n";
+    let mut stack = stack_with(&collector, plugins, &["usage"]).await;
+    let before = stack.plugin_pid("usage").await;
+    let params = Params {
+        chunks: 40,
+        delay: Duration::from_millis(25),
+        ..Params::default()
+    };
+    let (port, tp) = (stack.envoy.port, traceparent());
+    let expected = params.clone();
+    let request = tokio::spawn(async move {
+        chat_with(port, &expected, "handed", "handed", &[("traceparent", &tp)]).await
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let answer = supervisor::shell::control::request(
+        &stack.front.control_socket(),
+        &supervisor::shell::control::Request::Restart {
+            plugin: "usage".into(),
+        },
+    )
+    .await
+    .expect("control socket answers");
+    assert!(answer.error.is_none(), "{answer:?}");
+    let got = tokio::time::timeout(Duration::from_secs(20), request)
+        .await
+        .expect("the request within 20 s")
+        .unwrap();
+    assert_eq!((got.status, &got.error), (200, &None));
+    assert_ne!(
+        stack.plugin_pid("usage").await,
+        before,
+        "a new process serves"
+    );
+    stop_front(&mut stack);
+
+    let spans = collector.spans();
+    let r = request_span(&spans, "handed");
+    let handovers = events(r, "plugvisor.handover");
+    assert_eq!(handovers.len(), 1, "{r}");
+    assert_eq!(handovers[0]["attributes"]["plugvisor.plugin"], "usage");
+    assert!(events(r, "plugvisor.replay").is_empty(), "{r}");
+    let t = handovers[0]["time_unix_nano"].as_u64().unwrap();
+    assert!(t > r["start_time_unix_nano"].as_u64().unwrap());
+    assert!(t < r["end_time_unix_nano"].as_u64().unwrap());
+    let usage = final_span(&spans, r, "usage");
+    assert_eq!(attr(usage, "plugvisor.final"), "final", "{usage}");
+    assert_eq!(
+        attr(r, "gen_ai.usage.output_tokens"),
+        params.chunks as i64,
+        "{r}"
+    );
+}
+
+/// A plugin too slow for its queue (one event, a 64 KiB window, 50 ms a chunk) loses events of
+/// the stream: its final span counts them and the request span has a gap event at its answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_queue_shows_a_gap_event() {
+    let cdir = tempfile::tempdir().unwrap();
+    let collector = tokio::task::block_in_place(|| Collector::start(cdir.path(), Protocol::Http));
+    let plugins = "[plugins.lagging]\nspawn = false\nfinal_timeout_ms = 10000\n\
+                   queue_events = 1\nbudget_bytes = 65536\nreplay_bytes = 0\n";
+    let mut stack = stack_with(&collector, plugins, &[]).await;
+    let slow = Behaviour {
+        chunk_delay: Duration::from_millis(50),
+        ..Behaviour::default()
+    };
+    let _lagging = fake(&stack, "lagging", slow).await;
+    let params = Params {
+        chunks: 40,
+        size: 8000,
+        delay: Duration::from_millis(2),
+        ..Params::default()
+    };
+    let got = chat_with(
+        stack.envoy.port,
+        &params,
+        "gappy",
+        "gappy",
+        &[("traceparent", &traceparent())],
+    )
+    .await;
+    assert_eq!((got.status, &got.error), (200, &None));
+    assert_eq!(got.body(), params.body(), "the client's body is whole");
+    stop_front(&mut stack);
+
+    let spans = collector.spans();
+    let r = request_span(&spans, "gappy");
+    let lagging = final_span(&spans, r, "lagging");
+    let lost = attr(lagging, "plugvisor.lost_events")
+        .as_u64()
+        .expect("lost events counted");
+    assert!(lost > 0, "{lagging}");
+    let gaps = events(r, "plugvisor.gap");
+    assert_eq!(gaps.len(), 1, "{r}");
+    assert_eq!(gaps[0]["attributes"]["plugvisor.plugin"], "lagging");
+    assert_eq!(gaps[0]["attributes"]["plugvisor.lost_events"], lost);
+    assert_eq!(gaps[0]["time_unix_nano"], lagging["end_time_unix_nano"]);
+    assert_eq!(attr(r, "plugvisor.status"), "partial", "{r}");
+}
+
+/// Capability `trace` end to end: the plugin's `RequestStart` carries a `traceparent` naming the
+/// request span (in the caller's trace), and what the plugin sends before its answer arrives at
+/// the collector: its attribute on its final span (its `plugvisor.outcome` not taken), its span
+/// a child of the request span with `plugvisor.plugin`, its monotonic times as wall-clock times
+/// within the request's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugins_own_attribute_and_span_arrive_in_the_requests_trace() {
+    let cdir = tempfile::tempdir().unwrap();
+    let collector = tokio::task::block_in_place(|| Collector::start(cdir.path(), Protocol::Grpc));
+    let plugins = "[plugins.test-order]\nspawn = false\nfinal_timeout_ms = 5000\n\
+                   [plugins.plain]\nspawn = false\nfinal_timeout_ms = 5000\n";
+    let mut stack = stack_with(&collector, plugins, &[]).await;
+    let traced = fake(
+        &stack,
+        "test-order",
+        Behaviour {
+            trace_spans: true,
+            ..Behaviour::default()
+        },
+    )
+    .await;
+    let plain = fake(
+        &stack,
+        "plain",
+        Behaviour {
+            capabilities: Some(vec!["replayed", "aborted_final"]),
+            ..Behaviour::default()
+        },
+    )
+    .await;
+    let tp = traceparent();
+    let params = Params {
+        chunks: 4,
+        delay: Duration::from_millis(10),
+        ..Params::default()
+    };
+    let got = chat_with(
+        stack.envoy.port,
+        &params,
+        "own",
+        "own",
+        &[("traceparent", &tp)],
+    )
+    .await;
+    assert_eq!((got.status, &got.error), (200, &None));
+    stop_front(&mut stack);
+
+    let spans = collector.spans();
+    let r = request_span(&spans, "own");
+    assert_eq!(r["trace_id"], TRACE);
+    let seen = traced.record.lock().unwrap().traceparents.clone();
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    assert_eq!(
+        seen[0].1.as_deref(),
+        Some(format!("00-{TRACE}-{}-01", r["span_id"].as_str().unwrap()).as_str()),
+        "the plugin's traceparent names the request span"
+    );
+    // Without `trace`, the headers as they came.
+    let plain_seen = plain.record.lock().unwrap().traceparents.clone();
+    assert_eq!(plain_seen[0].1.as_deref(), Some(tp.as_str()));
+
+    let fin = final_span(&spans, r, "test-order");
+    assert_eq!(attr(fin, FAKE_ATTRIBUTE.0), FAKE_ATTRIBUTE.1, "{fin}");
+    assert_eq!(attr(fin, "plugvisor.outcome"), "ok", "{fin}");
+    assert_eq!(
+        attr(final_span(&spans, r, "plain"), FAKE_ATTRIBUTE.0),
+        &Value::Null
+    );
+    let own: Vec<&Value> = children(&spans, r)
+        .into_iter()
+        .filter(|s| s["name"] == FAKE_SPAN)
+        .collect();
+    assert_eq!(own.len(), 1, "{spans:#?}");
+    let own = own[0];
+    assert_eq!(attr(own, "plugvisor.plugin"), "test-order");
+    assert!(attr(own, "fake.stream").as_u64().is_some(), "{own}");
+    let (start, end) = (
+        own["start_time_unix_nano"].as_u64().unwrap(),
+        own["end_time_unix_nano"].as_u64().unwrap(),
+    );
+    let (r_start, r_end) = (
+        r["start_time_unix_nano"].as_u64().unwrap(),
+        r["end_time_unix_nano"].as_u64().unwrap(),
+    );
+    // The clocks are converted, not copied: within the request's span, give or take 20 ms of
+    // the two readings' distance.
+    let slack = 20_000_000;
+    assert!(
+        start + slack >= r_start && end <= r_end + slack,
+        "{own}\n{r}"
+    );
+    assert!(
+        end >= start + 30_000_000,
+        "the span covers the 4 chunks 10 ms apart: {own}"
+    );
+    // 1 request, 2 final spans and the plugin's own.
+    assert_eq!(spans.len(), 4, "{spans:#?}");
+    let metrics_dropped = stack.front.log();
+    assert!(
+        !metrics_dropped.contains("protocol error"),
+        "{metrics_dropped}"
+    );
+}
+
+/// A reload (SIGHUP) that changes `sampler` applies to the streams that start after it, without
+/// a restart: `always_off` exports nothing, then `always_on` traces the next request; the reload
+/// says it applied the key, and `status` names the new sampler. The exporter is the one the
+/// front started with (its endpoint did not change).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_that_changes_the_sampler_applies_to_new_streams() {
+    let cdir = tempfile::tempdir().unwrap();
+    let collector = tokio::task::block_in_place(|| Collector::start(cdir.path(), Protocol::Http));
+    let plugins = "[plugins.usage]\nfinal_timeout_ms = 5000\n";
+    let toml = |sampler: &str| {
+        format!(
+            "{plugins}\n[traces]\n{}sampler = \"{sampler}\"\n",
+            collector.traces_config()
+        )
+    };
+    let mut stack = Stack::with_front("FULL_DUPLEX_STREAMED", |dir| {
+        FrontProcess::start(dir, &toml("always_off"), &["usage"])
+    })
+    .await;
+    let tp = traceparent();
+    let send = async |id: &str| {
+        let got = chat_with(
+            stack.envoy.port,
+            &Params::default(),
+            id,
+            id,
+            &[("traceparent", &tp)],
+        )
+        .await;
+        assert_eq!((got.status, &got.error), (200, &None));
+    };
+    send("before-reload").await;
+    tokio::task::block_in_place(|| {
+        stack
+            .front
+            .reloaded(|| stack.front.reload(&toml("always_on")))
+    });
+    let log = stack.front.log();
+    assert!(log.contains("applied traces.sampler"), "{log}");
+    assert!(!log.contains("NOT applied: traces."), "{log}");
+    let status = supervisor::shell::control::request(
+        &stack.front.control_socket(),
+        &supervisor::shell::control::Request::Status,
+    )
+    .await
+    .expect("control socket answers")
+    .traces
+    .expect("status says how tracing stands");
+    assert_eq!(status.sampler.as_deref(), Some("always_on"), "{status:?}");
+    send("after-reload").await;
+    stop_front(&mut stack);
+
+    let spans = collector.spans();
+    let requests: Vec<&Value> = spans
+        .iter()
+        .filter(|s| s["name"] == "plugvisor.request")
+        .collect();
+    assert_eq!(requests.len(), 1, "{spans:#?}");
+    request_span(&spans, "after-reload");
+}
+
+/// `check-config` with the standard variables: `OTEL_TRACES_EXPORTER` naming an exporter
+/// plugvisor has not is refused like a bad key (exit 78, the variable named); `OTEL_SDK_DISABLED`
+/// and `OTEL_TRACES_EXPORTER=none` are accepted and said to turn the configured traces off; a
+/// sampler variable plugvisor cannot use is accepted with a warning (it falls back).
+#[test]
+fn check_config_refuses_an_unknown_exporter_and_says_what_the_variables_do() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("plugvisor.toml");
+    std::fs::write(
+        &path,
+        "[plugins.usage]\n[traces]\nendpoint = \"http://127.0.0.1:4318/v1/traces\"\n",
+    )
+    .unwrap();
+    let run = |vars: &[(&str, &str)]| {
+        let mut cmd = std::process::Command::new(tests::bins::plugvisor());
+        cmd.arg("check-config").arg(&path);
+        for name in [
+            "OTEL_SDK_DISABLED",
+            "OTEL_TRACES_EXPORTER",
+            "OTEL_TRACES_SAMPLER",
+            "OTEL_TRACES_SAMPLER_ARG",
+        ] {
+            cmd.env_remove(name);
+        }
+        cmd.envs(vars.iter().copied());
+        let out = cmd.output().unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, _, stderr) = run(&[("OTEL_TRACES_EXPORTER", "zipkin")]);
+    assert_eq!(code, Some(78), "EX_CONFIG, as for a bad key: {stderr}");
+    assert!(stderr.contains("$OTEL_TRACES_EXPORTER"), "{stderr}");
+    assert!(stderr.contains("zipkin"), "{stderr}");
+    for (var, value) in [
+        ("OTEL_SDK_DISABLED", "true"),
+        ("OTEL_TRACES_EXPORTER", "none"),
+    ] {
+        let (code, stdout, stderr) = run(&[(var, value)]);
+        assert_eq!(code, Some(0), "{stderr}");
+        assert!(
+            stdout.contains(&format!("traces: off ({var}={value} in the environment")),
+            "{stdout}"
+        );
+    }
+    let (code, stdout, stderr) = run(&[("OTEL_TRACES_SAMPLER", "jaeger_remote")]);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(!stdout.contains("traces: off"), "{stdout}");
+    assert!(
+        stderr.contains("warning: OTEL_TRACES_SAMPLER ignored")
+            && stderr.contains("parentbased_always_on"),
+        "{stderr}"
+    );
 }

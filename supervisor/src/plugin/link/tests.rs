@@ -41,9 +41,17 @@ fn plugin(queue_events: usize, queue_bytes: usize, final_ms: u64) -> PluginConfi
 
 /// A link attached to one end of a socket pair; the other end is the "plugin".
 fn linked(config: PluginConfig) -> (Arc<PluginLink>, Arc<Metrics>, UnixStream) {
+    linked_with(config, &["replayed"])
+}
+
+/// [`linked`], the plugin announcing `capabilities`.
+fn linked_with(
+    config: PluginConfig,
+    capabilities: &[&str],
+) -> (Arc<PluginLink>, Arc<Metrics>, UnixStream) {
     let metrics = Arc::new(Metrics::new());
     let link = Arc::new(PluginLink::new(config, metrics.clone()));
-    let plugin = attach_pair(&link, &["replayed"]);
+    let plugin = attach_pair(&link, capabilities);
     (link, metrics, plugin)
 }
 
@@ -582,4 +590,111 @@ async fn a_full_window_pings_a_plugin_on_credit_on_ping_and_again_when_credit_le
 
 async fn next_frame_of(reader: &mut FrameReader<UnixStream>) -> ToPlugin {
     read_or_eof(reader).await.expect("connection open")
+}
+
+fn spans(stream_id: u64, n: usize, attribute: &str) -> FromPlugin {
+    FromPlugin::Spans(Spans {
+        stream_id,
+        attributes: vec![("plugin.note".into(), Value::String(attribute.into()))],
+        spans: (0..n)
+            .map(|i| ipc_protocol::PluginSpan {
+                name: format!("step {i}"),
+                start_ns: 1,
+                end_ns: 2,
+                attributes: Vec::new(),
+            })
+            .collect(),
+    })
+}
+
+fn final_of(stream_id: u64, call_id: u64) -> ToPlugin {
+    ToPlugin::Final(ipc_protocol::Final {
+        stream_id,
+        seq: 0,
+        stamp_ns: 0,
+        call_id,
+        len: 0,
+        bytes: Bytes::new(),
+        trailers: vec![],
+    })
+}
+
+#[tokio::test]
+async fn spans_before_the_reply_come_with_it_and_those_past_the_limits_are_dropped_and_counted() {
+    let mut config = plugin(16, 1 << 20, 2000);
+    config.process.metadata_max_bytes = 4096;
+    let (link, metrics, plugin) = linked_with(config, &["replayed", "trace"]);
+    assert!(link.connection().unwrap().traces());
+    let (r, w) = plugin.into_split();
+    let (mut reader, mut writer) = (FrameReader::new(r), FrameWriter::new(w));
+    let answer = tokio::spawn(async move {
+        for traced in [true, false] {
+            let Some(ToPlugin::Final(f)) = reader.read::<ToPlugin>().await.unwrap() else {
+                panic!("expected Final")
+            };
+            let mut sent = vec![
+                spans(f.stream_id + 1, 1, "no final for this stream"),
+                spans(f.stream_id, 1, &"x".repeat(5000)),
+                spans(f.stream_id, 65, "too many spans"),
+                spans(f.stream_id, 64, "kept"),
+                spans(f.stream_id, 1, "a second one"),
+            ];
+            if !traced {
+                sent.remove(0);
+            }
+            for m in sent {
+                writer.send(&m).await.unwrap();
+            }
+            writer
+                .send(&FromPlugin::FinalReply(FinalReply {
+                    call_id: f.call_id,
+                    stream_id: f.stream_id,
+                    outcome: FinalOutcome::Metadata(Metadata::new()),
+                }))
+                .await
+                .unwrap();
+        }
+        (reader, writer)
+    });
+    let (result, got) = link
+        .traced_final_call(link.connection(), 1, final_of(5, 1), Instant::now(), true)
+        .await;
+    assert!(result.is_ok());
+    let got = got.expect("the plugin's spans");
+    assert_eq!(got.spans.len(), 64);
+    assert_eq!(got.attributes[0].1, Value::String("kept".into()));
+    let text = metrics.encode();
+    for reason in ["no_final", "too_large", "too_many", "duplicate"] {
+        let series =
+            format!("plugvisor_plugin_spans_dropped_total{{plugin=\"p\",reason=\"{reason}\"}} 1");
+        assert!(text.contains(&series), "{series}\n{text}");
+    }
+    // An untraced stream: its plugin's spans are dropped, not counted, not returned.
+    let (result, got) = link
+        .traced_final_call(link.connection(), 2, final_of(6, 2), Instant::now(), false)
+        .await;
+    assert!(result.is_ok() && got.is_none());
+    let dropped = |text: &str| -> Vec<String> {
+        text.lines()
+            .filter(|l| l.starts_with("plugvisor_plugin_spans_dropped_total"))
+            .map(str::to_owned)
+            .collect()
+    };
+    assert_eq!(dropped(&metrics.encode()), dropped(&text));
+    let _ = answer.await.unwrap();
+    assert!(link.is_connected());
+}
+
+#[tokio::test]
+async fn spans_from_a_plugin_without_the_capability_trace_end_its_connection() {
+    let (link, _metrics, plugin) = linked(plugin(16, 1 << 20, 2000));
+    assert!(!link.connection().unwrap().traces());
+    let (_r, w) = plugin.into_split();
+    let mut writer = FrameWriter::new(w);
+    writer.send(&spans(1, 1, "unasked")).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while link.is_connected() {
+        assert!(Instant::now() < deadline, "still connected");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
 }
