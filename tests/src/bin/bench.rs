@@ -603,7 +603,7 @@ impl Report {
                     };
                     let _ = writeln!(
                         s,
-                        "| (c) the default plugins' CPU per content chunk (utime+stime of the plugin processes) {what} — {} | {} | {} |",
+                        "| (c) the default plugins' CPU per content chunk (user + system time of the plugin processes) {what} — {} | {} | {} |",
                         pr.phase.name, us(plugins), verdict(plugins <= bar)
                     );
                     if p == 0 {
@@ -846,8 +846,9 @@ impl Report {
              the one-way trip through Envoy and the ext_proc server, one clock, no pacing assumptions.\n\
              *Added* is a configuration's percentile minus (a)'s at the same percentile. **End** is\n\
              the upstream's last write (the terminating chunk) to the client's end of body, which\n\
-             contains the final RPC. **CPU/chunk** is the ext_proc server process's utime+stime\n\
-             (`/proc/<pid>/stat`) over its slots, divided by the content events delivered; plugin\n\
+             contains the final RPC. **CPU/chunk** is the ext_proc server process's user + system\n\
+             time (its CPU-time clock, `clock_getcpuclockid`, in nanoseconds) over its slots, divided\n\
+             by the content events delivered; plugin\n\
              processes are counted separately.\n"
         );
         for (k, l) in &self.keys {
