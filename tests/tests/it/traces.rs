@@ -6,9 +6,11 @@
 //! `always_off` exports nothing. Over both OTLP protocols. Each final span's outcome shows as it
 //! happened (`timeout`, `missing`/`not_connected`, `not_asked`), a restart mid-stream as a
 //! handover event, a full queue as a gap event; a plugin with the capability `trace` gets a
-//! `traceparent` naming the request span, and its own attribute and span arrive in the trace.
-//! Each test stops the front (SIGTERM, by pid), which sends what is queued, before it reads the
-//! collector; fake plugins run in the test and end with it.
+//! `traceparent` naming the request span, and its own attribute and span arrive in the trace;
+//! so do those of the Python SDK's `wordcount.py` and the Rust SDK's `conformance` example,
+//! spawned by the front as a plugin author ships them. Each test stops the front (SIGTERM, by
+//! pid), which sends what is queued, before it reads the collector; fake plugins run in the test
+//! and end with it, spawned ones with the front.
 
 use std::time::Duration;
 
@@ -16,6 +18,7 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use serde_json::Value;
 use tests::client::{chat_and_disconnect, chat_with};
+use tests::envoy::{Envoy, EnvoyOptions};
 use tests::fake_plugin::{Behaviour, FakePlugin, FAKE_ATTRIBUTE, FAKE_SPAN};
 use tests::front::FrontProcess;
 use tests::otlp::{Collector, Protocol};
@@ -737,4 +740,191 @@ fn check_config_refuses_an_unknown_exporter_and_says_what_the_variables_do() {
             && stderr.contains("parentbased_always_on"),
         "{stderr}"
     );
+}
+
+/// The stack of [`stack_with`] with the SDKs' plugins as an author ships them: `wordcount.py`
+/// (Python SDK) run by the interpreter of a venv the SDK was pip-installed into, and the Rust
+/// SDK's `conformance` example binary, both spawned by the front; Envoy's access log shows both
+/// plugins' namespaces, so the test can compare what each reported with what it traced.
+async fn sdk_stack(collector: &Collector) -> Stack {
+    tests::init_tracing();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let upstream = tests::upstream::Upstream::start().await;
+    let (front, envoy) = tokio::task::block_in_place(|| {
+        let python = tests::python::shared_venv();
+        let script = tests::python::repo().join("sdk/python/examples/wordcount.py");
+        let runtime = FrontProcess::runtime_dir_in(dir.path());
+        let conformance = tests::bins::require("examples/conformance");
+        let plugins = format!(
+            "[plugins.wordcount]\ncommand = \"{}\"\nargs = [\"{}\", \"--connect\", \"{}\"]\n\
+             final_timeout_ms = 5000\n\
+             [plugins.conformance]\ncommand = \"{}\"\nargs = [\"conformance\", \"--connect\", \"{}\"]\n\
+             final_timeout_ms = 5000\n\
+             [traces]\n{}",
+            python.display(),
+            script.display(),
+            runtime.join("plugins/wordcount.sock").display(),
+            conformance.display(),
+            runtime.join("plugins/conformance.sock").display(),
+            collector.traces_config()
+        );
+        let front = FrontProcess::start(dir.path(), &plugins, &["wordcount", "conformance"]);
+        let envoy = Envoy::start_edited(
+            dir.path(),
+            &EnvoyOptions {
+                ext_proc: front.ext_proc.clone(),
+                upstream_port: upstream.port,
+                extra_namespaces: vec![
+                    "plugvisor.wordcount".into(),
+                    "plugvisor.conformance".into(),
+                ],
+                ..EnvoyOptions::default()
+            },
+            |yaml| {
+                let at =
+                    "                  test_order: \"%DYNAMIC_METADATA(plugvisor.test-order)%\"\n";
+                assert!(yaml.contains(at), "examples/envoy.yaml lost `{at}`");
+                let logged: String = ["wordcount", "conformance"]
+                    .map(|n| {
+                        format!("                  {n}: \"%DYNAMIC_METADATA(plugvisor.{n})%\"\n")
+                    })
+                    .concat();
+                yaml.replace(at, &format!("{at}{logged}"))
+            },
+        );
+        (front, envoy)
+    });
+    Stack {
+        envoy,
+        front,
+        upstream,
+        dir,
+    }
+}
+
+/// Both SDKs as a plugin author uses them, through real Envoy to the real collector: for each
+/// request sent with a `traceparent`, the Python SDK's `wordcount.py` puts `wordcount.words` (the
+/// words streamed, as in its Envoy metadata) on its `plugvisor.final wordcount` span, and the
+/// Rust SDK's `conformance` example puts `conformance.events` (the events its hooks ran, as many
+/// as the `seqs` of its metadata) on `plugvisor.final conformance` and records its span
+/// `conformance.final`: a child of the request span with `plugvisor.plugin`, its times converted
+/// to wall-clock times within the request's. Neither plugin can take the front's
+/// `plugvisor.outcome`, and nothing else arrives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_and_rust_sdk_plugins_add_their_attributes_and_spans_to_the_requests_trace() {
+    let cdir = tempfile::tempdir().unwrap();
+    let collector = tokio::task::block_in_place(|| Collector::start(cdir.path(), Protocol::Http));
+    let mut stack = sdk_stack(&collector).await;
+    let tp = traceparent();
+    // Two requests of different lengths: each trace carries its own count, not the other's.
+    let requests = [("sdk-short", 3), ("sdk-long", 12)].map(|(id, chunks)| {
+        let params = Params {
+            chunks,
+            delay: Duration::from_millis(5),
+            ..Params::default()
+        };
+        (id, params)
+    });
+    let mut lines = Vec::new();
+    for (id, params) in &requests {
+        let got = tokio::time::timeout(
+            Duration::from_secs(30),
+            chat_with(stack.envoy.port, params, id, id, &[("traceparent", &tp)]),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("{id} within 30 s"));
+        assert_eq!((got.status, &got.error), (200, &None), "{id}");
+        assert_eq!(got.body(), params.body(), "{id}");
+        lines.push(stack.log_for(id));
+    }
+    // Every `Spans` was taken: none dropped, for any reason.
+    let metrics = stack.front.metrics();
+    let dropped: Vec<&str> = metrics
+        .lines()
+        .filter(|l| l.starts_with("plugvisor_plugin_spans_dropped_total{") && !l.ends_with(" 0"))
+        .collect();
+    assert!(dropped.is_empty(), "{dropped:?}");
+    stop_front(&mut stack);
+
+    let spans = collector.spans();
+    for ((id, params), line) in requests.iter().zip(&lines) {
+        let r = request_span(&spans, id);
+        assert_eq!(r["trace_id"], TRACE, "{r}");
+        assert_eq!(r["parent_span_id"], PARENT, "{r}");
+
+        // Python SDK: the attribute the hook set through `ctx.trace`, the count it reported.
+        let words = params.text().split_whitespace().count() as i64;
+        assert_eq!(line["wordcount"]["words"], words as f64, "{line}");
+        let wc = final_span(&spans, r, "wordcount");
+        assert_eq!(attr(wc, "wordcount.words"), words, "{id}: {wc}");
+        assert_eq!(attr(wc, "plugvisor.outcome"), "ok", "{wc}");
+        assert_eq!(attr(wc, "conformance.events"), &Value::Null, "{wc}");
+
+        // Rust SDK: the attribute, as many events as the plugin's metadata lists.
+        let seqs = line["conformance"]["seqs"]
+            .as_array()
+            .unwrap_or_else(|| panic!("conformance's seqs in {line}"))
+            .len();
+        // A request start, response headers, a chunk or more, and the final.
+        assert!(seqs >= 4, "{line}");
+        let conf = final_span(&spans, r, "conformance");
+        assert_eq!(
+            attr(conf, "conformance.events"),
+            seqs as i64,
+            "{id}: {conf}"
+        );
+        assert_eq!(attr(conf, "plugvisor.outcome"), "ok", "{conf}");
+        assert_eq!(attr(conf, "wordcount.words"), &Value::Null, "{conf}");
+
+        // The Rust plugin's own span: a sibling of the final spans, named for its plugin.
+        let own: Vec<&Value> = children(&spans, r)
+            .into_iter()
+            .filter(|s| s["name"] == "conformance.final")
+            .collect();
+        assert_eq!(own.len(), 1, "{id}: {spans:#?}");
+        let own = own[0];
+        assert_eq!(attr(own, "plugvisor.plugin"), "conformance", "{own}");
+        assert_eq!(own["kind"], 1, "SPAN_KIND_INTERNAL: {own}");
+        let time = |s: &Value, k: &str| s[k].as_u64().unwrap_or_else(|| panic!("{k}: {s}"));
+        let (start, end) = (
+            time(own, "start_time_unix_nano"),
+            time(own, "end_time_unix_nano"),
+        );
+        assert!(end >= start, "{own}");
+        // Converted from the plugin's monotonic clock: within the request's span, give or take
+        // 20 ms of the two clock readings' distance, and within the final call's span.
+        let slack = 20_000_000;
+        let (r_start, r_end) = (
+            time(r, "start_time_unix_nano"),
+            time(r, "end_time_unix_nano"),
+        );
+        assert!(
+            start + slack >= r_start && end <= r_end + slack,
+            "{own}\n{r}"
+        );
+        assert!(
+            start + slack >= time(conf, "start_time_unix_nano")
+                && end <= time(conf, "end_time_unix_nano") + slack,
+            "the plugin's span is within its final call: {own}\n{conf}"
+        );
+        // wordcount records no span: the request's children are the two finals and this one.
+        let mut names: Vec<&str> = children(&spans, r)
+            .iter()
+            .map(|k| k["name"].as_str().unwrap())
+            .collect();
+        names.sort();
+        assert_eq!(
+            names,
+            [
+                "conformance.final",
+                "plugvisor.final conformance",
+                "plugvisor.final wordcount"
+            ],
+            "{id}"
+        );
+    }
+    // Two requests, four spans each: nothing else arrived.
+    assert_eq!(spans.len(), 8, "{spans:#?}");
+    let log = stack.front.log();
+    assert!(!log.contains("protocol error"), "{log}");
 }
