@@ -742,51 +742,78 @@ fn check_config_refuses_an_unknown_exporter_and_says_what_the_variables_do() {
     );
 }
 
-/// The stack of [`stack_with`] with the SDKs' plugins as an author ships them: `wordcount.py`
-/// (Python SDK) run by the interpreter of a venv the SDK was pip-installed into, and the Rust
-/// SDK's `conformance` example binary, both spawned by the front; Envoy's access log shows both
-/// plugins' namespaces, so the test can compare what each reported with what it traced.
+/// The plugins of [`sdk_stack`]: the configured name, and the key of its namespace in Envoy's
+/// access log.
+const SDK_PLUGINS: [(&str, &str); 3] = [
+    ("wordcount", "wordcount"),
+    ("conformance", "conformance"),
+    ("py-conformance", "py_conformance"),
+];
+
+/// The stack of [`stack_with`] with the SDKs' plugins as an author ships them, spawned by the
+/// front: `wordcount.py` and the conformance twin `conformance.py` (as `py-conformance`), run by
+/// the interpreter of a venv the Python SDK was pip-installed into, and the Rust SDK's
+/// `conformance` example binary. Envoy's access log shows each plugin's namespace, so the test
+/// can compare what a plugin reported with what it traced.
 async fn sdk_stack(collector: &Collector) -> Stack {
     tests::init_tracing();
     let dir = tempfile::tempdir().expect("tempdir");
     let upstream = tests::upstream::Upstream::start().await;
     let (front, envoy) = tokio::task::block_in_place(|| {
         let python = tests::python::shared_venv();
-        let script = tests::python::repo().join("sdk/python/examples/wordcount.py");
-        let runtime = FrontProcess::runtime_dir_in(dir.path());
-        let conformance = tests::bins::require("examples/conformance");
-        let plugins = format!(
-            "[plugins.wordcount]\ncommand = \"{}\"\nargs = [\"{}\", \"--connect\", \"{}\"]\n\
-             final_timeout_ms = 5000\n\
-             [plugins.conformance]\ncommand = \"{}\"\nargs = [\"conformance\", \"--connect\", \"{}\"]\n\
-             final_timeout_ms = 5000\n\
-             [traces]\n{}",
-            python.display(),
-            script.display(),
-            runtime.join("plugins/wordcount.sock").display(),
-            conformance.display(),
-            runtime.join("plugins/conformance.sock").display(),
-            collector.traces_config()
-        );
-        let front = FrontProcess::start(dir.path(), &plugins, &["wordcount", "conformance"]);
+        let examples = tests::python::repo().join("sdk/python/examples");
+        let socket = |name: &str| {
+            FrontProcess::runtime_dir_in(dir.path())
+                .join(format!("plugins/{name}.sock"))
+                .display()
+                .to_string()
+        };
+        let plugin = |name: &str, command: &std::path::Path, args: &[&str]| {
+            let args: Vec<String> = args
+                .iter()
+                .map(|a| format!("{a:?}"))
+                .chain(["\"--connect\"".into(), format!("{:?}", socket(name))])
+                .collect();
+            format!(
+                "[plugins.{name}]\ncommand = {:?}\nargs = [{}]\nfinal_timeout_ms = 5000\n",
+                command.display().to_string(),
+                args.join(", ")
+            )
+        };
+        let wordcount = examples.join("wordcount.py").display().to_string();
+        let py_conformance = examples.join("conformance.py").display().to_string();
+        let toml = [
+            plugin("wordcount", &python, &[&wordcount]),
+            plugin(
+                "conformance",
+                &tests::bins::require("examples/conformance"),
+                &["conformance"],
+            ),
+            plugin(
+                "py-conformance",
+                &python,
+                &[&py_conformance, "--as", "py-conformance"],
+            ),
+            format!("[traces]\n{}", collector.traces_config()),
+        ]
+        .concat();
+        let names = SDK_PLUGINS.map(|(name, _)| name);
+        let front = FrontProcess::start(dir.path(), &toml, &names);
         let envoy = Envoy::start_edited(
             dir.path(),
             &EnvoyOptions {
                 ext_proc: front.ext_proc.clone(),
                 upstream_port: upstream.port,
-                extra_namespaces: vec![
-                    "plugvisor.wordcount".into(),
-                    "plugvisor.conformance".into(),
-                ],
+                extra_namespaces: names.map(|n| format!("plugvisor.{n}")).to_vec(),
                 ..EnvoyOptions::default()
             },
             |yaml| {
                 let at =
                     "                  test_order: \"%DYNAMIC_METADATA(plugvisor.test-order)%\"\n";
                 assert!(yaml.contains(at), "examples/envoy.yaml lost `{at}`");
-                let logged: String = ["wordcount", "conformance"]
-                    .map(|n| {
-                        format!("                  {n}: \"%DYNAMIC_METADATA(plugvisor.{n})%\"\n")
+                let logged: String = SDK_PLUGINS
+                    .map(|(n, key)| {
+                        format!("                  {key}: \"%DYNAMIC_METADATA(plugvisor.{n})%\"\n")
                     })
                     .concat();
                 yaml.replace(at, &format!("{at}{logged}"))
@@ -802,21 +829,26 @@ async fn sdk_stack(collector: &Collector) -> Stack {
     }
 }
 
-/// Both SDKs as a plugin author uses them, through real Envoy to the real collector: for each
-/// request sent with a `traceparent`, the Python SDK's `wordcount.py` puts `wordcount.words` (the
-/// words streamed, as in its Envoy metadata) on its `plugvisor.final wordcount` span, and the
-/// Rust SDK's `conformance` example puts `conformance.events` (the events its hooks ran, as many
-/// as the `seqs` of its metadata) on `plugvisor.final conformance` and records its span
-/// `conformance.final`: a child of the request span with `plugvisor.plugin`, its times converted
-/// to wall-clock times within the request's. Neither plugin can take the front's
-/// `plugvisor.outcome`, and nothing else arrives.
+/// Both SDKs as a plugin author uses them, through real Envoy to the real collector. For each
+/// request sent with a `traceparent`:
+/// - the Python SDK's `wordcount.py` puts `wordcount.words` (the words streamed, as in its
+///   Envoy metadata) on its `plugvisor.final wordcount` span;
+/// - each conformance twin (the Rust SDK's `conformance` example, the Python SDK's
+///   `conformance.py`) puts `conformance.events` (as many as the `seqs` of its metadata) and
+///   `conformance.traceparent` (the `traceparent` its SDK handed it: the request span's) on its
+///   final span, and records `conformance.final`: a child of the request span with
+///   `plugvisor.plugin` naming it, its monotonic times converted to wall-clock times within its
+///   final call's.
+///
+/// No plugin takes the front's `plugvisor.outcome`, none gets another's attributes, no `Spans`
+/// is dropped, and nothing else arrives.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn python_and_rust_sdk_plugins_add_their_attributes_and_spans_to_the_requests_trace() {
     let cdir = tempfile::tempdir().unwrap();
     let collector = tokio::task::block_in_place(|| Collector::start(cdir.path(), Protocol::Http));
     let mut stack = sdk_stack(&collector).await;
     let tp = traceparent();
-    // Two requests of different lengths: each trace carries its own count, not the other's.
+    // Two requests of different lengths: each trace carries its own counts, not the other's.
     let requests = [("sdk-short", 3), ("sdk-long", 12)].map(|(id, chunks)| {
         let params = Params {
             chunks,
@@ -847,67 +879,66 @@ async fn python_and_rust_sdk_plugins_add_their_attributes_and_spans_to_the_reque
     stop_front(&mut stack);
 
     let spans = collector.spans();
+    let time = |s: &Value, k: &str| s[k].as_u64().unwrap_or_else(|| panic!("{k}: {s}"));
     for ((id, params), line) in requests.iter().zip(&lines) {
         let r = request_span(&spans, id);
         assert_eq!(r["trace_id"], TRACE, "{r}");
         assert_eq!(r["parent_span_id"], PARENT, "{r}");
+        for (plugin, _) in SDK_PLUGINS {
+            let fin = final_span(&spans, r, plugin);
+            assert_eq!(attr(fin, "plugvisor.outcome"), "ok", "{id}: {fin}");
+        }
 
-        // Python SDK: the attribute the hook set through `ctx.trace`, the count it reported.
+        // Python SDK, wordcount: the attribute its final set through `ctx.trace`, the count it
+        // reported. It records no span, and has no traceparent to show: it does not subscribe
+        // to request starts.
         let words = params.text().split_whitespace().count() as i64;
         assert_eq!(line["wordcount"]["words"], words as f64, "{line}");
         let wc = final_span(&spans, r, "wordcount");
         assert_eq!(attr(wc, "wordcount.words"), words, "{id}: {wc}");
-        assert_eq!(attr(wc, "plugvisor.outcome"), "ok", "{wc}");
         assert_eq!(attr(wc, "conformance.events"), &Value::Null, "{wc}");
 
-        // Rust SDK: the attribute, as many events as the plugin's metadata lists.
-        let seqs = line["conformance"]["seqs"]
-            .as_array()
-            .unwrap_or_else(|| panic!("conformance's seqs in {line}"))
-            .len();
-        // A request start, response headers, a chunk or more, and the final.
-        assert!(seqs >= 4, "{line}");
-        let conf = final_span(&spans, r, "conformance");
-        assert_eq!(
-            attr(conf, "conformance.events"),
-            seqs as i64,
-            "{id}: {conf}"
-        );
-        assert_eq!(attr(conf, "plugvisor.outcome"), "ok", "{conf}");
-        assert_eq!(attr(conf, "wordcount.words"), &Value::Null, "{conf}");
+        // Both conformance twins: the attributes on their own final span, their span beside it.
+        let request_tp = format!("00-{TRACE}-{}-01", r["span_id"].as_str().unwrap());
+        for (plugin, key) in &SDK_PLUGINS[1..] {
+            let seqs = line[key]["seqs"]
+                .as_array()
+                .unwrap_or_else(|| panic!("{plugin}'s seqs in {line}"))
+                .len();
+            // A request start, response headers, a chunk or more, and the final.
+            assert!(seqs >= 4, "{line}");
+            let fin = final_span(&spans, r, plugin);
+            assert_eq!(attr(fin, "conformance.events"), seqs as i64, "{id}: {fin}");
+            assert_eq!(
+                attr(fin, "conformance.traceparent"),
+                request_tp.as_str(),
+                "{plugin} was told of the request span, not the caller's: {fin}"
+            );
+            assert_eq!(attr(fin, "wordcount.words"), &Value::Null, "{fin}");
 
-        // The Rust plugin's own span: a sibling of the final spans, named for its plugin.
-        let own: Vec<&Value> = children(&spans, r)
-            .into_iter()
-            .filter(|s| s["name"] == "conformance.final")
-            .collect();
-        assert_eq!(own.len(), 1, "{id}: {spans:#?}");
-        let own = own[0];
-        assert_eq!(attr(own, "plugvisor.plugin"), "conformance", "{own}");
-        assert_eq!(own["kind"], 1, "SPAN_KIND_INTERNAL: {own}");
-        let time = |s: &Value, k: &str| s[k].as_u64().unwrap_or_else(|| panic!("{k}: {s}"));
-        let (start, end) = (
-            time(own, "start_time_unix_nano"),
-            time(own, "end_time_unix_nano"),
-        );
-        assert!(end >= start, "{own}");
-        // Converted from the plugin's monotonic clock: within the request's span, give or take
-        // 20 ms of the two clock readings' distance, and within the final call's span.
-        let slack = 20_000_000;
-        let (r_start, r_end) = (
-            time(r, "start_time_unix_nano"),
-            time(r, "end_time_unix_nano"),
-        );
-        assert!(
-            start + slack >= r_start && end <= r_end + slack,
-            "{own}\n{r}"
-        );
-        assert!(
-            start + slack >= time(conf, "start_time_unix_nano")
-                && end <= time(conf, "end_time_unix_nano") + slack,
-            "the plugin's span is within its final call: {own}\n{conf}"
-        );
-        // wordcount records no span: the request's children are the two finals and this one.
+            let own: Vec<&Value> = children(&spans, r)
+                .into_iter()
+                .filter(|s| s["name"] == "conformance.final")
+                .filter(|s| attr(s, "plugvisor.plugin") == *plugin)
+                .collect();
+            assert_eq!(own.len(), 1, "{id}, {plugin}: {spans:#?}");
+            let own = own[0];
+            assert_eq!(own["kind"], 1, "SPAN_KIND_INTERNAL: {own}");
+            let (start, end) = (
+                time(own, "start_time_unix_nano"),
+                time(own, "end_time_unix_nano"),
+            );
+            assert!(end >= start, "{own}");
+            // Converted from the plugin's monotonic clock: within its final call's span, give
+            // or take 20 ms of the two clock readings' distance.
+            let slack = 20_000_000;
+            assert!(
+                start + slack >= time(fin, "start_time_unix_nano")
+                    && end <= time(fin, "end_time_unix_nano") + slack,
+                "the plugin's span is within its final call: {own}\n{fin}"
+            );
+        }
+        // The request's children: a final span per plugin, and the twins' own spans.
         let mut names: Vec<&str> = children(&spans, r)
             .iter()
             .map(|k| k["name"].as_str().unwrap())
@@ -917,14 +948,16 @@ async fn python_and_rust_sdk_plugins_add_their_attributes_and_spans_to_the_reque
             names,
             [
                 "conformance.final",
+                "conformance.final",
                 "plugvisor.final conformance",
+                "plugvisor.final py-conformance",
                 "plugvisor.final wordcount"
             ],
             "{id}"
         );
     }
-    // Two requests, four spans each: nothing else arrived.
-    assert_eq!(spans.len(), 8, "{spans:#?}");
+    // Two requests, six spans each: nothing else arrived.
+    assert_eq!(spans.len(), 12, "{spans:#?}");
     let log = stack.front.log();
     assert!(!log.contains("protocol error"), "{log}");
 }
