@@ -20,7 +20,9 @@
 //!
 //! - with the capability `trace` agreed, the final (and the aborted final) sets the attribute
 //!   `conformance.events` (how many of the stream's events its hooks ran) on its final-call span
-//!   and records one span, `conformance.final`, around its own work.
+//!   and records one span, `conformance.final`, around its own work; when the SDK found a
+//!   `traceparent` in the stream's `RequestStart`, it also sets `conformance.traceparent` to it
+//!   (as text), so a test can see which request span the plugin was told of.
 //!
 //! Its name is `conformance` unless the command line gives another
 //! (`conformance <name> --connect <socket>`); the namespace follows the name.
@@ -109,6 +111,9 @@ impl Conformance {
     fn report(&self, s: &Stream, aborted: Option<&str>) -> Metadata {
         let _span = plugin_runner::trace::span("conformance.final");
         plugin_runner::trace::attribute("conformance.events", s.seqs.len() as u64);
+        if let Some(tp) = plugin_runner::trace::traceparent() {
+            plugin_runner::trace::attribute("conformance.traceparent", tp.to_string());
+        }
         let seqs = s.seqs.iter().map(|&q| Value::from(q)).collect();
         let mut own = vec![
             ("seqs", Value::List(seqs)),
@@ -229,6 +234,15 @@ mod tests {
         assert_eq!(spans.spans.len(), 1);
         assert_eq!(spans.spans[0].name, "conformance.final");
         assert!(spans.spans[0].end_ns >= spans.spans[0].start_ns);
+
+        // The request span it was told of, as its SDK parsed it from the RequestStart.
+        let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let played = player.play(&stream(2, &[("traceparent", tp)]));
+        let spans = played.spans().expect("spans recorded");
+        assert_eq!(
+            spans.attributes[1],
+            ("conformance.traceparent".to_owned(), Value::from(tp))
+        );
     }
 
     #[test]

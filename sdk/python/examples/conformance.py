@@ -18,7 +18,9 @@ returns the same map plus ``"aborted": "<cause>"`` (``client_disconnect``, ``ups
 
 With the capability ``trace`` agreed, the final (and the aborted final) sets the attribute
 ``conformance.events`` (how many of the stream's events its hooks ran) on its final-call span and
-records one span, ``conformance.final``, around its own work.
+records one span, ``conformance.final``, around its own work; when the SDK found a
+``traceparent`` in the stream's ``RequestStart``, it also sets ``conformance.traceparent`` to it
+(as text), so a test can see which request span the plugin was told of.
 """
 
 import time
@@ -64,6 +66,8 @@ class Conformance(plugvisor.Plugin):
     def report(self, stream, ctx, aborted=None):
         with ctx.trace.span("conformance.final"):
             ctx.trace.attribute("conformance.events", len(stream["seqs"]))
+            if ctx.trace.traceparent is not None:
+                ctx.trace.attribute("conformance.traceparent", str(ctx.trace.traceparent))
         own = {"seqs": stream["seqs"], "replayed": stream["replayed"], "bytes": stream["bytes"]}
         if aborted is not None:
             own["aborted"] = aborted

@@ -105,7 +105,8 @@ class Examples(unittest.TestCase):
         with FakeFront.start(Conformance()) as front:
             run_stream(front, 1)
             spans = front.spans(1)
-            self.assertEqual(spans.attributes, [("conformance.events", 4)])
+            self.assertEqual(spans.attributes, [("conformance.events", 4),
+                                                ("conformance.traceparent", TRACEPARENT)])
             self.assertEqual([s.name for s in spans.spans], ["conformance.final"])
 
 

@@ -6,9 +6,11 @@
 //! `always_off` exports nothing. Over both OTLP protocols. Each final span's outcome shows as it
 //! happened (`timeout`, `missing`/`not_connected`, `not_asked`), a restart mid-stream as a
 //! handover event, a full queue as a gap event; a plugin with the capability `trace` gets a
-//! `traceparent` naming the request span, and its own attribute and span arrive in the trace.
-//! Each test stops the front (SIGTERM, by pid), which sends what is queued, before it reads the
-//! collector; fake plugins run in the test and end with it.
+//! `traceparent` naming the request span, and its own attribute and span arrive in the trace;
+//! so do those of the Python SDK's `wordcount.py` and the Rust SDK's `conformance` example,
+//! spawned by the front as a plugin author ships them. Each test stops the front (SIGTERM, by
+//! pid), which sends what is queued, before it reads the collector; fake plugins run in the test
+//! and end with it, spawned ones with the front.
 
 use std::time::Duration;
 
@@ -16,6 +18,7 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use serde_json::Value;
 use tests::client::{chat_and_disconnect, chat_with};
+use tests::envoy::{Envoy, EnvoyOptions};
 use tests::fake_plugin::{Behaviour, FakePlugin, FAKE_ATTRIBUTE, FAKE_SPAN};
 use tests::front::FrontProcess;
 use tests::otlp::{Collector, Protocol};
@@ -737,4 +740,224 @@ fn check_config_refuses_an_unknown_exporter_and_says_what_the_variables_do() {
             && stderr.contains("parentbased_always_on"),
         "{stderr}"
     );
+}
+
+/// The plugins of [`sdk_stack`]: the configured name, and the key of its namespace in Envoy's
+/// access log.
+const SDK_PLUGINS: [(&str, &str); 3] = [
+    ("wordcount", "wordcount"),
+    ("conformance", "conformance"),
+    ("py-conformance", "py_conformance"),
+];
+
+/// The stack of [`stack_with`] with the SDKs' plugins as an author ships them, spawned by the
+/// front: `wordcount.py` and the conformance twin `conformance.py` (as `py-conformance`), run by
+/// the interpreter of a venv the Python SDK was pip-installed into, and the Rust SDK's
+/// `conformance` example binary. Envoy's access log shows each plugin's namespace, so the test
+/// can compare what a plugin reported with what it traced.
+async fn sdk_stack(collector: &Collector) -> Stack {
+    tests::init_tracing();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let upstream = tests::upstream::Upstream::start().await;
+    let (front, envoy) = tokio::task::block_in_place(|| {
+        let python = tests::python::shared_venv();
+        let examples = tests::python::repo().join("sdk/python/examples");
+        let socket = |name: &str| {
+            FrontProcess::runtime_dir_in(dir.path())
+                .join(format!("plugins/{name}.sock"))
+                .display()
+                .to_string()
+        };
+        let plugin = |name: &str, command: &std::path::Path, args: &[&str]| {
+            let args: Vec<String> = args
+                .iter()
+                .map(|a| format!("{a:?}"))
+                .chain(["\"--connect\"".into(), format!("{:?}", socket(name))])
+                .collect();
+            format!(
+                "[plugins.{name}]\ncommand = {:?}\nargs = [{}]\nfinal_timeout_ms = 5000\n",
+                command.display().to_string(),
+                args.join(", ")
+            )
+        };
+        let wordcount = examples.join("wordcount.py").display().to_string();
+        let py_conformance = examples.join("conformance.py").display().to_string();
+        let toml = [
+            plugin("wordcount", &python, &[&wordcount]),
+            plugin(
+                "conformance",
+                &tests::bins::require("examples/conformance"),
+                &["conformance"],
+            ),
+            plugin(
+                "py-conformance",
+                &python,
+                &[&py_conformance, "--as", "py-conformance"],
+            ),
+            format!("[traces]\n{}", collector.traces_config()),
+        ]
+        .concat();
+        let names = SDK_PLUGINS.map(|(name, _)| name);
+        let front = FrontProcess::start(dir.path(), &toml, &names);
+        let envoy = Envoy::start_edited(
+            dir.path(),
+            &EnvoyOptions {
+                ext_proc: front.ext_proc.clone(),
+                upstream_port: upstream.port,
+                extra_namespaces: names.map(|n| format!("plugvisor.{n}")).to_vec(),
+                ..EnvoyOptions::default()
+            },
+            |yaml| {
+                let at =
+                    "                  test_order: \"%DYNAMIC_METADATA(plugvisor.test-order)%\"\n";
+                assert!(yaml.contains(at), "examples/envoy.yaml lost `{at}`");
+                let logged: String = SDK_PLUGINS
+                    .map(|(n, key)| {
+                        format!("                  {key}: \"%DYNAMIC_METADATA(plugvisor.{n})%\"\n")
+                    })
+                    .concat();
+                yaml.replace(at, &format!("{at}{logged}"))
+            },
+        );
+        (front, envoy)
+    });
+    Stack {
+        envoy,
+        front,
+        upstream,
+        dir,
+    }
+}
+
+/// Both SDKs as a plugin author uses them, through real Envoy to the real collector. For each
+/// request sent with a `traceparent`:
+/// - the Python SDK's `wordcount.py` puts `wordcount.words` (the words streamed, as in its
+///   Envoy metadata) on its `plugvisor.final wordcount` span;
+/// - each conformance twin (the Rust SDK's `conformance` example, the Python SDK's
+///   `conformance.py`) puts `conformance.events` (as many as the `seqs` of its metadata) and
+///   `conformance.traceparent` (the `traceparent` its SDK handed it: the request span's) on its
+///   final span, and records `conformance.final`: a child of the request span with
+///   `plugvisor.plugin` naming it, its monotonic times converted to wall-clock times within its
+///   final call's.
+///
+/// No plugin takes the front's `plugvisor.outcome`, none gets another's attributes, no `Spans`
+/// is dropped, and nothing else arrives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_and_rust_sdk_plugins_add_their_attributes_and_spans_to_the_requests_trace() {
+    let cdir = tempfile::tempdir().unwrap();
+    let collector = tokio::task::block_in_place(|| Collector::start(cdir.path(), Protocol::Http));
+    let mut stack = sdk_stack(&collector).await;
+    let tp = traceparent();
+    // Two requests of different lengths: each trace carries its own counts, not the other's.
+    let requests = [("sdk-short", 3), ("sdk-long", 12)].map(|(id, chunks)| {
+        let params = Params {
+            chunks,
+            delay: Duration::from_millis(5),
+            ..Params::default()
+        };
+        (id, params)
+    });
+    let mut lines = Vec::new();
+    for (id, params) in &requests {
+        let got = tokio::time::timeout(
+            Duration::from_secs(30),
+            chat_with(stack.envoy.port, params, id, id, &[("traceparent", &tp)]),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("{id} within 30 s"));
+        assert_eq!((got.status, &got.error), (200, &None), "{id}");
+        assert_eq!(got.body(), params.body(), "{id}");
+        lines.push(stack.log_for(id));
+    }
+    // Every `Spans` was taken: none dropped, for any reason.
+    let metrics = stack.front.metrics();
+    let dropped: Vec<&str> = metrics
+        .lines()
+        .filter(|l| l.starts_with("plugvisor_plugin_spans_dropped_total{") && !l.ends_with(" 0"))
+        .collect();
+    assert!(dropped.is_empty(), "{dropped:?}");
+    stop_front(&mut stack);
+
+    let spans = collector.spans();
+    let time = |s: &Value, k: &str| s[k].as_u64().unwrap_or_else(|| panic!("{k}: {s}"));
+    for ((id, params), line) in requests.iter().zip(&lines) {
+        let r = request_span(&spans, id);
+        assert_eq!(r["trace_id"], TRACE, "{r}");
+        assert_eq!(r["parent_span_id"], PARENT, "{r}");
+        for (plugin, _) in SDK_PLUGINS {
+            let fin = final_span(&spans, r, plugin);
+            assert_eq!(attr(fin, "plugvisor.outcome"), "ok", "{id}: {fin}");
+        }
+
+        // Python SDK, wordcount: the attribute its final set through `ctx.trace`, the count it
+        // reported. It records no span, and has no traceparent to show: it does not subscribe
+        // to request starts.
+        let words = params.text().split_whitespace().count() as i64;
+        assert_eq!(line["wordcount"]["words"], words as f64, "{line}");
+        let wc = final_span(&spans, r, "wordcount");
+        assert_eq!(attr(wc, "wordcount.words"), words, "{id}: {wc}");
+        assert_eq!(attr(wc, "conformance.events"), &Value::Null, "{wc}");
+
+        // Both conformance twins: the attributes on their own final span, their span beside it.
+        let request_tp = format!("00-{TRACE}-{}-01", r["span_id"].as_str().unwrap());
+        for (plugin, key) in &SDK_PLUGINS[1..] {
+            let seqs = line[key]["seqs"]
+                .as_array()
+                .unwrap_or_else(|| panic!("{plugin}'s seqs in {line}"))
+                .len();
+            // A request start, response headers, a chunk or more, and the final.
+            assert!(seqs >= 4, "{line}");
+            let fin = final_span(&spans, r, plugin);
+            assert_eq!(attr(fin, "conformance.events"), seqs as i64, "{id}: {fin}");
+            assert_eq!(
+                attr(fin, "conformance.traceparent"),
+                request_tp.as_str(),
+                "{plugin} was told of the request span, not the caller's: {fin}"
+            );
+            assert_eq!(attr(fin, "wordcount.words"), &Value::Null, "{fin}");
+
+            let own: Vec<&Value> = children(&spans, r)
+                .into_iter()
+                .filter(|s| s["name"] == "conformance.final")
+                .filter(|s| attr(s, "plugvisor.plugin") == *plugin)
+                .collect();
+            assert_eq!(own.len(), 1, "{id}, {plugin}: {spans:#?}");
+            let own = own[0];
+            assert_eq!(own["kind"], 1, "SPAN_KIND_INTERNAL: {own}");
+            let (start, end) = (
+                time(own, "start_time_unix_nano"),
+                time(own, "end_time_unix_nano"),
+            );
+            assert!(end >= start, "{own}");
+            // Converted from the plugin's monotonic clock: within its final call's span, give
+            // or take 20 ms of the two clock readings' distance.
+            let slack = 20_000_000;
+            assert!(
+                start + slack >= time(fin, "start_time_unix_nano")
+                    && end <= time(fin, "end_time_unix_nano") + slack,
+                "the plugin's span is within its final call: {own}\n{fin}"
+            );
+        }
+        // The request's children: a final span per plugin, and the twins' own spans.
+        let mut names: Vec<&str> = children(&spans, r)
+            .iter()
+            .map(|k| k["name"].as_str().unwrap())
+            .collect();
+        names.sort();
+        assert_eq!(
+            names,
+            [
+                "conformance.final",
+                "conformance.final",
+                "plugvisor.final conformance",
+                "plugvisor.final py-conformance",
+                "plugvisor.final wordcount"
+            ],
+            "{id}"
+        );
+    }
+    // Two requests, six spans each: nothing else arrived.
+    assert_eq!(spans.len(), 12, "{spans:#?}");
+    let log = stack.front.log();
+    assert!(!log.contains("protocol error"), "{log}");
 }
