@@ -49,6 +49,11 @@ pub const MAX_METADATA_BYTES: usize = 1024 * 1024;
 pub const DEFAULT_BUDGET_BYTES: usize = 8 * 1024 * 1024;
 /// Default `replay_bytes` of a plugin: a few hundred in-flight streams of typical LLM responses
 /// (tens of KiB of SSE each); 0 turns replay off.
+/// How long, by default, the writer may hold a plugin's events to send them together
+/// (`batch_ms`): on a slow stream each event written alone wakes the plugin, and the front's
+/// writer, once per chunk, which is most of what a light plugin costs.
+pub const DEFAULT_BATCH: Duration = Duration::from_millis(20);
+
 pub const DEFAULT_REPLAY_BYTES: usize = 32 * 1024 * 1024;
 /// The smallest `budget_bytes` accepted.
 pub const MIN_BUDGET_BYTES: usize = 64 * 1024;
@@ -188,6 +193,9 @@ pub struct PluginConfig {
     pub drain_grace: Duration,
     /// How long one event may run in a plugin's lane before the plugin counts as hung.
     pub stuck_timeout: Duration,
+    /// How long the writer may hold this plugin's events to send several in one write; zero
+    /// sends each at once. A final call, an inline chunk and control messages never wait.
+    pub batch: Duration,
     /// The `namespaces` key: metadata namespaces granted besides the plugin's own.
     pub namespaces: Vec<String>,
     /// Derived from the name, `namespaces` and a built-in's `config`, never set on its own: every
@@ -364,6 +372,7 @@ struct RawPlugin {
     budget_bytes: Option<usize>,
     replay_bytes: Option<usize>,
     drain_grace_ms: Option<u64>,
+    batch_ms: Option<u64>,
     stuck_timeout_ms: Option<u64>,
     namespaces: Option<toml::Spanned<Vec<String>>>,
 }
@@ -637,6 +646,7 @@ impl Config {
                 hang_timeout,
                 replay_bytes: raw_plugin.replay_bytes.unwrap_or(DEFAULT_REPLAY_BYTES),
                 drain_grace: ms(raw_plugin.drain_grace_ms, Duration::from_secs(30)),
+                batch: ms(raw_plugin.batch_ms, DEFAULT_BATCH),
                 stuck_timeout,
                 namespaces,
                 granted,

@@ -89,6 +89,7 @@ pub const PLUGIN: &[(&str, Applies)] = &[
     ("replay_bytes", Applies::AtOnce),
     ("drain_grace_ms", Applies::AtOnce),
     ("stuck_timeout_ms", Applies::AtOnce),
+    ("batch_ms", Applies::AtOnce),
     ("namespaces", Applies::AtOnce),
 ];
 
@@ -188,6 +189,8 @@ pub const RANGES: &[(&str, u64, u64)] = &[
     ("replay_bytes", 0, 1 << 36),
     ("drain_grace_ms", 0, DAY_MS),
     ("stuck_timeout_ms", 1, DAY_MS),
+    // A hold longer than a second would only delay what plugins see; finals never wait for it.
+    ("batch_ms", 0, 1000),
 ];
 
 /// The accepted range of every integer key of `[records]`, `[records.otlp]` and `[traces]`, by

@@ -169,6 +169,9 @@ pub struct Conn {
     /// Agreed in the handshake: the plugin may hold back `Credit` until a `Ping`, so the writer
     /// pings when it waits for room in the window.
     credit_on_ping: bool,
+    /// Rung when an urgent event (a final call, an inline chunk) is queued, so a writer holding
+    /// a batch (`batch_ms`) sends at once.
+    urgent: tokio::sync::Notify,
     /// Asked to reconnect: its process has (or is opening) another connection, so this one is
     /// ended by closing it, never by `Shutdown` (which would end the process).
     moved: std::sync::atomic::AtomicBool,
@@ -489,6 +492,7 @@ impl PluginLink {
                 .iter()
                 .any(|c| c == ipc_protocol::handshake::capability::RECONNECT),
             moved: std::sync::atomic::AtomicBool::new(false),
+            urgent: tokio::sync::Notify::new(),
             credit_on_ping: welcome
                 .capabilities
                 .iter()
@@ -898,11 +902,23 @@ impl PluginLink {
             let counted = q.msg.flow_bytes(len + PREFIX_LEN);
             Ok((q, counted))
         };
+        // With a `batch_ms`, while events flow the writer drains its queue once per batch (at
+        // `cadence`), not at every event, so neither it nor the plugin wakes for each chunk of a
+        // slow stream. What is `urgent` goes at once, with everything queued before it: a final
+        // call or an inline chunk (a stream waits for its answer, and its sender rings
+        // `conn.urgent`), or a control message. A window with nothing in it ends the cadence:
+        // the next event wakes the writer again.
+        let mut cadence: Option<tokio::time::Instant> = None;
+        let mut urgent = false;
         let result: Result<(), String> = async {
             loop {
+                let batch = self.config().batch;
+                let now = tokio::time::Instant::now();
+                let tick = cadence.is_some_and(|t| t <= now);
                 // Control first: whatever else is queued, a ping never waits behind events.
                 while let Ok(msg) = priority.try_recv() {
                     writer.feed(&msg).map_err(|e| e.to_string())?;
+                    urgent = true;
                 }
                 // Then events, as far as the window and one batch go: replayed journals first,
                 // and no live event while a replay waits, so a stream's replay precedes its
@@ -927,12 +943,31 @@ impl PluginLink {
                     }
                     writer.feed_event(&q.msg).map_err(|e| e.to_string())?;
                     conn.written.fetch_add(len, Ordering::AcqRel);
+                    urgent |= is_urgent(&q.msg);
                 }
-                if writer.pending_bytes() > 0 {
-                    inflight.set(conn.in_flight() as i64);
-                    writer.flush().await.map_err(|e| e.to_string())?;
-                    continue;
+                let pending = writer.pending_bytes();
+                if pending > 0 {
+                    // A full batch and a full window (nothing more goes until the plugin has
+                    // these) go at once too.
+                    if urgent || tick || batch.is_zero() || pending >= BATCH_BYTES || held.is_some()
+                    {
+                        inflight.set(conn.in_flight() as i64);
+                        writer.flush().await.map_err(|e| e.to_string())?;
+                        urgent = false;
+                        if tick {
+                            // Events came in this window: keep the beat for the next.
+                            cadence = Some(now + batch);
+                        }
+                        continue;
+                    }
+                    if cadence.is_none() {
+                        cadence = Some(now + batch);
+                    }
+                } else if tick {
+                    // Nothing came in the last window: wake on the next event again.
+                    cadence = None;
                 }
+                let listening = cadence.is_none();
                 let waiting_for_credit = held.is_some();
                 let stall_began = {
                     let mut stalled = conn.stalled_since.lock().expect("stall lock");
@@ -959,8 +994,12 @@ impl PluginLink {
                     msg = priority.recv() => {
                         if let Some(msg) = msg {
                             writer.feed(&msg).map_err(|e| e.to_string())?;
+                            urgent = true;
                         }
                     }
+                    () = crate::plugin::supervise::sleep_until(cadence) => {}
+                    // An urgent event was queued: the next turn takes it, and all before it.
+                    () = conn.urgent.notified(), if !listening => {}
                     changed = credit.changed(), if waiting_for_credit => {
                         if changed.is_err() {
                             return Ok(());
@@ -971,8 +1010,8 @@ impl PluginLink {
                             writer.feed(&CREDIT_PING).map_err(|e| e.to_string())?;
                         }
                     }
-                    Some(q) = replay.recv(), if !waiting_for_credit => held = Some(take(q)?),
-                    q = rx.recv(), if !waiting_for_credit => match q {
+                    Some(q) = replay.recv(), if !waiting_for_credit && listening => held = Some(take(q)?),
+                    q = rx.recv(), if !waiting_for_credit && listening => match q {
                         Some(q) => held = Some(take(q)?),
                         None => return Ok(()),
                     },
@@ -1171,6 +1210,7 @@ impl PluginLink {
             return Err(Dropped::QueueFull);
         }
         let bytes = queued_size(&msg);
+        let ring = is_urgent(&msg);
         let before = conn.queued_bytes.fetch_add(bytes, Ordering::Relaxed);
         if before > 0 && before + bytes > config.queue_bytes {
             conn.queued_bytes.fetch_sub(bytes, Ordering::Relaxed);
@@ -1184,6 +1224,9 @@ impl PluginLink {
         }) {
             Ok(()) => {
                 self.account_sent(bytes);
+                if ring {
+                    conn.urgent.notify_one();
+                }
                 Ok(())
             }
             Err(_) => {
@@ -1240,6 +1283,7 @@ impl PluginLink {
         deadline: tokio::time::Instant,
     ) -> Result<(), Dropped> {
         let bytes = queued_size(&msg);
+        let ring = is_urgent(&msg);
         conn.queued_bytes.fetch_add(bytes, Ordering::Relaxed);
         let queued = Queued {
             msg,
@@ -1250,6 +1294,9 @@ impl PluginLink {
         match tokio::time::timeout_at(deadline, conn.tx.send(queued)).await {
             Ok(Ok(())) => {
                 self.account_sent(bytes);
+                if ring {
+                    conn.urgent.notify_one();
+                }
                 Ok(())
             }
             Ok(Err(_)) => {
@@ -1278,8 +1325,12 @@ impl PluginLink {
                 // Replayed from the journal, which keeps it until the stream ends.
                 journaled: true,
             };
+            let ring = is_urgent(&queued.msg);
             if conn.replay.send(queued).is_err() {
                 return;
+            }
+            if ring {
+                conn.urgent.notify_one();
             }
             self.account_sent(bytes);
             replayed.inc();
@@ -1549,6 +1600,17 @@ impl PluginLink {
             }
         };
         tokio::time::timeout(grace, all_closed).await.is_ok()
+    }
+}
+
+/// Whether an event must not wait for the writer's batch (`batch_ms`): a final call (a stream's
+/// end waits for its answer, so everything before it goes too) or an inline chunk (its stream
+/// waits for the acknowledgement).
+fn is_urgent(msg: &ToPlugin) -> bool {
+    match msg {
+        ToPlugin::Chunk(c) => c.ack,
+        ToPlugin::Replayed(inner) => is_urgent(inner),
+        other => other.final_call().is_some(),
     }
 }
 

@@ -33,6 +33,7 @@ fn plugin(queue_events: usize, queue_bytes: usize, final_ms: u64) -> PluginConfi
         hang_timeout: Duration::from_secs(5),
         replay_bytes: crate::config::DEFAULT_REPLAY_BYTES,
         drain_grace: Duration::from_secs(30),
+        batch: Duration::ZERO,
         stuck_timeout: Duration::from_secs(10),
         namespaces: Vec::new(),
         granted: vec!["plugvisor.p".into()],
@@ -697,4 +698,46 @@ async fn spans_from_a_plugin_without_the_capability_trace_end_its_connection() {
         assert!(Instant::now() < deadline, "still connected");
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
+}
+
+#[tokio::test]
+async fn events_wait_for_the_batch_but_a_final_or_an_inline_chunk_takes_them_at_once() {
+    let mut config = plugin(64, 1 << 20, 100);
+    config.batch = Duration::from_millis(300);
+    let (link, _metrics, peer) = linked(config);
+    let conn = link.connection().unwrap();
+    let mut reader = FrameReader::new(peer);
+    // Chunks alone wait for the batch: nothing within 100 ms, both once it is over.
+    let sent = tokio::time::Instant::now();
+    assert!(link.send_event(Some(&conn), chunk(0, 10)));
+    assert!(link.send_event(Some(&conn), chunk(1, 10)));
+    assert!(
+        tokio::time::timeout(Duration::from_millis(100), reader.read::<ToPlugin>())
+            .await
+            .is_err(),
+        "a chunk went out before its batch was over"
+    );
+    assert_eq!(next_frame_of(&mut reader).await.stream_seq(), Some((1, 0)));
+    assert_eq!(next_frame_of(&mut reader).await.stream_seq(), Some((1, 1)));
+    assert!(
+        sent.elapsed() >= Duration::from_millis(250),
+        "{:?}",
+        sent.elapsed()
+    );
+    // A final call goes at once, and the chunk queued before it with it, in order.
+    assert!(link.send_event(Some(&conn), chunk(2, 10)));
+    assert!(link.send_event(Some(&conn), final_of(1, 7)));
+    let at_once = Duration::from_millis(150);
+    let first = tokio::time::timeout(at_once, reader.read::<ToPlugin>()).await;
+    assert_eq!(first.unwrap().unwrap().unwrap().stream_seq(), Some((1, 2)));
+    let second = tokio::time::timeout(at_once, reader.read::<ToPlugin>()).await;
+    assert!(second.unwrap().unwrap().unwrap().final_call().is_some());
+    // So does an inline chunk, whose stream waits for the acknowledgement.
+    let mut inline = chunk(3, 10);
+    if let ToPlugin::Chunk(c) = &mut inline {
+        c.ack = true;
+    }
+    assert!(link.send_event(Some(&conn), inline));
+    let got = tokio::time::timeout(at_once, reader.read::<ToPlugin>()).await;
+    assert_eq!(got.unwrap().unwrap().unwrap().stream_seq(), Some((1, 3)));
 }
