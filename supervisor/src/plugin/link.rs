@@ -169,8 +169,8 @@ pub struct Conn {
     /// Agreed in the handshake: the plugin may hold back `Credit` until a `Ping`, so the writer
     /// pings when it waits for room in the window.
     credit_on_ping: bool,
-    /// Rung when an urgent event (a final call, an inline chunk) is queued, so a writer holding
-    /// a batch (`batch_ms`) sends at once.
+    /// Rung when an urgent event (a final call, an inline chunk) or a batch's worth of events is
+    /// queued, so a writer holding a batch (`batch_ms`) sends at once.
     urgent: tokio::sync::Notify,
     /// Asked to reconnect: its process has (or is opening) another connection, so this one is
     /// ended by closing it, never by `Shutdown` (which would end the process).
@@ -998,8 +998,9 @@ impl PluginLink {
                         }
                     }
                     () = crate::plugin::supervise::sleep_until(cadence) => {}
-                    // An urgent event was queued: the next turn takes it, and all before it.
-                    () = conn.urgent.notified(), if !listening => {}
+                    // An urgent event, or a batch's worth, was queued: the next turn sends it, and
+                    // all before it.
+                    () = conn.urgent.notified(), if !listening => urgent = true,
                     changed = credit.changed(), if waiting_for_credit => {
                         if changed.is_err() {
                             return Ok(());
@@ -1224,7 +1225,10 @@ impl PluginLink {
         }) {
             Ok(()) => {
                 self.account_sent(bytes);
-                if ring {
+                // A batch's worth waiting, or half the queue, goes without waiting for the
+                // writer's beat: a fast stream is held back by nothing but the window.
+                let queued = conn.tx.max_capacity() - conn.tx.capacity();
+                if ring || before + bytes >= BATCH_BYTES || queued >= config.queue_events / 2 {
                     conn.urgent.notify_one();
                 }
                 Ok(())
