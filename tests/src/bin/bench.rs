@@ -1339,8 +1339,8 @@ impl Report {
              sampled trace of a request span and a final span per plugin) to a real OTLP/HTTP receiver\n\
              on the host (`tests/otlp_receiver.py`). *end* is the end-of-response latency (the\n\
              upstream's last write to the client's end of body), which includes the final calls;\n\
-             *front CPU/chunk* is the front's CPU time over its slots (read from /proc in 10 ms\n\
-             ticks, idle work included) per content event, coarse in a `--quick` run. The traced\n\
+             *front CPU/chunk* is the front's CPU time over its slots (its CPU-time clock, idle\n\
+             work included) per content event. The traced\n\
              front exported {:.0} spans and dropped {:.0}.\n",
             t.spans_exported, t.spans_dropped
         );
