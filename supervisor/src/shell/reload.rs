@@ -315,6 +315,7 @@ pub fn changed_plugin_keys(old: &PluginConfig, new: &PluginConfig) -> Vec<&'stat
     check("replay_bytes", old.replay_bytes != new.replay_bytes);
     check("drain_grace_ms", old.drain_grace != new.drain_grace);
     check("stuck_timeout_ms", old.stuck_timeout != new.stuck_timeout);
+    check("batch_ms", old.batch != new.batch);
     changed
 }
 
@@ -693,6 +694,7 @@ mod tests {
         ("replay_bytes", "replay_bytes = 7"),
         ("drain_grace_ms", "drain_grace_ms = 7"),
         ("stuck_timeout_ms", "stuck_timeout_ms = 7"),
+        ("batch_ms", "batch_ms = 7"),
         ("namespaces", "namespaces = [\"envoy.lb\"]"),
     ];
 
