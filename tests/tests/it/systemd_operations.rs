@@ -416,6 +416,18 @@ async fn a_reload_and_an_upgrade_move_an_external_unit_without_restarting_it() {
     const N: usize = 20;
     const UNIT: &str = "plugvisor-plugin@latency.service";
     let unit_pid = s.unit_prop(UNIT, "MainPID");
+    // The unit's process is the one it started with, and its journal has the reason it was
+    // asked to reconnect.
+    let same_process_asked_because = |reason: &str| {
+        assert_eq!(
+            s.unit_prop(UNIT, "MainPID"),
+            unit_pid,
+            "the unit was not restarted"
+        );
+        assert_eq!(s.unit_prop(UNIT, "NRestarts"), "0");
+        let journal = s.c.journalctl(&["-u", UNIT, "-o", "verbose"]).unwrap();
+        assert!(journal.contains(reason), "{journal}");
+    };
 
     // A process key of the external plugin (its window, sent in Welcome) changes: a handover.
     let flight = streams(&envoy, N, &slow, "reload", PLUGINS);
@@ -431,16 +443,7 @@ async fn a_reload_and_an_upgrade_move_an_external_unit_without_restarting_it() {
         let results = flight.await.unwrap();
         assert_eq!(count(&results), (N, N, N), "{results:?}");
     }
-    tokio::task::block_in_place(|| {
-        assert_eq!(
-            s.unit_prop(UNIT, "MainPID"),
-            unit_pid,
-            "the unit was not restarted"
-        );
-        assert_eq!(s.unit_prop(UNIT, "NRestarts"), "0");
-        let journal = s.c.journalctl(&["-u", UNIT, "-o", "verbose"]).unwrap();
-        assert!(journal.contains("config changed"), "{journal}");
-    });
+    tokio::task::block_in_place(|| same_process_asked_because("config changed"));
 
     // An upgrade (the binary on disk is the same; the handover is what is tested).
     let flight = streams(&envoy, N, &slow, "upgrade", PLUGINS);
@@ -459,16 +462,7 @@ async fn a_reload_and_an_upgrade_move_an_external_unit_without_restarting_it() {
         let results = flight.await.unwrap();
         assert_eq!(count(&results), (N, N, N), "{upgraded}\n{results:?}");
     }
-    tokio::task::block_in_place(|| {
-        assert_eq!(
-            s.unit_prop(UNIT, "MainPID"),
-            unit_pid,
-            "the unit was not restarted"
-        );
-        assert_eq!(s.unit_prop(UNIT, "NRestarts"), "0");
-        let journal = s.c.journalctl(&["-u", UNIT, "-o", "verbose"]).unwrap();
-        assert!(journal.contains("front upgrade to pid"), "{journal}");
-    });
+    tokio::task::block_in_place(|| same_process_asked_because("front upgrade to pid"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
