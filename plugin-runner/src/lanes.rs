@@ -1106,22 +1106,31 @@ mod tests {
 
     #[test]
     fn interleaved_streams_each_run_in_sequence_order() {
-        let (lanes, rx) = lanes(Recorder::default(), 4, 10_000);
-        let streams = 200u64;
-        lanes.submit_test(start(0));
-        for id in 1..streams {
+        assert_interleaved_streams_run_in_order(Recorder::default(), 4, 200, 20);
+    }
+
+    /// Starts `streams` streams, then sends each `chunks` chunks round-robin and ends them all:
+    /// every stream's hooks must have seen its events in sequence order, and no lane is left.
+    fn assert_interleaved_streams_run_in_order(
+        plugin: Recorder,
+        workers: usize,
+        streams: u64,
+        chunks: u32,
+    ) {
+        let (lanes, rx) = lanes(plugin, workers, 10_000);
+        for id in 0..streams {
             lanes.submit_test(start(id));
         }
-        for seq in 1..=20 {
+        for seq in 1..=chunks {
             for id in 0..streams {
                 lanes.submit_test(chunk(id, seq, "x", false));
             }
         }
         for id in 0..streams {
-            lanes.submit_test(fin(id, 21));
+            lanes.submit_test(fin(id, chunks + 1));
         }
         let got = replies(&rx, streams as usize);
-        let want: Vec<i64> = (0..=21).collect();
+        let want: Vec<i64> = (0..=i64::from(chunks) + 1).collect();
         for id in 0..streams {
             assert_eq!(seqs(&got[&id]), want, "stream {id}");
         }
@@ -1230,25 +1239,8 @@ mod tests {
             quick_events: true,
             ..Recorder::default()
         };
-        let (lanes, rx) = lanes(plugin, 2, 10_000);
-        let streams = 100u64;
         // Streams interleaved, so some lanes are busy on a worker when their next event comes.
-        for id in 0..streams {
-            lanes.submit_test(start(id));
-        }
-        for seq in 1..=10 {
-            for id in 0..streams {
-                lanes.submit_test(chunk(id, seq, "x", false));
-            }
-        }
-        for id in 0..streams {
-            lanes.submit_test(fin(id, 11));
-        }
-        let got = replies(&rx, streams as usize);
-        let want: Vec<i64> = (0..=11).collect();
-        for id in 0..streams {
-            assert_eq!(seqs(&got[&id]), want, "stream {id}");
-        }
+        assert_interleaved_streams_run_in_order(plugin, 2, 100, 10);
     }
 
     #[test]

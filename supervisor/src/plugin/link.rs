@@ -1470,12 +1470,7 @@ impl PluginLink {
                 .final_duration
                 .get_or_create(&self.label)
                 .observe(started.elapsed().as_secs_f64()),
-            Err(reason) => {
-                self.metrics
-                    .finals_missing
-                    .get_or_create(&Metrics::reason(&self.name, reason.as_str()))
-                    .inc();
-            }
+            Err(reason) => self.count_missing(*reason),
         }
         (result, spans)
     }

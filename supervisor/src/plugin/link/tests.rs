@@ -535,12 +535,10 @@ async fn a_stop_closes_a_connection_asked_over_to_another_front_without_shutdown
 #[tokio::test]
 async fn a_full_window_pings_a_plugin_on_credit_on_ping_and_again_when_credit_leaves_no_room() {
     let one = frame_len(&chunk(0, 1000));
-    let metrics = Arc::new(Metrics::new());
-    let link = Arc::new(PluginLink::new(
+    let (link, _metrics, peer) = linked_with(
         with_budget(plugin(64, 1 << 20, 100), 3 * one as usize),
-        metrics,
-    ));
-    let peer = attach_pair(&link, &["replayed", "credit_on_ping"]);
+        &["replayed", "credit_on_ping"],
+    );
     let conn = link.connection().unwrap();
     let (r, w) = peer.into_split();
     let mut reader = FrameReader::new(r);
@@ -564,12 +562,7 @@ async fn a_full_window_pings_a_plugin_on_credit_on_ping_and_again_when_credit_le
     assert_eq!(got[1], CREDIT_PING, "{got:?}");
 
     // A plugin without the capability reports when idle: no ping for it.
-    let metrics = Arc::new(Metrics::new());
-    let link = Arc::new(PluginLink::new(
-        with_budget(plugin(64, 1 << 20, 100), 3 * one as usize),
-        metrics,
-    ));
-    let peer = attach_pair(&link, &["replayed"]);
+    let (link, _metrics, peer) = linked(with_budget(plugin(64, 1 << 20, 100), 3 * one as usize));
     let conn = link.connection().unwrap();
     let mut reader = FrameReader::new(peer);
     for seq in 0..6 {
