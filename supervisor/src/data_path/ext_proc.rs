@@ -200,6 +200,7 @@ impl ExternalProcessor for Front {
             modes: None,
             response_started: false,
             ended: false,
+            unrecorded: None,
             trace: None,
             seen: Box::new(Seen {
                 started_at: SystemTime::now(),
@@ -240,6 +241,9 @@ struct StreamTask {
     response_started: bool,
     /// The final RPC ran (or an abort was sent): no more events for the plugins.
     ended: bool,
+    /// The metadata the final RPC gave Envoy, for the usage record: written once the reply has
+    /// gone, so building the record is not on the response's critical path.
+    unrecorded: Option<Struct>,
     /// What the request's usage record says about it, gathered as the stream goes (boxed: an
     /// idle stream keeps it).
     seen: Box<Seen>,
@@ -430,7 +434,11 @@ impl StreamTask {
             }
             // Boxed: the handling future (final RPC, inline waits) is large, and keeping it inline
             // made every idle stream's task carry it; allocated per message, it costs one malloc.
-            match Box::pin(self.handle(req, stamp, arrival, &replies)).await {
+            let handled = Box::pin(self.handle(req, stamp, arrival, &replies)).await;
+            if let Some(metadata) = self.unrecorded.take() {
+                self.submit_record(&metadata, None);
+            }
+            match handled {
                 Ok(()) => {}
                 Err(Stop::Gone) => break (AbortCause::ClientDisconnect, "Envoy went away".into()),
                 Err(Stop::Refused(status)) => {
@@ -777,7 +785,8 @@ impl StreamTask {
     }
 
     /// The final RPC to every plugin, concurrently (each retried on a replacement process if its
-    /// own goes away); returns the merged `dynamic_metadata`.
+    /// own goes away); returns the merged `dynamic_metadata`, and keeps a copy for the usage
+    /// record, which `run` writes once the reply has gone.
     async fn final_rpc(
         &mut self,
         stamp: u64,
@@ -811,7 +820,7 @@ impl StreamTask {
         }
         let merge = self.collect(calls, Vec::new(), arrival).await;
         let metadata = merge.into_struct(id);
-        self.submit_record(&metadata, None);
+        self.unrecorded = Some(metadata.clone());
         metadata
     }
 
