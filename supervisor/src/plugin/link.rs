@@ -15,7 +15,7 @@
 //! writer serves before any queued event and never hold to the window, so a plugin busy with a
 //! full window still answers pings, and a full queue never drops one.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -186,6 +186,9 @@ pub struct Conn {
     /// event. Unbounded here because what it holds is bounded by the link's `replay_bytes`.
     replay: mpsc::UnboundedSender<Queued>,
     queued_bytes: Arc<AtomicUsize>,
+    /// Events the writer has taken off `tx` to reorder them but not written yet: still queued,
+    /// as far as `queue_events` counts.
+    staged: AtomicUsize,
     /// Counted event bytes written to the socket (or about to be, in the writer's buffer).
     written: AtomicU64,
     /// The largest `Credit.consumed` received.
@@ -274,6 +277,11 @@ impl Conn {
         self.written
             .load(Ordering::Acquire)
             .saturating_sub(*self.consumed.borrow())
+    }
+
+    /// Live events queued and not yet written: in the queue, or staged by the writer.
+    fn queued_events(&self) -> usize {
+        self.tx.max_capacity() - self.tx.capacity() + self.staged.load(Ordering::Relaxed)
     }
 }
 
@@ -505,6 +513,7 @@ impl PluginLink {
             priority,
             replay,
             queued_bytes: Arc::new(AtomicUsize::new(0)),
+            staged: AtomicUsize::new(0),
             written: AtomicU64::new(0),
             consumed: watch::channel(0).0,
             finals: Mutex::new(HashMap::new()),
@@ -910,6 +919,9 @@ impl PluginLink {
         // the next event wakes the writer again.
         let mut cadence: Option<tokio::time::Instant> = None;
         let mut urgent = false;
+        // Live events taken off the queue together, reordered so that the streams waiting for an
+        // answer go first (see `waiting_streams_first`).
+        let mut staged: VecDeque<Queued> = VecDeque::new();
         let result: Result<(), String> = async {
             loop {
                 let batch = self.config().batch;
@@ -920,12 +932,22 @@ impl PluginLink {
                     writer.feed(&msg).map_err(|e| e.to_string())?;
                     urgent = true;
                 }
+                if staged.is_empty() {
+                    while let Ok(q) = rx.try_recv() {
+                        staged.push_back(q);
+                    }
+                    waiting_streams_first(&mut staged);
+                    conn.staged.store(staged.len(), Ordering::Relaxed);
+                }
                 // Then events, as far as the window and one batch go: replayed journals first,
                 // and no live event while a replay waits, so a stream's replay precedes its
-                // live events.
+                // live events; then what was staged, which came before the rest of the queue.
                 while writer.pending_bytes() < BATCH_BYTES {
                     if held.is_none() {
                         if let Ok(q) = replay.try_recv() {
+                            held = Some(take(q)?);
+                        } else if let Some(q) = staged.pop_front() {
+                            conn.staged.fetch_sub(1, Ordering::Relaxed);
                             held = Some(take(q)?);
                         } else {
                             match rx.try_recv() {
@@ -1062,7 +1084,7 @@ impl PluginLink {
             depth.dec();
             bytes_gauge.dec_by(q.bytes as i64);
         }
-        while let Ok(q) = rx.try_recv() {
+        while let Some(q) = staged.pop_front().or_else(|| rx.try_recv().ok()) {
             depth.dec();
             bytes_gauge.dec_by(q.bytes as i64);
             if q.msg.stream_seq().is_some() && !q.journaled {
@@ -1207,7 +1229,7 @@ impl PluginLink {
 
     fn enqueue(&self, conn: &Conn, msg: ToPlugin, journaled: bool) -> Result<(), Dropped> {
         let config = self.config();
-        if conn.tx.max_capacity() - conn.tx.capacity() >= config.queue_events {
+        if conn.queued_events() >= config.queue_events {
             return Err(Dropped::QueueFull);
         }
         let bytes = queued_size(&msg);
@@ -1227,7 +1249,7 @@ impl PluginLink {
                 self.account_sent(bytes);
                 // A batch's worth waiting, or half the queue, goes without waiting for the
                 // writer's beat: a fast stream is held back by nothing but the window.
-                let queued = conn.tx.max_capacity() - conn.tx.capacity();
+                let queued = conn.queued_events();
                 if ring || before + bytes >= BATCH_BYTES || queued >= config.queue_events / 2 {
                     conn.urgent.notify_one();
                 }
@@ -1611,6 +1633,29 @@ fn is_urgent(msg: &ToPlugin) -> bool {
         ToPlugin::Replayed(inner) => is_urgent(inner),
         other => other.final_call().is_some(),
     }
+}
+
+/// Puts first, in their order, the events of every stream with an urgent event among `staged`
+/// (a final call or an inline chunk: its stream waits for the answer), then the rest in theirs.
+/// Each stream's events keep their order, which is all the protocol promises; what changes is
+/// that a stream's end no longer waits behind a batch of other streams' chunks, in this write or
+/// in the plugin, which handles what it reads in order.
+fn waiting_streams_first(staged: &mut VecDeque<Queued>) {
+    let waiting: HashSet<StreamId> = staged
+        .iter()
+        .filter(|q| is_urgent(&q.msg))
+        .filter_map(|q| q.msg.stream_seq().map(|(stream, _)| stream))
+        .collect();
+    if waiting.is_empty() {
+        return;
+    }
+    let (first, rest): (VecDeque<Queued>, VecDeque<Queued>) = staged.drain(..).partition(|q| {
+        q.msg
+            .stream_seq()
+            .is_some_and(|(s, _)| waiting.contains(&s))
+    });
+    staged.extend(first);
+    staged.extend(rest);
 }
 
 /// The ping a writer waiting for room in the window sends to a plugin on `credit_on_ping`; its

@@ -734,3 +734,78 @@ async fn events_wait_for_the_batch_but_a_final_or_an_inline_chunk_takes_them_at_
     let got = tokio::time::timeout(at_once, reader.read::<ToPlugin>()).await;
     assert_eq!(got.unwrap().unwrap().unwrap().stream_seq(), Some((1, 3)));
 }
+
+fn chunk_of(stream_id: u64, seq: u32) -> ToPlugin {
+    let mut c = chunk(seq, 10);
+    if let ToPlugin::Chunk(c) = &mut c {
+        c.stream_id = stream_id;
+    }
+    c
+}
+
+#[tokio::test]
+async fn a_final_takes_its_stream_ahead_of_other_streams_held_chunks() {
+    let mut config = plugin(64, 1 << 20, 100);
+    config.batch = Duration::from_millis(300);
+    let (link, _metrics, peer) = linked(config);
+    let conn = link.connection().unwrap();
+    let mut reader = FrameReader::new(peer);
+    // Held for the batch: stream 2's chunks, then stream 1's, interleaved; then stream 1 ends.
+    for seq in 0..3 {
+        assert!(link.send_event(Some(&conn), chunk_of(2, seq)));
+        assert!(link.send_event(Some(&conn), chunk_of(1, seq)));
+    }
+    let mut end = final_of(1, 7);
+    if let ToPlugin::Final(f) = &mut end {
+        f.seq = 3;
+    }
+    assert!(link.send_event(Some(&conn), end));
+    let mut order = Vec::new();
+    for _ in 0..7 {
+        let msg = tokio::time::timeout(Duration::from_millis(150), reader.read::<ToPlugin>())
+            .await
+            .expect("the final did not wait for the batch")
+            .unwrap()
+            .unwrap();
+        order.push(msg.stream_seq().unwrap());
+    }
+    // Stream 1 whole and in order, its final last; then stream 2, in order.
+    assert_eq!(
+        order,
+        [(1, 0), (1, 1), (1, 2), (1, 3), (2, 0), (2, 1), (2, 2)]
+    );
+}
+
+#[test]
+fn waiting_streams_first_keeps_each_stream_s_order_and_moves_nothing_without_an_urgent_event() {
+    let queued = |msg: ToPlugin| Queued {
+        msg,
+        bytes: 0,
+        replayed: false,
+        journaled: false,
+    };
+    let order = |staged: &VecDeque<Queued>| -> Vec<(u64, u32)> {
+        staged.iter().map(|q| q.msg.stream_seq().unwrap()).collect()
+    };
+    let mut staged: VecDeque<Queued> = [chunk_of(2, 0), chunk_of(1, 0), chunk_of(2, 1)]
+        .into_iter()
+        .map(queued)
+        .collect();
+    waiting_streams_first(&mut staged);
+    assert_eq!(order(&staged), [(2, 0), (1, 0), (2, 1)]);
+    // An inline chunk of stream 3 and a final of stream 1 wait for answers: both streams first.
+    let mut inline = chunk_of(3, 0);
+    if let ToPlugin::Chunk(c) = &mut inline {
+        c.ack = true;
+    }
+    let mut end = final_of(1, 9);
+    if let ToPlugin::Final(f) = &mut end {
+        f.seq = 1;
+    }
+    staged.extend([queued(inline), queued(end), queued(chunk_of(2, 2))]);
+    waiting_streams_first(&mut staged);
+    assert_eq!(
+        order(&staged),
+        [(1, 0), (3, 0), (1, 1), (2, 0), (2, 1), (2, 2)]
+    );
+}
