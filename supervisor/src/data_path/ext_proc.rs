@@ -298,26 +298,57 @@ enum Stop {
 /// time from a message's arrival to its reply.
 struct Out {
     tx: mpsc::Sender<Reply>,
-    metrics: Arc<Metrics>,
+    /// `plugvisor_response_overhead_seconds` by [`Message`], looked up once per stream rather
+    /// than at every message.
+    overhead: [prometheus_client::metrics::histogram::Histogram; 3],
+}
+
+/// What a reply answers, the `message` label of `plugvisor_response_overhead_seconds`.
+#[derive(Debug, Clone, Copy)]
+enum Message {
+    Headers = 0,
+    Chunk = 1,
+    Final = 2,
+}
+
+impl Message {
+    const ALL: [Message; 3] = [Message::Headers, Message::Chunk, Message::Final];
+
+    fn as_str(self) -> &'static str {
+        match self {
+            Message::Headers => "headers",
+            Message::Chunk => "chunk",
+            Message::Final => "final",
+        }
+    }
 }
 
 impl Out {
+    fn new(tx: mpsc::Sender<Reply>, metrics: &Metrics) -> Out {
+        Out {
+            tx,
+            overhead: Message::ALL.map(|m| {
+                metrics
+                    .response_overhead
+                    .get_or_create(&MessageLabel {
+                        message: m.as_str().to_owned(),
+                    })
+                    .clone()
+            }),
+        }
+    }
+
     async fn send(
         &self,
         observe: bool,
-        label: &str,
+        message: Message,
         arrival: Instant,
         resp: ProcessingResponse,
     ) -> Result<(), Stop> {
         if !observe && self.tx.send(Box::new(Ok(resp))).await.is_err() {
             return Err(Stop::Gone);
         }
-        self.metrics
-            .response_overhead
-            .get_or_create(&MessageLabel {
-                message: label.to_owned(),
-            })
-            .observe(arrival.elapsed().as_secs_f64());
+        self.overhead[message as usize].observe(arrival.elapsed().as_secs_f64());
         Ok(())
     }
 }
@@ -336,10 +367,7 @@ impl StreamTask {
         let metrics = self.inner.metrics.clone();
         metrics.streams_active.inc();
         metrics.streams_total.inc();
-        let replies = Out {
-            tx,
-            metrics: metrics.clone(),
-        };
+        let replies = Out::new(tx, &metrics);
         let mut stop = self.inner.stop.clone();
         let idle_timeout = self.limits.idle_timeout;
         let ending = loop {
@@ -599,7 +627,7 @@ impl StreamTask {
                     true,
                 );
                 let resp = reply(Response::RequestHeaders(HeadersResponse::default()), None);
-                replies.send(observe, "headers", arrival, resp).await
+                replies.send(observe, Message::Headers, arrival, resp).await
             }
             Request::ResponseHeaders(h) => {
                 self.response_started = true;
@@ -627,9 +655,9 @@ impl StreamTask {
                     let md = self
                         .final_rpc(stamp, arrival, Bytes::new(), Vec::new())
                         .await;
-                    ("final", Some(md))
+                    (Message::Final, Some(md))
                 } else {
-                    ("headers", None)
+                    (Message::Headers, None)
                 };
                 let resp = reply(
                     Response::ResponseHeaders(HeadersResponse::default()),
@@ -652,7 +680,7 @@ impl StreamTask {
                         Response::ResponseBody(body_reply(full_duplex, bytes, eos)),
                         None,
                     );
-                    return replies.send(observe, "chunk", arrival, resp).await;
+                    return replies.send(observe, Message::Chunk, arrival, resp).await;
                 }
                 if full_duplex && !bytes.is_empty() {
                     // The last tokens go to the client now; the end of the body follows with the
@@ -661,14 +689,14 @@ impl StreamTask {
                         Response::ResponseBody(body_reply(true, bytes.clone(), false)),
                         None,
                     );
-                    replies.send(observe, "chunk", arrival, echo).await?;
+                    replies.send(observe, Message::Chunk, arrival, echo).await?;
                 }
                 let metadata = self.final_rpc(stamp, arrival, bytes, Vec::new()).await;
                 let end = reply(
                     Response::ResponseBody(body_reply(full_duplex, Bytes::new(), true)),
                     Some(metadata),
                 );
-                replies.send(observe, "final", arrival, end).await
+                replies.send(observe, Message::Final, arrival, end).await
             }
             Request::ResponseTrailers(t) => {
                 let trailers = headers(t.trailers.as_ref());
@@ -681,7 +709,7 @@ impl StreamTask {
                     Response::ResponseTrailers(TrailersResponse::default()),
                     metadata,
                 );
-                replies.send(observe, "final", arrival, resp).await
+                replies.send(observe, Message::Final, arrival, resp).await
             }
             Request::RequestBody(HttpBody {
                 body,
@@ -698,11 +726,11 @@ impl StreamTask {
                     )),
                     None,
                 );
-                replies.send(observe, "chunk", arrival, resp).await
+                replies.send(observe, Message::Chunk, arrival, resp).await
             }
             Request::RequestTrailers(_) => {
                 let resp = reply(Response::RequestTrailers(TrailersResponse::default()), None);
-                replies.send(observe, "headers", arrival, resp).await
+                replies.send(observe, Message::Headers, arrival, resp).await
             }
         }
     }

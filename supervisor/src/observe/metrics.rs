@@ -36,7 +36,7 @@ pub struct PluginReason {
 /// `message` label for the response-path overhead.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct MessageLabel {
-    /// `headers`, `chunk`, `trailers` or `final`.
+    /// `headers`, `chunk` or `final` (a request body or trailers reply counts as `chunk` or `headers`, the reply carrying the final RPC as `final`).
     pub message: String,
 }
 
