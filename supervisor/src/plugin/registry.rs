@@ -9,7 +9,7 @@
 //! the retries until the next `start` or reload.
 
 use std::sync::{Arc, RwLock};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use tokio::sync::watch;
 
@@ -20,9 +20,6 @@ use crate::plugin::owner::{Bound, PluginOwner};
 use crate::plugin::restart::RestartType;
 use crate::plugin::spawn::Spawner;
 use crate::plugin::supervise::{Command, PluginStatus};
-
-/// How often [`retry_loop`] looks for an unstarted plugin whose retry is due.
-const RETRY_CHECK: Duration = Duration::from_millis(100);
 
 /// A configured plugin that could not be started: no socket, no link, no process. Its table is
 /// the one in the published configuration.
@@ -120,6 +117,16 @@ pub struct Plugins {
     /// Set once this front handed its socket paths to a new front (an upgrade): nothing is
     /// bound here any more.
     frozen: std::sync::atomic::AtomicBool,
+    /// Rung when the unstarted plugins or their next tries change, and when the registry is
+    /// dropped: [`retry_loop`] sleeps until the earliest try is due or this rings, so a front
+    /// whose plugins all started never wakes for it.
+    retries_changed: Arc<tokio::sync::Notify>,
+}
+
+impl Drop for Plugins {
+    fn drop(&mut self) {
+        self.retries_changed.notify_one();
+    }
 }
 
 impl Plugins {
@@ -131,6 +138,7 @@ impl Plugins {
             launcher,
             changes: tokio::sync::Mutex::new(()),
             frozen: std::sync::atomic::AtomicBool::new(false),
+            retries_changed: Arc::new(tokio::sync::Notify::new()),
         }
     }
 
@@ -167,6 +175,7 @@ impl Plugins {
         self.launcher.links.send_replace(Arc::new(links));
         *self.entries.write().expect("plugins lock") = entries;
         *self.unstarted.write().expect("plugins lock") = unstarted;
+        self.retries_changed.notify_one();
     }
 
     /// Forgets every plugin (the front is stopping) and returns their owners.
@@ -304,6 +313,7 @@ impl Plugins {
                 let mut unstarted = self.unstarted.write().expect("plugins lock");
                 let u = unstarted.iter_mut().find(|u| u.name() == name)?;
                 u.failed_again(&plugin, Some(reason.clone()));
+                self.retries_changed.notify_one();
                 tracing::warn!(plugin = %name, %reason, attempts = u.attempts, retry_in_ms = u.next_try.map(|t| t.saturating_duration_since(Instant::now()).as_millis() as u64), "plugin still cannot be started");
                 Some(Err(reason))
             }
@@ -311,31 +321,44 @@ impl Plugins {
     }
 }
 
-/// Retries the unstarted plugins whose next try is due, until the registry is dropped.
+/// Retries the unstarted plugins whose next try is due, until the registry is dropped. Sleeps
+/// until the earliest next try, or until the unstarted plugins change.
 pub async fn retry_loop(plugins: std::sync::Weak<Plugins>) {
-    let mut tick = tokio::time::interval(RETRY_CHECK);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let Some(changed) = plugins.upgrade().map(|p| p.retries_changed.clone()) else {
+        return;
+    };
     loop {
-        tick.tick().await;
-        let Some(plugins) = plugins.upgrade() else {
-            return;
+        let next = {
+            let Some(plugins) = plugins.upgrade() else {
+                return;
+            };
+            if plugins.frozen.load(std::sync::atomic::Ordering::Acquire) {
+                return;
+            }
+            let now = Instant::now();
+            let unstarted = plugins.unstarted();
+            let due: Vec<String> = unstarted
+                .iter()
+                .filter(|u| u.next_try.is_some_and(|t| t <= now))
+                .map(|u| u.name().to_owned())
+                .collect();
+            if !due.is_empty() {
+                let _changes = plugins.lock_changes().await;
+                for name in due {
+                    let _ = plugins.try_start(&name);
+                }
+                continue;
+            }
+            unstarted.iter().filter_map(|u| u.next_try).min()
         };
-        let now = Instant::now();
-        if plugins.frozen.load(std::sync::atomic::Ordering::Acquire) {
-            return;
-        }
-        let due: Vec<String> = plugins
-            .unstarted()
-            .iter()
-            .filter(|u| u.next_try.is_some_and(|t| t <= now))
-            .map(|u| u.name().to_owned())
-            .collect();
-        if due.is_empty() {
-            continue;
-        }
-        let _changes = plugins.lock_changes().await;
-        for name in due {
-            let _ = plugins.try_start(&name);
+        match next {
+            Some(at) => {
+                tokio::select! {
+                    () = tokio::time::sleep_until(at.into()) => {}
+                    () = changed.notified() => {}
+                }
+            }
+            None => changed.notified().await,
         }
     }
 }
