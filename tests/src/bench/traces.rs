@@ -1,6 +1,7 @@
-//! Measurement 9: what tracing costs. Two fronts with the embedded default config on a Unix
-//! socket, each behind its own Envoy, side by side in interleaved rounds: one with tracing off
-//! (no `[traces]`), one with `[traces]` sending every request's spans (the default sampler,
+//! Measurement 9: what usage records and tracing cost. Three fronts with the embedded default
+//! config on a Unix socket, each behind its own Envoy, side by side in interleaved rounds: one
+//! with its usage records off (`[records] path = ""`) and no tracing, one as the default (records
+//! to their JSONL file, no `[traces]`), one with `[traces]` also sending every request's spans (the default sampler,
 //! `parentbased_always_on`: the streams carry no `traceparent`, so each is a new, sampled trace)
 //! over OTLP/HTTP to a real receiver on the host ([`crate::otlp::Collector`]). Per-chunk and
 //! end-of-response latency, and the front's CPU per chunk, are compared; the spans the traced
@@ -25,12 +26,28 @@ pub fn traces_on(collector: &Collector, text: &str) -> String {
     on
 }
 
-/// One load shape's figures: tracing off, then on.
+/// `text` (a config) with its usage records off (`[records] path = ""`, no OTLP logs); checked by
+/// parsing it.
+pub fn records_off(text: &str) -> String {
+    assert!(
+        text.contains("\n[records]\n"),
+        "the default config has no [records] table"
+    );
+    let off = text.replacen("\n[records]\n", "\n[records]\npath = \"\"\n", 1);
+    let parsed = supervisor::Config::parse(&off, "bench").expect("the edited default parses");
+    assert!(
+        parsed.records.path.is_none() && parsed.records.otlp.is_none(),
+        "records still go somewhere (is OTEL_EXPORTER_OTLP_ENDPOINT set?)"
+    );
+    off
+}
+
+/// One load shape's figures: records and tracing off, records on and tracing off, both on.
 #[derive(Debug, Clone)]
 pub struct TracesPhase {
     /// The load.
     pub phase: Phase,
-    /// Tracing off, then on.
+    /// Records and tracing off; records on, tracing off; both on.
     pub accs: Vec<Acc>,
 }
 
@@ -54,6 +71,14 @@ pub async fn run(dir: &Path, upstream: u16, ends: &Ends, quick: bool) -> TracesC
     let on = |_: &[String], text: &str| traces_on(&collector, text);
     let targets: Vec<Target> = tokio::task::block_in_place(|| {
         vec![
+            streaming::default_target_with(
+                dir,
+                "records-off",
+                "default config, usage records off, tracing off",
+                true,
+                upstream,
+                |_, text| records_off(text),
+            ),
             streaming::default_target(
                 dir,
                 "traces-off",
@@ -109,7 +134,7 @@ pub async fn run(dir: &Path, upstream: u16, ends: &Ends, quick: bool) -> TracesC
     }
     // The last batch leaves within the exporter's 500 ms.
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let text = targets[1]
+    let text = targets[2]
         .admin_port
         .and_then(|p| http_get(p, "/metrics").ok())
         .unwrap_or_default();

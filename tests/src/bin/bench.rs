@@ -59,7 +59,7 @@ fn main() {
                 println!(
                     "bench [--quick] [--peers] [--out FILE] [--only 1,2,3,4,5,6,7,9]\n\
                      1 streaming through Envoy, 2 IPC limits, 3 restart, 4 memory, 5 last bytes,\n\
-                     6 lifecycle under load, 7 replay journal cost, 9 tracing on vs off;\n\
+                     6 lifecycle under load, 7 replay journal cost, 9 usage records and tracing, off vs on;\n\
                      --peers adds 8, LiteLLM's proxy"
                 );
                 return;
@@ -366,7 +366,7 @@ async fn run(opts: &Opts) -> Report {
         );
     }
     if opts.only.contains(&9) {
-        eprintln!("bench: 9. tracing on vs off");
+        eprintln!("bench: 9. usage records and tracing, off vs on");
         report.traces =
             Some(traces::run(&dir.path().join("traces"), upstream.port, &upstream.ends, q).await);
     }
@@ -1330,30 +1330,32 @@ impl Report {
 
     fn traces_md(&self, s: &mut String) {
         let Some(t) = &self.traces else { return };
-        let _ = writeln!(s, "## 9. What tracing costs\n");
+        let _ = writeln!(s, "## 9. What usage records and tracing cost\n");
         let _ = writeln!(
             s,
-            "Two fronts with the default config (on a Unix socket), each behind its own Envoy, in\n\
-             interleaved rounds: one with tracing off (no `[traces]`), one tracing every request\n\
-             (`[traces]` with the default sampler; the streams carry no `traceparent`, so each is a new\n\
-             sampled trace of a request span and a final span per plugin) to a real OTLP/HTTP receiver\n\
-             on the host (`tests/otlp_receiver.py`). *end* is the end-of-response latency (the\n\
-             upstream's last write to the client's end of body), which includes the final calls;\n\
-             *front CPU/chunk* is the front's CPU time over its slots (its CPU-time clock, idle\n\
-             work included) per content event. The traced\n\
-             front exported {:.0} spans and dropped {:.0}.\n",
+            "Three fronts with the default config (on a Unix socket), each behind its own Envoy, in\n\
+             interleaved rounds: one with its usage records off (`[records] path = \"\"`) and no\n\
+             tracing; one as the default runs (a record per request to its JSON Lines file, no\n\
+             `[traces]`); one also tracing every request (`[traces]` with the default sampler; the\n\
+             streams carry no `traceparent`, so each is a new sampled trace of a request span and a\n\
+             final span per plugin) to a real OTLP/HTTP receiver on the host\n\
+             (`tests/otlp_receiver.py`). *end* is the end-of-response latency (the upstream's last\n\
+             write to the client's end of body), which includes the final calls; *front CPU/chunk* is\n\
+             the front's CPU time over its slots (its CPU-time clock, idle work included) per content\n\
+             event. The traced front exported {:.0} spans and dropped {:.0}.\n",
             t.spans_exported, t.spans_dropped
         );
         let _ = writeln!(
             s,
-            "| load | tracing | streams | chunk p50 | chunk p99 | end p50 | end p99 | front CPU/chunk |\n|---|---|---|---|---|---|---|---|"
+            "| load | records | tracing | streams | chunk p50 | chunk p99 | end p50 | end p99 | front CPU/chunk |\n|---|---|---|---|---|---|---|---|---|"
         );
         for p in &t.phases {
-            for (acc, name) in p.accs.iter().zip(["off", "on"]) {
+            let names = [("off", "off"), ("on", "off"), ("on", "on")];
+            for (acc, (records, tracing)) in p.accs.iter().zip(names) {
                 let f = figures(acc);
                 let _ = writeln!(
                     s,
-                    "| {} | {name} | {}{} | {} | {} | {} | {} | {} |",
+                    "| {} | {records} | {tracing} | {}{} | {} | {} | {} | {} | {} |",
                     p.phase.name,
                     acc.streams,
                     if acc.errors > 0 {
