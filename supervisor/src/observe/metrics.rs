@@ -36,7 +36,8 @@ pub struct PluginReason {
 /// `message` label for the response-path overhead.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct MessageLabel {
-    /// `headers`, `chunk` or `final` (a request body or trailers reply counts as `chunk` or `headers`, the reply carrying the final RPC as `final`).
+    /// `headers`, `chunk` or `final`: a request body's reply counts as `chunk`, request trailers'
+    /// as `headers`, and the reply that carries the final RPC's metadata as `final`.
     pub message: String,
 }
 
