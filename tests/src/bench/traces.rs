@@ -1,11 +1,12 @@
 //! Measurement 9: what usage records and tracing cost. Three fronts with the embedded default
 //! config on a Unix socket, each behind its own Envoy, side by side in interleaved rounds: one
-//! with its usage records off (`[records] path = ""`) and no tracing, one as the default (records
-//! to their JSONL file, no `[traces]`), one with `[traces]` also sending every request's spans (the default sampler,
-//! `parentbased_always_on`: the streams carry no `traceparent`, so each is a new, sampled trace)
-//! over OTLP/HTTP to a real receiver on the host ([`crate::otlp::Collector`]). Per-chunk and
-//! end-of-response latency, and the front's CPU per chunk, are compared; the spans the traced
-//! front exported and dropped are read from its `/metrics`, so a run that traced nothing shows.
+//! with its usage records off (`[records] path = ""`) and no tracing, one as the default
+//! (records to their JSONL file, no `[traces]`), one with `[traces]` also sending every
+//! request's spans (the default sampler, `parentbased_always_on`: the streams carry no
+//! `traceparent`, so each is a new, sampled trace) over OTLP/HTTP to a real receiver on the
+//! host ([`crate::otlp::Collector`]). Per-chunk and end-of-response latency, and the front's CPU
+//! per chunk, are compared; the spans the traced front exported and dropped are read from its
+//! `/metrics`, so a run that traced nothing shows.
 
 use std::path::Path;
 use std::time::Duration;
