@@ -743,6 +743,15 @@ fn chunk_of(stream_id: u64, seq: u32) -> ToPlugin {
     c
 }
 
+/// [`final_of`] at sequence number `seq` of its stream.
+fn final_at(stream_id: u64, seq: u32, call_id: u64) -> ToPlugin {
+    let mut end = final_of(stream_id, call_id);
+    if let ToPlugin::Final(f) = &mut end {
+        f.seq = seq;
+    }
+    end
+}
+
 #[tokio::test]
 async fn a_final_takes_its_stream_ahead_of_other_streams_held_chunks() {
     let mut config = plugin(64, 1 << 20, 100);
@@ -755,11 +764,7 @@ async fn a_final_takes_its_stream_ahead_of_other_streams_held_chunks() {
         assert!(link.send_event(Some(&conn), chunk_of(2, seq)));
         assert!(link.send_event(Some(&conn), chunk_of(1, seq)));
     }
-    let mut end = final_of(1, 7);
-    if let ToPlugin::Final(f) = &mut end {
-        f.seq = 3;
-    }
-    assert!(link.send_event(Some(&conn), end));
+    assert!(link.send_event(Some(&conn), final_at(1, 3, 7)));
     let mut order = Vec::new();
     for _ in 0..7 {
         let msg = tokio::time::timeout(Duration::from_millis(150), reader.read::<ToPlugin>())
@@ -798,11 +803,11 @@ fn waiting_streams_first_keeps_each_stream_s_order_and_moves_nothing_without_an_
     if let ToPlugin::Chunk(c) = &mut inline {
         c.ack = true;
     }
-    let mut end = final_of(1, 9);
-    if let ToPlugin::Final(f) = &mut end {
-        f.seq = 1;
-    }
-    staged.extend([queued(inline), queued(end), queued(chunk_of(2, 2))]);
+    staged.extend([
+        queued(inline),
+        queued(final_at(1, 1, 9)),
+        queued(chunk_of(2, 2)),
+    ]);
     waiting_streams_first(&mut staged);
     assert_eq!(
         order(&staged),
