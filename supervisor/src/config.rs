@@ -23,6 +23,8 @@ pub const DEFAULT_CONFIG: &str = include_str!("default.toml");
 pub const DEFAULT_UPGRADE_DRAIN_MS: u64 = 15 * 60 * 1000;
 /// The longest `upgrade_drain_ms` accepted: a day.
 pub const MAX_UPGRADE_DRAIN_MS: u64 = 24 * 60 * 60 * 1000;
+/// The most `workers` accepted.
+pub const MAX_WORKERS: usize = 512;
 /// Default `max_streams`.
 pub const DEFAULT_MAX_STREAMS: usize = 10_000;
 /// Default `max_message_bytes`: twice Envoy's default 1 MiB connection buffer, and more than
@@ -281,6 +283,8 @@ pub struct Config {
     pub stream_metadata_max_bytes: usize,
     /// An ext_proc stream without any message for this long is ended; `None`: never.
     pub idle_stream_timeout: Option<Duration>,
+    /// Threads of the front's async runtime ([`default_workers`] unless set).
+    pub workers: usize,
     /// The plugins, in file order.
     pub plugins: Vec<PluginConfig>,
     /// Usage records: the JSON Lines file and the OTLP export (`[records]`).
@@ -305,6 +309,7 @@ struct RawConfig {
     max_message_bytes: Option<usize>,
     stream_metadata_max_bytes: Option<usize>,
     idle_stream_timeout_ms: Option<u64>,
+    workers: Option<usize>,
     #[serde(default)]
     plugins: OrderedPlugins,
     #[serde(default)]
@@ -780,6 +785,7 @@ impl Config {
                 .idle_stream_timeout_ms
                 .filter(|ms| *ms > 0)
                 .map(Duration::from_millis),
+            workers: raw.workers.unwrap_or_else(default_workers),
             plugins,
             records,
             traces,
@@ -843,6 +849,15 @@ fn env_addresses(
         }
     };
     Ok((listen, admin_listen))
+}
+
+/// `workers` when the file does not set it: a quarter of the CPUs this process may run on, at
+/// least one. The front's work per message is small beside the kernel's and the scheduler's, and
+/// on a small machine a second worker mostly costs wake-ups: each message that one worker takes
+/// wakes the other to look for work to steal (docs/benchmarks.md, "Profiles"). Envoy and the
+/// plugin processes share the machine; larger hosts get more workers.
+pub fn default_workers() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| (n.get() / 4).max(1))
 }
 
 /// The longest path of a Unix socket: `sun_path` is 108 bytes with its terminating NUL.

@@ -443,7 +443,11 @@ fn main() -> ExitCode {
     for problem in config.plugins.iter().filter_map(spawn::command_problem) {
         tracing::error!("{problem}");
     }
-    let runtime = match tokio::runtime::Runtime::new() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(config.workers)
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("plugvisor: cannot start the async runtime: {e}");

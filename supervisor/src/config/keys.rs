@@ -59,6 +59,8 @@ pub const TOP_LEVEL: &[(&str, Applies)] = &[
     ("max_message_bytes", Applies::Upgrade),
     ("stream_metadata_max_bytes", Applies::NewStreams),
     ("idle_stream_timeout_ms", Applies::NewStreams),
+    // The async runtime is built before anything else: an upgrade starts a new front.
+    ("workers", Applies::Upgrade),
 ];
 
 /// Every key of a `[plugins.<name>]` table, and when a change to it applies.
@@ -168,6 +170,7 @@ pub const RANGES: &[(&str, u64, u64)] = &[
         super::MAX_METADATA_BYTES as u64,
     ),
     ("idle_stream_timeout_ms", 0, DAY_MS),
+    ("workers", 1, super::MAX_WORKERS as u64),
     ("final_timeout_ms", 1, DAY_MS),
     ("inline_timeout_ms", 1, DAY_MS),
     ("queue_events", 1, super::MAX_QUEUE_EVENTS as u64),

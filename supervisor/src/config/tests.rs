@@ -459,7 +459,14 @@ fn every_integer_key_is_checked_at_and_past_its_range() {
         .filter(|k| {
             k.ends_with("_ms")
                 || k.ends_with("_bytes")
-                || ["max_streams", "queue_events", "max_restarts", "uid"].contains(k)
+                || [
+                    "max_streams",
+                    "queue_events",
+                    "max_restarts",
+                    "uid",
+                    "workers",
+                ]
+                .contains(k)
         })
         .collect();
     for key in &integer_keys {

@@ -291,10 +291,12 @@ pub async fn start_with(config: Config, inherited: Option<Inherited>) -> Result<
     // A plain address, or no field at all without /metrics (not `Some(...)`).
     let admin = running.admin.map(|a| a.to_string());
     let admin = admin.as_deref();
+    // What runs, not what the file said (`workers`).
+    let workers = tokio::runtime::Handle::current().metrics().num_workers();
     if *running.accept_gate.borrow() {
-        tracing::info!(listen = %running.listen, admin, "plugvisor front serving");
+        tracing::info!(listen = %running.listen, admin, workers, "plugvisor front serving");
     } else {
-        tracing::info!(listen = %running.listen, admin, "plugvisor front started; serves once the old front lets it");
+        tracing::info!(listen = %running.listen, admin, workers, "plugvisor front started; serves once the old front lets it");
     }
     Ok(running)
 }

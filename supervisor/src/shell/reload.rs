@@ -153,6 +153,7 @@ pub fn changed_top_level(old: &Config, new: &Config) -> Vec<&'static str> {
         "idle_stream_timeout_ms",
         old.idle_stream_timeout != new.idle_stream_timeout,
     );
+    check("workers", old.workers != new.workers);
     changed.extend(changed_records_keys(old, new));
     changed.extend(changed_traces_keys(old, new));
     changed
@@ -256,6 +257,7 @@ fn keep_running_values(old: &Config, new: &mut Config) {
             "runtime_dir" => new.runtime_dir = old.runtime_dir.clone(),
             "connect_timeout_ms" => new.connect_timeout = old.connect_timeout,
             "max_message_bytes" => new.max_message_bytes = old.max_message_bytes,
+            "workers" => new.workers = old.workers,
             other => unreachable!("top-level key `{other}` kept until a restart but not copied"),
         }
     }
@@ -665,6 +667,8 @@ mod tests {
             "stream_metadata_max_bytes = 2048",
         ),
         ("idle_stream_timeout_ms", "idle_stream_timeout_ms = 1234"),
+        // Not what `default_workers` gives on any machine this runs on.
+        ("workers", "workers = 509"),
     ];
 
     const PLUGIN_SAMPLES: &[(&str, &str)] = &[

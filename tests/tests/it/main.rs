@@ -40,3 +40,4 @@ mod traces;
 mod upgrade;
 mod usage_envoy;
 mod whole_or_loud;
+mod workers;

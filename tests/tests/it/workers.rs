@@ -1,0 +1,41 @@
+//! `workers`: the front runs as many async runtime threads as its config says, a quarter of the
+//! CPUs it may use (at least one) when the config is silent, and its log says how many run.
+
+use tests::front::FrontProcess;
+
+/// The threads of `pid` named as tokio names its runtime's workers.
+fn runtime_workers(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .filter(|comm| comm.trim_end() == "tokio-rt-worker")
+        .count()
+}
+
+#[test]
+fn the_front_runs_the_configured_workers_and_a_quarter_of_its_cpus_by_default() {
+    let cpus = std::thread::available_parallelism().unwrap().get();
+    let by_default = (cpus / 4).max(1);
+    for (header, expected) in [("workers = 3", 3), ("", by_default), ("workers = 1", 1)] {
+        let dir = tempfile::tempdir().unwrap();
+        let listen = format!("unix:{}", dir.path().join("ext_proc.sock").display());
+        let front = FrontProcess::start_from(
+            &tests::bins::plugvisor(),
+            dir.path(),
+            &listen,
+            header,
+            "[plugins.latency]\n",
+            &["latency"],
+        );
+        assert_eq!(
+            runtime_workers(front.pid()),
+            expected,
+            "`{header}` on {cpus} CPUs"
+        );
+        let log = front.log();
+        assert!(
+            log.contains(&format!("workers={expected}")) && log.contains("plugvisor front serving"),
+            "`{header}`: {log}"
+        );
+    }
+}
