@@ -851,13 +851,12 @@ fn env_addresses(
     Ok((listen, admin_listen))
 }
 
-/// `workers` when the file does not set it: a quarter of the CPUs this process may run on, at
-/// least one. The front's work per message is small beside the kernel's and the scheduler's, and
-/// on a small machine a second worker mostly costs wake-ups: each message that one worker takes
-/// wakes the other to look for work to steal (docs/benchmarks.md, "Profiles"). Envoy and the
-/// plugin processes share the machine; larger hosts get more workers.
+/// `workers` when the file does not set it: one per CPU this process may run on (its affinity
+/// and cgroup quota), as tokio's own default. Fewer cost less CPU per message at low load (a
+/// message one worker takes wakes another to look for work to steal) but make messages that
+/// arrive together wait for each other (docs/configuration.md, `workers`).
 pub fn default_workers() -> usize {
-    std::thread::available_parallelism().map_or(1, |n| (n.get() / 4).max(1))
+    std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
 }
 
 /// The longest path of a Unix socket: `sun_path` is 108 bytes with its terminating NUL.

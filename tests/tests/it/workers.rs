@@ -1,5 +1,5 @@
-//! `workers`: the front runs as many async runtime threads as its config says, a quarter of the
-//! CPUs it may use (at least one) when the config is silent, and its log says how many run.
+//! `workers`: the front runs as many async runtime threads as its config says, one per CPU it may
+//! use when the config is silent, and its log says how many run.
 
 use tests::front::FrontProcess;
 
@@ -13,9 +13,9 @@ fn runtime_workers(pid: u32) -> usize {
 }
 
 #[test]
-fn the_front_runs_the_configured_workers_and_a_quarter_of_its_cpus_by_default() {
+fn the_front_runs_the_configured_workers_and_one_per_cpu_by_default() {
     let cpus = std::thread::available_parallelism().unwrap().get();
-    let by_default = (cpus / 4).max(1);
+    let by_default = cpus;
     for (header, expected) in [("workers = 3", 3), ("", by_default), ("workers = 1", 1)] {
         let dir = tempfile::tempdir().unwrap();
         let listen = format!("unix:{}", dir.path().join("ext_proc.sock").display());
