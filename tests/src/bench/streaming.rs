@@ -20,7 +20,7 @@ use crate::front::FrontProcess;
 
 /// One configuration under test.
 pub struct Target {
-    /// Short key: `a`, `n`, `ref`, `b`, `c`, `c-tcp`, `py`, `d`, `d-idle`, `e`.
+    /// Short key: `a`, `n`, `ref`, `b`, `c`, `c-tcp`, `c-1w`, `py`, `d`, `d-idle`, `e`.
     pub key: &'static str,
     /// What it is.
     pub label: &'static str,
@@ -237,6 +237,14 @@ pub fn setup(root: &Path, upstream: u16) -> Vec<Target> {
         "plugvisor, the embedded default config as users run it (TCP 127.0.0.1)",
         false,
         upstream,
+    ));
+    out.push(default_target_with(
+        root,
+        "c-1w",
+        "(c) with `workers = 1`: one runtime worker instead of one per CPU",
+        true,
+        upstream,
+        |_, text| format!("workers = 1\n{text}"),
     ));
     let python = crate::python::venv_with_sdk(&root.join("py-venv"));
     let wordcount = format!(

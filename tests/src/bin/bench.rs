@@ -616,6 +616,17 @@ impl Report {
                         );
                     }
                 }
+                if let (Some(c), Some(w)) = (self.idx("c"), self.idx("c-1w")) {
+                    let (fc, fw) = (figures(&pr.accs[c]), figures(&pr.accs[w]));
+                    let (one, all) = (cpu("c-1w", false), cpu("c", false));
+                    let _ = writeln!(
+                        s,
+                        "| `workers`: (c-1w) on one runtime worker against (c) on one per CPU (the default) — {} | front CPU per chunk {} vs {}: {}; chunk p50 {} vs {}: {}; end p50 {} vs {}: {} | shown |",
+                        pr.phase.name, us(one), us(all), x(ratio(one, all)),
+                        us(fw.chunk.p50), us(fc.chunk.p50), x(ratio(fw.chunk.p50, fc.chunk.p50)),
+                        us(fw.end.p50), us(fc.end.p50), x(ratio(fw.end.p50, fc.end.p50))
+                    );
+                }
                 if let (Some(n), Some(a)) = (self.idx("n"), self.idx("a")) {
                     let (n50, n99) = self.added(p, "n");
                     let (c50, c99) = self.added(p, "c");
