@@ -139,6 +139,9 @@ pub async fn run_with(
     tokio::pin!(shutdown);
     let mut tick = tokio::time::interval(STATUS_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The STATUS line goes to systemd only: without it, nothing to refresh (and no wake-up twice
+    // a second of an otherwise idle front).
+    let notifying = systemd::notify_enabled();
     let mut ready_sent = false;
 
     let result = loop {
@@ -162,7 +165,7 @@ pub async fn run_with(
                 systemd::ready(&line);
                 tracing::info!(status = %line, "ready");
             }
-            _ = tick.tick() => {
+            _ = tick.tick(), if notifying => {
                 if let Some(line) = report.changed(&running) {
                     systemd::status(&line);
                 }

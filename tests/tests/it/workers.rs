@@ -39,3 +39,32 @@ fn the_front_runs_the_configured_workers_and_one_per_cpu_by_default() {
         );
     }
 }
+
+/// Every thread's voluntary context switches so far (`/proc/<pid>/task/*/status`): how often the
+/// process went to sleep, that is, how often something woke it.
+fn wake_ups(pid: u32) -> u64 {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("status")).ok())
+        .filter_map(|status| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
+                .and_then(|n| n.trim().parse::<u64>().ok())
+        })
+        .sum()
+}
+
+/// An idle front with no plugins, outside systemd, has nothing to do: no timer wakes it. Each
+/// wake-up costs tens of microseconds of CPU on a VM, which a slow stream's chunks then pay for.
+#[test]
+fn an_idle_front_without_plugins_sleeps() {
+    let dir = tempfile::tempdir().unwrap();
+    let front = FrontProcess::start(dir.path(), "", &[]);
+    // Past the start's own work (and the allocator's purging after it).
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    let before = wake_ups(front.pid());
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    let woken = wake_ups(front.pid()) - before;
+    assert!(woken <= 3, "an idle front woke {woken} times in 3 s");
+}
