@@ -32,10 +32,19 @@ fn the_front_runs_the_configured_workers_and_one_per_cpu_by_default() {
             expected,
             "`{header}` on {cpus} CPUs"
         );
-        let log = front.log();
+        // The line comes once the front has waited for its plugins, a moment after they show.
+        let serving = tests::within(std::time::Duration::from_secs(10), || {
+            front
+                .log()
+                .lines()
+                .find(|l| l.contains("plugvisor front serving"))
+                .map(str::to_owned)
+        });
+        let serving =
+            serving.unwrap_or_else(|| panic!("`{header}`: no serving line: {}", front.log()));
         assert!(
-            log.contains(&format!("workers={expected}")) && log.contains("plugvisor front serving"),
-            "`{header}`: {log}"
+            serving.contains(&format!(" workers={expected}")),
+            "`{header}`: {serving}"
         );
     }
 }
