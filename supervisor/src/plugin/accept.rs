@@ -28,6 +28,7 @@ use tokio::net::{UnixListener, UnixStream};
 use crate::config::PluginConfig;
 use crate::observe::metrics::Metrics;
 use crate::plugin::link::PluginLink;
+use crate::plugin::quiet_socket;
 
 /// How long a connected peer has to send its `Hello`.
 pub const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
@@ -189,7 +190,9 @@ fn refuse_at_accept(
     refuse: Refuse,
     lingering: &Arc<tokio::sync::Semaphore>,
 ) {
-    let (read, write) = stream.into_split();
+    let Ok((read, write)) = quiet_socket::split(stream) else {
+        return count_refusal(&link, &metrics, &refuse);
+    };
     let mut writer = FrameWriter::new(write);
     match lingering.clone().try_acquire_owned() {
         Ok(permit) => {
@@ -210,7 +213,13 @@ async fn handshake(
     link: Arc<PluginLink>,
     metrics: Arc<Metrics>,
 ) {
-    let (read, write) = stream.into_split();
+    let (read, write) = match quiet_socket::split(stream) {
+        Ok(halves) => halves,
+        Err(e) => {
+            tracing::warn!(plugin = %link.name(), error = %e, "cannot take over the connection");
+            return;
+        }
+    };
     // This writer carries the connection's events once welcomed: one Envoy body message per
     // frame, up to `max_message_bytes`, which stays under the protocol's ceiling.
     let mut writer = FrameWriter::with_max_frame(write, ipc_protocol::codec::MAX_FRAME_CEILING);
@@ -281,7 +290,7 @@ fn peer_text(text: &str) -> String {
 async fn refuse_peer(
     link: &PluginLink,
     metrics: &Metrics,
-    writer: &mut FrameWriter<tokio::net::unix::OwnedWriteHalf>,
+    writer: &mut FrameWriter<quiet_socket::WriteHalf>,
     refuse: Refuse,
 ) {
     count_refusal(link, metrics, &refuse);
@@ -295,8 +304,8 @@ async fn refuse_peer(
 /// until it closes or [`REFUSED_LINGER`] passes. Closing at once instead would make a plugin that
 /// has not yet written its `Hello` fail on that write (EPIPE) and never see why it was refused.
 async fn discard_until_closed(
-    mut read: tokio::net::unix::OwnedReadHalf,
-    mut writer: FrameWriter<tokio::net::unix::OwnedWriteHalf>,
+    mut read: quiet_socket::ReadHalf,
+    mut writer: FrameWriter<quiet_socket::WriteHalf>,
 ) {
     let _ = writer.get_mut().shutdown().await;
     let mut sink = [0u8; 4096];

@@ -20,13 +20,13 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::plugin::quiet_socket::{ReadHalf, WriteHalf};
 use ipc_protocol::frame::{BATCH_BYTES, PREFIX_LEN};
 use ipc_protocol::{
     Ack, Credit, FinalOutcome, FinalReply, FrameReader, FrameWriter, FromPlugin, Metadata, Ping,
     Spans, StreamId, Subscriptions, ToPlugin,
 };
 use tokio::io::AsyncWriteExt as _;
-use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::config::PluginConfig;
@@ -480,8 +480,8 @@ impl PluginLink {
         pid: u32,
         subscriptions: Subscriptions,
         welcome: &ipc_protocol::Welcome,
-        reader: FrameReader<OwnedReadHalf>,
-        writer: FrameWriter<OwnedWriteHalf>,
+        reader: FrameReader<ReadHalf>,
+        writer: FrameWriter<WriteHalf>,
     ) -> Option<Arc<Conn>> {
         let mut slot = self.conn.lock().expect("link lock");
         if slot.is_some() {
@@ -897,7 +897,7 @@ impl PluginLink {
         mut rx: mpsc::Receiver<Queued>,
         mut priority: mpsc::Receiver<ToPlugin>,
         mut replay: mpsc::UnboundedReceiver<Queued>,
-        mut writer: FrameWriter<OwnedWriteHalf>,
+        mut writer: FrameWriter<WriteHalf>,
     ) {
         let mut closed = conn.closed.subscribe();
         let mut credit = conn.consumed.subscribe();
@@ -1106,7 +1106,7 @@ impl PluginLink {
         let _ = writer.get_mut().shutdown().await;
     }
 
-    async fn read_loop(self: Arc<Self>, conn: Arc<Conn>, mut reader: FrameReader<OwnedReadHalf>) {
+    async fn read_loop(self: Arc<Self>, conn: Arc<Conn>, mut reader: FrameReader<ReadHalf>) {
         let mut closed = conn.closed.subscribe();
         let why = loop {
             let msg = tokio::select! {
