@@ -27,6 +27,8 @@
 //! - [`traces`]: spans of the front's own work (one per request, one per plugin's final
 //!   call): `context` (W3C `traceparent`, ids), `sampler`, `span` (what a traced stream
 //!   gathers), the exporter; the data path hands it each traced stream's trace at its end;
+//! - [`quiet_socket`]: the Unix stream connections of `plugin` and of the ext_proc listener, in
+//!   halves that do not wake the front when the peer reads;
 //! - [`otlp`]: the OTLP transports (HTTP/protobuf, gRPC) `records` and `traces` export with;
 //! - [`observe`]: `metrics` (Prometheus and the admin server), `logging` (the log and its
 //!   rate-limited warnings), `journal` (journald's native protocol), `probe` (liveness probes
@@ -47,6 +49,7 @@ pub mod data_path;
 pub mod observe;
 pub mod otlp;
 pub mod plugin;
+pub mod quiet_socket;
 pub mod records;
 pub mod shell;
 pub mod traces;

@@ -28,7 +28,7 @@ use tokio::net::{UnixListener, UnixStream};
 use crate::config::PluginConfig;
 use crate::observe::metrics::Metrics;
 use crate::plugin::link::PluginLink;
-use crate::plugin::quiet_socket;
+use crate::quiet_socket;
 
 /// How long a connected peer has to send its `Hello`.
 pub const HELLO_TIMEOUT: Duration = Duration::from_secs(5);

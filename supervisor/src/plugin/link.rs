@@ -20,7 +20,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::plugin::quiet_socket::{ReadHalf, WriteHalf};
+use crate::quiet_socket::{ReadHalf, WriteHalf};
 use ipc_protocol::frame::{BATCH_BYTES, PREFIX_LEN};
 use ipc_protocol::{
     Ack, Credit, FinalOutcome, FinalReply, FrameReader, FrameWriter, FromPlugin, Metadata, Ping,

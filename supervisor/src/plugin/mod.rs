@@ -13,7 +13,6 @@
 pub mod accept;
 pub mod link;
 pub mod owner;
-pub mod quiet_socket;
 pub mod registry;
 pub mod restart;
 pub mod spawn;

@@ -10,6 +10,8 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
 
+use crate::quiet_socket;
+
 use crate::config::{Config, Listen};
 use crate::data_path::ext_proc::Front;
 use crate::observe::metrics;
@@ -136,13 +138,22 @@ pub fn serve_ext_proc(
                     .await
             }
             systemd::ExtProcListener::Unix(l) => {
-                let incoming = Watched::new(UnixListenerStream::new(l), answerer);
+                let incoming = Watched::new(quiet_incoming(l), answerer);
                 server
                     .serve_with_incoming_shutdown(incoming, shutdown)
                     .await
             }
         }
     })
+}
+
+/// The accepted connections of a Unix listener, each as a [`quiet_socket::Stream`]: the front is
+/// not woken each time Envoy reads one of its replies.
+pub fn quiet_incoming(
+    listener: tokio::net::UnixListener,
+) -> impl tokio_stream::Stream<Item = std::io::Result<quiet_socket::Stream>> {
+    use tokio_stream::StreamExt as _;
+    UnixListenerStream::new(listener).map(|accepted| quiet_socket::Stream::new(accepted?))
 }
 
 /// The accepted connections of a TCP listener, each with `TCP_NODELAY` set.

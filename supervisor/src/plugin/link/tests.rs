@@ -59,7 +59,7 @@ fn linked_with(
 /// Attaches a new connection with `capabilities` to `link`; returns the plugin's end.
 fn attach_pair(link: &Arc<PluginLink>, capabilities: &[&str]) -> UnixStream {
     let (front, plugin) = UnixStream::pair().unwrap();
-    let (r, w) = crate::plugin::quiet_socket::split(front).unwrap();
+    let (r, w) = crate::quiet_socket::split(front).unwrap();
     let welcome = ipc_protocol::handshake::answer_hello(
         &ipc_protocol::Hello {
             protocol_version: ipc_protocol::PROTOCOL_VERSION,

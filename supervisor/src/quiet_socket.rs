@@ -1,12 +1,12 @@
-//! The front's end of a plugin connection, split into a read half and a write half that do not
-//! wake the front when the plugin reads.
+//! The front's Unix stream connections (to each plugin, and from Envoy when `listen` is a Unix
+//! socket), as a read half and a write half that do not wake the front when the peer reads.
 //!
 //! tokio registers a Unix stream with the reactor for reading and writing at once
 //! (edge-triggered). Linux then reports the socket writable again every time the peer reads from
-//! it (`unix_write_space` has no `SOCK_NOSPACE` check, unlike TCP), so each batch the front
-//! writes to a plugin comes back as one more wake-up of a front thread when the plugin reads it:
-//! one per batch per plugin, tens of microseconds of CPU each on a VM, and one more thread
-//! wanting a CPU at the end of a response, when the final call has just been written.
+//! it (`unix_write_space` has no `SOCK_NOSPACE` check, unlike TCP), so everything the front
+//! writes comes back as one more wake-up of a front thread once the peer has read it: each reply
+//! to Envoy, each batch to a plugin. That is tens of microseconds of CPU each on a VM, and one
+//! more thread wanting a CPU at the end of a response, when the final call has just been written.
 //!
 //! Here the read half alone is registered, for reading. The write half writes straight to the
 //! non-blocking socket; only when the socket is full does it register a duplicate of the
@@ -44,6 +44,69 @@ pub fn split(stream: tokio::net::UnixStream) -> io::Result<(ReadHalf, WriteHalf)
 #[allow(deprecated)]
 fn register<T: std::os::fd::AsRawFd>(fd: T, interest: Interest) -> io::Result<AsyncFd<T>> {
     AsyncFd::with_interest(fd, interest)
+}
+
+/// A whole connection made of the two halves, for a server that reads and writes it from one
+/// task (tonic's, for Envoy's ext_proc connections).
+#[derive(Debug)]
+pub struct Stream {
+    read: ReadHalf,
+    write: WriteHalf,
+}
+
+impl Stream {
+    /// Takes over an accepted connection (see the module).
+    pub fn new(stream: tokio::net::UnixStream) -> io::Result<Stream> {
+        let (read, write) = split(stream)?;
+        Ok(Stream { read, write })
+    }
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().read).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().write).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().write).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().write).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().write).poll_shutdown(cx)
+    }
+}
+
+/// The front reads nothing of the peer from the connection (no address, no credentials).
+impl tonic::transport::server::Connected for Stream {
+    type ConnectInfo = ();
+
+    fn connect_info(&self) -> Self::ConnectInfo {}
 }
 
 /// Reads from the connection; registered with the reactor for reading only.
