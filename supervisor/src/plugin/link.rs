@@ -20,7 +20,6 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::quiet_socket::{ReadHalf, WriteHalf};
 use ipc_protocol::frame::{BATCH_BYTES, PREFIX_LEN};
 use ipc_protocol::{
     Ack, Credit, FinalOutcome, FinalReply, FrameReader, FrameWriter, FromPlugin, Metadata, Ping,
@@ -31,6 +30,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::config::PluginConfig;
 use crate::observe::metrics::{Metrics, PluginLabel};
+use crate::quiet_socket::{ReadHalf, WriteHalf};
 
 /// Why a plugin contributed nothing to a stream's final metadata.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -10,12 +10,11 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
 
-use crate::quiet_socket;
-
 use crate::config::{Config, Listen};
 use crate::data_path::ext_proc::Front;
 use crate::observe::metrics;
 use crate::observe::probe::{ProbeAnswerer, Watched};
+use crate::quiet_socket;
 use crate::shell::front::RunError;
 use crate::shell::{systemd, upgrade};
 

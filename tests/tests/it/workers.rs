@@ -15,8 +15,7 @@ fn runtime_workers(pid: u32) -> usize {
 #[test]
 fn the_front_runs_the_configured_workers_and_one_per_cpu_by_default() {
     let cpus = std::thread::available_parallelism().unwrap().get();
-    let by_default = cpus;
-    for (header, expected) in [("workers = 3", 3), ("", by_default), ("workers = 1", 1)] {
+    for (header, expected) in [("workers = 3", 3), ("", cpus), ("workers = 1", 1)] {
         let dir = tempfile::tempdir().unwrap();
         let listen = format!("unix:{}", dir.path().join("ext_proc.sock").display());
         let front = FrontProcess::start_from(
