@@ -5,7 +5,8 @@
 //! payload codec ([`codec`], the only module that knows about bincode), the length-prefixed
 //! framing with its size limit ([`frame`]), and the handshake and version rules ([`handshake`]).
 //! It opens no sockets and spawns nothing: [`frame::FrameReader`] and [`frame::FrameWriter`] work
-//! over any tokio `AsyncRead`/`AsyncWrite`.
+//! over any tokio `AsyncRead`/`AsyncWrite`; [`quiet_socket`] gives both ends the halves of a
+//! connected Unix socket that do not wake their process when the peer reads.
 //!
 //! The byte-level format is specified in `docs/protocol.md` at the repository root, precisely
 //! enough to write a plugin in another language.
@@ -17,6 +18,7 @@ mod error;
 pub mod frame;
 pub mod handshake;
 pub mod message;
+pub mod quiet_socket;
 pub mod stamp;
 mod value;
 

@@ -24,18 +24,19 @@
 //! connection: 0, or 78 when a reconnection was refused since the last welcome.
 //!
 //! The transport is tokio's `UnixStream` on a filesystem path (see "Transport" in
-//! `docs/plugins.md` for why not `interprocess`).
+//! `docs/plugins.md` for why not `interprocess`), split into the quiet halves of
+//! `ipc_protocol::quiet_socket` once connected.
 
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use ipc_protocol::frame::{DEFAULT_MAX_FRAME, PREFIX_LEN};
+use ipc_protocol::quiet_socket::{self, ReadHalf, WriteHalf};
 use ipc_protocol::{
     FinalOutcome, FinalReply, FrameReader, FrameWriter, FromPlugin, Hello, Metadata, Pong,
     ProtocolError, Spans, ToPlugin, Value, Welcome, PROTOCOL_VERSION,
 };
-use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::UnixStream;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::{mpsc, watch, Notify};
@@ -456,14 +457,19 @@ async fn connection<P: Plugin>(
 async fn handshake<P: Plugin>(
     plugin: &mut P,
     opts: &HostOptions,
-) -> Result<Option<(FrameReader<OwnedReadHalf>, OwnedWriteHalf, Welcome)>, HostError> {
+) -> Result<Option<(FrameReader<ReadHalf>, WriteHalf, Welcome)>, HostError> {
     let stream = connect(&opts.connect, opts.connect_wait)
         .await
         .map_err(|source| HostError::Connect {
             path: opts.connect.clone(),
             source,
         })?;
-    let (rd, mut wr) = stream.into_split();
+    // Halves that do not wake this process when the front reads what it wrote (see
+    // `ipc_protocol::quiet_socket`): a final reply is read at the busiest moment of a response.
+    let (rd, mut wr) = quiet_socket::split(stream).map_err(|source| HostError::Connect {
+        path: opts.connect.clone(),
+        source,
+    })?;
     // Any frame the protocol allows: an event carries one Envoy body message, which the front
     // caps (`max_message_bytes`) below this ceiling.
     let mut reader = FrameReader::with_max_frame(rd, ipc_protocol::codec::MAX_FRAME_CEILING);
@@ -538,8 +544,8 @@ async fn run_connection<P: Plugin>(
     id: u64,
     plugin: P,
     opts: &HostOptions,
-    mut reader: FrameReader<OwnedReadHalf>,
-    wr: OwnedWriteHalf,
+    mut reader: FrameReader<ReadHalf>,
+    wr: WriteHalf,
     welcome: Welcome,
     reports: &mpsc::UnboundedSender<Report>,
     stop: &mut watch::Receiver<Option<Stop>>,
@@ -775,7 +781,7 @@ const QUIET_AFTER_SHUTDOWN: Duration = Duration::from_millis(50);
 /// lanes are idle and nothing more came for [`QUIET_AFTER_SHUTDOWN`], the front closes the
 /// connection, or the grace is over.
 async fn drain_reading<P: Plugin>(
-    reader: &mut FrameReader<OwnedReadHalf>,
+    reader: &mut FrameReader<ReadHalf>,
     lanes: &Lanes<P>,
     replies: &Replies,
     grace: Duration,
@@ -839,7 +845,7 @@ async fn drain<P: Plugin>(lanes: &Lanes<P>, grace: Duration) {
 /// socket does not take (its buffer is full) is kept, and everything after it is appended, until
 /// [`Replies::drain_when_writable`] has written it.
 struct Replies {
-    half: OwnedWriteHalf,
+    half: WriteHalf,
     pending: std::sync::Mutex<Pending>,
     wake: Notify,
 }
