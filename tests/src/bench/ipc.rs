@@ -53,6 +53,24 @@ pub struct RoundTrips {
     pub raw1: Summary,
     /// Raw ping-pong, three peers at once.
     pub raw3: Summary,
+    /// The final RPC with its plugins asleep: one round every [`ASLEEP_PACE`], as at the end of a
+    /// paced stream.
+    pub final3_asleep: Summary,
+    /// Raw ping-pong to three peers at once, one round every [`ASLEEP_PACE`].
+    pub raw3_asleep: Summary,
+}
+
+/// The pause between the asleep rounds: the paced streams' 10 ms between tokens, long enough
+/// for every peer to sleep and its CPU to go idle.
+pub const ASLEEP_PACE: std::time::Duration = std::time::Duration::from_millis(10);
+
+/// Unmeasured rounds first: back to back, or (asleep) a few.
+fn warm_rounds(pace: std::time::Duration) -> usize {
+    if pace.is_zero() {
+        100
+    } else {
+        5
+    }
 }
 
 fn config(dir: &Path, plugins: &str) -> supervisor::Config {
@@ -263,12 +281,14 @@ pub fn pong_forever(sock: &Path) -> ! {
     std::process::exit(0)
 }
 
-fn raw_pingpong(dir: &Path, peers: usize, iterations: usize) -> Summary {
+fn raw_pingpong(dir: &Path, peers: usize, iterations: usize, pace: std::time::Duration) -> Summary {
     let mut conns: Vec<_> = (0..peers).map(|i| pong_peer(dir, i)).collect();
     let msg = [7u8; 64];
     let mut buf = [0u8; 64];
     let mut samples = Vec::with_capacity(iterations);
-    for i in 0..iterations + 100 {
+    let warm = warm_rounds(pace);
+    for i in 0..iterations + warm {
+        std::thread::sleep(pace);
         let t = Instant::now();
         for (_, s) in conns.iter_mut() {
             s.write_all(&msg).expect("ping");
@@ -276,7 +296,7 @@ fn raw_pingpong(dir: &Path, peers: usize, iterations: usize) -> Summary {
         for (_, s) in conns.iter_mut() {
             s.read_exact(&mut buf).expect("pong");
         }
-        if i >= 100 {
+        if i >= warm {
             samples.push(t.elapsed().as_secs_f64() * 1e6);
         }
     }
@@ -284,7 +304,7 @@ fn raw_pingpong(dir: &Path, peers: usize, iterations: usize) -> Summary {
     summarize(&mut samples)
 }
 
-async fn final_rounds(dir: &Path, iterations: usize) -> Summary {
+async fn final_rounds(dir: &Path, iterations: usize, pace: std::time::Duration) -> Summary {
     let _ = std::fs::remove_dir_all(dir);
     std::fs::create_dir_all(dir).expect("dir");
     let plugin_bin = crate::bins::plugvisor_plugin();
@@ -305,7 +325,11 @@ async fn final_rounds(dir: &Path, iterations: usize) -> Summary {
         l.wait_connected().await;
     }
     let mut samples = Vec::with_capacity(iterations);
-    for i in 0..iterations + 100 {
+    let warm = warm_rounds(pace);
+    for i in 0..iterations + warm {
+        if !pace.is_zero() {
+            tokio::time::sleep(pace).await;
+        }
         let stream_id = 1_000_000 + i as u64;
         let started = Instant::now();
         let calls: Vec<_> = links
@@ -329,7 +353,7 @@ async fn final_rounds(dir: &Path, iterations: usize) -> Summary {
         for c in calls {
             c.await.expect("join").expect("final answered");
         }
-        if i >= 100 {
+        if i >= warm {
             samples.push(started.elapsed().as_secs_f64() * 1e6);
         }
     }
@@ -337,29 +361,31 @@ async fn final_rounds(dir: &Path, iterations: usize) -> Summary {
     summarize(&mut samples)
 }
 
-/// Final RPC and ping-pong round trips, interleaved in thirds.
-pub async fn round_trips(dir: &Path, iterations: usize) -> RoundTrips {
+/// Final RPC and ping-pong round trips, interleaved in thirds: `iterations` back to back, and
+/// `asleep` rounds [`ASLEEP_PACE`] apart.
+pub async fn round_trips(dir: &Path, iterations: usize, asleep: usize) -> RoundTrips {
     std::fs::create_dir_all(dir).expect("dir");
-    let third = iterations / 3;
-    let (mut f, mut r1, mut r3) = (Vec::new(), Vec::new(), Vec::new());
+    let raw = |peers: usize, n: usize, pace: std::time::Duration| {
+        let d = dir.to_path_buf();
+        tokio::task::spawn_blocking(move || raw_pingpong(&d, peers, n, pace))
+    };
+    let zero = std::time::Duration::ZERO;
+    let (third, asleep_third) = (iterations / 3, asleep / 3);
+    let mut parts: [Vec<Summary>; 5] = Default::default();
     for part in 0..3 {
-        let d = dir.to_path_buf();
-        let s1 = tokio::task::spawn_blocking(move || raw_pingpong(&d, 1, third))
-            .await
-            .expect("raw");
-        let d = dir.to_path_buf();
-        let s3 = tokio::task::spawn_blocking(move || raw_pingpong(&d, 3, third))
-            .await
-            .expect("raw");
-        let fs = final_rounds(&dir.join(format!("final{part}")), third).await;
-        f.push(fs);
-        r1.push(s1);
-        r3.push(s3);
+        parts[1].push(raw(1, third, zero).await.expect("raw"));
+        parts[2].push(raw(3, third, zero).await.expect("raw"));
+        parts[0].push(final_rounds(&dir.join(format!("final{part}")), third, zero).await);
+        parts[4].push(raw(3, asleep_third, ASLEEP_PACE).await.expect("raw"));
+        let d = dir.join(format!("asleep{part}"));
+        parts[3].push(final_rounds(&d, asleep_third, ASLEEP_PACE).await);
     }
     RoundTrips {
-        final3: merge(&f),
-        raw1: merge(&r1),
-        raw3: merge(&r3),
+        final3: merge(&parts[0]),
+        raw1: merge(&parts[1]),
+        raw3: merge(&parts[2]),
+        final3_asleep: merge(&parts[3]),
+        raw3_asleep: merge(&parts[4]),
     }
 }
 
