@@ -303,6 +303,37 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
         Ok(())
     }
 
+    /// Removes the first `n` bytes of what was fed (they were written): from `buf` alone, or,
+    /// with spliced bodies, by keeping what is left as one contiguous buffer (a partial write
+    /// happens only when the socket is full, so the copy is rare).
+    fn consume(&mut self, n: usize) {
+        if n >= self.pending_bytes() {
+            self.buf.clear();
+            self.spliced.clear();
+            self.spliced_bytes = 0;
+        } else if self.spliced.is_empty() {
+            self.buf.drain(..n);
+        } else {
+            let mut rest = Vec::with_capacity(self.pending_bytes() - n);
+            let mut skip = n;
+            let mut take = |piece: &[u8]| {
+                let from = skip.min(piece.len());
+                skip -= from;
+                rest.extend_from_slice(&piece[from..]);
+            };
+            let mut from = 0;
+            for (at, body) in &self.spliced {
+                take(&self.buf[from..*at]);
+                take(body);
+                from = *at;
+            }
+            take(&self.buf[from..]);
+            self.buf = rest;
+            self.spliced.clear();
+            self.spliced_bytes = 0;
+        }
+    }
+
     /// Feeds one message and flushes.
     pub async fn send<T: Serialize>(&mut self, msg: &T) -> Result<(), ProtocolError> {
         self.feed(msg)?;
@@ -317,6 +348,44 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
     /// The wrapped stream, mutably (e.g. to shut it down).
     pub fn get_mut(&mut self) -> &mut W {
         &mut self.inner
+    }
+}
+
+impl FrameWriter<crate::quiet_socket::WriteHalf> {
+    /// Writes what the socket takes now, without waiting: `true` once everything fed has gone.
+    /// What it does not take stays, in order, for the next call (or [`FrameWriter::flush`]);
+    /// frames fed meanwhile go after it. For a writer shared behind a lock, which must not wait
+    /// while holding it: wait for room with [`crate::quiet_socket::WriteHalf::room`] instead.
+    pub fn try_flush(&mut self) -> std::io::Result<bool> {
+        while self.pending_bytes() > 0 {
+            let written = if self.spliced.is_empty() {
+                self.inner.try_write(&self.buf)
+            } else {
+                let mut pieces: Vec<&[u8]> = Vec::with_capacity(2 * self.spliced.len() + 1);
+                let mut from = 0;
+                for (at, body) in &self.spliced {
+                    pieces.push(&self.buf[from..*at]);
+                    pieces.push(body);
+                    from = *at;
+                }
+                pieces.push(&self.buf[from..]);
+                let slices: Vec<IoSlice<'_>> = pieces
+                    .iter()
+                    .filter(|p| !p.is_empty())
+                    .take(1024)
+                    .map(|p| IoSlice::new(p))
+                    .collect();
+                self.inner.try_write_vectored(&slices)
+            };
+            match written {
+                Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+                Ok(n) => self.consume(n),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(false),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(true)
     }
 }
 
@@ -360,5 +429,80 @@ mod tests {
             reader.read_frame().await,
             Err(ProtocolError::FrameTooLarge { len: 500, max: 499 })
         ));
+    }
+
+    fn chunk(seq: u32, len: usize) -> ToPlugin {
+        ToPlugin::Chunk(crate::Chunk {
+            stream_id: 1,
+            seq,
+            stamp_ns: 2,
+            len: len as u32,
+            bytes: Bytes::from(vec![(seq % 251) as u8; len]),
+            end_of_stream: false,
+            ack: false,
+        })
+    }
+
+    /// `try_flush` on a socket that fills up: it says so instead of waiting, keeps what the
+    /// socket did not take (also across spliced bodies and partial writes), and frames fed after
+    /// it follow it; the peer reads exactly what `flush` writes.
+    #[tokio::test]
+    async fn try_flush_keeps_what_a_full_socket_did_not_take_in_order() {
+        use tokio::io::AsyncReadExt;
+        let messages: Vec<ToPlugin> = (0..400)
+            .map(|i| chunk(i, if i % 3 == 0 { 9000 } else { 64 + i as usize }))
+            .collect();
+        let mut expected = FrameWriter::new(Vec::new());
+        for m in &messages {
+            expected.feed_event(m).unwrap();
+        }
+        expected.flush().await.unwrap();
+        let expected = expected.get_ref().clone();
+
+        let (front, peer) = tokio::net::UnixStream::pair().unwrap();
+        let (_read, write) = crate::quiet_socket::split(front).unwrap();
+        let mut peer = peer;
+        let mut writer = FrameWriter::new(write);
+        let (first, second) = messages.split_at(200);
+        for m in first {
+            writer.feed_event(m).unwrap();
+        }
+        let mut got = Vec::new();
+        let mut buf = vec![0u8; 7000];
+        let mut fed_rest = false;
+        let mut full = 0;
+        loop {
+            let done = writer.try_flush().unwrap();
+            if !done {
+                full += 1;
+                if !fed_rest {
+                    // Fed while the first part waits: goes after it.
+                    for m in second {
+                        writer.feed_event(m).unwrap();
+                    }
+                    fed_rest = true;
+                }
+                let n = peer.read(&mut buf).await.unwrap();
+                got.extend_from_slice(&buf[..n]);
+                continue;
+            }
+            if !fed_rest {
+                for m in second {
+                    writer.feed_event(m).unwrap();
+                }
+                fed_rest = true;
+                continue;
+            }
+            break;
+        }
+        assert!(full > 0, "the socket never filled: the test proves nothing");
+        assert_eq!(writer.pending_bytes(), 0);
+        while got.len() < expected.len() {
+            let n = peer.read(&mut buf).await.unwrap();
+            assert!(n > 0);
+            got.extend_from_slice(&buf[..n]);
+        }
+        assert_eq!(got.len(), expected.len());
+        assert!(got == expected, "the bytes on the wire differ from flush's");
     }
 }

@@ -133,8 +133,40 @@ impl WriteHalf {
         (&*self.stream).write(buf)
     }
 
+    /// [`WriteHalf::try_write`] of several buffers in one `writev`.
+    pub fn try_write_vectored(&self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+        (&*self.stream).write_vectored(bufs)
+    }
+
     /// Waits until the socket has room, registering a duplicate descriptor for writability for
     /// the wait only: for a writer that got `WouldBlock` from [`WriteHalf::try_write`].
+    pub async fn writable(&self) -> io::Result<()> {
+        self.room().writable().await
+    }
+
+    /// A handle that waits for room ([`Room::writable`]) while the half itself is elsewhere
+    /// (behind a lock that must not be held across the wait).
+    pub fn room(&self) -> Room {
+        Room {
+            stream: self.stream.clone(),
+        }
+    }
+
+    /// Shuts the connection down for writing now: the peer reads its end of file after what was
+    /// written.
+    pub fn shutdown_write(&self) -> io::Result<()> {
+        self.stream.shutdown(Shutdown::Write)
+    }
+}
+
+/// Waits for room on a [`WriteHalf`]'s socket (see [`WriteHalf::room`]).
+#[derive(Debug, Clone)]
+pub struct Room {
+    stream: Arc<StdUnixStream>,
+}
+
+impl Room {
+    /// Returns once the socket has room for a write (at once if it has now).
     pub async fn writable(&self) -> io::Result<()> {
         let fd = register(
             self.stream.as_fd().try_clone_to_owned()?,
