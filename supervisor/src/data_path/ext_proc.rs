@@ -37,6 +37,7 @@ use envoy_types::pb::envoy::service::ext_proc::v3::{
     TrailersResponse,
 };
 use envoy_types::pb::google::protobuf::Struct;
+use futures_util::FutureExt as _;
 use ipc_protocol::stamp::monotonic_now_ns;
 use ipc_protocol::{
     Abort, AbortCause, AbortedFinal, Chunk, Final, Header, RequestStart, ResponseHeaders, StreamId,
@@ -930,16 +931,14 @@ impl StreamTask {
                 );
             }
         }
-        for Call {
-            name,
-            config,
-            started,
-            aborted,
-            task,
-        } in calls
-        {
+        let (calls, tasks): (Vec<_>, Vec<_>) = calls
+            .into_iter()
+            .map(|c| ((c.name, c.config, c.started, c.aborted), c.task))
+            .unzip();
+        let results = futures_util::future::join_all(tasks).await;
+        for ((name, config, started, aborted), result) in calls.into_iter().zip(results) {
             let (cap, granted) = (config.process.metadata_max_bytes, &config.granted);
-            let (outcome, ended) = match task.await {
+            let (outcome, ended) = match result {
                 Ok(done) => done,
                 Err(_) => {
                     merge.missing(&name, Excluded::Failed);
@@ -1087,9 +1086,12 @@ struct Call {
     started: Instant,
     /// An `AbortedFinal`.
     aborted: bool,
-    /// Its outcome, and (for a traced stream only) when it was known.
-    task: tokio::task::JoinHandle<(crate::data_path::plugin_stream::Outcome, Option<Instant>)>,
+    /// Its outcome, and (for a traced stream only) when it was known; a panic in it is this
+    /// plugin's failure, not the stream's.
+    task: futures_util::future::BoxFuture<'static, CallResult>,
 }
+
+type CallResult = std::thread::Result<(crate::data_path::plugin_stream::Outcome, Option<Instant>)>;
 
 impl Call {
     /// Starts the final call of `ps`, its message built by `make(seq, call_id)`; `traced`: the
@@ -1106,10 +1108,16 @@ impl Call {
             config: ps.link().config(),
             started: arrival,
             aborted,
-            task: tokio::spawn(async move {
+            // Driven by the stream task itself, not spawned: its first poll queues the final
+            // and writes it to the plugin's socket from the stream task (`PluginLink::write_now`),
+            // every plugin's in one go, instead of waking a task per plugin, which the runtime
+            // hands to another worker that must first be woken.
+            task: std::panic::AssertUnwindSafe(async move {
                 let outcome = ps.finish(make, arrival).await;
                 (outcome, traced.then(Instant::now))
-            }),
+            })
+            .catch_unwind()
+            .boxed(),
         }
     }
 }

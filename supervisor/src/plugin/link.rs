@@ -4,9 +4,10 @@
 //! A link outlives connections: a plugin that reconnects (after a restart, or a developer attaching
 //! one in gdb) gets a new [`Conn`] on the same link, and streams in progress carry on with their
 //! sequence numbers, so the plugin sees the gap. Each connection has a bounded queue (events and
-//! body bytes) drained by a writer task that batches frames into few syscalls, and a reader task
-//! that routes `FinalReply` to the waiting final call, `Ack` to the waiting inline chunk, `Pong`
-//! to the liveness record and `Credit` to the writer.
+//! body bytes) drained by a writer task that batches frames into few syscalls (a stream that
+//! waits for an answer takes the writer's turn itself: [`PluginLink::write_now`]), and a reader
+//! task that routes `FinalReply` to the waiting final call, `Ack` to the waiting inline chunk,
+//! `Pong` to the liveness record and `Credit` to the writer.
 //!
 //! Flow control (protocol version 2): the writer keeps the event bytes written and not yet
 //! credited back at or below the plugin's `budget_bytes` ([`window_allows`]); an event that does
@@ -25,7 +26,6 @@ use ipc_protocol::{
     Ack, Credit, FinalOutcome, FinalReply, FrameReader, FrameWriter, FromPlugin, Metadata, Ping,
     Spans, StreamId, Subscriptions, ToPlugin,
 };
-use tokio::io::AsyncWriteExt as _;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::config::PluginConfig;
@@ -142,6 +142,53 @@ struct Waiting {
     reply: oneshot::Sender<Reply>,
 }
 
+/// What the writer of a connection keeps between turns ([`PluginLink::turn`]). In its [`Conn`]
+/// behind a lock, so that a stream waiting for an answer can take a turn itself
+/// ([`PluginLink::write_now`]); the writer task holds the lock for a turn, never across a wait.
+struct Outgoing {
+    writer: FrameWriter<WriteHalf>,
+    rx: mpsc::Receiver<Queued>,
+    /// Pings and shutdown, written ahead of `rx`'s events and never held to the window.
+    priority: mpsc::Receiver<ToPlugin>,
+    replay: mpsc::UnboundedReceiver<Queued>,
+    /// Live events taken off the queue together, reordered so that the streams waiting for an
+    /// answer go first (see `waiting_streams_first`).
+    staged: VecDeque<Queued>,
+    /// The next event, taken off the queue and waiting for room in the window, with its counted
+    /// frame length.
+    held: Option<(Queued, u64)>,
+    /// While events flow under a `batch_ms`: when the batch goes.
+    cadence: Option<tokio::time::Instant>,
+    /// What is fed goes at once: something waits for an answer, or a control message.
+    urgent: bool,
+}
+
+impl Outgoing {
+    /// Nothing left to write: no control message, event or fed byte.
+    fn is_drained(&self) -> bool {
+        self.writer.pending_bytes() == 0
+            && self.held.is_none()
+            && self.staged.is_empty()
+            && self.rx.is_empty()
+            && self.replay.is_empty()
+            && self.priority.is_empty()
+    }
+}
+
+/// What a writer turn leaves to wait for.
+enum Turn {
+    /// It wrote: take another turn.
+    Again,
+    /// What is fed did not all fit in the socket: wait for room.
+    Full,
+    /// Nothing is due: wait for the next event, the batch's beat (`cadence`) or credit.
+    Idle {
+        listening: bool,
+        waiting_for_credit: bool,
+        cadence: Option<tokio::time::Instant>,
+    },
+}
+
 /// A connection being replaced, as `plugvisor status` shows it.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Draining {
@@ -169,9 +216,13 @@ pub struct Conn {
     /// Agreed in the handshake: the plugin may hold back `Credit` until a `Ping`, so the writer
     /// pings when it waits for room in the window.
     credit_on_ping: bool,
-    /// Rung when an urgent event (a final call, an inline chunk) or a batch's worth of events is
-    /// queued, so a writer holding a batch (`batch_ms`) sends at once.
+    /// Rung when an urgent event (a final call, an inline chunk), a batch's worth of events or a
+    /// control message is queued, so a writer holding a batch (`batch_ms`) sends at once.
     urgent: tokio::sync::Notify,
+    /// Rung for every event queued: wakes a writer that waits for the next one.
+    queued: tokio::sync::Notify,
+    /// The writer's state between turns: its task's, lent to [`PluginLink::write_now`].
+    out: Mutex<Outgoing>,
     /// Asked to reconnect: its process has (or is opening) another connection, so this one is
     /// ended by closing it, never by `Shutdown` (which would end the process).
     moved: std::sync::atomic::AtomicBool,
@@ -279,6 +330,18 @@ impl Conn {
             .saturating_sub(*self.consumed.borrow())
     }
 
+    fn lock_out(&self) -> std::sync::MutexGuard<'_, Outgoing> {
+        self.out.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Queues a control message (a ping, `Shutdown`, `Reconnect`): ahead of every event, never
+    /// held to the window.
+    fn send_control(&self, msg: ToPlugin) -> Result<(), mpsc::error::TrySendError<ToPlugin>> {
+        self.priority.try_send(msg)?;
+        self.urgent.notify_one();
+        Ok(())
+    }
+
     /// Live events queued and not yet written: in the queue, or staged by the writer.
     fn queued_events(&self) -> usize {
         self.tx.max_capacity() - self.tx.capacity() + self.staged.load(Ordering::Relaxed)
@@ -298,6 +361,8 @@ pub struct PluginLink {
     sent: prometheus_client::metrics::counter::Counter,
     depth: prometheus_client::metrics::gauge::Gauge,
     queued: prometheus_client::metrics::gauge::Gauge,
+    /// Its `inflight_bytes`, which every write sets.
+    inflight: prometheus_client::metrics::gauge::Gauge,
     conn: Mutex<Option<Arc<Conn>>>,
     generation: AtomicU64,
     connected: watch::Sender<bool>,
@@ -343,12 +408,14 @@ impl PluginLink {
         let sent = metrics.events_sent.get_or_create(&label).clone();
         let depth = metrics.queue_depth.get_or_create(&label).clone();
         let queued = metrics.queue_bytes.get_or_create(&label).clone();
+        let inflight = metrics.inflight_bytes.get_or_create(&label).clone();
         PluginLink {
             name: config.name.clone(),
             config: std::sync::RwLock::new(Arc::new(config)),
             sent,
             depth,
             queued,
+            inflight,
             metrics,
             label,
             conn: Mutex::new(None),
@@ -512,6 +579,17 @@ impl PluginLink {
                 .any(|c| c == ipc_protocol::handshake::capability::RECONNECT),
             moved: std::sync::atomic::AtomicBool::new(false),
             urgent: tokio::sync::Notify::new(),
+            queued: tokio::sync::Notify::new(),
+            out: Mutex::new(Outgoing {
+                writer,
+                rx,
+                priority: priority_rx,
+                replay: replay_rx,
+                staged: VecDeque::new(),
+                held: None,
+                cadence: None,
+                urgent: false,
+            }),
             credit_on_ping: welcome
                 .capabilities
                 .iter()
@@ -559,11 +637,7 @@ impl PluginLink {
             .inflight_bytes
             .get_or_create(&self.label)
             .set(0);
-        let writer =
-            tokio::spawn(
-                self.clone()
-                    .write_loop(conn.clone(), rx, priority_rx, replay_rx, writer),
-            );
+        let writer = tokio::spawn(self.clone().write_loop(conn.clone()));
         let reader = tokio::spawn(self.clone().read_loop(conn.clone(), reader));
         let mut tasks = self.tasks.lock().expect("tasks lock");
         tasks.retain(|t| !t.is_finished());
@@ -627,11 +701,9 @@ impl PluginLink {
         }
         conn.shutdown_sent.store(true, Ordering::Release);
         tracing::info!(plugin = %self.name, pid = conn.pid, "replaced process finished its streams; telling it to stop");
-        let _ = conn
-            .priority
-            .try_send(ToPlugin::Shutdown(ipc_protocol::Shutdown {
-                grace_ms: 1000,
-            }));
+        let _ = conn.send_control(ToPlugin::Shutdown(ipc_protocol::Shutdown {
+            grace_ms: 1000,
+        }));
     }
 
     /// Hands the plugin over to its next connection (a planned restart, a reload, an upgrade):
@@ -734,11 +806,9 @@ impl PluginLink {
 
     fn send_reconnect(&self, conn: &Conn, why: &str) {
         tracing::info!(plugin = %self.name, pid = conn.pid, reason = why, "asking the plugin to reconnect");
-        let _ = conn
-            .priority
-            .try_send(ToPlugin::Reconnect(ipc_protocol::Reconnect {
-                reason: why.to_owned(),
-            }));
+        let _ = conn.send_control(ToPlugin::Reconnect(ipc_protocol::Reconnect {
+            reason: why.to_owned(),
+        }));
     }
 
     /// When the earliest draining connection's grace is over, or the wait for a reconnecting
@@ -891,164 +961,212 @@ impl PluginLink {
         }
     }
 
-    async fn write_loop(
-        self: Arc<Self>,
-        conn: Arc<Conn>,
-        mut rx: mpsc::Receiver<Queued>,
-        mut priority: mpsc::Receiver<ToPlugin>,
-        mut replay: mpsc::UnboundedReceiver<Queued>,
-        mut writer: FrameWriter<WriteHalf>,
-    ) {
+    /// Takes `q` off the queue's counts for the writer: its frame length, counted as the window
+    /// counts it.
+    fn take(&self, conn: &Conn, q: Queued) -> Result<(Queued, u64), String> {
+        if !q.replayed {
+            conn.queued_bytes.fetch_sub(q.bytes, Ordering::Relaxed);
+        }
+        self.depth.dec();
+        self.queued.dec_by(q.bytes as i64);
+        let len = ipc_protocol::codec::encoded_len(&q.msg).map_err(|e| e.to_string())?;
+        let counted = q.msg.flow_bytes(len + PREFIX_LEN);
+        Ok((q, counted))
+    }
+
+    /// One turn of the connection's writer: feeds what may go (control messages, then replayed
+    /// journals, then what was staged, then the queue, as far as the window and one batch go) and
+    /// writes it if it is due, without waiting for the socket. Run by the writer task, or by a
+    /// stream waiting for an answer ([`PluginLink::write_now`]); `out` is locked meanwhile.
+    ///
+    /// With a `batch_ms`, while events flow the writer drains its queue once per batch (at
+    /// `cadence`), not at every event, so neither it nor the plugin wakes for each chunk of a
+    /// slow stream. What is `urgent` goes at once, with everything queued before it: a final
+    /// call or an inline chunk (a stream waits for its answer), or a control message. A window
+    /// with nothing in it ends the cadence: the next event wakes the writer again.
+    fn turn(&self, conn: &Conn, out: &mut Outgoing) -> Result<Turn, String> {
+        let config = self.config();
+        let (batch, budget) = (config.batch, config.process.budget_bytes as u64);
+        let now = tokio::time::Instant::now();
+        let tick = out.cadence.is_some_and(|t| t <= now);
+        // Control first: whatever else is queued, a ping never waits behind events.
+        while let Ok(msg) = out.priority.try_recv() {
+            out.writer.feed(&msg).map_err(|e| e.to_string())?;
+            out.urgent = true;
+        }
+        if out.staged.is_empty() {
+            while let Ok(q) = out.rx.try_recv() {
+                out.staged.push_back(q);
+            }
+            waiting_streams_first(&mut out.staged);
+            conn.staged.store(out.staged.len(), Ordering::Relaxed);
+        }
+        // Then events, as far as the window and one batch go: replayed journals first, and no
+        // live event while a replay waits, so a stream's replay precedes its live events; then
+        // what was staged, which came before the rest of the queue.
+        let consumed = *conn.consumed.borrow();
+        while out.writer.pending_bytes() < BATCH_BYTES {
+            if out.held.is_none() {
+                let next = if let Ok(q) = out.replay.try_recv() {
+                    q
+                } else if let Some(q) = out.staged.pop_front() {
+                    conn.staged.fetch_sub(1, Ordering::Relaxed);
+                    q
+                } else if let Ok(q) = out.rx.try_recv() {
+                    q
+                } else {
+                    break;
+                };
+                out.held = Some(self.take(conn, next)?);
+            }
+            let Some((q, len)) = out.held.take() else {
+                break;
+            };
+            let in_flight = conn
+                .written
+                .load(Ordering::Acquire)
+                .saturating_sub(consumed);
+            if !window_allows(in_flight, len, budget) {
+                out.held = Some((q, len));
+                break;
+            }
+            out.writer.feed_event(&q.msg).map_err(|e| e.to_string())?;
+            conn.written.fetch_add(len, Ordering::AcqRel);
+            out.urgent |= is_urgent(&q.msg);
+        }
+        let pending = out.writer.pending_bytes();
+        if pending > 0 {
+            // A full batch and a full window (nothing more goes until the plugin has these) go
+            // at once too.
+            if out.urgent || tick || batch.is_zero() || pending >= BATCH_BYTES || out.held.is_some()
+            {
+                self.inflight.set(conn.in_flight() as i64);
+                let all = out.writer.try_flush().map_err(|e| e.to_string())?;
+                if tick {
+                    // Events came in this window: keep the beat for the next.
+                    out.cadence = Some(now + batch);
+                }
+                if !all {
+                    // The rest goes as soon as the socket has room.
+                    out.urgent = true;
+                    return Ok(Turn::Full);
+                }
+                out.urgent = false;
+                return Ok(Turn::Again);
+            }
+            if out.cadence.is_none() {
+                out.cadence = Some(now + batch);
+            }
+        } else if tick {
+            // Nothing came in the last window: wake on the next event again.
+            out.cadence = None;
+        }
+        let waiting_for_credit = out.held.is_some();
+        let stall_began = {
+            let mut stalled = conn.stalled_since.lock().expect("stall lock");
+            match (waiting_for_credit, *stalled) {
+                (true, None) => {
+                    *stalled = Some(Instant::now());
+                    true
+                }
+                (false, Some(_)) => {
+                    *stalled = None;
+                    false
+                }
+                _ => false,
+            }
+        };
+        if stall_began && conn.credit_on_ping {
+            // A plugin on `credit_on_ping` may be idle with credit unreported: ask.
+            out.writer.feed(&CREDIT_PING).map_err(|e| e.to_string())?;
+            out.urgent = true;
+            return Ok(Turn::Again);
+        }
+        Ok(Turn::Idle {
+            listening: out.cadence.is_none(),
+            waiting_for_credit,
+            cadence: out.cadence,
+        })
+    }
+
+    /// For an event that waits for an answer (a final call, an inline chunk), just queued: runs
+    /// a writer turn from the calling task, so the event and everything queued before it are on
+    /// the socket when this returns, rather than when the writer task is next scheduled, maybe on
+    /// another thread that must first be woken (at the end of a response, the moment that
+    /// decides how late the reply to Envoy is). Never waits: if the writer task is in a turn of
+    /// its own, or this one leaves work (a full socket, more than a batch, a full window), the
+    /// writer task is rung and does the rest, as it did everything before.
+    fn write_now(&self, conn: &Conn) {
+        let Ok(mut out) = conn.out.try_lock() else {
+            conn.urgent.notify_one();
+            return;
+        };
+        out.urgent = true;
+        let turn = self.turn(conn, &mut out);
+        let done = match &turn {
+            Ok(Turn::Again) => out.is_drained(),
+            Ok(Turn::Idle {
+                waiting_for_credit, ..
+            }) => !waiting_for_credit,
+            Ok(Turn::Full) | Err(_) => false,
+        };
+        drop(out);
+        if let Err(e) = turn {
+            // As the writer task would: the connection is done for.
+            self.detach(conn, &format!("write failed: {e}"));
+        } else if !done {
+            conn.urgent.notify_one();
+        }
+    }
+
+    /// The connection's writer task: takes turns ([`PluginLink::turn`]) and, between them, waits
+    /// for what the last one left: room in the socket, the next event, the batch's beat, credit.
+    async fn write_loop(self: Arc<Self>, conn: Arc<Conn>) {
         let mut closed = conn.closed.subscribe();
         let mut credit = conn.consumed.subscribe();
-        let budget = self.config().process.budget_bytes as u64;
-        let depth = self.depth.clone();
-        let bytes_gauge = self.queued.clone();
-        let inflight = self
-            .metrics
-            .inflight_bytes
-            .get_or_create(&self.label)
-            .clone();
-        // The next event, taken off the queue and waiting for room in the window, with its
-        // counted frame length.
-        let mut held: Option<(Queued, u64)> = None;
-        let take = |q: Queued| -> Result<(Queued, u64), String> {
-            if !q.replayed {
-                conn.queued_bytes.fetch_sub(q.bytes, Ordering::Relaxed);
-            }
-            depth.dec();
-            bytes_gauge.dec_by(q.bytes as i64);
-            let len = ipc_protocol::codec::encoded_len(&q.msg).map_err(|e| e.to_string())?;
-            let counted = q.msg.flow_bytes(len + PREFIX_LEN);
-            Ok((q, counted))
-        };
-        // With a `batch_ms`, while events flow the writer drains its queue once per batch (at
-        // `cadence`), not at every event, so neither it nor the plugin wakes for each chunk of a
-        // slow stream. What is `urgent` goes at once, with everything queued before it: a final
-        // call or an inline chunk (a stream waits for its answer, and its sender rings
-        // `conn.urgent`), or a control message. A window with nothing in it ends the cadence:
-        // the next event wakes the writer again.
-        let mut cadence: Option<tokio::time::Instant> = None;
-        let mut urgent = false;
-        // Live events taken off the queue together, reordered so that the streams waiting for an
-        // answer go first (see `waiting_streams_first`).
-        let mut staged: VecDeque<Queued> = VecDeque::new();
+        let room = conn.lock_out().writer.get_ref().room();
         let result: Result<(), String> = async {
             loop {
-                let batch = self.config().batch;
-                let now = tokio::time::Instant::now();
-                let tick = cadence.is_some_and(|t| t <= now);
-                // Control first: whatever else is queued, a ping never waits behind events.
-                while let Ok(msg) = priority.try_recv() {
-                    writer.feed(&msg).map_err(|e| e.to_string())?;
-                    urgent = true;
-                }
-                if staged.is_empty() {
-                    while let Ok(q) = rx.try_recv() {
-                        staged.push_back(q);
+                // Credit seen so far: `changed` below waits for more.
+                credit.borrow_and_update();
+                let turn = self.turn(&conn, &mut conn.lock_out())?;
+                match turn {
+                    Turn::Again => {}
+                    Turn::Full => {
+                        tokio::select! {
+                            biased;
+                            _ = closed.wait_for(|c| *c) => return Ok(()),
+                            ready = room.writable() => ready.map_err(|e| e.to_string())?,
+                        }
                     }
-                    waiting_streams_first(&mut staged);
-                    conn.staged.store(staged.len(), Ordering::Relaxed);
-                }
-                // Then events, as far as the window and one batch go: replayed journals first,
-                // and no live event while a replay waits, so a stream's replay precedes its
-                // live events; then what was staged, which came before the rest of the queue.
-                while writer.pending_bytes() < BATCH_BYTES {
-                    if held.is_none() {
-                        if let Ok(q) = replay.try_recv() {
-                            held = Some(take(q)?);
-                        } else if let Some(q) = staged.pop_front() {
-                            conn.staged.fetch_sub(1, Ordering::Relaxed);
-                            held = Some(take(q)?);
-                        } else {
-                            match rx.try_recv() {
-                                Ok(q) => held = Some(take(q)?),
-                                Err(_) => break,
+                    Turn::Idle {
+                        listening,
+                        waiting_for_credit,
+                        cadence,
+                    } => {
+                        tokio::select! {
+                            biased;
+                            _ = closed.wait_for(|c| *c) => return Ok(()),
+                            // An urgent event, a batch's worth, or a control message was queued:
+                            // the next turn sends it, and all before it.
+                            () = conn.urgent.notified() => conn.lock_out().urgent = true,
+                            () = crate::plugin::supervise::sleep_until(cadence) => {}
+                            changed = credit.changed(), if waiting_for_credit => {
+                                if changed.is_err() {
+                                    return Ok(());
+                                }
+                                // Progress, if not yet room: the stall starts over.
+                                *conn.stalled_since.lock().expect("stall lock") = Some(Instant::now());
+                                if conn.credit_on_ping {
+                                    let mut out = conn.lock_out();
+                                    out.writer.feed(&CREDIT_PING).map_err(|e| e.to_string())?;
+                                    out.urgent = true;
+                                }
                             }
+                            // An event (or a replayed journal) was queued.
+                            () = conn.queued.notified(), if listening && !waiting_for_credit => {}
                         }
                     }
-                    let Some((q, len)) = held.take() else { break };
-                    let written = conn.written.load(Ordering::Acquire);
-                    let in_flight = written.saturating_sub(*credit.borrow_and_update());
-                    if !window_allows(in_flight, len, budget) {
-                        held = Some((q, len));
-                        break;
-                    }
-                    writer.feed_event(&q.msg).map_err(|e| e.to_string())?;
-                    conn.written.fetch_add(len, Ordering::AcqRel);
-                    urgent |= is_urgent(&q.msg);
-                }
-                let pending = writer.pending_bytes();
-                if pending > 0 {
-                    // A full batch and a full window (nothing more goes until the plugin has
-                    // these) go at once too.
-                    if urgent || tick || batch.is_zero() || pending >= BATCH_BYTES || held.is_some()
-                    {
-                        inflight.set(conn.in_flight() as i64);
-                        writer.flush().await.map_err(|e| e.to_string())?;
-                        urgent = false;
-                        if tick {
-                            // Events came in this window: keep the beat for the next.
-                            cadence = Some(now + batch);
-                        }
-                        continue;
-                    }
-                    if cadence.is_none() {
-                        cadence = Some(now + batch);
-                    }
-                } else if tick {
-                    // Nothing came in the last window: wake on the next event again.
-                    cadence = None;
-                }
-                let listening = cadence.is_none();
-                let waiting_for_credit = held.is_some();
-                let stall_began = {
-                    let mut stalled = conn.stalled_since.lock().expect("stall lock");
-                    match (waiting_for_credit, *stalled) {
-                        (true, None) => {
-                            *stalled = Some(Instant::now());
-                            true
-                        }
-                        (false, Some(_)) => {
-                            *stalled = None;
-                            false
-                        }
-                        _ => false,
-                    }
-                };
-                if stall_began && conn.credit_on_ping {
-                    // A plugin on `credit_on_ping` may be idle with credit unreported: ask.
-                    writer.feed(&CREDIT_PING).map_err(|e| e.to_string())?;
-                    continue;
-                }
-                tokio::select! {
-                    biased;
-                    _ = closed.wait_for(|c| *c) => return Ok(()),
-                    msg = priority.recv() => {
-                        if let Some(msg) = msg {
-                            writer.feed(&msg).map_err(|e| e.to_string())?;
-                            urgent = true;
-                        }
-                    }
-                    () = crate::plugin::supervise::sleep_until(cadence) => {}
-                    // An urgent event, or a batch's worth, was queued: the next turn sends it, and
-                    // all before it.
-                    () = conn.urgent.notified(), if !listening => urgent = true,
-                    changed = credit.changed(), if waiting_for_credit => {
-                        if changed.is_err() {
-                            return Ok(());
-                        }
-                        // Progress, if not yet room: the stall starts over.
-                        *conn.stalled_since.lock().expect("stall lock") = Some(Instant::now());
-                        if conn.credit_on_ping {
-                            writer.feed(&CREDIT_PING).map_err(|e| e.to_string())?;
-                        }
-                    }
-                    Some(q) = replay.recv(), if !waiting_for_credit && listening => held = Some(take(q)?),
-                    q = rx.recv(), if !waiting_for_credit && listening => match q {
-                        Some(q) => held = Some(take(q)?),
-                        None => return Ok(()),
-                    },
                 }
             }
         }
@@ -1058,16 +1176,31 @@ impl PluginLink {
             Ok(()) => {
                 // Closed on purpose: a `Shutdown` queued just before still reaches the plugin
                 // ahead of the end-of-file, so it knows to finish rather than to vanish.
-                let mut shutdown = None;
-                while let Ok(msg) = priority.try_recv() {
-                    if matches!(msg, ToPlugin::Shutdown(_)) {
-                        shutdown = Some(msg);
+                let shutdown = {
+                    let mut out = conn.lock_out();
+                    let mut shutdown = None;
+                    while let Ok(msg) = out.priority.try_recv() {
+                        if matches!(msg, ToPlugin::Shutdown(_)) {
+                            shutdown = Some(msg);
+                        }
                     }
-                }
+                    shutdown
+                };
                 if let Some(msg) = shutdown {
                     let sent = tokio::time::timeout(SHUTDOWN_WRITE_LIMIT, async {
-                        writer.feed(&msg).map_err(|e| e.to_string())?;
-                        writer.flush().await.map_err(|e| e.to_string())
+                        conn.lock_out()
+                            .writer
+                            .feed(&msg)
+                            .map_err(|e| e.to_string())?;
+                        while !conn
+                            .lock_out()
+                            .writer
+                            .try_flush()
+                            .map_err(|e| e.to_string())?
+                        {
+                            room.writable().await.map_err(|e| e.to_string())?;
+                        }
+                        Ok::<(), String>(())
                     })
                     .await;
                     if !matches!(sent, Ok(Ok(()))) {
@@ -1078,32 +1211,36 @@ impl PluginLink {
         }
         // Whatever is still queued will never be written: take it off the gauges and count the
         // events as dropped (the plugin's replacement sees the gap).
-        rx.close();
         let dropped = self
             .metrics
             .events_dropped
             .get_or_create(&Metrics::reason(&self.name, Dropped::Down.as_str()))
             .clone();
+        let mut out = conn.lock_out();
+        out.rx.close();
         // Events the stream's journal also keeps reach the replacement in its replay: not lost.
-        if let Some((q, _)) = held.take() {
+        if let Some((q, _)) = out.held.take() {
             if q.msg.stream_seq().is_some() && !q.journaled {
                 dropped.inc();
             }
         }
-        replay.close();
-        while let Ok(q) = replay.try_recv() {
-            depth.dec();
-            bytes_gauge.dec_by(q.bytes as i64);
+        out.replay.close();
+        while let Ok(q) = out.replay.try_recv() {
+            self.depth.dec();
+            self.queued.dec_by(q.bytes as i64);
         }
-        while let Some(q) = staged.pop_front().or_else(|| rx.try_recv().ok()) {
-            depth.dec();
-            bytes_gauge.dec_by(q.bytes as i64);
+        loop {
+            let Some(q) = out.staged.pop_front().or_else(|| out.rx.try_recv().ok()) else {
+                break;
+            };
+            self.depth.dec();
+            self.queued.dec_by(q.bytes as i64);
             if q.msg.stream_seq().is_some() && !q.journaled {
                 dropped.inc();
             }
         }
-        inflight.set(0);
-        let _ = writer.get_mut().shutdown().await;
+        self.inflight.set(0);
+        let _ = out.writer.get_ref().shutdown_write();
     }
 
     async fn read_loop(self: Arc<Self>, conn: Arc<Conn>, mut reader: FrameReader<ReadHalf>) {
@@ -1258,10 +1395,16 @@ impl PluginLink {
         }) {
             Ok(()) => {
                 self.account_sent(bytes);
-                // A batch's worth waiting, or half the queue, goes without waiting for the
-                // writer's beat: a fast stream is held back by nothing but the window.
-                let queued = conn.queued_events();
-                if ring || before + bytes >= BATCH_BYTES || queued >= config.queue_events / 2 {
+                if ring {
+                    // Written now, or the writer task is rung for it.
+                    self.write_now(conn);
+                    return Ok(());
+                }
+                conn.queued.notify_one();
+                if before + bytes >= BATCH_BYTES || conn.queued_events() >= config.queue_events / 2
+                {
+                    // A batch's worth waiting, or half the queue, goes without waiting for the
+                    // writer's beat: a fast stream is held back by nothing but the window.
                     conn.urgent.notify_one();
                 }
                 Ok(())
@@ -1329,7 +1472,10 @@ impl PluginLink {
             Ok(Ok(())) => {
                 self.account_sent(bytes);
                 if ring {
-                    conn.urgent.notify_one();
+                    // Written now, or the writer task is rung for it.
+                    self.write_now(conn);
+                } else {
+                    conn.queued.notify_one();
                 }
                 Ok(())
             }
@@ -1363,6 +1509,7 @@ impl PluginLink {
             if conn.replay.send(queued).is_err() {
                 return;
             }
+            conn.queued.notify_one();
             if ring {
                 conn.urgent.notify_one();
             }
@@ -1532,11 +1679,13 @@ impl PluginLink {
                 reply: tx,
             },
         );
-        let forget = || {
-            conn.finals.lock().expect("finals lock").remove(&call_id);
+        // However the call ends (also dropped mid-way, with the stream task that drives it), its
+        // entry goes; after a reply the reader has taken it already.
+        let _forget = ForgetFinal {
+            conn: &conn,
+            call_id,
         };
         if let Err(reason) = self.send_waiting(&conn, msg, deadline).await {
-            forget();
             let why = match reason {
                 Dropped::Down => Missing::Down,
                 Dropped::QueueFull => Missing::Timeout,
@@ -1553,7 +1702,6 @@ impl PluginLink {
             }
             Ok(Err(_)) => (Err(Missing::Down), None),
             Err(_) => {
-                forget();
                 if let Some(held) = crate::observe::logging::limited::allow("final timeout") {
                     tracing::warn!(plugin = %self.name, call_id, held_back = held, "final call timed out");
                 }
@@ -1566,11 +1714,7 @@ impl PluginLink {
     /// busy plugin is not taken for a hung one.
     pub(in crate::plugin) fn ping(&self, nonce: u64) {
         if let Some(conn) = self.connection() {
-            if conn
-                .priority
-                .try_send(ToPlugin::Ping(Ping { nonce }))
-                .is_err()
-            {
+            if conn.send_control(ToPlugin::Ping(Ping { nonce })).is_err() {
                 tracing::debug!(plugin = %self.name, nonce, "ping not sent: the writer is stuck on the socket");
             }
         }
@@ -1602,11 +1746,9 @@ impl PluginLink {
 
     fn shutdown_conn(conn: &Conn, grace: Duration) {
         conn.shutdown_sent.store(true, Ordering::Release);
-        let _ = conn
-            .priority
-            .try_send(ToPlugin::Shutdown(ipc_protocol::Shutdown {
-                grace_ms: grace.as_millis() as u64,
-            }));
+        let _ = conn.send_control(ToPlugin::Shutdown(ipc_protocol::Shutdown {
+            grace_ms: grace.as_millis() as u64,
+        }));
     }
 
     /// Sends `Shutdown` to every connection, live and draining, and waits up to `grace` for the
@@ -1635,6 +1777,22 @@ impl PluginLink {
 /// Whether an event must not wait for the writer's batch (`batch_ms`): a final call (a stream's
 /// end waits for its answer, so everything before it goes too) or an inline chunk (its stream
 /// waits for the acknowledgement).
+/// Removes a final call's entry from its connection's waiting calls when dropped.
+struct ForgetFinal<'a> {
+    conn: &'a Conn,
+    call_id: u64,
+}
+
+impl Drop for ForgetFinal<'_> {
+    fn drop(&mut self) {
+        self.conn
+            .finals
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.call_id);
+    }
+}
+
 fn is_urgent(msg: &ToPlugin) -> bool {
     match msg {
         ToPlugin::Chunk(c) => c.ack,

@@ -814,3 +814,58 @@ fn waiting_streams_first_keeps_each_stream_s_order_and_moves_nothing_without_an_
         [(1, 0), (3, 0), (1, 1), (2, 0), (2, 1), (2, 2)]
     );
 }
+
+/// Everything `buf` holds as frames, decoded.
+fn frames_in(buf: &[u8]) -> Vec<ToPlugin> {
+    let mut out = Vec::new();
+    let mut at = 0;
+    while at + 4 <= buf.len() {
+        let len = u32::from_le_bytes(buf[at..at + 4].try_into().unwrap()) as usize;
+        out.push(
+            ipc_protocol::codec::decode_frame(&Bytes::copy_from_slice(&buf[at + 4..at + 4 + len]))
+                .unwrap(),
+        );
+        at += 4 + len;
+    }
+    assert_eq!(at, buf.len(), "a partial frame");
+    out
+}
+
+/// A final call (or an inline chunk) is written by the task that queues it, before that task
+/// yields, with the batch the writer held before it: on this single-threaded runtime the writer
+/// task cannot have run in between, so the bytes on the socket are the caller's own write.
+#[tokio::test]
+async fn a_final_is_on_the_socket_before_its_sender_yields_with_the_held_batch_ahead() {
+    let mut config = plugin(64, 1 << 20, 100);
+    config.batch = Duration::from_secs(60);
+    let (link, _metrics, peer) = linked(config);
+    let conn = link.connection().unwrap();
+    // Read with plain syscalls: a tokio socket would answer from readiness its reactor has not
+    // polled yet, and this test never yields to it after the send.
+    let peer = peer.into_std().unwrap();
+    let read_now = |buf: &mut [u8]| std::io::Read::read(&mut &peer, buf);
+    assert!(link.send_event(Some(&conn), chunk(0, 10)));
+    // The writer takes the first chunk and starts a batch (it holds it for a minute)...
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    // ...and the rest of the batch waits in the queue.
+    assert!(link.send_event(Some(&conn), chunk(1, 10)));
+    assert!(link.send_event(Some(&conn), chunk(2, 10)));
+    let mut buf = vec![0u8; 64 * 1024];
+    assert!(
+        matches!(read_now(&mut buf), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
+        "the batch went out early"
+    );
+    assert!(link.send_event(Some(&conn), final_at(1, 3, 9)));
+    // No await since the send: only the sender can have written this.
+    let n = read_now(&mut buf).expect("the final and its batch are on the socket");
+    let got = frames_in(&buf[..n]);
+    let seqs: Vec<_> = got.iter().map(|m| m.stream_seq()).collect();
+    assert_eq!(
+        seqs,
+        [Some((1, 0)), Some((1, 1)), Some((1, 2)), Some((1, 3))],
+        "{got:?}"
+    );
+    assert!(got[3].final_call().is_some());
+    assert_eq!(conn.queued_events(), 0);
+    assert_eq!(conn.in_flight(), got.iter().map(frame_len).sum::<u64>());
+}
