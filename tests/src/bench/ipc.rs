@@ -7,7 +7,8 @@
 //!   encoded frames through a socketpair from one thread to another, in 256 KiB writes, and only
 //!   counts bytes.
 //! - **Final RPC**: three real `plugvisor-plugin test-spin --as spinN` processes (spin 0) answer
-//!   the front's `PluginLink::final_call` concurrently, as the stream task calls it; against a raw
+//!   the front's `PluginLink::final_call` concurrently, driven from one task of the runtime as
+//!   the stream task drives them; against a raw
 //!   ping-pong of a 64-byte message with a process that echoes it (one peer, and three at once).
 
 use std::io::{Read, Write};
@@ -324,18 +325,21 @@ async fn final_rounds(dir: &Path, iterations: usize, pace: std::time::Duration) 
     for l in &links {
         l.wait_connected().await;
     }
-    let mut samples = Vec::with_capacity(iterations);
-    let warm = warm_rounds(pace);
-    for i in 0..iterations + warm {
-        if !pace.is_zero() {
-            tokio::time::sleep(pace).await;
-        }
-        let stream_id = 1_000_000 + i as u64;
-        let started = Instant::now();
-        let calls: Vec<_> = links
-            .iter()
-            .map(|link| {
-                let link = link.clone();
+    // The rounds run in a task of the runtime, as a stream task does in the front: the
+    // harness's own thread (`block_on`) is not one of the runtime's workers, and every round would
+    // cross to it and back.
+    let rounds = tokio::spawn(async move {
+        let mut samples = Vec::with_capacity(iterations);
+        let warm = warm_rounds(pace);
+        for i in 0..iterations + warm {
+            if !pace.is_zero() {
+                tokio::time::sleep(pace).await;
+            }
+            let stream_id = 1_000_000 + i as u64;
+            let started = Instant::now();
+            // All three at once from this task, as the stream task drives a stream's final
+            // calls.
+            let calls = links.iter().map(|link| {
                 let conn = link.connection();
                 let call_id = link.next_call_id();
                 let msg = ToPlugin::Final(Final {
@@ -347,16 +351,18 @@ async fn final_rounds(dir: &Path, iterations: usize, pace: std::time::Duration) 
                     bytes: Bytes::new(),
                     trailers: vec![],
                 });
-                tokio::spawn(async move { link.final_call(conn, call_id, msg, started).await })
-            })
-            .collect();
-        for c in calls {
-            c.await.expect("join").expect("final answered");
+                link.final_call(conn, call_id, msg, started)
+            });
+            for answer in futures_util::future::join_all(calls).await {
+                answer.expect("final answered");
+            }
+            if i >= warm {
+                samples.push(started.elapsed().as_secs_f64() * 1e6);
+            }
         }
-        if i >= warm {
-            samples.push(started.elapsed().as_secs_f64() * 1e6);
-        }
-    }
+        samples
+    });
+    let mut samples = rounds.await.expect("final rounds");
     running.stop().await;
     summarize(&mut samples)
 }
