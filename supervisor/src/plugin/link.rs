@@ -216,6 +216,9 @@ pub struct Conn {
     /// Agreed in the handshake: the plugin may hold back `Credit` until a `Ping`, so the writer
     /// pings when it waits for room in the window.
     credit_on_ping: bool,
+    /// The window the `Welcome` gave the plugin (`budget_bytes`): the connection keeps it, also
+    /// across a reload that changes the setting for the next one.
+    budget: u64,
     /// Rung when an urgent event (a final call, an inline chunk), a batch's worth of events or a
     /// control message is queued, so a writer holding a batch (`batch_ms`) sends at once.
     urgent: tokio::sync::Notify,
@@ -578,6 +581,7 @@ impl PluginLink {
                 .iter()
                 .any(|c| c == ipc_protocol::handshake::capability::RECONNECT),
             moved: std::sync::atomic::AtomicBool::new(false),
+            budget: welcome.budget_bytes,
             urgent: tokio::sync::Notify::new(),
             queued: tokio::sync::Notify::new(),
             out: Mutex::new(Outgoing {
@@ -633,10 +637,7 @@ impl PluginLink {
                  are not replayed to the next one (they end partial); build it against protocol 3 \
                  with the `replayed` capability");
         }
-        self.metrics
-            .inflight_bytes
-            .get_or_create(&self.label)
-            .set(0);
+        self.inflight.set(0);
         let writer = tokio::spawn(self.clone().write_loop(conn.clone()));
         let reader = tokio::spawn(self.clone().read_loop(conn.clone(), reader));
         let mut tasks = self.tasks.lock().expect("tasks lock");
@@ -985,8 +986,7 @@ impl PluginLink {
     /// call or an inline chunk (a stream waits for its answer), or a control message. A window
     /// with nothing in it ends the cadence: the next event wakes the writer again.
     fn turn(&self, conn: &Conn, out: &mut Outgoing) -> Result<Turn, String> {
-        let config = self.config();
-        let (batch, budget) = (config.batch, config.process.budget_bytes as u64);
+        let (batch, budget) = (self.config().batch, conn.budget);
         let now = tokio::time::Instant::now();
         let tick = out.cadence.is_some_and(|t| t <= now);
         // Control first: whatever else is queued, a ping never waits behind events.

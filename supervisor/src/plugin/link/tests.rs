@@ -69,8 +69,9 @@ fn attach_pair(link: &Arc<PluginLink>, capabilities: &[&str]) -> UnixStream {
             capabilities: capabilities.iter().map(|c| (*c).to_owned()).collect(),
         },
         Value::Map(Default::default()),
+        // As the front's handshake does: the plugin's window is its configured budget.
         ipc_protocol::Limits {
-            budget_bytes: 1 << 20,
+            budget_bytes: link.config().process.budget_bytes as u64,
             metadata_max_bytes: 1 << 14,
         },
     )
