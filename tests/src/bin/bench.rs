@@ -903,7 +903,9 @@ impl Report {
              contains the final RPC. **CPU/chunk** is the ext_proc server process's user + system\n\
              time (its CPU-time clock, `clock_getcpuclockid`, in nanoseconds) over its slots, divided\n\
              by the content events delivered; plugin\n\
-             processes are counted separately.\n"
+             processes are counted separately. The **ends** phase streams many short paced\n\
+             responses, so that the end of the response at concurrency 1 (one sample per stream) is\n\
+             judged on 40 streams per configuration rather than the paced phase's 8.\n"
         );
         for (k, l) in &self.keys {
             let _ = writeln!(s, "- ({k}) {l}");
@@ -1067,8 +1069,9 @@ impl Report {
             let _ = writeln!(
                 s,
                 "\n**Final RPC**: three real `plugvisor-plugin test-spin --as spinN` processes (`spin_us = 0`)\n\
-                 behind an in-process front; each round calls `PluginLink::final_call` on all three at once,\n\
-                 as the stream task does, and waits for the three replies. **Raw ping-pong**: a 64-byte\n\
+                 behind an in-process front; each round, in a task of the front's runtime, calls\n\
+                 `PluginLink::final_call` on all three at once and drives the three calls itself, as the\n\
+                 stream task does, until the three replies are in. **Raw ping-pong**: a 64-byte\n\
                  message to a process that echoes it on a Unix socket (blocking I/O), to one peer and to\n\
                  three at once. Interleaved in thirds; the median of the three parts' percentiles.\n\
                  **Asleep**: the same, one round every {} ms, so that every peer sleeps and its CPU goes\n\
