@@ -156,6 +156,21 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     }
 }
 
+/// What a [`FrameWriter`] was fed, in order: `buf`'s runs with each spliced body in its place
+/// (empty runs left out).
+fn pieces<'a>(buf: &'a [u8], spliced: &'a [(usize, Bytes)]) -> Vec<&'a [u8]> {
+    let mut pieces: Vec<&[u8]> = Vec::with_capacity(2 * spliced.len() + 1);
+    let mut from = 0;
+    for (at, body) in spliced {
+        pieces.push(&buf[from..*at]);
+        pieces.push(body);
+        from = *at;
+    }
+    pieces.push(&buf[from..]);
+    pieces.retain(|p| !p.is_empty());
+    pieces
+}
+
 /// Writes frames to a byte stream, batching everything fed before a flush into one write.
 #[derive(Debug)]
 pub struct FrameWriter<W> {
@@ -266,15 +281,7 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
     /// Writes `buf` with the spliced bodies in their places, as few vectored writes as the
     /// stream takes.
     async fn write_spliced(&mut self) -> std::io::Result<()> {
-        let mut pieces: Vec<&[u8]> = Vec::with_capacity(2 * self.spliced.len() + 1);
-        let mut from = 0;
-        for (at, body) in &self.spliced {
-            pieces.push(&self.buf[from..*at]);
-            pieces.push(body);
-            from = *at;
-        }
-        pieces.push(&self.buf[from..]);
-        pieces.retain(|p| !p.is_empty());
+        let pieces = pieces(&self.buf, &self.spliced);
         let (mut index, mut offset) = (0, 0);
         while index < pieces.len() {
             // IOV_MAX is 1024 on Linux; batches are far smaller, but stay within it.
@@ -316,18 +323,11 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
         } else {
             let mut rest = Vec::with_capacity(self.pending_bytes() - n);
             let mut skip = n;
-            let mut take = |piece: &[u8]| {
+            for piece in pieces(&self.buf, &self.spliced) {
                 let from = skip.min(piece.len());
                 skip -= from;
                 rest.extend_from_slice(&piece[from..]);
-            };
-            let mut from = 0;
-            for (at, body) in &self.spliced {
-                take(&self.buf[from..*at]);
-                take(body);
-                from = *at;
             }
-            take(&self.buf[from..]);
             self.buf = rest;
             self.spliced.clear();
             self.spliced_bytes = 0;
@@ -361,19 +361,11 @@ impl FrameWriter<crate::quiet_socket::WriteHalf> {
             let written = if self.spliced.is_empty() {
                 self.inner.try_write(&self.buf)
             } else {
-                let mut pieces: Vec<&[u8]> = Vec::with_capacity(2 * self.spliced.len() + 1);
-                let mut from = 0;
-                for (at, body) in &self.spliced {
-                    pieces.push(&self.buf[from..*at]);
-                    pieces.push(body);
-                    from = *at;
-                }
-                pieces.push(&self.buf[from..]);
-                let slices: Vec<IoSlice<'_>> = pieces
-                    .iter()
-                    .filter(|p| !p.is_empty())
+                // IOV_MAX is 1024 on Linux; what is left goes in the next round.
+                let slices: Vec<IoSlice<'_>> = pieces(&self.buf, &self.spliced)
+                    .into_iter()
                     .take(1024)
-                    .map(|p| IoSlice::new(p))
+                    .map(IoSlice::new)
                     .collect();
                 self.inner.try_write_vectored(&slices)
             };
