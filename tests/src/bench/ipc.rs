@@ -8,14 +8,15 @@
 //!   counts bytes.
 //! - **Final RPC**: three real `plugvisor-plugin test-spin --as spinN` processes (spin 0) answer
 //!   the front's `PluginLink::final_call` concurrently, driven from one task of the runtime as
-//!   the stream task drives them; against a raw
-//!   ping-pong of a 64-byte message with a process that echoes it (one peer, and three at once).
+//!   the stream task drives them; against a raw ping-pong of a 64-byte message with a process
+//!   that echoes it (one peer, and three at once). Both also with a pause before every round, so
+//!   that every peer sleeps between rounds (*asleep*).
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream as StdUnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use ipc_protocol::{
@@ -63,10 +64,10 @@ pub struct RoundTrips {
 
 /// The pause between the asleep rounds: the paced streams' 10 ms between tokens, long enough
 /// for every peer to sleep and its CPU to go idle.
-pub const ASLEEP_PACE: std::time::Duration = std::time::Duration::from_millis(10);
+pub const ASLEEP_PACE: Duration = Duration::from_millis(10);
 
 /// Unmeasured rounds first: back to back, or (asleep) a few.
-fn warm_rounds(pace: std::time::Duration) -> usize {
+fn warm_rounds(pace: Duration) -> usize {
     if pace.is_zero() {
         100
     } else {
@@ -175,7 +176,7 @@ async fn front_throughput(dir: &Path, size: usize, events: u64) -> (f64, u64) {
         while !link.send_event(Some(&conn), msg.clone()) {
             // The queue is full: give the writer the CPU (this machine has two) rather than spin.
             retries += 1;
-            std::thread::sleep(std::time::Duration::from_micros(20));
+            std::thread::sleep(Duration::from_micros(20));
         }
     }
     let end = tokio::task::spawn_blocking(move || done.join().expect("sink thread"))
@@ -282,7 +283,7 @@ pub fn pong_forever(sock: &Path) -> ! {
     std::process::exit(0)
 }
 
-fn raw_pingpong(dir: &Path, peers: usize, iterations: usize, pace: std::time::Duration) -> Summary {
+fn raw_pingpong(dir: &Path, peers: usize, iterations: usize, pace: Duration) -> Summary {
     let mut conns: Vec<_> = (0..peers).map(|i| pong_peer(dir, i)).collect();
     let msg = [7u8; 64];
     let mut buf = [0u8; 64];
@@ -305,7 +306,7 @@ fn raw_pingpong(dir: &Path, peers: usize, iterations: usize, pace: std::time::Du
     summarize(&mut samples)
 }
 
-async fn final_rounds(dir: &Path, iterations: usize, pace: std::time::Duration) -> Summary {
+async fn final_rounds(dir: &Path, iterations: usize, pace: Duration) -> Summary {
     let _ = std::fs::remove_dir_all(dir);
     std::fs::create_dir_all(dir).expect("dir");
     let plugin_bin = crate::bins::plugvisor_plugin();
@@ -371,11 +372,11 @@ async fn final_rounds(dir: &Path, iterations: usize, pace: std::time::Duration) 
 /// `asleep` rounds [`ASLEEP_PACE`] apart.
 pub async fn round_trips(dir: &Path, iterations: usize, asleep: usize) -> RoundTrips {
     std::fs::create_dir_all(dir).expect("dir");
-    let raw = |peers: usize, n: usize, pace: std::time::Duration| {
+    let raw = |peers: usize, n: usize, pace: Duration| {
         let d = dir.to_path_buf();
         tokio::task::spawn_blocking(move || raw_pingpong(&d, peers, n, pace))
     };
-    let zero = std::time::Duration::ZERO;
+    let zero = Duration::ZERO;
     let (third, asleep_third) = (iterations / 3, asleep / 3);
     let mut parts: [Vec<Summary>; 5] = Default::default();
     for part in 0..3 {
