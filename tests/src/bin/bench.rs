@@ -905,7 +905,7 @@ impl Report {
              by the content events delivered; plugin\n\
              processes are counted separately. The **ends** phase streams many short paced\n\
              responses, so that the end of the response at concurrency 1 (one sample per stream) is\n\
-             judged on 40 streams per configuration rather than the paced phase's 8.\n"
+             judged on many more streams than the paced phase has (its heading says how many).\n"
         );
         for (k, l) in &self.keys {
             let _ = writeln!(s, "- ({k}) {l}");
