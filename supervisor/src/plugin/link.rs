@@ -29,8 +29,11 @@ use ipc_protocol::{
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::config::PluginConfig;
+
+mod clock;
 use crate::observe::metrics::{Metrics, PluginLabel};
 use crate::quiet_socket::{ReadHalf, WriteHalf};
+pub use clock::BatchClock;
 
 /// Why a plugin contributed nothing to a stream's final metadata.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -181,11 +184,11 @@ enum Turn {
     Again,
     /// What is fed did not all fit in the socket: wait for room.
     Full,
-    /// Nothing is due: wait for the next event, the batch's beat (`cadence`) or credit.
+    /// Nothing is due: wait for the next event (unless a batch is held: the batch clock sends
+    /// it) or credit.
     Idle {
         listening: bool,
         waiting_for_credit: bool,
-        cadence: Option<tokio::time::Instant>,
     },
 }
 
@@ -202,6 +205,10 @@ pub struct Draining {
 
 /// One live connection of a plugin.
 pub struct Conn {
+    /// This connection, for the batch clock to come back to.
+    me: std::sync::Weak<Conn>,
+    /// Its link, for the batch clock.
+    link: std::sync::Weak<PluginLink>,
     generation: u64,
     pid: u32,
     subscriptions: Subscriptions,
@@ -224,6 +231,10 @@ pub struct Conn {
     urgent: tokio::sync::Notify,
     /// Rung for every event queued: wakes a writer that waits for the next one.
     queued: tokio::sync::Notify,
+    /// Rung when a turn taken outside the writer task changed what the writer task waits for:
+    /// its batch ended (it waits for the next event again), or the window filled (it waits for
+    /// credit).
+    wait_changed: tokio::sync::Notify,
     /// The writer's state between turns: its task's, lent to [`PluginLink::write_now`].
     out: Mutex<Outgoing>,
     /// Asked to reconnect: its process has (or is opening) another connection, so this one is
@@ -366,6 +377,8 @@ pub struct PluginLink {
     queued: prometheus_client::metrics::gauge::Gauge,
     /// Its `inflight_bytes`, which every write sets.
     inflight: prometheus_client::metrics::gauge::Gauge,
+    /// Sends its connections' batches when they are due; shared by a front's links.
+    clock: Arc<BatchClock>,
     conn: Mutex<Option<Arc<Conn>>>,
     generation: AtomicU64,
     connected: watch::Sender<bool>,
@@ -397,8 +410,17 @@ pub struct PluginLink {
 }
 
 impl PluginLink {
-    /// A link without a connection.
+    /// A link without a connection, with a batch clock of its own.
     pub fn new(config: PluginConfig, metrics: Arc<Metrics>) -> PluginLink {
+        PluginLink::with_clock(config, metrics, BatchClock::new())
+    }
+
+    /// A link without a connection whose batches go by `clock` (a front's links share one).
+    pub fn with_clock(
+        config: PluginConfig,
+        metrics: Arc<Metrics>,
+        clock: Arc<BatchClock>,
+    ) -> PluginLink {
         let label = Metrics::plugin(&config.name);
         let spawned = config.process.spawn;
         // Every per-plugin series exists from the start, so `increase()` sees the first restart
@@ -419,6 +441,7 @@ impl PluginLink {
             depth,
             queued,
             inflight,
+            clock,
             metrics,
             label,
             conn: Mutex::new(None),
@@ -563,7 +586,9 @@ impl PluginLink {
         let (tx, rx) = mpsc::channel(crate::config::MAX_QUEUE_EVENTS);
         let (priority, priority_rx) = mpsc::channel(PRIORITY_SLOTS);
         let (replay, replay_rx) = mpsc::unbounded_channel();
-        let conn = Arc::new(Conn {
+        let conn = Arc::new_cyclic(|me| Conn {
+            me: me.clone(),
+            link: Arc::downgrade(self),
             generation,
             pid,
             subscriptions,
@@ -584,6 +609,7 @@ impl PluginLink {
             budget: welcome.budget_bytes,
             urgent: tokio::sync::Notify::new(),
             queued: tokio::sync::Notify::new(),
+            wait_changed: tokio::sync::Notify::new(),
             out: Mutex::new(Outgoing {
                 writer,
                 rx,
@@ -1044,7 +1070,7 @@ impl PluginLink {
                 let all = out.writer.try_flush().map_err(|e| e.to_string())?;
                 if tick {
                     // Events came in this window: keep the beat for the next.
-                    out.cadence = Some(now + batch);
+                    self.hold_batch(conn, out, now + batch);
                 }
                 if !all {
                     // The rest goes as soon as the socket has room.
@@ -1055,7 +1081,7 @@ impl PluginLink {
                 return Ok(Turn::Again);
             }
             if out.cadence.is_none() {
-                out.cadence = Some(now + batch);
+                self.hold_batch(conn, out, now + batch);
             }
         } else if tick {
             // Nothing came in the last window: wake on the next event again.
@@ -1085,8 +1111,22 @@ impl PluginLink {
         Ok(Turn::Idle {
             listening: out.cadence.is_none(),
             waiting_for_credit,
-            cadence: out.cadence,
         })
+    }
+
+    /// The batch `out` holds goes `at` (by the batch clock), unless something urgent takes it
+    /// first.
+    fn hold_batch(&self, conn: &Conn, out: &mut Outgoing, at: tokio::time::Instant) {
+        out.cadence = Some(at);
+        self.clock.hold(at, conn.me.clone());
+    }
+
+    /// The batch clock's call: the batch `conn` holds may be due. Takes the writer's turn here,
+    /// as [`PluginLink::write_now`] does, so a beat wakes no writer task.
+    fn beat(&self, conn: &Conn) {
+        if !conn.is_closed() {
+            self.turn_here(conn, false);
+        }
     }
 
     /// For an event that waits for an answer (a final call, an inline chunk), just queued: runs
@@ -1097,30 +1137,40 @@ impl PluginLink {
     /// its own, or this one leaves work (a full socket, more than a batch, a full window), the
     /// writer task is rung and does the rest, as it did everything before.
     fn write_now(&self, conn: &Conn) {
+        self.turn_here(conn, true);
+    }
+
+    /// Takes a writer turn from the calling task (`urgent`: write whatever is fed at once), or,
+    /// if the writer task is in a turn of its own or this one leaves work, rings the writer task.
+    fn turn_here(&self, conn: &Conn, urgent: bool) {
         let Ok(mut out) = conn.out.try_lock() else {
             conn.urgent.notify_one();
             return;
         };
-        out.urgent = true;
+        let (listening, waiting_for_credit) = (out.cadence.is_none(), out.held.is_some());
+        out.urgent |= urgent;
         let turn = self.turn(conn, &mut out);
         let done = match &turn {
             Ok(Turn::Again) => out.is_drained(),
-            Ok(Turn::Idle {
-                waiting_for_credit, ..
-            }) => !waiting_for_credit,
+            Ok(Turn::Idle { .. }) => true,
             Ok(Turn::Full) | Err(_) => false,
         };
+        let changed =
+            out.cadence.is_none() != listening || out.held.is_some() != waiting_for_credit;
         drop(out);
         if let Err(e) = turn {
             // As the writer task would: the connection is done for.
             self.detach(conn, &format!("write failed: {e}"));
         } else if !done {
             conn.urgent.notify_one();
+        } else if changed {
+            conn.wait_changed.notify_one();
         }
     }
 
     /// The connection's writer task: takes turns ([`PluginLink::turn`]) and, between them, waits
-    /// for what the last one left: room in the socket, the next event, the batch's beat, credit.
+    /// for what the last one left: room in the socket, the next event, credit (a held batch is
+    /// the [`BatchClock`]'s to send).
     async fn write_loop(self: Arc<Self>, conn: Arc<Conn>) {
         let mut closed = conn.closed.subscribe();
         let mut credit = conn.consumed.subscribe();
@@ -1142,7 +1192,6 @@ impl PluginLink {
                     Turn::Idle {
                         listening,
                         waiting_for_credit,
-                        cadence,
                     } => {
                         tokio::select! {
                             biased;
@@ -1150,7 +1199,8 @@ impl PluginLink {
                             // An urgent event, a batch's worth, or a control message was queued:
                             // the next turn sends it, and all before it.
                             () = conn.urgent.notified() => conn.lock_out().urgent = true,
-                            () = crate::plugin::supervise::sleep_until(cadence) => {}
+                            // A turn taken elsewhere ended the batch or filled the window.
+                            () = conn.wait_changed.notified() => {}
                             changed = credit.changed(), if waiting_for_credit => {
                                 if changed.is_err() {
                                     return Ok(());

@@ -64,17 +64,22 @@ pub struct Bound {
 }
 
 impl Bound {
-    /// Binds `plugin`'s socket and creates its link.
+    /// Binds `plugin`'s socket and creates its link, whose batches go by `clock`.
     pub fn bind(
         config: &Config,
         plugin: &PluginConfig,
         metrics: &Arc<Metrics>,
+        clock: &Arc<crate::plugin::link::BatchClock>,
     ) -> Result<Bound, String> {
         let socket = config.plugin_socket(&plugin.name);
         let listener =
             crate::plugin::accept::bind_plugin_socket(&socket, plugin.process.group.as_deref())?;
         Ok(Bound {
-            link: Arc::new(PluginLink::new(plugin.clone(), metrics.clone())),
+            link: Arc::new(PluginLink::with_clock(
+                plugin.clone(),
+                metrics.clone(),
+                clock.clone(),
+            )),
             socket,
             listener,
             metrics: metrics.clone(),

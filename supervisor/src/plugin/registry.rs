@@ -102,6 +102,8 @@ pub struct Launcher {
     pub spawner: Spawner,
     /// The metrics registry.
     pub metrics: Arc<Metrics>,
+    /// The batch clock the plugins' links share.
+    pub clock: Arc<crate::plugin::link::BatchClock>,
     /// The links in config order, published to the data path whenever the set changes.
     pub links: watch::Sender<crate::data_path::ext_proc::Links>,
 }
@@ -190,8 +192,13 @@ impl Plugins {
             return Err("this front handed its sockets to a new front (upgrade)".into());
         }
         let config = &self.launcher.config;
-        let owner = Bound::bind(&config.current(), plugin, &self.launcher.metrics)?
-            .start(config, &self.launcher.spawner);
+        let owner = Bound::bind(
+            &config.current(),
+            plugin,
+            &self.launcher.metrics,
+            &self.launcher.clock,
+        )?
+        .start(config, &self.launcher.spawner);
         Ok(Arc::new(owner))
     }
 

@@ -16,7 +16,7 @@ use crate::data_path::ext_proc::Front;
 use crate::observe::metrics::{self, Metrics};
 use crate::observe::probe::{probe, Probe};
 use crate::plugin::accept::prepare_dir;
-use crate::plugin::link::PluginLink;
+use crate::plugin::link::{BatchClock, PluginLink};
 use crate::plugin::owner::{Bound, SocketFile};
 use crate::plugin::registry::{self, Launcher, Plugins};
 use crate::plugin::spawn::Spawner;
@@ -171,7 +171,9 @@ pub async fn start_with(config: Config, inherited: Option<Inherited>) -> Result<
         Traces::start(config.traces.as_ref(), metrics.clone()).map_err(RunError::Traces)?;
     let config = Published::new(config);
     let current = config.current();
-    let bound = bind_plugin_sockets(&current, &metrics)?;
+    // One timer for every plugin connection's batches (see `plugin::link::BatchClock`).
+    let clock = BatchClock::new();
+    let bound = bind_plugin_sockets(&current, &metrics, &clock)?;
     // Until the front is up, a failed start removes the sockets it bound.
     let mut bound_files = BoundFiles(
         current
@@ -241,6 +243,7 @@ pub async fn start_with(config: Config, inherited: Option<Inherited>) -> Result<
             config: config.clone(),
             spawner,
             metrics: metrics.clone(),
+            clock,
             links,
         },
     ));
@@ -314,7 +317,11 @@ impl Drop for BoundFiles {
 
 /// Binds every configured plugin's socket and creates its link; the owners start later, once
 /// the data path and the listeners exist.
-fn bind_plugin_sockets(config: &Config, metrics: &Arc<Metrics>) -> Result<Vec<Bound>, RunError> {
+fn bind_plugin_sockets(
+    config: &Config,
+    metrics: &Arc<Metrics>,
+    clock: &Arc<BatchClock>,
+) -> Result<Vec<Bound>, RunError> {
     // The runtime directory keeps the mode it has (systemd's RuntimeDirectoryMode, or the
     // operator's); only plugins/ is ours to restrict.
     let plugins_dir = config.plugins_dir();
@@ -324,7 +331,7 @@ fn bind_plugin_sockets(config: &Config, metrics: &Arc<Metrics>) -> Result<Vec<Bo
     })?;
     let mut bound = Vec::new();
     for plugin in &config.plugins {
-        match Bound::bind(config, plugin, metrics) {
+        match Bound::bind(config, plugin, metrics, clock) {
             Ok(b) => bound.push(b),
             Err(message) => {
                 // Leave none of the sockets bound before it behind.

@@ -870,3 +870,61 @@ async fn a_final_is_on_the_socket_before_its_sender_yields_with_the_held_batch_a
     assert_eq!(conn.queued_events(), 0);
     assert_eq!(conn.in_flight(), got.iter().map(frame_len).sum::<u64>());
 }
+
+/// Two links on one batch clock: neither batch goes before it is due, both go when it is, and
+/// once no batch is held the clock holds nothing (its task has ended).
+#[tokio::test]
+async fn one_clock_sends_two_links_batches_when_due_and_holds_nothing_after() {
+    let clock = BatchClock::new();
+    let mut config = plugin(64, 1 << 20, 100);
+    config.batch = Duration::from_millis(300);
+    let metrics = Arc::new(Metrics::new());
+    let mut peers = Vec::new();
+    let mut links = Vec::new();
+    for _ in 0..2 {
+        let link = Arc::new(PluginLink::with_clock(
+            config.clone(),
+            metrics.clone(),
+            clock.clone(),
+        ));
+        peers.push(FrameReader::new(attach_pair(&link, &["replayed"])));
+        links.push(link);
+    }
+    let sent = tokio::time::Instant::now();
+    for link in &links {
+        let conn = link.connection().unwrap();
+        assert!(link.send_event(Some(&conn), chunk(0, 10)));
+        assert!(link.send_event(Some(&conn), chunk(1, 10)));
+    }
+    for reader in &mut peers {
+        assert!(
+            tokio::time::timeout(Duration::from_millis(100), reader.read::<ToPlugin>())
+                .await
+                .is_err(),
+            "a chunk went out before its batch was due"
+        );
+    }
+    for (i, reader) in peers.iter_mut().enumerate() {
+        eprintln!("reading {i} at {:?} held {}", sent.elapsed(), clock.held());
+        assert_eq!(next_frame_of(reader).await.stream_seq(), Some((1, 0)));
+        assert_eq!(next_frame_of(reader).await.stream_seq(), Some((1, 1)));
+    }
+    assert!(
+        sent.elapsed() >= Duration::from_millis(250),
+        "{:?}",
+        sent.elapsed()
+    );
+    // The beat after the batch finds nothing new: the batch ends, and the clock holds nothing.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while clock.held() > 0 {
+        assert!(Instant::now() < deadline, "the clock still holds a batch");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // A new event starts a batch again.
+    let conn = links[0].connection().unwrap();
+    assert!(links[0].send_event(Some(&conn), chunk(2, 10)));
+    assert_eq!(
+        next_frame_of(&mut peers[0]).await.stream_seq(),
+        Some((1, 2))
+    );
+}
