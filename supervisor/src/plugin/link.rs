@@ -29,10 +29,10 @@ use ipc_protocol::{
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::config::PluginConfig;
-
-mod clock;
 use crate::observe::metrics::{Metrics, PluginLabel};
 use crate::quiet_socket::{ReadHalf, WriteHalf};
+
+mod clock;
 pub use clock::BatchClock;
 
 /// Why a plugin contributed nothing to a stream's final metadata.
