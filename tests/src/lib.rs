@@ -33,12 +33,37 @@ pub mod service;
 pub mod stack;
 pub mod upstream;
 
-/// A free loopback TCP port (bound then released; good enough for tests on one machine).
+/// A free loopback TCP port for a server a test is about to start in another process (Envoy, a
+/// front, a collector).
+///
+/// The port is free when this returns and nobody else is handed it before that server binds it:
+/// - It comes from below the kernel's ephemeral range (`net.ipv4.ip_local_port_range`), so no
+///   `bind` to port 0 and no outgoing connection on the machine can be given it meanwhile. A port
+///   from `bind(127.0.0.1:0)`, released for the server to take, was: another test's `bind(:0)`
+///   got the same port back, and Envoy failed with "Address already in use".
+/// - A process-wide counter hands each port out once, so two tests of one binary never share
+///   one. It starts at an offset from the pid, so the binaries cargo runs one after another do
+///   not start from the same port.
+/// - Each port is checked by binding it; one in use (a server left by another program) is
+///   skipped.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("bind an ephemeral loopback port")
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const LOWEST: u32 = 10_000;
+    static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
+    let ephemeral = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(32_768);
+    let span = ephemeral.saturating_sub(LOWEST).max(1);
+    let start = std::process::id().wrapping_mul(2_654_435_761) % span;
+    let _ = NEXT.compare_exchange(u32::MAX, start, Ordering::Relaxed, Ordering::Relaxed);
+    for _ in 0..span {
+        let port = (LOWEST + NEXT.fetch_add(1, Ordering::Relaxed) % span) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free loopback port in {LOWEST}..{ephemeral}");
 }
 
 /// Installs a test log subscriber once (`RUST_LOG` controls it).
@@ -154,5 +179,33 @@ pub async fn eventually_async<T, A: Attempt<T>>(
             panic!("timed out after {timeout:?} waiting for {what}; last observed: {last}");
         }
         tokio::time::sleep(POLL).await;
+    }
+}
+
+#[cfg(test)]
+mod free_port_tests {
+    use super::free_port;
+
+    #[test]
+    fn ports_are_handed_out_once_below_the_ephemeral_range_and_bindable() {
+        let low: u16 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+            .unwrap()
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        let ports: Vec<u16> = (0..200).map(|_| free_port()).collect();
+        let mut unique = ports.clone();
+        unique.sort_unstable();
+        unique.dedup();
+        assert_eq!(unique.len(), ports.len(), "a port was handed out twice");
+        assert!(
+            ports.iter().all(|&p| (10_000..low).contains(&p)),
+            "{ports:?}"
+        );
+        for p in ports {
+            std::net::TcpListener::bind(("127.0.0.1", p)).expect("the port is free");
+        }
     }
 }

@@ -129,12 +129,7 @@ fn a_busy_port_names_its_key_and_address() {
     let dir = tempfile::tempdir().unwrap();
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let busy = taken.local_addr().unwrap();
-    let free = || {
-        std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-    };
+    let free = || format!("127.0.0.1:{}", tests::free_port());
     for (key, text) in [
         (
             "admin_listen",
