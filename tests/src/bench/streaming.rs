@@ -179,117 +179,121 @@ pub fn default_target_with(
     started_target(key, label, &dir, front, &cfg.listen, upstream)
 }
 
-/// Starts every configuration of measurement 1.
-pub fn setup(root: &Path, upstream: u16) -> Vec<Target> {
-    let mut out = Vec::new();
-    out.push(Target {
-        key: "a",
-        label: "Envoy, no ext_proc (floor)",
-        envoy: BenchEnvoy::start(&root.join("a"), None, upstream, &[]),
-        server_pid: None,
-        admin_port: None,
-        plugin_pids: vec![],
-        _front: None,
-        _echo: None,
-    });
-    out.push(Target {
-        key: "n",
-        label: "Envoy's own usage extraction (ai_protocol_manager, in-process), no ext_proc: the \
-                floor for usage alone",
-        envoy: BenchEnvoy::start_native(&root.join("n"), upstream),
-        server_pid: None,
-        admin_port: None,
-        plugin_pids: vec![],
-        _front: None,
-        _echo: None,
-    });
-    let sock = root.join("ref/echo.sock");
-    std::fs::create_dir_all(root.join("ref")).expect("dir");
-    let echo = EchoProcess::start(&sock);
-    out.push(Target {
-        key: "ref",
-        label: "bare tonic echo ext_proc (reference)",
-        envoy: BenchEnvoy::start(&root.join("ref/envoy"), Some(&sock), upstream, &[]),
-        server_pid: Some(echo.0.id()),
-        admin_port: None,
-        plugin_pids: vec![],
-        _front: None,
-        _echo: Some(echo),
-    });
-    out.push(front_target(
-        root,
-        "b",
-        "plugvisor, no plugins",
-        "",
-        &[],
-        upstream,
-    ));
-    out.push(default_target(
-        root,
-        "c",
-        "plugvisor, the embedded default config on a Unix socket",
-        true,
-        upstream,
-    ));
-    out.push(default_target(
-        root,
-        "c-tcp",
-        "plugvisor, the embedded default config as users run it (TCP 127.0.0.1)",
-        false,
-        upstream,
-    ));
-    out.push(default_target_with(
-        root,
-        "c-1w",
-        "(c) with `workers = 1`: one runtime worker instead of one per CPU",
-        true,
-        upstream,
-        |_, text| format!("workers = 1\n{text}"),
-    ));
-    let python = crate::python::venv_with_sdk(&root.join("py-venv"));
-    let wordcount = format!(
-        "[plugins.wordcount]\ncommand = \"{}\"\nargs = [\"{}\", \"--connect\", \"<DIR>/run/plugins/wordcount.sock\"]\n",
-        python.display(),
-        crate::python::repo()
-            .join("sdk/python/examples/wordcount.py")
-            .display()
-    );
-    out.push(front_target(
-        root,
-        "py",
-        "plugvisor + the Python SDK's example plugin (sdk/python/examples/wordcount.py)",
-        &wordcount,
-        &["wordcount"],
-        upstream,
-    ));
+/// Measurement 1's configurations, by key, in the order they run and are reported.
+pub const KEYS: [&str; 11] = [
+    "a", "n", "ref", "b", "c", "c-tcp", "c-1w", "py", "d", "d-idle", "e",
+];
+
+/// Starts the configurations of measurement 1 that `keep` keeps (by key, [`KEYS`]).
+pub fn setup(root: &Path, upstream: u16, keep: impl Fn(&str) -> bool) -> Vec<Target> {
     let spins = ["spin1", "spin2", "spin3"];
-    let d_dir = root.join("d");
-    out.push(front_target(
-        root,
-        "d",
-        "plugvisor + 3 x test-spin 1 ms, async",
-        &spin_toml(&d_dir, false, false),
-        &spins,
-        upstream,
-    ));
-    let n_dir = root.join("d-idle");
-    out.push(front_target(
-        root,
-        "d-idle",
-        "plugvisor + 3 x test-spin 1 ms, async, plugins under SCHED_IDLE",
-        &spin_toml(&n_dir, false, true),
-        &spins,
-        upstream,
-    ));
-    let e_dir = root.join("e");
-    out.push(front_target(
-        root,
-        "e",
-        "plugvisor + 3 x test-spin 1 ms, inline",
-        &spin_toml(&e_dir, true, false),
-        &spins,
-        upstream,
-    ));
+    let mut out = Vec::new();
+    for key in KEYS.into_iter().filter(|k| keep(k)) {
+        out.push(match key {
+            "a" => Target {
+                key,
+                label: "Envoy, no ext_proc (floor)",
+                envoy: BenchEnvoy::start(&root.join("a"), None, upstream, &[]),
+                server_pid: None,
+                admin_port: None,
+                plugin_pids: vec![],
+                _front: None,
+                _echo: None,
+            },
+            "n" => Target {
+                key,
+                label: "Envoy's own usage extraction (ai_protocol_manager, in-process), no \
+                        ext_proc: the floor for usage alone",
+                envoy: BenchEnvoy::start_native(&root.join("n"), upstream),
+                server_pid: None,
+                admin_port: None,
+                plugin_pids: vec![],
+                _front: None,
+                _echo: None,
+            },
+            "ref" => {
+                let sock = root.join("ref/echo.sock");
+                std::fs::create_dir_all(root.join("ref")).expect("dir");
+                let echo = EchoProcess::start(&sock);
+                Target {
+                    key,
+                    label: "bare tonic echo ext_proc (reference)",
+                    envoy: BenchEnvoy::start(&root.join("ref/envoy"), Some(&sock), upstream, &[]),
+                    server_pid: Some(echo.0.id()),
+                    admin_port: None,
+                    plugin_pids: vec![],
+                    _front: None,
+                    _echo: Some(echo),
+                }
+            }
+            "b" => front_target(root, key, "plugvisor, no plugins", "", &[], upstream),
+            "c" => default_target(
+                root,
+                key,
+                "plugvisor, the embedded default config on a Unix socket",
+                true,
+                upstream,
+            ),
+            "c-tcp" => default_target(
+                root,
+                key,
+                "plugvisor, the embedded default config as users run it (TCP 127.0.0.1)",
+                false,
+                upstream,
+            ),
+            "c-1w" => default_target_with(
+                root,
+                key,
+                "(c) with `workers = 1`: one runtime worker instead of one per CPU",
+                true,
+                upstream,
+                |_, text| format!("workers = 1\n{text}"),
+            ),
+            "py" => {
+                let python = crate::python::venv_with_sdk(&root.join("py-venv"));
+                let wordcount = format!(
+                    "[plugins.wordcount]\ncommand = \"{}\"\nargs = [\"{}\", \"--connect\", \"<DIR>/run/plugins/wordcount.sock\"]\n",
+                    python.display(),
+                    crate::python::repo()
+                        .join("sdk/python/examples/wordcount.py")
+                        .display()
+                );
+                front_target(
+                    root,
+                    key,
+                    "plugvisor + the Python SDK's example plugin (sdk/python/examples/wordcount.py)",
+                    &wordcount,
+                    &["wordcount"],
+                    upstream,
+                )
+            }
+            "d" => front_target(
+                root,
+                key,
+                "plugvisor + 3 x test-spin 1 ms, async",
+                &spin_toml(&root.join("d"), false, false),
+                &spins,
+                upstream,
+            ),
+            "d-idle" => front_target(
+                root,
+                key,
+                "plugvisor + 3 x test-spin 1 ms, async, plugins under SCHED_IDLE",
+                &spin_toml(&root.join("d-idle"), false, true),
+                &spins,
+                upstream,
+            ),
+            "e" => front_target(
+                root,
+                key,
+                "plugvisor + 3 x test-spin 1 ms, inline",
+                &spin_toml(&root.join("e"), true, false),
+                &spins,
+                upstream,
+            ),
+            other => unreachable!("configuration `{other}` is in KEYS but not set up"),
+        });
+    }
     out
 }
 

