@@ -107,10 +107,55 @@ struct Inner<S> {
     lanes: HashMap<StreamId, Lane<S>>,
     ready: VecDeque<StreamId>,
     running: HashMap<StreamId, Instant>,
+    /// Steps done running whose answers (a final reply, an ack) are still being handed out
+    /// ([`Answering`]): the lanes are not idle until they are out.
+    answering: usize,
     stop: bool,
     /// Makes the next worker to look for work end its thread, as a bug would.
     #[cfg(test)]
     kill_a_worker: bool,
+}
+
+impl<S> Inner<S> {
+    /// No event queued or running, and no answer being handed out.
+    fn idle(&self) -> bool {
+        self.ready.is_empty() && self.running.is_empty() && self.answering == 0
+    }
+}
+
+/// A step's answers on their way out, after its lane stopped running: counted in
+/// [`Inner::answering`] from the lock that ended the step until dropped (also by a panic), so
+/// the lanes do not look idle meanwhile. A host told to shut down ends the connection once they
+/// are idle, and must not end it with a final reply unsent. Dropped, it reports credit if the
+/// lanes are idle.
+struct Answering<'a, P: Plugin> {
+    shared: &'a Shared<P>,
+    counted: bool,
+}
+
+impl<'a, P: Plugin> Answering<'a, P> {
+    /// Counts the answers (if `any`) under `inner`, the lock that ended the step, and releases it.
+    fn start(
+        shared: &'a Shared<P>,
+        mut inner: MutexGuard<'_, Inner<P::Stream>>,
+        any: bool,
+    ) -> Self {
+        inner.answering += usize::from(any);
+        drop(inner);
+        Answering {
+            shared,
+            counted: any,
+        }
+    }
+}
+
+impl<P: Plugin> Drop for Answering<'_, P> {
+    fn drop(&mut self) {
+        if self.counted {
+            self.shared.lock().answering -= 1;
+        }
+        self.shared.flush_credit_if_idle();
+    }
 }
 
 struct Shared<P: Plugin> {
@@ -153,6 +198,7 @@ impl<P: Plugin> Lanes<P> {
                 lanes: HashMap::new(),
                 ready: VecDeque::new(),
                 running: HashMap::new(),
+                answering: 0,
                 stop: false,
                 #[cfg(test)]
                 kill_a_worker: false,
@@ -271,8 +317,7 @@ impl<P: Plugin> Lanes<P> {
 
     /// Whether no event is queued or running.
     pub(crate) fn is_idle(&self) -> bool {
-        let inner = self.shared.lock();
-        inner.ready.is_empty() && inner.running.is_empty()
+        self.shared.lock().idle()
     }
 
     /// The lanes' counters.
@@ -360,10 +405,7 @@ impl<P: Plugin> Shared<P> {
     /// Tells the credit count when no event is queued or running, so the front is never left
     /// waiting for credit while the host sits idle ([`Credits::idle`]).
     fn flush_credit_if_idle(&self) {
-        let idle = {
-            let inner = self.lock();
-            inner.ready.is_empty() && inner.running.is_empty()
-        };
+        let idle = self.lock().idle();
         if idle {
             self.credits.idle();
         }
@@ -589,7 +631,7 @@ impl<P: Plugin> Shared<P> {
                 inner.ready.push_back(stream_id);
             }
         }
-        drop(inner);
+        let _answering = Answering::start(self, inner, reply.is_some() || !leftover.is_empty());
         if let Some(reply) = reply {
             step.call_id = None;
             // One `Spans` right before the stream's final reply, when something was recorded;
@@ -604,7 +646,6 @@ impl<P: Plugin> Shared<P> {
         for job in leftover {
             self.answer_after_end(job);
         }
-        self.flush_credit_if_idle();
     }
 
     /// After a panic outside plugin code in [`Shared::step`] (a bug in the host): logs it, fails
@@ -641,7 +682,8 @@ impl<P: Plugin> Shared<P> {
                 inner.ready.push_back(stream_id);
             }
         }
-        drop(inner);
+        let _answering =
+            Answering::start(self, inner, step.call_id.is_some() || !leftover.is_empty());
         if let Some(call_id) = step.call_id {
             (self.out)(FromPlugin::FinalReply(FinalReply {
                 call_id,
@@ -652,7 +694,6 @@ impl<P: Plugin> Shared<P> {
         for job in leftover {
             self.answer_after_end(job);
         }
-        self.flush_credit_if_idle();
     }
 
     /// Events queued behind a stream's end: still answer what the front waits for.
@@ -1102,6 +1143,45 @@ mod tests {
             Some(Value::List(l)) => l.iter().map(|v| v.as_i64().unwrap()).collect(),
             other => panic!("{other:?}"),
         }
+    }
+
+    /// The lanes are not idle until a step's answers are handed out: a host told to shut down
+    /// ends the connection once they are idle, and must not end it with a final reply still on
+    /// its way.
+    #[test]
+    fn a_lane_is_not_idle_until_its_final_reply_is_handed_out() {
+        let (entered_tx, entered_rx) = mpsc::channel();
+        let (release_tx, release_rx) = mpsc::channel::<()>();
+        let (entered_tx, release_rx) = (Mutex::new(entered_tx), Mutex::new(release_rx));
+        let out: Outbox = Arc::new(move |m| {
+            if matches!(m, FromPlugin::FinalReply(_)) {
+                let _ = entered_tx.lock().unwrap().send(());
+                let _ = release_rx.lock().unwrap().recv();
+            }
+        });
+        let cfg = LaneConfig {
+            workers: 1,
+            queue_events: 16,
+            queue_bytes: 1 << 20,
+            plugin: "rec".into(),
+            namespace: "plugvisor.rec".into(),
+            trace: false,
+        };
+        let credits = Credits::new(1 << 20, out.clone(), false);
+        let lanes = Lanes::start(Arc::new(Recorder::default()), cfg, out, credits).unwrap();
+        lanes.submit_test(start(1));
+        lanes.submit_test(fin(1, 1));
+        entered_rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the final reply is handed out");
+        assert!(!lanes.is_idle(), "idle while the final reply is on its way");
+        drop(release_tx);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !lanes.is_idle() {
+            assert!(Instant::now() < deadline, "never idle after the reply");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert_eq!(lanes.active_streams(), 0);
     }
 
     #[test]

@@ -135,6 +135,9 @@ class Lanes:
         self._lanes: Dict[int, _Lane] = {}
         self._ready: Deque[int] = deque()
         self._running: Dict[int, float] = {}
+        #: Steps done running whose answers (a final reply, an ack) are still being handed
+        #: out: the lanes are not idle until they are out.
+        self._answering = 0
         self._stop = False
         self.accepting_new = True
         self._threads = []
@@ -225,7 +228,10 @@ class Lanes:
     def is_idle(self) -> bool:
         """Whether no event is queued or running."""
         with self._lock:
-            return not self._ready and not self._running
+            return self._idle()
+
+    def _idle(self) -> bool:
+        return not self._ready and not self._running and not self._answering
 
     def evict_idle(self, idle_s: float) -> int:
         """Forgets streams with nothing queued or running and no event for ``idle_s``."""
@@ -307,18 +313,29 @@ class Lanes:
                     self._work.notify()
                 else:
                     lane.scheduled = False
-        if reply is not None:
-            if type(reply) is FinalReply:
-                # One Spans right before the stream's final reply, when something was recorded.
-                spans = lane.trace.to_spans()
-                if spans is not None:
-                    self.send(spans)
-            self.send(reply)
-        for late in leftover:
-            _log.warn("event after the stream's Final, AbortedFinal or Abort; not run",
-                      stream_id=stream_id, seq=late.ctx.seq)
-            self._answer_unrun(late.event, "stream had already ended")
-            self.credits.add(late.owed)
+            # Counted from the lock that ends the step until its answers are out: a connection
+            # told to shut down ends once the lanes are idle, and must not end with a final
+            # reply unsent.
+            answering = reply is not None or bool(leftover)
+            self._answering += answering
+        try:
+            if reply is not None:
+                if type(reply) is FinalReply:
+                    # One Spans right before the stream's final reply, when something was
+                    # recorded.
+                    spans = lane.trace.to_spans()
+                    if spans is not None:
+                        self.send(spans)
+                self.send(reply)
+            for late in leftover:
+                _log.warn("event after the stream's Final, AbortedFinal or Abort; not run",
+                          stream_id=stream_id, seq=late.ctx.seq)
+                self._answer_unrun(late.event, "stream had already ended")
+                self.credits.add(late.owed)
+        finally:
+            if answering:
+                with self._lock:
+                    self._answering -= 1
         self.flush_credit_if_idle()
 
     def _answer_unrun(self, event: Any, why: str) -> None:

@@ -4,9 +4,11 @@ pings, exceptions, metadata cap, shutdown and end of file."""
 import threading
 import time
 import unittest
+from unittest import mock
 
 import support
 import plugvisor
+import plugvisor.host
 from plugvisor import Exit, HostOptions, Subscriptions
 from plugvisor.testing import FakeFront
 from plugvisor import wire
@@ -341,6 +343,24 @@ class Lifecycle(unittest.TestCase):
                 self.assertIsNotNone(front.final_reply(call).metadata)
             self.assertEqual(front.wait_exit(), Exit.CLEAN)
             self.assertLess(time.monotonic() - started, 2.0, "waited for the whole grace")
+
+    def test_shutdown_does_not_end_the_connection_under_a_reply_on_its_way(self):
+        # The last step of a final reply before the socket (its metadata checked against the
+        # cap) made slow: the hook is done, yet the connection must not end, however idle its
+        # lanes look, before the reply is written.
+        check = plugvisor.host.check_metadata
+
+        def slow_check(*args, **kw):
+            time.sleep(0.2)
+            return check(*args, **kw)
+
+        with mock.patch("plugvisor.host.check_metadata", slow_check):
+            with FakeFront.start(Recorder()) as front:
+                front.request_start(1)
+                call = front.send_final(1, 1)
+                front.shutdown(5000)
+                self.assertIsNotNone(front.final_reply(call).metadata)
+                self.assertEqual(front.wait_exit(), Exit.CLEAN)
 
     def test_shutdown_takes_no_new_streams_and_ends_at_its_grace(self):
         plugin = Recorder()
