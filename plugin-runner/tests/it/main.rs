@@ -5,6 +5,7 @@
 
 mod harness;
 
+mod closing;
 mod lean;
 mod reconnect;
 mod replay;

@@ -516,6 +516,14 @@ class _Host:
                     conn = key.data
                     try:
                         more = conn.reader.fill()
+                    except ConnectionResetError:
+                        # A Unix socket closed with data unread in it (a Credit, a Pong the
+                        # front had not read yet) fails the peer's next read with ECONNRESET
+                        # instead of end-of-file: the front is gone all the same.
+                        _log.info("the front closed the connection (before reading all we sent)",
+                                  conn=conn.cid)
+                        self._end(conn, Exit.CLEAN)
+                        continue
                     except ProtocolError as e:
                         _log.error("protocol error on the front's connection", conn=conn.cid,
                                    error=str(e))

@@ -1,6 +1,8 @@
 """The host against a fake front over a real socket pair: ordering, gaps, replays, credit,
 pings, exceptions, metadata cap, shutdown and end of file."""
 
+import select
+import socket
 import threading
 import time
 import unittest
@@ -10,6 +12,7 @@ import support
 import plugvisor
 import plugvisor.host
 from plugvisor import Exit, HostOptions, Subscriptions
+from plugvisor.connection import FrameReader
 from plugvisor.testing import FakeFront
 from plugvisor import wire
 from plugvisor.wire import Abort, AbortedFinal, Refuse
@@ -386,6 +389,26 @@ class Lifecycle(unittest.TestCase):
         started = time.monotonic()
         self.assertEqual(front.wait_exit(5), Exit.CLEAN)
         self.assertLess(time.monotonic() - started, 1.0)
+
+    def test_a_front_that_closes_with_answers_unread_is_an_end_of_file(self):
+        # A Unix socket closed with data unread in it fails the peer's next read with
+        # ECONNRESET, not end-of-file: the front is gone all the same, and the plugin exits 0.
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        exited = []
+        host = threading.Thread(
+            target=lambda: exited.append(plugvisor.serve(Recorder(), opts(), sock=theirs)),
+            daemon=True)
+        host.start()
+        reader = FrameReader(ours)
+        self.assertIsInstance(wire.decode_from_plugin(reader.read()[0]), wire.Hello)
+        ours.sendall(wire.frame(wire.Welcome(3, {}, 8 << 20, 16384, [])))
+        ours.sendall(wire.frame(wire.Ping(1)))
+        # Its Pong arrives, and nothing reads it.
+        self.assertTrue(select.select([ours], [], [], 5)[0], "no Pong")
+        ours.close()
+        host.join(5)
+        theirs.close()
+        self.assertEqual(exited, [Exit.CLEAN])
 
     def test_abort_frees_the_stream_and_inline_chunks_are_acked(self):
         with FakeFront.start(Recorder()) as front:
