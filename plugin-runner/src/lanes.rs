@@ -315,7 +315,7 @@ impl<P: Plugin> Lanes<P> {
         victims.len()
     }
 
-    /// Whether no event is queued or running.
+    /// Whether no event is queued, running or being answered.
     pub(crate) fn is_idle(&self) -> bool {
         self.shared.lock().idle()
     }
@@ -402,8 +402,8 @@ impl<P: Plugin> Shared<P> {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Tells the credit count when no event is queued or running, so the front is never left
-    /// waiting for credit while the host sits idle ([`Credits::idle`]).
+    /// Tells the credit count when no event is queued, running or being answered, so the front
+    /// is never left waiting for credit while the host sits idle ([`Credits::idle`]).
     fn flush_credit_if_idle(&self) {
         let idle = self.lock().idle();
         if idle {

@@ -226,7 +226,7 @@ class Lanes:
                       if now - since >= limit_s)
 
     def is_idle(self) -> bool:
-        """Whether no event is queued or running."""
+        """Whether no event is queued, running or being answered."""
         with self._lock:
             return self._idle()
 
@@ -255,7 +255,7 @@ class Lanes:
             self._work.notify_all()
 
     def flush_credit_if_idle(self) -> None:
-        """Reports all consumed credit if nothing is queued or running."""
+        """Reports all consumed credit if nothing is queued, running or being answered."""
         if self.is_idle():
             self.credits.flush()
 
