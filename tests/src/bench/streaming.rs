@@ -336,6 +336,8 @@ pub struct Acc {
     pub overhead_chunk: Vec<(f64, f64)>,
     /// Same for `message="final"`.
     pub overhead_final: Vec<(f64, f64)>,
+    /// Per interleaved round, the range of `chunk_us` its slot added.
+    pub rounds: Vec<std::ops::Range<usize>>,
 }
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
@@ -405,6 +407,7 @@ pub async fn run_phase(targets: &[Target], phase: Phase, ends: &Ends) -> Vec<Acc
     for round in 0..phase.rounds {
         for k in 0..targets.len() {
             let i = (k + round) % targets.len();
+            let start = accs[i].chunk_us.len();
             slot(
                 &targets[i],
                 phase.ask,
@@ -413,6 +416,8 @@ pub async fn run_phase(targets: &[Target], phase: Phase, ends: &Ends) -> Vec<Acc
                 &mut accs[i],
             )
             .await;
+            let end = accs[i].chunk_us.len();
+            accs[i].rounds.push(start..end);
         }
         eprintln!(
             "bench:   {} round {}/{} done",

@@ -1004,6 +1004,30 @@ impl Report {
                     if acc.plugin_cpu_s == 0.0 { "—".into() } else { per(acc.plugin_cpu_s) },
                 );
             }
+            // How far each configuration's chunk p50 moved between its rounds: the noise an
+            // "added" figure (a difference between two configurations' slots) carries.
+            if ph.rounds > 1 {
+                let _ = write!(
+                    s,
+                    "\nChunk p50 per round, lowest – highest (the machine's noise between slots, \
+                     which every *added* figure of this phase carries twice):"
+                );
+                for (i, (k, _)) in self.keys.iter().enumerate() {
+                    let acc = &pr.accs[i];
+                    let per_round: Vec<f64> = acc
+                        .rounds
+                        .iter()
+                        .filter(|r| !r.is_empty())
+                        .map(|r| summarize(&mut acc.chunk_us[r.clone()].to_vec()).p50)
+                        .collect();
+                    let lo = per_round.iter().copied().fold(f64::INFINITY, f64::min);
+                    let hi = per_round.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                    if lo.is_finite() {
+                        let _ = write!(s, " ({k}) {}–{}", us(lo), us(hi));
+                    }
+                }
+                s.push('\n');
+            }
             if ph.ask.delay.is_zero() {
                 let _ = writeln!(
                     s,
