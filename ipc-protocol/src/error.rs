@@ -53,3 +53,37 @@ pub enum ProtocolError {
         inner: &'static str,
     },
 }
+
+impl ProtocolError {
+    /// Whether the peer closed the connection with data of ours still unread in it: a Unix socket
+    /// closed so fails the other side's next read with `ECONNRESET` instead of end-of-file. The
+    /// peer is gone all the same; it is a close, not a broken connection.
+    pub fn is_peer_reset(&self) -> bool {
+        matches!(self, ProtocolError::Io(e) if e.kind() == io::ErrorKind::ConnectionReset)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::frame::FrameReader;
+    use tokio::io::AsyncWriteExt;
+    use tokio::net::UnixStream;
+
+    /// A peer that closes with our bytes unread resets us; one that read everything gives us
+    /// end-of-file. Both are the peer gone, and only the first is an error, named by
+    /// `is_peer_reset`.
+    #[tokio::test]
+    async fn a_peer_closing_with_our_bytes_unread_is_a_reset_and_otherwise_end_of_file() {
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        let (rd, mut wr) = ours.into_split();
+        wr.write_all(b"unread").await.unwrap();
+        theirs.readable().await.unwrap();
+        drop(theirs);
+        let err = FrameReader::new(rd).read_frame().await.unwrap_err();
+        assert!(err.is_peer_reset(), "{err:?}");
+
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        drop(theirs);
+        assert!(FrameReader::new(ours).read_frame().await.unwrap().is_none());
+    }
+}

@@ -659,7 +659,7 @@ async fn run_connection<P: Plugin>(
                     tracing::info!(conn = id, "the front closed the connection");
                     break Exit::Clean;
                 }
-                Err(e) if front_reset(&e) => {
+                Err(e) if e.is_peer_reset() => {
                     tracing::info!(conn = id, "the front closed the connection (before reading all this plugin sent)");
                     break Exit::Clean;
                 }
@@ -760,13 +760,6 @@ fn rename_namespace(md: &mut Metadata, from: &str, to: &str) {
     }
 }
 
-/// Whether a read failed because the front closed its end with data of ours unread in it: a Unix
-/// socket closed so fails the peer's next read with `ECONNRESET` instead of end-of-file. The
-/// front is gone all the same.
-fn front_reset(e: &ProtocolError) -> bool {
-    matches!(e, ProtocolError::Io(io) if io.kind() == std::io::ErrorKind::ConnectionReset)
-}
-
 /// The answer to `Ping{nonce}`: from the reading loop, whatever the lanes are doing.
 fn pong<P: Plugin>(lanes: &Lanes<P>, nonce: u64, stuck_after: Duration) -> FromPlugin {
     // Credit first: a front on `credit_on_ping` may be waiting for it.
@@ -818,7 +811,7 @@ async fn drain_reading<P: Plugin>(
                     lanes.submit(event, frame_len, replayed);
                 }
                 Ok(None) => return Ok(()),
-                Err(e) if front_reset(&e) => return Ok(()),
+                Err(e) if e.is_peer_reset() => return Ok(()),
                 Err(e) => return Err(HostError::Protocol(e)),
             },
             () = quiet => return Ok(()),

@@ -50,10 +50,7 @@ pub fn free_port() -> u16 {
     use std::sync::atomic::{AtomicU32, Ordering};
     const LOWEST: u32 = 10_000;
     static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
-    let ephemeral = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
-        .ok()
-        .and_then(|s| s.split_whitespace().next()?.parse::<u32>().ok())
-        .unwrap_or(32_768);
+    let ephemeral = ephemeral_start();
     let span = ephemeral.saturating_sub(LOWEST).max(1);
     let start = std::process::id().wrapping_mul(2_654_435_761) % span;
     let _ = NEXT.compare_exchange(u32::MAX, start, Ordering::Relaxed, Ordering::Relaxed);
@@ -64,6 +61,14 @@ pub fn free_port() -> u16 {
         }
     }
     panic!("no free loopback port in {LOWEST}..{ephemeral}");
+}
+
+/// The first port of the kernel's ephemeral range (`net.ipv4.ip_local_port_range`).
+fn ephemeral_start() -> u32 {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        .unwrap_or(32_768)
 }
 
 /// Installs a test log subscriber once (`RUST_LOG` controls it).
@@ -184,17 +189,11 @@ pub async fn eventually_async<T, A: Attempt<T>>(
 
 #[cfg(test)]
 mod free_port_tests {
-    use super::free_port;
+    use super::{ephemeral_start, free_port};
 
     #[test]
     fn ports_are_handed_out_once_below_the_ephemeral_range_and_bindable() {
-        let low: u16 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
-            .unwrap()
-            .split_whitespace()
-            .next()
-            .unwrap()
-            .parse()
-            .unwrap();
+        let low = ephemeral_start() as u16;
         let ports: Vec<u16> = (0..200).map(|_| free_port()).collect();
         let mut unique = ports.clone();
         unique.sort_unstable();

@@ -1389,11 +1389,8 @@ impl PluginLink {
                 }
                 Ok(Some(FromPlugin::Hello(_))) => break "protocol error: second Hello".to_owned(),
                 Ok(None) => break "connection closed".to_owned(),
-                // A Unix socket closed with data unread in it resets its peer instead of giving
-                // it end-of-file: the plugin closed before reading all this front wrote.
-                Err(ipc_protocol::ProtocolError::Io(e))
-                    if e.kind() == std::io::ErrorKind::ConnectionReset =>
-                {
+                // The plugin closed before reading all this front wrote.
+                Err(e) if e.is_peer_reset() => {
                     break "connection closed (with events of ours unread)".to_owned()
                 }
                 Err(e) => break format!("protocol error: {e}"),
