@@ -281,6 +281,11 @@ async fn a_crash_loop_over_a_taken_admin_address_ends_by_itself_once_it_is_free(
              l = socket.socket(); l.bind(('127.0.0.1', {admin})); l.listen(); time.sleep(3600)\""
         ))
         .unwrap();
+        // systemd-run returns once the unit started, not once python listens: the front must
+        // not get there first (containers share the host's network, so the test can look).
+        tests::eventually("the squatter listening", Duration::from_secs(20), || {
+            std::net::TcpStream::connect(("127.0.0.1", admin)).map(drop)
+        });
         s.ok(&["start", SOCKET]);
         s.ok(&["start", "--no-block", SERVICE]);
         let status = s.wait_status("a crash loop", Duration::from_secs(40), |t| {
