@@ -12,7 +12,8 @@
 //! and `Spans` (optional) before a final reply, naming its stream, within the limits. The SDK cases (`--sdk`, on by
 //! default for the name `conformance`) need a plugin that keeps the conformance plugin's
 //! contract, which each SDK ships: ordering per stream, streams in parallel, gaps, partial
-//! streams, replays marked, and a hook that throws failing its stream alone.
+//! streams, replays marked, a hook that throws failing its stream alone, and the trace each
+//! final sends (its attributes, and a span timed on the events' clock).
 //!
 //! The kit is the front as far as the plugin can tell, but it is not the front: it checks what
 //! the front would only count or log, and it holds a plugin to the letter of the spec.
@@ -183,6 +184,11 @@ pub async fn run(opts: &Options, mut report: impl FnMut(&Outcome)) -> Vec<Outcom
             record(
                 "sdk_aborted_final",
                 kit.with_session(BUDGET, async |s: &mut Session| sdk_aborted(s, opts).await)
+                    .await,
+            );
+            record(
+                "sdk_trace",
+                kit.with_session(BUDGET, async |s: &mut Session| sdk_trace(s, opts).await)
                     .await,
             );
         }
@@ -1333,6 +1339,105 @@ fn seqs(events: &[ToPlugin]) -> Vec<i64> {
         .collect()
 }
 
+/// The SDK's tracing, through the conformance plugin's contract: each final's `Spans` says how
+/// many events the stream's hooks ran (as its `seqs` do), names the request span the SDK found
+/// in the `RequestStart` (and none when there was none), and holds one `conformance.final` span
+/// whose times fall inside the final call on `CLOCK_MONOTONIC`, the clock of `stamp_ns`.
+async fn sdk_trace(s: &mut Session, opts: &Options) -> CaseResult {
+    if !s.agreed(capability::TRACE) {
+        return Err("the SDK does not announce the capability `trace`".into());
+    }
+    let sent = ipc_protocol::stamp::monotonic_now_ns();
+    let streams = vec![
+        messages(s, &stream_of(1, 3, &[("traceparent", TRACEPARENT)])),
+        messages(s, &stream_of(2, 3, &[])),
+    ];
+    send_interleaved(s, streams).await?;
+    let calls = [(call_of(1), 1), (call_of(2), 2)];
+    s.await_replies(&calls, Instant::now() + s_deadline())
+        .await?;
+    let answered = ipc_protocol::stamp::monotonic_now_ns();
+    for (call, stream) in calls {
+        let spans = s.spans.iter().find(|x| x.stream_id == stream);
+        let seen = s
+            .reply(call)
+            .and_then(|m| own(m, opts))
+            .and_then(|m| ints(m.get("seqs")).ok_or("no `seqs` list of integers".into()))
+            .map(|seqs| seqs.len());
+        let traceparent = (stream == 1).then_some(TRACEPARENT);
+        check_sdk_spans(stream, spans, seen, traceparent, (sent, answered))?;
+    }
+    Ok("2 streams, one with a traceparent: each final's Spans counts its events, names the request span it was told of, and times `conformance.final` on CLOCK_MONOTONIC".into())
+}
+
+/// What the conformance plugin's contract says of one stream's `Spans` (see [`sdk_trace`]):
+/// `seen` events in its `seqs` (or why its answer has none), `traceparent` in its `RequestStart`,
+/// and its final call between the two `CLOCK_MONOTONIC` readings of `window`.
+fn check_sdk_spans(
+    stream: u64,
+    spans: Option<&Spans>,
+    seen: Result<usize, String>,
+    traceparent: Option<&str>,
+    window: (u64, u64),
+) -> Result<(), String> {
+    let spans = spans.ok_or(format!(
+        "no Spans for stream {stream}: the conformance plugin records a span in every final"
+    ))?;
+    let seen = seen?;
+    // A later key replaces an earlier one, as on the front's span.
+    let attribute = |key: &str| {
+        spans
+            .attributes
+            .iter()
+            .rev()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v)
+    };
+    match attribute("conformance.events") {
+        Some(Value::Int(n)) if usize::try_from(*n) == Ok(seen) => {}
+        other => {
+            return Err(format!(
+                "stream {stream}: attribute conformance.events is {other:?}, but its final reported {seen} seqs"
+            ))
+        }
+    }
+    match (attribute("conformance.traceparent"), traceparent) {
+        (None, None) => {}
+        (Some(Value::String(got)), Some(sent)) if got == sent => {}
+        (got, sent) => {
+            return Err(format!(
+                "stream {stream}: attribute conformance.traceparent is {got:?}, but the RequestStart's traceparent was {sent:?}"
+            ))
+        }
+    }
+    let [span] = spans.spans.as_slice() else {
+        return Err(format!(
+            "stream {stream}: {} spans, where the conformance plugin records one",
+            spans.spans.len()
+        ));
+    };
+    if span.name != "conformance.final" {
+        return Err(format!(
+            "stream {stream}: a span named `{}`, not `conformance.final`",
+            span.name
+        ));
+    }
+    if span.end_ns < span.start_ns {
+        return Err(format!(
+            "stream {stream}: span `conformance.final` ends ({} ns) before it starts ({} ns)",
+            span.end_ns, span.start_ns
+        ));
+    }
+    let (from, to) = window;
+    if span.start_ns < from || span.end_ns > to {
+        return Err(format!(
+            "stream {stream}: span `conformance.final` from {} to {} ns, outside its final call ({from} to {to} ns on CLOCK_MONOTONIC): span times must be CLOCK_MONOTONIC nanoseconds, as stamp_ns",
+            span.start_ns, span.end_ns
+        ));
+    }
+    Ok(())
+}
+
 async fn sdk_order(s: &mut Session, opts: &Options) -> CaseResult {
     let streams: Vec<Vec<ToPlugin>> = (1..=16)
         .map(|id| messages(s, &stream_of(id, 10, &[])))
@@ -1468,4 +1573,129 @@ async fn sdk_throws(s: &mut Session, opts: &Options) -> CaseResult {
     own(s.reply(call_of(2))?, opts).map_err(|e| format!("the other stream: {e}"))?;
     s.ping().await?;
     Ok("its stream answered Error, the other its metadata, the process lives".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ipc_protocol::PluginSpan;
+
+    fn spans(attributes: Vec<(&str, Value)>, span: Option<(&str, u64, u64)>) -> Spans {
+        Spans {
+            stream_id: 1,
+            attributes: attributes
+                .into_iter()
+                .map(|(k, v)| (k.to_owned(), v))
+                .collect(),
+            spans: span
+                .into_iter()
+                .map(|(name, start_ns, end_ns)| PluginSpan {
+                    name: name.to_owned(),
+                    start_ns,
+                    end_ns,
+                    attributes: Vec::new(),
+                })
+                .collect(),
+        }
+    }
+
+    const WINDOW: (u64, u64) = (1_000, 2_000);
+
+    #[test]
+    fn the_conformance_plugin_s_spans_pass_and_each_breach_is_named() {
+        let events = ("conformance.events", Value::Int(4));
+        let told = ("conformance.traceparent", Value::from(TRACEPARENT));
+        let good = spans(
+            vec![events.clone(), told.clone()],
+            Some(("conformance.final", 1_100, 1_200)),
+        );
+        assert_eq!(
+            check_sdk_spans(1, Some(&good), Ok(4), Some(TRACEPARENT), WINDOW),
+            Ok(())
+        );
+        let untold = spans(
+            vec![events.clone()],
+            Some(("conformance.final", 1_100, 1_100)),
+        );
+        assert_eq!(
+            check_sdk_spans(2, Some(&untold), Ok(4), None, WINDOW),
+            Ok(())
+        );
+
+        let fails = |s: &Spans, seen, tp: Option<&str>, what: &str| {
+            let e = check_sdk_spans(1, Some(s), Ok(seen), tp, WINDOW).unwrap_err();
+            assert!(e.contains(what), "{e}");
+        };
+        assert!(check_sdk_spans(1, None, Ok(4), None, WINDOW)
+            .unwrap_err()
+            .contains("no Spans for stream 1"));
+        let no_seqs = Err("no `seqs` list of integers".to_owned());
+        assert_eq!(
+            check_sdk_spans(1, Some(&good), no_seqs, Some(TRACEPARENT), WINDOW),
+            Err("no `seqs` list of integers".to_owned())
+        );
+        // Counted differently from its seqs, or not at all.
+        fails(
+            &good,
+            5,
+            Some(TRACEPARENT),
+            "conformance.events is Some(Int(4)), but its final reported 5 seqs",
+        );
+        let uncounted = spans(
+            vec![told.clone()],
+            Some(("conformance.final", 1_100, 1_200)),
+        );
+        fails(
+            &uncounted,
+            4,
+            Some(TRACEPARENT),
+            "conformance.events is None",
+        );
+        // A request span invented, lost or garbled.
+        fails(&good, 4, None, "conformance.traceparent is Some");
+        fails(
+            &untold,
+            4,
+            Some(TRACEPARENT),
+            "conformance.traceparent is None",
+        );
+        let garbled = spans(
+            vec![
+                events.clone(),
+                ("conformance.traceparent", Value::from("00-0-0-01")),
+            ],
+            Some(("conformance.final", 1_100, 1_200)),
+        );
+        fails(
+            &garbled,
+            4,
+            Some(TRACEPARENT),
+            "but the RequestStart's traceparent was Some",
+        );
+        // No span, a span misnamed, or timed on another clock (wall-clock nanoseconds).
+        fails(&spans(vec![events.clone()], None), 4, None, "0 spans");
+        let misnamed = spans(vec![events.clone()], Some(("final", 1_100, 1_200)));
+        fails(&misnamed, 4, None, "named `final`");
+        let wall = spans(
+            vec![events.clone()],
+            Some((
+                "conformance.final",
+                1_700_000_000_000_000_000,
+                1_700_000_000_000_000_100,
+            )),
+        );
+        fails(&wall, 4, None, "outside its final call");
+        let early = spans(
+            vec![events.clone()],
+            Some(("conformance.final", 999, 1_200)),
+        );
+        fails(&early, 4, None, "outside its final call");
+        let backwards = spans(vec![events], Some(("conformance.final", 1_200, 1_100)));
+        fails(
+            &backwards,
+            4,
+            None,
+            "ends (1100 ns) before it starts (1200 ns)",
+        );
+    }
 }

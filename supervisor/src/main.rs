@@ -123,8 +123,8 @@ enum Command {
         #[arg(long, default_value = "conformance")]
         name: String,
         /// Also run the SDK cases (ordering, parallel streams, gaps, partial, replays, a hook
-        /// that throws) against an SDK's conformance plugin; on by default for the name
-        /// `conformance`.
+        /// that throws, aborted finals, trace) against an SDK's conformance plugin; on by default
+        /// for the name `conformance`.
         #[arg(long)]
         sdk: Option<bool>,
         /// A namespace the plugin may write besides plugvisor.<name> (as plugins.<name>.namespaces

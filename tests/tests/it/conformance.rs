@@ -78,6 +78,7 @@ const SDK_CASES: &[&str] = &[
     "sdk_replays",
     "sdk_hook_throws",
     "sdk_aborted_final",
+    "sdk_trace",
 ];
 
 fn example(name: &str) -> PathBuf {
@@ -143,6 +144,36 @@ fn the_python_sdk_s_plugins_pass_every_case() {
         ],
     );
     assert_all_pass(&out, PROTOCOL_CASES);
+}
+
+#[test]
+fn an_sdk_that_times_its_spans_on_another_clock_fails_sdk_trace() {
+    // The Python SDK's conformance plugin, with the SDK's span clock swapped for the wall clock:
+    // what an SDK that took `time.time_ns()` for `CLOCK_MONOTONIC` would send.
+    let python = tests::python::shared_venv();
+    let example = tests::python::repo().join("sdk/python/examples/conformance.py");
+    let dir = tempfile::tempdir().unwrap();
+    let script = dir.path().join("wall_clock_spans.py");
+    std::fs::write(
+        &script,
+        format!(
+            "import runpy, time, types\n\
+             import plugvisor.trace\n\
+             plugvisor.trace.time = types.SimpleNamespace(monotonic_ns=time.time_ns)\n\
+             runpy.run_path({example:?}, run_name='__main__')\n"
+        ),
+    )
+    .unwrap();
+    let out = kit(&[], &[python.as_os_str(), script.as_os_str()]);
+    let text = lines(&out);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    let fails: Vec<&str> = text.lines().filter(|l| l.starts_with("FAIL ")).collect();
+    assert_eq!(fails.len(), 1, "only sdk_trace fails:\n{text}");
+    assert!(
+        fails[0].starts_with("FAIL sdk_trace: stream 1: span `conformance.final` from ")
+            && fails[0].contains("outside its final call"),
+        "{text}"
+    );
 }
 
 #[test]
