@@ -597,7 +597,12 @@ impl Config {
                 }
                 granted.push(ns.clone());
             }
-            if raw_plugin.spawn && raw_plugin.command.is_none() {
+            // What a built-in writes with this config is granted when the front spawns it, and
+            // also when it runs as a unit of its own (`spawn = false`: `plugvisor-plugin@<name>`
+            // runs the built-in of the plugin's name). The namespaces come from this plugin's
+            // own `config`, so another program under that name gains only what its operator
+            // wrote for it.
+            if raw_plugin.command.is_none() {
                 let builtin = check::builtin_name(&name, raw_plugin.args.as_deref());
                 granted.extend(plugvisor_builtins::granted_namespaces(builtin, &config));
             }

@@ -610,6 +610,19 @@ fn a_plugin_is_granted_its_own_namespace_its_namespaces_key_and_its_built_in_s_o
     );
     assert_eq!(granted("mine"), ["acme.billing", "plugvisor.mine"]);
     assert_eq!(granted("spin1"), ["plugvisor.spin1"]);
+    // The built-in run as its own unit (`plugvisor-plugin@usage`) writes the same namespaces.
+    let unit = load(
+        "[plugins.usage]
+spawn = false
+[plugins.usage.config]
+         costs = [{ namespace = \"envoy.ratelimit\", key = \"hits\", type = \"total_tokens\" }]
+",
+    )
+    .unwrap();
+    assert_eq!(
+        unit.plugins[0].granted,
+        ["envoy.ratelimit", "plugvisor.usage"]
+    );
     for (text, why) in [
         ("namespaces = [\"plugvisor\"]", "the front's own namespace"),
         ("namespaces = [\"\"]", "a namespace has a name"),

@@ -17,11 +17,10 @@ use tests::upstream::Params;
 const BEFORE: &str = "[plugins.usage]\nspawn = false\nfinal_timeout_ms = 5000\n\
                       [plugins.test-order]\nfinal_timeout_ms = 5000\n";
 
-/// The same, with a cost table added to `usage`'s config: only a new connection has it. (A plugin
-/// the front does not start gets no grants derived from its config: `namespaces` grants the
-/// cost's.)
+/// The same, with a cost table added to `usage`'s config: only a new connection has it. (No
+/// `namespaces` key: a plugin run as its own unit is granted what the built-in of its name
+/// writes with its config, as a spawned one is, so the cost reaches Envoy.)
 const AFTER: &str = "[plugins.usage]\nspawn = false\nfinal_timeout_ms = 5000\n\
-                     namespaces = [\"envoy.ratelimit\"]\n\
                      [[plugins.usage.config.costs]]\nnamespace = \"envoy.ratelimit\"\n\
                      key = \"tokens\"\ntype = \"total\"\n\
                      [plugins.test-order]\nfinal_timeout_ms = 5000\n";
