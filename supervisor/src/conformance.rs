@@ -1342,7 +1342,8 @@ fn seqs(events: &[ToPlugin]) -> Vec<i64> {
 /// The SDK's tracing, through the conformance plugin's contract: each final's `Spans` says how
 /// many events the stream's hooks ran (as its `seqs` do), names the request span the SDK found
 /// in the `RequestStart` (and none when there was none), and holds one `conformance.final` span
-/// whose times fall inside the final call on `CLOCK_MONOTONIC`, the clock of `stamp_ns`.
+/// whose times fall inside the kit's exchange with the plugin on `CLOCK_MONOTONIC`, the clock of
+/// `stamp_ns`.
 async fn sdk_trace(s: &mut Session, opts: &Options) -> CaseResult {
     if !s.agreed(capability::TRACE) {
         return Err("the SDK does not announce the capability `trace`".into());
@@ -1372,7 +1373,8 @@ async fn sdk_trace(s: &mut Session, opts: &Options) -> CaseResult {
 
 /// What the conformance plugin's contract says of one stream's `Spans` (see [`sdk_trace`]):
 /// `seen` events in its `seqs` (or why its answer has none), `traceparent` in its `RequestStart`,
-/// and its final call between the two `CLOCK_MONOTONIC` readings of `window`.
+/// and its span between the two `CLOCK_MONOTONIC` readings of `window` (before the kit sent the
+/// streams, after their answers came).
 fn check_sdk_spans(
     stream: u64,
     spans: Option<&Spans>,
@@ -1431,7 +1433,7 @@ fn check_sdk_spans(
     let (from, to) = window;
     if span.start_ns < from || span.end_ns > to {
         return Err(format!(
-            "stream {stream}: span `conformance.final` from {} to {} ns, outside its final call ({from} to {to} ns on CLOCK_MONOTONIC): span times must be CLOCK_MONOTONIC nanoseconds, as stamp_ns",
+            "stream {stream}: span `conformance.final` from {} to {} ns, outside the kit's exchange with the plugin ({from} to {to} ns on CLOCK_MONOTONIC): span times must be CLOCK_MONOTONIC nanoseconds, as stamp_ns",
             span.start_ns, span.end_ns
         ));
     }
@@ -1684,12 +1686,12 @@ mod tests {
                 1_700_000_000_000_000_100,
             )),
         );
-        fails(&wall, 4, None, "outside its final call");
+        fails(&wall, 4, None, "outside the kit's exchange");
         let early = spans(
             vec![events.clone()],
             Some(("conformance.final", 999, 1_200)),
         );
-        fails(&early, 4, None, "outside its final call");
+        fails(&early, 4, None, "outside the kit's exchange");
         let backwards = spans(vec![events], Some(("conformance.final", 1_200, 1_100)));
         fails(
             &backwards,

@@ -171,7 +171,7 @@ fn an_sdk_that_times_its_spans_on_another_clock_fails_sdk_trace() {
     assert_eq!(fails.len(), 1, "only sdk_trace fails:\n{text}");
     assert!(
         fails[0].starts_with("FAIL sdk_trace: stream 1: span `conformance.final` from ")
-            && fails[0].contains("outside its final call"),
+            && fails[0].contains("outside the kit's exchange"),
         "{text}"
     );
 }
