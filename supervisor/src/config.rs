@@ -291,6 +291,10 @@ pub struct Config {
     pub records: RecordsConfig,
     /// Spans of the front's own work over OTLP (`[traces]`); `None`: off (no endpoint).
     pub traces: Option<TracesConfig>,
+    /// What the file passes validation with but an operator should hear, one line each, as
+    /// errors are written (`<file>: line N: key ...`): said by `check-config`, at start and at
+    /// each reload.
+    pub warnings: Vec<String>,
 }
 
 #[derive(Deserialize)]
@@ -481,6 +485,7 @@ impl Config {
         let ping_interval = Duration::from_millis(ping_interval_ms.max(10));
 
         let mut plugins = Vec::new();
+        let mut warnings = Vec::new();
         for (name, raw_plugin) in raw.plugins.0 {
             let name_span = name.span();
             let name = name.into_inner();
@@ -620,6 +625,26 @@ impl Config {
                                 None => bad(format!("config: {m}")),
                             })
                         }
+                    }
+                }
+                if !raw_plugin.spawn {
+                    // A unit of its own: plugvisor cannot see its program, but
+                    // `plugvisor-plugin@<name>` runs the built-in of this name, which refuses a
+                    // config its checks reject. Another program under the name may take it.
+                    if let Err(check::BuiltinError::Config(m)) = check::builtin(&name, &config) {
+                        let at = config_span.clone().unwrap_or(name_span.clone());
+                        warnings.push(
+                            bad_at(
+                                at,
+                                "config",
+                                format!(
+                                    "if this plugin's unit runs the built-in `{name}` (as \
+                                     plugvisor-plugin@{name} does), the plugin refuses this \
+                                     config and exits 78: {m}"
+                                ),
+                            )
+                            .to_string(),
+                        );
                     }
                 }
                 if let Some(command) = &raw_plugin.command {
@@ -794,6 +819,7 @@ impl Config {
             plugins,
             records,
             traces,
+            warnings,
         })
     }
 

@@ -51,6 +51,11 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Validate a configuration file and exit (0: valid, 78: invalid, 66: unreadable).
+    ///
+    /// Everything that can be known before starting is checked: each key, built-in plugins'
+    /// configs, commands, users and groups. What is valid but likely wrong (a config the built-in
+    /// of a `spawn = false` plugin's name would refuse, an `OTEL_*` variable that is ignored) is
+    /// printed as a warning, with exit 0.
     CheckConfig {
         /// The file to check.
         file: PathBuf,
@@ -310,6 +315,9 @@ fn main() -> ExitCode {
                             .collect::<Vec<_>>()
                             .join(", ")
                     );
+                    for warning in &c.warnings {
+                        eprintln!("plugvisor: warning: {warning}");
+                    }
                     if let Some(traces) = &c.traces {
                         for warning in &traces.warnings {
                             eprintln!("plugvisor: warning: {warning}");
@@ -442,6 +450,9 @@ fn main() -> ExitCode {
     // Said once here rather than with every restart of the plugin it will cost.
     for problem in config.plugins.iter().filter_map(spawn::command_problem) {
         tracing::error!("{problem}");
+    }
+    for warning in &config.warnings {
+        tracing::warn!("{warning}");
     }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(config.workers)

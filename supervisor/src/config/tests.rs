@@ -348,6 +348,35 @@ fn builtin_plugins_and_their_config_are_checked_by_the_plugins_own_code() {
 }
 
 #[test]
+fn a_unit_run_plugin_named_after_a_built_in_is_warned_about_a_config_the_built_in_refuses() {
+    // plugvisor-plugin@usage runs the built-in `usage`, which would refuse this at its handshake;
+    // plugvisor cannot see the unit's program, so it warns and goes on.
+    let text = "[plugins.usage]\nspawn = false\n\n[plugins.usage.config]\natributes = []\n";
+    let config = load(text).unwrap();
+    assert_eq!(config.warnings.len(), 1, "{:?}", config.warnings);
+    let warning = &config.warnings[0];
+    assert!(
+        warning.starts_with("t.toml: line 4: key `plugins.usage.config`: if this plugin's unit runs the built-in `usage` (as plugvisor-plugin@usage does), the plugin refuses this config and exits 78: ")
+            && warning.contains("unknown key `atributes`"),
+        "{warning}"
+    );
+    // A config the built-in takes, a name no built-in has, and the text-only parse: no warning.
+    for quiet in [
+        "[plugins.usage]\nspawn = false\n[plugins.usage.config]\nattributes = []\n",
+        "[plugins.mine]\nspawn = false\n[plugins.mine.config]\nanything = 1\n",
+    ] {
+        assert_eq!(
+            load(quiet).unwrap().warnings,
+            Vec::<String>::new(),
+            "{quiet}"
+        );
+    }
+    assert!(Config::parse(text, "t").unwrap().warnings.is_empty());
+    // Spawned, the same config is the built-in's for sure: refused, not warned about.
+    assert!(load("[plugins.usage.config]\natributes = []\n").is_err());
+}
+
+#[test]
 fn commands_users_and_groups_must_exist() {
     let dir = tempfile::tempdir().unwrap();
     let plain = dir.path().join("plain");

@@ -473,6 +473,11 @@ async fn reload(
         Some(path) => Config::load(path),
         None => Config::default_config(),
     };
+    if let Ok(new) = &loaded {
+        for warning in &new.warnings {
+            tracing::warn!("{warning}");
+        }
+    }
     let outcome = match loaded {
         Err(e) => {
             let why = crate::observe::logging::error_chain(&e);

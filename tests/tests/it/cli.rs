@@ -297,3 +297,47 @@ fn the_environment_overrides_the_addresses_and_is_checked_like_the_file() {
         .unwrap();
     assert!(out.status.success(), "{out:?}");
 }
+
+/// A plugin run as its own unit under a built-in's name (`plugvisor-plugin@usage`) with a config
+/// that built-in refuses: plugvisor cannot see the unit's program, so `check-config` passes the
+/// file with a warning naming the line, the key and the plugin's own error, and the front says
+/// the same when it starts and at each reload.
+#[test]
+fn a_unit_run_built_in_s_bad_config_is_a_warning_from_check_config_start_and_reload() {
+    let unit = "[plugins.usage]\nspawn = false\n\n[plugins.usage.config]\natributes = []\n";
+    let warned = "key `plugins.usage.config`: if this plugin's unit runs the built-in `usage` (as \
+                  plugvisor-plugin@usage does), the plugin refuses this config and exits 78: ";
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("unit.toml");
+    std::fs::write(&file, unit).unwrap();
+    let out = Command::new(bins::plugvisor())
+        .arg("check-config")
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("ok (1 plugin: usage)"),
+        "{out:?}"
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.starts_with(&format!(
+            "plugvisor: warning: {}: line 4: {warned}",
+            file.display()
+        )) && stderr.contains("unknown key `atributes`"),
+        "{stderr}"
+    );
+
+    let front = tests::front::FrontProcess::start(dir.path(), "[plugins.latency]\n", &["latency"]);
+    assert!(!front.log().contains(warned), "{}", front.log());
+    front.reload(unit);
+    tests::eventually(
+        "the reload's warning in the log",
+        Duration::from_secs(10),
+        || front.log().contains(warned),
+    );
+    drop(front);
+    let front = tests::front::FrontProcess::start(dir.path(), unit, &[]);
+    assert!(front.log().contains(warned), "{}", front.log());
+}
