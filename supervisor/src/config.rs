@@ -291,9 +291,10 @@ pub struct Config {
     pub records: RecordsConfig,
     /// Spans of the front's own work over OTLP (`[traces]`); `None`: off (no endpoint).
     pub traces: Option<TracesConfig>,
-    /// What the file passes validation with but an operator should hear, one line each, as
-    /// errors are written (`<file>: line N: key ...`): said by `check-config`, at start and at
-    /// each reload.
+    /// What the file (and the environment) pass validation with but an operator should hear, one
+    /// line each: a config the built-in of a `spawn = false` plugin's name would refuse (written
+    /// as errors are, `<file>: line N: key ...`), an `OTEL_*` variable ignored. Said by
+    /// `check-config`, at start and at each reload.
     pub warnings: Vec<String>,
 }
 
@@ -796,7 +797,13 @@ impl Config {
         if checks == Checks::All {
             records::check_places(&records).map_err(records_bad)?;
         }
-        let traces = raw.traces.resolve(env).map_err(records_bad)?;
+        let traces = match raw.traces.resolve(env).map_err(records_bad)? {
+            Some((traces, said)) => {
+                warnings.extend(said);
+                Some(traces)
+            }
+            None => None,
+        };
 
         Ok(Config {
             listen,

@@ -319,9 +319,6 @@ fn main() -> ExitCode {
                         eprintln!("plugvisor: warning: {warning}");
                     }
                     if let Some(traces) = &c.traces {
-                        for warning in &traces.warnings {
-                            eprintln!("plugvisor: warning: {warning}");
-                        }
                         if let Some(var) = traces.off {
                             println!("traces: off ({var} in the environment; [traces] ignored)");
                         }

@@ -79,9 +79,6 @@ pub struct TracesConfig {
     /// Configured, but turned off by the environment: the variable that did
     /// (`OTEL_SDK_DISABLED=true`, `OTEL_TRACES_EXPORTER=none`). No exporter runs.
     pub off: Option<&'static str>,
-    /// Variables ignored with a warning (a sampler or argument plugvisor cannot use), for the
-    /// start's log and `check-config`.
-    pub warnings: Vec<String>,
 }
 
 impl TracesConfig {
@@ -181,8 +178,10 @@ pub(super) struct RawTraces {
 }
 
 impl RawTraces {
-    /// Validates the table and resolves the environment; `None`: tracing is off.
-    pub(super) fn resolve(self, env: Env<'_>) -> Result<Option<TracesConfig>, Bad> {
+    /// Validates the table and resolves the environment; `None`: tracing is off. With the
+    /// configuration, the variables it ignored, each as a warning (a sampler or argument
+    /// plugvisor cannot use), for [`super::Config::warnings`].
+    pub(super) fn resolve(self, env: Env<'_>) -> Result<Option<(TracesConfig, Vec<String>)>, Bad> {
         let transport = RawTransport {
             endpoint: self.endpoint,
             protocol: self.protocol,
@@ -242,13 +241,13 @@ impl RawTraces {
         let Some(transport) = transport else {
             return Ok(None);
         };
-        Ok(Some(TracesConfig {
+        let traces = TracesConfig {
             transport,
             sampler,
             resource: resource(env).map_err(|(key, m)| bad(key, None, m))?,
             off,
-            warnings,
-        }))
+        };
+        Ok(Some((traces, warnings)))
     }
 }
 
@@ -280,6 +279,14 @@ mod tests {
     type Vars = &'static [(&'static str, &'static str)];
 
     fn resolve(text: &str, env: Env<'_>) -> Result<Option<TracesConfig>, Bad> {
+        resolve_warned(text, env).map(|t| t.map(|(traces, _)| traces))
+    }
+
+    /// [`resolve`], with the warnings.
+    fn resolve_warned(
+        text: &str,
+        env: Env<'_>,
+    ) -> Result<Option<(TracesConfig, Vec<String>)>, Bad> {
         toml::from_str::<RawTraces>(text).unwrap().resolve(env)
     }
 
@@ -502,10 +509,10 @@ mod tests {
             ),
         ];
         for (vars, off, warnings) in table {
-            let t = resolve(on, &env_of(vars)).ok().unwrap().unwrap();
+            let (t, said) = resolve_warned(on, &env_of(vars)).ok().unwrap().unwrap();
             assert_eq!(t.off, *off, "{vars:?}");
             assert_eq!(t.active_sampler().is_none(), off.is_some(), "{vars:?}");
-            assert_eq!(t.warnings.len(), *warnings, "{vars:?}: {:?}", t.warnings);
+            assert_eq!(said.len(), *warnings, "{vars:?}: {said:?}");
         }
         // Without an endpoint tracing is off anyway, and says nothing of the variables.
         let env = env_of(&[("OTEL_SDK_DISABLED", "true")]);
@@ -579,20 +586,11 @@ mod tests {
             ),
         ];
         for (vars, sampler, warned) in table {
-            let t = resolve(on, &env_of(vars)).ok().unwrap().unwrap();
+            let (t, said) = resolve_warned(on, &env_of(vars)).ok().unwrap().unwrap();
             assert_eq!(t.sampler, *sampler, "{vars:?}");
-            assert_eq!(
-                !t.warnings.is_empty(),
-                *warned,
-                "{vars:?}: {:?}",
-                t.warnings
-            );
+            assert_eq!(!said.is_empty(), *warned, "{vars:?}: {said:?}");
             if *warned {
-                assert!(
-                    t.warnings[0].starts_with("OTEL_TRACES_SAMPLER"),
-                    "{:?}",
-                    t.warnings
-                );
+                assert!(said[0].starts_with("OTEL_TRACES_SAMPLER"), "{said:?}");
             }
         }
         // The file's own value is refused, whatever the environment says.

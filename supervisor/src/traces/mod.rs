@@ -138,9 +138,6 @@ impl Traces {
         let Some(config) = config else {
             return Ok(Traces::off());
         };
-        for warning in &config.warnings {
-            tracing::warn!("{warning}");
-        }
         if let Some(var) = config.off {
             tracing::info!(
                 endpoint = %config.transport.endpoint,
