@@ -7,6 +7,15 @@ use std::time::Duration;
 use tests::bins;
 use tests::envoy::http_get;
 
+/// `plugvisor check-config FILE`, its output.
+fn check_config(file: &std::path::Path) -> std::process::Output {
+    Command::new(bins::plugvisor())
+        .arg("check-config")
+        .arg(file)
+        .output()
+        .unwrap()
+}
+
 fn repo_file(path: &str) -> std::path::PathBuf {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("..")
@@ -15,11 +24,7 @@ fn repo_file(path: &str) -> std::path::PathBuf {
 
 #[test]
 fn check_config_accepts_the_sample_config() {
-    let out = Command::new(bins::plugvisor())
-        .arg("check-config")
-        .arg(repo_file("systemd/plugvisor.toml"))
-        .output()
-        .unwrap();
+    let out = check_config(&repo_file("systemd/plugvisor.toml"));
     assert!(out.status.success(), "{out:?}");
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
@@ -97,11 +102,7 @@ fn check_config_refuses_what_would_fail_at_run_time_with_file_line_and_key() {
     for (i, (text, line, key, word)) in cases.into_iter().enumerate() {
         let path = dir.path().join(format!("case{i}.toml"));
         std::fs::write(&path, text).unwrap();
-        let out = Command::new(bins::plugvisor())
-            .arg("check-config")
-            .arg(&path)
-            .output()
-            .unwrap();
+        let out = check_config(&path);
         assert_eq!(out.status.code(), Some(78), "{text:?}: {out:?}");
         let stderr = String::from_utf8_lossy(&out.stderr);
         let want = format!("{}: line {line}: key `{key}`: ", path.display());
@@ -310,11 +311,7 @@ fn a_unit_run_built_in_s_bad_config_is_a_warning_from_check_config_start_and_rel
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("unit.toml");
     std::fs::write(&file, unit).unwrap();
-    let out = Command::new(bins::plugvisor())
-        .arg("check-config")
-        .arg(&file)
-        .output()
-        .unwrap();
+    let out = check_config(&file);
     assert!(out.status.success(), "{out:?}");
     assert!(
         String::from_utf8_lossy(&out.stdout).contains("ok (1 plugin: usage)"),
